@@ -1,0 +1,88 @@
+"""tokenchat's wire protocol v1: codecs, commands, events, error and close codes.
+
+Pure: no I/O, no asyncio. The server, clients, load tests and tests import it.
+"""
+
+from . import limits
+from .codec import (
+    JSON,
+    JSON_SUBPROTOCOL,
+    MSGPACK,
+    MSGPACK_SUBPROTOCOL,
+    SUBPROTOCOLS,
+    Codec,
+    JsonCodec,
+    MsgpackCodec,
+    codec_for,
+    json_to_msgpack,
+)
+from .commands import (
+    COMMANDS,
+    Balance,
+    Command,
+    CommandId,
+    Dm,
+    Hello,
+    Join,
+    Leave,
+    Ping,
+    Say,
+    Tip,
+    WireField,
+    command,
+    command_to_dict,
+    decode_command,
+    parse_command,
+)
+from .errors import CloseCode, ErrorCode, ProtocolError
+from .events import (
+    balance_event,
+    dm_event,
+    error,
+    message_event,
+    ok,
+    presence_event,
+    tip_event,
+    welcome,
+)
+
+__all__ = [
+    "COMMANDS",
+    "JSON",
+    "JSON_SUBPROTOCOL",
+    "MSGPACK",
+    "MSGPACK_SUBPROTOCOL",
+    "SUBPROTOCOLS",
+    "Balance",
+    "CloseCode",
+    "Codec",
+    "Command",
+    "CommandId",
+    "Dm",
+    "ErrorCode",
+    "Hello",
+    "Join",
+    "JsonCodec",
+    "Leave",
+    "MsgpackCodec",
+    "Ping",
+    "ProtocolError",
+    "Say",
+    "Tip",
+    "WireField",
+    "balance_event",
+    "codec_for",
+    "command",
+    "command_to_dict",
+    "decode_command",
+    "dm_event",
+    "error",
+    "json_to_msgpack",
+    "limits",
+    "message_event",
+    "ok",
+    "parse_command",
+    "presence_event",
+    "tip_event",
+    "welcome",
+]

@@ -1,0 +1,322 @@
+"""Commands: what a client asks of the server (DESIGN.md section 3).
+
+A command arrives as one decoded frame and leaves ``parse_command`` as a
+frozen dataclass whose every field has been checked against the contract, so
+the server never handles an unchecked value. Rules, in the order checked:
+
+1. The frame is an object (a dict).
+2. ``id`` is optional: an integer (signed 64-bit; ``true`` is not an integer)
+   or a string of 1 to ``ID_STR_LEN_MAX`` characters. Once it has been read,
+   every error carries it as ``re``.
+3. ``type`` is a string naming a known command, else ``UNKNOWN_COMMAND``.
+4. Each field, in declaration order: present and valid, or the error names
+   it. An optional field may be absent or null (its default is used).
+   Fields the command does not declare are ignored, so a newer client can
+   talk to an older server.
+
+Adding a command (a paid feature, say) is declaring one class: a frozen,
+slotted dataclass with a ``TYPE``, ``id`` first, every other field annotated
+``Annotated[T, WireField]``, decorated with ``@command``; then adding it to
+the ``Command`` union, which static typing cannot do by itself.
+"""
+
+import dataclasses
+import re
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Annotated, Any, ClassVar, Final, TypeAlias, TypeVar
+
+from .codec import Codec
+from .errors import ErrorCode, ProtocolError
+from .limits import (
+    AMOUNT_MAX,
+    AMOUNT_MIN,
+    DM_TEXT_LEN_MAX,
+    ID_INT_MAX,
+    ID_INT_MIN,
+    ID_STR_LEN_MAX,
+    KEY_LEN_MAX,
+    OFFSET_RE,
+    SAY_TEXT_LEN_MAX,
+    TIP_TEXT_LEN_MAX,
+    TOKEN_LEN_MAX,
+    USER_ID_RE,
+)
+
+# An error message quotes client input (an unknown command name) only this
+# far, so an error reply stays small whatever the client sent.
+_ECHO_LEN_MAX: Final = 64  # characters
+
+CommandId: TypeAlias = int | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WireField:
+    """How one field is checked as it arrives."""
+
+    describe: str  # completes "field 'x' must be ..."
+    accept: Callable[[object], bool]
+
+
+def _is_int(value: object) -> typing.TypeGuard[int]:
+    # bool is a subclass of int in Python; on the wire `true` is not a number.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(value_min: int, value_max: int) -> WireField:
+    return WireField(
+        f"an integer between {value_min} and {value_max}",
+        lambda value: _is_int(value) and value_min <= value <= value_max,
+    )
+
+
+def string(len_min: int, len_max: int) -> WireField:
+    """A string of len_min..len_max characters (code points)."""
+    describe = (
+        f"a string of at most {len_max} characters"
+        if len_min == 0
+        else f"a string of {len_min} to {len_max} characters"
+    )
+    return WireField(
+        describe,
+        lambda value: isinstance(value, str) and len_min <= len(value) <= len_max,
+    )
+
+
+def utf8_string(bytes_min: int, bytes_max: int) -> WireField:
+    """A string whose UTF-8 encoding is bytes_min..bytes_max bytes."""
+
+    def accept(value: object) -> bool:
+        # A string never has more characters than UTF-8 bytes, so an overlong
+        # one is refused before paying for the encoding.
+        if not isinstance(value, str) or len(value) > bytes_max:
+            return False
+        bytes_len = len(value) if value.isascii() else len(value.encode())
+        return bytes_min <= bytes_len <= bytes_max
+
+    return WireField(f"a string of {bytes_min} to {bytes_max} bytes", accept)
+
+
+def matching(pattern: re.Pattern[str], describe: str) -> WireField:
+    return WireField(
+        describe,
+        lambda value: isinstance(value, str) and pattern.fullmatch(value) is not None,
+    )
+
+
+USER_ID: Final = matching(USER_ID_RE, "a user id: 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+# Each part of a stream id is an unsigned 64-bit integer.
+_OFFSET_PART_MAX: Final = 2**64 - 1
+
+
+def _is_offset(value: object) -> bool:
+    if not isinstance(value, str) or OFFSET_RE.fullmatch(value) is None:
+        return False
+    ms, _, seq = value.partition("-")
+    return int(ms) <= _OFFSET_PART_MAX and int(seq) <= _OFFSET_PART_MAX
+
+
+OFFSET: Final = WireField("an offset, as received in an event (like '1712345678901-0')", _is_offset)
+AMOUNT: Final = integer(AMOUNT_MIN, AMOUNT_MAX)
+PRICE: Final = integer(0, AMOUNT_MAX)
+KEY: Final = string(1, KEY_LEN_MAX)
+TOKEN: Final = utf8_string(1, TOKEN_LEN_MAX)
+SAY_TEXT: Final = string(1, SAY_TEXT_LEN_MAX)
+DM_TEXT: Final = string(1, DM_TEXT_LEN_MAX)
+TIP_TEXT: Final = string(0, TIP_TEXT_LEN_MAX)
+
+# Field types named by what they are; the annotation carries the check.
+UserId: TypeAlias = Annotated[str, USER_ID]
+Amount: TypeAlias = Annotated[int, AMOUNT]
+IdempotencyKey: TypeAlias = Annotated[str, KEY]
+
+
+@dataclass(frozen=True, slots=True)
+class _Schema:
+    make: Callable[..., "Command"]
+    # (name, check, default); default is dataclasses.MISSING when required
+    fields: tuple[tuple[str, WireField, object], ...]
+
+
+_SCHEMAS: dict[str, _Schema] = {}
+_CLASSES: dict[str, type["Command"]] = {}
+
+# Every registered command class, by its TYPE.
+COMMANDS: Final[Mapping[str, type["Command"]]] = MappingProxyType(_CLASSES)
+
+_C = TypeVar("_C", bound="Command")
+
+
+def command(cls: type[_C]) -> type[_C]:
+    """Register a command class, reading each field's check from its
+    annotation. Mistakes in a declaration fail here, at import."""
+    if cls.TYPE in _SCHEMAS:
+        raise TypeError(f"command type {cls.TYPE!r} is declared twice")
+    declared = dataclasses.fields(cls)
+    if not declared or declared[0].name != "id":
+        raise TypeError(f"{cls.__name__}: the first field must be `id`")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields: list[tuple[str, WireField, object]] = []
+    for field in declared[1:]:
+        checks = [
+            m for m in getattr(hints[field.name], "__metadata__", ()) if isinstance(m, WireField)
+        ]
+        if len(checks) != 1:
+            raise TypeError(f"{cls.__name__}.{field.name}: annotate it Annotated[T, WireField]")
+        fields.append((field.name, checks[0], field.default))
+    _SCHEMAS[cls.TYPE] = _Schema(cls, tuple(fields))
+    # mypy cannot see that type[_C] is one of the union's members.
+    _CLASSES[cls.TYPE] = typing.cast("type[Command]", cls)
+    return cls
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Authenticates the session; the first command of every session."""
+
+    TYPE: ClassVar[str] = "hello"
+    id: CommandId
+    token: Annotated[str, TOKEN]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Joins a room; with ``since``, the history after that offset."""
+
+    TYPE: ClassVar[str] = "join"
+    id: CommandId
+    room: UserId
+    since: Annotated[str | None, OFFSET] = None
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Leave:
+    TYPE: ClassVar[str] = "leave"
+    id: CommandId
+    room: UserId
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Say:
+    """A free chat line to a room the sender is a member of."""
+
+    TYPE: ClassVar[str] = "say"
+    id: CommandId
+    room: UserId
+    text: Annotated[str, SAY_TEXT]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Tip:
+    """Tokens to the room's owner, seen by the whole room. Spends: ``key``."""
+
+    TYPE: ClassVar[str] = "tip"
+    id: CommandId
+    room: UserId
+    amount: Amount
+    key: IdempotencyKey
+    text: Annotated[str, TIP_TEXT] = ""
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Dm:
+    """A private message at the recipient's DM price. Spends: ``key``.
+    ``max_price``: refuse (PRICE_CHANGED) rather than pay more than this."""
+
+    TYPE: ClassVar[str] = "dm"
+    id: CommandId
+    to: UserId
+    text: Annotated[str, DM_TEXT]
+    key: IdempotencyKey
+    max_price: Annotated[int | None, PRICE] = None
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Balance:
+    TYPE: ClassVar[str] = "balance"
+    id: CommandId
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Ping:
+    TYPE: ClassVar[str] = "ping"
+    id: CommandId
+
+
+Command: TypeAlias = Hello | Join | Leave | Say | Tip | Dm | Balance | Ping
+
+
+def _bad(message: str, command_id: CommandId = None) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, message, re=command_id)
+
+
+def _quote(text: str) -> str:
+    if len(text) > _ECHO_LEN_MAX:
+        return repr(text[:_ECHO_LEN_MAX]) + "..."
+    return repr(text)
+
+
+def _parse_id(value: object) -> CommandId:
+    if value is None:
+        return None
+    if isinstance(value, str) and 1 <= len(value) <= ID_STR_LEN_MAX:
+        return value
+    if _is_int(value) and ID_INT_MIN <= value <= ID_INT_MAX:
+        return value
+    raise _bad(
+        f"field 'id' must be an integer (signed 64-bit) or a string of 1 to "
+        f"{ID_STR_LEN_MAX} characters"
+    )
+
+
+def parse_command(obj: object) -> Command:
+    """The command in one decoded frame, or ``ProtocolError`` saying which
+    field is wrong (BAD_REQUEST) or that the type is unknown (UNKNOWN_COMMAND)."""
+    if not isinstance(obj, dict):
+        raise _bad("a command must be an object")
+    command_id = _parse_id(obj.get("id"))
+    type_name = obj.get("type")
+    if not isinstance(type_name, str):
+        raise _bad("field 'type' must be a string", command_id)
+    schema = _SCHEMAS.get(type_name)
+    if schema is None:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_COMMAND, f"unknown command {_quote(type_name)}", re=command_id
+        )
+    values: dict[str, object] = {}
+    for name, check, default in schema.fields:
+        value = obj.get(name)
+        if value is None:
+            if default is dataclasses.MISSING:
+                raise _bad(f"field {name!r} is required and must be {check.describe}", command_id)
+            value = default
+        elif not check.accept(value):
+            raise _bad(f"field {name!r} must be {check.describe}", command_id)
+        values[name] = value
+    return schema.make(command_id, **values)
+
+
+def decode_command(codec: Codec, data: bytes | str) -> Command:
+    """The command in one frame; ``ProtocolError`` and nothing else if none."""
+    return parse_command(codec.decode(data))
+
+
+def command_to_dict(cmd: Command) -> dict[str, Any]:
+    """The wire form of a command, for clients and tests: fields that are
+    None (an absent ``id`` or optional field) are left out."""
+    wire: dict[str, Any] = {"type": cmd.TYPE}
+    for field in dataclasses.fields(cmd):
+        value = getattr(cmd, field.name)
+        if value is not None:
+            wire[field.name] = value
+    return wire

@@ -1,0 +1,83 @@
+"""Builders of the frames the server sends (DESIGN.md section 3).
+
+Replies answer one command and carry ``re`` (its ``id``) when the command had
+one; events are pushed and never carry ``re``. The keys here are the wire
+names (``from``, which is a Python keyword, is taken as ``from_``). Amounts,
+prices and balances are integer tokens; ``ts`` is integer milliseconds since
+the Unix epoch; offsets are opaque strings.
+"""
+
+from typing import Any
+
+from .errors import ErrorCode
+
+
+def ok(re: int | str | None, **fields: Any) -> dict[str, Any]:
+    """The success reply to a command; ``fields`` are its result fields."""
+    assert "type" not in fields, "a result field cannot be named 'type'"
+    reply: dict[str, Any] = {"type": "ok"}
+    if re is not None:
+        reply["re"] = re
+    reply.update(fields)
+    return reply
+
+
+def error(re: int | str | None, code: ErrorCode, message: str) -> dict[str, Any]:
+    """The failure reply to a command (or to a frame that was not one)."""
+    reply: dict[str, Any] = {"type": "error"}
+    if re is not None:
+        reply["re"] = re
+    reply["code"] = code.value
+    reply["message"] = message
+    return reply
+
+
+def welcome(
+    re: int | str | None, user_id: str, role: str, balance: int, session: str
+) -> dict[str, Any]:
+    """The reply to ``hello``."""
+    reply: dict[str, Any] = {"type": "welcome"}
+    if re is not None:
+        reply["re"] = re
+    reply["user"] = {"id": user_id, "role": role}
+    reply["balance"] = balance
+    reply["session"] = session
+    return reply
+
+
+def message_event(room: str, from_: str, text: str, offset: str, ts: int) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "room": room,
+        "from": from_,
+        "text": text,
+        "offset": offset,
+        "ts": ts,
+    }
+
+
+def tip_event(
+    room: str, from_: str, amount: int, text: str, offset: str, ts: int
+) -> dict[str, Any]:
+    return {
+        "type": "tip",
+        "room": room,
+        "from": from_,
+        "amount": amount,
+        "text": text,
+        "offset": offset,
+        "ts": ts,
+    }
+
+
+def dm_event(from_: str, text: str, price: int, tx: str, ts: int) -> dict[str, Any]:
+    return {"type": "dm", "from": from_, "text": text, "price": price, "tx": tx, "ts": ts}
+
+
+def presence_event(room: str, viewers: int) -> dict[str, Any]:
+    return {"type": "presence", "room": room, "viewers": viewers}
+
+
+def balance_event(balance: int) -> dict[str, Any]:
+    """Pushed when someone else's action changed the balance."""
+    return {"type": "balance", "balance": balance}

@@ -1,0 +1,63 @@
+"""Limits of wire contract v1 (DESIGN.md section 3).
+
+These are part of the contract, not tuning knobs: clients validate against
+them, so changing one is a protocol change. Operational limits (frame size,
+rates, buffers, timeouts) live in the server's config.
+
+Regular expressions end in ``\\Z``, not ``$``: ``$`` also matches before a
+trailing newline, so ``"alice\\n"`` would pass ``match()``.
+"""
+
+import re
+from typing import Final
+
+# Command ids are echoed in `re` of every reply; both bounds keep an id
+# representable in every client (msgpack and most languages have int64) and
+# keep replies small.
+ID_STR_LEN_MAX: Final = 64  # characters
+ID_INT_MIN: Final = -(2**63)  # signed 64-bit
+ID_INT_MAX: Final = 2**63 - 1  # signed 64-bit
+
+# A user id is a JWT `sub` and a room id (a room is its owner's user id). It
+# appears in every event and in Redis key names, so it is short and needs no
+# escaping anywhere: ASCII letters, digits and `_ . : -`.
+USER_ID_LEN_MAX: Final = 64  # characters
+USER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
+
+# Chat text is stored in each room's history stream (HISTORY_LEN_MAX events)
+# and in pending DMs; a bound on characters bounds that memory (at most 4
+# UTF-8 bytes a character).
+SAY_TEXT_LEN_MAX: Final = 1000  # characters; a `say` text is 1..this
+DM_TEXT_LEN_MAX: Final = 1000  # characters; a `dm` text is 1..this
+TIP_TEXT_LEN_MAX: Final = 255  # characters; a tip's note (0..this) is a one-line overlay
+
+# Amounts are integer tokens. The minimum: a zero tip moves nothing and only
+# adds ledger rows. The maximum caps one mistaken or malicious spend and keeps
+# any sum of spends far below 2**53 (exact in JavaScript numbers).
+AMOUNT_MIN: Final = 1  # tokens
+AMOUNT_MAX: Final = 1_000_000  # tokens; also the largest `max_price`
+
+# An idempotency key is stored for 24 hours with every spend; its bound
+# bounds that storage and still fits a UUID (36 characters).
+KEY_LEN_MAX: Final = 64  # characters
+
+# A JWT is verified before the session exists, on the first frame of any
+# anonymous connection; bounding it bounds the work (base64, JSON, HMAC) an
+# unauthenticated peer can cause. HS256 tokens with our claims are ~200 bytes.
+TOKEN_LEN_MAX: Final = 4096  # bytes (UTF-8)
+
+# Offsets are Redis stream ids (`<ms>-<seq>`, each a uint64: at most 20
+# digits). Clients must treat them as opaque strings; the server checks the
+# shape so a bad `since` is BAD_REQUEST rather than a Redis error.
+OFFSET_RE: Final = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")
+
+# A `join` reply carries at most this many history events: it bounds the size
+# of that reply and of each room's history stream.
+HISTORY_LEN_MAX: Final = 50  # events
+
+# A msgpack decoder allocates an array's or map's slots when it reads the
+# header, before the items arrive, and up to ~1000 containers can be open at
+# once (nesting), so the bound on elements bounds what one crafted frame can
+# allocate: about 1000 * CONTAINER_LEN_MAX * 8 bytes = 8 MiB, briefly. No
+# command needs more than a few dozen.
+CONTAINER_LEN_MAX: Final = 1024  # elements of an array, or pairs of a map

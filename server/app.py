@@ -1,0 +1,177 @@
+"""Running a gateway process: the node, the WebSocket gateway and the HTTP API
+in one event loop, and ``--workers N`` processes sharing the ports.
+
+Each worker binds its own listening sockets with SO_REUSEPORT, so the kernel
+spreads new connections over the workers with no proxy in between. On SIGTERM
+(or SIGINT) a worker stops accepting, lets commands in flight finish, closes
+sessions with 1012 and exits; the parent forwards the signal and waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import tempfile
+from collections.abc import Callable, Generator
+from typing import Any
+
+import uvicorn
+
+from .config import Settings
+from .gateway import Gateway
+from .http_api import create_app
+from .node import Node
+
+log = logging.getLogger(__name__)
+
+# Pending connections the kernel queues per listening socket before accepting.
+LISTEN_BACKLOG = 2048
+# How long the parent waits for workers to exit after forwarding SIGTERM,
+# beyond their own grace period, before killing them.
+WORKER_EXIT_SLACK_S = 5.0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the process owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class Process:
+    """One gateway process, started and stopped from inside an event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.node: Node | None = None
+        self.gateway: Gateway | None = None
+        self._http: _EmbeddedUvicorn | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self.ws_port = 0
+        self.http_port = 0
+
+    async def start(self) -> None:
+        settings = self.settings
+        ws_sock = listening_socket(settings.host, settings.ws_port)
+        http_sock = listening_socket(settings.host, settings.http_port)
+        self.ws_port = ws_sock.getsockname()[1]
+        self.http_port = http_sock.getsockname()[1]
+        self.node = await Node.connect(settings)
+        await self.node.start()
+        self.gateway = Gateway(self.node, sock=ws_sock)
+        await self.gateway.start()
+        config = uvicorn.Config(
+            create_app(self.node),
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        )
+        self._http = _EmbeddedUvicorn(config)
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[http_sock]))
+        while not self._http.started:
+            if self._http_task.done():
+                await self._http_task
+                raise RuntimeError("the HTTP server did not start")
+            await asyncio.sleep(0.01)
+        log.info(
+            "serving: ws://%s:%d/ws http://%s:%d (node %s, pid %d)",
+            settings.host,
+            self.ws_port,
+            settings.host,
+            self.http_port,
+            self.node.id,
+            os.getpid(),
+        )
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.shutdown()
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
+        if self.node is not None:
+            await self.node.close()
+
+
+async def serve_until_signalled(
+    settings: Settings, on_ready: Callable[[Process], None] | None = None
+) -> None:
+    process = Process(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await process.start()
+        if on_ready is not None:
+            on_ready(process)
+        await stop.wait()
+        log.info("shutting down: draining sessions")
+    finally:
+        await process.stop()
+
+
+def run(coro_factory: Callable[[], Any]) -> None:
+    """Run on uvloop where it is installed (it is on Linux and macOS)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - Windows
+        asyncio.run(coro_factory())
+    else:
+        uvloop.run(coro_factory())
+
+
+def _worker_main(settings: Settings, log_level: str) -> None:
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s"
+    )
+    run(lambda: serve_until_signalled(settings))
+
+
+def serve_workers(settings: Settings, log_level: str) -> int:
+    """Run ``settings.workers`` processes on the same ports; return an exit code."""
+    if settings.workers == 1:
+        run(lambda: serve_until_signalled(settings))
+        return 0
+    if settings.http_port == 0 or settings.ws_port == 0:
+        raise ValueError("--workers > 1 needs fixed ports (they are shared with SO_REUSEPORT)")
+    metrics_dir = tempfile.mkdtemp(prefix="tokenchat-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_worker_main, args=(settings, log_level), name=f"worker-{i}")
+        for i in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+
+    def forward(signum: int, frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    exit_code = 0
+    for worker in workers:
+        worker.join()
+        exit_code = exit_code or (worker.exitcode or 0)
+    return exit_code

@@ -1,0 +1,167 @@
+"""Every limit and setting of a tokenchat process, in one frozen object.
+
+Each field is set from one environment variable (``TOKENCHAT_`` + the field
+name in upper case), so a deployment is configured the 12-factor way. Units
+are the last part of each name; the comment above each default says why it
+is what it is. ``Settings.describe()`` renders the table that README.md shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+ENV_PREFIX = "TOKENCHAT_"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    # --- backends -------------------------------------------------------------
+    # Redis holds hot state: balances, history, pub/sub, presence.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every Redis key and channel starts with this, so several deployments (or
+    # test runs) can share one Redis without seeing each other.
+    redis_prefix: str = "tc:"
+    # Postgres is the durable store (users, rooms, the ledger).
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    # The schema tokenchat's tables live in; tests give each run its own.
+    database_schema: str = "tokenchat"
+    # HS256 secret for session tokens. Empty means "not configured": `serve`
+    # refuses to start rather than accept tokens signed with a known secret.
+    jwt_secret: str = ""
+
+    # --- listeners ------------------------------------------------------------
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    ws_port: int = 8001
+    # Gateway processes sharing the ports through SO_REUSEPORT.
+    workers: int = 1
+
+    # --- per-connection limits -------------------------------------------------
+    # Largest frame a client may send. The largest valid command is a 1000-char
+    # text (at most 4000 bytes of UTF-8) plus small fields, or a 4 KiB token;
+    # 64 KiB leaves room for both codecs and bounds what one frame can cost.
+    frame_size_max_bytes: int = 64 * 1024
+    # Unsent bytes the server holds for one client before closing it with 4008.
+    # About 1000 chat events of 1 KiB: a client this far behind is not reading.
+    write_buffer_max_bytes: int = 1024 * 1024
+    # The contract gives a new connection 10 s to send `hello` (else 4001).
+    hello_timeout_s: float = 10.0
+    # Sustained commands per second per session; a person types far slower,
+    # and the load tests' bots stay under it.
+    commands_per_s: float = 20.0
+    # Commands a session may send at once before the rate applies.
+    commands_burst: int = 40
+    # Rate-limited commands in a row before the session is closed with 4029:
+    # a client that ignores RATE_LIMITED this long is broken or hostile.
+    rate_limit_strikes_max: int = 50
+    # Rooms one session may be in at once (each costs a subscription).
+    rooms_per_session_max: int = 20
+    # Events held for a session while its `join` reads history; past this the
+    # session is too slow and is closed with 4008.
+    join_buffer_events_max: int = 1000
+    # WebSocket keepalive: a ping every 20 s, and a peer silent for 20 s more is
+    # gone. Keeps dead TCP connections from holding buffers.
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    # How long the closing handshake may take before the TCP connection is cut;
+    # also how long a client closed with 4008 has to read the close frame.
+    close_timeout_s: float = 5.0
+
+    # --- rooms ------------------------------------------------------------------
+    # Events kept per room for `join` and gap recovery (the contract says 50).
+    history_len: int = 50
+    # Presence events are coalesced to at most one per room per this interval.
+    presence_interval_s: float = 1.0
+    # A node's heartbeat lives this long; viewers counted on a node whose
+    # heartbeat expired (a crashed process) are dropped from presence.
+    node_ttl_s: float = 30.0
+
+    # --- backends: pools and timeouts --------------------------------------------
+    # One Redis command (or pipeline) may take this long before the command that
+    # needed it is answered UNAVAILABLE. Redis answers in well under 1 ms when
+    # healthy; 2 s only trips when it is down or stalled.
+    redis_timeout_s: float = 2.0
+    # Connections from one process to Redis (commands; pub/sub has its own).
+    redis_pool_max: int = 64
+    # A query may take this long before the command is answered UNAVAILABLE.
+    database_timeout_s: float = 5.0
+    database_pool_min: int = 1
+    database_pool_max: int = 10
+
+    # --- lifecycle ----------------------------------------------------------------
+    # On SIGTERM, commands in flight get this long to finish before sessions are
+    # closed with 1012.
+    shutdown_grace_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
+        """Read every field from ``TOKENCHAT_<FIELD>``; ``overrides`` win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + field.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(field.name, field.type, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        positive = [
+            "frame_size_max_bytes",
+            "write_buffer_max_bytes",
+            "hello_timeout_s",
+            "commands_per_s",
+            "commands_burst",
+            "rate_limit_strikes_max",
+            "rooms_per_session_max",
+            "join_buffer_events_max",
+            "ping_interval_s",
+            "ping_timeout_s",
+            "close_timeout_s",
+            "history_len",
+            "presence_interval_s",
+            "node_ttl_s",
+            "redis_timeout_s",
+            "redis_pool_max",
+            "database_timeout_s",
+            "database_pool_max",
+            "shutdown_grace_s",
+            "workers",
+        ]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0")
+        if not 0 <= self.database_pool_min <= self.database_pool_max:
+            raise ValueError("TOKENCHAT_DATABASE_POOL_MIN must be between 0 and the max")
+        if not self.database_schema.isidentifier():
+            raise ValueError("TOKENCHAT_DATABASE_SCHEMA must be a plain SQL identifier")
+        for port_name in ("http_port", "ws_port"):
+            if not 0 <= getattr(self, port_name) <= 65535:
+                raise ValueError(f"{ENV_PREFIX}{port_name.upper()} must be a TCP port")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str]]:
+        """(variable, default) for every setting, in declaration order."""
+        rows = []
+        for field in dataclasses.fields(cls):
+            rows.append((ENV_PREFIX + field.name.upper(), repr(field.default)))
+        return rows
+
+
+def _parse(name: str, type_name: object, raw: str) -> Any:
+    kind = str(type_name)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a {kind}") from None
+    return raw

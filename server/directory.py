@@ -1,0 +1,112 @@
+"""Users and rooms: Postgres holds them, Redis caches what the hot path reads.
+
+Users are created on first sight. A model's room exists from her first
+`hello`: the room's id is her user id. The gateway reads a room's settings
+from the Redis cache and falls back to Postgres on a miss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .auth import Identity
+from .errors import Unavailable
+from .keys import Keys
+
+log = logging.getLogger(__name__)
+
+# Users this process has already written, so a reconnect storm does not turn
+# into a storm of upserts. Bounded: past it, the set is simply started over.
+SEEN_USERS_MAX = 100_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoomInfo:
+    id: str
+    owner: str
+    tip_min: int
+
+    def to_wire(self, viewers: int) -> dict[str, Any]:
+        return {"id": self.id, "owner": self.owner, "viewers": viewers, "tip_min": self.tip_min}
+
+
+class Directory:
+    def __init__(self, pool: asyncpg.Pool, redis: Redis, keys: Keys) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._keys = keys
+        self._seen: set[Identity] = set()
+
+    async def touch_user(self, identity: Identity) -> None:
+        """Record the user (and a model's room). Raises ``Unavailable``."""
+        if identity in self._seen:
+            return
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    """INSERT INTO users (id, role) VALUES ($1, $2)
+                       ON CONFLICT (id) DO UPDATE SET role = EXCLUDED.role, seen_at = now()""",
+                    identity.user_id,
+                    identity.role,
+                )
+                if identity.role == "model":
+                    await conn.execute(
+                        "INSERT INTO rooms (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
+                        identity.user_id,
+                    )
+        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+            raise Unavailable("the user store is unavailable") from exc
+        if len(self._seen) >= SEEN_USERS_MAX:
+            self._seen.clear()
+        self._seen.add(identity)
+
+    async def role_of(self, user_id: str) -> str | None:
+        try:
+            role: str | None = await self._pool.fetchval(
+                "SELECT role FROM users WHERE id = $1", user_id
+            )
+        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+            raise Unavailable("the user store is unavailable") from exc
+        return role
+
+    async def room(self, room_id: str) -> RoomInfo | None:
+        """The room, or None when no model of that id exists."""
+        key = self._keys.room_info(room_id)
+        try:
+            cached = await self._redis.hgetall(key)
+        except (RedisError, OSError) as exc:
+            raise Unavailable("room state is unavailable") from exc
+        if cached:
+            return RoomInfo(room_id, room_id, int(cached[b"tip_min"]))
+        try:
+            row = await self._pool.fetchrow(
+                """SELECT r.id, r.tip_min FROM rooms r JOIN users u ON u.id = r.id
+                   WHERE r.id = $1 AND u.role = 'model'""",
+                room_id,
+            )
+        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+            raise Unavailable("the room store is unavailable") from exc
+        if row is None:
+            return None
+        info = RoomInfo(room_id, room_id, row["tip_min"])
+        try:
+            await self._redis.hset(key, mapping={"tip_min": info.tip_min})
+        except (RedisError, OSError) as exc:
+            raise Unavailable("room state is unavailable") from exc
+        return info
+
+    async def live_rooms(self) -> list[str]:
+        try:
+            rows = await self._pool.fetch(
+                """SELECT r.id FROM rooms r JOIN users u ON u.id = r.id
+                   WHERE u.role = 'model' ORDER BY r.id LIMIT 1000"""
+            )
+        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+            raise Unavailable("the room store is unavailable") from exc
+        return [row["id"] for row in rows]

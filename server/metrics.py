@@ -1,0 +1,48 @@
+"""Prometheus metrics of a gateway process.
+
+With ``--workers N`` every worker writes to ``PROMETHEUS_MULTIPROC_DIR`` (set
+by the parent before the workers start) and ``/metrics`` on any worker
+aggregates all of them, so a scrape sees the whole machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+SESSIONS = Gauge(
+    "tokenchat_sessions_open",
+    "WebSocket sessions open (authenticated or not)",
+    multiprocess_mode="livesum",
+)
+COMMANDS = Counter(
+    "tokenchat_commands_total", "Commands handled, by type and result", ["type", "result"]
+)
+DELIVERIES = Counter("tokenchat_deliveries_total", "Events written to member connections")
+ERRORS = Counter("tokenchat_errors_total", "Error replies sent, by code", ["code"])
+CLOSES = Counter(
+    "tokenchat_session_closes_total", "Sessions closed by the server, by code", ["code"]
+)
+FANOUT_LATENCY = Histogram(
+    "tokenchat_fanout_latency_seconds",
+    "From an event's commit in Redis to its write to this node's members",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of this process, or of all workers when shared."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

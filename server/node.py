@@ -1,0 +1,238 @@
+"""A node: one gateway process's shared state and the tasks that keep it.
+
+It wires Redis, Postgres, the broker, the hub and the directory together, the
+way centrifuge's ``node.go`` does, and owns the background work: the node
+heartbeat, coalesced presence, and gap filling after a pub/sub reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Coroutine
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from protocol import events
+
+from .broker import RedisBroker
+from .config import Settings
+from .db import create_pool
+from .directory import Directory
+from .errors import Unavailable
+from .hub import Hub
+from .keys import Keys
+from .rooms import PRESENCE_MARKER, RoomStore, complete_event, parse_published
+from .scripts import Scripts
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+# Subscribe/unsubscribe decisions for one room are serialized; rooms hash to
+# one of this many locks, so the lock table never grows with the room count.
+ROOM_LOCK_STRIPES = 256
+
+
+class Node:
+    def __init__(
+        self, settings: Settings, redis: Redis, pool: asyncpg.Pool, node_id: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.id = node_id or secrets.token_hex(8)
+        self.redis = redis
+        self.pool = pool
+        self.keys = Keys(settings.redis_prefix)
+        self.scripts = Scripts(redis)
+        self.rooms = RoomStore(redis, self.keys, self.scripts, settings.history_len)
+        self.directory = Directory(pool, redis, self.keys)
+        self.hub = Hub(settings.write_buffer_max_bytes)
+        self.broker = RedisBroker(
+            redis,
+            self._on_broker_message,
+            self._on_broker_reconnect,
+            control_channel=f"{self.keys.node(self.id)}:control",
+            timeout_s=settings.redis_timeout_s,
+        )
+        self.sessions: set[Session] = set()
+        self._subscribed: set[str] = set()
+        self._room_locks = [asyncio.Lock() for _ in range(ROOM_LOCK_STRIPES)]
+        self._presence_local_dirty: set[str] = set()
+        self._presence_stale: set[str] = set()
+        self._presence_sent: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> Node:
+        redis: Redis = Redis.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_pool_max,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+        )
+        pool = await create_pool(
+            settings.database_url,
+            settings.database_schema,
+            min_size=settings.database_pool_min,
+            max_size=settings.database_pool_max,
+            timeout_s=settings.database_timeout_s,
+        )
+        return cls(settings, redis, pool)
+
+    async def start(self) -> None:
+        await self._heartbeat_once()
+        await self.broker.start()
+        self._loops = [
+            asyncio.create_task(self._heartbeat_forever(), name="node-heartbeat"),
+            asyncio.create_task(self._presence_forever(), name="node-presence"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._loops:
+            task.cancel()
+        for task in [*self._loops, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.broker.close()
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.delete(self.keys.node(self.id))
+        await self.redis.aclose()
+        await self.pool.close()
+
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a reference to a fire-and-forget task until it is done."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self.keep(asyncio.create_task(coro))
+
+    # --- sessions -----------------------------------------------------------------
+    def register(self, session: Session) -> None:
+        self.sessions.add(session)
+
+    def unregister(self, session: Session) -> None:
+        self.sessions.discard(session)
+
+    async def balance_of(self, user_id: str) -> int:
+        # The token economy (hot balances loaded from the ledger) plugs in here.
+        return 0
+
+    # --- rooms ----------------------------------------------------------------------
+    def _room_lock(self, room: str) -> asyncio.Lock:
+        return self._room_locks[hash(room) % ROOM_LOCK_STRIPES]
+
+    async def subscribe_room(self, room: str) -> None:
+        """Make sure this node receives the room's events (idempotent)."""
+        async with self._room_lock(room):
+            if room in self._subscribed:
+                return
+            try:
+                await self.broker.subscribe(self.keys.room_channel(room))
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise Unavailable("room events are unavailable") from exc
+            self._subscribed.add(room)
+
+    async def room_joined(self, room: str) -> int:
+        """Publish this node's new count for the room; return its viewers."""
+        try:
+            await self.rooms.publish_presence_changed(room, self.id, self.hub.count(room))
+            (viewers,) = await self.rooms.viewers([room])
+        except (RedisError, OSError) as exc:
+            raise Unavailable("room presence is unavailable") from exc
+        self._presence_local_dirty.discard(room)
+        return viewers
+
+    def room_left(self, room: str) -> None:
+        self._presence_local_dirty.add(room)
+        if self.hub.count(room) == 0:
+            self.spawn(self._unsubscribe_if_empty(room))
+
+    async def _unsubscribe_if_empty(self, room: str) -> None:
+        async with self._room_lock(room):
+            if self.hub.count(room) or room not in self._subscribed:
+                return
+            self._subscribed.discard(room)
+            self._presence_sent.pop(room, None)
+            try:
+                await self.broker.unsubscribe(self.keys.room_channel(room))
+            except (RedisError, OSError, TimeoutError):
+                log.warning("could not unsubscribe from room %s", room)
+
+    # --- broker callbacks -------------------------------------------------------------
+    def _on_broker_message(self, channel: str, payload: bytes) -> None:
+        room = self.keys.channel_room(channel)
+        if room is None:
+            return
+        if payload == PRESENCE_MARKER:
+            self._presence_stale.add(room)
+            return
+        published = parse_published(payload)
+        if published is None:
+            log.warning("ignored a malformed payload on %s", channel)
+            return
+        offset, body = published
+        self.hub.deliver_event(room, offset, complete_event(body, offset))
+
+    def _on_broker_reconnect(self) -> None:
+        self.spawn(self._fill_gaps())
+
+    async def _fill_gaps(self) -> None:
+        """Deliver what was published while pub/sub was down, from history."""
+        for room in self.hub.rooms():
+            last = self.hub.last_offset(room)
+            since = None if last is None else f"{last[0]}-{last[1]}"
+            try:
+                history = await self.rooms.history(room, since)
+            except Unavailable:
+                log.warning("could not fill the gap of room %s", room)
+                continue
+            for offset, frame in history.events:
+                self.hub.deliver_event(room, offset, frame)
+            self._presence_stale.add(room)
+
+    # --- heartbeat and presence ----------------------------------------------------------
+    async def _heartbeat_once(self) -> None:
+        ttl_ms = int(self.settings.node_ttl_s * 1000)
+        await self.redis.set(self.keys.node(self.id), b"1", px=ttl_ms)
+
+    async def _heartbeat_forever(self) -> None:
+        # Three beats per TTL: one lost beat never makes a live node look dead.
+        while True:
+            await asyncio.sleep(self.settings.node_ttl_s / 3)
+            try:
+                await self._heartbeat_once()
+            except (RedisError, OSError) as exc:
+                log.warning("node heartbeat failed: %s", exc)
+
+    async def _presence_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.presence_interval_s)
+            try:
+                await self._presence_tick()
+            except (RedisError, OSError) as exc:
+                log.warning("presence update failed: %s", exc)
+
+    async def _presence_tick(self) -> None:
+        dirty, self._presence_local_dirty = self._presence_local_dirty, set()
+        for room in dirty:
+            try:
+                await self.rooms.publish_presence_changed(room, self.id, self.hub.count(room))
+            except (RedisError, OSError):
+                self._presence_local_dirty.add(room)
+                raise
+        stale = [room for room in self._presence_stale if self.hub.count(room)]
+        self._presence_stale.clear()
+        if not stale:
+            return
+        for room, viewers in zip(stale, await self.rooms.viewers(stale), strict=True):
+            if self._presence_sent.get(room) != viewers:
+                self._presence_sent[room] = viewers
+                frame = orjson.dumps(events.presence_event(room, viewers))
+                self.hub.deliver_transient(room, frame)

@@ -1,0 +1,113 @@
+"""A room's state in Redis: its event history, its order, its presence.
+
+Events are stored as JSON without ``offset`` and ``ts``; both come from the
+stream id (``ms-seq``), so the stored form and the published form need no
+second write, and ``complete_event`` is the one place that adds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .errors import Unavailable
+from .keys import Keys
+from .scripts import Scripts
+
+Offset = tuple[int, int]
+
+
+def parse_offset(offset: str | bytes) -> Offset:
+    text = offset.decode() if isinstance(offset, bytes) else offset
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq)
+
+
+def complete_event(body: bytes, offset: bytes) -> bytes:
+    """The wire JSON of a stored event: its body plus `offset` and `ts`."""
+    ms = offset.partition(b"-")[0]
+    return b"".join((body[:-1], b',"offset":"', offset, b'","ts":', ms, b"}"))
+
+
+def parse_published(payload: bytes) -> tuple[bytes, bytes] | None:
+    """(offset, body) of an event published by room_event.lua, else None."""
+    if not payload.startswith(b"E"):
+        return None
+    offset, sep, body = payload[1:].partition(b" ")
+    if not sep:
+        return None
+    return offset, body
+
+
+PRESENCE_MARKER = b"P"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class History:
+    events: list[tuple[bytes, bytes]]  # (offset, wire JSON), oldest first
+    recovered: bool
+
+
+class RoomStore:
+    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, history_len: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._scripts = scripts
+        self._history_len = history_len
+
+    async def append(self, room: str, event: dict[str, Any]) -> str:
+        """Store and publish ``event`` (without offset/ts); returns its offset."""
+        try:
+            offset = await self._scripts.room_event(
+                keys=[self._keys.room_history(room)],
+                args=[self._keys.room_channel(room), self._history_len, orjson.dumps(event)],
+            )
+        except (RedisError, OSError) as exc:
+            raise Unavailable("room state is unavailable") from exc
+        return offset.decode() if isinstance(offset, bytes) else str(offset)
+
+    async def history(self, room: str, since: str | None) -> History:
+        """The last events, or those after ``since`` and whether none is missing."""
+        key = self._keys.room_history(room)
+        try:
+            if since is None:
+                rows: Any = await self._redis.xrevrange(key, count=self._history_len)
+                return History([_wire(row) for row in reversed(rows)], recovered=True)
+            # Inclusive of `since`: finding it proves nothing after it was trimmed.
+            rows = await self._redis.xrange(key, min=since, count=self._history_len + 1)
+        except (RedisError, OSError) as exc:
+            raise Unavailable("room history is unavailable") from exc
+        events = [_wire(row) for row in rows]
+        if events and events[0][0].decode() == since:
+            return History(events[1:], recovered=True)
+        # Nothing at or after `since`: nothing was missed. Otherwise the event
+        # at `since` was trimmed (or the history was lost), and some may be too.
+        return History(events[-self._history_len :], recovered=not events)
+
+    async def publish_presence_changed(self, room: str, node_id: str, sessions: int) -> None:
+        presence = self._keys.room_presence(room)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if sessions > 0:
+                pipe.hset(presence, node_id, sessions)
+            else:
+                pipe.hdel(presence, node_id)
+            pipe.publish(self._keys.room_channel(room), PRESENCE_MARKER)
+            await pipe.execute()
+
+    async def viewers(self, rooms: list[str]) -> list[int]:
+        node_prefix = self._keys.node_prefix()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for room in rooms:
+                await self._scripts.viewers(
+                    keys=[self._keys.room_presence(room)], args=[node_prefix], client=pipe
+                )
+            return [int(n) for n in await pipe.execute()]
+
+
+def _wire(row: tuple[bytes, dict[bytes, bytes]]) -> tuple[bytes, bytes]:
+    offset, fields = row
+    return offset, complete_event(fields[b"e"], offset)

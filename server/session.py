@@ -1,0 +1,340 @@
+"""One WebSocket connection: its protocol state, its limits, its commands.
+
+States: CONNECTED (only `hello` is accepted, within the hello timeout) ->
+AUTHENTICATED (every command) -> CLOSING. Commands of one session run one at a
+time, in the order they arrived, and each gets exactly one reply.
+
+Joining a room is the delicate part: the session starts buffering the room's
+live events, makes sure the node is subscribed, reads history, sends the
+reply, then flushes the buffer minus what history already held. So a member
+sees every event once, in order, across the join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.exceptions import ConnectionClosed
+
+from protocol import (
+    Balance,
+    CloseCode,
+    Command,
+    Dm,
+    ErrorCode,
+    Hello,
+    Join,
+    Leave,
+    Ping,
+    ProtocolError,
+    Say,
+    Tip,
+    codec_for,
+    decode_command,
+    events,
+    json_to_msgpack,
+)
+from protocol.codec import Codec
+
+from . import metrics
+from .auth import Identity, verify_token
+from .errors import LimitExceeded, NotFound, NotInRoom, ServiceError, Unavailable
+from .ratelimit import TokenBucket
+from .rooms import Offset, parse_offset
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+
+Reply = dict[str, Any]
+
+
+class Session:
+    def __init__(self, node: Node, ws: ServerConnection) -> None:
+        self.node = node
+        self.ws = ws
+        self.codec: Codec = codec_for(ws.subprotocol)
+        self.id = secrets.token_urlsafe(12)
+        self.identity: Identity | None = None
+        self.rooms: set[str] = set()
+        settings = node.settings
+        self._bucket = TokenBucket(settings.commands_per_s, settings.commands_burst)
+        self._strikes = 0
+        # Live events of rooms being joined, held until the join reply is sent.
+        self._joining: dict[str, list[tuple[Offset | None, bytes]]] = {}
+        self._after_reply: Callable[[], None] | None = None
+        self._busy = False
+        self._draining = False
+        self._closing = False
+        self._handlers: dict[type[Any], Callable[[Any], Awaitable[Reply]]] = {
+            Join: self._join,
+            Leave: self._leave,
+            Say: self._say,
+            Balance: self._balance,
+            Ping: self._ping,
+            Tip: self._economy_disabled,
+            Dm: self._economy_disabled,
+        }
+
+    # --- what the hub needs ---------------------------------------------------
+    @property
+    def connection(self) -> ServerConnection:
+        return self.ws
+
+    @property
+    def binary(self) -> bool:
+        return self.codec.binary
+
+    def buffering(self, room: str) -> bool:
+        return room in self._joining
+
+    def buffer_event(self, room: str, offset: Offset | None, frame: bytes) -> None:
+        held = self._joining[room]
+        if len(held) >= self.node.settings.join_buffer_events_max:
+            self.close_too_slow()
+            return
+        held.append((offset, frame))
+
+    def write_buffer_bytes(self) -> int:
+        transport = self.ws.transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def close_too_slow(self) -> None:
+        """Stop delivering to this session at once, and close it with 4008."""
+        if self._closing:
+            return
+        for room in self.rooms:
+            self.node.hub.remove(room, self)
+        self._joining.clear()
+        self._close_soon(CloseCode.TOO_SLOW, "too slow: write buffer over its limit")
+
+    # --- lifecycle --------------------------------------------------------------
+    async def run(self) -> None:
+        metrics.SESSIONS.inc()
+        try:
+            self.node.register(self)
+            if await self._authenticate():
+                await self._serve()
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._cleanup()
+            metrics.SESSIONS.dec()
+
+    def drain(self) -> None:
+        """Server shutdown: finish the command in flight, then close with 1012."""
+        self._draining = True
+        if not self._busy:
+            self._close_soon(CloseCode.SERVICE_RESTART, "server restarting")
+
+    async def _authenticate(self) -> bool:
+        deadline = asyncio.get_running_loop().time() + self.node.settings.hello_timeout_s
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await self.ws.recv()
+            except TimeoutError:
+                await self._close(CloseCode.UNAUTHENTICATED, "no hello in time")
+                return False
+            command = await self._decode(data)
+            if command is None:
+                continue
+            if not isinstance(command, Hello):
+                await self._send_error(command.id, ErrorCode.UNAUTHENTICATED, "send hello first")
+                continue
+            return await self._hello(command)
+
+    async def _hello(self, command: Hello) -> bool:
+        node = self.node
+        try:
+            identity = verify_token(node.settings.jwt_secret, command.token)
+            await node.directory.touch_user(identity)
+            balance = await node.balance_of(identity.user_id)
+        except ServiceError as exc:
+            await self._send_error(command.id, exc.code, exc.message)
+            if exc.code is ErrorCode.UNAUTHENTICATED:
+                await self._close(CloseCode.UNAUTHENTICATED, exc.message)
+                return False
+            return await self._authenticate()
+        self.identity = identity
+        metrics.COMMANDS.labels("hello", "ok").inc()
+        await self._send(
+            events.welcome(command.id, identity.user_id, identity.role, balance, self.id)
+        )
+        return True
+
+    async def _serve(self) -> None:
+        async for data in self.ws:
+            if self._draining:
+                break
+            await self._handle(data)
+            if self._draining:
+                break
+        if self._draining:
+            await self._close(CloseCode.SERVICE_RESTART, "server restarting")
+
+    async def _handle(self, data: str | bytes) -> None:
+        command = await self._decode(data)
+        if command is None:
+            return
+        if not self._bucket.take():
+            self._strikes += 1
+            if self._strikes > self.node.settings.rate_limit_strikes_max:
+                await self._close(CloseCode.RATE_LIMITED, "rate limited past tolerance")
+                return
+            await self._send_error(command.id, ErrorCode.RATE_LIMITED, "too many commands")
+            return
+        self._strikes = 0
+        self._busy = True
+        try:
+            reply = await self._execute(command)
+        finally:
+            self._busy = False
+        await self._send(reply)
+        if self._after_reply is not None:
+            after, self._after_reply = self._after_reply, None
+            after()
+
+    async def _execute(self, command: Command) -> Reply:
+        kind = command.TYPE
+        handler = self._handlers.get(type(command))
+        if handler is None:  # hello again, or a command with no handler here
+            metrics.COMMANDS.labels(kind, ErrorCode.BAD_REQUEST).inc()
+            return self._error(command.id, ErrorCode.BAD_REQUEST, f"'{kind}' is not valid now")
+        try:
+            fields = await handler(command)
+        except ServiceError as exc:
+            metrics.COMMANDS.labels(kind, exc.code).inc()
+            return self._error(command.id, exc.code, exc.message)
+        except Exception:
+            # A bug: log it here, tell the client nothing about it.
+            log.exception("command %s failed", kind)
+            metrics.COMMANDS.labels(kind, ErrorCode.INTERNAL).inc()
+            return self._error(command.id, ErrorCode.INTERNAL, "internal error")
+        metrics.COMMANDS.labels(kind, "ok").inc()
+        return events.ok(command.id, **fields)
+
+    async def _decode(self, data: str | bytes) -> Command | None:
+        try:
+            return decode_command(self.codec, data)
+        except ProtocolError as exc:
+            metrics.COMMANDS.labels("invalid", exc.code).inc()
+            await self._send_error(exc.re, exc.code, exc.message)
+            return None
+
+    async def _cleanup(self) -> None:
+        self._closing = True
+        self._joining.clear()
+        rooms, self.rooms = self.rooms, set()
+        for room in rooms:
+            self.node.hub.remove(room, self)
+            self.node.room_left(room)
+        self.node.unregister(self)
+
+    # --- commands -----------------------------------------------------------------
+    async def _join(self, command: Join) -> Reply:
+        room_id = command.room
+        since = command.since
+        info = await self.node.directory.room(room_id)
+        if info is None:
+            raise NotFound(f"no room '{room_id}'")
+        is_new = room_id not in self.rooms
+        if is_new and len(self.rooms) >= self.node.settings.rooms_per_session_max:
+            raise LimitExceeded(
+                f"at most {self.node.settings.rooms_per_session_max} rooms per session"
+            )
+        self._joining[room_id] = []
+        if is_new:
+            self.rooms.add(room_id)
+            self.node.hub.add(room_id, self)
+        try:
+            await self.node.subscribe_room(room_id)
+            viewers = await self.node.room_joined(room_id)
+            history = await self.node.rooms.history(room_id, since)
+        except BaseException:
+            self._joining.pop(room_id, None)
+            if is_new:
+                self.rooms.discard(room_id)
+                self.node.hub.remove(room_id, self)
+                self.node.room_left(room_id)
+            raise
+        last = parse_offset(history.events[-1][0]) if history.events else None
+        self._after_reply = lambda: self._flush_joined(room_id, last)
+        return {
+            "room": info.to_wire(viewers),
+            "history": [orjson.loads(frame) for _, frame in history.events],
+            "recovered": history.recovered,
+        }
+
+    def _flush_joined(self, room: str, last: Offset | None) -> None:
+        held = self._joining.pop(room, None)
+        if not held or self._closing:
+            return
+        for offset, frame in held:
+            if offset is None or last is None or offset > last:
+                self._push(frame)
+
+    async def _leave(self, command: Leave) -> Reply:
+        if command.room not in self.rooms:
+            raise NotInRoom(f"not in room '{command.room}'")
+        self.rooms.discard(command.room)
+        self._joining.pop(command.room, None)
+        self.node.hub.remove(command.room, self)
+        self.node.room_left(command.room)
+        return {}
+
+    async def _say(self, command: Say) -> Reply:
+        if command.room not in self.rooms:
+            raise NotInRoom(f"join room '{command.room}' first")
+        assert self.identity is not None
+        event = {
+            "type": "message",
+            "room": command.room,
+            "from": self.identity.user_id,
+            "text": command.text,
+        }
+        return {"offset": await self.node.rooms.append(command.room, event)}
+
+    async def _balance(self, command: Balance) -> Reply:
+        assert self.identity is not None
+        return {"balance": await self.node.balance_of(self.identity.user_id)}
+
+    async def _ping(self, command: Ping) -> Reply:
+        return {}
+
+    async def _economy_disabled(self, command: Tip | Dm) -> Reply:
+        raise Unavailable("spending is not enabled on this server yet; nothing was charged")
+
+    # --- output -------------------------------------------------------------------
+    def _push(self, frame: bytes) -> None:
+        """Write an event JSON frame without waiting (same path as broadcasts)."""
+        if self.codec.binary:
+            broadcast([self.ws], json_to_msgpack(frame))
+        else:
+            broadcast([self.ws], frame, text=True)
+
+    async def _send(self, message: Reply) -> None:
+        await self.ws.send(self.codec.encode(message), text=not self.codec.binary)
+
+    def _error(self, re: int | str | None, code: ErrorCode, message: str) -> Reply:
+        metrics.ERRORS.labels(code).inc()
+        return events.error(re, code, message)
+
+    async def _send_error(self, re: int | str | None, code: ErrorCode, message: str) -> None:
+        await self._send(self._error(re, code, message))
+
+    async def _close(self, code: CloseCode, reason: str) -> None:
+        self._closing = True
+        metrics.CLOSES.labels(int(code)).inc()
+        await self.ws.close(code, reason)
+
+    def _close_soon(self, code: CloseCode, reason: str) -> None:
+        task = asyncio.create_task(self._close(code, reason))
+        self.node.keep(task)
