@@ -115,7 +115,7 @@ class Client:
                     waiter = self._waiting.get(re)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(message)
-                    continue
+                        continue
                 if message["type"] == "error" and re is None:
                     # An error for a frame that had no readable id.
                     for waiter in self._waiting.values():

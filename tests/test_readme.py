@@ -1,0 +1,27 @@
+"""README.md stays true to the code it documents."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from server.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_setting_is_in_the_configuration_table() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for variable, default in Settings.describe():
+        row = re.search(rf"^\| `{variable}` \| ([^|]+) \|", readme, re.MULTILINE)
+        assert row, f"{variable} is missing from README.md"
+        shown = row.group(1).strip().strip("`")
+        if default != "''":
+            assert shown == default.strip("'"), f"{variable}: README says {shown}, code {default}"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```sh\n(.*?)\n```", readme, re.DOTALL)
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in (ROOT / ".ci" / "run").read_text()
