@@ -13,10 +13,13 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -147,7 +150,13 @@ def _worker_main(settings: Settings, log_level: str) -> None:
 
 
 def serve_workers(settings: Settings, log_level: str) -> int:
-    """Run ``settings.workers`` processes on the same ports; return an exit code."""
+    """Run ``settings.workers`` processes on the same ports; return an exit code.
+
+    The parent only supervises: it forwards SIGTERM/SIGINT, kills a worker that
+    outlives its grace period, and if a worker dies on its own it stops the
+    others and exits non-zero, so the process manager restarts the whole set
+    (a half-dead set would keep serving on fewer cores without anyone noticing).
+    """
     if settings.workers == 1:
         run(lambda: serve_until_signalled(settings))
         return 0
@@ -160,18 +169,33 @@ def serve_workers(settings: Settings, log_level: str) -> int:
         context.Process(target=_worker_main, args=(settings, log_level), name=f"worker-{i}")
         for i in range(settings.workers)
     ]
-    for worker in workers:
-        worker.start()
+    stopping: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
+        stopping.append(signum)
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, signum)
 
+    # Installed before any worker starts, so no signal can orphan one.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    exit_code = 0
-    for worker in workers:
-        worker.join()
-        exit_code = exit_code or (worker.exitcode or 0)
-    return exit_code
+    try:
+        for worker in workers:
+            worker.start()
+        while not stopping and all(worker.is_alive() for worker in workers):
+            multiprocessing.connection.wait([w.sentinel for w in workers], timeout=1.0)
+        if not stopping:
+            log.error("a worker died; stopping the others")
+            forward(signal.SIGTERM, None)
+        deadline = time.monotonic() + settings.shutdown_grace_s + WORKER_EXIT_SLACK_S
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                log.error("%s did not stop in time; killing it", worker.name)
+                worker.kill()
+                worker.join()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    clean = bool(stopping) and all(worker.exitcode == 0 for worker in workers)
+    return 0 if clean else 1
