@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, default=None, help="processes sharing the ports")
 
     sub.add_parser("migrate", help="apply database migrations")
+    sub.add_parser("ledger", help="run the ledger writer alone")
+    reconcile = sub.add_parser("reconcile", help="compare Redis with the Postgres ledger")
+    reconcile.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the outbox to drain"
+    )
 
     token = sub.add_parser("token", help="print a signed session token")
     token.add_argument("sub", help="user id")
@@ -52,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "migrate":
             return _migrate(Settings.from_env())
+        if args.command == "ledger":
+            return _ledger(Settings.from_env())
+        if args.command == "reconcile":
+            return _reconcile(Settings.from_env(), args.timeout)
         if args.command == "token":
             return _token(args)
         if args.command == "dev":
@@ -59,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tokenchat: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C (or, in dev, SIGTERM) before serving started: cleaned up already.
+        return 130
     raise AssertionError(args.command)
 
 
@@ -96,6 +109,51 @@ def _migrate(settings: Settings) -> int:
     return 0
 
 
+def _ledger(settings: Settings) -> int:
+    """The ledger writer as its own process (`serve` runs one too unless
+    TOKENCHAT_LEDGER_ENABLED=0); several may run at once."""
+    from .app import run
+    from .node import Node
+
+    async def write_until_signalled() -> None:
+        node = await Node.connect(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        writer = asyncio.create_task(node.ledger.run())
+        log.info("ledger writer %s running", node.id)
+        try:
+            await stop.wait()
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            await node.close()
+
+    run(write_until_signalled)
+    return 0
+
+
+def _reconcile(settings: Settings, timeout_s: float) -> int:
+    """Exit 0 when Redis and Postgres agree, 1 with the mismatches otherwise."""
+    import json
+
+    from .ledger import reconcile
+    from .node import Node
+
+    async def check() -> dict[str, object]:
+        node = await Node.connect(settings)
+        try:
+            return await reconcile(node.redis, node.pool, node.keys, node.ledger, timeout_s)
+        finally:
+            await node.close()
+
+    result = asyncio.run(check())
+    print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
+
+
 def _token(args: argparse.Namespace) -> int:
     secret = os.environ.get("TOKENCHAT_JWT_SECRET") or _dev_secret(DEV_DATA_DIR, create=False)
     if not secret:
@@ -117,7 +175,30 @@ def _dev_secret(data_dir: Path, *, create: bool) -> str:
     return secret
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _dev(args: argparse.Namespace) -> int:
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # While starting, SIGTERM (kill, systemd, docker stop) unwinds like Ctrl-C,
+    # so the embedded servers started so far are stopped rather than orphaned
+    # (they run in their own sessions). While serving, the event loop's
+    # handlers take over (serve_until_signalled).
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _dev_run(args)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _dev_run(args: argparse.Namespace) -> int:
     from .app import run, serve_until_signalled
 
     data_dir: Path = args.data_dir.resolve()
@@ -133,12 +214,18 @@ def _dev(args: argparse.Namespace) -> int:
             if not available:
                 raise ValueError(hint)
         if not os.environ.get("TOKENCHAT_REDIS_URL"):
-            redis_server = stack.enter_context(embedded.EmbeddedRedis(data_dir / "redis"))
+            # Each server makes its own subfolder (redis/, postgres/).
+            redis_server = stack.enter_context(embedded.EmbeddedRedis(data_dir))
             env["redis_url"] = redis_server.url
         if not os.environ.get("TOKENCHAT_DATABASE_URL"):
-            postgres = stack.enter_context(embedded.EmbeddedPostgres(data_dir / "postgres"))
+            postgres = stack.enter_context(embedded.EmbeddedPostgres(data_dir))
             env["database_url"] = postgres.url
+        # Registered last, so it runs first on the way out: a second Ctrl-C
+        # must not cut short stopping the servers (each stop is bounded).
+        stack.callback(_ignore_stop_signals)
         secret = os.environ.get("TOKENCHAT_JWT_SECRET") or _dev_secret(data_dir, create=True)
+        # Dev only: the fake payment provider approves every purchase.
+        env.setdefault("payment_provider", os.environ.get("TOKENCHAT_PAYMENT_PROVIDER", "fake"))
         settings = _settings_from(args, jwt_secret=secret, **env)
         _migrate(settings)
         tokens = {

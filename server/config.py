@@ -81,6 +81,30 @@ class Settings:
     # heartbeat expired (a crashed process) are dropped from presence.
     node_ttl_s: float = 30.0
 
+    # --- the economy ----------------------------------------------------------------
+    # Ledger entries Redis may hold for Postgres before spends are refused
+    # (UNAVAILABLE): at ~600 bytes each, 1,000,000 is ~600 MB of Redis memory,
+    # hours of a busy platform's spends with Postgres away.
+    outbox_entries_max: int = 1_000_000
+    # DMs kept per user for delivery at their next hello (approximate trim).
+    inbox_len: int = 1000
+    # Run the ledger writer inside `serve` (0 when `tokenchat ledger` runs it).
+    ledger_enabled: int = 1
+    # Entries the writer moves to Postgres per transaction: large enough that
+    # COPY amortises the round trips, small enough that a batch commits in ms.
+    ledger_batch_max: int = 1000
+    # How long the writer's read waits for new entries before looking again.
+    ledger_block_ms: int = 1000
+    # An entry read by a writer that has not acknowledged it after this long is
+    # taken over by another (its writer is presumed dead).
+    ledger_claim_idle_s: float = 30.0
+    # `fake` approves every payment (development and tests); `none` refuses
+    # purchases. A real provider plugs in behind server/payments.py.
+    payment_provider: str = "none"
+    # Token bundles for sale: id:tokens:price_cents, comma separated. Bigger
+    # bundles are cheaper per token; GET /v1/bundles shows the discount.
+    bundles: str = "starter:100:999,fan:550:4999,superfan:1200:9999,whale:6500:49999"
+
     # --- backends: pools and timeouts --------------------------------------------
     # One Redis command (or pipeline) may take this long before the command that
     # needed it is answered UNAVAILABLE. Redis answers in well under 1 ms when
@@ -133,6 +157,11 @@ class Settings:
             "database_pool_max",
             "shutdown_grace_s",
             "workers",
+            "outbox_entries_max",
+            "inbox_len",
+            "ledger_batch_max",
+            "ledger_block_ms",
+            "ledger_claim_idle_s",
         ]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -143,11 +172,30 @@ class Settings:
             )
         if not 0 <= self.database_pool_min <= self.database_pool_max:
             raise ValueError("TOKENCHAT_DATABASE_POOL_MIN must be between 0 and the max")
+        if self.payment_provider not in ("none", "fake"):
+            raise ValueError("TOKENCHAT_PAYMENT_PROVIDER must be 'none' or 'fake'")
+        self.bundle_list()  # refuses a malformed TOKENCHAT_BUNDLES at start-up
         if not self.database_schema.isidentifier():
             raise ValueError("TOKENCHAT_DATABASE_SCHEMA must be a plain SQL identifier")
         for port_name in ("http_port", "ws_port"):
             if not 0 <= getattr(self, port_name) <= 65535:
                 raise ValueError(f"{ENV_PREFIX}{port_name.upper()} must be a TCP port")
+
+    def bundle_list(self) -> list[tuple[str, int, int]]:
+        """(id, tokens, price in cents) of each bundle for sale."""
+        bundles = []
+        for item in self.bundles.split(","):
+            parts = item.strip().split(":")
+            try:
+                bundle_id, tokens, cents = parts[0], int(parts[1]), int(parts[2])
+            except (IndexError, ValueError):
+                raise ValueError(
+                    f"TOKENCHAT_BUNDLES: {item!r} is not id:tokens:price_cents"
+                ) from None
+            if not bundle_id or tokens <= 0 or cents < 0 or len(parts) != 3:
+                raise ValueError(f"TOKENCHAT_BUNDLES: {item!r} is not id:tokens:price_cents")
+            bundles.append((bundle_id, tokens, cents))
+        return bundles
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

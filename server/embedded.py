@@ -52,6 +52,7 @@ and stopped when the next run starts.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -314,6 +315,16 @@ def _stop_foreign_process(pid: int, what: str, steps: Sequence[tuple[int, float]
         return
     if not _wait_pid_gone(pid, KILL_WAIT_S):
         raise EmbeddedServerError(f"could not stop {what} (pid {pid}), even with SIGKILL")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc`` (started with start_new_session) and its whole group; reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        proc.wait(KILL_WAIT_S)
+    except subprocess.TimeoutExpired:
+        log.error("pid %d did not die after SIGKILL", proc.pid)
 
 
 def _clean_env() -> dict[str, str]:
@@ -831,6 +842,12 @@ class EmbeddedPostgres(_EmbeddedServer):
         # initdb reads the password from here. It lives only while initdb runs.
         return self.pg_root / ".initdb-password"
 
+    @property
+    def _initdb_dir(self) -> Path:
+        # initdb builds the cluster here; it becomes pgdata once complete, so
+        # an interrupted initdb never leaves a half-made cluster in pgdata.
+        return self.pg_root / "data.initdb"
+
     def start(self) -> str:
         """Create the cluster if needed, start it, and make sure the database exists.
 
@@ -847,7 +864,9 @@ class EmbeddedPostgres(_EmbeddedServer):
             if os.geteuid() == 0:
                 self._ensure_owner(run_as)
             self._stop_leftover()
-            self._initdb_pwfile.unlink(missing_ok=True)  # left by a killed initdb
+            # Left by an initdb killed along with its parent.
+            self._initdb_pwfile.unlink(missing_ok=True)
+            shutil.rmtree(self._initdb_dir, ignore_errors=True)
             trusting = False
             if (self.pgdata / "PG_VERSION").exists():
                 self._check_version()
@@ -1014,10 +1033,17 @@ class EmbeddedPostgres(_EmbeddedServer):
         uid, gid = run_as.owner()
         if os.geteuid() == 0:
             os.chown(pwfile, uid, gid)
+        if self.pgdata.exists():
+            if any(self.pgdata.iterdir()):
+                raise EmbeddedServerError(
+                    f"embedded {self.name}: {self.pgdata} is not empty but holds no "
+                    "PostgreSQL cluster (no PG_VERSION). Move it away or delete it"
+                )
+            self.pgdata.rmdir()
         args = [
             *run_as.prefix,
             str(self._bin / "initdb"),
-            "--pgdata", str(self.pgdata),
+            "--pgdata", str(self._initdb_dir),
             "--username", PG_USER,
             "--auth", PG_AUTH_METHOD,
             "--pwfile", str(pwfile),
@@ -1027,24 +1053,37 @@ class EmbeddedPostgres(_EmbeddedServer):
         ]  # fmt: skip
         with self._log.open_for_run(f"initdb {self.pgdata}") as fh:
             try:
-                proc = subprocess.run(
+                # In its own process group: if we are interrupted, killing the
+                # group also kills the bootstrap postgres initdb runs, which
+                # would otherwise linger holding shared memory.
+                proc = subprocess.Popen(
                     args,
                     stdin=subprocess.DEVNULL,
                     stdout=fh,
                     stderr=subprocess.STDOUT,
                     env=_clean_env(),
-                    timeout=PG_INITDB_TIMEOUT_S,
-                    check=False,
+                    start_new_session=True,
                     user=run_as.uid,
                     group=run_as.gid,
                     extra_groups=run_as.extra_groups,
                 )
-            except subprocess.TimeoutExpired as exc:
-                raise self._fail(f"initdb took over {PG_INITDB_TIMEOUT_S:.0f} s") from exc
+                try:
+                    code = proc.wait(PG_INITDB_TIMEOUT_S)
+                except subprocess.TimeoutExpired as exc:
+                    _kill_group(proc)
+                    raise self._fail(f"initdb took over {PG_INITDB_TIMEOUT_S:.0f} s") from exc
+                except BaseException:
+                    _kill_group(proc)
+                    raise
+            except BaseException:
+                shutil.rmtree(self._initdb_dir, ignore_errors=True)
+                raise
             finally:
                 pwfile.unlink(missing_ok=True)
-        if proc.returncode != 0:
-            raise self._fail(f"initdb failed with exit code {proc.returncode}")
+        if code != 0:
+            shutil.rmtree(self._initdb_dir, ignore_errors=True)
+            raise self._fail(f"initdb failed with exit code {code}")
+        os.rename(self._initdb_dir, self.pgdata)
 
     def _launch(self, port: int, log_fh: IO[bytes]) -> subprocess.Popen[bytes]:
         assert self.run_as is not None and self._bin is not None

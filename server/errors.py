@@ -8,6 +8,8 @@ status, here and nowhere else::
      ├── NotInRoom               NOT_IN_ROOM       409
      ├── BadRequest              BAD_REQUEST       400
      ├── Conflict                CONFLICT          409
+     ├── InsufficientFunds       INSUFFICIENT_FUNDS 409
+     ├── PriceChanged            PRICE_CHANGED     409
      ├── RateLimited             RATE_LIMITED      429
      ├── LimitExceeded           LIMIT_EXCEEDED    429
      └── Unavailable             UNAVAILABLE       503  (a backend is down;
@@ -61,6 +63,16 @@ class BadRequest(ServiceError):
 
 class Conflict(ServiceError):
     code = ErrorCode.CONFLICT
+    http_status = 409
+
+
+class InsufficientFunds(ServiceError):
+    code = ErrorCode.INSUFFICIENT_FUNDS
+    http_status = 409
+
+
+class PriceChanged(ServiceError):
+    code = ErrorCode.PRICE_CHANGED
     http_status = 409
 
 

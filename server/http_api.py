@@ -17,14 +17,33 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from protocol import ErrorCode
+from protocol.limits import AMOUNT_MAX, AMOUNT_MIN, USER_ID_RE
 
 from . import metrics
 from .auth import Identity, verify_token
-from .errors import ServiceError, Unauthenticated
+from .economy import new_tx_id
+from .errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+)
+from .ledger import reconcile
 from .node import Node
+from .payments import provider_named
 
 # /readyz gives each backend this long to answer before calling it down.
 READY_CHECK_TIMEOUT_S = 1.0
+# Largest request body: every body here is a few small fields.
+BODY_SIZE_MAX_BYTES = 16 * 1024
+PAYMENT_REF_LEN_MAX = 128
+KEY_LEN_MAX = 64
+PRICE_MAX = 1_000_000  # tokens, the contract's amount range
+# How long a refund or reconcile waits for the outbox to reach Postgres.
+DRAIN_TIMEOUT_S = 10.0
 
 
 class JSONResponse(Response):
@@ -39,23 +58,32 @@ def error_response(code: ErrorCode, message: str, status: int) -> JSONResponse:
 
 
 def create_app(node: Node) -> Starlette:
-    def identity_of(request: Request) -> Identity:
+    provider = provider_named(node.settings.payment_provider)
+
+    def identity_of(request: Request, *roles: str) -> Identity:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("send Authorization: Bearer <token>")
-        return verify_token(node.settings.jwt_secret, token.strip())
+        identity = verify_token(node.settings.jwt_secret, token.strip())
+        if roles and identity.role not in roles:
+            raise Forbidden(f"this needs the role {' or '.join(roles)}")
+        return identity
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
     async def readyz(request: Request) -> Response:
         checks = {"redis": False, "postgres": False}
-        try:
-            async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
-                checks["redis"] = bool(await node.redis.ping())
-        except (RedisError, OSError, TimeoutError):
-            pass
+        # Twice: the first ping after Redis came back may meet a pooled
+        # connection that died with the old server; that is not "not ready".
+        for _ in range(2):
+            try:
+                async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
+                    checks["redis"] = bool(await node.redis.ping())
+                break
+            except (RedisError, OSError, TimeoutError):
+                pass
         try:
             async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
                 checks["postgres"] = await node.pool.fetchval("SELECT 1") == 1
@@ -75,6 +103,113 @@ def create_app(node: Node) -> Starlette:
         user = {"id": identity.user_id, "role": identity.role}
         return JSONResponse({"user": user, "balance": balance})
 
+    async def bundles(request: Request) -> Response:
+        return JSONResponse({"bundles": bundle_list(node)})
+
+    async def purchase(request: Request) -> Response:
+        identity = identity_of(request, "fan")
+        body = await json_body(request)
+        bundle_id = field(body, "bundle", str)
+        payment_ref = field(body, "payment_ref", str)
+        if not 1 <= len(payment_ref) <= PAYMENT_REF_LEN_MAX:
+            raise BadRequest(f"field 'payment_ref' must be 1 to {PAYMENT_REF_LEN_MAX} characters")
+        bundle = next((b for b in bundle_list(node) if b["id"] == bundle_id), None)
+        if bundle is None:
+            raise NotFound(f"no bundle '{bundle_id}'")
+        await node.directory.touch_user(identity)
+        await provider.confirm(identity.user_id, bundle_id, bundle["price_cents"], payment_ref)
+        tx = await record_purchase(identity.user_id, bundle, payment_ref)
+        reply = await node.economy.credit(
+            identity.user_id,
+            bundle["tokens"],
+            initiator="payments",
+            key=payment_ref,
+            kind="purchase",
+            meta={"bundle": bundle_id, "payment_ref": payment_ref, "provider": provider.name},
+            tx=tx,
+        )
+        return JSONResponse({**reply, "bundle": bundle_id, "tokens": bundle["tokens"]})
+
+    async def record_purchase(user_id: str, bundle: dict[str, Any], payment_ref: str) -> str:
+        """The purchase's transaction id, recording it once per payment_ref."""
+        try:
+            async with node.pool.acquire() as conn:
+                row = await conn.fetchrow(
+                    """INSERT INTO purchases
+                           (payment_ref, provider, user_id, bundle, tokens, price_cents, tx_id)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7)
+                       ON CONFLICT (payment_ref) DO UPDATE SET payment_ref = EXCLUDED.payment_ref
+                       RETURNING user_id, bundle, tx_id""",
+                    payment_ref,
+                    provider.name,
+                    user_id,
+                    bundle["id"],
+                    bundle["tokens"],
+                    bundle["price_cents"],
+                    new_tx_id(),
+                )
+        except (Exception, TimeoutError) as exc:
+            raise Unavailable("purchases are unavailable; nothing was credited") from exc
+        assert row is not None  # RETURNING after an upsert always yields the row
+        if row["user_id"] != user_id or row["bundle"] != bundle["id"]:
+            raise Conflict("this payment_ref was used for another purchase")
+        return str(row["tx_id"])
+
+    async def set_prices(request: Request) -> Response:
+        identity = identity_of(request, "model")
+        body = await json_body(request)
+        dm = optional_int(body, "dm", 0, PRICE_MAX)
+        tip_min = optional_int(body, "tip_min", 1, PRICE_MAX)
+        if dm is None and tip_min is None:
+            raise BadRequest("send 'dm' and/or 'tip_min'")
+        await node.directory.touch_user(identity)
+        return JSONResponse(await node.economy.set_prices(identity.user_id, dm, tip_min))
+
+    async def admin_credit(request: Request) -> Response:
+        identity = identity_of(request, "admin")
+        body = await json_body(request)
+        user = field(body, "user", str)
+        if not USER_ID_RE.fullmatch(user):
+            raise BadRequest("field 'user' must be a user id")
+        amount = optional_int(body, "amount", AMOUNT_MIN, AMOUNT_MAX)
+        if amount is None:
+            raise BadRequest(
+                f"field 'amount' must be an integer between {AMOUNT_MIN} and {AMOUNT_MAX}"
+            )
+        key = idempotency_key(body)
+        reply = await node.economy.credit(
+            user, amount, initiator=identity.user_id, key=key, meta={"by": identity.user_id}
+        )
+        return JSONResponse(reply)
+
+    async def admin_refund(request: Request) -> Response:
+        identity = identity_of(request, "admin")
+        body = await json_body(request)
+        tx = field(body, "tx", str)
+        key = idempotency_key(body)
+        if not 1 <= len(tx) <= 64:
+            raise BadRequest("field 'tx' must be a transaction id")
+        await drain()
+        return JSONResponse(await node.economy.refund(tx, initiator=identity.user_id, key=key))
+
+    async def admin_reconcile(request: Request) -> Response:
+        identity_of(request, "admin")
+        try:
+            result = await reconcile(node.redis, node.pool, node.keys, node.ledger, DRAIN_TIMEOUT_S)
+        except (Exception, TimeoutError) as exc:
+            if isinstance(exc, ServiceError):
+                raise
+            raise Unavailable(f"reconcile needs Redis and Postgres: {exc}") from exc
+        return JSONResponse(result)
+
+    async def drain() -> None:
+        try:
+            await node.ledger.drain(DRAIN_TIMEOUT_S)
+        except (Exception, TimeoutError) as exc:
+            if isinstance(exc, ServiceError):
+                raise
+            raise Unavailable("the ledger is unavailable") from exc
+
     async def service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
         return error_response(exc.code, exc.message, exc.http_status)
@@ -88,6 +223,68 @@ def create_app(node: Node) -> Starlette:
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
             Route("/v1/me", me),
+            Route("/v1/me/prices", set_prices, methods=["PUT"]),
+            Route("/v1/bundles", bundles),
+            Route("/v1/purchases", purchase, methods=["POST"]),
+            Route("/v1/admin/credits", admin_credit, methods=["POST"]),
+            Route("/v1/admin/refunds", admin_refund, methods=["POST"]),
+            Route("/v1/admin/reconcile", admin_reconcile),
         ],
         exception_handlers={ServiceError: service_error, 404: not_found},
     )
+
+
+def bundle_list(node: Node) -> list[dict[str, Any]]:
+    """Bundles with their discount against the smallest bundle's token price."""
+    bundles = node.settings.bundle_list()
+    base = min(bundles, key=lambda b: b[1])
+    base_cents_per_token = base[2] / base[1]
+    listed = []
+    for bundle_id, tokens, cents in bundles:
+        full = base_cents_per_token * tokens
+        discount = 0 if full == 0 else round(100 * (1 - cents / full))
+        listed.append(
+            {"id": bundle_id, "tokens": tokens, "price_cents": cents, "discount_pct": discount}
+        )
+    return listed
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > BODY_SIZE_MAX_BYTES:
+        raise BadRequest(f"the body is over {BODY_SIZE_MAX_BYTES} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > BODY_SIZE_MAX_BYTES:
+            raise BadRequest(f"the body is over {BODY_SIZE_MAX_BYTES} bytes")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequest("the body must be a JSON object")
+    return value
+
+
+def field(body: dict[str, Any], name: str, kind: type) -> Any:
+    value = body.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadRequest(f"field '{name}' is required and must be a {kind.__name__}")
+    return value
+
+
+def optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadRequest(f"field '{name}' must be an integer between {low} and {high}")
+    return value
+
+
+def idempotency_key(body: dict[str, Any]) -> str:
+    key = field(body, "key", str)
+    if not 1 <= len(key) <= KEY_LEN_MAX:
+        raise BadRequest(f"field 'key' must be 1 to {KEY_LEN_MAX} characters")
+    return str(key)

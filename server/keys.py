@@ -37,6 +37,54 @@ class Keys:
         """Heartbeat of a gateway process; expires when the process dies."""
         return f"{self.node_prefix()}{node_id}"
 
+    def user_channel(self, user_id: str) -> str:
+        """Pub/sub channel of one user: DMs and balance pushes to their sessions."""
+        return f"{self.prefix}user:{user_id}"
+
+    def channel_user(self, channel: str) -> str | None:
+        head = f"{self.prefix}user:"
+        return channel[len(head) :] if channel.startswith(head) else None
+
+    # --- the economy: every key in one hash slot ({eco}), so that each money
+    # script runs in one slot on Redis Cluster.
+    def _eco(self, name: str) -> str:
+        return f"{self.prefix}{{eco}}:{name}"
+
+    def balance(self, account: str) -> str:
+        """An account's hot balance (integer tokens); absent = not loaded."""
+        return self._eco(f"bal:{account}")
+
+    def balance_prefix(self) -> str:
+        return self._eco("bal:")
+
+    def idempotency(self, initiator: str, key: str) -> str:
+        """The outcome of one idempotency key. The initiator's length comes
+        first so that ("a:b", "c") and ("a", "b:c") never share a key."""
+        return self._eco(f"idem:{len(initiator)}:{initiator}:{key}")
+
+    def outbox(self) -> str:
+        """Stream of ledger entries waiting for Postgres."""
+        return self._eco("outbox")
+
+    def epoch(self) -> str:
+        """Random token naming this Redis dataset; gone when Redis loses data."""
+        return self._eco("epoch")
+
+    def prices(self, user_id: str) -> str:
+        """Hash of a user's prices (field `dm`); absent = not loaded."""
+        return self._eco(f"price:{user_id}")
+
+    def inbox(self, user_id: str) -> str:
+        """Stream of a user's DMs, for delivery at their next hello."""
+        return self._eco(f"inbox:{user_id}")
+
+    def inbox_cursor(self, user_id: str) -> str:
+        """Id of the last DM delivered to one of the user's sessions."""
+        return self._eco(f"inbox-cursor:{user_id}")
+
+    def refunded(self, tx: str) -> str:
+        return self._eco(f"refunded:{tx}")
+
     def channel_room(self, channel: str) -> str | None:
         """The room a room channel belongs to, or None for other channels."""
         head = f"{self.prefix}room:{{"

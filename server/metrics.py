@@ -38,6 +38,16 @@ FANOUT_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 
+LEDGER_WRITTEN = Counter("tokenchat_ledger_entries_total", "Outbox entries written to Postgres")
+LEDGER_REJECTED = Counter(
+    "tokenchat_ledger_rejected_total", "Outbox entries Postgres refused (see ledger_rejected)"
+)
+LEDGER_LAG = Histogram(
+    "tokenchat_ledger_lag_seconds",
+    "From a transaction's commit in Redis to its commit in Postgres",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+
 
 def render() -> tuple[bytes, str]:
     """The exposition text of this process, or of all workers when shared."""

@@ -25,10 +25,12 @@ from .broker import RedisBroker
 from .config import Settings
 from .db import create_pool
 from .directory import Directory
+from .economy import Economy
 from .errors import Unavailable
 from .hub import Hub
 from .keys import Keys
-from .rooms import PRESENCE_MARKER, RoomStore, complete_event, parse_published
+from .ledger import LedgerWriter
+from .rooms import PRESENCE_MARKER, RoomStore, complete_event, parse_offset, parse_published
 from .scripts import Scripts
 from .session import Session
 
@@ -52,6 +54,8 @@ class Node:
         self.rooms = RoomStore(redis, self.keys, self.scripts, settings.history_len)
         self.directory = Directory(pool, redis, self.keys)
         self.hub = Hub(settings.write_buffer_max_bytes)
+        self.economy = Economy(redis, pool, self.keys, settings)
+        self.ledger = LedgerWriter(settings, pool, self.economy, consumer=self.id)
         self.broker = RedisBroker(
             redis,
             self._on_broker_message,
@@ -60,7 +64,9 @@ class Node:
             timeout_s=settings.redis_timeout_s,
         )
         self.sessions: set[Session] = set()
-        self._subscribed: set[str] = set()
+        self._user_sessions: dict[str, set[Session]] = {}
+        self._subscribed: set[str] = set()  # rooms
+        self._subscribed_users: set[str] = set()
         self._room_locks = [asyncio.Lock() for _ in range(ROOM_LOCK_STRIPES)]
         self._presence_local_dirty: set[str] = set()
         self._presence_stale: set[str] = set()
@@ -92,6 +98,8 @@ class Node:
             asyncio.create_task(self._heartbeat_forever(), name="node-heartbeat"),
             asyncio.create_task(self._presence_forever(), name="node-presence"),
         ]
+        if self.settings.ledger_enabled:
+            self._loops.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))
 
     async def close(self) -> None:
         for task in self._loops:
@@ -100,6 +108,7 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.broker.close()
+        await self.ledger.close()
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(self.keys.node(self.id))
         await self.redis.aclose()
@@ -119,10 +128,80 @@ class Node:
 
     def unregister(self, session: Session) -> None:
         self.sessions.discard(session)
+        identity = session.identity
+        if identity is None:
+            return
+        sessions = self._user_sessions.get(identity.user_id)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._user_sessions[identity.user_id]
+                self.spawn(self._unsubscribe_user_if_offline(identity.user_id))
 
     async def balance_of(self, user_id: str) -> int:
-        # The token economy (hot balances loaded from the ledger) plugs in here.
-        return 0
+        return await self.economy.balance(user_id)
+
+    # --- users: DMs and balance pushes ---------------------------------------------------
+    async def user_online(self, session: Session, user_id: str) -> None:
+        """Route the user's channel (DMs, balance pushes) to this session."""
+        self._user_sessions.setdefault(user_id, set()).add(session)
+        channel = self.keys.user_channel(user_id)
+        async with self._room_lock(channel):
+            if user_id in self._subscribed_users:
+                return
+            try:
+                await self.broker.subscribe(channel)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._user_sessions[user_id].discard(session)
+                raise Unavailable("your message channel is unavailable") from exc
+            self._subscribed_users.add(user_id)
+
+    async def _unsubscribe_user_if_offline(self, user_id: str) -> None:
+        channel = self.keys.user_channel(user_id)
+        async with self._room_lock(channel):
+            if user_id in self._user_sessions or user_id not in self._subscribed_users:
+                return
+            self._subscribed_users.discard(user_id)
+            try:
+                await self.broker.unsubscribe(channel)
+            except (RedisError, OSError, TimeoutError):
+                log.warning("could not unsubscribe from %s", channel)
+
+    async def pending_dms(self, user_id: str) -> list[tuple[bytes, bytes]]:
+        """(offset, event JSON) of the DMs not yet delivered to any session."""
+        try:
+            cursor: Any = await self.redis.get(self.keys.inbox_cursor(user_id))
+            start = b"(" + cursor if cursor else b"-"
+            rows: Any = await self.redis.xrange(
+                self.keys.inbox(user_id), min=start, count=self.settings.inbox_len
+            )
+        except (RedisError, OSError) as exc:
+            raise Unavailable("your inbox is unavailable") from exc
+        return [(offset, fields[b"e"]) for offset, fields in rows]
+
+    def dms_delivered(self, user_id: str, offset: bytes) -> None:
+        self.spawn(self._set_inbox_cursor(user_id, offset))
+
+    async def _set_inbox_cursor(self, user_id: str, offset: bytes) -> None:
+        try:
+            await self.redis.set(self.keys.inbox_cursor(user_id), offset)
+        except (RedisError, OSError):
+            log.warning("could not record DM delivery for %s; they may see it again", user_id)
+
+    def _on_user_message(self, user_id: str, payload: bytes) -> None:
+        sessions = self._user_sessions.get(user_id)
+        if not sessions:
+            return
+        if payload.startswith(b"B"):
+            frame = orjson.dumps(events.balance_event(int(payload[1:])))
+            for session in sessions:
+                session.push_event(frame)
+        elif payload.startswith(b"D"):
+            offset, _, event = payload[1:].partition(b" ")
+            position = parse_offset(offset)
+            for session in sessions:
+                session.push_dm(position, event)
+            self.dms_delivered(user_id, offset)
 
     # --- rooms ----------------------------------------------------------------------
     def _room_lock(self, room: str) -> asyncio.Lock:
@@ -169,6 +248,9 @@ class Node:
     def _on_broker_message(self, channel: str, payload: bytes) -> None:
         room = self.keys.channel_room(channel)
         if room is None:
+            user_id = self.keys.channel_user(channel)
+            if user_id is not None:
+                self._on_user_message(user_id, payload)
             return
         if payload == PRESENCE_MARKER:
             self._presence_stale.add(room)
@@ -196,6 +278,16 @@ class Node:
             for offset, frame in history.events:
                 self.hub.deliver_event(room, offset, frame)
             self._presence_stale.add(room)
+        for user_id, sessions in list(self._user_sessions.items()):
+            try:
+                pending = await self.pending_dms(user_id)
+            except Unavailable:
+                continue
+            for offset, event in pending:
+                for session in sessions:
+                    session.push_dm(parse_offset(offset), event)
+            if pending:
+                self.dms_delivered(user_id, pending[-1][0])
 
     # --- heartbeat and presence ----------------------------------------------------------
     async def _heartbeat_once(self) -> None:

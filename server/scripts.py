@@ -12,6 +12,8 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from .batcher import LuaScript
+
 SCRIPT_NAMES = ("room_event", "viewers")
 
 
@@ -28,3 +30,14 @@ class Scripts:
     def __init__(self, redis: Redis) -> None:
         for name in SCRIPT_NAMES:
             setattr(self, name, redis.register_script(script_source(name)))
+
+
+def lua_script(name: str) -> LuaScript:
+    """A script for the batcher; money scripts get ``money_lib.lua`` first."""
+    source = script_source(name)
+    if name in MONEY_SCRIPT_NAMES:
+        source = script_source("money_lib") + "\n" + source
+    return LuaScript(name, source)
+
+
+MONEY_SCRIPT_NAMES = ("tip", "dm", "credit", "spend", "refund")

@@ -44,7 +44,7 @@ from protocol.codec import Codec
 
 from . import metrics
 from .auth import Identity, verify_token
-from .errors import LimitExceeded, NotFound, NotInRoom, ServiceError, Unavailable
+from .errors import BadRequest, LimitExceeded, NotFound, NotInRoom, ServiceError
 from .ratelimit import TokenBucket
 from .rooms import Offset, parse_offset
 
@@ -70,6 +70,9 @@ class Session:
         # Live events of rooms being joined, held until the join reply is sent.
         self._joining: dict[str, list[tuple[Offset | None, bytes]]] = {}
         self._after_reply: Callable[[], None] | None = None
+        # The last DM delivered here: a DM seen both live and in the inbox
+        # (around a hello or a reconnect of pub/sub) is delivered once.
+        self._last_dm: Offset | None = None
         self._busy = False
         self._draining = False
         self._closing = False
@@ -79,8 +82,8 @@ class Session:
             Say: self._say,
             Balance: self._balance,
             Ping: self._ping,
-            Tip: self._economy_disabled,
-            Dm: self._economy_disabled,
+            Tip: self._tip,
+            Dm: self._dm,
         }
 
     # --- what the hub needs ---------------------------------------------------
@@ -105,6 +108,17 @@ class Session:
     def write_buffer_bytes(self) -> int:
         transport = self.ws.transport
         return 0 if transport is None else transport.get_write_buffer_size()
+
+    def push_event(self, frame: bytes) -> None:
+        """An event for this session alone (a balance push), not awaited."""
+        if not self._closing:
+            self._push(frame)
+
+    def push_dm(self, offset: Offset, frame: bytes) -> None:
+        if self._closing or (self._last_dm is not None and offset <= self._last_dm):
+            return
+        self._last_dm = offset
+        self._push(frame)
 
     def close_too_slow(self) -> None:
         """Stop delivering to this session at once, and close it with 4008."""
@@ -157,17 +171,24 @@ class Session:
             identity = verify_token(node.settings.jwt_secret, command.token)
             await node.directory.touch_user(identity)
             balance = await node.balance_of(identity.user_id)
+            self.identity = identity
+            await node.user_online(self, identity.user_id)
+            pending = await node.pending_dms(identity.user_id)
         except ServiceError as exc:
+            self.identity = None
             await self._send_error(command.id, exc.code, exc.message)
             if exc.code is ErrorCode.UNAUTHENTICATED:
                 await self._close(CloseCode.UNAUTHENTICATED, exc.message)
                 return False
             return await self._authenticate()
-        self.identity = identity
         metrics.COMMANDS.labels("hello", "ok").inc()
         await self._send(
             events.welcome(command.id, identity.user_id, identity.role, balance, self.id)
         )
+        for offset, event in pending:  # DMs that arrived while no session was open
+            self.push_dm(parse_offset(offset), event)
+        if pending:
+            node.dms_delivered(identity.user_id, pending[-1][0])
         return True
 
     async def _serve(self) -> None:
@@ -320,8 +341,29 @@ class Session:
     async def _ping(self, command: Ping) -> Reply:
         return {}
 
-    async def _economy_disabled(self, command: Tip | Dm) -> Reply:
-        raise Unavailable("spending is not enabled on this server yet; nothing was charged")
+    async def _tip(self, command: Tip) -> Reply:
+        assert self.identity is not None
+        if command.room not in self.rooms:
+            raise NotInRoom(f"join room '{command.room}' first")
+        info = await self.node.directory.room(command.room)
+        if info is None:
+            raise NotFound(f"no room '{command.room}'")
+        if command.amount < info.tip_min:
+            raise BadRequest(f"field 'amount' must be at least the room's tip_min, {info.tip_min}")
+        return await self.node.economy.tip(
+            self.identity.user_id,
+            command.room,
+            info.owner,
+            command.amount,
+            command.text,
+            command.key,
+        )
+
+    async def _dm(self, command: Dm) -> Reply:
+        assert self.identity is not None
+        return await self.node.economy.dm(
+            self.identity.user_id, command.to, command.text, command.key, command.max_price
+        )
 
     # --- output -------------------------------------------------------------------
     def _push(self, frame: bytes) -> None:

@@ -171,3 +171,40 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.
     async with asyncio.timeout(timeout_s):
         while not await check():  # noqa: ASYNC110 - polling a remote state
             await asyncio.sleep(0.02)
+
+
+class Http:
+    """The HTTP API of a running server, as some user."""
+
+    def __init__(self, running: Running) -> None:
+        self.base = running.http_url
+
+    async def call(
+        self, method: str, path: str, sub: str | None = None, role: str = "fan", **body: Any
+    ) -> tuple[int, Any]:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token(sub, role)}"} if sub else {}
+        async with httpx.AsyncClient(base_url=self.base, timeout=30) as http:
+            response = await http.request(
+                method, path, headers=headers, json=body if method != "GET" else None
+            )
+        return response.status_code, response.json()
+
+    async def credit(self, user: str, amount: int, key: str | None = None) -> dict[str, Any]:
+        status, reply = await self.call(
+            "POST",
+            "/v1/admin/credits",
+            "ops",
+            "admin",
+            user=user,
+            amount=amount,
+            key=key or uuid.uuid4().hex,
+        )
+        assert status == 200, reply
+        return dict(reply)
+
+    async def reconcile(self) -> dict[str, Any]:
+        status, reply = await self.call("GET", "/v1/admin/reconcile", "ops", "admin")
+        assert status == 200, reply
+        return dict(reply)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,10 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _all_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
 def _children(pid: int) -> list[int]:
     """Pids whose parent is ``pid`` (Linux /proc)."""
     found = []
@@ -78,6 +83,13 @@ def _wait_gone(pids: list[int]) -> None:
     while any(embedded._pid_running(p) for p in pids):
         assert time.monotonic() < deadline, f"still running: {pids}"
         time.sleep(0.05)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _assert_port_free(port: int) -> None:
@@ -102,6 +114,29 @@ def _pg(url: str, *statements: str) -> Any:
             await conn.close()
 
     return asyncio.run(run())
+
+
+def _without_password(url: str) -> str:
+    """``url`` with its password removed."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.username and parts.password
+    netloc = f"{parts.username}@{parts.hostname}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _assert_password_required(url: str) -> None:
+    """Connecting without the password, or with a wrong one, is refused."""
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        _pg(_without_password(url), "SELECT 1")
+    parts = urllib.parse.urlsplit(url)
+    wrong = url.replace(f":{parts.password}@", ":wrong@")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        _pg(wrong, "SELECT 1")
+
+
+def _hba_rules(server: EmbeddedPostgres) -> list[str]:
+    text = (server.pgdata / "pg_hba.conf").read_text()
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def _stop_and_check_gone(server: EmbeddedRedis | EmbeddedPostgres) -> None:
@@ -179,7 +214,9 @@ def test_one_server_per_folder(data_dir: Path) -> None:
 def test_postgres_data_survives_a_restart(data_dir: Path) -> None:
     first = EmbeddedPostgres(data_dir)
     url = first.start()
-    assert url == f"postgresql://tokenchat@127.0.0.1:{first.port}/tokenchat"
+    password = (data_dir / "postgres" / "password").read_text().strip()
+    assert len(password) >= 40
+    assert url == f"postgresql://tokenchat:{password}@127.0.0.1:{first.port}/tokenchat"
     assert _pg(url, "SELECT 1 AS one")[0]["one"] == 1
     _pg(url, "CREATE TABLE ledger (id int PRIMARY KEY, amount bigint)")
     _pg(url, "INSERT INTO ledger VALUES (1, 42)")
@@ -190,11 +227,81 @@ def test_postgres_data_survives_a_restart(data_dir: Path) -> None:
     _stop_and_check_gone(first)
 
     with EmbeddedPostgres(data_dir) as second:
+        assert second.url == url.replace(f":{first.port}/", f":{second.port}/")
         assert _pg(second.url, "SELECT amount FROM ledger WHERE id = 1")[0]["amount"] == 42
         assert _pg(second.url, "SELECT current_database() AS db")[0]["db"] == "tokenchat"
+        _assert_password_required(second.url)
         _stop_and_check_gone(second)
     log = (data_dir / "postgres" / "postgres.log").read_text()
     assert log.count(" initdb ") == 1, "the second start must reuse the cluster"
+    assert password not in log
+
+
+def test_postgres_asks_for_the_password(data_dir: Path) -> None:
+    with EmbeddedPostgres(data_dir) as server:
+        _assert_password_required(server.url)
+        assert _pg(server.url, "SELECT current_user AS u")[0]["u"] == "tokenchat"
+        rules = _hba_rules(server)
+        assert rules and all(rule.split()[-1] == "scram-sha-256" for rule in rules)
+        # The password file is private to the user running tokenchat (also as
+        # root, where PostgreSQL runs as `nobody`), and initdb's copy is gone.
+        st = server.password_file.stat()
+        assert st.st_mode & 0o777 == 0o600
+        assert st.st_uid == os.geteuid()
+        assert sorted(p.name for p in server.pg_root.iterdir()) == [
+            "data",
+            "password",
+            "postgres.lock",
+            "postgres.log",
+        ]
+        # A password on a client's command line would show in `ps`.
+        assert server.pid is not None
+        for pid in [server.pid, *_children(server.pid)]:
+            assert server.password_file.read_text().strip() not in _cmdline(pid)
+
+
+def test_old_trust_cluster_is_switched_to_passwords(data_dir: Path) -> None:
+    # Make the cluster an older tokenchat left: trust auth, no password at all.
+    with EmbeddedPostgres(data_dir) as old:
+        _pg(old.url, "CREATE TABLE kept (x int)", "INSERT INTO kept VALUES (5)")
+        _pg(old.url, "ALTER ROLE tokenchat PASSWORD NULL")
+        hba = old.pgdata / "pg_hba.conf"
+        hba_st = hba.stat()
+        hba.write_text(hba.read_text().replace("scram-sha-256", "trust"))
+        old_password = old.password_file.read_text().strip()
+        old.password_file.unlink()
+        trust_url, old_port = _without_password(old.url), old.port
+    assert sum(rule.split()[-1] == "trust" for rule in _hba_rules(old)) >= 2
+
+    with EmbeddedPostgres(data_dir) as server:
+        assert all(rule.split()[-1] == "scram-sha-256" for rule in _hba_rules(server))
+        assert hba.stat().st_uid == hba_st.st_uid and hba.stat().st_mode == hba_st.st_mode
+        password = server.password_file.read_text().strip()
+        assert password and password != old_password
+        assert server.password_file.stat().st_mode & 0o777 == 0o600
+        assert f":{password}@" in server.url
+        assert _pg(server.url, "SELECT x FROM kept")[0]["x"] == 5
+        _assert_password_required(server.url)
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            _pg(trust_url.replace(f":{old_port}/", f":{server.port}/"), "SELECT 1")
+        url, port = server.url, server.port
+    assert password not in (data_dir / "postgres" / "postgres.log").read_text()
+
+    # The next start finds nothing left to switch.
+    with EmbeddedPostgres(data_dir) as again:
+        assert again.url == url.replace(f":{port}/", f":{again.port}/")
+        assert _pg(again.url, "SELECT x FROM kept")[0]["x"] == 5
+
+
+def test_missing_password_file_is_a_clear_error(data_dir: Path) -> None:
+    with EmbeddedPostgres(data_dir) as server:
+        pass
+    server.password_file.unlink()
+    with pytest.raises(EmbeddedServerError, match=r"password.*missing.*delete"):
+        EmbeddedPostgres(data_dir).start()
+    # The failed start stopped nothing it didn't start and released the folder.
+    with pytest.raises(EmbeddedServerError, match="missing"):
+        EmbeddedPostgres(data_dir).start()
 
 
 def test_postgres_starts_over_a_stale_postmaster_pid(data_dir: Path) -> None:
@@ -216,9 +323,9 @@ def test_postgres_starts_over_a_stale_postmaster_pid(data_dir: Path) -> None:
         try:
             with EmbeddedPostgres(data_dir) as second:
                 assert _pg(second.url, "SELECT x FROM t")[0]["x"] == 7
+            assert other.poll() is None, "the unrelated process must be left alone"
         finally:
             other.kill()
-    assert other.returncode is not None  # the unrelated process was left alone until we killed it
 
 
 def test_servers_left_by_a_killed_run_are_stopped(data_dir: Path) -> None:
@@ -260,6 +367,47 @@ def test_servers_left_by_a_killed_run_are_stopped(data_dir: Path) -> None:
         assert _pg(p.url, "SELECT count(*) AS n FROM survived")[0]["n"] == 0
 
 
+def test_interrupted_initdb_leaves_no_half_made_cluster(data_dir: Path) -> None:
+    # Ctrl-C while initdb runs (in a helper process: pytest would stop on it).
+    script = (
+        "import os, signal, sys, threading, time\n"
+        "from pathlib import Path\n"
+        "from server.embedded import EmbeddedPostgres\n"
+        "d = Path(sys.argv[1])\n"
+        "def interrupt():\n"
+        "    while not (d / 'postgres' / 'data.initdb' / 'PG_VERSION').exists():\n"
+        "        time.sleep(0.005)\n"
+        "    time.sleep(0.1)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "threading.Thread(target=interrupt, daemon=True).start()\n"
+        "try:\n"
+        "    EmbeddedPostgres(d).start()\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(42)\n"
+    )
+    helper = subprocess.run(
+        [sys.executable, "-c", script, str(data_dir)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_READY_TIMEOUT_S,
+        check=False,
+    )
+    if helper.returncode == 0:
+        pytest.skip("initdb finished before the interrupt arrived")
+    assert helper.returncode == 42, helper.stderr
+    pg_root = data_dir / "postgres"
+    assert sorted(p.name for p in pg_root.iterdir()) == [
+        "password",
+        "postgres.lock",
+        "postgres.log",
+    ]
+    # initdb's bootstrap postgres was killed with it.
+    assert not [pid for pid in _all_pids() if str(pg_root) in _cmdline(pid)]
+    with EmbeddedPostgres(data_dir) as server:
+        assert _pg(server.url, "SELECT 1 AS one")[0]["one"] == 1
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="the user-namespace fallback is for root only")
 def test_postgres_as_root_where_nobody_cannot_reach(tmp_path: Path) -> None:
     # pytest's /tmp/pytest-of-root is mode 0700, so `nobody` can't get in.
@@ -270,4 +418,7 @@ def test_postgres_as_root_where_nobody_cannot_reach(tmp_path: Path) -> None:
     with EmbeddedPostgres(tmp_path / "tokenchat") as server:
         assert server.run_as is not None and "unshare" in server.run_as.prefix[0]
         assert _pg(server.url, "SELECT 1 AS one")[0]["one"] == 1
+        # Here its superuser can write root's files (COPY ... TO), so the
+        # password matters most.
+        _assert_password_required(server.url)
         _stop_and_check_gone(server)

@@ -222,16 +222,6 @@ async def test_unknown_command_keeps_id_and_session(server: Running) -> None:
     await client.close()
 
 
-async def test_spends_are_refused_without_moving_anything(server: Running) -> None:
-    await (await server.client("alice", "model")).close()
-    fan = await server.client("bob")
-    await fan.call("join", room="alice")
-    reply = await fan.request("tip", room="alice", amount=5, key="k1")
-    assert reply["code"] == "UNAVAILABLE"
-    assert (await fan.call("balance"))["balance"] == 0
-    await fan.close()
-
-
 # --- bad input --------------------------------------------------------------------------
 
 

@@ -1,0 +1,467 @@
+"""The token economy's hot path: every movement is one Lua script in Redis.
+
+Accounts: a user's is ``u:<user id>``; the system's are ``sys:mint`` (source
+of every issued token, the only account that goes below zero),
+``sys:payouts`` and ``sys:fees``. A script refuses to touch a balance that is
+not loaded (``NOT_LOADED``): this module then loads it from Postgres, behind
+the epoch fence of ``load_balance.lua``, and runs the script again. Loading an
+account also restores the idempotency records of the recent transactions
+that debited it, so a key retried after Redis lost its data is still
+answered as a duplicate instead of being charged again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .batcher import LuaScript, ScriptBatcher
+from .config import Settings
+from .errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    InsufficientFunds,
+    NotFound,
+    PriceChanged,
+    ServiceError,
+    Unavailable,
+)
+from .keys import Keys
+from .scripts import MONEY_SCRIPT_NAMES, lua_script
+
+log = logging.getLogger(__name__)
+
+MINT = "sys:mint"
+PAYOUTS = "sys:payouts"
+IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000  # the contract's 24 hours
+# Loads per call before giving up: one per account a script touches, plus one
+# for a Redis reset racing the load.
+LOAD_ATTEMPTS_MAX = 4
+# Idempotency records restored per account load. An account debited more
+# often than this in 24 hours keeps only its newest records across a Redis
+# reset (the mint, with one debit per purchase, is the account that could).
+RESTORED_RECORDS_MAX = 50_000
+# A refund marker outlives any retry of the refund (the durable guard is the
+# unique `reverses` column in Postgres).
+REFUND_MARKER_TTL_S = 30 * 24 * 3600
+
+
+def user_account(user_id: str) -> str:
+    return f"u:{user_id}"
+
+
+def new_tx_id() -> str:
+    return uuid.uuid4().hex
+
+
+def fingerprint(kind: str, **fields: Any) -> str:
+    """What makes two requests "the same" for idempotency (JSON: no newline)."""
+    return orjson.dumps([kind, fields], option=orjson.OPT_SORT_KEYS).decode()
+
+
+_DB_ERRORS = (asyncpg.PostgresError, OSError, asyncio.TimeoutError)
+_REDIS_ERRORS = (RedisError, OSError)
+
+
+class Economy:
+    def __init__(self, redis: Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings) -> None:
+        self._redis = redis
+        self._pool = pool
+        self._keys = keys
+        self._settings = settings
+        self._batcher = ScriptBatcher(redis, settings.redis_timeout_s)
+        self._scripts = {name: lua_script(name) for name in MONEY_SCRIPT_NAMES}
+        self._load_script = lua_script("load_balance")
+
+    # --- reads --------------------------------------------------------------------
+    async def balance(self, user_id: str) -> int:
+        """The user's balance, loading it from Postgres when Redis lacks it."""
+        account = user_account(user_id)
+        key = self._keys.balance(account)
+        for _ in range(LOAD_ATTEMPTS_MAX):
+            try:
+                value = await self._redis.get(key)
+            except _REDIS_ERRORS as exc:
+                raise Unavailable("balances are unavailable") from exc
+            if value is not None:
+                return int(value)
+            await self._load(account)
+        raise Unavailable("the balance could not be loaded")
+
+    # --- spends -------------------------------------------------------------------
+    async def tip(
+        self, user_id: str, room: str, owner: str, amount: int, text: str, key: str
+    ) -> dict[str, Any]:
+        if user_id == owner:
+            raise Forbidden("you cannot tip your own room")
+        event = orjson.dumps(
+            {"type": "tip", "room": room, "from": user_id, "amount": amount, "text": text}
+        )
+        return await self._run(
+            "tip",
+            keys=[
+                self._keys.idempotency(user_id, key),
+                self._keys.outbox(),
+                self._keys.balance(user_account(user_id)),
+                self._keys.balance(user_account(owner)),
+                self._keys.room_history(room),
+            ],
+            args=[
+                fingerprint("tip", room=room, amount=amount, text=text),
+                new_tx_id(),
+                self._settings.outbox_entries_max,
+                amount,
+                user_account(user_id),
+                user_account(owner),
+                user_id,
+                key,
+                self._keys.room_channel(room),
+                self._settings.history_len,
+                event,
+                self._keys.user_channel(owner),
+                orjson.dumps({"room": room}),
+            ],
+        )
+
+    async def dm(
+        self, user_id: str, to: str, text: str, key: str, max_price: int | None
+    ) -> dict[str, Any]:
+        if user_id == to:
+            raise Forbidden("you cannot message yourself")
+        event = orjson.dumps({"type": "dm", "from": user_id, "text": text})[:-1]
+        return await self._run(
+            "dm",
+            keys=[
+                self._keys.idempotency(user_id, key),
+                self._keys.outbox(),
+                self._keys.balance(user_account(user_id)),
+                self._keys.balance(user_account(to)),
+                self._keys.prices(to),
+                self._keys.inbox(to),
+            ],
+            args=[
+                fingerprint("dm", to=to, text=text, max_price=max_price),
+                new_tx_id(),
+                self._settings.outbox_entries_max,
+                "" if max_price is None else max_price,
+                user_account(user_id),
+                user_account(to),
+                user_id,
+                key,
+                event,
+                self._keys.user_channel(to),
+                self._settings.inbox_len,
+                orjson.dumps({"to": to}),
+            ],
+        )
+
+    async def credit(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        initiator: str,
+        key: str,
+        kind: str = "credit",
+        meta: dict[str, Any] | None = None,
+        tx: str | None = None,
+    ) -> dict[str, Any]:
+        """Issue ``amount`` new tokens to the user (a purchase or a grant)."""
+        return await self._run(
+            "credit",
+            keys=[
+                self._keys.idempotency(initiator, key),
+                self._keys.outbox(),
+                self._keys.balance(MINT),
+                self._keys.balance(user_account(user_id)),
+            ],
+            args=[
+                fingerprint(kind, user=user_id, amount=amount),
+                tx or new_tx_id(),
+                self._settings.outbox_entries_max,
+                amount,
+                MINT,
+                user_account(user_id),
+                initiator,
+                key,
+                kind,
+                self._keys.user_channel(user_id),
+                orjson.dumps(meta or {}),
+            ],
+        )
+
+    async def spend(
+        self,
+        payer: str,
+        payee: str,
+        amount: int,
+        *,
+        key: str,
+        what: dict[str, Any],
+        channel: str = "",
+        payload: bytes = b"",
+    ) -> dict[str, Any]:
+        """The generic paid action: ``what`` names it for idempotency and the
+        ledger; ``payload`` is published to ``channel`` when it is paid."""
+        if payer == payee:
+            raise Forbidden("you cannot pay yourself")
+        return await self._run(
+            "spend",
+            keys=[
+                self._keys.idempotency(payer, key),
+                self._keys.outbox(),
+                self._keys.balance(user_account(payer)),
+                self._keys.balance(user_account(payee)),
+            ],
+            args=[
+                fingerprint("spend", payee=payee, amount=amount, what=what),
+                new_tx_id(),
+                self._settings.outbox_entries_max,
+                amount,
+                user_account(payer),
+                user_account(payee),
+                payer,
+                key,
+                channel,
+                payload,
+                self._keys.user_channel(payee),
+                orjson.dumps(what),
+            ],
+        )
+
+    async def refund(self, tx: str, *, initiator: str, key: str) -> dict[str, Any]:
+        """Reverse a tip, DM or spend, once. The original must be in Postgres."""
+        try:
+            payer, payee, amount = await self._original_spend(tx, initiator, key)
+        except _Duplicate as duplicate:  # this very refund, already in the ledger
+            return duplicate.reply
+        return await self._run(
+            "refund",
+            keys=[
+                self._keys.idempotency(initiator, key),
+                self._keys.outbox(),
+                self._keys.balance(payer),
+                self._keys.balance(payee),
+                self._keys.refunded(tx),
+            ],
+            args=[
+                fingerprint("refund", tx=tx),
+                new_tx_id(),
+                self._settings.outbox_entries_max,
+                amount,
+                payer,
+                payee,
+                initiator,
+                key,
+                tx,
+                self._keys.user_channel(payer.removeprefix("u:")),
+                self._keys.user_channel(payee.removeprefix("u:")),
+                REFUND_MARKER_TTL_S,
+                orjson.dumps({"reverses": tx}),
+            ],
+        )
+
+    async def _original_spend(self, tx: str, initiator: str, key: str) -> tuple[str, str, int]:
+        """Payer, payee and amount of a spend that may be refunded now."""
+        try:
+            async with self._pool.acquire() as conn:
+                row = await conn.fetchrow(
+                    """SELECT t.kind, r.id AS refund, r.initiator AS refund_initiator,
+                              r.idem_key AS refund_key, r.reply::text AS refund_reply
+                       FROM ledger_transactions t
+                       LEFT JOIN ledger_transactions r ON r.reverses = t.id
+                       WHERE t.id = $1""",
+                    tx,
+                )
+                postings = await conn.fetch(
+                    "SELECT account_id, amount FROM ledger_postings WHERE tx_id = $1", tx
+                )
+        except _DB_ERRORS as exc:
+            raise Unavailable("the ledger is unavailable") from exc
+        if row is None:
+            raise NotFound(f"no transaction '{tx}' in the ledger (yet)")
+        if row["kind"] == "refund":
+            raise Conflict("a refund cannot be refunded")
+        if row["kind"] not in ("tip", "dm", "spend"):
+            raise Conflict(f"a {row['kind']} is not a spend and cannot be refunded")
+        if row["refund"] is not None:
+            if (row["refund_initiator"], row["refund_key"]) == (initiator, key):
+                raise _Duplicate({**orjson.loads(row["refund_reply"]), "duplicate": True})
+            raise Conflict(f"transaction '{tx}' was refunded already by '{row['refund']}'")
+        debits = [p for p in postings if p["amount"] < 0]
+        credits = [p for p in postings if p["amount"] > 0]
+        if len(debits) != 1 or len(credits) != 1:
+            raise Conflict(f"transaction '{tx}' has {len(postings)} postings; refund it by hand")
+        return debits[0]["account_id"], credits[0]["account_id"], credits[0]["amount"]
+
+    # --- prices -------------------------------------------------------------------
+    async def set_prices(self, user_id: str, dm: int | None, tip_min: int | None) -> dict[str, int]:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                if dm is not None:
+                    await conn.execute(
+                        """INSERT INTO prices (model_id, dm) VALUES ($1, $2)
+                           ON CONFLICT (model_id) DO UPDATE SET dm = $2, updated_at = now()""",
+                        user_id,
+                        dm,
+                    )
+                if tip_min is not None:
+                    await conn.execute(
+                        "UPDATE rooms SET tip_min = $2 WHERE id = $1", user_id, tip_min
+                    )
+                row = await conn.fetchrow(
+                    """SELECT coalesce(p.dm, 0) AS dm, r.tip_min
+                       FROM rooms r LEFT JOIN prices p ON p.model_id = r.id WHERE r.id = $1""",
+                    user_id,
+                )
+        except _DB_ERRORS as exc:
+            raise Unavailable("prices are unavailable") from exc
+        if row is None:
+            raise NotFound("no room for this user")
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(self._keys.prices(user_id), "dm", row["dm"])
+                pipe.hset(self._keys.room_info(user_id), "tip_min", row["tip_min"])
+                await pipe.execute()
+        except _REDIS_ERRORS as exc:
+            # Postgres has the new prices; the caches must not keep the old ones.
+            await self._drop_price_caches(user_id)
+            raise Unavailable("prices were saved but the cache is unavailable") from exc
+        return {"dm": row["dm"], "tip_min": row["tip_min"]}
+
+    async def _drop_price_caches(self, user_id: str) -> None:
+        try:
+            await self._redis.delete(self._keys.prices(user_id), self._keys.room_info(user_id))
+        except _REDIS_ERRORS:
+            log.error("stale price cache for %s: Redis unreachable", user_id)
+
+    async def _load_prices(self, user_id: str) -> None:
+        try:
+            row = await self._pool.fetchrow(
+                """SELECT coalesce(p.dm, 0) AS dm FROM users u
+                   LEFT JOIN prices p ON p.model_id = u.id WHERE u.id = $1""",
+                user_id,
+            )
+        except _DB_ERRORS as exc:
+            raise Unavailable("prices are unavailable") from exc
+        if row is None:
+            raise NotFound(f"no user '{user_id}'")
+        # HSETNX: a price update racing this load wins over the older value read here.
+        await self._redis.hsetnx(self._keys.prices(user_id), "dm", row["dm"])
+
+    # --- running scripts ---------------------------------------------------------------
+    async def _run(self, name: str, *, keys: list[Any], args: list[Any]) -> dict[str, Any]:
+        script = self._scripts[name]
+        for _ in range(LOAD_ATTEMPTS_MAX):
+            result = await self._call(script, keys, args)
+            status = _text(result[0])
+            if status == "OK":
+                reply: dict[str, Any] = orjson.loads(result[1])
+                return reply
+            if status == "DUP":
+                return {**orjson.loads(result[1]), "duplicate": True}
+            if status != "NOT_LOADED":
+                raise _refusal(status, result)
+            missing = _text(result[1])
+            if missing.startswith(self._keys.balance_prefix()):
+                await self._load(missing[len(self._keys.balance_prefix()) :])
+            else:
+                await self._load_prices(missing[len(self._keys.prices("")) :])
+        raise Unavailable("balances could not be loaded; nothing was charged")
+
+    async def _call(self, script: LuaScript, keys: list[Any], args: list[Any]) -> list[Any]:
+        try:
+            result: list[Any] = await self._batcher.call(script, keys, args)
+        except TimeoutError as exc:
+            raise Unavailable(
+                "Redis did not answer in time; the outcome is unknown: retry with the same key"
+            ) from exc
+        except _REDIS_ERRORS as exc:
+            raise Unavailable("balances are unavailable; nothing was charged") from exc
+        return result
+
+    # --- loading balances -------------------------------------------------------------
+    async def epoch(self) -> str:
+        """The token of the current Redis dataset, made if Redis has none."""
+        key = self._keys.epoch()
+        try:
+            await self._redis.set(key, secrets.token_hex(16), nx=True)
+            value = await self._redis.get(key)
+        except _REDIS_ERRORS as exc:
+            raise Unavailable("balances are unavailable") from exc
+        if value is None:  # flushed between the two calls
+            raise Unavailable("Redis was reset; try again")
+        return _text(value)
+
+    async def _load(self, account: str) -> None:
+        for _ in range(LOAD_ATTEMPTS_MAX):
+            epoch = await self.epoch()
+            balance, records = await self._read_account(account)
+            keys = [self._keys.epoch(), self._keys.balance(account)]
+            args: list[Any] = [epoch, balance]
+            now_ms = int(time.time() * 1000)
+            for initiator, idem_key, record, applied_ms in records:
+                keys.append(self._keys.idempotency(initiator, idem_key))
+                args += [record, max(0, (applied_ms + IDEMPOTENCY_WINDOW_MS - now_ms) // 1000)]
+            result = _text(await self._call(self._load_script, keys, args))
+            if result in ("OK", "EXISTS"):
+                return
+            log.warning("Redis was reset while loading %s; loading again", account)
+        raise Unavailable("Redis keeps being reset; try again")
+
+    async def _read_account(self, account: str) -> tuple[int, list[tuple[str, str, str, int]]]:
+        since_ms = int(time.time() * 1000) - IDEMPOTENCY_WINDOW_MS
+        try:
+            async with self._pool.acquire() as conn:
+                balance = await conn.fetchval("SELECT balance FROM accounts WHERE id = $1", account)
+                rows = await conn.fetch(
+                    """SELECT t.initiator, t.idem_key, t.request, t.reply::text AS reply,
+                              t.applied_ms
+                       FROM ledger_postings p JOIN ledger_transactions t ON t.id = p.tx_id
+                       WHERE p.account_id = $1 AND p.amount < 0 AND t.applied_ms > $2
+                       ORDER BY t.applied_ms DESC LIMIT $3""",
+                    account,
+                    since_ms,
+                    RESTORED_RECORDS_MAX,
+                )
+        except _DB_ERRORS as exc:
+            raise Unavailable("the ledger is unavailable; nothing was charged") from exc
+        records = [
+            (r["initiator"], r["idem_key"], f"{r['request']}\n{r['reply']}", r["applied_ms"])
+            for r in rows
+        ]
+        # An account with no row has no postings: zero is its true balance.
+        return int(balance or 0), records
+
+
+class _Duplicate(Exception):
+    def __init__(self, reply: dict[str, Any]) -> None:
+        self.reply = reply
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _refusal(status: str, result: list[Any]) -> ServiceError:
+    if status == "INSUFFICIENT_FUNDS":
+        return InsufficientFunds(f"the balance is {_text(result[1])} tokens; nothing was charged")
+    if status == "PRICE_CHANGED":
+        return PriceChanged(f"the price is now {_text(result[1])} tokens; nothing was charged")
+    if status == "CONFLICT":
+        return Conflict("this key was used with other fields; nothing was charged")
+    if status == "REFUNDED":
+        return Conflict("this transaction was refunded already")
+    if status == "BACKLOG":
+        return Unavailable("the ledger is behind (Postgres away); nothing was charged")
+    return BadRequest(f"refused: {status}")

@@ -1,0 +1,35 @@
+-- tip: move `amount` from the fan to the room's owner AND deliver the tip
+-- event to the room, in one atomic call.
+--
+-- KEYS[1] idempotency key        KEYS[2] ledger outbox
+-- KEYS[3] fan's balance          KEYS[4] owner's balance
+-- KEYS[5] the room's history stream
+-- ARGV[1] request fingerprint    ARGV[2] transaction id   ARGV[3] outbox bound
+-- ARGV[4] amount (tokens, > 0)   ARGV[5] fan's account    ARGV[6] owner's account
+-- ARGV[7] initiator (user id)    ARGV[8] idempotency key as the client sent it
+-- ARGV[9] room channel           ARGV[10] history length
+-- ARGV[11] tip event JSON without offset/ts
+-- ARGV[12] owner's user channel  ARGV[13] meta JSON for the ledger
+--
+-- Returns {'OK', '{"balance":N,"tx":T,"offset":O}'} or a refusal (money_lib).
+-- Invariant: tokens move only with the tip queued for delivery (history XADD
+-- and PUBLISH) and its ledger entry in the outbox; every check precedes the
+-- first write; the fan's balance never goes below zero.
+local prior = idem_prior()
+if prior then return prior end
+local refusal = first_unloaded(3, 4) or outbox_full()
+if refusal then return refusal end
+local amount = tonumber(ARGV[4])
+local balance = balance_of(KEYS[3])
+if balance < amount then return {'INSUFFICIENT_FUNDS', tostring(balance)} end
+
+local fan_balance = redis.call('DECRBY', KEYS[3], amount)
+local owner_balance = redis.call('INCRBY', KEYS[4], amount)
+local offset = redis.call('XADD', KEYS[5], 'MAXLEN', ARGV[10], '*', 'e', ARGV[11])
+redis.call('PUBLISH', ARGV[9], 'E' .. offset .. ' ' .. ARGV[11])
+local reply = cjson.encode({balance = fan_balance, tx = ARGV[2], offset = offset})
+outbox_add('tip', ARGV[7], ARGV[8],
+  ARGV[5] .. ' ' .. (-amount) .. ' ' .. ARGV[6] .. ' ' .. amount, reply, ARGV[13])
+idem_record(reply)
+redis.call('PUBLISH', ARGV[12], 'B' .. owner_balance)
+return {'OK', reply}
