@@ -22,6 +22,8 @@ DEV_DATA_DIR = Path(".tokenchat")
 DEV_MODEL = "demo_model"
 DEV_FAN = "demo_fan"
 DEV_TOKEN_TTL_S = 7 * 24 * 3600  # a week: demo tokens survive a few restarts
+DEV_FAN_TOKENS = 1000  # granted once to the demo fan
+DEV_MODEL_DM_PRICE = 5  # tokens per private message to the demo model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,6 +268,13 @@ async def _seed(settings: Settings, tokens: dict[str, str]) -> None:
     try:
         for token in tokens.values():
             await node.directory.touch_user(verify_token(settings.jwt_secret, token))
+        # Something to spend and something to pay for; idempotent keys, so a
+        # restart of `tokenchat dev` does not grant the tokens again.
+        await node.economy.credit(
+            DEV_FAN, DEV_FAN_TOKENS, initiator="tokenchat-dev", key="seed-demo-fan"
+        )
+        if await node.directory.room(DEV_MODEL) is not None:
+            await node.economy.set_prices(DEV_MODEL, dm=DEV_MODEL_DM_PRICE, tip_min=None)
     finally:
         await node.close()
 

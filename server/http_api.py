@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import orjson
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -148,7 +149,7 @@ def create_app(node: Node) -> Starlette:
                     bundle["price_cents"],
                     new_tx_id(),
                 )
-        except (Exception, TimeoutError) as exc:
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
             raise Unavailable("purchases are unavailable; nothing was credited") from exc
         assert row is not None  # RETURNING after an upsert always yields the row
         if row["user_id"] != user_id or row["bundle"] != bundle["id"]:

@@ -128,15 +128,16 @@ class Node:
 
     def unregister(self, session: Session) -> None:
         self.sessions.discard(session)
-        identity = session.identity
-        if identity is None:
-            return
-        sessions = self._user_sessions.get(identity.user_id)
+        if session.identity is not None:
+            self.user_offline(session, session.identity.user_id)
+
+    def user_offline(self, session: Session, user_id: str) -> None:
+        sessions = self._user_sessions.get(user_id)
         if sessions is not None:
             sessions.discard(session)
             if not sessions:
-                del self._user_sessions[identity.user_id]
-                self.spawn(self._unsubscribe_user_if_offline(identity.user_id))
+                del self._user_sessions[user_id]
+                self.spawn(self._unsubscribe_user_if_offline(user_id))
 
     async def balance_of(self, user_id: str) -> int:
         return await self.economy.balance(user_id)

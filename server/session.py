@@ -163,24 +163,32 @@ class Session:
             if not isinstance(command, Hello):
                 await self._send_error(command.id, ErrorCode.UNAUTHENTICATED, "send hello first")
                 continue
-            return await self._hello(command)
+            outcome = await self._hello(command)
+            if outcome is not None:
+                return outcome
+            # A backend was away: the session stays, the client may try again.
 
-    async def _hello(self, command: Hello) -> bool:
+    async def _hello(self, command: Hello) -> bool | None:
+        """True: welcomed. False: refused and closed. None: try again."""
         node = self.node
+        online = False
         try:
             identity = verify_token(node.settings.jwt_secret, command.token)
             await node.directory.touch_user(identity)
             balance = await node.balance_of(identity.user_id)
             self.identity = identity
+            online = True
             await node.user_online(self, identity.user_id)
             pending = await node.pending_dms(identity.user_id)
         except ServiceError as exc:
+            if online:
+                node.user_offline(self, identity.user_id)
             self.identity = None
             await self._send_error(command.id, exc.code, exc.message)
             if exc.code is ErrorCode.UNAUTHENTICATED:
                 await self._close(CloseCode.UNAUTHENTICATED, exc.message)
                 return False
-            return await self._authenticate()
+            return None
         metrics.COMMANDS.labels("hello", "ok").inc()
         await self._send(
             events.welcome(command.id, identity.user_id, identity.role, balance, self.id)
