@@ -61,6 +61,9 @@ class Settings:
     rate_limit_strikes_max: int = 50
     # Rooms one session may be in at once (each costs a subscription).
     rooms_per_session_max: int = 20
+    # Sessions one user may have open on one process: tabs and devices, not a
+    # botnet on one account.
+    sessions_per_user_max: int = 10
     # Events held for a session while its `join` reads history; past this the
     # session is too slow and is closed with 4008.
     join_buffer_events_max: int = 1000
@@ -144,6 +147,7 @@ class Settings:
             "commands_burst",
             "rate_limit_strikes_max",
             "rooms_per_session_max",
+            "sessions_per_user_max",
             "join_buffer_events_max",
             "ping_interval_s",
             "ping_timeout_s",

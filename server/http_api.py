@@ -120,6 +120,13 @@ def create_app(node: Node) -> Starlette:
         await node.directory.touch_user(identity)
         await provider.confirm(identity.user_id, bundle_id, bundle["price_cents"], payment_ref)
         tx = await record_purchase(identity.user_id, bundle, payment_ref)
+        # The ledger is the lasting record: a payment credited long ago (its
+        # Redis idempotency record expired) is answered from it, never again.
+        recorded = await ledger_reply(tx)
+        if recorded is not None:
+            return JSONResponse(
+                {**recorded, "duplicate": True, "bundle": bundle_id, "tokens": bundle["tokens"]}
+            )
         reply = await node.economy.credit(
             identity.user_id,
             bundle["tokens"],
@@ -156,6 +163,15 @@ def create_app(node: Node) -> Starlette:
             raise Conflict("this payment_ref was used for another purchase")
         return str(row["tx_id"])
 
+    async def ledger_reply(tx: str) -> dict[str, Any] | None:
+        try:
+            reply = await node.pool.fetchval(
+                "SELECT reply::text FROM ledger_transactions WHERE id = $1", tx
+            )
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            raise Unavailable("the ledger is unavailable; nothing was credited") from exc
+        return None if reply is None else dict(orjson.loads(reply))
+
     async def set_prices(request: Request) -> Response:
         identity = identity_of(request, "model")
         body = await json_body(request)
@@ -190,8 +206,14 @@ def create_app(node: Node) -> Starlette:
         key = idempotency_key(body)
         if not 1 <= len(tx) <= 64:
             raise BadRequest("field 'tx' must be a transaction id")
-        await drain()
-        return JSONResponse(await node.economy.refund(tx, initiator=identity.user_id, key=key))
+        behind = await drain()
+        try:
+            reply = await node.economy.refund(tx, initiator=identity.user_id, key=key)
+        except NotFound:
+            if behind:  # it may be among the entries not yet in Postgres
+                raise Unavailable("the ledger is behind; try the refund again") from None
+            raise
+        return JSONResponse(reply)
 
     async def admin_reconcile(request: Request) -> Response:
         identity_of(request, "admin")
@@ -203,9 +225,10 @@ def create_app(node: Node) -> Starlette:
             raise Unavailable(f"reconcile needs Redis and Postgres: {exc}") from exc
         return JSONResponse(result)
 
-    async def drain() -> None:
+    async def drain() -> int:
+        """Entries still not in Postgres after waiting for the writer."""
         try:
-            await node.ledger.drain(DRAIN_TIMEOUT_S)
+            return await node.ledger.drain(DRAIN_TIMEOUT_S)
         except (Exception, TimeoutError) as exc:
             if isinstance(exc, ServiceError):
                 raise

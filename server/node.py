@@ -26,7 +26,7 @@ from .config import Settings
 from .db import create_pool
 from .directory import Directory
 from .economy import Economy
-from .errors import Unavailable
+from .errors import LimitExceeded, Unavailable
 from .hub import Hub
 from .keys import Keys
 from .ledger import LedgerWriter
@@ -145,7 +145,12 @@ class Node:
     # --- users: DMs and balance pushes ---------------------------------------------------
     async def user_online(self, session: Session, user_id: str) -> None:
         """Route the user's channel (DMs, balance pushes) to this session."""
-        self._user_sessions.setdefault(user_id, set()).add(session)
+        sessions = self._user_sessions.setdefault(user_id, set())
+        if len(sessions) >= self.settings.sessions_per_user_max:
+            raise LimitExceeded(
+                f"at most {self.settings.sessions_per_user_max} sessions per user on one server"
+            )
+        sessions.add(session)
         channel = self.keys.user_channel(user_id)
         async with self._room_lock(channel):
             if user_id in self._subscribed_users:
@@ -196,7 +201,7 @@ class Node:
         if payload.startswith(b"B"):
             frame = orjson.dumps(events.balance_event(int(payload[1:])))
             for session in sessions:
-                session.push_event(frame)
+                session.push_balance(frame)
         elif payload.startswith(b"D"):
             offset, _, event = payload[1:].partition(b" ")
             position = parse_offset(offset)

@@ -73,6 +73,11 @@ class Session:
         # The last DM delivered here: a DM seen both live and in the inbox
         # (around a hello or a reconnect of pub/sub) is delivered once.
         self._last_dm: Offset | None = None
+        # While `hello` runs, pushes from the user's channel wait here, so that
+        # nothing reaches the client before its welcome, and the stored DMs
+        # read during hello and the live ones merge in offset order.
+        self._held_dms: list[tuple[Offset, bytes]] | None = None
+        self._held_balance = False
         self._busy = False
         self._draining = False
         self._closing = False
@@ -109,12 +114,17 @@ class Session:
         transport = self.ws.transport
         return 0 if transport is None else transport.get_write_buffer_size()
 
-    def push_event(self, frame: bytes) -> None:
-        """An event for this session alone (a balance push), not awaited."""
-        if not self._closing:
+    def push_balance(self, frame: bytes) -> None:
+        """A balance event for this session alone, not awaited."""
+        if self._held_dms is not None:
+            self._held_balance = True
+        elif not self._closing:
             self._push(frame)
 
     def push_dm(self, offset: Offset, frame: bytes) -> None:
+        if self._held_dms is not None:
+            self._held_dms.append((offset, frame))
+            return
         if self._closing or (self._last_dm is not None and offset <= self._last_dm):
             return
         self._last_dm = offset
@@ -172,15 +182,19 @@ class Session:
         """True: welcomed. False: refused and closed. None: try again."""
         node = self.node
         online = False
+        self._held_dms, self._held_balance = [], False
         try:
             identity = verify_token(node.settings.jwt_secret, command.token)
             await node.directory.touch_user(identity)
-            balance = await node.balance_of(identity.user_id)
             self.identity = identity
             online = True
+            # Subscribed before reading the balance and the inbox, so that no
+            # change falls between the two.
             await node.user_online(self, identity.user_id)
-            pending = await node.pending_dms(identity.user_id)
+            balance = await node.balance_of(identity.user_id)
+            stored = await node.pending_dms(identity.user_id)
         except ServiceError as exc:
+            self._held_dms = None
             if online:
                 node.user_offline(self, identity.user_id)
             self.identity = None
@@ -193,11 +207,28 @@ class Session:
         await self._send(
             events.welcome(command.id, identity.user_id, identity.role, balance, self.id)
         )
-        for offset, event in pending:  # DMs that arrived while no session was open
-            self.push_dm(parse_offset(offset), event)
-        if pending:
-            node.dms_delivered(identity.user_id, pending[-1][0])
+        # DMs stored while no session was open, and those that came live
+        # during hello, once each, in order.
+        held, self._held_dms = self._held_dms or [], None
+        merged = dict(held)
+        merged.update((parse_offset(offset), event) for offset, event in stored)
+        for position in sorted(merged):
+            self.push_dm(position, merged[position])
+        if stored:
+            node.dms_delivered(identity.user_id, stored[-1][0])
+        if self._held_balance:
+            # Pushed during hello: the welcome may be older or newer than
+            # them, so send the balance as it is now.
+            self._held_balance = False
+            node.spawn(self._push_current_balance(identity.user_id))
         return True
+
+    async def _push_current_balance(self, user_id: str) -> None:
+        try:
+            balance = await self.node.balance_of(user_id)
+        except ServiceError:
+            return
+        self.push_balance(orjson.dumps(events.balance_event(balance)))
 
     async def _serve(self) -> None:
         async for data in self.ws:

@@ -26,7 +26,10 @@ CREATE TABLE ledger_transactions (
     id           text        PRIMARY KEY CHECK (length(id) BETWEEN 1 AND 64),
     kind         text        NOT NULL
                  CHECK (kind IN ('credit', 'purchase', 'tip', 'dm', 'spend', 'refund', 'payout')),
-    -- Who asked for it, and their idempotency key: one transaction per key.
+    -- Who asked for it, and their idempotency key. A key names one spend for
+    -- 24 hours (the contract); after that the client may use it again, so the
+    -- pair is indexed, not unique: Redis enforces the window, and loading a
+    -- balance restores it from here after Redis lost its data.
     initiator    text        NOT NULL,
     idem_key     text        NOT NULL CHECK (length(idem_key) BETWEEN 1 AND 200),
     -- A refund names the transaction it reverses; one refund per transaction.
@@ -40,9 +43,9 @@ CREATE TABLE ledger_transactions (
     applied_ms   bigint      NOT NULL,
     outbox_id    text        NOT NULL,
     recorded_at  timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (initiator, idem_key),
     CHECK ((kind = 'refund') = (reverses IS NOT NULL))
 );
+CREATE INDEX ledger_transactions_idempotency ON ledger_transactions (initiator, idem_key);
 CREATE INDEX ledger_transactions_initiator_applied ON ledger_transactions (initiator, applied_ms);
 
 CREATE TABLE ledger_postings (

@@ -161,7 +161,9 @@ async def test_idempotency_duplicate_conflict_and_unburnt_keys(server: Running, 
 async def test_racing_sessions_spend_exactly_what_there_is(
     start_server: Callable[..., Awaitable[Running]],
 ) -> None:
-    running = await start_server(commands_per_s=1000.0, commands_burst=1000)
+    running = await start_server(
+        commands_per_s=1000.0, commands_burst=1000, sessions_per_user_max=12
+    )
     http = Http(running)
     await (await running.client("alice", "model")).close()
     await http.credit("bob", 100)
@@ -410,5 +412,20 @@ async def test_a_fan_cannot_spend_what_a_client_error_never_charged(
     with pytest.raises(CommandError):
         await fan.call("tip", room="alice", amount=11, key="too-much")
     assert (await http.reconcile())["issued"] == 10
+    await fan.close()
+    await model.close()
+
+
+async def test_spends_survive_redis_forgetting_its_scripts(
+    server: Running, http: Http, redis: Any
+) -> None:
+    # Every server loaded script survives this: NOSCRIPT makes them load again.
+    model, fan = await room_with_fan(server, http, 10)
+    await fan.call("tip", room="alice", amount=2, key="before")
+    await redis.script_flush()
+    reply = await fan.call("tip", room="alice", amount=3, key="after")
+    assert reply["balance"] == 5
+    await fan.call("say", room="alice", text="chat scripts reload too")
+    assert (await http.reconcile())["ok"] is True
     await fan.close()
     await model.close()

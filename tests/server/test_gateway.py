@@ -567,3 +567,19 @@ async def test_session_count_drops_when_clients_leave(server: Running) -> None:
         return "tokenchat_sessions_open 0.0" in await metrics_text(server)
 
     await eventually(none_open)
+
+
+async def test_sessions_per_user_are_limited(start_server: object) -> None:
+    running: Running = await start_server(sessions_per_user_max=2)  # type: ignore[operator]
+    tabs = [await running.client("bob") for _ in range(2)]
+    third = await running.client()
+    reply = await third.request("hello", token=token("bob"))
+    assert reply["code"] == "LIMIT_EXCEEDED"
+    await tabs[0].close()
+
+    async def admitted() -> bool:
+        return (await third.request("hello", token=token("bob")))["type"] == "welcome"
+
+    await eventually(admitted)
+    for client in (tabs[1], third):
+        await client.close()
