@@ -49,6 +49,10 @@ class Settings:
     # Unsent bytes the server holds for one client before closing it with 4008.
     # About 1000 chat events of 1 KiB: a client this far behind is not reading.
     write_buffer_max_bytes: int = 1024 * 1024
+    # How often every session's write buffer is checked against the limit.
+    # Between checks a buffer can overshoot by what a room sends in this
+    # time; checking on every event instead cost more than the delivery.
+    slow_check_interval_s: float = 0.25
     # The contract gives a new connection 10 s to send `hello` (else 4001).
     hello_timeout_s: float = 10.0
     # Sustained commands per second per session; a person types far slower,
@@ -142,6 +146,7 @@ class Settings:
         positive = [
             "frame_size_max_bytes",
             "write_buffer_max_bytes",
+            "slow_check_interval_s",
             "hello_timeout_s",
             "commands_per_s",
             "commands_burst",

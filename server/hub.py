@@ -1,10 +1,16 @@
 """The local side of fan-out: room -> the sessions of this process in it.
 
-``deliver`` is synchronous: an event is encoded once per format and written
-into every member's transport buffer without awaiting any of them (the
-websockets library's ``broadcast``). A member whose unsent bytes are past the
-limit is not written to; it is closed with 4008 and leaves the room, and the
-rest of the room never waits for it.
+``deliver_event`` is synchronous: an event is encoded once per format and
+written into every member's transport buffer without awaiting any of them
+(the websockets library's ``broadcast``), through per-room lists of
+connections kept ready between membership changes, so a delivery costs one
+``broadcast`` call per format and nothing per member in Python.
+
+Members whose ``join`` is still reading history are kept apart: they get the
+event in their join buffer instead, and move to the lists when the join
+reply is out. Members that stop reading are found by the node's periodic
+sweep of write buffers (``Node._sweep_slow``), not here: checking every member
+on every event cost more than the delivery itself.
 
 The hub also drops any room event at or before the last offset it delivered
 for that room, which makes gap filling after a pub/sub reconnect safe to
@@ -14,7 +20,6 @@ overlap with live delivery.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from typing import Protocol
 
 from websockets.asyncio.connection import Connection
@@ -33,32 +38,63 @@ class Member(Protocol):
     def connection(self) -> Connection: ...
     @property
     def binary(self) -> bool: ...
-    def buffering(self, room: str) -> bool: ...
     def buffer_event(self, room: str, offset: Offset | None, frame: bytes) -> None: ...
-    def write_buffer_bytes(self) -> int: ...
-    def close_too_slow(self) -> None: ...
+
+
+class _Room:
+    __slots__ = ("_binary", "_text", "joining", "members")
+
+    def __init__(self) -> None:
+        self.members: dict[Member, None] = {}
+        self.joining: dict[Member, None] = {}
+        self._text: list[Connection] | None = None
+        self._binary: list[Connection] | None = None
+
+    def changed(self) -> None:
+        self._text = self._binary = None
+
+    def connections(self) -> tuple[list[Connection], list[Connection]]:
+        if self._text is None or self._binary is None:
+            ready = [m for m in self.members if m not in self.joining]
+            self._text = [m.connection for m in ready if not m.binary]
+            self._binary = [m.connection for m in ready if m.binary]
+        return self._text, self._binary
 
 
 class Hub:
-    def __init__(self, write_buffer_max_bytes: int) -> None:
-        self._write_buffer_max_bytes = write_buffer_max_bytes
-        self._rooms: dict[str, dict[Member, None]] = {}
+    def __init__(self) -> None:
+        self._rooms: dict[str, _Room] = {}
         self._last_offset: dict[str, Offset] = {}
 
-    def add(self, room: str, member: Member) -> None:
-        self._rooms.setdefault(room, {})[member] = None
+    def join_started(self, room: str, member: Member) -> None:
+        """Member of the room from now on; its events are held until
+        ``join_finished``."""
+        state = self._rooms.get(room)
+        if state is None:
+            state = self._rooms[room] = _Room()
+        state.members[member] = None
+        state.joining[member] = None
+        state.changed()
+
+    def join_finished(self, room: str, member: Member) -> None:
+        state = self._rooms.get(room)
+        if state is not None and state.joining.pop(member, 0) is None:
+            state.changed()
 
     def remove(self, room: str, member: Member) -> None:
-        members = self._rooms.get(room)
-        if members is None:
+        state = self._rooms.get(room)
+        if state is None or member not in state.members:
             return
-        members.pop(member, None)
-        if not members:
+        del state.members[member]
+        state.joining.pop(member, None)
+        state.changed()
+        if not state.members:
             del self._rooms[room]
             self._last_offset.pop(room, None)
 
     def count(self, room: str) -> int:
-        return len(self._rooms.get(room, ()))
+        state = self._rooms.get(room)
+        return 0 if state is None else len(state.members)
 
     def rooms(self) -> list[str]:
         return list(self._rooms)
@@ -68,43 +104,29 @@ class Hub:
 
     def deliver_event(self, room: str, offset: bytes, frame: bytes) -> None:
         """A room event (JSON) with its offset, once, in offset order."""
-        members = self._rooms.get(room)
-        if not members:
+        state = self._rooms.get(room)
+        if state is None:
             return
         position = parse_offset(offset)
         last = self._last_offset.get(room)
         if last is not None and position <= last:
             return
         self._last_offset[room] = position
-        self._send(room, members, position, frame)
-        ts_ms = position[0]
-        metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - ts_ms / 1000))
+        self._send(room, state, position, frame)
+        metrics.FANOUT_LATENCY.observe(max(0.0, time.time() - position[0] / 1000))
 
     def deliver_transient(self, room: str, frame: bytes) -> None:
         """An event with no offset (presence): not ordered, not stored."""
-        members = self._rooms.get(room)
-        if members:
-            self._send(room, members, None, frame)
+        state = self._rooms.get(room)
+        if state is not None:
+            self._send(room, state, None, frame)
 
-    def _send(
-        self, room: str, members: Iterable[Member], position: Offset | None, frame: bytes
-    ) -> None:
-        text_conns: list[Connection] = []
-        binary_conns: list[Connection] = []
-        too_slow: list[Member] = []
-        for member in members:
-            if member.buffering(room):
-                member.buffer_event(room, position, frame)
-            elif member.write_buffer_bytes() > self._write_buffer_max_bytes:
-                too_slow.append(member)
-            elif member.binary:
-                binary_conns.append(member.connection)
-            else:
-                text_conns.append(member.connection)
-        if text_conns:
-            broadcast(text_conns, frame, text=True)
-        if binary_conns:
-            broadcast(binary_conns, json_to_msgpack(frame))
-        metrics.DELIVERIES.inc(len(text_conns) + len(binary_conns))
-        for member in too_slow:
-            member.close_too_slow()
+    def _send(self, room: str, state: _Room, position: Offset | None, frame: bytes) -> None:
+        for member in list(state.joining):
+            member.buffer_event(room, position, frame)
+        text, binary = state.connections()
+        if text:
+            broadcast(text, frame, text=True)
+        if binary:
+            broadcast(binary, json_to_msgpack(frame))
+        metrics.DELIVERIES.inc(len(text) + len(binary))

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from protocol import events
@@ -31,7 +31,6 @@ from .hub import Hub
 from .keys import Keys
 from .ledger import LedgerWriter
 from .rooms import PRESENCE_MARKER, RoomStore, complete_event, parse_offset, parse_published
-from .scripts import Scripts
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -50,10 +49,9 @@ class Node:
         self.redis = redis
         self.pool = pool
         self.keys = Keys(settings.redis_prefix)
-        self.scripts = Scripts(redis)
-        self.rooms = RoomStore(redis, self.keys, self.scripts, settings.history_len)
+        self.rooms = RoomStore(redis, self.keys, settings.history_len, settings.redis_timeout_s)
         self.directory = Directory(pool, redis, self.keys)
-        self.hub = Hub(settings.write_buffer_max_bytes)
+        self.hub = Hub()
         self.economy = Economy(redis, pool, self.keys, settings)
         self.ledger = LedgerWriter(settings, pool, self.economy, consumer=self.id)
         self.broker = RedisBroker(
@@ -76,12 +74,16 @@ class Node:
 
     @classmethod
     async def connect(cls, settings: Settings) -> Node:
-        redis: Redis = Redis.from_url(
+        # Blocking pool: in a burst, a command waits (up to the timeout) for a
+        # free connection instead of failing at once when all are in use.
+        redis_pool = BlockingConnectionPool.from_url(
             settings.redis_url,
             max_connections=settings.redis_pool_max,
+            timeout=settings.redis_timeout_s,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )
+        redis = Redis(connection_pool=redis_pool)
         pool = await create_pool(
             settings.database_url,
             settings.database_schema,
@@ -97,6 +99,7 @@ class Node:
         self._loops = [
             asyncio.create_task(self._heartbeat_forever(), name="node-heartbeat"),
             asyncio.create_task(self._presence_forever(), name="node-presence"),
+            asyncio.create_task(self._sweep_slow_forever(), name="node-slow-sweep"),
         ]
         if self.settings.ledger_enabled:
             self._loops.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))
@@ -294,6 +297,18 @@ class Node:
                     session.push_dm(parse_offset(offset), event)
             if pending:
                 self.dms_delivered(user_id, pending[-1][0])
+
+    # --- slow consumers ---------------------------------------------------------------------
+    async def _sweep_slow_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.slow_check_interval_s)
+            self._sweep_slow()
+
+    def _sweep_slow(self) -> None:
+        """Close (4008) every session whose unsent bytes passed the limit."""
+        limit = self.settings.write_buffer_max_bytes
+        for session in [s for s in self.sessions if s.write_buffer_bytes() > limit]:
+            session.close_too_slow()
 
     # --- heartbeat and presence ----------------------------------------------------------
     async def _heartbeat_once(self) -> None:

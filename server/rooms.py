@@ -7,6 +7,7 @@ second write, and ``complete_event`` is the one place that adds them.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -14,9 +15,10 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .batcher import ScriptBatcher
 from .errors import Unavailable
 from .keys import Keys
-from .scripts import Scripts
+from .scripts import lua_script
 
 Offset = tuple[int, int]
 
@@ -53,20 +55,24 @@ class History:
 
 
 class RoomStore:
-    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, history_len: int) -> None:
+    def __init__(self, redis: Redis, keys: Keys, history_len: int, timeout_s: float) -> None:
         self._redis = redis
         self._keys = keys
-        self._scripts = scripts
         self._history_len = history_len
+        # Lines said at once by many sessions go to Redis in one pipeline.
+        self._batcher = ScriptBatcher(redis, timeout_s)
+        self._room_event = lua_script("room_event")
+        self._viewers = lua_script("viewers")
 
     async def append(self, room: str, event: dict[str, Any]) -> str:
         """Store and publish ``event`` (without offset/ts); returns its offset."""
         try:
-            offset = await self._scripts.room_event(
-                keys=[self._keys.room_history(room)],
-                args=[self._keys.room_channel(room), self._history_len, orjson.dumps(event)],
+            offset = await self._batcher.call(
+                self._room_event,
+                [self._keys.room_history(room)],
+                [self._keys.room_channel(room), self._history_len, orjson.dumps(event)],
             )
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, TimeoutError) as exc:
             raise Unavailable("room state is unavailable") from exc
         return offset.decode() if isinstance(offset, bytes) else str(offset)
 
@@ -100,12 +106,13 @@ class RoomStore:
 
     async def viewers(self, rooms: list[str]) -> list[int]:
         node_prefix = self._keys.node_prefix()
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for room in rooms:
-                await self._scripts.viewers(
-                    keys=[self._keys.room_presence(room)], args=[node_prefix], client=pipe
-                )
-            return [int(n) for n in await pipe.execute()]
+        counts = await asyncio.gather(
+            *(
+                self._batcher.call(self._viewers, [self._keys.room_presence(room)], [node_prefix])
+                for room in rooms
+            )
+        )
+        return [int(n) for n in counts]
 
 
 def _wire(row: tuple[bytes, dict[bytes, bytes]]) -> tuple[bytes, bytes]:

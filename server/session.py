@@ -100,11 +100,10 @@ class Session:
     def binary(self) -> bool:
         return self.codec.binary
 
-    def buffering(self, room: str) -> bool:
-        return room in self._joining
-
     def buffer_event(self, room: str, offset: Offset | None, frame: bytes) -> None:
-        held = self._joining[room]
+        held = self._joining.get(room)
+        if held is None:
+            return
         if len(held) >= self.node.settings.join_buffer_events_max:
             self.close_too_slow()
             return
@@ -322,15 +321,16 @@ class Session:
                 f"at most {self.node.settings.rooms_per_session_max} rooms per session"
             )
         self._joining[room_id] = []
+        self.node.hub.join_started(room_id, self)
         if is_new:
             self.rooms.add(room_id)
-            self.node.hub.add(room_id, self)
         try:
             await self.node.subscribe_room(room_id)
             viewers = await self.node.room_joined(room_id)
             history = await self.node.rooms.history(room_id, since)
         except BaseException:
             self._joining.pop(room_id, None)
+            self.node.hub.join_finished(room_id, self)
             if is_new:
                 self.rooms.discard(room_id)
                 self.node.hub.remove(room_id, self)
@@ -346,11 +346,13 @@ class Session:
 
     def _flush_joined(self, room: str, last: Offset | None) -> None:
         held = self._joining.pop(room, None)
-        if not held or self._closing:
+        if self._closing or room not in self.rooms:
             return
-        for offset, frame in held:
+        for offset, frame in held or ():
             if offset is None or last is None or offset > last:
                 self._push(frame)
+        # From here on the room's broadcasts reach this session directly.
+        self.node.hub.join_finished(room, self)
 
     async def _leave(self, command: Leave) -> Reply:
         if command.room not in self.rooms:
