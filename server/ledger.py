@@ -107,6 +107,8 @@ class LedgerWriter:
         self._group_ready = False
         self._last_claim = 0.0
         self._refused_since = 0.0
+        # A batch of this writer failed: its entries are pending for it alone.
+        self._retry_own = False
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -130,11 +132,20 @@ class LedgerWriter:
         await self._ensure_group()
         epoch = await self._economy.epoch()
         entries = await self._claim(claim_idle_ms)
+        if not entries and self._retry_own:
+            # Retry our own failed batch (Postgres was away, say) now, rather
+            # than leave it until XAUTOCLAIM finds it idle past the claim time.
+            entries = await self._read_new(block=False, start="0")
+            self._retry_own = bool(entries)
         if not entries:
             entries = await self._read_new(block)
         if not entries:
             return 0
-        await self._write_with_retries(entries, epoch)
+        try:
+            await self._write_with_retries(entries, epoch)
+        except BaseException:
+            self._retry_own = True
+            raise
         return len(entries)
 
     async def pending(self) -> int:
@@ -186,12 +197,13 @@ class LedgerWriter:
         claimed: Any = reply[1]
         return [Entry.parse(i, f) for i, f in claimed if f]
 
-    async def _read_new(self, block: bool) -> list[Entry]:
+    async def _read_new(self, block: bool, start: str = ">") -> list[Entry]:
+        """New entries (``>``), or from ``0`` those delivered to us and not acked."""
         try:
             reply = await self._redis.xreadgroup(
                 GROUP,
                 self._consumer,
-                {self._keys.outbox(): ">"},
+                {self._keys.outbox(): start},
                 count=self._settings.ledger_batch_max,
                 block=self._settings.ledger_block_ms if block else None,
             )
