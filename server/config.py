@@ -88,6 +88,10 @@ class Settings:
     # heartbeat expired (a crashed process) are dropped from presence.
     node_ttl_s: float = 30.0
 
+    # Development conveniences (set by `tokenchat dev`, never in production):
+    # an endpoint that hands out demo tokens for the demo page.
+    dev_mode: int = 0
+
     # --- the economy ----------------------------------------------------------------
     # Ledger entries Redis may hold for Postgres before spends are refused
     # (UNAVAILABLE): at ~600 bytes each, 1,000,000 is ~600 MB of Redis memory,

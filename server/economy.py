@@ -24,6 +24,8 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from protocol.limits import AMOUNT_MAX, AMOUNT_MIN
+
 from .batcher import LuaScript, ScriptBatcher
 from .config import Settings
 from .errors import (
@@ -215,6 +217,8 @@ class Economy:
         ledger; ``payload`` is published to ``channel`` when it is paid."""
         if payer == payee:
             raise Forbidden("you cannot pay yourself")
+        if isinstance(amount, bool) or not AMOUNT_MIN <= amount <= AMOUNT_MAX:
+            raise BadRequest(f"amount must be an integer between {AMOUNT_MIN} and {AMOUNT_MAX}")
         return await self._run(
             "spend",
             keys=[
