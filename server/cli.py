@@ -228,8 +228,7 @@ def _dev_run(args: argparse.Namespace) -> int:
         secret = os.environ.get("TOKENCHAT_JWT_SECRET") or _dev_secret(data_dir, create=True)
         # Dev only: the fake payment provider approves every purchase.
         env.setdefault("payment_provider", os.environ.get("TOKENCHAT_PAYMENT_PROVIDER", "fake"))
-        env["dev_mode"] = 1
-        settings = _settings_from(args, jwt_secret=secret, **env)
+        settings = _settings_from(args, jwt_secret=secret, dev_mode=1, **env)
         _migrate(settings)
         tokens = {
             DEV_MODEL: issue_token(secret, DEV_MODEL, "model", DEV_TOKEN_TTL_S),
