@@ -26,6 +26,7 @@ from server.app import Process
 from server.auth import issue_token
 from server.config import Settings
 from server.db import migrate
+from tests.proxy import Proxy
 
 JWT_SECRET = "test-secret-" + "x" * 32
 # How long a local server may take to answer the probe before it counts as absent.
@@ -208,3 +209,45 @@ class Http:
         status, reply = await self.call("GET", "/v1/admin/reconcile", "ops", "admin")
         assert status == 200, reply
         return dict(reply)
+
+
+@pytest.fixture
+async def redis_proxy(settings: Settings) -> AsyncIterator[Proxy]:
+    """The test's Redis behind a proxy the test can cut (see tests/proxy.py)."""
+    proxy = Proxy(settings.redis_url)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture
+async def postgres_proxy(settings: Settings) -> AsyncIterator[Proxy]:
+    """The test's Postgres behind a proxy the test can cut."""
+    proxy = Proxy(settings.database_url)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[str]:
+    """A redis-server of this test's own, which it may FLUSHALL or CLIENT
+    PAUSE without stalling everybody else's tests on the shared one."""
+    from server.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "private-redis")
+    url = await asyncio.to_thread(server.start)
+    try:
+        yield url
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def pg(settings: Settings, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """Run one statement in the test's schema and return its rows."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(f'SET search_path TO "{settings.database_schema}"')
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()

@@ -28,17 +28,13 @@ end
 local balance = balance_of(KEYS[3])
 if balance < price then return {'INSUFFICIENT_FUNDS', tostring(balance)} end
 
-local sender_balance = balance
-local recipient_balance = nil
+local sender_balance, recipient_balance = balance, nil
 if price > 0 then
-  sender_balance = redis.call('DECRBY', KEYS[3], price)
-  recipient_balance = redis.call('INCRBY', KEYS[4], price)
+  sender_balance, recipient_balance = transfer(KEYS[3], KEYS[4], price)
 end
 local reply = cjson.encode({balance = sender_balance, price = price, tx = ARGV[2]})
-local entry = nil
 if price > 0 then
-  entry = outbox_add('dm', ARGV[7], ARGV[8],
-    ARGV[5] .. ' ' .. (-price) .. ' ' .. ARGV[6] .. ' ' .. price, reply, ARGV[12])
+  outbox_add('dm', ARGV[7], ARGV[8], postings(ARGV[5], ARGV[6], price), reply, ARGV[12])
 end
 local now = redis.call('TIME')
 local ts = tostring(now[1] * 1000 + math.floor(now[2] / 1000))

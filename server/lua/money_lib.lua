@@ -55,6 +55,27 @@ local function outbox_add(kind, initiator, key, postings, reply, meta)
     'request', ARGV[1], 'reply', reply, 'postings', postings, 'meta', meta)
 end
 
+-- nil when KEYS[first..last] are loaded, the outbox has room and the payer
+-- holds `amount`; otherwise the refusal to return. Reads only.
+local function funds_refusal(first, last, payer_key, amount)
+  local refusal = first_unloaded(first, last) or outbox_full()
+  if refusal then return refusal end
+  local balance = balance_of(payer_key)
+  if balance < amount then return {'INSUFFICIENT_FUNDS', tostring(balance)} end
+  return nil
+end
+
+-- Move `amount` from one balance to another (the only place that writes
+-- balances); returns both new balances.
+local function transfer(payer_key, payee_key, amount)
+  return redis.call('DECRBY', payer_key, amount), redis.call('INCRBY', payee_key, amount)
+end
+
+-- The postings of a transfer, in the outbox entry's format.
+local function postings(payer_account, payee_account, amount)
+  return payer_account .. ' ' .. (-amount) .. ' ' .. payee_account .. ' ' .. amount
+end
+
 local function idem_record(reply)
   redis.call('SET', KEYS[1], ARGV[1] .. '\n' .. reply, 'EX', IDEM_TTL_S)
 end

@@ -18,17 +18,14 @@
 local prior = idem_prior()
 if prior then return prior end
 if redis.call('EXISTS', KEYS[5]) == 1 then return {'REFUNDED'} end
-local refusal = first_unloaded(3, 4) or outbox_full()
-if refusal then return refusal end
 local amount = tonumber(ARGV[4])
-local balance = balance_of(KEYS[4])
-if balance < amount then return {'INSUFFICIENT_FUNDS', tostring(balance)} end
+-- The payee of the original pays the refund back.
+local refusal = funds_refusal(3, 4, KEYS[4], amount)
+if refusal then return refusal end
 
-local payee_balance = redis.call('DECRBY', KEYS[4], amount)
-local payer_balance = redis.call('INCRBY', KEYS[3], amount)
+local payee_balance, payer_balance = transfer(KEYS[4], KEYS[3], amount)
 local reply = cjson.encode({balance = payer_balance, tx = ARGV[2], refunds = ARGV[9]})
-outbox_add('refund', ARGV[7], ARGV[8],
-  ARGV[6] .. ' ' .. (-amount) .. ' ' .. ARGV[5] .. ' ' .. amount, reply, ARGV[13])
+outbox_add('refund', ARGV[7], ARGV[8], postings(ARGV[6], ARGV[5], amount), reply, ARGV[13])
 idem_record(reply)
 redis.call('SET', KEYS[5], ARGV[2], 'EX', tonumber(ARGV[12]))
 redis.call('PUBLISH', ARGV[10], 'B' .. payer_balance)

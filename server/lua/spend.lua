@@ -13,19 +13,13 @@
 -- Returns {'OK', '{"balance":N,"tx":T}'} or a refusal (money_lib).
 -- Invariant: the delivery is published exactly when the payment moved and
 -- its ledger entry is in the outbox; the payer never goes below zero.
-local prior = idem_prior()
-if prior then return prior end
-local refusal = first_unloaded(3, 4) or outbox_full()
-if refusal then return refusal end
 local amount = tonumber(ARGV[4])
-local balance = balance_of(KEYS[3])
-if balance < amount then return {'INSUFFICIENT_FUNDS', tostring(balance)} end
+local refusal = idem_prior() or funds_refusal(3, 4, KEYS[3], amount)
+if refusal then return refusal end
 
-local payer_balance = redis.call('DECRBY', KEYS[3], amount)
-local payee_balance = redis.call('INCRBY', KEYS[4], amount)
+local payer_balance, payee_balance = transfer(KEYS[3], KEYS[4], amount)
 local reply = cjson.encode({balance = payer_balance, tx = ARGV[2]})
-outbox_add('spend', ARGV[7], ARGV[8],
-  ARGV[5] .. ' ' .. (-amount) .. ' ' .. ARGV[6] .. ' ' .. amount, reply, ARGV[12])
+outbox_add('spend', ARGV[7], ARGV[8], postings(ARGV[5], ARGV[6], amount), reply, ARGV[12])
 idem_record(reply)
 if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
 redis.call('PUBLISH', ARGV[11], 'B' .. payee_balance)

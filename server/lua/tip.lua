@@ -15,21 +15,15 @@
 -- Invariant: tokens move only with the tip queued for delivery (history XADD
 -- and PUBLISH) and its ledger entry in the outbox; every check precedes the
 -- first write; the fan's balance never goes below zero.
-local prior = idem_prior()
-if prior then return prior end
-local refusal = first_unloaded(3, 4) or outbox_full()
-if refusal then return refusal end
 local amount = tonumber(ARGV[4])
-local balance = balance_of(KEYS[3])
-if balance < amount then return {'INSUFFICIENT_FUNDS', tostring(balance)} end
+local refusal = idem_prior() or funds_refusal(3, 4, KEYS[3], amount)
+if refusal then return refusal end
 
-local fan_balance = redis.call('DECRBY', KEYS[3], amount)
-local owner_balance = redis.call('INCRBY', KEYS[4], amount)
+local fan_balance, owner_balance = transfer(KEYS[3], KEYS[4], amount)
 local offset = redis.call('XADD', KEYS[5], 'MAXLEN', ARGV[10], '*', 'e', ARGV[11])
 redis.call('PUBLISH', ARGV[9], 'E' .. offset .. ' ' .. ARGV[11])
 local reply = cjson.encode({balance = fan_balance, tx = ARGV[2], offset = offset})
-outbox_add('tip', ARGV[7], ARGV[8],
-  ARGV[5] .. ' ' .. (-amount) .. ' ' .. ARGV[6] .. ' ' .. amount, reply, ARGV[13])
+outbox_add('tip', ARGV[7], ARGV[8], postings(ARGV[5], ARGV[6], amount), reply, ARGV[13])
 idem_record(reply)
 redis.call('PUBLISH', ARGV[12], 'B' .. owner_balance)
 return {'OK', reply}

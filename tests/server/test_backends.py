@@ -7,30 +7,12 @@ Postgres keep serving every other test.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
-import pytest
 
-from server.config import Settings
 from tests.conftest import Running, token
 from tests.proxy import Proxy
-
-
-@pytest.fixture
-async def redis_proxy(settings: Settings) -> AsyncIterator[Proxy]:
-    proxy = Proxy(settings.redis_url)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
-
-
-@pytest.fixture
-async def postgres_proxy(settings: Settings) -> AsyncIterator[Proxy]:
-    proxy = Proxy(settings.database_url)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
 
 
 async def ready_status(running: Running) -> int:

@@ -12,7 +12,7 @@ import pytest
 
 from client_demo.client import Client, CommandError
 from server.config import Settings
-from tests.conftest import Http, Running
+from tests.conftest import Http, Running, pg
 
 
 @pytest.fixture
@@ -29,15 +29,6 @@ async def room_with_fan(server: Running, http: Http, tokens: int) -> tuple[Clien
         await http.credit("bob", tokens)
         assert (await fan.next_event("balance"))["balance"] == tokens
     return model, fan
-
-
-async def ledger_rows(settings: Settings, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(f'SET search_path TO "{settings.database_schema}"')
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
 
 
 # --- credits and balances ------------------------------------------------------------
@@ -345,7 +336,7 @@ async def test_refund_rules(server: Running, http: Http, settings: Settings) -> 
     await fan.close()
     result = await http.reconcile()
     assert result["ok"] is True, result
-    rows = await ledger_rows(
+    rows = await pg(
         settings, "SELECT kind, reverses FROM ledger_transactions WHERE reverses IS NOT NULL"
     )
     assert [(r["kind"], r["reverses"]) for r in rows] == [("refund", tip["tx"])]
@@ -366,19 +357,16 @@ async def test_every_acknowledged_spend_is_in_the_ledger_once(
     await fan.call("tip", room="alice", amount=5, key="t0")  # a duplicate
     result = await http.reconcile()
     assert result == {**result, "ok": True, "pending": 0, "mismatches": [], "issued": 100}
-    rows = await ledger_rows(
-        settings, "SELECT id, kind FROM ledger_transactions ORDER BY applied_ms"
-    )
+    rows = await pg(settings, "SELECT id, kind FROM ledger_transactions ORDER BY applied_ms")
     assert [r["kind"] for r in rows] == ["credit", "tip", "tip", "tip", "tip", "dm"]
     assert [r["id"] for r in rows[1:]] == [t["tx"] for t in tips] + [dm["tx"]]
     balances = {
-        r["id"]: r["balance"]
-        for r in await ledger_rows(settings, "SELECT id, balance FROM accounts")
+        r["id"]: r["balance"] for r in await pg(settings, "SELECT id, balance FROM accounts")
     }
     assert balances["u:bob"] == 77 and balances["u:alice"] == 23 and balances["sys:mint"] == -100
     for statement in ("UPDATE ledger_postings SET amount = 1", "DELETE FROM ledger_transactions"):
         with pytest.raises(asyncpg.RaiseError, match="append-only"):
-            await ledger_rows(settings, statement)
+            await pg(settings, statement)
     await fan.close()
     await model.close()
 

@@ -12,22 +12,19 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
 import pytest
 from redis.asyncio import Redis
 
 from client_demo.client import Client
 from server.config import Settings
 from server.economy import Economy
-from server.embedded import EmbeddedRedis
 from server.keys import Keys
 from server.ledger import GROUP, LedgerWriter, RedisReset
 from server.node import Node
-from tests.conftest import Http, Running, eventually
+from tests.conftest import Http, Running, eventually, pg
 from tests.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,15 +43,6 @@ def node_of(running: Running) -> Node:
     node = running.process.node
     assert node is not None
     return node
-
-
-async def pg(settings: Settings, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(f'SET search_path TO "{settings.database_schema}"')
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
 
 
 async def ledger_tx_ids(settings: Settings, *kinds: str) -> list[str]:
@@ -127,25 +115,6 @@ async def model_and_fans(
 async def close_all(*clients: Client) -> None:
     for client in clients:
         await client.close()
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[str]:
-    """A redis-server of this test's own, which it may FLUSHALL or CLIENT PAUSE."""
-    server = EmbeddedRedis(tmp_path / "private-redis")
-    url = await asyncio.to_thread(server.start)
-    try:
-        yield url
-    finally:
-        await asyncio.to_thread(server.stop)
-
-
-@pytest.fixture
-async def postgres_proxy(settings: Settings) -> AsyncIterator[Proxy]:
-    proxy = Proxy(settings.database_url)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
 
 
 # --- 1. a writer killed between COMMIT and XACK -------------------------------------------

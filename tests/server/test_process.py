@@ -13,7 +13,6 @@ import itertools
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from websockets.exceptions import ConnectionClosed
 from client_demo.client import Client
 from server.auth import TOKEN_TTL_DEFAULT_S, Identity, verify_token
 from server.config import Settings
-from server.embedded import EmbeddedRedis
 from server.errors import Unauthenticated
 from tests.conftest import DATABASE_URL, JWT_SECRET
 from tests.server.proc import (
@@ -213,18 +211,6 @@ async def pause_writes(redis: Redis, ms: int) -> None:
 
 async def unpause(redis: Redis) -> None:
     await redis.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[str]:
-    """A redis-server of this test's own: it gets CLIENT PAUSE'd, which would
-    stall everybody else's tests on the shared one."""
-    server = EmbeddedRedis(tmp_path / "private-redis")
-    url = await asyncio.to_thread(server.start)
-    try:
-        yield url
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 async def test_sigterm_finishes_commands_in_flight_then_closes_1012(
