@@ -1,21 +1,37 @@
 """A small asyncio client for the tokenchat wire protocol.
 
-One connection, commands matched to replies by ``id``, events delivered in
-order on an async iterator. Tests, load tests and the demo clients use it.
+Two layers:
+
+- ``Client``: one connection, commands matched to replies by ``id``, events
+  delivered in order on a queue. Nothing is retried. The server tests use it
+  to see exactly what the server does.
+- ``Session``: a ``Client`` that reconnects. It keeps the rooms it joined and
+  the last offset seen in each; after a connection loss it reconnects with
+  exponential backoff and full jitter, says ``hello`` again and re-joins every
+  room with ``since``, so the consumer of its events sees every room event
+  exactly once, in offset order (docs/protocol.md, "After a reconnect").
+  Spends (``tip``, ``dm``) carry an idempotency key generated once per logical
+  spend and reused on every retry, so a spend whose reply was lost is charged
+  once.
+
+``python -m client_demo.cli`` is a terminal client built on ``Session``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
-from collections.abc import AsyncIterator
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from protocol import JSON_SUBPROTOCOL, Codec, codec_for
+from protocol import JSON_SUBPROTOCOL, CloseCode, Codec, ErrorCode, codec_for
 
 # Events held for a caller that is not consuming them; a client that never
 # reads its events should not grow without bound either.
@@ -50,6 +66,24 @@ class Client:
         protocols = [subprotocol] if subprotocol else None
         ws = await connect(url, subprotocols=protocols, compression=None, **kwargs)  # type: ignore[arg-type]
         return cls(ws, codec_for(ws.subprotocol))
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closed and every frame it brought is queued."""
+        return self._reader.done()
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code received (1006 when the connection dropped without one)."""
+        return self.ws.close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        return self.ws.close_reason
+
+    async def wait_closed(self) -> None:
+        """Until the connection is closed and every event it brought is in ``events``."""
+        await asyncio.wait([self._reader])
 
     async def close(self) -> None:
         await self.ws.close()
@@ -131,4 +165,583 @@ class Client:
         finally:
             for waiter in self._waiting.values():
                 if not waiter.done():
-                    waiter.set_exception(ConnectionError("connection closed"))
+                    waiter.set_exception(
+                        ConnectionError(f"connection closed (code {self.ws.close_code})")
+                    )
+
+
+# --- the reconnecting session -----------------------------------------------------------
+
+Event = dict[str, Any]
+# A token, or a function (sync or async) called before each hello for a fresh one.
+TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
+
+# Reconnect backoff, "full jitter": the n-th retry in a row waits a uniform
+# random time in [BACKOFF_MIN_S, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**n)],
+# so clients dropped together (a server restart) do not come back together.
+BACKOFF_MIN_S = 0.05
+BACKOFF_BASE_S = 0.25
+BACKOFF_MAX_S = 10.0
+# After a 4029 close (rate limited past tolerance) the server asks for "several seconds".
+BACKOFF_RATE_LIMITED_S = 5.0
+# A connection that stayed up this long resets the backoff to its first step;
+# one dropped sooner keeps climbing (a server that accepts then drops at once
+# is not hammered).
+STABLE_CONNECTION_S = 5.0
+# Opening a connection, hello and re-joining every room, together.
+CONNECT_TIMEOUT_S = 15.0
+# How many times a spend is sent (the same key each time) before giving up.
+SPEND_ATTEMPTS_MAX = 5
+# Close codes after which reconnecting with the same token and subprotocol would
+# fail again (docs/protocol.md, "Close codes").
+TERMINAL_CLOSE_CODES = frozenset({int(CloseCode.UNAUTHENTICATED), int(CloseCode.FORBIDDEN)})
+# Error codes with which a spend was not applied and may be sent again as is.
+SPEND_RETRY_CODES = frozenset({str(ErrorCode.UNAVAILABLE), str(ErrorCode.RATE_LIMITED)})
+ROOM_EVENT_TYPES = frozenset({"message", "tip"})
+REPLY_TYPES = frozenset({"ok", "error", "welcome"})
+
+
+class SessionClosed(ConnectionError):
+    """The session is over: closed by its owner, or by the server for good
+    (``code`` 4001 unauthenticated, 4003 forbidden), or reconnecting gave up."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConnectionLost(ConnectionError):
+    """A command got no reply because the connection was lost (or is being
+    re-established). It may or may not have been applied; it is not retried."""
+
+    def __init__(self, command: str, detail: str) -> None:
+        super().__init__(f"{command!r} got no reply: {detail}")
+        self.command = command
+
+
+class SpendUnconfirmed(ConnectionError):
+    """A spend sent ``attempts`` times with ``key`` got no reply (or only
+    ``UNAVAILABLE``). Sending it again with the same key is safe: it is
+    charged at most once."""
+
+    def __init__(self, command: str, key: str, attempts: int, last: BaseException | None) -> None:
+        super().__init__(
+            f"{command!r} with key {key!r} not confirmed after {attempts} attempts: {last}"
+        )
+        self.command = command
+        self.key = key
+        self.attempts = attempts
+
+
+def backoff_delay(
+    retry: int,
+    *,
+    min_s: float = BACKOFF_MIN_S,
+    base_s: float = BACKOFF_BASE_S,
+    max_s: float = BACKOFF_MAX_S,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before the ``retry``-th retry in a row (0 for the
+    first): exponential backoff with full jitter, bounded by ``min_s`` and
+    ``max_s``."""
+    ceiling = min(max_s, base_s * 2 ** min(retry, 32))
+    return (rng or random).uniform(min_s, max(min_s, ceiling))
+
+
+def offset_order(offset: object) -> tuple[int, int] | None:
+    """A room offset as a sortable key. Offsets are opaque to clients, but
+    ordered within a room; this server's are Redis stream ids ``<ms>-<seq>``.
+    None when ``offset`` has another form (then it is not de-duplicated)."""
+    if not isinstance(offset, str):
+        return None
+    ms, sep, seq = offset.partition("-")
+    if not (sep and ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+        return None
+    return int(ms), int(seq)
+
+
+class Session:
+    """A reconnecting client: connect, hello, rooms kept across reconnects,
+    events as an async iterator, spends retried with their idempotency key.
+
+    ::
+
+        session = await Session.connect("ws://127.0.0.1:8001/ws", token)
+        await session.join("alice")
+        await session.say("alice", "hi")
+        reply = await session.tip("alice", 5, "for the song")
+        async for event in session:
+            ...
+
+    Events are the server's (``message``, ``tip``, ``dm``, ``presence``,
+    ``balance``, ``error`` without ``re``) plus these, made here:
+
+    - ``{"type": "reconnecting", "code", "reason", "attempt", "delay_s"}``: the
+      connection was lost (``code`` is its close code, None when connecting
+      failed) and the session tries again in ``delay_s``;
+    - ``{"type": "reconnected", "session", "attempts"}``: connected and said
+      hello again; the rooms are re-joined next (their missed events follow);
+    - ``{"type": "gap", "room", "since"}``: a re-join could not return every
+      event after ``since`` (``recovered`` false): some were missed; the
+      newest ones follow;
+    - ``{"type": "room_lost", "room", "code", "message"}``: a room could not be
+      re-joined (e.g. ``NOT_FOUND``); the session is no longer in it;
+    - ``{"type": "balance", "balance"}`` after a reconnect, when the welcome's
+      balance differs from the last one seen (pushes are not replayed).
+
+    Room events (``message``, ``tip``) are delivered for the rooms joined
+    through ``join`` only, each once, in offset order: ``history`` first, then
+    live ones. ``dm`` events are delivered as the server sends them; a DM sent
+    to a connection that dropped before reading it is not sent again (see
+    docs/protocol.md, ``dm``).
+
+    The iterator ends after ``close()``; when the server ends the session for
+    good (4001, 4003) it raises ``SessionClosed`` once the events before are
+    consumed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: TokenSource,
+        *,
+        subprotocol: str | None = JSON_SUBPROTOCOL,
+        reply_timeout_s: float = REPLY_TIMEOUT_S,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        backoff_min_s: float = BACKOFF_MIN_S,
+        backoff_base_s: float = BACKOFF_BASE_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+        reconnect_attempts_max: int | None = None,
+        spend_attempts_max: int = SPEND_ATTEMPTS_MAX,
+        rng: random.Random | None = None,
+        **connect_kwargs: Any,
+    ) -> None:
+        self.url = url
+        self.subprotocol = subprotocol
+        self.reply_timeout_s = reply_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.backoff_min_s = backoff_min_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.reconnect_attempts_max = reconnect_attempts_max
+        self.spend_attempts_max = spend_attempts_max
+        self._token = token
+        self._rng = rng or random.Random()
+        self._connect_kwargs = connect_kwargs
+        # The rooms joined, each with the last offset seen (None: none yet).
+        self.rooms: dict[str, str | None] = {}
+        self.client: Client | None = None
+        self.welcome: dict[str, Any] | None = None
+        self.balance: int | None = None
+        self.reconnects = 0
+        # None marks the end of the events. Not bounded: the consumer is
+        # expected to keep reading (room traffic is bounded by the rooms joined).
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        # Set while connected and every room is re-joined; also set once ended,
+        # so that waiters wake up and find out.
+        self._ready = asyncio.Event()
+        self._ended: SessionClosed | None = None
+        self._failed = False  # ended by the server or by giving up, not by close()
+        self._pump: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        # Live events of rooms whose join reply is awaited, held until its history is in.
+        self._joining: dict[str, list[Event]] = {}
+
+    # --- lifecycle ------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, url: str, token: TokenSource, **kwargs: Any) -> Session:
+        session = cls(url, token, **kwargs)
+        await session.start()
+        return session
+
+    async def start(self) -> None:
+        """Connect and say hello, once: a failure is raised (``SessionClosed``
+        for a refused token), not retried. Later losses are retried."""
+        client = await self._establish()
+        self._supervisor = asyncio.create_task(self._supervise(client))
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting; the events iterator ends."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        client = self.client
+        if client is not None:
+            await client.close()
+            self._detach(client)
+        self._end(SessionClosed("session closed"), failed=False)
+
+    async def __aenter__(self) -> Session:
+        if self.client is None and self._ended is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        """Connected, with every room re-joined."""
+        client = self.client
+        return (
+            self._ready.is_set()
+            and self._ended is None
+            and client is not None
+            and not client.closed
+        )
+
+    @property
+    def ended(self) -> SessionClosed | None:
+        """Why the session is over, or None while it lives."""
+        return self._ended
+
+    # --- events -----------------------------------------------------------------------
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self.events()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event, in order, until the session ends: then the iterator
+        stops after ``close()``, or raises ``SessionClosed`` when the server
+        ended the session or reconnecting gave up."""
+        while (event := await self._next()) is not None:
+            yield event
+        if self._failed and self._ended is not None:
+            raise self._ended
+
+    async def next_event(self, type_: str | None = None, timeout_s: float = 5.0) -> Event:
+        """The next event (of ``type_``, skipping others); ``SessionClosed`` at the end."""
+        async with asyncio.timeout(timeout_s):
+            while (event := await self._next()) is not None:
+                if type_ is None or event["type"] == type_:
+                    return event
+        assert self._ended is not None
+        raise self._ended
+
+    async def _next(self) -> Event | None:
+        event = await self._events.get()
+        if event is None:
+            self._events.put_nowait(None)  # the end, for every later reader too
+        return event
+
+    # --- commands ---------------------------------------------------------------------
+    async def request(
+        self, type_: str, *, timeout_s: float | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """Send a command once and return its reply (``ok`` or ``error``).
+
+        Waits up to ``timeout_s`` for the connection if it is being
+        re-established. Raises ``ConnectionLost`` when the connection is lost
+        before the reply (the command is not retried: it may have been
+        applied), ``TimeoutError`` when no reply comes in time."""
+        timeout = self.reply_timeout_s if timeout_s is None else timeout_s
+        client = await self._connection(type_, timeout)
+        try:
+            return await client.request(type_, timeout_s=timeout, **fields)
+        except (ConnectionError, ConnectionClosed) as exc:
+            raise ConnectionLost(type_, f"connection lost ({exc})") from exc
+
+    async def call(self, type_: str, **fields: Any) -> dict[str, Any]:
+        """Like ``request`` but raises ``CommandError`` on an error reply."""
+        reply = await self.request(type_, **fields)
+        if reply["type"] == "error":
+            raise CommandError(reply)
+        return reply
+
+    async def join(self, room: str) -> dict[str, Any]:
+        """Join ``room`` and keep it across reconnects. Its ``history`` (the
+        events after the last one seen, if it was joined before) goes to the
+        events first, then its live events."""
+        client = await self._connection("join", self.reply_timeout_s)
+        return await self._join(client, room, self.rooms.get(room))
+
+    async def leave(self, room: str) -> dict[str, Any]:
+        """Leave ``room``: it is not re-joined any more, and its late events are
+        dropped. Not being in it (``NOT_IN_ROOM``, say after a reconnect) is
+        no error."""
+        self.rooms.pop(room, None)
+        reply = await self.request("leave", room=room)
+        if reply["type"] == "error" and reply.get("code") != ErrorCode.NOT_IN_ROOM:
+            raise CommandError(reply)
+        return reply
+
+    async def say(self, room: str, text: str) -> dict[str, Any]:
+        return await self.call("say", room=room, text=text)
+
+    async def get_balance(self) -> int:
+        balance: int = (await self.call("balance"))["balance"]
+        self.balance = balance
+        return balance
+
+    async def tip(
+        self, room: str, amount: int, text: str = "", *, key: str | None = None
+    ) -> dict[str, Any]:
+        """Tip ``amount`` in ``room``; the ``ok`` reply (``duplicate`` when an
+        earlier attempt had been applied). ``CommandError`` on an error reply,
+        ``SpendUnconfirmed`` after ``spend_attempts_max`` attempts without one."""
+        return await self._spend("tip", key, room=room, amount=amount, text=text)
+
+    async def dm(
+        self, to: str, text: str, *, max_price: int | None = None, key: str | None = None
+    ) -> dict[str, Any]:
+        """Send a private message to ``to`` at their DM price; as ``tip``."""
+        fields: dict[str, Any] = {"to": to, "text": text}
+        if max_price is not None:
+            fields["max_price"] = max_price
+        return await self._spend("dm", key, **fields)
+
+    async def _spend(self, type_: str, key: str | None, **fields: Any) -> dict[str, Any]:
+        """Send a spend until it gets an ``ok`` or a final error, with one key.
+
+        Retried, with the same key and fields: no reply in time, a connection
+        lost before the reply (after reconnecting and re-joining), and the
+        codes with which nothing was applied (``UNAVAILABLE``, ``RATE_LIMITED``).
+        The server answers a retry of an applied spend with its original
+        reply plus ``"duplicate": true`` and charges nothing again."""
+        key = key or uuid.uuid4().hex
+        last: BaseException | None = None
+        for attempt in range(self.spend_attempts_max):
+            if attempt:
+                await asyncio.sleep(self._backoff(attempt - 1))
+            try:
+                client = await self._connection(type_, self.reply_timeout_s)
+                reply = await client.request(
+                    type_, key=key, timeout_s=self.reply_timeout_s, **fields
+                )
+            except SessionClosed:
+                raise
+            except (ConnectionError, ConnectionClosed, TimeoutError) as exc:
+                last = exc
+                continue
+            if reply["type"] == "error":
+                if reply.get("code") in SPEND_RETRY_CODES:
+                    last = CommandError(reply)
+                    continue
+                raise CommandError(reply)
+            if not reply.get("duplicate") and isinstance(reply.get("balance"), int):
+                # A duplicate carries the balance of its time, not today's.
+                self.balance = reply["balance"]
+            return reply
+        raise SpendUnconfirmed(type_, key, self.spend_attempts_max, last)
+
+    async def _connection(self, command: str, timeout_s: float) -> Client:
+        """The current connection, waiting up to ``timeout_s`` for a reconnect."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    if self._ended is not None:
+                        raise self._ended
+                    client = self.client
+                    if self._ready.is_set() and client is not None:
+                        if not client.closed:
+                            return client
+                        # Lost, and the supervisor has not noticed yet.
+                        self._ready.clear()
+                    await self._ready.wait()
+        except TimeoutError:
+            raise ConnectionLost(command, f"not connected after {timeout_s} s") from None
+
+    # --- connecting -------------------------------------------------------------------
+    async def _establish(self, retry: int = 0) -> Client:
+        """Open a connection, say hello, re-join every room; then ready.
+        ``retry``: the reconnect attempt, 0 for the first connection."""
+        async with asyncio.timeout(self.connect_timeout_s):
+            client = await Client.connect(
+                self.url, subprotocol=self.subprotocol, **self._connect_kwargs
+            )
+            try:
+                welcome = await self._hello(client)
+                self._attach(client, welcome)
+                if retry:
+                    self.reconnects += 1
+                    self._emit(
+                        {"type": "reconnected", "session": welcome["session"], "attempts": retry}
+                    )
+                for room, since in list(self.rooms.items()):
+                    await self._rejoin(client, room, since)
+            except BaseException:
+                await client.close()
+                self._detach(client)
+                raise
+        self._ready.set()
+        return client
+
+    async def _hello(self, client: Client) -> dict[str, Any]:
+        token = self._token if isinstance(self._token, str) else self._token()
+        if inspect.isawaitable(token):
+            token = await token
+        assert isinstance(token, str)
+        try:
+            return await client.hello(token)
+        except CommandError as exc:
+            if exc.code == ErrorCode.UNAUTHENTICATED:
+                raise SessionClosed(
+                    f"hello refused: {exc}", int(CloseCode.UNAUTHENTICATED)
+                ) from exc
+            raise ConnectionError(f"hello refused: {exc}") from exc  # UNAVAILABLE: retried
+        except ConnectionError:
+            await client.wait_closed()
+            if client.close_code in TERMINAL_CLOSE_CODES:
+                raise SessionClosed(
+                    f"closed by the server: {client.close_code} {client.close_reason}",
+                    client.close_code,
+                ) from None
+            raise
+
+    async def _rejoin(self, client: Client, room: str, since: str | None) -> None:
+        try:
+            await self._join(client, room, since)
+        except CommandError as exc:
+            if exc.code in SPEND_RETRY_CODES:
+                raise ConnectionError(f"re-joining {room!r}: {exc}") from exc  # try again later
+            self.rooms.pop(room, None)
+            self._emit(
+                {
+                    "type": "room_lost",
+                    "room": room,
+                    "code": exc.code,
+                    "message": exc.reply.get("message"),
+                }
+            )
+
+    async def _join(self, client: Client, room: str, since: str | None) -> dict[str, Any]:
+        self._joining[room] = []
+        reply: dict[str, Any] | None = None
+        try:
+            fields: dict[str, Any] = {"room": room}
+            if since is not None:
+                fields["since"] = since
+            try:
+                reply = await client.request("join", timeout_s=self.reply_timeout_s, **fields)
+            except (ConnectionError, ConnectionClosed) as exc:
+                raise ConnectionLost("join", f"connection lost ({exc})") from exc
+            if reply["type"] == "error":
+                raise CommandError(reply)
+            self.rooms.setdefault(room, None)
+            if since is not None and reply.get("recovered") is False:
+                self._emit({"type": "gap", "room": room, "since": since})
+            return reply
+        finally:
+            # History first, then the live events that came after the reply;
+            # on an error, the live events of a room this session was in already.
+            held = self._joining.pop(room, [])
+            if room in self.rooms:
+                history = reply.get("history", []) if reply and reply["type"] == "ok" else []
+                for event in [*history, *held]:
+                    self._room_event(room, event)
+
+    def _attach(self, client: Client, welcome: dict[str, Any]) -> None:
+        self.client = client
+        self.welcome = welcome
+        balance = welcome.get("balance")
+        if self.balance is not None and balance != self.balance:
+            self._emit({"type": "balance", "balance": balance})
+        if isinstance(balance, int):
+            self.balance = balance
+        self._pump = asyncio.create_task(self._pump_events(client))
+
+    def _detach(self, client: Client) -> None:
+        """Stop reading ``client``'s events, after taking those still queued."""
+        if self._pump is not None:
+            self._pump.cancel()
+            self._pump = None
+        while not client.events.empty():
+            self._accept(client.events.get_nowait())
+
+    async def _pump_events(self, client: Client) -> None:
+        while True:
+            self._accept(await client.events.get())
+
+    async def _supervise(self, client: Client) -> None:
+        loop = asyncio.get_running_loop()
+        retry = 0
+        while True:
+            connected_at = loop.time()
+            await client.wait_closed()
+            self._ready.clear()
+            await client.close()  # the reader may have stopped on a bad frame alone
+            self._detach(client)
+            code, reason = client.close_code, client.close_reason
+            if code in TERMINAL_CLOSE_CODES:
+                self._end(SessionClosed(f"closed by the server: {code} {reason}", code))
+                return
+            if loop.time() - connected_at >= STABLE_CONNECTION_S:
+                retry = 0
+            while True:
+                if self.reconnect_attempts_max is not None and retry >= self.reconnect_attempts_max:
+                    self._end(SessionClosed(f"gave up after {retry} reconnect attempts", code))
+                    return
+                delay = self._backoff(retry)
+                if code == CloseCode.RATE_LIMITED:
+                    delay = max(delay, BACKOFF_RATE_LIMITED_S)
+                retry += 1
+                self._emit(
+                    {
+                        "type": "reconnecting",
+                        "code": code,
+                        "reason": reason,
+                        "attempt": retry,
+                        "delay_s": round(delay, 3),
+                    }
+                )
+                await asyncio.sleep(delay)
+                try:
+                    client = await self._establish(retry)
+                except SessionClosed as exc:
+                    self._end(exc)
+                    return
+                except (OSError, ConnectionError, ConnectionClosed, InvalidHandshake) as exc:
+                    # OSError covers TimeoutError and a refused connection.
+                    code, reason = None, str(exc) or type(exc).__name__
+                    continue
+                break
+
+    def _backoff(self, retry: int) -> float:
+        return backoff_delay(
+            retry,
+            min_s=self.backoff_min_s,
+            base_s=self.backoff_base_s,
+            max_s=self.backoff_max_s,
+            rng=self._rng,
+        )
+
+    # --- event routing ------------------------------------------------------------------
+    def _accept(self, event: Event) -> None:
+        type_ = event.get("type")
+        if type_ in ("ok", "welcome") or (type_ == "error" and event.get("re") is not None):
+            return  # a late reply to a command given up on (timed out, then retried)
+        room = event.get("room")
+        if type_ in ROOM_EVENT_TYPES and isinstance(room, str):
+            held = self._joining.get(room)
+            if held is not None:
+                held.append(event)
+            elif room in self.rooms:
+                self._room_event(room, event)
+            return  # a room left, or joined outside ``join``
+        if type_ == "presence" and room not in self.rooms and room not in self._joining:
+            return
+        if type_ == "balance" and isinstance(event.get("balance"), int):
+            self.balance = event["balance"]
+        self._emit(event)
+
+    def _room_event(self, room: str, event: Event) -> None:
+        """Deliver a room event unless its offset was seen already."""
+        offset = event.get("offset")
+        order, last = offset_order(offset), offset_order(self.rooms.get(room))
+        if order is not None and last is not None and order <= last:
+            return
+        if isinstance(offset, str):
+            self.rooms[room] = offset
+        self._emit(event)
+
+    def _emit(self, event: Event) -> None:
+        if self._ended is None:
+            self._events.put_nowait(event)
+
+    def _end(self, reason: SessionClosed, *, failed: bool = True) -> None:
+        if self._ended is not None:
+            return
+        self._ended = reason
+        self._failed = failed
+        self._events.put_nowait(None)
+        self._ready.set()  # wake the commands waiting for a connection

@@ -1,4 +1,4 @@
-"""The ``tokenchat`` command: serve, migrate, token, dev."""
+"""The ``tokenchat`` command: serve, migrate, token, dev, chat."""
 
 from __future__ import annotations
 
@@ -51,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _listen_args(dev)
     dev.add_argument("--data-dir", type=Path, default=DEV_DATA_DIR)
 
+    from client_demo import cli as chat_cli
+
+    chat = sub.add_parser("chat", help="terminal chat client (python -m client_demo.cli)")
+    chat_cli.add_arguments(chat)
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -68,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args)
         if args.command == "dev":
             return _dev(args)
+        if args.command == "chat":
+            return chat_cli.run(args)
     except ValueError as exc:
         print(f"tokenchat: {exc}", file=sys.stderr)
         return 2

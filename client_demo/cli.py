@@ -1,0 +1,356 @@
+"""A terminal chat client on ``client_demo.client.Session``.
+
+    python -m client_demo.cli --url ws://127.0.0.1:8001/ws --token TOKEN [--room ROOM]
+    tokenchat chat --url ... --token ... [--room ROOM] [--http http://127.0.0.1:8000]
+
+It reads lines from standard input (a terminal or a pipe) and prints what
+happens, one line each, to standard output:
+
+    plain text        say it in the current room
+    /join ROOM        join ROOM (its recent history is shown) and make it current
+    /leave            leave the current room
+    /tip N [TEXT]     tip N tokens in the current room
+    /dm USER TEXT     send a private message (charged at USER's DM price)
+    /balance          show your balance
+    /rooms            list the rooms (GET /v1/rooms on the HTTP API, --http)
+    /help             this list
+    /quit             leave (so does the end of the input)
+
+The connection is re-established by itself when it drops; the rooms are
+re-joined and the messages missed meanwhile are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.exceptions import InvalidHandshake
+
+from protocol import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
+
+from .client import CommandError, Event, Session, SessionClosed
+
+DEFAULT_URL = "ws://127.0.0.1:8001/ws"
+# How long GET /v1/rooms may take.
+HTTP_TIMEOUT_S = 5.0
+SUBPROTOCOLS = {"json": JSON_SUBPROTOCOL, "msgpack": MSGPACK_SUBPROTOCOL}
+HELP = """commands:
+  TEXT            say TEXT in the current room
+  /join ROOM      join ROOM and make it the current room
+  /leave          leave the current room
+  /tip N [TEXT]   tip N tokens in the current room
+  /dm USER TEXT   send USER a private message (at their DM price)
+  /balance        show your balance
+  /rooms          list the rooms
+  /quit           leave"""
+
+Output = Callable[[str], None]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The client's options (shared with ``tokenchat chat``)."""
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("TOKENCHAT_WS_URL", DEFAULT_URL),
+        help=f"WebSocket URL (default {DEFAULT_URL}, or TOKENCHAT_WS_URL)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("TOKENCHAT_TOKEN"),
+        help="session token, e.g. from `tokenchat token USER` (or TOKENCHAT_TOKEN)",
+    )
+    parser.add_argument("--room", help="room to join at start")
+    parser.add_argument(
+        "--http",
+        default=os.environ.get("TOKENCHAT_HTTP_URL"),
+        help="HTTP API base URL for /rooms, e.g. http://127.0.0.1:8000 (or TOKENCHAT_HTTP_URL)",
+    )
+    parser.add_argument(
+        "--subprotocol", choices=sorted(SUBPROTOCOLS), default="json", help="wire encoding"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m client_demo.cli",
+        description="tokenchat terminal client",
+        epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the client with parsed ``args``; the process exit status."""
+    if not args.token:
+        print("error: give --token (or set TOKENCHAT_TOKEN)", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(chat(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def say(line: str) -> None:
+    print(line, flush=True)  # flushed: the output is often a pipe
+
+
+# --- formatting ------------------------------------------------------------------------
+
+
+def format_event(event: Event) -> str | None:
+    """One readable line for an event, None for one not worth a line."""
+    type_ = event.get("type")
+    room = event.get("room")
+    if type_ == "message":
+        return f"[{room}] {event.get('from')}: {event.get('text')}"
+    if type_ == "tip":
+        text = event.get("text")
+        return f"[{room}] {event.get('from')} tipped {event.get('amount')}" + (
+            f": {text}" if text else ""
+        )
+    if type_ == "dm":
+        price = event.get("price")
+        cost = f"{price} tokens" if price else "free"
+        return f"DM from {event.get('from')} ({cost}): {event.get('text')}"
+    if type_ == "presence":
+        viewers = event.get("viewers")
+        return f"[{room}] {viewers} viewer{'' if viewers == 1 else 's'}"
+    if type_ == "balance":
+        return f"balance: {event.get('balance')}"
+    if type_ == "error":
+        return f"error {event.get('code')}: {event.get('message')}"
+    if type_ == "gap":
+        return f"[{room}] * some messages were missed while disconnected"
+    if type_ == "room_lost":
+        return f"[{room}] * could not rejoin: {event.get('code')} {event.get('message')}"
+    if type_ == "reconnecting":
+        code, reason = event.get("code"), event.get("reason")
+        why = f"connection lost (code {code}{f', {reason}' if reason else ''})"
+        if code is None:
+            why = f"could not reconnect ({reason})"
+        return f"* {why}; reconnecting in {event.get('delay_s', 0):.1f} s"
+    if type_ == "reconnected":
+        return "* reconnected"
+    return f"* {json.dumps(event, ensure_ascii=False)}"
+
+
+def format_error(exc: BaseException) -> str:
+    if isinstance(exc, CommandError):
+        return f"error {exc.code}: {exc.reply.get('message')}"
+    return f"error: {exc}"
+
+
+# --- the loop --------------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    room: str | None = None  # the current room
+
+
+async def chat(args: argparse.Namespace, out: Output = say) -> int:
+    session = Session(args.url, args.token, subprotocol=SUBPROTOCOLS[args.subprotocol])
+    try:
+        await session.start()
+    except SessionClosed as exc:
+        out(f"error: {exc}")
+        return 1
+    except (OSError, ConnectionError, InvalidHandshake) as exc:
+        out(f"error: cannot connect to {args.url}: {exc or type(exc).__name__}")
+        return 1
+    welcome = session.welcome or {}
+    user = welcome.get("user", {})
+    out(f"* connected as {user.get('id')} ({user.get('role')}); balance {welcome.get('balance')}")
+    printer = asyncio.create_task(print_events(session, out))
+    lines = stdin_lines()
+    state = State()
+    try:
+        if args.room:
+            await handle_line(f"/join {args.room}", session, state, args, out)
+        while True:
+            next_line = asyncio.ensure_future(lines.get())
+            await asyncio.wait({next_line, printer}, return_when=asyncio.FIRST_COMPLETED)
+            if not next_line.done():  # the session ended
+                next_line.cancel()
+                break
+            line = next_line.result()
+            if line is None or not await handle_line(line, session, state, args, out):
+                break
+    finally:
+        await session.close()
+        status = await printer  # prints the events still queued
+    return status
+
+
+async def print_events(session: Session, out: Output) -> int:
+    try:
+        async for event in session:
+            line = format_event(event)
+            if line is not None:
+                out(line)
+    except SessionClosed as exc:
+        out(f"* disconnected: {exc}")
+        return 1
+    return 0
+
+
+def stdin_lines() -> asyncio.Queue[str | None]:
+    """Lines of standard input, then None at its end.
+
+    Read by a daemon thread: it works the same for a terminal, a pipe and a
+    file, and does not keep the process alive once the chat is over."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def put(line: str | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: we are exiting
+            loop.call_soon_threadsafe(queue.put_nowait, line)
+
+    def read() -> None:
+        try:
+            for line in sys.stdin:
+                put(line.rstrip("\r\n"))
+        finally:
+            put(None)
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+    return queue
+
+
+async def handle_line(
+    line: str, session: Session, state: State, args: argparse.Namespace, out: Output
+) -> bool:
+    """Run one input line; False to quit."""
+    if not line.strip():
+        return True
+    if not line.startswith("/"):
+        if state.room is None:
+            out("error: join a room first (/join ROOM)")
+            return True
+        await report(out, session.say(state.room, line))
+        return True
+    command, _, rest = line[1:].partition(" ")
+    rest = rest.strip()
+    if command in ("quit", "exit", "q"):
+        return False
+    if command == "help":
+        out(HELP)
+    elif command == "join" and rest:
+        reply = await report(out, session.join(rest))
+        if reply is not None:
+            state.room = rest
+            room = reply["room"]
+            out(f"* joined {rest} ({room.get('viewers')} here, tip min {room.get('tip_min')})")
+    elif command == "leave":
+        if state.room is None:
+            out("error: not in a room")
+        elif await report(out, session.leave(state.room)) is not None:
+            out(f"* left {state.room}")
+            state.room = next(iter(session.rooms), None)
+            if state.room is not None:
+                out(f"* current room: {state.room}")
+    elif command == "tip":
+        await tip(rest, session, state, out)
+    elif command == "dm":
+        to, _, text = rest.partition(" ")
+        if not to or not text.strip():
+            out("usage: /dm USER TEXT")
+        elif (reply := await report(out, session.dm(to, text.strip()))) is not None:
+            price = reply.get("price")
+            cost = f"{price} tokens" if price else "free"
+            out(f"* DM sent to {to} ({cost}); balance {reply.get('balance')}{_again(reply)}")
+    elif command == "balance":
+        if (reply := await report(out, session.call("balance"))) is not None:
+            out(f"balance: {reply['balance']}")
+    elif command == "rooms":
+        await list_rooms(args, out)
+    else:
+        out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
+    return True
+
+
+async def tip(rest: str, session: Session, state: State, out: Output) -> None:
+    amount_text, _, text = rest.partition(" ")
+    try:
+        amount = int(amount_text)
+    except ValueError:
+        out("usage: /tip N [TEXT]")
+        return
+    if state.room is None:
+        out("error: join a room first (/join ROOM)")
+        return
+    room = state.room
+    if (reply := await report(out, session.tip(room, amount, text.strip()))) is not None:
+        out(f"* tipped {amount} in {room}; balance {reply.get('balance')}{_again(reply)}")
+
+
+def _again(reply: dict[str, Any]) -> str:
+    return " (a retry: it had gone through before)" if reply.get("duplicate") else ""
+
+
+async def report(out: Output, command: Awaitable[dict[str, Any]]) -> dict[str, Any] | None:
+    """Await a command; its reply, or None after printing why it failed."""
+    try:
+        reply: dict[str, Any] = await command
+    except (CommandError, ConnectionError, TimeoutError) as exc:
+        out(format_error(exc))
+        return None
+    return reply
+
+
+async def list_rooms(args: argparse.Namespace, out: Output) -> None:
+    if not args.http:
+        out("error: /rooms needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    url = args.http.rstrip("/") + "/v1/rooms"
+    try:
+        status, body = await asyncio.to_thread(http_get, url, args.token)
+    except OSError as exc:
+        out(f"error: GET {url}: {exc}")
+        return
+    if status == 404 and not (isinstance(body, dict) and "rooms" in body):
+        out(f"error: this server has no room list (GET {url} answered 404)")
+        return
+    if status != 200 or not isinstance(body, dict):
+        problem = body.get("error", {}) if isinstance(body, dict) else {}
+        out(
+            f"error {problem.get('code', status)}: {problem.get('message', 'GET /v1/rooms failed')}"
+        )
+        return
+    rooms = body.get("rooms") or []
+    listed = ", ".join(
+        f"{room.get('id')} ({room.get('viewers')} viewer{'' if room.get('viewers') == 1 else 's'})"
+        for room in rooms
+    )
+    out(f"rooms: {listed or 'none'}")
+
+
+def http_get(url: str, token: str) -> tuple[int, Any]:
+    """GET ``url`` with the token; the status and the JSON body (None if not JSON)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            status, data = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, data = exc.code, exc.read()
+    try:
+        return status, json.loads(data)
+    except ValueError:
+        return status, None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The terminal client (``python -m client_demo.cli``, ``tokenchat chat``) in a
+subprocess, driven through its standard input against a running server."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+from pathlib import Path
+
+from client_demo.cli import format_event
+from tests.conftest import Http, Running, token
+
+ROOT = Path(__file__).resolve().parents[2]
+# Start-up (imports) plus a round trip or two; generous for a loaded machine.
+EXPECT_TIMEOUT_S = 15.0
+
+
+class Chat:
+    """The terminal client in a subprocess: lines in, lines out."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+
+    @classmethod
+    async def start(cls, *args: str, command: tuple[str, ...] | None = None) -> Chat:
+        process = await asyncio.create_subprocess_exec(
+            *(command or (sys.executable, "-m", "client_demo.cli")),
+            *args,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        return cls(process)
+
+    async def send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def expect(self, *wanted: str) -> list[str]:
+        """Read lines until each of ``wanted`` is in one of them, in any order."""
+        assert self.process.stdout is not None
+        missing = list(wanted)
+        found: list[str] = []
+        try:
+            async with asyncio.timeout(EXPECT_TIMEOUT_S):
+                while missing:
+                    raw = await self.process.stdout.readline()
+                    assert raw, f"the client exited; still expected {missing}"
+                    line = raw.decode().rstrip("\n")
+                    self.lines.append(line)
+                    for text in missing:
+                        if text in line:
+                            missing.remove(text)
+                            found.append(line)
+                            break
+        except TimeoutError:
+            raise AssertionError(f"never printed {missing}; output: {self.lines}") from None
+        return found
+
+    async def exit_code(self) -> int:
+        assert self.process.stdout is not None
+        async with asyncio.timeout(EXPECT_TIMEOUT_S):
+            rest = await self.process.stdout.read()
+            self.lines += rest.decode().splitlines()
+            return await self.process.wait()
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+async def test_join_say_tip_dm_balance_and_reconnect(server: Running) -> None:
+    http = Http(server)
+    model = await server.client("alice", "model")
+    await model.call("join", room="alice")
+    await model.call("say", room="alice", text="welcome all")
+    status, _ = await http.call("PUT", "/v1/me/prices", "alice", "model", dm=3)
+    assert status == 200
+    await http.credit("bob", 100)
+    chat = await Chat.start(
+        "--url",
+        server.ws_url,
+        "--token",
+        token("bob"),
+        "--room",
+        "alice",
+        "--http",
+        server.http_url,
+    )
+    try:
+        await chat.expect(
+            "* connected as bob (fan); balance 100",
+            "* joined alice (2 here, tip min 1)",
+            "[alice] alice: welcome all",  # history
+        )
+        await chat.send("hello everyone")
+        await chat.expect("[alice] bob: hello everyone")
+        assert (await model.next_event("message"))["text"] == "welcome all"  # its own
+        assert (await model.next_event("message"))["text"] == "hello everyone"
+        await model.call("say", room="alice", text="hi bob")
+        await chat.expect("[alice] alice: hi bob")
+
+        await chat.send("/tip 5 nice show")
+        await chat.expect("* tipped 5 in alice; balance 95", "[alice] bob tipped 5: nice show")
+        await chat.send("/dm alice are you there?")
+        await chat.expect("* DM sent to alice (3 tokens); balance 92")
+        dm = await model.next_event("dm")
+        assert dm["from"] == "bob" and dm["text"] == "are you there?" and dm["price"] == 3
+        await model.call("dm", to="bob", text="yes!", key="dm-1")  # fans take DMs for free
+        await chat.expect("DM from alice (free): yes!")
+        await chat.send("/balance")
+        await chat.expect("balance: 92")
+
+        # The server drops the connection: the client says so, comes back,
+        # and shows what was said meanwhile.
+        node = server.process.node
+        assert node is not None
+        (bob,) = [s for s in node.sessions if s.identity and s.identity.user_id == "bob"]
+        await bob.ws.close(1012, "server restarting")
+        await model.call("say", room="alice", text="while you were away")
+        await chat.expect(
+            "* connection lost (code 1012, server restarting); reconnecting in",
+            "[alice] alice: while you were away",
+            "* reconnected",
+        )
+
+        await chat.send("/rooms")
+        (rooms,) = await chat.expect("room")
+        # GET /v1/rooms is being added to the HTTP API; either answer is handled.
+        assert rooms.startswith("rooms: alice (2 viewers)") or "answered 404" in rooms, rooms
+        await chat.send("/tip lots")
+        await chat.expect("usage: /tip N [TEXT]")
+        await chat.send("/tip 1000")
+        await chat.expect("error INSUFFICIENT_FUNDS:")
+        await chat.send("/dm nobody hello")
+        await chat.expect("error NOT_FOUND:")
+        await chat.send("/leave")
+        await chat.expect("* left alice")
+        await chat.send("anyone?")
+        await chat.expect("error: join a room first (/join ROOM)")
+        await chat.send("/quit")
+        assert await chat.exit_code() == 0
+    finally:
+        await chat.kill()
+        await model.close()
+    assert (await http.call("GET", "/v1/me", "bob"))[1]["balance"] == 92
+
+
+async def test_piped_input_runs_to_its_end(server: Running) -> None:
+    chat = await Chat.start("--url", server.ws_url, "--token", token("carol"))
+    try:
+        assert chat.process.stdin is not None
+        chat.process.stdin.write(b"/balance\nnot in a room\n")
+        chat.process.stdin.close()  # the end of the input ends the client
+        assert await chat.exit_code() == 0
+    finally:
+        await chat.kill()
+    assert chat.lines == [
+        "* connected as carol (fan); balance 0",
+        "balance: 0",
+        "error: join a room first (/join ROOM)",
+    ]
+
+
+async def test_tokenchat_chat_with_a_bad_token_exits_at_once(server: Running) -> None:
+    script = shutil.which("tokenchat", path=str(Path(sys.executable).parent))
+    command = (script,) if script else (sys.executable, "-m", "server.cli")
+    chat = await Chat.start("chat", "--url", server.ws_url, "--token", "bad", command=command)
+    try:
+        assert await chat.exit_code() == 1
+    finally:
+        await chat.kill()
+    assert any("UNAUTHENTICATED" in line for line in chat.lines), chat.lines
+
+
+def test_event_lines() -> None:
+    assert format_event({"type": "presence", "room": "a", "viewers": 1}) == "[a] 1 viewer"
+    assert format_event({"type": "tip", "room": "a", "from": "b", "amount": 2, "text": ""}) == (
+        "[a] b tipped 2"
+    )
+    assert format_event({"type": "gap", "room": "a"}) == (
+        "[a] * some messages were missed while disconnected"
+    )
+    assert format_event({"type": "error", "code": "RATE_LIMITED", "message": "slow down"}) == (
+        "error RATE_LIMITED: slow down"
+    )
+    line = format_event({"type": "reconnecting", "code": None, "reason": "refused", "delay_s": 2})
+    assert line == "* could not reconnect (refused); reconnecting in 2.0 s"
