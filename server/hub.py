@@ -122,11 +122,15 @@ class Hub:
             self._send(room, state, None, frame)
 
     def _send(self, room: str, state: _Room, position: Offset | None, frame: bytes) -> None:
-        for member in list(state.joining):
-            member.buffer_event(room, position, frame)
+        # The lists are taken before the joining members see the event: one
+        # of them may finish its join on this very event (and must not get it
+        # a second time through the lists).
         text, binary = state.connections()
+        joining = list(state.joining)
         if text:
             broadcast(text, frame, text=True)
         if binary:
             broadcast(binary, json_to_msgpack(frame))
+        for member in joining:
+            member.buffer_event(room, position, frame)
         metrics.DELIVERIES.inc(len(text) + len(binary))

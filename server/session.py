@@ -69,6 +69,12 @@ class Session:
         self._strikes = 0
         # Live events of rooms being joined, held until the join reply is sent.
         self._joining: dict[str, list[tuple[Offset | None, bytes]]] = {}
+        # Rooms whose join reply is out but whose history reached further than
+        # the events this node has received so far: pub/sub runs on another
+        # connection than the history read, so an event can be in the history
+        # before its live copy arrives. Until that copy arrives, live events
+        # at or before the history's last offset are dropped here.
+        self._catching_up: dict[str, Offset] = {}
         self._after_reply: Callable[[], None] | None = None
         # The last DM delivered here: a DM seen both live and in the inbox
         # (around a hello or a reconnect of pub/sub) is delivered once.
@@ -101,6 +107,14 @@ class Session:
         return self.codec.binary
 
     def buffer_event(self, room: str, offset: Offset | None, frame: bytes) -> None:
+        history_end = self._catching_up.get(room)
+        if history_end is not None:
+            if offset is None or offset > history_end:
+                self._push(frame)
+            if offset is not None and offset >= history_end:
+                del self._catching_up[room]
+                self.node.hub.join_finished(room, self)
+            return
         held = self._joining.get(room)
         if held is None:
             return
@@ -136,6 +150,7 @@ class Session:
         for room in self.rooms:
             self.node.hub.remove(room, self)
         self._joining.clear()
+        self._catching_up.clear()
         self._close_soon(CloseCode.TOO_SLOW, "too slow: write buffer over its limit")
 
     # --- lifecycle --------------------------------------------------------------
@@ -302,6 +317,7 @@ class Session:
     async def _cleanup(self) -> None:
         self._closing = True
         self._joining.clear()
+        self._catching_up.clear()
         rooms, self.rooms = self.rooms, set()
         for room in rooms:
             self.node.hub.remove(room, self)
@@ -321,6 +337,7 @@ class Session:
                 f"at most {self.node.settings.rooms_per_session_max} rooms per session"
             )
         self._joining[room_id] = []
+        self._catching_up.pop(room_id, None)
         self.node.hub.join_started(room_id, self)
         if is_new:
             self.rooms.add(room_id)
@@ -351,6 +368,10 @@ class Session:
         for offset, frame in held or ():
             if offset is None or last is None or offset > last:
                 self._push(frame)
+        received = self.node.hub.last_offset(room)
+        if last is not None and (received is None or received < last):
+            self._catching_up[room] = last
+            return
         # From here on the room's broadcasts reach this session directly.
         self.node.hub.join_finished(room, self)
 
@@ -359,6 +380,7 @@ class Session:
             raise NotInRoom(f"not in room '{command.room}'")
         self.rooms.discard(command.room)
         self._joining.pop(command.room, None)
+        self._catching_up.pop(command.room, None)
         self.node.hub.remove(command.room, self)
         self.node.room_left(command.room)
         return {}
