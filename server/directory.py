@@ -110,3 +110,15 @@ class Directory:
         except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
             raise Unavailable("the room store is unavailable") from exc
         return [row["id"] for row in rows]
+
+    async def room_infos(self, limit: int) -> list[RoomInfo]:
+        """Every model's room with its settings (at most ``limit``), by id."""
+        try:
+            rows = await self._pool.fetch(
+                """SELECT r.id, r.tip_min FROM rooms r JOIN users u ON u.id = r.id
+                   WHERE u.role = 'model' ORDER BY r.id LIMIT $1""",
+                limit,
+            )
+        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+            raise Unavailable("the room store is unavailable") from exc
+        return [RoomInfo(row["id"], row["id"], row["tip_min"]) for row in rows]

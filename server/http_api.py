@@ -1,4 +1,5 @@
-"""The HTTP API (Starlette): health, readiness, metrics and the user's own data.
+"""The HTTP API (Starlette): health, readiness, metrics, the user's own data and
+the demo page (``client_demo/static``, served at ``/`` and ``/static/``).
 
 Errors use the wire codes: ``{"error": {"code", "message"}}`` with the status
 that ``errors.ServiceError`` gives each code.
@@ -7,6 +8,9 @@ that ``errors.ServiceError`` gives each code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -14,14 +18,17 @@ import orjson
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
+import client_demo
 from protocol import ErrorCode
 from protocol.limits import AMOUNT_MAX, AMOUNT_MIN, USER_ID_RE
 
 from . import metrics
-from .auth import Identity, verify_token
+from .auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token
 from .economy import new_tx_id
 from .errors import (
     BadRequest,
@@ -45,6 +52,37 @@ KEY_LEN_MAX = 64
 PRICE_MAX = 1_000_000  # tokens, the contract's amount range
 # How long a refund or reconcile waits for the outbox to reach Postgres.
 DRAIN_TIMEOUT_S = 10.0
+# GET /v1/rooms: rooms looked at (their viewers are read from Redis), rooms
+# listed (the busiest), and how long one answer is reused, so a page polling
+# it from many browsers costs the backends one read a second.
+ROOMS_SCANNED_MAX = 1000
+ROOMS_LISTED_MAX = 100
+ROOMS_CACHE_S = 1.0
+# The demo page: its files ship in the client_demo package.
+STATIC_DIR = Path(client_demo.__file__).parent / "static"
+# The page loads only its own files and talks to the gateway (another port).
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+        "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'"
+    ),
+}
+# Roles POST /v1/dev/token hands out; admin tokens never come from a web page.
+DEV_TOKEN_ROLES = ("fan", "model")
+
+
+class _StaticFiles(StaticFiles):
+    """Static files revalidated on every load, so a new version is never stale."""
+
+    def file_response(
+        self, full_path: Any, stat_result: Any, scope: Scope, status_code: int = 200
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 class JSONResponse(Response):
@@ -234,6 +272,73 @@ def create_app(node: Node) -> Starlette:
                 raise
             raise Unavailable("the ledger is unavailable") from exc
 
+    # --- the demo page and what it reads ---------------------------------------------
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    async def client_config(request: Request) -> Response:
+        """Where the page finds the gateway: this host, the WebSocket port."""
+        scheme = "wss" if request.url.scheme == "https" else "ws"
+        host = request.url.hostname or node.settings.host
+        if ":" in host:  # an IPv6 literal
+            host = f"[{host}]"
+        ws_url = f"{scheme}://{host}:{node.settings.ws_port}/ws"
+        return JSONResponse({"ws_url": ws_url, "dev_mode": bool(node.settings.dev_mode)})
+
+    rooms_cache: list[Any] = [0.0, None]  # [monotonic time, body]
+
+    async def rooms(request: Request) -> Response:
+        now = time.monotonic()
+        if rooms_cache[1] is None or now - rooms_cache[0] > ROOMS_CACHE_S:
+            infos = await node.directory.room_infos(ROOMS_SCANNED_MAX)
+            try:
+                viewers = await node.rooms.viewers([info.id for info in infos])
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise Unavailable("room presence is unavailable") from exc
+            ranked = sorted(zip(infos, viewers, strict=True), key=lambda r: (-r[1], r[0].id))
+            listed = [info.to_wire(count) for info, count in ranked[:ROOMS_LISTED_MAX]]
+            rooms_cache[:] = [now, {"rooms": listed}]
+        return JSONResponse(rooms_cache[1])
+
+    async def user_prices(request: Request) -> Response:
+        """A user's DM price: what a `dm` to them costs now (0 = free)."""
+        user_id = request.path_params["user_id"]
+        if not USER_ID_RE.fullmatch(user_id):
+            raise BadRequest("the path must name a user id")
+        cached = None
+        # The cache the dm script charges from; Postgres when it is not there.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            cached = await node.redis.hget(node.keys.prices(user_id), "dm")  # type: ignore[misc]
+        if cached is not None:
+            return JSONResponse({"dm": int(cached)})
+        try:
+            row = await node.pool.fetchrow(
+                """SELECT coalesce(p.dm, 0) AS dm FROM users u
+                   LEFT JOIN prices p ON p.model_id = u.id WHERE u.id = $1""",
+                user_id,
+            )
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            raise Unavailable("prices are unavailable") from exc
+        if row is None:
+            raise NotFound(f"no user '{user_id}'")
+        return JSONResponse({"dm": row["dm"]})
+
+    async def dev_token(request: Request) -> Response:
+        """A demo token for any fan or model (registered only in dev mode)."""
+        body = await json_body(request)
+        user = field(body, "user", str)
+        if not USER_ID_RE.fullmatch(user):
+            raise BadRequest("field 'user' must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+        role = field(body, "role", str)
+        if role == "admin":
+            raise Forbidden("the demo page hands out fan and model tokens only")
+        if role not in DEV_TOKEN_ROLES:
+            raise BadRequest("field 'role' must be 'fan' or 'model'")
+        token = issue_token(node.settings.jwt_secret, user, role, TOKEN_TTL_DEFAULT_S)
+        # The user (and a model's room) exists from now on, as after a hello.
+        await node.directory.touch_user(verify_token(node.settings.jwt_secret, token))
+        return JSONResponse({"token": token})
+
     async def service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
         return error_response(exc.code, exc.message, exc.http_status)
@@ -241,8 +346,18 @@ def create_app(node: Node) -> Starlette:
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(ErrorCode.NOT_FOUND, f"no route {request.url.path}", 404)
 
+    routes: list[BaseRoute] = [
+        Route("/", index),
+        Mount("/static", _StaticFiles(directory=STATIC_DIR), name="static"),
+        Route("/v1/config", client_config),
+        Route("/v1/rooms", rooms),
+        Route("/v1/users/{user_id}/prices", user_prices),
+    ]
+    if node.settings.dev_mode:
+        routes.append(Route("/v1/dev/token", dev_token, methods=["POST"]))
     return Starlette(
         routes=[
+            *routes,
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),

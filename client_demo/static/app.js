@@ -1,0 +1,773 @@
+// The tokenchat demo page: sign in, live rooms, chat, tips, paid private
+// messages, a model's earnings and prices. Plain DOM, no framework. Every
+// text from the network goes through textContent, never innerHTML.
+
+import { CommandError, Connection } from "./connection.js";
+import { burst } from "./effects.js";
+
+const $ = (id) => document.getElementById(id);
+const ROOMS_REFRESH_MS = 5000;
+const LOG_MAX = 200; // chat lines kept per room
+const TOKEN_STORAGE = "tokenchat.token"; // per tab: two tabs can be two users
+const TOAST_MS = { info: 5000, success: 3500, error: 9000 };
+
+const state = {
+  config: { ws_url: null, dev_mode: false },
+  token: null,
+  me: null, // {id, role}
+  balance: null,
+  conn: null,
+  room: null, // the room on screen
+  rooms: new Map(), // room id -> {id, owner, viewers, tip_min} from the list or a join
+  logs: new Map(), // room id -> chat entries
+  dm: null, // {to, price, key, signature}
+  earned: 0,
+  counted: new Set(), // offsets of the tips already counted as earnings
+  roomsTimer: null,
+};
+// For the console and the browser test: the state, and a way to drop the socket.
+window.tokenchat = state;
+
+// --- small helpers ----------------------------------------------------------------
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (name === "class") node.className = value;
+    else if (name === "text") node.textContent = value;
+    else node.setAttribute(name, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function plural(n, one, many = `${one}s`) {
+  return `${n.toLocaleString()} ${n === 1 ? one : many}`;
+}
+
+function tokens(n) {
+  return plural(n, "token");
+}
+
+function clock(ts) {
+  return new Date(ts || Date.now()).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+/** An idempotency key: a UUID (crypto.randomUUID needs a secure context). */
+function newKey() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = (b[6] & 0x0f) | 0x40;
+  b[8] = (b[8] & 0x3f) | 0x80;
+  const h = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+}
+
+async function api(method, path, body, { auth = true } = {}) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (auth && state.token) headers.Authorization = `Bearer ${state.token}`;
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch {
+    throw new CommandError({ code: "OFFLINE", message: "the server cannot be reached" });
+  }
+  let data = null;
+  try {
+    data = await response.json();
+  } catch {
+    // not JSON (a 405, a proxy's page): the status says enough
+  }
+  if (!response.ok) {
+    throw new CommandError(
+      data?.error ?? { code: `HTTP_${response.status}`, message: response.statusText },
+    );
+  }
+  return data;
+}
+
+// --- messages for people ----------------------------------------------------------------
+function sentence(text) {
+  const t = String(text || "").trim();
+  if (!t) return "";
+  const s = t[0].toUpperCase() + t.slice(1);
+  return /[.!?…]$/.test(s) ? s : `${s}.`;
+}
+
+/** A clear sentence for a failed action (`what`: "this tip", "saving prices"...). */
+function explain(err, what) {
+  const code = err.code || "ERROR";
+  const said = sentence(err.message);
+  switch (code) {
+    case "INSUFFICIENT_FUNDS":
+      return `Not enough tokens for ${what}. ${said}${
+        state.config.dev_mode && state.me?.role === "fan" ? " Use “Buy” to add some." : ""
+      }`;
+    case "RATE_LIMITED":
+      return "You are going too fast: the server allows about 20 actions a second. Wait a moment, then try again.";
+    case "PRICE_CHANGED":
+      return `The price changed before ${what} went out. ${said} Check the new price and send again.`;
+    case "OFFLINE":
+      return `Not connected (${err.message}); the page is reconnecting. Try ${what} again in a moment.`;
+    case "TIMEOUT":
+      return `The server did not answer ${what} in time. Try again.`;
+    case "NOT_IN_ROOM":
+      return "You are not in this room any more. Open it again from the list.";
+    case "UNAVAILABLE":
+      return `The service is having trouble right now. ${said} Try again shortly.`;
+    case "LIMIT_EXCEEDED":
+      return `A limit was reached. ${said}`;
+    case "FORBIDDEN":
+      return `Not allowed. ${said}`;
+    case "NOT_FOUND":
+      return `Not found. ${said}`;
+    case "UNAUTHENTICATED":
+      return `You are signed out. ${said} Sign in again.`;
+    case "BAD_REQUEST":
+      return `That did not work: ${said}`;
+    default:
+      return `${what[0].toUpperCase()}${what.slice(1)} failed: ${said} (${code})`;
+  }
+}
+
+function toast(text, kind = "info") {
+  const region = kind === "error" ? $("toasts-alert") : $("toasts-polite");
+  const close = el("button", { type: "button", class: "toast-close", "aria-label": "Dismiss" }, "×");
+  const item = el("div", { class: `toast ${kind}` }, el("p", { text }), close);
+  const remove = () => item.remove();
+  close.addEventListener("click", remove);
+  region.append(item);
+  while (region.children.length > 3) region.firstElementChild.remove();
+  setTimeout(remove, TOAST_MS[kind] ?? TOAST_MS.info);
+}
+
+function confirmDialog(title, body, okLabel) {
+  const dialog = $("confirm");
+  $("confirm-title").textContent = title;
+  $("confirm-body").textContent = body;
+  $("confirm-ok").textContent = okLabel;
+  dialog.returnValue = "";
+  dialog.showModal();
+  $("confirm-ok").focus();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+  });
+}
+
+// --- balance ------------------------------------------------------------------------
+function setBalance(balance) {
+  if (typeof balance !== "number") return;
+  const box = $("balance-box");
+  const before = state.balance;
+  state.balance = balance;
+  $("balance").textContent = balance.toLocaleString();
+  if (before !== null && before !== balance) {
+    box.classList.remove("up", "down");
+    void box.offsetWidth; // restart the animation
+    box.classList.add(balance > before ? "up" : "down");
+  }
+}
+
+async function refreshBalance() {
+  try {
+    setBalance((await state.conn.request("balance")).balance);
+  } catch {
+    // the next welcome or balance event brings it
+  }
+}
+
+/** The balance from a spend's reply; a duplicate carries the balance of its time. */
+function balanceFromReply(reply) {
+  if (reply.duplicate) refreshBalance();
+  else setBalance(reply.balance);
+}
+
+// --- signing in and out ---------------------------------------------------------------
+async function init() {
+  try {
+    state.config = await api("GET", "/v1/config", undefined, { auth: false });
+  } catch (err) {
+    toast(`Cannot load the page's settings: ${err.message}`, "error");
+    return;
+  }
+  if (state.config.dev_mode) {
+    $("dev-form").hidden = false;
+    $("dev-user").value = `fan_${Math.random().toString(36).slice(2, 7)}`;
+  } else {
+    $("token-details").open = true;
+  }
+  const saved = sessionStorage.getItem(TOKEN_STORAGE);
+  if (saved) signIn(saved);
+}
+
+async function devSignIn(user, role) {
+  try {
+    const { token } = await api("POST", "/v1/dev/token", { user, role }, { auth: false });
+    signIn(token);
+  } catch (err) {
+    toast(explain(err, "signing in"), "error");
+  }
+}
+
+function signIn(token) {
+  if (state.conn) state.conn.stop();
+  state.token = token;
+  sessionStorage.setItem(TOKEN_STORAGE, token);
+  state.conn = new Connection(state.config.ws_url, token, {
+    onWelcome,
+    onReady,
+    onJoined,
+    onRoomLost,
+    onEvent,
+    onStatus,
+    onFatal,
+  });
+  state.conn.start();
+}
+
+function signOut(message) {
+  if (state.conn) state.conn.stop();
+  state.conn = null;
+  state.token = null;
+  state.me = null;
+  state.balance = null;
+  state.room = null;
+  state.rooms.clear();
+  state.logs.clear();
+  state.dm = null;
+  state.earned = 0;
+  state.counted.clear();
+  clearInterval(state.roomsTimer);
+  sessionStorage.removeItem(TOKEN_STORAGE);
+  document.body.classList.remove("signed-in", "in-room", "is-model");
+  $("account").hidden = true;
+  $("layout").hidden = true;
+  $("signin").hidden = false;
+  $("chat").replaceChildren();
+  $("dms").replaceChildren();
+  $("earnings").replaceChildren();
+  $("earned-total").textContent = "0";
+  $("dms-empty").hidden = false;
+  closeDm();
+  showRoom(null);
+  if (message) toast(message, "error");
+}
+
+function onWelcome(welcome) {
+  state.me = welcome.user;
+  setBalance(welcome.balance);
+  $("me-name").textContent = welcome.user.id;
+  $("me-role").textContent = welcome.user.role;
+  $("buy").hidden = !(state.config.dev_mode && welcome.user.role === "fan");
+  document.body.classList.add("signed-in");
+  document.body.classList.toggle("is-model", welcome.user.role === "model");
+  $("account").hidden = false;
+  $("signin").hidden = true;
+  $("layout").hidden = false;
+}
+
+async function onReady(reconnected) {
+  if (reconnected) {
+    toast("Reconnected. Caught up with the rooms you are in.", "success");
+    return;
+  }
+  refreshRooms();
+  clearInterval(state.roomsTimer);
+  state.roomsTimer = setInterval(() => {
+    if (!document.hidden) refreshRooms();
+  }, ROOMS_REFRESH_MS);
+  if (state.me.role === "model") {
+    $("studio").hidden = false;
+    await openRoom(state.me.id);
+    loadPrices();
+  } else {
+    $("studio").hidden = true;
+    $("main").focus();
+  }
+}
+
+function onStatus(kind, detail) {
+  const labels = {
+    online: "Online",
+    connecting: "Connecting…",
+    reconnecting: `Reconnecting ${detail}`.trim(),
+    offline: "Offline",
+  };
+  const box = $("conn-status");
+  box.dataset.state = kind;
+  box.textContent = labels[kind] ?? kind;
+  // Before the first welcome the account bar is hidden: say it on the sign-in card.
+  $("signin-status").textContent =
+    state.me || kind === "online" || kind === "offline"
+      ? ""
+      : `${labels[kind] ?? kind} (${state.config.ws_url}) ${kind === "connecting" ? detail : ""}`.trim();
+}
+
+function onFatal(message) {
+  signOut(message);
+}
+
+// --- live rooms --------------------------------------------------------------------------
+async function refreshRooms() {
+  let data;
+  try {
+    data = await api("GET", "/v1/rooms", undefined, { auth: false });
+  } catch (err) {
+    $("rooms-note").textContent = `Could not load the rooms: ${err.message}`;
+    return;
+  }
+  const list = $("rooms");
+  const items = data.rooms.map((room) => {
+    const known = state.rooms.get(room.id);
+    state.rooms.set(room.id, { ...known, ...room });
+    const live = room.viewers > 0;
+    const current = room.id === state.room;
+    const button = el(
+      "button",
+      { type: "button", class: "room-item", "data-room": room.id },
+      el("span", { class: `dot${live ? " live" : ""}`, "aria-hidden": "true" }),
+      el("span", { class: "room-name", text: room.id }),
+      el("span", {
+        class: "room-meta",
+        text: `${room.id === state.me?.id ? "your room · " : ""}min tip ${room.tip_min}`,
+      }),
+      el("span", { class: "count", text: plural(room.viewers, "viewer") }),
+    );
+    if (current) button.setAttribute("aria-current", "true");
+    button.addEventListener("click", () => openRoom(room.id));
+    return el("li", {}, button);
+  });
+  if (!items.length) items.push(el("li", { class: "hint", text: "No rooms yet: sign in as a model to open one." }));
+  list.replaceChildren(...items);
+  $("rooms-note").textContent = `${plural(data.rooms.length, "room")}, updated ${clock()}.`;
+}
+
+// --- a room ------------------------------------------------------------------------------
+async function openRoom(roomId) {
+  const previous = state.room;
+  if (previous === roomId) {
+    showRoom(roomId);
+    return;
+  }
+  try {
+    await state.conn.join(roomId);
+  } catch (err) {
+    toast(explain(err, `joining ${roomId}`), "error");
+    return;
+  }
+  // A fan watches one room at a time; a model stays in her own room to see her tips.
+  if (previous && previous !== state.me.id) state.conn.leave(previous);
+  showRoom(roomId);
+  $("room-title").focus();
+}
+
+function showRoom(roomId) {
+  state.room = roomId;
+  document.body.classList.toggle("in-room", Boolean(roomId));
+  $("room-empty").hidden = Boolean(roomId);
+  $("room-open").hidden = !roomId;
+  for (const button of document.querySelectorAll(".room-item")) {
+    if (button.dataset.room === roomId) button.setAttribute("aria-current", "true");
+    else button.removeAttribute("aria-current");
+  }
+  if (!roomId) return;
+  const info = state.rooms.get(roomId) || { id: roomId, viewers: 0, tip_min: 1 };
+  const own = roomId === state.me.id;
+  $("room-title").textContent = own ? `Your room` : roomId;
+  $("room-leave").hidden = own;
+  $("tip-form").hidden = own;
+  $("dm-room-owner").parentElement.hidden = own;
+  $("dm-room-owner").textContent = `✉ Message ${roomId} privately`;
+  $("tip-room").textContent = roomId;
+  updateRoomInfo(info);
+  const chat = $("chat");
+  chat.replaceChildren(...(state.logs.get(roomId) || []).map(renderLine));
+  if (!chat.children.length) chat.append(el("li", { class: "note", text: "No messages yet. Say hi!" }));
+  chat.scrollTop = chat.scrollHeight;
+}
+
+function updateRoomInfo(info) {
+  $("room-viewers-n").textContent = info.viewers;
+  $("tip-min-note").textContent = info.tip_min > 1 ? `(minimum ${tokens(info.tip_min)})` : "";
+  $("room-tip-min").textContent = `min tip ${tokens(info.tip_min)}`;
+  $("tip-amount").min = String(info.tip_min);
+}
+
+function onJoined(roomId, reply, rejoined) {
+  state.rooms.set(roomId, { ...state.rooms.get(roomId), ...reply.room });
+  const log = state.logs.get(roomId) || [];
+  state.logs.set(roomId, log);
+  if (reply.recovered === false) {
+    log.push({ type: "note", text: "Some messages were missed while you were away." });
+  } else if (rejoined && reply.history.length) {
+    log.push({ type: "note", text: `Caught up ${plural(reply.history.length, "message")} sent while you were away.` });
+  }
+  for (const event of reply.history) {
+    log.push(event);
+    // Tips sent while the connection was down are news; older history is not.
+    if (rejoined && event.type === "tip") countEarning(event);
+  }
+  log.splice(0, Math.max(0, log.length - LOG_MAX));
+  if (roomId === state.room) showRoom(roomId);
+  if (roomId === state.me?.id) $("price-tip-min").value ||= reply.room.tip_min;
+}
+
+function onRoomLost(roomId, err) {
+  toast(explain(err, `rejoining ${roomId}`), "error");
+  if (roomId === state.room) showRoom(null);
+}
+
+function renderLine(entry) {
+  if (entry.type === "note") return el("li", { class: "note", text: entry.text });
+  const mine = entry.from === state.me?.id;
+  const who = el("span", { class: "from", text: mine ? "You" : entry.from });
+  const time = el("time", { datetime: new Date(entry.ts).toISOString(), text: clock(entry.ts) });
+  if (entry.type === "tip") {
+    const line = el(
+      "li",
+      { class: `line tip${mine ? " mine" : ""}`, "data-amount": entry.amount },
+      el("span", { class: "coin", "aria-hidden": "true" }),
+      who,
+      ` tipped `,
+      el("strong", { text: tokens(entry.amount) }),
+    );
+    if (entry.text) line.append(el("span", { class: "tip-text", text: ` “${entry.text}”` }));
+    line.append(time);
+    return line;
+  }
+  return el("li", { class: `line${mine ? " mine" : ""}` }, who, el("span", { class: "text", text: entry.text }), time);
+}
+
+function addLine(roomId, entry) {
+  const log = state.logs.get(roomId) || [];
+  state.logs.set(roomId, log);
+  log.push(entry);
+  log.splice(0, Math.max(0, log.length - LOG_MAX));
+  if (roomId !== state.room) return;
+  const chat = $("chat");
+  chat.querySelector(":scope > .note:only-child")?.remove();
+  const atBottom = chat.scrollHeight - chat.scrollTop - chat.clientHeight < 40;
+  chat.append(renderLine(entry));
+  while (chat.children.length > LOG_MAX) chat.firstElementChild.remove();
+  if (atBottom || entry.from === state.me?.id) chat.scrollTop = chat.scrollHeight;
+}
+
+// --- events ---------------------------------------------------------------------------------
+function onEvent(event) {
+  switch (event.type) {
+    case "message":
+      addLine(event.room, event);
+      break;
+    case "tip":
+      addLine(event.room, event);
+      if (event.room === state.room) burst($("fx"), event.amount, event.from);
+      countEarning(event);
+      break;
+    case "presence": {
+      const info = state.rooms.get(event.room);
+      if (info) info.viewers = event.viewers;
+      if (event.room === state.room) updateRoomInfo(info || event);
+      break;
+    }
+    case "dm":
+      addDm({ ...event, incoming: true });
+      if (event.price > 0) earn("dm", event.from, event.price, event.text, event.ts);
+      break;
+    case "balance":
+      setBalance(event.balance);
+      break;
+    default:
+      break;
+  }
+}
+
+function countEarning(tip) {
+  if (state.me?.role !== "model" || tip.room !== state.me.id || tip.from === state.me.id) return;
+  if (state.counted.has(tip.offset)) return;
+  state.counted.add(tip.offset);
+  if (state.counted.size > LOG_MAX) state.counted.delete(state.counted.values().next().value);
+  earn("tip", tip.from, tip.amount, tip.text, tip.ts);
+}
+
+function earn(kind, from, amount, text, ts) {
+  state.earned += amount;
+  $("earned-total").textContent = state.earned.toLocaleString();
+  const label = kind === "tip" ? "tip" : "private message";
+  const item = el(
+    "li",
+    { class: `earning ${kind}` },
+    el("span", { class: "plus", text: `+${amount.toLocaleString()}` }),
+    el("span", { class: "what", text: ` ${label} from ${from}` }),
+  );
+  if (text) item.append(el("span", { class: "quote", text: ` “${text}”` }));
+  item.append(el("time", { text: clock(ts) }));
+  const list = $("earnings");
+  list.prepend(item);
+  while (list.children.length > 50) list.lastElementChild.remove();
+}
+
+// --- chat and tips ---------------------------------------------------------------------------
+async function say(event) {
+  event.preventDefault();
+  const input = $("say-text");
+  const text = input.value.trim();
+  if (!text || !state.room) return;
+  try {
+    await state.conn.request("say", { room: state.room, text });
+    input.value = "";
+  } catch (err) {
+    toast(explain(err, "your message"), "error");
+  }
+}
+
+async function tip(amount) {
+  const room = state.room;
+  const info = state.rooms.get(room) || { tip_min: 1 };
+  if (!Number.isInteger(amount) || amount < 1 || amount > 1000000) {
+    toast("Enter a whole number of tokens between 1 and 1,000,000.", "error");
+    return;
+  }
+  if (amount < info.tip_min) {
+    toast(`The smallest tip in ${room} is ${tokens(info.tip_min)}.`, "error");
+    return;
+  }
+  const text = $("tip-text").value.trim();
+  // One key per tip; the connection resends the very same frame after a drop.
+  const fields = { room, amount, key: newKey() };
+  if (text) fields.text = text;
+  if (!state.conn.online) toast(`Offline: your ${amount}-token tip goes out once the connection is back.`);
+  try {
+    const reply = await state.conn.request("tip", fields);
+    balanceFromReply(reply);
+    $("tip-text").value = "";
+    if (Number($("tip-amount").value) === amount) $("tip-amount").value = "";
+    toast(`You tipped ${room} ${tokens(amount)}.`, "success");
+  } catch (err) {
+    toast(explain(err, `this ${amount}-token tip`), "error");
+  }
+}
+
+// --- private messages ------------------------------------------------------------------------
+async function openDm(to) {
+  state.dm = { to, price: null, key: null, signature: null };
+  $("dm-to").textContent = to;
+  $("dm-form").hidden = false;
+  $("dm-price").textContent = "Checking the price…";
+  $("dm-text").focus();
+  $("inbox").scrollIntoView({ block: "nearest", behavior: "smooth" });
+  await loadDmPrice();
+}
+
+async function loadDmPrice() {
+  const dm = state.dm;
+  if (!dm) return;
+  $("dm-send").disabled = true;
+  try {
+    const { dm: price } = await api("GET", `/v1/users/${encodeURIComponent(dm.to)}/prices`, undefined, {
+      auth: false,
+    });
+    if (state.dm !== dm) return;
+    dm.price = price;
+    $("dm-price").textContent =
+      price > 0
+        ? `A private message to ${dm.to} costs ${tokens(price)}. You have ${tokens(state.balance ?? 0)}.`
+        : `Private messages to ${dm.to} are free.`;
+    $("dm-price").dataset.price = String(price);
+    $("dm-send").textContent = price > 0 ? `Send for ${tokens(price)}` : "Send";
+  } catch (err) {
+    $("dm-price").textContent = explain(err, "loading the price");
+  } finally {
+    $("dm-send").disabled = false;
+  }
+}
+
+function closeDm() {
+  state.dm = null;
+  $("dm-form").hidden = true;
+  $("dm-text").value = "";
+}
+
+async function sendDm(event) {
+  event.preventDefault();
+  const dm = state.dm;
+  const text = $("dm-text").value.trim();
+  if (!dm || !text) return;
+  if (dm.price === null) {
+    toast("The price is not known yet; wait a moment.", "error");
+    return;
+  }
+  if (dm.price > 0) {
+    const after = (state.balance ?? 0) - dm.price;
+    const ok = await confirmDialog(
+      `Send for ${tokens(dm.price)}?`,
+      `Your private message to ${dm.to} costs ${tokens(dm.price)}. ` +
+        (after >= 0 ? `Your balance will be ${tokens(after)}.` : `You have only ${tokens(state.balance ?? 0)}.`),
+      `Pay ${dm.price} and send`,
+    );
+    if (!ok || state.dm !== dm) return;
+  }
+  // The same key while the same message is retried; a new one for a new message.
+  const signature = JSON.stringify([dm.to, text, dm.price]);
+  if (dm.signature !== signature) {
+    dm.key = newKey();
+    dm.signature = signature;
+  }
+  const fields = { to: dm.to, text, key: dm.key, max_price: dm.price };
+  if (!state.conn.online) toast(`Offline: your message to ${dm.to} goes out once the connection is back.`);
+  $("dm-send").disabled = true;
+  try {
+    const reply = await state.conn.request("dm", fields);
+    balanceFromReply(reply);
+    addDm({ from: state.me.id, to: dm.to, text, price: reply.price, ts: Date.now(), incoming: false });
+    toast(
+      reply.price > 0 ? `Sent to ${dm.to} for ${tokens(reply.price)}.` : `Sent to ${dm.to}.`,
+      "success",
+    );
+    if (state.dm === dm) {
+      $("dm-text").value = "";
+      dm.signature = null;
+    }
+  } catch (err) {
+    toast(explain(err, "your private message"), "error");
+    if (err.code === "PRICE_CHANGED" && state.dm === dm) loadDmPrice();
+  } finally {
+    $("dm-send").disabled = false;
+  }
+}
+
+function addDm(dm) {
+  $("dms-empty").hidden = true;
+  const other = dm.incoming ? dm.from : dm.to;
+  const head = el(
+    "p",
+    { class: "dm-head" },
+    el("strong", { text: dm.incoming ? `From ${other}` : `To ${other}` }),
+    el("span", { class: "dm-price", text: dm.price > 0 ? ` · ${tokens(dm.price)}` : " · free" }),
+    el("time", { text: clock(dm.ts) }),
+  );
+  const item = el("li", { class: `dm ${dm.incoming ? "in" : "out"}` }, head, el("p", { class: "dm-text", text: dm.text }));
+  if (dm.incoming) {
+    const reply = el("button", { type: "button", class: "link" }, `Reply to ${other}`);
+    reply.addEventListener("click", () => openDm(other));
+    item.append(reply);
+  }
+  const list = $("dms");
+  list.append(item);
+  while (list.children.length > 100) list.firstElementChild.remove();
+  list.scrollTop = list.scrollHeight;
+}
+
+// --- a model's prices ------------------------------------------------------------------------
+async function loadPrices() {
+  try {
+    const { dm } = await api("GET", `/v1/users/${encodeURIComponent(state.me.id)}/prices`, undefined, {
+      auth: false,
+    });
+    $("price-dm").value = dm;
+  } catch (err) {
+    toast(explain(err, "loading your prices"), "error");
+  }
+  const room = state.rooms.get(state.me.id);
+  if (room) $("price-tip-min").value = room.tip_min;
+}
+
+async function savePrices(event) {
+  event.preventDefault();
+  const dm = Number($("price-dm").value);
+  const tipMin = Number($("price-tip-min").value);
+  try {
+    const prices = await api("PUT", "/v1/me/prices", { dm, tip_min: tipMin });
+    $("price-dm").value = prices.dm;
+    $("price-tip-min").value = prices.tip_min;
+    const room = state.rooms.get(state.me.id);
+    if (room) room.tip_min = prices.tip_min;
+    if (state.room === state.me.id && room) updateRoomInfo(room);
+    toast(`Prices saved: private message ${tokens(prices.dm)}, minimum tip ${tokens(prices.tip_min)}.`, "success");
+  } catch (err) {
+    toast(explain(err, "saving your prices"), "error");
+  }
+}
+
+// --- buying tokens (dev mode: the fake payment provider) ----------------------------------------
+async function buy() {
+  let bundles;
+  try {
+    ({ bundles } = await api("GET", "/v1/bundles", undefined, { auth: false }));
+  } catch (err) {
+    toast(explain(err, "loading the bundles"), "error");
+    return;
+  }
+  const smallest = bundles[0];
+  const ok = await confirmDialog(
+    "Buy tokens (test payment)?",
+    `Demo mode uses a fake payment provider: ${tokens(smallest.tokens)} for $${(smallest.price_cents / 100).toFixed(2)}, nothing is really charged.`,
+    `Buy ${smallest.tokens}`,
+  );
+  if (!ok) return;
+  try {
+    const reply = await api("POST", "/v1/purchases", { bundle: smallest.id, payment_ref: `demo-${newKey()}` });
+    setBalance(reply.balance);
+    toast(`Added ${tokens(reply.tokens)}.`, "success");
+  } catch (err) {
+    toast(explain(err, "the purchase"), "error");
+  }
+}
+
+// --- wiring ---------------------------------------------------------------------------------------
+function wire() {
+  $("dev-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const role = new FormData(event.target).get("role");
+    devSignIn($("dev-user").value.trim(), role);
+  });
+  // The suggested name follows the role until it is edited.
+  for (const radio of document.querySelectorAll('#dev-form input[name="role"]')) {
+    radio.addEventListener("change", () => {
+      const input = $("dev-user");
+      const match = /^(fan|model)_([a-z0-9]{5})$/.exec(input.value);
+      if (match) input.value = `${radio.value}_${match[2]}`;
+    });
+  }
+  for (const button of document.querySelectorAll("[data-demo]")) {
+    button.addEventListener("click", () => {
+      const [user, role] = button.dataset.demo.split(":");
+      devSignIn(user, role);
+    });
+  }
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = $("token-input").value.trim();
+    if (token) signIn(token);
+  });
+  $("sign-out").addEventListener("click", () => signOut());
+  $("buy").addEventListener("click", buy);
+  $("rooms-refresh").addEventListener("click", refreshRooms);
+  $("room-back").addEventListener("click", () => {
+    showRoom(null);
+    $("lobby").focus?.();
+  });
+  $("room-leave").addEventListener("click", () => {
+    const room = state.room;
+    if (room) state.conn.leave(room);
+    showRoom(null);
+  });
+  $("say-form").addEventListener("submit", say);
+  for (const button of document.querySelectorAll(".tip-quick")) {
+    button.addEventListener("click", () => tip(Number(button.dataset.amount)));
+  }
+  $("tip-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    tip(Number($("tip-amount").value));
+  });
+  $("dm-room-owner").addEventListener("click", () => state.room && openDm(state.room));
+  $("dm-form").addEventListener("submit", sendDm);
+  $("dm-cancel").addEventListener("click", closeDm);
+  $("prices-form").addEventListener("submit", savePrices);
+}
+
+wire();
+init();

@@ -1,0 +1,406 @@
+"""The demo page (client_demo/static) and the HTTP endpoints it reads.
+
+The browser test drives Debian's Chromium (/usr/bin/chromium, installed by
+.ci/run) with Playwright: a model and a fan in one room, a tip, a paid DM
+confirmed at the price shown, a price change refused with PRICE_CHANGED, and
+a dropped connection that rejoins with `since`. Screenshots at phone and
+desktop width go to test-artifacts/web/.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import orjson
+import pytest
+
+from server.auth import verify_token
+from tests.conftest import JWT_SECRET, Http, Running, eventually
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser, Page
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "web"
+PHONE = {"width": 375, "height": 740}
+DESKTOP = {"width": 1280, "height": 860}
+EXPECT_TIMEOUT_MS = 10_000
+
+StartServer = Callable[..., Awaitable[Running]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def start_dev(start_server: StartServer, **overrides: Any) -> Running:
+    """A dev-mode server on a known WebSocket port (the page's /v1/config
+    names settings.ws_port, and the fixture's port 0 is not one)."""
+    return await start_server(dev_mode=1, ws_port=free_port(), **overrides)
+
+
+# --- the HTTP endpoints ---------------------------------------------------------------
+
+
+async def test_page_and_static_files_are_served(start_server: StartServer) -> None:
+    running = await start_dev(start_server)
+    async with httpx.AsyncClient(base_url=running.http_url) as http:
+        page = await http.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "<title>tokenchat</title>" in page.text
+        assert "default-src 'self'" in page.headers["content-security-policy"]
+        for path, kind in [
+            ("/static/app.js", "javascript"),
+            ("/static/connection.js", "javascript"),
+            ("/static/effects.js", "javascript"),
+            ("/static/style.css", "text/css"),
+        ]:
+            response = await http.get(path)
+            assert response.status_code == 200, path
+            assert kind in response.headers["content-type"], path
+        missing = await http.get("/static/nope.js")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "NOT_FOUND"
+        escape = await http.get("/static/../__init__.py")
+        assert escape.status_code == 404
+
+
+async def test_config_names_the_gateway_of_the_host_asked(start_server: StartServer) -> None:
+    running = await start_dev(start_server)
+    ws_port = running.process.settings.ws_port
+    async with httpx.AsyncClient(base_url=running.http_url) as http:
+        config = (await http.get("/v1/config")).json()
+        assert config == {"ws_url": f"ws://127.0.0.1:{ws_port}/ws", "dev_mode": True}
+        other = await http.get("/v1/config", headers={"Host": "chat.example:8000"})
+        assert other.json()["ws_url"] == f"ws://chat.example:{ws_port}/ws"
+
+
+async def test_dev_token_in_dev_mode(start_server: StartServer) -> None:
+    running = await start_dev(start_server)
+    async with httpx.AsyncClient(base_url=running.http_url) as http:
+        reply = await http.post("/v1/dev/token", json={"user": "mia", "role": "model"})
+        assert reply.status_code == 200
+        identity = verify_token(JWT_SECRET, reply.json()["token"])
+        assert (identity.user_id, identity.role) == ("mia", "model")
+        # The model's room exists at once, before any hello.
+        rooms = (await http.get("/v1/rooms")).json()["rooms"]
+        assert rooms == [{"id": "mia", "owner": "mia", "viewers": 0, "tip_min": 1}]
+
+        admin = await http.post("/v1/dev/token", json={"user": "root", "role": "admin"})
+        assert admin.status_code == 403
+        assert admin.json()["error"]["code"] == "FORBIDDEN"
+        for body in [
+            {"user": "bad name", "role": "fan"},
+            {"user": "x" * 65, "role": "fan"},
+            {"user": "ana", "role": "owner"},
+            {"user": "ana"},
+            {"role": "fan"},
+        ]:
+            bad = await http.post("/v1/dev/token", json=body)
+            assert bad.status_code == 400, body
+            assert bad.json()["error"]["code"] == "BAD_REQUEST"
+
+
+async def test_dev_token_does_not_exist_outside_dev_mode(server: Running) -> None:
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        reply = await http.post("/v1/dev/token", json={"user": "ana", "role": "fan"})
+        assert reply.status_code == 404
+        assert reply.json()["error"]["code"] == "NOT_FOUND"
+        assert (await http.get("/v1/config")).json()["dev_mode"] is False
+
+
+async def test_rooms_list_viewers_busiest_first(server: Running) -> None:
+    http = Http(server)
+    for model in ("amy", "bea", "cat"):
+        await http.call("GET", "/v1/me", model, "model")
+    await http.call("GET", "/v1/me", "fan1")  # a fan has no room
+    status, _ = await http.call("PUT", "/v1/me/prices", "cat", "model", tip_min=5)
+    assert status == 200
+    clients = []
+    for sub in ("f1", "f2"):
+        client = await server.client(sub)
+        await client.request("join", room="cat")
+        clients.append(client)
+    client = await server.client("f3")
+    await client.request("join", room="bea")
+    clients.append(client)
+
+    async def listed() -> bool:
+        status, body = await http.call("GET", "/v1/rooms")
+        return status == 200 and body == {
+            "rooms": [
+                {"id": "cat", "owner": "cat", "viewers": 2, "tip_min": 5},
+                {"id": "bea", "owner": "bea", "viewers": 1, "tip_min": 1},
+                {"id": "amy", "owner": "amy", "viewers": 0, "tip_min": 1},
+            ]
+        }
+
+    await eventually(listed)
+    for client in clients:
+        await client.close()
+
+
+async def test_user_prices(server: Running) -> None:
+    http = Http(server)
+    await http.call("GET", "/v1/me", "mia", "model")
+    await http.call("GET", "/v1/me", "ana")
+    assert await http.call("GET", "/v1/users/mia/prices") == (200, {"dm": 0})
+    assert await http.call("GET", "/v1/users/ana/prices") == (200, {"dm": 0})
+    await http.call("PUT", "/v1/me/prices", "mia", "model", dm=7)
+    assert await http.call("GET", "/v1/users/mia/prices") == (200, {"dm": 7})
+    # From Postgres when the cache does not hold it.
+    await server.process.node.redis.delete(server.process.node.keys.prices("mia"))  # type: ignore[union-attr]
+    assert await http.call("GET", "/v1/users/mia/prices") == (200, {"dm": 7})
+    status, body = await http.call("GET", "/v1/users/nobody/prices")
+    assert status == 404 and body["error"]["code"] == "NOT_FOUND"
+    status, body = await http.call("GET", "/v1/users/bad%20id/prices")
+    assert status == 400 and body["error"]["code"] == "BAD_REQUEST"
+
+
+# --- the page in a browser ----------------------------------------------------------------
+
+
+def chromium_missing() -> bool:
+    return not CHROMIUM.exists()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if chromium_missing():
+        pytest.fail(
+            f"{CHROMIUM} is missing: the browser test needs Debian's Chromium "
+            "(apt-get update && apt-get install -y chromium; .ci/run installs it)"
+        )
+    try:
+        from playwright.async_api import async_playwright, expect
+    except ImportError:
+        pytest.fail("the browser test needs Playwright: pip install -e '.[test]'")
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+class PageErrors:
+    """JavaScript errors and console errors of the pages, which fail the test."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def watch(self, name: str, page: Page) -> None:
+        page.on("pageerror", lambda exc: self.seen.append(f"{name}: {exc}"))
+        page.on(
+            "console",
+            lambda msg: msg.type == "error" and self.seen.append(f"{name}: {msg.text}"),
+        )
+
+
+async def sign_in(page: Page, base: str, user: str, role: str) -> None:
+    from playwright.async_api import expect
+
+    await page.goto(base + "/")
+    await page.get_by_label("Name", exact=True).fill(user)
+    await page.get_by_label("Model" if role == "model" else "Fan", exact=True).check()
+    await page.get_by_role("button", name="Sign in", exact=True).click()
+    await expect(page.locator("#conn-status")).to_have_text("Online")
+    await expect(page.locator("#me-name")).to_have_text(user)
+
+
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+async def shoot(page: Page, name: str, *, full_page: bool = False) -> None:
+    """A screenshot of what the viewport shows (or the whole page), from the top."""
+    if full_page:
+        await page.evaluate("window.scrollTo(0, 0)")
+    await page.screenshot(path=str(artifacts_dir() / f"{name}.png"), full_page=full_page)
+
+
+async def test_fan_tips_and_pays_for_a_dm_and_the_model_sees_both(
+    start_server: StartServer, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    running = await start_dev(start_server)
+    base = running.http_url
+    await Http(running).credit("ana", 1000)
+    errors = PageErrors()
+
+    model_context = await browser.new_context(viewport=PHONE, locale="en-US")  # type: ignore[arg-type]
+    fan_context = await browser.new_context(viewport=PHONE, locale="en-US")  # type: ignore[arg-type]
+    model = await model_context.new_page()
+    fan = await fan_context.new_page()
+    errors.watch("model", model)
+    errors.watch("fan", fan)
+    sent_frames: list[dict[str, Any]] = []
+    fan.on(
+        "websocket",
+        lambda ws: ws.on(
+            "framesent",
+            lambda payload: sent_frames.append(orjson.loads(payload)),
+        ),
+    )
+
+    # The model signs in, lands in her own room and sets her DM price.
+    await sign_in(model, base, "mia", "model")
+    await expect(model.locator("#room-title")).to_have_text("Your room")
+    await expect(model.locator("#price-dm")).to_have_value("0")
+    await model.get_by_label("Price of a private message").fill("7")
+    await model.get_by_role("button", name="Save prices").click()
+    await expect(model.locator(".toast.success").last).to_contain_text("Prices saved")
+    await expect(model.locator("#balance")).to_have_text("0")
+
+    # The fan signs in, sees the room live, and opens it.
+    await fan.goto(base + "/")
+    await expect(fan.get_by_role("button", name="Sign in", exact=True)).to_be_visible()
+    await shoot(fan, "signin-dev-phone")
+    await sign_in(fan, base, "ana", "fan")
+    await shoot(fan, "lobby-phone")
+    await expect(fan.locator("#balance")).to_have_text("1,000")
+    room_button = fan.locator('.room-item[data-room="mia"]')
+    await expect(room_button).to_contain_text("1 viewer")
+    await room_button.click()
+    await expect(fan.locator("#room-title")).to_have_text("mia")
+    await expect(fan.locator("#room-viewers-n")).to_have_text("2")
+    await expect(model.locator("#room-viewers-n")).to_have_text("2")
+
+    await fan.get_by_label("Message to the room").fill("hi mia!")
+    await fan.get_by_label("Message to the room").press("Enter")
+    await expect(model.locator("#chat")).to_contain_text("hi mia!")
+
+    # A quick tip: the fan's balance falls, the model sees it and earns it.
+    await fan.get_by_role("button", name="Tip 50 tokens").click()
+    await expect(fan.locator("#balance")).to_have_text("950")
+    await expect(fan.locator("#fx .burst")).to_have_count(1)
+    await shoot(fan, "fan-phone-tip")  # the tip's animation on the stage
+    await expect(model.locator("#chat .line.tip")).to_contain_text("ana tipped 50 tokens")
+    await expect(model.locator("#earnings .earning.tip")).to_contain_text("+50 tip from ana")
+    await expect(model.locator("#balance")).to_have_text("50")
+
+    # A custom tip the fan cannot afford: a clear error, nothing charged.
+    await fan.get_by_label("Amount").fill("5000")
+    await fan.get_by_role("button", name="Tip", exact=True).click()
+    await expect(fan.locator(".toast.error").last).to_contain_text("Not enough tokens")
+    await expect(fan.locator("#balance")).to_have_text("950")
+
+    # A paid DM: the price is shown first and confirmed before sending.
+    await fan.get_by_role("button", name="Message mia privately").click()
+    await expect(fan.locator("#dm-price")).to_contain_text("costs 7 tokens")
+    await fan.get_by_label("Private message", exact=True).fill("a private hello")
+    await fan.get_by_role("button", name="Send for 7 tokens").click()
+    await expect(fan.locator("#confirm")).to_be_visible()
+    await expect(fan.locator("#confirm-title")).to_have_text("Send for 7 tokens?")
+    await fan.get_by_role("button", name="Pay 7 and send").click()
+    await expect(fan.locator("#balance")).to_have_text("943")
+    await expect(fan.locator("#dms .dm.out")).to_contain_text("a private hello")
+    await expect(model.locator("#dms .dm.in")).to_contain_text("a private hello")
+    await expect(model.locator("#dms .dm.in")).to_contain_text("7 tokens")
+    await expect(model.locator("#earnings .earning.dm")).to_contain_text(
+        "+7 private message from ana"
+    )
+    await expect(model.locator("#balance")).to_have_text("57")
+    await expect(model.locator("#earned-total")).to_have_text("57")
+    dms = [f for f in sent_frames if f.get("type") == "dm"]
+    assert len(dms) == 1 and dms[0]["max_price"] == 7 and dms[0]["key"]
+
+    # The model raises her price while the fan still sees 7: PRICE_CHANGED.
+    await fan.get_by_label("Private message", exact=True).fill("another one")
+    await model.get_by_label("Price of a private message").fill("9")
+    await model.get_by_role("button", name="Save prices").click()
+    await expect(model.locator(".toast.success").last).to_contain_text("private message 9 tokens")
+    await fan.get_by_role("button", name="Send for 7 tokens").click()
+    await fan.get_by_role("button", name="Pay 7 and send").click()
+    await expect(fan.locator(".toast.error").last).to_contain_text("The price changed")
+    await expect(fan.locator("#dm-price")).to_contain_text("costs 9 tokens")
+    await expect(fan.locator("#balance")).to_have_text("943")
+
+    await shoot(fan, "fan-phone")
+    await shoot(fan, "fan-phone-full", full_page=True)
+    await model.evaluate("window.scrollTo(0, 0)")
+    await shoot(model, "model-phone")
+    await shoot(model, "model-phone-full", full_page=True)
+    await fan.set_viewport_size(DESKTOP)  # type: ignore[arg-type]
+    await model.set_viewport_size(DESKTOP)  # type: ignore[arg-type]
+    await shoot(fan, "fan-desktop")
+    await shoot(model, "model-desktop")
+
+    # The connection drops right after a tip went out, before its reply could
+    # be read. After reconnecting, the page rejoins with `since` (a line said
+    # meanwhile fills in) and resends the tip with the same key: charged once.
+    sent_frames.clear()
+    await fan.evaluate(
+        """() => {
+            document.querySelector('.tip-quick[data-amount="10"]').click();
+            window.tokenchat.conn.drop();
+        }"""
+    )
+    await expect(fan.locator("#conn-status")).not_to_have_text("Online")
+    async with await running.client("mia", "model") as mia:
+        await mia.request("join", room="mia")
+        await mia.request("say", room="mia", text="said while you were away")
+    await expect(fan.locator("#conn-status")).to_have_text("Online")
+    await expect(fan.locator("#chat")).to_contain_text("said while you were away")
+    joins = [f for f in sent_frames if f.get("type") == "join"]
+    assert joins and joins[0]["room"] == "mia" and "since" in joins[0], sent_frames
+    await expect(fan.locator("#balance")).to_have_text("933")
+    await expect(model.locator("#balance")).to_have_text("67")
+    await expect(model.locator("#earned-total")).to_have_text("67")
+    tips = [f for f in sent_frames if f.get("type") == "tip"]
+    assert len(tips) == 2 and tips[0]["key"] == tips[1]["key"], sent_frames
+    await expect(model.locator("#chat .line.tip")).to_have_count(2)
+
+    # The ledger agrees with what the pages showed.
+    async def drained() -> bool:
+        return bool((await Http(running).reconcile())["ok"])
+
+    await eventually(drained, timeout_s=15)
+    assert errors.seen == []
+    await fan_context.close()
+    await model_context.close()
+
+
+async def test_token_sign_in_and_refused_token(start_server: StartServer, browser: Browser) -> None:
+    """Outside dev mode the page takes a pasted token; a bad one signs out clearly."""
+    from playwright.async_api import expect
+
+    from tests.conftest import token
+
+    running = await start_server(ws_port=free_port())
+    context = await browser.new_context(viewport=PHONE, locale="en-US")  # type: ignore[arg-type]
+    page = await context.new_page()
+    await page.goto(running.http_url + "/")
+    await expect(page.locator("#dev-form")).to_be_hidden()
+    await page.get_by_label("Session token (JWT)").fill("not-a-token")
+    await page.get_by_role("button", name="Connect").click()
+    await expect(page.locator(".toast.error").last).to_contain_text("Sign in again")
+    await expect(page.locator("#signin")).to_be_visible()
+    await shoot(page, "signin-token-phone")
+
+    await page.get_by_label("Session token (JWT)").fill(token("zoe"))
+    await page.get_by_role("button", name="Connect").click()
+    await expect(page.locator("#conn-status")).to_have_text("Online")
+    await expect(page.locator("#me-name")).to_have_text("zoe")
+    await context.close()
