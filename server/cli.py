@@ -250,7 +250,7 @@ def _dev_run(args: argparse.Namespace) -> int:
             print(
                 "\ntokenchat dev is running (Ctrl-C stops it and everything it started)\n"
                 f"  WebSocket  ws://{host}:{process.ws_port}/ws\n"
-                f"  HTTP       http://{host}:{process.http_port}/  (/healthz /readyz /v1/me)\n"
+                f"  Demo page  http://{host}:{process.http_port}/  (open it in a browser)\n"
                 f"  Redis      {settings.redis_url}\n"
                 f"  Postgres   {settings.database_url}\n"
                 f"  demo model {DEV_MODEL}: {tokens[DEV_MODEL]}\n"
