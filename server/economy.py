@@ -349,6 +349,18 @@ class Economy:
         except _REDIS_ERRORS:
             log.error("stale price cache for %s: Redis unreachable", user_id)
 
+    async def dm_price(self, user_id: str) -> int:
+        """What a DM to the user costs now: the price the dm script charges."""
+        for _ in range(2):
+            try:
+                cached = await self._redis.hget(self._keys.prices(user_id), "dm")  # type: ignore[misc]
+            except _REDIS_ERRORS as exc:
+                raise Unavailable("prices are unavailable") from exc
+            if cached is not None:
+                return int(cached)
+            await self._load_prices(user_id)
+        raise Unavailable("prices could not be loaded")
+
     async def _load_prices(self, user_id: str) -> None:
         try:
             row = await self._pool.fetchrow(

@@ -8,7 +8,6 @@ that ``errors.ServiceError`` gives each code.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -305,23 +304,7 @@ def create_app(node: Node) -> Starlette:
         user_id = request.path_params["user_id"]
         if not USER_ID_RE.fullmatch(user_id):
             raise BadRequest("the path must name a user id")
-        cached = None
-        # The cache the dm script charges from; Postgres when it is not there.
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            cached = await node.redis.hget(node.keys.prices(user_id), "dm")  # type: ignore[misc]
-        if cached is not None:
-            return JSONResponse({"dm": int(cached)})
-        try:
-            row = await node.pool.fetchrow(
-                """SELECT coalesce(p.dm, 0) AS dm FROM users u
-                   LEFT JOIN prices p ON p.model_id = u.id WHERE u.id = $1""",
-                user_id,
-            )
-        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
-            raise Unavailable("prices are unavailable") from exc
-        if row is None:
-            raise NotFound(f"no user '{user_id}'")
-        return JSONResponse({"dm": row["dm"]})
+        return JSONResponse({"dm": await node.economy.dm_price(user_id)})
 
     async def dev_token(request: Request) -> Response:
         """A demo token for any fan or model (registered only in dev mode)."""
