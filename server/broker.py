@@ -23,6 +23,8 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .aio import reraise_if_cancelled
+
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
@@ -99,6 +101,7 @@ class RedisBroker:
             try:
                 message = await self._pubsub.get_message(timeout=None)
             except (RedisError, OSError) as exc:
+                reraise_if_cancelled(exc)
                 log.warning("pub/sub connection lost (%s); reconnecting", exc)
                 delay_s = await self._reconnect(delay_s)
                 continue

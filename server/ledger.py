@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from . import metrics
+from .aio import reraise_if_cancelled
 from .config import Settings
 from .economy import Economy
 from .keys import Keys
@@ -123,6 +124,7 @@ class LedgerWriter:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a backend away, or a bad batch: retry later
+                reraise_if_cancelled(exc)
                 log.warning("ledger writer: %s; retrying in %.1f s", exc, delay_s)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, RETRY_DELAY_MAX_S)

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from protocol import events
 
+from .aio import reraise_if_cancelled
 from .broker import RedisBroker
 from .config import Settings
 from .db import create_pool
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 # Subscribe/unsubscribe decisions for one room are serialized; rooms hash to
 # one of this many locks, so the lock table never grows with the room count.
 ROOM_LOCK_STRIPES = 256
+# On close, background tasks (session closes take up to the close timeout)
+# get this long before they are cancelled.
+TASKS_GRACE_S = 6.0
 
 
 class Node:
@@ -107,9 +111,16 @@ class Node:
     async def close(self) -> None:
         for task in self._loops:
             task.cancel()
-        for task in [*self._loops, *self._tasks]:
+        for task in self._loops:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        # Fire-and-forget work (closes, unsubscribes) gets a moment to finish,
+        # then is cancelled: nothing it does may hold the process open.
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=TASKS_GRACE_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         await self.broker.close()
         await self.ledger.close()
         with contextlib.suppress(RedisError, OSError):
@@ -322,6 +333,7 @@ class Node:
             try:
                 await self._heartbeat_once()
             except (RedisError, OSError) as exc:
+                reraise_if_cancelled(exc)
                 log.warning("node heartbeat failed: %s", exc)
 
     async def _presence_forever(self) -> None:
@@ -330,6 +342,7 @@ class Node:
             try:
                 await self._presence_tick()
             except (RedisError, OSError) as exc:
+                reraise_if_cancelled(exc)
                 log.warning("presence update failed: %s", exc)
 
     async def _presence_tick(self) -> None:
