@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import asyncpg
@@ -24,6 +25,12 @@ log = logging.getLogger(__name__)
 # Users this process has already written, so a reconnect storm does not turn
 # into a storm of upserts. Bounded: past it, the set is simply started over.
 SEEN_USERS_MAX = 100_000
+# A room's settings are kept in the process this long: every tip reads
+# tip_min, and a Redis round trip per tip cost a sixth of the tip path
+# (py-spy, loadtests.tips). A model's new tip_min reaches other processes
+# within this time; the process that saved it forgets its copy at once.
+ROOM_INFO_TTL_S = 1.0
+ROOMS_CACHED_MAX = 10_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,6 +49,7 @@ class Directory:
         self._redis = redis
         self._keys = keys
         self._seen: set[Identity] = set()
+        self._rooms: dict[str, tuple[float, RoomInfo]] = {}
 
     async def touch_user(self, identity: Identity) -> None:
         """Record the user (and a model's room). Raises ``Unavailable``."""
@@ -77,6 +85,22 @@ class Directory:
 
     async def room(self, room_id: str) -> RoomInfo | None:
         """The room, or None when no model of that id exists."""
+        now = time.monotonic()
+        cached = self._rooms.get(room_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        info = await self._room_from_stores(room_id)
+        if info is not None:
+            if len(self._rooms) >= ROOMS_CACHED_MAX:
+                self._rooms.clear()
+            self._rooms[room_id] = (now + ROOM_INFO_TTL_S, info)
+        return info
+
+    def forget_room(self, room_id: str) -> None:
+        """Drop this process's copy (its settings just changed)."""
+        self._rooms.pop(room_id, None)
+
+    async def _room_from_stores(self, room_id: str) -> RoomInfo | None:
         key = self._keys.room_info(room_id)
         try:
             cached = await self._redis.hgetall(key)

@@ -217,7 +217,9 @@ def create_app(node: Node) -> Starlette:
         if dm is None and tip_min is None:
             raise BadRequest("send 'dm' and/or 'tip_min'")
         await node.directory.touch_user(identity)
-        return JSONResponse(await node.economy.set_prices(identity.user_id, dm, tip_min))
+        prices = await node.economy.set_prices(identity.user_id, dm, tip_min)
+        node.directory.forget_room(identity.user_id)
+        return JSONResponse(prices)
 
     async def admin_credit(request: Request) -> Response:
         identity = identity_of(request, "admin")
