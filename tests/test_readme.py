@@ -25,3 +25,20 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = re.findall(r"```sh\n(.*?)\n```", readme, re.DOTALL)
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_links_to_docs_resolve() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for target in re.findall(r"\]\(((?:docs|client_demo|loadtests)/[^)#]+)\)", readme):
+        assert (ROOT / target).exists(), f"README links to missing {target}"
+
+
+def test_procfile_commands_exist() -> None:
+    from server.cli import main
+
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        command = line.split(":", 1)[1].split("tokenchat", 1)[1].split()[0]
+        try:
+            main([command, "--help"])
+        except SystemExit as exit_:
+            assert exit_.code == 0, f"tokenchat {command} is not a command"

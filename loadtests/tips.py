@@ -1,0 +1,1597 @@
+"""Tips benchmark: N fans tipping in M rooms, each waiting for its ack.
+
+It measures how many tips tokenchat commits per second (``tip`` -> session ->
+script batcher -> the ``tip`` Lua script in Redis -> ``ok`` reply, with the
+tip event fanned out to the room and the ledger writer moving every tip to
+Postgres) against the ceiling of the same script called straight from Python.
+
+    python -m loadtests.tips --fans 200 --rooms 20 --duration 10 --runs 3
+
+tokenchat: ``tokenchat migrate`` then ``serve --workers 1`` (ledger writer on,
+as in production) on free ports, with its own Redis key prefix, Postgres
+schema and JWT secret. ``--rooms`` models say hello so their rooms exist,
+then the fans connect from ``--load-procs`` processes (uvloop, the minimal
+WebSocket client of ``loadtests.fanout``), say hello, join room ``i % rooms``
+and are credited through ``POST /v1/admin/credits``. Each fan tips amount 1
+with a fresh idempotency key and sends its next tip when the ack of the last
+one arrives, so the number of fans is the concurrency. Two phases follow,
+each with a warm-up and a measured window:
+
+- full rate: committed tips/s (``ok`` acks received in the window), ack
+  latency p50/p99, errors by code;
+- capped: each fan paces itself with a token bucket so that all together
+  offer at most half the pipelined baseline rate (the median of the baseline
+  runs so far); it answers "what is the ack latency when tokenchat is asked
+  for half of what Redis can do?" (goal: p99 < 50 ms).
+
+Then ``GET /v1/admin/reconcile`` must say ok (the ledger drained and Redis
+agrees with Postgres), the number of tip transactions Postgres gained must
+equal the number of tips acknowledged, and the ledger lag is read from the
+``tokenchat_ledger_lag_seconds`` histogram of ``/metrics``.
+
+Baseline: one process (uvloop, redis-py asyncio) runs the exact script the
+server loads (``lua_script("tip")``) with the KEYS/ARGV that ``Economy.tip``
+builds, under a key prefix of its own with balances set high, for the same
+number of virtual fans. Pipelined: each round is one pipeline of one EVALSHA
+per fan, the way the server's batcher sends what arrives in one event-loop
+tick. Unpipelined, for context: one coroutine per fan, one EVALSHA at a time.
+
+Runs alternate (odd runs: baseline first, even runs: tokenchat first) so that
+a drift of the machine hits both, and every capped phase has a baseline rate
+to take half of. The table shows medians with the min-max spread of the runs.
+
+The server gets the ``TOKENCHAT_*`` variables of this process's environment,
+except the ones the benchmark sets (prefix, schema, secret, ports, the lifted
+command rate limit), so a setting can be tried without editing anything:
+``TOKENCHAT_REDIS_POOL_MAX=512 python -m loadtests.tips --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import platform
+import random
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from loadtests.fanout import (
+    CONNECT_TIMEOUT_S,
+    HIST_BUCKETS,
+    HOST,
+    JSON_SUBPROTOCOL,
+    MIGRATE_TIMEOUT_S,
+    NS_PER_S,
+    POLL_INTERVAL_S,
+    REPO_ROOT,
+    SETUP_TIMEOUT_S,
+    WORKER_STOP_TIMEOUT_S,
+    Bench,
+    Member,
+    Server,
+    Stats,
+    cpu_ticks,
+    finish_py_spy,
+    first_error,
+    free_port,
+    hist_percentile_ms,
+    machine_busy_ticks,
+    open_member,
+    positive_float,
+    positive_int,
+    raise_open_files_limit,
+    recv_from_parent,
+    run_on_uvloop,
+    sigterm_as_exit,
+    start_py_spy,
+)
+from server.batcher import LuaScript
+
+Phase = Literal["full", "capped"]
+Mode = Literal["pipelined", "unpipelined"]
+# What a row of results is: a tokenchat phase or a baseline mode.
+Kind = Literal["tokenchat", "capped", "pipelined", "unpipelined"]
+
+FAN_ID_FORMAT = "bench_f{:05d}"  # user ids of the fans
+MODEL_ID_FORMAT = "bench_model{:03d}"  # user ids of the models; a room's id is its model's
+ADMIN_ID = "bench_admin"  # who credits the fans
+TIP_AMOUNT = 1  # tokens per tip: the smallest, so the balance never runs out
+# Credited to every fan per tokenchat run (the contract's largest amount): a
+# fan tips well under 10,000 times a run, so this is never the limit.
+FUND_TOKENS = 1_000_000  # tokens
+# The baseline's fans start with this: a whole run of tips leaves most of it.
+BASELINE_BALANCE_TOKENS = 10**12  # tokens
+
+# --- defaults of the command line ---------------------------------------------
+FANS_DEFAULT = 200  # connections, each with one tip in flight
+ROOMS_DEFAULT = 20  # models; fan i joins room i % rooms
+DURATION_DEFAULT_S = 10.0  # measured, per phase and run
+WARMUP_DEFAULT_S = 2.0  # tipping but not measured, before each measurement
+RUNS_DEFAULT = 3
+LOAD_PROCS_DEFAULT = 2  # load-generator processes, each on its own uvloop
+# --quick: one short run of each, under a minute in all.
+QUICK_DURATION_S = 3.0
+QUICK_WARMUP_S = 1.0
+QUICK_RUNS = 1
+# The capped phase offers this share of the pipelined baseline's rate.
+CAPPED_FRACTION = 0.5
+# A capped phase that commits less than this share of what it offered was
+# saturated (the fans waited for acks, not for tokens).
+SATURATED_SHARE = 0.95
+# The issue's goals, shown next to the figures.
+RATIO_GOAL = 0.5  # tokenchat / pipelined baseline, committed tips/s
+CAPPED_P99_GOAL_MS = 50.0
+
+# --- bounds: every wait has one ------------------------------------------------
+# Fans doing their handshake, hello and join at once, over all load processes:
+# as in loadtests.fanout, enough to set up 200 fans in about a second without
+# a burst of hellos queueing past tokenchat's Redis pool (64 connections).
+CONNECT_CONCURRENCY_TOTAL = 32  # connections
+# Credits posted at once: the admin endpoint is one script call each.
+FUND_CONCURRENCY = 8  # HTTP requests
+HTTP_TIMEOUT_S = 10.0  # one admin or metrics request
+# /v1/admin/reconcile drains the outbox for up to 10 s, then reads every balance.
+RECONCILE_TIMEOUT_S = 60.0
+# Between telling the load processes "go" and the first tip, so that every
+# process has read the schedule before any starts.
+GO_DELAY_S = 0.5
+# After a phase's window: how long the tips in flight may take to be answered.
+# A tip unanswered by then is reported (the contract answers every command).
+PHASE_DRAIN_TIMEOUT_S = 5.0
+REPORT_SLACK_S = 10.0  # on top of the phase's own length, for a result to come
+# Between the phases: the writer moves a few thousand entries a second, and a
+# full phase leaves at most tens of thousands behind.
+LEDGER_DRAIN_TIMEOUT_S = 60.0
+BASELINE_START_TIMEOUT_S = 30.0  # the baseline process loaded and set up
+# After a baseline mode: deleting its idempotency keys (about a million at
+# worst) may take a few seconds.
+BASELINE_CLEANUP_TIMEOUT_S = 60.0  # s
+# Token bucket of a paced fan: tokens accrue at its share of the capped rate and
+# it may hold this many, so a late timer or a slow ack is caught up once, and
+# the offered load never exceeds the cap over any longer stretch.
+BUCKET_TOKENS = 2.0  # tips
+# The baseline has no ledger writer: it trims its outbox itself so that memory
+# and the script's XLEN check stay bounded, as the writer's XDEL keeps them.
+OUTBOX_TRIM_INTERVAL_S = 0.1
+OUTBOX_KEEP_ENTRIES = 10_000
+# SCAN page and UNLINK batch when deleting the runs' idempotency keys.
+SCAN_COUNT = 10_000  # keys
+UNLINK_BATCH = 1_000  # keys
+# --wait-idle: the machine counts as idle when everything on it, interrupts
+# included, uses less than this over one sample; other work on a 2-core machine
+# moves the figures more than anything measured here.
+IDLE_BUSY_MAX_PCT = 25.0  # % of one CPU
+IDLE_SAMPLE_S = 1.0
+# A run whose other processes used more than this is flagged in the table.
+OTHER_BUSY_WARN_PCT = 25.0  # % of one CPU
+
+# Frames of the fast path, compared as bytes: the server encodes replies with
+# orjson and `type` first (protocol.events), and every event has no `re`.
+OK_PREFIX = b'{"type":"ok"'
+ERROR_PREFIX = b'{"type":"error"'
+DUPLICATE_MARK = b'"duplicate":true'
+
+US_PER_S = 1_000_000
+LEDGER_LAG_METRIC = "tokenchat_ledger_lag_seconds"
+
+
+# ============================================================================
+# Load processes: fans tipping
+# ============================================================================
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PhaseSpec:
+    """One measured phase, as the parent schedules it (CLOCK_MONOTONIC, ns)."""
+
+    phase: Phase
+    start_ns: int
+    window_start_ns: int
+    window_end_ns: int
+    rate_per_fan: float  # tips/s each fan may send; 0: as fast as its acks come
+
+
+class Tally:
+    """What the fans of one load process counted in one phase (single-threaded)."""
+
+    def __init__(self, spec: PhaseSpec, active: int) -> None:
+        self.spec = spec
+        self.stats = Stats()  # acks: count and latency histogram
+        self.stats.window_start_ns = spec.window_start_ns
+        self.stats.window_end_ns = spec.window_end_ns
+        self.stats.counting = True
+        self.sent = 0
+        self.duplicates = 0  # ok with "duplicate": true (must stay 0: keys are fresh)
+        self.errors: dict[str, int] = {}  # by code, over warm-up and window
+        self.messages: dict[str, str] = {}  # the first message of each code, to say why
+        self.errors_in_window = 0
+        self.events = 0  # tip (and other) events the fans received
+        self.unanswered = 0  # fans whose connection ended with a tip in flight
+        self.active = active  # fans still in the phase
+        self.done = asyncio.Event()
+        if active == 0:
+            self.done.set()
+
+    def error(self, code: str, message: str, now_ns: int) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+        self.messages.setdefault(code, message)
+        if self.spec.window_start_ns <= now_ns < self.spec.window_end_ns:
+            self.errors_in_window += 1
+
+    def fan_done(self) -> None:
+        self.active -= 1
+        if self.active <= 0:
+            self.done.set()
+
+
+class TipFan(Member):
+    """A fan: a ``Member`` that, during a phase, tips in a loop on its acks.
+
+    The loop runs in the protocol's callbacks (an ack sends the next tip from
+    ``data_received``), without a task per fan, so the load process spends its
+    time on the socket and not on scheduling.
+    """
+
+    def __init__(self, port: int, conn_stats: Stats, user_id: str, room: str) -> None:
+        super().__init__(port, JSON_SUBPROTOCOL, conn_stats)
+        self.user_id = user_id
+        self.room = room
+        self._head = b'{"type":"tip","room":"%s","amount":%d,"key":"' % (
+            room.encode(),
+            TIP_AMOUNT,
+        )
+        self._tally: Tally | None = None
+        self._nonce = b""
+        self._seq = 0
+        self._sent_ns = 0
+        self._in_flight = False
+        self._stop_ns = 0
+        self._rate = 0.0  # tips/s; 0 = unpaced
+        self._tokens = 0.0
+        self._refill_ns = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- a phase ------------------------------------------------------------------
+    def begin(self, tally: Tally, nonce: str) -> None:
+        spec = tally.spec
+        self._tally = tally
+        # A fresh idempotency key per tip: the nonce makes keys unique across
+        # runs, whose fans have the same user ids (a reused key is a DUP).
+        self._nonce = nonce.encode()
+        self._seq = 0
+        self._in_flight = False
+        self._stop_ns = spec.window_end_ns
+        self._rate = spec.rate_per_fan
+        if self._rate <= 0:
+            self._send_tip()
+            return
+        # Paced: start at a random point of the first interval, so the fans'
+        # tips spread over time instead of arriving together every interval.
+        # The bucket starts filling then, not now: tokens accrued during the
+        # offset would bring every fan's second tip back to the same instant.
+        self._timer = asyncio.get_running_loop().call_later(
+            random.random() / self._rate, self._start_paced
+        )
+
+    def _start_paced(self) -> None:
+        self._timer = None
+        self._tokens = 1.0
+        self._refill_ns = time.monotonic_ns()
+        if self._tally is not None:
+            self._next(self._refill_ns)
+
+    def _send_tip(self) -> None:
+        assert self._tally is not None
+        self._seq += 1
+        frame = b'%s%s-%d","id":%d}' % (self._head, self._nonce, self._seq, self._seq)
+        self._in_flight = True
+        self._tally.sent += 1
+        self._sent_ns = time.monotonic_ns()
+        self.send_text(frame)
+
+    def _next(self, now_ns: int) -> None:
+        """After an ack (or a timer): tip again, wait for a token, or finish."""
+        if now_ns >= self._stop_ns or self.transport is None or self.transport.is_closing():
+            self.finish()
+            return
+        if self._rate <= 0:
+            self._send_tip()
+            return
+        elapsed_s = (now_ns - self._refill_ns) / NS_PER_S
+        self._tokens = min(BUCKET_TOKENS, self._tokens + elapsed_s * self._rate)
+        self._refill_ns = now_ns
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self._send_tip()
+            return
+        delay_s = (1.0 - self._tokens) / self._rate
+        if now_ns + delay_s * NS_PER_S >= self._stop_ns:
+            self.finish()  # its next token comes after the phase
+            return
+        self._timer = asyncio.get_running_loop().call_later(delay_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._tally is not None and not self._in_flight:
+            self._next(time.monotonic_ns())
+
+    def finish(self) -> None:
+        """Leave the phase (a tip still in flight counts as unanswered)."""
+        tally, self._tally = self._tally, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if tally is not None:
+            if self._in_flight:
+                tally.unanswered += 1
+            tally.fan_done()
+
+    # --- frames -------------------------------------------------------------------
+    def _on_text(self, buf: bytearray, start: int, end: int, now_ns: int) -> None:
+        if self._waiting:  # set-up: hello and join replies, matched by `re`
+            super()._on_text(buf, start, end, now_ns)
+            return
+        tally = self._tally
+        if tally is None:
+            return  # between phases: a credit's balance push, presence, ...
+        if buf.startswith(OK_PREFIX, start):
+            if not self._in_flight:
+                return
+            self._in_flight = False
+            tally.stats.record(now_ns, self._sent_ns)
+            if buf.find(DUPLICATE_MARK, start, end) >= 0:
+                tally.duplicates += 1
+            self._next(now_ns)
+        elif buf.startswith(ERROR_PREFIX, start):
+            reply = orjson.loads(bytes(buf[start:end]))
+            tally.error(str(reply.get("code")), str(reply.get("message")), now_ns)
+            if self._in_flight:
+                self._in_flight = False
+                self._next(now_ns)
+        else:
+            tally.events += 1  # another fan's tip in this room, or presence
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.finish()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FanWorkerSpec:
+    port: int
+    fan_indexes: tuple[int, ...]  # global fan numbers held by this process
+    rooms: int
+    jwt_secret: str
+    cpus: frozenset[int] | None  # to pin this process to (None: anywhere)
+    connect_concurrency: int  # fans set up at once by this process
+
+
+def fan_id(index: int) -> str:
+    return FAN_ID_FORMAT.format(index)
+
+
+def model_id(room: int) -> str:
+    return MODEL_ID_FORMAT.format(room)
+
+
+async def open_fan(spec: FanWorkerSpec, conn_stats: Stats, index: int) -> TipFan:
+    """A fan connected, authenticated and in its room."""
+    from server.auth import issue_token
+
+    loop = asyncio.get_running_loop()
+    user_id, room = fan_id(index), model_id(index % spec.rooms)
+    fan: TipFan | None = None
+    step = "connect"
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            _, fan = await loop.create_connection(
+                lambda: TipFan(spec.port, conn_stats, user_id, room), HOST, spec.port
+            )
+            step = "handshake"
+            await fan.opened
+            step = "hello"
+            token = issue_token(spec.jwt_secret, user_id, "fan")
+            reply = await fan.request({"type": "hello", "id": 1, "token": token})
+            if reply.get("type") != "welcome":
+                raise RuntimeError(f"hello refused for {user_id}: {reply}")
+            step = "join"
+            reply = await fan.request({"type": "join", "id": 2, "room": room})
+            if reply.get("type") != "ok":
+                raise RuntimeError(f"join refused for {user_id}: {reply}")
+    except BaseException as exc:
+        if fan is not None:
+            fan.close()
+        if isinstance(exc, TimeoutError):
+            raise TimeoutError(f"{user_id}: {step} took over {CONNECT_TIMEOUT_S} s") from None
+        raise
+    return fan
+
+
+async def run_phase(fans: list[TipFan], spec: PhaseSpec, conn_stats: Stats) -> dict[str, Any]:
+    tally = Tally(spec, len(fans))
+    disconnects_before = conn_stats.disconnects
+    await asyncio.sleep(max(0.0, (spec.start_ns - time.monotonic_ns()) / NS_PER_S))
+    nonce = secrets.token_hex(6)
+    for fan in fans:
+        fan.begin(tally, nonce)
+    # Bounded: a tip the server never answers must not hold the phase forever.
+    left_s = (spec.window_end_ns - time.monotonic_ns()) / NS_PER_S + PHASE_DRAIN_TIMEOUT_S
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(max(0.0, left_s)):
+            await tally.done.wait()
+    stuck = tally.active
+    for fan in fans:
+        fan.finish()  # the ones still waiting for an ack count as unanswered
+    return {
+        "fans": len(fans),
+        "acked_total": tally.stats.received_total,
+        "acked_in_window": tally.stats.received_in_window,
+        "hist": tally.stats.hist,
+        "sent": tally.sent,
+        "duplicates": tally.duplicates,
+        "errors": tally.errors,
+        "error_messages": tally.messages,
+        "errors_in_window": tally.errors_in_window,
+        "events": tally.events,
+        "unanswered": tally.unanswered,
+        "stuck": stuck,
+        "disconnects": conn_stats.disconnects - disconnects_before,
+    }
+
+
+async def fan_worker_async(spec: FanWorkerSpec, conn: Connection) -> None:
+    conn_stats = Stats()  # only its disconnect count is used
+    conn_stats.counting = True
+    fans: list[TipFan] = []
+    gate = asyncio.Semaphore(spec.connect_concurrency)
+
+    async def connect(index: int) -> None:
+        async with gate:
+            fans.append(await open_fan(spec, conn_stats, index))
+
+    try:
+        try:
+            async with asyncio.timeout(SETUP_TIMEOUT_S), asyncio.TaskGroup() as group:
+                for index in spec.fan_indexes:
+                    group.create_task(connect(index))
+        except Exception as exc:
+            conn.send(("failed", f"connecting fans: {first_error(exc)!r}"))
+            return
+        conn.send(("ready", len(fans)))
+        while True:
+            message = await recv_from_parent(conn, SETUP_TIMEOUT_S)
+            if message[0] != "phase":
+                return
+            conn.send(("result", await run_phase(fans, message[1], conn_stats)))
+    finally:
+        for fan in fans:
+            fan.close()
+
+
+def fan_worker_main(spec: FanWorkerSpec, conn: Connection) -> None:
+    # Ctrl-C reaches the whole process group; the parent stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise_open_files_limit()
+    if spec.cpus is not None:
+        os.sched_setaffinity(0, spec.cpus)
+    try:
+        run_on_uvloop(lambda: fan_worker_async(spec, conn))
+    except (EOFError, BrokenPipeError, TimeoutError):
+        pass  # the parent went away or gave up: nothing to report to
+    finally:
+        conn.close()
+
+
+# ============================================================================
+# The baseline: the tip script straight from redis-py
+# ============================================================================
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BaselineSpec:
+    redis_url: str
+    prefix: str  # its own keys, under the benchmark's prefix
+    fans: int
+    rooms: int
+    cpus: frozenset[int] | None
+
+
+class VirtualFan:
+    """The parts of a fan's EVALSHA that ``Economy.tip`` computes per call but
+    that do not change from one tip to the next (computed once here: the
+    baseline is the Redis side of a tip, not its Python side)."""
+
+    def __init__(self, index: int, rooms: int, prefix: str, sha: str) -> None:
+        from server.config import Settings
+        from server.economy import fingerprint, user_account
+        from server.keys import Keys
+
+        keys, settings = Keys(prefix), Settings()
+        self.user_id = fan_id(index)
+        room = owner = model_id(index % rooms)
+        self.keys = keys
+        self.nonce = secrets.token_hex(6)
+        self.seq = 0
+        self.sha = sha
+        self.key_tail = [
+            keys.outbox(),
+            keys.balance(user_account(self.user_id)),
+            keys.balance(user_account(owner)),
+            keys.room_history(room),
+        ]
+        self.fingerprint = fingerprint("tip", room=room, amount=TIP_AMOUNT, text="")
+        event = {"type": "tip", "room": room, "from": self.user_id, "amount": TIP_AMOUNT}
+        self.arg_tail: list[str | bytes | int] = [
+            settings.outbox_entries_max,
+            TIP_AMOUNT,
+            user_account(self.user_id),
+            user_account(owner),
+            self.user_id,
+        ]
+        self.channels: list[str | bytes | int] = [
+            keys.room_channel(room),
+            settings.history_len,
+            orjson.dumps({**event, "text": ""}),
+            keys.user_channel(owner),
+            orjson.dumps({"room": room}),
+        ]
+
+    def call(self) -> list[str | bytes | int]:
+        """EVALSHA's arguments for the next tip, in ``Economy.tip``'s order."""
+        from server.economy import new_tx_id
+
+        self.seq += 1
+        key = f"{self.nonce}-{self.seq}"
+        return [
+            self.sha,
+            5,
+            self.keys.idempotency(self.user_id, key),
+            *self.key_tail,
+            self.fingerprint,
+            new_tx_id(),
+            *self.arg_tail,
+            key,
+            *self.channels,
+        ]
+
+
+def _ok(result: Any) -> bool:
+    return isinstance(result, list) and bool(result) and result[0] == b"OK"
+
+
+class ModeTally:
+    def __init__(self, window_start_ns: int, window_end_ns: int) -> None:
+        self.stats = Stats()  # a pipeline's or a call's round trip
+        self.stats.window_start_ns = window_start_ns
+        self.stats.window_end_ns = window_end_ns
+        self.calls_in_window = 0
+        self.calls_total = 0
+        self.errors: dict[str, int] = {}
+        # Calls refused with NOSCRIPT: Redis forgot the script (someone flushed
+        # the shared Redis's script cache). Nothing ran; the script is loaded
+        # again, as the server's batcher does.
+        self.noscript = 0
+
+    def add(self, now_ns: int, sent_ns: int, results: Sequence[Any]) -> bool:
+        """Count a round's results; False if the script must be loaded again."""
+        from redis.exceptions import NoScriptError
+
+        self.stats.record(now_ns, sent_ns)
+        ok = 0
+        loaded = True
+        for result in results:
+            if _ok(result):
+                ok += 1
+            elif isinstance(result, NoScriptError):
+                self.noscript += 1
+                loaded = False
+            else:
+                code = str(result[0] if isinstance(result, list) and result else result)
+                self.errors[code] = self.errors.get(code, 0) + 1
+        self.calls_total += ok
+        if self.stats.window_start_ns <= now_ns < self.stats.window_end_ns:
+            self.calls_in_window += ok
+        return loaded
+
+
+async def run_pipelined(
+    redis: Any, script: LuaScript, fans: list[VirtualFan], tally: ModeTally
+) -> None:
+    """One pipeline of one EVALSHA per fan, again and again, as the batcher does."""
+    while time.monotonic_ns() < tally.stats.window_end_ns:
+        async with redis.pipeline(transaction=False) as pipe:
+            for fan in fans:
+                pipe.execute_command("EVALSHA", *fan.call())
+            sent_ns = time.monotonic_ns()
+            results = await pipe.execute(raise_on_error=False)
+        if not tally.add(time.monotonic_ns(), sent_ns, results):
+            await redis.script_load(script.source)
+
+
+async def run_unpipelined(
+    redis: Any, script: LuaScript, fans: list[VirtualFan], tally: ModeTally
+) -> None:
+    """Each fan a coroutine with one EVALSHA at a time on a connection of its own."""
+
+    async def one_fan(fan: VirtualFan) -> None:
+        while time.monotonic_ns() < tally.stats.window_end_ns:
+            call = fan.call()
+            sent_ns = time.monotonic_ns()
+            try:
+                result = await redis.execute_command("EVALSHA", *call)
+            except Exception as exc:  # a refusal or a dropped connection: counted
+                result = exc
+            if not tally.add(time.monotonic_ns(), sent_ns, [result]):
+                await redis.script_load(script.source)
+
+    async with asyncio.TaskGroup() as group:
+        for fan in fans:
+            group.create_task(one_fan(fan))
+
+
+async def trim_outbox(redis: Any, outbox: str) -> None:
+    while True:
+        await asyncio.sleep(OUTBOX_TRIM_INTERVAL_S)
+        await redis.xtrim(outbox, maxlen=OUTBOX_KEEP_ENTRIES, approximate=True)
+
+
+def idempotency_pattern(prefix: str) -> str:
+    """SCAN pattern of the idempotency keys under ``prefix`` (``Keys.idempotency``)."""
+    from server.keys import Keys
+
+    sample = Keys(prefix).idempotency("u", "k")
+    return sample[: sample.index("idem:") + len("idem:")] + "*"
+
+
+async def delete_matching(redis: Any, pattern: str) -> int:
+    """UNLINK every key matching ``pattern`` (SCAN: never blocks Redis long)."""
+    deleted = 0
+    batch: list[bytes] = []
+    async for key in redis.scan_iter(match=pattern, count=SCAN_COUNT):
+        batch.append(key)
+        if len(batch) >= UNLINK_BATCH:
+            deleted += await redis.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += await redis.unlink(*batch)
+    return deleted
+
+
+async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
+    from redis.asyncio import Redis
+
+    from server.economy import user_account
+    from server.keys import Keys
+    from server.scripts import lua_script
+
+    keys = Keys(spec.prefix)
+    # A connection per unpipelined fan, plus the trimmer's and spare ones.
+    redis: Redis = Redis.from_url(spec.redis_url, max_connections=spec.fans + 8)
+    try:
+        script = lua_script("tip")
+        if await redis.script_load(script.source) != script.sha:
+            raise RuntimeError("Redis's SHA1 of the tip script differs from the server's")
+        fans = [VirtualFan(i, spec.rooms, spec.prefix, script.sha) for i in range(spec.fans)]
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(spec.fans):
+                pipe.set(keys.balance(user_account(fan_id(i))), BASELINE_BALANCE_TOKENS)
+            for room in range(spec.rooms):
+                pipe.set(keys.balance(user_account(model_id(room))), 0)
+            await pipe.execute()
+        conn.send(("ready", None))
+        while True:
+            message = await recv_from_parent(conn, SETUP_TIMEOUT_S)
+            if message[0] != "go":
+                return
+            _, mode, start_ns, window_start_ns, window_end_ns = message
+            await asyncio.sleep(max(0.0, (start_ns - time.monotonic_ns()) / NS_PER_S))
+            tally = ModeTally(window_start_ns, window_end_ns)
+            trimmer = asyncio.create_task(trim_outbox(redis, keys.outbox()))
+            try:
+                if mode == "pipelined":
+                    await run_pipelined(redis, script, fans, tally)
+                else:
+                    await run_unpipelined(redis, script, fans, tally)
+            finally:
+                trimmer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await trimmer
+            # Outside the window: the next mode starts from the same keyspace.
+            await redis.unlink(keys.outbox())
+            await delete_matching(redis, idempotency_pattern(spec.prefix))
+            conn.send(
+                (
+                    "result",
+                    {
+                        "calls_in_window": tally.calls_in_window,
+                        "calls_total": tally.calls_total,
+                        "hist": tally.stats.hist,
+                        "errors": tally.errors,
+                        "noscript": tally.noscript,
+                    },
+                )
+            )
+    finally:
+        await redis.aclose()
+
+
+def baseline_main(spec: BaselineSpec, conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.cpus is not None:
+        os.sched_setaffinity(0, spec.cpus)
+    try:
+        run_on_uvloop(lambda: baseline_async(spec, conn))
+    except (EOFError, BrokenPipeError, TimeoutError):
+        pass
+    finally:
+        conn.close()
+
+
+# ============================================================================
+# The parent
+# ============================================================================
+
+
+def http_json(url: str, token: str | None = None, body: Any = None) -> tuple[int, Any]:
+    """(status, parsed JSON body or text) of a GET, or of a POST when ``body``."""
+    data = None if body is None else orjson.dumps(body)
+    request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    timeout_s = RECONCILE_TIMEOUT_S if url.endswith("reconcile") else HTTP_TIMEOUT_S
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return status, raw.decode(errors="replace")
+
+
+def http_answers(url: str) -> bool:
+    try:
+        return http_json(url)[0] == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], fraction: float) -> float:
+    """Prometheus's histogram_quantile: linear within the bucket holding the
+    rank; past the last finite bound, that bound (the figure is then "at least")."""
+    if not buckets or buckets[-1][1] <= 0:
+        return math.nan
+    rank = fraction * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+_BUCKET_LINE = re.compile(LEDGER_LAG_METRIC + r'_bucket\{le="([^"]+)"\} ([0-9.e+-]+)')
+
+
+def ledger_lag_buckets(metrics_text: str) -> list[tuple[float, float]]:
+    """(upper bound s, cumulative count) of the ledger lag histogram."""
+    buckets = [
+        (float(match.group(1)), float(match.group(2)))
+        for match in _BUCKET_LINE.finditer(metrics_text)
+    ]
+    return sorted(buckets)
+
+
+def ticks_by_name(name: str) -> dict[int, int]:
+    """utime + stime (clock ticks) of every process whose command is ``name``."""
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        if stat[stat.index("(") + 1 : stat.rindex(")")] != name:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def sample_cpu(pids: dict[str, list[int]], start_ns: int, end_ns: int) -> dict[str, float | None]:
+    """CPU use (% of one core) between the two times of each group of processes,
+    of Postgres (all its processes: the ledger writer's COPYs are ours, the
+    rest of a shared Postgres is not), of the rest of the machine's tasks, and
+    of interrupts."""
+    time.sleep(max(0.0, (start_ns - time.monotonic_ns()) / NS_PER_S))
+    before = {name: cpu_ticks(p) for name, p in pids.items()}
+    postgres_before = ticks_by_name("postgres")
+    machine_before = machine_busy_ticks()
+    time.sleep(max(0.0, (end_ns - time.monotonic_ns()) / NS_PER_S))
+    after = {name: cpu_ticks(p) for name, p in pids.items()}
+    postgres_after = ticks_by_name("postgres")
+    machine_after = machine_busy_ticks()
+    per_tick_pct = 100 / os.sysconf("SC_CLK_TCK") / ((end_ns - start_ns) / NS_PER_S)
+    result: dict[str, float | None] = {}
+    for name in pids:
+        b, a = before[name], after[name]
+        result[name] = None if a is None or b is None else (a - b) * per_tick_pct
+    # A backend that exited meanwhile is missed; one that started counts whole.
+    result["postgres"] = per_tick_pct * sum(
+        ticks - postgres_before.get(pid, 0) for pid, ticks in postgres_after.items()
+    )
+    tasks_pct, irq_pct = (
+        (a - b) * per_tick_pct for a, b in zip(machine_after, machine_before, strict=True)
+    )
+    result["other"] = max(0.0, tasks_pct - sum(v or 0.0 for v in result.values()))
+    result["irq"] = irq_pct
+    return result
+
+
+def cpu_per_op(cpu: dict[str, float | None], main: str, per_s: float) -> dict[str, float | None]:
+    """CPU time (us) per committed tip or call of the Python process, Redis and
+    Postgres: unlike rates, these hardly move when other work shares the machine."""
+
+    def per_op(pct: float | None) -> float | None:
+        return None if pct is None or per_s <= 0 else pct / 100 / per_s * US_PER_S
+
+    return {
+        "main_us_per_op": per_op(cpu[main]),
+        "redis_us_per_op": per_op(cpu["redis"]),
+        "postgres_us_per_op": per_op(cpu["postgres"]) if main == "server" else None,
+    }
+
+
+def wait_for_idle(max_wait_s: float) -> float:
+    """Wait (at most ``max_wait_s``) until the machine is idle; its last busy %."""
+    deadline = time.monotonic() + max_wait_s
+    tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
+    while True:
+        before = machine_busy_ticks()
+        time.sleep(IDLE_SAMPLE_S)
+        after = machine_busy_ticks()
+        busy_pct = 100 * sum(a - b for a, b in zip(after, before, strict=True)) * tick_s
+        busy_pct /= IDLE_SAMPLE_S
+        if busy_pct < IDLE_BUSY_MAX_PCT or time.monotonic() >= deadline:
+            return busy_pct
+
+
+def merge_counts(dicts: Sequence[dict[str, int]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for counts in dicts:
+        for code, count in counts.items():
+            merged[code] = merged.get(code, 0) + count
+    return merged
+
+
+def merge_hists(hists: Sequence[Sequence[int]]) -> list[int]:
+    if not hists:
+        return [0] * HIST_BUCKETS
+    return [sum(column) for column in zip(*hists, strict=True)]
+
+
+class TipsBench(Bench):
+    """``loadtests.fanout.Bench`` (isolated prefix and schema, subprocesses,
+    cleanup of keys and schema in ``close``) with the tips scenario."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        # Logs under a name of this benchmark; made again if something removed it.
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        self.log_dir = Path(tempfile.mkdtemp(prefix="tokenchat-tips-"))
+        self.admin_token = ""
+        self.baseline_prefix = f"{self.redis_prefix}baseline:"
+        self.baseline_started = False  # from then on there may be keys to delete
+
+    def close(self, *, keep_logs: bool) -> None:
+        super().close(keep_logs=keep_logs)
+        # Bench removes the prefix's keys only once tokenchat was migrated; the
+        # baseline (first in odd runs) may have left keys before that.
+        if self.baseline_started:
+            asyncio.run(self._delete_keys(f"{self.redis_prefix}*"))
+
+    # --- tokenchat ------------------------------------------------------------------
+    def start_tokenchat(self) -> tuple[Server, int]:
+        """The server started on free ports and its rooms created; (server, HTTP port)."""
+        from server.auth import issue_token
+
+        self.migrated = True  # from now on there may be a schema to drop
+        subprocess.run(
+            [sys.executable, "-m", "server.cli", "migrate"],
+            cwd=REPO_ROOT,
+            env=self.env,
+            check=True,
+            timeout=MIGRATE_TIMEOUT_S,
+            stdout=subprocess.DEVNULL,
+        )
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        ws_port, http_port = free_port(), free_port()
+        env = dict(self.env, TOKENCHAT_WS_PORT=str(ws_port), TOKENCHAT_HTTP_PORT=str(http_port))
+        server = self._spawn(
+            "tokenchat", ["-m", "server.cli", "serve", "--workers", "1"], env, ws_port
+        )
+        self._wait_ready(server, lambda: http_answers(f"http://{HOST}:{http_port}/healthz"))
+        self.admin_token = issue_token(self.jwt_secret, ADMIN_ID, "admin")
+        asyncio.run(self._models_hello(ws_port))
+        return server, http_port
+
+    async def _models_hello(self, port: int) -> None:
+        """Each room exists once its model has said hello (DESIGN.md section 3)."""
+
+        async def hello(room: int) -> None:
+            member = await open_member(
+                "tokenchat",
+                port,
+                Stats(),
+                user_id=model_id(room),
+                role="model",
+                jwt_secret=self.jwt_secret,
+            )
+            member.close()
+
+        async with asyncio.TaskGroup() as group:
+            for room in range(self.args.rooms):
+                group.create_task(hello(room))
+
+    def fund_fans(self, http_port: int, number: int) -> None:
+        url = f"http://{HOST}:{http_port}/v1/admin/credits"
+
+        def fund(index: int) -> None:
+            # The key is the admin's: one per credit, or the second fan's is a CONFLICT.
+            key = f"fund-{number}-{index}"
+            body = {"user": fan_id(index), "amount": FUND_TOKENS, "key": key}
+            status, reply = http_json(url, self.admin_token, body)
+            if status != 200:
+                raise RuntimeError(f"credit for {fan_id(index)} refused: {status} {reply}")
+
+        with concurrent.futures.ThreadPoolExecutor(FUND_CONCURRENCY) as pool:
+            list(pool.map(fund, range(self.args.fans)))
+
+    def run_tokenchat(
+        self, number: int, capped_rate: float, profile: Path | None
+    ) -> list[dict[str, Any]]:
+        """Both phases on one server; their rows, with the ledger's checks."""
+        args = self.args
+        tips_before = self._ledger_tips()
+        server, http_port = self.start_tokenchat()
+        conns: list[Connection] = []
+        try:
+            context = multiprocessing.get_context("spawn")
+            procs = min(args.load_procs, args.fans)
+            for w in range(procs):
+                spec = FanWorkerSpec(
+                    port=server.ws_port,
+                    fan_indexes=tuple(range(w, args.fans, procs)),
+                    rooms=args.rooms,
+                    jwt_secret=self.jwt_secret,
+                    cpus=self.loadgen_cpus,
+                    connect_concurrency=max(1, CONNECT_CONCURRENCY_TOTAL // procs),
+                )
+                parent_end, child_end = context.Pipe()
+                worker = context.Process(
+                    target=fan_worker_main, args=(spec, child_end), name=f"fans-{w}", daemon=True
+                )
+                worker.start()
+                child_end.close()
+                self.workers.append(worker)
+                conns.append(parent_end)
+            ready = self._gather(conns, "ready", SETUP_TIMEOUT_S + CONNECT_TIMEOUT_S, server)
+            connected = sum(int(value) for value in ready)
+            if connected != args.fans:
+                raise RuntimeError(f"only {connected} of {args.fans} fans connected")
+            self.fund_fans(http_port, number)
+            rows = [self._phase(conns, server, number, "full", 0.0, profile)]
+            # The full phase leaves a ledger backlog that the writer (in the
+            # server process) then works off; the capped phase starts once it
+            # is gone, as the full phase did, so that its latency is that of
+            # its own load.
+            rows[0]["ledger_drain_s"] = self._wait_outbox_empty(server)
+            if capped_rate > 0:  # NaN when no baseline was measured (it failed)
+                rows.append(
+                    self._phase(conns, server, number, "capped", capped_rate / args.fans, None)
+                )
+            for conn in conns:
+                conn.send(("stop", None))
+            self._stop_workers()
+            status, reconcile = http_json(
+                f"http://{HOST}:{http_port}/v1/admin/reconcile", self.admin_token
+            )
+            _, metrics_text = http_json(f"http://{HOST}:{http_port}/metrics")
+        finally:
+            self._stop_workers()
+            for conn in conns:
+                conn.close()
+            server.stop()
+        buckets = ledger_lag_buckets(metrics_text if isinstance(metrics_text, str) else "")
+        reconciled = isinstance(reconcile, dict) and status == 200 and reconcile.get("ok") is True
+        acked = sum(row["acked_total"] - row["duplicates"] for row in rows)
+        ledger = {
+            "reconcile_ok": reconciled,
+            "reconcile": reconcile if isinstance(reconcile, dict) else {"error": reconcile},
+            "ledger_tips": self._ledger_tips() - tips_before,
+            "acked_tips": acked,
+            "lag_p50_ms": 1000 * histogram_quantile(buckets, 0.50),
+            "lag_p99_ms": 1000 * histogram_quantile(buckets, 0.99),
+            "lag_max_bucket_s": max((b for b, _ in buckets if not math.isinf(b)), default=None),
+        }
+        for row in rows:
+            row["ledger"] = ledger
+        # The fans' idempotency keys are no use after the run; without them the
+        # next run starts from the same keyspace size as this one did.
+        asyncio.run(self._delete_keys(idempotency_pattern(self.redis_prefix)))
+        return rows
+
+    def _phase(
+        self,
+        conns: list[Connection],
+        server: Server,
+        number: int,
+        phase: Phase,
+        rate_per_fan: float,
+        profile: Path | None,
+    ) -> dict[str, Any]:
+        args = self.args
+        now_ns = time.monotonic_ns()
+        start_ns = now_ns + int(GO_DELAY_S * NS_PER_S)
+        window_start_ns = start_ns + int(args.warmup * NS_PER_S)
+        window_end_ns = window_start_ns + int(args.duration * NS_PER_S)
+        spec = PhaseSpec(phase, start_ns, window_start_ns, window_end_ns, rate_per_fan)
+        for conn in conns:
+            conn.send(("phase", spec))
+        time.sleep(max(0.0, (window_start_ns - time.monotonic_ns()) / NS_PER_S))
+        spy = start_py_spy(server.process.pid, args.duration, profile) if profile else None
+        try:
+            pids = {
+                "server": [server.process.pid],
+                "redis": [self.redis_pid] if self.redis_pid else [],
+                "loadgen": [w.pid for w in self.workers if w.pid is not None],
+            }
+            cpu = sample_cpu(pids, window_start_ns, window_end_ns)
+        finally:
+            if spy is not None:
+                finish_py_spy(spy, profile)
+        wait_s = (window_end_ns - time.monotonic_ns()) / NS_PER_S
+        reports = self._gather(
+            conns, "result", wait_s + PHASE_DRAIN_TIMEOUT_S + REPORT_SLACK_S, server
+        )
+        hist = merge_hists([r["hist"] for r in reports])
+        offered = rate_per_fan * args.fans if rate_per_fan else None
+        per_s = sum(r["acked_in_window"] for r in reports) / args.duration
+        return {
+            "run": number,
+            "kind": "tokenchat" if phase == "full" else "capped",
+            "per_s": per_s,
+            "offered_per_s": offered,
+            "p50_ms": hist_percentile_ms(hist, 0.50),
+            "p99_ms": hist_percentile_ms(hist, 0.99),
+            "acked_total": sum(r["acked_total"] for r in reports),
+            "sent": sum(r["sent"] for r in reports),
+            "duplicates": sum(r["duplicates"] for r in reports),
+            "errors": merge_counts([r["errors"] for r in reports]),
+            "error_messages": {k: v for r in reports for k, v in r["error_messages"].items()},
+            "errors_in_window": sum(r["errors_in_window"] for r in reports),
+            "events_per_s": sum(r["events"] for r in reports) / (args.warmup + args.duration),
+            "unanswered": sum(r["unanswered"] for r in reports),
+            "disconnects": sum(r["disconnects"] for r in reports),
+            "cpu_main_pct": cpu["server"],
+            "cpu_redis_pct": cpu["redis"],
+            "cpu_postgres_pct": cpu["postgres"],
+            "cpu_loadgen_pct": cpu["loadgen"],
+            "cpu_irq_pct": cpu["irq"],
+            "cpu_other_pct": cpu["other"],
+            **cpu_per_op(cpu, "server", per_s),
+        }
+
+    def _wait_outbox_empty(self, server: Server) -> float | None:
+        """Seconds until the ledger outbox was empty; None if it was not in time."""
+        from redis import Redis
+
+        from server.config import Settings
+        from server.keys import Keys
+
+        outbox = Keys(self.redis_prefix).outbox()
+        client: Redis = Redis.from_url(Settings.from_env(self.env).redis_url)
+        start = time.monotonic()
+        try:
+            while client.xlen(outbox) > 0:
+                if server.process.poll() is not None:
+                    raise RuntimeError(f"tokenchat exited:\n{server.log_tail()}")
+                if time.monotonic() - start > LEDGER_DRAIN_TIMEOUT_S:
+                    return None
+                time.sleep(POLL_INTERVAL_S)
+        finally:
+            client.close()
+        return time.monotonic() - start
+
+    def _ledger_tips(self) -> int:
+        """Tip transactions in this benchmark's Postgres schema (0 before migrate)."""
+        if not self.migrated:
+            return 0
+
+        async def count() -> int:
+            import asyncpg
+
+            from server.config import Settings
+
+            conn = await asyncpg.connect(Settings.from_env(self.env).database_url)
+            try:
+                value = await conn.fetchval(
+                    f"SELECT count(*) FROM \"{self.schema}\".ledger_transactions WHERE kind = 'tip'"
+                )
+            finally:
+                await conn.close()
+            return int(value)
+
+        return asyncio.run(count())
+
+    async def _delete_keys(self, pattern: str) -> None:
+        from redis.asyncio import Redis
+
+        from server.config import Settings
+
+        redis: Redis = Redis.from_url(Settings.from_env(self.env).redis_url)
+        try:
+            await delete_matching(redis, pattern)
+        finally:
+            await redis.aclose()
+
+    # --- the baseline ---------------------------------------------------------------
+    def run_baseline(self, number: int) -> list[dict[str, Any]]:
+        from server.config import Settings
+
+        args = self.args
+        spec = BaselineSpec(
+            redis_url=Settings.from_env(self.env).redis_url,
+            prefix=self.baseline_prefix,
+            fans=args.fans,
+            rooms=args.rooms,
+            # --pin: the baseline plays the server's part, so it gets the server's CPU.
+            cpus=self.server_cpus,
+        )
+        context = multiprocessing.get_context("spawn")
+        parent_end, child_end = context.Pipe()
+        self.baseline_started = True
+        process = context.Process(
+            target=baseline_main, args=(spec, child_end), name="baseline", daemon=True
+        )
+        process.start()
+        child_end.close()
+        self.workers.append(process)
+        rows: list[dict[str, Any]] = []
+        try:
+            self._receive(parent_end, process, "ready", BASELINE_START_TIMEOUT_S)
+            modes: tuple[Mode, ...] = ("pipelined", "unpipelined")
+            for mode in modes:
+                now_ns = time.monotonic_ns()
+                start_ns = now_ns + int(GO_DELAY_S * NS_PER_S)
+                window_start_ns = start_ns + int(args.warmup * NS_PER_S)
+                window_end_ns = window_start_ns + int(args.duration * NS_PER_S)
+                parent_end.send(("go", mode, start_ns, window_start_ns, window_end_ns))
+                assert process.pid is not None
+                pids = {
+                    "client": [process.pid],
+                    "redis": [self.redis_pid] if self.redis_pid else [],
+                }
+                cpu = sample_cpu(pids, window_start_ns, window_end_ns)
+                wait_s = (window_end_ns - time.monotonic_ns()) / NS_PER_S
+                report = self._receive(
+                    parent_end, process, "result", wait_s + BASELINE_CLEANUP_TIMEOUT_S
+                )
+                per_s = report["calls_in_window"] / args.duration
+                rows.append(
+                    {
+                        "run": number,
+                        "kind": mode,
+                        "per_s": per_s,
+                        "p50_ms": hist_percentile_ms(report["hist"], 0.50),
+                        "p99_ms": hist_percentile_ms(report["hist"], 0.99),
+                        "acked_total": report["calls_total"],
+                        "errors": report["errors"],
+                        "noscript": report["noscript"],
+                        "cpu_main_pct": cpu["client"],
+                        "cpu_redis_pct": cpu["redis"],
+                        "cpu_postgres_pct": cpu["postgres"],
+                        "cpu_loadgen_pct": None,
+                        "cpu_irq_pct": cpu["irq"],
+                        "cpu_other_pct": cpu["other"],
+                        **cpu_per_op(cpu, "client", per_s),
+                    }
+                )
+            parent_end.send(("stop", None))
+            process.join(WORKER_STOP_TIMEOUT_S)
+        finally:
+            self._stop_workers()
+            parent_end.close()
+        return rows
+
+    @staticmethod
+    def _receive(
+        conn: Connection,
+        process: multiprocessing.process.BaseProcess,
+        expected: str,
+        timeout_s: float,
+    ) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while not conn.poll(POLL_INTERVAL_S):
+            if not process.is_alive():
+                raise RuntimeError("the baseline process died; see its traceback above")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the baseline process did not report {expected!r} in time")
+        kind, value = conn.recv()
+        if kind != expected:
+            raise RuntimeError(f"baseline process: {kind}: {value}")
+        return value
+
+
+# ============================================================================
+# Figures
+# ============================================================================
+
+
+def values_of(rows: list[dict[str, Any]], kind: Kind, key: str) -> list[float]:
+    return [
+        r[key]
+        for r in rows
+        if r["kind"] == kind and isinstance(r.get(key), int | float) and not math.isnan(r[key])
+    ]
+
+
+def median_of(rows: list[dict[str, Any]], kind: Kind, key: str) -> float:
+    values = values_of(rows, kind, key)
+    return statistics.median(values) if values else math.nan
+
+
+def ratio_of(rows: list[dict[str, Any]]) -> float:
+    baseline = median_of(rows, "pipelined", "per_s")
+    return median_of(rows, "tokenchat", "per_s") / baseline if baseline else math.nan
+
+
+ROWS: tuple[tuple[str, str, str], ...] = (
+    ("per_s", "committed/s", "{:,.0f}"),
+    ("offered_per_s", "offered/s (cap)", "{:,.0f}"),
+    ("p50_ms", "ack p50 ms", "{:.2f}"),
+    ("p99_ms", "ack p99 ms", "{:.2f}"),
+    ("main_us_per_op", "python CPU us/op", "{:.0f}"),
+    ("redis_us_per_op", "redis CPU us/op", "{:.0f}"),
+    ("postgres_us_per_op", "postgres us/op", "{:.0f}"),
+    ("cpu_main_pct", "python CPU %", "{:.0f}"),
+    ("cpu_redis_pct", "redis CPU %", "{:.0f}"),
+    ("cpu_postgres_pct", "postgres CPU %", "{:.0f}"),
+    ("cpu_loadgen_pct", "loadgen CPU %", "{:.0f}"),
+    ("cpu_irq_pct", "irq+softirq CPU %", "{:.0f}"),
+    ("cpu_other_pct", "other procs CPU %", "{:.0f}"),
+)
+COLUMNS: tuple[tuple[Kind, str], ...] = (
+    ("tokenchat", "tokenchat"),
+    ("capped", "tokenchat capped"),
+    ("pipelined", "baseline pipelined"),
+    ("unpipelined", "baseline unpipelined"),
+)
+COLUMN_WIDTH = 24  # characters
+
+
+def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
+    def cell(kind: Kind, key: str, fmt: str) -> str:
+        values = values_of(rows, kind, key)
+        if not values:
+            return "-"
+        text = fmt.format(statistics.median(values))
+        if len(values) > 1:
+            text += f" ({fmt.format(min(values))}-{fmt.format(max(values))})"
+        return text
+
+    lines = [
+        f"tips: {args.fans} fans in {args.rooms} rooms, amount {TIP_AMOUNT}, one tip in flight "
+        f"per fan, {args.runs} run(s) x {args.duration:g} s (after {args.warmup:g} s warm-up), "
+        f"{args.load_procs} load processes, {os.cpu_count()} CPUs",
+        "median (min-max over runs); latency: tokenchat per tip ack, baseline pipelined per "
+        "pipeline of one call per fan, unpipelined per call; python CPU: tokenchat server / "
+        "baseline client",
+        f"{'':<18} " + " ".join(f"{title:<{COLUMN_WIDTH}}" for _, title in COLUMNS),
+    ]
+    for key, label, fmt in ROWS:
+        cells = " ".join(f"{cell(kind, key, fmt):<{COLUMN_WIDTH}}" for kind, _ in COLUMNS)
+        lines.append(f"{label:<18} {cells}".rstrip())
+    pairs = [
+        t["per_s"] / b["per_s"]
+        for t, b in zip(
+            [r for r in rows if r["kind"] == "tokenchat"],
+            [r for r in rows if r["kind"] == "pipelined"],
+            strict=False,
+        )
+        if b["per_s"]
+    ]
+    ratio = ratio_of(rows)
+    verdict = "meets" if ratio >= RATIO_GOAL else "BELOW"
+    lines.append(
+        f"ratio tokenchat / pipelined baseline (committed/s, medians): {ratio:.2f} "
+        f"({verdict} the goal {RATIO_GOAL})   per run: {' '.join(f'{p:.2f}' for p in pairs)}"
+    )
+    capped_p99 = median_of(rows, "capped", "p99_ms")
+    verdict = "meets" if capped_p99 < CAPPED_P99_GOAL_MS else "ABOVE"
+    offered = median_of(rows, "capped", "offered_per_s")
+    committed = median_of(rows, "capped", "per_s")
+    where = (
+        "at --capped-rate"
+        if args.capped_rate
+        else f"at {CAPPED_FRACTION:.0%} of the pipelined rate"
+    )
+    lines.append(
+        f"{where} (offered {offered:,.0f}/s, committed {committed:,.0f}/s): "
+        f"ack p50 {median_of(rows, 'capped', 'p50_ms'):.2f} ms, "
+        f"p99 {capped_p99:.2f} ms ({verdict} the goal p99 < {CAPPED_P99_GOAL_MS:g} ms)"
+    )
+    if committed < SATURATED_SHARE * offered:
+        lines.append(
+            "  saturated: tokenchat committed less than it was offered, so the capped phase "
+            "ran at full load and its latency is that of a queue, not of a tip"
+        )
+    drains = [r.get("ledger_drain_s") for r in rows if r["kind"] == "tokenchat"]
+    if drains:
+        lines.append(
+            "ledger backlog after the full phase, worked off before the capped one in: "
+            + ", ".join("over the limit" if d is None else f"{d:.1f} s" for d in drains)
+        )
+    for kind, title in COLUMNS:
+        errors = merge_counts([r["errors"] for r in rows if r["kind"] == kind])
+        odd = sum(
+            r.get("duplicates", 0) + r.get("unanswered", 0) for r in rows if r["kind"] == kind
+        )
+        odd += sum(r.get("disconnects", 0) for r in rows if r["kind"] == kind)
+        noscript = sum(r.get("noscript", 0) for r in rows if r["kind"] == kind)
+        if noscript:
+            lines.append(
+                f"{title}: {noscript} calls met NOSCRIPT (script cache flushed), not counted"
+            )
+        if errors or odd:
+            lines.append(
+                f"{title}: errors by code {errors or '{}'}; duplicates+unanswered+disconnects {odd}"
+            )
+        messages = {
+            k: v for r in rows if r["kind"] == kind for k, v in r.get("error_messages", {}).items()
+        }
+        for code, message in sorted(messages.items()):
+            lines.append(f"  {code}: {message}")
+    noisy = [r for r in rows if (r.get("cpu_other_pct") or 0.0) > OTHER_BUSY_WARN_PCT]
+    if noisy:
+        lines.append(
+            "WARNING: other processes used over "
+            f"{OTHER_BUSY_WARN_PCT:g}% of a CPU during: "
+            + ", ".join(f"{r['kind']}#{r['run']} ({r['cpu_other_pct']:.0f}%)" for r in noisy)
+            + " (a shared machine: see --wait-idle)"
+        )
+    ledgers = [r["ledger"] for r in rows if r["kind"] == "tokenchat"]
+    if ledgers:
+        lag50 = [x["lag_p50_ms"] for x in ledgers if not math.isnan(x["lag_p50_ms"])]
+        lag99 = [x["lag_p99_ms"] for x in ledgers if not math.isnan(x["lag_p99_ms"])]
+        checks = " ".join(
+            f"#{r['run']}:{'ok' if x['reconcile_ok'] else 'NOT OK'}"
+            f"{'' if x['ledger_tips'] == x['acked_tips'] else ' TIPS MISMATCH'}"
+            for r, x in zip([r for r in rows if r["kind"] == "tokenchat"], ledgers, strict=True)
+        )
+        lines.append(
+            f"ledger: reconcile after each run {checks}; tips in Postgres = tips acked: "
+            + ", ".join(f"{x['ledger_tips']}/{x['acked_tips']}" for x in ledgers)
+        )
+        if lag50 and lag99:
+            lines.append(
+                f"ledger lag (commit in Redis -> in Postgres, whole run, from /metrics buckets): "
+                f"p50 {statistics.median(lag50):.0f} ms ({min(lag50):.0f}-{max(lag50):.0f}), "
+                f"p99 {statistics.median(lag99):.0f} ms ({min(lag99):.0f}-{max(lag99):.0f})"
+            )
+    return "\n".join(lines)
+
+
+def report_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def clean(value: Any) -> Any:
+        # JSON has no NaN: a figure that could not be measured is null.
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    tips = {
+        "value": median_of(rows, "tokenchat", "per_s"),
+        "unit": "tips/s",
+        "baseline": median_of(rows, "pipelined", "per_s"),
+        "baseline_unpipelined": median_of(rows, "unpipelined", "per_s"),
+        "ratio": ratio_of(rows),
+        "ratio_goal": RATIO_GOAL,
+        "p50_ms": median_of(rows, "tokenchat", "p50_ms"),
+        "p99_ms": median_of(rows, "tokenchat", "p99_ms"),
+        "capped_offered_per_s": median_of(rows, "capped", "offered_per_s"),
+        "capped_per_s": median_of(rows, "capped", "per_s"),
+        "capped_p50_ms": median_of(rows, "capped", "p50_ms"),
+        "capped_p99_ms": median_of(rows, "capped", "p99_ms"),
+        "capped_p99_goal_ms": CAPPED_P99_GOAL_MS,
+        "fans": args.fans,
+        "rooms": args.rooms,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "load_procs": args.load_procs,
+        "runs": rows,
+    }
+    return {
+        "scenarios": {"tips": clean(tips)},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+    }
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.tips", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument("--fans", type=positive_int, default=FANS_DEFAULT)
+    parser.add_argument("--rooms", type=positive_int, default=ROOMS_DEFAULT)
+    parser.add_argument(
+        "--duration",
+        type=positive_float,
+        help=f"measured seconds per phase (default {DURATION_DEFAULT_S:g})",
+    )
+    parser.add_argument("--warmup", type=float, help=f"seconds (default {WARMUP_DEFAULT_S:g})")
+    parser.add_argument("--runs", type=positive_int, help=f"default {RUNS_DEFAULT}")
+    parser.add_argument("--load-procs", type=positive_int, default=LOAD_PROCS_DEFAULT)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_RUNS} run of {QUICK_DURATION_S:g} s after {QUICK_WARMUP_S:g} s "
+        "(flags given explicitly still win): under a minute",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the server (or the baseline client) to the first CPU, the load processes "
+        "to the others",
+    )
+    parser.add_argument(
+        "--capped-rate",
+        type=positive_float,
+        metavar="TIPS_PER_S",
+        help=f"offer this in the capped phase instead of {CAPPED_FRACTION:g} x the pipelined "
+        "baseline (to see the latency at a load tokenchat can carry)",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each server's turn, wait up to this long for the rest of the machine "
+        f"to use under {IDLE_BUSY_MAX_PCT:g}%% of a CPU (on a shared machine)",
+    )
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy the server during the first run's full-rate window into this path "
+        "(.svg flame graph, .json speedscope, else py-spy's raw stacks, summarized on stdout)",
+    )
+    args = parser.parse_args(argv)
+    quick = args.quick
+    if args.duration is None:
+        args.duration = QUICK_DURATION_S if quick else DURATION_DEFAULT_S
+    if args.warmup is None:
+        args.warmup = QUICK_WARMUP_S if quick else WARMUP_DEFAULT_S
+    if args.runs is None:
+        args.runs = QUICK_RUNS if quick else RUNS_DEFAULT
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.rooms > args.fans:
+        parser.error("--rooms must not exceed --fans (every room needs a fan)")
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs at least 2 CPUs")
+    return args
+
+
+def run_all(
+    bench: TipsBench, on_rows: Callable[[list[dict[str, Any]]], None]
+) -> list[dict[str, Any]]:
+    """Every run, alternating which side goes first; each row reported as it comes."""
+    args = bench.args
+    rows: list[dict[str, Any]] = []
+    for number in range(1, args.runs + 1):
+        steps: list[Callable[[], list[dict[str, Any]]]] = []
+
+        def baseline(number: int = number) -> list[dict[str, Any]]:
+            return bench.run_baseline(number)
+
+        def tokenchat(number: int = number) -> list[dict[str, Any]]:
+            # Half of the pipelined rate measured so far (every run has at
+            # least one: odd runs measure the baseline first).
+            capped = args.capped_rate or CAPPED_FRACTION * median_of(rows, "pipelined", "per_s")
+            profile = args.profile if number == 1 else None
+            return bench.run_tokenchat(number, capped, profile)
+
+        steps = [baseline, tokenchat] if number % 2 else [tokenchat, baseline]
+        for step in steps:
+            if args.wait_idle > 0:
+                busy_pct = wait_for_idle(args.wait_idle)
+                if busy_pct >= IDLE_BUSY_MAX_PCT:
+                    print(f"machine still busy ({busy_pct:.0f}% of a CPU); going on", flush=True)
+            new = step()
+            rows.extend(new)
+            on_rows(new)
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        extra = ""
+        if row.get("offered_per_s"):
+            extra = f"  (offered {row['offered_per_s']:,.0f}/s)"
+        errors = sum(row["errors"].values())
+        print(
+            f"run {row['run']} {row['kind']:<11} {row['per_s']:>10,.0f}/s{extra}"
+            f"  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  errors {errors}",
+            flush=True,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_open_files_limit()
+    rows: list[dict[str, Any]] = []
+    with sigterm_as_exit():
+        bench = TipsBench(args)
+        failed = False  # keep the server logs only when something broke
+        try:
+            rows = run_all(bench, print_rows)
+        except (KeyboardInterrupt, SystemExit):
+            print("interrupted; cleaning up", file=sys.stderr)
+            return 130
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            bench.close(keep_logs=failed)
+    print(render_table(args, rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report_json(args, rows), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
