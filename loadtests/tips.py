@@ -165,6 +165,10 @@ REPORT_SLACK_S = 10.0  # on top of the phase's own length, for a result to come
 # full phase leaves at most tens of thousands behind.
 LEDGER_DRAIN_TIMEOUT_S = 60.0
 BASELINE_START_TIMEOUT_S = 30.0  # the baseline process loaded and set up
+# One Redis call or pipeline of the baseline: a shared Redis that stops
+# answering (paused, or blocked by someone's long command) fails the run with
+# a reason instead of holding it until the parent's deadline.
+BASELINE_REDIS_TIMEOUT_S = 10.0
 # After a baseline mode: deleting its idempotency keys (about a million at
 # worst) may take a few seconds.
 BASELINE_CLEANUP_TIMEOUT_S = 60.0  # s
@@ -688,7 +692,12 @@ async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
 
     keys = Keys(spec.prefix)
     # A connection per unpipelined fan, plus the trimmer's and spare ones.
-    redis: Redis = Redis.from_url(spec.redis_url, max_connections=spec.fans + 8)
+    redis: Redis = Redis.from_url(
+        spec.redis_url,
+        max_connections=spec.fans + 8,
+        socket_timeout=BASELINE_REDIS_TIMEOUT_S,
+        socket_connect_timeout=BASELINE_REDIS_TIMEOUT_S,
+    )
     try:
         script = lua_script("tip")
         if await redis.script_load(script.source) != script.sha:
