@@ -9,6 +9,7 @@ TOKENCHAT_TEST_DATABASE_URL to use other servers than the local defaults.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import tempfile
@@ -211,22 +212,28 @@ class Http:
         return dict(reply)
 
 
+@contextlib.asynccontextmanager
+async def _proxied(url: str) -> AsyncIterator[Proxy]:
+    proxy = Proxy(url)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
 @pytest.fixture
 async def redis_proxy(settings: Settings) -> AsyncIterator[Proxy]:
     """The test's Redis behind a proxy the test can cut (see tests/proxy.py)."""
-    proxy = Proxy(settings.redis_url)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
+    async with _proxied(settings.redis_url) as proxy:
+        yield proxy
 
 
 @pytest.fixture
 async def postgres_proxy(settings: Settings) -> AsyncIterator[Proxy]:
     """The test's Postgres behind a proxy the test can cut."""
-    proxy = Proxy(settings.database_url)
-    await proxy.start()
-    yield proxy
-    await proxy.close()
+    async with _proxied(settings.database_url) as proxy:
+        yield proxy
 
 
 @pytest.fixture
