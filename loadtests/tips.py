@@ -560,6 +560,7 @@ class VirtualFan:
             orjson.dumps({**event, "text": ""}),
             keys.user_channel(owner),
             orjson.dumps({"room": room}),
+            1,  # the room's tip_min (every bench room keeps the default)
         ]
 
     def call(self) -> list[str | bytes | int]:

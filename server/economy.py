@@ -102,7 +102,7 @@ class Economy:
 
     # --- spends -------------------------------------------------------------------
     async def tip(
-        self, user_id: str, room: str, owner: str, amount: int, text: str, key: str
+        self, user_id: str, room: str, owner: str, amount: int, text: str, key: str, tip_min: int
     ) -> dict[str, Any]:
         if user_id == owner:
             raise Forbidden("you cannot tip your own room")
@@ -132,6 +132,7 @@ class Economy:
                 event,
                 self._keys.user_channel(owner),
                 orjson.dumps({"room": room}),
+                tip_min,
             ],
         )
 
@@ -472,6 +473,8 @@ def _text(value: Any) -> str:
 def _refusal(status: str, result: list[Any]) -> ServiceError:
     if status == "INSUFFICIENT_FUNDS":
         return InsufficientFunds(f"the balance is {_text(result[1])} tokens; nothing was charged")
+    if status == "TIP_MIN":
+        return BadRequest(f"field 'amount' must be at least the room's tip_min, {_text(result[1])}")
     if status == "PRICE_CHANGED":
         return PriceChanged(f"the price is now {_text(result[1])} tokens; nothing was charged")
     if status == "CONFLICT":

@@ -44,7 +44,7 @@ from protocol.codec import Codec
 
 from . import metrics
 from .auth import Identity, verify_token
-from .errors import BadRequest, LimitExceeded, NotFound, NotInRoom, ServiceError
+from .errors import LimitExceeded, NotFound, NotInRoom, ServiceError
 from .ratelimit import TokenBucket
 from .rooms import Offset, parse_offset
 
@@ -411,8 +411,7 @@ class Session:
         info = await self.node.directory.room(command.room)
         if info is None:
             raise NotFound(f"no room '{command.room}'")
-        if command.amount < info.tip_min:
-            raise BadRequest(f"field 'amount' must be at least the room's tip_min, {info.tip_min}")
+        # tip_min is checked inside the script, after the idempotency key.
         return await self.node.economy.tip(
             self.identity.user_id,
             command.room,
@@ -420,6 +419,7 @@ class Session:
             command.amount,
             command.text,
             command.key,
+            tip_min=info.tip_min,
         )
 
     async def _dm(self, command: Dm) -> Reply:

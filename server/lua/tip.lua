@@ -10,13 +10,19 @@
 -- ARGV[9] room channel           ARGV[10] history length
 -- ARGV[11] tip event JSON without offset/ts
 -- ARGV[12] owner's user channel  ARGV[13] meta JSON for the ledger
+-- ARGV[14] the room's tip_min (tokens)
 --
--- Returns {'OK', '{"balance":N,"tx":T,"offset":O}'} or a refusal (money_lib).
+-- Returns {'OK', '{"balance":N,"tx":T,"offset":O}'}, {'TIP_MIN', tip_min}
+-- when the amount is under it, or a refusal (money_lib). tip_min is checked
+-- after the idempotency key, so a tip retried after the model raised her
+-- minimum is still answered with its original reply.
 -- Invariant: tokens move only with the tip queued for delivery (history XADD
 -- and PUBLISH) and its ledger entry in the outbox; every check precedes the
 -- first write; the fan's balance never goes below zero.
 local amount = tonumber(ARGV[4])
-local refusal = idem_prior() or funds_refusal(3, 4, KEYS[3], amount)
+local refusal = idem_prior()
+if not refusal and amount < tonumber(ARGV[14]) then refusal = {'TIP_MIN', ARGV[14]} end
+refusal = refusal or funds_refusal(3, 4, KEYS[3], amount)
 if refusal then return refusal end
 
 local fan_balance, owner_balance = transfer(KEYS[3], KEYS[4], amount)

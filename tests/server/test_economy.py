@@ -442,3 +442,19 @@ async def test_generic_spend_pays_and_delivers_once(server: Running, http: Http)
     assert (await http.reconcile())["ok"] is True
     await fan.close()
     await model.close()
+
+
+async def test_a_tip_retried_after_tip_min_rose_is_still_its_original(
+    server: Running, http: Http
+) -> None:
+    model, fan = await room_with_fan(server, http, 100)
+    first = await fan.call("tip", room="alice", amount=5, key="early")
+    status, _ = await http.call("PUT", "/v1/me/prices", "alice", "model", tip_min=50)
+    assert status == 200
+    again = await fan.call("tip", room="alice", amount=5, key="early")
+    assert again["duplicate"] is True and again["tx"] == first["tx"]
+    refused = await fan.request("tip", room="alice", amount=5, key="late")
+    assert refused["code"] == "BAD_REQUEST" and "tip_min, 50" in refused["message"]
+    assert (await fan.call("balance"))["balance"] == 95
+    await fan.close()
+    await model.close()
