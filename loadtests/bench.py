@@ -453,14 +453,7 @@ class IdleBench(Bench):
                     jwt_secret=self.jwt_secret,
                     concurrency=max(1, IDLE_CONNECT_CONCURRENCY_TOTAL // procs),
                 )
-                parent_end, child_end = context.Pipe()
-                worker = context.Process(
-                    target=idle_worker_main, args=(spec, child_end), name=f"idle-{w}", daemon=True
-                )
-                worker.start()
-                child_end.close()
-                self.workers.append(worker)
-                conns.append(parent_end)
+                conns.append(self._start_worker(context, idle_worker_main, spec, f"idle-{w}"))
             started = time.monotonic()
             ready = self._gather(conns, "ready", IDLE_SETUP_TIMEOUT_S + 30, server)
             setup_s = time.monotonic() - started

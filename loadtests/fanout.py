@@ -890,14 +890,7 @@ class Bench:
                 cpus=self.loadgen_cpus,
                 connect_concurrency=max(1, CONNECT_CONCURRENCY_TOTAL // procs),
             )
-            parent_end, child_end = context.Pipe()
-            worker = context.Process(
-                target=worker_main, args=(spec, child_end), name=f"load-{w}", daemon=True
-            )
-            worker.start()
-            child_end.close()
-            self.workers.append(worker)
-            conns.append(parent_end)
+            conns.append(self._start_worker(context, worker_main, spec, f"load-{w}"))
         try:
             ready = self._gather(conns, "ready", SETUP_TIMEOUT_S + CONNECT_TIMEOUT_S, server)
             connected = sum(int(value) for value in ready)
@@ -920,6 +913,18 @@ class Bench:
             for conn in conns:
                 conn.close()
         return summarize_run(kind, number, connected, args.duration, reports, cpu)
+
+    def _start_worker(
+        self, context: Any, target: Callable[[Any, Connection], None], spec: Any, name: str
+    ) -> Connection:
+        """A load process running ``target(spec, conn)``; returns the parent's end."""
+        parent_end, child_end = context.Pipe()
+        worker = context.Process(target=target, args=(spec, child_end), name=name, daemon=True)
+        worker.start()
+        child_end.close()
+        self.workers.append(worker)
+        conn: Connection = parent_end
+        return conn
 
     def _gather(
         self, conns: list[Connection], expected: str, timeout_s: float, server: Server
@@ -1367,24 +1372,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     kinds: tuple[Kind, ...] = (args.only,) if args.only else KINDS
-    runs: list[dict[str, Any]] = []
+
+    def measure(bench: Bench) -> list[dict[str, Any]]:
+        runs: list[dict[str, Any]] = []
+        for number in range(1, args.runs + 1):
+            for kind in kinds:
+                profile = None
+                if args.profile is not None and number == 1:
+                    profile = profile_path(args.profile, kind)
+                run = bench.run_once(kind, number, profile)
+                runs.append(run)
+                print(
+                    f"run {number} {kind:<9} {run['deliveries_per_s']:>10,.0f} deliveries/s"
+                    f"  p50 {run['p50_ms']:.1f} ms  p99 {run['p99_ms']:.1f} ms"
+                    f"  complete {run['complete']:.2%}",
+                    flush=True,
+                )
+        return runs
+
+    return run_bench(args, Bench(args), measure, render_table, report_json)
+
+
+def run_bench(
+    args: argparse.Namespace,
+    bench: Bench,
+    measure: Callable[[Any], list[dict[str, Any]]],
+    render: Callable[[argparse.Namespace, list[dict[str, Any]]], str],
+    report: Callable[[argparse.Namespace, list[dict[str, Any]]], dict[str, Any]],
+) -> int:
+    """Measure, clean up whatever happens, print the table, write the JSON.
+
+    The exit code: 0, or 130 when interrupted (Ctrl-C or SIGTERM)."""
     with sigterm_as_exit():
-        bench = Bench(args)
         failed = False  # keep the server logs only when something broke
         try:
-            for number in range(1, args.runs + 1):
-                for kind in kinds:
-                    profile = None
-                    if args.profile is not None and number == 1:
-                        profile = profile_path(args.profile, kind)
-                    run = bench.run_once(kind, number, profile)
-                    runs.append(run)
-                    print(
-                        f"run {number} {kind:<9} {run['deliveries_per_s']:>10,.0f} deliveries/s"
-                        f"  p50 {run['p50_ms']:.1f} ms  p99 {run['p99_ms']:.1f} ms"
-                        f"  complete {run['complete']:.2%}",
-                        flush=True,
-                    )
+            rows = measure(bench)
         except (KeyboardInterrupt, SystemExit):
             print("interrupted; cleaning up", file=sys.stderr)
             return 130
@@ -1393,9 +1415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         finally:
             bench.close(keep_logs=failed)
-    print(render_table(args, runs))
+    print(render(args, rows))
     if args.json is not None:
-        args.json.write_text(json.dumps(report_json(args, runs), indent=2) + "\n")
+        args.json.write_text(json.dumps(report(args, rows), indent=2) + "\n")
     return 0
 
 

@@ -53,7 +53,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import math
 import multiprocessing
 import os
@@ -103,8 +102,8 @@ from loadtests.fanout import (
     positive_int,
     raise_open_files_limit,
     recv_from_parent,
+    run_bench,
     run_on_uvloop,
-    sigterm_as_exit,
     start_py_spy,
 )
 from server.batcher import LuaScript
@@ -1009,14 +1008,7 @@ class TipsBench(Bench):
                     cpus=self.loadgen_cpus,
                     connect_concurrency=max(1, CONNECT_CONCURRENCY_TOTAL // procs),
                 )
-                parent_end, child_end = context.Pipe()
-                worker = context.Process(
-                    target=fan_worker_main, args=(spec, child_end), name=f"fans-{w}", daemon=True
-                )
-                worker.start()
-                child_end.close()
-                self.workers.append(worker)
-                conns.append(parent_end)
+                conns.append(self._start_worker(context, fan_worker_main, spec, f"fans-{w}"))
             ready = self._gather(conns, "ready", SETUP_TIMEOUT_S + CONNECT_TIMEOUT_S, server)
             connected = sum(int(value) for value in ready)
             if connected != args.fans:
@@ -1583,24 +1575,9 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     raise_open_files_limit()
-    rows: list[dict[str, Any]] = []
-    with sigterm_as_exit():
-        bench = TipsBench(args)
-        failed = False  # keep the server logs only when something broke
-        try:
-            rows = run_all(bench, print_rows)
-        except (KeyboardInterrupt, SystemExit):
-            print("interrupted; cleaning up", file=sys.stderr)
-            return 130
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            bench.close(keep_logs=failed)
-    print(render_table(args, rows))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report_json(args, rows), indent=2) + "\n")
-    return 0
+    return run_bench(
+        args, TipsBench(args), lambda bench: run_all(bench, print_rows), render_table, report_json
+    )
 
 
 if __name__ == "__main__":
