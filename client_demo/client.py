@@ -135,10 +135,6 @@ class Client:
                 if type_ is None or event["type"] == type_:
                     return event
 
-    async def iter_events(self) -> AsyncIterator[dict[str, Any]]:
-        while True:
-            yield await self.events.get()
-
     async def _read(self) -> None:
         try:
             async for data in self.ws:

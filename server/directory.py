@@ -74,15 +74,6 @@ class Directory:
             self._seen.clear()
         self._seen.add(identity)
 
-    async def role_of(self, user_id: str) -> str | None:
-        try:
-            role: str | None = await self._pool.fetchval(
-                "SELECT role FROM users WHERE id = $1", user_id
-            )
-        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
-            raise Unavailable("the user store is unavailable") from exc
-        return role
-
     async def room(self, room_id: str) -> RoomInfo | None:
         """The room, or None when no model of that id exists."""
         now = time.monotonic()
@@ -124,16 +115,6 @@ class Directory:
         except (RedisError, OSError) as exc:
             raise Unavailable("room state is unavailable") from exc
         return info
-
-    async def live_rooms(self) -> list[str]:
-        try:
-            rows = await self._pool.fetch(
-                """SELECT r.id FROM rooms r JOIN users u ON u.id = r.id
-                   WHERE u.role = 'model' ORDER BY r.id LIMIT 1000"""
-            )
-        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
-            raise Unavailable("the room store is unavailable") from exc
-        return [row["id"] for row in rows]
 
     async def room_infos(self, limit: int) -> list[RoomInfo]:
         """Every model's room with its settings (at most ``limit``), by id."""

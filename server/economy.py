@@ -44,7 +44,6 @@ from .scripts import MONEY_SCRIPT_NAMES, lua_script
 log = logging.getLogger(__name__)
 
 MINT = "sys:mint"
-PAYOUTS = "sys:payouts"
 IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000  # the contract's 24 hours
 # Loads per call before giving up: one per account a script touches, plus one
 # for a Redis reset racing the load.

@@ -19,7 +19,6 @@ meanwhile must not miss transactions committed after they were read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -437,8 +436,3 @@ async def _redis_balances(redis: Redis, keys: Keys) -> dict[str, int]:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-async def run_writer_until_cancelled(writer: LedgerWriter) -> None:
-    with contextlib.suppress(asyncio.CancelledError):
-        await writer.run()
