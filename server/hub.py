@@ -1,10 +1,11 @@
 """The local side of fan-out: room -> the sessions of this process in it.
 
 ``deliver_event`` is synchronous: an event is encoded once per format and
-written into every member's transport buffer without awaiting any of them
-(the websockets library's ``broadcast``), through per-room lists of
-connections kept ready between membership changes, so a delivery costs one
-``broadcast`` call per format and nothing per member in Python.
+framed into every member's protocol buffer without awaiting any of them,
+through per-room lists of connections kept ready between membership changes.
+The bytes reach the sockets once per event-loop iteration (``FrameWriter``):
+a member of a busy room gets every event of the iteration in one write
+instead of one write system call per event.
 
 Members whose ``join`` is still reading history are kept apart: they get the
 event in their join buffer instead, and move to the lists when the join
@@ -19,16 +20,79 @@ overlap with live delivery.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Iterable
 from typing import Protocol
 
 from websockets.asyncio.connection import Connection
-from websockets.asyncio.server import broadcast
+from websockets.protocol import State
 
 from protocol import json_to_msgpack
 
 from . import metrics
 from .rooms import Offset, parse_offset
+
+log = logging.getLogger(__name__)
+
+
+class FrameWriter:
+    """Event frames for many connections, written to the sockets once per
+    event-loop iteration.
+
+    Frames go into each connection's own protocol buffer (``send_text`` /
+    ``send_binary`` of the websockets Sans-I/O protocol), the buffer its
+    replies and pings go through as well, so order on a connection is the
+    order of the calls: a reply sent before the flush carries the events
+    framed before it. The flush runs as the next callback of the loop, so an
+    event waits at most for the rest of the current iteration; in return a
+    connection that gets several events in one iteration (a busy room, a tip
+    with its balance push) costs one ``transport.write`` instead of several,
+    and on a loaded server the system calls were the larger part of fan-out
+    (py-spy: ``send_data`` 19 % of the server in the tips benchmark).
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Connection, None] = {}
+        self._scheduled = False
+
+    def send(self, connections: Iterable[Connection], frame: bytes, *, binary: bool) -> int:
+        """Frame ``frame`` for every open connection; return how many."""
+        sent = 0
+        pending = self._pending
+        for connection in connections:
+            protocol = connection.protocol
+            if protocol.state is not State.OPEN:
+                continue  # closing: the library would refuse the frame
+            if binary:
+                protocol.send_binary(frame)
+            else:
+                protocol.send_text(frame)
+            pending[connection] = None
+            sent += 1
+        if sent and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return sent
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        for connection in pending:
+            chunks = connection.protocol.data_to_send()
+            if not chunks:
+                continue  # a send of the connection's own already wrote them
+            if all(chunks):
+                try:
+                    connection.transport.writelines(chunks)
+                except Exception as exc:  # a transport closed under us: skip it
+                    log.debug("event frames not written: %s", exc)
+                continue
+            # An empty chunk asks for end-of-file (the closing handshake is
+            # done); the library knows how to do that, so hand them back.
+            connection.protocol.writes[:0] = chunks
+            connection.send_data()
 
 
 class Member(Protocol):
@@ -65,6 +129,7 @@ class Hub:
     def __init__(self) -> None:
         self._rooms: dict[str, _Room] = {}
         self._last_offset: dict[str, Offset] = {}
+        self.writer = FrameWriter()
 
     def join_started(self, room: str, member: Member) -> None:
         """Member of the room from now on; its events are held until
@@ -127,10 +192,11 @@ class Hub:
         # a second time through the lists).
         text, binary = state.connections()
         joining = list(state.joining)
+        sent = 0
         if text:
-            broadcast(text, frame, text=True)
+            sent += self.writer.send(text, frame, binary=False)
         if binary:
-            broadcast(binary, json_to_msgpack(frame))
+            sent += self.writer.send(binary, json_to_msgpack(frame), binary=True)
         for member in joining:
             member.buffer_event(room, position, frame)
-        metrics.DELIVERIES.inc(len(text) + len(binary))
+        metrics.DELIVERIES.inc(sent)

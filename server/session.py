@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from protocol import (
@@ -431,10 +431,10 @@ class Session:
     # --- output -------------------------------------------------------------------
     def _push(self, frame: bytes) -> None:
         """Write an event JSON frame without waiting (same path as broadcasts)."""
-        if self.codec.binary:
-            broadcast([self.ws], json_to_msgpack(frame))
-        else:
-            broadcast([self.ws], frame, text=True)
+        binary = self.codec.binary
+        self.node.hub.writer.send(
+            (self.ws,), json_to_msgpack(frame) if binary else frame, binary=binary
+        )
 
     async def _send(self, message: Reply) -> None:
         await self.ws.send(self.codec.encode(message), text=not self.codec.binary)
