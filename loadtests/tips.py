@@ -106,7 +106,7 @@ from loadtests.fanout import (
     run_on_uvloop,
     start_py_spy,
 )
-from server.batcher import LuaScript
+from server.batcher import LuaScript, send_pipeline
 
 Phase = Literal["full", "capped"]
 Mode = Literal["pipelined", "unpipelined"]
@@ -625,11 +625,9 @@ async def run_pipelined(
 ) -> None:
     """One pipeline of one EVALSHA per fan, again and again, as the batcher does."""
     while time.monotonic_ns() < tally.stats.window_end_ns:
-        async with redis.pipeline(transaction=False) as pipe:
-            for fan in fans:
-                pipe.execute_command("EVALSHA", *fan.call())
-            sent_ns = time.monotonic_ns()
-            results = await pipe.execute(raise_on_error=False)
+        commands = [["EVALSHA", *fan.call()] for fan in fans]
+        sent_ns = time.monotonic_ns()
+        results = await send_pipeline(redis, commands)
         if not tally.add(time.monotonic_ns(), sent_ns, results):
             await redis.script_load(script.source)
 
@@ -699,7 +697,7 @@ async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
         socket_connect_timeout=BASELINE_REDIS_TIMEOUT_S,
     )
     try:
-        script = lua_script("tip")
+        script = lua_script("tip", retry_safe=True)
         if await redis.script_load(script.source) != script.sha:
             raise RuntimeError("Redis's SHA1 of the tip script differs from the server's")
         fans = [VirtualFan(i, spec.rooms, spec.prefix, script.sha) for i in range(spec.fans)]

@@ -81,8 +81,8 @@ class Economy:
         self._keys = keys
         self._settings = settings
         self._batcher = ScriptBatcher(redis, settings.redis_timeout_s)
-        self._scripts = {name: lua_script(name) for name in MONEY_SCRIPT_NAMES}
-        self._load_script = lua_script("load_balance")
+        self._scripts = {name: lua_script(name, retry_safe=True) for name in MONEY_SCRIPT_NAMES}
+        self._load_script = lua_script("load_balance", retry_safe=True)
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:

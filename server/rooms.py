@@ -61,8 +61,9 @@ class RoomStore:
         self._history_len = history_len
         # Lines said at once by many sessions go to Redis in one pipeline.
         self._batcher = ScriptBatcher(redis, timeout_s)
-        self._room_event = lua_script("room_event")
-        self._viewers = lua_script("viewers")
+        # Sent twice, a line would be posted twice: no key makes it idempotent.
+        self._room_event = lua_script("room_event", retry_safe=False)
+        self._viewers = lua_script("viewers", retry_safe=True)  # a count
 
     async def append(self, room: str, event: dict[str, Any]) -> str:
         """Store and publish ``event`` (without offset/ts); returns its offset."""

@@ -18,9 +18,13 @@ def script_source(name: str) -> str:
     return resources.files("server").joinpath("lua", f"{name}.lua").read_text("utf-8")
 
 
-def lua_script(name: str) -> LuaScript:
-    """The script ``name``; money scripts get ``money_lib.lua`` first."""
+def lua_script(name: str, *, retry_safe: bool) -> LuaScript:
+    """The script ``name``; money scripts get ``money_lib.lua`` first.
+
+    ``retry_safe``: a second run of the same call changes nothing (money
+    scripts: the idempotency key), so the batcher may send it again.
+    """
     source = script_source(name)
     if name in MONEY_SCRIPT_NAMES:
         source = script_source("money_lib") + "\n" + source
-    return LuaScript(name, source)
+    return LuaScript(name, source, retry_safe=retry_safe)
