@@ -116,10 +116,18 @@ class LedgerWriter:
     async def run(self) -> None:
         """Write batches until cancelled; backends failing only slow it down."""
         delay_s = RETRY_DELAY_MIN_S
+        linger_s = self._settings.ledger_linger_ms / 1000
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                await self.step(block=True)
+                started = loop.time()
+                written = await self.step(block=True)
                 delay_s = RETRY_DELAY_MIN_S
+                if 0 < written < self._settings.ledger_batch_max:
+                    # A part batch: let more entries gather before the next
+                    # one (ledger_linger_ms). A full batch, or an idle wait
+                    # that has outlasted the linger already, goes on at once.
+                    await asyncio.sleep(linger_s - (loop.time() - started))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a backend away, or a bad batch: retry later
