@@ -36,7 +36,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, default=None, help="processes sharing the ports")
 
     sub.add_parser("migrate", help="apply database migrations")
-    sub.add_parser("ledger", help="run the ledger writer alone")
+    ledger = sub.add_parser("ledger", help="run the ledger writer alone")
+    ledger.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve its Prometheus metrics (ledger lag, entries written) here; 0: off",
+    )
     reconcile = sub.add_parser("reconcile", help="compare Redis with the Postgres ledger")
     reconcile.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to wait for the outbox to drain"
@@ -66,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _migrate(Settings.from_env())
         if args.command == "ledger":
-            return _ledger(Settings.from_env())
+            return _ledger(Settings.from_env(), args.metrics_port)
         if args.command == "reconcile":
             return _reconcile(Settings.from_env(), args.timeout)
         if args.command == "token":
@@ -118,11 +124,18 @@ def _migrate(settings: Settings) -> int:
     return 0
 
 
-def _ledger(settings: Settings) -> int:
+def _ledger(settings: Settings, metrics_port: int) -> int:
     """The ledger writer as its own process (`serve` runs one too unless
     TOKENCHAT_LEDGER_ENABLED=0); several may run at once."""
     from .app import run
     from .node import Node
+
+    if metrics_port:
+        # The writer has no HTTP API of its own; prometheus_client's server
+        # (a thread) answers scrapes without touching the event loop.
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=settings.host)
 
     async def write_until_signalled() -> None:
         node = await Node.connect(settings)

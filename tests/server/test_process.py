@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import jwt
 import orjson
 import pytest
@@ -27,7 +30,7 @@ from client_demo.client import Client
 from server.auth import TOKEN_TTL_DEFAULT_S, Identity, verify_token
 from server.config import Settings
 from server.errors import Unauthenticated
-from tests.conftest import DATABASE_URL, JWT_SECRET
+from tests.conftest import DATABASE_URL, JWT_SECRET, token
 from tests.server.proc import (
     ServerProcess,
     children_of,
@@ -451,3 +454,78 @@ async def test_migrate_applies_then_reports_up_to_date(tmp_path: Path) -> None:
     finally:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
+
+
+async def test_procfile_shape_serve_without_writer_and_ledger_alone_with_metrics(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """As the Procfile deploys it: `serve` with TOKENCHAT_LEDGER_ENABLED=0, and
+    `tokenchat ledger --metrics-port P` moving what was spent into Postgres."""
+    metrics_port = free_port()
+    env = cli_env(settings)
+    ledger_log = (tmp_path / "ledger.log").open("wb")
+    ledger = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "server.cli", "ledger", "--metrics-port", str(metrics_port)),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=ledger_log,
+        stderr=subprocess.STDOUT,
+    )
+    clients: list[Client] = []
+    try:
+        async with serve(settings, tmp_path, env={"TOKENCHAT_LEDGER_ENABLED": "0"}) as server:
+            async with httpx.AsyncClient(base_url=server.http_url, timeout=5) as http:
+                credit = await http.post(
+                    "/v1/admin/credits",
+                    json={"user": "bob", "amount": 10, "key": "procfile"},
+                    headers={"Authorization": f"Bearer {token('ops', 'admin')}"},
+                )
+                assert credit.status_code == 200, credit.text
+            alice = await connect(server, ROOM, "model")
+            bob = await connect(server, "bob")
+            clients += [alice, bob]
+            await alice.call("join", room=ROOM)
+            await bob.call("join", room=ROOM)
+            reply = await bob.call("tip", room=ROOM, amount=3, key="t1")
+            assert reply["balance"] == 7
+
+            async def ledger_metric() -> float:
+                async with httpx.AsyncClient(timeout=2) as http:
+                    text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+                for line in text.splitlines():
+                    if line.startswith("tokenchat_ledger_entries_total "):
+                        return float(line.split()[1])
+                return 0.0
+
+            # The credit and the tip, written by the ledger process alone.
+            async def both_written() -> bool:
+                return await ledger_metric() >= 2
+
+            await wait_for("the ledger process to write 2 entries", both_written, timeout_s=15)
+            rows = await _ledger_rows(settings)
+            assert sorted(rows) == ["credit", "tip"]
+            serve_metrics = await server.metrics()
+            assert "tokenchat_ledger_entries_total 0.0" in serve_metrics or (
+                "tokenchat_ledger_entries_total" not in serve_metrics
+            ), "serve wrote ledger entries though its writer is off"
+        ledger.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await ledger.wait() == 0
+    finally:
+        await close_all(clients)
+        if ledger.returncode is None:
+            ledger.kill()
+            await ledger.wait()
+        ledger_log.close()
+
+
+async def _ledger_rows(settings: Settings) -> list[str]:
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        rows = await conn.fetch(
+            f'SELECT kind FROM "{settings.database_schema}".ledger_transactions'
+        )
+    finally:
+        await conn.close()
+    return [row["kind"] for row in rows]
