@@ -637,7 +637,7 @@ def _stop_fans(bench: Any, conns: list[Connection]) -> None:
 def ledger_lag_run(bench: Any, tips: Any, number: int, rate: float) -> dict[str, Any]:
     server, http_port = bench.start_tokenchat()
     conns: list[Connection] = []
-    metrics_url = f"http://{HOST}:{http_port}/metrics"
+    metrics_url = bench.ledger_metrics_url
     try:
         conns = _start_fans(bench, tips, server)
         bench.fund_fans(http_port, number)
@@ -650,7 +650,7 @@ def ledger_lag_run(bench: Any, tips: Any, number: int, rate: float) -> dict[str,
         after = tips.ledger_lag_buckets(text if isinstance(text, str) else "")
     finally:
         _stop_fans(bench, conns)
-        server.stop()
+        bench.stop_tokenchat(server)
     delta = lag_delta(before, after)
     return {
         "run": number,
@@ -664,6 +664,7 @@ def ledger_lag_run(bench: Any, tips: Any, number: int, rate: float) -> dict[str,
         "lag_p99_ms": 1000 * tips.histogram_quantile(delta, 0.99),
         "outbox_empty_after_s": drain_s,
         "cpu_server_pct": row["cpu_main_pct"],
+        "cpu_ledger_pct": row["cpu_ledger_pct"],
         "cpu_redis_pct": row["cpu_redis_pct"],
         "cpu_postgres_pct": row["cpu_postgres_pct"],
     }
@@ -680,25 +681,23 @@ def ledger_drain_run(
     from server.keys import Keys
 
     outbox = Keys(bench.redis_prefix).outbox()
-    saved_env = bench.env
-    bench.env = dict(saved_env, TOKENCHAT_LEDGER_ENABLED="0")
     saved_timing = (bench.args.warmup, bench.args.duration)
     bench.args.warmup, bench.args.duration = 0.0, args.drain_burst
-    client: Redis = Redis.from_url(Settings.from_env(saved_env).redis_url)
+    client: Redis = Redis.from_url(Settings.from_env(bench.env).redis_url)
     conns: list[Connection] = []
     writer: Server | None = None
     try:
-        server, http_port = bench.start_tokenchat()
+        server, http_port = bench.start_tokenchat(ledger=False)
         try:
             conns = _start_fans(bench, tips, server)
             bench.fund_fans(http_port, 1000 + number)
             burst = bench._phase(conns, server, number, "full", 0.0, None)
         finally:
             _stop_fans(bench, conns)
-            server.stop()
+            bench.stop_tokenchat(server)
         entries = int(client.xlen(outbox))
         started = time.monotonic()
-        writer = bench._spawn("tokenchat", ["-m", "server.cli", "ledger"], saved_env, 0)
+        writer = bench._spawn("tokenchat", ["-m", "server.cli", "ledger"], bench.env, 0)
         first_drop: tuple[float, int] | None = None
         while True:
             left = int(client.xlen(outbox))
@@ -717,7 +716,6 @@ def ledger_drain_run(
         if writer is not None:
             writer.stop()
         client.close()
-        bench.env = saved_env
         bench.args.warmup, bench.args.duration = saved_timing
     # From the first entry gone (the writer connected and read its first
     # batch) to the last; the start-up is reported on its own.

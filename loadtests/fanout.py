@@ -1046,6 +1046,16 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (``serve --workers N`` forks its workers)."""
+    tree = [pid]
+    for parent in tree:  # grows as children are found
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                tree.extend(int(c) for c in (task / "children").read_text().split())
+    return tree
+
+
 def cpu_ticks(pids: list[int]) -> int | None:
     """utime + stime of these processes (clock ticks), None if unknown."""
     if not pids:
@@ -1077,6 +1087,8 @@ def start_py_spy(pid: int, duration_s: float, output: Path) -> subprocess.Popen[
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(output.suffix, "raw")
     argv = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, int(duration_s)))]
+    # --subprocesses: with --workers N the work is in the forked workers.
+    argv += ["--subprocesses"]
     # --nonblocking: sample without pausing the server, so it runs at full speed.
     argv += ["--rate", "100", "--nonblocking", "--format", fmt, "--output", str(output)]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

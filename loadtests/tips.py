@@ -7,9 +7,11 @@ Postgres) against the ceiling of the same script called straight from Python.
 
     python -m loadtests.tips --fans 200 --rooms 20 --duration 10 --runs 3
 
-tokenchat: ``tokenchat migrate`` then ``serve --workers 1`` (ledger writer on,
-as in production) on free ports, with its own Redis key prefix, Postgres
-schema and JWT secret. ``--rooms`` models say hello so their rooms exist,
+tokenchat: ``tokenchat migrate``, then, as the ``Procfile`` deploys it,
+``serve --workers N`` (``--workers``, default 1) without a ledger writer of
+its own and ``tokenchat ledger`` beside it (``--inline-ledger``: the writer
+inside ``serve`` instead), on free ports, with its own Redis key prefix,
+Postgres schema and JWT secret. ``--rooms`` models say hello so their rooms exist,
 then the fans connect from ``--load-procs`` processes (uvloop, the minimal
 WebSocket client of ``loadtests.fanout``), say hello, join room ``i % rooms``
 and are credited through ``POST /v1/admin/credits``. Each fan tips amount 1
@@ -27,7 +29,9 @@ each with a warm-up and a measured window:
 Then ``GET /v1/admin/reconcile`` must say ok (the ledger drained and Redis
 agrees with Postgres), the number of tip transactions Postgres gained must
 equal the number of tips acknowledged, and the ledger lag is read from the
-``tokenchat_ledger_lag_seconds`` histogram of ``/metrics``.
+``tokenchat_ledger_lag_seconds`` histogram of the writer's ``/metrics``.
+"python CPU" of tokenchat is every ``serve`` process (supervisor and
+workers); the ledger writer's CPU is a row of its own.
 
 Baseline: one process (uvloop, redis-py asyncio) runs the exact script the
 server loads (``lua_script("tip")``) with the KEYS/ARGV that ``Economy.tip``
@@ -100,6 +104,7 @@ from loadtests.fanout import (
     open_member,
     positive_float,
     positive_int,
+    process_tree,
     raise_open_files_limit,
     recv_from_parent,
     run_bench,
@@ -921,6 +926,8 @@ class TipsBench(Bench):
         self.admin_token = ""
         self.baseline_prefix = f"{self.redis_prefix}baseline:"
         self.baseline_started = False  # from then on there may be keys to delete
+        self.ledger_writer: Server | None = None
+        self.ledger_metrics_url = ""
 
     def close(self, *, keep_logs: bool) -> None:
         super().close(keep_logs=keep_logs)
@@ -930,8 +937,13 @@ class TipsBench(Bench):
             asyncio.run(self._delete_keys(f"{self.redis_prefix}*"))
 
     # --- tokenchat ------------------------------------------------------------------
-    def start_tokenchat(self) -> tuple[Server, int]:
-        """The server started on free ports and its rooms created; (server, HTTP port)."""
+    def start_tokenchat(self, *, ledger: bool = True) -> tuple[Server, int]:
+        """The server started on free ports and its rooms created; (server, HTTP port).
+
+        With ``ledger``, a ledger writer too: ``tokenchat ledger`` beside it,
+        or inside ``serve`` with ``--inline-ledger``; ``self.ledger_metrics_url``
+        is where its lag histogram is. ``stop_tokenchat`` stops both.
+        """
         from server.auth import issue_token
 
         self.migrated = True  # from now on there may be a schema to drop
@@ -945,14 +957,43 @@ class TipsBench(Bench):
         )
         self.log_dir.mkdir(parents=True, exist_ok=True)
         ws_port, http_port = free_port(), free_port()
-        env = dict(self.env, TOKENCHAT_WS_PORT=str(ws_port), TOKENCHAT_HTTP_PORT=str(http_port))
-        server = self._spawn(
-            "tokenchat", ["-m", "server.cli", "serve", "--workers", "1"], env, ws_port
+        inline = ledger and self.args.inline_ledger
+        env = dict(
+            self.env,
+            TOKENCHAT_WS_PORT=str(ws_port),
+            TOKENCHAT_HTTP_PORT=str(http_port),
+            TOKENCHAT_LEDGER_ENABLED="1" if inline else "0",
         )
+        argv = ["-m", "server.cli", "serve", "--workers", str(self.args.workers)]
+        server = self._spawn("tokenchat", argv, env, ws_port)
         self._wait_ready(server, lambda: http_answers(f"http://{HOST}:{http_port}/healthz"))
+        self.ledger_metrics_url = f"http://{HOST}:{http_port}/metrics"
+        self.ledger_writer = None
+        if ledger and not inline:
+            metrics_port = free_port()
+            argv = ["-m", "server.cli", "ledger", "--metrics-port", str(metrics_port)]
+            self.ledger_writer = self._spawn("tokenchat", argv, self.env, 0)
+            self.ledger_metrics_url = f"http://{HOST}:{metrics_port}/metrics"
+            url = self.ledger_metrics_url
+            self._wait_ready(self.ledger_writer, lambda: http_answers(url))
         self.admin_token = issue_token(self.jwt_secret, ADMIN_ID, "admin")
         asyncio.run(self._models_hello(ws_port))
         return server, http_port
+
+    def stop_tokenchat(self, server: Server) -> None:
+        server.stop()
+        if self.ledger_writer is not None:
+            self.ledger_writer.stop()
+            self.ledger_writer = None
+
+    def tokenchat_pids(self, server: Server) -> dict[str, list[int]]:
+        """The processes whose CPU is tokenchat's: ``serve`` and its workers,
+        and the ledger writer when it runs alone."""
+        writer = self.ledger_writer
+        return {
+            "server": process_tree(server.process.pid),
+            "ledger": [writer.process.pid] if writer is not None else [],
+        }
 
     async def _models_hello(self, port: int) -> None:
         """Each room exists once its model has said hello (DESIGN.md section 3)."""
@@ -1028,12 +1069,12 @@ class TipsBench(Bench):
             status, reconcile = http_json(
                 f"http://{HOST}:{http_port}/v1/admin/reconcile", self.admin_token
             )
-            _, metrics_text = http_json(f"http://{HOST}:{http_port}/metrics")
+            _, metrics_text = http_json(self.ledger_metrics_url)
         finally:
             self._stop_workers()
             for conn in conns:
                 conn.close()
-            server.stop()
+            self.stop_tokenchat(server)
         buckets = ledger_lag_buckets(metrics_text if isinstance(metrics_text, str) else "")
         reconciled = isinstance(reconcile, dict) and status == 200 and reconcile.get("ok") is True
         acked = sum(row["acked_total"] - row["duplicates"] for row in rows)
@@ -1074,7 +1115,7 @@ class TipsBench(Bench):
         spy = start_py_spy(server.process.pid, args.duration, profile) if profile else None
         try:
             pids = {
-                "server": [server.process.pid],
+                **self.tokenchat_pids(server),
                 "redis": [self.redis_pid] if self.redis_pid else [],
                 "loadgen": [w.pid for w in self.workers if w.pid is not None],
             }
@@ -1106,6 +1147,7 @@ class TipsBench(Bench):
             "unanswered": sum(r["unanswered"] for r in reports),
             "disconnects": sum(r["disconnects"] for r in reports),
             "cpu_main_pct": cpu["server"],
+            "cpu_ledger_pct": cpu["ledger"],
             "cpu_redis_pct": cpu["redis"],
             "cpu_postgres_pct": cpu["postgres"],
             "cpu_loadgen_pct": cpu["loadgen"],
@@ -1287,6 +1329,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("redis_us_per_op", "redis CPU us/op", "{:.0f}"),
     ("postgres_us_per_op", "postgres us/op", "{:.0f}"),
     ("cpu_main_pct", "python CPU %", "{:.0f}"),
+    ("cpu_ledger_pct", "ledger writer CPU %", "{:.0f}"),
     ("cpu_redis_pct", "redis CPU %", "{:.0f}"),
     ("cpu_postgres_pct", "postgres CPU %", "{:.0f}"),
     ("cpu_loadgen_pct", "loadgen CPU %", "{:.0f}"),
@@ -1475,6 +1518,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help=f"seconds (default {WARMUP_DEFAULT_S:g})")
     parser.add_argument("--runs", type=positive_int, help=f"default {RUNS_DEFAULT}")
     parser.add_argument("--load-procs", type=positive_int, default=LOAD_PROCS_DEFAULT)
+    parser.add_argument(
+        "--workers", type=positive_int, default=1, help="tokenchat serve --workers (default 1)"
+    )
+    parser.add_argument(
+        "--inline-ledger",
+        action="store_true",
+        help="run the ledger writer inside serve instead of as tokenchat ledger beside it",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
