@@ -56,18 +56,18 @@ class Directory:
         if identity in self._seen:
             return
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    """INSERT INTO users (id, role) VALUES ($1, $2)
-                       ON CONFLICT (id) DO UPDATE SET role = EXCLUDED.role, seen_at = now()""",
-                    identity.user_id,
-                    identity.role,
-                )
-                if identity.role == "model":
-                    await conn.execute(
-                        "INSERT INTO rooms (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
-                        identity.user_id,
-                    )
+            # One statement (one round trip, atomic): the user, and a model's room.
+            await self._pool.execute(
+                """WITH saved AS (
+                       INSERT INTO users (id, role) VALUES ($1, $2)
+                       ON CONFLICT (id) DO UPDATE SET role = EXCLUDED.role, seen_at = now()
+                       RETURNING id, role
+                   )
+                   INSERT INTO rooms (id) SELECT id FROM saved WHERE role = 'model'
+                   ON CONFLICT (id) DO NOTHING""",
+                identity.user_id,
+                identity.role,
+            )
         except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
             raise Unavailable("the user store is unavailable") from exc
         if len(self._seen) >= SEEN_USERS_MAX:
