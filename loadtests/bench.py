@@ -143,6 +143,7 @@ def scenario_fanout(args: argparse.Namespace) -> dict[str, Any]:
         "--duration", str(args.duration),
         "--warmup", str(args.warmup),
         "--runs", str(args.runs),
+        "--workers", str(args.workers),
     ]  # fmt: skip
     per_run_s = 2 * (args.duration + args.warmup + 60)
     result: dict[str, Any] = run_module(
@@ -158,6 +159,7 @@ def scenario_tips(args: argparse.Namespace) -> dict[str, Any]:
         "--duration", str(args.duration),
         "--warmup", str(args.warmup),
         "--runs", str(args.runs),
+        "--workers", str(args.workers),
     ]  # fmt: skip
     per_run_s = 5 * (args.duration + args.warmup) + 120
     result: dict[str, Any] = run_module(
@@ -319,6 +321,7 @@ def scenario_fanout_peer(args: argparse.Namespace) -> dict[str, Any]:
             "--duration", str(args.duration),
             "--warmup", str(args.warmup),
             "--runs", str(args.runs),
+            "--workers", str(args.workers),
         ]
     )  # fmt: skip
     runs: list[dict[str, Any]] = []
@@ -436,13 +439,18 @@ def vm_rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def tree_rss_kib(pid: int) -> int:
+    """RSS of ``pid`` and its descendants (``serve --workers N``)."""
+    return sum(vm_rss_kib(p) for p in fanout.process_tree(pid))
+
+
 class IdleBench(Bench):
     def run_idle(self, kind: Kind, sessions: int) -> dict[str, Any]:
         server = self.start_server(kind)
         conns: list[Connection] = []
         try:
             time.sleep(IDLE_BEFORE_SETTLE_S)
-            rss_before = vm_rss_kib(server.process.pid)
+            rss_before = tree_rss_kib(server.process.pid)
             context = multiprocessing.get_context("spawn")
             procs = min(IDLE_LOAD_PROCS, sessions)
             for w in range(procs):
@@ -463,7 +471,7 @@ class IdleBench(Bench):
                 for name, count in r["failures"].items():
                     failures[name] = failures.get(name, 0) + count
             time.sleep(IDLE_SETTLE_S)
-            rss_after = vm_rss_kib(server.process.pid)
+            rss_after = tree_rss_kib(server.process.pid)
             for conn in conns:
                 conn.send(("stop",))
             results = self._gather(conns, "result", 30, server)
@@ -487,7 +495,9 @@ class IdleBench(Bench):
 
 
 def scenario_idle(args: argparse.Namespace) -> dict[str, Any]:
-    fargs = fanout.parse_args(["--members", str(args.idle_sessions)])
+    fargs = fanout.parse_args(
+        ["--members", str(args.idle_sessions), "--workers", str(args.workers)]
+    )
     bench = IdleBench(fargs)
     runs: list[dict[str, Any]] = []
     failed = False
@@ -553,6 +563,7 @@ def scenario_ledger(args: argparse.Namespace) -> dict[str, Any]:
             "--duration", str(args.duration),
             "--warmup", str(args.warmup),
             "--runs", "1",
+            "--workers", str(args.workers),
         ]
     )  # fmt: skip
     bench = tips.TipsBench(targs)
@@ -937,6 +948,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help="seconds before each measurement")
     parser.add_argument("--runs", type=fanout.positive_int, help="per scenario and server")
     parser.add_argument("--members", type=fanout.positive_int, default=FANOUT_MEMBERS)
+    parser.add_argument(
+        "--workers",
+        type=fanout.positive_int,
+        default=1,
+        help="tokenchat serve --workers in every scenario (default 1)",
+    )
     parser.add_argument("--idle-sessions", type=fanout.positive_int)
     parser.add_argument("--ledger-rate", type=fanout.positive_float, default=LEDGER_RATE_PER_S)
     parser.add_argument(

@@ -823,7 +823,7 @@ class Bench:
         )
         ws_port, http_port = free_port(), free_port()
         env = dict(self.env, TOKENCHAT_WS_PORT=str(ws_port), TOKENCHAT_HTTP_PORT=str(http_port))
-        argv = ["-m", "server.cli", "serve", "--workers", "1"]
+        argv = ["-m", "server.cli", "serve", "--workers", str(self.args.workers)]
         server = self._spawn(kind, argv, env, ws_port)
         self._wait_ready(server, lambda: _http_ok(f"http://{HOST}:{http_port}/healthz"))
         # The room exists once its model has said hello (DESIGN.md section 3).
@@ -954,7 +954,7 @@ class Bench:
     ) -> dict[str, float | None]:
         """CPU use (% of one core) of server, Redis and load generator in the window."""
         pids: dict[str, list[int]] = {
-            "server": [server.process.pid],
+            "server": process_tree(server.process.pid),
             "redis": [self.redis_pid] if self.redis_pid and server.kind == "tokenchat" else [],
             "loadgen": [w.pid for w in self.workers if w.pid is not None],
         }
@@ -1330,6 +1330,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--text-bytes", type=positive_int, default=TEXT_DEFAULT_BYTES)
     parser.add_argument("--load-procs", type=positive_int, default=LOAD_PROCS_DEFAULT)
+    parser.add_argument(
+        "--workers", type=positive_int, default=1, help="tokenchat serve --workers (default 1)"
+    )
     parser.add_argument("--only", choices=KINDS, help="measure one server only")
     parser.add_argument(
         "--pin",
