@@ -193,6 +193,9 @@ def serve_socketio(port: int, redis_url: str, channel: str) -> None:
     sio.on("connect", connect)
     sio.on("say", say)
     app = socketio.ASGIApp(sio)
+    from server.aio import tune_gc
+
+    tune_gc()  # as tokenchat's processes do, so that the comparison is of servers
     uvicorn.run(app, host=HOST, port=port, loop="uvloop", log_level="warning", lifespan="off")
 
 

@@ -668,6 +668,11 @@ def raise_open_files_limit() -> int:
 def run_on_uvloop(coro_factory: Callable[[], Any]) -> None:
     import uvloop
 
+    from server.aio import tune_gc
+
+    # As the server does: a load process's own full collections would stall
+    # its clients and show up in the measured latency as the server's.
+    tune_gc()
     uvloop.run(coro_factory())
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import uvicorn
 
+from .aio import tune_gc
 from .config import Settings
 from .gateway import Gateway
 from .http_api import create_app
@@ -137,6 +138,7 @@ async def serve_until_signalled(
 
 def run(coro_factory: Callable[[], Any]) -> None:
     """Run on uvloop where it is installed (it is on Linux and macOS)."""
+    tune_gc()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - Windows
