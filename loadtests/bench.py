@@ -72,7 +72,7 @@ from loadtests.fanout import (
     free_port,
     raise_open_files_limit,
     recv_from_parent,
-    run_on_uvloop,
+    run_load_process,
     sigterm_as_exit,
 )
 
@@ -423,16 +423,7 @@ async def idle_worker_async(spec: IdleSpec, conn: Connection) -> None:
 
 
 def idle_worker_main(spec: IdleSpec, conn: Connection) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise_open_files_limit()
-    try:
-        run_on_uvloop(lambda: idle_worker_async(spec, conn))
-    except (EOFError, BrokenPipeError, TimeoutError):
-        pass
-    finally:
-        conn.close()
+    run_load_process(lambda: idle_worker_async(spec, conn), conn, None)
 
 
 def vm_rss_kib(pid: int) -> int:

@@ -676,18 +676,27 @@ def run_on_uvloop(coro_factory: Callable[[], Any]) -> None:
     uvloop.run(coro_factory())
 
 
-def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+def run_load_process(
+    coro_factory: Callable[[], Any], conn: Connection, cpus: frozenset[int] | None
+) -> None:
+    """The body of every load process (members, fans, idle sessions, the tips
+    baseline): run ``coro_factory`` on uvloop until it returns or the parent
+    is gone, then close the pipe to the parent."""
     # Ctrl-C reaches the whole process group; the parent stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_open_files_limit()
-    if spec.cpus is not None:
-        os.sched_setaffinity(0, spec.cpus)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     try:
-        run_on_uvloop(lambda: worker_async(spec, conn))
+        run_on_uvloop(coro_factory)
     except (EOFError, BrokenPipeError, TimeoutError):
         pass  # the parent went away or gave up: nothing to report to
     finally:
         conn.close()
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    run_load_process(lambda: worker_async(spec, conn), conn, spec.cpus)
 
 
 # ============================================================================

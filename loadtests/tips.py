@@ -65,7 +65,6 @@ import random
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -108,7 +107,7 @@ from loadtests.fanout import (
     raise_open_files_limit,
     recv_from_parent,
     run_bench,
-    run_on_uvloop,
+    run_load_process,
     start_py_spy,
 )
 from server.batcher import LuaScript, send_pipeline
@@ -499,17 +498,7 @@ async def fan_worker_async(spec: FanWorkerSpec, conn: Connection) -> None:
 
 
 def fan_worker_main(spec: FanWorkerSpec, conn: Connection) -> None:
-    # Ctrl-C reaches the whole process group; the parent stops the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise_open_files_limit()
-    if spec.cpus is not None:
-        os.sched_setaffinity(0, spec.cpus)
-    try:
-        run_on_uvloop(lambda: fan_worker_async(spec, conn))
-    except (EOFError, BrokenPipeError, TimeoutError):
-        pass  # the parent went away or gave up: nothing to report to
-    finally:
-        conn.close()
+    run_load_process(lambda: fan_worker_async(spec, conn), conn, spec.cpus)
 
 
 # ============================================================================
@@ -750,15 +739,7 @@ async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
 
 
 def baseline_main(spec: BaselineSpec, conn: Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if spec.cpus is not None:
-        os.sched_setaffinity(0, spec.cpus)
-    try:
-        run_on_uvloop(lambda: baseline_async(spec, conn))
-    except (EOFError, BrokenPipeError, TimeoutError):
-        pass
-    finally:
-        conn.close()
+    run_load_process(lambda: baseline_async(spec, conn), conn, spec.cpus)
 
 
 # ============================================================================
