@@ -836,6 +836,21 @@ PLOT_FANOUT_WINDOWS = (1, 8, 64)  # messages in flight per sender (4 senders)
 PLOT_TIPS_RATES = (300.0, 1000.0, 2000.0)  # tips/s offered (capped phase)
 
 
+def save_latency_plot(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """Label a latency-against-load plot (log latency axis) and write it as PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def sweep_and_plot(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """fanout at several windows and tips at several offered rates, one short
     run each; PNGs of latency against throughput into ``out_dir``."""
@@ -869,15 +884,14 @@ def sweep_and_plot(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             ax.plot(xs, ys, style, label=f"{label} {q[:3]}")
         for p, x in zip(points["fanout"], xs, strict=True):
             ax.annotate(f"w{p['window']}", (x, p[prefix + "p50_ms"]), fontsize=7)
-    ax.set_xlabel(f"deliveries/s ({args.members} members, 4 senders, window w)")
-    ax.set_ylabel("delivery latency, ms")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("fanout: latency against load")
-    fig.tight_layout()
-    fig.savefig(out_dir / "fanout_latency.png", dpi=100)
-    plt.close(fig)
+    save_latency_plot(
+        fig,
+        ax,
+        f"deliveries/s ({args.members} members, 4 senders, window w)",
+        "delivery latency, ms",
+        "fanout: latency against load",
+        out_dir / "fanout_latency.png",
+    )
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [p["capped_per_s"] for p in points["tips"]]
@@ -886,15 +900,14 @@ def sweep_and_plot(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     for p, x in zip(points["tips"], xs, strict=True):
         ax.annotate(f"offered {p['offered_per_s']:.0f}", (x, p["capped_p50_ms"]), fontsize=7)
     ax.axhline(50, color="grey", lw=0.8, ls=":", label="goal p99 50 ms")
-    ax.set_xlabel(f"committed tips/s ({TIPS_FANS} fans, {TIPS_ROOMS} rooms, paced)")
-    ax.set_ylabel("ack latency, ms")
-    ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("tips: ack latency against offered load")
-    fig.tight_layout()
-    fig.savefig(out_dir / "tips_latency.png", dpi=100)
-    plt.close(fig)
+    save_latency_plot(
+        fig,
+        ax,
+        f"committed tips/s ({TIPS_FANS} fans, {TIPS_ROOMS} rooms, paced)",
+        "ack latency, ms",
+        "tips: ack latency against offered load",
+        out_dir / "tips_latency.png",
+    )
     return points
 
 
