@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -86,9 +86,20 @@ async def send_pipeline(redis: Redis, commands: Sequence[Sequence[Arg]]) -> list
 
 
 class ScriptBatcher:
-    def __init__(self, redis: Redis, timeout_s: float) -> None:
+    """``on_reset``: awaited before calls are sent again after Redis dropped
+    the connection or forgot its scripts (NOSCRIPT), the two signs that it may
+    have restarted, perhaps from an older copy of its data; an exception it
+    raises fails those calls instead of sending them."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        timeout_s: float,
+        on_reset: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._redis = redis
         self._timeout_s = timeout_s
+        self._on_reset = on_reset
         self._pending: list[tuple[LuaScript, Sequence[Arg], asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -111,16 +122,21 @@ class ScriptBatcher:
         self, batch: list[tuple[LuaScript, Sequence[Arg], asyncio.Future[Any]]], retry: bool = True
     ) -> None:
         try:
-            async with asyncio.timeout(self._timeout_s):
-                try:
+            try:
+                async with asyncio.timeout(self._timeout_s):
                     results = await send_pipeline(self._redis, _commands(batch))
-                except (ConnectionError, RedisTimeoutError, OSError) as exc:
-                    # A pooled connection Redis had closed (it restarted, say):
-                    # once more on a new one, with the calls that may run twice.
-                    for script, _, future in batch:
-                        if not script.retry_safe and not future.done():
-                            future.set_exception(exc)
-                    batch = [item for item in batch if item[0].retry_safe]
+            except TimeoutError:  # Redis stalled, not gone: sending again would not help
+                raise
+            except (ConnectionError, RedisTimeoutError, OSError) as exc:
+                # A pooled connection Redis had closed (it restarted, say):
+                # once more on a new one, with the calls that may run twice.
+                for script, _, future in batch:
+                    if not script.retry_safe and not future.done():
+                        future.set_exception(exc)
+                batch = [item for item in batch if item[0].retry_safe]
+                if batch and self._on_reset is not None:
+                    await self._on_reset()
+                async with asyncio.timeout(self._timeout_s):
                     results = await send_pipeline(self._redis, _commands(batch)) if batch else []
         except BaseException as exc:
             for _, _, future in batch:
@@ -141,6 +157,8 @@ class ScriptBatcher:
                 future.set_result(result)
         if missing:
             try:
+                if self._on_reset is not None:
+                    await self._on_reset()
                 for script in {script.sha: script for script, _, _ in missing}.values():
                     await self._redis.script_load(script.source)
             except Exception as exc:

@@ -284,7 +284,9 @@ async def _seed(settings: Settings, tokens: dict[str, str]) -> None:
     from .auth import verify_token
     from .node import Node
 
-    node = await Node.connect(settings)
+    # The seed runs before serving, with no ledger writer yet to confirm its
+    # credit: it is acknowledged by Redis, and the server's writer records it.
+    node = await Node.connect(settings.replace(durability="redis"))
     try:
         for token in tokens.values():
             await node.directory.touch_user(verify_token(settings.jwt_secret, token))

@@ -93,6 +93,16 @@ class Settings:
     dev_mode: int = 0
 
     # --- the economy ----------------------------------------------------------------
+    # When a spend is acknowledged (docs/economy.md, "Durability"): `ledger`
+    # once its row is committed in Postgres (group commit), so a Redis that
+    # loses its data loses nothing acknowledged; `redis` once Redis applied it,
+    # the lowest latency, with a window of loss until the writer copies it.
+    durability: str = "ledger"
+    # In `ledger` mode, how long a spend waits for its ledger row before it is
+    # answered UNAVAILABLE ("outcome unknown: retry with the same key"). A
+    # healthy commit takes milliseconds; 5 s rides out a Postgres blip without
+    # holding a session for long when Postgres is down.
+    ledger_ack_timeout_s: float = 5.0
     # Ledger entries Redis may hold for Postgres before spends are refused
     # (UNAVAILABLE): at ~600 bytes each, 1,000,000 is ~600 MB of Redis memory,
     # hours of a busy platform's spends with Postgres away.
@@ -106,7 +116,9 @@ class Settings:
     ledger_batch_max: int = 1000
     # How long the writer's read waits for new entries before looking again.
     ledger_block_ms: int = 1000
-    # Least time between the starts of two batches while entries keep coming:
+    # Least time between the starts of two batches while entries keep coming
+    # (durability `redis` only: in `ledger` mode spends wait on every commit,
+    # so a batch starts as soon as the previous one has committed):
     # each Postgres transaction has a fixed cost (staging, triggers, commit),
     # so a writer that ran one per handful of entries spent twice the Postgres
     # CPU per tip (tips benchmark); 50 ms bounds that to 20 batches/s at the
@@ -181,6 +193,7 @@ class Settings:
             "ledger_batch_max",
             "ledger_block_ms",
             "ledger_claim_idle_s",
+            "ledger_ack_timeout_s",
         ]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -193,6 +206,8 @@ class Settings:
             raise ValueError("TOKENCHAT_LEDGER_LINGER_MS must be >= 0")
         if not 0 <= self.database_pool_min <= self.database_pool_max:
             raise ValueError("TOKENCHAT_DATABASE_POOL_MIN must be between 0 and the max")
+        if self.durability not in ("ledger", "redis"):
+            raise ValueError("TOKENCHAT_DURABILITY must be 'ledger' or 'redis'")
         if self.payment_provider not in ("none", "fake"):
             raise ValueError("TOKENCHAT_PAYMENT_PROVIDER must be 'none' or 'fake'")
         self.bundle_list()  # refuses a malformed TOKENCHAT_BUNDLES at start-up

@@ -13,21 +13,24 @@ answered as a duplicate instead of being charged again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from protocol.limits import AMOUNT_MAX, AMOUNT_MIN
 
 from .batcher import LuaScript, ScriptBatcher
 from .config import Settings
+from .confirmations import Confirmations
 from .errors import (
     BadRequest,
     Conflict,
@@ -38,7 +41,7 @@ from .errors import (
     ServiceError,
     Unavailable,
 )
-from .keys import Keys
+from .keys import Keys, glob_escape
 from .scripts import MONEY_SCRIPT_NAMES, lua_script
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,18 @@ RESTORED_RECORDS_MAX = 50_000
 # A refund marker outlives any retry of the refund (the durable guard is the
 # unique `reverses` column in Postgres).
 REFUND_MARKER_TTL_S = 30 * 24 * 3600
+# The epoch while hot balances are rebuilt from the ledger: loads and spends
+# are refused until a fresh epoch replaces it.
+REBUILDING = "rebuilding:"
+# The rebuild lock outlives a rebuild (a drain of the outbox, at most
+# REBUILD_DRAIN_TIMEOUT_S, plus deleting the balance keys); a rebuilder that
+# died leaves it to expire, and the next process to check takes over.
+REBUILD_LOCK_TTL_S = 120
+REBUILD_DRAIN_TIMEOUT_S = 60.0
+# Balance keys deleted per UNLINK while rebuilding: bounds one command.
+REBUILD_UNLINK_CHUNK = 1000
+
+Drain = Callable[[float], Awaitable[int]]
 
 
 def user_account(user_id: str) -> str:
@@ -75,12 +90,26 @@ _REDIS_ERRORS = (RedisError, OSError)
 
 
 class Economy:
-    def __init__(self, redis: Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        pool: asyncpg.Pool,
+        keys: Keys,
+        settings: Settings,
+        confirmations: Confirmations | None = None,
+    ) -> None:
         self._redis = redis
         self._pool = pool
         self._keys = keys
         self._settings = settings
-        self._batcher = ScriptBatcher(redis, settings.redis_timeout_s)
+        # Set in `ledger` durability: every spend waits for its ledger row.
+        self._confirmations = confirmations
+        self._batcher = ScriptBatcher(redis, settings.redis_timeout_s, on_reset=self._on_reset)
+        # Whether this Redis dataset has been checked against the ledger since
+        # this process started or last saw Redis restart (see ensure_fresh).
+        self._fresh = False
+        self._fresh_lock = asyncio.Lock()
+        self._drain: Drain | None = None
         self._scripts = {name: lua_script(name, retry_safe=True) for name in MONEY_SCRIPT_NAMES}
         self._load_script = lua_script("load_balance", retry_safe=True)
 
@@ -165,6 +194,7 @@ class Economy:
                 self._settings.inbox_len,
                 orjson.dumps({"to": to}),
             ],
+            ledgered=lambda reply: bool(reply["price"]),
         )
 
     async def credit(
@@ -376,7 +406,42 @@ class Economy:
         await self._redis.hsetnx(self._keys.prices(user_id), "dm", row["dm"])
 
     # --- running scripts ---------------------------------------------------------------
-    async def _run(self, name: str, *, keys: list[Any], args: list[Any]) -> dict[str, Any]:
+    async def _run(
+        self,
+        name: str,
+        *,
+        keys: list[Any],
+        args: list[Any],
+        ledgered: Callable[[dict[str, Any]], bool] = lambda reply: True,
+    ) -> dict[str, Any]:
+        """Apply a money script; in `ledger` durability, return once its
+        ledger row is committed. ``ledgered``: whether a reply stands for a
+        ledger entry (a free DM moves nothing and has none)."""
+        confirmations = self._confirmations
+        if confirmations is None:
+            return await self._apply(name, keys=keys, args=args)
+        # ARGV[2] of every money script is its new transaction's id.
+        tx = str(args[1])
+        committed = confirmations.expect(tx)
+        try:
+            reply = await self._apply(name, keys=keys, args=args)
+            if not ledgered(reply):
+                return reply
+            if not reply.get("duplicate"):
+                await confirmations.wait(tx, committed, known_before=False)
+                return reply
+        finally:
+            confirmations.forget(tx, committed)
+        # A duplicate waits for the original's row too: a retry must not get
+        # an acknowledgement the original could not have had yet.
+        original = str(reply["tx"])
+        await confirmations.wait(original, confirmations.expect(original), known_before=True)
+        return reply
+
+    async def _apply(self, name: str, *, keys: list[Any], args: list[Any]) -> dict[str, Any]:
+        """Run a money script in Redis, loading what it needs from Postgres."""
+        if not self._fresh:
+            await self.ensure_fresh()
         script = self._scripts[name]
         for _ in range(LOAD_ATTEMPTS_MAX):
             result = await self._call(script, keys, args)
@@ -406,9 +471,122 @@ class Economy:
             raise Unavailable("balances are unavailable; nothing was charged") from exc
         return result
 
+    # --- a Redis older than the ledger --------------------------------------------------
+    def rebuild_with(self, drain: Drain) -> None:
+        """How a rebuild empties the outbox into Postgres (the ledger writer's drain)."""
+        self._drain = drain
+
+    async def _on_reset(self) -> None:
+        # Redis dropped the connection or forgot its scripts: it may have
+        # restarted from an older copy of its data (AOF everysec, a lagging
+        # replica promoted). Nothing is sent again until that is ruled out.
+        self._fresh = False
+        await self.ensure_fresh()
+
+    async def ensure_fresh(self) -> None:
+        """Refuse to spend on a Redis that is older than the ledger.
+
+        The ledger writer records, per epoch, the newest outbox entry it has
+        committed (ledger_watermarks). A Redis whose outbox has not reached
+        that entry has gone back in time with its epoch unchanged: its hot
+        balances miss spends that Postgres holds, and would let them be spent
+        again. Its balances are then rebuilt from Postgres (``_rebuild``)
+        before any spend runs. Checked once per process start and after every
+        sign of a Redis restart, not per spend.
+        """
+        if self._fresh:
+            return
+        async with self._fresh_lock:
+            if self._fresh:
+                return
+            if await self.behind_ledger():
+                await self._rebuild()
+            self._fresh = True
+
+    async def behind_ledger(self) -> bool:
+        """Whether this Redis dataset is older than what the ledger holds of it."""
+        try:
+            epoch = await self._redis.get(self._keys.epoch())
+            if epoch is None:
+                return False  # lost everything: a new epoch, loaded from scratch
+            if _text(epoch).startswith(REBUILDING):
+                return True  # a rebuild that has not finished (its process died?)
+            last = await self._last_generated_id()
+            row = await self._pool.fetchrow(
+                """SELECT last_ms, last_seq FROM ledger_watermarks WHERE epoch = $1
+                   ORDER BY last_ms DESC, last_seq DESC LIMIT 1""",
+                _text(epoch),
+            )
+        except (*_REDIS_ERRORS, *_DB_ERRORS) as exc:
+            raise Unavailable("cannot check Redis against the ledger; nothing was charged") from exc
+        if row is None:
+            return False
+        behind = last < (row["last_ms"], row["last_seq"])
+        if behind:
+            log.error(
+                "Redis is older than the ledger: its outbox ends at %d-%d, the ledger "
+                "holds %d-%d of this epoch; rebuilding hot balances from Postgres",
+                *last,
+                row["last_ms"],
+                row["last_seq"],
+            )
+        return behind
+
+    async def _last_generated_id(self) -> tuple[int, int]:
+        try:
+            info: Any = await self._redis.xinfo_stream(self._keys.outbox())
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return (0, 0)
+            raise
+        ms, _, seq = _text(info["last-generated-id"]).partition("-")
+        return (int(ms), int(seq))
+
+    async def _rebuild(self) -> None:
+        """Drop every hot balance and reload from Postgres, behind a new epoch.
+
+        Under a lock, the epoch becomes ``rebuilding:...`` (loads and spends
+        are refused), every balance key goes, the outbox is drained into
+        Postgres (what this older Redis applied but the ledger lacks), and a
+        fresh epoch lets balances load again, each with its idempotency
+        records, from Postgres.
+        """
+        if self._drain is None:
+            raise Unavailable("Redis is older than the ledger; nothing was charged")
+        token = secrets.token_hex(8)
+        lock = self._keys.rebuild_lock()
+        try:
+            if not await self._redis.set(lock, token, nx=True, ex=REBUILD_LOCK_TTL_S):
+                raise Unavailable("hot balances are being rebuilt from the ledger; try again")
+            await self._redis.set(self._keys.epoch(), REBUILDING + token)
+            prefix = glob_escape(self._keys.balance_prefix())
+            chunk: list[bytes] = []
+            async for name in self._redis.scan_iter(match=prefix + "*", count=1000):
+                chunk.append(name)
+                if len(chunk) >= REBUILD_UNLINK_CHUNK:
+                    await self._redis.unlink(*chunk)
+                    chunk = []
+            if chunk:
+                await self._redis.unlink(*chunk)
+            left = await self._drain(REBUILD_DRAIN_TIMEOUT_S)
+            if left:
+                raise Unavailable(f"rebuilding: {left} outbox entries are not in Postgres yet")
+            await self._redis.set(self._keys.epoch(), secrets.token_hex(16))
+            log.warning("hot balances rebuilt: they load from Postgres from now on")
+        except _REDIS_ERRORS as exc:
+            raise Unavailable("Redis failed while rebuilding balances; try again") from exc
+        finally:
+            with contextlib.suppress(*_REDIS_ERRORS):
+                if _text(await self._redis.get(lock) or b"") == token:
+                    await self._redis.delete(lock)
+
     # --- loading balances -------------------------------------------------------------
-    async def epoch(self) -> str:
-        """The token of the current Redis dataset, made if Redis has none."""
+    async def epoch(self, *, rebuilding_ok: bool = False) -> str:
+        """The token of the current Redis dataset, made if Redis has none.
+
+        While balances are rebuilt it is refused (Unavailable), except to the
+        ledger writer (``rebuilding_ok``), which drains the outbox meanwhile.
+        """
         key = self._keys.epoch()
         try:
             await self._redis.set(key, secrets.token_hex(16), nx=True)
@@ -417,7 +595,11 @@ class Economy:
             raise Unavailable("balances are unavailable") from exc
         if value is None:  # flushed between the two calls
             raise Unavailable("Redis was reset; try again")
-        return _text(value)
+        epoch = _text(value)
+        if epoch.startswith(REBUILDING) and not rebuilding_ok:
+            self._fresh = False
+            raise Unavailable("hot balances are being rebuilt from the ledger; try again")
+        return epoch
 
     async def _load(self, account: str) -> None:
         for _ in range(LOAD_ATTEMPTS_MAX):

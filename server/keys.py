@@ -8,6 +8,11 @@ Redis Cluster, one room's state lives in one slot.
 from __future__ import annotations
 
 
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 class Keys:
     __slots__ = ("prefix",)
 
@@ -41,6 +46,11 @@ class Keys:
         """Pub/sub channel of one user: DMs and balance pushes to their sessions."""
         return f"{self.prefix}user:{user_id}"
 
+    def ledger_commits(self) -> str:
+        """Pub/sub channel: transactions the ledger writers have committed or
+        parked, for the spends waiting on them (server/confirmations.py)."""
+        return f"{self.prefix}ledger:commits"
+
     def channel_user(self, channel: str) -> str | None:
         head = f"{self.prefix}user:"
         return channel[len(head) :] if channel.startswith(head) else None
@@ -69,6 +79,10 @@ class Keys:
     def epoch(self) -> str:
         """Random token naming this Redis dataset; gone when Redis loses data."""
         return self._eco("epoch")
+
+    def rebuild_lock(self) -> str:
+        """Held by the process rebuilding hot balances from the ledger."""
+        return self._eco("rebuild-lock")
 
     def prices(self, user_id: str) -> str:
         """Hash of a user's prices (field `dm`); absent = not loaded."""

@@ -29,11 +29,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from . import metrics
+from . import confirmations, metrics
 from .aio import reraise_if_cancelled
 from .config import Settings
 from .economy import Economy
-from .keys import Keys
+from .keys import Keys, glob_escape
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +117,16 @@ class LedgerWriter:
         """Write batches until cancelled; backends failing only slow it down."""
         delay_s = RETRY_DELAY_MIN_S
         linger_s = self._settings.ledger_linger_ms / 1000
+        # In `ledger` durability spends wait on every commit: group commit
+        # means the next batch starts as soon as this one has committed.
+        lingers = self._settings.durability == "redis"
         loop = asyncio.get_running_loop()
         while True:
             try:
                 started = loop.time()
                 written = await self.step(block=True)
                 delay_s = RETRY_DELAY_MIN_S
-                if 0 < written < self._settings.ledger_batch_max:
+                if lingers and 0 < written < self._settings.ledger_batch_max:
                     # A part batch: let more entries gather before the next
                     # one (ledger_linger_ms). A full batch, or an idle wait
                     # that has outlasted the linger already, goes on at once.
@@ -139,7 +142,7 @@ class LedgerWriter:
     async def step(self, *, block: bool, claim_idle_ms: int | None = None) -> int:
         """Read one batch (stale entries of dead writers first) and write it."""
         await self._ensure_group()
-        epoch = await self._economy.epoch()
+        epoch = await self._economy.epoch(rebuilding_ok=True)
         entries = await self._claim(claim_idle_ms)
         if not entries and self._retry_own:
             # Retry our own failed batch (Postgres was away, say) now, rather
@@ -264,6 +267,7 @@ class LedgerWriter:
                     [row["account_id"] for row in deltas],
                     [row["delta"] for row in deltas],
                 )
+            await _record_watermark(conn, epoch, self._consumer, entries)
             refused = await conn.fetch(_NOT_RECORDED)
             for row in refused:
                 await conn.execute(
@@ -277,9 +281,14 @@ class LedgerWriter:
                 metrics.LEDGER_REJECTED.inc()
                 log.error("ledger: entry %s (tx %s) was not recorded", row["outbox_id"], row["id"])
             # The fence: commit only into the Redis dataset the batch came from.
-            if await self._economy.epoch() != epoch:
+            if await self._economy.epoch(rebuilding_ok=True) != epoch:
                 raise RedisReset("Redis was reset while this batch was written; dropping it")
-        await self._ack([entry.outbox_id for entry in entries])
+        parked = {row["id"] for row in refused}
+        await self._ack(
+            [entry.outbox_id for entry in entries],
+            committed=[entry.tx for entry in entries if entry.tx not in parked],
+            parked=sorted(parked),
+        )
         now_s = time.time()
         for entry in entries:
             metrics.LEDGER_LAG.observe(max(0.0, now_s - entry.applied_ms / 1000))
@@ -299,12 +308,21 @@ class LedgerWriter:
             orjson.dumps(_entry_json(entry)).decode(),
         )
         metrics.LEDGER_REJECTED.inc()
-        await self._ack([entry.outbox_id])
+        await self._ack([entry.outbox_id], committed=[], parked=[entry.tx])
 
-    async def _ack(self, ids: list[str]) -> None:
+    async def _ack(self, ids: list[str], *, committed: list[str], parked: list[str]) -> None:
+        """After COMMIT: the entries leave the outbox, and the spends waiting
+        on them (durability `ledger`, on any node) are told, in one MULTI."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xack(self._keys.outbox(), GROUP, *ids)
             pipe.xdel(self._keys.outbox(), *ids)
+            # Published in either durability mode: a writer need not know how
+            # the gateways it serves are configured (Procfile: separate ones).
+            channel = self._keys.ledger_commits()
+            if committed:
+                pipe.publish(channel, confirmations.encode(confirmations.COMMITTED, committed))
+            if parked:
+                pipe.publish(channel, confirmations.encode(confirmations.PARKED, parked))
             await pipe.execute()
 
 
@@ -363,6 +381,28 @@ async def _stage(conn: Any, entries: list[Entry]) -> None:
            SELECT DISTINCT account_id, 'user' FROM staging_postings WHERE account_id LIKE 'u:%'
            ON CONFLICT (id) DO NOTHING"""
     )
+
+
+async def _record_watermark(conn: Any, epoch: str, writer: str, entries: list[Entry]) -> None:
+    """Remember the newest outbox entry of this epoch that the ledger holds, so
+    that a Redis which comes back older than that is caught (Economy.ensure_fresh).
+    One row per writer, so concurrent writers never wait on each other's row."""
+    newest = max(_stream_position(entry.outbox_id) for entry in entries)
+    await conn.execute(
+        """INSERT INTO ledger_watermarks AS w (epoch, writer, last_ms, last_seq)
+           VALUES ($1, $2, $3, $4)
+           ON CONFLICT (epoch, writer) DO UPDATE
+               SET last_ms = EXCLUDED.last_ms, last_seq = EXCLUDED.last_seq, updated_at = now()
+               WHERE (w.last_ms, w.last_seq) < (EXCLUDED.last_ms, EXCLUDED.last_seq)""",
+        epoch,
+        writer,
+        *newest,
+    )
+
+
+def _stream_position(outbox_id: str) -> tuple[int, int]:
+    ms, _, seq = outbox_id.partition("-")
+    return int(ms), int(seq)
 
 
 # The new transactions, their postings, and each account's change, in one
@@ -432,7 +472,7 @@ async def reconcile(
 
 async def _redis_balances(redis: Redis, keys: Keys) -> dict[str, int]:
     prefix = keys.balance_prefix()
-    names = [key async for key in redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000)]
+    names = [key async for key in redis.scan_iter(match=glob_escape(prefix) + "*", count=1000)]
     balances: dict[str, int] = {}
     for start in range(0, len(names), 1000):
         chunk = names[start : start + 1000]
@@ -440,7 +480,3 @@ async def _redis_balances(redis: Redis, keys: Keys) -> dict[str, int]:
             if value is not None:
                 balances[name.decode()[len(prefix) :]] = int(value)
     return balances
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -24,6 +24,7 @@ from protocol import events
 from .aio import reraise_if_cancelled
 from .broker import RedisBroker
 from .config import Settings
+from .confirmations import Confirmations
 from .db import create_pool
 from .directory import Directory
 from .economy import Economy
@@ -56,8 +57,15 @@ class Node:
         self.rooms = RoomStore(redis, self.keys, settings.history_len, settings.redis_timeout_s)
         self.directory = Directory(pool, redis, self.keys)
         self.hub = Hub()
-        self.economy = Economy(redis, pool, self.keys, settings)
+        self.confirmations = (
+            Confirmations(pool, settings.ledger_ack_timeout_s)
+            if settings.durability == "ledger"
+            else None
+        )
+        self.economy = Economy(redis, pool, self.keys, settings, self.confirmations)
         self.ledger = LedgerWriter(settings, pool, self.economy, consumer=self.id)
+        self.economy.rebuild_with(self.ledger.drain)
+        self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
             redis,
             self._on_broker_message,
@@ -100,6 +108,8 @@ class Node:
     async def start(self) -> None:
         await self._heartbeat_once()
         await self.broker.start()
+        if self.confirmations is not None:
+            await self.broker.subscribe(self._commits_channel)
         self._loops = [
             asyncio.create_task(self._heartbeat_forever(), name="node-heartbeat"),
             asyncio.create_task(self._presence_forever(), name="node-presence"),
@@ -266,6 +276,10 @@ class Node:
 
     # --- broker callbacks -------------------------------------------------------------
     def _on_broker_message(self, channel: str, payload: bytes) -> None:
+        if channel == self._commits_channel:
+            if self.confirmations is not None:
+                self.confirmations.on_message(payload)
+            return
         room = self.keys.channel_room(channel)
         if room is None:
             user_id = self.keys.channel_user(channel)
@@ -284,6 +298,9 @@ class Node:
 
     def _on_broker_reconnect(self) -> None:
         self.spawn(self._fill_gaps())
+        if self.confirmations is not None:
+            # Commits published while pub/sub was away were not heard.
+            self.spawn(self.confirmations.recheck())
 
     async def _fill_gaps(self) -> None:
         """Deliver what was published while pub/sub was down, from history."""

@@ -131,7 +131,7 @@ class KilledBeforeAck(LedgerWriter):
         super().__init__(*args, **kwargs)
         self.unacked: list[str] = []
 
-    async def _ack(self, ids: list[str]) -> None:
+    async def _ack(self, ids: list[str], **notify: list[str]) -> None:
         self.unacked += ids
         raise WriterKilled(f"killed before acknowledging {len(ids)} entries")
 
@@ -139,7 +139,9 @@ class KilledBeforeAck(LedgerWriter):
 async def test_writer_killed_between_commit_and_ack_doubles_nothing(
     start_server: Callable[..., Awaitable[Running]], redis: Redis
 ) -> None:
-    running = await start_server(ledger_enabled=0)  # this test is the only writer
+    # This test is the only writer; spends are acknowledged by Redis (the
+    # writer's own guarantees are what it checks).
+    running = await start_server(ledger_enabled=0, durability="redis")
     node = node_of(running)
     http = Http(running)
     model, fans, credits = await model_and_fans(running, http, "alice", {"bob": 100}, dm_price=3)
@@ -203,7 +205,7 @@ async def test_writer_killed_between_commit_and_ack_doubles_nothing(
 async def test_a_live_writer_takes_over_a_dead_writers_entries(
     start_server: Callable[..., Awaitable[Running]], redis: Redis
 ) -> None:
-    running = await start_server(ledger_enabled=0)
+    running = await start_server(ledger_enabled=0, durability="redis")
     node = node_of(running)
     http = Http(running)
     model, fans, _ = await model_and_fans(running, http, "alice", {"bob": 50})
@@ -250,7 +252,11 @@ async def test_postgres_away_spends_go_on_and_the_outbox_catches_up(
     redis: Redis,
     settings: Settings,
 ) -> None:
-    running = await start_server(database_url=postgres_proxy.url, database_timeout_s=1.0)
+    # Durability `redis`: spends go on while Postgres is away (in `ledger`
+    # mode they would wait for it: test_ledger_durability.py).
+    running = await start_server(
+        database_url=postgres_proxy.url, database_timeout_s=1.0, durability="redis"
+    )
     node = node_of(running)
     http = Http(running)
     names = {f"f{i}": 100 for i in range(4)}
@@ -322,7 +328,7 @@ async def test_postgres_away_spends_go_on_and_the_outbox_catches_up(
 async def test_redis_flushed_balances_and_keys_come_back_from_postgres(
     start_server: Callable[..., Awaitable[Running]], private_redis: str, settings: Settings
 ) -> None:
-    running = await start_server(redis_url=private_redis, ledger_enabled=0)
+    running = await start_server(redis_url=private_redis, ledger_enabled=0, durability="redis")
     http = Http(running)
     model, _, _ = await model_and_fans(running, http, "alice", {}, dm_price=6)
     credit = await http.credit("bob", 100, key="c1")
@@ -378,18 +384,18 @@ class FlushedMidBatch(Economy):
         self.reloaded: int | None = None
         self._reload_user = reload_user
 
-    async def epoch(self) -> str:
+    async def epoch(self, *, rebuilding_ok: bool = False) -> str:
         self.calls += 1
         if self.calls == 2:  # the writer's check before COMMIT
             await self._redis.flushall()
             self.reloaded = await self.balance(self._reload_user)
-        return await super().epoch()
+        return await super().epoch(rebuilding_ok=rebuilding_ok)
 
 
 async def test_a_batch_in_flight_when_redis_is_flushed_is_not_committed(
     start_server: Callable[..., Awaitable[Running]], private_redis: str, settings: Settings
 ) -> None:
-    running = await start_server(redis_url=private_redis, ledger_enabled=0)
+    running = await start_server(redis_url=private_redis, ledger_enabled=0, durability="redis")
     node = node_of(running)
     http = Http(running)
     model, fans, _ = await model_and_fans(running, http, "alice", {"bob": 50})
