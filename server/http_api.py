@@ -23,7 +23,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 import client_demo
-from protocol import ErrorCode
+from protocol import ErrorCode, WireField
+from protocol.commands import KEY, PAYMENT_REF, TX_ID
 from protocol.limits import AMOUNT_MAX, AMOUNT_MIN, USER_ID_RE
 
 from . import metrics
@@ -46,8 +47,6 @@ from .payments import provider_named
 READY_CHECK_TIMEOUT_S = 1.0
 # Largest request body: every body here is a few small fields.
 BODY_SIZE_MAX_BYTES = 16 * 1024
-PAYMENT_REF_LEN_MAX = 128
-KEY_LEN_MAX = 64
 PRICE_MAX = 1_000_000  # tokens, the contract's amount range
 # How long a refund or reconcile waits for the outbox to reach Postgres.
 DRAIN_TIMEOUT_S = 10.0
@@ -148,9 +147,7 @@ def create_app(node: Node) -> Starlette:
         identity = identity_of(request, "fan")
         body = await json_body(request)
         bundle_id = field(body, "bundle", str)
-        payment_ref = field(body, "payment_ref", str)
-        if not 1 <= len(payment_ref) <= PAYMENT_REF_LEN_MAX:
-            raise BadRequest(f"field 'payment_ref' must be 1 to {PAYMENT_REF_LEN_MAX} characters")
+        payment_ref: str = wire_field(body, "payment_ref", PAYMENT_REF)
         bundle = next((b for b in bundle_list(node) if b["id"] == bundle_id), None)
         if bundle is None:
             raise NotFound(f"no bundle '{bundle_id}'")
@@ -232,7 +229,7 @@ def create_app(node: Node) -> Starlette:
             raise BadRequest(
                 f"field 'amount' must be an integer between {AMOUNT_MIN} and {AMOUNT_MAX}"
             )
-        key = idempotency_key(body)
+        key: str = wire_field(body, "key", KEY)
         reply = await node.economy.credit(
             user, amount, initiator=identity.user_id, key=key, meta={"by": identity.user_id}
         )
@@ -241,10 +238,8 @@ def create_app(node: Node) -> Starlette:
     async def admin_refund(request: Request) -> Response:
         identity = identity_of(request, "admin")
         body = await json_body(request)
-        tx = field(body, "tx", str)
-        key = idempotency_key(body)
-        if not 1 <= len(tx) <= 64:
-            raise BadRequest("field 'tx' must be a transaction id")
+        tx: str = wire_field(body, "tx", TX_ID)
+        key: str = wire_field(body, "key", KEY)
         behind = await drain()
         try:
             reply = await node.economy.refund(tx, initiator=identity.user_id, key=key)
@@ -407,8 +402,12 @@ def optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | 
     return value
 
 
-def idempotency_key(body: dict[str, Any]) -> str:
-    key = field(body, "key", str)
-    if not 1 <= len(key) <= KEY_LEN_MAX:
-        raise BadRequest(f"field 'key' must be 1 to {KEY_LEN_MAX} characters")
-    return str(key)
+def wire_field(body: dict[str, Any], name: str, check: WireField) -> Any:
+    """A required field checked by the wire contract's own rule (protocol/),
+    so HTTP and the WebSocket refuse the same values with the same words."""
+    value = body.get(name)
+    if value is None:
+        raise BadRequest(f"field '{name}' is required and must be {check.describe}")
+    if not check.accept(value):
+        raise BadRequest(f"field '{name}' must be {check.describe}")
+    return value
