@@ -39,7 +39,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .ledger import reconcile
+from .ledger import parked_entries, reconcile
 from .node import Node
 from .payments import provider_named
 
@@ -50,6 +50,10 @@ BODY_SIZE_MAX_BYTES = 16 * 1024
 PRICE_MAX = 1_000_000  # tokens, the contract's amount range
 # How long a refund or reconcile waits for the outbox to reach Postgres.
 DRAIN_TIMEOUT_S = 10.0
+# GET /v1/admin/ledger/rejected: rows in one answer (each holds an entry of a
+# few KiB at most), by default and at most.
+PARKED_LISTED_DEFAULT = 100
+PARKED_LISTED_MAX = 1000
 # GET /v1/rooms: rooms looked at (their viewers are read from Redis), rooms
 # listed (the busiest), and how long one answer is reused, so a page polling
 # it from many browsers costs the backends one read a second.
@@ -259,6 +263,15 @@ def create_app(node: Node) -> Starlette:
             raise Unavailable(f"reconcile needs Redis and Postgres: {exc}") from exc
         return JSONResponse(result)
 
+    async def admin_parked(request: Request) -> Response:
+        """Outbox entries the ledger parked (ledger_rejected), newest first."""
+        identity_of(request, "admin")
+        limit = query_int(request, "limit", PARKED_LISTED_DEFAULT, 1, PARKED_LISTED_MAX)
+        try:
+            return JSONResponse(await parked_entries(node.pool, limit))
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            raise Unavailable("the ledger is unavailable") from exc
+
     async def drain() -> int:
         """Entries still not in Postgres after waiting for the writer."""
         try:
@@ -348,6 +361,7 @@ def create_app(node: Node) -> Starlette:
             Route("/v1/admin/credits", admin_credit, methods=["POST"]),
             Route("/v1/admin/refunds", admin_refund, methods=["POST"]),
             Route("/v1/admin/reconcile", admin_reconcile),
+            Route("/v1/admin/ledger/rejected", admin_parked),
         ],
         exception_handlers={ServiceError: service_error, 404: not_found},
     )
@@ -400,6 +414,17 @@ def optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | 
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise BadRequest(f"field '{name}' must be an integer between {low} and {high}")
     return value
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    # The length first: int() of a long digit string is slow (and refused past 4300).
+    digits = len(raw) <= len(str(high)) and raw.isascii() and raw.isdigit()
+    if not digits or not low <= int(raw) <= high:
+        raise BadRequest(f"query parameter '{name}' must be an integer between {low} and {high}")
+    return int(raw)
 
 
 def wire_field(body: dict[str, Any], name: str, check: WireField) -> Any:
