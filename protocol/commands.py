@@ -39,9 +39,12 @@ from .limits import (
     ID_STR_LEN_MAX,
     KEY_LEN_MAX,
     OFFSET_RE,
+    PAYMENT_REF_LEN_MAX,
+    PRINTABLE_ASCII_RE,
     SAY_TEXT_LEN_MAX,
     TIP_TEXT_LEN_MAX,
     TOKEN_LEN_MAX,
+    TX_ID_LEN_MAX,
     USER_ID_RE,
 )
 
@@ -99,6 +102,19 @@ def utf8_string(bytes_min: int, bytes_max: int) -> WireField:
     return WireField(f"a string of {bytes_min} to {bytes_max} bytes", accept)
 
 
+def printable_ascii(len_min: int, len_max: int) -> WireField:
+    """A string of len_min..len_max printable ASCII characters (0x20-0x7E):
+    an identifier the client chooses, stored in Postgres (limits.py)."""
+    return WireField(
+        f"{len_min} to {len_max} printable ASCII characters (0x20-0x7E)",
+        lambda value: (
+            isinstance(value, str)
+            and len_min <= len(value) <= len_max
+            and PRINTABLE_ASCII_RE.fullmatch(value) is not None
+        ),
+    )
+
+
 def matching(pattern: re.Pattern[str], describe: str) -> WireField:
     return WireField(
         describe,
@@ -121,7 +137,11 @@ def _is_offset(value: object) -> bool:
 OFFSET: Final = WireField("an offset, as received in an event (like '1712345678901-0')", _is_offset)
 AMOUNT: Final = integer(AMOUNT_MIN, AMOUNT_MAX)
 PRICE: Final = integer(0, AMOUNT_MAX)
-KEY: Final = string(1, KEY_LEN_MAX)
+KEY: Final = printable_ascii(1, KEY_LEN_MAX)
+# Over HTTP only, but declared here beside KEY so that the rule for
+# client-chosen identifiers lives in one place.
+PAYMENT_REF: Final = printable_ascii(1, PAYMENT_REF_LEN_MAX)
+TX_ID: Final = printable_ascii(1, TX_ID_LEN_MAX)
 TOKEN: Final = utf8_string(1, TOKEN_LEN_MAX)
 SAY_TEXT: Final = string(1, SAY_TEXT_LEN_MAX)
 DM_TEXT: Final = string(1, DM_TEXT_LEN_MAX)

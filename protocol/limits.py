@@ -40,6 +40,20 @@ AMOUNT_MAX: Final = 1_000_000  # tokens; also the largest `max_price`
 # An idempotency key is stored for 24 hours with every spend; its bound
 # bounds that storage and still fits a UUID (36 characters).
 KEY_LEN_MAX: Final = 64  # characters
+# A purchase's payment_ref (HTTP) names a payment at the provider, whose ids
+# run longer than ours; it is also the purchase's idempotency key.
+PAYMENT_REF_LEN_MAX: Final = 128  # characters
+# A transaction id as a client names it (a refund's `tx`): ours are 32 hex
+# digits; the bound is the ledger column's.
+TX_ID_LEN_MAX: Final = 64  # characters
+
+# Identifiers a client chooses (idempotency keys, payment_ref, transaction
+# ids) reach Postgres text and jsonb columns, log lines and Redis key names.
+# Printable ASCII (0x20-0x7E) needs no escaping in any of them: Postgres
+# refuses NUL in text and jsonb (and the escape \u0000 in jsonb), and a
+# control character in a log line can forge another line. A key is an
+# identifier, not prose, so nothing is lost by refusing the rest.
+PRINTABLE_ASCII_RE: Final = re.compile(r"^[\x20-\x7e]*\Z")
 
 # A JWT is verified before the session exists, on the first frame of any
 # anonymous connection; bounding it bounds the work (base64, JSON, HMAC) an

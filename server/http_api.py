@@ -23,7 +23,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 import client_demo
-from protocol import ErrorCode
+from protocol import ErrorCode, WireField
+from protocol.commands import KEY, PAYMENT_REF, TX_ID
 from protocol.limits import AMOUNT_MAX, AMOUNT_MIN, USER_ID_RE
 
 from . import metrics
@@ -38,7 +39,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .ledger import reconcile
+from .ledger import parked_entries, reconcile
 from .node import Node
 from .payments import provider_named
 
@@ -46,11 +47,13 @@ from .payments import provider_named
 READY_CHECK_TIMEOUT_S = 1.0
 # Largest request body: every body here is a few small fields.
 BODY_SIZE_MAX_BYTES = 16 * 1024
-PAYMENT_REF_LEN_MAX = 128
-KEY_LEN_MAX = 64
 PRICE_MAX = 1_000_000  # tokens, the contract's amount range
 # How long a refund or reconcile waits for the outbox to reach Postgres.
 DRAIN_TIMEOUT_S = 10.0
+# GET /v1/admin/ledger/rejected: rows in one answer (each holds an entry of a
+# few KiB at most), by default and at most.
+PARKED_LISTED_DEFAULT = 100
+PARKED_LISTED_MAX = 1000
 # GET /v1/rooms: rooms looked at (their viewers are read from Redis), rooms
 # listed (the busiest), and how long one answer is reused, so a page polling
 # it from many browsers costs the backends one read a second.
@@ -148,9 +151,7 @@ def create_app(node: Node) -> Starlette:
         identity = identity_of(request, "fan")
         body = await json_body(request)
         bundle_id = field(body, "bundle", str)
-        payment_ref = field(body, "payment_ref", str)
-        if not 1 <= len(payment_ref) <= PAYMENT_REF_LEN_MAX:
-            raise BadRequest(f"field 'payment_ref' must be 1 to {PAYMENT_REF_LEN_MAX} characters")
+        payment_ref: str = wire_field(body, "payment_ref", PAYMENT_REF)
         bundle = next((b for b in bundle_list(node) if b["id"] == bundle_id), None)
         if bundle is None:
             raise NotFound(f"no bundle '{bundle_id}'")
@@ -232,7 +233,7 @@ def create_app(node: Node) -> Starlette:
             raise BadRequest(
                 f"field 'amount' must be an integer between {AMOUNT_MIN} and {AMOUNT_MAX}"
             )
-        key = idempotency_key(body)
+        key: str = wire_field(body, "key", KEY)
         reply = await node.economy.credit(
             user, amount, initiator=identity.user_id, key=key, meta={"by": identity.user_id}
         )
@@ -241,10 +242,8 @@ def create_app(node: Node) -> Starlette:
     async def admin_refund(request: Request) -> Response:
         identity = identity_of(request, "admin")
         body = await json_body(request)
-        tx = field(body, "tx", str)
-        key = idempotency_key(body)
-        if not 1 <= len(tx) <= 64:
-            raise BadRequest("field 'tx' must be a transaction id")
+        tx: str = wire_field(body, "tx", TX_ID)
+        key: str = wire_field(body, "key", KEY)
         behind = await drain()
         try:
             reply = await node.economy.refund(tx, initiator=identity.user_id, key=key)
@@ -263,6 +262,15 @@ def create_app(node: Node) -> Starlette:
                 raise
             raise Unavailable(f"reconcile needs Redis and Postgres: {exc}") from exc
         return JSONResponse(result)
+
+    async def admin_parked(request: Request) -> Response:
+        """Outbox entries the ledger parked (ledger_rejected), newest first."""
+        identity_of(request, "admin")
+        limit = query_int(request, "limit", PARKED_LISTED_DEFAULT, 1, PARKED_LISTED_MAX)
+        try:
+            return JSONResponse(await parked_entries(node.pool, limit))
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            raise Unavailable("the ledger is unavailable") from exc
 
     async def drain() -> int:
         """Entries still not in Postgres after waiting for the writer."""
@@ -353,6 +361,7 @@ def create_app(node: Node) -> Starlette:
             Route("/v1/admin/credits", admin_credit, methods=["POST"]),
             Route("/v1/admin/refunds", admin_refund, methods=["POST"]),
             Route("/v1/admin/reconcile", admin_reconcile),
+            Route("/v1/admin/ledger/rejected", admin_parked),
         ],
         exception_handlers={ServiceError: service_error, 404: not_found},
     )
@@ -407,8 +416,23 @@ def optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | 
     return value
 
 
-def idempotency_key(body: dict[str, Any]) -> str:
-    key = field(body, "key", str)
-    if not 1 <= len(key) <= KEY_LEN_MAX:
-        raise BadRequest(f"field 'key' must be 1 to {KEY_LEN_MAX} characters")
-    return str(key)
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    # The length first: int() of a long digit string is slow (and refused past 4300).
+    digits = len(raw) <= len(str(high)) and raw.isascii() and raw.isdigit()
+    if not digits or not low <= int(raw) <= high:
+        raise BadRequest(f"query parameter '{name}' must be an integer between {low} and {high}")
+    return int(raw)
+
+
+def wire_field(body: dict[str, Any], name: str, check: WireField) -> Any:
+    """A required field checked by the wire contract's own rule (protocol/),
+    so HTTP and the WebSocket refuse the same values with the same words."""
+    value = body.get(name)
+    if value is None:
+        raise BadRequest(f"field '{name}' is required and must be {check.describe}")
+    if not check.accept(value):
+        raise BadRequest(f"field '{name}' must be {check.describe}")
+    return value

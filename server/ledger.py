@@ -14,6 +14,23 @@ writes again: ON CONFLICT makes that a no-op, so nothing is doubled.
 If Redis loses its data while a batch is in flight (its epoch changes), the
 batch is rolled back instead of committed: balances reloaded from Postgres
 meanwhile must not miss transactions committed after they were read.
+
+No entry can stall the writer. Postgres refuses an entry for one of two
+kinds of reason:
+
+- data (``_is_data_refusal``): a value it cannot store (a NUL byte, an
+  escape jsonb refuses, a number out of range) or a check on the entry's own
+  columns. Retrying cannot help, so the batch is bisected at once: the halves
+  are written in order, and the one entry left refused is parked.
+- integrity (``_INTEGRITY_REFUSALS``): a refusal that another writer's batch
+  may lift once it commits (the credit this batch spends, the spend a refund
+  reverses). The batch is retried for ``ledger_claim_idle_s``, then written
+  entry by entry and what is still refused is parked.
+
+Parking (``_reject``, the one way an entry leaves the outbox without entering
+the ledger) copies the entry into ``ledger_rejected`` with every string
+escaped to printable ASCII (``escape_text``), so parking cannot itself be
+refused for the entry's content, and then acknowledges it.
 """
 
 from __future__ import annotations
@@ -43,8 +60,18 @@ GROUP = "ledger"
 RETRY_DELAY_MIN_S = 0.1
 RETRY_DELAY_MAX_S = 5.0
 # What Postgres says of an entry it will not take (a constraint, or the
-# balanced-transaction trigger), as opposed to being away.
-_REFUSALS = (asyncpg.IntegrityConstraintViolationError, asyncpg.RaiseError)
+# balanced-transaction trigger), as opposed to being away, when another
+# writer's commit may still make it pass.
+_INTEGRITY_REFUSALS = (asyncpg.IntegrityConstraintViolationError, asyncpg.RaiseError)
+# The one check on the entries' columns that another commit can satisfy: a
+# spend whose credit another writer has not committed yet.
+_RETRYABLE_CHECKS = frozenset({"balance_not_negative"})
+# Values the client side of asyncpg cannot even send: a str that is not
+# UTF-8 (a lone surrogate), an int beyond 64 bits, a value of the wrong type.
+_UNSENDABLE = (UnicodeError, OverflowError, asyncpg.exceptions._base.DataError)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # a bigint column's range
+# Longest reason kept with a parked entry; Postgres messages are short.
+REASON_LEN_MAX = 1000  # characters
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,34 +85,73 @@ class Entry:
     reply: str
     meta: str
     postings: list[tuple[str, int]]
+    reverses: str | None = None  # a refund's original transaction (from meta)
 
     @property
     def applied_ms(self) -> int:
         return int(self.outbox_id.partition("-")[0])
 
-    @property
-    def reverses(self) -> str | None:
-        if self.kind != "refund":
-            return None
-        value = orjson.loads(self.meta).get("reverses")
-        return value if isinstance(value, str) else None
-
     @classmethod
     def parse(cls, outbox_id: bytes, fields: dict[bytes, bytes]) -> Entry:
-        text = {k.decode(): v.decode() for k, v in fields.items()}
-        words = text["postings"].split()
-        postings = [(words[i], int(words[i + 1])) for i in range(0, len(words), 2)]
-        return cls(
-            outbox_id.decode(),
-            text["tx"],
-            text["kind"],
-            text["initiator"],
-            text["key"],
-            text["request"],
-            text["reply"],
-            text.get("meta") or "{}",
-            postings,
+        """The entry in one outbox record; ``MalformedEntry`` (carrying what
+        could be read) when it is not one a money script writes."""
+        try:
+            text = {k.decode(): v.decode() for k, v in fields.items()}
+            words = text["postings"].split()
+            if len(words) % 2:
+                raise ValueError("postings must be pairs of account and amount")
+            postings = [(words[i], int(words[i + 1])) for i in range(0, len(words), 2)]
+            if any(not _INT64_MIN <= amount <= _INT64_MAX for _, amount in postings):
+                raise ValueError("a posting's amount is beyond 64 bits")
+            meta = text.get("meta") or "{}"
+            reverses = orjson.loads(meta).get("reverses") if text["kind"] == "refund" else None
+            return cls(
+                outbox_id.decode(),
+                text["tx"],
+                text["kind"],
+                text["initiator"],
+                text["key"],
+                text["request"],
+                text["reply"],
+                meta,
+                postings,
+                reverses if isinstance(reverses, str) else None,
+            )
+        except (KeyError, ValueError, AttributeError) as exc:  # UnicodeError is a ValueError
+            raise MalformedEntry(outbox_id, fields, exc) from None
+
+
+class MalformedEntry(ValueError):
+    """An outbox record that is not a ledger entry (a field missing, not
+    UTF-8, postings unreadable). ``entry`` holds what could be read, its
+    bytes decoded with backslash escapes, for parking."""
+
+    def __init__(self, outbox_id: bytes, fields: dict[bytes, bytes], cause: Exception) -> None:
+        def text(name: str) -> str:
+            return fields.get(name.encode(), b"").decode(errors="backslashreplace")
+
+        # The postings it could not read are kept in the reason.
+        super().__init__(
+            f"unreadable outbox entry ({type(cause).__name__}: {cause}); "
+            f"postings {text('postings')!r}"
         )
+
+        self.entry = Entry(
+            outbox_id.decode(errors="backslashreplace"),
+            text("tx"),
+            text("kind"),
+            text("initiator"),
+            text("key"),
+            text("request"),
+            text("reply"),
+            text("meta"),
+            [],
+        )
+
+
+class NotRecorded(Exception):
+    """Postgres took the batch but not this entry: another transaction holds
+    its refund (``reverses`` is unique) or its id."""
 
 
 class LedgerWriter:
@@ -207,7 +273,7 @@ class LedgerWriter:
             self._on_missing_group(exc)
             return []
         claimed: Any = reply[1]
-        return [Entry.parse(i, f) for i, f in claimed if f]
+        return await self._parse(claimed)
 
     async def _read_new(self, block: bool, start: str = ">") -> list[Entry]:
         """New entries (``>``), or from ``0`` those delivered to us and not acked."""
@@ -223,7 +289,20 @@ class LedgerWriter:
             self._on_missing_group(exc)
             return []
         streams: Any = reply or []
-        return [Entry.parse(i, f) for _, rows in streams for i, f in rows if f]
+        return await self._parse([row for _, rows in streams for row in rows])
+
+    async def _parse(self, rows: list[Any]) -> list[Entry]:
+        """The entries among outbox records; a malformed one is parked now.
+        (A record without fields was deleted after its delivery: skipped.)"""
+        entries = []
+        for outbox_id, fields in rows:
+            if not fields:
+                continue
+            try:
+                entries.append(Entry.parse(outbox_id, fields))
+            except MalformedEntry as exc:
+                await self._reject(exc.entry, exc)
+        return entries
 
     def _on_missing_group(self, exc: ResponseError) -> None:
         if "NOGROUP" not in str(exc):
@@ -235,8 +314,8 @@ class LedgerWriter:
     # --- writing --------------------------------------------------------------------
     async def _write_with_retries(self, entries: list[Entry], epoch: str) -> None:
         try:
-            await self._write(entries, epoch)
-        except _REFUSALS as exc:
+            await self._write_bisecting(entries, epoch)
+        except _INTEGRITY_REFUSALS as exc:
             # Usually passing: another writer's earlier batch (say, the credit
             # this batch spends) has not committed yet. Refused for long, it is
             # an entry Postgres will never take: write the batch entry by
@@ -251,9 +330,31 @@ class LedgerWriter:
             for entry in entries:
                 try:
                     await self._write([entry], epoch)
-                except _REFUSALS as single:
+                except Exception as single:
+                    if not isinstance(single, _INTEGRITY_REFUSALS) and not _is_data_refusal(single):
+                        raise
                     await self._reject(entry, single)
         self._refused_since = 0.0
+
+    async def _write_bisecting(self, entries: list[Entry], epoch: str) -> None:
+        """Write the entries; when Postgres refuses one for its data, write
+        each half in order, down to the culprit, which is parked at once.
+
+        Bisection, not entry by entry: a poisoned entry costs about 2 log2(n)
+        transactions (20 for a full batch of 1000) instead of n, and the good
+        entries still commit in outbox order, so a spend never goes before the
+        credit it spends."""
+        try:
+            await self._write(entries, epoch)
+        except Exception as exc:
+            if not _is_data_refusal(exc):
+                raise
+            if len(entries) == 1:
+                await self._reject(entries[0], exc)
+                return
+            half = len(entries) // 2
+            await self._write_bisecting(entries[:half], epoch)
+            await self._write_bisecting(entries[half:], epoch)
 
     async def _write(self, entries: list[Entry], epoch: str) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -268,26 +369,20 @@ class LedgerWriter:
                     [row["delta"] for row in deltas],
                 )
             await _record_watermark(conn, epoch, self._consumer, entries)
-            refused = await conn.fetch(_NOT_RECORDED)
-            for row in refused:
-                await conn.execute(
-                    """INSERT INTO ledger_rejected (outbox_id, tx_id, reason, entry)
-                       VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT DO NOTHING""",
-                    row["outbox_id"],
-                    row["id"],
-                    "another transaction already holds its idempotency key or refund",
-                    orjson.dumps(dict(row)).decode(),
-                )
-                metrics.LEDGER_REJECTED.inc()
-                log.error("ledger: entry %s (tx %s) was not recorded", row["outbox_id"], row["id"])
+            refused = {row["outbox_id"] for row in await conn.fetch(_NOT_RECORDED)}
             # The fence: commit only into the Redis dataset the batch came from.
             if await self._economy.epoch(rebuilding_ok=True) != epoch:
                 raise RedisReset("Redis was reset while this batch was written; dropping it")
-        parked = {row["id"] for row in refused}
+        # Parked after the commit: if this writer dies first, the entries are
+        # delivered again and refused again (what holds their place is
+        # committed), so parking them is never lost, only repeated.
+        for entry in entries:
+            if entry.outbox_id in refused:
+                await self._reject(entry, NotRecorded(_NOT_RECORDED_REASON))
         await self._ack(
             [entry.outbox_id for entry in entries],
-            committed=[entry.tx for entry in entries if entry.tx not in parked],
-            parked=sorted(parked),
+            committed=[entry.tx for entry in entries if entry.outbox_id not in refused],
+            parked=[],
         )
         now_s = time.time()
         for entry in entries:
@@ -295,20 +390,26 @@ class LedgerWriter:
         metrics.LEDGER_WRITTEN.inc(len(entries))
 
     async def _reject(self, entry: Entry, exc: Exception) -> None:
-        """Park an entry Postgres refuses, so the rest of the ledger moves on."""
-        log.error(
-            "ledger: entry %s (tx %s) refused by Postgres: %s", entry.outbox_id, entry.tx, exc
-        )
-        await self._pool.execute(
+        """Park an entry that will not enter the ledger, so the rest moves on:
+        every parking goes through here. Its strings are escaped first, so
+        Postgres can store whatever the entry held; only Postgres or Redis
+        being away can fail this (and the entry is then delivered again)."""
+        reason = escape_text(f"{type(exc).__name__}: {exc}")[:REASON_LEN_MAX]
+        outbox_id, tx = escape_text(entry.outbox_id), escape_text(entry.tx)
+        log.error("ledger: entry %s (tx %s) parked: %s", outbox_id, tx, reason)
+        inserted = await self._pool.fetchval(
             """INSERT INTO ledger_rejected (outbox_id, tx_id, reason, entry)
-               VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT DO NOTHING""",
-            entry.outbox_id,
-            entry.tx,
-            str(exc)[:1000],
-            orjson.dumps(_entry_json(entry)).decode(),
+               VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT DO NOTHING RETURNING 1""",
+            outbox_id,
+            tx,
+            reason,
+            orjson.dumps(escaped_entry(entry)).decode(),
         )
-        metrics.LEDGER_REJECTED.inc()
-        await self._ack([entry.outbox_id], committed=[], parked=[entry.tx])
+        if inserted:  # not a re-delivery of an entry parked already
+            metrics.LEDGER_REJECTED.inc()
+            metrics.LEDGER_REJECTED_ROWS.inc()
+        # The spend waiting on it (durability `ledger`) is told it was parked.
+        await self._ack([entry.outbox_id], committed=[], parked=[tx])
 
     async def _ack(self, ids: list[str], *, committed: list[str], parked: list[str]) -> None:
         """After COMMIT: the entries leave the outbox, and the spends waiting
@@ -330,18 +431,41 @@ class RedisReset(Exception):
     """Redis lost its data while a batch was being written."""
 
 
-def _entry_json(entry: Entry) -> dict[str, Any]:
+def escape_text(text: str) -> str:
+    """``text`` in printable ASCII: a backslash doubled, every other
+    character outside 0x20-0x7E written as Python writes it in a string
+    literal (``\\x00``, ``\\n``, ``\\u00e9``, ``\\ud800``). Any str, lone
+    surrogates included, comes out as one that text and jsonb columns take;
+    ``codecs.decode(escaped, "unicode_escape")`` gives the original back."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def escaped_entry(entry: Entry) -> dict[str, Any]:
+    """A parked entry as stored in ``ledger_rejected.entry``: each string
+    field through ``escape_text``, postings as [account, amount] pairs."""
     return {
-        "outbox_id": entry.outbox_id,
-        "tx": entry.tx,
-        "kind": entry.kind,
-        "initiator": entry.initiator,
-        "key": entry.key,
-        "request": entry.request,
-        "reply": entry.reply,
-        "meta": entry.meta,
-        "postings": entry.postings,
+        "outbox_id": escape_text(entry.outbox_id),
+        "tx": escape_text(entry.tx),
+        "kind": escape_text(entry.kind),
+        "initiator": escape_text(entry.initiator),
+        "key": escape_text(entry.key),
+        "request": escape_text(entry.request),
+        "reply": escape_text(entry.reply),
+        "meta": escape_text(entry.meta),
+        "postings": [[escape_text(account), amount] for account, amount in entry.postings],
     }
+
+
+def _is_data_refusal(exc: BaseException) -> bool:
+    """Postgres (or asyncpg, before sending) refuses the entry for what it
+    holds, which no retry can change."""
+    if isinstance(exc, asyncpg.DataError | asyncpg.NotNullViolationError):
+        return True  # class 22: bad encoding, a jsonb escape, out of range...
+    if isinstance(exc, asyncpg.CheckViolationError):
+        return exc.constraint_name not in _RETRYABLE_CHECKS
+    return isinstance(exc, _UNSENDABLE)
 
 
 async def _stage(conn: Any, entries: list[Entry]) -> None:
@@ -426,7 +550,8 @@ SELECT account_id, sum(amount)::bigint AS delta FROM posted GROUP BY account_id 
 """
 
 # Staged entries that are in neither the ledger (by id) nor were inserted:
-# they collided with another transaction on the idempotency key or refund.
+# they collided with another transaction on the refund (`reverses` is unique).
+_NOT_RECORDED_REASON = "another transaction already holds its refund"
 _NOT_RECORDED = """
 SELECT s.* FROM staging_tx s
 WHERE NOT EXISTS (SELECT 1 FROM ledger_transactions t WHERE t.id = s.id)
@@ -447,6 +572,7 @@ async def reconcile(
                GROUP BY a.id"""
         )
         rejected = await conn.fetchval("SELECT count(*) FROM ledger_rejected")
+    metrics.LEDGER_REJECTED_ROWS.set(rejected)
     postgres = {row["id"]: row["balance"] for row in rows}
     for row in rows:
         if row["balance"] != row["postings"]:
@@ -468,6 +594,29 @@ async def reconcile(
         "accounts": len(postgres),
         "issued": -postgres.get("sys:mint", 0),
     }
+
+
+async def parked_entries(pool: asyncpg.Pool, limit: int) -> dict[str, Any]:
+    """The newest ``limit`` rows of ``ledger_rejected`` and how many there are."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT outbox_id, tx_id, reason, entry::text AS entry, recorded_at
+               FROM ledger_rejected ORDER BY recorded_at DESC, outbox_id DESC LIMIT $1""",
+            limit,
+        )
+        total = await conn.fetchval("SELECT count(*) FROM ledger_rejected")
+    metrics.LEDGER_REJECTED_ROWS.set(total)
+    items = [
+        {
+            "outbox_id": row["outbox_id"],
+            "tx": row["tx_id"],
+            "reason": row["reason"],
+            "recorded_at": row["recorded_at"].isoformat(),
+            "entry": orjson.loads(row["entry"]),
+        }
+        for row in rows
+    ]
+    return {"total": total, "items": items}
 
 
 async def _redis_balances(redis: Redis, keys: Keys) -> dict[str, int]:

@@ -42,6 +42,12 @@ LEDGER_WRITTEN = Counter("tokenchat_ledger_entries_total", "Outbox entries writt
 LEDGER_REJECTED = Counter(
     "tokenchat_ledger_rejected_total", "Outbox entries Postgres refused (see ledger_rejected)"
 )
+LEDGER_REJECTED_ROWS = Gauge(
+    "tokenchat_ledger_rejected_rows",
+    "Rows in ledger_rejected (parked entries waiting for an operator): counted by"
+    " reconcile and GET /v1/admin/ledger/rejected, raised by each parking",
+    multiprocess_mode="livemax",
+)
 LEDGER_LAG = Histogram(
     "tokenchat_ledger_lag_seconds",
     "From a transaction's commit in Redis to its commit in Postgres",

@@ -203,6 +203,9 @@ BAD_USER_IDS: list[object] = [
     {"id": "alice"},
 ]
 BAD_TEXTS_1000: list[object] = ["", "x" * 1001, 1, True, ["hi"], {"t": "hi"}]
+# Keys reach Postgres text and jsonb: NUL (refused by both), other control
+# characters, DEL, non-ASCII letters and a lone surrogate are refused at the door.
+NOT_PRINTABLE_KEYS: list[object] = ["k\x00x", "\x00", "k\n", "k\t", "k\x7f", "kä", "k\ud800"]
 
 INVALID: list[tuple[str, str, object]] = [
     ("hello", "token", ""),
@@ -226,11 +229,11 @@ INVALID: list[tuple[str, str, object]] = [
         ("tip", "amount", v)
         for v in [0, -1, 1_000_001, 2**64, True, False, 1.0, 5.5, "5", [5], {"n": 5}]
     ],
-    *[("tip", "key", v) for v in ["", "k" * 65, 1, True, ["k"]]],
+    *[("tip", "key", v) for v in ["", "k" * 65, 1, True, ["k"], *NOT_PRINTABLE_KEYS]],
     *[("tip", "text", v) for v in ["x" * 256, 0, True, ["t"]]],
     *[("dm", "to", v) for v in BAD_USER_IDS],
     *[("dm", "text", v) for v in BAD_TEXTS_1000],
-    *[("dm", "key", v) for v in ["", "k" * 65, 7, False]],
+    *[("dm", "key", v) for v in ["", "k" * 65, 7, False, *NOT_PRINTABLE_KEYS]],
     *[("dm", "max_price", v) for v in [-1, 1_000_001, True, 1.0, "10", [10]]],
 ]
 
@@ -329,3 +332,14 @@ def test_command_to_dict_shape() -> None:
 def test_same_command_from_both_codecs() -> None:
     wire = {"type": "dm", "id": "d", "to": "alice", "text": "é", "key": "k", "max_price": 3}
     assert decode_command(JSON, orjson.dumps(wire)) == decode_command(MSGPACK, msgpack.packb(wire))
+
+
+def test_key_message_names_the_rule() -> None:
+    error = rejected({"type": "tip", "id": 1, "room": "a", "amount": 1, "key": "k\x00x"})
+    assert error.message == "field 'key' must be 1 to 64 printable ASCII characters (0x20-0x7E)"
+
+
+@pytest.mark.parametrize("key", [" ", "~", "a b", "x" * 64, "".join(map(chr, range(0x20, 0x5F)))])
+def test_printable_ascii_keys_pass(key: str) -> None:
+    wire = {"type": "tip", "room": "a", "amount": 1, "key": key}
+    assert parse_command(wire) == Tip(None, "a", 1, key)

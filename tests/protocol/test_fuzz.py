@@ -164,7 +164,10 @@ command_ids = (
     | st.text(min_size=1, max_size=ID_STR_LEN_MAX)
 )
 amounts = st.integers(min_value=AMOUNT_MIN, max_value=AMOUNT_MAX)
-keys = st.text(min_size=1, max_size=KEY_LEN_MAX)
+# Idempotency keys are printable ASCII (limits.PRINTABLE_ASCII_RE).
+keys = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=KEY_LEN_MAX
+)
 offsets = st.builds(
     "{}-{}".format,
     st.integers(min_value=0, max_value=2**64 - 1),
