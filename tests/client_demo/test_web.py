@@ -19,7 +19,10 @@ import orjson
 import pytest
 
 from server.auth import verify_token
+from server.config import Settings
 from tests.conftest import JWT_SECRET, Http, Running, eventually
+
+TTL_MAX_S = Settings().token_ttl_max_s
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
@@ -96,7 +99,7 @@ async def test_dev_token_in_dev_mode(start_server: StartServer) -> None:
     async with httpx.AsyncClient(base_url=running.http_url) as http:
         reply = await http.post("/v1/dev/token", json={"user": "mia", "role": "model"})
         assert reply.status_code == 200
-        identity = verify_token(JWT_SECRET, reply.json()["token"])
+        identity = verify_token(JWT_SECRET, reply.json()["token"], ttl_max_s=TTL_MAX_S)
         assert (identity.user_id, identity.role) == ("mia", "model")
         # The model's room exists at once, before any hello.
         rooms = (await http.get("/v1/rooms")).json()["rooms"]

@@ -47,6 +47,8 @@ from tests.server.proc import (
 )
 
 pytestmark = pytest.mark.timeout(60)
+# The default cap on a token's life, as the server under test applies it.
+TTL_MAX_S = Settings().token_ttl_max_s
 
 ROOM = "alice"  # the model alice's room
 SERVICE_RESTART = 1012
@@ -420,11 +422,11 @@ async def test_token_prints_a_jwt_the_server_accepts(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert len(lines) == 1, result.stdout
     token = lines[0].strip()
-    assert verify_token(JWT_SECRET, token) == Identity("bob", "model")
+    assert verify_token(JWT_SECRET, token, ttl_max_s=TTL_MAX_S) == Identity("bob", "model")
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["exp"] - claims["iat"] == TOKEN_TTL_DEFAULT_S
     with pytest.raises(Unauthenticated):
-        verify_token("another-secret-" + "y" * 32, token)
+        verify_token("another-secret-" + "y" * 32, token, ttl_max_s=TTL_MAX_S)
 
 
 async def test_token_without_secret_fails_clearly(tmp_path: Path) -> None:
