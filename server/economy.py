@@ -106,7 +106,7 @@ class Economy:
     ) -> None:
         self._redis = redis
         # Shared with the directory, which forgets a user here when it creates them.
-        self._absent_users = absent_users or AbsentUsers()
+        self._absent_users = AbsentUsers() if absent_users is None else absent_users
         self._pool = pool
         self._keys = keys
         self._settings = settings

@@ -59,7 +59,7 @@ class Node:
         self.redis = redis
         self.pool = pool
         # The writer's own connections (see Settings.ledger_pool_max).
-        self.ledger_pool = ledger_pool or pool
+        self.ledger_pool = pool if ledger_pool is None else ledger_pool
         self.keys = Keys(settings.redis_prefix)
         self.rooms = RoomStore(redis, self.keys, settings.history_len, settings.redis_timeout_s)
         self.directory = Directory(pool, redis, self.keys)

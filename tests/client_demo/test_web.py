@@ -120,6 +120,32 @@ async def test_dev_token_in_dev_mode(start_server: StartServer) -> None:
             assert bad.json()["error"]["code"] == "BAD_REQUEST"
 
 
+async def test_dev_token_needs_json_and_this_host(start_server: StartServer) -> None:
+    running = await start_dev(start_server)
+    async with httpx.AsyncClient(base_url=running.http_url) as http:
+        body = orjson.dumps({"user": "mia", "role": "fan"})
+        # A form post needs no CORS preflight, so any web page could send one.
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"Content-Type": content_type} if content_type else {}
+            reply = await http.post("/v1/dev/token", content=body, headers=headers)
+            assert reply.status_code == 400, content_type
+            assert "application/json" in reply.json()["error"]["message"]
+        # DNS rebinding: a page on evil.example resolved to 127.0.0.1 sends its Host.
+        reply = await http.post(
+            "/v1/dev/token",
+            content=body,
+            headers={"Content-Type": "application/json", "Host": "evil.example:8000"},
+        )
+        assert reply.status_code == 403 and reply.json()["error"]["code"] == "FORBIDDEN"
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+            reply = await http.post(
+                "/v1/dev/token",
+                content=body,
+                headers={"Content-Type": "application/json; charset=utf-8", "Host": host},
+            )
+            assert reply.status_code == 200, (host, reply.text)
+
+
 async def test_dev_token_does_not_exist_outside_dev_mode(server: Running) -> None:
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         reply = await http.post("/v1/dev/token", json={"user": "ana", "role": "fan"})
