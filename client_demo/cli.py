@@ -10,7 +10,11 @@ happens, one line each, to standard output:
     /join ROOM        join ROOM (its recent history is shown) and make it current
     /leave            leave the current room
     /tip N [TEXT]     tip N tokens in the current room
-    /dm USER TEXT     send a private message (charged at USER's DM price)
+    /price USER       show what a DM to USER costs (GET on the HTTP API, --http)
+    /dm USER TEXT     send a private message at the price last shown for USER
+                      (looked up and shown first when none was); it is refused,
+                      not charged, if USER's price rose since
+    /dm --max N USER TEXT   the same, paying at most N tokens
     /balance          show your balance
     /rooms            list the rooms (GET /v1/rooms on the HTTP API, --http)
     /help             this list
@@ -30,9 +34,10 @@ import os
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.exceptions import InvalidHandshake
@@ -50,7 +55,9 @@ HELP = """commands:
   /join ROOM      join ROOM and make it the current room
   /leave          leave the current room
   /tip N [TEXT]   tip N tokens in the current room
-  /dm USER TEXT   send USER a private message (at their DM price)
+  /price USER     show what a DM to USER costs
+  /dm USER TEXT   send USER a private message, at most at the price shown
+  /dm --max N USER TEXT   ... paying at most N tokens
   /balance        show your balance
   /rooms          list the rooms
   /quit           leave"""
@@ -74,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--http",
         default=os.environ.get("TOKENCHAT_HTTP_URL"),
-        help="HTTP API base URL for /rooms, e.g. http://127.0.0.1:8000 (or TOKENCHAT_HTTP_URL)",
+        help="HTTP API base URL for /rooms and /price, e.g. http://127.0.0.1:8000 "
+        "(or TOKENCHAT_HTTP_URL)",
     )
     parser.add_argument(
         "--subprotocol", choices=sorted(SUBPROTOCOLS), default="json", help="wire encoding"
@@ -159,6 +167,9 @@ def format_error(exc: BaseException) -> str:
 @dataclass
 class State:
     room: str | None = None  # the current room
+    # The DM price last shown for each user: a /dm to them pays at most this
+    # (max_price), so a price raised after it was shown is refused, not charged.
+    dm_prices: dict[str, int] = field(default_factory=dict)
 
 
 async def chat(args: argparse.Namespace, out: Output = say) -> int:
@@ -265,13 +276,9 @@ async def handle_line(
     elif command == "tip":
         await tip(rest, session, state, out)
     elif command == "dm":
-        to, _, text = rest.partition(" ")
-        if not to or not text.strip():
-            out("usage: /dm USER TEXT")
-        elif (reply := await report(out, session.dm(to, text.strip()))) is not None:
-            price = reply.get("price")
-            cost = f"{price} tokens" if price else "free"
-            out(f"* DM sent to {to} ({cost}); balance {reply.get('balance')}{_again(reply)}")
+        await dm(rest, session, state, args, out)
+    elif command == "price" and rest:
+        await show_price(rest, state, args, out)
     elif command == "balance":
         if (reply := await report(out, session.call("balance"))) is not None:
             out(f"balance: {reply['balance']}")
@@ -295,6 +302,63 @@ async def tip(rest: str, session: Session, state: State, out: Output) -> None:
     room = state.room
     if (reply := await report(out, session.tip(room, amount, text.strip()))) is not None:
         out(f"* tipped {amount} in {room}; balance {reply.get('balance')}{_again(reply)}")
+
+
+async def dm(
+    rest: str, session: Session, state: State, args: argparse.Namespace, out: Output
+) -> None:
+    max_price: int | None = None
+    if rest.startswith("--max "):
+        cap, _, rest = rest[len("--max ") :].strip().partition(" ")
+        try:
+            max_price = int(cap)
+        except ValueError:
+            out("usage: /dm [--max N] USER TEXT")
+            return
+    to, _, text = rest.partition(" ")
+    if not to or not text.strip():
+        out("usage: /dm [--max N] USER TEXT")
+        return
+    if max_price is None:
+        max_price = state.dm_prices.get(to)
+    if max_price is None:
+        if not args.http:
+            out("error: /dm needs a price cap: /dm --max N USER TEXT, or --http to look it up")
+            return
+        max_price = await show_price(to, state, args, out)
+        if max_price is None:
+            return
+    try:
+        reply: dict[str, Any] = await session.dm(to, text.strip(), max_price=max_price)
+    except (CommandError, ConnectionError, TimeoutError) as exc:
+        out(format_error(exc))
+        if isinstance(exc, CommandError) and exc.code == "PRICE_CHANGED":
+            state.dm_prices.pop(to, None)  # the next /dm looks it up (and shows it) again
+        return
+    price = reply.get("price")
+    cost = f"{price} tokens" if price else "free"
+    out(f"* DM sent to {to} ({cost}); balance {reply.get('balance')}{_again(reply)}")
+
+
+async def show_price(user: str, state: State, args: argparse.Namespace, out: Output) -> int | None:
+    """Print what a DM to ``user`` costs and remember it; None on failure."""
+    if not args.http:
+        out("error: /price needs the HTTP API's URL (--http http://HOST:8000)")
+        return None
+    url = f"{args.http.rstrip('/')}/v1/users/{urllib.parse.quote(user, safe='')}/prices"
+    try:
+        status, body = await asyncio.to_thread(http_get, url, args.token)
+    except OSError as exc:
+        out(f"error: GET {url}: {exc}")
+        return None
+    price = body.get("dm") if isinstance(body, dict) else None
+    if status != 200 or not isinstance(price, int):
+        problem = body.get("error", {}) if isinstance(body, dict) else {}
+        out(f"error {problem.get('code', status)}: {problem.get('message', 'no price')}")
+        return None
+    state.dm_prices[user] = price
+    out(f"* a DM to {user} costs {price} tokens" if price else f"* a DM to {user} is free")
+    return price
 
 
 def _again(reply: dict[str, Any]) -> str:

@@ -787,6 +787,11 @@ class Bench:
             TOKENCHAT_COMMANDS_PER_S=str(COMMANDS_PER_S_LIFTED),
             TOKENCHAT_COMMANDS_BURST=str(COMMANDS_BURST_LIFTED),
             TOKENCHAT_SHUTDOWN_GRACE_S=str(SERVER_SHUTDOWN_GRACE_S),
+            # The benchmark measures a production configuration: no dev mode,
+            # no fake payments, and so no need for TOKENCHAT_INSECURE.
+            TOKENCHAT_DEV_MODE="0",
+            TOKENCHAT_PAYMENT_PROVIDER="none",
+            TOKENCHAT_INSECURE="0",
         )
         self.migrated = False
         self.servers: list[Server] = []

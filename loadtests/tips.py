@@ -522,7 +522,7 @@ class VirtualFan:
 
     def __init__(self, index: int, rooms: int, prefix: str, sha: str) -> None:
         from server.config import Settings
-        from server.economy import fingerprint, user_account
+        from server.economy import fingerprint, user_account, user_initiator
         from server.keys import Keys
 
         keys, settings = Keys(prefix), Settings()
@@ -539,13 +539,14 @@ class VirtualFan:
             keys.room_history(room),
         ]
         self.fingerprint = fingerprint("tip", room=room, amount=TIP_AMOUNT, text="")
+        self.initiator = user_initiator(self.user_id)
         event = {"type": "tip", "room": room, "from": self.user_id, "amount": TIP_AMOUNT}
         self.arg_tail: list[str | bytes | int] = [
             settings.outbox_entries_max,
             TIP_AMOUNT,
             user_account(self.user_id),
             user_account(owner),
-            self.user_id,
+            self.initiator,
         ]
         self.channels: list[str | bytes | int] = [
             keys.room_channel(room),
@@ -565,7 +566,7 @@ class VirtualFan:
         return [
             self.sha,
             5,
-            self.keys.idempotency(self.user_id, key),
+            self.keys.idempotency(self.initiator, key),
             *self.key_tail,
             self.fingerprint,
             new_tx_id(),

@@ -25,6 +25,7 @@ from typing import Any
 
 import uvicorn
 
+from . import metrics
 from .aio import tune_gc
 from .config import Settings
 from .gateway import Gateway
@@ -163,12 +164,17 @@ def serve_workers(settings: Settings, log_level: str) -> int:
     (a half-dead set would keep serving on fewer cores without anyone noticing).
     """
     if settings.workers == 1:
+        if settings.metrics_port:
+            metrics.serve_on_port(settings.host, settings.metrics_port)
         run(lambda: serve_until_signalled(settings))
         return 0
     if settings.http_port == 0 or settings.ws_port == 0:
         raise ValueError("--workers > 1 needs fixed ports (they are shared with SO_REUSEPORT)")
     metrics_dir = tempfile.mkdtemp(prefix="tokenchat-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    if settings.metrics_port:
+        # The parent outlives every worker: its scrapes aggregate all of them.
+        metrics.serve_on_port(settings.host, settings.metrics_port)
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_worker_main, args=(settings, log_level), name=f"worker-{i}")

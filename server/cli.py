@@ -34,14 +34,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the gateway and HTTP API")
     _listen_args(serve)
     serve.add_argument("--workers", type=int, default=None, help="processes sharing the ports")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow dev mode and the fake payment provider (TOKENCHAT_INSECURE=1)",
+    )
 
     sub.add_parser("migrate", help="apply database migrations")
     ledger = sub.add_parser("ledger", help="run the ledger writer alone")
     ledger.add_argument(
         "--metrics-port",
         type=int,
-        default=0,
-        help="serve its Prometheus metrics (ledger lag, entries written) here; 0: off",
+        default=None,
+        help="serve its Prometheus metrics (ledger lag, entries written) here; 0: off "
+        "(default: TOKENCHAT_METRICS_PORT)",
     )
     reconcile = sub.add_parser("reconcile", help="compare Redis with the Postgres ledger")
     reconcile.add_argument(
@@ -51,7 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     token = sub.add_parser("token", help="print a signed session token")
     token.add_argument("sub", help="user id")
     token.add_argument("--role", choices=ROLES, default="fan")
-    token.add_argument("--ttl", type=int, default=TOKEN_TTL_DEFAULT_S, help="lifetime in seconds")
+    token.add_argument(
+        "--ttl",
+        type=int,
+        default=TOKEN_TTL_DEFAULT_S,
+        help="lifetime in seconds, at most TOKENCHAT_TOKEN_TTL_MAX_S",
+    )
 
     dev = sub.add_parser("dev", help="run everything locally, embedded servers included")
     _listen_args(dev)
@@ -72,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return _migrate(Settings.from_env())
         if args.command == "ledger":
-            return _ledger(Settings.from_env(), args.metrics_port)
+            settings = Settings.from_env()
+            metrics_port = settings.metrics_port if args.metrics_port is None else args.metrics_port
+            return _ledger(settings, metrics_port)
         if args.command == "reconcile":
             return _reconcile(Settings.from_env(), args.timeout)
         if args.command == "token":
@@ -108,10 +121,18 @@ def _settings_from(args: argparse.Namespace, **extra: object) -> Settings:
 def _serve(args: argparse.Namespace) -> int:
     from .app import serve_workers
 
-    settings = _settings_from(args)
+    settings = _settings_from(args, **({"insecure": 1} if args.insecure else {}))
     if not settings.jwt_secret:
         raise ValueError(
             "set TOKENCHAT_JWT_SECRET (tokens signed with a known secret are forgeable)"
+        )
+    reasons = settings.insecure_reasons()
+    if reasons and not settings.insecure:
+        raise ValueError(
+            "refusing to serve: "
+            + "; ".join(reasons)
+            + ". These are for development only; set TOKENCHAT_INSECURE=1 (or pass "
+            "--insecure) if this server will never see real users or money"
         )
     return serve_workers(settings, args.log_level.upper())
 
@@ -131,11 +152,11 @@ def _ledger(settings: Settings, metrics_port: int) -> int:
     from .node import Node
 
     if metrics_port:
-        # The writer has no HTTP API of its own; prometheus_client's server
-        # (a thread) answers scrapes without touching the event loop.
-        from prometheus_client import start_http_server
+        # The writer has no HTTP API of its own; the metrics server (a thread)
+        # answers scrapes without touching the event loop.
+        from .metrics import serve_on_port
 
-        start_http_server(metrics_port, addr=settings.host)
+        serve_on_port(settings.host, metrics_port)
 
     async def write_until_signalled() -> None:
         node = await Node.connect(settings)
@@ -180,7 +201,9 @@ def _token(args: argparse.Namespace) -> int:
     secret = os.environ.get("TOKENCHAT_JWT_SECRET") or _dev_secret(DEV_DATA_DIR, create=False)
     if not secret:
         raise ValueError("set TOKENCHAT_JWT_SECRET (or run `tokenchat dev` once in this folder)")
-    print(issue_token(secret, args.sub, args.role, args.ttl))
+    # The server refuses a token that outlives its cap; so does its issuer.
+    ttl_max_s = Settings.from_env(jwt_secret=secret).token_ttl_max_s
+    print(issue_token(secret, args.sub, args.role, args.ttl, ttl_max_s=ttl_max_s))
     return 0
 
 
@@ -192,8 +215,11 @@ def _dev_secret(data_dir: Path, *, create: bool) -> str:
         return ""
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(32)
-    path.write_text(secret + "\n")
-    path.chmod(0o600)
+    # Created 0600 (O_EXCL: never an existing file or a planted symlink), so
+    # the secret is never readable by others, not even between write and chmod.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(secret + "\n")
     return secret
 
 
@@ -248,11 +274,13 @@ def _dev_run(args: argparse.Namespace) -> int:
         secret = os.environ.get("TOKENCHAT_JWT_SECRET") or _dev_secret(data_dir, create=True)
         # Dev only: the fake payment provider approves every purchase.
         env.setdefault("payment_provider", os.environ.get("TOKENCHAT_PAYMENT_PROVIDER", "fake"))
-        settings = _settings_from(args, jwt_secret=secret, dev_mode=1, **env)
+        # Dev mode and fake payments are what `serve` refuses without insecure.
+        settings = _settings_from(args, jwt_secret=secret, dev_mode=1, insecure=1, **env)
         _migrate(settings)
+        ttl_s = min(DEV_TOKEN_TTL_S, settings.token_ttl_max_s)
         tokens = {
-            DEV_MODEL: issue_token(secret, DEV_MODEL, "model", DEV_TOKEN_TTL_S),
-            DEV_FAN: issue_token(secret, DEV_FAN, "fan", DEV_TOKEN_TTL_S),
+            DEV_MODEL: issue_token(secret, DEV_MODEL, "model", ttl_s, ttl_max_s=ttl_s),
+            DEV_FAN: issue_token(secret, DEV_FAN, "fan", ttl_s, ttl_max_s=ttl_s),
         }
 
         def announce(process: object) -> None:
@@ -282,6 +310,7 @@ def _dev_run(args: argparse.Namespace) -> int:
 async def _seed(settings: Settings, tokens: dict[str, str]) -> None:
     """Create the demo users (and so the demo model's room)."""
     from .auth import verify_token
+    from .economy import DEV_INITIATOR
     from .node import Node
 
     # The seed runs before serving, with no ledger writer yet to confirm its
@@ -289,11 +318,12 @@ async def _seed(settings: Settings, tokens: dict[str, str]) -> None:
     node = await Node.connect(settings.replace(durability="redis"))
     try:
         for token in tokens.values():
-            await node.directory.touch_user(verify_token(settings.jwt_secret, token))
+            identity = verify_token(settings.jwt_secret, token, ttl_max_s=settings.token_ttl_max_s)
+            await node.directory.touch_user(identity)
         # Something to spend and something to pay for; idempotent keys, so a
         # restart of `tokenchat dev` does not grant the tokens again.
         await node.economy.credit(
-            DEV_FAN, DEV_FAN_TOKENS, initiator="tokenchat-dev", key="seed-demo-fan"
+            DEV_FAN, DEV_FAN_TOKENS, initiator=DEV_INITIATOR, key="seed-demo-fan"
         )
         if await node.directory.room(DEV_MODEL) is not None:
             await node.economy.set_prices(DEV_MODEL, dm=DEV_MODEL_DM_PRICE, tip_min=None)

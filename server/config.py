@@ -9,11 +9,14 @@ is what it is. ``Settings.describe()`` renders the table that README.md shows.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from protocol.limits import HISTORY_LEN_MAX
+
+from .auth import JWT_SECRET_BYTES_MIN
 
 ENV_PREFIX = "TOKENCHAT_"
 
@@ -32,7 +35,12 @@ class Settings:
     database_schema: str = "tokenchat"
     # HS256 secret for session tokens. Empty means "not configured": `serve`
     # refuses to start rather than accept tokens signed with a known secret.
+    # A set one must be at least 32 bytes (auth.JWT_SECRET_BYTES_MIN).
     jwt_secret: str = ""
+    # Longest lifetime a token may claim: one whose `exp` is further than this
+    # from now is refused, so a token minted with a huge `exp` (or a leaked
+    # secret's forgery) does not live for years. A week covers the demo tokens.
+    token_ttl_max_s: int = 7 * 24 * 3600
 
     # --- listeners ------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -91,6 +99,10 @@ class Settings:
     # Development conveniences (set by `tokenchat dev`, never in production):
     # an endpoint that hands out demo tokens for the demo page.
     dev_mode: int = 0
+    # `serve` refuses dev mode and the `fake` payment provider (both hand out
+    # value for free) unless this is 1 (or `serve --insecure`): a development
+    # setting left on in production must stop the start, not go unnoticed.
+    insecure: int = 0
 
     # --- the economy ----------------------------------------------------------------
     # When a spend is acknowledged (docs/economy.md, "Durability"): `ledger`
@@ -145,6 +157,25 @@ class Settings:
     database_timeout_s: float = 5.0
     database_pool_min: int = 1
     database_pool_max: int = 10
+    # Connections of the ledger writer's own pool, apart from the one above, so
+    # an HTTP flood holding every connection of that pool cannot starve it.
+    # It runs one batch transaction at a time; the second connection serves
+    # reconcile and drain reads while a batch is open.
+    ledger_pool_max: int = 2
+
+    # --- HTTP: creating things -----------------------------------------------------
+    # Sustained requests per second per user to the HTTP endpoints that create
+    # things (POST /v1/purchases): a person buys a bundle now and then; a
+    # script hammering the payment provider with one account is refused 429.
+    http_creates_per_s: float = 0.2
+    # Such requests a user may send at once before the rate applies.
+    http_creates_burst: int = 10
+
+    # --- metrics --------------------------------------------------------------------
+    # Serve /metrics on this port instead of the public HTTP port (0: on the
+    # public port). Set it to keep metrics off the internet: the public port
+    # then answers 404 there. With --workers N it aggregates every worker.
+    metrics_port: int = 0
 
     # --- lifecycle ----------------------------------------------------------------
     # On SIGTERM, commands in flight get this long to finish before sessions are
@@ -194,7 +225,17 @@ class Settings:
             "ledger_block_ms",
             "ledger_claim_idle_s",
             "ledger_ack_timeout_s",
+            "ledger_pool_max",
+            "token_ttl_max_s",
+            "http_creates_per_s",
+            "http_creates_burst",
         ]
+        # nan compares false with everything, so `<= 0` lets it through (and
+        # turns a rate limit off); inf is no limit at all. Refused first.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{ENV_PREFIX}{field.name.upper()} must be a finite number")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0")
@@ -213,7 +254,12 @@ class Settings:
         self.bundle_list()  # refuses a malformed TOKENCHAT_BUNDLES at start-up
         if not self.database_schema.isidentifier():
             raise ValueError("TOKENCHAT_DATABASE_SCHEMA must be a plain SQL identifier")
-        for port_name in ("http_port", "ws_port"):
+        if self.jwt_secret and len(self.jwt_secret.encode()) < JWT_SECRET_BYTES_MIN:
+            raise ValueError(
+                f"TOKENCHAT_JWT_SECRET must be at least {JWT_SECRET_BYTES_MIN} bytes "
+                "(a short HS256 secret can be guessed offline from one token)"
+            )
+        for port_name in ("http_port", "ws_port", "metrics_port"):
             if not 0 <= getattr(self, port_name) <= 65535:
                 raise ValueError(f"{ENV_PREFIX}{port_name.upper()} must be a TCP port")
 
@@ -232,6 +278,18 @@ class Settings:
                 raise ValueError(f"TOKENCHAT_BUNDLES: {item!r} is not id:tokens:price_cents")
             bundles.append((bundle_id, tokens, cents))
         return bundles
+
+    def insecure_reasons(self) -> list[str]:
+        """Why these settings must not serve real users (empty: they may)."""
+        reasons = []
+        if self.dev_mode:
+            reasons.append("dev mode is on (TOKENCHAT_DEV_MODE=1 hands out tokens to anyone)")
+        if self.payment_provider == "fake":
+            reasons.append(
+                "the payment provider is 'fake' (TOKENCHAT_PAYMENT_PROVIDER=fake approves "
+                "every purchase: free tokens)"
+            )
+        return reasons
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

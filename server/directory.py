@@ -31,6 +31,13 @@ SEEN_USERS_MAX = 100_000
 # within this time; the process that saved it forgets its copy at once.
 ROOM_INFO_TTL_S = 1.0
 ROOMS_CACHED_MAX = 10_000
+# Ids known not to be users (a DM or a price lookup found no row), so a flood
+# naming made-up users costs one Postgres query per id per TTL, not one per
+# request. A user created meanwhile on another process is refused for at most
+# the TTL (this process forgets the entry at once when it creates the user);
+# the bound caps the memory (64-character ids: about 10 MB).
+ABSENT_USER_TTL_S = 5.0
+ABSENT_USERS_MAX = 50_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -43,13 +50,53 @@ class RoomInfo:
         return {"id": self.id, "owner": self.owner, "viewers": viewers, "tip_min": self.tip_min}
 
 
+class AbsentUsers:
+    """A bounded, expiring set of user ids that had no row in Postgres."""
+
+    __slots__ = ("_entries_max", "_expiry", "_ttl_s")
+
+    def __init__(
+        self, ttl_s: float = ABSENT_USER_TTL_S, entries_max: int = ABSENT_USERS_MAX
+    ) -> None:
+        if ttl_s <= 0 or entries_max < 1:
+            raise ValueError("ttl_s must be > 0 and entries_max >= 1")
+        self._ttl_s = ttl_s
+        self._entries_max = entries_max
+        # Insertion order is expiry order (one TTL for all): the first is the oldest.
+        self._expiry: dict[str, float] = {}
+
+    def __contains__(self, user_id: str) -> bool:
+        expiry = self._expiry.get(user_id)
+        if expiry is None:
+            return False
+        if expiry <= time.monotonic():
+            del self._expiry[user_id]
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def add(self, user_id: str) -> None:
+        self._expiry.pop(user_id, None)
+        while len(self._expiry) >= self._entries_max:
+            del self._expiry[next(iter(self._expiry))]
+        self._expiry[user_id] = time.monotonic() + self._ttl_s
+
+    def discard(self, user_id: str) -> None:
+        self._expiry.pop(user_id, None)
+
+
 class Directory:
     def __init__(self, pool: asyncpg.Pool, redis: Redis, keys: Keys) -> None:
         self._pool = pool
         self._redis = redis
         self._keys = keys
         self._seen: set[Identity] = set()
-        self._rooms: dict[str, tuple[float, RoomInfo]] = {}
+        # A room id that is no model's room is cached as None, for the same
+        # time as a room, so joins to made-up rooms do not each query Postgres.
+        self._rooms: dict[str, tuple[float, RoomInfo | None]] = {}
+        self.absent_users = AbsentUsers()
 
     async def touch_user(self, identity: Identity) -> None:
         """Record the user (and a model's room). Raises ``Unavailable``."""
@@ -70,6 +117,9 @@ class Directory:
             )
         except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
             raise Unavailable("the user store is unavailable") from exc
+        # Known to exist from now on in this process (and a model's room with it).
+        self.absent_users.discard(identity.user_id)
+        self.forget_room(identity.user_id)
         if len(self._seen) >= SEEN_USERS_MAX:
             self._seen.clear()
         self._seen.add(identity)
@@ -81,10 +131,9 @@ class Directory:
         if cached is not None and cached[0] > now:
             return cached[1]
         info = await self._room_from_stores(room_id)
-        if info is not None:
-            if len(self._rooms) >= ROOMS_CACHED_MAX:
-                self._rooms.clear()
-            self._rooms[room_id] = (now + ROOM_INFO_TTL_S, info)
+        if len(self._rooms) >= ROOMS_CACHED_MAX:
+            self._rooms.clear()
+        self._rooms[room_id] = (now + ROOM_INFO_TTL_S, info)
         return info
 
     def forget_room(self, room_id: str) -> None:

@@ -8,6 +8,12 @@ the epoch fence of ``load_balance.lua``, and runs the script again. Loading an
 account also restores the idempotency records of the recent transactions
 that debited it, so a key retried after Redis lost its data is still
 answered as a duplicate instead of being charged again.
+
+Idempotency keys belong to an initiator, named in one namespace of its own:
+``u:<user id>`` for a user (their spends over the WebSocket, an admin's HTTP
+credits and refunds), ``sys:<name>`` for the system (``sys:payments``,
+``sys:dev``). No user id can name a system initiator, so no user can take a
+key that a purchase needs.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from protocol.limits import AMOUNT_MAX, AMOUNT_MIN
 from .batcher import LuaScript, ScriptBatcher
 from .config import Settings
 from .confirmations import Confirmations
+from .directory import AbsentUsers
 from .errors import (
     BadRequest,
     Conflict,
@@ -47,6 +54,9 @@ from .scripts import MONEY_SCRIPT_NAMES, lua_script
 log = logging.getLogger(__name__)
 
 MINT = "sys:mint"
+# The system's initiators: purchases, and the `tokenchat dev` seed.
+PAYMENTS_INITIATOR = "sys:payments"
+DEV_INITIATOR = "sys:dev"
 IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000  # the contract's 24 hours
 # Loads per call before giving up: one per account a script touches, plus one
 # for a Redis reset racing the load.
@@ -76,6 +86,16 @@ def user_account(user_id: str) -> str:
     return f"u:{user_id}"
 
 
+def user_initiator(user_id: str) -> str:
+    """The initiator of what a user asks for: the same name as their account."""
+    return f"u:{user_id}"
+
+
+def _check_initiator(initiator: str) -> None:
+    # A programmer error, not an operating one: every caller names one of the two.
+    assert initiator.startswith(("u:", "sys:")), f"un-namespaced initiator {initiator!r}"
+
+
 def new_tx_id() -> str:
     return uuid.uuid4().hex
 
@@ -97,8 +117,12 @@ class Economy:
         keys: Keys,
         settings: Settings,
         confirmations: Confirmations | None = None,
+        *,
+        absent_users: AbsentUsers | None = None,
     ) -> None:
         self._redis = redis
+        # Shared with the directory, which forgets a user here when it creates them.
+        self._absent_users = AbsentUsers() if absent_users is None else absent_users
         self._pool = pool
         self._keys = keys
         self._settings = settings
@@ -140,7 +164,7 @@ class Economy:
         return await self._run(
             "tip",
             keys=[
-                self._keys.idempotency(user_id, key),
+                self._keys.idempotency(user_initiator(user_id), key),
                 self._keys.outbox(),
                 self._keys.balance(user_account(user_id)),
                 self._keys.balance(user_account(owner)),
@@ -153,7 +177,7 @@ class Economy:
                 amount,
                 user_account(user_id),
                 user_account(owner),
-                user_id,
+                user_initiator(user_id),
                 key,
                 self._keys.room_channel(room),
                 self._settings.history_len,
@@ -173,7 +197,7 @@ class Economy:
         return await self._run(
             "dm",
             keys=[
-                self._keys.idempotency(user_id, key),
+                self._keys.idempotency(user_initiator(user_id), key),
                 self._keys.outbox(),
                 self._keys.balance(user_account(user_id)),
                 self._keys.balance(user_account(to)),
@@ -187,7 +211,7 @@ class Economy:
                 "" if max_price is None else max_price,
                 user_account(user_id),
                 user_account(to),
-                user_id,
+                user_initiator(user_id),
                 key,
                 event,
                 self._keys.user_channel(to),
@@ -209,6 +233,7 @@ class Economy:
         tx: str | None = None,
     ) -> dict[str, Any]:
         """Issue ``amount`` new tokens to the user (a purchase or a grant)."""
+        _check_initiator(initiator)
         return await self._run(
             "credit",
             keys=[
@@ -252,7 +277,7 @@ class Economy:
         return await self._run(
             "spend",
             keys=[
-                self._keys.idempotency(payer, key),
+                self._keys.idempotency(user_initiator(payer), key),
                 self._keys.outbox(),
                 self._keys.balance(user_account(payer)),
                 self._keys.balance(user_account(payee)),
@@ -264,7 +289,7 @@ class Economy:
                 amount,
                 user_account(payer),
                 user_account(payee),
-                payer,
+                user_initiator(payer),
                 key,
                 channel,
                 payload,
@@ -275,6 +300,7 @@ class Economy:
 
     async def refund(self, tx: str, *, initiator: str, key: str) -> dict[str, Any]:
         """Reverse a tip, DM or spend, once. The original must be in Postgres."""
+        _check_initiator(initiator)
         try:
             payer, payee, amount = await self._original_spend(tx, initiator, key)
         except _Duplicate as duplicate:  # this very refund, already in the ledger
@@ -392,6 +418,8 @@ class Economy:
         raise Unavailable("prices could not be loaded")
 
     async def _load_prices(self, user_id: str) -> None:
+        if user_id in self._absent_users:
+            raise NotFound(f"no user '{user_id}'")
         try:
             row = await self._pool.fetchrow(
                 """SELECT coalesce(p.dm, 0) AS dm FROM users u
@@ -401,6 +429,7 @@ class Economy:
         except _DB_ERRORS as exc:
             raise Unavailable("prices are unavailable") from exc
         if row is None:
+            self._absent_users.add(user_id)
             raise NotFound(f"no user '{user_id}'")
         # HSETNX: a price update racing this load wins over the older value read here.
         await self._redis.hsetnx(self._keys.prices(user_id), "dm", row["dm"])

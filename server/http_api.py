@@ -29,12 +29,13 @@ from protocol.limits import AMOUNT_MAX, AMOUNT_MIN, USER_ID_RE
 
 from . import metrics
 from .auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token
-from .economy import new_tx_id
+from .economy import PAYMENTS_INITIATOR, new_tx_id, user_initiator
 from .errors import (
     BadRequest,
     Conflict,
     Forbidden,
     NotFound,
+    RateLimited,
     ServiceError,
     Unauthenticated,
     Unavailable,
@@ -42,6 +43,7 @@ from .errors import (
 from .ledger import parked_entries, reconcile
 from .node import Node
 from .payments import provider_named
+from .ratelimit import KeyedLimiter
 
 # /readyz gives each backend this long to answer before calling it down.
 READY_CHECK_TIMEOUT_S = 1.0
@@ -74,6 +76,13 @@ PAGE_HEADERS = {
 }
 # Roles POST /v1/dev/token hands out; admin tokens never come from a web page.
 DEV_TOKEN_ROLES = ("fan", "model")
+# Host names POST /v1/dev/token answers besides the configured host: a page on
+# another origin that rebinds its DNS name to 127.0.0.1 still sends its own
+# name as Host, and is refused (DNS rebinding).
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+# Users whose HTTP create rate is tracked at once (memory bound; the least
+# recently seen is dropped past it).
+CREATE_LIMITED_USERS_MAX = 100_000
 
 
 class _StaticFiles(StaticFiles):
@@ -100,13 +109,28 @@ def error_response(code: ErrorCode, message: str, status: int) -> JSONResponse:
 
 def create_app(node: Node) -> Starlette:
     provider = provider_named(node.settings.payment_provider)
+    creates = KeyedLimiter(
+        node.settings.http_creates_per_s,
+        node.settings.http_creates_burst,
+        CREATE_LIMITED_USERS_MAX,
+    )
+
+    def limit_creates(identity: Identity) -> None:
+        """Every endpoint that creates something calls this first."""
+        if not creates.take(identity.user_id):
+            raise RateLimited(
+                f"at most {node.settings.http_creates_burst} at once and "
+                f"{node.settings.http_creates_per_s:g} per second; try again later"
+            )
 
     def identity_of(request: Request, *roles: str) -> Identity:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("send Authorization: Bearer <token>")
-        identity = verify_token(node.settings.jwt_secret, token.strip())
+        identity = verify_token(
+            node.settings.jwt_secret, token.strip(), ttl_max_s=node.settings.token_ttl_max_s
+        )
         if roles and identity.role not in roles:
             raise Forbidden(f"this needs the role {' or '.join(roles)}")
         return identity
@@ -149,6 +173,7 @@ def create_app(node: Node) -> Starlette:
 
     async def purchase(request: Request) -> Response:
         identity = identity_of(request, "fan")
+        limit_creates(identity)
         body = await json_body(request)
         bundle_id = field(body, "bundle", str)
         payment_ref: str = wire_field(body, "payment_ref", PAYMENT_REF)
@@ -168,7 +193,7 @@ def create_app(node: Node) -> Starlette:
         reply = await node.economy.credit(
             identity.user_id,
             bundle["tokens"],
-            initiator="payments",
+            initiator=PAYMENTS_INITIATOR,
             key=payment_ref,
             kind="purchase",
             meta={"bundle": bundle_id, "payment_ref": payment_ref, "provider": provider.name},
@@ -235,7 +260,11 @@ def create_app(node: Node) -> Starlette:
             )
         key: str = wire_field(body, "key", KEY)
         reply = await node.economy.credit(
-            user, amount, initiator=identity.user_id, key=key, meta={"by": identity.user_id}
+            user,
+            amount,
+            initiator=user_initiator(identity.user_id),
+            key=key,
+            meta={"by": identity.user_id},
         )
         return JSONResponse(reply)
 
@@ -246,7 +275,9 @@ def create_app(node: Node) -> Starlette:
         key: str = wire_field(body, "key", KEY)
         behind = await drain()
         try:
-            reply = await node.economy.refund(tx, initiator=identity.user_id, key=key)
+            reply = await node.economy.refund(
+                tx, initiator=user_initiator(identity.user_id), key=key
+            )
         except NotFound:
             if behind:  # it may be among the entries not yet in Postgres
                 raise Unavailable("the ledger is behind; try the refund again") from None
@@ -318,6 +349,14 @@ def create_app(node: Node) -> Starlette:
 
     async def dev_token(request: Request) -> Response:
         """A demo token for any fan or model (registered only in dev mode)."""
+        # A form post from any web page is a "simple" request that needs no
+        # CORS preflight; application/json does, so other origins cannot post.
+        content_type = request.headers.get("content-type", "")
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            raise BadRequest("send the body as Content-Type: application/json")
+        host = request.url.hostname or ""
+        if host.lower() not in LOOPBACK_HOSTS | {node.settings.host.lower()}:
+            raise Forbidden(f"Host '{host}' is not this server (DNS rebinding?)")
         body = await json_body(request)
         user = field(body, "user", str)
         if not USER_ID_RE.fullmatch(user):
@@ -327,9 +366,13 @@ def create_app(node: Node) -> Starlette:
             raise Forbidden("the demo page hands out fan and model tokens only")
         if role not in DEV_TOKEN_ROLES:
             raise BadRequest("field 'role' must be 'fan' or 'model'")
-        token = issue_token(node.settings.jwt_secret, user, role, TOKEN_TTL_DEFAULT_S)
+        ttl_max_s = node.settings.token_ttl_max_s
+        ttl_s = min(TOKEN_TTL_DEFAULT_S, ttl_max_s)
+        token = issue_token(node.settings.jwt_secret, user, role, ttl_s, ttl_max_s=ttl_max_s)
         # The user (and a model's room) exists from now on, as after a hello.
-        await node.directory.touch_user(verify_token(node.settings.jwt_secret, token))
+        await node.directory.touch_user(
+            verify_token(node.settings.jwt_secret, token, ttl_max_s=ttl_max_s)
+        )
         return JSONResponse({"token": token})
 
     async def service_error(request: Request, exc: Exception) -> Response:
@@ -348,12 +391,13 @@ def create_app(node: Node) -> Starlette:
     ]
     if node.settings.dev_mode:
         routes.append(Route("/v1/dev/token", dev_token, methods=["POST"]))
+    if not node.settings.metrics_port:  # else served on the internal port only
+        routes.append(Route("/metrics", metrics_endpoint))
     return Starlette(
         routes=[
             *routes,
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/metrics", metrics_endpoint),
             Route("/v1/me", me),
             Route("/v1/me/prices", set_prices, methods=["PUT"]),
             Route("/v1/bundles", bundles),

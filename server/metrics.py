@@ -3,6 +3,10 @@
 With ``--workers N`` every worker writes to ``PROMETHEUS_MULTIPROC_DIR`` (set
 by the parent before the workers start) and ``/metrics`` on any worker
 aggregates all of them, so a scrape sees the whole machine.
+
+With ``TOKENCHAT_METRICS_PORT`` set, ``serve_on_port`` answers scrapes on that
+port instead (in the parent when there are workers), from the same registry
+``render`` uses, and the public HTTP port no longer serves ``/metrics``.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
     multiprocess,
+    start_http_server,
 )
 
 SESSIONS = Gauge(
@@ -55,10 +61,23 @@ LEDGER_LAG = Histogram(
 )
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text of this process, or of all workers when shared."""
+def _registry() -> CollectorRegistry:
+    """This process's metrics, or every worker's when they share a folder."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        return registry
+    return REGISTRY
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of this process, or of all workers when shared."""
+    return generate_latest(_registry()), CONTENT_TYPE_LATEST
+
+
+def serve_on_port(host: str, port: int) -> None:
+    """Answer scrapes on ``host:port`` from a thread (never the event loop).
+
+    Call it after ``PROMETHEUS_MULTIPROC_DIR`` is set when there are workers:
+    the registry is chosen here, once."""
+    start_http_server(port, addr=host, registry=_registry())

@@ -47,12 +47,20 @@ TASKS_GRACE_S = 6.0
 
 class Node:
     def __init__(
-        self, settings: Settings, redis: Redis, pool: asyncpg.Pool, node_id: str | None = None
+        self,
+        settings: Settings,
+        redis: Redis,
+        pool: asyncpg.Pool,
+        node_id: str | None = None,
+        *,
+        ledger_pool: asyncpg.Pool | None = None,
     ) -> None:
         self.settings = settings
         self.id = node_id or secrets.token_hex(8)
         self.redis = redis
         self.pool = pool
+        # The writer's own connections (see Settings.ledger_pool_max).
+        self.ledger_pool = pool if ledger_pool is None else ledger_pool
         self.keys = Keys(settings.redis_prefix)
         self.rooms = RoomStore(redis, self.keys, settings.history_len, settings.redis_timeout_s)
         self.directory = Directory(pool, redis, self.keys)
@@ -62,8 +70,15 @@ class Node:
             if settings.durability == "ledger"
             else None
         )
-        self.economy = Economy(redis, pool, self.keys, settings, self.confirmations)
-        self.ledger = LedgerWriter(settings, pool, self.economy, consumer=self.id)
+        self.economy = Economy(
+            redis,
+            pool,
+            self.keys,
+            settings,
+            self.confirmations,
+            absent_users=self.directory.absent_users,
+        )
+        self.ledger = LedgerWriter(settings, self.ledger_pool, self.economy, consumer=self.id)
         self.economy.rebuild_with(self.ledger.drain)
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
@@ -103,7 +118,18 @@ class Node:
             max_size=settings.database_pool_max,
             timeout_s=settings.database_timeout_s,
         )
-        return cls(settings, redis, pool)
+        try:
+            ledger_pool = await create_pool(
+                settings.database_url,
+                settings.database_schema,
+                min_size=0,
+                max_size=settings.ledger_pool_max,
+                timeout_s=settings.database_timeout_s,
+            )
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(settings, redis, pool, ledger_pool=ledger_pool)
 
     async def start(self) -> None:
         await self._heartbeat_once()
@@ -137,6 +163,8 @@ class Node:
             await self.redis.delete(self.keys.node(self.id))
         await self.redis.aclose()
         await self.pool.close()
+        if self.ledger_pool is not self.pool:
+            await self.ledger_pool.close()
 
     def keep(self, task: asyncio.Task[Any]) -> None:
         """Hold a reference to a fire-and-forget task until it is done."""

@@ -198,7 +198,9 @@ class Session:
         online = False
         self._held_dms, self._held_balance = [], False
         try:
-            identity = verify_token(node.settings.jwt_secret, command.token)
+            identity = verify_token(
+                node.settings.jwt_secret, command.token, ttl_max_s=node.settings.token_ttl_max_s
+            )
             await node.directory.touch_user(identity)
             self.identity = identity
             online = True

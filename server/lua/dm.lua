@@ -16,10 +16,14 @@
 -- Returns {'OK', '{"balance":N,"price":P,"tx":T}'} or a refusal (money_lib).
 -- Invariant: a paid message is delivered (inbox XADD, PUBLISH) exactly when
 -- its price moved and its ledger entry is in the outbox; a free one (price 0)
--- moves nothing and has no ledger entry; all checks precede the first write.
+-- moves nothing and has no ledger entry; all checks precede the first write;
+-- a recipient whose prices are not loaded is looked up before their balance,
+-- so a DM to a user who does not exist leaves no key behind.
 local prior = idem_prior()
 if prior then return prior end
-local refusal = first_unloaded(3, 5) or outbox_full()
+-- The prices hash first: it is loaded only for a user that exists, so a DM
+-- to an unknown user stops here, before any balance of theirs is loaded.
+local refusal = first_unloaded(5, 5) or first_unloaded(3, 4) or outbox_full()
 if refusal then return refusal end
 local price = tonumber(redis.call('HGET', KEYS[5], 'dm') or '0')
 if ARGV[4] ~= '' and price > tonumber(ARGV[4]) then

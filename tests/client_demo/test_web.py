@@ -19,7 +19,10 @@ import orjson
 import pytest
 
 from server.auth import verify_token
+from server.config import Settings
 from tests.conftest import JWT_SECRET, Http, Running, eventually
+
+TTL_MAX_S = Settings().token_ttl_max_s
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page
@@ -96,7 +99,7 @@ async def test_dev_token_in_dev_mode(start_server: StartServer) -> None:
     async with httpx.AsyncClient(base_url=running.http_url) as http:
         reply = await http.post("/v1/dev/token", json={"user": "mia", "role": "model"})
         assert reply.status_code == 200
-        identity = verify_token(JWT_SECRET, reply.json()["token"])
+        identity = verify_token(JWT_SECRET, reply.json()["token"], ttl_max_s=TTL_MAX_S)
         assert (identity.user_id, identity.role) == ("mia", "model")
         # The model's room exists at once, before any hello.
         rooms = (await http.get("/v1/rooms")).json()["rooms"]
@@ -115,6 +118,32 @@ async def test_dev_token_in_dev_mode(start_server: StartServer) -> None:
             bad = await http.post("/v1/dev/token", json=body)
             assert bad.status_code == 400, body
             assert bad.json()["error"]["code"] == "BAD_REQUEST"
+
+
+async def test_dev_token_needs_json_and_this_host(start_server: StartServer) -> None:
+    running = await start_dev(start_server)
+    async with httpx.AsyncClient(base_url=running.http_url) as http:
+        body = orjson.dumps({"user": "mia", "role": "fan"})
+        # A form post needs no CORS preflight, so any web page could send one.
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"Content-Type": content_type} if content_type else {}
+            reply = await http.post("/v1/dev/token", content=body, headers=headers)
+            assert reply.status_code == 400, content_type
+            assert "application/json" in reply.json()["error"]["message"]
+        # DNS rebinding: a page on evil.example resolved to 127.0.0.1 sends its Host.
+        reply = await http.post(
+            "/v1/dev/token",
+            content=body,
+            headers={"Content-Type": "application/json", "Host": "evil.example:8000"},
+        )
+        assert reply.status_code == 403 and reply.json()["error"]["code"] == "FORBIDDEN"
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+            reply = await http.post(
+                "/v1/dev/token",
+                content=body,
+                headers={"Content-Type": "application/json; charset=utf-8", "Host": host},
+            )
+            assert reply.status_code == 200, (host, reply.text)
 
 
 async def test_dev_token_does_not_exist_outside_dev_mode(server: Running) -> None:

@@ -52,6 +52,10 @@ def cli_env(settings: Settings | None = None, **extra: str) -> dict[str, str]:
         if not name.startswith("TOKENCHAT_") and name != "PROMETHEUS_MULTIPROC_DIR"
     }
     env["PYTHONUNBUFFERED"] = "1"
+    # Said explicitly: these servers run as production does, so `serve`
+    # refuses dev mode and fake payments unless a test passes
+    # TOKENCHAT_INSECURE=1 itself.
+    env["TOKENCHAT_INSECURE"] = "0"
     if settings is not None:
         env.update(
             TOKENCHAT_REDIS_URL=settings.redis_url,

@@ -270,3 +270,17 @@ async def test_dev_serves_stops_on_ctrl_c_and_restarts(data_dir: Path) -> None:
         await _stop_with(second, signal.SIGTERM)  # what `kill`, systemd or docker send
     assert "creating a new PostgreSQL cluster" in first.output()
     assert "creating a new PostgreSQL cluster" not in second.output()
+
+
+def test_the_dev_secret_is_created_0600_and_kept(tmp_path: Path) -> None:
+    from server.cli import _dev_secret
+
+    old_umask = os.umask(0)  # the widest umask: the mode must come from the open itself
+    try:
+        secret = _dev_secret(tmp_path / "data", create=True)
+    finally:
+        os.umask(old_umask)
+    path = tmp_path / "data" / "jwt_secret"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(secret.encode()) >= 32
+    assert _dev_secret(tmp_path / "data", create=True) == secret

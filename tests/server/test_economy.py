@@ -458,3 +458,194 @@ async def test_a_tip_retried_after_tip_min_rose_is_still_its_original(
     assert (await fan.call("balance"))["balance"] == 95
     await fan.close()
     await model.close()
+
+
+# --- initiators, unknown users, the writer's pool, create limits ------------------------
+
+
+async def test_a_user_named_payments_cannot_block_a_purchase(
+    start_server: Callable[..., Awaitable[Running]], settings: Settings
+) -> None:
+    running = await start_server(payment_provider="fake")
+    http = Http(running)
+    model = await running.client("alice", "model")
+    await model.call("join", room="alice")
+    squatter = await running.client("payments")  # a user id that once named the system
+    await squatter.call("join", room="alice")
+    await http.credit("payments", 10)
+    # Before namespaces, this key was the very key bob's purchase below needs.
+    await squatter.call("tip", room="alice", amount=1, key="pay-77")
+    status, bought = await http.call(
+        "POST", "/v1/purchases", "bob", bundle="starter", payment_ref="pay-77"
+    )
+    assert status == 200, bought
+    assert bought["balance"] == 100 and "duplicate" not in bought
+    await eventually_rows(
+        settings, 2, "SELECT 1 FROM ledger_transactions WHERE idem_key = 'pay-77'"
+    )
+    rows = await pg(
+        settings,
+        "SELECT kind, initiator FROM ledger_transactions WHERE idem_key = 'pay-77' ORDER BY kind",
+    )
+    assert [(r["kind"], r["initiator"]) for r in rows] == [
+        ("purchase", "sys:payments"),
+        ("tip", "u:payments"),
+    ]
+    assert (await http.reconcile())["ok"] is True
+    await squatter.close()
+    await model.close()
+
+
+async def eventually_rows(settings: Settings, count: int, sql: str) -> None:
+    """Wait for the ledger writer to have written ``count`` rows of ``sql``."""
+    async with asyncio.timeout(10):
+        while len(await pg(settings, sql)) < count:  # noqa: ASYNC110 - polling Postgres
+            await asyncio.sleep(0.05)
+
+
+async def test_migration_0003_rewrites_the_old_initiators(settings: Settings) -> None:
+    from server.db import load_migrations
+
+    first, second, third = load_migrations()[:3]
+    assert third.name == "initiator_namespaces"
+    schema = settings.database_schema + "_old"
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"; SET search_path TO "{schema}"')
+        await conn.execute(first.sql)
+        await conn.execute(second.sql)
+        old = [  # (id, kind, initiator, meta): rows as written before namespaces
+            ("t1", "tip", "bob", "{}"),
+            ("p1", "purchase", "payments", '{"bundle": "fan"}'),
+            ("c1", "credit", "tokenchat-dev", "{}"),
+            ("c2", "credit", "ops", '{"by": "ops"}'),
+            ("c3", "credit", "tokenchat-dev", '{"by": "tokenchat-dev"}'),  # an admin so named
+            ("t2", "tip", "payments", "{}"),  # a user so named
+        ]
+        async with conn.transaction():
+            for tx, kind, initiator, meta in old:
+                await conn.execute(
+                    """INSERT INTO ledger_transactions (id, kind, initiator, idem_key, request,
+                           reply, meta, applied_ms, outbox_id)
+                       VALUES ($1, $2, $3, 'k', '[]', '{}', $4::jsonb, 0, '0-1')""",
+                    tx,
+                    kind,
+                    initiator,
+                    meta,
+                )
+                await conn.execute(
+                    "INSERT INTO ledger_postings VALUES ($1, 'sys:mint', -1), ($1, 'sys:fees', 1)",
+                    tx,
+                )
+        async with conn.transaction():
+            await conn.execute(third.sql)
+        rows = await conn.fetch("SELECT id, initiator FROM ledger_transactions ORDER BY id")
+        assert {r["id"]: r["initiator"] for r in rows} == {
+            "c1": "sys:dev",
+            "c2": "u:ops",
+            "c3": "u:tokenchat-dev",
+            "p1": "sys:payments",
+            "t1": "u:bob",
+            "t2": "u:payments",
+        }
+        # The ledger is append-only again once the migration is done.
+        with pytest.raises(asyncpg.RaiseError, match="append-only"):
+            await conn.execute("UPDATE ledger_transactions SET initiator = 'x'")
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+
+
+async def test_a_dm_to_an_unknown_user_leaves_no_key(
+    server: Running, http: Http, settings: Settings, redis: Any
+) -> None:
+    await http.credit("bob", 10)
+    fan = await server.client("bob")
+    before = {key async for key in redis.scan_iter(match=f"{settings.redis_prefix}*")}
+    with pytest.raises(CommandError) as refused:
+        await fan.call("dm", to="ghost", text="anyone?", key="d1")
+    assert refused.value.code == "NOT_FOUND"
+    status, reply = await http.call("GET", "/v1/users/ghost/prices", "bob")
+    assert status == 404 and reply["error"]["code"] == "NOT_FOUND"
+    after = {key async for key in redis.scan_iter(match=f"{settings.redis_prefix}*")}
+    assert [key for key in after - before if b"ghost" in key] == []
+    assert (await fan.call("balance"))["balance"] == 10
+    await fan.close()
+
+
+async def test_unknown_users_are_remembered_until_they_exist(
+    start_server: Callable[..., Awaitable[Running]], postgres_proxy: Any
+) -> None:
+    running = await start_server(database_url=postgres_proxy.url, database_timeout_s=1.0)
+    http = Http(running)
+    await http.credit("bob", 10)
+    fan = await running.client("bob")
+    with pytest.raises(CommandError) as first:
+        await fan.call("dm", to="ghost", text="hi", key="d1")
+    assert first.value.code == "NOT_FOUND"
+
+    # With Postgres gone, a known-absent user is still answered at once, from
+    # memory: a flood of DMs to made-up names does not reach Postgres.
+    await postgres_proxy.cut()
+    for i in range(20):
+        with pytest.raises(CommandError) as again:
+            await fan.call("dm", to="ghost", text="hi", key=f"d{i + 2}")
+        assert again.value.code == "NOT_FOUND"
+    with pytest.raises(CommandError) as other:  # a name never looked up needs Postgres
+        await fan.call("dm", to="ghost2", text="hi", key="e1")
+    assert other.value.code == "UNAVAILABLE"
+    await postgres_proxy.restore()
+
+    # The user appears (hello on this process): the DM goes through at once.
+    ghost = await running.client("ghost")
+    reply = await fan.call("dm", to="ghost", text="found you", key="d99")
+    assert reply["price"] == 0
+    assert (await ghost.next_event("dm"))["text"] == "found you"
+    await ghost.close()
+    await fan.close()
+
+
+async def test_the_ledger_writer_is_not_starved_by_a_full_pool(
+    start_server: Callable[..., Awaitable[Running]], settings: Settings
+) -> None:
+    running = await start_server(database_pool_min=0, database_pool_max=2)
+    http = Http(running)
+    model, fan = await room_with_fan(running, http, 50)
+    node = running.process.node
+    assert node is not None and node.ledger_pool is not node.pool
+    await eventually_rows(settings, 1, "SELECT 1 FROM ledger_transactions")
+    # An HTTP flood holds every connection of the main pool...
+    held = [await node.pool.acquire() for _ in range(2)]
+    try:
+        tip = await fan.call("tip", room="alice", amount=7, key="starved")
+        # ...and the writer still moves the tip to Postgres.
+        await eventually_rows(
+            settings, 1, f"SELECT 1 FROM ledger_transactions WHERE id = '{tip['tx']}'"
+        )
+    finally:
+        for conn in held:
+            await node.pool.release(conn)
+    await model.close()
+    await fan.close()
+
+
+async def test_purchases_are_rate_limited_per_user(
+    start_server: Callable[..., Awaitable[Running]],
+) -> None:
+    running = await start_server(
+        payment_provider="fake", http_creates_burst=2, http_creates_per_s=0.01
+    )
+    http = Http(running)
+    for ref in ("r1", "r2"):
+        status, reply = await http.call(
+            "POST", "/v1/purchases", "bob", bundle="starter", payment_ref=ref
+        )
+        assert status == 200, reply
+    status, reply = await http.call(
+        "POST", "/v1/purchases", "bob", bundle="starter", payment_ref="r3"
+    )
+    assert status == 429 and reply["error"]["code"] == "RATE_LIMITED"
+    # Nothing was credited for the refused one; another user has a bucket of their own.
+    assert (await http.call("GET", "/v1/me", "bob"))[1]["balance"] == 200
+    status, _ = await http.call("POST", "/v1/purchases", "eve", bundle="starter", payment_ref="r4")
+    assert status == 200

@@ -47,6 +47,8 @@ from tests.server.proc import (
 )
 
 pytestmark = pytest.mark.timeout(60)
+# The default cap on a token's life, as the server under test applies it.
+TTL_MAX_S = Settings().token_ttl_max_s
 
 ROOM = "alice"  # the model alice's room
 SERVICE_RESTART = 1012
@@ -420,11 +422,11 @@ async def test_token_prints_a_jwt_the_server_accepts(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert len(lines) == 1, result.stdout
     token = lines[0].strip()
-    assert verify_token(JWT_SECRET, token) == Identity("bob", "model")
+    assert verify_token(JWT_SECRET, token, ttl_max_s=TTL_MAX_S) == Identity("bob", "model")
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["exp"] - claims["iat"] == TOKEN_TTL_DEFAULT_S
     with pytest.raises(Unauthenticated):
-        verify_token("another-secret-" + "y" * 32, token)
+        verify_token("another-secret-" + "y" * 32, token, ttl_max_s=TTL_MAX_S)
 
 
 async def test_token_without_secret_fails_clearly(tmp_path: Path) -> None:
@@ -529,3 +531,74 @@ async def _ledger_rows(settings: Settings) -> list[str]:
     finally:
         await conn.close()
     return [row["kind"] for row in rows]
+
+
+# --- production guards ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "reason"),
+    [
+        ({"TOKENCHAT_DEV_MODE": "1"}, "dev mode is on"),
+        ({"TOKENCHAT_PAYMENT_PROVIDER": "fake"}, "the payment provider is 'fake'"),
+    ],
+    ids=["dev-mode", "fake-payments"],
+)
+async def test_serve_refuses_insecure_settings_unless_told(
+    settings: Settings, tmp_path: Path, setting: dict[str, str], reason: str
+) -> None:
+    ports = ("--http-port", str(free_port()), "--ws-port", str(free_port()))
+    result = await run_cli("serve", *ports, env=cli_env(settings, **setting), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "refusing to serve" in result.stderr and reason in result.stderr, result.stderr
+    assert "TOKENCHAT_INSECURE=1" in result.stderr and "--insecure" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+    # --insecure passes the guard: this start fails later, for another reason
+    # (shared ports need fixed ports), which proves the guard let it through.
+    env = cli_env(settings, **setting)
+    unshareable = ("--workers", "2", "--http-port", "0", "--ws-port", "0")
+    result = await run_cli("serve", "--insecure", *unshareable, env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "needs fixed ports" in result.stderr, result.stderr
+
+    # TOKENCHAT_INSECURE=1 serves (serve() waits for /readyz to answer 200).
+    async with serve(settings, tmp_path, env={**setting, "TOKENCHAT_INSECURE": "1"}) as server:
+        assert server.returncode is None
+
+
+async def test_token_ttl_over_the_cap_is_refused(tmp_path: Path) -> None:
+    env = cli_env(TOKENCHAT_JWT_SECRET=JWT_SECRET, TOKENCHAT_TOKEN_TTL_MAX_S="3600")
+    result = await run_cli("token", "bob", "--ttl", "3601", env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "TOKENCHAT_TOKEN_TTL_MAX_S" in result.stderr
+    assert result.stdout == ""
+    result = await run_cli("token", "bob", "--ttl", "3600", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    short = cli_env(TOKENCHAT_JWT_SECRET="too-short")
+    result = await run_cli("token", "bob", env=short, cwd=tmp_path)
+    assert result.returncode == 2 and "at least 32 bytes" in result.stderr
+
+
+async def test_metrics_on_an_internal_port_aggregate_the_workers(
+    settings: Settings, redis: Redis, tmp_path: Path
+) -> None:
+    metrics_port = free_port()
+    env = {"TOKENCHAT_METRICS_PORT": str(metrics_port)}
+    clients: list[Client] = []
+    async with serve(settings, tmp_path, workers=2, env=env) as server:
+        try:
+            await wait_for_nodes(redis, settings, 2)
+            clients += [await connect(server, f"fan{i}") for i in range(12)]
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+            async def all_counted() -> bool:
+                async with httpx.AsyncClient(timeout=2) as http:
+                    return sessions_open((await http.get(url)).text) == 12
+
+            # The parent serves the port and has no session of its own: the
+            # count is the sum of both workers' files.
+            await wait_for("12 sessions on the metrics port", all_counted)
+            async with httpx.AsyncClient(base_url=server.http_url, timeout=5) as http:
+                public = await http.get("/metrics")
+                assert public.status_code == 404, "metrics still served on the public port"
+        finally:
+            await close_all(clients)
