@@ -87,7 +87,7 @@ async def ledger_ids(running: Running) -> set[str]:
 async def test_poisoned_entries_are_parked_and_the_rest_of_the_batch_lands(
     start_server: Callable[..., Awaitable[Running]], redis: Redis
 ) -> None:
-    running = await start_server(ledger_enabled=0)  # this test is the only writer
+    running = await start_server(ledger_enabled=0, durability="redis")  # the only writer
     node = node_of(running)
     http = Http(running)
     host = await running.client("alice", "model")
@@ -199,7 +199,7 @@ BAD_KEYS = ["k\x00x", "\x00", "k\n", "k\x7f", "kä", "k" * 65, ""]
 async def test_ws_keys_are_printable_ascii(
     start_server: Callable[..., Awaitable[Running]], redis: Redis, subprotocol: str
 ) -> None:
-    running = await start_server(ledger_enabled=0)
+    running = await start_server(ledger_enabled=0, durability="redis")
     node = node_of(running)
     http = Http(running)
     host = await running.client("alice", "model")
@@ -223,7 +223,7 @@ async def test_ws_keys_are_printable_ascii(
 async def test_http_identifiers_are_printable_ascii(
     start_server: Callable[..., Awaitable[Running]], redis: Redis
 ) -> None:
-    running = await start_server(ledger_enabled=0)  # the outbox shows what moved
+    running = await start_server(ledger_enabled=0, durability="redis")  # the outbox shows all
     node = node_of(running)
     http = Http(running)
     await http.credit("bob", 10)
