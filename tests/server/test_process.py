@@ -47,6 +47,7 @@ from tests.server.proc import (
     run_cli,
     serve,
     wait_for,
+    worker_pids,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -109,12 +110,6 @@ async def wait_for_nodes(redis: Redis, settings: Settings, count: int) -> set[st
 
     await wait_for(f"{count} node heartbeats", enough)
     return await node_ids(redis, settings.redis_prefix)
-
-
-def worker_pids(server: ServerProcess) -> list[int]:
-    """The multiprocessing workers of a ``--workers N`` parent (not its
-    resource tracker, the other child multiprocessing may start)."""
-    return [pid for pid, cmd in children_of(server.pid).items() if "multiprocessing.spawn" in cmd]
 
 
 # --- 1. --workers 2: two processes, one room, one order -------------------------------
