@@ -456,6 +456,46 @@ async def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(
             await close_all(clients)
 
 
+async def test_workers_that_cannot_start_back_off_and_sigterm_still_stops_the_parent(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Nothing listens on this Redis port: every worker dies while starting.
+    settings = settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    http_port, ws_port = free_port(), free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_fh:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "server.cli", "serve", "--workers", "2"),
+            *("--http-port", str(http_port), "--ws-port", str(ws_port)),
+            env=cli_env(settings, TMPDIR=str(tmp_path), TOKENCHAT_REDIS_TIMEOUT_S="0.5"),
+            stdin=subprocess.DEVNULL,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = ServerProcess(proc, http_port, ws_port, log_path)
+    try:
+        watch_s = 6.0
+
+        async def second_crash_in_a_row() -> bool:
+            return "(crash 2 in a row)" in server.log()
+
+        await wait_for("a second crash in a row", second_crash_in_a_row, timeout_s=watch_s * 2)
+        await asyncio.sleep(watch_s - 2.0)
+        assert server.returncode is None, "the parent gave up:\n" + server.log()
+        # Backoff, not a tight loop: delays of 1, 2, 4 s... allow a handful of
+        # starts per worker place in the whole run, not dozens.
+        starts = server.log().count("starting a replacement")
+        assert 2 <= starts <= 2 * 5, server.log()
+
+        # A signal during a backoff stops the parent, and no worker outlives it.
+        server.send_signal(signal.SIGTERM)
+        await server.wait_exit(settings.shutdown_grace_s + 5)
+        assert worker_pids(server) == []
+    finally:
+        await server.kill_group()
+
+
 def test_replacement_backoff_doubles_per_crash_in_a_row_up_to_its_cap() -> None:
     assert restart_delay_s(0) == WORKER_RESTART_DELAY_MIN_S  # died in service
     delays = [restart_delay_s(n) for n in range(1, 12)]
