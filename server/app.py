@@ -5,15 +5,23 @@ Each worker binds its own listening sockets with SO_REUSEPORT, so the kernel
 spreads new connections over the workers with no proxy in between. On SIGTERM
 (or SIGINT) a worker stops accepting, lets commands in flight finish, closes
 sessions with 1012 and exits; the parent forwards the signal and waits.
+
+A worker that dies on its own (a crash, the OOM killer, ``kill -9``) takes only
+its own sessions with it: the parent starts a replacement on the same ports
+while the others keep serving. A worker that dies soon after it started is in
+a crash loop (a bad config, a backend refusing it), so each such death in a row
+doubles the wait before the next start, up to a cap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.process
 import os
 import shutil
 import signal
@@ -24,6 +32,7 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 import uvicorn
+from prometheus_client import multiprocess
 
 from . import metrics
 from .aio import tune_gc
@@ -39,6 +48,20 @@ LISTEN_BACKLOG = 2048
 # How long the parent waits for workers to exit after forwarding SIGTERM,
 # beyond their own grace period, before killing them.
 WORKER_EXIT_SLACK_S = 5.0
+# A worker that dies is replaced after this long: at once for a worker killed
+# in service (the port keeps serving on the others meanwhile), but not in a
+# loop so tight that a failing start burns a core and floods the log.
+WORKER_RESTART_DELAY_MIN_S = 0.5
+# Each crash in a row doubles the delay up to this cap: a worker that cannot
+# start (say Redis refuses it) is retried twice a minute until it can.
+WORKER_RESTART_DELAY_MAX_S = 30.0
+# A worker that dies within this long of its start counts as a crash loop (and
+# doubles the delay); one that lived longer died in service, and its
+# replacement starts after the minimum delay. A cold worker serves within
+# about a second (imports, both backends, the listeners).
+WORKER_CRASH_LOOP_S = 5.0
+# How often the parent looks at its workers when none of them died.
+SUPERVISE_INTERVAL_S = 1.0
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -110,6 +133,8 @@ class Process:
         )
 
     async def stop(self) -> None:
+        if self.node is not None:
+            self.node.draining = True  # /readyz answers 503 from now on
         if self.gateway is not None:
             await self.gateway.shutdown()
         if self._http is not None and self._http_task is not None:
@@ -148,20 +173,134 @@ def run(coro_factory: Callable[[], Any]) -> None:
         uvloop.run(coro_factory())
 
 
-def _worker_main(settings: Settings, log_level: str) -> None:
+def _worker_main(settings: Settings, log_level: str, replacement: bool) -> None:
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s"
     )
+    if replacement:
+        # Counted here, not in the parent: only workers write to the shared
+        # metrics folder, and a counter's file outlives its process.
+        metrics.WORKER_REPLACEMENTS.inc()
     run(lambda: serve_until_signalled(settings))
+
+
+@dataclasses.dataclass
+class _Slot:
+    """One of the N worker places: its current process, or when to start one."""
+
+    index: int
+    process: multiprocessing.process.BaseProcess | None = None
+    started_at: float = 0.0
+    crashes_in_a_row: int = 0
+    restart_at: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"worker-{self.index}"
+
+
+def restart_delay_s(crashes_in_a_row: int) -> float:
+    """How long to wait before replacing a worker, given its crash streak."""
+    if crashes_in_a_row <= 0:
+        return WORKER_RESTART_DELAY_MIN_S
+    exponent = min(crashes_in_a_row, 32)  # 2**32 x the minimum is far past the cap
+    return min(WORKER_RESTART_DELAY_MIN_S * (1 << exponent), WORKER_RESTART_DELAY_MAX_S)
+
+
+class _Supervisor:
+    """Keeps ``settings.workers`` worker processes alive until told to stop."""
+
+    def __init__(self, settings: Settings, log_level: str, metrics_dir: str) -> None:
+        self.settings = settings
+        self.log_level = log_level
+        self.metrics_dir = metrics_dir
+        self.context = multiprocessing.get_context("spawn")
+        self.slots = [_Slot(i) for i in range(settings.workers)]
+        self.stopping: list[int] = []
+
+    def forward(self, signum: int, frame: object) -> None:
+        """The signal handler: stop replacing, pass the signal to every worker."""
+        self.stopping.append(signum)
+        for slot in self.slots:
+            process = slot.process
+            if process is not None and process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
+
+    def start(self, slot: _Slot, *, replacement: bool) -> None:
+        process = self.context.Process(
+            target=_worker_main,
+            args=(self.settings, self.log_level, replacement),
+            name=slot.name,
+        )
+        process.start()
+        slot.process, slot.started_at = process, time.monotonic()
+        if self.stopping and process.pid is not None:
+            # The signal came while this one was starting: it missed the forward.
+            os.kill(process.pid, self.stopping[-1])
+
+    def supervise(self) -> None:
+        """Start every worker, then replace the dead ones until a signal comes."""
+        for slot in self.slots:
+            self.start(slot, replacement=False)
+        while not self.stopping:
+            now = time.monotonic()
+            for slot in self.slots:
+                if slot.process is not None and not slot.process.is_alive():
+                    self._buried(slot, now)
+                if slot.process is None and now >= slot.restart_at and not self.stopping:
+                    log.warning("starting a replacement %s", slot.name)
+                    self.start(slot, replacement=True)
+            alive = [s.process.sentinel for s in self.slots if s.process is not None]
+            waits = [s.restart_at - now for s in self.slots if s.process is None]
+            timeout_s = max(0.0, min([SUPERVISE_INTERVAL_S, *waits]))
+            multiprocessing.connection.wait(alive, timeout=timeout_s)
+
+    def _buried(self, slot: _Slot, now: float) -> None:
+        """Record a worker's death and schedule its replacement."""
+        assert slot.process is not None
+        process, slot.process = slot.process, None
+        process.join()
+        if process.pid is not None:
+            # Its live gauges (sessions open) must stop counting in /metrics.
+            multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+        lived_s = now - slot.started_at
+        slot.crashes_in_a_row = slot.crashes_in_a_row + 1 if lived_s < WORKER_CRASH_LOOP_S else 0
+        delay_s = restart_delay_s(slot.crashes_in_a_row)
+        slot.restart_at = now + delay_s
+        log.error(
+            "%s (pid %s) died with exit code %s after %.1f s; replacing it in %.1f s%s",
+            slot.name,
+            process.pid,
+            process.exitcode,
+            lived_s,
+            delay_s,
+            f" (crash {slot.crashes_in_a_row} in a row)" if slot.crashes_in_a_row else "",
+        )
+
+    def stop(self) -> bool:
+        """Wait for every worker to exit (killing the late); True when all exited 0."""
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + WORKER_EXIT_SLACK_S
+        clean = True
+        for slot in self.slots:
+            process = slot.process
+            if process is None:
+                continue
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("%s did not stop in time; killing it", slot.name)
+                process.kill()
+                process.join()
+            clean = clean and process.exitcode == 0
+        return clean
 
 
 def serve_workers(settings: Settings, log_level: str) -> int:
     """Run ``settings.workers`` processes on the same ports; return an exit code.
 
-    The parent only supervises: it forwards SIGTERM/SIGINT, kills a worker that
-    outlives its grace period, and if a worker dies on its own it stops the
-    others and exits non-zero, so the process manager restarts the whole set
-    (a half-dead set would keep serving on fewer cores without anyone noticing).
+    The parent only supervises: it replaces a worker that dies on its own (with
+    crash-loop backoff, see ``restart_delay_s``), forwards SIGTERM/SIGINT and
+    then starts nothing more, and kills a worker that outlives its grace period.
+    The exit code is 0 when every worker stopped cleanly after the signal.
     """
     if settings.workers == 1:
         if settings.metrics_port:
@@ -175,38 +314,13 @@ def serve_workers(settings: Settings, log_level: str) -> int:
     if settings.metrics_port:
         # The parent outlives every worker: its scrapes aggregate all of them.
         metrics.serve_on_port(settings.host, settings.metrics_port)
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=_worker_main, args=(settings, log_level), name=f"worker-{i}")
-        for i in range(settings.workers)
-    ]
-    stopping: list[int] = []
-
-    def forward(signum: int, frame: object) -> None:
-        stopping.append(signum)
-        for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signum)
-
+    supervisor = _Supervisor(settings, log_level, metrics_dir)
     # Installed before any worker starts, so no signal can orphan one.
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, supervisor.forward)
+    signal.signal(signal.SIGINT, supervisor.forward)
     try:
-        for worker in workers:
-            worker.start()
-        while not stopping and all(worker.is_alive() for worker in workers):
-            multiprocessing.connection.wait([w.sentinel for w in workers], timeout=1.0)
-        if not stopping:
-            log.error("a worker died; stopping the others")
-            forward(signal.SIGTERM, None)
-        deadline = time.monotonic() + settings.shutdown_grace_s + WORKER_EXIT_SLACK_S
-        for worker in workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
-            if worker.is_alive():
-                log.error("%s did not stop in time; killing it", worker.name)
-                worker.kill()
-                worker.join()
+        supervisor.supervise()
+        clean = supervisor.stop()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    clean = bool(stopping) and all(worker.exitcode == 0 for worker in workers)
     return 0 if clean else 1

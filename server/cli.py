@@ -263,7 +263,8 @@ def _dev_run(args: argparse.Namespace) -> int:
                 raise ValueError(hint)
         if not os.environ.get("TOKENCHAT_REDIS_URL"):
             # Each server makes its own subfolder (redis/, postgres/).
-            redis_server = stack.enter_context(embedded.EmbeddedRedis(data_dir))
+            # With an append-only file: a restart of `tokenchat dev` keeps balances.
+            redis_server = stack.enter_context(embedded.EmbeddedRedis(data_dir, appendonly=True))
             env["redis_url"] = redis_server.url
         if not os.environ.get("TOKENCHAT_DATABASE_URL"):
             postgres = stack.enter_context(embedded.EmbeddedPostgres(data_dir))

@@ -5,7 +5,8 @@ it starts both servers below a data folder (``./.tokenchat/`` by default) and
 stops them on exit::
 
     .tokenchat/
-      redis/        redis-server's working dir, redis.log, redis.pid
+      redis/        redis-server's working dir, redis.log, redis.pid,
+                    appendonly.aof (balances and history kept between runs)
       postgres/     postgres.log
         password    the superuser's password (mode 0600; the URL carries it)
         data/       the PostgreSQL cluster (kept between runs: the durable ledger)
@@ -39,8 +40,14 @@ a random password, keeps it in ``postgres/password`` (mode 0600, owned by the
 user running tokenchat), and puts it in the returned URL. A cluster made by
 an older version of this module, with ``trust`` authentication, gets a
 password and its ``pg_hba.conf`` switched to ``scram-sha-256`` on its next
-start. Redis has no password: it holds nothing durable (no persistence) and
-can't write files outside its own folder.
+start. Redis has no password: it listens on 127.0.0.1 only and can't write
+files outside its own folder.
+
+``tokenchat dev`` runs Redis with an append-only file (``appendonly yes``,
+``appendfsync everysec``), so stopping and starting it keeps balances, keys
+and room history; a crash of the machine loses at most the last second, which
+the ledger still holds. The default (tests' private servers) is no
+persistence at all.
 
 Both servers listen on 127.0.0.1 only and run in their own session, so a
 Ctrl-C in the terminal reaches the Python process alone. The app can then
@@ -109,8 +116,9 @@ PG_SCRAM_ITERATIONS = 4096
 # redis-server answers PING within milliseconds of starting; 10 s allows for a
 # loaded CI machine before we call it hung.
 REDIS_START_TIMEOUT_S = 10.0
-# Nothing is saved on SIGTERM (no save points, no AOF), so Redis exits at once.
-# If it hasn't exited after 5 s it is hung, and gets SIGKILL.
+# On SIGTERM Redis fsyncs its append-only file (when it has one) and exits:
+# milliseconds for a dev data set. If it hasn't exited after 5 s it is hung,
+# and gets SIGKILL.
 REDIS_STOP_TIMEOUT_S = 5.0
 # initdb takes about 0.5 s here (bootstrap, then an fsync of about 40 MB).
 # Slow or network disks can take tens of seconds.
@@ -515,6 +523,11 @@ class _EmbeddedServer:
                 log.error("%s (pid %d) did not die after SIGKILL", self.name, proc.pid)
         self._process = None
 
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would; ``start()`` runs it again on
+        the same folder and port (fault tests)."""
+        self._kill_process()
+
     def stop(self) -> None:
         """Stop the server: each signal of ``stop_steps`` in turn, then SIGKILL."""
         proc = self._process
@@ -555,19 +568,22 @@ class _EmbeddedServer:
 
 
 class EmbeddedRedis(_EmbeddedServer):
-    """A throwaway redis-server on 127.0.0.1 with no persistence.
+    """A redis-server on 127.0.0.1: throwaway, or with an append-only file.
 
     It runs in ``data_dir/redis`` and logs to ``data_dir/redis/redis.log``.
+    With ``appendonly=True`` it keeps ``appendonly.aof`` there (fsync every
+    second), and a restart on the same folder loads it back.
     """
 
     name = "Redis"
     start_timeout_s = REDIS_START_TIMEOUT_S
-    # Redis handles SIGTERM like SHUTDOWN. It has no save points configured, so
-    # it saves nothing.
+    # Redis handles SIGTERM like SHUTDOWN: no save points are configured, so
+    # it writes no snapshot, only a last fsync of its append-only file.
     stop_steps = ((signal.SIGTERM, REDIS_STOP_TIMEOUT_S),)
 
-    def __init__(self, data_dir: Path, port: int = 0) -> None:
+    def __init__(self, data_dir: Path, port: int = 0, *, appendonly: bool = False) -> None:
         super().__init__(data_dir, port)
+        self.appendonly = appendonly
         self.redis_dir = self.data_dir / "redis"
         self.pid_file = self.redis_dir / "redis.pid"
         self._binary: Path | None = None
@@ -595,9 +611,10 @@ class EmbeddedRedis(_EmbeddedServer):
             self._release_lock()
             raise
         log.info(
-            "embedded Redis (%s) on %s: no persistence, dir %s, log %s",
+            "embedded Redis (%s) on %s: %s, dir %s, log %s",
             binary,
             url,
+            "append-only file, fsync every second" if self.appendonly else "no persistence",
             self.redis_dir,
             self.log_path,
         )
@@ -624,7 +641,10 @@ class EmbeddedRedis(_EmbeddedServer):
             "--pidfile", str(self.pid_file),
             "--daemonize", "no",
             "--save", "",
-            "--appendonly", "no",
+            # everysec: at most a second of writes lost in a crash, for a
+            # write cost of one fsync a second (not one per command).
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",
             # "" logs to stdout, which goes to redis.log. Errors printed
             # before the config is loaded end up there as well.
             "--logfile", "",

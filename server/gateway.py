@@ -14,7 +14,9 @@ import logging
 import socket
 from collections.abc import Sequence
 from http import HTTPStatus
+from typing import Any
 
+import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
@@ -22,6 +24,7 @@ from websockets.typing import Subprotocol
 from protocol import SUBPROTOCOLS, CloseCode
 from protocol.codec import JSON_SUBPROTOCOL
 
+from .health import HEALTHY, HEALTHZ_PATH, READYZ_PATH, readiness
 from .node import Node
 from .session import Session
 
@@ -37,12 +40,6 @@ RECEIVE_QUEUE_FRAMES_MAX = 16
 SEND_HIGH_WATER_BYTES = 64 * 1024
 
 
-def _process_request(connection: ServerConnection, request: Request) -> Response | None:
-    if request.path.split("?", 1)[0] != WS_PATH:
-        return connection.respond(HTTPStatus.NOT_FOUND, f"WebSocket endpoint is {WS_PATH}\n")
-    return None
-
-
 def _select_subprotocol(
     connection: ServerConnection, offered: Sequence[Subprotocol]
 ) -> Subprotocol | None:
@@ -53,6 +50,13 @@ def _select_subprotocol(
         if name in SUBPROTOCOLS:
             return name
     return None
+
+
+def _json_response(connection: ServerConnection, status: int, body: dict[str, Any]) -> Response:
+    response = connection.respond(HTTPStatus(status), orjson.dumps(body).decode())
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response
 
 
 class Gateway:
@@ -70,7 +74,7 @@ class Gateway:
             kwargs.update(host=settings.host, port=settings.ws_port)
         self._server = await serve(
             self._handle,
-            process_request=_process_request,
+            process_request=self._process_request,
             subprotocols=[Subprotocol(name) for name in SUBPROTOCOLS],
             select_subprotocol=_select_subprotocol,
             compression=None,
@@ -88,6 +92,21 @@ class Gateway:
         assert self._server is not None
         sockname = next(iter(self._server.sockets)).getsockname()
         return int(sockname[1])
+
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        """Answer the health probes here as the HTTP port does (one port is
+        enough for a load balancer); anything but /ws is not found."""
+        path = request.path.split("?", 1)[0]
+        if path == HEALTHZ_PATH:
+            return _json_response(connection, HTTPStatus.OK, HEALTHY)
+        if path == READYZ_PATH:
+            status, body = await readiness(self.node)
+            return _json_response(connection, status, body)
+        if path != WS_PATH:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"WebSocket endpoint is {WS_PATH}\n")
+        return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         if ws.subprotocol is None and ws.request is not None:

@@ -7,7 +7,6 @@ that ``errors.ServiceError`` gives each code.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -40,13 +39,12 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
+from .health import HEALTHY, HEALTHZ_PATH, READYZ_PATH, readiness
 from .ledger import parked_entries, reconcile
 from .node import Node
 from .payments import provider_named
 from .ratelimit import KeyedLimiter
 
-# /readyz gives each backend this long to answer before calling it down.
-READY_CHECK_TIMEOUT_S = 1.0
 # Largest request body: every body here is a few small fields.
 BODY_SIZE_MAX_BYTES = 16 * 1024
 PRICE_MAX = 1_000_000  # tokens, the contract's amount range
@@ -136,26 +134,11 @@ def create_app(node: Node) -> Starlette:
         return identity
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"ok": True})
+        return JSONResponse(HEALTHY)
 
     async def readyz(request: Request) -> Response:
-        checks = {"redis": False, "postgres": False}
-        # Twice: the first ping after Redis came back may meet a pooled
-        # connection that died with the old server; that is not "not ready".
-        for _ in range(2):
-            try:
-                async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
-                    checks["redis"] = bool(await node.redis.ping())
-                break
-            except (RedisError, OSError, TimeoutError):
-                pass
-        try:
-            async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
-                checks["postgres"] = await node.pool.fetchval("SELECT 1") == 1
-        except (Exception, TimeoutError):  # any failure means "not ready"
-            pass
-        ready = all(checks.values())
-        return JSONResponse({"ok": ready, **checks}, status_code=200 if ready else 503)
+        status, body = await readiness(node)
+        return JSONResponse(body, status_code=status)
 
     async def metrics_endpoint(request: Request) -> Response:
         body, content_type = metrics.render()
@@ -396,8 +379,8 @@ def create_app(node: Node) -> Starlette:
     return Starlette(
         routes=[
             *routes,
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
+            Route(HEALTHZ_PATH, healthz),
+            Route(READYZ_PATH, readyz),
             Route("/v1/me", me),
             Route("/v1/me/prices", set_prices, methods=["PUT"]),
             Route("/v1/bundles", bundles),

@@ -60,6 +60,11 @@ LEDGER_LAG = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 
+WORKER_REPLACEMENTS = Counter(
+    "tokenchat_worker_replacements_total",
+    "Gateway workers started by `serve --workers N` to replace one that died",
+)
+
 
 def _registry() -> CollectorRegistry:
     """This process's metrics, or every worker's when they share a folder."""

@@ -89,6 +89,9 @@ class Node:
             timeout_s=settings.redis_timeout_s,
         )
         self.sessions: set[Session] = set()
+        # Set when the process starts to shut down: /readyz answers 503 so a
+        # load balancer stops sending new connections here.
+        self.draining = False
         self._user_sessions: dict[str, set[Session]] = {}
         self._subscribed: set[str] = set()  # rooms
         self._subscribed_users: set[str] = set()

@@ -286,3 +286,9 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def worker_pids(server: ServerProcess) -> list[int]:
+    """The multiprocessing workers of a ``--workers N`` parent (not its
+    resource tracker, the other child multiprocessing may start)."""
+    return [pid for pid, cmd in children_of(server.pid).items() if "multiprocessing.spawn" in cmd]

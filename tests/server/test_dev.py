@@ -26,6 +26,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from client_demo.client import Client
 from server import embedded
@@ -246,6 +247,14 @@ async def _pg_fetchval(url: str, sql: str) -> object:
         await conn.close()
 
 
+async def _redis_command(url: str, *args: str) -> object:
+    client: Redis = Redis.from_url(url)
+    try:
+        return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+    finally:
+        await client.aclose()
+
+
 async def test_dev_serves_stops_on_ctrl_c_and_restarts(data_dir: Path) -> None:
     async with run_dev(data_dir) as first:
         await _check_serving(first, first.banner["fan_token"])
@@ -257,6 +266,8 @@ async def test_dev_serves_stops_on_ctrl_c_and_restarts(data_dir: Path) -> None:
         await _pg_fetchval(pg_url, "INSERT INTO dev_test_marker VALUES (7)")
         with pytest.raises(asyncpg.InvalidPasswordError):
             await _pg_fetchval(pg_url.replace(f":{password}@", "@"), "SELECT 1")
+        # Redis runs with an append-only file: its data outlives the run too.
+        await _redis_command(first.banner["redis"], "SET", "dev_test_marker", "7")
         await _stop_with(first, signal.SIGINT)  # what Ctrl-C sends
 
     # Same data folder: the cluster, its password and the JWT secret are kept,
@@ -266,6 +277,7 @@ async def test_dev_serves_stops_on_ctrl_c_and_restarts(data_dir: Path) -> None:
         pg_url = second.banner["postgres"]
         assert urllib.parse.urlsplit(pg_url).password == password
         assert await _pg_fetchval(pg_url, "SELECT x FROM dev_test_marker") == 7
+        assert await _redis_command(second.banner["redis"], "GET", "dev_test_marker") == b"7"
         await _check_serving(second, first.banner["fan_token"])
         await _stop_with(second, signal.SIGTERM)  # what `kill`, systemd or docker send
     assert "creating a new PostgreSQL cluster" in first.output()

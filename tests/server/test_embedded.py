@@ -22,6 +22,7 @@ import redis
 
 from server import embedded
 from server.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
+from tests.server.proc import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
@@ -186,6 +187,39 @@ def test_redis_starts_answers_and_stops(data_dir: Path) -> None:
     assert (data_dir / "redis" / "redis.log").read_text().strip()
     assert not (data_dir / "redis" / "dump.rdb").exists()
     assert not (data_dir / "redis" / "redis.pid").exists()
+
+
+def test_redis_with_an_append_only_file_keeps_its_data_across_restarts(data_dir: Path) -> None:
+    # How `tokenchat dev` runs it: a stop and start keep balances.
+    with EmbeddedRedis(data_dir, appendonly=True) as first:
+        client = redis.Redis.from_url(first.url)
+        try:
+            assert client.config_get("appendonly") == {"appendonly": "yes"}
+            assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+            client.set("balance:bob", 42)
+        finally:
+            client.close()
+        _stop_and_check_gone(first)
+    assert (data_dir / "redis" / "appendonly.aof").stat().st_size > 0
+
+    # kill -9 loses nothing Redis answered: it writes the AOF before it
+    # replies (only a crash of the machine can lose the unsynced last second).
+    port = free_port()
+    with EmbeddedRedis(data_dir, port=port, appendonly=True) as second:
+        client = redis.Redis.from_url(second.url)
+        try:
+            assert client.get("balance:bob") == b"42"
+            client.incrby("balance:bob", 8)
+        finally:
+            client.close()
+        second.kill()
+        assert second.pid is None
+        assert second.start() == f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(second.url)
+        try:
+            assert client.get("balance:bob") == b"50"
+        finally:
+            client.close()
 
 
 def test_redis_start_failure_quotes_the_log(data_dir: Path) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
 from client_demo.client import Client
+from server.app import WORKER_RESTART_DELAY_MAX_S, WORKER_RESTART_DELAY_MIN_S, restart_delay_s
 from server.auth import TOKEN_TTL_DEFAULT_S, Identity, verify_token
 from server.config import Settings
 from server.errors import Unauthenticated
@@ -44,6 +47,7 @@ from tests.server.proc import (
     run_cli,
     serve,
     wait_for,
+    worker_pids,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -108,12 +112,6 @@ async def wait_for_nodes(redis: Redis, settings: Settings, count: int) -> set[st
 
     await wait_for(f"{count} node heartbeats", enough)
     return await node_ids(redis, settings.redis_prefix)
-
-
-def worker_pids(server: ServerProcess) -> list[int]:
-    """The multiprocessing workers of a ``--workers N`` parent (not its
-    resource tracker, the other child multiprocessing may start)."""
-    return [pid for pid, cmd in children_of(server.pid).items() if "multiprocessing.spawn" in cmd]
 
 
 # --- 1. --workers 2: two processes, one room, one order -------------------------------
@@ -386,6 +384,139 @@ async def test_sigterm_to_parent_stops_both_workers(
             print(f"acknowledged {acknowledged} of {len(outcomes)} says before the close")
         finally:
             await close_all(clients)
+
+
+async def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(
+    settings: Settings, redis: Redis, tmp_path: Path
+) -> None:
+    clients: list[Client] = []
+    async with serve(settings, tmp_path, workers=2) as server:
+        try:
+            await wait_for_nodes(redis, settings, 2)
+            before = worker_pids(server)
+            assert len(before) == 2, children_of(server.pid)
+            alice = await connect(server, ROOM, "model")
+            clients.append(alice)
+            node_of: dict[Client, str] = {}
+            node_of[alice], seen = await join_and_locate(alice, redis, settings, {})
+            fans: list[Client] = []
+            while len(set(node_of.values())) < 2:
+                assert len(fans) < 16, seen
+                fan = await connect(server, f"fan{len(fans)}")
+                fans.append(fan)
+                clients.append(fan)
+                node_of[fan], seen = await join_and_locate(fan, redis, settings, seen)
+
+            # Which pid serves which node: the node of the killed worker stops
+            # its heartbeat, so the survivors' node is the one still beating
+            # after the kill. Kill the worker that does not serve alice.
+            victim_node = next(n for n in set(node_of.values()) if n != node_of[alice])
+            survivors = [c for c in clients if node_of[c] != victim_node]
+            doomed = [c for c in clients if node_of[c] == victim_node]
+            victim = served_nodes(server)[victim_node]
+            assert victim in before
+            os.kill(victim, signal.SIGKILL)
+            for client in doomed:
+                assert await close_code(client, 5.0) != SERVICE_RESTART
+
+            # The survivors never noticed: still connected, still served.
+            for client in survivors:
+                assert client.ws.close_code is None
+            reply = await survivors[-1].call("say", room=ROOM, text="still here")
+            event = await alice.next_event("message", timeout_s=5)
+            assert event["offset"] == reply["offset"]
+
+            async def replaced() -> bool:
+                pids = worker_pids(server)
+                return len(pids) == 2 and victim not in pids
+
+            await wait_for("a replacement worker", replaced, timeout_s=15)
+            (replacement,) = set(worker_pids(server)) - set(before)
+            assert server.returncode is None, "the parent kept running"
+
+            # The replacement serves: new connections reach it and talk to
+            # alice on the survivor.
+            async def replacement_serving() -> bool:
+                return replacement in served_nodes(server).values()
+
+            await wait_for("the replacement to serve", replacement_serving)
+            new_node = next(n for n, pid in served_nodes(server).items() if pid == replacement)
+            newcomers: list[Client] = []
+            node = ""
+            while node != new_node:
+                assert len(newcomers) < 16, seen
+                fan = await connect(server, f"new{len(newcomers)}")
+                newcomers.append(fan)
+                clients.append(fan)
+                node, seen = await join_and_locate(fan, redis, settings, seen)
+            reply = await fan.call("say", room=ROOM, text="from the replacement")
+            event = await alice.next_event("message", timeout_s=5)
+            assert event["text"] == "from the replacement"
+            assert "replacing it in" in server.log()
+            assert metric_value(await server.metrics(), "tokenchat_worker_replacements_total") == 1
+        finally:
+            await close_all(clients)
+
+
+async def test_workers_that_cannot_start_back_off_and_sigterm_still_stops_the_parent(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Nothing listens on this Redis port: every worker dies while starting.
+    settings = settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    http_port, ws_port = free_port(), free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_fh:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "server.cli", "serve", "--workers", "2"),
+            *("--http-port", str(http_port), "--ws-port", str(ws_port)),
+            env=cli_env(settings, TMPDIR=str(tmp_path), TOKENCHAT_REDIS_TIMEOUT_S="0.5"),
+            stdin=subprocess.DEVNULL,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = ServerProcess(proc, http_port, ws_port, log_path)
+    try:
+        watch_s = 6.0
+
+        async def second_crash_in_a_row() -> bool:
+            return "(crash 2 in a row)" in server.log()
+
+        await wait_for("a second crash in a row", second_crash_in_a_row, timeout_s=watch_s * 2)
+        await asyncio.sleep(watch_s - 2.0)
+        assert server.returncode is None, "the parent gave up:\n" + server.log()
+        # Backoff, not a tight loop: delays of 1, 2, 4 s... allow a handful of
+        # starts per worker place in the whole run, not dozens.
+        starts = server.log().count("starting a replacement")
+        assert 2 <= starts <= 2 * 5, server.log()
+
+        # A signal during a backoff stops the parent, and no worker outlives it.
+        server.send_signal(signal.SIGTERM)
+        await server.wait_exit(settings.shutdown_grace_s + 5)
+        assert worker_pids(server) == []
+    finally:
+        await server.kill_group()
+
+
+def test_replacement_backoff_doubles_per_crash_in_a_row_up_to_its_cap() -> None:
+    assert restart_delay_s(0) == WORKER_RESTART_DELAY_MIN_S  # died in service
+    delays = [restart_delay_s(n) for n in range(1, 12)]
+    assert delays[0] == 2 * WORKER_RESTART_DELAY_MIN_S
+    assert all(b == min(2 * a, WORKER_RESTART_DELAY_MAX_S) for a, b in itertools.pairwise(delays))
+    assert delays[-1] == WORKER_RESTART_DELAY_MAX_S
+    assert restart_delay_s(10_000) == WORKER_RESTART_DELAY_MAX_S
+
+
+def served_nodes(server: ServerProcess) -> dict[str, int]:
+    """node id -> pid, from each worker's "serving: ... (node N, pid P)" log line."""
+    return {node: int(pid) for node, pid in re.findall(r"\(node (\w+), pid (\d+)\)", server.log())}
+
+
+def metric_value(metrics_text: str, name: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics:\n{metrics_text}")
 
 
 # --- 3-5. the other CLI commands --------------------------------------------------------
