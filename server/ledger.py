@@ -187,7 +187,14 @@ class LedgerWriter:
         # means the next batch starts as soon as this one has committed.
         lingers = self._settings.durability == "redis"
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         while True:
+            # A cancellation that landed inside a blocking read can be
+            # swallowed by redis-py, which then reads on: stop here instead
+            # of blocking again (a cancelled writer otherwise lingered for
+            # seconds, one blocking read after another).
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             try:
                 started = loop.time()
                 written = await self.step(block=True)
