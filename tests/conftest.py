@@ -27,6 +27,7 @@ from server.app import Process
 from server.auth import issue_token
 from server.config import Settings
 from server.db import migrate
+from server.node import Node
 from tests.proxy import Proxy
 
 JWT_SECRET = "test-secret-" + "x" * 32
@@ -135,6 +136,12 @@ class Running:
         self.process = process
         self.ws_url = f"ws://127.0.0.1:{process.ws_port}/ws"
         self.http_url = f"http://127.0.0.1:{process.http_port}"
+
+    @property
+    def node(self) -> Node:
+        node = self.process.node
+        assert node is not None, "the process has not started"
+        return node
 
     async def client(
         self,

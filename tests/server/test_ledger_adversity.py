@@ -39,12 +39,6 @@ RECOVERY_TIMEOUT_S = 15.0
 # --- helpers ------------------------------------------------------------------------------
 
 
-def node_of(running: Running) -> Node:
-    node = running.process.node
-    assert node is not None
-    return node
-
-
 async def ledger_tx_ids(settings: Settings, *kinds: str) -> list[str]:
     """Every transaction id in the ledger (of the given kinds), with repeats."""
     rows = await pg(
@@ -142,7 +136,7 @@ async def test_writer_killed_between_commit_and_ack_doubles_nothing(
     # This test is the only writer; spends are acknowledged by Redis (the
     # writer's own guarantees are what it checks).
     running = await start_server(ledger_enabled=0, durability="redis")
-    node = node_of(running)
+    node = running.node
     http = Http(running)
     model, fans, credits = await model_and_fans(running, http, "alice", {"bob": 100}, dm_price=3)
     fan = fans["bob"]
@@ -206,7 +200,7 @@ async def test_a_live_writer_takes_over_a_dead_writers_entries(
     start_server: Callable[..., Awaitable[Running]], redis: Redis
 ) -> None:
     running = await start_server(ledger_enabled=0, durability="redis")
-    node = node_of(running)
+    node = running.node
     http = Http(running)
     model, fans, _ = await model_and_fans(running, http, "alice", {"bob": 50})
     for n in range(3):
@@ -257,7 +251,7 @@ async def test_postgres_away_spends_go_on_and_the_outbox_catches_up(
     running = await start_server(
         database_url=postgres_proxy.url, database_timeout_s=1.0, durability="redis"
     )
-    node = node_of(running)
+    node = running.node
     http = Http(running)
     names = {f"f{i}": 100 for i in range(4)}
     model, fans, acked = await model_and_fans(
@@ -396,7 +390,7 @@ async def test_a_batch_in_flight_when_redis_is_flushed_is_not_committed(
     start_server: Callable[..., Awaitable[Running]], private_redis: str, settings: Settings
 ) -> None:
     running = await start_server(redis_url=private_redis, ledger_enabled=0, durability="redis")
-    node = node_of(running)
+    node = running.node
     http = Http(running)
     model, fans, _ = await model_and_fans(running, http, "alice", {"bob": 50})
     await assert_reconciled(http)
@@ -581,7 +575,7 @@ async def test_connection_killed_mid_command_is_charged_exactly_once(
     http = Http(running)
     model, fans, _ = await model_and_fans(running, http, "alice", {"bob": 1000})
     await fans["bob"].close()
-    node = node_of(running)
+    node = running.node
     bob_balance = node.keys.balance("u:bob")
     rng = random.Random(BANK_SEED)
     outcomes: dict[str, int] = defaultdict(int)

@@ -30,12 +30,6 @@ ACK_TIMEOUT_S = 1.0
 COMMITTED_REPLY_S = 5.0
 
 
-def node_of(running: Running) -> Node:
-    node = running.process.node
-    assert node is not None
-    return node
-
-
 @contextlib.asynccontextmanager
 async def writer_running(node: Node, consumer: str = "test-writer") -> AsyncIterator[None]:
     """A ledger writer of the test's own, for as long as the block lasts."""
@@ -59,7 +53,7 @@ async def room_with_fan(running: Running, http: Http, fan: str, tokens: int) -> 
     """The model alice in her room, and ``fan`` credited and joined."""
     host = await running.client("alice", "model")
     await host.call("join", room="alice")
-    async with writer_running(node_of(running)):
+    async with writer_running(running.node):
         await http.credit(fan, tokens, key=f"credit-{fan}")
     client = await running.client(fan)
     await client.call("join", room="alice")
@@ -67,7 +61,7 @@ async def room_with_fan(running: Running, http: Http, fan: str, tokens: int) -> 
 
 
 async def ledger_ids(running: Running) -> set[str]:
-    rows = await pg(node_of(running).settings, "SELECT id FROM ledger_transactions")
+    rows = await pg(running.node.settings, "SELECT id FROM ledger_transactions")
     return {row["id"] for row in rows}
 
 
@@ -79,7 +73,7 @@ async def test_a_tip_is_answered_only_once_its_row_is_committed(
     tip = asyncio.create_task(fan.request("tip", room="alice", amount=7, key="t1"))
     await asyncio.sleep(ACK_TIMEOUT_S / 2)
     assert not tip.done(), "no writer runs: the tip cannot have been committed"
-    async with writer_running(node_of(running)):
+    async with writer_running(running.node):
         reply = await asyncio.wait_for(tip, COMMITTED_REPLY_S)
     assert reply["type"] == "ok" and reply["balance"] == 93, reply
     assert reply["tx"] in await ledger_ids(running), "answered ok: in the ledger"
@@ -97,7 +91,7 @@ async def test_a_wait_that_times_out_is_unavailable_and_a_retry_learns_the_outco
     # while the original's row is not in the ledger.
     retry = await fan.request("tip", room="alice", amount=7, key="t1")
     assert retry["type"] == "error" and retry["code"] == "UNAVAILABLE", retry
-    async with writer_running(node_of(running)):
+    async with writer_running(running.node):
         retry = await fan.request("tip", room="alice", amount=7, key="t1")
     assert retry["type"] == "ok" and retry.get("duplicate") is True, retry
     assert retry["balance"] == 93, "charged once"
@@ -117,7 +111,7 @@ async def test_a_duplicate_in_flight_waits_for_the_originals_commit(
     second = asyncio.create_task(other_session.request("tip", room="alice", amount=5, key="same"))
     await asyncio.sleep(0.3)
     assert not first.done() and not second.done()
-    async with writer_running(node_of(running)):
+    async with writer_running(running.node):
         one, two = await asyncio.wait_for(asyncio.gather(first, second), COMMITTED_REPLY_S)
     assert one["type"] == two["type"] == "ok", (one, two)
     assert one["tx"] == two["tx"] and two.get("duplicate") is True
@@ -139,7 +133,7 @@ async def test_a_spend_the_ledger_parks_is_answered_so(
     start_server: Callable[..., Awaitable[Running]],
 ) -> None:
     running = await start(start_server, ledger_ack_timeout_s=10.0)
-    node = node_of(running)
+    node = running.node
     fan = await room_with_fan(running, Http(running), "bob", 100)
     # A constraint of the test's own makes Postgres refuse this one key for
     # its data, as it would a value the door let through by mistake.
@@ -165,7 +159,7 @@ async def test_a_redis_wipe_loses_no_acknowledged_spend(
     start_server: Callable[..., Awaitable[Running]], private_redis: str
 ) -> None:
     running = await start(start_server, redis_url=private_redis)
-    node = node_of(running)
+    node = running.node
     fan = await room_with_fan(running, Http(running), "bob", 100)
     async with writer_running(node):
         acked = [await fan.call("tip", room="alice", amount=n, key=f"t{n}") for n in range(1, 6)]
@@ -183,7 +177,7 @@ async def test_a_redis_older_than_the_ledger_is_rebuilt_before_it_takes_a_spend(
     start_server: Callable[..., Awaitable[Running]], private_redis: str
 ) -> None:
     running = await start(start_server, redis_url=private_redis)
-    node = node_of(running)
+    node = running.node
     keys = Keys(node.settings.redis_prefix)
     fan = await room_with_fan(running, Http(running), "bob", 100)
     async with writer_running(node):
@@ -219,13 +213,13 @@ async def test_the_writer_does_not_linger_in_ledger_mode(
     # before it; group commit starts the next batch at once.
     running = await start(start_server, ledger_linger_ms=10_000)
     fan = await room_with_fan(running, Http(running), "bob", 100)
-    async with writer_running(node_of(running)):
+    async with writer_running(running.node):
         for n in range(3):
             await asyncio.wait_for(
                 fan.call("tip", room="alice", amount=1, key=f"t{n}"), COMMITTED_REPLY_S / 2
             )
 
     async def drained() -> bool:
-        return await node_of(running).ledger.pending() == 0
+        return await running.node.ledger.pending() == 0
 
     await eventually(drained)

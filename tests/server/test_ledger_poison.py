@@ -28,12 +28,6 @@ pytestmark = pytest.mark.timeout(60)
 DRAIN_TIMEOUT_S = 10.0
 
 
-def node_of(running: Running) -> Node:
-    node = running.process.node
-    assert node is not None
-    return node
-
-
 def tip_fields(**changes: str) -> dict[str, str]:
     """A tip entry as tip.lua writes it (bob tips alice 1), with changes."""
     tx = uuid.uuid4().hex
@@ -79,8 +73,7 @@ async def drain_with_own_writer(node: Node, **overrides: Any) -> None:
 
 async def ledger_ids(running: Running) -> set[str]:
     return {
-        row["id"]
-        for row in await pg(node_of(running).settings, "SELECT id FROM ledger_transactions")
+        row["id"] for row in await pg(running.node.settings, "SELECT id FROM ledger_transactions")
     }
 
 
@@ -88,7 +81,7 @@ async def test_poisoned_entries_are_parked_and_the_rest_of_the_batch_lands(
     start_server: Callable[..., Awaitable[Running]], redis: Redis
 ) -> None:
     running = await start_server(ledger_enabled=0, durability="redis")  # the only writer
-    node = node_of(running)
+    node = running.node
     http = Http(running)
     host = await running.client("alice", "model")
     await host.call("join", room="alice")
@@ -155,7 +148,7 @@ async def test_the_running_writer_parks_a_poison_and_keeps_going(
 ) -> None:
     """The writer inside `serve` (its run loop, not drain) is not stalled."""
     running = await start_server(ledger_block_ms=100)
-    node = node_of(running)
+    node = running.node
     http = Http(running)
     poison = await xadd(redis, node, tip_fields(key="k\x00x"))
     credit = await http.credit("bob", 10)
@@ -200,7 +193,7 @@ async def test_ws_keys_are_printable_ascii(
     start_server: Callable[..., Awaitable[Running]], redis: Redis, subprotocol: str
 ) -> None:
     running = await start_server(ledger_enabled=0, durability="redis")
-    node = node_of(running)
+    node = running.node
     http = Http(running)
     host = await running.client("alice", "model")
     await host.call("join", room="alice")
@@ -224,7 +217,7 @@ async def test_http_identifiers_are_printable_ascii(
     start_server: Callable[..., Awaitable[Running]], redis: Redis
 ) -> None:
     running = await start_server(ledger_enabled=0, durability="redis")  # the outbox shows all
-    node = node_of(running)
+    node = running.node
     http = Http(running)
     await http.credit("bob", 10)
     before = int(await redis.xlen(node.keys.outbox()))
