@@ -124,14 +124,14 @@ class Settings:
     # Run the ledger writer inside `serve` (0 when `tokenchat ledger` runs it).
     ledger_enabled: int = 1
     # Entries the writer moves to Postgres per transaction: large enough that
-    # COPY amortises the round trips, small enough that a batch commits in ms.
+    # one statement amortises the round trips, small enough that a batch commits in ms.
     ledger_batch_max: int = 1000
     # How long the writer's read waits for new entries before looking again.
     ledger_block_ms: int = 1000
     # Least time between the starts of two batches while entries keep coming
     # (durability `redis` only: in `ledger` mode spends wait on every commit,
     # so a batch starts as soon as the previous one has committed):
-    # each Postgres transaction has a fixed cost (staging, triggers, commit),
+    # each Postgres transaction has a fixed cost (round trips, triggers, commit),
     # so a writer that ran one per handful of entries spent twice the Postgres
     # CPU per tip (tips benchmark); 50 ms bounds that to 20 batches/s at the
     # price of at most 50 ms of ledger lag. An idle writer does not wait.

@@ -3,9 +3,10 @@
 Money scripts append one entry per transaction to the outbox stream. Writers
 (one per ``serve`` process, or ``tokenchat ledger``) read it through one
 consumer group, so each entry goes to one writer at a time, and write a batch
-in one Postgres transaction: COPY into staging tables, then
-``INSERT ... ON CONFLICT DO NOTHING`` on the transaction id, the postings of
-the transactions actually inserted, and the accounts' running balances. Only
+in one Postgres transaction of one statement (``_WRITE_BATCH``, the batch as
+arrays): ``INSERT ... ON CONFLICT DO NOTHING`` on the transaction id, the
+postings of the transactions actually inserted, and the accounts' running
+balances. Only
 after COMMIT are the entries acknowledged and deleted from the stream, so an
 entry leaves Redis only once it is in Postgres. A writer that dies between
 COMMIT and XACK leaves entries that another writer claims (XAUTOCLAIM) and
@@ -365,18 +366,29 @@ class LedgerWriter:
 
     async def _write(self, entries: list[Entry], epoch: str) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            await _stage(conn, entries)
-            deltas = await conn.fetch(_INSERT_NEW)
-            if deltas:
-                await conn.execute(
-                    """UPDATE accounts SET balance = accounts.balance + d.delta
-                       FROM unnest($1::text[], $2::bigint[]) AS d(id, delta)
-                       WHERE accounts.id = d.id""",
-                    [row["account_id"] for row in deltas],
-                    [row["delta"] for row in deltas],
-                )
-            await _record_watermark(conn, epoch, self._consumer, entries)
-            refused = {row["outbox_id"] for row in await conn.fetch(_NOT_RECORDED)}
+            newest = max(_stream_position(entry.outbox_id) for entry in entries)
+            accounts = [account for e in entries for account, _ in e.postings]
+            await conn.execute(_NEW_ACCOUNTS, accounts)
+            rows = await conn.fetch(
+                _WRITE_BATCH,
+                [e.tx for e in entries],
+                [e.kind for e in entries],
+                [e.initiator for e in entries],
+                [e.key for e in entries],
+                [e.reverses for e in entries],
+                [e.request for e in entries],
+                [e.reply for e in entries],
+                [e.meta for e in entries],
+                [e.applied_ms for e in entries],
+                [e.outbox_id for e in entries],
+                [e.tx for e in entries for _ in e.postings],
+                accounts,
+                [amount for e in entries for _, amount in e.postings],
+                epoch,
+                self._consumer,
+                *newest,
+            )
+            refused = {row["outbox_id"] for row in rows}
             # The fence: commit only into the Redis dataset the batch came from.
             if await self._economy.epoch(rebuilding_ok=True) != epoch:
                 raise RedisReset("Redis was reset while this batch was written; dropping it")
@@ -475,93 +487,61 @@ def _is_data_refusal(exc: BaseException) -> bool:
     return isinstance(exc, _UNSENDABLE)
 
 
-async def _stage(conn: Any, entries: list[Entry]) -> None:
-    await conn.execute(
-        """CREATE TEMP TABLE IF NOT EXISTS staging_tx (
-               id text, kind text, initiator text, idem_key text, reverses text,
-               request text, reply text, meta text, applied_ms bigint, outbox_id text
-           ) ON COMMIT DELETE ROWS;
-           CREATE TEMP TABLE IF NOT EXISTS staging_postings (
-               tx_id text, account_id text, amount bigint
-           ) ON COMMIT DELETE ROWS"""
-    )
-    await conn.copy_records_to_table(
-        "staging_tx",
-        records=[
-            (
-                e.tx,
-                e.kind,
-                e.initiator,
-                e.key,
-                e.reverses,
-                e.request,
-                e.reply,
-                e.meta,
-                e.applied_ms,
-                e.outbox_id,
-            )
-            for e in entries
-        ],
-    )
-    await conn.copy_records_to_table(
-        "staging_postings",
-        records=[(e.tx, account, amount) for e in entries for account, amount in e.postings],
-    )
-    await conn.execute(
-        """INSERT INTO accounts (id, kind)
-           SELECT DISTINCT account_id, 'user' FROM staging_postings WHERE account_id LIKE 'u:%'
-           ON CONFLICT (id) DO NOTHING"""
-    )
-
-
-async def _record_watermark(conn: Any, epoch: str, writer: str, entries: list[Entry]) -> None:
-    """Remember the newest outbox entry of this epoch that the ledger holds, so
-    that a Redis which comes back older than that is caught (Economy.ensure_fresh).
-    One row per writer, so concurrent writers never wait on each other's row."""
-    newest = max(_stream_position(entry.outbox_id) for entry in entries)
-    await conn.execute(
-        """INSERT INTO ledger_watermarks AS w (epoch, writer, last_ms, last_seq)
-           VALUES ($1, $2, $3, $4)
-           ON CONFLICT (epoch, writer) DO UPDATE
-               SET last_ms = EXCLUDED.last_ms, last_seq = EXCLUDED.last_seq, updated_at = now()
-               WHERE (w.last_ms, w.last_seq) < (EXCLUDED.last_ms, EXCLUDED.last_seq)""",
-        epoch,
-        writer,
-        *newest,
-    )
-
-
 def _stream_position(outbox_id: str) -> tuple[int, int]:
     ms, _, seq = outbox_id.partition("-")
     return int(ms), int(seq)
 
 
-# The new transactions, their postings, and each account's change, in one
-# statement; a transaction id seen before inserts nothing (a re-delivery).
-_INSERT_NEW = """
-WITH inserted AS (
+# A whole batch in one statement, from arrays (no staging tables: creating,
+# filling and truncating them on every commit was most of a small batch's
+# cost). The new transactions; the postings of those actually inserted (a
+# transaction id seen before inserts nothing: a re-delivery); each account's
+# running balance raised by its postings' sum (new users' accounts are made
+# by _NEW_ACCOUNTS just before: a sibling of this statement could not see
+# them); the writer's watermark for this epoch (see Economy.ensure_fresh). It returns the
+# outbox ids of entries in neither the ledger nor this batch's inserts: they
+# collided with another transaction on the refund (`reverses` is unique).
+_NOT_RECORDED_REASON = "another transaction already holds its refund"
+_NEW_ACCOUNTS = """
+INSERT INTO accounts (id, kind)
+SELECT DISTINCT id, 'user' FROM unnest($1::text[]) AS a(id) WHERE id LIKE 'u:%'
+ORDER BY 1
+ON CONFLICT (id) DO NOTHING
+"""
+_WRITE_BATCH = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[])
+        AS b(id, kind, initiator, idem_key, reverses, request, reply, meta, applied_ms,
+             outbox_id)
+), inserted AS (
     INSERT INTO ledger_transactions
         (id, kind, initiator, idem_key, reverses, request, reply, meta, applied_ms, outbox_id)
     SELECT id, kind, initiator, idem_key, reverses, request, reply::jsonb, meta::jsonb,
            applied_ms, outbox_id
-    FROM staging_tx ORDER BY outbox_id
+    FROM batch ORDER BY outbox_id
     ON CONFLICT DO NOTHING
     RETURNING id
 ), posted AS (
     INSERT INTO ledger_postings (tx_id, account_id, amount)
-    SELECT p.tx_id, p.account_id, p.amount
-    FROM staging_postings p JOIN inserted i ON i.id = p.tx_id
+    SELECT l.tx_id, l.account_id, l.amount
+    FROM unnest($11::text[], $12::text[], $13::bigint[]) AS l(tx_id, account_id, amount)
+    JOIN inserted i ON i.id = l.tx_id
     RETURNING account_id, amount
+), balances AS (
+    UPDATE accounts a SET balance = a.balance + d.delta
+    FROM (SELECT account_id, sum(amount) AS delta FROM posted GROUP BY account_id) d
+    WHERE a.id = d.account_id
+), watermark AS (
+    INSERT INTO ledger_watermarks AS w (epoch, writer, last_ms, last_seq)
+    VALUES ($14, $15, $16, $17)
+    ON CONFLICT (epoch, writer) DO UPDATE
+        SET last_ms = EXCLUDED.last_ms, last_seq = EXCLUDED.last_seq, updated_at = now()
+        WHERE (w.last_ms, w.last_seq) < (EXCLUDED.last_ms, EXCLUDED.last_seq)
 )
-SELECT account_id, sum(amount)::bigint AS delta FROM posted GROUP BY account_id ORDER BY account_id
-"""
-
-# Staged entries that are in neither the ledger (by id) nor were inserted:
-# they collided with another transaction on the refund (`reverses` is unique).
-_NOT_RECORDED_REASON = "another transaction already holds its refund"
-_NOT_RECORDED = """
-SELECT s.* FROM staging_tx s
-WHERE NOT EXISTS (SELECT 1 FROM ledger_transactions t WHERE t.id = s.id)
+SELECT b.outbox_id FROM batch b
+WHERE NOT EXISTS (SELECT 1 FROM inserted i WHERE i.id = b.id)
+  AND NOT EXISTS (SELECT 1 FROM ledger_transactions t WHERE t.id = b.id)
 """
 
 

@@ -377,7 +377,7 @@ async def test_unbalanced_transactions_cannot_be_committed(
     conn = await asyncpg.connect(settings.database_url)
     try:
         await conn.execute(f'SET search_path TO "{settings.database_schema}"')
-        with pytest.raises(asyncpg.RaiseError, match="unbalanced"):
+        with pytest.raises(asyncpg.CheckViolationError, match="unbalanced"):
             async with conn.transaction():
                 await conn.execute(
                     """INSERT INTO ledger_transactions (id, kind, initiator, idem_key, request,
