@@ -68,9 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _listen_args(dev)
     dev.add_argument("--data-dir", type=Path, default=DEV_DATA_DIR)
 
-    from client_demo import cli as chat_cli
+    from tokenchat.client_demo import cli as chat_cli
 
-    chat = sub.add_parser("chat", help="terminal chat client (python -m client_demo.cli)")
+    chat = sub.add_parser("chat", help="terminal chat client (python -m tokenchat.client_demo.cli)")
     chat_cli.add_arguments(chat)
 
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from protocol.limits import HISTORY_LEN_MAX
+from tokenchat.protocol.limits import HISTORY_LEN_MAX
 
 from .auth import JWT_SECRET_BYTES_MIN
 

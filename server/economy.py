@@ -32,7 +32,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from protocol.limits import AMOUNT_MAX, AMOUNT_MIN
+from tokenchat.protocol.limits import AMOUNT_MAX, AMOUNT_MIN
 
 from .batcher import LuaScript, ScriptBatcher
 from .config import Settings

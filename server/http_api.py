@@ -21,10 +21,10 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-import client_demo
-from protocol import ErrorCode, WireField
-from protocol.commands import KEY, PAYMENT_REF, TX_ID
-from protocol.limits import AMOUNT_MAX, AMOUNT_MIN, USER_ID_RE
+from tokenchat import client_demo
+from tokenchat.protocol import ErrorCode, WireField
+from tokenchat.protocol.commands import KEY, PAYMENT_REF, TX_ID
+from tokenchat.protocol.limits import AMOUNT_MAX, AMOUNT_MIN, USER_ID_RE
 
 from . import metrics
 from .auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token

@@ -29,7 +29,7 @@ from typing import Protocol
 from websockets.asyncio.connection import Connection
 from websockets.protocol import State
 
-from protocol import json_to_msgpack
+from tokenchat.protocol import json_to_msgpack
 
 from . import metrics
 from .rooms import Offset, parse_offset

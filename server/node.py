@@ -19,7 +19,7 @@ import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from protocol import events
+from tokenchat.protocol import events
 
 from .aio import reraise_if_cancelled
 from .broker import RedisBroker

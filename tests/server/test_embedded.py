@@ -20,9 +20,9 @@ import asyncpg
 import pytest
 import redis
 
-from server import embedded
-from server.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 from tests.server.proc import free_port
+from tokenchat.server import embedded
+from tokenchat.server.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0

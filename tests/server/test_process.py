@@ -1,6 +1,6 @@
 """Process-level tests: the real ``tokenchat`` command as an operator runs it.
 
-Each test starts ``python -m server.cli ...`` as a subprocess against the real
+Each test starts ``python -m tokenchat.server.cli ...`` as a subprocess against the real
 Redis and Postgres (isolated by the ``settings`` fixture's key prefix and
 schema) and talks to it over TCP only: WebSocket clients, HTTP, and Redis to
 look at what the processes left there.
@@ -28,11 +28,6 @@ import pytest
 from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
-from client_demo.client import Client
-from server.app import WORKER_RESTART_DELAY_MAX_S, WORKER_RESTART_DELAY_MIN_S, restart_delay_s
-from server.auth import TOKEN_TTL_DEFAULT_S, Identity, verify_token
-from server.config import Settings
-from server.errors import Unauthenticated
 from tests.conftest import DATABASE_URL, JWT_SECRET, token
 from tests.server.proc import (
     ServerProcess,
@@ -49,6 +44,15 @@ from tests.server.proc import (
     wait_for,
     worker_pids,
 )
+from tokenchat.client_demo.client import Client
+from tokenchat.server.app import (
+    WORKER_RESTART_DELAY_MAX_S,
+    WORKER_RESTART_DELAY_MIN_S,
+    restart_delay_s,
+)
+from tokenchat.server.auth import TOKEN_TTL_DEFAULT_S, Identity, verify_token
+from tokenchat.server.config import Settings
+from tokenchat.server.errors import Unauthenticated
 
 pytestmark = pytest.mark.timeout(60)
 # The default cap on a token's life, as the server under test applies it.
@@ -467,7 +471,7 @@ async def test_workers_that_cannot_start_back_off_and_sigterm_still_stops_the_pa
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_fh:
         proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "server.cli", "serve", "--workers", "2"),
+            *(sys.executable, "-m", "tokenchat.server.cli", "serve", "--workers", "2"),
             *("--http-port", str(http_port), "--ws-port", str(ws_port)),
             env=cli_env(settings, TMPDIR=str(tmp_path), TOKENCHAT_REDIS_TIMEOUT_S="0.5"),
             stdin=subprocess.DEVNULL,
@@ -599,7 +603,7 @@ async def test_procfile_shape_serve_without_writer_and_ledger_alone_with_metrics
     ledger_log = (tmp_path / "ledger.log").open("wb")
     ledger = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "server.cli", "ledger", "--metrics-port", str(metrics_port)),
+        *("-m", "tokenchat.server.cli", "ledger", "--metrics-port", str(metrics_port)),
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=ledger_log,
