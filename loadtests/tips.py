@@ -110,7 +110,7 @@ from loadtests.fanout import (
     run_load_process,
     start_py_spy,
 )
-from tokenchat.server.batcher import LuaScript, send_pipeline
+from tokenchat.server.economy.batcher import LuaScript, send_pipeline
 
 Phase = Literal["full", "capped"]
 Mode = Literal["pipelined", "unpipelined"]
@@ -195,7 +195,7 @@ IDLE_SAMPLE_S = 1.0
 OTHER_BUSY_WARN_PCT = 25.0  # % of one CPU
 
 # Frames of the fast path, compared as bytes: the server encodes replies with
-# orjson and `type` first (protocol.events), and every event has no `re`.
+# orjson and `type` first (tokenchat.protocol.events), and every event has no `re`.
 OK_PREFIX = b'{"type":"ok"'
 ERROR_PREFIX = b'{"type":"error"'
 DUPLICATE_MARK = b'"duplicate":true'
@@ -522,7 +522,7 @@ class VirtualFan:
 
     def __init__(self, index: int, rooms: int, prefix: str, sha: str) -> None:
         from tokenchat.server.config import Settings
-        from tokenchat.server.economy import fingerprint, user_account, user_initiator
+        from tokenchat.server.economy.economy import fingerprint, user_account, user_initiator
         from tokenchat.server.keys import Keys
 
         keys, settings = Keys(prefix), Settings()
@@ -559,7 +559,7 @@ class VirtualFan:
 
     def call(self) -> list[str | bytes | int]:
         """EVALSHA's arguments for the next tip, in ``Economy.tip``'s order."""
-        from tokenchat.server.economy import new_tx_id
+        from tokenchat.server.economy.economy import new_tx_id
 
         self.seq += 1
         key = f"{self.nonce}-{self.seq}"
@@ -679,9 +679,9 @@ async def delete_matching(redis: Any, pattern: str) -> int:
 async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
     from redis.asyncio import Redis
 
-    from tokenchat.server.economy import user_account
+    from tokenchat.server.economy.economy import user_account
+    from tokenchat.server.economy.scripts import lua_script
     from tokenchat.server.keys import Keys
-    from tokenchat.server.scripts import lua_script
 
     keys = Keys(spec.prefix)
     # A connection per unpipelined fan, plus the trimmer's and spare ones.

@@ -149,7 +149,7 @@ def _ledger(settings: Settings, metrics_port: int) -> int:
     """The ledger writer as its own process (`serve` runs one too unless
     TOKENCHAT_LEDGER_ENABLED=0); several may run at once."""
     from .app import run
-    from .node import Node
+    from .gateway.node import Node
 
     if metrics_port:
         # The writer has no HTTP API of its own; the metrics server (a thread)
@@ -182,8 +182,8 @@ def _reconcile(settings: Settings, timeout_s: float) -> int:
     """Exit 0 when Redis and Postgres agree, 1 with the mismatches otherwise."""
     import json
 
-    from .ledger import reconcile
-    from .node import Node
+    from .gateway.node import Node
+    from .ledger.writer import reconcile
 
     async def check() -> dict[str, object]:
         node = await Node.connect(settings)
@@ -256,7 +256,7 @@ def _dev_run(args: argparse.Namespace) -> int:
         if not os.environ.get("TOKENCHAT_REDIS_URL") or not os.environ.get(
             "TOKENCHAT_DATABASE_URL"
         ):
-            from . import embedded
+            from .devstack import embedded
 
             available, hint = embedded.binaries_available()
             if not available:
@@ -311,8 +311,8 @@ def _dev_run(args: argparse.Namespace) -> int:
 async def _seed(settings: Settings, tokens: dict[str, str]) -> None:
     """Create the demo users (and so the demo model's room)."""
     from .auth import verify_token
-    from .economy import DEV_INITIATOR
-    from .node import Node
+    from .economy.economy import DEV_INITIATOR
+    from .gateway.node import Node
 
     # The seed runs before serving, with no ledger writer yet to confirm its
     # credit: it is acknowledged by Redis, and the server's writer records it.

@@ -26,7 +26,7 @@ class Chat:
     @classmethod
     async def start(cls, *args: str, command: tuple[str, ...] | None = None) -> Chat:
         process = await asyncio.create_subprocess_exec(
-            *(command or (sys.executable, "-m", "client_demo.cli")),
+            *(command or (sys.executable, "-m", "tokenchat.client_demo.cli")),
             *args,
             cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,

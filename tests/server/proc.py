@@ -85,7 +85,7 @@ async def run_cli(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server.cli",
+        "tokenchat.server.cli",
         *args,
         env=dict(env),
         cwd=cwd,
@@ -190,7 +190,7 @@ async def serve(
     args = [
         sys.executable,
         "-m",
-        "server.cli",
+        "tokenchat.server.cli",
         "serve",
         "--host",
         "127.0.0.1",

@@ -29,7 +29,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tokenchat.client_demo.client import Client
-from tokenchat.server import embedded
+from tokenchat.server.devstack import embedded
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A first run creates the PostgreSQL cluster (initdb: about a second here),

@@ -21,8 +21,8 @@ import pytest
 import redis
 
 from tests.server.proc import free_port
-from tokenchat.server import embedded
-from tokenchat.server.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
+from tokenchat.server.devstack import embedded
+from tokenchat.server.devstack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
@@ -374,7 +374,7 @@ def test_servers_left_by_a_killed_run_are_stopped(data_dir: Path) -> None:
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from server.embedded import EmbeddedPostgres, EmbeddedRedis\n"
+        "from tokenchat.server.devstack.embedded import EmbeddedPostgres, EmbeddedRedis\n"
         "d = Path(sys.argv[1])\n"
         "r, p = EmbeddedRedis(d), EmbeddedPostgres(d)\n"
         "r.start(); p.start()\n"
@@ -414,7 +414,7 @@ def test_interrupted_initdb_leaves_no_half_made_cluster(data_dir: Path) -> None:
     script = (
         "import os, signal, sys, threading, time\n"
         "from pathlib import Path\n"
-        "from server.embedded import EmbeddedPostgres\n"
+        "from tokenchat.server.devstack.embedded import EmbeddedPostgres\n"
         "d = Path(sys.argv[1])\n"
         "def interrupt():\n"
         "    while not (d / 'postgres' / 'data.initdb' / 'PG_VERSION').exists():\n"

@@ -22,10 +22,10 @@ from tests.conftest import Http, Running, eventually, pg
 from tests.proxy import Proxy
 from tokenchat.client_demo.client import Client
 from tokenchat.server.config import Settings
-from tokenchat.server.economy import Economy
+from tokenchat.server.economy.economy import Economy
+from tokenchat.server.gateway.node import Node
 from tokenchat.server.keys import Keys
-from tokenchat.server.ledger import GROUP, LedgerWriter, RedisReset
-from tokenchat.server.node import Node
+from tokenchat.server.ledger.writer import GROUP, LedgerWriter, RedisReset
 
 pytestmark = pytest.mark.timeout(60)
 

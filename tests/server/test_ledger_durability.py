@@ -18,9 +18,9 @@ from redis.asyncio import Redis
 
 from tests.conftest import Http, Running, eventually, pg
 from tokenchat.client_demo.client import Client
+from tokenchat.server.gateway.node import Node
 from tokenchat.server.keys import Keys
-from tokenchat.server.ledger import LedgerWriter
-from tokenchat.server.node import Node
+from tokenchat.server.ledger.writer import LedgerWriter
 
 pytestmark = pytest.mark.timeout(60)
 

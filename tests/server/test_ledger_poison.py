@@ -20,8 +20,8 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import Http, Running, pg
-from tokenchat.server.ledger import LedgerWriter, escape_text
-from tokenchat.server.node import Node
+from tokenchat.server.gateway.node import Node
+from tokenchat.server.ledger.writer import LedgerWriter, escape_text
 
 pytestmark = pytest.mark.timeout(60)
 

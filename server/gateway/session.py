@@ -42,10 +42,10 @@ from tokenchat.protocol import (
 )
 from tokenchat.protocol.codec import Codec
 
-from . import metrics
-from .auth import Identity, verify_token
-from .errors import LimitExceeded, NotFound, NotInRoom, ServiceError
-from .ratelimit import TokenBucket
+from .. import metrics
+from ..auth import Identity, verify_token
+from ..errors import LimitExceeded, NotFound, NotInRoom, ServiceError
+from ..ratelimit import TokenBucket
 from .rooms import Offset, parse_offset
 
 if TYPE_CHECKING:

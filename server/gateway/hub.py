@@ -31,7 +31,7 @@ from websockets.protocol import State
 
 from tokenchat.protocol import json_to_msgpack
 
-from . import metrics
+from .. import metrics
 from .rooms import Offset, parse_offset
 
 log = logging.getLogger(__name__)

@@ -46,11 +46,12 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from . import confirmations, metrics
-from .aio import reraise_if_cancelled
-from .config import Settings
-from .economy import Economy
-from .keys import Keys, glob_escape
+from .. import metrics
+from ..aio import reraise_if_cancelled
+from ..config import Settings
+from ..economy.economy import Economy
+from ..keys import Keys, glob_escape
+from . import confirmations
 
 log = logging.getLogger(__name__)
 

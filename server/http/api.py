@@ -26,10 +26,10 @@ from tokenchat.protocol import ErrorCode, WireField
 from tokenchat.protocol.commands import KEY, PAYMENT_REF, TX_ID
 from tokenchat.protocol.limits import AMOUNT_MAX, AMOUNT_MIN, USER_ID_RE
 
-from . import metrics
-from .auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token
-from .economy import PAYMENTS_INITIATOR, new_tx_id, user_initiator
-from .errors import (
+from .. import metrics
+from ..auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token
+from ..economy.economy import PAYMENTS_INITIATOR, new_tx_id, user_initiator
+from ..errors import (
     BadRequest,
     Conflict,
     Forbidden,
@@ -39,11 +39,11 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .health import HEALTHY, HEALTHZ_PATH, READYZ_PATH, readiness
-from .ledger import parked_entries, reconcile
-from .node import Node
+from ..gateway.health import HEALTHY, HEALTHZ_PATH, READYZ_PATH, readiness
+from ..gateway.node import Node
+from ..ledger.writer import parked_entries, reconcile
+from ..ratelimit import KeyedLimiter
 from .payments import provider_named
-from .ratelimit import KeyedLimiter
 
 # Largest request body: every body here is a few small fields.
 BODY_SIZE_MAX_BYTES = 16 * 1024
