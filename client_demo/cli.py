@@ -89,15 +89,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, prog: str = "python -m tokenchat.client_demo.cli"
+) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tokenchat.client_demo.cli",
+        prog=prog,
         description="tokenchat terminal client",
         epilog=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+def tokenchat_chat(argv: Sequence[str]) -> int:
+    """``tokenchat chat ARGS``: registered in the ``tokenchat.commands`` entry points."""
+    return main(argv, prog="tokenchat chat")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -117,3 +117,38 @@ def test_python_dash_m_tokenchat_is_the_command(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: tokenchat")
+
+
+def _modules_after(code: str, tmp_path: Path) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout.split()
+
+
+def test_the_server_never_imports_the_client(tmp_path: Path) -> None:
+    # Every server module, the HTTP API (which serves the demo page) and the
+    # CLI (whose `chat` the client registers) included.
+    loaded = _modules_after(
+        "import importlib, pkgutil, tokenchat.server as s\n"
+        "for m in pkgutil.walk_packages(s.__path__, 'tokenchat.server.'):\n"
+        "    if m.name.replace('.', '').isidentifier(): importlib.import_module(m.name)\n"
+        "from tokenchat.server.http.api import STATIC_DIR\n"
+        "assert (STATIC_DIR / 'index.html').is_file()",
+        tmp_path,
+    )
+    assert "tokenchat.server.cli" in loaded and "tokenchat.server.http.api" in loaded
+    assert [m for m in loaded if m.startswith("tokenchat.client_demo")] == []
+
+
+def test_the_ledger_runs_without_a_gateway(tmp_path: Path) -> None:
+    loaded = _modules_after(
+        "import tokenchat.server.cli, tokenchat.server.ledger.standalone", tmp_path
+    )
+    assert "tokenchat.server.ledger.writer" in loaded
+    assert [m for m in loaded if m.startswith("tokenchat.server.gateway")] == []

@@ -177,6 +177,11 @@ class LedgerWriter:
         # A batch of this writer failed: its entries are pending for it alone.
         self._retry_own = False
 
+    @property
+    def consumer(self) -> str:
+        """This writer's name in the outbox's consumer group."""
+        return self._consumer
+
     async def close(self) -> None:
         await self._redis.aclose()
 

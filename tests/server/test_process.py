@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 import signal
@@ -597,7 +598,8 @@ async def test_procfile_shape_serve_without_writer_and_ledger_alone_with_metrics
     settings: Settings, tmp_path: Path
 ) -> None:
     """As the Procfile deploys it: `serve` with TOKENCHAT_LEDGER_ENABLED=0, and
-    `tokenchat ledger --metrics-port P` moving what was spent into Postgres."""
+    `tokenchat ledger --metrics-port P` moving what was spent into Postgres, and
+    `tokenchat reconcile` finding the books equal."""
     metrics_port = free_port()
     env = cli_env(settings)
     ledger_log = (tmp_path / "ledger.log").open("wb")
@@ -646,6 +648,10 @@ async def test_procfile_shape_serve_without_writer_and_ledger_alone_with_metrics
             assert "tokenchat_ledger_entries_total 0.0" in serve_metrics or (
                 "tokenchat_ledger_entries_total" not in serve_metrics
             ), "serve wrote ledger entries though its writer is off"
+            # `tokenchat reconcile`, like the writer, runs without a gateway.
+            reconciled = await run_cli("reconcile", "--timeout", "10", env=env)
+            assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
+            assert json.loads(reconciled.stdout)["ok"] is True
         ledger.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
             assert await ledger.wait() == 0
