@@ -1,6 +1,6 @@
-"""A terminal chat client on ``client_demo.client.Session``.
+"""A terminal chat client on ``tokenchat.client_demo.client.Session``.
 
-    python -m client_demo.cli --url ws://127.0.0.1:8001/ws --token TOKEN [--room ROOM]
+    python -m tokenchat.client_demo.cli --url ws://127.0.0.1:8001/ws --token TOKEN [--room ROOM]
     tokenchat chat --url ... --token ... [--room ROOM] [--http http://127.0.0.1:8000]
 
 It reads lines from standard input (a terminal or a pipe) and prints what
@@ -42,7 +42,7 @@ from typing import Any
 
 from websockets.exceptions import InvalidHandshake
 
-from protocol import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
+from tokenchat.protocol import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
 
 from .client import CommandError, Event, Session, SessionClosed
 
@@ -89,15 +89,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, prog: str = "python -m tokenchat.client_demo.cli"
+) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m client_demo.cli",
+        prog=prog,
         description="tokenchat terminal client",
         epilog=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+def tokenchat_chat(argv: Sequence[str]) -> int:
+    """``tokenchat chat ARGS``: registered in the ``tokenchat.commands`` entry points."""
+    return main(argv, prog="tokenchat chat")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ Two layers:
   spend and reused on every retry, so a spend whose reply was lost is charged
   once.
 
-``python -m client_demo.cli`` is a terminal client built on ``Session``.
+``python -m tokenchat.client_demo.cli`` is a terminal client built on ``Session``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from protocol import JSON_SUBPROTOCOL, CloseCode, Codec, ErrorCode, codec_for
+from tokenchat.protocol import JSON_SUBPROTOCOL, CloseCode, Codec, ErrorCode, codec_for
 
 # Events held for a caller that is not consuming them; a client that never
 # reads its events should not grow without bound either.

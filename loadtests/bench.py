@@ -193,7 +193,7 @@ def serve_socketio(port: int, redis_url: str, channel: str) -> None:
     sio.on("connect", connect)
     sio.on("say", say)
     app = socketio.ASGIApp(sio)
-    from server.aio import tune_gc
+    from tokenchat.server.aio import tune_gc
 
     tune_gc()  # as tokenchat's processes do, so that the comparison is of servers
     uvicorn.run(app, host=HOST, port=port, loop="uvloop", log_level="warning", lifespan="off")
@@ -303,7 +303,7 @@ class PeerBench(Bench):
     def start_server(self, kind: Kind) -> Server:
         if kind == "tokenchat":
             return super().start_server(kind)
-        from server.config import Settings
+        from tokenchat.server.config import Settings
 
         port = free_port()
         argv = [
@@ -682,8 +682,8 @@ def ledger_drain_run(
     ``tokenchat ledger`` empties it."""
     from redis import Redis
 
-    from server.config import Settings
-    from server.keys import Keys
+    from tokenchat.server.config import Settings
+    from tokenchat.server.keys import Keys
 
     outbox = Keys(bench.redis_prefix).outbox()
     saved_timing = (bench.args.warmup, bench.args.duration)
@@ -702,7 +702,7 @@ def ledger_drain_run(
             bench.stop_tokenchat(server)
         entries = int(client.xlen(outbox))
         started = time.monotonic()
-        writer = bench._spawn("tokenchat", ["-m", "server.cli", "ledger"], bench.env, 0)
+        writer = bench._spawn("tokenchat", ["-m", "tokenchat.server.cli", "ledger"], bench.env, 0)
         first_drop: tuple[float, int] | None = None
         while True:
             left = int(client.xlen(outbox))

@@ -478,7 +478,7 @@ async def _command(
 
 
 def _token(jwt_secret: str, user_id: str, role: str) -> str:
-    from server.auth import issue_token
+    from tokenchat.server.auth import issue_token
 
     return issue_token(jwt_secret, user_id, role)
 
@@ -668,7 +668,7 @@ def raise_open_files_limit() -> int:
 def run_on_uvloop(coro_factory: Callable[[], Any]) -> None:
     import uvloop
 
-    from server.aio import tune_gc
+    from tokenchat.server.aio import tune_gc
 
     # As the server does: a load process's own full collections would stall
     # its clients and show up in the measured latency as the server's.
@@ -833,7 +833,7 @@ class Bench:
         # that starts, even if a migration was added since the last run.
         self.migrated = True  # from now on there may be a schema to drop
         subprocess.run(
-            [sys.executable, "-m", "server.cli", "migrate"],
+            [sys.executable, "-m", "tokenchat.server.cli", "migrate"],
             cwd=REPO_ROOT,
             env=self.env,
             check=True,
@@ -842,7 +842,7 @@ class Bench:
         )
         ws_port, http_port = free_port(), free_port()
         env = dict(self.env, TOKENCHAT_WS_PORT=str(ws_port), TOKENCHAT_HTTP_PORT=str(http_port))
-        argv = ["-m", "server.cli", "serve", "--workers", str(self.args.workers)]
+        argv = ["-m", "tokenchat.server.cli", "serve", "--workers", str(self.args.workers)]
         server = self._spawn(kind, argv, env, ws_port)
         self._wait_ready(server, lambda: _http_ok(f"http://{HOST}:{http_port}/healthz"))
         # The room exists once its model has said hello (DESIGN.md section 3).
@@ -868,7 +868,7 @@ class Bench:
         """Redis's pid, to report its CPU, when it runs on this machine."""
         from redis import Redis
 
-        from server.config import Settings
+        from tokenchat.server.config import Settings
 
         client: Redis = Redis.from_url(
             Settings.from_env(self.env).redis_url, socket_timeout=REDIS_INFO_TIMEOUT_S
@@ -1032,7 +1032,7 @@ class Bench:
         import asyncpg
         from redis.asyncio import Redis
 
-        from server.config import Settings
+        from tokenchat.server.config import Settings
 
         settings = Settings.from_env(self.env)
         redis: Redis = Redis.from_url(settings.redis_url)

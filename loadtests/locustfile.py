@@ -41,7 +41,7 @@ gives what the table does not: events received by type, reconnects, retries
 answered ``duplicate``, late replies, slow deliveries (the first few are logged
 as warnings).
 
-Set-up. Tokens are minted here with ``server.auth.issue_token`` from
+Set-up. Tokens are minted here with ``tokenchat.server.auth.issue_token`` from
 ``TOKENCHAT_JWT_SECRET`` (or ``.tokenchat/jwt_secret``, which ``tokenchat dev``
 writes), so locust needs the server's secret. At test start the ``--tc-models``
 (20) rooms are created: a model's first ``PUT /v1/me/prices`` creates the
@@ -118,8 +118,8 @@ from locust import HttpUser, events, task
 from locust.env import Environment
 from locust.event import EventHook
 
-from protocol import JSON_SUBPROTOCOL, ErrorCode
-from server.auth import issue_token
+from tokenchat.protocol import JSON_SUBPROTOCOL, ErrorCode
+from tokenchat.server.auth import issue_token
 
 log = logging.getLogger("tokenchat.locust")
 

@@ -110,7 +110,7 @@ from loadtests.fanout import (
     run_load_process,
     start_py_spy,
 )
-from server.batcher import LuaScript, send_pipeline
+from tokenchat.server.economy.batcher import LuaScript, send_pipeline
 
 Phase = Literal["full", "capped"]
 Mode = Literal["pipelined", "unpipelined"]
@@ -195,7 +195,7 @@ IDLE_SAMPLE_S = 1.0
 OTHER_BUSY_WARN_PCT = 25.0  # % of one CPU
 
 # Frames of the fast path, compared as bytes: the server encodes replies with
-# orjson and `type` first (protocol.events), and every event has no `re`.
+# orjson and `type` first (tokenchat.protocol.events), and every event has no `re`.
 OK_PREFIX = b'{"type":"ok"'
 ERROR_PREFIX = b'{"type":"error"'
 DUPLICATE_MARK = b'"duplicate":true'
@@ -405,7 +405,7 @@ def model_id(room: int) -> str:
 
 async def open_fan(spec: FanWorkerSpec, conn_stats: Stats, index: int) -> TipFan:
     """A fan connected, authenticated and in its room."""
-    from server.auth import issue_token
+    from tokenchat.server.auth import issue_token
 
     loop = asyncio.get_running_loop()
     user_id, room = fan_id(index), model_id(index % spec.rooms)
@@ -521,9 +521,9 @@ class VirtualFan:
     baseline is the Redis side of a tip, not its Python side)."""
 
     def __init__(self, index: int, rooms: int, prefix: str, sha: str) -> None:
-        from server.config import Settings
-        from server.economy import fingerprint, user_account, user_initiator
-        from server.keys import Keys
+        from tokenchat.server.config import Settings
+        from tokenchat.server.economy.economy import fingerprint, user_account, user_initiator
+        from tokenchat.server.keys import Keys
 
         keys, settings = Keys(prefix), Settings()
         self.user_id = fan_id(index)
@@ -559,7 +559,7 @@ class VirtualFan:
 
     def call(self) -> list[str | bytes | int]:
         """EVALSHA's arguments for the next tip, in ``Economy.tip``'s order."""
-        from server.economy import new_tx_id
+        from tokenchat.server.economy.economy import new_tx_id
 
         self.seq += 1
         key = f"{self.nonce}-{self.seq}"
@@ -656,7 +656,7 @@ async def trim_outbox(redis: Any, outbox: str) -> None:
 
 def idempotency_pattern(prefix: str) -> str:
     """SCAN pattern of the idempotency keys under ``prefix`` (``Keys.idempotency``)."""
-    from server.keys import Keys
+    from tokenchat.server.keys import Keys
 
     sample = Keys(prefix).idempotency("u", "k")
     return sample[: sample.index("idem:") + len("idem:")] + "*"
@@ -679,9 +679,9 @@ async def delete_matching(redis: Any, pattern: str) -> int:
 async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
     from redis.asyncio import Redis
 
-    from server.economy import user_account
-    from server.keys import Keys
-    from server.scripts import lua_script
+    from tokenchat.server.economy.economy import user_account
+    from tokenchat.server.economy.scripts import lua_script
+    from tokenchat.server.keys import Keys
 
     keys = Keys(spec.prefix)
     # A connection per unpipelined fan, plus the trimmer's and spare ones.
@@ -926,11 +926,11 @@ class TipsBench(Bench):
         or inside ``serve`` with ``--inline-ledger``; ``self.ledger_metrics_url``
         is where its lag histogram is. ``stop_tokenchat`` stops both.
         """
-        from server.auth import issue_token
+        from tokenchat.server.auth import issue_token
 
         self.migrated = True  # from now on there may be a schema to drop
         subprocess.run(
-            [sys.executable, "-m", "server.cli", "migrate"],
+            [sys.executable, "-m", "tokenchat.server.cli", "migrate"],
             cwd=REPO_ROOT,
             env=self.env,
             check=True,
@@ -946,14 +946,14 @@ class TipsBench(Bench):
             TOKENCHAT_HTTP_PORT=str(http_port),
             TOKENCHAT_LEDGER_ENABLED="1" if inline else "0",
         )
-        argv = ["-m", "server.cli", "serve", "--workers", str(self.args.workers)]
+        argv = ["-m", "tokenchat.server.cli", "serve", "--workers", str(self.args.workers)]
         server = self._spawn("tokenchat", argv, env, ws_port)
         self._wait_ready(server, lambda: http_answers(f"http://{HOST}:{http_port}/healthz"))
         self.ledger_metrics_url = f"http://{HOST}:{http_port}/metrics"
         self.ledger_writer = None
         if ledger and not inline:
             metrics_port = free_port()
-            argv = ["-m", "server.cli", "ledger", "--metrics-port", str(metrics_port)]
+            argv = ["-m", "tokenchat.server.cli", "ledger", "--metrics-port", str(metrics_port)]
             self.ledger_writer = self._spawn("tokenchat", argv, self.env, 0)
             self.ledger_metrics_url = f"http://{HOST}:{metrics_port}/metrics"
             url = self.ledger_metrics_url
@@ -1142,8 +1142,8 @@ class TipsBench(Bench):
         """Seconds until the ledger outbox was empty; None if it was not in time."""
         from redis import Redis
 
-        from server.config import Settings
-        from server.keys import Keys
+        from tokenchat.server.config import Settings
+        from tokenchat.server.keys import Keys
 
         outbox = Keys(self.redis_prefix).outbox()
         client: Redis = Redis.from_url(Settings.from_env(self.env).redis_url)
@@ -1167,7 +1167,7 @@ class TipsBench(Bench):
         async def count() -> int:
             import asyncpg
 
-            from server.config import Settings
+            from tokenchat.server.config import Settings
 
             conn = await asyncpg.connect(Settings.from_env(self.env).database_url)
             try:
@@ -1183,7 +1183,7 @@ class TipsBench(Bench):
     async def _delete_keys(self, pattern: str) -> None:
         from redis.asyncio import Redis
 
-        from server.config import Settings
+        from tokenchat.server.config import Settings
 
         redis: Redis = Redis.from_url(Settings.from_env(self.env).redis_url)
         try:
@@ -1193,7 +1193,7 @@ class TipsBench(Bench):
 
     # --- the baseline ---------------------------------------------------------------
     def run_baseline(self, number: int) -> list[dict[str, Any]]:
-        from server.config import Settings
+        from tokenchat.server.config import Settings
 
         args = self.args
         spec = BaselineSpec(

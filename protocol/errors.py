@@ -7,7 +7,7 @@ one exception the protocol layer raises::
                            command: BAD_REQUEST or UNKNOWN_COMMAND
 
 The server answers a ``ProtocolError`` with an ``error`` reply and keeps the
-session open; the session's own exception tree lives in ``server.errors``.
+session open; the session's own exception tree lives in ``tokenchat.server.errors``.
 """
 
 import enum

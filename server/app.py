@@ -37,9 +37,9 @@ from prometheus_client import multiprocess
 from . import metrics
 from .aio import tune_gc
 from .config import Settings
-from .gateway import Gateway
-from .http_api import create_app
-from .node import Node
+from .gateway.gateway import Gateway
+from .gateway.node import Node
+from .http.api import create_app
 
 log = logging.getLogger(__name__)
 

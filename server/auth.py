@@ -8,7 +8,7 @@ from typing import Literal, cast
 
 import jwt
 
-from protocol.limits import TOKEN_LEN_MAX, USER_ID_RE
+from tokenchat.protocol.limits import TOKEN_LEN_MAX, USER_ID_RE
 
 from .errors import Unauthenticated
 

@@ -10,7 +10,8 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from .auth import ROLES, TOKEN_TTL_DEFAULT_S, issue_token
@@ -18,6 +19,8 @@ from .config import Settings
 
 log = logging.getLogger("tokenchat")
 
+# Where other tokenchat packages register commands of their own (`chat`).
+COMMANDS_ENTRY_POINT_GROUP = "tokenchat.commands"
 DEV_DATA_DIR = Path(".tokenchat")
 DEV_MODEL = "demo_model"
 DEV_FAN = "demo_fan"
@@ -68,12 +71,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _listen_args(dev)
     dev.add_argument("--data-dir", type=Path, default=DEV_DATA_DIR)
 
-    from client_demo import cli as chat_cli
+    # Commands that other tokenchat packages add (the terminal client's `chat`):
+    # each parses its own arguments, and is imported only when it is the one run.
+    added = _added_commands()
+    for name, entry_point in sorted(added.items()):
+        sub.add_parser(
+            name,
+            add_help=False,
+            help=f"from {entry_point.module} (tokenchat {name} -h for its options)",
+        )
 
-    chat = sub.add_parser("chat", help="terminal chat client (python -m client_demo.cli)")
-    chat_cli.add_arguments(chat)
-
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command not in added and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -92,8 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args)
         if args.command == "dev":
             return _dev(args)
-        if args.command == "chat":
-            return chat_cli.run(args)
+        if args.command in added:
+            command: Callable[[list[str]], int] = added[args.command].load()
+            return command(rest)
     except ValueError as exc:
         print(f"tokenchat: {exc}", file=sys.stderr)
         return 2
@@ -101,6 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C (or, in dev, SIGTERM) before serving started: cleaned up already.
         return 130
     raise AssertionError(args.command)
+
+
+def _added_commands() -> dict[str, EntryPoint]:
+    """The commands registered in the ``tokenchat.commands`` entry-point group.
+
+    The terminal client registers ``chat`` there (pyproject.toml), so the server
+    names no client code: the dependency points from the client to the server's
+    command line, never back.
+    """
+    return {ep.name: ep for ep in entry_points(group=COMMANDS_ENTRY_POINT_GROUP)}
 
 
 def _listen_args(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +170,7 @@ def _ledger(settings: Settings, metrics_port: int) -> int:
     """The ledger writer as its own process (`serve` runs one too unless
     TOKENCHAT_LEDGER_ENABLED=0); several may run at once."""
     from .app import run
-    from .node import Node
+    from .ledger.standalone import LedgerStack
 
     if metrics_port:
         # The writer has no HTTP API of its own; the metrics server (a thread)
@@ -159,20 +180,20 @@ def _ledger(settings: Settings, metrics_port: int) -> int:
         serve_on_port(settings.host, metrics_port)
 
     async def write_until_signalled() -> None:
-        node = await Node.connect(settings)
+        ledger = await LedgerStack.connect(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        writer = asyncio.create_task(node.ledger.run())
-        log.info("ledger writer %s running", node.id)
+        writer = asyncio.create_task(ledger.writer.run())
+        log.info("ledger writer %s running", ledger.writer.consumer)
         try:
             await stop.wait()
         finally:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
-            await node.close()
+            await ledger.close()
 
     run(write_until_signalled)
     return 0
@@ -182,15 +203,15 @@ def _reconcile(settings: Settings, timeout_s: float) -> int:
     """Exit 0 when Redis and Postgres agree, 1 with the mismatches otherwise."""
     import json
 
-    from .ledger import reconcile
-    from .node import Node
+    from .ledger.standalone import LedgerStack
+    from .ledger.writer import reconcile
 
     async def check() -> dict[str, object]:
-        node = await Node.connect(settings)
+        ledger = await LedgerStack.connect(settings)
         try:
-            return await reconcile(node.redis, node.pool, node.keys, node.ledger, timeout_s)
+            return await reconcile(ledger.redis, ledger.pool, ledger.keys, ledger.writer, timeout_s)
         finally:
-            await node.close()
+            await ledger.close()
 
     result = asyncio.run(check())
     print(json.dumps(result, indent=2))
@@ -256,7 +277,7 @@ def _dev_run(args: argparse.Namespace) -> int:
         if not os.environ.get("TOKENCHAT_REDIS_URL") or not os.environ.get(
             "TOKENCHAT_DATABASE_URL"
         ):
-            from . import embedded
+            from .devstack import embedded
 
             available, hint = embedded.binaries_available()
             if not available:
@@ -311,8 +332,8 @@ def _dev_run(args: argparse.Namespace) -> int:
 async def _seed(settings: Settings, tokens: dict[str, str]) -> None:
     """Create the demo users (and so the demo model's room)."""
     from .auth import verify_token
-    from .economy import DEV_INITIATOR
-    from .node import Node
+    from .economy.economy import DEV_INITIATOR
+    from .gateway.node import Node
 
     # The seed runs before serving, with no ledger writer yet to confirm its
     # credit: it is acknowledged by Redis, and the server's writer records it.

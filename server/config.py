@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from protocol.limits import HISTORY_LEN_MAX
+from tokenchat.protocol.limits import HISTORY_LEN_MAX
 
 from .auth import JWT_SECRET_BYTES_MIN
 
@@ -140,7 +140,7 @@ class Settings:
     # taken over by another (its writer is presumed dead).
     ledger_claim_idle_s: float = 30.0
     # `fake` approves every payment (development and tests); `none` refuses
-    # purchases. A real provider plugs in behind server/payments.py.
+    # purchases. A real provider plugs in behind server/http/payments.py.
     payment_provider: str = "none"
     # Token bundles for sale: id:tokens:price_cents, comma separated. Bigger
     # bundles are cheaper per token; GET /v1/bundles shows the discount.

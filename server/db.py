@@ -31,7 +31,7 @@ class Migration:
 
 def load_migrations() -> list[Migration]:
     found = []
-    for entry in resources.files("server").joinpath("migrations").iterdir():
+    for entry in resources.files("tokenchat.server").joinpath("migrations").iterdir():
         match = _MIGRATION_FILE_RE.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))

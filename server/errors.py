@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from protocol import ErrorCode
+from tokenchat.protocol import ErrorCode
 
 
 class ServiceError(Exception):

@@ -48,7 +48,7 @@ class Keys:
 
     def ledger_commits(self) -> str:
         """Pub/sub channel: transactions the ledger writers have committed or
-        parked, for the spends waiting on them (server/confirmations.py)."""
+        parked, for the spends waiting on them (server/ledger/confirmations.py)."""
         return f"{self.prefix}ledger:commits"
 
     def channel_user(self, channel: str) -> str | None:

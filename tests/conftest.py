@@ -22,13 +22,13 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from client_demo.client import Client
-from server.app import Process
-from server.auth import issue_token
-from server.config import Settings
-from server.db import migrate
-from server.node import Node
 from tests.proxy import Proxy
+from tokenchat.client_demo.client import Client
+from tokenchat.server.app import Process
+from tokenchat.server.auth import issue_token
+from tokenchat.server.config import Settings
+from tokenchat.server.db import migrate
+from tokenchat.server.gateway.node import Node
 
 JWT_SECRET = "test-secret-" + "x" * 32
 # How long a local server may take to answer the probe before it counts as absent.
@@ -66,7 +66,7 @@ _EMBEDDED: list[Any] = []
 
 
 def _embedded(kind: str) -> str:
-    from server import embedded
+    from tokenchat.server.devstack import embedded
 
     data_dir = Path(tempfile.mkdtemp(prefix=f"tokenchat-test-{kind}-"))
     data_dir.chmod(0o755)  # PostgreSQL runs as an unprivileged user when we are root
@@ -247,7 +247,7 @@ async def postgres_proxy(settings: Settings) -> AsyncIterator[Proxy]:
 async def private_redis(tmp_path: Path) -> AsyncIterator[str]:
     """A redis-server of this test's own, which it may FLUSHALL or CLIENT
     PAUSE without stalling everybody else's tests on the shared one."""
-    from server.embedded import EmbeddedRedis
+    from tokenchat.server.devstack.embedded import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path / "private-redis")
     url = await asyncio.to_thread(server.start)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from server.config import Settings
+from tokenchat.server.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def test_links_to_docs_resolve() -> None:
 
 
 def test_procfile_commands_exist() -> None:
-    from server.cli import main
+    from tokenchat.server.cli import main
 
     for line in (ROOT / "Procfile").read_text().splitlines():
         command = line.split(":", 1)[1].split("tokenchat", 1)[1].split()[0]

@@ -1,4 +1,4 @@
-"""The terminal client (``python -m client_demo.cli``, ``tokenchat chat``) in a
+"""The terminal client (``python -m tokenchat.client_demo.cli``, ``tokenchat chat``) in a
 subprocess, driven through its standard input against a running server."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from client_demo.cli import format_event
 from tests.conftest import Http, Running, token
+from tokenchat.client_demo.cli import format_event
 
 ROOT = Path(__file__).resolve().parents[2]
 # Start-up (imports) plus a round trip or two; generous for a loaded machine.
@@ -26,7 +26,7 @@ class Chat:
     @classmethod
     async def start(cls, *args: str, command: tuple[str, ...] | None = None) -> Chat:
         process = await asyncio.create_subprocess_exec(
-            *(command or (sys.executable, "-m", "client_demo.cli")),
+            *(command or (sys.executable, "-m", "tokenchat.client_demo.cli")),
             *args,
             cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,
@@ -169,7 +169,7 @@ async def test_piped_input_runs_to_its_end(server: Running) -> None:
 
 async def test_tokenchat_chat_with_a_bad_token_exits_at_once(server: Running) -> None:
     script = shutil.which("tokenchat", path=str(Path(sys.executable).parent))
-    command = (script,) if script else (sys.executable, "-m", "server.cli")
+    command = (script,) if script else (sys.executable, "-m", "tokenchat.server.cli")
     chat = await Chat.start("chat", "--url", server.ws_url, "--token", "bad", command=command)
     try:
         assert await chat.exit_code() == 1

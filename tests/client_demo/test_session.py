@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from client_demo.client import (
+from tests.conftest import Http, Running, eventually, token
+from tokenchat.client_demo.client import (
     Client,
     CommandError,
     ConnectionLost,
@@ -20,8 +21,7 @@ from client_demo.client import (
     backoff_delay,
     offset_order,
 )
-from protocol import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, Codec
-from tests.conftest import Http, Running, eventually, token
+from tokenchat.protocol import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL, Codec
 
 StartServer = Callable[..., Awaitable[Running]]
 # Reconnect quickly: the tests wait for reconnects.

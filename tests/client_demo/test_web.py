@@ -18,9 +18,9 @@ import httpx
 import orjson
 import pytest
 
-from server.auth import verify_token
-from server.config import Settings
 from tests.conftest import JWT_SECRET, Http, Running, eventually
+from tokenchat.server.auth import verify_token
+from tokenchat.server.config import Settings
 
 TTL_MAX_S = Settings().token_ttl_max_s
 

@@ -4,7 +4,7 @@ import msgpack
 import orjson
 import pytest
 
-from protocol import (
+from tokenchat.protocol import (
     JSON,
     MSGPACK,
     SUBPROTOCOLS,
@@ -16,7 +16,7 @@ from protocol import (
     codec_for,
     json_to_msgpack,
 )
-from protocol.limits import CONTAINER_LEN_MAX
+from tokenchat.protocol.limits import CONTAINER_LEN_MAX
 
 CODECS: list[Codec] = [JSON, MSGPACK]
 EVENT = {"type": "tip", "room": "alice", "from": "bob", "amount": 5, "text": "é☃", "ts": 1}

@@ -4,7 +4,7 @@ import msgpack
 import orjson
 import pytest
 
-from protocol import (
+from tokenchat.protocol import (
     COMMANDS,
     JSON,
     MSGPACK,

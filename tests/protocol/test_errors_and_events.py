@@ -1,4 +1,4 @@
-from protocol import (
+from tokenchat.protocol import (
     CloseCode,
     ErrorCode,
     ProtocolError,

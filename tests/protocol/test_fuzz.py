@@ -8,7 +8,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import (
+from tokenchat.protocol import (
     COMMANDS,
     JSON,
     MSGPACK,
@@ -28,7 +28,7 @@ from protocol import (
     decode_command,
     parse_command,
 )
-from protocol.limits import (
+from tokenchat.protocol.limits import (
     AMOUNT_MAX,
     AMOUNT_MIN,
     DM_TEXT_LEN_MAX,

@@ -1,6 +1,6 @@
 """Run ``tokenchat`` as a real OS process, the way an operator does.
 
-``serve()`` starts ``python -m server.cli serve`` in its own process group
+``serve()`` starts ``python -m tokenchat.server.cli serve`` in its own process group
 (so a ``--workers N`` parent and its workers can be killed together even if
 the parent dies first), waits until ``/readyz`` answers 200 and always kills
 the group on the way out. ``run_cli()`` runs one short CLI command. Every wait
@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 from redis.asyncio import Redis
 
-from client_demo.client import Client
-from server.config import Settings
 from tests.conftest import token
+from tokenchat.client_demo.client import Client
+from tokenchat.server.config import Settings
 
 # A cold `serve` imports everything, connects to both backends and (with
 # workers) spawns fresh interpreters: about a second; 20 s is generous.
@@ -81,11 +81,11 @@ async def run_cli(
     cwd: Path | None = None,
     timeout_s: float = CLI_TIMEOUT_S,
 ) -> CliResult:
-    """Run ``python -m server.cli ARGS`` to completion."""
+    """Run ``python -m tokenchat.server.cli ARGS`` to completion."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server.cli",
+        "tokenchat.server.cli",
         *args,
         env=dict(env),
         cwd=cwd,
@@ -190,7 +190,7 @@ async def serve(
     args = [
         sys.executable,
         "-m",
-        "server.cli",
+        "tokenchat.server.cli",
         "serve",
         "--host",
         "127.0.0.1",

@@ -2,7 +2,7 @@
 that the test may kill, stop and restart, never the shared ones on 6379 and
 5432 that every other test is using.
 
-Both come from ``server.embedded`` (the binaries of the ``dev`` extra) and keep
+Both come from ``tokenchat.server.devstack.embedded`` (the binaries of the ``dev`` extra) and keep
 their folder and port across restarts, so a server under test reconnects to
 the same URL::
 
@@ -24,9 +24,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from server.db import migrate
-from server.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.server.proc import free_port
+from tokenchat.server.db import migrate
+from tokenchat.server.devstack.embedded import EmbeddedPostgres, EmbeddedRedis
 
 
 class RedisServer:

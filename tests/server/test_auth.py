@@ -7,8 +7,8 @@ import time
 import jwt
 import pytest
 
-from server.auth import issue_token, verify_token
-from server.errors import Unauthenticated
+from tokenchat.server.auth import issue_token, verify_token
+from tokenchat.server.errors import Unauthenticated
 
 SECRET = "k" * 32
 DAY_S = 24 * 3600

@@ -12,8 +12,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, ResponseError
 
-from server.batcher import LuaScript, ScriptBatcher
-from server.config import Settings
+from tokenchat.server.config import Settings
+from tokenchat.server.economy.batcher import LuaScript, ScriptBatcher
 
 COUNT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 REFUSE = "return redis.error_reply('NOPE ' .. ARGV[1])"

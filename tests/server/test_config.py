@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.config import Settings
+from tokenchat.server.config import Settings
 
 SECRET = "s" * 32
 

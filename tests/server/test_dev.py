@@ -28,8 +28,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from client_demo.client import Client
-from server import embedded
+from tokenchat.client_demo.client import Client
+from tokenchat.server.devstack import embedded
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A first run creates the PostgreSQL cluster (initdb: about a second here),
@@ -170,7 +170,7 @@ async def run_dev(data_dir: Path) -> AsyncIterator[Dev]:
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     output_path = data_dir.parent / f"dev-{http_port}.out"
     args = [
-        sys.executable, "-m", "server.cli", "dev",
+        sys.executable, "-m", "tokenchat.server.cli", "dev",
         "--data-dir", str(data_dir),
         "--http-port", str(http_port),
         "--ws-port", str(ws_port),
@@ -285,7 +285,7 @@ async def test_dev_serves_stops_on_ctrl_c_and_restarts(data_dir: Path) -> None:
 
 
 def test_the_dev_secret_is_created_0600_and_kept(tmp_path: Path) -> None:
-    from server.cli import _dev_secret
+    from tokenchat.server.cli import _dev_secret
 
     old_umask = os.umask(0)  # the widest umask: the mode must come from the open itself
     try:

@@ -10,9 +10,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from client_demo.client import Client, CommandError
-from server.config import Settings
 from tests.conftest import Http, Running, pg
+from tokenchat.client_demo.client import Client, CommandError
+from tokenchat.server.config import Settings
 
 
 @pytest.fixture
@@ -504,7 +504,7 @@ async def eventually_rows(settings: Settings, count: int, sql: str) -> None:
 
 
 async def test_migration_0003_rewrites_the_old_initiators(settings: Settings) -> None:
-    from server.db import load_migrations
+    from tokenchat.server.db import load_migrations
 
     first, second, third = load_migrations()[:3]
     assert third.name == "initiator_namespaces"

@@ -20,9 +20,9 @@ import asyncpg
 import pytest
 import redis
 
-from server import embedded
-from server.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 from tests.server.proc import free_port
+from tokenchat.server.devstack import embedded
+from tokenchat.server.devstack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
@@ -302,39 +302,6 @@ def test_postgres_asks_for_the_password(data_dir: Path) -> None:
             assert server.password_file.read_text().strip() not in _cmdline(pid)
 
 
-def test_old_trust_cluster_is_switched_to_passwords(data_dir: Path) -> None:
-    # Make the cluster an older tokenchat left: trust auth, no password at all.
-    with EmbeddedPostgres(data_dir) as old:
-        _pg(old.url, "CREATE TABLE kept (x int)", "INSERT INTO kept VALUES (5)")
-        _pg(old.url, "ALTER ROLE tokenchat PASSWORD NULL")
-        hba = old.pgdata / "pg_hba.conf"
-        hba_st = hba.stat()
-        hba.write_text(hba.read_text().replace("scram-sha-256", "trust"))
-        old_password = old.password_file.read_text().strip()
-        old.password_file.unlink()
-        trust_url, old_port = _without_password(old.url), old.port
-    assert sum(rule.split()[-1] == "trust" for rule in _hba_rules(old)) >= 2
-
-    with EmbeddedPostgres(data_dir) as server:
-        assert all(rule.split()[-1] == "scram-sha-256" for rule in _hba_rules(server))
-        assert hba.stat().st_uid == hba_st.st_uid and hba.stat().st_mode == hba_st.st_mode
-        password = server.password_file.read_text().strip()
-        assert password and password != old_password
-        assert server.password_file.stat().st_mode & 0o777 == 0o600
-        assert f":{password}@" in server.url
-        assert _pg(server.url, "SELECT x FROM kept")[0]["x"] == 5
-        _assert_password_required(server.url)
-        with pytest.raises(asyncpg.InvalidPasswordError):
-            _pg(trust_url.replace(f":{old_port}/", f":{server.port}/"), "SELECT 1")
-        url, port = server.url, server.port
-    assert password not in (data_dir / "postgres" / "postgres.log").read_text()
-
-    # The next start finds nothing left to switch.
-    with EmbeddedPostgres(data_dir) as again:
-        assert again.url == url.replace(f":{port}/", f":{again.port}/")
-        assert _pg(again.url, "SELECT x FROM kept")[0]["x"] == 5
-
-
 def test_missing_password_file_is_a_clear_error(data_dir: Path) -> None:
     with EmbeddedPostgres(data_dir) as server:
         pass
@@ -374,7 +341,7 @@ def test_servers_left_by_a_killed_run_are_stopped(data_dir: Path) -> None:
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from server.embedded import EmbeddedPostgres, EmbeddedRedis\n"
+        "from tokenchat.server.devstack.embedded import EmbeddedPostgres, EmbeddedRedis\n"
         "d = Path(sys.argv[1])\n"
         "r, p = EmbeddedRedis(d), EmbeddedPostgres(d)\n"
         "r.start(); p.start()\n"
@@ -414,7 +381,7 @@ def test_interrupted_initdb_leaves_no_half_made_cluster(data_dir: Path) -> None:
     script = (
         "import os, signal, sys, threading, time\n"
         "from pathlib import Path\n"
-        "from server.embedded import EmbeddedPostgres\n"
+        "from tokenchat.server.devstack.embedded import EmbeddedPostgres\n"
         "d = Path(sys.argv[1])\n"
         "def interrupt():\n"
         "    while not (d / 'postgres' / 'data.initdb' / 'PG_VERSION').exists():\n"

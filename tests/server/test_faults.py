@@ -36,11 +36,11 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from client_demo.client import Client, CommandError
-from server.config import Settings
 from tests.conftest import JWT_SECRET, token
 from tests.server.proc import ServerProcess, serve, wait_for, worker_pids
 from tests.server.servers import PostgresServer, RedisServer, postgres_server, redis_server
+from tokenchat.client_demo.client import Client, CommandError
+from tokenchat.server.config import Settings
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -11,9 +11,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from client_demo.client import Client, CommandError
-from server.auth import issue_token
 from tests.conftest import JWT_SECRET, Running, eventually, token
+from tokenchat.client_demo.client import Client, CommandError
+from tokenchat.server.auth import issue_token
 
 
 async def close_code(client: Client, timeout_s: float = 5.0) -> int | None:

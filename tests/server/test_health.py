@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
-from client_demo.client import Client
-from server.app import Process
-from server.config import Settings
 from tests.conftest import Running, eventually, token
 from tests.proxy import Proxy
+from tokenchat.client_demo.client import Client
+from tokenchat.server.app import Process
+from tokenchat.server.config import Settings
 
 PROBES = ("/healthz", "/readyz")
 

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client_demo.client import Client
 from tests.conftest import Http, Running, token
+from tokenchat.client_demo.client import Client
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from client_demo.client import Client
-from server.config import Settings
-from server.economy import Economy
-from server.keys import Keys
-from server.ledger import GROUP, LedgerWriter, RedisReset
-from server.node import Node
 from tests.conftest import Http, Running, eventually, pg
 from tests.proxy import Proxy
+from tokenchat.client_demo.client import Client
+from tokenchat.server.config import Settings
+from tokenchat.server.economy.economy import Economy
+from tokenchat.server.gateway.node import Node
+from tokenchat.server.keys import Keys
+from tokenchat.server.ledger.writer import GROUP, LedgerWriter, RedisReset
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from redis.asyncio import Redis
 
-from client_demo.client import Client
-from server.keys import Keys
-from server.ledger import LedgerWriter
-from server.node import Node
 from tests.conftest import Http, Running, eventually, pg
+from tokenchat.client_demo.client import Client
+from tokenchat.server.gateway.node import Node
+from tokenchat.server.keys import Keys
+from tokenchat.server.ledger.writer import LedgerWriter
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,9 +19,9 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from server.ledger import LedgerWriter, escape_text
-from server.node import Node
 from tests.conftest import Http, Running, pg
+from tokenchat.server.gateway.node import Node
+from tokenchat.server.ledger.writer import LedgerWriter, escape_text
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,6 +1,6 @@
 """Process-level tests: the real ``tokenchat`` command as an operator runs it.
 
-Each test starts ``python -m server.cli ...`` as a subprocess against the real
+Each test starts ``python -m tokenchat.server.cli ...`` as a subprocess against the real
 Redis and Postgres (isolated by the ``settings`` fixture's key prefix and
 schema) and talks to it over TCP only: WebSocket clients, HTTP, and Redis to
 look at what the processes left there.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 import signal
@@ -28,11 +29,6 @@ import pytest
 from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
-from client_demo.client import Client
-from server.app import WORKER_RESTART_DELAY_MAX_S, WORKER_RESTART_DELAY_MIN_S, restart_delay_s
-from server.auth import TOKEN_TTL_DEFAULT_S, Identity, verify_token
-from server.config import Settings
-from server.errors import Unauthenticated
 from tests.conftest import DATABASE_URL, JWT_SECRET, token
 from tests.server.proc import (
     ServerProcess,
@@ -49,6 +45,15 @@ from tests.server.proc import (
     wait_for,
     worker_pids,
 )
+from tokenchat.client_demo.client import Client
+from tokenchat.server.app import (
+    WORKER_RESTART_DELAY_MAX_S,
+    WORKER_RESTART_DELAY_MIN_S,
+    restart_delay_s,
+)
+from tokenchat.server.auth import TOKEN_TTL_DEFAULT_S, Identity, verify_token
+from tokenchat.server.config import Settings
+from tokenchat.server.errors import Unauthenticated
 
 pytestmark = pytest.mark.timeout(60)
 # The default cap on a token's life, as the server under test applies it.
@@ -467,7 +472,7 @@ async def test_workers_that_cannot_start_back_off_and_sigterm_still_stops_the_pa
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_fh:
         proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "server.cli", "serve", "--workers", "2"),
+            *(sys.executable, "-m", "tokenchat.server.cli", "serve", "--workers", "2"),
             *("--http-port", str(http_port), "--ws-port", str(ws_port)),
             env=cli_env(settings, TMPDIR=str(tmp_path), TOKENCHAT_REDIS_TIMEOUT_S="0.5"),
             stdin=subprocess.DEVNULL,
@@ -593,13 +598,14 @@ async def test_procfile_shape_serve_without_writer_and_ledger_alone_with_metrics
     settings: Settings, tmp_path: Path
 ) -> None:
     """As the Procfile deploys it: `serve` with TOKENCHAT_LEDGER_ENABLED=0, and
-    `tokenchat ledger --metrics-port P` moving what was spent into Postgres."""
+    `tokenchat ledger --metrics-port P` moving what was spent into Postgres, and
+    `tokenchat reconcile` finding the books equal."""
     metrics_port = free_port()
     env = cli_env(settings)
     ledger_log = (tmp_path / "ledger.log").open("wb")
     ledger = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "server.cli", "ledger", "--metrics-port", str(metrics_port)),
+        *("-m", "tokenchat.server.cli", "ledger", "--metrics-port", str(metrics_port)),
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=ledger_log,
@@ -642,6 +648,10 @@ async def test_procfile_shape_serve_without_writer_and_ledger_alone_with_metrics
             assert "tokenchat_ledger_entries_total 0.0" in serve_metrics or (
                 "tokenchat_ledger_entries_total" not in serve_metrics
             ), "serve wrote ledger entries though its writer is off"
+            # `tokenchat reconcile`, like the writer, runs without a gateway.
+            reconciled = await run_cli("reconcile", "--timeout", "10", env=env)
+            assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
+            assert json.loads(reconciled.stdout)["ok"] is True
         ledger.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
             assert await ledger.wait() == 0

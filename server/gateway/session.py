@@ -22,7 +22,7 @@ import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from protocol import (
+from tokenchat.protocol import (
     Balance,
     CloseCode,
     Command,
@@ -40,12 +40,12 @@ from protocol import (
     events,
     json_to_msgpack,
 )
-from protocol.codec import Codec
+from tokenchat.protocol.codec import Codec
 
-from . import metrics
-from .auth import Identity, verify_token
-from .errors import LimitExceeded, NotFound, NotInRoom, ServiceError
-from .ratelimit import TokenBucket
+from .. import metrics
+from ..auth import Identity, verify_token
+from ..errors import LimitExceeded, NotFound, NotInRoom, ServiceError
+from ..ratelimit import TokenBucket
 from .rooms import Offset, parse_offset
 
 if TYPE_CHECKING:

@@ -16,9 +16,9 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .auth import Identity
-from .errors import Unavailable
-from .keys import Keys
+from ..auth import Identity
+from ..errors import Unavailable
+from ..keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,11 @@ MONEY_SCRIPT_NAMES = ("tip", "dm", "credit", "spend", "refund")
 
 
 def script_source(name: str) -> str:
-    return resources.files("server").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    return (
+        resources.files("tokenchat.server.economy")
+        .joinpath("lua", f"{name}.lua")
+        .read_text("utf-8")
+    )
 
 
 def lua_script(name: str, *, retry_safe: bool) -> LuaScript:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .aio import reraise_if_cancelled
+from ..aio import reraise_if_cancelled
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from typing import Protocol
 from websockets.asyncio.connection import Connection
 from websockets.protocol import State
 
-from protocol import json_to_msgpack
+from tokenchat.protocol import json_to_msgpack
 
-from . import metrics
+from .. import metrics
 from .rooms import Offset, parse_offset
 
 log = logging.getLogger(__name__)

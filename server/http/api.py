@@ -7,6 +7,7 @@ that ``errors.ServiceError`` gives each code.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,14 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-import client_demo
-from protocol import ErrorCode, WireField
-from protocol.commands import KEY, PAYMENT_REF, TX_ID
-from protocol.limits import AMOUNT_MAX, AMOUNT_MIN, USER_ID_RE
+from tokenchat.protocol import ErrorCode, WireField
+from tokenchat.protocol.commands import KEY, PAYMENT_REF, TX_ID
+from tokenchat.protocol.limits import AMOUNT_MAX, AMOUNT_MIN, USER_ID_RE
 
-from . import metrics
-from .auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token
-from .economy import PAYMENTS_INITIATOR, new_tx_id, user_initiator
-from .errors import (
+from .. import metrics
+from ..auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token
+from ..economy.economy import PAYMENTS_INITIATOR, new_tx_id, user_initiator
+from ..errors import (
     BadRequest,
     Conflict,
     Forbidden,
@@ -39,11 +39,11 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .health import HEALTHY, HEALTHZ_PATH, READYZ_PATH, readiness
-from .ledger import parked_entries, reconcile
-from .node import Node
+from ..gateway.health import HEALTHY, HEALTHZ_PATH, READYZ_PATH, readiness
+from ..gateway.node import Node
+from ..ledger.writer import parked_entries, reconcile
+from ..ratelimit import KeyedLimiter
 from .payments import provider_named
-from .ratelimit import KeyedLimiter
 
 # Largest request body: every body here is a few small fields.
 BODY_SIZE_MAX_BYTES = 16 * 1024
@@ -60,8 +60,21 @@ PARKED_LISTED_MAX = 1000
 ROOMS_SCANNED_MAX = 1000
 ROOMS_LISTED_MAX = 100
 ROOMS_CACHE_S = 1.0
-# The demo page: its files ship in the client_demo package.
-STATIC_DIR = Path(client_demo.__file__).parent / "static"
+
+
+def _demo_page_dir() -> Path:
+    """The demo page's files, shipped as data of ``tokenchat.client_demo``.
+
+    ``find_spec`` locates the package's folder without running its code, so the
+    server serves the page without importing the client (dependencies point one
+    way: client_demo -> protocol, server -> protocol).
+    """
+    spec = importlib.util.find_spec("tokenchat.client_demo")
+    assert spec is not None and spec.submodule_search_locations, "tokenchat.client_demo"
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+STATIC_DIR = _demo_page_dir()
 # The page loads only its own files and talks to the gateway (another port).
 PAGE_HEADERS = {
     "Cache-Control": "no-cache",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .errors import Forbidden, Unavailable
+from ..errors import Forbidden, Unavailable
 
 
 class PaymentDeclined(Forbidden):

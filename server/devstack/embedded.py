@@ -37,11 +37,9 @@ PostgreSQL checks passwords (``scram-sha-256``): otherwise any local user
 could connect to 127.0.0.1 as its superuser, and read the data or, as
 superuser, write files as the user PostgreSQL runs as. The first start makes
 a random password, keeps it in ``postgres/password`` (mode 0600, owned by the
-user running tokenchat), and puts it in the returned URL. A cluster made by
-an older version of this module, with ``trust`` authentication, gets a
-password and its ``pg_hba.conf`` switched to ``scram-sha-256`` on its next
-start. Redis has no password: it listens on 127.0.0.1 only and can't write
-files outside its own folder.
+user running tokenchat), and puts it in the returned URL. Redis has no
+password: it listens on 127.0.0.1 only and can't write files outside its own
+folder.
 
 ``tokenchat dev`` runs Redis with an append-only file (``appendonly yes``,
 ``appendfsync everysec``), so stopping and starting it keeps balances, keys
@@ -58,18 +56,14 @@ and stopped when the next run starts.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import fcntl
 import functools
-import hashlib
-import hmac
 import importlib.util
 import logging
 import os
 import pwd
-import re
 import secrets
 import shutil
 import signal
@@ -108,9 +102,6 @@ PG_UNPRIVILEGED_USER = "nobody"
 PG_AUTH_METHOD = "scram-sha-256"
 # Bytes of randomness in the superuser's password (secrets.token_urlsafe).
 PG_PASSWORD_BYTES = 32
-# PBKDF2 iterations of the SCRAM verifier set on an old trust cluster: the
-# PostgreSQL default (scram_iterations).
-PG_SCRAM_ITERATIONS = 4096
 
 # --- timeouts (seconds) ------------------------------------------------------
 # redis-server answers PING within milliseconds of starting; 10 s allows for a
@@ -135,9 +126,6 @@ PG_IMMEDIATE_STOP_TIMEOUT_S = 5.0
 # How long one psql / pg_isready / --version call may take: each is a local
 # round trip of milliseconds.
 PG_CLIENT_TIMEOUT_S = 15.0
-# After switching an old trust cluster to passwords, how long the postmaster
-# may take to reload pg_hba.conf (it does on SIGHUP, within milliseconds).
-PG_HBA_RELOAD_TIMEOUT_S = 10.0
 # How long to wait for a process to die after SIGKILL. The kernel reaps it at
 # once, unless it is stuck in uninterruptible I/O.
 KILL_WAIT_S = 5.0
@@ -789,38 +777,6 @@ def _write_secret_file(path: Path, text: str) -> None:
         raise
 
 
-def _scram_verifier(password: str) -> str:
-    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5802/7677).
-
-    Setting this instead of the password keeps the password itself out of the
-    server (and out of its log, should the statement fail). ``password`` must
-    be ASCII without control characters, which SASLprep leaves unchanged.
-    """
-    salt = os.urandom(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, PG_SCRAM_ITERATIONS)
-    client_key = hmac.digest(salted, b"Client Key", "sha256")
-    stored_key = hashlib.sha256(client_key).digest()
-    server_key = hmac.digest(salted, b"Server Key", "sha256")
-
-    def b64(raw: bytes) -> str:
-        return base64.b64encode(raw).decode()
-
-    return f"SCRAM-SHA-256${PG_SCRAM_ITERATIONS}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
-
-
-# A pg_hba.conf method field "trust" (fields are separated by blanks).
-_HBA_TRUST = re.compile(r"(?<=\s)trust(?=\s|$)")
-
-
-def _hba_without_trust(text: str) -> str:
-    """``text`` (a pg_hba.conf) with each ``trust`` rule changed to PG_AUTH_METHOD."""
-    lines = []
-    for line in text.splitlines(keepends=True):
-        rule, hash_, comment = line.partition("#")
-        lines.append(_HBA_TRUST.sub(PG_AUTH_METHOD, rule) + hash_ + comment)
-    return "".join(lines)
-
-
 class EmbeddedPostgres(_EmbeddedServer):
     """A PostgreSQL cluster in ``data_dir/postgres/data``, kept between runs.
 
@@ -887,18 +843,14 @@ class EmbeddedPostgres(_EmbeddedServer):
             # Left by an initdb killed along with its parent.
             self._initdb_pwfile.unlink(missing_ok=True)
             shutil.rmtree(self._initdb_dir, ignore_errors=True)
-            trusting = False
             if (self.pgdata / "PG_VERSION").exists():
                 self._check_version()
                 log.info("reusing the PostgreSQL cluster in %s", self.pgdata)
-                trusting = self._hba_trusts()
-                self._password = self._existing_password(trusting)
+                self._password = self._existing_password()
             else:
                 self._password = self._new_password()
                 self._initdb(run_as)
             url = self._run_server()
-            if trusting:
-                self._switch_to_passwords()
             self._ensure_database()
         except BaseException:
             self.stop()  # also releases the lock
@@ -934,79 +886,20 @@ class EmbeddedPostgres(_EmbeddedServer):
         _write_secret_file(self.password_file, password + "\n")
         return password
 
-    def _existing_password(self, trusting: bool) -> str:
-        """The superuser's password of an existing cluster.
-
-        A cluster made with trust authentication (by an older tokenchat) has
-        none yet: make one, which start() then sets.
-        """
+    def _existing_password(self) -> str:
+        """The superuser's password of an existing cluster, kept beside it."""
         try:
             password = self.password_file.read_text().strip()
         except FileNotFoundError:
             password = ""
         if password:
             return password
-        if trusting:
-            log.warning(
-                "the PostgreSQL cluster in %s lets anyone connect without a password "
-                "(trust): setting a password (kept in %s) and switching it to %s",
-                self.pgdata,
-                self.password_file,
-                PG_AUTH_METHOD,
-            )
-            return self._new_password()
         raise EmbeddedServerError(
             f"embedded {self.name}: the cluster in {self.pgdata} asks for a password, but "
             f"{self.password_file} is missing or empty. Put the password of user "
             f"{PG_USER!r} back in it, or delete {self.pgdata} to start over (this deletes "
             "the data)"
         )
-
-    @property
-    def _hba_file(self) -> Path:
-        return self.pgdata / "pg_hba.conf"
-
-    def _hba_trusts(self) -> bool:
-        """True if pg_hba.conf has a ``trust`` rule (a cluster made by an older tokenchat)."""
-        try:
-            text = self._hba_file.read_text()
-        except FileNotFoundError:
-            return False
-        return _hba_without_trust(text) != text
-
-    def _switch_to_passwords(self) -> None:
-        """Give a running trust cluster its password, then require it.
-
-        The password is set first (as a SCRAM verifier), while trust still lets
-        us in. If we die between the steps, the next start sees the trust rule
-        again and repeats them with the saved password.
-        """
-        assert self._password is not None
-        verifier = _scram_verifier(self._password)
-        self._psql_stdin(f"ALTER ROLE \"{PG_USER}\" PASSWORD '{verifier}';\n")
-        st = self._hba_file.stat()
-        text = self._hba_file.read_text()
-        tmp = self._hba_file.with_name(f".pg_hba.conf.{secrets.token_hex(4)}.tmp")
-        try:
-            tmp.write_text(_hba_without_trust(text))
-            os.chmod(tmp, st.st_mode & 0o7777)
-            if os.geteuid() == 0:
-                os.chown(tmp, st.st_uid, st.st_gid)
-            os.replace(tmp, self._hba_file)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        self._psql("SELECT pg_reload_conf()")
-        deadline = time.monotonic() + PG_HBA_RELOAD_TIMEOUT_S
-        while self._connects_without_password():
-            if time.monotonic() >= deadline:
-                raise self._fail(
-                    f"{self._hba_file} now asks for {PG_AUTH_METHOD}, but connections "
-                    f"without a password still work {PG_HBA_RELOAD_TIMEOUT_S:.0f} s after "
-                    "the reload"
-                )
-            time.sleep(POLL_INTERVAL_S)
-        log.info("%s now asks for passwords (%s)", self.pgdata, PG_AUTH_METHOD)
 
     def _stop_leftover(self) -> None:
         """Deal with the postmaster.pid that a killed run left behind.
@@ -1152,21 +1045,19 @@ class EmbeddedPostgres(_EmbeddedServer):
             return False
         return proc.returncode == 0
 
-    def _run_client(
-        self, args: list[str], *, what: str, stdin: str | None = None, password: bool = True
-    ) -> subprocess.CompletedProcess[bytes]:
-        """Run one of the shipped client programs (with PGPASSWORD unless told not to)."""
+    def _run_client(self, args: list[str], *, what: str) -> subprocess.CompletedProcess[bytes]:
+        """Run one of the shipped client programs, with PGPASSWORD."""
         assert self._bin is not None
         argv = [str(self._bin / args[0]), *args[1:]]
         env = _clean_env()
-        if password and self._password is not None:
+        if self._password is not None:
             # In the environment, not on the command line: `ps` shows the latter
             # to every user.
             env["PGPASSWORD"] = self._password
         try:
             return subprocess.run(
                 argv,
-                input=stdin.encode() if stdin is not None else b"",
+                stdin=subprocess.DEVNULL,
                 capture_output=True,
                 env=env,
                 timeout=PG_CLIENT_TIMEOUT_S,
@@ -1175,9 +1066,9 @@ class EmbeddedPostgres(_EmbeddedServer):
         except subprocess.TimeoutExpired as exc:
             raise self._fail(f"{what} took over {PG_CLIENT_TIMEOUT_S:.0f} s") from exc
 
-    def _client(self, args: list[str], *, what: str, stdin: str | None = None) -> str:
+    def _client(self, args: list[str], *, what: str) -> str:
         """Run one of the shipped client programs; return its stdout."""
-        proc = self._run_client(args, what=what, stdin=stdin)
+        proc = self._run_client(args, what=what)
         if proc.returncode != 0:
             err = proc.stderr.decode(errors="replace").strip()
             raise self._fail(f"{what} failed with exit code {proc.returncode}: {err}")
@@ -1195,18 +1086,6 @@ class EmbeddedPostgres(_EmbeddedServer):
 
     def _psql(self, sql: str) -> str:
         return self._client(self._psql_args("--command", sql), what=f"psql {sql!r}")
-
-    def _psql_stdin(self, sql: str) -> str:
-        """Run ``sql`` read from stdin, so that it never shows in ``ps``."""
-        return self._client(self._psql_args(), what="psql (statement on stdin)", stdin=sql)
-
-    def _connects_without_password(self) -> bool:
-        proc = self._run_client(
-            self._psql_args("--no-password", "--command", "SELECT 1"),
-            what="psql without a password",
-            password=False,
-        )
-        return proc.returncode == 0
 
     def _ensure_database(self) -> None:
         exists = self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{PG_DATABASE}'")

@@ -21,8 +21,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from protocol import SUBPROTOCOLS, CloseCode
-from protocol.codec import JSON_SUBPROTOCOL
+from tokenchat.protocol import SUBPROTOCOLS, CloseCode
+from tokenchat.protocol.codec import JSON_SUBPROTOCOL
 
 from .health import HEALTHY, HEALTHZ_PATH, READYZ_PATH, readiness
 from .node import Node

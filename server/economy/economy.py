@@ -32,13 +32,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from protocol.limits import AMOUNT_MAX, AMOUNT_MIN
+from tokenchat.protocol.limits import AMOUNT_MAX, AMOUNT_MIN
 
-from .batcher import LuaScript, ScriptBatcher
-from .config import Settings
-from .confirmations import Confirmations
-from .directory import AbsentUsers
-from .errors import (
+from ..catalog.directory import AbsentUsers
+from ..config import Settings
+from ..errors import (
     BadRequest,
     Conflict,
     Forbidden,
@@ -48,7 +46,9 @@ from .errors import (
     ServiceError,
     Unavailable,
 )
-from .keys import Keys, glob_escape
+from ..keys import Keys, glob_escape
+from ..ledger.confirmations import Confirmations
+from .batcher import LuaScript, ScriptBatcher
 from .scripts import MONEY_SCRIPT_NAMES, lua_script
 
 log = logging.getLogger(__name__)

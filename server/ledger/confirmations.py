@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import asyncpg
 
-from .errors import ServiceError, Unavailable
+from ..errors import ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .batcher import ScriptBatcher
-from .errors import Unavailable
-from .keys import Keys
-from .scripts import lua_script
+from ..economy.batcher import ScriptBatcher
+from ..economy.scripts import lua_script
+from ..errors import Unavailable
+from ..keys import Keys
 
 Offset = tuple[int, int]
 

@@ -47,11 +47,12 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from . import confirmations, metrics
-from .aio import reraise_if_cancelled
-from .config import Settings
-from .economy import Economy
-from .keys import Keys, glob_escape
+from .. import metrics
+from ..aio import reraise_if_cancelled
+from ..config import Settings
+from ..economy.economy import Economy
+from ..keys import Keys, glob_escape
+from . import confirmations
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,11 @@ class LedgerWriter:
         self._refused_since = 0.0
         # A batch of this writer failed: its entries are pending for it alone.
         self._retry_own = False
+
+    @property
+    def consumer(self) -> str:
+        """This writer's name in the outbox's consumer group."""
+        return self._consumer
 
     async def close(self) -> None:
         await self._redis.aclose()

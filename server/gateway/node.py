@@ -19,19 +19,19 @@ import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
-from protocol import events
+from tokenchat.protocol import events
 
-from .aio import reraise_if_cancelled
+from ..aio import reraise_if_cancelled
+from ..catalog.directory import Directory
+from ..config import Settings
+from ..db import create_pool
+from ..economy.economy import Economy
+from ..errors import LimitExceeded, Unavailable
+from ..keys import Keys
+from ..ledger.confirmations import Confirmations
+from ..ledger.writer import LedgerWriter
 from .broker import RedisBroker
-from .config import Settings
-from .confirmations import Confirmations
-from .db import create_pool
-from .directory import Directory
-from .economy import Economy
-from .errors import LimitExceeded, Unavailable
 from .hub import Hub
-from .keys import Keys
-from .ledger import LedgerWriter
 from .rooms import PRESENCE_MARKER, RoomStore, complete_event, parse_offset, parse_published
 from .session import Session
 

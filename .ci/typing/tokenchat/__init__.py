@@ -1,0 +1,1 @@
+../../../server/namespace-package/__init__.py

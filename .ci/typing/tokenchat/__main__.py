@@ -1,0 +1,1 @@
+../../../server/namespace-package/__main__.py

@@ -1,0 +1,1 @@
+"""Embedded Redis and PostgreSQL for ``tokenchat dev`` and the tests."""

@@ -1,0 +1,1 @@
+"""The token economy's hot path: Lua scripts (``lua/``), the batcher, ``Economy``."""

@@ -1,0 +1,1 @@
+"""The HTTP API (Starlette) and the payment providers behind purchases."""

@@ -1,0 +1,1 @@
+"""The durable ledger: the outbox writer into Postgres, reconcile, confirmations."""
