@@ -23,10 +23,10 @@ import time
 import asyncpg
 from redis.asyncio import Redis
 
-from server.config import Settings
-from server.db import migrate
-from server.ledger import LedgerWriter
-from server.node import Node
+from tokenchat.server.config import Settings
+from tokenchat.server.db import migrate
+from tokenchat.server.gateway.node import Node
+from tokenchat.server.ledger.writer import LedgerWriter
 
 FANS = 200
 FAN_CREDIT = 1_000_000  # tokens: no tip is refused for funds
