@@ -20,9 +20,7 @@ import os
 import secrets
 import time
 
-import asyncpg
-from redis.asyncio import Redis
-
+from loadtests.harness.processes import remove_state, ticks_by_name
 from tokenchat.server.config import Settings
 from tokenchat.server.db import migrate
 from tokenchat.server.gateway.node import Node
@@ -35,21 +33,8 @@ DRAIN_TIMEOUT_S = 300.0
 
 
 def postgres_cpu_s() -> float:
-    """CPU seconds used so far by every process named postgres*."""
-    ticks = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/comm") as comm:
-                if not comm.read().startswith("postgres"):
-                    continue
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """CPU seconds used so far by every process named postgres."""
+    return sum(ticks_by_name("postgres").values()) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(batch: int, tips: int) -> None:
@@ -88,22 +73,12 @@ async def measure(batch: int, tips: int) -> None:
         )
     finally:
         await node.close()
-        await _remove(settings)
-
-
-async def _remove(settings: Settings) -> None:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(f'DROP SCHEMA "{settings.database_schema}" CASCADE')
-    finally:
-        await conn.close()
-    redis: Redis = Redis.from_url(settings.redis_url)
-    try:
-        names = [k async for k in redis.scan_iter(match=f"{settings.redis_prefix}*")]
-        if names:
-            await redis.delete(*names)
-    finally:
-        await redis.aclose()
+        await remove_state(
+            settings.redis_url,
+            settings.redis_prefix,
+            settings.database_url,
+            settings.database_schema,
+        )
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ its own and ``tokenchat ledger`` beside it (``--inline-ledger``: the writer
 inside ``serve`` instead), on free ports, with its own Redis key prefix,
 Postgres schema and JWT secret. ``--rooms`` models say hello so their rooms exist,
 then the fans connect from ``--load-procs`` processes (uvloop, the minimal
-WebSocket client of ``loadtests.fanout``), say hello, join room ``i % rooms``
+WebSocket client of ``loadtests.harness.client``), say hello, join room ``i % rooms``
 and are credited through ``POST /v1/admin/credits``. Each fan tips amount 1
 with a fresh idempotency key and sends its next tip when the ack of the last
 one arrives, so the number of fans is the concurrency. Two phases follow,
@@ -60,55 +60,64 @@ import dataclasses
 import math
 import multiprocessing
 import os
-import platform
 import random
-import re
 import secrets
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 
-from loadtests.fanout import (
-    CONNECT_TIMEOUT_S,
-    HIST_BUCKETS,
-    HOST,
-    JSON_SUBPROTOCOL,
-    MIGRATE_TIMEOUT_S,
-    NS_PER_S,
+from loadtests.harness.cli import (
+    DURATION_DEFAULT_S,
+    QUICK_DURATION_S,
+    QUICK_RUNS,
+    QUICK_WARMUP_S,
+    RUNS_DEFAULT,
+    WARMUP_DEFAULT_S,
+    positive_float,
+    positive_int,
+    resolve_timing,
+)
+from loadtests.harness.client import CONNECT_TIMEOUT_S, HOST, JSON_SUBPROTOCOL, Member, open_member
+from loadtests.harness.processes import (
+    IDLE_BUSY_MAX_PCT,
     POLL_INTERVAL_S,
-    REPO_ROOT,
     SETUP_TIMEOUT_S,
     WORKER_STOP_TIMEOUT_S,
     Bench,
-    Member,
     Server,
-    Stats,
-    cpu_ticks,
-    finish_py_spy,
+    delete_matching,
     first_error,
     free_port,
-    hist_percentile_ms,
-    machine_busy_ticks,
-    open_member,
-    positive_float,
-    positive_int,
+    http_answers,
+    http_json,
     process_tree,
     raise_open_files_limit,
     recv_from_parent,
-    run_bench,
     run_load_process,
-    start_py_spy,
+    sample_cpu,
+    schedule,
+    wait_for_idle,
+)
+from loadtests.harness.report import clean_json, machine_summary, median_range, run_bench
+from loadtests.harness.stats import (
+    NS_PER_S,
+    US_PER_S,
+    Stats,
+    hist_percentile_ms,
+    histogram_quantile,
+    ledger_lag_buckets,
+    median_of,
+    merge_counts,
+    merge_hists,
+    per_run_ratios,
+    ratio_of_medians,
+    values_of,
 )
 from tokenchat.server.economy.batcher import LuaScript, send_pipeline
 
@@ -130,14 +139,7 @@ BASELINE_BALANCE_TOKENS = 10**12  # tokens
 # --- defaults of the command line ---------------------------------------------
 FANS_DEFAULT = 200  # connections, each with one tip in flight
 ROOMS_DEFAULT = 20  # models; fan i joins room i % rooms
-DURATION_DEFAULT_S = 10.0  # measured, per phase and run
-WARMUP_DEFAULT_S = 2.0  # tipping but not measured, before each measurement
-RUNS_DEFAULT = 3
 LOAD_PROCS_DEFAULT = 2  # load-generator processes, each on its own uvloop
-# --quick: one short run of each, under a minute in all.
-QUICK_DURATION_S = 3.0
-QUICK_WARMUP_S = 1.0
-QUICK_RUNS = 1
 # The capped phase offers this share of the pipelined baseline's rate.
 CAPPED_FRACTION = 0.5
 # A capped phase that commits less than this share of what it offered was
@@ -154,12 +156,8 @@ CAPPED_P99_GOAL_MS = 50.0
 CONNECT_CONCURRENCY_TOTAL = 32  # connections
 # Credits posted at once: the admin endpoint is one script call each.
 FUND_CONCURRENCY = 8  # HTTP requests
-HTTP_TIMEOUT_S = 10.0  # one admin or metrics request
 # /v1/admin/reconcile drains the outbox for up to 10 s, then reads every balance.
 RECONCILE_TIMEOUT_S = 60.0
-# Between telling the load processes "go" and the first tip, so that every
-# process has read the schedule before any starts.
-GO_DELAY_S = 0.5
 # After a phase's window: how long the tips in flight may take to be answered.
 # A tip unanswered by then is reported (the contract answers every command).
 PHASE_DRAIN_TIMEOUT_S = 5.0
@@ -183,14 +181,6 @@ BUCKET_TOKENS = 2.0  # tips
 # and the script's XLEN check stay bounded, as the writer's XDEL keeps them.
 OUTBOX_TRIM_INTERVAL_S = 0.1
 OUTBOX_KEEP_ENTRIES = 10_000
-# SCAN page and UNLINK batch when deleting the runs' idempotency keys.
-SCAN_COUNT = 10_000  # keys
-UNLINK_BATCH = 1_000  # keys
-# --wait-idle: the machine counts as idle when everything on it, interrupts
-# included, uses less than this over one sample; other work on a 2-core machine
-# moves the figures more than anything measured here.
-IDLE_BUSY_MAX_PCT = 25.0  # % of one CPU
-IDLE_SAMPLE_S = 1.0
 # A run whose other processes used more than this is flagged in the table.
 OTHER_BUSY_WARN_PCT = 25.0  # % of one CPU
 
@@ -199,9 +189,6 @@ OTHER_BUSY_WARN_PCT = 25.0  # % of one CPU
 OK_PREFIX = b'{"type":"ok"'
 ERROR_PREFIX = b'{"type":"error"'
 DUPLICATE_MARK = b'"duplicate":true'
-
-US_PER_S = 1_000_000
-LEDGER_LAG_METRIC = "tokenchat_ledger_lag_seconds"
 
 
 # ============================================================================
@@ -405,35 +392,18 @@ def model_id(room: int) -> str:
 
 async def open_fan(spec: FanWorkerSpec, conn_stats: Stats, index: int) -> TipFan:
     """A fan connected, authenticated and in its room."""
-    from tokenchat.server.auth import issue_token
-
-    loop = asyncio.get_running_loop()
     user_id, room = fan_id(index), model_id(index % spec.rooms)
-    fan: TipFan | None = None
-    step = "connect"
-    try:
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            _, fan = await loop.create_connection(
-                lambda: TipFan(spec.port, conn_stats, user_id, room), HOST, spec.port
-            )
-            step = "handshake"
-            await fan.opened
-            step = "hello"
-            token = issue_token(spec.jwt_secret, user_id, "fan")
-            reply = await fan.request({"type": "hello", "id": 1, "token": token})
-            if reply.get("type") != "welcome":
-                raise RuntimeError(f"hello refused for {user_id}: {reply}")
-            step = "join"
-            reply = await fan.request({"type": "join", "id": 2, "room": room})
-            if reply.get("type") != "ok":
-                raise RuntimeError(f"join refused for {user_id}: {reply}")
-    except BaseException as exc:
-        if fan is not None:
-            fan.close()
-        if isinstance(exc, TimeoutError):
-            raise TimeoutError(f"{user_id}: {step} took over {CONNECT_TIMEOUT_S} s") from None
-        raise
-    return fan
+    fan = await open_member(
+        "tokenchat",
+        spec.port,
+        conn_stats,
+        user_id=user_id,
+        role="fan",
+        jwt_secret=spec.jwt_secret,
+        room=room,
+        protocol=lambda: TipFan(spec.port, conn_stats, user_id, room),
+    )
+    return cast(TipFan, fan)
 
 
 async def run_phase(fans: list[TipFan], spec: PhaseSpec, conn_stats: Stats) -> dict[str, Any]:
@@ -662,20 +632,6 @@ def idempotency_pattern(prefix: str) -> str:
     return sample[: sample.index("idem:") + len("idem:")] + "*"
 
 
-async def delete_matching(redis: Any, pattern: str) -> int:
-    """UNLINK every key matching ``pattern`` (SCAN: never blocks Redis long)."""
-    deleted = 0
-    batch: list[bytes] = []
-    async for key in redis.scan_iter(match=pattern, count=SCAN_COUNT):
-        batch.append(key)
-        if len(batch) >= UNLINK_BATCH:
-            deleted += await redis.unlink(*batch)
-            batch.clear()
-    if batch:
-        deleted += await redis.unlink(*batch)
-    return deleted
-
-
 async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
     from redis.asyncio import Redis
 
@@ -748,112 +704,6 @@ def baseline_main(spec: BaselineSpec, conn: Connection) -> None:
 # ============================================================================
 
 
-def http_json(url: str, token: str | None = None, body: Any = None) -> tuple[int, Any]:
-    """(status, parsed JSON body or text) of a GET, or of a POST when ``body``."""
-    data = None if body is None else orjson.dumps(body)
-    request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    timeout_s = RECONCILE_TIMEOUT_S if url.endswith("reconcile") else HTTP_TIMEOUT_S
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    try:
-        return status, orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return status, raw.decode(errors="replace")
-
-
-def http_answers(url: str) -> bool:
-    try:
-        return http_json(url)[0] == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def histogram_quantile(buckets: list[tuple[float, float]], fraction: float) -> float:
-    """Prometheus's histogram_quantile: linear within the bucket holding the
-    rank; past the last finite bound, that bound (the figure is then "at least")."""
-    if not buckets or buckets[-1][1] <= 0:
-        return math.nan
-    rank = fraction * buckets[-1][1]
-    lower_bound, lower_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if math.isinf(bound):
-                return lower_bound
-            if count == lower_count:
-                return bound
-            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
-                count - lower_count
-            )
-        lower_bound, lower_count = bound, count
-    return lower_bound
-
-
-_BUCKET_LINE = re.compile(LEDGER_LAG_METRIC + r'_bucket\{le="([^"]+)"\} ([0-9.e+-]+)')
-
-
-def ledger_lag_buckets(metrics_text: str) -> list[tuple[float, float]]:
-    """(upper bound s, cumulative count) of the ledger lag histogram."""
-    buckets = [
-        (float(match.group(1)), float(match.group(2)))
-        for match in _BUCKET_LINE.finditer(metrics_text)
-    ]
-    return sorted(buckets)
-
-
-def ticks_by_name(name: str) -> dict[int, int]:
-    """utime + stime (clock ticks) of every process whose command is ``name``."""
-    ticks: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        if stat[stat.index("(") + 1 : stat.rindex(")")] != name:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
-    return ticks
-
-
-def sample_cpu(pids: dict[str, list[int]], start_ns: int, end_ns: int) -> dict[str, float | None]:
-    """CPU use (% of one core) between the two times of each group of processes,
-    of Postgres (all its processes: the ledger writer's COPYs are ours, the
-    rest of a shared Postgres is not), of the rest of the machine's tasks, and
-    of interrupts."""
-    time.sleep(max(0.0, (start_ns - time.monotonic_ns()) / NS_PER_S))
-    before = {name: cpu_ticks(p) for name, p in pids.items()}
-    postgres_before = ticks_by_name("postgres")
-    machine_before = machine_busy_ticks()
-    time.sleep(max(0.0, (end_ns - time.monotonic_ns()) / NS_PER_S))
-    after = {name: cpu_ticks(p) for name, p in pids.items()}
-    postgres_after = ticks_by_name("postgres")
-    machine_after = machine_busy_ticks()
-    per_tick_pct = 100 / os.sysconf("SC_CLK_TCK") / ((end_ns - start_ns) / NS_PER_S)
-    result: dict[str, float | None] = {}
-    for name in pids:
-        b, a = before[name], after[name]
-        result[name] = None if a is None or b is None else (a - b) * per_tick_pct
-    # A backend that exited meanwhile is missed; one that started counts whole.
-    result["postgres"] = per_tick_pct * sum(
-        ticks - postgres_before.get(pid, 0) for pid, ticks in postgres_after.items()
-    )
-    tasks_pct, irq_pct = (
-        (a - b) * per_tick_pct for a, b in zip(machine_after, machine_before, strict=True)
-    )
-    result["other"] = max(0.0, tasks_pct - sum(v or 0.0 for v in result.values()))
-    result["irq"] = irq_pct
-    return result
-
-
 def cpu_per_op(cpu: dict[str, float | None], main: str, per_s: float) -> dict[str, float | None]:
     """CPU time (us) per committed tip or call of the Python process, Redis and
     Postgres: unlike rates, these hardly move when other work shares the machine."""
@@ -868,43 +718,12 @@ def cpu_per_op(cpu: dict[str, float | None], main: str, per_s: float) -> dict[st
     }
 
 
-def wait_for_idle(max_wait_s: float) -> float:
-    """Wait (at most ``max_wait_s``) until the machine is idle; its last busy %."""
-    deadline = time.monotonic() + max_wait_s
-    tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
-    while True:
-        before = machine_busy_ticks()
-        time.sleep(IDLE_SAMPLE_S)
-        after = machine_busy_ticks()
-        busy_pct = 100 * sum(a - b for a, b in zip(after, before, strict=True)) * tick_s
-        busy_pct /= IDLE_SAMPLE_S
-        if busy_pct < IDLE_BUSY_MAX_PCT or time.monotonic() >= deadline:
-            return busy_pct
-
-
-def merge_counts(dicts: Sequence[dict[str, int]]) -> dict[str, int]:
-    merged: dict[str, int] = {}
-    for counts in dicts:
-        for code, count in counts.items():
-            merged[code] = merged.get(code, 0) + count
-    return merged
-
-
-def merge_hists(hists: Sequence[Sequence[int]]) -> list[int]:
-    if not hists:
-        return [0] * HIST_BUCKETS
-    return [sum(column) for column in zip(*hists, strict=True)]
-
-
 class TipsBench(Bench):
-    """``loadtests.fanout.Bench`` (isolated prefix and schema, subprocesses,
+    """The harness's ``Bench`` (isolated prefix and schema, subprocesses,
     cleanup of keys and schema in ``close``) with the tips scenario."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(args)
-        # Logs under a name of this benchmark; made again if something removed it.
-        shutil.rmtree(self.log_dir, ignore_errors=True)
-        self.log_dir = Path(tempfile.mkdtemp(prefix="tokenchat-tips-"))
+        super().__init__(args, "tips")
         self.admin_token = ""
         self.baseline_prefix = f"{self.redis_prefix}baseline:"
         self.baseline_started = False  # from then on there may be keys to delete
@@ -916,7 +735,7 @@ class TipsBench(Bench):
         # Bench removes the prefix's keys only once tokenchat was migrated; the
         # baseline (first in odd runs) may have left keys before that.
         if self.baseline_started:
-            asyncio.run(self._delete_keys(f"{self.redis_prefix}*"))
+            asyncio.run(self.delete_keys(f"{self.redis_prefix}*"))
 
     # --- tokenchat ------------------------------------------------------------------
     def start_tokenchat(self, *, ledger: bool = True) -> tuple[Server, int]:
@@ -928,27 +747,8 @@ class TipsBench(Bench):
         """
         from tokenchat.server.auth import issue_token
 
-        self.migrated = True  # from now on there may be a schema to drop
-        subprocess.run(
-            [sys.executable, "-m", "tokenchat.server.cli", "migrate"],
-            cwd=REPO_ROOT,
-            env=self.env,
-            check=True,
-            timeout=MIGRATE_TIMEOUT_S,
-            stdout=subprocess.DEVNULL,
-        )
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        ws_port, http_port = free_port(), free_port()
         inline = ledger and self.args.inline_ledger
-        env = dict(
-            self.env,
-            TOKENCHAT_WS_PORT=str(ws_port),
-            TOKENCHAT_HTTP_PORT=str(http_port),
-            TOKENCHAT_LEDGER_ENABLED="1" if inline else "0",
-        )
-        argv = ["-m", "tokenchat.server.cli", "serve", "--workers", str(self.args.workers)]
-        server = self._spawn("tokenchat", argv, env, ws_port)
-        self._wait_ready(server, lambda: http_answers(f"http://{HOST}:{http_port}/healthz"))
+        server, http_port = self.start_serve(TOKENCHAT_LEDGER_ENABLED="1" if inline else "0")
         self.ledger_metrics_url = f"http://{HOST}:{http_port}/metrics"
         self.ledger_writer = None
         if ledger and not inline:
@@ -959,7 +759,7 @@ class TipsBench(Bench):
             url = self.ledger_metrics_url
             self._wait_ready(self.ledger_writer, lambda: http_answers(url))
         self.admin_token = issue_token(self.jwt_secret, ADMIN_ID, "admin")
-        asyncio.run(self._models_hello(ws_port))
+        asyncio.run(self._models_hello(server.ws_port))
         return server, http_port
 
     def stop_tokenchat(self, server: Server) -> None:
@@ -1049,7 +849,9 @@ class TipsBench(Bench):
                 conn.send(("stop", None))
             self._stop_workers()
             status, reconcile = http_json(
-                f"http://{HOST}:{http_port}/v1/admin/reconcile", self.admin_token
+                f"http://{HOST}:{http_port}/v1/admin/reconcile",
+                self.admin_token,
+                timeout_s=RECONCILE_TIMEOUT_S,
             )
             _, metrics_text = http_json(self.ledger_metrics_url)
         finally:
@@ -1073,7 +875,7 @@ class TipsBench(Bench):
             row["ledger"] = ledger
         # The fans' idempotency keys are no use after the run; without them the
         # next run starts from the same keyspace size as this one did.
-        asyncio.run(self._delete_keys(idempotency_pattern(self.redis_prefix)))
+        asyncio.run(self.delete_keys(idempotency_pattern(self.redis_prefix)))
         return rows
 
     def _phase(
@@ -1086,25 +888,16 @@ class TipsBench(Bench):
         profile: Path | None,
     ) -> dict[str, Any]:
         args = self.args
-        now_ns = time.monotonic_ns()
-        start_ns = now_ns + int(GO_DELAY_S * NS_PER_S)
-        window_start_ns = start_ns + int(args.warmup * NS_PER_S)
-        window_end_ns = window_start_ns + int(args.duration * NS_PER_S)
+        start_ns, window_start_ns, window_end_ns = schedule(args.warmup, args.duration)
         spec = PhaseSpec(phase, start_ns, window_start_ns, window_end_ns, rate_per_fan)
         for conn in conns:
             conn.send(("phase", spec))
-        time.sleep(max(0.0, (window_start_ns - time.monotonic_ns()) / NS_PER_S))
-        spy = start_py_spy(server.process.pid, args.duration, profile) if profile else None
-        try:
-            pids = {
-                **self.tokenchat_pids(server),
-                "redis": [self.redis_pid] if self.redis_pid else [],
-                "loadgen": [w.pid for w in self.workers if w.pid is not None],
-            }
-            cpu = sample_cpu(pids, window_start_ns, window_end_ns)
-        finally:
-            if spy is not None:
-                finish_py_spy(spy, profile)
+        pids = {
+            **self.tokenchat_pids(server),
+            "redis": self.redis_pids(),
+            "loadgen": self.loadgen_pids(),
+        }
+        cpu = self.measure_cpu(server, pids, window_start_ns, window_end_ns, profile, postgres=True)
         wait_s = (window_end_ns - time.monotonic_ns()) / NS_PER_S
         reports = self._gather(
             conns, "result", wait_s + PHASE_DRAIN_TIMEOUT_S + REPORT_SLACK_S, server
@@ -1142,11 +935,10 @@ class TipsBench(Bench):
         """Seconds until the ledger outbox was empty; None if it was not in time."""
         from redis import Redis
 
-        from tokenchat.server.config import Settings
         from tokenchat.server.keys import Keys
 
         outbox = Keys(self.redis_prefix).outbox()
-        client: Redis = Redis.from_url(Settings.from_env(self.env).redis_url)
+        client: Redis = Redis.from_url(self.settings().redis_url)
         start = time.monotonic()
         try:
             while client.xlen(outbox) > 0:
@@ -1167,9 +959,7 @@ class TipsBench(Bench):
         async def count() -> int:
             import asyncpg
 
-            from tokenchat.server.config import Settings
-
-            conn = await asyncpg.connect(Settings.from_env(self.env).database_url)
+            conn = await asyncpg.connect(self.settings().database_url)
             try:
                 value = await conn.fetchval(
                     f"SELECT count(*) FROM \"{self.schema}\".ledger_transactions WHERE kind = 'tip'"
@@ -1180,24 +970,11 @@ class TipsBench(Bench):
 
         return asyncio.run(count())
 
-    async def _delete_keys(self, pattern: str) -> None:
-        from redis.asyncio import Redis
-
-        from tokenchat.server.config import Settings
-
-        redis: Redis = Redis.from_url(Settings.from_env(self.env).redis_url)
-        try:
-            await delete_matching(redis, pattern)
-        finally:
-            await redis.aclose()
-
     # --- the baseline ---------------------------------------------------------------
     def run_baseline(self, number: int) -> list[dict[str, Any]]:
-        from tokenchat.server.config import Settings
-
         args = self.args
         spec = BaselineSpec(
-            redis_url=Settings.from_env(self.env).redis_url,
+            redis_url=self.settings().redis_url,
             prefix=self.baseline_prefix,
             fans=args.fans,
             rooms=args.rooms,
@@ -1218,17 +995,11 @@ class TipsBench(Bench):
             self._receive(parent_end, process, "ready", BASELINE_START_TIMEOUT_S)
             modes: tuple[Mode, ...] = ("pipelined", "unpipelined")
             for mode in modes:
-                now_ns = time.monotonic_ns()
-                start_ns = now_ns + int(GO_DELAY_S * NS_PER_S)
-                window_start_ns = start_ns + int(args.warmup * NS_PER_S)
-                window_end_ns = window_start_ns + int(args.duration * NS_PER_S)
+                start_ns, window_start_ns, window_end_ns = schedule(args.warmup, args.duration)
                 parent_end.send(("go", mode, start_ns, window_start_ns, window_end_ns))
                 assert process.pid is not None
-                pids = {
-                    "client": [process.pid],
-                    "redis": [self.redis_pid] if self.redis_pid else [],
-                }
-                cpu = sample_cpu(pids, window_start_ns, window_end_ns)
+                pids = {"client": [process.pid], "redis": self.redis_pids()}
+                cpu = sample_cpu(pids, window_start_ns, window_end_ns, postgres=True)
                 wait_s = (window_end_ns - time.monotonic_ns()) / NS_PER_S
                 report = self._receive(
                     parent_end, process, "result", wait_s + BASELINE_CLEANUP_TIMEOUT_S
@@ -1284,22 +1055,8 @@ class TipsBench(Bench):
 # ============================================================================
 
 
-def values_of(rows: list[dict[str, Any]], kind: Kind, key: str) -> list[float]:
-    return [
-        r[key]
-        for r in rows
-        if r["kind"] == kind and isinstance(r.get(key), int | float) and not math.isnan(r[key])
-    ]
-
-
-def median_of(rows: list[dict[str, Any]], kind: Kind, key: str) -> float:
-    values = values_of(rows, kind, key)
-    return statistics.median(values) if values else math.nan
-
-
 def ratio_of(rows: list[dict[str, Any]]) -> float:
-    baseline = median_of(rows, "pipelined", "per_s")
-    return median_of(rows, "tokenchat", "per_s") / baseline if baseline else math.nan
+    return ratio_of_medians(rows, "kind", "tokenchat", "pipelined", "per_s")
 
 
 ROWS: tuple[tuple[str, str, str], ...] = (
@@ -1329,13 +1086,7 @@ COLUMN_WIDTH = 24  # characters
 
 def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
     def cell(kind: Kind, key: str, fmt: str) -> str:
-        values = values_of(rows, kind, key)
-        if not values:
-            return "-"
-        text = fmt.format(statistics.median(values))
-        if len(values) > 1:
-            text += f" ({fmt.format(min(values))}-{fmt.format(max(values))})"
-        return text
+        return median_range(values_of(rows, "kind", kind, key), fmt)
 
     lines = [
         f"tips: {args.fans} fans in {args.rooms} rooms, amount {TIP_AMOUNT}, one tip in flight "
@@ -1349,25 +1100,17 @@ def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
     for key, label, fmt in ROWS:
         cells = " ".join(f"{cell(kind, key, fmt):<{COLUMN_WIDTH}}" for kind, _ in COLUMNS)
         lines.append(f"{label:<18} {cells}".rstrip())
-    pairs = [
-        t["per_s"] / b["per_s"]
-        for t, b in zip(
-            [r for r in rows if r["kind"] == "tokenchat"],
-            [r for r in rows if r["kind"] == "pipelined"],
-            strict=False,
-        )
-        if b["per_s"]
-    ]
+    pairs = per_run_ratios(rows, "kind", "tokenchat", "pipelined", "per_s")
     ratio = ratio_of(rows)
     verdict = "meets" if ratio >= RATIO_GOAL else "BELOW"
     lines.append(
         f"ratio tokenchat / pipelined baseline (committed/s, medians): {ratio:.2f} "
         f"({verdict} the goal {RATIO_GOAL})   per run: {' '.join(f'{p:.2f}' for p in pairs)}"
     )
-    capped_p99 = median_of(rows, "capped", "p99_ms")
+    capped_p99 = median_of(rows, "kind", "capped", "p99_ms")
     verdict = "meets" if capped_p99 < CAPPED_P99_GOAL_MS else "ABOVE"
-    offered = median_of(rows, "capped", "offered_per_s")
-    committed = median_of(rows, "capped", "per_s")
+    offered = median_of(rows, "kind", "capped", "offered_per_s")
+    committed = median_of(rows, "kind", "capped", "per_s")
     where = (
         "at --capped-rate"
         if args.capped_rate
@@ -1375,7 +1118,7 @@ def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
     )
     lines.append(
         f"{where} (offered {offered:,.0f}/s, committed {committed:,.0f}/s): "
-        f"ack p50 {median_of(rows, 'capped', 'p50_ms'):.2f} ms, "
+        f"ack p50 {median_of(rows, 'kind', 'capped', 'p50_ms'):.2f} ms, "
         f"p99 {capped_p99:.2f} ms ({verdict} the goal p99 < {CAPPED_P99_GOAL_MS:g} ms)"
     )
     if committed < SATURATED_SHARE * offered:
@@ -1440,29 +1183,19 @@ def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
 
 
 def report_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    def clean(value: Any) -> Any:
-        # JSON has no NaN: a figure that could not be measured is null.
-        if isinstance(value, float) and math.isnan(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
     tips = {
-        "value": median_of(rows, "tokenchat", "per_s"),
+        "value": median_of(rows, "kind", "tokenchat", "per_s"),
         "unit": "tips/s",
-        "baseline": median_of(rows, "pipelined", "per_s"),
-        "baseline_unpipelined": median_of(rows, "unpipelined", "per_s"),
+        "baseline": median_of(rows, "kind", "pipelined", "per_s"),
+        "baseline_unpipelined": median_of(rows, "kind", "unpipelined", "per_s"),
         "ratio": ratio_of(rows),
         "ratio_goal": RATIO_GOAL,
-        "p50_ms": median_of(rows, "tokenchat", "p50_ms"),
-        "p99_ms": median_of(rows, "tokenchat", "p99_ms"),
-        "capped_offered_per_s": median_of(rows, "capped", "offered_per_s"),
-        "capped_per_s": median_of(rows, "capped", "per_s"),
-        "capped_p50_ms": median_of(rows, "capped", "p50_ms"),
-        "capped_p99_ms": median_of(rows, "capped", "p99_ms"),
+        "p50_ms": median_of(rows, "kind", "tokenchat", "p50_ms"),
+        "p99_ms": median_of(rows, "kind", "tokenchat", "p99_ms"),
+        "capped_offered_per_s": median_of(rows, "kind", "capped", "offered_per_s"),
+        "capped_per_s": median_of(rows, "kind", "capped", "per_s"),
+        "capped_p50_ms": median_of(rows, "kind", "capped", "p50_ms"),
+        "capped_p99_ms": median_of(rows, "kind", "capped", "p99_ms"),
         "capped_p99_goal_ms": CAPPED_P99_GOAL_MS,
         "fans": args.fans,
         "rooms": args.rooms,
@@ -1471,14 +1204,7 @@ def report_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[st
         "load_procs": args.load_procs,
         "runs": rows,
     }
-    return {
-        "scenarios": {"tips": clean(tips)},
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-    }
+    return {"scenarios": {"tips": clean_json(tips)}, "machine": machine_summary()}
 
 
 # ============================================================================
@@ -1543,15 +1269,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(.svg flame graph, .json speedscope, else py-spy's raw stacks, summarized on stdout)",
     )
     args = parser.parse_args(argv)
-    quick = args.quick
-    if args.duration is None:
-        args.duration = QUICK_DURATION_S if quick else DURATION_DEFAULT_S
-    if args.warmup is None:
-        args.warmup = QUICK_WARMUP_S if quick else WARMUP_DEFAULT_S
-    if args.runs is None:
-        args.runs = QUICK_RUNS if quick else RUNS_DEFAULT
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
+    resolve_timing(parser, args)
     if args.rooms > args.fans:
         parser.error("--rooms must not exceed --fans (every room needs a fan)")
     if args.pin and len(os.sched_getaffinity(0)) < 2:
@@ -1574,7 +1292,9 @@ def run_all(
         def tokenchat(number: int = number) -> list[dict[str, Any]]:
             # Half of the pipelined rate measured so far (every run has at
             # least one: odd runs measure the baseline first).
-            capped = args.capped_rate or CAPPED_FRACTION * median_of(rows, "pipelined", "per_s")
+            capped = args.capped_rate or CAPPED_FRACTION * median_of(
+                rows, "kind", "pipelined", "per_s"
+            )
             profile = args.profile if number == 1 else None
             return bench.run_tokenchat(number, capped, profile)
 
