@@ -277,3 +277,23 @@ async def test_each_action_round_trips_through_redis_and_postgres(
                 name for name, key in zip(action.all_keys, keys, strict=True) if "{eco}" not in key
             }
             assert outside == set(action.delivery_keys), action.name
+
+
+async def test_the_benchmarks_tip_call_is_the_servers(settings: Settings, redis: Any) -> None:
+    # loadtests/tips.py calls the tip script directly for its baseline.
+    from loadtests.tips import TIP_AMOUNT, VirtualFan
+    from tokenchat.server.keys import Keys
+
+    script = TIP.script
+    fan = VirtualFan(0, 1, settings.redis_prefix, script.sha)
+    keys = Keys(settings.redis_prefix)
+    await redis.set(keys.balance(f"u:{fan.user_id}"), 10)
+    await redis.set(keys.balance("u:bench_model000"), 0)
+    sha, *call = fan.call()
+    assert sha == script.sha
+    # EVAL rather than EVALSHA: another test may flush the shared Redis's scripts.
+    result = await redis.execute_command("EVAL", script.source, *call)
+    assert result[0] == b"OK", result
+    assert int(await redis.get(keys.balance(f"u:{fan.user_id}"))) == 10 - TIP_AMOUNT
+    entry = (await redis.xrange(keys.outbox()))[0][1]
+    assert entry[b"kind"] == b"tip" and entry[b"initiator"] == f"u:{fan.user_id}".encode()
