@@ -34,11 +34,12 @@ equal the number of tips acknowledged, and the ledger lag is read from the
 workers); the ledger writer's CPU is a row of its own.
 
 Baseline: one process (uvloop, redis-py asyncio) runs the exact script the
-server loads (``lua_script("tip")``) with the KEYS/ARGV that ``Economy.tip``
-builds, under a key prefix of its own with balances set high, for the same
-number of virtual fans. Pipelined: each round is one pipeline of one EVALSHA
-per fan, the way the server's batcher sends what arrives in one event-loop
-tick. Unpipelined, for context: one coroutine per fan, one EVALSHA at a time.
+server loads (``TIP.script``) with the KEYS/ARGV that ``Economy.tip`` builds
+(both through ``TIP.call``), under a key prefix of its own with balances set
+high, for the same number of virtual fans. Pipelined: each round is one
+pipeline of one EVALSHA per fan, the way the server's batcher sends what
+arrives in one event-loop tick. Unpipelined, for context: one coroutine per
+fan, one EVALSHA at a time.
 
 Runs alternate (odd runs: baseline first, even runs: tokenchat first) so that
 a drift of the machine hits both, and every capped phase has a baseline rate
@@ -488,10 +489,13 @@ class BaselineSpec:
 class VirtualFan:
     """The parts of a fan's EVALSHA that ``Economy.tip`` computes per call but
     that do not change from one tip to the next (computed once here: the
-    baseline is the Redis side of a tip, not its Python side)."""
+    baseline is the Redis side of a tip, not its Python side). The order of
+    KEYS and ARGV is ``TIP``'s declaration's, through ``TIP.call``."""
 
     def __init__(self, index: int, rooms: int, prefix: str, sha: str) -> None:
+        from tokenchat.protocol import events
         from tokenchat.server.config import Settings
+        from tokenchat.server.economy.actions import TIP
         from tokenchat.server.economy.economy import fingerprint, user_account, user_initiator
         from tokenchat.server.keys import Keys
 
@@ -502,48 +506,50 @@ class VirtualFan:
         self.nonce = secrets.token_hex(6)
         self.seq = 0
         self.sha = sha
-        self.key_tail = [
-            keys.outbox(),
-            keys.balance(user_account(self.user_id)),
-            keys.balance(user_account(owner)),
-            keys.room_history(room),
-        ]
-        self.fingerprint = fingerprint("tip", room=room, amount=TIP_AMOUNT, text="")
         self.initiator = user_initiator(self.user_id)
-        event = {"type": "tip", "room": room, "from": self.user_id, "amount": TIP_AMOUNT}
-        self.arg_tail: list[str | bytes | int] = [
-            settings.outbox_entries_max,
-            TIP_AMOUNT,
-            user_account(self.user_id),
-            user_account(owner),
-            self.initiator,
-        ]
-        self.channels: list[str | bytes | int] = [
-            keys.room_channel(room),
-            settings.history_len,
-            orjson.dumps({**event, "text": ""}),
-            keys.user_channel(owner),
-            orjson.dumps({"room": room}),
-            1,  # the room's tip_min (every bench room keeps the default)
-        ]
+        payer, payee = user_account(self.user_id), user_account(owner)
+        # Filled per tip: the idempotency record, the transaction, the key.
+        self.key_names, self.arg_names = TIP.all_keys, TIP.all_args
+        self.script_keys, self.script_args = TIP.call(
+            keys={
+                "idem": None,
+                "outbox": keys.outbox(),
+                "payer_balance": keys.balance(payer),
+                "payee_balance": keys.balance(payee),
+                "history": keys.room_history(room),
+            },
+            args={
+                "request": fingerprint("tip", room=room, amount=TIP_AMOUNT, text=""),
+                "tx": None,
+                "outbox_max": settings.outbox_entries_max,
+                "initiator": self.initiator,
+                "key": None,
+                "meta": orjson.dumps({"room": room}),
+                "amount": TIP_AMOUNT,
+                "tip_min": 1,  # every bench room keeps the default
+                "payer": payer,
+                "payee": payee,
+                "room_channel": keys.room_channel(room),
+                "history_len": settings.history_len,
+                "event": orjson.dumps(events.tip_event_body(room, self.user_id, TIP_AMOUNT, "")),
+                "payee_channel": keys.user_channel(owner),
+            },
+        )
+        self.idem_at = self.key_names.index("idem")
+        self.tx_at = self.arg_names.index("tx")
+        self.key_at = self.arg_names.index("key")
 
     def call(self) -> list[str | bytes | int]:
-        """EVALSHA's arguments for the next tip, in ``Economy.tip``'s order."""
+        """EVALSHA's arguments for the next tip, in ``TIP``'s order."""
         from tokenchat.server.economy.economy import new_tx_id
 
         self.seq += 1
         key = f"{self.nonce}-{self.seq}"
-        return [
-            self.sha,
-            5,
-            self.keys.idempotency(self.initiator, key),
-            *self.key_tail,
-            self.fingerprint,
-            new_tx_id(),
-            *self.arg_tail,
-            key,
-            *self.channels,
-        ]
+        script_keys, script_args = list(self.script_keys), list(self.script_args)
+        script_keys[self.idem_at] = self.keys.idempotency(self.initiator, key)
+        script_args[self.tx_at] = new_tx_id()
+        script_args[self.key_at] = key
+        return [self.sha, len(script_keys), *script_keys, *script_args]
 
 
 def _ok(result: Any) -> bool:
@@ -635,8 +641,8 @@ def idempotency_pattern(prefix: str) -> str:
 async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
     from redis.asyncio import Redis
 
+    from tokenchat.server.economy.actions import TIP
     from tokenchat.server.economy.economy import user_account
-    from tokenchat.server.economy.scripts import lua_script
     from tokenchat.server.keys import Keys
 
     keys = Keys(spec.prefix)
@@ -648,7 +654,7 @@ async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
         socket_connect_timeout=BASELINE_REDIS_TIMEOUT_S,
     )
     try:
-        script = lua_script("tip", retry_safe=True)
+        script = TIP.script
         if await redis.script_load(script.source) != script.sha:
             raise RuntimeError("Redis's SHA1 of the tip script differs from the server's")
         fans = [VirtualFan(i, spec.rooms, spec.prefix, script.sha) for i in range(spec.fans)]

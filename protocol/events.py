@@ -56,22 +56,26 @@ def message_event(room: str, from_: str, text: str, offset: str, ts: int) -> dic
     }
 
 
+def tip_event_body(room: str, from_: str, amount: int, text: str) -> dict[str, Any]:
+    """A tip event as the tip script stores and publishes it: the room's
+    history gives it ``offset`` and ``ts`` (see ``tip_event``)."""
+    return {"type": "tip", "room": room, "from": from_, "amount": amount, "text": text}
+
+
 def tip_event(
     room: str, from_: str, amount: int, text: str, offset: str, ts: int
 ) -> dict[str, Any]:
-    return {
-        "type": "tip",
-        "room": room,
-        "from": from_,
-        "amount": amount,
-        "text": text,
-        "offset": offset,
-        "ts": ts,
-    }
+    return {**tip_event_body(room, from_, amount, text), "offset": offset, "ts": ts}
+
+
+def dm_event_body(from_: str, text: str) -> dict[str, Any]:
+    """A dm event as the server hands it to the dm script, which adds
+    ``price``, ``tx`` and ``ts`` (see ``dm_event``)."""
+    return {"type": "dm", "from": from_, "text": text}
 
 
 def dm_event(from_: str, text: str, price: int, tx: str, ts: int) -> dict[str, Any]:
-    return {"type": "dm", "from": from_, "text": text, "price": price, "tx": tx, "ts": ts}
+    return {**dm_event_body(from_, text), "price": price, "tx": tx, "ts": ts}
 
 
 def presence_event(room: str, viewers: int) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 - ``gateway``: the WebSocket gateway, a session per connection, the hub that
   writes room events to local members, the node that wires them together, the
   Redis pub/sub broker, room history and presence, health.
-- ``economy``: every money movement as one Lua script (``lua/``), the
-  pipelining batcher and the ``Economy`` that calls them.
+- ``economy``: the paid-action registry (``actions``: one declaration per
+  kind of spend), every money movement as one Lua script (``lua/``), the
+  pipelining batcher and the ``Economy`` that runs them.
 - ``ledger``: the outbox writer into Postgres, reconcile, and the confirmations
   that let a spend wait for its ledger row.
 - ``catalog``: users and rooms (Postgres, cached in Redis).

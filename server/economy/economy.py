@@ -32,24 +32,32 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from tokenchat.protocol.limits import AMOUNT_MAX, AMOUNT_MIN
+from tokenchat.protocol import events
 
 from ..catalog.directory import AbsentUsers
 from ..config import Settings
 from ..errors import (
-    BadRequest,
     Conflict,
     Forbidden,
-    InsufficientFunds,
     NotFound,
-    PriceChanged,
-    ServiceError,
     Unavailable,
 )
 from ..keys import Keys, glob_escape
 from ..ledger.confirmations import Confirmations
+from .actions import (
+    ACTIONS,
+    COMMON_ARGS,
+    COMMON_KEYS,
+    CREDIT,
+    DM,
+    REFUND,
+    REFUNDABLE_KINDS,
+    TIP,
+    Action,
+    refusal_error,
+)
 from .batcher import LuaScript, ScriptBatcher
-from .scripts import MONEY_SCRIPT_NAMES, lua_script
+from .scripts import lua_script
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +142,7 @@ class Economy:
         self._fresh = False
         self._fresh_lock = asyncio.Lock()
         self._drain: Drain | None = None
-        self._scripts = {name: lua_script(name, retry_safe=True) for name in MONEY_SCRIPT_NAMES}
+        self._scripts = {action.name: action.script for action in ACTIONS}
         self._load_script = lua_script("load_balance", retry_safe=True)
 
     # --- reads --------------------------------------------------------------------
@@ -152,40 +160,34 @@ class Economy:
             await self._load(account)
         raise Unavailable("the balance could not be loaded")
 
-    # --- spends -------------------------------------------------------------------
+    # --- spends: one method per paid action (actions.py), naming its keys and args ----
     async def tip(
         self, user_id: str, room: str, owner: str, amount: int, text: str, key: str, tip_min: int
     ) -> dict[str, Any]:
         if user_id == owner:
             raise Forbidden("you cannot tip your own room")
-        event = orjson.dumps(
-            {"type": "tip", "room": room, "from": user_id, "amount": amount, "text": text}
-        )
+        payer, payee = user_account(user_id), user_account(owner)
         return await self._run(
-            "tip",
-            keys=[
-                self._keys.idempotency(user_initiator(user_id), key),
-                self._keys.outbox(),
-                self._keys.balance(user_account(user_id)),
-                self._keys.balance(user_account(owner)),
-                self._keys.room_history(room),
-            ],
-            args=[
-                fingerprint("tip", room=room, amount=amount, text=text),
-                new_tx_id(),
-                self._settings.outbox_entries_max,
-                amount,
-                user_account(user_id),
-                user_account(owner),
-                user_initiator(user_id),
-                key,
-                self._keys.room_channel(room),
-                self._settings.history_len,
-                event,
-                self._keys.user_channel(owner),
-                orjson.dumps({"room": room}),
-                tip_min,
-            ],
+            TIP,
+            initiator=user_initiator(user_id),
+            key=key,
+            request=fingerprint("tip", room=room, amount=amount, text=text),
+            meta={"room": room},
+            keys={
+                "payer_balance": self._keys.balance(payer),
+                "payee_balance": self._keys.balance(payee),
+                "history": self._keys.room_history(room),
+            },
+            args={
+                "amount": amount,
+                "tip_min": tip_min,
+                "payer": payer,
+                "payee": payee,
+                "room_channel": self._keys.room_channel(room),
+                "history_len": self._settings.history_len,
+                "event": orjson.dumps(events.tip_event_body(room, user_id, amount, text)),
+                "payee_channel": self._keys.user_channel(owner),
+            },
         )
 
     async def dm(
@@ -193,32 +195,28 @@ class Economy:
     ) -> dict[str, Any]:
         if user_id == to:
             raise Forbidden("you cannot message yourself")
-        event = orjson.dumps({"type": "dm", "from": user_id, "text": text})[:-1]
+        payer, payee = user_account(user_id), user_account(to)
         return await self._run(
-            "dm",
-            keys=[
-                self._keys.idempotency(user_initiator(user_id), key),
-                self._keys.outbox(),
-                self._keys.balance(user_account(user_id)),
-                self._keys.balance(user_account(to)),
-                self._keys.prices(to),
-                self._keys.inbox(to),
-            ],
-            args=[
-                fingerprint("dm", to=to, text=text, max_price=max_price),
-                new_tx_id(),
-                self._settings.outbox_entries_max,
-                "" if max_price is None else max_price,
-                user_account(user_id),
-                user_account(to),
-                user_initiator(user_id),
-                key,
-                event,
-                self._keys.user_channel(to),
-                self._settings.inbox_len,
-                orjson.dumps({"to": to}),
-            ],
-            ledgered=lambda reply: bool(reply["price"]),
+            DM,
+            initiator=user_initiator(user_id),
+            key=key,
+            request=fingerprint("dm", to=to, text=text, max_price=max_price),
+            meta={"to": to},
+            keys={
+                "payer_balance": self._keys.balance(payer),
+                "payee_balance": self._keys.balance(payee),
+                "prices": self._keys.prices(to),
+                "inbox": self._keys.inbox(to),
+            },
+            args={
+                "max_price": "" if max_price is None else max_price,
+                "payer": payer,
+                "payee": payee,
+                # The script appends price, tx and ts: the closing brace goes.
+                "event": orjson.dumps(events.dm_event_body(user_id, text))[:-1],
+                "payee_channel": self._keys.user_channel(to),
+                "inbox_len": self._settings.inbox_len,
+            },
         )
 
     async def credit(
@@ -234,101 +232,56 @@ class Economy:
     ) -> dict[str, Any]:
         """Issue ``amount`` new tokens to the user (a purchase or a grant)."""
         _check_initiator(initiator)
+        assert kind in CREDIT.kinds, f"a credit of kind {kind!r}"
+        payee = user_account(user_id)
         return await self._run(
-            "credit",
-            keys=[
-                self._keys.idempotency(initiator, key),
-                self._keys.outbox(),
-                self._keys.balance(MINT),
-                self._keys.balance(user_account(user_id)),
-            ],
-            args=[
-                fingerprint(kind, user=user_id, amount=amount),
-                tx or new_tx_id(),
-                self._settings.outbox_entries_max,
-                amount,
-                MINT,
-                user_account(user_id),
-                initiator,
-                key,
-                kind,
-                self._keys.user_channel(user_id),
-                orjson.dumps(meta or {}),
-            ],
-        )
-
-    async def spend(
-        self,
-        payer: str,
-        payee: str,
-        amount: int,
-        *,
-        key: str,
-        what: dict[str, Any],
-        channel: str = "",
-        payload: bytes = b"",
-    ) -> dict[str, Any]:
-        """The generic paid action: ``what`` names it for idempotency and the
-        ledger; ``payload`` is published to ``channel`` when it is paid."""
-        if payer == payee:
-            raise Forbidden("you cannot pay yourself")
-        if isinstance(amount, bool) or not AMOUNT_MIN <= amount <= AMOUNT_MAX:
-            raise BadRequest(f"amount must be an integer between {AMOUNT_MIN} and {AMOUNT_MAX}")
-        return await self._run(
-            "spend",
-            keys=[
-                self._keys.idempotency(user_initiator(payer), key),
-                self._keys.outbox(),
-                self._keys.balance(user_account(payer)),
-                self._keys.balance(user_account(payee)),
-            ],
-            args=[
-                fingerprint("spend", payee=payee, amount=amount, what=what),
-                new_tx_id(),
-                self._settings.outbox_entries_max,
-                amount,
-                user_account(payer),
-                user_account(payee),
-                user_initiator(payer),
-                key,
-                channel,
-                payload,
-                self._keys.user_channel(payee),
-                orjson.dumps(what),
-            ],
+            CREDIT,
+            initiator=initiator,
+            key=key,
+            request=fingerprint(kind, user=user_id, amount=amount),
+            meta=meta or {},
+            tx=tx,
+            keys={
+                "payer_balance": self._keys.balance(MINT),
+                "payee_balance": self._keys.balance(payee),
+            },
+            args={
+                "amount": amount,
+                "payer": MINT,
+                "payee": payee,
+                "kind": kind,
+                "payee_channel": self._keys.user_channel(user_id),
+            },
         )
 
     async def refund(self, tx: str, *, initiator: str, key: str) -> dict[str, Any]:
-        """Reverse a tip, DM or spend, once. The original must be in Postgres."""
+        """Reverse a refundable spend (REFUNDABLE_KINDS), once. The original
+        must be in Postgres."""
         _check_initiator(initiator)
         try:
             payer, payee, amount = await self._original_spend(tx, initiator, key)
         except _Duplicate as duplicate:  # this very refund, already in the ledger
             return duplicate.reply
         return await self._run(
-            "refund",
-            keys=[
-                self._keys.idempotency(initiator, key),
-                self._keys.outbox(),
-                self._keys.balance(payer),
-                self._keys.balance(payee),
-                self._keys.refunded(tx),
-            ],
-            args=[
-                fingerprint("refund", tx=tx),
-                new_tx_id(),
-                self._settings.outbox_entries_max,
-                amount,
-                payer,
-                payee,
-                initiator,
-                key,
-                tx,
-                self._keys.user_channel(payer.removeprefix("u:")),
-                self._keys.user_channel(payee.removeprefix("u:")),
-                REFUND_MARKER_TTL_S,
-                orjson.dumps({"reverses": tx}),
-            ],
+            REFUND,
+            initiator=initiator,
+            key=key,
+            request=fingerprint("refund", tx=tx),
+            meta={"reverses": tx},
+            keys={
+                "payer_balance": self._keys.balance(payer),
+                "payee_balance": self._keys.balance(payee),
+                "marker": self._keys.refunded(tx),
+            },
+            args={
+                "amount": amount,
+                "payer": payer,
+                "payee": payee,
+                "refunds": tx,
+                "payer_channel": self._keys.user_channel(payer.removeprefix("u:")),
+                "payee_channel": self._keys.user_channel(payee.removeprefix("u:")),
+                "marker_ttl_s": REFUND_MARKER_TTL_S,
+            },
         )
 
     async def _original_spend(self, tx: str, initiator: str, key: str) -> tuple[str, str, int]:
@@ -352,7 +305,7 @@ class Economy:
             raise NotFound(f"no transaction '{tx}' in the ledger (yet)")
         if row["kind"] == "refund":
             raise Conflict("a refund cannot be refunded")
-        if row["kind"] not in ("tip", "dm", "spend"):
+        if row["kind"] not in REFUNDABLE_KINDS:
             raise Conflict(f"a {row['kind']} is not a spend and cannot be refunded")
         if row["refund"] is not None:
             if (row["refund_initiator"], row["refund_key"]) == (initiator, key):
@@ -437,24 +390,40 @@ class Economy:
     # --- running scripts ---------------------------------------------------------------
     async def _run(
         self,
-        name: str,
+        action: Action,
         *,
-        keys: list[Any],
-        args: list[Any],
-        ledgered: Callable[[dict[str, Any]], bool] = lambda reply: True,
+        initiator: str,
+        key: str,
+        request: str,
+        meta: dict[str, Any],
+        keys: dict[str, Any],
+        args: dict[str, Any],
+        tx: str | None = None,
     ) -> dict[str, Any]:
-        """Apply a money script; in `ledger` durability, return once its
-        ledger row is committed. ``ledgered``: whether a reply stands for a
-        ledger entry (a free DM moves nothing and has none)."""
+        """Apply a paid action's script with its own ``keys`` and ``args``
+        (the common ones are filled here); in `ledger` durability, return
+        once its ledger row is committed."""
+        tx = tx or new_tx_id()
+        # The common names are the runner's alone to fill.
+        assert keys.keys().isdisjoint(COMMON_KEYS) and args.keys().isdisjoint(COMMON_ARGS)
+        keys["idem"] = self._keys.idempotency(initiator, key)
+        keys["outbox"] = self._keys.outbox()
+        args.update(
+            request=request,
+            tx=tx,
+            outbox_max=self._settings.outbox_entries_max,
+            initiator=initiator,
+            key=key,
+            meta=orjson.dumps(meta),
+        )
+        script_keys, script_args = action.call(keys, args)
         confirmations = self._confirmations
         if confirmations is None:
-            return await self._apply(name, keys=keys, args=args)
-        # ARGV[2] of every money script is its new transaction's id.
-        tx = str(args[1])
+            return await self._apply(action, script_keys, script_args)
         committed = confirmations.expect(tx)
         try:
-            reply = await self._apply(name, keys=keys, args=args)
-            if not ledgered(reply):
+            reply = await self._apply(action, script_keys, script_args)
+            if not action.ledgered(reply):
                 return reply
             if not reply.get("duplicate"):
                 await confirmations.wait(tx, committed, known_before=False)
@@ -467,11 +436,11 @@ class Economy:
         await confirmations.wait(original, confirmations.expect(original), known_before=True)
         return reply
 
-    async def _apply(self, name: str, *, keys: list[Any], args: list[Any]) -> dict[str, Any]:
-        """Run a money script in Redis, loading what it needs from Postgres."""
+    async def _apply(self, action: Action, keys: list[Any], args: list[Any]) -> dict[str, Any]:
+        """Run a paid action's script in Redis, loading what it needs from Postgres."""
         if not self._fresh:
             await self.ensure_fresh()
-        script = self._scripts[name]
+        script = self._scripts[action.name]
         for _ in range(LOAD_ATTEMPTS_MAX):
             result = await self._call(script, keys, args)
             status = _text(result[0])
@@ -481,7 +450,7 @@ class Economy:
             if status == "DUP":
                 return {**orjson.loads(result[1]), "duplicate": True}
             if status != "NOT_LOADED":
-                raise _refusal(status, result)
+                raise refusal_error(action, status, _text(result[1]) if len(result) > 1 else "")
             missing = _text(result[1])
             if missing.startswith(self._keys.balance_prefix()):
                 await self._load(missing[len(self._keys.balance_prefix()) :])
@@ -678,19 +647,3 @@ class _Duplicate(Exception):
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _refusal(status: str, result: list[Any]) -> ServiceError:
-    if status == "INSUFFICIENT_FUNDS":
-        return InsufficientFunds(f"the balance is {_text(result[1])} tokens; nothing was charged")
-    if status == "TIP_MIN":
-        return BadRequest(f"field 'amount' must be at least the room's tip_min, {_text(result[1])}")
-    if status == "PRICE_CHANGED":
-        return PriceChanged(f"the price is now {_text(result[1])} tokens; nothing was charged")
-    if status == "CONFLICT":
-        return Conflict("this key was used with other fields; nothing was charged")
-    if status == "REFUNDED":
-        return Conflict("this transaction was refunded already")
-    if status == "BACKLOG":
-        return Unavailable("the ledger is behind (Postgres away); nothing was charged")
-    return BadRequest(f"refused: {status}")

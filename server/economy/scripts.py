@@ -1,17 +1,31 @@
 """Lua scripts: one file each under ``lua/``, run through a ``ScriptBatcher``
 (EVALSHA in a per-tick pipeline; NOSCRIPT answered by loading and retrying).
 
-Money scripts share ``money_lib.lua``, prepended to each: Redis scripts
-cannot include one another, and each must stay one atomic call.
+Money scripts (one per paid action, server/economy/actions.py) share
+``money_lib.lua``, prepended to each: Redis scripts cannot include one
+another, and each must stay one atomic call. They name their keys and
+arguments (``KEY.payer_balance``, ``ARG.amount``); ``money_script`` turns
+those names into ``KEYS[n]``/``ARGV[n]`` from the action's declaration, so
+the order exists in one place. The other scripts (room_event, viewers,
+load_balance) index ``KEYS``/``ARGV`` themselves.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from importlib import resources
 
 from .batcher import LuaScript
 
-MONEY_SCRIPT_NAMES = ("tip", "dm", "credit", "spend", "refund")
+MONEY_LIB = "money_lib"
+
+# `KEY.<name>` and `ARG.<name>` in a money script. The lookbehind keeps
+# `XKEY.a` or `t.KEY.a` from counting; `KEYS[` and `ARGV[` do not match.
+NAME_RE = re.compile(r"(?<![\w.])(KEY|ARG)\.([A-Za-z_]\w*)")
+# Positional access, which a money script must not use (its order would be a
+# second copy of the declaration's).
+POSITIONAL_RE = re.compile(r"(?<![\w.])(KEYS|ARGV)\s*\[")
 
 
 def script_source(name: str) -> str:
@@ -23,12 +37,51 @@ def script_source(name: str) -> str:
 
 
 def lua_script(name: str, *, retry_safe: bool) -> LuaScript:
-    """The script ``name``; money scripts get ``money_lib.lua`` first.
+    """The script ``name`` as written (a script that is not a paid action's).
 
-    ``retry_safe``: a second run of the same call changes nothing (money
-    scripts: the idempotency key), so the batcher may send it again.
+    ``retry_safe``: a second run of the same call changes nothing, so the
+    batcher may send it again.
     """
-    source = script_source(name)
-    if name in MONEY_SCRIPT_NAMES:
-        source = script_source("money_lib") + "\n" + source
-    return LuaScript(name, source, retry_safe=retry_safe)
+    return LuaScript(name, script_source(name), retry_safe=retry_safe)
+
+
+def money_script(name: str, keys: Sequence[str], args: Sequence[str]) -> LuaScript:
+    """``money_lib.lua`` then ``lua/<name>.lua``, with each ``KEY.<k>`` and
+    ``ARG.<a>`` replaced by its position in ``keys``/``args``.
+
+    Raises ValueError on a name the declaration lacks and on a raw
+    ``KEYS[``/``ARGV[``. Retry-safe: the idempotency key makes a second run
+    of the same call a duplicate.
+    """
+    source = script_source(MONEY_LIB) + "\n" + script_source(name)
+    positional = POSITIONAL_RE.search(strip_comments(source))
+    if positional:
+        raise ValueError(f"{name}.lua (or money_lib) indexes {positional.group(1)}: use names")
+    positions = {
+        "KEY": {key: f"KEYS[{i}]" for i, key in enumerate(keys, 1)},
+        "ARG": {arg: f"ARGV[{i}]" for i, arg in enumerate(args, 1)},
+    }
+
+    def bind(match: re.Match[str]) -> str:
+        table, field = match.group(1), match.group(2)
+        try:
+            return positions[table][field]
+        except KeyError:
+            raise ValueError(f"{name}.lua (or money_lib) uses undeclared {table}.{field}") from None
+
+    return LuaScript(name, NAME_RE.sub(bind, source), retry_safe=True)
+
+
+def strip_comments(source: str) -> str:
+    """Lua source without its ``--`` line comments (the scripts here have no
+    block comments and no ``--`` inside strings)."""
+    return "\n".join(line.split("--", 1)[0] for line in source.splitlines())
+
+
+def names_used(source: str) -> tuple[set[str], set[str]]:
+    """The key and argument names a money script's code (not its comments) uses."""
+    keys: set[str] = set()
+    args: set[str] = set()
+    for table, field in NAME_RE.findall(strip_comments(source)):
+        (keys if table == "KEY" else args).add(field)
+    return keys, args

@@ -13,6 +13,7 @@ sees every event once, in order, across the join.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,6 @@ from tokenchat.protocol import (
     Balance,
     CloseCode,
     Command,
-    Dm,
     ErrorCode,
     Hello,
     Join,
@@ -34,7 +34,6 @@ from tokenchat.protocol import (
     Ping,
     ProtocolError,
     Say,
-    Tip,
     codec_for,
     decode_command,
     events,
@@ -44,6 +43,7 @@ from tokenchat.protocol.codec import Codec
 
 from .. import metrics
 from ..auth import Identity, verify_token
+from ..economy.actions import BY_COMMAND, Action, SpendContext
 from ..errors import LimitExceeded, NotFound, NotInRoom, ServiceError
 from ..ratelimit import TokenBucket
 from .rooms import Offset, parse_offset
@@ -93,9 +93,10 @@ class Session:
             Say: self._say,
             Balance: self._balance,
             Ping: self._ping,
-            Tip: self._tip,
-            Dm: self._dm,
         }
+        # Paid commands, from the paid-action registry.
+        for command_type, action in BY_COMMAND.items():
+            self._handlers[command_type] = functools.partial(self._spend, action)
 
     # --- what the hub needs ---------------------------------------------------
     @property
@@ -406,29 +407,13 @@ class Session:
     async def _ping(self, command: Ping) -> Reply:
         return {}
 
-    async def _tip(self, command: Tip) -> Reply:
-        assert self.identity is not None
-        if command.room not in self.rooms:
-            raise NotInRoom(f"join room '{command.room}' first")
-        info = await self.node.directory.room(command.room)
-        if info is None:
-            raise NotFound(f"no room '{command.room}'")
-        # tip_min is checked inside the script, after the idempotency key.
-        return await self.node.economy.tip(
-            self.identity.user_id,
-            command.room,
-            info.owner,
-            command.amount,
-            command.text,
-            command.key,
-            tip_min=info.tip_min,
+    async def _spend(self, action: Action, command: Command) -> Reply:
+        """A paid command: its action's serve step (preconditions, then Economy)."""
+        assert self.identity is not None and action.serve is not None
+        context = SpendContext(
+            self.identity.user_id, self.rooms, self.node.directory.room, self.node.economy
         )
-
-    async def _dm(self, command: Dm) -> Reply:
-        assert self.identity is not None
-        return await self.node.economy.dm(
-            self.identity.user_id, command.to, command.text, command.key, command.max_price
-        )
+        return await action.serve(context, command)
 
     # --- output -------------------------------------------------------------------
     def _push(self, frame: bytes) -> None:

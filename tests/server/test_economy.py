@@ -419,31 +419,6 @@ async def test_spends_survive_redis_forgetting_its_scripts(
     await model.close()
 
 
-async def test_generic_spend_pays_and_delivers_once(server: Running, http: Http) -> None:
-    # What a paid feature (a locked photo, say) does with Economy.spend.
-    economy = server.process.node.economy  # type: ignore[union-attr]
-    model, fan = await room_with_fan(server, http, 20)
-    what = {"feature": "media", "id": "photo-7"}
-    channel = server.process.node.keys.user_channel("bob")  # type: ignore[union-attr]
-    reply = await economy.spend(
-        "bob", "alice", 15, key="m1", what=what, channel=channel, payload=b"B5"
-    )
-    assert reply["balance"] == 5
-    assert (await fan.next_event("balance"))["balance"] == 5  # the delivery, published
-    again = await economy.spend("bob", "alice", 15, key="m1", what=what)
-    assert again["duplicate"] is True and again["tx"] == reply["tx"]
-    with pytest.raises(Exception, match="other fields"):
-        await economy.spend("bob", "alice", 15, key="m1", what={**what, "id": "photo-8"})
-    for amount in (0, -1, 10**7, True):
-        with pytest.raises(Exception, match="amount"):
-            await economy.spend("bob", "alice", amount, key="m2", what=what)
-    with pytest.raises(Exception, match="balance is 5"):
-        await economy.spend("bob", "alice", 6, key="m3", what=what)
-    assert (await http.reconcile())["ok"] is True
-    await fan.close()
-    await model.close()
-
-
 async def test_a_tip_retried_after_tip_min_rose_is_still_its_original(
     server: Running, http: Http
 ) -> None:

@@ -1,24 +1,28 @@
 -- credit: issue tokens from the mint to a user (purchases, grants).
 --
--- KEYS[1] idempotency key        KEYS[2] ledger outbox
--- KEYS[3] the mint's balance     KEYS[4] the user's balance
--- ARGV[1] request fingerprint    ARGV[2] transaction id   ARGV[3] outbox bound
--- ARGV[4] amount (tokens, > 0)   ARGV[5] mint account     ARGV[6] user's account
--- ARGV[7] initiator              ARGV[8] idempotency key as given
--- ARGV[9] kind ('credit' or 'purchase')  ARGV[10] user's channel
--- ARGV[11] meta JSON for the ledger
+-- KEY.idem, KEY.outbox, ARG.request, ARG.tx, ARG.outbox_max, ARG.initiator,
+-- ARG.key, ARG.meta: common to every paid action (money_lib.lua).
+-- KEY.payer_balance  the mint's balance   KEY.payee_balance  the user's
+-- ARG.amount         tokens, > 0
+-- ARG.payer, ARG.payee  the mint's and the user's accounts
+-- ARG.kind           'credit' or 'purchase'
+-- ARG.payee_channel  the user's channel
 --
 -- Returns {'OK', '{"balance":N,"tx":T}'} or a refusal (money_lib).
 -- Invariant: every token in circulation came from the mint, whose balance is
 -- minus the total issued; so all balances together always sum to zero.
--- The mint is the one account allowed below zero: no funds check.
-local refusal = idem_prior() or first_unloaded(3, 4) or outbox_full()
+-- The mint is the one account allowed below zero: it has no funds check; the
+-- user credited passes the user gate with nothing to pay.
+local refusal = idem_prior()
+  or first_unloaded(KEY.payer_balance, KEY.payee_balance)
+  or outbox_full()
+  or user_gate(KEY.payee_balance, 0)
 if refusal then return refusal end
-local amount = tonumber(ARGV[4])
+local amount = tonumber(ARG.amount)
 
-local _, user_balance = transfer(KEYS[3], KEYS[4], amount)
-local reply = cjson.encode({balance = user_balance, tx = ARGV[2]})
-outbox_add(ARGV[9], ARGV[7], ARGV[8], postings(ARGV[5], ARGV[6], amount), reply, ARGV[11])
+local _, user_balance = transfer(KEY.payer_balance, KEY.payee_balance, amount)
+local reply = cjson.encode({balance = user_balance, tx = ARG.tx})
+outbox_add(ARG.kind, postings(ARG.payer, ARG.payee, amount), reply)
 idem_record(reply)
-redis.call('PUBLISH', ARGV[10], 'B' .. user_balance)
+redis.call('PUBLISH', ARG.payee_channel, 'B' .. user_balance)
 return {'OK', reply}

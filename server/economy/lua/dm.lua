@@ -2,16 +2,17 @@
 -- atomic call. The price is read here, so `max_price` is checked against the
 -- very price charged.
 --
--- KEYS[1] idempotency key        KEYS[2] ledger outbox
--- KEYS[3] sender's balance       KEYS[4] recipient's balance
--- KEYS[5] recipient's prices hash (field `dm`)
--- KEYS[6] recipient's inbox stream
--- ARGV[1] request fingerprint    ARGV[2] transaction id   ARGV[3] outbox bound
--- ARGV[4] max_price ('' for none) ARGV[5] sender's account ARGV[6] recipient's account
--- ARGV[7] initiator (user id)    ARGV[8] idempotency key as the client sent it
--- ARGV[9] dm event JSON without price/tx/ts, its closing brace removed
--- ARGV[10] recipient's user channel  ARGV[11] inbox length kept
--- ARGV[12] meta JSON for the ledger
+-- KEY.idem, KEY.outbox, ARG.request, ARG.tx, ARG.outbox_max, ARG.initiator,
+-- ARG.key, ARG.meta: common to every paid action (money_lib.lua).
+-- KEY.payer_balance  the sender's balance KEY.payee_balance  the recipient's
+-- KEY.prices         the recipient's prices hash (field `dm`)
+-- KEY.inbox          the recipient's inbox stream
+-- ARG.max_price      '' for none
+-- ARG.payer, ARG.payee  the sender's and the recipient's accounts
+-- ARG.event          the dm event JSON without price/tx/ts, its closing
+--                    brace removed
+-- ARG.payee_channel  the recipient's user channel
+-- ARG.inbox_len      inbox entries kept
 --
 -- Returns {'OK', '{"balance":N,"price":P,"tx":T}'} or a refusal (money_lib).
 -- Invariant: a paid message is delivered (inbox XADD, PUBLISH) exactly when
@@ -23,28 +24,31 @@ local prior = idem_prior()
 if prior then return prior end
 -- The prices hash first: it is loaded only for a user that exists, so a DM
 -- to an unknown user stops here, before any balance of theirs is loaded.
-local refusal = first_unloaded(5, 5) or first_unloaded(3, 4) or outbox_full()
+local refusal = first_unloaded(KEY.prices, KEY.payer_balance, KEY.payee_balance)
+  or outbox_full()
 if refusal then return refusal end
-local price = tonumber(redis.call('HGET', KEYS[5], 'dm') or '0')
-if ARGV[4] ~= '' and price > tonumber(ARGV[4]) then
+local price = tonumber(redis.call('HGET', KEY.prices, 'dm') or '0')
+if ARG.max_price ~= '' and price > tonumber(ARG.max_price) then
   return {'PRICE_CHANGED', tostring(price)}
 end
-local balance = balance_of(KEYS[3])
-if balance < price then return {'INSUFFICIENT_FUNDS', tostring(balance)} end
+refusal = user_gate(KEY.payer_balance, price)
+if refusal then return refusal end
 
-local sender_balance, recipient_balance = balance, nil
+local sender_balance, recipient_balance
 if price > 0 then
-  sender_balance, recipient_balance = transfer(KEYS[3], KEYS[4], price)
+  sender_balance, recipient_balance = transfer(KEY.payer_balance, KEY.payee_balance, price)
+else
+  sender_balance = balance_of(KEY.payer_balance)
 end
-local reply = cjson.encode({balance = sender_balance, price = price, tx = ARGV[2]})
+local reply = cjson.encode({balance = sender_balance, price = price, tx = ARG.tx})
 if price > 0 then
-  outbox_add('dm', ARGV[7], ARGV[8], postings(ARGV[5], ARGV[6], price), reply, ARGV[12])
+  outbox_add('dm', postings(ARG.payer, ARG.payee, price), reply)
 end
 local now = redis.call('TIME')
 local ts = tostring(now[1] * 1000 + math.floor(now[2] / 1000))
-local event = ARGV[9] .. ',"price":' .. price .. ',"tx":"' .. ARGV[2] .. '","ts":' .. ts .. '}'
-local inbox_id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[11], '*', 'e', event)
-redis.call('PUBLISH', ARGV[10], 'D' .. inbox_id .. ' ' .. event)
-if recipient_balance then redis.call('PUBLISH', ARGV[10], 'B' .. recipient_balance) end
+local event = ARG.event .. ',"price":' .. price .. ',"tx":"' .. ARG.tx .. '","ts":' .. ts .. '}'
+local inbox_id = redis.call('XADD', KEY.inbox, 'MAXLEN', '~', ARG.inbox_len, '*', 'e', event)
+redis.call('PUBLISH', ARG.payee_channel, 'D' .. inbox_id .. ' ' .. event)
+if recipient_balance then redis.call('PUBLISH', ARG.payee_channel, 'B' .. recipient_balance) end
 idem_record(reply)
 return {'OK', reply}

@@ -1,36 +1,48 @@
--- money_lib: helpers shared by every money script. The loader prepends this
--- file to each of them (Redis scripts cannot include one another), so each
--- script stays ONE atomic call. Each helper only reads; writes happen in the
--- scripts, after every check.
+-- money_lib: the steps every paid action shares. The loader prepends this
+-- file to each action's script (Redis scripts cannot include one another),
+-- so each script stays ONE atomic call, and binds the names below to
+-- KEYS/ARGV positions from the action's declaration
+-- (server/economy/actions.py). Each helper only reads, except the writers
+-- named as such (transfer, outbox_add, idem_record), which a script calls
+-- after every check.
 --
--- Conventions of every money script:
---   KEYS[1] idempotency key, KEYS[2] ledger outbox stream, then balance keys.
---   ARGV[1] request fingerprint (JSON, never contains a raw newline),
---   ARGV[2] transaction id, ARGV[3] outbox bound (entries).
+-- Common to every paid action (declared once, in actions.py):
+--   KEY.idem     the idempotency record of (initiator, key)
+--   KEY.outbox   the ledger outbox stream
+--   ARG.request  request fingerprint (JSON, never contains a raw newline)
+--   ARG.tx       the new transaction's id
+--   ARG.outbox_max  outbox bound (entries)
+--   ARG.initiator   who asked (owner of the idempotency key)
+--   ARG.key      the idempotency key as given
+--   ARG.meta     meta JSON for the ledger
 --   Idempotency record: request .. "\n" .. reply, kept 24 hours.
 --   Replies: {'OK', reply_json} | {'DUP', reply_json} | {'CONFLICT'} |
 --            {'NOT_LOADED', key} | {'INSUFFICIENT_FUNDS', balance} |
---            {'PRICE_CHANGED', price} | {'BACKLOG'} | {'REFUNDED'}
+--            {'PRICE_CHANGED', price} | {'BACKLOG'}, and each action's own.
+-- Order in every script: idem_prior first; every check before the first
+-- write (Redis does not roll back a script that fails halfway); user_gate
+-- last of the checks, once first_unloaded has seen its balance loaded.
 
 local IDEM_TTL_S = 86400
 
 -- The earlier outcome of this key: DUP with its reply, or CONFLICT when the
 -- same key came with other fields; nil when the key is new.
 local function idem_prior()
-  local prior = redis.call('GET', KEYS[1])
+  local prior = redis.call('GET', KEY.idem)
   if not prior then return nil end
   local sep = string.find(prior, '\n', 1, true)
-  if sep and string.sub(prior, 1, sep - 1) == ARGV[1] then
+  if sep and string.sub(prior, 1, sep - 1) == ARG.request then
     return {'DUP', string.sub(prior, sep + 1)}
   end
   return {'CONFLICT'}
 end
 
--- NOT_LOADED for the first balance key (KEYS[first..last]) that is missing:
--- a missing balance is never read as zero; the caller loads it and retries.
-local function first_unloaded(first, last)
-  for i = first, last do
-    if redis.call('EXISTS', KEYS[i]) == 0 then return {'NOT_LOADED', KEYS[i]} end
+-- NOT_LOADED for the first of the given keys (balances, a price hash) that
+-- is missing: a missing balance is never read as zero; the caller loads it
+-- and retries.
+local function first_unloaded(...)
+  for _, key in ipairs({...}) do
+    if redis.call('EXISTS', key) == 0 then return {'NOT_LOADED', key} end
   end
   return nil
 end
@@ -38,7 +50,7 @@ end
 -- BACKLOG when the outbox holds as many entries as it may: Postgres has been
 -- away too long, and spends stop before Redis memory runs out.
 local function outbox_full()
-  if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[3]) then return {'BACKLOG'} end
+  if redis.call('XLEN', KEY.outbox) >= tonumber(ARG.outbox_max) then return {'BACKLOG'} end
   return nil
 end
 
@@ -46,22 +58,14 @@ local function balance_of(key)
   return tonumber(redis.call('GET', key))
 end
 
--- Append the ledger entry (postings: "account amount account amount ...").
--- Returns the entry id, whose millisecond part is when the ledger says it
--- happened.
-local function outbox_add(kind, initiator, key, postings, reply, meta)
-  return redis.call('XADD', KEYS[2], '*',
-    'tx', ARGV[2], 'kind', kind, 'initiator', initiator, 'key', key,
-    'request', ARGV[1], 'reply', reply, 'postings', postings, 'meta', meta)
-end
-
--- nil when KEYS[first..last] are loaded, the outbox has room and the payer
--- holds `amount`; otherwise the refusal to return. Reads only.
-local function funds_refusal(first, last, payer_key, amount)
-  local refusal = first_unloaded(first, last) or outbox_full()
-  if refusal then return refusal end
-  local balance = balance_of(payer_key)
-  if balance < amount then return {'INSUFFICIENT_FUNDS', tostring(balance)} end
+-- THE per-user check of every paid action: each script passes the user it
+-- charges (or, for a credit, the user it credits, with debit 0) through
+-- here exactly once, after its balances are known to be loaded. Today it is
+-- the funds check; a check that every kind must obey (spending limits,
+-- self-exclusion) belongs here, once. nil, or the refusal to return.
+local function user_gate(balance_key, debit)
+  local balance = balance_of(balance_key)
+  if balance < debit then return {'INSUFFICIENT_FUNDS', tostring(balance)} end
   return nil
 end
 
@@ -76,6 +80,15 @@ local function postings(payer_account, payee_account, amount)
   return payer_account .. ' ' .. (-amount) .. ' ' .. payee_account .. ' ' .. amount
 end
 
+-- Append the ledger entry (postings: "account amount account amount ...");
+-- tx, request, initiator, key and meta are the call's own. Returns the
+-- entry id, whose millisecond part is when the ledger says it happened.
+local function outbox_add(kind, entry_postings, reply)
+  return redis.call('XADD', KEY.outbox, '*',
+    'tx', ARG.tx, 'kind', kind, 'initiator', ARG.initiator, 'key', ARG.key,
+    'request', ARG.request, 'reply', reply, 'postings', entry_postings, 'meta', ARG.meta)
+end
+
 local function idem_record(reply)
-  redis.call('SET', KEYS[1], ARGV[1] .. '\n' .. reply, 'EX', IDEM_TTL_S)
+  redis.call('SET', KEY.idem, ARG.request .. '\n' .. reply, 'EX', IDEM_TTL_S)
 end

@@ -1,15 +1,17 @@
--- refund: reverse a spend (tip, dm or spend) with a new transaction that
--- moves the same amount back from the payee to the payer.
+-- refund: reverse a refundable spend (a tip or a paid dm) with a new
+-- transaction that moves the same amount back from the payee to the payer.
 --
--- KEYS[1] idempotency key        KEYS[2] ledger outbox
--- KEYS[3] payer's balance        KEYS[4] payee's balance
--- KEYS[5] the "refunded" marker of the original transaction
--- ARGV[1] request fingerprint    ARGV[2] transaction id   ARGV[3] outbox bound
--- ARGV[4] amount (tokens, > 0)   ARGV[5] payer's account  ARGV[6] payee's account
--- ARGV[7] initiator (admin)      ARGV[8] idempotency key as given
--- ARGV[9] the original transaction id
--- ARGV[10] payer's user channel  ARGV[11] payee's user channel
--- ARGV[12] marker lifetime (s)   ARGV[13] meta JSON for the ledger
+-- KEY.idem, KEY.outbox, ARG.request, ARG.tx, ARG.outbox_max, ARG.initiator,
+-- ARG.key, ARG.meta: common to every paid action (money_lib.lua); the
+-- initiator is the admin.
+-- KEY.payer_balance  the original payer's balance (gets the tokens back)
+-- KEY.payee_balance  the original payee's balance (pays them back)
+-- KEY.marker         the "refunded" marker of the original transaction
+-- ARG.amount         tokens, > 0
+-- ARG.payer, ARG.payee  the original payer's and payee's accounts
+-- ARG.refunds        the original transaction id
+-- ARG.payer_channel, ARG.payee_channel  their user channels
+-- ARG.marker_ttl_s   the marker's lifetime
 --
 -- Returns {'OK', '{"balance":N,"tx":T,"refunds":O}'} (N: the payer's balance)
 -- or a refusal (money_lib); REFUNDED when the original was refunded already.
@@ -17,17 +19,19 @@
 -- Postgres); the payee never goes below zero (INSUFFICIENT_FUNDS instead).
 local prior = idem_prior()
 if prior then return prior end
-if redis.call('EXISTS', KEYS[5]) == 1 then return {'REFUNDED'} end
-local amount = tonumber(ARGV[4])
--- The payee of the original pays the refund back.
-local refusal = funds_refusal(3, 4, KEYS[4], amount)
+if redis.call('EXISTS', KEY.marker) == 1 then return {'REFUNDED'} end
+local amount = tonumber(ARG.amount)
+-- The payee of the original pays the refund back: it is this call's payer.
+local refusal = first_unloaded(KEY.payer_balance, KEY.payee_balance)
+  or outbox_full()
+  or user_gate(KEY.payee_balance, amount)
 if refusal then return refusal end
 
-local payee_balance, payer_balance = transfer(KEYS[4], KEYS[3], amount)
-local reply = cjson.encode({balance = payer_balance, tx = ARGV[2], refunds = ARGV[9]})
-outbox_add('refund', ARGV[7], ARGV[8], postings(ARGV[6], ARGV[5], amount), reply, ARGV[13])
+local payee_balance, payer_balance = transfer(KEY.payee_balance, KEY.payer_balance, amount)
+local reply = cjson.encode({balance = payer_balance, tx = ARG.tx, refunds = ARG.refunds})
+outbox_add('refund', postings(ARG.payee, ARG.payer, amount), reply)
 idem_record(reply)
-redis.call('SET', KEYS[5], ARGV[2], 'EX', tonumber(ARGV[12]))
-redis.call('PUBLISH', ARGV[10], 'B' .. payer_balance)
-redis.call('PUBLISH', ARGV[11], 'B' .. payee_balance)
+redis.call('SET', KEY.marker, ARG.tx, 'EX', tonumber(ARG.marker_ttl_s))
+redis.call('PUBLISH', ARG.payer_channel, 'B' .. payer_balance)
+redis.call('PUBLISH', ARG.payee_channel, 'B' .. payee_balance)
 return {'OK', reply}

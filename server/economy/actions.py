@@ -1,0 +1,306 @@
+"""The paid-action registry: one declaration per kind of spend.
+
+An ``Action`` says everything the rest of the server needs to know about a
+way of moving tokens: the ledger kinds it writes, its script (``lua/<name>``,
+run after ``money_lib.lua``), its KEYS and ARGV by name, its refusals and the
+errors they become, whether admins may refund it, the wire command it serves
+and how, where it delivers, and what it grants. From these come:
+
+- the scripts' ``KEYS[n]``/``ARGV[n]``: scripts name ``KEY.<k>``/``ARG.<a>``
+  and ``Action.script`` binds them to positions (server/economy/scripts.py);
+- the positional lists of a call (``Action.call``), for ``Economy`` and the
+  tips benchmark alike;
+- the session's dispatch of paid commands (``BY_COMMAND``, ``Action.serve``);
+- the mapping of a script's refusal to an error (``refusal_error``);
+- the refund rules (``REFUNDABLE_KINDS``).
+
+Adding a paid action is a declaration here, its script, an ``Economy``
+method naming its keys and arguments, its command, and its tests: see
+docs/architecture.md, "Adding a paid action".
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from tokenchat.protocol import Dm, Tip
+
+from ..catalog.directory import RoomInfo
+from ..errors import (
+    BadRequest,
+    Conflict,
+    InsufficientFunds,
+    NotFound,
+    NotInRoom,
+    PriceChanged,
+    ServiceError,
+    Unavailable,
+)
+from .batcher import LuaScript
+from .scripts import money_script
+
+if TYPE_CHECKING:
+    from .economy import Economy
+
+Reply = dict[str, Any]
+
+# What every paid action's script takes first, in this order; money_lib.lua
+# uses exactly these (idempotency, outbox bound, outbox entry).
+COMMON_KEYS: tuple[str, ...] = ("idem", "outbox")
+COMMON_ARGS: tuple[str, ...] = ("request", "tx", "outbox_max", "initiator", "key", "meta")
+
+
+class Delivery(enum.Enum):
+    """What an applied call delivers, besides the ledger entry."""
+
+    ROOM_EVENT = "room event"  # history XADD and PUBLISH on the room's channel
+    USER_INBOX = "user inbox"  # inbox XADD and PUBLISH on the recipient's channel
+    BALANCE_PUSH = "balance push only"  # `B<balance>` on user channels
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A status a script returns instead of OK: the error it becomes.
+    ``message`` may name ``{detail}``, the script's second reply field."""
+
+    error: type[ServiceError]
+    message: str
+
+    def to_error(self, detail: str) -> ServiceError:
+        return self.error(self.message.format(detail=detail))
+
+
+# Refusals money_lib.lua returns for every action.
+COMMON_REFUSALS: Mapping[str, Refusal] = MappingProxyType(
+    {
+        "CONFLICT": Refusal(Conflict, "this key was used with other fields; nothing was charged"),
+        "INSUFFICIENT_FUNDS": Refusal(
+            InsufficientFunds, "the balance is {detail} tokens; nothing was charged"
+        ),
+        "PRICE_CHANGED": Refusal(
+            PriceChanged, "the price is now {detail} tokens; nothing was charged"
+        ),
+        "BACKLOG": Refusal(
+            Unavailable, "the ledger is behind (Postgres away); nothing was charged"
+        ),
+    }
+)
+
+
+class SpendContext:
+    """What serving a paid command needs from the session that received it."""
+
+    __slots__ = ("economy", "room", "rooms", "user_id")
+
+    def __init__(
+        self,
+        user_id: str,
+        rooms: AbstractSet[str],
+        room: Callable[[str], Awaitable[RoomInfo | None]],
+        economy: Economy,
+    ) -> None:
+        self.user_id = user_id
+        self.rooms = rooms  # the rooms the session has joined
+        self.room = room  # the catalog's lookup of a room
+        self.economy = economy
+
+
+Serve = Callable[[SpendContext, Any], Awaitable[Reply]]
+
+
+def _always(reply: Mapping[str, Any]) -> bool:
+    return True
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Action:
+    """One kind of spend. ``keys``/``args``: the action's own names, after
+    ``COMMON_KEYS``/``COMMON_ARGS`` (``all_keys``/``all_args``)."""
+
+    name: str  # its script: lua/<name>.lua
+    kinds: tuple[str, ...]  # the ledger kinds its outbox entries carry
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+    refundable: bool  # whether POST /v1/admin/refunds may reverse it
+    delivery: Delivery
+    # Keys outside the `{eco}` money slot: what its delivery writes elsewhere
+    # (tip: the room's history). On Redis Cluster such a delivery cannot be in
+    # the money script's slot and goes through a relay (issue #16); empty
+    # means the whole call runs in the money slot.
+    delivery_keys: tuple[str, ...] = ()
+    # The wire command it serves, and how (``serve``: the preconditions that
+    # need no money, then the Economy call); None for HTTP-only actions.
+    command: type[Any] | None = None
+    serve: Serve | None = None
+    # The entitlement an applied call grants, by name (an unlock of locked
+    # media will grant "media", durable like the ledger entry); None: it
+    # grants nothing, as every action does today.
+    grants: str | None = None
+    # Its own refusals (status -> error), besides COMMON_REFUSALS.
+    refusals: Mapping[str, Refusal] = field(default_factory=lambda: MappingProxyType({}))
+    # Whether a reply stands for a ledger entry (a free DM moves nothing and
+    # writes none), so that durability `ledger` waits for its row.
+    ledgered: Callable[[Mapping[str, Any]], bool] = _always
+
+    def __post_init__(self) -> None:
+        for names, common in ((self.keys, COMMON_KEYS), (self.args, COMMON_ARGS)):
+            everything = (*common, *names)
+            if len(set(everything)) != len(everything):
+                raise ValueError(f"{self.name}: a name is declared twice in {everything}")
+        if not set(self.delivery_keys) <= set(self.keys):
+            raise ValueError(f"{self.name}: delivery keys {self.delivery_keys} are not its keys")
+        if (self.command is None) != (self.serve is None):
+            raise ValueError(f"{self.name}: a command needs a serve step, and the reverse")
+        if not self.kinds:
+            raise ValueError(f"{self.name}: no ledger kind")
+
+    @property
+    def all_keys(self) -> tuple[str, ...]:
+        return (*COMMON_KEYS, *self.keys)
+
+    @property
+    def all_args(self) -> tuple[str, ...]:
+        return (*COMMON_ARGS, *self.args)
+
+    @property
+    def script(self) -> LuaScript:
+        """money_lib.lua + lua/<name>.lua with names bound to positions."""
+        return money_script(self.name, self.all_keys, self.all_args)
+
+    def call(self, keys: Mapping[str, Any], args: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
+        """The script's KEYS and ARGV, in declaration order, from names.
+
+        A missing or an unexpected name is a programmer error: TypeError.
+        """
+        return _positional(self.name, "keys", self.all_keys, keys), _positional(
+            self.name, "args", self.all_args, args
+        )
+
+
+def _positional(
+    action: str, what: str, names: Sequence[str], given: Mapping[str, Any]
+) -> list[Any]:
+    if len(given) != len(names) or not all(name in given for name in names):
+        missing = sorted(set(names) - set(given))
+        extra = sorted(set(given) - set(names))
+        raise TypeError(f"{action}: {what} missing {missing}, unexpected {extra}")
+    return [given[name] for name in names]
+
+
+# --- serving the paid commands ---------------------------------------------------------
+
+
+async def _serve_tip(context: SpendContext, command: Tip) -> Reply:
+    if command.room not in context.rooms:
+        raise NotInRoom(f"join room '{command.room}' first")
+    info = await context.room(command.room)
+    if info is None:
+        raise NotFound(f"no room '{command.room}'")
+    # tip_min is checked inside the script, after the idempotency key.
+    return await context.economy.tip(
+        context.user_id,
+        command.room,
+        info.owner,
+        command.amount,
+        command.text,
+        command.key,
+        tip_min=info.tip_min,
+    )
+
+
+async def _serve_dm(context: SpendContext, command: Dm) -> Reply:
+    return await context.economy.dm(
+        context.user_id, command.to, command.text, command.key, command.max_price
+    )
+
+
+# --- the registry ------------------------------------------------------------------------
+
+TIP = Action(
+    name="tip",
+    kinds=("tip",),
+    keys=("payer_balance", "payee_balance", "history"),
+    args=(
+        "amount",
+        "tip_min",
+        "payer",
+        "payee",
+        "room_channel",
+        "history_len",
+        "event",
+        "payee_channel",
+    ),
+    refundable=True,
+    delivery=Delivery.ROOM_EVENT,
+    delivery_keys=("history",),
+    command=Tip,
+    serve=_serve_tip,
+    refusals=MappingProxyType(
+        {
+            "TIP_MIN": Refusal(
+                BadRequest, "field 'amount' must be at least the room's tip_min, {detail}"
+            )
+        }
+    ),
+)
+
+DM = Action(
+    name="dm",
+    kinds=("dm",),
+    keys=("payer_balance", "payee_balance", "prices", "inbox"),
+    args=("max_price", "payer", "payee", "event", "payee_channel", "inbox_len"),
+    refundable=True,
+    delivery=Delivery.USER_INBOX,
+    command=Dm,
+    serve=_serve_dm,
+    # A free DM (price 0) is delivered but moves nothing: no ledger entry.
+    ledgered=lambda reply: bool(reply["price"]),
+)
+
+# Purchases (kind 'purchase', initiator sys:payments) and grants ('credit').
+CREDIT = Action(
+    name="credit",
+    kinds=("credit", "purchase"),
+    keys=("payer_balance", "payee_balance"),
+    args=("amount", "payer", "payee", "kind", "payee_channel"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,
+)
+
+REFUND = Action(
+    name="refund",
+    kinds=("refund",),
+    keys=("payer_balance", "payee_balance", "marker"),
+    args=("amount", "payer", "payee", "refunds", "payer_channel", "payee_channel", "marker_ttl_s"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,
+    refusals=MappingProxyType(
+        {"REFUNDED": Refusal(Conflict, "this transaction was refunded already")}
+    ),
+)
+
+ACTIONS: tuple[Action, ...] = (TIP, DM, CREDIT, REFUND)
+BY_NAME: Mapping[str, Action] = MappingProxyType({action.name: action for action in ACTIONS})
+BY_KIND: Mapping[str, Action] = MappingProxyType(
+    {kind: action for action in ACTIONS for kind in action.kinds}
+)
+BY_COMMAND: Mapping[type[Any], Action] = MappingProxyType(
+    {action.command: action for action in ACTIONS if action.command is not None}
+)
+# Ledger kinds an admin may refund (each once).
+REFUNDABLE_KINDS: frozenset[str] = frozenset(
+    kind for action in ACTIONS if action.refundable for kind in action.kinds
+)
+
+
+def refusal_error(action: Action, status: str, detail: str) -> ServiceError:
+    """The error a script's refusal becomes (``detail``: its second field)."""
+    refusal = action.refusals.get(status) or COMMON_REFUSALS.get(status)
+    if refusal is None:  # a script returning what its declaration lacks
+        return BadRequest(f"refused: {status}")
+    return refusal.to_error(detail)

@@ -1,0 +1,299 @@
+"""The paid-action registry against its scripts, the ledger schema, the
+protocol and a real Redis and Postgres: a declaration that disagrees with its
+script (a name used but not declared, declared but unused, a refusal with no
+error) fails here, not in production."""
+
+from __future__ import annotations
+
+import re
+import typing
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conftest import Http, Running, pg
+from tokenchat.protocol import Command
+from tokenchat.server.config import Settings
+from tokenchat.server.economy import scripts
+from tokenchat.server.economy.actions import (
+    ACTIONS,
+    BY_COMMAND,
+    BY_KIND,
+    COMMON_ARGS,
+    COMMON_KEYS,
+    COMMON_REFUSALS,
+    REFUNDABLE_KINDS,
+    TIP,
+    Action,
+    Delivery,
+    refusal_error,
+)
+from tokenchat.server.economy.batcher import LuaScript, ScriptBatcher
+from tokenchat.server.economy.scripts import (
+    MONEY_LIB,
+    money_script,
+    names_used,
+    script_source,
+    strip_comments,
+)
+from tokenchat.server.errors import BadRequest, Conflict, InsufficientFunds, Unavailable
+
+# Statuses the runner handles itself: success, a duplicate, a balance to load.
+RUNNER_STATUSES = {"OK", "DUP", "NOT_LOADED"}
+STATUS_RE = re.compile(r"\{\s*'([A-Z_]+)'")
+
+
+def code_of(name: str) -> str:
+    return strip_comments(script_source(name))
+
+
+def statuses(name: str) -> set[str]:
+    """Every status a script's code can return (`{'X'` in its tables)."""
+    return set(STATUS_RE.findall(code_of(name)))
+
+
+@pytest.fixture(params=ACTIONS, ids=lambda action: action.name)
+def action(request: pytest.FixtureRequest) -> Action:
+    return typing.cast(Action, request.param)
+
+
+# --- declarations against scripts ----------------------------------------------------
+
+
+def test_money_lib_uses_exactly_the_common_names() -> None:
+    keys, args = names_used(script_source(MONEY_LIB))
+    assert keys == set(COMMON_KEYS) and args == set(COMMON_ARGS)
+
+
+def test_each_script_uses_exactly_what_its_action_declares(action: Action) -> None:
+    lib_keys, lib_args = names_used(script_source(MONEY_LIB))
+    keys, args = names_used(script_source(action.name))
+    assert keys | lib_keys == set(action.all_keys), "KEY names used vs declared"
+    assert args | lib_args == set(action.all_args), "ARG names used vs declared"
+    # Its own names, each used by its own part (money_lib uses only the common ones).
+    assert set(action.keys) <= keys and set(action.args) <= args
+
+
+def test_no_script_indexes_keys_or_argv(action: Action) -> None:
+    for name in (MONEY_LIB, action.name):
+        source = script_source(name)
+        assert "KEYS[" not in source and "ARGV[" not in source, name
+
+
+def test_the_loaded_script_has_positions_for_every_name(action: Action) -> None:
+    source = action.script.source
+    assert not re.search(r"(?<![\w.])(KEY|ARG)\.\w", source)
+    used = {int(n) for n in re.findall(r"KEYS\[(\d+)\]", source)}
+    assert used == set(range(1, len(action.all_keys) + 1))
+    used = {int(n) for n in re.findall(r"ARGV\[(\d+)\]", source)}
+    assert used == set(range(1, len(action.all_args) + 1))
+    # The tip's own part: its first own key is KEYS[3], after idem and outbox.
+    if action is TIP:
+        assert "redis.call('XADD', KEYS[5], 'MAXLEN', ARGV[12]" in source
+
+
+def test_the_loader_refuses_undeclared_names_and_positions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ValueError, match=r"undeclared ARG\.amount"):
+        money_script("tip", TIP.all_keys, tuple(a for a in TIP.all_args if a != "amount"))
+    with pytest.raises(ValueError, match=r"undeclared KEY\.history"):
+        money_script("tip", TIP.all_keys[:-1], TIP.all_args)
+
+    def with_raw_keys(name: str) -> str:
+        return script_source(name) + ("local x = KEYS[1]\n" if name == "tip" else "")
+
+    monkeypatch.setattr(scripts, "script_source", with_raw_keys)
+    with pytest.raises(ValueError, match="indexes KEYS"):
+        money_script("tip", TIP.all_keys, TIP.all_args)
+
+
+def test_every_action_passes_its_user_through_the_one_gate(action: Action) -> None:
+    # The per-user check (funds today, spending limits later) runs once per call.
+    assert len(re.findall(r"\buser_gate\(", code_of(action.name))) == 1
+    assert "INSUFFICIENT_FUNDS" not in code_of(action.name), "funds are the gate's"
+
+
+def test_every_refusal_a_script_returns_maps_to_an_error(action: Action) -> None:
+    returned = (statuses(MONEY_LIB) | statuses(action.name)) - RUNNER_STATUSES
+    for status in returned:
+        assert status in action.refusals or status in COMMON_REFUSALS, status
+        assert not refusal_error(action, status, "7").message.startswith("refused:")
+    # Nothing declared that its script never returns.
+    assert set(action.refusals) <= statuses(action.name)
+
+
+def test_common_refusals_are_returned_by_some_script() -> None:
+    returned = statuses(MONEY_LIB).union(*(statuses(a.name) for a in ACTIONS))
+    assert set(COMMON_REFUSALS) <= returned
+
+
+def test_refusals_become_the_errors_of_the_contract() -> None:
+    tip_min = refusal_error(TIP, "TIP_MIN", "50")
+    assert isinstance(tip_min, BadRequest) and "tip_min, 50" in tip_min.message
+    funds = refusal_error(TIP, "INSUFFICIENT_FUNDS", "5")
+    assert isinstance(funds, InsufficientFunds) and "balance is 5 tokens" in funds.message
+    assert isinstance(refusal_error(TIP, "BACKLOG", ""), Unavailable)
+    refunded = refusal_error(BY_KIND["refund"], "REFUNDED", "")
+    assert isinstance(refunded, Conflict)
+    # A status only another action declares is not this one's.
+    assert not isinstance(refusal_error(TIP, "REFUNDED", ""), Conflict)
+
+
+def test_the_kinds_a_script_writes_are_its_declared_kinds(action: Action) -> None:
+    code = code_of(action.name)
+    literal = set(re.findall(r"outbox_add\('(\w+)'", code))
+    if "outbox_add(ARG.kind" in code:  # the caller picks one (credit, purchase)
+        assert literal == set() and len(action.kinds) > 1
+    else:
+        assert literal == set(action.kinds)
+
+
+# --- declarations against the rest ---------------------------------------------------
+
+
+def test_call_builds_positions_and_rejects_missing_or_extra_names() -> None:
+    keys = {name: f"k:{name}" for name in TIP.all_keys}
+    args = {name: f"a:{name}" for name in TIP.all_args}
+    script_keys, script_args = TIP.call(keys, args)
+    assert script_keys == [f"k:{name}" for name in TIP.all_keys]
+    assert script_args[:2] == ["a:request", "a:tx"]
+    with pytest.raises(TypeError, match=r"missing \['history'\]"):
+        TIP.call({k: v for k, v in keys.items() if k != "history"}, args)
+    with pytest.raises(TypeError, match=r"unexpected \['colour'\]"):
+        TIP.call(keys, {**args, "colour": "red"})
+    with pytest.raises(TypeError, match=r"missing \['amount'\], unexpected \['amonut'\]"):
+        TIP.call(keys, {**{k: v for k, v in args.items() if k != "amount"}, "amonut": 1})
+
+
+def test_a_declaration_cannot_shadow_a_common_name() -> None:
+    with pytest.raises(ValueError, match="declared twice"):
+        Action(
+            name="x",
+            kinds=("tip",),
+            keys=("idem",),
+            args=(),
+            refundable=False,
+            delivery=Delivery.BALANCE_PUSH,
+        )
+    with pytest.raises(ValueError, match="delivery keys"):
+        Action(
+            name="x",
+            kinds=("tip",),
+            keys=(),
+            args=(),
+            refundable=False,
+            delivery=Delivery.ROOM_EVENT,
+            delivery_keys=("history",),
+        )
+
+
+def test_refund_rules_follow_refundable() -> None:
+    assert {"tip", "dm"} == REFUNDABLE_KINDS
+    for kind, action in BY_KIND.items():
+        assert (kind in REFUNDABLE_KINDS) is action.refundable
+
+
+def test_each_paid_command_is_a_protocol_command_with_a_key() -> None:
+    assert set(BY_COMMAND) <= set(typing.get_args(Command))
+    for command, action in BY_COMMAND.items():
+        assert "key" in command.__dataclass_fields__, action.name
+        assert action.serve is not None
+
+
+async def test_every_kind_passes_the_ledgers_kind_check(settings: Settings) -> None:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(f'SET search_path TO "{settings.database_schema}"')
+        insert = """INSERT INTO ledger_transactions
+            (id, kind, initiator, idem_key, reverses, request, reply, applied_ms, outbox_id)
+            VALUES ($1, $2, 'u:ops', $1, $3, '{}', '{}', 1, '1-0')"""
+        async with conn.transaction():
+            # Rolled back at the end: the postings trigger checks at commit.
+            await conn.execute(insert, "original", "credit", None)
+            for kind in BY_KIND:
+                reverses = "original" if kind == "refund" else None
+                await conn.execute(insert, f"t-{kind}", kind, reverses)
+            with pytest.raises(asyncpg.CheckViolationError):
+                async with conn.transaction():
+                    await conn.execute(insert, "t-bogus", "bogus", None)
+            raise _Rollback
+    except _Rollback:
+        pass
+    finally:
+        await conn.close()
+
+
+class _Rollback(Exception):
+    pass
+
+
+# --- each action, applied for real -----------------------------------------------------
+
+
+async def test_each_action_round_trips_through_redis_and_postgres(
+    server: Running, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    economy = server.node.economy
+    calls: list[tuple[str, list[Any]]] = []
+    real_call = ScriptBatcher.call
+
+    async def recording(self: ScriptBatcher, script: LuaScript, keys: Any, args: Any) -> Any:
+        calls.append((script.name, list(keys)))
+        return await real_call(self, script, keys, args)
+
+    monkeypatch.setattr(ScriptBatcher, "call", recording)
+    http = Http(server)
+    credit = await economy.credit("bob", 100, initiator="u:ops", key="c1")
+    assert credit["balance"] == 100
+    status, _ = await http.call("PUT", "/v1/me/prices", "alice", "model", dm=7)
+    assert status == 200
+    tip = await economy.tip("bob", "alice", "alice", 30, "hi", "t1", tip_min=1)
+    dm = await economy.dm("bob", "alice", "hello", "d1", max_price=7)
+    assert (tip["balance"], dm["balance"], dm["price"]) == (70, 63, 7)
+    assert (await economy.tip("bob", "alice", "alice", 30, "hi", "t1", 1))["duplicate"]
+    refund = await economy.refund(tip["tx"], initiator="u:ops", key="r1")
+    assert refund["balance"] == 93 and refund["refunds"] == tip["tx"]
+    with pytest.raises(Conflict, match="not a spend"):
+        await economy.refund(credit["tx"], initiator="u:ops", key="r2")
+    with pytest.raises(InsufficientFunds):
+        await economy.tip("bob", "alice", "alice", 94, "", "t2", 1)
+
+    rows = await pg(settings, "SELECT id, kind FROM ledger_transactions")
+    assert {r["id"]: r["kind"] for r in rows} == {
+        credit["tx"]: "credit",
+        tip["tx"]: "tip",
+        dm["tx"]: "dm",
+        refund["tx"]: "refund",
+    }
+    assert (await http.reconcile())["ok"] is True
+    # The keys outside the money slot are exactly each action's delivery keys.
+    for action in ACTIONS:
+        seen = [keys for name, keys in calls if name == action.name]
+        assert seen, action.name
+        for keys in seen:
+            outside = {
+                name for name, key in zip(action.all_keys, keys, strict=True) if "{eco}" not in key
+            }
+            assert outside == set(action.delivery_keys), action.name
+
+
+async def test_the_benchmarks_tip_call_is_the_servers(settings: Settings, redis: Any) -> None:
+    # loadtests/tips.py calls the tip script directly for its baseline.
+    from loadtests.tips import TIP_AMOUNT, VirtualFan
+    from tokenchat.server.keys import Keys
+
+    script = TIP.script
+    fan = VirtualFan(0, 1, settings.redis_prefix, script.sha)
+    keys = Keys(settings.redis_prefix)
+    await redis.set(keys.balance(f"u:{fan.user_id}"), 10)
+    await redis.set(keys.balance("u:bench_model000"), 0)
+    sha, *call = fan.call()
+    assert sha == script.sha
+    # EVAL rather than EVALSHA: another test may flush the shared Redis's scripts.
+    result = await redis.execute_command("EVAL", script.source, *call)
+    assert result[0] == b"OK", result
+    assert int(await redis.get(keys.balance(f"u:{fan.user_id}"))) == 10 - TIP_AMOUNT
+    entry = (await redis.xrange(keys.outbox()))[0][1]
+    assert entry[b"kind"] == b"tip" and entry[b"initiator"] == f"u:{fan.user_id}".encode()
