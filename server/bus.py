@@ -9,8 +9,7 @@ Kind   Payload                           Channel         Published by
                                                          ``room_event.lua``
 ``P``  ``P``                             a room's        ``RoomStore`` (gateway)
 ``B``  ``B<balance>``                    a user's        ``credit.lua``, ``tip.lua``,
-                                                         ``dm.lua``, ``refund.lua``,
-                                                         ``spend.lua``
+                                                         ``dm.lua``, ``refund.lua``
 ``D``  ``D<inbox offset> <event JSON>``  a user's        ``dm.lua``
 ``C``  ``C<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
 ``R``  ``R<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
@@ -37,8 +36,12 @@ in ``server/keys.py``. The fields:
   ``encode`` leaves out any other id: no spend waits on one (the economy's are
   32 hex digits), and the writer must still publish the others.
 
-``spend.lua`` also publishes a delivery payload its caller built: it must be
-one of these kinds, encoded here, for a node to deliver it.
+A paid action's ``Delivery`` (``server/economy/actions.py``) is one of these:
+``ROOM_EVENT`` publishes ``E``, ``USER_INBOX`` publishes ``D``, and every money
+script pushes ``B`` to each user other than its caller whose balance it
+changed (both sides of a refund, which an admin makes). A new kind is added
+here, with its decoder and the node's handler; a node logs and drops a kind
+its channel does not carry.
 
 ``decode`` never parses the JSON (the node forwards those bytes to clients on
 the fanout path), but checks the framing of every field, so a payload that is

@@ -201,13 +201,7 @@ async def test_what_the_producers_publish_decodes(
     tip_event = bus.decode(await next_payload(listener, room))
     assert isinstance(tip_event, bus.RoomEvent)
     assert tip_event.offset == tip["offset"].encode()
-    assert orjson.loads(tip_event.body) == {
-        "type": "tip",
-        "room": "alice",
-        "from": "bob",
-        "amount": 5,
-        "text": "bravo",
-    }
+    assert orjson.loads(tip_event.body) == events.tip_event_body("alice", "bob", 5, "bravo")
     assert bus.decode(await next_payload(listener, model_channel)) == bus.BalanceChanged(5)
 
     # dm.lua: the DM, then the recipient's new balance.
