@@ -45,15 +45,14 @@ def welcome(
     return reply
 
 
+def message_event_body(room: str, from_: str, text: str) -> dict[str, Any]:
+    """A ``message`` event as the server stores it in the room's history:
+    without ``offset`` and ``ts``, which it adds from the stored event's id."""
+    return {"type": "message", "room": room, "from": from_, "text": text}
+
+
 def message_event(room: str, from_: str, text: str, offset: str, ts: int) -> dict[str, Any]:
-    return {
-        "type": "message",
-        "room": room,
-        "from": from_,
-        "text": text,
-        "offset": offset,
-        "ts": ts,
-    }
+    return {**message_event_body(room, from_, text), "offset": offset, "ts": ts}
 
 
 def tip_event_body(room: str, from_: str, amount: int, text: str) -> dict[str, Any]:

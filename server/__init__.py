@@ -13,7 +13,8 @@
 - ``devstack``: the embedded Redis and PostgreSQL of ``tokenchat dev``.
 
 At this root: what every part shares (``config``, ``errors``, ``metrics``,
-``aio``, ``auth``, ``keys``, ``ratelimit``, ``db`` and its ``migrations/``), the
-process runner (``app``) and the command line (``cli``). Dependencies point
-one way: ``tokenchat.protocol`` <- the server; the ledger never needs a gateway.
+``aio``, ``auth``, ``keys``, ``bus`` (the pub/sub payloads), ``ratelimit``,
+``db`` and its ``migrations/``), the process runner (``app``) and the
+command line (``cli``). Dependencies point one way: ``tokenchat.protocol`` <-
+the server; the ledger never needs a gateway.
 """

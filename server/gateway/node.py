@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from tokenchat.protocol import events
 
+from .. import bus
 from ..aio import reraise_if_cancelled
 from ..catalog.directory import Directory
 from ..config import Settings
@@ -32,7 +33,7 @@ from ..ledger.confirmations import Confirmations
 from ..ledger.writer import LedgerWriter
 from .broker import RedisBroker
 from .hub import Hub
-from .rooms import PRESENCE_MARKER, RoomStore, complete_event, parse_offset, parse_published
+from .rooms import RoomStore, complete_event, parse_offset
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -249,20 +250,21 @@ class Node:
         except (RedisError, OSError):
             log.warning("could not record DM delivery for %s; they may see it again", user_id)
 
-    def _on_user_message(self, user_id: str, payload: bytes) -> None:
+    def _on_user_message(self, user_id: str, message: bus.Message) -> None:
         sessions = self._user_sessions.get(user_id)
         if not sessions:
             return
-        if payload.startswith(b"B"):
-            frame = orjson.dumps(events.balance_event(int(payload[1:])))
+        if isinstance(message, bus.BalanceChanged):
+            frame = orjson.dumps(events.balance_event(message.balance))
             for session in sessions:
                 session.push_balance(frame)
-        elif payload.startswith(b"D"):
-            offset, _, event = payload[1:].partition(b" ")
-            position = parse_offset(offset)
+        elif isinstance(message, bus.DirectMessage):
+            position = parse_offset(message.offset)
             for session in sessions:
-                session.push_dm(position, event)
-            self.dms_delivered(user_id, offset)
+                session.push_dm(position, message.event)
+            self.dms_delivered(user_id, message.offset)
+        else:
+            _misplaced(message, f"user {user_id}'s channel")
 
     # --- rooms ----------------------------------------------------------------------
     def _room_lock(self, room: str) -> asyncio.Lock:
@@ -307,25 +309,28 @@ class Node:
 
     # --- broker callbacks -------------------------------------------------------------
     def _on_broker_message(self, channel: str, payload: bytes) -> None:
+        try:
+            message = bus.decode(payload)
+        except bus.MalformedPayload as exc:
+            log.warning("dropped a payload on %s: %s", channel, exc)
+            return
         if channel == self._commits_channel:
             if self.confirmations is not None:
-                self.confirmations.on_message(payload)
+                self.confirmations.on_message(message)
             return
         room = self.keys.channel_room(channel)
         if room is None:
             user_id = self.keys.channel_user(channel)
             if user_id is not None:
-                self._on_user_message(user_id, payload)
+                self._on_user_message(user_id, message)
             return
-        if payload == PRESENCE_MARKER:
+        if isinstance(message, bus.RoomEvent):
+            offset = message.offset
+            self.hub.deliver_event(room, offset, complete_event(message.body, offset))
+        elif isinstance(message, bus.PresenceChanged):
             self._presence_stale.add(room)
-            return
-        published = parse_published(payload)
-        if published is None:
-            log.warning("ignored a malformed payload on %s", channel)
-            return
-        offset, body = published
-        self.hub.deliver_event(room, offset, complete_event(body, offset))
+        else:
+            _misplaced(message, f"room {room}'s channel")
 
     def _on_broker_reconnect(self) -> None:
         self.spawn(self._fill_gaps())
@@ -410,3 +415,8 @@ class Node:
                 self._presence_sent[room] = viewers
                 frame = orjson.dumps(events.presence_event(room, viewers))
                 self.hub.deliver_transient(room, frame)
+
+
+def _misplaced(message: bus.Message, where: str) -> None:
+    """A well-formed payload of a kind that channel does not carry."""
+    log.warning("dropped a %s payload on %s", type(message).__name__, where)

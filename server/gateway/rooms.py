@@ -1,8 +1,9 @@
 """A room's state in Redis: its event history, its order, its presence.
 
 Events are stored as JSON without ``offset`` and ``ts``; both come from the
-stream id (``ms-seq``), so the stored form and the published form need no
-second write, and ``complete_event`` is the one place that adds them.
+stream id (``ms-seq``), so the stored form and the published form (``E`` in
+server/bus.py) need no second write, and ``complete_event`` is the one place
+that adds them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .. import bus
 from ..economy.batcher import ScriptBatcher
 from ..economy.scripts import lua_script
 from ..errors import Unavailable
@@ -33,19 +35,6 @@ def complete_event(body: bytes, offset: bytes) -> bytes:
     """The wire JSON of a stored event: its body plus `offset` and `ts`."""
     ms = offset.partition(b"-")[0]
     return b"".join((body[:-1], b',"offset":"', offset, b'","ts":', ms, b"}"))
-
-
-def parse_published(payload: bytes) -> tuple[bytes, bytes] | None:
-    """(offset, body) of an event published by room_event.lua, else None."""
-    if not payload.startswith(b"E"):
-        return None
-    offset, sep, body = payload[1:].partition(b" ")
-    if not sep:
-        return None
-    return offset, body
-
-
-PRESENCE_MARKER = b"P"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,7 +91,7 @@ class RoomStore:
                 pipe.hset(presence, node_id, sessions)
             else:
                 pipe.hdel(presence, node_id)
-            pipe.publish(self._keys.room_channel(room), PRESENCE_MARKER)
+            pipe.publish(self._keys.room_channel(room), bus.PRESENCE_CHANGED.encode())
             await pipe.execute()
 
     async def viewers(self, rooms: list[str]) -> list[int]:

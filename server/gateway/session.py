@@ -392,12 +392,7 @@ class Session:
         if command.room not in self.rooms:
             raise NotInRoom(f"join room '{command.room}' first")
         assert self.identity is not None
-        event = {
-            "type": "message",
-            "room": command.room,
-            "from": self.identity.user_id,
-            "text": command.text,
-        }
+        event = events.message_event_body(command.room, self.identity.user_id, command.text)
         return {"offset": await self.node.rooms.append(command.room, event)}
 
     async def _balance(self, command: Balance) -> Reply:

@@ -8,10 +8,9 @@ its data at any moment after that loses nothing acknowledged.
 Group commit: writers commit batches back to back (no linger in this mode), and
 after each COMMIT publish the transaction ids of the batch on one channel
 (``ledger:commits``); every node subscribes to it and wakes the spends waiting
-on those ids. Payloads (one publish per batch, ids separated by spaces)::
-
-    C<tx> <tx> ...    committed (or found in the ledger already)
-    R<tx> <tx> ...    refused by Postgres and parked in ledger_rejected
+on those ids. One publish per batch: ``C`` for the ids committed (or found in
+the ledger already), ``R`` for those Postgres refused and the writer parked in
+ledger_rejected (the format is in server/bus.py).
 
 A notification can be missed (pub/sub reconnecting, or a duplicate whose
 original committed before it began to wait), so a waiter also asks Postgres:
@@ -28,12 +27,10 @@ from collections.abc import Iterable
 
 import asyncpg
 
+from .. import bus
 from ..errors import ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
-
-COMMITTED = b"C"
-PARKED = b"R"
 
 _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncio.TimeoutError)
 
@@ -44,10 +41,6 @@ class Parked(ServiceError):
     Redis applied it, Postgres did not: the spend is not confirmed, and
     reconcile reports the difference until an operator settles it.
     """
-
-
-def encode(kind: bytes, txs: Iterable[str]) -> bytes:
-    return kind + " ".join(txs).encode()
 
 
 class Confirmations:
@@ -62,15 +55,14 @@ class Confirmations:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def on_message(self, payload: bytes) -> None:
+    def on_message(self, message: bus.Message) -> None:
         """A writer's notification (see the module docstring)."""
-        kind, txs = payload[:1], payload[1:].decode().split()
-        if kind == COMMITTED:
-            self.committed(txs)
-        elif kind == PARKED:
-            self.parked(txs)
+        if isinstance(message, bus.LedgerCommitted):
+            self.committed(message.txs)
+        elif isinstance(message, bus.LedgerParked):
+            self.parked(message.txs)
         else:
-            log.warning("ignored a malformed ledger notification %r", payload[:40])
+            log.warning("dropped a %s payload on the ledger channel", type(message).__name__)
 
     def committed(self, txs: Iterable[str]) -> None:
         for tx in txs:

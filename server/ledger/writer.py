@@ -47,12 +47,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from .. import metrics
+from .. import bus, metrics
 from ..aio import reraise_if_cancelled
 from ..config import Settings
 from ..economy.economy import Economy
 from ..keys import Keys, glob_escape
-from . import confirmations
 
 log = logging.getLogger(__name__)
 
@@ -446,9 +445,9 @@ class LedgerWriter:
             # the gateways it serves are configured (Procfile: separate ones).
             channel = self._keys.ledger_commits()
             if committed:
-                pipe.publish(channel, confirmations.encode(confirmations.COMMITTED, committed))
+                pipe.publish(channel, bus.LedgerCommitted(tuple(committed)).encode())
             if parked:
-                pipe.publish(channel, confirmations.encode(confirmations.PARKED, parked))
+                pipe.publish(channel, bus.LedgerParked(tuple(parked)).encode())
             await pipe.execute()
 
 

@@ -12,8 +12,9 @@
 -- in which every subscriber of the channel receives the room's events. That is
 -- what makes one room one order across processes and machines.
 --
--- The published payload is "E<offset> <json>"; subscribers add `offset` and
--- `ts` (the id's millisecond part) to the JSON, the same way history readers do.
+-- The published payload is "E<offset> <json>" (kind E in server/bus.py);
+-- subscribers add `offset` and `ts` (the id's millisecond part) to the JSON,
+-- the same way history readers do.
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'e', ARGV[3])
 redis.call('PUBLISH', ARGV[1], 'E' .. id .. ' ' .. ARGV[3])
 return id
