@@ -9,7 +9,9 @@ Messages are handed to one synchronous callback in the order the pub/sub
 connection received them, which for one channel is the order Redis published
 them. When the connection drops, the reader reconnects with backoff, redis-py
 resubscribes every channel, and ``on_reconnect`` tells the node so it can fill
-from history whatever was published while it was away.
+from history whatever was published while it was away. From then until Redis
+confirms a channel's resubscription, ``subscribe()`` of that channel waits for
+the confirmation, so the node can read history after it.
 """
 
 from __future__ import annotations
@@ -117,6 +119,12 @@ class RedisBroker:
         except (RedisError, OSError):
             return min(delay_s * 2, RECONNECT_DELAY_MAX_S)
         log.info("pub/sub reconnected")
+        # A confirmation from the old connection says nothing of the new one:
+        # until Redis confirms the resubscription, `subscribe()` waits again.
+        loop = asyncio.get_running_loop()
+        for channel, waiter in self._confirmations.items():
+            if waiter.done():
+                self._confirmations[channel] = loop.create_future()
         self._on_reconnect()
         return RECONNECT_DELAY_MIN_S
 

@@ -14,8 +14,10 @@ sweep of write buffers (``Node._sweep_slow``), not here: checking every member
 on every event cost more than the delivery itself.
 
 The hub also drops any room event at or before the last offset it delivered
-for that room, which makes gap filling after a pub/sub reconnect safe to
-overlap with live delivery.
+for that room. After a pub/sub reconnect, a room's live events are held until
+the node has read what the room missed from history (``hold``, ``fill_gap``):
+the missed events go out first, then the held ones, and an event found both in
+history and on the channel reaches the members once.
 """
 
 from __future__ import annotations
@@ -106,11 +108,14 @@ class Member(Protocol):
 
 
 class _Room:
-    __slots__ = ("_binary", "_text", "joining", "members")
+    __slots__ = ("_binary", "_text", "held", "joining", "members")
 
     def __init__(self) -> None:
         self.members: dict[Member, None] = {}
         self.joining: dict[Member, None] = {}
+        # (offset, frame) of the live events that came while the node fills
+        # the room's gap after a pub/sub reconnect; None when not filling.
+        self.held: list[tuple[bytes, bytes]] | None = None
         self._text: list[Connection] | None = None
         self._binary: list[Connection] | None = None
 
@@ -167,10 +172,38 @@ class Hub:
     def last_offset(self, room: str) -> Offset | None:
         return self._last_offset.get(room)
 
+    def hold(self, room: str) -> None:
+        """Hold the room's live events until ``fill_gap``: pub/sub is back and
+        the events it missed must reach the members before the new ones."""
+        state = self._rooms.get(room)
+        if state is not None and state.held is None:
+            state.held = []
+
+    def held_rooms(self) -> list[str]:
+        return [room for room, state in self._rooms.items() if state.held is not None]
+
+    def fill_gap(self, room: str, missed: list[tuple[bytes, bytes]]) -> None:
+        """Deliver ``missed`` (from history, oldest first), then the live events
+        held since ``hold``, each once and in offset order; stop holding."""
+        state = self._rooms.get(room)
+        if state is None or state.held is None:
+            return  # its members all left meanwhile: nobody is owed the gap
+        held, state.held = state.held, None
+        # Whatever was published before the history read is in `missed`, and
+        # what came after has a greater offset: history first, then the held
+        # ones, is offset order, and `deliver_event` drops what both hold.
+        for offset, frame in missed:
+            self.deliver_event(room, offset, frame)
+        for offset, frame in held:
+            self.deliver_event(room, offset, frame)
+
     def deliver_event(self, room: str, offset: bytes, frame: bytes) -> None:
         """A room event (JSON) with its offset, once, in offset order."""
         state = self._rooms.get(room)
         if state is None:
+            return
+        if state.held is not None:
+            state.held.append((offset, frame))
             return
         position = parse_offset(offset)
         last = self._last_offset.get(room)

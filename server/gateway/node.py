@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -44,6 +44,16 @@ ROOM_LOCK_STRIPES = 256
 # On close, background tasks (session closes take up to the close timeout)
 # get this long before they are cancelled.
 TASKS_GRACE_S = 6.0
+# After a pub/sub reconnect, a failed read of what was missed is tried again
+# after this long, doubling up to the max: the first read right after an
+# outage often fails, on a pooled connection that died with it (redis-py 8
+# hands idle connections out without checking that they are still open).
+GAP_RETRY_DELAY_MIN_S = 0.05
+GAP_RETRY_DELAY_MAX_S = 1.0
+# A room's live events are held while its gap is read; after this long
+# without a successful read the gap is given up and live delivery resumes:
+# a room silent for longer would cost its members more than the lost events.
+GAP_FILL_DEADLINE_S = 10.0
 
 
 class Node:
@@ -102,6 +112,7 @@ class Node:
         self._presence_sent: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._gap_filler: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(cls, settings: Settings) -> Node:
@@ -333,34 +344,73 @@ class Node:
             _misplaced(message, f"room {room}'s channel")
 
     def _on_broker_reconnect(self) -> None:
-        self.spawn(self._fill_gaps())
+        # Called before any message of the new connection is handled: from
+        # here on, live room events wait until the missed ones are delivered.
+        for room in self.hub.rooms():
+            self.hub.hold(room)
+        if self._gap_filler is not None:
+            # Its history reads may predate this outage; the new one redoes
+            # every room still held.
+            self._gap_filler.cancel()
+        self._gap_filler = asyncio.create_task(self._fill_gaps(), name="node-gap-filler")
+        self.keep(self._gap_filler)
         if self.confirmations is not None:
             # Commits published while pub/sub was away were not heard.
             self.spawn(self.confirmations.recheck())
 
     async def _fill_gaps(self) -> None:
         """Deliver what was published while pub/sub was down, from history."""
-        for room in self.hub.rooms():
-            last = self.hub.last_offset(room)
-            since = None if last is None else f"{last[0]}-{last[1]}"
-            try:
-                history = await self.rooms.history(room, since)
-            except Unavailable:
-                log.warning("could not fill the gap of room %s", room)
-                continue
-            for offset, frame in history.events:
-                self.hub.deliver_event(room, offset, frame)
+        deadline = asyncio.get_running_loop().time() + GAP_FILL_DEADLINE_S
+        for room in self.hub.held_rooms():
+            missed = await self._retry_until(deadline, f"room {room}", self._missed_events, room)
+            self.hub.fill_gap(room, missed or [])
             self._presence_stale.add(room)
-        for user_id, sessions in list(self._user_sessions.items()):
-            try:
-                pending = await self.pending_dms(user_id)
-            except Unavailable:
+        for user_id in list(self._user_sessions):
+            pending = await self._retry_until(
+                deadline, f"DMs of {user_id}", self.pending_dms, user_id
+            )
+            sessions = self._user_sessions.get(user_id)
+            if not pending or not sessions:
                 continue
             for offset, event in pending:
                 for session in sessions:
                     session.push_dm(parse_offset(offset), event)
-            if pending:
-                self.dms_delivered(user_id, pending[-1][0])
+            self.dms_delivered(user_id, pending[-1][0])
+
+    async def _missed_events(self, room: str) -> list[tuple[bytes, bytes]]:
+        """(offset, frame) of the room's events after the last one delivered."""
+        async with self._room_lock(room):
+            if room not in self._subscribed:
+                return []  # a first join is under way and reads history itself
+            # Redis confirms the resubscription before the read: an event
+            # published before the confirmation is in the history read, one
+            # after it comes on the channel.
+            await self.broker.subscribe(self.keys.room_channel(room))
+        last = self.hub.last_offset(room)
+        since = None if last is None else f"{last[0]}-{last[1]}"
+        return (await self.rooms.history(room, since)).events
+
+    async def _retry_until(
+        self,
+        deadline: float,
+        what: str,
+        read: Callable[[str], Awaitable[list[tuple[bytes, bytes]]]],
+        key: str,
+    ) -> list[tuple[bytes, bytes]] | None:
+        """``read(key)``, tried again after failures until ``deadline``;
+        None if it never succeeded."""
+        loop = asyncio.get_running_loop()
+        delay_s = GAP_RETRY_DELAY_MIN_S
+        while True:
+            try:
+                return await read(key)
+            except (Unavailable, RedisError, OSError, TimeoutError) as exc:
+                reraise_if_cancelled(exc)
+                if loop.time() + delay_s > deadline:
+                    log.warning("could not fill the gap of %s: %s", what, exc)
+                    return None
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, GAP_RETRY_DELAY_MAX_S)
 
     # --- slow consumers ---------------------------------------------------------------------
     async def _sweep_slow_forever(self) -> None:

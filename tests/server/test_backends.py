@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import httpx
+from redis.asyncio import Redis
 
 from tests.conftest import Running, token
 from tests.proxy import Proxy
+from tokenchat.client_demo.client import Client
+from tokenchat.server.gateway.node import Node
 
 
 async def ready_status(running: Running) -> int:
@@ -69,6 +72,58 @@ async def test_events_published_while_pubsub_was_down_are_filled_in_order(
     sent.append("after")
     received = [(await watcher.next_event("message", timeout_s=10))["text"] for _ in sent]
     assert received == sent
+    await watcher.close()
+    await model.close()
+
+
+async def missed_while_unsubscribed(node: Node, model: Client, room: str, texts: list[str]) -> None:
+    """Say ``texts`` while ``node`` does not hear ``room``: a gap to fill."""
+    channel = node.keys.room_channel(room)
+    await node.broker.unsubscribe(channel)
+    for text in texts:
+        await model.call("say", room=room, text=text)
+    await node.broker.subscribe(channel)
+
+
+async def test_a_live_event_right_after_a_pubsub_reconnect_waits_for_the_gap(
+    server: Running, redis: Redis
+) -> None:
+    node = server.node
+    model = await server.client("alice", "model")
+    await model.call("join", room="alice")
+    watcher = await server.client("bob")
+    await watcher.call("join", room="alice")
+    texts = ["missed 0", "missed 1", "live"]
+    await missed_while_unsubscribed(node, model, "alice", texts)
+
+    # "live" is the first message on the new connection: it comes before the
+    # node has read the missed ones from history, as on a real reconnect.
+    ((offset, fields),) = await redis.xrevrange(node.keys.room_history("alice"), count=1)
+    node._on_broker_reconnect()
+    node._on_broker_message(node.keys.room_channel("alice"), b"E%s %s" % (offset, fields[b"e"]))
+    received = [(await watcher.next_event("message"))["text"] for _ in texts]
+    assert received == texts
+    await watcher.close()
+    await model.close()
+
+
+async def test_a_failed_history_read_after_a_pubsub_reconnect_is_retried(
+    server: Running, redis: Redis
+) -> None:
+    node = server.node
+    model = await server.client("alice", "model")
+    await model.call("join", room="alice")
+    watcher = await server.client("bob")
+    await watcher.call("join", room="alice")
+    texts = ["missed 0", "missed 1"]
+    await missed_while_unsubscribed(node, model, "alice", texts)
+
+    # The pooled connection the gap read takes next dies, as every idle one
+    # does when Redis goes away: the first read after the reconnect fails.
+    await redis.client_kill_filter(_id=await node.redis.client_id())
+    node._on_broker_reconnect()
+    received = [(await watcher.next_event("message"))["text"] for _ in texts]
+    assert received == texts
     await watcher.close()
     await model.close()
 
