@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
+import orjson
 from websockets.asyncio.connection import Connection
 from websockets.protocol import State
 
@@ -225,11 +226,34 @@ class Hub:
         # a second time through the lists).
         text, binary = state.connections()
         joining = list(state.joining)
+        checked = encoded_event(f"room {room}", frame, binary=False)
+        if checked is None:
+            return
         sent = 0
         if text:
             sent += self.writer.send(text, frame, binary=False)
         if binary:
-            sent += self.writer.send(binary, json_to_msgpack(frame), binary=True)
+            packed = encoded_event(f"room {room}", frame, binary=True)
+            if packed is not None:
+                sent += self.writer.send(binary, packed, binary=True)
         for member in joining:
             member.buffer_event(room, position, frame)
         metrics.DELIVERIES.inc(sent)
+
+
+def encoded_event(where: str, frame: bytes, *, binary: bool) -> bytes | None:
+    """The event JSON ``frame`` for members of one codec (msgpack when
+    ``binary``), or None when it does not parse as a JSON object. Events come
+    from our own scripts, but a program writing straight to our Redis can
+    publish anything: it must reach no member, and it must not stop the
+    pub/sub reader that delivers every other event. The check is one parse
+    per event (the msgpack re-encoding parses anyway), not per member."""
+    try:
+        if binary:
+            return json_to_msgpack(frame)
+        if isinstance(orjson.loads(frame), dict):
+            return frame
+    except (ValueError, TypeError, OverflowError):
+        pass
+    log.error("dropped an event for %s: not a JSON object", where)
+    return None

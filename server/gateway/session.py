@@ -37,7 +37,6 @@ from tokenchat.protocol import (
     codec_for,
     decode_command,
     events,
-    json_to_msgpack,
 )
 from tokenchat.protocol.codec import Codec
 
@@ -46,6 +45,7 @@ from ..auth import Identity, verify_token
 from ..economy.actions import BY_COMMAND, Action, SpendContext
 from ..errors import LimitExceeded, NotFound, NotInRoom, ServiceError
 from ..ratelimit import TokenBucket
+from .hub import encoded_event
 from .rooms import Offset, parse_offset
 
 if TYPE_CHECKING:
@@ -414,9 +414,9 @@ class Session:
     def _push(self, frame: bytes) -> None:
         """Write an event JSON frame without waiting (same path as broadcasts)."""
         binary = self.codec.binary
-        self.node.hub.writer.send(
-            (self.ws,), json_to_msgpack(frame) if binary else frame, binary=binary
-        )
+        encoded = encoded_event(f"session {self.id}", frame, binary=binary)
+        if encoded is not None:
+            self.node.hub.writer.send((self.ws,), encoded, binary=binary)
 
     async def _send(self, message: Reply) -> None:
         await self.ws.send(self.codec.encode(message), text=not self.codec.binary)

@@ -281,3 +281,30 @@ async def test_a_node_drops_garbage_and_delivers_what_follows(
     assert any("PresenceChanged payload on the ledger channel" in line for line in dropped)
     for client in (model, fan):
         await client.close()
+
+
+async def test_an_event_body_that_is_not_json_reaches_no_member(
+    server: Running, settings: Settings, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A well-framed room event whose body does not parse as a JSON object
+    # reaches neither JSON nor msgpack members, and the pub/sub reader goes on
+    # to deliver what follows.
+    keys = Keys(settings.redis_prefix)
+    model = await server.client("alice", "model")
+    packer = await server.client("bob", subprotocol="tokenchat.v1.msgpack")
+    for client in (model, packer):
+        await client.call("join", room="alice")
+    said = await model.call("say", room="alice", text="first")
+    assert (await packer.next_event("message"))["offset"] == said["offset"]
+    ms, _, seq = said["offset"].partition("-")
+    with caplog.at_level(logging.ERROR):
+        await redis.publish(keys.room_channel("alice"), f"E{ms}-{int(seq) + 1} {{oops}}".encode())
+        await asyncio.sleep(0.01)  # the next real offset is of a later millisecond
+        after = await model.call("say", room="alice", text="second")
+        event = await packer.next_event("message")
+    assert event["offset"] == after["offset"] and event["text"] == "second"
+    assert (await model.next_event("message"))["text"] == "first"
+    assert (await model.next_event("message"))["text"] == "second"
+    assert any("not a JSON object" in r.getMessage() for r in caplog.records)
+    for client in (model, packer):
+        await client.close()
