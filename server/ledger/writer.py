@@ -501,16 +501,17 @@ def _stream_position(outbox_id: str) -> tuple[int, int]:
 # filling and truncating them on every commit was most of a small batch's
 # cost). The new transactions; the postings of those actually inserted (a
 # transaction id seen before inserts nothing: a re-delivery); each account's
-# running balance raised by its postings' sum (new user and escrow accounts are made
-# by _NEW_ACCOUNTS just before: a sibling of this statement could not see
-# them); the writer's watermark for this epoch (see Economy.ensure_fresh). It returns the
-# outbox ids of entries in neither the ledger nor this batch's inserts: they
-# collided with another transaction on the refund (`reverses` is unique).
+# running balance raised by its postings' sum (new user accounts `u:<id>` and
+# escrow accounts `esc:<kind>:<id>` are made by _NEW_ACCOUNTS just before: a
+# sibling of this statement could not see them); the writer's watermark for
+# this epoch (see Economy.ensure_fresh). It returns the outbox ids of entries
+# in neither the ledger nor this batch's inserts: they collided with another
+# transaction on the refund (`reverses` is unique).
 _NOT_RECORDED_REASON = "another transaction already holds its refund"
 _NEW_ACCOUNTS = """
 INSERT INTO accounts (id, kind)
-SELECT DISTINCT id, CASE WHEN id LIKE 'e:%' THEN 'escrow' ELSE 'user' END
-FROM unnest($1::text[]) AS a(id) WHERE id LIKE 'u:%' OR id LIKE 'e:%'
+SELECT DISTINCT id, CASE WHEN id LIKE 'esc:%' THEN 'escrow' ELSE 'user' END
+FROM unnest($1::text[]) AS a(id) WHERE id LIKE 'u:%' OR id LIKE 'esc:%'
 ORDER BY 1
 ON CONFLICT (id) DO NOTHING
 """

@@ -1,8 +1,9 @@
 -- Escrow, and the ledger kinds of the paid features of issue #11.
 --
--- Escrow is an account kind of its own: `e:<id>`, one account per thing
--- held for (a ticket show `e:t_...`, a private show `e:p_...`, a custom
--- request `e:r_...`). It never goes below zero, like a user's account, and
+-- Escrow is an account kind of its own: `esc:<kind>:<id>`, one account per
+-- thing held for (a ticket show `esc:show:t_...`, a private show
+-- `esc:private:p_...`, a custom request `esc:request:r_...`); the writer
+-- makes them (server/ledger/writer.py). It never goes below zero, like a user's account, and
 -- its balance sums to zero with every other account, so reconcile covers it
 -- without a special case.
 --
