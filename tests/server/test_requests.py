@@ -70,6 +70,16 @@ async def drain(server: Running) -> None:
     assert await server.node.ledger.drain(10.0) == 0
 
 
+async def no_deadlines_left(settings: Settings) -> None:
+    """Wait for the settling to finish: its last step drops its deadline,
+    after the money moved (which a balance shows first)."""
+
+    async def none() -> bool:
+        return await pg(settings, "SELECT * FROM deadlines") == []
+
+    await eventually(none)
+
+
 # --- the lifecycle -----------------------------------------------------------------------
 
 
@@ -293,7 +303,7 @@ async def test_the_sweeper_expires_offers_and_undelivered_requests(
     await drain(server)
     for request_id in (ignored, taken):
         assert await ledger_kinds(settings, request_id) == ["hold", "escrow_refund"]
-    assert await pg(settings, "SELECT * FROM deadlines") == []
+    await no_deadlines_left(settings)
     assert (await Http(server).reconcile())["ok"] is True
     await fan.close()
     await model.close()
@@ -346,7 +356,7 @@ async def test_a_crash_between_the_state_and_the_money_is_settled_by_the_sweeper
     assert (await model.next_event("balance"))["balance"] == 30  # the sweeper paid her
     await drain(server)
     assert await ledger_kinds(settings, request_id) == ["hold", "release"]
-    assert await pg(settings, "SELECT * FROM deadlines") == []
+    await no_deadlines_left(settings)
     assert (await Http(server).reconcile())["ok"] is True
     await fan.close()
     await model.close()
@@ -406,6 +416,37 @@ async def test_redis_loss_mid_lifecycle_releases_once(
     assert await ledger_kinds(settings, request_id) == ["hold", "release"]
     result = await Http(server).reconcile()
     assert result["ok"] is True, result
+    await fan.close()
+    await model.close()
+
+
+async def test_deadlines_outlive_a_redis_loss(
+    start_server: Start, settings: Settings, private_redis: str
+) -> None:
+    server = await start_server(
+        redis_url=private_redis,
+        request_offer_ttl_s=1.0,
+        deadline_sweep_interval_s=0.1,
+        deadline_lease_ttl_s=0.5,
+    )
+    fan, model = await fan_and_model(server)
+    request_id = await offer(fan)
+    await drain(server)
+    # The lease, the balances, the escrow, the idempotency records: all gone.
+    await server.node.redis.flushall()
+
+    async def settled() -> bool:
+        rows = await pg(
+            settings, "SELECT state, settled_at FROM requests WHERE id = $1", request_id
+        )
+        return rows[0]["settled_at"] is not None
+
+    await eventually(settled)
+    assert (await pg(settings, "SELECT state FROM requests"))[0]["state"] == "expired"
+    assert await balance(fan) == 100
+    await drain(server)
+    assert await ledger_kinds(settings, request_id) == ["hold", "escrow_refund"]
+    assert (await Http(server).reconcile())["ok"] is True
     await fan.close()
     await model.close()
 
