@@ -92,6 +92,18 @@ def string(len_min: int, len_max: int) -> WireField:
     )
 
 
+def stored_string(len_min: int, len_max: int) -> WireField:
+    """A string of len_min..len_max characters that Postgres can store: no
+    NUL (U+0000), which its text and jsonb types refuse. For prose kept in
+    Postgres (a custom request's text), unlike chat, which stays in Redis."""
+    return WireField(
+        f"a string of {len_min} to {len_max} characters, without NUL (U+0000)",
+        lambda value: (
+            isinstance(value, str) and len_min <= len(value) <= len_max and "\x00" not in value
+        ),
+    )
+
+
 def utf8_string(bytes_min: int, bytes_max: int) -> WireField:
     """A string whose UTF-8 encoding is bytes_min..bytes_max bytes."""
 
@@ -150,8 +162,8 @@ TOKEN: Final = utf8_string(1, TOKEN_LEN_MAX)
 SAY_TEXT: Final = string(1, SAY_TEXT_LEN_MAX)
 DM_TEXT: Final = string(1, DM_TEXT_LEN_MAX)
 TIP_TEXT: Final = string(0, TIP_TEXT_LEN_MAX)
-REQUEST_TEXT: Final = string(1, REQUEST_TEXT_LEN_MAX)
-DELIVERY_TEXT: Final = string(0, DELIVERY_TEXT_LEN_MAX)
+REQUEST_TEXT: Final = stored_string(1, REQUEST_TEXT_LEN_MAX)
+DELIVERY_TEXT: Final = stored_string(0, DELIVERY_TEXT_LEN_MAX)
 MEDIA_REF: Final = printable_ascii(1, MEDIA_REF_LEN_MAX)
 OBJECT_ID: Final = matching(OBJECT_ID_RE, "an id: 1 to 64 characters of A-Z a-z 0-9 _")
 

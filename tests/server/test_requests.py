@@ -216,6 +216,8 @@ async def test_refusals_move_nothing(server: Running, settings: Settings) -> Non
     [
         ("request_offer", {"model": "alice", "text": "", "amount": 5, "key": "k"}),
         ("request_offer", {"model": "alice", "text": "x" * 1001, "amount": 5, "key": "k"}),
+        # Postgres stores the text (requests, the hold's meta): no NUL.
+        ("request_offer", {"model": "alice", "text": "a\x00b", "amount": 5, "key": "k"}),
         ("request_offer", {"model": "alice", "text": "x", "amount": 0, "key": "k"}),
         ("request_offer", {"model": "alice", "text": "x", "amount": True, "key": "k"}),
         ("request_offer", {"model": "alice", "text": "x", "amount": 1_000_001, "key": "k"}),
@@ -227,6 +229,7 @@ async def test_refusals_move_nothing(server: Running, settings: Settings) -> Non
         ("request_accept", {"request": 7}),
         ("request_accept", {}),
         ("request_deliver", {"request": "r_" + "0" * 24, "text": "x" * 1001}),
+        ("request_deliver", {"request": "r_" + "0" * 24, "text": "\x00"}),
         ("request_deliver", {"request": "r_" + "0" * 24, "media": "a\x00b"}),
         ("request_deliver", {"request": "r_" + "0" * 24, "media": "é"}),
         ("request_deliver", {"request": "r_" + "0" * 24, "media": "x" * 513}),
