@@ -46,6 +46,8 @@ from .limits import (
     PRINTABLE_ASCII_RE,
     REQUEST_TEXT_LEN_MAX,
     SAY_TEXT_LEN_MAX,
+    SHOW_MIN_S_MAX,
+    SHOW_TITLE_LEN_MAX,
     TIP_TEXT_LEN_MAX,
     TOKEN_LEN_MAX,
     TX_ID_LEN_MAX,
@@ -165,6 +167,11 @@ TIP_TEXT: Final = string(0, TIP_TEXT_LEN_MAX)
 REQUEST_TEXT: Final = stored_string(1, REQUEST_TEXT_LEN_MAX)
 DELIVERY_TEXT: Final = stored_string(0, DELIVERY_TEXT_LEN_MAX)
 MEDIA_REF: Final = printable_ascii(1, MEDIA_REF_LEN_MAX)
+# Over HTTP only (POST /v1/me/shows), declared here with the other fields.
+SHOW_TITLE: Final = stored_string(1, SHOW_TITLE_LEN_MAX)
+SHOW_MIN_S: Final = integer(1, SHOW_MIN_S_MAX)
+# Milliseconds since the epoch, up to 2**53 - 1 (exact in JavaScript numbers).
+EPOCH_MS: Final = integer(0, 2**53 - 1)
 OBJECT_ID: Final = matching(OBJECT_ID_RE, "an id: 1 to 64 characters of A-Z a-z 0-9 _")
 
 # Field types named by what they are; the annotation carries the check.
@@ -346,6 +353,52 @@ class RequestList:
 
 @command
 @dataclass(frozen=True, slots=True)
+class BuyTicket:
+    """A ticket to a room's ticket show: its price into the show's escrow,
+    released to the model once the show has run its minimum length, refunded
+    otherwise. A second ticket answers ``already: true``. Spends: ``key``."""
+
+    TYPE: ClassVar[str] = "buy_ticket"
+    id: CommandId
+    room: UserId
+    show: Annotated[str, OBJECT_ID]
+    key: IdempotencyKey
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class ShowStart:
+    """The model starts a scheduled show of her room: from now on only she
+    and ticket holders get the room's events and may post."""
+
+    TYPE: ClassVar[str] = "show_start"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class ShowEnd:
+    """The model ends her running show: paid if it ran its minimum length,
+    every ticket refunded if not."""
+
+    TYPE: ClassVar[str] = "show_end"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class ShowCancel:
+    """The model calls off a scheduled or running show: every ticket refunded."""
+
+    TYPE: ClassVar[str] = "show_cancel"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
 class Balance:
     TYPE: ClassVar[str] = "balance"
     id: CommandId
@@ -373,6 +426,10 @@ Command: TypeAlias = (
     | RequestDecline
     | RequestCancel
     | RequestList
+    | BuyTicket
+    | ShowStart
+    | ShowEnd
+    | ShowCancel
 )
 
 

@@ -94,3 +94,11 @@ def request_event(request: dict[str, Any]) -> dict[str, Any]:
     {``text``, ``media``}. ``request`` is a listed request
     (GET /v1/me/requests), which has these fields but ``type`` and ``ts``."""
     return {"type": "request", **request}
+
+
+def show_event(show: dict[str, Any]) -> dict[str, Any]:
+    """A ticket show's state, to every member of its room on every change:
+    ``room``, ``show`` (its id), ``state`` (scheduled, running, ended,
+    cancelled), ``price``, ``starts_at`` (ms since the epoch), ``min_s``,
+    ``title``. ``show`` is a listed show (GET /v1/rooms/{room}/shows)."""
+    return {"type": "show", **show}

@@ -44,6 +44,15 @@ MEDIA_REF_LEN_MAX: Final = 512  # characters, printable ASCII; fits a long URL
 # shape, so that an id of another kind is NOT_FOUND, not BAD_REQUEST.
 OBJECT_ID_RE: Final = re.compile(r"^[A-Za-z0-9_]{1,64}\Z")
 REQUEST_ID_RE: Final = re.compile(r"^r_[0-9a-f]{24}\Z")
+SHOW_ID_RE: Final = re.compile(r"^t_[0-9a-f]{24}\Z")
+# A ticket show's title: a line in a room's schedule, not a description.
+SHOW_TITLE_LEN_MAX: Final = 200  # characters
+# A show's minimum length (seconds it must run for the model to be paid):
+# 1 s up to a day, longer than any show a room runs in one sitting.
+SHOW_MIN_S_MAX: Final = 86400
+# How far ahead a show may be scheduled: a year, in seconds; further is a
+# typo rather than a plan.
+SHOW_AHEAD_S_MAX: Final = 366 * 86400
 
 # Amounts are integer tokens. The minimum: a zero tip moves nothing and only
 # adds ledger rows. The maximum caps one mistaken or malicious spend and keeps

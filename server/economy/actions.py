@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from tokenchat.protocol import Dm, Tip
+from tokenchat.protocol import BuyTicket, Dm, Tip
 
 from ..catalog.directory import RoomInfo
 from ..errors import (
     BadRequest,
     Conflict,
     EscrowEmpty,
+    Forbidden,
     InsufficientFunds,
     NotFound,
     NotInRoom,
@@ -225,7 +226,7 @@ async def _serve_dm(context: SpendContext, command: Dm) -> Reply:
 TIP = Action(
     name="tip",
     kinds=("tip",),
-    keys=("payer_balance", "payee_balance", "history"),
+    keys=("payer_balance", "payee_balance", "history", "room_show"),
     args=(
         "amount",
         "tip_min",
@@ -238,14 +239,17 @@ TIP = Action(
     ),
     refundable=True,
     delivery=Delivery.ROOM_EVENT,
-    delivery_keys=("history",),
+    delivery_keys=("history", "room_show"),
     command=Tip,
     serve=_serve_tip,
     refusals=MappingProxyType(
         {
             "TIP_MIN": Refusal(
                 BadRequest, "field 'amount' must be at least the room's tip_min, {detail}"
-            )
+            ),
+            "NO_TICKET": Refusal(
+                Forbidden, "ticket show {detail} is on: buy a ticket to tip; nothing was charged"
+            ),
         }
     ),
 )
@@ -321,10 +325,61 @@ ESCROW_REFUND = Action(
     refusals=_EMPTY,
 )
 
-ACTIONS: tuple[Action, ...] = (TIP, DM, CREDIT, REFUND, HOLD, RELEASE, ESCROW_REFUND)
+
+# Ticket shows (server/economy/shows.py): a ticket is a charge into the
+# show's escrow with the ticket recorded in the same call; each ticket is
+# refunded on its own (ledger kind escrow_refund), and the release of a show
+# that ran its minimum length is RELEASE (the escrow's whole balance).
+async def _serve_ticket(context: SpendContext, command: BuyTicket) -> Reply:
+    if command.room not in context.rooms:
+        raise NotInRoom(f"join room '{command.room}' first")
+    return await context.economy.ticket(context.user_id, command.room, command.show, command.key)
+
+
+TICKET = Action(
+    name="ticket",
+    kinds=("ticket",),
+    keys=("payer_balance", "escrow_balance", "show", "room_show"),
+    args=("payer", "escrow", "show", "room"),
+    refundable=False,  # a show's workflow refunds its tickets itself
+    delivery=Delivery.BALANCE_PUSH,  # the fan's reply carries the balance
+    delivery_keys=("room_show",),
+    command=BuyTicket,
+    serve=_serve_ticket,
+    refusals=MappingProxyType(
+        {
+            "SHOW_CLOSED": Refusal(Conflict, "the show is {detail}: tickets are no longer sold"),
+            "NO_SHOW": Refusal(NotFound, "no show '{detail}' in this room"),
+        }
+    ),
+    ledgered=lambda reply: not reply.get("already"),
+)
+TICKET_REFUND = Action(
+    name="ticket_refund",
+    kinds=("escrow_refund",),
+    keys=("show", "escrow_balance", "payer_balance"),
+    args=("escrow", "payer", "payer_channel"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,
+    refusals=_EMPTY,
+)
+
+ACTIONS: tuple[Action, ...] = (
+    TIP,
+    DM,
+    CREDIT,
+    REFUND,
+    HOLD,
+    RELEASE,
+    ESCROW_REFUND,
+    TICKET,
+    TICKET_REFUND,
+)
 BY_NAME: Mapping[str, Action] = MappingProxyType({action.name: action for action in ACTIONS})
+# The first action declaring a kind (escrow_refund: ESCROW_REFUND; a
+# ticket's refund writes the same kind).
 BY_KIND: Mapping[str, Action] = MappingProxyType(
-    {kind: action for action in ACTIONS for kind in action.kinds}
+    {kind: action for action in reversed(ACTIONS) for kind in action.kinds}
 )
 BY_COMMAND: Mapping[type[Any], Action] = MappingProxyType(
     {action.command: action for action in ACTIONS if action.command is not None}

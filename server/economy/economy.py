@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from tokenchat.protocol import events
+from tokenchat.protocol.limits import SHOW_ID_RE
 
 from ..catalog.directory import AbsentUsers
 from ..config import Settings
@@ -55,6 +56,8 @@ from .actions import (
     REFUND,
     REFUNDABLE_KINDS,
     RELEASE,
+    TICKET,
+    TICKET_REFUND,
     TIP,
     Action,
     refusal_error,
@@ -152,6 +155,9 @@ class Economy:
         self._drain: Drain | None = None
         self._scripts = {action.name: action.script for action in ACTIONS}
         self._load_script = lua_script("load_balance", retry_safe=True)
+        # Loads a ticket show's hash when a script finds it missing (set by
+        # server/economy/shows.py: the show's row and tickets are its own).
+        self.show_loader: Callable[[str], Awaitable[None]] | None = None
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:
@@ -185,6 +191,7 @@ class Economy:
                 "payer_balance": self._keys.balance(payer),
                 "payee_balance": self._keys.balance(payee),
                 "history": self._keys.room_history(room),
+                "room_show": self._keys.room_show(room),
             },
             args={
                 "amount": amount,
@@ -360,6 +367,57 @@ class Economy:
             request=fingerprint("escrow_refund", escrow=escrow, to=user_id),
             meta={**meta, "escrow": escrow},
             keys={
+                "escrow_balance": self._keys.balance(escrow),
+                "payer_balance": self._keys.balance(payer),
+            },
+            args={
+                "escrow": escrow,
+                "payer": payer,
+                "payer_channel": self._keys.user_channel(user_id),
+            },
+        )
+
+    # --- ticket shows (server/economy/shows.py) -----------------------------------------
+    async def ticket(self, user_id: str, room: str, show_id: str, key: str) -> dict[str, Any]:
+        """A ticket to ``show_id`` of ``room``: its price into the show's
+        escrow, recorded in the show's hash; ``already`` when the fan holds
+        one (nothing charged). An id of another kind, or of a show of
+        another room: NotFound."""
+        if not SHOW_ID_RE.fullmatch(show_id):
+            raise NotFound(f"no show '{show_id}'")
+        if user_id == room:
+            raise Forbidden("you cannot buy a ticket to your own show")
+        payer, escrow = user_account(user_id), escrow_account("show", show_id)
+        return await self._run(
+            TICKET,
+            initiator=user_initiator(user_id),
+            key=key,
+            request=fingerprint("buy_ticket", room=room, show=show_id),
+            meta={"show": show_id, "room": room, "fan": user_id, "escrow": escrow},
+            keys={
+                "payer_balance": self._keys.balance(payer),
+                "escrow_balance": self._keys.balance(escrow),
+                "show": self._keys.show(show_id),
+                "room_show": self._keys.room_show(room),
+            },
+            args={"payer": payer, "escrow": escrow, "show": show_id, "room": room},
+        )
+
+    async def ticket_refund(
+        self, show_id: str, user_id: str, *, initiator: str, key: str
+    ) -> dict[str, Any]:
+        """Give the user's ticket to ``show_id`` back from its escrow.
+        ``EscrowEmpty`` when there is none left to refund."""
+        _check_initiator(initiator)
+        payer, escrow = user_account(user_id), escrow_account("show", show_id)
+        return await self._run(
+            TICKET_REFUND,
+            initiator=initiator,
+            key=key,
+            request=fingerprint("ticket_refund", show=show_id, to=user_id),
+            meta={"show": show_id, "fan": user_id, "escrow": escrow},
+            keys={
+                "show": self._keys.show(show_id),
                 "escrow_balance": self._keys.balance(escrow),
                 "payer_balance": self._keys.balance(payer),
             },
@@ -551,7 +609,9 @@ class Economy:
             if status != "NOT_LOADED":
                 raise refusal_error(action, status, _text(result[1]) if len(result) > 1 else "")
             missing = _text(result[1])
-            if missing.startswith(self._keys.balance_prefix()):
+            if missing.startswith(self._keys.show_prefix()) and self.show_loader is not None:
+                await self.show_loader(missing[len(self._keys.show_prefix()) :])
+            elif missing.startswith(self._keys.balance_prefix()):
                 await self._load(missing[len(self._keys.balance_prefix()) :])
             else:
                 await self._load_prices(missing[len(self._keys.prices("")) :])

@@ -29,6 +29,7 @@ from ..db import create_pool
 from ..economy.deadlines import Sweeper
 from ..economy.economy import Economy
 from ..economy.requests import Requests
+from ..economy.shows import Shows
 from ..errors import LimitExceeded, Unavailable
 from ..keys import Keys
 from ..ledger.confirmations import Confirmations
@@ -98,6 +99,8 @@ class Node:
         self.requests = Requests(pool, redis, self.keys, settings, self.economy)
         self.sweeper = Sweeper(pool, redis, self.keys, settings)
         self.requests.register(self.sweeper)
+        self.shows = Shows(pool, redis, self.keys, settings, self.economy, self.rooms.append)
+        self.shows.register(self.sweeper)
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
             redis,

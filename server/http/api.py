@@ -23,7 +23,15 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from tokenchat.protocol import ErrorCode, WireField
-from tokenchat.protocol.commands import KEY, PAYMENT_REF, TX_ID
+from tokenchat.protocol.commands import (
+    AMOUNT,
+    EPOCH_MS,
+    KEY,
+    PAYMENT_REF,
+    SHOW_MIN_S,
+    SHOW_TITLE,
+    TX_ID,
+)
 from tokenchat.protocol.limits import AMOUNT_MAX, AMOUNT_MIN, USER_ID_RE
 
 from .. import metrics
@@ -168,6 +176,46 @@ def create_app(node: Node) -> Starlette:
         """The caller's custom requests, as fan and as model, newest first."""
         identity = identity_of(request)
         return JSONResponse({"requests": await node.requests.list_for(identity.user_id)})
+
+    # --- ticket shows (server/economy/shows.py) --------------------------------------
+    async def create_show(request: Request) -> Response:
+        """A model schedules a ticket show in her room."""
+        identity = identity_of(request, "model")
+        limit_creates(identity)
+        body = await json_body(request)
+        title: str = wire_field(body, "title", SHOW_TITLE)
+        price: int = wire_field(body, "price", AMOUNT)
+        starts_at: int = wire_field(body, "starts_at", EPOCH_MS)
+        min_s: int = wire_field(body, "min_s", SHOW_MIN_S)
+        await node.directory.touch_user(identity)
+        show = await node.shows.create(identity.user_id, title, price, starts_at, min_s)
+        return JSONResponse(show, status_code=201)
+
+    async def room_shows(request: Request) -> Response:
+        room = request.path_params["room"]
+        if not USER_ID_RE.fullmatch(room):
+            raise NotFound(f"no room '{room}'")
+        return JSONResponse({"shows": await node.shows.list_room(room)})
+
+    def show_transition(name: str) -> Any:
+        async def transition(request: Request) -> Response:
+            identity = identity_of(request, "model")
+            show_id = request.path_params["show"]
+            move = getattr(node.shows, name)
+            return JSONResponse(await move(identity.user_id, show_id))
+
+        return transition
+
+    async def buy_ticket(request: Request) -> Response:
+        identity = identity_of(request, "fan")
+        body = await json_body(request)
+        key: str = wire_field(body, "key", KEY)
+        room = request.path_params["room"]
+        if not USER_ID_RE.fullmatch(room):
+            raise NotFound(f"no room '{room}'")
+        await node.directory.touch_user(identity)
+        reply = await node.economy.ticket(identity.user_id, room, request.path_params["show"], key)
+        return JSONResponse(reply)
 
     async def bundles(request: Request) -> Response:
         return JSONResponse({"bundles": bundle_list(node)})
@@ -402,6 +450,12 @@ def create_app(node: Node) -> Starlette:
             Route("/v1/me", me),
             Route("/v1/me/prices", set_prices, methods=["PUT"]),
             Route("/v1/me/requests", my_requests),
+            Route("/v1/me/shows", create_show, methods=["POST"]),
+            Route("/v1/me/shows/{show}/start", show_transition("start"), methods=["POST"]),
+            Route("/v1/me/shows/{show}/end", show_transition("end"), methods=["POST"]),
+            Route("/v1/me/shows/{show}/cancel", show_transition("cancel"), methods=["POST"]),
+            Route("/v1/rooms/{room}/shows", room_shows),
+            Route("/v1/rooms/{room}/shows/{show}/tickets", buy_ticket, methods=["POST"]),
             Route("/v1/bundles", bundles),
             Route("/v1/purchases", purchase, methods=["POST"]),
             Route("/v1/admin/credits", admin_credit, methods=["POST"]),
