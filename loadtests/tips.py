@@ -549,6 +549,7 @@ class VirtualFan:
                 "payer_balance": keys.balance(payer),
                 "payee_balance": keys.balance(payee),
                 "history": keys.room_history(room),
+                "room_show": keys.room_show(room),
             },
             args={
                 "request": fingerprint("tip", room=room, amount=TIP_AMOUNT, text=""),

@@ -90,6 +90,10 @@ REQUEST_COMMANDS = {
 }
 
 
+# Ticket shows (server/economy/shows.py).
+SHOW_COMMANDS = {"buy_ticket", "show_start", "show_end", "show_cancel"}
+
+
 def test_registry() -> None:
     assert (
         set(COMMANDS)
@@ -104,6 +108,7 @@ def test_registry() -> None:
             "ping",
         }
         | REQUEST_COMMANDS
+        | SHOW_COMMANDS
     )
     for name, cls in COMMANDS.items():
         assert name == cls.TYPE

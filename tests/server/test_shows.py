@@ -168,9 +168,7 @@ async def test_a_show_sells_tickets_hides_its_chat_from_non_holders_and_pays_the
     assert await escrow_kinds(settings, show) == ["release", "ticket"]
     assert await escrow_of(settings, show) == 0
     status, listed = await Http(server).call("GET", "/v1/rooms/alice/shows")
-    assert status == 200 and [(s["show"], s["state"]) for s in listed["shows"]] == [
-        (show, "ended")
-    ]
+    assert status == 200 and [(s["show"], s["state"]) for s in listed["shows"]] == [(show, "ended")]
     again_after = await carol.request("buy_ticket", room="alice", show=show, key="late")
     assert again_after["code"] == "CONFLICT" and await balance(carol) == 100
     result = await Http(server).reconcile()
@@ -253,7 +251,7 @@ async def test_a_running_show_ends_by_itself_after_the_longest_length(
 
 
 async def test_refusals_move_nothing(server: Running, settings: Settings) -> None:
-    model, bob, carol = await members(server, tokens=20)
+    model, bob, _carol = await members(server, tokens=20)
     show = await schedule(server, price=25)
     dora = await server.client("dora", "model")
     await dora.call("join", room="dora")
