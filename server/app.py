@@ -105,6 +105,8 @@ class Process:
         self.http_port = http_sock.getsockname()[1]
         ws_sock = None if one_port else listening_socket(settings.host, settings.ws_port)
         self.ws_port = self.http_port if ws_sock is None else ws_sock.getsockname()[1]
+        # The ports bound (port 0 picks one): /v1/config names the real one.
+        settings = settings.replace(http_port=self.http_port, ws_port=self.ws_port)
         self.node = await Node.connect(settings)
         await self.node.start()
         self.gateway = Gateway(self.node, sock=ws_sock)
