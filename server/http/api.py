@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from ..gateway.health import HEALTHY, HEALTHZ_PATH, READYZ_PATH, readiness
 from ..gateway.node import Node
 from ..ledger.writer import parked_entries, reconcile
 from ..ratelimit import KeyedLimiter
-from .forwarded import FORWARDED_SCOPE_KEY, ForwardedHeaders
+from .forwarded import FORWARDED_HOST_SCOPE_KEY, FORWARDED_SCOPE_KEY, ForwardedHeaders
 from .payments import provider_named
 
 # Largest request body: every body here is a few small fields.
@@ -430,10 +431,10 @@ def public_ws_url(request: Request, settings: Settings) -> str:
     if settings.public_ws_url:
         return settings.public_ws_url
     scheme = "wss" if request.url.scheme == "https" else "ws"
-    netloc = request.headers.get("host", "")
+    netloc = request.scope.get(FORWARDED_HOST_SCOPE_KEY) or request.headers.get("host", "")
     if not HOST_HEADER_RE.fullmatch(netloc):
         netloc = ""  # absent or malformed: fall back to the configured host
-    hostname = request.url.hostname if netloc else settings.host
+    hostname = urllib.parse.urlsplit(f"//{netloc}").hostname if netloc else settings.host
     if request.scope.get(FORWARDED_SCOPE_KEY) or settings.serves_one_port():
         if netloc:
             return f"{scheme}://{netloc}{WS_PATH}"

@@ -4,9 +4,14 @@ Behind nginx, Caddy or a PaaS router the server sees the proxy's address, the
 proxy's scheme (plain HTTP) and whatever Host the proxy chose. The proxy says
 what the browser used in ``X-Forwarded-Proto``, ``X-Forwarded-Host`` and
 ``X-Forwarded-For``. Anyone can send those headers, so they are applied only
-when the peer is in ``TOKENCHAT_TRUSTED_PROXIES``; then the request looks to
-the app as the browser made it (``request.url`` is ``https://public.host/``),
-and ``GET /v1/config`` names ``wss://public.host/ws``.
+when the peer is in ``TOKENCHAT_TRUSTED_PROXIES``: the scheme and the client
+address in the scope, and the public host under ``FORWARDED_HOST_SCOPE_KEY``,
+so ``GET /v1/config`` names ``wss://public.host/ws``.
+
+The ``Host`` header itself is left as it came: a browser on this machine is a
+trusted peer too (127.0.0.1), and a page whose DNS name was rebound to
+127.0.0.1 may send any X-Forwarded-Host it likes; the dev token endpoint's
+Host check must keep seeing the name that page really used.
 
 This replaces uvicorn's ``proxy_headers``, which believes the same peers for
 the scheme and the client address but ignores ``X-Forwarded-Host``.
@@ -23,6 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 # X-Forwarded-Proto or X-Forwarded-Host): the browser then reached this server
 # through the proxy's host and port, not the server's own.
 FORWARDED_SCOPE_KEY = "tokenchat.forwarded"
+# The scope key holding the host (and port) the browser used, per the proxy.
+FORWARDED_HOST_SCOPE_KEY = "tokenchat.forwarded_host"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -56,8 +63,7 @@ class ForwardedHeaders:
         await self.app(scope, receive, send)
 
     def _applied(self, scope: Scope) -> Scope:
-        headers: list[tuple[bytes, bytes]] = list(scope["headers"])
-        found = dict(headers)  # the last of each name; these appear once
+        found = dict(scope["headers"])  # the last of each name; these appear once
         scope = dict(scope)
         forwarded = False
         proto = found.get(b"x-forwarded-proto")
@@ -69,11 +75,7 @@ class ForwardedHeaders:
                 forwarded = True
         host = found.get(b"x-forwarded-host")
         if host is not None and first_value(host):
-            public = first_value(host).encode("latin-1")
-            headers = [(name, public if name == b"host" else raw) for name, raw in headers]
-            if b"host" not in found:
-                headers.append((b"host", public))
-            scope["headers"] = headers
+            scope[FORWARDED_HOST_SCOPE_KEY] = first_value(host)
             forwarded = True
         addresses = found.get(b"x-forwarded-for")
         if addresses is not None:

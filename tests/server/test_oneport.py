@@ -298,3 +298,21 @@ async def test_the_procfile_web_line_serves_everything_on_port(
     finally:
         await server.kill_group()
     assert shlex.split(procfile_line("web"))  # the line parses as a shell command
+
+
+async def test_forwarded_host_does_not_open_the_dev_token_to_dns_rebinding(
+    start_server: Callable[..., Awaitable[Running]],
+) -> None:
+    """A page on a rebound name reaches 127.0.0.1 (a trusted peer) and may add
+    X-Forwarded-Host itself: the dev token's Host check still sees its name."""
+    running = await start_server(dev_mode=1)
+    async with httpx.AsyncClient(base_url=running.http_url, timeout=5.0) as http:
+        reply = await http.post(
+            "/v1/dev/token",
+            json={"user": "mia", "role": "fan"},
+            headers={"Host": "evil.example:8000", "X-Forwarded-Host": "localhost"},
+        )
+        assert reply.status_code == 403, reply.text
+        # Its /v1/config, on the other hand, is the attacker's own business.
+        config = await http.get("/v1/config", headers={"X-Forwarded-Host": "localhost:9"})
+        assert config.json()["ws_url"] == "ws://localhost:9/ws"
