@@ -53,8 +53,9 @@ class Settings:
     # 1: one public port (a PaaS routes only $PORT): the gateway answers
     # WebSocket upgrades at /ws on the HTTP port and ws_port is not opened.
     # Setting http_port and ws_port to the same port says the same. Two ports
-    # stay the default: fan-out is as fast either way (docs/benchmarks.md),
-    # and two ports keep the HTTP API and the gateway apart for operators.
+    # stay the default: they are not measurably faster (fan-out one/two 0.96,
+    # within the noise: docs/benchmarks.md), but every documented URL names
+    # 8001 and operators can route and firewall the gateway apart.
     one_port: int = 0
     # The WebSocket URL the demo page dials (GET /v1/config), as the browser
     # must write it behind a proxy or a CDN: wss://chat.example.com/ws. Empty:
