@@ -32,6 +32,7 @@ DEPLOY_DOC = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
 PROXY_START_TIMEOUT_S = 10.0
 PROXY_STOP_TIMEOUT_S = 10.0
 ROOM = "alice"
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 def documented_block(marker: str) -> str:
@@ -72,6 +73,10 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
         timeout=30,
     )
     return cert, key
+
+
+def chromium_missing() -> bool:
+    return not CHROMIUM.exists()
 
 
 def read_log(path: Path) -> str:
@@ -148,17 +153,12 @@ async def start_mode(start_server: Callable[..., Awaitable[Running]], mode: str)
     return await start_server(one_port=1 if mode == "one" else 0)
 
 
-@pytest.mark.parametrize("mode", ["two", "one"])
-async def test_nginx_with_tls_in_front(
-    start_server: Callable[..., Awaitable[Running]],
-    certificate: tuple[Path, Path],
-    tmp_path: Path,
-    mode: str,
-) -> None:
+def nginx_argv(
+    running: Running, certificate: tuple[Path, Path], tmp_path: Path, port: int
+) -> list[str]:
+    """nginx serving docs/deploy.md's site on ``port`` in front of ``running``."""
     nginx = tool("nginx")
     cert, key = certificate
-    running = await start_mode(start_server, mode)
-    port = free_port()
     site = substituted(
         documented_block("nginx config"),
         {
@@ -193,9 +193,58 @@ http {{
 }}
 """
     )
-    argv = [nginx, "-p", str(temp), "-c", str(conf), "-e", str(temp / "error.log")]
+    return [nginx, "-p", str(temp), "-c", str(conf), "-e", str(temp / "error.log")]
+
+
+@pytest.mark.parametrize("mode", ["two", "one"])
+async def test_nginx_with_tls_in_front(
+    start_server: Callable[..., Awaitable[Running]],
+    certificate: tuple[Path, Path],
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    running = await start_mode(start_server, mode)
+    port = free_port()
+    argv = nginx_argv(running, certificate, tmp_path, port)
     async with running_proxy(argv, port, tmp_path / "nginx.log"):
-        await check_through_proxy(port, cert)
+        await check_through_proxy(port, certificate[0])
+
+
+async def test_the_demo_page_behind_nginx_dials_wss(
+    start_server: Callable[..., Awaitable[Running]],
+    certificate: tuple[Path, Path],
+    tmp_path: Path,
+) -> None:
+    """Chromium opens https://127.0.0.1:PORT/ through nginx (two-port mode):
+    the page signs in and its WebSocket is wss:// on the proxy, not ws://:8001."""
+    if chromium_missing():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    from playwright.async_api import async_playwright, expect
+
+    running = await start_server(dev_mode=1)
+    port = free_port()
+    argv = nginx_argv(running, certificate, tmp_path, port)
+    async with running_proxy(argv, port, tmp_path / "nginx.log"), async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            # The certificate is self-signed: nothing else about TLS is skipped.
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors"],
+            headless=True,
+        )
+        try:
+            context = await browser.new_context(ignore_https_errors=True)
+            page = await context.new_page()
+            sockets: list[str] = []
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            await page.goto(f"https://127.0.0.1:{port}/")
+            await page.get_by_label("Name", exact=True).fill("mia")
+            await page.get_by_label("Model", exact=True).check()
+            await page.get_by_role("button", name="Sign in", exact=True).click()
+            await expect(page.locator("#conn-status")).to_have_text("Online", timeout=10_000)
+            await expect(page.locator("#me-name")).to_have_text("mia")
+            assert sockets and set(sockets) == {f"wss://127.0.0.1:{port}/ws"}, sockets
+        finally:
+            await browser.close()
 
 
 @pytest.mark.parametrize("mode", ["two", "one"])

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from redis.asyncio import Redis
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
@@ -144,20 +145,27 @@ async def test_an_upgrade_after_http_requests_on_one_keep_alive_connection(
         writer.close()
 
 
-async def test_one_port_drains_like_two(settings: Settings) -> None:
-    """After SIGTERM's stop begins, /readyz on the one port says 503 (the
-    HTTP API still answers) and a new upgrade is refused 503."""
+async def test_one_port_drains_like_two(settings: Settings, private_redis: str) -> None:
+    """While a stopping process drains, /readyz on the one port says 503 (the
+    HTTP API still answers), a new upgrade is refused 503, and the command in
+    flight still finishes before its session is closed with 1012."""
     from tokenchat.server.app import Process
 
-    process = Process(settings.replace(one_port=1, shutdown_grace_s=3.0))
+    process = Process(settings.replace(redis_url=private_redis, one_port=1, shutdown_grace_s=5.0))
     await process.start()
     base = f"http://127.0.0.1:{process.http_port}"
-    client = await Client.connect(f"ws://127.0.0.1:{process.http_port}/ws")
+    ws_url = f"ws://127.0.0.1:{process.http_port}/ws"
+    redis: Redis = Redis.from_url(private_redis)
+    client = await Client.connect(ws_url)
     stopping: asyncio.Task[None] | None = None
     try:
         await client.hello(token(ROOM, "model"))
-        # An open session keeps the drain going while the port is looked at.
-        assert process.gateway is not None
+        await client.call("join", room=ROOM)
+        # A command held in flight (Redis writes paused) keeps the drain going.
+        await redis.execute_command("CLIENT", "PAUSE", "5000", "WRITE")  # type: ignore[no-untyped-call]
+        say = asyncio.create_task(client.request("say", room=ROOM, text="x", timeout_s=10))
+        await asyncio.sleep(0.2)
+        assert not say.done()
         stopping = asyncio.create_task(process.stop())
 
         async def draining() -> bool:
@@ -166,15 +174,21 @@ async def test_one_port_drains_like_two(settings: Settings) -> None:
 
         await eventually(draining, timeout_s=3)
         with pytest.raises(Exception, match="503"):
-            await Client.connect(f"ws://127.0.0.1:{process.http_port}/ws")
+            await Client.connect(ws_url)
+        await redis.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+        assert (await say)["type"] == "ok", "the command in flight still finished"
         await client.wait_closed()
         assert client.close_code == 1012
         async with asyncio.timeout(10):
             await stopping
     finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
         if stopping is None:
             await process.stop()
+        elif not stopping.done():
+            await stopping
         await client.close()
+        await redis.aclose()
 
 
 # --- the WebSocket port answers load balancers ----------------------------------------
