@@ -4,6 +4,7 @@ WebSocket URL that GET /v1/config names behind proxies."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import shlex
@@ -330,3 +331,12 @@ async def test_forwarded_host_does_not_open_the_dev_token_to_dns_rebinding(
         # Its /v1/config, on the other hand, is the attacker's own business.
         config = await http.get("/v1/config", headers={"X-Forwarded-Host": "localhost:9"})
         assert config.json()["ws_url"] == "ws://localhost:9/ws"
+
+
+def test_serve_one_port_flag_sets_one_port_mode() -> None:
+    from tokenchat.server.cli import _settings_from
+
+    parsed = argparse.Namespace(host=None, http_port=9000, ws_port=None, one_port=1, workers=None)
+    assert _settings_from(parsed).serves_one_port()
+    parsed.one_port = None  # not given: the environment's (here the default, two ports)
+    assert not _settings_from(parsed).serves_one_port()
