@@ -189,6 +189,31 @@ class Settings:
     # Such requests a user may send at once before the rate applies.
     http_creates_burst: int = 10
 
+    # --- escrow and deadlines (custom requests; later shows) ------------------------
+    # An offer the model has not accepted in this long refunds itself: three
+    # days covers a model who works weekends only.
+    request_offer_ttl_s: float = 72 * 3600.0
+    # An accepted request not delivered in this long refunds itself: a week
+    # is the figure for a custom photo or video.
+    request_delivery_ttl_s: float = 7 * 24 * 3600.0
+    # How long a closed request's escrow may wait for the process that closed
+    # it to move the money before the sweeper does it instead: longer than a
+    # money call takes (Redis timeout, ledger acknowledgement), so the two
+    # rarely race (a race is harmless: both resolve to one transaction).
+    request_settle_grace_s: float = 30.0
+    # How often the deadline sweeper looks for due deadlines: the precision of
+    # every expiry (an offer expires up to this late).
+    deadline_sweep_interval_s: float = 1.0
+    # The sweeper's Redis lease: one process sweeps; when it dies, another
+    # takes over within this long. Renewed every sweep, so it must outlast
+    # a few of them.
+    deadline_lease_ttl_s: float = 10.0
+    # Deadlines handled per sweep: bounds one sweep's work and its queries.
+    deadline_batch_max: int = 100
+    # A deadline whose handler failed (a backend away) is tried again after
+    # this long, doubled per failure up to 64 times it.
+    deadline_retry_s: float = 5.0
+
     # --- metrics --------------------------------------------------------------------
     # Serve /metrics on this port instead of the public HTTP port (0: on the
     # public port). Set it to keep metrics off the internet: the public port
@@ -247,6 +272,13 @@ class Settings:
             "token_ttl_max_s",
             "http_creates_per_s",
             "http_creates_burst",
+            "request_offer_ttl_s",
+            "request_delivery_ttl_s",
+            "request_settle_grace_s",
+            "deadline_sweep_interval_s",
+            "deadline_lease_ttl_s",
+            "deadline_batch_max",
+            "deadline_retry_s",
         ]
         # nan compares false with everything, so `<= 0` lets it through (and
         # turns a rate limit off); inf is no limit at all. Refused first.

@@ -34,6 +34,12 @@ from tokenchat.protocol import (
     Leave,
     Ping,
     ProtocolError,
+    RequestAccept,
+    RequestCancel,
+    RequestDecline,
+    RequestDeliver,
+    RequestList,
+    RequestOffer,
     Say,
     codec_for,
     decode_command,
@@ -94,6 +100,12 @@ class Session:
             Say: self._say,
             Balance: self._balance,
             Ping: self._ping,
+            RequestOffer: self._request_offer,
+            RequestAccept: self._request_accept,
+            RequestDeliver: self._request_deliver,
+            RequestDecline: self._request_decline,
+            RequestCancel: self._request_cancel,
+            RequestList: self._request_list,
         }
         # Paid commands, from the paid-action registry.
         for command_type, action in BY_COMMAND.items():
@@ -404,6 +416,33 @@ class Session:
 
     async def _ping(self, command: Ping) -> Reply:
         return {}
+
+    # --- custom requests (server/economy/requests.py) ---------------------------------
+    def _user(self) -> str:
+        assert self.identity is not None
+        return self.identity.user_id
+
+    async def _request_offer(self, command: RequestOffer) -> Reply:
+        return await self.node.requests.offer(
+            self._user(), command.model, command.text, command.amount, command.key
+        )
+
+    async def _request_accept(self, command: RequestAccept) -> Reply:
+        return await self.node.requests.accept(self._user(), command.request)
+
+    async def _request_deliver(self, command: RequestDeliver) -> Reply:
+        return await self.node.requests.deliver(
+            self._user(), command.request, command.text, command.media
+        )
+
+    async def _request_decline(self, command: RequestDecline) -> Reply:
+        return await self.node.requests.decline(self._user(), command.request)
+
+    async def _request_cancel(self, command: RequestCancel) -> Reply:
+        return await self.node.requests.cancel(self._user(), command.request)
+
+    async def _request_list(self, command: RequestList) -> Reply:
+        return {"requests": await self.node.requests.list_for(self._user())}
 
     async def _spend(self, action: Action, command: Command) -> Reply:
         """A paid command: its action's serve step (preconditions, then Economy)."""

@@ -175,6 +175,11 @@ def create_app(node: Node) -> Starlette:
         user = {"id": identity.user_id, "role": identity.role}
         return JSONResponse({"user": user, "balance": balance})
 
+    async def my_requests(request: Request) -> Response:
+        """The caller's custom requests, as fan and as model, newest first."""
+        identity = identity_of(request)
+        return JSONResponse({"requests": await node.requests.list_for(identity.user_id)})
+
     async def bundles(request: Request) -> Response:
         return JSONResponse({"bundles": bundle_list(node)})
 
@@ -408,6 +413,7 @@ def create_app(node: Node) -> Starlette:
             Route(READYZ_PATH, readyz),
             Route("/v1/me", me),
             Route("/v1/me/prices", set_prices, methods=["PUT"]),
+            Route("/v1/me/requests", my_requests),
             Route("/v1/bundles", bundles),
             Route("/v1/purchases", purchase, methods=["POST"]),
             Route("/v1/admin/credits", admin_credit, methods=["POST"]),

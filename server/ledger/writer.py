@@ -567,6 +567,14 @@ async def reconcile(
                GROUP BY a.id"""
         )
         rejected = await conn.fetchval("SELECT count(*) FROM ledger_rejected")
+        # Escrow: a closed object's escrow must be empty, and an escrow that
+        # holds tokens must belong to an object (escrow_objects, 0009).
+        escrows = await conn.fetch(
+            """SELECT a.id, a.balance, o.closed FROM accounts a
+               LEFT JOIN escrow_objects o ON o.account = a.id
+               WHERE a.kind = 'escrow' AND a.balance <> 0
+                 AND (o.account IS NULL OR o.closed)"""
+        )
     metrics.LEDGER_REJECTED_ROWS.set(rejected)
     postgres = {row["id"]: row["balance"] for row in rows}
     for row in rows:
@@ -578,6 +586,9 @@ async def reconcile(
         durable = postgres.get(account, 0)
         if hot != durable:
             mismatches.append({"account": account, "redis": hot, "postgres": durable})
+    for row in escrows:
+        problem = "closed object's escrow" if row["closed"] else "escrow of no object"
+        mismatches.append({"account": row["id"], "escrow": row["balance"], "problem": problem})
     total = sum(postgres.values())
     if total != 0:
         mismatches.append({"account": "*", "postgres_sum": total, "expected": 0})
