@@ -222,10 +222,11 @@ class Hub:
             self._send(room, state, None, frame)
 
     def _send(self, room: str, state: _Room, position: Offset | None, frame: bytes) -> None:
-        if SHOW_MARK in frame:
+        if frame.find(SHOW_MARK, max(0, len(frame) - SHOW_MARK_TAIL)) >= 0:
             # Posted during a ticket show (room_event.lua, tip.lua): only
-            # to the members who see it. One substring test per event keeps
-            # a room without a show on the path below, untouched.
+            # to the members who see it. One search of the frame's tail per
+            # event (not per member) keeps a room without a show on the path
+            # below, untouched.
             self._send_show_time(room, state, position, frame)
             return
         # The lists are taken before the joining members see the event: one
@@ -278,6 +279,16 @@ class Hub:
 # ticket show. JSON escapes a `"` inside a string, so these bytes appear in
 # a frame only as that field, never inside a chat line's text.
 SHOW_MARK = b'"in_show":"'
+# The scripts add the field last, and the gateway adds only `offset` and
+# `ts` after it (complete_event): the field starts within this many bytes
+# of the frame's end (37 for the field, at most 80 for offset and ts), so
+# the live path searches the tail only, whatever the length of the text.
+SHOW_MARK_TAIL = 160
+
+
+def is_show_time(frame: bytes) -> bool:
+    """Whether a complete room event was posted during a ticket show."""
+    return frame.find(SHOW_MARK, max(0, len(frame) - SHOW_MARK_TAIL)) >= 0
 
 
 def event_show(frame: bytes) -> str | None:

@@ -56,7 +56,7 @@ from ..auth import Identity, verify_token
 from ..economy.actions import BY_COMMAND, TICKET, Action, SpendContext
 from ..errors import LimitExceeded, NotFound, NotInRoom, ServiceError
 from ..ratelimit import TokenBucket
-from .hub import SHOW_MARK, encoded_event, event_show
+from .hub import encoded_event, event_show, is_show_time
 from .rooms import Offset, parse_offset
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class Session:
         return self.identity is not None and self.identity.user_id == room
 
     def _visible(self, room: str, frame: bytes) -> bool:
-        return SHOW_MARK not in frame or self.sees(room, event_show(frame))
+        return not is_show_time(frame) or self.sees(room, event_show(frame))
 
     def buffer_event(self, room: str, offset: Offset | None, frame: bytes) -> None:
         history_end = self._catching_up.get(room)
@@ -415,7 +415,7 @@ class Session:
         user = self._user()
         shows = self.node.shows
         current = await shows.current(room)
-        wanted = {event_show(frame) for _, frame in history if SHOW_MARK in frame}
+        wanted = {event_show(frame) for _, frame in history if is_show_time(frame)}
         if current is not None:
             wanted.add(current["show"])
         for show_id in wanted:

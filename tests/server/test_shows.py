@@ -11,6 +11,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
+
 from tests.conftest import Http, Running, eventually, pg
 from tokenchat.client_demo.client import Client
 from tokenchat.server.config import Settings
@@ -350,3 +352,22 @@ async def test_redis_loss_refunds_each_ticket_once_and_restores_the_show(
     await drain(server)
     assert await escrow_kinds(settings, show) == ["escrow_refund", "ticket"]
     assert (await Http(server).reconcile())["ok"] is True
+
+
+# --- the marker ------------------------------------------------------------------------------
+
+
+def test_the_live_path_finds_the_marker_in_the_tail_and_never_in_a_text() -> None:
+    from tokenchat.server.gateway.hub import event_show, is_show_time
+    from tokenchat.server.gateway.rooms import complete_event
+
+    show = "t_" + "a" * 24
+    widest = b"18446744073709551615-18446744073709551615"  # the largest offset
+    for text in ("", "x" * 4000, '"in_show":"t_' + "b" * 24 + '"'):
+        body = orjson.dumps({"type": "message", "room": "alice", "from": "bob", "text": text})
+        marked = body[:-1] + b',"in_show":"' + show.encode() + b'"}'
+        for offset in (b"1-0", widest):
+            assert is_show_time(complete_event(marked, offset))
+            assert event_show(complete_event(marked, offset)) == show
+            # A chat line quoting the marker is escaped JSON: not show time.
+            assert not is_show_time(complete_event(body, offset))
