@@ -22,6 +22,13 @@ happens, one line each, to standard output:
     /accept R, /decline R, /cancel R   accept or decline request R (model),
                       cancel it (fan); R is its id, or its number in /requests
     /deliver R [TEXT] deliver request R (model): its tokens are released to you
+    /shows            list the current room's ticket shows (numbered; --http)
+    /schedule PRICE MIN_S IN_S TITLE   schedule a ticket show in your room
+                      (model; POST /v1/me/shows on --http): PRICE tokens a
+                      ticket, paid if it runs MIN_S seconds, starting in IN_S
+    /ticket S         buy a ticket to show S of the current room (S: its id,
+                      or its number in /shows)
+    /start S, /end S, /showcancel S   start, end or cancel your show S (model)
     /help             this list
     /quit             leave (so does the end of the input)
 
@@ -38,6 +45,7 @@ import json
 import os
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -69,6 +77,10 @@ HELP = """commands:
   /requests       list your custom requests (numbered)
   /accept R, /deliver R [TEXT], /decline R   a model's answers to request R
   /cancel R       withdraw your offer R
+  /shows          list the current room's ticket shows (numbered)
+  /schedule PRICE MIN_S IN_S TITLE   schedule a ticket show (model)
+  /ticket S       buy a ticket to show S of the current room
+  /start S, /end S, /showcancel S   run your show S (model)
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -156,6 +168,8 @@ def format_event(event: Event) -> str | None:
         return f"balance: {event.get('balance')}"
     if type_ == "request":
         return f"request {format_request(event)}"
+    if type_ == "show":
+        return f"[{room}] show {format_show(event)}"
     if type_ == "error":
         return f"error {event.get('code')}: {event.get('message')}"
     if type_ == "gap":
@@ -186,6 +200,14 @@ def format_request(request: Event) -> str:
     return line
 
 
+def format_show(show: Event) -> str:
+    """A ticket show on one line: id, state, price, minimum length, title."""
+    return (
+        f"{show.get('show')} {show.get('state')}: {show.get('title')} "
+        f"({show.get('price')} tokens a ticket, min {show.get('min_s')} s)"
+    )
+
+
 def format_error(exc: BaseException) -> str:
     if isinstance(exc, CommandError):
         return f"error {exc.code}: {exc.reply.get('message')}"
@@ -203,6 +225,8 @@ class State:
     dm_prices: dict[str, int] = field(default_factory=dict)
     # The ids of the last /requests listing, so `/accept 1` names the first.
     requests: list[str] = field(default_factory=list)
+    # The ids of the last /shows listing, so `/ticket 1` names the first.
+    shows: list[str] = field(default_factory=list)
 
 
 async def chat(args: argparse.Namespace, out: Output = say) -> int:
@@ -298,6 +322,9 @@ async def handle_line(
             state.room = rest
             room = reply["room"]
             out(f"* joined {rest} ({room.get('viewers')} here, tip min {room.get('tip_min')})")
+            if room.get("show"):
+                ticket = "you have a ticket" if reply.get("ticket") else "no ticket"
+                out(f"* show {format_show(room['show'])}; {ticket}")
     elif command == "leave":
         if state.room is None:
             out("error: not in a room")
@@ -323,6 +350,12 @@ async def handle_line(
         await list_requests(session, state, out)
     elif command in ("accept", "deliver", "decline", "cancel"):
         await answer_request(command, rest, session, state, out)
+    elif command == "shows":
+        await list_shows(state, args, out)
+    elif command == "schedule":
+        await schedule_show(rest, args, out)
+    elif command in ("ticket", "start", "end", "showcancel"):
+        await show_command(command, rest, session, state, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
@@ -442,6 +475,107 @@ async def answer_request(
     reply = await report(out, calls[command]())
     if reply is not None:
         out(f"* request {request} {reply['state']}{_again(reply)}")
+
+
+async def list_shows(state: State, args: argparse.Namespace, out: Output) -> None:
+    if state.room is None:
+        out("error: join a room first (/join ROOM)")
+        return
+    if not args.http:
+        out("error: /shows needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    url = f"{args.http.rstrip('/')}/v1/rooms/{urllib.parse.quote(state.room)}/shows"
+    try:
+        status, body = await asyncio.to_thread(http_get, url, args.token)
+    except OSError as exc:
+        out(f"error: GET {url}: {exc}")
+        return
+    if status != 200 or not isinstance(body, dict):
+        out(f"error: GET {url} answered {status}")
+        return
+    shows = body.get("shows") or []
+    state.shows = [show["show"] for show in shows]
+    if not shows:
+        out("* no shows")
+    for number, show in enumerate(shows, 1):
+        out(f"{number}. {format_show(show)}")
+
+
+async def schedule_show(rest: str, args: argparse.Namespace, out: Output) -> None:
+    parts = rest.split(" ", 3)
+    if len(parts) < 4 or not all(part.isdigit() for part in parts[:3]) or not parts[3].strip():
+        out("usage: /schedule PRICE MIN_S IN_S TITLE")
+        return
+    if not args.http:
+        out("error: /schedule needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    price, min_s, in_s = (int(part) for part in parts[:3])
+    body = {
+        "title": parts[3].strip(),
+        "price": price,
+        "min_s": min_s,
+        "starts_at": int((time.time() + in_s) * 1000),
+    }
+    url = args.http.rstrip("/") + "/v1/me/shows"
+    try:
+        status, reply = await asyncio.to_thread(http_post, url, args.token, body)
+    except OSError as exc:
+        out(f"error: POST {url}: {exc}")
+        return
+    if status != 201 or not isinstance(reply, dict):
+        problem = reply.get("error", {}) if isinstance(reply, dict) else {}
+        out(f"error {problem.get('code', status)}: {problem.get('message', 'not scheduled')}")
+        return
+    out(f"* show {format_show(reply)}")
+
+
+async def show_command(
+    command: str, rest: str, session: Session, state: State, out: Output
+) -> None:
+    name = rest.strip()
+    if not name:
+        out(f"usage: /{command} S")
+        return
+    show = name
+    if name.isdigit() and 1 <= int(name) <= len(state.shows):
+        show = state.shows[int(name) - 1]
+    if command == "ticket":
+        if state.room is None:
+            out("error: join a room first (/join ROOM)")
+            return
+        reply = await report(out, session.buy_ticket(state.room, show))
+        if reply is not None:
+            had = "you had a ticket already" if reply.get("already") else "ticket bought"
+            out(f"* {had} for show {show}; balance {reply['balance']}")
+        return
+    calls = {
+        "start": lambda: session.show_start(show),
+        "end": lambda: session.show_end(show),
+        "showcancel": lambda: session.show_cancel(show),
+    }
+    reply = await report(out, calls[command]())
+    if reply is not None:
+        outcome = f", {reply['outcome']}" if reply.get("outcome") else ""
+        out(f"* show {show} {reply['state']}{outcome}{_again(reply)}")
+
+
+def http_post(url: str, token: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """POST ``body`` as JSON with the token; the status and the JSON reply."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            status, data = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, data = exc.code, exc.read()
+    try:
+        return status, json.loads(data)
+    except ValueError:
+        return status, None
 
 
 def _again(reply: dict[str, Any]) -> str:

@@ -516,6 +516,23 @@ class Session:
         listed: list[dict[str, Any]] = (await self.call("request_list"))["requests"]
         return listed
 
+    # --- ticket shows (docs/protocol.md, "Ticket shows") ---------------------------------
+    async def buy_ticket(self, room: str, show: str, *, key: str | None = None) -> dict[str, Any]:
+        """A ticket to ``show`` in ``room`` (joined); ``already: true`` when
+        the user holds one (nothing charged). Retried like ``tip``."""
+        return await self._spend("buy_ticket", key, room=room, show=show)
+
+    async def show_start(self, show: str) -> dict[str, Any]:
+        return await self._transition("show_start", show=show)
+
+    async def show_end(self, show: str) -> dict[str, Any]:
+        """End a running show: ``outcome`` says whether it was paid
+        (``release``) or refunded (``refund``, ended before ``min_s``)."""
+        return await self._transition("show_end", show=show)
+
+    async def show_cancel(self, show: str) -> dict[str, Any]:
+        return await self._transition("show_cancel", show=show)
+
     async def _transition(self, type_: str, **fields: Any) -> dict[str, Any]:
         """A request transition, retried like a spend: it needs no key, since
         the server answers a repeat of an applied one ``"duplicate": true``."""
@@ -537,7 +554,8 @@ class Session:
                     continue
                 raise CommandError(reply)
             return reply
-        raise SpendUnconfirmed(type_, str(fields.get("request")), self.spend_attempts_max, last)
+        subject = str(fields.get("request") or fields.get("show"))
+        raise SpendUnconfirmed(type_, subject, self.spend_attempts_max, last)
 
     async def _spend(self, type_: str, key: str | None, **fields: Any) -> dict[str, Any]:
         """Send a spend until it gets an ``ok`` or a final error, with one key.
