@@ -25,6 +25,7 @@ const state = {
   counted: new Set(), // offsets of the tips already counted as earnings
   roomsTimer: null,
   requests: new Map(), // request id -> the request, as listed and in `request` events
+  shows: new Map(), // room id -> {show, ticket}: its ticket show (join, `show` events)
 };
 // For the console and the browser test: the state, and a way to drop the socket.
 window.tokenchat = state;
@@ -243,6 +244,7 @@ function signOut(message) {
   state.earned = 0;
   state.counted.clear();
   state.requests.clear();
+  state.shows.clear();
   $("requests").replaceChildren();
   $("requests-empty").hidden = false;
   clearInterval(state.roomsTimer);
@@ -391,6 +393,7 @@ function showRoom(roomId) {
   $("dm-room-owner").textContent = `✉ Message ${roomId} privately`;
   $("tip-room").textContent = roomId;
   updateRoomInfo(info);
+  renderShow(roomId);
   const chat = $("chat");
   chat.replaceChildren(...(state.logs.get(roomId) || []).map(renderLine));
   if (!chat.children.length) chat.append(el("li", { class: "note", text: "No messages yet. Say hi!" }));
@@ -413,7 +416,9 @@ function onJoined(roomId, reply, rejoined) {
   } else if (rejoined && reply.history.length) {
     log.push({ type: "note", text: `Caught up ${plural(reply.history.length, "message")} sent while you were away.` });
   }
+  setShow(roomId, reply.room.show, reply.ticket);
   for (const event of reply.history) {
+    if (event.type === "show") continue; // the banner shows the current one
     log.push(event);
     // Tips sent while the connection was down are news; older history is not.
     if (rejoined && event.type === "tip") countEarning(event);
@@ -486,6 +491,9 @@ function onEvent(event) {
       break;
     case "balance":
       setBalance(event.balance);
+      break;
+    case "show":
+      onShowEvent(event);
       break;
     case "request":
       showRequest(event);
@@ -672,6 +680,110 @@ function addDm(dm) {
   list.append(item);
   while (list.children.length > 100) list.firstElementChild.remove();
   list.scrollTop = list.scrollHeight;
+}
+
+// --- ticket shows --------------------------------------------------------------------------------
+const SHOW_STATES = { scheduled: "scheduled", running: "on air", ended: "ended", cancelled: "cancelled" };
+
+function setShow(roomId, show, ticket) {
+  const known = state.shows.get(roomId);
+  if (!show) state.shows.delete(roomId);
+  else state.shows.set(roomId, { show, ticket: Boolean(ticket) || (known?.show.show === show.show && known.ticket) });
+  if (roomId === state.room) renderShow(roomId);
+  if (roomId === state.me?.id) renderShowControls();
+}
+
+function onShowEvent(event) {
+  const known = state.shows.get(event.room);
+  const ticket = known?.show.show === event.show && known.ticket;
+  const closed = event.state === "ended" || event.state === "cancelled";
+  setShow(event.room, event, ticket);
+  if (closed) {
+    const paid = event.state === "ended" ? "ended" : "was cancelled";
+    addLine(event.room, { type: "note", text: `The ticket show “${event.title}” ${paid}.` });
+  } else if (event.state === "running") {
+    addLine(event.room, { type: "note", text: `The ticket show “${event.title}” is on air.` });
+  }
+}
+
+/** The banner, and for a fan without a ticket to a running show, the wall instead of the chat. */
+function renderShow(roomId) {
+  const entry = state.shows.get(roomId);
+  const own = roomId === state.me?.id;
+  const show = entry?.show;
+  const open = show && (show.state === "scheduled" || show.state === "running");
+  $("show-banner").hidden = !open;
+  const walled = Boolean(open && show.state === "running" && !own && !entry.ticket);
+  $("ticket-wall").hidden = !walled;
+  $("stage").hidden = walled;
+  $("say-form").hidden = walled;
+  $("tip-form").hidden = walled || own;
+  if (!open) return;
+  $("show-title").textContent = show.title;
+  $("show-state").textContent = SHOW_STATES[show.state] ?? show.state;
+  $("show-price").textContent = `· ticket ${tokens(show.price)}`;
+  $("show-buy").hidden = own || entry.ticket || state.me?.role !== "fan";
+  $("show-buy").textContent = `Buy a ticket for ${tokens(show.price)}`;
+  $("show-ticket").hidden = own || !entry.ticket;
+  $("wall-text").textContent = `“${show.title}”: only ticket holders see the chat. A ticket costs ${tokens(show.price)}; it is refunded if the show is cancelled or ends early.`;
+  $("wall-buy").textContent = `Buy a ticket for ${tokens(show.price)}`;
+}
+
+async function buyTicket() {
+  const roomId = state.room;
+  const entry = state.shows.get(roomId);
+  if (!entry) return;
+  const { show } = entry;
+  try {
+    const reply = await state.conn.request("buy_ticket", { room: roomId, show: show.show, key: newKey() });
+    balanceFromReply(reply);
+    entry.ticket = true;
+    toast(reply.already ? "You have a ticket already." : `Ticket bought: ${tokens(show.price)}.`, "success");
+  } catch (err) {
+    toast(explain(err, "buying the ticket"), "error");
+    return;
+  }
+  renderShow(roomId);
+}
+
+function renderShowControls() {
+  const entry = state.shows.get(state.me?.id);
+  const show = entry?.show;
+  const open = show && (show.state === "scheduled" || show.state === "running");
+  $("show-controls").hidden = !open;
+  if (!open) return;
+  $("show-controls-text").textContent = `“${show.title}”, ${SHOW_STATES[show.state]}, ticket ${tokens(show.price)}`;
+  $("show-start").hidden = show.state !== "scheduled";
+  $("show-end").hidden = show.state !== "running";
+}
+
+async function scheduleShow(event) {
+  event.preventDefault();
+  const body = {
+    title: $("show-form-title-input").value.trim(),
+    price: Number($("show-form-price").value),
+    min_s: Number($("show-form-min").value),
+    starts_at: Date.now() + Number($("show-form-in").value) * 60000,
+  };
+  try {
+    const show = await api("POST", "/v1/me/shows", body);
+    setShow(state.me.id, show, false);
+    toast(`Show “${show.title}” scheduled.`, "success");
+  } catch (err) {
+    toast(explain(err, "scheduling the show"), "error");
+  }
+}
+
+async function moveShow(type) {
+  const entry = state.shows.get(state.me?.id);
+  if (!entry) return;
+  try {
+    const reply = await state.conn.request(type, { show: entry.show.show });
+    if (reply.outcome === "refund") toast("Every ticket was refunded.", "info");
+    if (reply.outcome === "release") toast("The tickets are yours.", "success");
+  } catch (err) {
+    toast(explain(err, "changing the show"), "error");
+  }
 }
 
 // --- custom requests ---------------------------------------------------------------------------
@@ -909,6 +1021,12 @@ function wire() {
   $("dm-cancel").addEventListener("click", closeDm);
   $("prices-form").addEventListener("submit", savePrices);
   $("request-form").addEventListener("submit", offerRequest);
+  $("show-form").addEventListener("submit", scheduleShow);
+  $("show-buy").addEventListener("click", buyTicket);
+  $("wall-buy").addEventListener("click", buyTicket);
+  $("show-start").addEventListener("click", () => moveShow("show_start"));
+  $("show-end").addEventListener("click", () => moveShow("show_end"));
+  $("show-cancel").addEventListener("click", () => moveShow("show_cancel"));
 }
 
 wire();
