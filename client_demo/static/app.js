@@ -722,7 +722,8 @@ function renderShow(roomId) {
   $("show-title").textContent = show.title;
   $("show-state").textContent = SHOW_STATES[show.state] ?? show.state;
   $("show-price").textContent = `· ticket ${tokens(show.price)}`;
-  $("show-buy").hidden = own || entry.ticket || state.me?.role !== "fan";
+  // Walled, the wall has the button.
+  $("show-buy").hidden = walled || own || entry.ticket || state.me?.role !== "fan";
   $("show-buy").textContent = `Buy a ticket for ${tokens(show.price)}`;
   $("show-ticket").hidden = own || !entry.ticket;
   $("wall-text").textContent = `“${show.title}”: only ticket holders see the chat. A ticket costs ${tokens(show.price)}; it is refunded if the show is cancelled or ends early.`;
