@@ -1,11 +1,13 @@
 """Locust scenarios for tokenchat: fans and models over WebSocket.
 
 Fans join a model's room, chat (``say``), tip, send paid DMs, offer custom
-requests and cancel them (a hold into escrow, then its refund), check their
+requests and cancel them (a hold into escrow, then its refund), buy tickets
+to their room's ticket show (staying off its chat without one), check their
 balance and now and then move to another room. Models host a room: they stay
 joined (reconnecting within a second or so if the session is lost), read its
 events, thank tippers, now and then accept and deliver a custom request
-offered to them (a release from escrow) and change their prices with
+offered to them (a release from escrow), run ticket shows (schedule over
+HTTP, start, end paid or now and then cancel: refunds) and change their prices with
 ``PUT /v1/me/prices``. Every WebSocket command is reported to locust's
 statistics as a request (type ``WS``, named after the command), so the console
 table, the ``--csv`` files and the ``--html`` report show its rate, latency
@@ -130,6 +132,10 @@ DM_PRICE_MAX = 10  # tokens; models price DMs 1..this, fans accept up to this
 # Custom requests offered, then cancelled (a hold, then an escrow_refund):
 # small amounts, so a fan's budget is not tied up by the one in flight.
 REQUEST_AMOUNTS = (5, 20, 50)  # tokens
+# Ticket shows: prices models ask (tokens), and the minimum length (seconds):
+# short, so that a show ends paid within the few seconds a run lasts.
+SHOW_PRICES = (5, 10, 20)
+SHOW_MIN_S = 1
 TIP_MIN_MAX = 3  # tokens; models set tip_min 1..this; every tip is at least this
 TIP_AMOUNTS = (3, 5, 10, 25, 100)  # tokens
 TIP_WEIGHTS = (40, 30, 18, 9, 3)
@@ -160,6 +166,7 @@ TOKEN_TTL_S = 24 * 3600
 
 REPLY_TYPES = frozenset({"ok", "error", "welcome"})
 ROOM_EVENTS = frozenset({"message", "tip"})
+SHOW_OPEN = frozenset({"scheduled", "running"})
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
 
@@ -616,8 +623,12 @@ class TokenchatUser(HttpUser):
         elapsed_ms = (time.perf_counter() - started) * 1000
         fire_request(self.environment, request_type, name, elapsed_ms, size, exception)
 
-    def command(self, name: str, command: dict[str, Any]) -> dict[str, Any] | None:
-        """Send a command that is not a spend: its ``ok`` reply, or None."""
+    def command(
+        self, name: str, command: dict[str, Any], expected: frozenset[str] = frozenset()
+    ) -> dict[str, Any] | None:
+        """Send a command that is not a spend: its ``ok`` reply, or None.
+        ``expected``: error codes counted as a success under ``name (code)``
+        (a race the load makes on purpose, like posting as a ticket show starts)."""
         session = self.ensure_session()
         if session is None:
             return None
@@ -628,12 +639,18 @@ class TokenchatUser(HttpUser):
             self.report(name, started, exception=exc)
             return None
         if reply["type"] == "error":
-            self.report(name, started, size, ServerError(reply.get("code", "?")))
+            code = reply.get("code", "?")
+            if code in expected:
+                self.report(f"{name} ({code})", started, size)
+                return None
+            self.report(name, started, size, ServerError(code))
             return None
         self.report(name, started, size)
         return reply
 
-    def spend(self, name: str, command: dict[str, Any]) -> dict[str, Any] | None:
+    def spend(
+        self, name: str, command: dict[str, Any], expected: frozenset[str] = frozenset()
+    ) -> dict[str, Any] | None:
         """Send a tip or dm (``command`` holds its ``key``) until it gets an
         answer, resending it with the same key after a timeout, a lost
         connection or UNAVAILABLE; the ``ok`` reply, or None."""
@@ -670,6 +687,9 @@ class TokenchatUser(HttpUser):
                     self.report(label, started, size)
                 return reply
             code = reply.get("code", "?")
+            if code in expected:
+                self.report(f"{name} ({code})", started, size)
+                return None
             if code == ErrorCode.INSUFFICIENT_FUNDS:
                 self.report(f"{name} (insufficient)", started, size)
                 self.on_insufficient_funds()
@@ -760,7 +780,11 @@ class TokenchatUser(HttpUser):
         for event in reply.get("history", ()):
             self.see_offset(event)
         self.room = room
+        self.on_joined(room, reply)
         return True
+
+    def on_joined(self, room: str, reply: dict[str, Any]) -> None:
+        pass
 
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -802,6 +826,8 @@ class ModelUser(TokenchatUser):
         self.offers: list[str] = []  # custom requests offered to her, newest last
         self.dms_seen: set[str] = set()  # the tx of every DM received
         self.newest: tuple[int, ...] = ()  # the newest room offset received
+        self.show: str | None = None  # her ticket show, scheduled or running
+        self.show_running = False
         self.in_room()
 
     def on_event(self, event: dict[str, Any]) -> None:
@@ -928,6 +954,40 @@ class ModelUser(TokenchatUser):
             deliver = {"type": "request_deliver", "request": request, "text": "done"}
             self.command("request_deliver", deliver)
 
+    @task(4)
+    def run_show(self) -> None:
+        """A ticket show, one step per pick: schedule it (HTTP), start it, then
+        end it (paid: it ran SHOW_MIN_S) or now and then cancel it (every
+        ticket refunded). Fans buy tickets meanwhile (FanUser.buy_ticket)."""
+        if self.show is None:
+            body = {
+                "title": "load show",
+                "price": random.choice(SHOW_PRICES),
+                "starts_at": int(time.time() * 1000),
+                "min_s": SHOW_MIN_S,
+            }
+            with self.client.post(
+                "/v1/me/shows",
+                json=body,
+                headers={"Authorization": f"Bearer {self.token}"},
+                name="POST /v1/me/shows",
+                timeout=HTTP_TIMEOUT_S,
+                catch_response=True,
+            ) as response:
+                if response.status_code != 201:
+                    response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+                    return
+                self.show, self.show_running = str(response.json()["show"]), False
+        elif not self.show_running:
+            if self.command("show_start", {"type": "show_start", "show": self.show}) is None:
+                self.show = None  # cancelled meanwhile (not started in time): a new one
+            else:
+                self.show_running = True
+        else:
+            kind = "show_cancel" if random.random() < 0.2 else "show_end"
+            self.command(kind, {"type": kind, "show": self.show})
+            self.show = None
+
 
 class FanUser(TokenchatUser):
     """Joins a room, chats, tips the model, DMs her, checks the balance and
@@ -947,6 +1007,8 @@ class FanUser(TokenchatUser):
     def on_start(self) -> None:
         super().on_start()
         self.topups = 0
+        self.room_show: tuple[str, str] | None = None  # (show, state) of her room's open show
+        self.tickets: set[str] = set()
         budget = self.cfg.fund // random.choice((16, 4, 1))
         self.credit(budget, f"{self.user_id}:fund", "POST /v1/admin/credits (fund)")
         self.in_room()
@@ -974,6 +1036,35 @@ class FanUser(TokenchatUser):
     def home_room(self) -> str:
         return self.cfg.model_id(random.randrange(self.cfg.models))
 
+    def on_joined(self, room: str, reply: dict[str, Any]) -> None:
+        show = reply.get("room", {}).get("show")
+        self.room_show = (str(show["show"]), str(show["state"])) if show else None
+        if show and reply.get("ticket"):
+            self.tickets.add(str(show["show"]))
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        super().on_event(event)
+        if event.get("type") == "show" and event.get("room") == self.room:
+            state = str(event.get("state"))
+            self.room_show = (str(event["show"]), state) if state in SHOW_OPEN else None
+
+    def walled(self) -> bool:
+        """Whether a ticket show runs in her room and she holds no ticket."""
+        show = self.room_show
+        return show is not None and show[1] == "running" and show[0] not in self.tickets
+
+    @task(2)
+    def buy_ticket(self) -> None:
+        """A ticket to her room's open show (a charge into its escrow, refunded
+        if the model cancels). A show just closed answers CONFLICT."""
+        room = self.in_room()
+        show = self.room_show
+        if room is None or show is None or show[0] in self.tickets:
+            return
+        command = {"type": "buy_ticket", "room": room, "show": show[0], "key": self.new_key("s")}
+        if self.spend("buy_ticket", command, frozenset({ErrorCode.CONFLICT})) is not None:
+            self.tickets.add(show[0])
+
     def on_insufficient_funds(self) -> None:
         if random.random() < TOPUP_CHANCE:
             self.topups += 1
@@ -983,13 +1074,15 @@ class FanUser(TokenchatUser):
     @task(5)
     def say(self) -> None:
         room = self.in_room()
-        if room is not None:
-            self.command("say", {"type": "say", "room": room, "text": random.choice(CHAT_LINES)})
+        if room is not None and not self.walled():
+            # FORBIDDEN: a show started before its event reached her.
+            command = {"type": "say", "room": room, "text": random.choice(CHAT_LINES)}
+            self.command("say", command, frozenset({ErrorCode.FORBIDDEN}))
 
     @task(3)
     def tip(self) -> None:
         room = self.in_room()
-        if room is None:
+        if room is None or self.walled():
             return
         amount = random.choices(TIP_AMOUNTS, TIP_WEIGHTS)[0]
         command = {
@@ -999,7 +1092,7 @@ class FanUser(TokenchatUser):
             "text": random.choice(TIP_TEXTS),
             "key": self.new_key("t"),
         }
-        self.spend("tip", command)
+        self.spend("tip", command, frozenset({ErrorCode.FORBIDDEN}))  # as in `say`
 
     @task(1)
     def dm(self) -> None:
