@@ -46,6 +46,13 @@ PAYMENT_REF_LEN_MAX: Final = 128  # characters
 # A transaction id as a client names it (a refund's `tx`): ours are 32 hex
 # digits; the bound is the ledger column's.
 TX_ID_LEN_MAX: Final = 64  # characters
+# An id of a stored object as a client names it (`unlock`'s `media`): any
+# kind's prefix is accepted here and the wrong kind is answered NOT_FOUND,
+# so the wire never tells which kinds of ids exist. Ours are a two-letter
+# prefix and 22 characters of URL-safe base64; the bound is generous.
+OBJECT_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+# A `media` event's or a `dm`'s text beside locked media: a caption.
+MEDIA_TEXT_LEN_MAX: Final = 1000  # characters, like a `say` line
 
 # Identifiers a client chooses (idempotency keys, payment_ref, transaction
 # ids) reach Postgres text and jsonb columns, log lines and Redis key names.
