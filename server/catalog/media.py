@@ -366,6 +366,7 @@ class MediaCatalog:
         """Sniff, check, store and record an upload; BadRequest for anything
         that is not a photo or video within its limits."""
         settings = self._settings
+        content.file.seek(0)
         head = content.file.read(SNIFF_BYTES)
         content.file.seek(0)
         sniffed = sniff(head)
@@ -423,6 +424,7 @@ class MediaCatalog:
                 raise BadRequest(
                     f"a preview image may be at most {self._settings.media_preview_bytes_max} bytes"
                 )
+            preview.file.seek(0)
             sniffed = sniff(preview.file.read(SNIFF_BYTES))
             preview.file.seek(0)
             if sniffed is None or sniffed[0] != "image":
