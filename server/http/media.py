@@ -78,7 +78,8 @@ def media_routes(
         identity = identity_of(request, "model")
         limit_creates(identity)
         declared = request.headers.get("content-length", "")
-        if not declared.isdigit():
+        # The length first: int() of a long digit string is slow (and refused past 4300).
+        if not (declared.isascii() and declared.isdigit() and len(declared) <= 19):
             raise BadRequest("send the upload with a Content-Length")
         if int(declared) > upload_bytes_max:
             raise BadRequest(f"the upload is over {upload_bytes_max} bytes")

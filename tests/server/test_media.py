@@ -175,6 +175,75 @@ async def test_size_limits_are_per_kind_and_only_models_upload(
         assert as_json.status_code == 400 and as_json.json()["error"]["code"] == "BAD_REQUEST"
 
 
+async def raw_post(running: Running, headers: dict[str, str], length: str) -> int:
+    """POST /v1/media with this Content-Length and no body; the status."""
+    import asyncio
+
+    host, port = running.http_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    lines = [
+        "POST /v1/media HTTP/1.1",
+        f"Host: {host}",
+        f"Authorization: {headers['Authorization']}",
+        "Content-Type: multipart/form-data; boundary=x",
+        f"Content-Length: {length}",
+        "Connection: close",
+    ]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    return int(status_line.split()[1])
+
+
+async def test_hostile_uploads_are_bad_requests(server: Running, settings: Settings) -> None:
+    auth = {"Authorization": f"Bearer {token('alice', 'model')}"}
+    picture = png_bytes()
+
+    async def chunks() -> Any:
+        yield b"--x\r\n"
+
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as client:
+        # No Content-Length (chunked): the size cannot be checked first.
+        chunked = await client.post(
+            "/v1/media",
+            headers={**auth, "Content-Type": "multipart/form-data; boundary=x"},
+            content=chunks(),
+        )
+        assert chunked.status_code == 400 and "Content-Length" in chunked.text
+        # Lengths httpx would not send: raw requests, each answered 400.
+        for length in ("9" * 5000, "-1", "1e9", str(2**40)):
+            status = await raw_post(server, auth, length)
+            assert status == 400, length
+        three_files = await client.post(
+            "/v1/media",
+            headers=auth,
+            files=[
+                ("file", ("a.png", picture)),
+                ("preview", ("b.png", picture)),
+                ("x", ("c", b"c")),
+            ],
+            data={"price": "5"},
+        )
+        assert three_files.status_code == 400, three_files.text
+        assert three_files.json()["error"]["code"] == "BAD_REQUEST"
+        text_as_file = await client.post(
+            "/v1/media",
+            headers=auth,
+            files={"preview": ("p.png", picture)},
+            data={"file": "not a file", "price": "5"},
+        )
+        assert text_as_file.status_code == 400 and "'file'" in text_as_file.text
+        huge_field = await client.post(
+            "/v1/media",
+            headers=auth,
+            files={"file": ("a.png", picture)},
+            data={"price": "5", "preview_text": "x" * 10_000},
+        )
+        assert huge_field.status_code == 400
+    assert (await pg(settings, "SELECT count(*) AS n FROM media"))[0]["n"] == 0
+
+
 # --- signed URLs ---------------------------------------------------------------------------
 
 
@@ -297,6 +366,26 @@ async def test_unlock_is_idempotent_and_already_owned_media_charges_nothing(
     assert (await http.reconcile())["ok"] is True
     await fan.close()
     await model.close()
+
+
+async def test_racing_unlocks_with_different_keys_charge_once(server: Running, http: Http) -> None:
+    import asyncio
+
+    media = await uploaded(server, price=3)
+    fan = await fan_with(server, http, 10)
+    other_tab = await server.client("bob")
+    replies = await asyncio.gather(
+        *(
+            client.call("unlock", media=media["id"], key=f"race{i}")
+            for i, client in enumerate([fan, other_tab] * 3)
+        )
+    )
+    paid = [r for r in replies if not r.get("already")]
+    assert len(paid) == 1 and paid[0]["price"] == 3
+    assert all(r["tx"] == paid[0]["tx"] for r in replies)
+    assert (await fan.call("balance"))["balance"] == 7
+    await fan.close()
+    await other_tab.close()
 
 
 async def test_unlock_refusals_move_nothing(server: Running, http: Http) -> None:
