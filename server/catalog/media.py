@@ -59,6 +59,7 @@ READ_CHUNK_BYTES = 256 * 1024
 # Store names: a media id and an optional suffix, nothing that walks a path.
 _STORE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}(\.[a-z]{1,10})?\Z")
 _SIG_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # Domain separation: the URL key is derived from the server's secret, and
 # can sign nothing but media URLs (never a token).
 _URL_KEY_LABEL = b"tokenchat media url v1"
@@ -380,6 +381,10 @@ class MediaCatalog:
             raise BadRequest(f"a {kind} may be at most {size_max} bytes")
         if preview_text is not None and len(preview_text) > PREVIEW_TEXT_LEN_MAX:
             raise BadRequest(f"the preview text may be at most {PREVIEW_TEXT_LEN_MAX} characters")
+        if preview_text is not None and _CONTROL_RE.search(preview_text):
+            # Postgres refuses NUL in text; the other controls would forge
+            # lines wherever the teaser is shown.
+            raise BadRequest("the preview text may not hold control characters")
         thumbnail = await self._preview_of(kind, content, preview_text, preview_image)
         media_id = MEDIA_ID_PREFIX + secrets.token_urlsafe(MEDIA_ID_BYTES)
         info = MediaInfo(

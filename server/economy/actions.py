@@ -236,9 +236,13 @@ async def _serve_unlock(context: SpendContext, command: Unlock) -> Reply:
     reply = await context.economy.unlock(
         context.user_id, info.id, info.owner, command.key, command.max_price
     )
-    # A fresh short-lived URL on every answer, duplicates included: the one
-    # a first answer carried may have expired by the time a retry comes.
-    return {**reply, "url": context.media.signed_url(info.id)["url"]}
+    # A fresh short-lived URL on every answer, duplicates included (the one a
+    # first answer carried may have expired by the time a retry comes) but
+    # only while the access stands: a retry after a refund revoked it gets none.
+    entitled = not reply.get("duplicate") or (
+        info.owner == context.user_id or await context.economy.entitled(context.user_id, info.id)
+    )
+    return {**reply, "url": context.media.signed_url(info.id)["url"] if entitled else None}
 
 
 # --- the registry ------------------------------------------------------------------------

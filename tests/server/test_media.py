@@ -135,6 +135,7 @@ async def test_the_type_is_sniffed_from_the_bytes_and_previews_are_public(
         (png_bytes(), {"price": "1e3"}, "price"),
         (png_bytes(), {"price": 1_000_001}, "price"),
         (png_bytes(), {"preview_text": "x" * 256}, "preview text"),
+        (png_bytes(), {"preview_text": "nul\x00byte"}, "control characters"),
     ],
 )
 async def test_uploads_that_are_not_media_within_limits_are_refused(
@@ -460,6 +461,9 @@ async def test_a_refund_revokes_the_unlock(server: Running, http: Http) -> None:
     )
     assert status == 200 and refund["balance"] == 10, refund
     assert (await get(server, path, "bob")).status_code == 403
+    # A retry of the refunded unlock is its original reply, without a URL.
+    retried = await fan.call("unlock", media=media["id"], key="u1")
+    assert retried["duplicate"] is True and retried["url"] is None
     # Paying again buys it again (a new unlock, not "already").
     again = await fan.call("unlock", media=media["id"], key="u2")
     assert "already" not in again and again["balance"] == 6
