@@ -497,8 +497,11 @@ async def test_post_media_shows_the_descriptor_to_the_room(server: Running, http
     model = await server.client("alice", "model")
     fan = await server.client("bob")
     await fan.call("join", room="alice")
+    binary = await server.client("erin", subprotocol="tokenchat.v1.msgpack")
+    await binary.call("join", room="alice")
     reply = await model.call("post_media", room="alice", media=media["id"], text="new set")
     event = await fan.next_event("media")
+    assert await binary.next_event("media") == event  # the same event in msgpack
     assert event == {
         "type": "media",
         "room": "alice",
@@ -523,7 +526,7 @@ async def test_post_media_shows_the_descriptor_to_the_room(server: Running, http
     ]
     for client, fields, code in refusals:
         assert (await client.request("post_media", **fields))["code"] == code, fields
-    for client in (model, fan, later):
+    for client in (model, fan, later, binary):
         await client.close()
 
 
