@@ -547,3 +547,29 @@ async def test_a_dm_carries_the_media_descriptor_never_the_content(
     assert conflict["code"] == "CONFLICT"
     await model.close()
     await fan.close()
+
+
+async def test_a_redis_older_than_the_ledger_forgets_no_unlock(
+    start_server: Any, private_redis: str
+) -> None:
+    running = await start_server(redis_url=private_redis)
+    http = Http(running)
+    keys = running.node.keys
+    media = await uploaded(running, price=4)
+    fan = await fan_with(running, http, 10)
+    first = await fan.call("unlock", media=media["id"], key="u1")
+    assert first["balance"] == 6 and (await http.reconcile())["ok"] is True
+    # Redis goes back in time (epoch unchanged): the unlock is gone from it,
+    # entitlement included, but not from the ledger; its scripts too.
+    redis = running.node.redis
+    await redis.set(keys.balance("u:bob"), 10)
+    await redis.set(keys.balance("u:alice"), 0)
+    await redis.hdel(keys.entitlements("bob"), media["id"])  # type: ignore[misc]
+    await redis.delete(keys.idempotency("u:bob", "u1"))
+    await redis.execute_command("XSETID", keys.outbox(), "1-0")
+    await redis.script_flush()
+    # Rebuilt from Postgres before it takes the spend: owned, not sold twice.
+    again = await fan.call("unlock", media=media["id"], key="u2")
+    assert again["already"] is True and again["tx"] == first["tx"] and again["balance"] == 6
+    assert (await http.reconcile())["ok"] is True
+    await fan.close()
