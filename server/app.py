@@ -40,6 +40,8 @@ from .config import Settings
 from .gateway.gateway import Gateway
 from .gateway.node import Node
 from .http.api import create_app
+from .logs import LogFormat
+from .logs import configure as configure_logs
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +175,10 @@ def run(coro_factory: Callable[[], Any]) -> None:
         uvloop.run(coro_factory())
 
 
-def _worker_main(settings: Settings, log_level: str, replacement: bool) -> None:
-    logging.basicConfig(
-        level=log_level, format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s"
-    )
+def _worker_main(
+    settings: Settings, log_level: str, log_format: LogFormat, replacement: bool
+) -> None:
+    configure_logs(log_level, log_format, worker=True)
     if replacement:
         # Counted here, not in the parent: only workers write to the shared
         # metrics folder, and a counter's file outlives its process.
@@ -210,9 +212,12 @@ def restart_delay_s(crashes_in_a_row: int) -> float:
 class _Supervisor:
     """Keeps ``settings.workers`` worker processes alive until told to stop."""
 
-    def __init__(self, settings: Settings, log_level: str, metrics_dir: str) -> None:
+    def __init__(
+        self, settings: Settings, log_level: str, log_format: LogFormat, metrics_dir: str
+    ) -> None:
         self.settings = settings
         self.log_level = log_level
+        self.log_format = log_format
         self.metrics_dir = metrics_dir
         self.context = multiprocessing.get_context("spawn")
         self.slots = [_Slot(i) for i in range(settings.workers)]
@@ -229,7 +234,7 @@ class _Supervisor:
     def start(self, slot: _Slot, *, replacement: bool) -> None:
         process = self.context.Process(
             target=_worker_main,
-            args=(self.settings, self.log_level, replacement),
+            args=(self.settings, self.log_level, self.log_format, replacement),
             name=slot.name,
         )
         process.start()
@@ -294,7 +299,7 @@ class _Supervisor:
         return clean
 
 
-def serve_workers(settings: Settings, log_level: str) -> int:
+def serve_workers(settings: Settings, log_level: str, log_format: LogFormat = "text") -> int:
     """Run ``settings.workers`` processes on the same ports; return an exit code.
 
     The parent only supervises: it replaces a worker that dies on its own (with
@@ -314,7 +319,7 @@ def serve_workers(settings: Settings, log_level: str) -> int:
     if settings.metrics_port:
         # The parent outlives every worker: its scrapes aggregate all of them.
         metrics.serve_on_port(settings.host, settings.metrics_port)
-    supervisor = _Supervisor(settings, log_level, metrics_dir)
+    supervisor = _Supervisor(settings, log_level, log_format, metrics_dir)
     # Installed before any worker starts, so no signal can orphan one.
     signal.signal(signal.SIGTERM, supervisor.forward)
     signal.signal(signal.SIGINT, supervisor.forward)

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -222,7 +223,7 @@ class Session:
                 await self._close(CloseCode.UNAUTHENTICATED, exc.message)
                 return False
             return None
-        metrics.COMMANDS.labels("hello", "ok").inc()
+        metrics.count_command("hello", "ok")
         await self._send(
             events.welcome(command.id, identity.user_id, identity.role, balance, self.id)
         )
@@ -260,6 +261,7 @@ class Session:
             await self._close(CloseCode.SERVICE_RESTART, "server restarting")
 
     async def _handle(self, data: str | bytes) -> None:
+        arrived_s = time.perf_counter()
         command = await self._admit(data)
         if command is None:
             return
@@ -269,6 +271,7 @@ class Session:
         finally:
             self._busy = False
         await self._send(reply)
+        metrics.time_command(command.TYPE, time.perf_counter() - arrived_s)
         if self._after_reply is not None:
             after, self._after_reply = self._after_reply, None
             after()
@@ -277,19 +280,19 @@ class Session:
         kind = command.TYPE
         handler = self._handlers.get(type(command))
         if handler is None:  # hello again, or a command with no handler here
-            metrics.COMMANDS.labels(kind, ErrorCode.BAD_REQUEST).inc()
+            metrics.count_command(kind, ErrorCode.BAD_REQUEST)
             return self._error(command.id, ErrorCode.BAD_REQUEST, f"'{kind}' is not valid now")
         try:
             fields = await handler(command)
         except ServiceError as exc:
-            metrics.COMMANDS.labels(kind, exc.code).inc()
+            metrics.count_command(kind, exc.code)
             return self._error(command.id, exc.code, exc.message)
         except Exception:
             # A bug: log it here, tell the client nothing about it.
             log.exception("command %s failed", kind)
-            metrics.COMMANDS.labels(kind, ErrorCode.INTERNAL).inc()
+            metrics.count_command(kind, ErrorCode.INTERNAL)
             return self._error(command.id, ErrorCode.INTERNAL, "internal error")
-        metrics.COMMANDS.labels(kind, "ok").inc()
+        metrics.count_command(kind, "ok")
         return events.ok(command.id, **fields)
 
     async def _admit(self, data: str | bytes) -> Command | None:
@@ -307,7 +310,7 @@ class Session:
         re = command.id if command is not None else refused.re if refused else None
         if not allowed:
             self._strikes += 1
-            metrics.COMMANDS.labels("any", ErrorCode.RATE_LIMITED).inc()
+            metrics.count_command("any", ErrorCode.RATE_LIMITED)
             if self._strikes > self.node.settings.rate_limit_strikes_max:
                 await self._close(CloseCode.RATE_LIMITED, "rate limited past tolerance")
             else:
@@ -315,7 +318,7 @@ class Session:
             return None
         self._strikes = 0
         if refused is not None:
-            metrics.COMMANDS.labels("invalid", refused.code).inc()
+            metrics.count_command("invalid", refused.code)
             await self._send_error(refused.re, refused.code, refused.message)
         return command
 

@@ -204,6 +204,7 @@ class LedgerWriter:
             try:
                 started = loop.time()
                 written = await self.step(block=True)
+                metrics.OUTBOX_DEPTH.set(await self.pending())
                 delay_s = RETRY_DELAY_MIN_S
                 if lingers and 0 < written < self._settings.ledger_batch_max:
                     # A part batch: let more entries gather before the next
@@ -580,6 +581,7 @@ async def reconcile(
     total = sum(postgres.values())
     if total != 0:
         mismatches.append({"account": "*", "postgres_sum": total, "expected": 0})
+    metrics.RECONCILE_MISMATCHES.set(len(mismatches))
     return {
         "ok": not mismatches and pending == 0 and rejected == 0,
         "pending": pending,
