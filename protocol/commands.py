@@ -40,6 +40,7 @@ from .limits import (
     ID_STR_LEN_MAX,
     KEY_LEN_MAX,
     MEDIA_REF_LEN_MAX,
+    MEDIA_TEXT_LEN_MAX,
     OBJECT_ID_RE,
     OFFSET_RE,
     PAYMENT_REF_LEN_MAX,
@@ -172,10 +173,12 @@ SHOW_TITLE: Final = stored_string(1, SHOW_TITLE_LEN_MAX)
 SHOW_MIN_S: Final = integer(1, SHOW_MIN_S_MAX)
 # Milliseconds since the epoch, up to 2**53 - 1 (exact in JavaScript numbers).
 EPOCH_MS: Final = integer(0, 2**53 - 1)
-OBJECT_ID: Final = matching(OBJECT_ID_RE, "an id: 1 to 64 characters of A-Z a-z 0-9 _")
+OBJECT_ID: Final = matching(OBJECT_ID_RE, "an id: 1 to 64 characters of A-Z a-z 0-9 _ -")
+MEDIA_TEXT: Final = string(0, MEDIA_TEXT_LEN_MAX)
 
 # Field types named by what they are; the annotation carries the check.
 UserId: TypeAlias = Annotated[str, USER_ID]
+ObjectId: TypeAlias = Annotated[str, OBJECT_ID]
 Amount: TypeAlias = Annotated[int, AMOUNT]
 IdempotencyKey: TypeAlias = Annotated[str, KEY]
 
@@ -282,6 +285,34 @@ class Dm:
     id: CommandId
     to: UserId
     text: Annotated[str, DM_TEXT]
+    key: IdempotencyKey
+    max_price: Annotated[int | None, PRICE] = None
+    # Locked media of the sender's attached to the message: the event carries
+    # its descriptor (id, kind, price, preview), never its content.
+    media: Annotated[str | None, OBJECT_ID] = None
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class PostMedia:
+    """A model shows her locked media in her room: a ``media`` event."""
+
+    TYPE: ClassVar[str] = "post_media"
+    id: CommandId
+    room: UserId
+    media: ObjectId
+    text: Annotated[str, MEDIA_TEXT] = ""
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Unlock:
+    """Buys permanent access to locked media at its current price. Spends:
+    ``key``. ``max_price``: refuse (PRICE_CHANGED) rather than pay more."""
+
+    TYPE: ClassVar[str] = "unlock"
+    id: CommandId
+    media: ObjectId
     key: IdempotencyKey
     max_price: Annotated[int | None, PRICE] = None
 
@@ -420,6 +451,8 @@ Command: TypeAlias = (
     | Dm
     | Balance
     | Ping
+    | PostMedia
+    | Unlock
     | RequestOffer
     | RequestAccept
     | RequestDeliver
