@@ -291,7 +291,7 @@ async def test_each_action_round_trips_through_redis_and_postgres(
     show = await server.node.shows.create("alice", "a show", 5, int(time.time() * 1000), 60)
     ticket = await economy.ticket("bob", "alice", show["show"], "k1")
     ticket_back = await economy.ticket_refund(show["show"], "bob", initiator="sys:test", key="tr1")
-    assert (ticket["balance"], ticket_back["balance"]) == (78, 83)
+    assert ticket_back["balance"] == ticket["balance"] + 5 and ticket_back["amount"] == 5
 
     rows = await pg(settings, "SELECT id, kind FROM ledger_transactions")
     assert {r["id"]: r["kind"] for r in rows} == {
