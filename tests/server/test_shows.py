@@ -371,3 +371,23 @@ def test_the_live_path_finds_the_marker_in_the_tail_and_never_in_a_text() -> Non
             assert event_show(complete_event(marked, offset)) == show
             # A chat line quoting the marker is escaped JSON: not show time.
             assert not is_show_time(complete_event(body, offset))
+
+
+async def test_a_join_with_postgres_away_succeeds_and_leaks_nothing(
+    start_server: Start, postgres_proxy: Any
+) -> None:
+    server = await start_server(database_url=postgres_proxy.url)
+    model, bob, carol = await members(server)
+    show = await schedule(server, price=25, min_s=3600)
+    await bob.call("buy_ticket", room="alice", show=show, key="k")
+    await model.call("show_start", show=show)
+    await model.call("say", room="alice", text="show time")
+    await postgres_proxy.cut()
+    try:
+        for fan, sees in ((carol, False), (bob, True)):
+            joined = await fan.call("join", room="alice")
+            texts = [event.get("text") for event in joined["history"]]
+            assert ("show time" in texts) is sees, (fan, texts)
+            assert joined["room"]["show"] is None and joined["ticket"] is False
+    finally:
+        await postgres_proxy.restore()
