@@ -253,18 +253,26 @@ async def test_each_action_round_trips_through_redis_and_postgres(
     dm = await economy.dm("bob", "alice", "hello", "d1", max_price=7)
     assert (tip["balance"], dm["balance"], dm["price"]) == (70, 63, 7)
     assert (await economy.tip("bob", "alice", "alice", 30, "hi", "t1", 1))["duplicate"]
+    status, menu = await http.call(
+        "PUT", "/v1/me/menu", "alice", "model", items=[{"label": "Dance", "price": 3}]
+    )
+    assert status == 200
+    item = menu["items"][0]["id"]
+    tip_item = await economy.tip_item("bob", "alice", "alice", item, "", "ti1", max_price=3)
+    assert tip_item["balance"] == 60 and tip_item["item"] == {"id": item, "label": "Dance"}
     refund = await economy.refund(tip["tx"], initiator="u:ops", key="r1")
-    assert refund["balance"] == 93 and refund["refunds"] == tip["tx"]
+    assert refund["balance"] == 90 and refund["refunds"] == tip["tx"]
     with pytest.raises(Conflict, match="not a spend"):
         await economy.refund(credit["tx"], initiator="u:ops", key="r2")
     with pytest.raises(InsufficientFunds):
-        await economy.tip("bob", "alice", "alice", 94, "", "t2", 1)
+        await economy.tip("bob", "alice", "alice", 91, "", "t2", 1)
 
     rows = await pg(settings, "SELECT id, kind FROM ledger_transactions")
     assert {r["id"]: r["kind"] for r in rows} == {
         credit["tx"]: "credit",
         tip["tx"]: "tip",
         dm["tx"]: "dm",
+        tip_item["tx"]: "tip",
         refund["tx"]: "refund",
     }
     assert (await http.reconcile())["ok"] is True
