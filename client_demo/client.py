@@ -23,7 +23,11 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import json
 import random
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -477,6 +481,23 @@ class Session:
         ``SpendUnconfirmed`` after ``spend_attempts_max`` attempts without one."""
         return await self._spend("tip", key, room=room, amount=amount, text=text)
 
+    async def tip_item(
+        self,
+        room: str,
+        item: str,
+        text: str = "",
+        *,
+        max_price: int | None = None,
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        """Tip the menu item ``item`` of ``room``'s owner at its current
+        price, at most ``max_price`` (``PRICE_CHANGED`` otherwise: pass the
+        price you showed); the reply adds ``price`` and ``item``. As ``tip``."""
+        fields: dict[str, Any] = {"room": room, "item": item, "text": text}
+        if max_price is not None:
+            fields["max_price"] = max_price
+        return await self._spend("tip", key, **fields)
+
     async def dm(
         self, to: str, text: str, *, max_price: int | None = None, key: str | None = None
     ) -> dict[str, Any]:
@@ -741,3 +762,58 @@ class Session:
         self._failed = failed
         self._events.put_nowait(None)
         self._ready.set()  # wake the commands waiting for a connection
+
+
+# --- the HTTP API: tip menus -------------------------------------------------------------
+
+# How long one HTTP call of the helpers below may take.
+HTTP_TIMEOUT_S = 10.0
+
+
+class HttpError(Exception):
+    """An HTTP API error reply: ``status``, ``code`` and ``message``."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        problem = body.get("error", {}) if isinstance(body, dict) else {}
+        self.status = status
+        self.code: str = problem.get("code") or str(status)
+        self.message: str = problem.get("message") or "no error body"
+        super().__init__(f"{self.code}: {self.message}")
+
+
+def _http(method: str, url: str, token: str | None, body: Any = None) -> Any:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        reply = None
+    if status != 200:
+        raise HttpError(status, reply)
+    return reply
+
+
+async def get_menu(http_url: str, user: str) -> list[dict[str, Any]]:
+    """The tip menu of ``user`` (``GET /v1/users/{user}/menu``): items
+    ``{id, label, price}`` in the model's order, at the prices charged now.
+    ``HttpError`` (``NOT_FOUND`` for an unknown user)."""
+    url = f"{http_url.rstrip('/')}/v1/users/{urllib.parse.quote(user, safe='')}/menu"
+    reply = await asyncio.to_thread(_http, "GET", url, None)
+    return list(reply["items"])
+
+
+async def put_menu(http_url: str, token: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replace the caller's (a model's) tip menu: ``items`` of ``{id?,
+    label, price}``; an ``id`` keeps an item of the current menu. The saved
+    items, with their ids. ``HttpError`` on a refusal."""
+    url = f"{http_url.rstrip('/')}/v1/me/menu"
+    reply = await asyncio.to_thread(_http, "PUT", url, token, {"items": items})
+    return list(reply["items"])
