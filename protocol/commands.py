@@ -14,6 +14,12 @@ the server never handles an unchecked value. Rules, in the order checked:
    Fields the command does not declare are ignored, so a newer client can
    talk to an older server.
 
+Two optional hooks of a declaration: ``WIRE_OPTIONAL`` names positional
+fields (no dataclass default) that a frame may leave out, which are then
+None; ``wire_error(self) -> str | None`` is a rule across fields, checked
+after every field (``tip``: ``amount`` or ``item``), its message answered
+``BAD_REQUEST``.
+
 Adding a command (a paid feature, say) is declaring one class: a frozen,
 slotted dataclass with a ``TYPE``, ``id`` first, every other field annotated
 ``Annotated[T, WireField]``, decorated with ``@command``; then adding it to

@@ -172,6 +172,35 @@ async def test_tip_an_item_charges_its_price_and_names_it(server: Running, http:
         await client.close()
 
 
+async def test_labels_reach_the_event_and_the_ledger_as_written(
+    server: Running, http: Http, settings: Settings
+) -> None:
+    # The script decodes and re-encodes the event and the meta (cjson): any
+    # printable label comes out as it went in.
+    label = 'é ☃ 🎵 "q" / \\ <b>'
+    (item,) = await put_menu(http, [{"label": label, "price": 2}])
+    model, fan = await room_with_fan(server, http, 10)
+    reply = await fan.call("tip", room="alice", item=item["id"], key="u1", text='ü "x"')
+    assert reply["item"]["label"] == label
+    event = await model.next_event("tip")
+    assert event["item"]["label"] == label and event["text"] == 'ü "x"'
+
+    async def committed() -> bool:
+        return bool(
+            await pg(settings, "SELECT 1 FROM ledger_transactions WHERE id = $1", reply["tx"])
+        )
+
+    await eventually(committed)
+    (row,) = await pg(
+        settings,
+        "SELECT meta->'item'->>'label' AS label FROM ledger_transactions WHERE id = $1",
+        reply["tx"],
+    )
+    assert row["label"] == label
+    await model.close()
+    await fan.close()
+
+
 async def test_the_price_charged_is_the_current_one(server: Running, http: Http) -> None:
     (item,) = await put_menu(http, [{"label": "Dance", "price": 10}])
     model, fan = await room_with_fan(server, http, 100)
