@@ -715,6 +715,9 @@ class Economy:
                     chunk = []
             if chunk:
                 await self._redis.unlink(*chunk)
+            # Menu caches went back in time with the rest: a removed item
+            # would be tippable again, at an old price. Postgres has them.
+            await self._unlink_matching(glob_escape(self._keys.menu("")) + "*")
             left = await self._drain(REBUILD_DRAIN_TIMEOUT_S)
             if left:
                 raise Unavailable(f"rebuilding: {left} outbox entries are not in Postgres yet")
@@ -726,6 +729,16 @@ class Economy:
             with contextlib.suppress(*_REDIS_ERRORS):
                 if _text(await self._redis.get(lock) or b"") == token:
                     await self._redis.delete(lock)
+
+    async def _unlink_matching(self, pattern: str) -> None:
+        chunk: list[bytes] = []
+        async for name in self._redis.scan_iter(match=pattern, count=1000):
+            chunk.append(name)
+            if len(chunk) >= REBUILD_UNLINK_CHUNK:
+                await self._redis.unlink(*chunk)
+                chunk = []
+        if chunk:
+            await self._redis.unlink(*chunk)
 
     # --- loading balances -------------------------------------------------------------
     async def epoch(self, *, rebuilding_ok: bool = False) -> str:

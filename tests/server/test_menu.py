@@ -5,6 +5,7 @@ move nothing, retries, the cache after Redis loses it, and the ledger."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -12,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import Http, Running, eventually, pg
+from tests.server import test_ledger_durability as durability
 from tokenchat.client_demo.client import Client
 from tokenchat.protocol.limits import ITEM_ID_RE, MENU_ITEMS_MAX
 from tokenchat.server.config import Settings
@@ -366,3 +368,30 @@ async def test_ledger_rows_name_the_item_and_reconcile(
     assert status == 200 and refund["balance"] == 100
     await model.close()
     await fan.close()
+
+
+async def test_a_redis_older_than_the_ledger_forgets_its_menus_too(
+    start_server: Callable[..., Awaitable[Running]], private_redis: str
+) -> None:
+    running = await durability.start(start_server, redis_url=private_redis)
+    node = running.node
+    keys = Keys(node.settings.redis_prefix)
+    http = Http(running)
+    fan = await durability.room_with_fan(running, http, "bob", 100)
+    (old,) = await put_menu(http, [{"label": "Old", "price": 1}])
+    async with durability.writer_running(node):
+        await fan.call("tip", room="alice", item=old["id"], key="i1")
+    (new,) = await put_menu(http, [{"label": "New", "price": 5}])
+    # Redis goes back in time (see test_ledger_durability): its outbox behind
+    # the ledger, its scripts forgotten, and the menu it held then.
+    redis: Redis = node.redis
+    await redis.delete(keys.menu("alice"))
+    await node.economy._write_menu("load", "alice", 1, [old])
+    await redis.execute_command("XSETID", keys.outbox(), "1-0")
+    await redis.script_flush()
+    async with durability.writer_running(node):
+        gone = await fan.request("tip", room="alice", item=old["id"], key="i2")
+        assert gone["code"] == "NOT_FOUND", gone
+        reply = await fan.call("tip", room="alice", item=new["id"], key="i3")
+    assert reply["price"] == 5 and reply["item"]["label"] == "New"
+    assert (await http.reconcile())["ok"] is True
