@@ -506,6 +506,7 @@ class Economy:
         empty one, so the script can tell "no item" from "not loaded")."""
         if user_id in self._absent_users:
             raise NotFound(f"no user '{user_id}'")
+        epoch = await self.epoch()  # before reading Postgres: the load's fence
         try:
             async with self._pool.acquire() as conn:
                 row = await conn.fetchrow(
@@ -524,15 +525,24 @@ class Economy:
             self._absent_users.add(user_id)
             raise NotFound(f"no user '{user_id}'")
         items = [{"id": r["id"], "label": r["label"], "price": r["price"]} for r in rows]
-        await self._write_menu("load", user_id, int(row["version"]), items)
+        # 'EPOCH' (Redis reset meanwhile) writes nothing: the caller's next
+        # try finds the menu missing and loads it again.
+        await self._write_menu("load", user_id, int(row["version"]), items, epoch)
 
     async def _write_menu(
-        self, mode: str, user_id: str, version: int, items: list[dict[str, Any]]
-    ) -> None:
-        args: list[Any] = [mode, version, " ".join(i["id"] for i in items)]
+        self,
+        mode: str,
+        user_id: str,
+        version: int,
+        items: list[dict[str, Any]],
+        epoch: str = "",
+    ) -> str:
+        """menu_cache.lua: 'OK', 'KEPT' or 'EPOCH'."""
+        args: list[Any] = [mode, version, epoch, " ".join(i["id"] for i in items)]
         for item in items:
             args += [f"p:{item['id']}", item["price"], f"l:{item['id']}", item["label"]]
-        await self._call(self._menu_script, [self._keys.menu(user_id)], args)
+        keys = [self._keys.menu(user_id), self._keys.epoch()]
+        return _text(await self._call(self._menu_script, keys, args))
 
     # --- running scripts ---------------------------------------------------------------
     async def _run(

@@ -324,10 +324,19 @@ async def test_an_older_save_never_overwrites_a_newer_cache(
     key = Keys(settings.redis_prefix).menu("alice")
     assert await redis.hget(key, "v") == b"2"
     economy = server.node.economy
+    old = [{"id": "i_1", "label": "Old", "price": 9}]
     # A save whose cache write comes late (version 1) is kept out.
-    await economy._write_menu("replace", "alice", 1, [{"id": "i_1", "label": "Old", "price": 9}])
+    assert await economy._write_menu("replace", "alice", 1, old) == "KEPT"
     # A load that read Postgres before the save is kept out too.
-    await economy._write_menu("load", "alice", 0, [])
+    epoch = await economy.epoch()
+    assert await economy._write_menu("load", "alice", 0, [], epoch) == "KEPT"
+    _, read = await http.call("GET", "/v1/users/alice/menu")
+    assert [i["label"] for i in read["items"]] == ["Two"]
+    # A load that read Postgres before Redis lost its data (and the save it
+    # held) writes nothing: its epoch is gone.
+    await redis.delete(key, Keys(settings.redis_prefix).epoch())
+    assert await economy._write_menu("load", "alice", 1, old, epoch) == "EPOCH"
+    assert not await redis.exists(key)
     _, read = await http.call("GET", "/v1/users/alice/menu")
     assert [i["label"] for i in read["items"]] == ["Two"]
 
@@ -386,7 +395,8 @@ async def test_a_redis_older_than_the_ledger_forgets_its_menus_too(
     # the ledger, its scripts forgotten, and the menu it held then.
     redis: Redis = node.redis
     await redis.delete(keys.menu("alice"))
-    await node.economy._write_menu("load", "alice", 1, [old])
+    epoch = await node.economy.epoch()
+    assert await node.economy._write_menu("load", "alice", 1, [old], epoch) == "OK"
     await redis.execute_command("XSETID", keys.outbox(), "1-0")
     await redis.script_flush()
     async with durability.writer_running(node):
