@@ -405,3 +405,22 @@ async def test_a_redis_older_than_the_ledger_forgets_its_menus_too(
         reply = await fan.call("tip", room="alice", item=new["id"], key="i3")
     assert reply["price"] == 5 and reply["item"]["label"] == "New"
     assert (await http.reconcile())["ok"] is True
+
+
+async def test_item_tips_over_msgpack_and_with_no_menu(server: Running, http: Http) -> None:
+    model = await server.client("alice", "model")
+    await model.call("join", room="alice")
+    fan = await server.client("bob", subprotocol="tokenchat.v1.msgpack")
+    await fan.call("join", room="alice")
+    await http.credit("bob", 10)
+    # alice never saved a menu: every item is NOT_FOUND, and nothing moves.
+    reply = await fan.request("tip", room="alice", item="i_0123456789abcdef", key="n1")
+    assert reply["code"] == "NOT_FOUND" and "menu" in reply["message"]
+    (item,) = await put_menu(http, [{"label": "Wave 👋", "price": 3}])
+    reply = await fan.call("tip", room="alice", item=item["id"], key="n1", max_price=3)
+    assert reply["item"] == {"id": item["id"], "label": "Wave 👋"} and reply["balance"] == 7
+    event = await fan.next_event("tip")
+    assert event["item"]["label"] == "Wave 👋" and event["amount"] == 3
+    assert await balances(http, "bob", "alice") == [7, 3]
+    await model.close()
+    await fan.close()
