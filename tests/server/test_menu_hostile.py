@@ -31,8 +31,8 @@ from tests.server.test_hostile_input import (
 
 pytestmark = pytest.mark.timeout(180)
 
-EXAMPLES_MAX = 120
-RUN_DEADLINE_S = 40.0
+EXAMPLES_MAX = 80  # each example is a request against the real server
+RUN_DEADLINE_S = 25.0  # the whole run, so the suite stays fast
 
 labels = maybe(
     st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=40)
@@ -136,11 +136,8 @@ async def test_hostile_menus_and_item_tips_never_break_anything(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RUN_DEADLINE_S
 
-    # Derandomized: the same examples every run, so that the run always
-    # reaches the outcomes asserted below (a random one could miss "tip ok").
     @settings(
         max_examples=EXAMPLES_MAX,
-        derandomize=True,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
@@ -152,7 +149,13 @@ async def test_hostile_menus_and_item_tips_never_break_anything(
         on_loop(loop, put(fields) if door == "put" else tip(door, fields))
 
     await asyncio.to_thread(send)
-    assert outcomes["put ok"] and outcomes["put refused"] and outcomes["tip ok"], outcomes
+    assert outcomes["put ok"] and outcomes["put refused"], outcomes
+    # After all that, a plain item tip still goes through, on both doors.
+    await put({"items": [{"label": "Last", "price": 1}]})
+    for codec in ("json", "msgpack"):
+        before = outcomes["tip ok"]
+        await tip(codec, {"room": "alice", "item": "<saved>", "key": f"last-{codec}"})
+        assert outcomes["tip ok"] == before + 1, outcomes
     for client in clients.values():
         assert not client.closed
         await client.close()
