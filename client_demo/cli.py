@@ -22,6 +22,11 @@ happens, one line each, to standard output:
     /dm --max N USER TEXT   the same, paying at most N tokens
     /balance          show your balance
     /rooms            list the rooms (GET /v1/rooms on the HTTP API, --http)
+    /offer MODEL N TEXT   offer MODEL N tokens for a custom request (held in escrow)
+    /requests         list your custom requests, as fan and as model
+    /accept R, /decline R, /cancel R   accept or decline request R (model),
+                      cancel it (fan); R is its id, or its number in /requests
+    /deliver R [TEXT] deliver request R (model): its tokens are released to you
     /help             this list
     /quit             leave (so does the end of the input)
 
@@ -67,6 +72,10 @@ HELP = """commands:
   /dm --max N USER TEXT   ... paying at most N tokens
   /balance        show your balance
   /rooms          list the rooms
+  /offer MODEL N TEXT   offer MODEL N tokens for a custom request
+  /requests       list your custom requests (numbered)
+  /accept R, /deliver R [TEXT], /decline R   a model's answers to request R
+  /cancel R       withdraw your offer R
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -154,6 +163,8 @@ def format_event(event: Event) -> str | None:
         return f"[{room}] {viewers} viewer{'' if viewers == 1 else 's'}"
     if type_ == "balance":
         return f"balance: {event.get('balance')}"
+    if type_ == "request":
+        return f"request {format_request(event)}"
     if type_ == "error":
         return f"error {event.get('code')}: {event.get('message')}"
     if type_ == "gap":
@@ -169,6 +180,19 @@ def format_event(event: Event) -> str | None:
     if type_ == "reconnected":
         return "* reconnected"
     return f"* {json.dumps(event, ensure_ascii=False)}"
+
+
+def format_request(request: Event) -> str:
+    """A custom request on one line: id, sides, amount, state, text."""
+    line = (
+        f"{request.get('request')} {request.get('from')} -> {request.get('to')}: "
+        f"{request.get('amount')} tokens, {request.get('state')}: {request.get('text')}"
+    )
+    delivery = request.get("delivery")
+    if isinstance(delivery, dict):
+        media = delivery.get("media")
+        line += f" | delivered: {delivery.get('text') or ''}" + (f" [{media}]" if media else "")
+    return line
 
 
 def format_error(exc: BaseException) -> str:
@@ -189,6 +213,8 @@ class State:
     # The menu last shown for each model (items {id, label, price}): /item N
     # tips the N-th at most at its shown price, like /dm.
     menus: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # The ids of the last /requests listing, so `/accept 1` names the first.
+    requests: list[str] = field(default_factory=list)
 
 
 async def chat(args: argparse.Namespace, out: Output = say) -> int:
@@ -307,6 +333,12 @@ async def handle_line(
             out(f"balance: {reply['balance']}")
     elif command == "rooms":
         await list_rooms(args, out)
+    elif command == "offer":
+        await offer(rest, session, out)
+    elif command == "requests":
+        await list_requests(session, state, out)
+    elif command in ("accept", "deliver", "decline", "cancel"):
+        await answer_request(command, rest, session, state, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
@@ -440,6 +472,50 @@ async def show_price(user: str, state: State, args: argparse.Namespace, out: Out
     state.dm_prices[user] = price
     out(f"* a DM to {user} costs {price} tokens" if price else f"* a DM to {user} is free")
     return price
+
+
+async def offer(rest: str, session: Session, out: Output) -> None:
+    parts = rest.split(" ", 2)
+    if len(parts) < 3 or not parts[1].isdigit() or not parts[2].strip():
+        out("usage: /offer MODEL N TEXT")
+        return
+    model, amount, text = parts[0], int(parts[1]), parts[2].strip()
+    reply = await report(out, session.request_offer(model, text, amount))
+    if reply is not None:
+        out(f"* request {reply['request']} offered to {model}; balance {reply['balance']}")
+
+
+async def list_requests(session: Session, state: State, out: Output) -> None:
+    listed = await report(out, session.call("request_list"))
+    if listed is None:
+        return
+    requests = listed["requests"]
+    state.requests = [request["request"] for request in requests]
+    if not requests:
+        out("* no requests")
+    for number, request in enumerate(requests, 1):
+        out(f"{number}. {format_request(request)}")
+
+
+async def answer_request(
+    command: str, rest: str, session: Session, state: State, out: Output
+) -> None:
+    name, _, text = rest.partition(" ")
+    if not name:
+        out(f"usage: /{command} R" + (" [TEXT]" if command == "deliver" else ""))
+        return
+    request = name
+    if name.isdigit() and 1 <= int(name) <= len(state.requests):
+        request = state.requests[int(name) - 1]
+    calls = {
+        "accept": lambda: session.request_accept(request),
+        "deliver": lambda: session.request_deliver(request, text.strip()),
+        "decline": lambda: session.request_decline(request),
+        "cancel": lambda: session.request_cancel(request),
+    }
+    reply = await report(out, calls[command]())
+    if reply is not None:
+        out(f"* request {request} {reply['state']}{_again(reply)}")
 
 
 def _again(reply: dict[str, Any]) -> str:

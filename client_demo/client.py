@@ -274,7 +274,7 @@ class Session:
             ...
 
     Events are the server's (``message``, ``tip``, ``dm``, ``presence``,
-    ``balance``, ``error`` without ``re``) plus these, made here:
+    ``balance``, ``request``, ``error`` without ``re``) plus these, made here:
 
     - ``{"type": "reconnecting", "code", "reason", "attempt", "delay_s"}``: the
       connection was lost (``code`` is its close code, None when connecting
@@ -506,6 +506,59 @@ class Session:
         if max_price is not None:
             fields["max_price"] = max_price
         return await self._spend("dm", key, **fields)
+
+    # --- custom requests (docs/protocol.md, "Custom requests") ---------------------------
+    async def request_offer(
+        self, model: str, text: str, amount: int, *, key: str | None = None
+    ) -> dict[str, Any]:
+        """Offer ``amount`` to ``model`` for what ``text`` describes, held in
+        escrow; the reply's ``request`` is its id. Retried like ``tip``."""
+        return await self._spend("request_offer", key, model=model, text=text, amount=amount)
+
+    async def request_accept(self, request: str) -> dict[str, Any]:
+        return await self._transition("request_accept", request=request)
+
+    async def request_deliver(
+        self, request: str, text: str = "", *, media: str | None = None
+    ) -> dict[str, Any]:
+        fields: dict[str, Any] = {"request": request, "text": text}
+        if media is not None:
+            fields["media"] = media
+        return await self._transition("request_deliver", **fields)
+
+    async def request_decline(self, request: str) -> dict[str, Any]:
+        return await self._transition("request_decline", request=request)
+
+    async def request_cancel(self, request: str) -> dict[str, Any]:
+        return await self._transition("request_cancel", request=request)
+
+    async def requests(self) -> list[dict[str, Any]]:
+        """The user's requests, as fan and as model, newest first."""
+        listed: list[dict[str, Any]] = (await self.call("request_list"))["requests"]
+        return listed
+
+    async def _transition(self, type_: str, **fields: Any) -> dict[str, Any]:
+        """A request transition, retried like a spend: it needs no key, since
+        the server answers a repeat of an applied one ``"duplicate": true``."""
+        last: BaseException | None = None
+        for attempt in range(self.spend_attempts_max):
+            if attempt:
+                await asyncio.sleep(self._backoff(attempt - 1))
+            try:
+                client = await self._connection(type_, self.reply_timeout_s)
+                reply = await client.request(type_, timeout_s=self.reply_timeout_s, **fields)
+            except SessionClosed:
+                raise
+            except (ConnectionError, ConnectionClosed, TimeoutError) as exc:
+                last = exc
+                continue
+            if reply["type"] == "error":
+                if reply.get("code") in SPEND_RETRY_CODES:
+                    last = CommandError(reply)
+                    continue
+                raise CommandError(reply)
+            return reply
+        raise SpendUnconfirmed(type_, str(fields.get("request")), self.spend_attempts_max, last)
 
     async def _spend(self, type_: str, key: str | None, **fields: Any) -> dict[str, Any]:
         """Send a spend until it gets an ``ok`` or a final error, with one key.

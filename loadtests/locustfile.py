@@ -1,9 +1,11 @@
 """Locust scenarios for tokenchat: fans and models over WebSocket.
 
-Fans join a model's room, chat (``say``), tip, send paid DMs, check their
+Fans join a model's room, chat (``say``), tip, send paid DMs, offer custom
+requests and cancel them (a hold into escrow, then its refund), check their
 balance and now and then move to another room. Models host a room: they stay
 joined (reconnecting within a second or so if the session is lost), read its
-events, thank tippers and now and then change their prices with
+events, thank tippers, now and then accept and deliver a custom request
+offered to them (a release from escrow) and change their prices with
 ``PUT /v1/me/prices``. Fans also tip items of the room's tip menu
 (``tip item``: ``GET /v1/users/{id}/menu``, reused 30 s, then ``tip`` with
 ``item`` and ``max_price`` the price read); each model's menu is saved at
@@ -128,6 +130,9 @@ log = logging.getLogger("tokenchat.locust")
 
 # --- the scenario's mix ------------------------------------------------------------
 DM_PRICE_MAX = 10  # tokens; models price DMs 1..this, fans accept up to this
+# Custom requests offered, then cancelled (a hold, then an escrow_refund):
+# small amounts, so a fan's budget is not tied up by the one in flight.
+REQUEST_AMOUNTS = (5, 20, 50)  # tokens
 TIP_MIN_MAX = 3  # tokens; models set tip_min 1..this; every tip is at least this
 TIP_AMOUNTS = (3, 5, 10, 25, 100)  # tokens
 TIP_WEIGHTS = (40, 30, 18, 9, 3)
@@ -828,6 +833,7 @@ class ModelUser(TokenchatUser):
     def on_start(self) -> None:
         super().on_start()
         self.tippers: list[str] = []
+        self.offers: list[str] = []  # custom requests offered to her, newest last
         self.dms_seen: set[str] = set()  # the tx of every DM received
         self.newest: tuple[int, ...] = ()  # the newest room offset received
         self.in_room()
@@ -839,6 +845,8 @@ class ModelUser(TokenchatUser):
         super().on_event(event)
         if kind == "tip" and event.get("from") != self.user_id:
             self.tippers = [*self.tippers[-9:], str(event.get("from"))]
+        if kind == "request" and event.get("state") == "offered":
+            self.offers = [*self.offers[-9:], str(event.get("request"))]
 
     def record_delivery(self, kind: str, event: dict[str, Any]) -> None:
         """A ``recv <kind>`` row: from the event's ``ts`` (stored in Redis) to now."""
@@ -928,6 +936,31 @@ class ModelUser(TokenchatUser):
     @task(1)
     def check_balance(self) -> None:
         self.command("balance", {"type": "balance"})
+
+    @task(1)
+    def fulfil_request(self) -> None:
+        """Accept and deliver the newest offer (a release from escrow). Fans
+        cancel theirs at once, so most are gone: CONFLICT on accept is
+        expected, counted as a success under ``request_accept (cancelled)``."""
+        session = self.ensure_session()
+        if not self.offers or session is None:
+            return
+        request = self.offers.pop()
+        started = time.perf_counter()
+        try:
+            accept = {"type": "request_accept", "request": request}
+            reply, size = session.request(accept, self.cfg.reply_timeout_s)
+        except (ReplyTimeout, ConnectionLost) as exc:
+            self.report("request_accept", started, exception=exc)
+            return
+        if reply["type"] == "error" and reply.get("code") == ErrorCode.CONFLICT:
+            self.report("request_accept (cancelled)", started, size)
+            return
+        failed = ServerError(reply.get("code", "?")) if reply["type"] == "error" else None
+        self.report("request_accept", started, size, failed)
+        if failed is None:
+            deliver = {"type": "request_deliver", "request": request, "text": "done"}
+            self.command("request_deliver", deliver)
 
 
 class FanUser(TokenchatUser):
@@ -1060,6 +1093,27 @@ class FanUser(TokenchatUser):
     @task(1)
     def check_balance(self) -> None:
         self.command("balance", {"type": "balance"})
+
+    @task(1)
+    def offer_and_cancel_request(self) -> None:
+        """A custom request to the room's model (held in escrow), then its
+        cancellation (refunded): ``request_offer`` is retried like a tip, the
+        cancel is idempotent without a key. The model may have accepted it
+        first (``ModelUser.fulfil_request``): the cancel is then CONFLICT."""
+        room = self.in_room()
+        if room is None:
+            return
+        command = {
+            "type": "request_offer",
+            "model": room,
+            "text": random.choice(CHAT_LINES),
+            "amount": random.choice(REQUEST_AMOUNTS),
+            "key": self.new_key("r"),
+        }
+        reply = self.spend("request_offer", command)
+        if reply is not None:
+            cancel = {"type": "request_cancel", "request": reply["request"]}
+            self.command("request_cancel", cancel)
 
     @task(1)
     def change_room(self) -> None:

@@ -66,7 +66,7 @@ import secrets
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -185,6 +185,36 @@ OUTBOX_KEEP_ENTRIES = 10_000
 # A run whose other processes used more than this is flagged in the table.
 OTHER_BUSY_WARN_PCT = 25.0  # % of one CPU
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Workload:
+    """What the fans send (``--action``): one paid command of the registry.
+
+    ``prepare`` runs once the models have said hello, with the bench and the
+    HTTP port; it makes what the command needs (a menu, media) and returns,
+    per room, the heads of the frames the fans send (everything before the
+    key's value). ``kind`` is the ledger kind one applied call writes, so
+    that the rows Postgres gained can be checked against the acks.
+    """
+
+    kind: str
+    prepare: Callable[[TipsBench, int], dict[str, tuple[bytes, ...]]]
+
+
+def _prepare_tip(bench: TipsBench, http_port: int) -> dict[str, tuple[bytes, ...]]:
+    return {
+        model_id(room): (
+            b'{"type":"tip","room":"%s","amount":%d,"key":"'
+            % (model_id(room).encode(), TIP_AMOUNT),
+        )
+        for room in range(bench.args.rooms)
+    }
+
+
+WORKLOADS: dict[str, Workload] = {
+    "tip": Workload(kind="tip", prepare=_prepare_tip),
+}
+
 # Frames of the fast path, compared as bytes: the server encodes replies with
 # orjson and `type` first (tokenchat.protocol.events), and every event has no `re`.
 OK_PREFIX = b'{"type":"ok"'
@@ -206,6 +236,9 @@ class PhaseSpec:
     window_start_ns: int
     window_end_ns: int
     rate_per_fan: float  # tips/s each fan may send; 0: as fast as its acks come
+    # Per room, the frames' heads (``Workload.prepare``): a fan's n-th call
+    # sends ``heads[room][n % len]`` followed by its key.
+    heads: Mapping[str, tuple[bytes, ...]]
 
 
 class Tally:
@@ -253,10 +286,7 @@ class TipFan(Member):
         super().__init__(port, JSON_SUBPROTOCOL, conn_stats)
         self.user_id = user_id
         self.room = room
-        self._head = b'{"type":"tip","room":"%s","amount":%d,"key":"' % (
-            room.encode(),
-            TIP_AMOUNT,
-        )
+        self._heads: tuple[bytes, ...] = ()
         self._tally: Tally | None = None
         self._nonce = b""
         self._seq = 0
@@ -272,6 +302,7 @@ class TipFan(Member):
     def begin(self, tally: Tally, nonce: str) -> None:
         spec = tally.spec
         self._tally = tally
+        self._heads = spec.heads[self.room]
         # A fresh idempotency key per tip: the nonce makes keys unique across
         # runs, whose fans have the same user ids (a reused key is a DUP).
         self._nonce = nonce.encode()
@@ -300,7 +331,8 @@ class TipFan(Member):
     def _send_tip(self) -> None:
         assert self._tally is not None
         self._seq += 1
-        frame = b'%s%s-%d","id":%d}' % (self._head, self._nonce, self._seq, self._seq)
+        head = self._heads[self._seq % len(self._heads)]
+        frame = b'%s%s-%d","id":%d}' % (head, self._nonce, self._seq, self._seq)
         self._in_flight = True
         self._tally.sent += 1
         self._sent_ns = time.monotonic_ns()
@@ -735,6 +767,8 @@ class TipsBench(Bench):
         self.baseline_started = False  # from then on there may be keys to delete
         self.ledger_writer: Server | None = None
         self.ledger_metrics_url = ""
+        self.workload = WORKLOADS[args.action]
+        self.heads: dict[str, tuple[bytes, ...]] = {}  # per room, from the workload
 
     def close(self, *, keep_logs: bool) -> None:
         super().close(keep_logs=keep_logs)
@@ -766,6 +800,7 @@ class TipsBench(Bench):
             self._wait_ready(self.ledger_writer, lambda: http_answers(url))
         self.admin_token = issue_token(self.jwt_secret, ADMIN_ID, "admin")
         asyncio.run(self._models_hello(server.ws_port))
+        self.heads = self.workload.prepare(self, http_port)
         return server, http_port
 
     def stop_tokenchat(self, server: Server) -> None:
@@ -820,7 +855,7 @@ class TipsBench(Bench):
     ) -> list[dict[str, Any]]:
         """Both phases on one server; their rows, with the ledger's checks."""
         args = self.args
-        tips_before = self._ledger_tips()
+        tips_before = self._ledger_rows()
         server, http_port = self.start_tokenchat()
         conns: list[Connection] = []
         try:
@@ -871,7 +906,7 @@ class TipsBench(Bench):
         ledger = {
             "reconcile_ok": reconciled,
             "reconcile": reconcile if isinstance(reconcile, dict) else {"error": reconcile},
-            "ledger_tips": self._ledger_tips() - tips_before,
+            "ledger_tips": self._ledger_rows() - tips_before,
             "acked_tips": acked,
             "lag_p50_ms": 1000 * histogram_quantile(buckets, 0.50),
             "lag_p99_ms": 1000 * histogram_quantile(buckets, 0.99),
@@ -895,7 +930,7 @@ class TipsBench(Bench):
     ) -> dict[str, Any]:
         args = self.args
         start_ns, window_start_ns, window_end_ns = schedule(args.warmup, args.duration)
-        spec = PhaseSpec(phase, start_ns, window_start_ns, window_end_ns, rate_per_fan)
+        spec = PhaseSpec(phase, start_ns, window_start_ns, window_end_ns, rate_per_fan, self.heads)
         for conn in conns:
             conn.send(("phase", spec))
         pids = {
@@ -957,8 +992,9 @@ class TipsBench(Bench):
             client.close()
         return time.monotonic() - start
 
-    def _ledger_tips(self) -> int:
-        """Tip transactions in this benchmark's Postgres schema (0 before migrate)."""
+    def _ledger_rows(self) -> int:
+        """Transactions of the workload's kind in this benchmark's Postgres
+        schema (0 before migrate)."""
         if not self.migrated:
             return 0
 
@@ -968,7 +1004,8 @@ class TipsBench(Bench):
             conn = await asyncpg.connect(self.settings().database_url)
             try:
                 value = await conn.fetchval(
-                    f"SELECT count(*) FROM \"{self.schema}\".ledger_transactions WHERE kind = 'tip'"
+                    f'SELECT count(*) FROM "{self.schema}".ledger_transactions WHERE kind = $1',
+                    self.workload.kind,
                 )
             finally:
                 await conn.close()
@@ -1266,6 +1303,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="SECONDS",
         help="before each server's turn, wait up to this long for the rest of the machine "
         f"to use under {IDLE_BUSY_MAX_PCT:g}%% of a CPU (on a shared machine)",
+    )
+    parser.add_argument(
+        "--action",
+        choices=sorted(WORKLOADS),
+        default="tip",
+        help="the paid command the fans send (default tip); the baseline stays the tip script",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(

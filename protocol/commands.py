@@ -39,16 +39,20 @@ from .errors import ErrorCode, ProtocolError
 from .limits import (
     AMOUNT_MAX,
     AMOUNT_MIN,
+    DELIVERY_TEXT_LEN_MAX,
     DM_TEXT_LEN_MAX,
     ID_INT_MAX,
     ID_INT_MIN,
     ID_STR_LEN_MAX,
     ITEM_REF_RE,
     KEY_LEN_MAX,
+    MEDIA_REF_LEN_MAX,
     MENU_LABEL_LEN_MAX,
+    OBJECT_ID_RE,
     OFFSET_RE,
     PAYMENT_REF_LEN_MAX,
     PRINTABLE_ASCII_RE,
+    REQUEST_TEXT_LEN_MAX,
     SAY_TEXT_LEN_MAX,
     TIP_TEXT_LEN_MAX,
     TOKEN_LEN_MAX,
@@ -93,6 +97,18 @@ def string(len_min: int, len_max: int) -> WireField:
     return WireField(
         describe,
         lambda value: isinstance(value, str) and len_min <= len(value) <= len_max,
+    )
+
+
+def stored_string(len_min: int, len_max: int) -> WireField:
+    """A string of len_min..len_max characters that Postgres can store: no
+    NUL (U+0000), which its text and jsonb types refuse. For prose kept in
+    Postgres (a custom request's text), unlike chat, which stays in Redis."""
+    return WireField(
+        f"a string of {len_min} to {len_max} characters, without NUL (U+0000)",
+        lambda value: (
+            isinstance(value, str) and len_min <= len(value) <= len_max and "\x00" not in value
+        ),
     )
 
 
@@ -154,6 +170,10 @@ TOKEN: Final = utf8_string(1, TOKEN_LEN_MAX)
 SAY_TEXT: Final = string(1, SAY_TEXT_LEN_MAX)
 DM_TEXT: Final = string(1, DM_TEXT_LEN_MAX)
 TIP_TEXT: Final = string(0, TIP_TEXT_LEN_MAX)
+REQUEST_TEXT: Final = stored_string(1, REQUEST_TEXT_LEN_MAX)
+DELIVERY_TEXT: Final = stored_string(0, DELIVERY_TEXT_LEN_MAX)
+MEDIA_REF: Final = printable_ascii(1, MEDIA_REF_LEN_MAX)
+OBJECT_ID: Final = matching(OBJECT_ID_RE, "an id: 1 to 64 characters of A-Z a-z 0-9 _")
 
 
 def label(len_max: int) -> WireField:
@@ -317,6 +337,71 @@ class Dm:
 
 @command
 @dataclass(frozen=True, slots=True)
+class RequestOffer:
+    """A custom request to a model, ``amount`` held in escrow until she
+    delivers (released to her) or it ends otherwise (refunded). Spends: ``key``."""
+
+    TYPE: ClassVar[str] = "request_offer"
+    id: CommandId
+    model: UserId
+    text: Annotated[str, REQUEST_TEXT]
+    amount: Amount
+    key: IdempotencyKey
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class RequestAccept:
+    """The model takes an offered request on (its delivery deadline starts)."""
+
+    TYPE: ClassVar[str] = "request_accept"
+    id: CommandId
+    request: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class RequestDeliver:
+    """The model delivers an accepted request: the escrow is released to her."""
+
+    TYPE: ClassVar[str] = "request_deliver"
+    id: CommandId
+    request: Annotated[str, OBJECT_ID]
+    text: Annotated[str, DELIVERY_TEXT] = ""
+    media: Annotated[str | None, MEDIA_REF] = None
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class RequestDecline:
+    """The model turns down an offered or accepted request: the fan is refunded."""
+
+    TYPE: ClassVar[str] = "request_decline"
+    id: CommandId
+    request: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class RequestCancel:
+    """The fan withdraws an offer the model has not accepted: refunded."""
+
+    TYPE: ClassVar[str] = "request_cancel"
+    id: CommandId
+    request: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class RequestList:
+    """The caller's requests, as fan and as model, newest first."""
+
+    TYPE: ClassVar[str] = "request_list"
+    id: CommandId
+
+
+@command
+@dataclass(frozen=True, slots=True)
 class Balance:
     TYPE: ClassVar[str] = "balance"
     id: CommandId
@@ -329,7 +414,22 @@ class Ping:
     id: CommandId
 
 
-Command: TypeAlias = Hello | Join | Leave | Say | Tip | Dm | Balance | Ping
+Command: TypeAlias = (
+    Hello
+    | Join
+    | Leave
+    | Say
+    | Tip
+    | Dm
+    | Balance
+    | Ping
+    | RequestOffer
+    | RequestAccept
+    | RequestDeliver
+    | RequestDecline
+    | RequestCancel
+    | RequestList
+)
 
 
 def _bad(message: str, command_id: CommandId = None) -> ProtocolError:

@@ -98,3 +98,13 @@ def presence_event(room: str, viewers: int) -> dict[str, Any]:
 def balance_event(balance: int) -> dict[str, Any]:
     """Pushed when someone else's action changed the balance."""
     return {"type": "balance", "balance": balance}
+
+
+def request_event(request: dict[str, Any]) -> dict[str, Any]:
+    """A custom request's state, to both its fan and its model, on every
+    change: ``request`` (its id), ``from`` (the fan), ``to`` (the model),
+    ``text``, ``amount``, ``state``, ``expires_ms`` (when the current state
+    ends by itself; null once closed), ``ts``; once delivered, ``delivery``
+    {``text``, ``media``}. ``request`` is a listed request
+    (GET /v1/me/requests), which has these fields but ``type`` and ``ts``."""
+    return {"type": "request", **request}

@@ -31,6 +31,20 @@ SAY_TEXT_LEN_MAX: Final = 1000  # characters; a `say` text is 1..this
 DM_TEXT_LEN_MAX: Final = 1000  # characters; a `dm` text is 1..this
 TIP_TEXT_LEN_MAX: Final = 255  # characters; a tip's note (0..this) is a one-line overlay
 
+# Custom requests (request_offer, request_deliver). The fan's description and
+# the model's note are prose like a DM, stored in Postgres with the request
+# and carried in every `request` event, so they share the DM's bound. A
+# delivery's `media` names what was delivered (a URL or a media id), not the
+# media itself: a short printable identifier.
+REQUEST_TEXT_LEN_MAX: Final = 1000  # characters; an offer's text is 1..this
+DELIVERY_TEXT_LEN_MAX: Final = 1000  # characters; a delivery's note is 0..this
+MEDIA_REF_LEN_MAX: Final = 512  # characters, printable ASCII; fits a long URL
+# Ids of the objects the server makes (`r_...` requests; later `t_...`,
+# `m_...`): a kind prefix and hex digits. A command accepts any id of this
+# shape, so that an id of another kind is NOT_FOUND, not BAD_REQUEST.
+OBJECT_ID_RE: Final = re.compile(r"^[A-Za-z0-9_]{1,64}\Z")
+REQUEST_ID_RE: Final = re.compile(r"^r_[0-9a-f]{24}\Z")
+
 # Amounts are integer tokens. The minimum: a zero tip moves nothing and only
 # adds ledger rows. The maximum caps one mistaken or malicious spend and keeps
 # any sum of spends far below 2**53 (exact in JavaScript numbers).

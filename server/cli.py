@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .auth import ROLES, TOKEN_TTL_DEFAULT_S, issue_token
 from .config import Settings
+from .logs import LOG_FORMATS, LogFormat, log_format_from_env
+from .logs import configure as configure_logs
 
 log = logging.getLogger("tokenchat")
 
@@ -34,6 +36,12 @@ DEV_MODEL_MENU = (("Say my name", 10), ("Dance", 50), ("Song request", 100))
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenchat", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("TOKENCHAT_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=None,
+        help="text lines or JSON lines (default: TOKENCHAT_LOG_FORMAT, else text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway and HTTP API")
@@ -86,9 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command not in added and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        log_format: LogFormat = args.log_format or log_format_from_env()
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure_logs(args.log_level, log_format)
+    args.log_format = log_format  # what serve's workers use too
     try:
         if args.command == "serve":
             return _serve(args)
@@ -130,11 +141,19 @@ def _listen_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None)
     parser.add_argument("--http-port", type=int, default=None)
     parser.add_argument("--ws-port", type=int, default=None)
+    parser.add_argument(
+        "--one-port",
+        action="store_const",
+        const=1,
+        default=None,
+        help="serve the WebSocket at /ws on the HTTP port, no WebSocket port "
+        "(TOKENCHAT_ONE_PORT=1; also when --ws-port equals --http-port)",
+    )
 
 
 def _settings_from(args: argparse.Namespace, **extra: object) -> Settings:
     overrides: dict[str, object] = dict(extra)
-    for name in ("host", "http_port", "ws_port", "workers"):
+    for name in ("host", "http_port", "ws_port", "one_port", "workers"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -157,7 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
             + ". These are for development only; set TOKENCHAT_INSECURE=1 (or pass "
             "--insecure) if this server will never see real users or money"
         )
-    return serve_workers(settings, args.log_level.upper())
+    return serve_workers(settings, args.log_level.upper(), args.log_format)
 
 
 def _migrate(settings: Settings) -> int:

@@ -8,6 +8,8 @@ status, here and nowhere else::
      ├── NotInRoom               NOT_IN_ROOM       409
      ├── BadRequest              BAD_REQUEST       400
      ├── Conflict                CONFLICT          409
+     │    └── EscrowEmpty        CONFLICT          409  (nothing left to
+     │                                                    release or refund)
      ├── InsufficientFunds       INSUFFICIENT_FUNDS 409
      ├── PriceChanged            PRICE_CHANGED     409
      ├── RateLimited             RATE_LIMITED      429
@@ -64,6 +66,11 @@ class BadRequest(ServiceError):
 class Conflict(ServiceError):
     code = ErrorCode.CONFLICT
     http_status = 409
+
+
+class EscrowEmpty(Conflict):
+    """A release or escrow_refund found its escrow empty: the money moved
+    already (the escrow workflows treat this as done, not as a failure)."""
 
 
 class InsufficientFunds(ServiceError):

@@ -51,6 +51,10 @@ class Keys:
         parked, for the spends waiting on them (server/ledger/confirmations.py)."""
         return f"{self.prefix}ledger:commits"
 
+    def deadline_lease(self) -> str:
+        """Held (SET NX PX, renewed) by the one process sweeping deadlines."""
+        return f"{self.prefix}deadlines:lease"
+
     def channel_user(self, channel: str) -> str | None:
         head = f"{self.prefix}user:"
         return channel[len(head) :] if channel.startswith(head) else None

@@ -12,6 +12,8 @@ port instead (in the parent when there are workers), from the same registry
 from __future__ import annotations
 
 import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -38,6 +40,15 @@ ERRORS = Counter("tokenchat_errors_total", "Error replies sent, by code", ["code
 CLOSES = Counter(
     "tokenchat_session_closes_total", "Sessions closed by the server, by code", ["code"]
 )
+# From a command's frame read to its reply written, by command type: the
+# latency a client sees, less the network. Buckets from 0.5 ms (a say on an
+# idle node) to 5 s (a spend waiting on the ledger in durability `ledger`).
+COMMAND_SECONDS = Histogram(
+    "tokenchat_command_duration_seconds",
+    "From a command's arrival to its reply, by command type (valid commands only)",
+    ["type"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 FANOUT_LATENCY = Histogram(
     "tokenchat_fanout_latency_seconds",
     "From an event's commit in Redis to its write to this node's members",
@@ -54,6 +65,19 @@ LEDGER_REJECTED_ROWS = Gauge(
     " reconcile and GET /v1/admin/ledger/rejected, raised by each parking",
     multiprocess_mode="livemax",
 )
+OUTBOX_DEPTH = Gauge(
+    "tokenchat_ledger_outbox_entries",
+    "Entries in the Redis outbox not yet written to Postgres, as the ledger writer last"
+    " read it (after each batch, and at least every blocking read)",
+    multiprocess_mode="livemax",
+)
+RECONCILE_MISMATCHES = Gauge(
+    "tokenchat_reconcile_mismatches",
+    "Mismatches the last reconcile found (Redis against Postgres, postings against"
+    " balances, the books' sum); -1 before any reconcile ran in this process",
+    multiprocess_mode="livemax",
+)
+RECONCILE_MISMATCHES.set(-1)
 LEDGER_LAG = Histogram(
     "tokenchat_ledger_lag_seconds",
     "From a transaction's commit in Redis to its commit in Postgres",
@@ -64,6 +88,44 @@ WORKER_REPLACEMENTS = Counter(
     "tokenchat_worker_replacements_total",
     "Gateway workers started by `serve --workers N` to replace one that died",
 )
+
+
+# Label children by label values: ``labels()`` takes a lock and builds a key
+# on every call (about half of a counted command's metrics cost). Bounded:
+# command types and results are the protocol's, a few dozen each.
+_command_counts: dict[tuple[str, str], Counter] = {}
+_command_timers: dict[str, Histogram] = {}
+
+
+def count_command(kind: str, result: str) -> None:
+    """One command of type ``kind`` answered with ``result`` (ok or a code)."""
+    child = _command_counts.get((kind, result))
+    if child is None:
+        child = _command_counts[(kind, result)] = COMMANDS.labels(kind, result)
+    child.inc()
+
+
+def time_command(kind: str, seconds: float) -> None:
+    child = _command_timers.get(kind)
+    if child is None:
+        child = _command_timers[kind] = COMMAND_SECONDS.labels(kind)
+    child.observe(seconds)
+
+
+def _version() -> str:
+    try:
+        return version("tokenchat")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
+
+
+BUILD_INFO = Gauge(
+    "tokenchat_build_info",
+    "Always 1; its labels name the running tokenchat and Python",
+    ["version", "python"],
+    multiprocess_mode="livemax",
+)
+BUILD_INFO.labels(_version(), platform.python_version()).set(1)
 
 
 def _registry() -> CollectorRegistry:

@@ -28,6 +28,7 @@ const state = {
   counted: new Set(), // offsets of the tips already counted as earnings
   menus: new Map(), // room id -> its owner's tip menu [{id, label, price}], as last read
   roomsTimer: null,
+  requests: new Map(), // request id -> the request, as listed and in `request` events
 };
 // For the console and the browser test: the state, and a way to drop the socket.
 window.tokenchat = state;
@@ -247,6 +248,9 @@ function signOut(message) {
   state.counted.clear();
   state.menus.clear();
   $("menu-rows").replaceChildren();
+  state.requests.clear();
+  $("requests").replaceChildren();
+  $("requests-empty").hidden = false;
   clearInterval(state.roomsTimer);
   sessionStorage.removeItem(TOKEN_STORAGE);
   document.body.classList.remove("signed-in", "in-room", "is-model");
@@ -277,6 +281,7 @@ function onWelcome(welcome) {
 }
 
 async function onReady(reconnected) {
+  loadRequests();
   if (reconnected) {
     toast("Reconnected. Caught up with the rooms you are in.", "success");
     return;
@@ -389,6 +394,8 @@ function showRoom(roomId) {
   $("room-leave").hidden = own;
   $("tip-form").hidden = own;
   $("dm-room-owner").parentElement.hidden = own;
+  $("request-form").hidden = own || state.me.role !== "fan";
+  $("request-model").textContent = roomId;
   $("dm-room-owner").textContent = `✉ Message ${roomId} privately`;
   $("tip-room").textContent = roomId;
   renderMenu(roomId);
@@ -490,6 +497,12 @@ function onEvent(event) {
     case "balance":
       setBalance(event.balance);
       break;
+    case "request":
+      showRequest(event);
+      if (event.state === "delivered" && event.to === state.me?.id) {
+        earn("request", event.from, event.amount, event.text, event.ts);
+      }
+      break;
     default:
       break;
   }
@@ -506,7 +519,7 @@ function countEarning(tip) {
 function earn(kind, from, amount, text, ts, itemLabel = "") {
   state.earned += amount;
   $("earned-total").textContent = state.earned.toLocaleString();
-  const label = kind === "tip" ? "tip" : "private message";
+  const label = { tip: "tip", dm: "private message", request: "custom request" }[kind] ?? kind;
   const item = el(
     "li",
     { class: `earning ${kind}` },
@@ -803,6 +816,134 @@ function addDm(dm) {
   list.scrollTop = list.scrollHeight;
 }
 
+// --- custom requests ---------------------------------------------------------------------------
+const REQUEST_STATES = {
+  offered: "Offered",
+  accepted: "Accepted",
+  delivered: "Delivered",
+  declined: "Declined",
+  cancelled: "Cancelled",
+  expired: "Expired",
+};
+
+async function loadRequests() {
+  try {
+    const { requests } = await state.conn.request("request_list");
+    for (const request of requests.slice().reverse()) showRequest(request);
+  } catch (err) {
+    toast(explain(err, "loading your requests"), "error");
+  }
+}
+
+/** Add or update one request in the list (newest first). */
+function showRequest(request) {
+  state.requests.set(request.request, request);
+  const list = $("requests");
+  const old = list.querySelector(`[data-request="${CSS.escape(request.request)}"]`);
+  const item = renderRequest(request);
+  if (old) old.replaceWith(item);
+  else list.prepend(item);
+  while (list.children.length > 100) list.lastElementChild.remove();
+  $("requests-empty").hidden = true;
+}
+
+function renderRequest(request) {
+  const asModel = request.to === state.me?.id;
+  const other = asModel ? `From ${request.from}` : `To ${request.to}`;
+  const item = el(
+    "li",
+    { class: `request ${request.state}`, "data-request": request.request, "data-state": request.state },
+    el(
+      "p",
+      { class: "request-head" },
+      el("strong", { text: other }),
+      el("span", { class: "request-amount", text: ` · ${tokens(request.amount)}` }),
+      el("span", { class: "request-state", text: REQUEST_STATES[request.state] ?? request.state }),
+    ),
+    el("p", { class: "request-text", text: request.text }),
+  );
+  if (request.delivery) {
+    const said = request.delivery.text ? `“${request.delivery.text}”` : "";
+    const media = request.delivery.media ? ` ${request.delivery.media}` : "";
+    item.append(el("p", { class: "request-delivery", text: `Delivered: ${said}${media}`.trim() }));
+  } else if (request.expires_ms) {
+    const what = request.state === "offered" ? "Expires" : "Due";
+    const when = new Date(request.expires_ms).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+    item.append(el("p", { class: "hint", text: `${what} ${when}` }));
+  }
+  const actions = el("div", { class: "actions" });
+  const action = (label, run, kind = "ghost") => {
+    const button = el("button", { type: "button", class: `${kind} small` }, label);
+    button.addEventListener("click", () => run(button));
+    actions.append(button);
+  };
+  if (asModel && request.state === "offered") {
+    action("Accept", () => answerRequest("request_accept", request), "primary");
+    action("Decline", () => answerRequest("request_decline", request));
+  } else if (asModel && request.state === "accepted") {
+    const note = el("input", {
+      class: "delivery-text",
+      maxlength: "1000",
+      placeholder: "Note or link with the delivery",
+      "aria-label": `Delivery note for ${request.from}`,
+    });
+    actions.append(note);
+    action("Deliver", () => answerRequest("request_deliver", request, { text: note.value.trim() }), "primary");
+    action("Decline", () => answerRequest("request_decline", request));
+  } else if (!asModel && request.state === "offered") {
+    action("Cancel", () => answerRequest("request_cancel", request));
+  }
+  if (actions.children.length) item.append(actions);
+  return item;
+}
+
+async function answerRequest(type, request, extra = {}) {
+  const what = {
+    request_accept: "accepting",
+    request_deliver: "delivering",
+    request_decline: "declining",
+    request_cancel: "cancelling",
+  }[type];
+  try {
+    const reply = await state.conn.request(type, { request: request.request, ...extra });
+    // The `request` event brings the whole request; the reply may come first.
+    const known = state.requests.get(request.request) ?? request;
+    if (known.state !== reply.state) showRequest({ ...known, state: reply.state, expires_ms: null });
+  } catch (err) {
+    toast(explain(err, `${what} this request`), "error");
+  }
+}
+
+async function offerRequest(event) {
+  event.preventDefault();
+  const model = state.room;
+  const text = $("request-text").value.trim();
+  const amount = Number($("request-amount").value);
+  if (!model || !text) return;
+  if (!Number.isInteger(amount) || amount < 1 || amount > 1000000) {
+    toast("Enter a whole number of tokens between 1 and 1,000,000.", "error");
+    return;
+  }
+  const ok = await confirmDialog(
+    `Offer ${tokens(amount)}?`,
+    `${tokens(amount)} are held until ${model} delivers your request; you get them back if she declines, or lets it expire.`,
+    `Hold ${amount} and offer`,
+  );
+  if (!ok) return;
+  $("request-send").disabled = true;
+  try {
+    const reply = await state.conn.request("request_offer", { model, text, amount, key: newKey() });
+    balanceFromReply(reply);
+    $("request-text").value = "";
+    $("request-amount").value = "";
+    toast(`Request offered to ${model}: ${tokens(amount)} held.`, "success");
+  } catch (err) {
+    toast(explain(err, "this request"), "error");
+  } finally {
+    $("request-send").disabled = false;
+  }
+}
+
 // --- a model's prices ------------------------------------------------------------------------
 async function loadPrices() {
   try {
@@ -911,6 +1052,7 @@ function wire() {
   $("prices-form").addEventListener("submit", savePrices);
   $("menu-add").addEventListener("click", () => addMenuRow());
   $("menu-form").addEventListener("submit", saveMenu);
+  $("request-form").addEventListener("submit", offerRequest);
 }
 
 wire();

@@ -34,6 +34,7 @@ from ..catalog.directory import RoomInfo
 from ..errors import (
     BadRequest,
     Conflict,
+    EscrowEmpty,
     InsufficientFunds,
     NotFound,
     NotInRoom,
@@ -320,7 +321,43 @@ REFUND = Action(
     ),
 )
 
-ACTIONS: tuple[Action, ...] = (TIP, DM, CREDIT, REFUND, TIP_ITEM)
+# Escrow (docs/economy.md, "Escrow"): one account per held object,
+# `esc:<kind>:<id>`. A hold puts a user's tokens in; a release (to the earner)
+# or an escrow_refund (back to the payer) takes the WHOLE balance out, so
+# nothing leaves an escrow twice. No wire command of their own: a feature's
+# workflow (server/economy/requests.py) calls them; the refund rule of
+# admins does not apply (a workflow returns escrowed tokens itself).
+_EMPTY = MappingProxyType(
+    {"EMPTY": Refusal(EscrowEmpty, "the escrow holds nothing: it was released or refunded already")}
+)
+HOLD = Action(
+    name="hold",
+    kinds=("hold",),
+    keys=("payer_balance", "escrow_balance"),
+    args=("amount", "payer", "escrow", "subject"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,  # the payer's reply carries its balance: no push
+)
+RELEASE = Action(
+    name="release",
+    kinds=("release",),
+    keys=("escrow_balance", "payee_balance"),
+    args=("escrow", "payee", "payee_channel"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,
+    refusals=_EMPTY,
+)
+ESCROW_REFUND = Action(
+    name="escrow_refund",
+    kinds=("escrow_refund",),
+    keys=("escrow_balance", "payer_balance"),
+    args=("escrow", "payer", "payer_channel"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,
+    refusals=_EMPTY,
+)
+
+ACTIONS: tuple[Action, ...] = (TIP, DM, CREDIT, REFUND, HOLD, RELEASE, ESCROW_REFUND, TIP_ITEM)
 BY_NAME: Mapping[str, Action] = MappingProxyType({action.name: action for action in ACTIONS})
 BY_KIND: Mapping[str, Action] = MappingProxyType(
     {kind: action for action in ACTIONS for kind in action.kinds}

@@ -52,8 +52,11 @@ from .actions import (
     COMMON_KEYS,
     CREDIT,
     DM,
+    ESCROW_REFUND,
+    HOLD,
     REFUND,
     REFUNDABLE_KINDS,
+    RELEASE,
     TIP,
     TIP_ITEM,
     Action,
@@ -95,6 +98,11 @@ Drain = Callable[[float], Awaitable[int]]
 
 def user_account(user_id: str) -> str:
     return f"u:{user_id}"
+
+
+def escrow_account(kind: str, subject: str) -> str:
+    """The escrow account of one held object: ``esc:request:r_...``."""
+    return f"esc:{kind}:{subject}"
 
 
 def user_initiator(user_id: str) -> str:
@@ -327,6 +335,97 @@ class Economy:
                 "marker_ttl_s": REFUND_MARKER_TTL_S,
             },
         )
+
+    # --- escrow: one account per held object (actions.py, HOLD/RELEASE/ESCROW_REFUND) ---
+    async def hold(
+        self,
+        user_id: str,
+        escrow: str,
+        amount: int,
+        *,
+        subject: str,
+        key: str,
+        request: str,
+        meta: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Move ``amount`` from the user into ``escrow`` (idempotent on the
+        user's ``key``; ``request`` is the fingerprint of what they asked).
+        The reply names ``subject``: the original one for a duplicate."""
+        assert escrow.startswith("esc:"), escrow
+        payer = user_account(user_id)
+        return await self._run(
+            HOLD,
+            initiator=user_initiator(user_id),
+            key=key,
+            request=request,
+            meta={**meta, "escrow": escrow},
+            keys={
+                "payer_balance": self._keys.balance(payer),
+                "escrow_balance": self._keys.balance(escrow),
+            },
+            args={"amount": amount, "payer": payer, "escrow": escrow, "subject": subject},
+        )
+
+    async def release(
+        self, escrow: str, user_id: str, *, initiator: str, key: str, meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Move the escrow's whole balance to the user who earned it.
+        ``Conflict`` (EMPTY) when it holds nothing: it moved already."""
+        _check_initiator(initiator)
+        payee = user_account(user_id)
+        return await self._run(
+            RELEASE,
+            initiator=initiator,
+            key=key,
+            request=fingerprint("release", escrow=escrow, to=user_id),
+            meta={**meta, "escrow": escrow},
+            keys={
+                "escrow_balance": self._keys.balance(escrow),
+                "payee_balance": self._keys.balance(payee),
+            },
+            args={
+                "escrow": escrow,
+                "payee": payee,
+                "payee_channel": self._keys.user_channel(user_id),
+            },
+        )
+
+    async def escrow_refund(
+        self, escrow: str, user_id: str, *, initiator: str, key: str, meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Move the escrow's whole balance back to the user it came from.
+        ``Conflict`` (EMPTY) when it holds nothing: it moved already."""
+        _check_initiator(initiator)
+        payer = user_account(user_id)
+        return await self._run(
+            ESCROW_REFUND,
+            initiator=initiator,
+            key=key,
+            request=fingerprint("escrow_refund", escrow=escrow, to=user_id),
+            meta={**meta, "escrow": escrow},
+            keys={
+                "escrow_balance": self._keys.balance(escrow),
+                "payer_balance": self._keys.balance(payer),
+            },
+            args={
+                "escrow": escrow,
+                "payer": payer,
+                "payer_channel": self._keys.user_channel(user_id),
+            },
+        )
+
+    async def escrow_balance(self, escrow: str) -> int:
+        """An escrow account's balance, loading it from Postgres if needed."""
+        key = self._keys.balance(escrow)
+        for _ in range(LOAD_ATTEMPTS_MAX):
+            try:
+                value = await self._redis.get(key)
+            except _REDIS_ERRORS as exc:
+                raise Unavailable("balances are unavailable") from exc
+            if value is not None:
+                return int(value)
+            await self._load(escrow)
+        raise Unavailable("the balance could not be loaded")
 
     async def _original_spend(self, tx: str, initiator: str, key: str) -> tuple[str, str, int]:
         """Payer, payee and amount of a spend that may be refunded now."""

@@ -26,7 +26,9 @@ from ..aio import reraise_if_cancelled
 from ..catalog.directory import Directory
 from ..config import Settings
 from ..db import create_pool
+from ..economy.deadlines import Sweeper
 from ..economy.economy import Economy
+from ..economy.requests import Requests
 from ..errors import LimitExceeded, Unavailable
 from ..keys import Keys
 from ..ledger.confirmations import Confirmations
@@ -91,6 +93,11 @@ class Node:
         )
         self.ledger = LedgerWriter(settings, self.ledger_pool, self.economy, consumer=self.id)
         self.economy.rebuild_with(self.ledger.drain)
+        # Custom requests, and the deadline sweeper every node runs (one at a
+        # time sweeps: the holder of its Redis lease).
+        self.requests = Requests(pool, redis, self.keys, settings, self.economy)
+        self.sweeper = Sweeper(pool, redis, self.keys, settings)
+        self.requests.register(self.sweeper)
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
             redis,
@@ -155,6 +162,7 @@ class Node:
             asyncio.create_task(self._heartbeat_forever(), name="node-heartbeat"),
             asyncio.create_task(self._presence_forever(), name="node-presence"),
             asyncio.create_task(self._sweep_slow_forever(), name="node-slow-sweep"),
+            asyncio.create_task(self.sweeper.run(), name="deadline-sweeper"),
         ]
         if self.settings.ledger_enabled:
             self._loops.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,12 @@ from tokenchat.protocol import (
     Leave,
     Ping,
     ProtocolError,
+    RequestAccept,
+    RequestCancel,
+    RequestDecline,
+    RequestDeliver,
+    RequestList,
+    RequestOffer,
     Say,
     codec_for,
     decode_command,
@@ -93,6 +100,12 @@ class Session:
             Say: self._say,
             Balance: self._balance,
             Ping: self._ping,
+            RequestOffer: self._request_offer,
+            RequestAccept: self._request_accept,
+            RequestDeliver: self._request_deliver,
+            RequestDecline: self._request_decline,
+            RequestCancel: self._request_cancel,
+            RequestList: self._request_list,
         }
         # Paid commands, from the paid-action registry.
         for command_type, action in BY_COMMAND.items():
@@ -220,7 +233,7 @@ class Session:
                 await self._close(CloseCode.UNAUTHENTICATED, exc.message)
                 return False
             return None
-        metrics.COMMANDS.labels("hello", "ok").inc()
+        metrics.count_command("hello", "ok")
         await self._send(
             events.welcome(command.id, identity.user_id, identity.role, balance, self.id)
         )
@@ -258,6 +271,7 @@ class Session:
             await self._close(CloseCode.SERVICE_RESTART, "server restarting")
 
     async def _handle(self, data: str | bytes) -> None:
+        arrived_s = time.perf_counter()
         command = await self._admit(data)
         if command is None:
             return
@@ -267,6 +281,7 @@ class Session:
         finally:
             self._busy = False
         await self._send(reply)
+        metrics.time_command(command.TYPE, time.perf_counter() - arrived_s)
         if self._after_reply is not None:
             after, self._after_reply = self._after_reply, None
             after()
@@ -275,19 +290,19 @@ class Session:
         kind = command.TYPE
         handler = self._handlers.get(type(command))
         if handler is None:  # hello again, or a command with no handler here
-            metrics.COMMANDS.labels(kind, ErrorCode.BAD_REQUEST).inc()
+            metrics.count_command(kind, ErrorCode.BAD_REQUEST)
             return self._error(command.id, ErrorCode.BAD_REQUEST, f"'{kind}' is not valid now")
         try:
             fields = await handler(command)
         except ServiceError as exc:
-            metrics.COMMANDS.labels(kind, exc.code).inc()
+            metrics.count_command(kind, exc.code)
             return self._error(command.id, exc.code, exc.message)
         except Exception:
             # A bug: log it here, tell the client nothing about it.
             log.exception("command %s failed", kind)
-            metrics.COMMANDS.labels(kind, ErrorCode.INTERNAL).inc()
+            metrics.count_command(kind, ErrorCode.INTERNAL)
             return self._error(command.id, ErrorCode.INTERNAL, "internal error")
-        metrics.COMMANDS.labels(kind, "ok").inc()
+        metrics.count_command(kind, "ok")
         return events.ok(command.id, **fields)
 
     async def _admit(self, data: str | bytes) -> Command | None:
@@ -305,7 +320,7 @@ class Session:
         re = command.id if command is not None else refused.re if refused else None
         if not allowed:
             self._strikes += 1
-            metrics.COMMANDS.labels("any", ErrorCode.RATE_LIMITED).inc()
+            metrics.count_command("any", ErrorCode.RATE_LIMITED)
             if self._strikes > self.node.settings.rate_limit_strikes_max:
                 await self._close(CloseCode.RATE_LIMITED, "rate limited past tolerance")
             else:
@@ -313,7 +328,7 @@ class Session:
             return None
         self._strikes = 0
         if refused is not None:
-            metrics.COMMANDS.labels("invalid", refused.code).inc()
+            metrics.count_command("invalid", refused.code)
             await self._send_error(refused.re, refused.code, refused.message)
         return command
 
@@ -401,6 +416,33 @@ class Session:
 
     async def _ping(self, command: Ping) -> Reply:
         return {}
+
+    # --- custom requests (server/economy/requests.py) ---------------------------------
+    def _user(self) -> str:
+        assert self.identity is not None
+        return self.identity.user_id
+
+    async def _request_offer(self, command: RequestOffer) -> Reply:
+        return await self.node.requests.offer(
+            self._user(), command.model, command.text, command.amount, command.key
+        )
+
+    async def _request_accept(self, command: RequestAccept) -> Reply:
+        return await self.node.requests.accept(self._user(), command.request)
+
+    async def _request_deliver(self, command: RequestDeliver) -> Reply:
+        return await self.node.requests.deliver(
+            self._user(), command.request, command.text, command.media
+        )
+
+    async def _request_decline(self, command: RequestDecline) -> Reply:
+        return await self.node.requests.decline(self._user(), command.request)
+
+    async def _request_cancel(self, command: RequestCancel) -> Reply:
+        return await self.node.requests.cancel(self._user(), command.request)
+
+    async def _request_list(self, command: RequestList) -> Reply:
+        return {"requests": await self.node.requests.list_for(self._user())}
 
     async def _spend(self, action: Action, command: Command) -> Reply:
         """A paid command: its action's serve step (preconditions, then Economy)."""

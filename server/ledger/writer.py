@@ -204,6 +204,7 @@ class LedgerWriter:
             try:
                 started = loop.time()
                 written = await self.step(block=True)
+                metrics.OUTBOX_DEPTH.set(await self.pending())
                 delay_s = RETRY_DELAY_MIN_S
                 if lingers and 0 < written < self._settings.ledger_batch_max:
                     # A part batch: let more entries gather before the next
@@ -566,6 +567,14 @@ async def reconcile(
                GROUP BY a.id"""
         )
         rejected = await conn.fetchval("SELECT count(*) FROM ledger_rejected")
+        # Escrow: a closed object's escrow must be empty, and an escrow that
+        # holds tokens must belong to an object (escrow_objects, 0009).
+        escrows = await conn.fetch(
+            """SELECT a.id, a.balance, o.closed FROM accounts a
+               LEFT JOIN escrow_objects o ON o.account = a.id
+               WHERE a.kind = 'escrow' AND a.balance <> 0
+                 AND (o.account IS NULL OR o.closed)"""
+        )
     metrics.LEDGER_REJECTED_ROWS.set(rejected)
     postgres = {row["id"]: row["balance"] for row in rows}
     for row in rows:
@@ -577,9 +586,13 @@ async def reconcile(
         durable = postgres.get(account, 0)
         if hot != durable:
             mismatches.append({"account": account, "redis": hot, "postgres": durable})
+    for row in escrows:
+        problem = "closed object's escrow" if row["closed"] else "escrow of no object"
+        mismatches.append({"account": row["id"], "escrow": row["balance"], "problem": problem})
     total = sum(postgres.values())
     if total != 0:
         mismatches.append({"account": "*", "postgres_sum": total, "expected": 0})
+    metrics.RECONCILE_MISMATCHES.set(len(mismatches))
     return {
         "ok": not mismatches and pending == 0 and rejected == 0,
         "pending": pending,

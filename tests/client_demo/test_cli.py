@@ -191,3 +191,40 @@ def test_event_lines() -> None:
     )
     line = format_event({"type": "reconnecting", "code": None, "reason": "refused", "delay_s": 2})
     assert line == "* could not reconnect (refused); reconnecting in 2.0 s"
+
+
+async def test_custom_requests_from_the_terminal(server: Running) -> None:
+    http = Http(server)
+    model = await server.client("alice", "model")
+    await http.credit("bob", 100)
+    chat = await Chat.start("--url", server.ws_url, "--token", token("bob"))
+    try:
+        await chat.expect("* connected as bob (fan); balance 100")
+        await chat.send("/offer alice 30 a photo of the sea")
+        lines = await chat.expect("offered to alice; balance 70", "30 tokens, offered")
+        (offered,) = [line for line in lines if line.startswith("* ")]
+        (event,) = [line for line in lines if not line.startswith("* ")]
+        request_id = offered.split()[2]
+        assert event.startswith(f"request {request_id} bob -> alice: 30 tokens, offered: a ")
+        await model.call("request_accept", request=request_id)
+        await chat.expect(f"request {request_id} bob -> alice: 30 tokens, accepted")
+        await model.call("request_deliver", request=request_id, text="here", media="sea.jpg")
+        await chat.expect("30 tokens, delivered: a photo of the sea | delivered: here [sea.jpg]")
+        await chat.send("/offer alice 20 a song")
+        await chat.expect("offered to alice; balance 50")
+        await chat.send("/requests")
+        await chat.expect("1. r_", "2. r_")
+        await chat.send("/cancel 1")  # the newest: the song
+        await chat.expect("cancelled", "balance: 70")
+        await chat.send("/cancel 2")
+        await chat.expect("error CONFLICT:")
+        await chat.send("/accept 2")
+        await chat.expect("error FORBIDDEN:")
+        await chat.send("/offer alice lots")
+        await chat.expect("usage: /offer MODEL N TEXT")
+        await chat.send("/quit")
+        assert await chat.exit_code() == 0
+    finally:
+        await chat.kill()
+        await model.close()
+    assert (await http.call("GET", "/v1/me", "alice", "model"))[1]["balance"] == 30

@@ -433,3 +433,89 @@ async def test_token_sign_in_and_refused_token(start_server: StartServer, browse
     await expect(page.locator("#conn-status")).to_have_text("Online")
     await expect(page.locator("#me-name")).to_have_text("zoe")
     await context.close()
+
+
+async def test_a_custom_request_from_offer_to_delivery_on_both_pages(
+    start_server: StartServer, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    running = await start_dev(start_server)
+    base = running.http_url
+    await Http(running).credit("ana", 1000)
+    errors = PageErrors()
+    model_context = await browser.new_context(viewport=DESKTOP, locale="en-US")  # type: ignore[arg-type]
+    fan_context = await browser.new_context(viewport=DESKTOP, locale="en-US")  # type: ignore[arg-type]
+    model = await model_context.new_page()
+    fan = await fan_context.new_page()
+    errors.watch("model", model)
+    errors.watch("fan", fan)
+    await sign_in(model, base, "mia", "model")
+    await expect(model.locator("#request-form")).to_be_hidden()  # her own room
+    await sign_in(fan, base, "ana", "fan")
+    await fan.locator('.room-item[data-room="mia"]').click()
+    await expect(fan.locator("#room-title")).to_have_text("mia")
+
+    # The fan offers 100 tokens from mia's room: held at once.
+    await fan.get_by_label("What you ask for").fill("a photo by the sea")
+    await fan.get_by_label("Offer", exact=True).fill("100")
+    await fan.get_by_role("button", name="Offer", exact=True).click()
+    await expect(fan.locator("#confirm-title")).to_have_text("Offer 100 tokens?")
+    await fan.get_by_role("button", name="Hold 100 and offer").click()
+    await expect(fan.locator("#balance")).to_have_text("900")
+    fan_item = fan.locator("#requests .request").first
+    model_item = model.locator("#requests .request").first
+    await expect(fan_item).to_have_attribute("data-state", "offered")
+    await expect(fan_item).to_contain_text("To mia")
+    await expect(model_item).to_have_attribute("data-state", "offered")
+    await expect(model_item).to_contain_text("From ana")
+    await expect(model_item).to_contain_text("a photo by the sea")
+
+    # The model accepts, then delivers: both pages follow; she is paid.
+    await model_item.get_by_role("button", name="Accept").click()
+    await expect(fan_item).to_have_attribute("data-state", "accepted")
+    await expect(model_item).to_have_attribute("data-state", "accepted")
+    await model_item.get_by_label("Delivery note for ana").fill("sent: sea.jpg")
+    await shoot(model, "model-request-desktop")
+    await model_item.get_by_role("button", name="Deliver").click()
+    await expect(fan_item).to_have_attribute("data-state", "delivered")
+    await expect(fan_item).to_contain_text("Delivered: “sent: sea.jpg”")
+    await expect(model_item).to_have_attribute("data-state", "delivered")
+    await expect(model.locator("#balance")).to_have_text("100")
+    await expect(model.locator("#earnings .earning.request")).to_contain_text(
+        "+100 custom request from ana"
+    )
+    await expect(fan.locator("#balance")).to_have_text("900")
+
+    # A second offer, cancelled by the fan: refunded, and the model sees it end.
+    await fan.get_by_label("What you ask for").fill("a shout-out")
+    await fan.get_by_label("Offer", exact=True).fill("50")
+    await fan.get_by_role("button", name="Offer", exact=True).click()
+    await fan.get_by_role("button", name="Hold 50 and offer").click()
+    await expect(fan.locator("#balance")).to_have_text("850")
+    await expect(model.locator("#requests .request")).to_have_count(2)
+    await expect(model_item).to_have_attribute("data-state", "offered")
+    await shoot(fan, "fan-request-desktop")
+    await fan_item.get_by_role("button", name="Cancel").click()
+    await expect(fan_item).to_have_attribute("data-state", "cancelled")
+    await expect(model_item).to_have_attribute("data-state", "cancelled")
+    await expect(fan.locator("#balance")).to_have_text("900")
+    # An offer beyond the balance: a clear error, nothing held.
+    await fan.get_by_label("What you ask for").fill("a film")
+    await fan.get_by_label("Offer", exact=True).fill("5000")
+    await fan.get_by_role("button", name="Offer", exact=True).click()
+    await fan.get_by_role("button", name="Hold 5000 and offer").click()
+    await expect(fan.locator(".toast.error").last).to_contain_text("Not enough tokens")
+    await expect(fan.locator("#balance")).to_have_text("900")
+    # A reload lists them from the server, in the same states.
+    await fan.reload()
+    await expect(fan.locator("#requests .request")).to_have_count(2)
+    await expect(fan.locator("#requests .request.delivered")).to_have_count(1)
+
+    async def drained() -> bool:
+        return bool((await Http(running).reconcile())["ok"])
+
+    await eventually(drained, timeout_s=15)
+    assert errors.seen == []
+    await fan_context.close()
+    await model_context.close()

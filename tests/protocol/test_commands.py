@@ -87,8 +87,32 @@ def test_msgpack_text_frame_is_bad_request() -> None:
     assert info.value.code is ErrorCode.BAD_REQUEST
 
 
+# Custom requests (docs/protocol.md, "Custom requests").
+REQUEST_COMMANDS = {
+    "request_offer",
+    "request_accept",
+    "request_deliver",
+    "request_decline",
+    "request_cancel",
+    "request_list",
+}
+
+
 def test_registry() -> None:
-    assert set(COMMANDS) == {"hello", "join", "leave", "say", "tip", "dm", "balance", "ping"}
+    assert (
+        set(COMMANDS)
+        == {
+            "hello",
+            "join",
+            "leave",
+            "say",
+            "tip",
+            "dm",
+            "balance",
+            "ping",
+        }
+        | REQUEST_COMMANDS
+    )
     for name, cls in COMMANDS.items():
         assert name == cls.TYPE
 

@@ -266,6 +266,22 @@ async def test_each_action_round_trips_through_redis_and_postgres(
         await economy.refund(credit["tx"], initiator="u:ops", key="r2")
     with pytest.raises(InsufficientFunds):
         await economy.tip("bob", "alice", "alice", 91, "", "t2", 1)
+    # Escrow: two holds, one released to the model, one refunded to the fan;
+    # an empty escrow refuses a second release.
+    held = [
+        await economy.hold(
+            "bob", f"esc:test:e{n}", 10, subject=f"e{n}", key=f"h{n}", request="{}", meta={}
+        )
+        for n in (1, 2)
+    ]
+    assert [h["balance"] for h in held] == [80, 70] and held[0]["subject"] == "e1"
+    release = await economy.release("esc:test:e1", "alice", initiator="sys:test", key="s1", meta={})
+    back = await economy.escrow_refund(
+        "esc:test:e2", "bob", initiator="sys:test", key="s2", meta={}
+    )
+    assert (release["amount"], back["amount"], back["balance"]) == (10, 10, 80)
+    with pytest.raises(Conflict, match="holds nothing"):
+        await economy.release("esc:test:e1", "alice", initiator="sys:test", key="s3", meta={})
 
     rows = await pg(settings, "SELECT id, kind FROM ledger_transactions")
     assert {r["id"]: r["kind"] for r in rows} == {
@@ -274,6 +290,10 @@ async def test_each_action_round_trips_through_redis_and_postgres(
         dm["tx"]: "dm",
         tip_item["tx"]: "tip",
         refund["tx"]: "refund",
+        held[0]["tx"]: "hold",
+        held[1]["tx"]: "hold",
+        release["tx"]: "release",
+        back["tx"]: "escrow_refund",
     }
     assert (await http.reconcile())["ok"] is True
     # The keys outside the money slot are exactly each action's delivery keys.
