@@ -10,6 +10,11 @@ happens, one line each, to standard output:
     /join ROOM        join ROOM (its recent history is shown) and make it current
     /leave            leave the current room
     /tip N [TEXT]     tip N tokens in the current room
+    /menu [USER]      show the tip menu of USER (default: the current room's
+                      model), numbered (GET on the HTTP API, --http)
+    /item N [TEXT]    tip item N of the current room's menu, at most at the
+                      price last shown (looked up and shown first when none
+                      was); refused, not charged, if the price rose since
     /price USER       show what a DM to USER costs (GET on the HTTP API, --http)
     /dm USER TEXT     send a private message at the price last shown for USER
                       (looked up and shown first when none was); it is refused,
@@ -70,6 +75,7 @@ from .client import (
     HttpError,
     Session,
     SessionClosed,
+    get_menu,
     media_url,
     upload_media,
 )
@@ -83,6 +89,8 @@ HELP = """commands:
   /join ROOM      join ROOM and make it the current room
   /leave          leave the current room
   /tip N [TEXT]   tip N tokens in the current room
+  /menu [USER]    show the tip menu of USER (default: this room's model)
+  /item N [TEXT]  tip item N of this room's menu, at most at the price shown
   /price USER     show what a DM to USER costs
   /dm USER TEXT   send USER a private message, at most at the price shown
   /dm --max N USER TEXT   ... paying at most N tokens
@@ -173,7 +181,9 @@ def format_event(event: Event) -> str | None:
         return f"[{room}] {event.get('from')}: {event.get('text')}"
     if type_ == "tip":
         text = event.get("text")
-        return f"[{room}] {event.get('from')} tipped {event.get('amount')}" + (
+        item = event.get("item")
+        what = f" for {item.get('label')}" if isinstance(item, dict) else ""
+        return f"[{room}] {event.get('from')} tipped {event.get('amount')}{what}" + (
             f": {text}" if text else ""
         )
     if type_ == "dm":
@@ -257,6 +267,9 @@ class State:
     # The DM price last shown for each user: a /dm to them pays at most this
     # (max_price), so a price raised after it was shown is refused, not charged.
     dm_prices: dict[str, int] = field(default_factory=dict)
+    # The menu last shown for each model (items {id, label, price}): /item N
+    # tips the N-th at most at its shown price, like /dm.
+    menus: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # The ids of the last /requests listing, so `/accept 1` names the first.
     requests: list[str] = field(default_factory=list)
     # The price last shown for each media (in a `media` or `dm` event): an
@@ -382,6 +395,10 @@ async def handle_line(
         await tip(rest, session, state, out)
     elif command == "dm":
         await dm(rest, session, state, args, out)
+    elif command == "menu":
+        await show_menu(rest or state.room, state, args, out)
+    elif command == "item":
+        await tip_item(rest, session, state, args, out)
     elif command == "price" and rest:
         await show_price(rest, state, args, out)
     elif command == "balance":
@@ -431,6 +448,64 @@ async def tip(rest: str, session: Session, state: State, out: Output) -> None:
     room = state.room
     if (reply := await report(out, session.tip(room, amount, text.strip()))) is not None:
         out(f"* tipped {amount} in {room}; balance {reply.get('balance')}{_again(reply)}")
+
+
+async def show_menu(
+    user: str | None, state: State, args: argparse.Namespace, out: Output
+) -> list[dict[str, Any]] | None:
+    """Print ``user``'s tip menu, numbered, and remember it; None on failure."""
+    if user is None:
+        out("usage: /menu USER (or join a room first)")
+        return None
+    if not args.http:
+        out("error: /menu needs the HTTP API's URL (--http http://HOST:8000)")
+        return None
+    try:
+        items = await get_menu(args.http, user)
+    except HttpError as exc:
+        out(f"error {exc.code}: {exc.message}")
+        return None
+    except OSError as exc:
+        out(f"error: GET menu of {user}: {exc}")
+        return None
+    state.menus[user] = items
+    if not items:
+        out(f"* {user} has no tip menu")
+    for n, item in enumerate(items, 1):
+        out(f"  {n}. {item['label']}: {item['price']} tokens")
+    return items
+
+
+async def tip_item(
+    rest: str, session: Session, state: State, args: argparse.Namespace, out: Output
+) -> None:
+    number_text, _, text = rest.partition(" ")
+    if not number_text.isdigit():
+        out("usage: /item N [TEXT] (N from /menu)")
+        return
+    room = state.room
+    if room is None:
+        out("error: join a room first (/join ROOM)")
+        return
+    items = state.menus.get(room)
+    if items is None and (items := await show_menu(room, state, args, out)) is None:
+        return
+    number = int(number_text)
+    if not 1 <= number <= len(items):
+        out(f"error: no item {number} on {room}'s menu (/menu shows it)")
+        return
+    item = items[number - 1]
+    try:
+        reply = await session.tip_item(room, item["id"], text.strip(), max_price=item["price"])
+    except (CommandError, ConnectionError, TimeoutError) as exc:
+        out(format_error(exc))
+        if isinstance(exc, CommandError) and exc.code in ("PRICE_CHANGED", "NOT_FOUND"):
+            state.menus.pop(room, None)  # the menu changed: the next /item shows it again
+        return
+    out(
+        f"* tipped {reply.get('price')} for {item['label']} in {room}; "
+        f"balance {reply.get('balance')}{_again(reply)}"
+    )
 
 
 async def dm(

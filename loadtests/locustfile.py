@@ -1,18 +1,22 @@
 """Locust scenarios for tokenchat: fans and models over WebSocket.
 
-Fans join a model's room, chat (``say``), tip, send paid DMs, unlock the
-model's locked photo, offer custom requests and cancel them (a hold into
-escrow, then its refund), buy tickets to their room's ticket show (staying
-off its chat without one), check their balance and now and then move to
-another room. Models host a room: they stay joined (reconnecting within a
-second or so if the session is lost), read its events, thank tippers, now and
-then show their locked photo (``post_media``), accept and deliver a custom
-request offered to them (a release from escrow), run ticket shows (schedule
-over HTTP, start, end paid or now and then cancel: refunds) and change their prices with
-``PUT /v1/me/prices``. Each model's photo is uploaded once at test start
-(``POST /v1/media``); a fan's first ``unlock`` of it pays ``MEDIA_PRICE``, the
-later ones are answered ``already`` (counted in the ``tokenchat counters``
-line) and charge nothing. Every WebSocket command is reported to locust's
+Fans join a model's room, chat (``say``), tip, tip items of the room's tip
+menu, send paid DMs, unlock the model's locked photo, offer custom requests
+and cancel them (a hold into escrow, then its refund), buy tickets to their
+room's ticket show (staying off its chat without one), check their balance and
+now and then move to another room. Models host a room: they stay joined
+(reconnecting within a second or so if the session is lost), read its events,
+thank tippers, now and then show their locked photo (``post_media``), accept
+and deliver a custom request offered to them (a release from escrow), run
+ticket shows (schedule over HTTP, start, end paid or now and then cancel:
+refunds) and change their prices with ``PUT /v1/me/prices``. Each model's menu is saved and
+her photo uploaded once at test start (``PUT /v1/me/menu``,
+``POST /v1/media``). A menu tip (``tip item``) reads ``GET
+/v1/users/{id}/menu`` (reused 30 s), then sends ``tip`` with ``item`` and
+``max_price`` the price read. A fan's first ``unlock`` of a photo pays
+``MEDIA_PRICE``, the later ones are answered ``already`` (counted in the
+``tokenchat counters`` line) and charge nothing. Every WebSocket command is
+reported to locust's
 statistics as a request (type ``WS``, named after the command), so the console
 table, the ``--csv`` files and the ``--html`` report show its rate, latency
 percentiles and failures:
@@ -157,6 +161,12 @@ CHAT_LINES = (
 TIP_TEXTS = ("", "", "for you", "great show", "keep going!")
 MEDIA_PRICE = 5  # tokens; every model's locked photo costs this to unlock
 THANKS = ("thank you {}!", "{} you're the best", "welcome {}")
+# Each model's tip menu, saved at test start (PUT /v1/me/menu): fans tip an
+# item at its shown price (max_price). Prices within the tip amounts above.
+MENU = (("Say my name", 5), ("Dance", 25), ("Song request", 10), ("Wave", 3))
+# How long a fan reuses a room's menu before reading it again, as a page
+# that stays open does; PRICE_CHANGED or NOT_FOUND read it at once.
+MENU_REUSE_S = 30.0
 
 # --- bounds -------------------------------------------------------------------------
 CONNECT_TIMEOUT_S = 10.0  # TCP + WebSocket handshake
@@ -433,6 +443,31 @@ def _upload_media(http: requests.Session, cfg: Config, index: int) -> None:
         MEDIA[model_id] = response.json()["media"]["id"]
     except (requests.RequestException, ValueError, KeyError) as exc:
         log.warning("no locked photo for %s: %s", model_id, exc)
+
+
+@listen(events.test_start)
+def _create_menus(environment: Environment, **_kwargs: Any) -> None:
+    """Every model has a tip menu (MENU) before the first fan tips an item."""
+    cfg = config()
+    items: list[dict[str, Any]] = [{"label": label, "price": price} for label, price in MENU]
+    with requests.Session() as http:
+        for index in range(cfg.models):
+            for attempt in range(SETUP_ATTEMPTS):
+                try:
+                    response = http.put(
+                        f"{cfg.http_url}/v1/me/menu",
+                        json={"items": items},
+                        headers={"Authorization": f"Bearer {cfg.model_token(index)}"},
+                        timeout=HTTP_TIMEOUT_S,
+                    )
+                    response.raise_for_status()
+                    break
+                except requests.RequestException as exc:
+                    if attempt + 1 == SETUP_ATTEMPTS:
+                        # Menu tips then fail (NOT_FOUND); the rest of the run is fine.
+                        log.error("cannot save the menu of %s: %s", cfg.model_id(index), exc)
+                        break
+                    gevent.sleep(RETRY_BACKOFF_S * 2**attempt)
 
 
 # What happened that locust's request table does not show.
@@ -1054,6 +1089,8 @@ class FanUser(TokenchatUser):
         self.topups = 0
         self.room_show: tuple[str, str] | None = None  # (show, state) of her room's open show
         self.tickets: set[str] = set()
+        # Each room's menu as last read: (monotonic time, items).
+        self.menus: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         budget = self.cfg.fund // random.choice((16, 4, 1))
         self.credit(budget, f"{self.user_id}:fund", "POST /v1/admin/credits (fund)")
         self.in_room()
@@ -1138,6 +1175,45 @@ class FanUser(TokenchatUser):
             "key": self.new_key("t"),
         }
         self.spend("tip", command, frozenset({ErrorCode.FORBIDDEN}))  # as in `say`
+
+    @task(1)
+    def tip_item(self) -> None:
+        """Tip an item of the room's menu at the price the fan last read."""
+        room = self.in_room()
+        if room is None:
+            return
+        menu = self.menu_of(room)
+        if not menu:
+            return
+        item = random.choice(menu)
+        command = {
+            "type": "tip",
+            "room": room,
+            "item": item["id"],
+            "max_price": item["price"],
+            "text": random.choice(TIP_TEXTS),
+            "key": self.new_key("i"),
+        }
+        if self.spend("tip item", command) is None:
+            self.menus.pop(room, None)  # PRICE_CHANGED, NOT_FOUND...: read it again
+
+    def menu_of(self, room: str) -> list[dict[str, Any]] | None:
+        """The room's menu (GET /v1/users/{room}/menu), reused MENU_REUSE_S."""
+        cached = self.menus.get(room)
+        if cached is not None and time.monotonic() - cached[0] < MENU_REUSE_S:
+            return cached[1]
+        with self.client.get(
+            f"/v1/users/{room}/menu",
+            name="GET /v1/users/{id}/menu",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+                return None
+            items: list[dict[str, Any]] = response.json()["items"]
+        self.menus[room] = (time.monotonic(), items)
+        return items
 
     @task(1)
     def dm(self) -> None:

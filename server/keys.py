@@ -97,6 +97,12 @@ class Keys:
         """Hash of a user's prices (field `dm`); absent = not loaded."""
         return self._eco(f"price:{user_id}")
 
+    def menu(self, user_id: str) -> str:
+        """Hash caching a model's tip menu from Postgres: `v` (the menu's
+        version), `order` (item ids, space-separated), and per item
+        `p:<id>` (price) and `l:<id>` (label); absent = not loaded."""
+        return self._eco(f"menu:{user_id}")
+
     def inbox(self, user_id: str) -> str:
         """Stream of a user's DMs, for delivery at their next hello."""
         return self._eco(f"inbox:{user_id}")

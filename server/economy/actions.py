@@ -206,6 +206,17 @@ async def _serve_tip(context: SpendContext, command: Tip) -> Reply:
     info = await context.room(command.room)
     if info is None:
         raise NotFound(f"no room '{command.room}'")
+    if command.item is not None:  # a menu item of the room's owner: TIP_ITEM
+        return await context.economy.tip_item(
+            context.user_id,
+            command.room,
+            info.owner,
+            command.item,
+            command.text,
+            command.key,
+            command.max_price,
+        )
+    assert command.amount is not None  # the command's own rule: amount or item
     # tip_min is checked inside the script, after the idempotency key.
     return await context.economy.tip(
         context.user_id,
@@ -273,6 +284,36 @@ TIP = Action(
             "TIP_MIN": Refusal(
                 BadRequest, "field 'amount' must be at least the room's tip_min, {detail}"
             ),
+            "NO_TICKET": Refusal(
+                Forbidden, "ticket show {detail} is on: buy a ticket to tip; nothing was charged"
+            ),
+        }
+    ),
+)
+
+# A tip of a menu item: the `tip` command with `item` (served by TIP's
+# serve step), charged at the item's current price. Its ledger kind is
+# `tip`: a menu tip is a tip, refundable alike; its meta names the item.
+TIP_ITEM = Action(
+    name="tip_item",
+    kinds=("tip",),
+    keys=("payer_balance", "payee_balance", "menu", "history", "room_show"),
+    args=(
+        "item",
+        "max_price",
+        "payer",
+        "payee",
+        "room_channel",
+        "history_len",
+        "event",
+        "payee_channel",
+    ),
+    refundable=True,
+    delivery=Delivery.ROOM_EVENT,
+    delivery_keys=("history", "room_show"),
+    refusals=MappingProxyType(
+        {
+            "NO_ITEM": Refusal(NotFound, "no item '{detail}' on the room owner's menu"),
             "NO_TICKET": Refusal(
                 Forbidden, "ticket show {detail} is on: buy a ticket to tip; nothing was charged"
             ),
@@ -425,6 +466,7 @@ ACTIONS: tuple[Action, ...] = (
     RELEASE,
     ESCROW_REFUND,
     UNLOCK,
+    TIP_ITEM,
     TICKET,
     TICKET_REFUND,
 )
