@@ -391,3 +391,27 @@ async def test_a_join_with_postgres_away_succeeds_and_leaks_nothing(
             assert joined["room"]["show"] is None and joined["ticket"] is False
     finally:
         await postgres_proxy.restore()
+
+
+async def test_a_menu_tip_during_a_show_is_for_ticket_holders_only(
+    server: Running, settings: Settings
+) -> None:
+    model, bob, carol = await members(server)
+    status, reply = await Http(server).call(
+        "PUT", "/v1/me/menu", "alice", "model", items=[{"label": "Dance", "price": 7}]
+    )
+    assert status == 200, reply
+    item = reply["items"][0]["id"]
+    show = await schedule(server, price=10, min_s=3600)
+    await bob.call("buy_ticket", room="alice", show=show, key="k")
+    await model.call("show_start", show=show)
+    await show_event(carol, "running")
+    refused = await carol.request("tip", room="alice", item=item, key="i1")
+    assert refused["code"] == "FORBIDDEN" and await balance(carol) == 100
+    tipped = await bob.call("tip", room="alice", item=item, key="i1")
+    assert tipped["price"] == 7
+    event = await model.next_event("tip")
+    assert event["in_show"] == show and event["item"]["label"] == "Dance"
+    await no_event(carol)
+    rejoined = await carol.call("join", room="alice")
+    assert all(e.get("type") != "tip" for e in rejoined["history"])
