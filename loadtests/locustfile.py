@@ -1180,7 +1180,7 @@ class FanUser(TokenchatUser):
     def tip_item(self) -> None:
         """Tip an item of the room's menu at the price the fan last read."""
         room = self.in_room()
-        if room is None:
+        if room is None or self.walled():
             return
         menu = self.menu_of(room)
         if not menu:
@@ -1194,7 +1194,8 @@ class FanUser(TokenchatUser):
             "text": random.choice(TIP_TEXTS),
             "key": self.new_key("i"),
         }
-        if self.spend("tip item", command) is None:
+        # FORBIDDEN: a ticket show started before its event reached her.
+        if self.spend("tip item", command, frozenset({ErrorCode.FORBIDDEN})) is None:
             self.menus.pop(room, None)  # PRICE_CHANGED, NOT_FOUND...: read it again
 
     def menu_of(self, room: str) -> list[dict[str, Any]] | None:
