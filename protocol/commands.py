@@ -346,6 +346,50 @@ class RequestList:
 
 @command
 @dataclass(frozen=True, slots=True)
+class PrivateRequest:
+    """A fan asks a model for a private show at ``rate`` tokens a minute
+    (PRICE_CHANGED if hers is now higher). Nothing is charged until she
+    accepts. Idempotent on ``key``."""
+
+    TYPE: ClassVar[str] = "private_request"
+    id: CommandId
+    model: UserId
+    rate: Amount
+    key: IdempotencyKey
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class PrivateAccept:
+    """The model starts a requested show: the minimum is held, the meter runs."""
+
+    TYPE: ClassVar[str] = "private_accept"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class PrivateDecline:
+    """The model turns a requested show down: nothing was charged."""
+
+    TYPE: ClassVar[str] = "private_decline"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class PrivateEnd:
+    """Either side ends a show (or the fan withdraws a request)."""
+
+    TYPE: ClassVar[str] = "private_end"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
 class Balance:
     TYPE: ClassVar[str] = "balance"
     id: CommandId
@@ -373,6 +417,10 @@ Command: TypeAlias = (
     | RequestDecline
     | RequestCancel
     | RequestList
+    | PrivateRequest
+    | PrivateAccept
+    | PrivateDecline
+    | PrivateEnd
 )
 
 

@@ -44,6 +44,13 @@ MEDIA_REF_LEN_MAX: Final = 512  # characters, printable ASCII; fits a long URL
 # shape, so that an id of another kind is NOT_FOUND, not BAD_REQUEST.
 OBJECT_ID_RE: Final = re.compile(r"^[A-Za-z0-9_]{1,64}\Z")
 REQUEST_ID_RE: Final = re.compile(r"^r_[0-9a-f]{24}\Z")
+PRIVATE_ID_RE: Final = re.compile(r"^p_[0-9a-f]{24}\Z")
+# A private show's room is `p:<show id>`: a room id no user id collides with
+# in practice, and that the server recognises before the catalog.
+PRIVATE_ROOM_PREFIX: Final = "p:"
+# A private show's minimum length (PUT /v1/me/prices, private_min_s): at
+# most an hour, which is already more than any minimum a model would ask.
+PRIVATE_MIN_S_MAX: Final = 3600  # seconds
 
 # Amounts are integer tokens. The minimum: a zero tip moves nothing and only
 # adds ledger rows. The maximum caps one mistaken or malicious spend and keeps

@@ -321,7 +321,28 @@ ESCROW_REFUND = Action(
     refusals=_EMPTY,
 )
 
-ACTIONS: tuple[Action, ...] = (TIP, DM, CREDIT, REFUND, HOLD, RELEASE, ESCROW_REFUND)
+# A private show's billing (server/economy/privates.py): one call per
+# period, escrow first, then the fan, to the model. No wire command: the
+# meter of the node holding the show's lease runs it.
+METER = Action(
+    name="meter",
+    kinds=("meter",),
+    keys=("payer_balance", "escrow_balance", "payee_balance"),
+    args=("amount", "payer", "escrow", "payee", "payer_channel", "payee_channel"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,
+)
+
+ACTIONS: tuple[Action, ...] = (
+    TIP,
+    DM,
+    CREDIT,
+    REFUND,
+    HOLD,
+    RELEASE,
+    ESCROW_REFUND,
+    METER,
+)
 BY_NAME: Mapping[str, Action] = MappingProxyType({action.name: action for action in ACTIONS})
 BY_KIND: Mapping[str, Action] = MappingProxyType(
     {kind: action for action in ACTIONS for kind in action.kinds}
