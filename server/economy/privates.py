@@ -142,6 +142,8 @@ def wire(row: Any, tick_s: int) -> dict[str, Any]:
         "charged": row["charged"],
         "expires_ms": _ms(row["expires_at"]),
         "created_ms": _ms(row["created_at"]),
+        # When its money was settled (null until then): the final figures.
+        "settled_ms": _ms(row["settled_at"]),
     }
     if row["state"] in ("accepted", "running"):
         item["room"] = room_of(row["id"])
