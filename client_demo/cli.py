@@ -22,6 +22,9 @@ happens, one line each, to standard output:
     /accept R, /decline R, /cancel R   accept or decline request R (model),
                       cancel it (fan); R is its id, or its number in /requests
     /deliver R [TEXT] deliver request R (model): its tokens are released to you
+    /private MODEL RATE   ask MODEL for a private show at RATE tokens a minute
+    /paccept S, /pdecline S, /pend S   accept or decline show S (model), end
+                      it (either side); accepting joins its private room
     /help             this list
     /quit             leave (so does the end of the input)
 
@@ -69,6 +72,9 @@ HELP = """commands:
   /requests       list your custom requests (numbered)
   /accept R, /deliver R [TEXT], /decline R   a model's answers to request R
   /cancel R       withdraw your offer R
+  /private MODEL RATE   ask MODEL for a private show (RATE tokens a minute)
+  /paccept S, /pdecline S   a model's answers to show S
+  /pend S         end show S (either side)
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -156,6 +162,8 @@ def format_event(event: Event) -> str | None:
         return f"balance: {event.get('balance')}"
     if type_ == "request":
         return f"request {format_request(event)}"
+    if type_ == "private":
+        return f"private {format_private(event)}"
     if type_ == "error":
         return f"error {event.get('code')}: {event.get('message')}"
     if type_ == "gap":
@@ -171,6 +179,20 @@ def format_event(event: Event) -> str | None:
     if type_ == "reconnected":
         return "* reconnected"
     return f"* {json.dumps(event, ensure_ascii=False)}"
+
+
+def format_private(show: Event) -> str:
+    """A private show on one line: id, sides, rate, state, meter."""
+    line = (
+        f"{show.get('show')} {show.get('fan')} -> {show.get('model')}: "
+        f"{show.get('rate')} tokens/min, {show.get('state')}, "
+        f"{show.get('seconds')} s, {show.get('charged')} charged"
+    )
+    if show.get("reason"):
+        line += f" (ended: {show.get('reason')})"
+    if show.get("warning") == "low_balance":
+        line += f"; low balance: {show.get('seconds_left')} s left"
+    return line
 
 
 def format_request(request: Event) -> str:
@@ -323,6 +345,10 @@ async def handle_line(
         await list_requests(session, state, out)
     elif command in ("accept", "deliver", "decline", "cancel"):
         await answer_request(command, rest, session, state, out)
+    elif command == "private":
+        await private_request(rest, session, out)
+    elif command in ("paccept", "pdecline", "pend") and rest:
+        await answer_private(command, rest, session, state, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
@@ -442,6 +468,41 @@ async def answer_request(
     reply = await report(out, calls[command]())
     if reply is not None:
         out(f"* request {request} {reply['state']}{_again(reply)}")
+
+
+async def private_request(rest: str, session: Session, out: Output) -> None:
+    parts = rest.split()
+    if len(parts) != 2 or not parts[1].isdigit():
+        out("usage: /private MODEL RATE")
+        return
+    model, rate = parts[0], int(parts[1])
+    reply = await report(out, session.private_request(model, rate))
+    if reply is not None:
+        out(f"* private show {reply['show']} requested from {model} at {reply['rate']}/min")
+
+
+async def answer_private(
+    command: str, show: str, session: Session, state: State, out: Output
+) -> None:
+    calls = {
+        "paccept": lambda: session.private_accept(show),
+        "pdecline": lambda: session.private_decline(show),
+        "pend": lambda: session.private_end(show),
+    }
+    reply = await report(out, calls[command]())
+    if reply is None:
+        return
+    if reply.get("state") == "ended":
+        out(
+            f"* private show {show} ended: {reply.get('seconds')} s, "
+            f"{reply.get('charged')} tokens{_again(reply)}"
+        )
+        return
+    out(f"* private show {show} {reply['state']}{_again(reply)}")
+    room = reply.get("room")
+    if room and await report(out, session.join(room)) is not None:
+        state.room = room
+        out(f"* joined the private room {room}")
 
 
 def _again(reply: dict[str, Any]) -> str:
