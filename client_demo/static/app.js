@@ -403,6 +403,7 @@ function showRoom(roomId) {
   $("dm-room-owner").textContent = `✉ Message ${roomId} privately`;
   $("tip-room").textContent = roomId;
   updateRoomInfo(info);
+  $("room-tip-min").hidden = roomId.startsWith("p:"); // no tips in a private show
   const chat = $("chat");
   chat.replaceChildren(...(state.logs.get(roomId) || []).map(renderLine));
   if (!chat.children.length) chat.append(el("li", { class: "note", text: "No messages yet. Say hi!" }));
