@@ -543,6 +543,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", choices=KINDS, help="measure one server only")
     parser.add_argument(
+        "--one-port",
+        action="store_true",
+        help="tokenchat in one-port mode (WebSocket at /ws on the HTTP port)",
+    )
+    parser.add_argument(
         "--pin",
         action="store_true",
         help="pin the server to the first CPU and the load processes to the others",

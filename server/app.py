@@ -102,20 +102,36 @@ class Process:
 
     async def start(self) -> None:
         settings = self.settings
-        ws_sock = listening_socket(settings.host, settings.ws_port)
+        one_port = settings.serves_one_port()
         http_sock = listening_socket(settings.host, settings.http_port)
-        self.ws_port = ws_sock.getsockname()[1]
         self.http_port = http_sock.getsockname()[1]
+        ws_sock = None if one_port else listening_socket(settings.host, settings.ws_port)
+        self.ws_port = self.http_port if ws_sock is None else ws_sock.getsockname()[1]
+        # The ports bound (port 0 picks one): /v1/config names the real one.
+        settings = settings.replace(http_port=self.http_port, ws_port=self.ws_port)
         self.node = await Node.connect(settings)
         await self.node.start()
         self.gateway = Gateway(self.node, sock=ws_sock)
-        await self.gateway.start()
+        # Two ports: the gateway listens on its own. One port: uvicorn parses
+        # every request head and hands an upgrade's socket to the gateway, so
+        # the sessions and the hub write through websockets' objects as on
+        # their own port (docs/architecture.md, "One port or two").
+        ws: Any = "auto"  # two ports: uvicorn's own, as ever (no route takes it)
+        if one_port:
+            self.gateway.start_shared((http_sock,))
+            ws = self.gateway.upgrade_protocol
+        else:
+            await self.gateway.start()
         config = uvicorn.Config(
             create_app(self.node),
             lifespan="off",
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+            ws=ws,
+            # X-Forwarded-* are applied by http/forwarded.py, from the peers
+            # of TOKENCHAT_TRUSTED_PROXIES only, X-Forwarded-Host included.
+            proxy_headers=False,
         )
         self._http = _EmbeddedUvicorn(config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[http_sock]))
@@ -125,11 +141,12 @@ class Process:
                 raise RuntimeError("the HTTP server did not start")
             await asyncio.sleep(0.01)
         log.info(
-            "serving: ws://%s:%d/ws http://%s:%d (node %s, pid %d)",
+            "serving: ws://%s:%d/ws http://%s:%d%s (node %s, pid %d)",
             settings.host,
             self.ws_port,
             settings.host,
             self.http_port,
+            " (one port)" if one_port else "",
             self.node.id,
             os.getpid(),
         )
@@ -312,7 +329,7 @@ def serve_workers(settings: Settings, log_level: str, log_format: LogFormat = "t
             metrics.serve_on_port(settings.host, settings.metrics_port)
         run(lambda: serve_until_signalled(settings))
         return 0
-    if settings.http_port == 0 or settings.ws_port == 0:
+    if settings.http_port == 0 or (settings.ws_port == 0 and not settings.serves_one_port()):
         raise ValueError("--workers > 1 needs fixed ports (they are shared with SO_REUSEPORT)")
     metrics_dir = tempfile.mkdtemp(prefix="tokenchat-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

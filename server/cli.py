@@ -139,11 +139,19 @@ def _listen_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None)
     parser.add_argument("--http-port", type=int, default=None)
     parser.add_argument("--ws-port", type=int, default=None)
+    parser.add_argument(
+        "--one-port",
+        action="store_const",
+        const=1,
+        default=None,
+        help="serve the WebSocket at /ws on the HTTP port, no WebSocket port "
+        "(TOKENCHAT_ONE_PORT=1; also when --ws-port equals --http-port)",
+    )
 
 
 def _settings_from(args: argparse.Namespace, **extra: object) -> Settings:
     overrides: dict[str, object] = dict(extra)
-    for name in ("host", "http_port", "ws_port", "workers"):
+    for name in ("host", "http_port", "ws_port", "one_port", "workers"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value

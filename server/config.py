@@ -9,8 +9,10 @@ is what it is. ``Settings.describe()`` renders the table that README.md shows.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +50,22 @@ class Settings:
     ws_port: int = 8001
     # Gateway processes sharing the ports through SO_REUSEPORT.
     workers: int = 1
+    # 1: one public port (a PaaS routes only $PORT): the gateway answers
+    # WebSocket upgrades at /ws on the HTTP port and ws_port is not opened.
+    # Setting http_port and ws_port to the same port says the same. Two ports
+    # stay the default: they are not measurably faster (fan-out one/two 0.96,
+    # within the noise: docs/benchmarks.md), but every documented URL names
+    # 8001 and operators can route and firewall the gateway apart.
+    one_port: int = 0
+    # The WebSocket URL the demo page dials (GET /v1/config), as the browser
+    # must write it behind a proxy or a CDN: wss://chat.example.com/ws. Empty:
+    # derived from the request (see trusted_proxies).
+    public_ws_url: str = ""
+    # Peers whose X-Forwarded-Proto and X-Forwarded-Host are believed when
+    # /v1/config derives the WebSocket URL: comma-separated addresses or CIDR
+    # networks, or * for any peer (only where nothing but the proxy can reach
+    # the port, as on a PaaS). Default: a proxy on this machine (nginx, Caddy).
+    trusted_proxies: str = "127.0.0.1,::1"
 
     # --- per-connection limits -------------------------------------------------
     # Largest frame a client may send. The largest valid command is a 1000-char
@@ -320,6 +338,38 @@ class Settings:
         for port_name in ("http_port", "ws_port", "metrics_port"):
             if not 0 <= getattr(self, port_name) <= 65535:
                 raise ValueError(f"{ENV_PREFIX}{port_name.upper()} must be a TCP port")
+        if self.one_port not in (0, 1):
+            raise ValueError("TOKENCHAT_ONE_PORT must be 0 or 1")
+        if self.public_ws_url:
+            parsed = urllib.parse.urlsplit(self.public_ws_url)
+            if parsed.scheme not in ("ws", "wss") or not parsed.netloc:
+                raise ValueError(
+                    "TOKENCHAT_PUBLIC_WS_URL must be a ws:// or wss:// URL, "
+                    "such as wss://chat.example.com/ws"
+                )
+        self.trusted_proxy_networks()  # refuses a malformed list at start-up
+
+    def serves_one_port(self) -> bool:
+        """True when the gateway and the HTTP API share the HTTP port."""
+        return bool(self.one_port) or (self.ws_port == self.http_port != 0)
+
+    def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The networks of ``trusted_proxies`` (``*``: every address)."""
+        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for item in self.trusted_proxies.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item == "*":
+                networks += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"TOKENCHAT_TRUSTED_PROXIES: {item!r} is not an address, a network or *"
+                ) from None
+        return networks
 
     def bundle_list(self) -> list[tuple[str, int, int]]:
         """(id, tokens, price in cents) of each bundle for sale."""

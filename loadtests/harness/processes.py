@@ -305,7 +305,10 @@ class Bench:
             stdout=subprocess.DEVNULL,
         )
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        ws_port, http_port = free_port(), free_port()
+        http_port = free_port()
+        # --one-port (fanout): the gateway at /ws on the HTTP port (equal ports
+        # are one-port mode), to compare with the default two ports.
+        ws_port = http_port if getattr(self.args, "one_port", False) else free_port()
         server_env = dict(
             self.env, TOKENCHAT_WS_PORT=str(ws_port), TOKENCHAT_HTTP_PORT=str(http_port), **env
         )

@@ -1,5 +1,12 @@
 """The WebSocket gateway: the ``websockets`` library's server, run directly.
 
+It listens on a port of its own (``ws_port``), or, in one-port mode, takes
+over the connections that the HTTP server (uvicorn) finds asking for a
+WebSocket upgrade: uvicorn parses the request head, then hands the socket to
+a connection of this gateway's ``websockets`` server (``upgrade_protocol``).
+From then on the socket is the gateway's alone, so a session writes, and the
+hub fans out, through the same ``websockets`` protocol objects either way.
+
 Each connection gets a ``Session``. The library enforces the frame size limit
 (closing with 1009), answers pings and times out dead peers. Compression is
 off: permessage-deflate costs tens of KiB of memory per connection and CPU on
@@ -19,6 +26,7 @@ from typing import Any
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from tokenchat.protocol import SUBPROTOCOLS, CloseCode
@@ -31,6 +39,9 @@ from .session import Session
 log = logging.getLogger(__name__)
 
 WS_PATH = "/ws"
+# What a plain GET / on the WebSocket port answers: 200, so a load balancer
+# whose health check asks for / (the default of several) sees a live port.
+ROOT_PATH = "/"
 # Frames queued by the library ahead of the session's command loop. A session
 # handles one command at a time; 16 lets a client pipeline a few while TCP
 # flow control holds back the rest.
@@ -59,33 +70,101 @@ def _json_response(connection: ServerConnection, status: int, body: dict[str, An
     return response
 
 
+class _SharedListener:
+    """What a ``websockets.Server`` needs of its listener, in one-port mode,
+    where the listening socket is the HTTP server's: closing it only stops
+    upgrades (they are refused 503 from then on, as by a gateway that stopped
+    accepting), while the HTTP API keeps answering, /readyz with 503."""
+
+    def __init__(self, sockets: tuple[socket.socket, ...]) -> None:
+        self.sockets = sockets
+        self._serving = True
+
+    def close(self) -> None:
+        self._serving = False
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def wait_closed(self) -> None:
+        return None  # the HTTP server closes the socket; nothing to wait for here
+
+    async def start_serving(self) -> None:
+        self._serving = True
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+
 class Gateway:
     def __init__(self, node: Node, *, sock: socket.socket | None = None) -> None:
         self.node = node
         self._sock = sock
         self._server: Server | None = None
 
-    async def start(self) -> None:
+    def _options(self) -> dict[str, Any]:
         settings = self.node.settings
-        kwargs: dict[str, object] = {}
-        if self._sock is not None:
-            kwargs["sock"] = self._sock
-        else:
-            kwargs.update(host=settings.host, port=settings.ws_port)
-        self._server = await serve(
+        return {
+            "max_queue": RECEIVE_QUEUE_FRAMES_MAX,
+            "write_limit": SEND_HIGH_WATER_BYTES,
+            "ping_interval": settings.ping_interval_s,
+            "ping_timeout": settings.ping_timeout_s,
+            "close_timeout": settings.close_timeout_s,
+        }
+
+    def _serve(self, **listen: Any) -> Server:
+        """The ``websockets`` server; it listens once awaited."""
+        return serve(
             self._handle,
             process_request=self._process_request,
             subprotocols=[Subprotocol(name) for name in SUBPROTOCOLS],
             select_subprotocol=_select_subprotocol,
             compression=None,
-            max_size=settings.frame_size_max_bytes,
-            max_queue=RECEIVE_QUEUE_FRAMES_MAX,
-            write_limit=SEND_HIGH_WATER_BYTES,
-            ping_interval=settings.ping_interval_s,
-            ping_timeout=settings.ping_timeout_s,
-            close_timeout=settings.close_timeout_s,
-            **kwargs,  # type: ignore[arg-type]
+            max_size=self.node.settings.frame_size_max_bytes,
+            **self._options(),
+            **listen,
         )
+
+    async def start(self) -> None:
+        """Listen on the socket given, or on ``ws_port``."""
+        settings = self.node.settings
+        if self._sock is not None:
+            self._server = await self._serve(sock=self._sock)
+        else:
+            self._server = await self._serve(host=settings.host, port=settings.ws_port)
+
+    def start_shared(self, sockets: tuple[socket.socket, ...]) -> None:
+        """One-port mode: accept only what ``upgrade_protocol`` is handed.
+
+        The ``websockets`` server is built as for a port of its own (the same
+        handshake, ``process_request``, limits and shutdown), but never
+        listens: its listener is a stand-in for the HTTP server's ``sockets``.
+        """
+        server = self._serve()  # not awaited: it would open a listener
+        server.server = _SharedListener(sockets)  # type: ignore[assignment]
+        self._server = server
+
+    def upgrade_protocol(self, **uvicorn_state: Any) -> asyncio.Protocol:
+        """A gateway connection for a socket that uvicorn found asking for a
+        WebSocket upgrade: uvicorn's ``ws`` protocol class. uvicorn then calls
+        ``connection_made`` with its transport and ``data_received`` with the
+        request head, and the connection shakes hands as on its own port."""
+        server = self._server
+        assert server is not None, "start_shared first"
+        settings = self.node.settings
+        connection: ServerConnection
+
+        def select(protocol: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+            return _select_subprotocol(connection, offered)
+
+        protocol = ServerProtocol(
+            subprotocols=[Subprotocol(name) for name in SUBPROTOCOLS],
+            select_subprotocol=select,
+            max_size=settings.frame_size_max_bytes,
+            logger=server.logger,
+        )
+        connection = ServerConnection(protocol, server, **self._options())
+        return connection
 
     @property
     def port(self) -> int:
@@ -104,6 +183,8 @@ class Gateway:
         if path == READYZ_PATH:
             status, body = await readiness(self.node)
             return _json_response(connection, status, body)
+        if path == ROOT_PATH and "upgrade" not in request.headers:
+            return connection.respond(HTTPStatus.OK, f"tokenchat gateway: WebSocket at {WS_PATH}\n")
         if path != WS_PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, f"WebSocket endpoint is {WS_PATH}\n")
         return None

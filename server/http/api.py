@@ -8,7 +8,9 @@ that ``errors.ServiceError`` gives each code.
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import asyncpg
 import orjson
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -28,6 +31,7 @@ from tokenchat.protocol.limits import AMOUNT_MAX, AMOUNT_MIN, PRIVATE_MIN_S_MAX,
 
 from .. import metrics
 from ..auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token
+from ..config import Settings
 from ..economy.economy import PAYMENTS_INITIATOR, new_tx_id, user_initiator
 from ..errors import (
     BadRequest,
@@ -39,10 +43,12 @@ from ..errors import (
     Unauthenticated,
     Unavailable,
 )
+from ..gateway.gateway import WS_PATH
 from ..gateway.health import HEALTHY, HEALTHZ_PATH, READYZ_PATH, readiness
 from ..gateway.node import Node
 from ..ledger.writer import parked_entries, reconcile
 from ..ratelimit import KeyedLimiter
+from .forwarded import FORWARDED_HOST_SCOPE_KEY, FORWARDED_SCOPE_KEY, ForwardedHeaders
 from .payments import provider_named
 
 # Largest request body: every body here is a few small fields.
@@ -85,6 +91,11 @@ PAGE_HEADERS = {
         "frame-ancestors 'none'"
     ),
 }
+# A Host header (or X-Forwarded-Host) that may go into the URL /v1/config names:
+# a DNS name or an IPv4 address, or an IPv6 literal in brackets, and a port.
+HOST_HEADER_RE = re.compile(
+    r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}))(:[0-9]{1,5})?"
+)
 # Roles POST /v1/dev/token hands out; admin tokens never come from a web page.
 DEV_TOKEN_ROLES = ("fan", "model")
 # Host names POST /v1/dev/token answers besides the configured host: a page on
@@ -333,13 +344,13 @@ def create_app(node: Node) -> Starlette:
         return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
 
     async def client_config(request: Request) -> Response:
-        """Where the page finds the gateway: this host, the WebSocket port."""
-        scheme = "wss" if request.url.scheme == "https" else "ws"
-        host = request.url.hostname or node.settings.host
-        if ":" in host:  # an IPv6 literal
-            host = f"[{host}]"
-        ws_url = f"{scheme}://{host}:{node.settings.ws_port}/ws"
-        return JSONResponse({"ws_url": ws_url, "dev_mode": bool(node.settings.dev_mode)})
+        """Where the page finds the gateway (docs/deploy.md, "The page's URL")."""
+        return JSONResponse(
+            {
+                "ws_url": public_ws_url(request, node.settings),
+                "dev_mode": bool(node.settings.dev_mode),
+            }
+        )
 
     rooms_cache: list[Any] = [0.0, None]  # [monotonic time, body]
 
@@ -412,6 +423,7 @@ def create_app(node: Node) -> Starlette:
     if not node.settings.metrics_port:  # else served on the internal port only
         routes.append(Route("/metrics", metrics_endpoint))
     return Starlette(
+        middleware=[Middleware(ForwardedHeaders, networks=node.settings.trusted_proxy_networks())],
         routes=[
             *routes,
             Route(HEALTHZ_PATH, healthz),
@@ -429,6 +441,34 @@ def create_app(node: Node) -> Starlette:
         ],
         exception_handlers={ServiceError: service_error, 404: not_found},
     )
+
+
+def public_ws_url(request: Request, settings: Settings) -> str:
+    """The URL a browser that loaded this request's page dials for the gateway.
+
+    TOKENCHAT_PUBLIC_WS_URL when set. Otherwise the host (and port) the browser
+    used: behind a trusted proxy (which sent X-Forwarded-Proto or -Host) and in
+    one-port mode the gateway is at /ws on that very host, the proxy routing it;
+    a bare two-port server has it on the WebSocket port. wss for a page that
+    came over https, so the browser does not refuse a mixed-content socket.
+    """
+    if settings.public_ws_url:
+        return settings.public_ws_url
+    scheme = "wss" if request.url.scheme == "https" else "ws"
+    netloc = request.scope.get(FORWARDED_HOST_SCOPE_KEY) or request.headers.get("host", "")
+    if not HOST_HEADER_RE.fullmatch(netloc):
+        netloc = ""  # absent or malformed: fall back to the configured host
+    hostname = urllib.parse.urlsplit(f"//{netloc}").hostname if netloc else settings.host
+    if request.scope.get(FORWARDED_SCOPE_KEY) or settings.serves_one_port():
+        if netloc:
+            return f"{scheme}://{netloc}{WS_PATH}"
+        port = settings.http_port
+    else:
+        port = settings.ws_port
+    host = hostname or settings.host
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host.strip('[]')}]"
+    return f"{scheme}://{host}:{port}{WS_PATH}"
 
 
 def bundle_list(node: Node) -> list[dict[str, Any]]:
