@@ -99,7 +99,10 @@ RUNNING_SCANNED_MAX = 10_000
 # GET /v1/me/privates and `private_list`: the newest this many.
 LISTED_MAX = 100
 
-_DB_ERRORS = (asyncpg.PostgresError, OSError, asyncio.TimeoutError)
+# InterfaceError too: a connection that Postgres closed mid-transaction (its
+# process restarting) fails the transaction's exit with it, and the pause
+# and resume hooks run as fire-and-forget tasks that must not die of it.
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 _COLUMNS = """id, fan, model, rate, min_s, state, held, ticks, end_reason, end_s, charged,
               created_at, expires_at, started_at, settled_at"""
 # Billable seconds now: since the start, less the pauses (the current one
@@ -370,53 +373,56 @@ class Privates:
     # --- connection and disconnection ------------------------------------------------
     async def away(self, user: str) -> None:
         """The user's last session here closed: billing of their running show
-        pauses, and the grace deadline starts."""
-        grace = self._settings.private_grace_s
+        pauses, and the grace deadline starts. One statement (no explicit
+        transaction): it runs as a fire-and-forget task when a session
+        closes, possibly as Postgres goes away, and must leave nothing open."""
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(
-                    """UPDATE private_shows SET
-                         fan_away_at = CASE WHEN fan = $1
-                           THEN coalesce(fan_away_at, clock_timestamp()) ELSE fan_away_at END,
-                         model_away_at = CASE WHEN model = $1
-                           THEN coalesce(model_away_at, clock_timestamp()) ELSE model_away_at END,
-                         paused_since = coalesce(paused_since, clock_timestamp())
-                       WHERE (fan = $1 OR model = $1) AND state = 'running'
-                       RETURNING id, least(fan_away_at, model_away_at) AS first_away""",
-                    user,
-                )
-                for row in rows:
-                    due = row["first_away"] + timedelta(seconds=grace)
-                    await deadlines.schedule(conn, row["id"], GRACE, due)
+            await self._pool.execute(
+                """WITH paused AS (
+                     UPDATE private_shows SET
+                       fan_away_at = CASE WHEN fan = $1
+                         THEN coalesce(fan_away_at, clock_timestamp()) ELSE fan_away_at END,
+                       model_away_at = CASE WHEN model = $1
+                         THEN coalesce(model_away_at, clock_timestamp()) ELSE model_away_at END,
+                       paused_since = coalesce(paused_since, clock_timestamp())
+                     WHERE (fan = $1 OR model = $1) AND state = 'running'
+                     RETURNING id, paused_since)
+                   INSERT INTO deadlines (subject, action, due_at)
+                   SELECT id, $2, paused_since + $3::float8 * interval '1 second' FROM paused
+                   ON CONFLICT (subject, action) DO UPDATE SET due_at = excluded.due_at,
+                                                              attempts = 0""",
+                user,
+                GRACE,
+                self._settings.private_grace_s,
+            )
         except _DB_ERRORS as exc:
             log.warning("could not pause the shows of %s: %s", user, exc)
 
     async def back(self, user: str) -> None:
         """The user is connected again: their side is back; billing resumes
-        when neither side is away."""
+        (the pause added to ``paused_s``) when neither side is away. One
+        statement, as ``away``."""
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(
-                    """UPDATE private_shows SET
-                         fan_away_at = CASE WHEN fan = $1 THEN NULL ELSE fan_away_at END,
-                         model_away_at = CASE WHEN model = $1 THEN NULL ELSE model_away_at END
-                       WHERE (fan = $1 OR model = $1) AND state = 'running'
-                         AND (CASE WHEN fan = $1 THEN fan_away_at ELSE model_away_at END)
-                             IS NOT NULL
-                       RETURNING id, fan_away_at, model_away_at""",
-                    user,
-                )
-                for row in rows:
-                    if row["fan_away_at"] is None and row["model_away_at"] is None:
-                        await conn.execute(
-                            """UPDATE private_shows SET
-                                 paused_s = paused_s + extract(epoch FROM
-                                   clock_timestamp() - paused_since),
-                                 paused_since = NULL
-                               WHERE id = $1 AND paused_since IS NOT NULL""",
-                            row["id"],
-                        )
-                        await deadlines.cancel(conn, row["id"], GRACE)
+            await self._pool.execute(
+                """WITH resumed AS (
+                     UPDATE private_shows SET
+                       fan_away_at = CASE WHEN fan = $1 THEN NULL ELSE fan_away_at END,
+                       model_away_at = CASE WHEN model = $1 THEN NULL ELSE model_away_at END,
+                       paused_s = paused_s + CASE
+                         WHEN (CASE WHEN fan = $1 THEN model_away_at ELSE fan_away_at END) IS NULL
+                         THEN extract(epoch FROM clock_timestamp() - paused_since) ELSE 0 END,
+                       paused_since = CASE
+                         WHEN (CASE WHEN fan = $1 THEN model_away_at ELSE fan_away_at END) IS NULL
+                         THEN NULL ELSE paused_since END
+                     WHERE (fan = $1 OR model = $1) AND state = 'running'
+                       AND (CASE WHEN fan = $1 THEN fan_away_at ELSE model_away_at END)
+                           IS NOT NULL
+                     RETURNING id, paused_since)
+                   DELETE FROM deadlines d USING resumed r
+                   WHERE d.subject = r.id AND d.action = $2 AND r.paused_since IS NULL""",
+                user,
+                GRACE,
+            )
         except _DB_ERRORS as exc:
             log.warning("could not resume the shows of %s: %s", user, exc)
 
