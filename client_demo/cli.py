@@ -22,6 +22,13 @@ happens, one line each, to standard output:
     /accept R, /decline R, /cancel R   accept or decline request R (model),
                       cancel it (fan); R is its id, or its number in /requests
     /deliver R [TEXT] deliver request R (model): its tokens are released to you
+    /upload PATH PRICE [PREVIEW TEXT]   (a model) upload a photo or video
+                      (--http); a video needs the preview text
+    /post MEDIA [TEXT]  (a model) show your locked media in your room
+    /unlock MEDIA     buy locked media at the price last shown for it, and
+                      print its URL; refused, not charged, if it rose since
+    /unlock --max N MEDIA   the same, paying at most N tokens
+    /url MEDIA        a new URL of media you own or unlocked (--http)
     /private MODEL RATE   ask MODEL for a private show at RATE tokens a minute
     /paccept S, /pdecline S, /pend S   accept or decline show S (model), end
                       it (either side); accepting joins its private room
@@ -52,7 +59,15 @@ from websockets.exceptions import InvalidHandshake
 
 from tokenchat.protocol import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
 
-from .client import CommandError, Event, Session, SessionClosed
+from .client import (
+    CommandError,
+    Event,
+    HttpError,
+    Session,
+    SessionClosed,
+    media_url,
+    upload_media,
+)
 
 DEFAULT_URL = "ws://127.0.0.1:8001/ws"
 # How long GET /v1/rooms may take.
@@ -72,6 +87,10 @@ HELP = """commands:
   /requests       list your custom requests (numbered)
   /accept R, /deliver R [TEXT], /decline R   a model's answers to request R
   /cancel R       withdraw your offer R
+  /upload PATH PRICE [PREVIEW TEXT]   upload a photo or video (a model)
+  /post MEDIA [TEXT]   show your locked media in your room (a model)
+  /unlock [--max N] MEDIA   buy locked media and print its URL
+  /url MEDIA      a new URL of media you own or unlocked
   /private MODEL RATE   ask MODEL for a private show (RATE tokens a minute)
   /paccept S, /pdecline S   a model's answers to show S
   /pend S         end show S (either side)
@@ -154,7 +173,14 @@ def format_event(event: Event) -> str | None:
     if type_ == "dm":
         price = event.get("price")
         cost = f"{price} tokens" if price else "free"
-        return f"DM from {event.get('from')} ({cost}): {event.get('text')}"
+        line = f"DM from {event.get('from')} ({cost}): {event.get('text')}"
+        media = event.get("media")
+        return line + (f" [{format_media(media)}]" if isinstance(media, dict) else "")
+    if type_ == "media":
+        media = event.get("media")
+        text = event.get("text")
+        shown = format_media(media) if isinstance(media, dict) else "?"
+        return f"[{room}] {event.get('from')} posted {shown}" + (f": {text}" if text else "")
     if type_ == "presence":
         viewers = event.get("viewers")
         return f"[{room}] {viewers} viewer{'' if viewers == 1 else 's'}"
@@ -208,6 +234,14 @@ def format_request(request: Event) -> str:
     return line
 
 
+def format_media(media: dict[str, Any]) -> str:
+    """Locked media in one line: what it is, its price, how to unlock it."""
+    preview = media.get("preview") or {}
+    teaser = f' "{preview.get("text")}"' if preview.get("kind") == "text" else ""
+    kind = "a photo" if media.get("kind") == "image" else "a video"
+    return f"{kind}{teaser}, {media.get('price')} tokens: /unlock {media.get('id')}"
+
+
 def format_error(exc: BaseException) -> str:
     if isinstance(exc, CommandError):
         return f"error {exc.code}: {exc.reply.get('message')}"
@@ -225,6 +259,9 @@ class State:
     dm_prices: dict[str, int] = field(default_factory=dict)
     # The ids of the last /requests listing, so `/accept 1` names the first.
     requests: list[str] = field(default_factory=list)
+    # The price last shown for each media (in a `media` or `dm` event): an
+    # /unlock pays at most this, as a /dm does.
+    media_prices: dict[str, int] = field(default_factory=dict)
 
 
 async def chat(args: argparse.Namespace, out: Output = say) -> int:
@@ -240,9 +277,9 @@ async def chat(args: argparse.Namespace, out: Output = say) -> int:
     welcome = session.welcome or {}
     user = welcome.get("user", {})
     out(f"* connected as {user.get('id')} ({user.get('role')}); balance {welcome.get('balance')}")
-    printer = asyncio.create_task(print_events(session, out))
-    lines = stdin_lines()
     state = State()
+    printer = asyncio.create_task(print_events(session, out, state))
+    lines = stdin_lines()
     try:
         if args.room:
             await handle_line(f"/join {args.room}", session, state, args, out)
@@ -261,9 +298,12 @@ async def chat(args: argparse.Namespace, out: Output = say) -> int:
     return status
 
 
-async def print_events(session: Session, out: Output) -> int:
+async def print_events(session: Session, out: Output, state: State | None = None) -> int:
     try:
         async for event in session:
+            media = event.get("media")
+            if state is not None and isinstance(media, dict):
+                remember_media_price(state, media)
             line = format_event(event)
             if line is not None:
                 out(line)
@@ -271,6 +311,11 @@ async def print_events(session: Session, out: Output) -> int:
         out(f"* disconnected: {exc}")
         return 1
     return 0
+
+
+def remember_media_price(state: State, media: dict[str, Any]) -> None:
+    if isinstance(media.get("id"), str) and isinstance(media.get("price"), int):
+        state.media_prices[media["id"]] = media["price"]
 
 
 def stdin_lines() -> asyncio.Queue[str | None]:
@@ -345,6 +390,18 @@ async def handle_line(
         await list_requests(session, state, out)
     elif command in ("accept", "deliver", "decline", "cancel"):
         await answer_request(command, rest, session, state, out)
+    elif command == "upload" and rest:
+        await upload(rest, args, out)
+    elif command == "post" and rest:
+        media, _, text = rest.partition(" ")
+        if state.room is None:
+            out("error: join your room first (/join ROOM)")
+        elif (reply := await report(out, session.post_media(state.room, media, text))) is not None:
+            out(f"* posted {media} in {state.room}")
+    elif command == "unlock" and rest:
+        await unlock(rest, session, state, args, out)
+    elif command == "url" and rest:
+        await show_url(rest, args, out)
     elif command == "private":
         await private_request(rest, session, out)
     elif command in ("paccept", "pdecline", "pend") and rest:
@@ -403,6 +460,75 @@ async def dm(
     price = reply.get("price")
     cost = f"{price} tokens" if price else "free"
     out(f"* DM sent to {to} ({cost}); balance {reply.get('balance')}{_again(reply)}")
+
+
+async def upload(rest: str, args: argparse.Namespace, out: Output) -> None:
+    parts = rest.split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        out("usage: /upload PATH PRICE [PREVIEW TEXT]")
+        return
+    if not args.http:
+        out("error: /upload needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    path, price = parts[0], int(parts[1])
+    preview_text = parts[2].strip() if len(parts) > 2 and parts[2].strip() else None
+    try:
+        content = await asyncio.to_thread(_read_file, path)
+        media = await upload_media(
+            args.http, args.token, content, price, filename=path, preview_text=preview_text
+        )
+    except (OSError, HttpError) as exc:
+        out(f"error: {exc}")
+        return
+    out(f"* uploaded {media['id']} ({media['kind']}, {media['price']} tokens)")
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+async def unlock(
+    rest: str, session: Session, state: State, args: argparse.Namespace, out: Output
+) -> None:
+    max_price: int | None = None
+    if rest.startswith("--max "):
+        cap, _, rest = rest[len("--max ") :].strip().partition(" ")
+        if not cap.isdigit():
+            out("usage: /unlock [--max N] MEDIA")
+            return
+        max_price = int(cap)
+    media = rest.strip()
+    if max_price is None:
+        max_price = state.media_prices.get(media)
+    if max_price is None:
+        out("error: no price seen for this media: /unlock --max N MEDIA")
+        return
+    try:
+        reply: dict[str, Any] = await session.unlock(media, max_price=max_price)
+    except (CommandError, ConnectionError, TimeoutError) as exc:
+        out(format_error(exc))
+        return
+    url = (args.http.rstrip("/") if args.http else "") + str(reply.get("url"))
+    if reply.get("already"):
+        out(f"* {media} is yours already (nothing charged): {url}")
+    else:
+        out(
+            f"* unlocked {media} for {reply.get('price')} tokens; balance "
+            f"{reply.get('balance')}{_again(reply)}: {url}"
+        )
+
+
+async def show_url(media: str, args: argparse.Namespace, out: Output) -> None:
+    if not args.http:
+        out("error: /url needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    try:
+        signed = await media_url(args.http, args.token, media)
+    except (OSError, HttpError) as exc:
+        out(f"error: {exc}")
+        return
+    out(f"* {media}: {signed['url']}")
 
 
 async def show_price(user: str, state: State, args: argparse.Namespace, out: Output) -> int | None:

@@ -193,7 +193,7 @@ SPEND_ATTEMPTS_MAX = 5
 TERMINAL_CLOSE_CODES = frozenset({int(CloseCode.UNAUTHENTICATED), int(CloseCode.FORBIDDEN)})
 # Error codes with which a spend was not applied and may be sent again as is.
 SPEND_RETRY_CODES = frozenset({str(ErrorCode.UNAVAILABLE), str(ErrorCode.RATE_LIMITED)})
-ROOM_EVENT_TYPES = frozenset({"message", "tip"})
+ROOM_EVENT_TYPES = frozenset({"message", "tip", "media"})
 REPLY_TYPES = frozenset({"ok", "error", "welcome"})
 
 
@@ -478,13 +478,38 @@ class Session:
         return await self._spend("tip", key, room=room, amount=amount, text=text)
 
     async def dm(
-        self, to: str, text: str, *, max_price: int | None = None, key: str | None = None
+        self,
+        to: str,
+        text: str,
+        *,
+        max_price: int | None = None,
+        key: str | None = None,
+        media: str | None = None,
     ) -> dict[str, Any]:
-        """Send a private message to ``to`` at their DM price; as ``tip``."""
+        """Send a private message to ``to`` at their DM price; as ``tip``.
+        ``media``: the id of locked media of yours to attach (its descriptor
+        goes with the message)."""
         fields: dict[str, Any] = {"to": to, "text": text}
         if max_price is not None:
             fields["max_price"] = max_price
+        if media is not None:
+            fields["media"] = media
         return await self._spend("dm", key, **fields)
+
+    async def post_media(self, room: str, media: str, text: str = "") -> dict[str, Any]:
+        """Show locked media of yours in your room (a ``media`` event)."""
+        return await self.call("post_media", room=room, media=media, text=text)
+
+    async def unlock(
+        self, media: str, *, max_price: int | None = None, key: str | None = None
+    ) -> dict[str, Any]:
+        """Buy access to locked media; as ``tip``. The reply's ``url`` is a
+        signed path on the HTTP API (``media_url`` gets a new one later);
+        ``already`` when it was yours, and nothing was charged."""
+        fields: dict[str, Any] = {"media": media}
+        if max_price is not None:
+            fields["max_price"] = max_price
+        return await self._spend("unlock", key, **fields)
 
     # --- custom requests (docs/protocol.md, "Custom requests") ---------------------------
     async def request_offer(
@@ -816,3 +841,105 @@ class Session:
         self._failed = failed
         self._events.put_nowait(None)
         self._ready.set()  # wake the commands waiting for a connection
+
+
+# --- locked media over HTTP (the standard library only: no HTTP client dependency) ---------
+
+# How long one HTTP call of the media helpers may take: an upload of a large
+# video on a slow link takes a while.
+MEDIA_HTTP_TIMEOUT_S = 300.0
+
+
+class HttpError(Exception):
+    """An HTTP API error: ``status``, ``code`` and ``message`` from its body."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        self.status = status
+        self.code = error.get("code", "")
+        self.message = error.get("message", str(body))
+        super().__init__(f"HTTP {status} {self.code}: {self.message}")
+
+
+def _http(
+    method: str, url: str, token: str, body: bytes | None = None, content_type: str | None = None
+) -> Any:
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {token}"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=MEDIA_HTTP_TIMEOUT_S) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        data = exc.read()
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            parsed = data.decode(errors="replace")
+        raise HttpError(exc.code, parsed) from None
+
+
+def _multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type (RFC 7578)."""
+    boundary = uuid.uuid4().hex
+    parts: list[bytes] = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            + value.encode()
+            + b"\r\n"
+        )
+    for name, (filename, data) in files.items():
+        safe = filename.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        parts.append(
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                f'filename="{safe}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+async def upload_media(
+    http_url: str,
+    token: str,
+    content: bytes,
+    price: int,
+    *,
+    filename: str = "upload",
+    preview_text: str | None = None,
+    preview: bytes | None = None,
+) -> dict[str, Any]:
+    """Upload a photo or video (a model's token); its descriptor
+    ``{id, kind, price, preview}``. The server sniffs the type from the bytes."""
+    fields = {"price": str(price)}
+    if preview_text is not None:
+        fields["preview_text"] = preview_text
+    files = {"file": (filename, content)}
+    if preview is not None:
+        files["preview"] = ("preview", preview)
+    body, content_type = _multipart(fields, files)
+    url = http_url.rstrip("/") + "/v1/media"
+    reply = await asyncio.to_thread(_http, "POST", url, token, body, content_type)
+    media: dict[str, Any] = reply["media"]
+    return media
+
+
+async def media_url(http_url: str, token: str, media: str) -> dict[str, Any]:
+    """``{url, expires_at}`` for media you own or unlocked, ``url`` made
+    absolute; ``HttpError`` 403 otherwise."""
+    from urllib.parse import quote
+
+    base = http_url.rstrip("/")
+    reply: dict[str, Any] = await asyncio.to_thread(
+        _http, "GET", f"{base}/v1/media/{quote(media, safe='')}/url", token
+    )
+    return {**reply, "url": base + reply["url"]}

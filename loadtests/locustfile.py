@@ -1,15 +1,19 @@
 """Locust scenarios for tokenchat: fans and models over WebSocket.
 
-Fans join a model's room, chat (``say``), tip, send paid DMs, offer custom
-requests and cancel them (a hold into escrow, then its refund), ask the
-model for a private show and end it at their next turn (metered by the
-minute, or withdrawn if she has not accepted it), check their balance and
-now and then move to another room. Models host a room: they stay
-joined (reconnecting within a second or so if the session is lost), read its
-events, thank tippers, now and then accept and deliver a custom request
-offered to them (a release from escrow), accept the newest private show
-asked of them or end the one they run, and change their prices with
-``PUT /v1/me/prices``. Every WebSocket command is reported to locust's
+Fans join a model's room, chat (``say``), tip, send paid DMs, unlock the
+model's locked photo, offer custom requests and cancel them (a hold into
+escrow, then its refund), ask the model for a private show and end it at
+their next turn (metered by the minute, or withdrawn if she has not accepted
+it), check their balance and now and then move to another room. Models host
+a room: they stay joined (reconnecting within a second or so if the session
+is lost), read its events, thank tippers, now and then show their locked
+photo (``post_media``), accept and deliver a custom request offered to them
+(a release from escrow), accept the newest private show asked of them or end
+the one they run, and change their prices with
+``PUT /v1/me/prices``. Each model's photo is uploaded once at test start
+(``POST /v1/media``); a fan's first ``unlock`` of it pays ``MEDIA_PRICE``, the
+later ones are answered ``already`` (counted in the ``tokenchat counters``
+line) and charge nothing. Every WebSocket command is reported to locust's
 statistics as a request (type ``WS``, named after the command), so the console
 table, the ``--csv`` files and the ``--html`` report show its rate, latency
 percentiles and failures:
@@ -153,6 +157,7 @@ CHAT_LINES = (
     "greetings from the load test",
 )
 TIP_TEXTS = ("", "", "for you", "great show", "keep going!")
+MEDIA_PRICE = 5  # tokens; every model's locked photo costs this to unlock
 THANKS = ("thank you {}!", "{} you're the best", "welcome {}")
 
 # --- bounds -------------------------------------------------------------------------
@@ -167,7 +172,7 @@ SLOW_DELIVERIES_LOGGED = 5
 TOKEN_TTL_S = 24 * 3600
 
 REPLY_TYPES = frozenset({"ok", "error", "welcome"})
-ROOM_EVENTS = frozenset({"message", "tip"})
+ROOM_EVENTS = frozenset({"message", "tip", "media"})
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
 
@@ -391,6 +396,7 @@ def _create_rooms(environment: Environment, **_kwargs: Any) -> None:
                         timeout=HTTP_TIMEOUT_S,
                     )
                     response.raise_for_status()
+                    _upload_media(http, cfg, index)
                     break
                 except requests.RequestException as exc:
                     if attempt + 1 == SETUP_ATTEMPTS:
@@ -400,6 +406,39 @@ def _create_rooms(environment: Environment, **_kwargs: Any) -> None:
                             gevent.spawn(environment.runner.quit)
                         return
                     gevent.sleep(RETRY_BACKOFF_S * 2**attempt)
+
+
+# Each model's locked photo (model id -> media id), uploaded at test start.
+MEDIA: dict[str, str] = {}
+
+
+def _photo() -> bytes:
+    """A small PNG: the server sniffs and decodes what it is sent."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (random.randrange(256), 90, 160)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _upload_media(http: requests.Session, cfg: Config, index: int) -> None:
+    """The model's locked photo, for the fans' ``unlock`` task; a failure
+    leaves her room without one (logged; that room's fans skip the task)."""
+    model_id = cfg.model_id(index)
+    try:
+        response = http.post(
+            f"{cfg.http_url}/v1/media",
+            files={"file": ("photo.png", _photo(), "image/png")},
+            data={"price": str(MEDIA_PRICE)},
+            headers={"Authorization": f"Bearer {cfg.model_token(index)}"},
+            timeout=HTTP_TIMEOUT_S,
+        )
+        response.raise_for_status()
+        MEDIA[model_id] = response.json()["media"]["id"]
+    except (requests.RequestException, ValueError, KeyError) as exc:
+        log.warning("no locked photo for %s: %s", model_id, exc)
 
 
 # What happened that locust's request table does not show.
@@ -904,6 +943,12 @@ class ModelUser(TokenchatUser):
             self.command("say", {"type": "say", "room": room, "text": text})
 
     @task(1)
+    def post_media(self) -> None:
+        room, media = self.in_room(), MEDIA.get(self.user_id)
+        if room is not None and media is not None:
+            self.command("post_media", {"type": "post_media", "room": room, "media": media})
+
+    @task(1)
     def set_prices(self) -> None:
         prices = {
             "dm": random.randint(1, DM_PRICE_MAX),
@@ -1067,6 +1112,22 @@ class FanUser(TokenchatUser):
             "key": self.new_key("d"),
         }
         self.spend("dm", command)
+
+    @task(1)
+    def unlock(self) -> None:
+        room = self.in_room()
+        media = MEDIA.get(room) if room is not None else None
+        if media is None:
+            return
+        command = {
+            "type": "unlock",
+            "media": media,
+            "max_price": MEDIA_PRICE,
+            "key": self.new_key("u"),
+        }
+        reply = self.spend("unlock", command)
+        if reply is not None and reply.get("already"):
+            COUNTERS["unlocks answered already"] += 1
 
     @task(1)
     def check_balance(self) -> None:

@@ -40,6 +40,7 @@ from .limits import (
     ID_STR_LEN_MAX,
     KEY_LEN_MAX,
     MEDIA_REF_LEN_MAX,
+    MEDIA_TEXT_LEN_MAX,
     OBJECT_ID_RE,
     OFFSET_RE,
     PAYMENT_REF_LEN_MAX,
@@ -165,10 +166,12 @@ TIP_TEXT: Final = string(0, TIP_TEXT_LEN_MAX)
 REQUEST_TEXT: Final = stored_string(1, REQUEST_TEXT_LEN_MAX)
 DELIVERY_TEXT: Final = stored_string(0, DELIVERY_TEXT_LEN_MAX)
 MEDIA_REF: Final = printable_ascii(1, MEDIA_REF_LEN_MAX)
-OBJECT_ID: Final = matching(OBJECT_ID_RE, "an id: 1 to 64 characters of A-Z a-z 0-9 _")
+OBJECT_ID: Final = matching(OBJECT_ID_RE, "an id: 1 to 64 characters of A-Z a-z 0-9 _ -")
+MEDIA_TEXT: Final = string(0, MEDIA_TEXT_LEN_MAX)
 
 # Field types named by what they are; the annotation carries the check.
 UserId: TypeAlias = Annotated[str, USER_ID]
+ObjectId: TypeAlias = Annotated[str, OBJECT_ID]
 Amount: TypeAlias = Annotated[int, AMOUNT]
 IdempotencyKey: TypeAlias = Annotated[str, KEY]
 
@@ -275,6 +278,34 @@ class Dm:
     id: CommandId
     to: UserId
     text: Annotated[str, DM_TEXT]
+    key: IdempotencyKey
+    max_price: Annotated[int | None, PRICE] = None
+    # Locked media of the sender's attached to the message: the event carries
+    # its descriptor (id, kind, price, preview), never its content.
+    media: Annotated[str | None, OBJECT_ID] = None
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class PostMedia:
+    """A model shows her locked media in her room: a ``media`` event."""
+
+    TYPE: ClassVar[str] = "post_media"
+    id: CommandId
+    room: UserId
+    media: ObjectId
+    text: Annotated[str, MEDIA_TEXT] = ""
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Unlock:
+    """Buys permanent access to locked media at its current price. Spends:
+    ``key``. ``max_price``: refuse (PRICE_CHANGED) rather than pay more."""
+
+    TYPE: ClassVar[str] = "unlock"
+    id: CommandId
+    media: ObjectId
     key: IdempotencyKey
     max_price: Annotated[int | None, PRICE] = None
 
@@ -411,6 +442,8 @@ Command: TypeAlias = (
     | Dm
     | Balance
     | Ping
+    | PostMedia
+    | Unlock
     | RequestOffer
     | RequestAccept
     | RequestDeliver

@@ -67,14 +67,33 @@ def tip_event(
     return {**tip_event_body(room, from_, amount, text), "offset": offset, "ts": ts}
 
 
-def dm_event_body(from_: str, text: str) -> dict[str, Any]:
+def dm_event_body(from_: str, text: str, media: dict[str, Any] | None = None) -> dict[str, Any]:
     """A dm event as the server hands it to the dm script, which adds
-    ``price``, ``tx`` and ``ts`` (see ``dm_event``)."""
-    return {"type": "dm", "from": from_, "text": text}
+    ``price``, ``tx`` and ``ts`` (see ``dm_event``). ``media``: the
+    descriptor of locked media attached to it (never its content)."""
+    body: dict[str, Any] = {"type": "dm", "from": from_, "text": text}
+    if media is not None:
+        body["media"] = media
+    return body
 
 
-def dm_event(from_: str, text: str, price: int, tx: str, ts: int) -> dict[str, Any]:
-    return {**dm_event_body(from_, text), "price": price, "tx": tx, "ts": ts}
+def dm_event(
+    from_: str, text: str, price: int, tx: str, ts: int, media: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {**dm_event_body(from_, text, media), "price": price, "tx": tx, "ts": ts}
+
+
+def media_event_body(room: str, from_: str, media: dict[str, Any], text: str) -> dict[str, Any]:
+    """A ``media`` event as the room's history stores it (without ``offset``
+    and ``ts``). ``media``: the descriptor {id, kind, price, preview}; the
+    content is served only to its owner and to fans who unlocked it."""
+    return {"type": "media", "room": room, "from": from_, "media": media, "text": text}
+
+
+def media_event(
+    room: str, from_: str, media: dict[str, Any], text: str, offset: str, ts: int
+) -> dict[str, Any]:
+    return {**media_event_body(room, from_, media, text), "offset": offset, "ts": ts}
 
 
 def presence_event(room: str, viewers: int) -> dict[str, Any]:

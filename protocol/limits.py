@@ -39,10 +39,8 @@ TIP_TEXT_LEN_MAX: Final = 255  # characters; a tip's note (0..this) is a one-lin
 REQUEST_TEXT_LEN_MAX: Final = 1000  # characters; an offer's text is 1..this
 DELIVERY_TEXT_LEN_MAX: Final = 1000  # characters; a delivery's note is 0..this
 MEDIA_REF_LEN_MAX: Final = 512  # characters, printable ASCII; fits a long URL
-# Ids of the objects the server makes (`r_...` requests; later `t_...`,
-# `m_...`): a kind prefix and hex digits. A command accepts any id of this
-# shape, so that an id of another kind is NOT_FOUND, not BAD_REQUEST.
-OBJECT_ID_RE: Final = re.compile(r"^[A-Za-z0-9_]{1,64}\Z")
+# Ids of the objects the server makes: see OBJECT_ID_RE below. A request's
+# own id is `r_` and 24 hex digits.
 REQUEST_ID_RE: Final = re.compile(r"^r_[0-9a-f]{24}\Z")
 PRIVATE_ID_RE: Final = re.compile(r"^p_[0-9a-f]{24}\Z")
 # A private show's room is `p:<show id>`: a room id no user id collides with
@@ -67,6 +65,13 @@ PAYMENT_REF_LEN_MAX: Final = 128  # characters
 # A transaction id as a client names it (a refund's `tx`): ours are 32 hex
 # digits; the bound is the ledger column's.
 TX_ID_LEN_MAX: Final = 64  # characters
+# An id of a stored object as a client names it (`unlock`'s `media`): any
+# kind's prefix is accepted here and the wrong kind is answered NOT_FOUND,
+# so the wire never tells which kinds of ids exist. Ours are a two-letter
+# prefix and 22 characters of URL-safe base64; the bound is generous.
+OBJECT_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+# A `media` event's or a `dm`'s text beside locked media: a caption.
+MEDIA_TEXT_LEN_MAX: Final = 1000  # characters, like a `say` line
 
 # Identifiers a client chooses (idempotency keys, payment_ref, transaction
 # ids) reach Postgres text and jsonb columns, log lines and Redis key names.

@@ -9,7 +9,8 @@ Kind   Payload                           Channel         Published by
                                                          ``room_event.lua``
 ``P``  ``P``                             a room's        ``RoomStore`` (gateway)
 ``B``  ``B<balance>``                    a user's        ``credit.lua``, ``tip.lua``,
-                                                         ``dm.lua``, ``refund.lua``
+                                                         ``dm.lua``, ``refund.lua``,
+                                                         ``unlock.lua``
 ``D``  ``D<inbox offset> <event JSON>``  a user's        ``dm.lua``
 ``C``  ``C<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
 ``R``  ``R<tx> <tx> ...``                ledger:commits  ``LedgerWriter``

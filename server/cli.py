@@ -316,6 +316,9 @@ def _dev_run(args: argparse.Namespace) -> int:
         # Dev only: the fake payment provider approves every purchase.
         env.setdefault("payment_provider", os.environ.get("TOKENCHAT_PAYMENT_PROVIDER", "fake"))
         # Dev mode and fake payments are what `serve` refuses without insecure.
+        # Uploaded media stays with the rest of the demo's data.
+        if not os.environ.get("TOKENCHAT_MEDIA_DIR"):
+            env["media_dir"] = str(data_dir / "media")
         settings = _settings_from(args, jwt_secret=secret, dev_mode=1, insecure=1, **env)
         _migrate(settings)
         ttl_s = min(DEV_TOKEN_TTL_S, settings.token_ttl_max_s)

@@ -21,6 +21,8 @@ from tokenchat.protocol.limits import HISTORY_LEN_MAX
 from .auth import JWT_SECRET_BYTES_MIN
 
 ENV_PREFIX = "TOKENCHAT_"
+# The contract's bound on a signed media URL's lifetime (issue #11).
+MEDIA_URL_TTL_MAX_S = 300
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,6 +166,27 @@ class Settings:
     # bundles are cheaper per token; GET /v1/bundles shows the discount.
     bundles: str = "starter:100:999,fan:550:4999,superfan:1200:9999,whale:6500:49999"
 
+    # --- locked media (server/catalog/media.py) ---------------------------------------
+    # Where the local-disk media store keeps uploads and previews (relative to
+    # the working directory; `tokenchat dev` puts it in its data folder).
+    media_dir: str = "media"
+    # Largest photo: a phone's full-resolution JPEG is 2-8 MB; 20 MiB leaves
+    # room for a PNG of the same picture and bounds a disk-filling upload.
+    media_image_bytes_max: int = 20 * 1024 * 1024
+    # Largest video: about two minutes of a phone's 1080p (~8 Mbit/s). There is
+    # no transcoding, so what is uploaded is what fans download.
+    media_video_bytes_max: int = 128 * 1024 * 1024
+    # Largest preview image a model uploads for a video (it is re-encoded
+    # into a small thumbnail, so a big one only costs the decode).
+    media_preview_bytes_max: int = 8 * 1024 * 1024
+    # Largest picture decoded (width x height): pillow's decode of a bomb (a
+    # tiny file claiming a huge canvas) would take gigabytes of memory.
+    media_image_pixels_max: int = 50_000_000
+    # How long a signed content URL works. The contract says at most 5
+    # minutes: a leaked URL stops working soon, and a refund's revoke is
+    # complete within this long. A player re-asks for a URL past it.
+    media_url_ttl_s: int = 300
+
     # --- backends: pools and timeouts --------------------------------------------
     # One Redis command (or pipeline) may take this long before the command that
     # needed it is answered UNAVAILABLE. Redis answers in well under 1 ms when
@@ -305,6 +328,11 @@ class Settings:
             "private_meter_interval_s",
             "private_lease_ttl_s",
             "private_settle_grace_s",
+            "media_image_bytes_max",
+            "media_video_bytes_max",
+            "media_preview_bytes_max",
+            "media_image_pixels_max",
+            "media_url_ttl_s",
         ]
         # nan compares false with everything, so `<= 0` lets it through (and
         # turns a rate limit off); inf is no limit at all. Refused first.
@@ -335,6 +363,12 @@ class Settings:
                 f"TOKENCHAT_JWT_SECRET must be at least {JWT_SECRET_BYTES_MIN} bytes "
                 "(a short HS256 secret can be guessed offline from one token)"
             )
+        if self.media_url_ttl_s > MEDIA_URL_TTL_MAX_S:
+            raise ValueError(
+                f"TOKENCHAT_MEDIA_URL_TTL_S must be at most {MEDIA_URL_TTL_MAX_S} (5 minutes)"
+            )
+        if not self.media_dir:
+            raise ValueError("TOKENCHAT_MEDIA_DIR must name a folder")
         for port_name in ("http_port", "ws_port", "metrics_port"):
             if not 0 <= getattr(self, port_name) <= 65535:
                 raise ValueError(f"{ENV_PREFIX}{port_name.upper()} must be a TCP port")

@@ -107,6 +107,23 @@ class Keys:
     def refunded(self, tx: str) -> str:
         return self._eco(f"refunded:{tx}")
 
+    def media(self, media_id: str) -> str:
+        """Hash caching a media row (owner, kind, price, preview); absent =
+        not loaded. In the money slot: the unlock script reads its price."""
+        return self._eco(f"media:{media_id}")
+
+    def media_prefix(self) -> str:
+        return self._eco("media:")
+
+    def entitlements(self, user_id: str) -> str:
+        """Hash: media id -> the unlock's transaction, for the media a user
+        unlocked, plus the field ``*`` (so that none is not "not loaded");
+        absent = not loaded (Postgres has them: the unlock ledger rows)."""
+        return self._eco(f"ent:{user_id}")
+
+    def entitlements_prefix(self) -> str:
+        return self._eco("ent:")
+
     def channel_room(self, channel: str) -> str | None:
         """The room a room channel belongs to, or None for other channels."""
         head = f"{self.prefix}room:{{"

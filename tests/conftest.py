@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
 import uuid
@@ -91,6 +92,7 @@ async def settings() -> AsyncIterator[Settings]:
     schema = f"t_{tag}"
     prefix = f"t:{tag}:"
     await migrate(DATABASE_URL, schema)
+    media_dir = tempfile.mkdtemp(prefix=f"tokenchat-test-media-{tag}-")
     yield Settings(
         redis_url=REDIS_URL,
         redis_prefix=prefix,
@@ -103,7 +105,9 @@ async def settings() -> AsyncIterator[Settings]:
         # Tests exercise presence without waiting a whole second each time.
         presence_interval_s=0.1,
         shutdown_grace_s=3.0,
+        media_dir=media_dir,
     )
+    shutil.rmtree(media_dir, ignore_errors=True)
     conn = await asyncpg.connect(DATABASE_URL)
     try:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -23,6 +23,7 @@ const state = {
   dm: null, // {to, price, key, signature}
   earned: 0,
   counted: new Set(), // offsets of the tips already counted as earnings
+  unlocked: new Map(), // media id -> the content's signed URL (owned or unlocked here)
   roomsTimer: null,
   requests: new Map(), // request id -> the request, as listed and in `request` events
   show: null, // the private show on the card (the newest one seen), as in `private` events
@@ -250,6 +251,7 @@ function signOut(message) {
   $("private-empty").hidden = false;
   $("requests").replaceChildren();
   $("requests-empty").hidden = false;
+  state.unlocked.clear();
   clearInterval(state.roomsTimer);
   sessionStorage.removeItem(TOKEN_STORAGE);
   document.body.classList.remove("signed-in", "in-room", "is-model");
@@ -459,7 +461,123 @@ function renderLine(entry) {
     line.append(time);
     return line;
   }
+  if (entry.type === "media") {
+    const what = entry.media.kind === "video" ? "a video" : "a photo";
+    const line = el("li", { class: `line media${mine ? " mine" : ""}` }, who, ` posted ${what}`);
+    if (entry.text) line.append(el("span", { class: "text", text: `: ${entry.text}` }));
+    line.append(time, mediaCard(entry.media, entry.from));
+    return line;
+  }
   return el("li", { class: `line${mine ? " mine" : ""}` }, who, el("span", { class: "text", text: entry.text }), time);
+}
+
+// --- locked media --------------------------------------------------------------------------
+/** A card for locked media: its preview and an unlock button, or, once it is
+ * the viewer's (her own, or unlocked), the photo or video itself. */
+function mediaCard(media, owner) {
+  const card = el("div", { class: "media-card locked", "data-media": media.id });
+  const what = media.kind === "video" ? "video" : "photo";
+  const preview = media.preview || {};
+  const cover =
+    preview.kind === "image"
+      ? el("img", { class: "preview", src: preview.url, alt: `Preview of a locked ${what}` })
+      : el("p", { class: "preview-text", text: preview.text || `A locked ${what}` });
+  card.append(cover);
+  const mine = owner === state.me?.id;
+  if (mine || state.unlocked.has(media.id)) {
+    showContent(card, media, state.unlocked.get(media.id));
+    return card;
+  }
+  const button = el("button", { type: "button", class: "accent unlock" }, `Unlock ${what} for ${tokens(media.price)}`);
+  button.addEventListener("click", () => unlock(card, media));
+  card.append(button);
+  return card;
+}
+
+/** Replace a card's lock with the content, from `url` or a new signed URL. */
+async function showContent(card, media, url) {
+  let src = url;
+  if (!src) {
+    try {
+      ({ url: src } = await api("GET", `/v1/media/${encodeURIComponent(media.id)}/url`));
+    } catch (err) {
+      toast(explain(err, "opening this media"), "error");
+      return;
+    }
+  }
+  const content =
+    media.kind === "video"
+      ? el("video", { class: "content", src, controls: "", preload: "metadata", playsinline: "" })
+      : el("img", { class: "content", src, alt: "Unlocked photo" });
+  card.classList.remove("locked");
+  card.classList.add("open");
+  card.replaceChildren(content);
+}
+
+async function unlock(card, media) {
+  const what = media.kind === "video" ? "video" : "photo";
+  const after = (state.balance ?? 0) - media.price;
+  const ok = await confirmDialog(
+    `Unlock for ${tokens(media.price)}?`,
+    `This ${what} costs ${tokens(media.price)}, once: it stays yours. ` +
+      (after >= 0 ? `Your balance will be ${tokens(after)}.` : `You have only ${tokens(state.balance ?? 0)}.`),
+    `Pay ${media.price} and unlock`,
+  );
+  if (!ok) return;
+  // One key per unlock; the connection resends the same frame after a drop.
+  const fields = { media: media.id, key: newKey(), max_price: media.price };
+  try {
+    const reply = await state.conn.request("unlock", fields);
+    balanceFromReply(reply);
+    state.unlocked.set(media.id, reply.url);
+    for (const other of document.querySelectorAll(`.media-card[data-media="${CSS.escape(media.id)}"]`)) {
+      showContent(other, media, reply.url);
+    }
+    toast(reply.already ? `This ${what} was yours already: nothing charged.` : `Unlocked for ${tokens(reply.price)}.`, "success");
+  } catch (err) {
+    toast(explain(err, `unlocking this ${what}`), "error");
+  }
+}
+
+async function uploadMedia(event) {
+  event.preventDefault();
+  const file = $("media-file").files[0];
+  if (!file) return;
+  const form = new FormData();
+  form.append("file", file);
+  form.append("price", String(Number($("media-price").value)));
+  const previewText = $("media-preview-text").value.trim();
+  if (previewText) form.append("preview_text", previewText);
+  const previewImage = $("media-preview").files[0];
+  if (previewImage) form.append("preview", previewImage);
+  $("media-submit").disabled = true;
+  try {
+    let response;
+    try {
+      response = await fetch("/v1/media", {
+        method: "POST",
+        headers: { Authorization: `Bearer ${state.token}` },
+        body: form,
+      });
+    } catch {
+      throw new CommandError({ code: "OFFLINE", message: "the server cannot be reached" });
+    }
+    const data = await response.json().catch(() => null);
+    if (!response.ok) {
+      throw new CommandError(data?.error ?? { code: `HTTP_${response.status}`, message: response.statusText });
+    }
+    const fields = { room: state.me.id, media: data.media.id };
+    const caption = $("media-caption").value.trim();
+    if (caption) fields.text = caption;
+    await state.conn.request("post_media", fields);
+    $("media-form").reset();
+    $("media-price").value = String(data.media.price);
+    toast(`Posted: fans unlock it for ${tokens(data.media.price)}.`, "success");
+  } catch (err) {
+    toast(explain(err, "the upload"), "error");
+  } finally {
+    $("media-submit").disabled = false;
+  }
 }
 
 function addLine(roomId, entry) {
@@ -480,6 +598,9 @@ function addLine(roomId, entry) {
 function onEvent(event) {
   switch (event.type) {
     case "message":
+      addLine(event.room, event);
+      break;
+    case "media":
       addLine(event.room, event);
       break;
     case "tip":
@@ -679,6 +800,7 @@ function addDm(dm) {
     el("time", { text: clock(dm.ts) }),
   );
   const item = el("li", { class: `dm ${dm.incoming ? "in" : "out"}` }, head, el("p", { class: "dm-text", text: dm.text }));
+  if (dm.media) item.append(mediaCard(dm.media, dm.from));
   if (dm.incoming) {
     const reply = el("button", { type: "button", class: "link" }, `Reply to ${other}`);
     reply.addEventListener("click", () => openDm(other));
@@ -1089,6 +1211,7 @@ function wire() {
   $("dm-cancel").addEventListener("click", closeDm);
   $("prices-form").addEventListener("submit", savePrices);
   $("request-form").addEventListener("submit", offerRequest);
+  $("media-form").addEventListener("submit", uploadMedia);
   $("private-form").addEventListener("submit", requestPrivate);
 }
 

@@ -15,7 +15,7 @@ const FATAL_CLOSES = new Map([
   [4001, "Your session token was refused or has expired. Sign in again."],
   [4003, "The server refused this connection."],
 ]);
-const SPENDS = new Set(["tip", "dm"]);
+const SPENDS = new Set(["tip", "dm", "unlock"]);
 
 export class CommandError extends Error {
   constructor(reply) {
@@ -201,7 +201,7 @@ export class Connection {
       else entry.resolve(frame);
       return;
     }
-    if ((kind === "message" || kind === "tip") && frame.room) {
+    if ((kind === "message" || kind === "tip" || kind === "media") && frame.room) {
       if (!this.rooms.has(frame.room)) return;
       const last = this.rooms.get(frame.room);
       if (last && compareOffsets(frame.offset, last) <= 0) return; // seen already

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from tokenchat.protocol import Dm, Tip
+from tokenchat.protocol import Dm, Tip, Unlock
 
 from ..catalog.directory import RoomInfo
 from ..errors import (
@@ -46,6 +46,7 @@ from .batcher import LuaScript
 from .scripts import money_script
 
 if TYPE_CHECKING:
+    from ..catalog.media import MediaCatalog
     from .economy import Economy
 
 Reply = dict[str, Any]
@@ -96,7 +97,7 @@ COMMON_REFUSALS: Mapping[str, Refusal] = MappingProxyType(
 class SpendContext:
     """What serving a paid command needs from the session that received it."""
 
-    __slots__ = ("economy", "room", "rooms", "user_id")
+    __slots__ = ("economy", "media", "room", "rooms", "user_id")
 
     def __init__(
         self,
@@ -104,11 +105,13 @@ class SpendContext:
         rooms: AbstractSet[str],
         room: Callable[[str], Awaitable[RoomInfo | None]],
         economy: Economy,
+        media: MediaCatalog | None = None,
     ) -> None:
         self.user_id = user_id
         self.rooms = rooms  # the rooms the session has joined
         self.room = room  # the catalog's lookup of a room
         self.economy = economy
+        self.media = media  # locked media: descriptors and signed URLs
 
 
 Serve = Callable[[SpendContext, Any], Awaitable[Reply]]
@@ -138,9 +141,9 @@ class Action:
     # need no money, then the Economy call); None for HTTP-only actions.
     command: type[Any] | None = None
     serve: Serve | None = None
-    # The entitlement an applied call grants, by name (an unlock of locked
-    # media will grant "media", durable like the ledger entry); None: it
-    # grants nothing, as every action does today.
+    # The entitlement an applied call grants, by name (an unlock grants
+    # "media", durable like the ledger entry it is derived from); None: it
+    # grants nothing.
     grants: str | None = None
     # Its own refusals (status -> error), besides COMMON_REFUSALS.
     refusals: Mapping[str, Refusal] = field(default_factory=lambda: MappingProxyType({}))
@@ -215,9 +218,32 @@ async def _serve_tip(context: SpendContext, command: Tip) -> Reply:
 
 
 async def _serve_dm(context: SpendContext, command: Dm) -> Reply:
+    media = None
+    if command.media is not None:
+        # Only her own: a DM shows what its sender sells, never another's.
+        assert context.media is not None
+        info = await context.media.info(command.media)
+        if info.owner != context.user_id:
+            raise NotFound(f"no media '{command.media}' of yours")
+        media = info.descriptor()
     return await context.economy.dm(
-        context.user_id, command.to, command.text, command.key, command.max_price
+        context.user_id, command.to, command.text, command.key, command.max_price, media=media
     )
+
+
+async def _serve_unlock(context: SpendContext, command: Unlock) -> Reply:
+    assert context.media is not None
+    info = await context.media.info(command.media)  # NotFound, wrong kinds of id included
+    reply = await context.economy.unlock(
+        context.user_id, info.id, info.owner, command.key, command.max_price
+    )
+    # A fresh short-lived URL on every answer, duplicates included (the one a
+    # first answer carried may have expired by the time a retry comes) but
+    # only while the access stands: a retry after a refund revoked it gets none.
+    entitled = not reply.get("duplicate") or (
+        info.owner == context.user_id or await context.economy.entitled(context.user_id, info.id)
+    )
+    return {**reply, "url": context.media.signed_url(info.id)["url"] if entitled else None}
 
 
 # --- the registry ------------------------------------------------------------------------
@@ -276,8 +302,19 @@ CREDIT = Action(
 REFUND = Action(
     name="refund",
     kinds=("refund",),
-    keys=("payer_balance", "payee_balance", "marker"),
-    args=("amount", "payer", "payee", "refunds", "payer_channel", "payee_channel", "marker_ttl_s"),
+    # revoke/revoke_media: a refunded unlock's entitlement (the fan's hash and
+    # the media id); '' and any key for every other kind.
+    keys=("payer_balance", "payee_balance", "marker", "revoke"),
+    args=(
+        "amount",
+        "payer",
+        "payee",
+        "refunds",
+        "payer_channel",
+        "payee_channel",
+        "marker_ttl_s",
+        "revoke_media",
+    ),
     refundable=False,
     delivery=Delivery.BALANCE_PUSH,
     refusals=MappingProxyType(
@@ -321,6 +358,21 @@ ESCROW_REFUND = Action(
     refusals=_EMPTY,
 )
 
+UNLOCK = Action(
+    name="unlock",
+    kinds=("unlock",),
+    keys=("payer_balance", "payee_balance", "media", "entitlement"),
+    args=("max_price", "payer", "payee", "media_id", "payee_channel"),
+    # An admin's refund of an unlock also revokes the access (refund.lua).
+    refundable=True,
+    delivery=Delivery.BALANCE_PUSH,
+    command=Unlock,
+    serve=_serve_unlock,
+    grants="media",
+    # Media owned already (`already`) is answered without a ledger entry.
+    ledgered=lambda reply: not reply.get("already"),
+)
+
 # A private show's billing (server/economy/privates.py): one call per
 # period, escrow first, then the fan, to the model. No wire command: the
 # meter of the node holding the show's lease runs it.
@@ -341,6 +393,7 @@ ACTIONS: tuple[Action, ...] = (
     HOLD,
     RELEASE,
     ESCROW_REFUND,
+    UNLOCK,
     METER,
 )
 BY_NAME: Mapping[str, Action] = MappingProxyType({action.name: action for action in ACTIONS})

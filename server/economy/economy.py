@@ -25,7 +25,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
@@ -57,11 +57,15 @@ from .actions import (
     REFUNDABLE_KINDS,
     RELEASE,
     TIP,
+    UNLOCK,
     Action,
     refusal_error,
 )
 from .batcher import LuaScript, ScriptBatcher
 from .scripts import lua_script
+
+if TYPE_CHECKING:
+    from ..catalog.media import MediaCatalog
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +140,7 @@ class Economy:
         confirmations: Confirmations | None = None,
         *,
         absent_users: AbsentUsers | None = None,
+        media: MediaCatalog | None = None,
     ) -> None:
         self._redis = redis
         # Shared with the directory, which forgets a user here when it creates them.
@@ -153,6 +158,9 @@ class Economy:
         self._drain: Drain | None = None
         self._scripts = {action.name: action.script for action in ACTIONS}
         self._load_script = lua_script("load_balance", retry_safe=True)
+        # Locked media: the unlock script's media hash is loaded through it.
+        self._media = media
+        self._load_entitlements_script = lua_script("load_entitlements", retry_safe=True)
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:
@@ -200,16 +208,28 @@ class Economy:
         )
 
     async def dm(
-        self, user_id: str, to: str, text: str, key: str, max_price: int | None
+        self,
+        user_id: str,
+        to: str,
+        text: str,
+        key: str,
+        max_price: int | None,
+        *,
+        media: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         if user_id == to:
             raise Forbidden("you cannot message yourself")
         payer, payee = user_account(user_id), user_account(to)
+        # The attached media is part of what the key names (its id: the
+        # descriptor's price may change and a retry is still the same DM).
+        fields: dict[str, Any] = {"to": to, "text": text, "max_price": max_price}
+        if media is not None:
+            fields["media"] = media["id"]
         return await self._run(
             DM,
             initiator=user_initiator(user_id),
             key=key,
-            request=fingerprint("dm", to=to, text=text, max_price=max_price),
+            request=fingerprint("dm", **fields),
             meta={"to": to},
             keys={
                 "payer_balance": self._keys.balance(payer),
@@ -222,11 +242,81 @@ class Economy:
                 "payer": payer,
                 "payee": payee,
                 # The script appends price, tx and ts: the closing brace goes.
-                "event": orjson.dumps(events.dm_event_body(user_id, text))[:-1],
+                "event": orjson.dumps(events.dm_event_body(user_id, text, media))[:-1],
                 "payee_channel": self._keys.user_channel(to),
                 "inbox_len": self._settings.inbox_len,
             },
         )
+
+    async def unlock(
+        self, user_id: str, media_id: str, owner: str, key: str, max_price: int | None
+    ) -> dict[str, Any]:
+        """Buy access to locked media (``owner``'s, as the catalog has it):
+        charged once per fan, ``already`` when owned, permanent until an
+        admin refunds it."""
+        payer, payee = user_account(user_id), user_account(owner)
+        return await self._run(
+            UNLOCK,
+            initiator=user_initiator(user_id),
+            key=key,
+            request=fingerprint("unlock", media=media_id, max_price=max_price),
+            meta={"media": media_id},
+            keys={
+                "payer_balance": self._keys.balance(payer),
+                "payee_balance": self._keys.balance(payee),
+                "media": self._keys.media(media_id),
+                "entitlement": self._keys.entitlements(user_id),
+            },
+            args={
+                "max_price": "" if max_price is None else max_price,
+                "payer": payer,
+                "payee": payee,
+                "media_id": media_id,
+                "payee_channel": self._keys.user_channel(owner),
+            },
+        )
+
+    async def entitled(self, user_id: str, media_id: str) -> bool:
+        """Whether the user unlocked the media (and no refund revoked it):
+        the Redis cache, loaded from the ledger when Redis lacks it."""
+        key = self._keys.entitlements(user_id)
+        for _ in range(LOAD_ATTEMPTS_MAX):
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.exists(key)
+                    pipe.hexists(key, media_id)
+                    loaded, granted = await pipe.execute()
+            except _REDIS_ERRORS as exc:
+                raise Unavailable("entitlements are unavailable") from exc
+            if loaded:
+                return bool(granted)
+            await self._load_entitlements(user_id)
+        raise Unavailable("entitlements could not be loaded")
+
+    async def _load_entitlements(self, user_id: str) -> None:
+        """The user's unlocks that no refund reversed, from the ledger, into
+        Redis behind the epoch fence (load_entitlements.lua)."""
+        for _ in range(LOAD_ATTEMPTS_MAX):
+            epoch = await self.epoch()
+            try:
+                rows = await self._pool.fetch(
+                    """SELECT t.meta->>'media' AS media, t.id FROM ledger_transactions t
+                       WHERE t.kind = 'unlock' AND t.initiator = $1
+                         AND NOT EXISTS (SELECT 1 FROM ledger_transactions r
+                                         WHERE r.reverses = t.id)""",
+                    user_initiator(user_id),
+                )
+            except _DB_ERRORS as exc:
+                raise Unavailable("the ledger is unavailable; nothing was charged") from exc
+            args: list[Any] = [epoch]
+            for row in rows:
+                args += [row["media"], row["id"]]
+            keys = [self._keys.epoch(), self._keys.entitlements(user_id)]
+            result = _text(await self._call(self._load_entitlements_script, keys, args))
+            if result in ("OK", "EXISTS"):
+                return
+            log.warning("Redis was reset while loading %s's unlocks; loading again", user_id)
+        raise Unavailable("Redis keeps being reset; try again")
 
     async def credit(
         self,
@@ -268,9 +358,12 @@ class Economy:
         must be in Postgres."""
         _check_initiator(initiator)
         try:
-            payer, payee, amount = await self._original_spend(tx, initiator, key)
+            payer, payee, amount, media = await self._original_spend(tx, initiator, key)
         except _Duplicate as duplicate:  # this very refund, already in the ledger
             return duplicate.reply
+        # A refunded unlock is revoked: the fan paid nothing for it, so it is
+        # not theirs (docs/economy.md, "Locked media").
+        fan = payer.removeprefix("u:")
         return await self._run(
             REFUND,
             initiator=initiator,
@@ -281,6 +374,7 @@ class Economy:
                 "payer_balance": self._keys.balance(payer),
                 "payee_balance": self._keys.balance(payee),
                 "marker": self._keys.refunded(tx),
+                "revoke": self._keys.entitlements(fan),
             },
             args={
                 "amount": amount,
@@ -290,6 +384,7 @@ class Economy:
                 "payer_channel": self._keys.user_channel(payer.removeprefix("u:")),
                 "payee_channel": self._keys.user_channel(payee.removeprefix("u:")),
                 "marker_ttl_s": REFUND_MARKER_TTL_S,
+                "revoke_media": media or "",
             },
         )
 
@@ -426,12 +521,16 @@ class Economy:
             await self._load(escrow)
         raise Unavailable("the balance could not be loaded")
 
-    async def _original_spend(self, tx: str, initiator: str, key: str) -> tuple[str, str, int]:
-        """Payer, payee and amount of a spend that may be refunded now."""
+    async def _original_spend(
+        self, tx: str, initiator: str, key: str
+    ) -> tuple[str, str, int, str | None]:
+        """Payer, payee and amount of a spend that may be refunded now, and
+        the media an unlock granted (None for other kinds)."""
         try:
             async with self._pool.acquire() as conn:
                 row = await conn.fetchrow(
-                    """SELECT t.kind, r.id AS refund, r.initiator AS refund_initiator,
+                    """SELECT t.kind, t.meta->>'media' AS media, r.id AS refund,
+                              r.initiator AS refund_initiator,
                               r.idem_key AS refund_key, r.reply::text AS refund_reply
                        FROM ledger_transactions t
                        LEFT JOIN ledger_transactions r ON r.reverses = t.id
@@ -457,7 +556,8 @@ class Economy:
         credits = [p for p in postings if p["amount"] > 0]
         if len(debits) != 1 or len(credits) != 1:
             raise Conflict(f"transaction '{tx}' has {len(postings)} postings; refund it by hand")
-        return debits[0]["account_id"], credits[0]["account_id"], credits[0]["amount"]
+        media = row["media"] if row["kind"] == "unlock" else None
+        return debits[0]["account_id"], credits[0]["account_id"], credits[0]["amount"], media
 
     # --- prices -------------------------------------------------------------------
     async def set_prices(self, user_id: str, dm: int | None, tip_min: int | None) -> dict[str, int]:
@@ -596,6 +696,10 @@ class Economy:
             missing = _text(result[1])
             if missing.startswith(self._keys.balance_prefix()):
                 await self._load(missing[len(self._keys.balance_prefix()) :])
+            elif missing.startswith(self._keys.media_prefix()) and self._media is not None:
+                await self._media.load(missing[len(self._keys.media_prefix()) :])
+            elif missing.startswith(self._keys.entitlements_prefix()):
+                await self._load_entitlements(missing[len(self._keys.entitlements_prefix()) :])
             else:
                 await self._load_prices(missing[len(self._keys.prices("")) :])
         raise Unavailable("balances could not be loaded; nothing was charged")
@@ -699,15 +803,17 @@ class Economy:
             if not await self._redis.set(lock, token, nx=True, ex=REBUILD_LOCK_TTL_S):
                 raise Unavailable("hot balances are being rebuilt from the ledger; try again")
             await self._redis.set(self._keys.epoch(), REBUILDING + token)
-            prefix = glob_escape(self._keys.balance_prefix())
-            chunk: list[bytes] = []
-            async for name in self._redis.scan_iter(match=prefix + "*", count=1000):
-                chunk.append(name)
-                if len(chunk) >= REBUILD_UNLINK_CHUNK:
+            # Balances, and the unlocks an older Redis may lack (a fan
+            # would be charged again for media the ledger says is theirs).
+            for hot in (self._keys.balance_prefix(), self._keys.entitlements_prefix()):
+                chunk: list[bytes] = []
+                async for name in self._redis.scan_iter(match=glob_escape(hot) + "*", count=1000):
+                    chunk.append(name)
+                    if len(chunk) >= REBUILD_UNLINK_CHUNK:
+                        await self._redis.unlink(*chunk)
+                        chunk = []
+                if chunk:
                     await self._redis.unlink(*chunk)
-                    chunk = []
-            if chunk:
-                await self._redis.unlink(*chunk)
             left = await self._drain(REBUILD_DRAIN_TIMEOUT_S)
             if left:
                 raise Unavailable(f"rebuilding: {left} outbox entries are not in Postgres yet")

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -24,6 +25,7 @@ from tokenchat.protocol import events
 from .. import bus
 from ..aio import reraise_if_cancelled
 from ..catalog.directory import Directory
+from ..catalog.media import LocalDiskStore, MediaCatalog
 from ..config import Settings
 from ..db import create_pool
 from ..economy.deadlines import Sweeper
@@ -78,6 +80,11 @@ class Node:
         self.keys = Keys(settings.redis_prefix)
         self.rooms = RoomStore(redis, self.keys, settings.history_len, settings.redis_timeout_s)
         self.directory = Directory(pool, redis, self.keys)
+        # Locked media, stored on the local disk (an object store implements
+        # the same MediaStore interface).
+        self.media = MediaCatalog(
+            pool, redis, self.keys, LocalDiskStore(Path(settings.media_dir)), settings
+        )
         self.hub = Hub()
         self.confirmations = (
             Confirmations(pool, settings.ledger_ack_timeout_s)
@@ -91,6 +98,7 @@ class Node:
             settings,
             self.confirmations,
             absent_users=self.directory.absent_users,
+            media=self.media,
         )
         self.ledger = LedgerWriter(settings, self.ledger_pool, self.economy, consumer=self.id)
         self.economy.rebuild_with(self.ledger.drain)

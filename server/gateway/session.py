@@ -33,6 +33,7 @@ from tokenchat.protocol import (
     Join,
     Leave,
     Ping,
+    PostMedia,
     PrivateAccept,
     PrivateDecline,
     PrivateEnd,
@@ -56,7 +57,7 @@ from .. import metrics
 from ..auth import Identity, verify_token
 from ..catalog.directory import RoomInfo
 from ..economy.actions import BY_COMMAND, Action, SpendContext
-from ..errors import LimitExceeded, NotFound, NotInRoom, ServiceError
+from ..errors import Forbidden, LimitExceeded, NotFound, NotInRoom, ServiceError
 from ..ratelimit import TokenBucket
 from .hub import encoded_event
 from .rooms import Offset, parse_offset
@@ -106,6 +107,7 @@ class Session:
             Say: self._say,
             Balance: self._balance,
             Ping: self._ping,
+            PostMedia: self._post_media,
             RequestOffer: self._request_offer,
             RequestAccept: self._request_accept,
             RequestDeliver: self._request_deliver,
@@ -427,6 +429,21 @@ class Session:
         event = events.message_event_body(command.room, self.identity.user_id, command.text)
         return {"offset": await self.node.rooms.append(command.room, event)}
 
+    async def _post_media(self, command: PostMedia) -> Reply:
+        """A model shows her locked media in her room: its descriptor, never
+        its content, goes into the room's history like a message."""
+        assert self.identity is not None
+        user_id = self.identity.user_id
+        if command.room != user_id:
+            raise Forbidden("a model posts media in her own room only")
+        if await self.node.directory.room(command.room) is None:
+            raise NotFound(f"no room '{command.room}'")
+        info = await self.node.media.info(command.media)
+        if info.owner != user_id:
+            raise NotFound(f"no media '{command.media}' of yours")
+        event = events.media_event_body(command.room, user_id, info.descriptor(), command.text)
+        return {"offset": await self.node.rooms.append(command.room, event)}
+
     async def _balance(self, command: Balance) -> Reply:
         assert self.identity is not None
         return {"balance": await self.node.balance_of(self.identity.user_id)}
@@ -480,7 +497,11 @@ class Session:
         """A paid command: its action's serve step (preconditions, then Economy)."""
         assert self.identity is not None and action.serve is not None
         context = SpendContext(
-            self.identity.user_id, self.rooms, self.node.directory.room, self.node.economy
+            self.identity.user_id,
+            self.rooms,
+            self.node.directory.room,
+            self.node.economy,
+            self.node.media,
         )
         return await action.serve(context, command)
 

@@ -231,6 +231,57 @@ async def test_custom_requests_from_the_terminal(server: Running) -> None:
     assert (await http.call("GET", "/v1/me", "alice", "model"))[1]["balance"] == 30
 
 
+async def test_upload_post_and_unlock_media(server: Running, tmp_path: Path) -> None:
+    import io
+
+    import httpx
+    from PIL import Image
+
+    http = Http(server)
+    await http.credit("bob", 20)
+    picture = tmp_path / "photo.jpg"
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 120, 200)).save(buffer, "JPEG")
+    picture.write_bytes(buffer.getvalue())
+    model = await Chat.start(
+        "--url", server.ws_url, "--token", token("alice", "model"), "--http", server.http_url
+    )
+    fan = await Chat.start(
+        "--url", server.ws_url, "--token", token("bob"), "--http", server.http_url
+    )
+    try:
+        await model.expect("* connected as alice")
+        await fan.expect("* connected as bob")
+        await fan.send("/join alice")
+        await fan.expect("* joined alice")
+        await model.send(f"/upload {picture} 7")
+        [uploaded] = await model.expect("* uploaded m_")
+        media = uploaded.split()[2]
+        await model.send("/join alice")
+        await model.send(f"/post {media} fresh")
+        await model.expect(f"* posted {media} in alice")
+        [card] = await fan.expect("[alice] alice posted a photo")
+        assert card.endswith(f"7 tokens: /unlock {media}: fresh"), card
+        await fan.send(f"/unlock {media}")
+        [unlocked] = await fan.expect(f"* unlocked {media} for 7 tokens; balance 13")
+        url = unlocked.rsplit(": ", 1)[1]
+        assert url.startswith(f"{server.http_url}/v1/media/{media}/content?")
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(url)).content == picture.read_bytes()
+        await model.expect("balance: 7")
+        await fan.send(f"/unlock {media}")
+        await fan.expect(f"* {media} is yours already (nothing charged)")
+        await fan.send(f"/url {media}")
+        await fan.expect(f"* {media}: {server.http_url}/v1/media/{media}/content?")
+        await fan.send("/unlock m_unknown")
+        await fan.expect("error: no price seen for this media")
+        await fan.send("/unlock --max 5 m_unknown")
+        await fan.expect("error NOT_FOUND")
+    finally:
+        await model.kill()
+        await fan.kill()
+
+
 async def test_a_private_show_from_the_terminal(start_server: Any) -> None:
     server: Running = await start_server(
         private_tick_s=1, private_meter_interval_s=0.1, private_settle_grace_s=0.5

@@ -528,6 +528,72 @@ async def test_a_custom_request_from_offer_to_delivery_on_both_pages(
     await model_context.close()
 
 
+async def test_a_model_posts_locked_media_and_a_fan_unlocks_it(
+    start_server: StartServer, browser: Browser
+) -> None:
+    import io
+
+    from PIL import Image
+    from playwright.async_api import expect
+
+    running = await start_dev(start_server)
+    base = running.http_url
+    await Http(running).credit("ana", 100)
+    errors = PageErrors()
+    model_context = await browser.new_context(viewport=DESKTOP, locale="en-US")  # type: ignore[arg-type]
+    fan_context = await browser.new_context(viewport=PHONE, locale="en-US")  # type: ignore[arg-type]
+    model = await model_context.new_page()
+    fan = await fan_context.new_page()
+    errors.watch("model", model)
+    errors.watch("fan", fan)
+
+    await sign_in(model, base, "mia", "model")
+    await expect(model.locator("#room-title")).to_have_text("Your room")
+    await sign_in(fan, base, "ana", "fan")
+    await fan.locator('.room-item[data-room="mia"]').click()
+    await expect(fan.locator("#room-title")).to_have_text("mia")
+
+    # The model uploads a photo at 30 tokens and posts it to her room.
+    picture = io.BytesIO()
+    Image.new("RGB", (120, 80), (250, 120, 40)).save(picture, "PNG")
+    await model.locator("#media-file").set_input_files(
+        files=[{"name": "set.png", "mimeType": "image/png", "buffer": picture.getvalue()}]
+    )
+    await model.get_by_label("Price to unlock").fill("30")
+    await model.get_by_label("Caption in your room (optional)").fill("new set")
+    await model.get_by_role("button", name="Upload and post").click()
+    await expect(model.locator(".toast.success").last).to_contain_text("fans unlock it for 30")
+    # Her own card is open; the fan's is locked, with the blurred preview and the price.
+    await expect(model.locator("#chat .media-card.open img.content")).to_be_visible()
+    card = fan.locator("#chat .media-card")
+    await expect(card).to_have_class("media-card locked")
+    await expect(card.locator("img.preview")).to_be_visible()
+    await expect(fan.locator("#chat .line.media")).to_contain_text("new set")
+    await shoot(fan, "fan-phone-locked-media")
+
+    # The fan unlocks it, confirming the price: the card opens, the model earns.
+    await card.get_by_role("button", name="Unlock photo for 30 tokens").click()
+    await expect(fan.locator("#confirm-title")).to_have_text("Unlock for 30 tokens?")
+    await fan.get_by_role("button", name="Pay 30 and unlock").click()
+    await expect(fan.locator("#balance")).to_have_text("70")
+    opened = fan.locator("#chat .media-card.open img.content")
+    await expect(opened).to_be_visible()
+    await eventually(
+        lambda: opened.evaluate("img => img.complete && img.naturalWidth === 120"), timeout_s=10
+    )
+    await expect(model.locator("#balance")).to_have_text("30")
+    await shoot(fan, "fan-phone-unlocked-media")
+    await shoot(model, "model-desktop-media")
+
+    async def drained() -> bool:
+        return bool((await Http(running).reconcile())["ok"])
+
+    await eventually(drained, timeout_s=15)
+    assert errors.seen == []
+    await fan_context.close()
+    await model_context.close()
+
+
 async def test_a_private_show_runs_and_ends_on_both_pages(
     start_server: StartServer, browser: Browser
 ) -> None:

@@ -17,9 +17,11 @@ from tokenchat.protocol import (
     Join,
     Leave,
     Ping,
+    PostMedia,
     ProtocolError,
     Say,
     Tip,
+    Unlock,
     command_to_dict,
     decode_command,
     parse_command,
@@ -120,12 +122,35 @@ def test_registry() -> None:
             "dm",
             "balance",
             "ping",
+            "post_media",
+            "unlock",
         }
         | REQUEST_COMMANDS
         | PRIVATE_COMMANDS
     )
     for name, cls in COMMANDS.items():
         assert name == cls.TYPE
+
+
+def test_media_commands() -> None:
+    unlock = parse_command({"type": "unlock", "media": "m_abc-_9", "key": "k", "max_price": 5})
+    assert unlock == Unlock(None, "m_abc-_9", "k", 5)
+    # Any kind of id passes the wire (the server answers NOT_FOUND for a wrong kind).
+    assert parse_command({"type": "unlock", "media": "t_x", "key": "k"}) == Unlock(None, "t_x", "k")
+    post = parse_command({"type": "post_media", "room": "alice", "media": "m_a"})
+    assert post == PostMedia(None, "alice", "m_a", "")
+    dm = parse_command({"type": "dm", "to": "bob", "text": "t", "key": "k", "media": "m_a"})
+    assert dm == Dm(None, "bob", "t", "k", None, "m_a")
+    for bad in ("", "m/a", "m_" + "a" * 63, "m a", 5, ["m_a"]):
+        for wire in (
+            {"type": "unlock", "media": bad, "key": "k"},
+            {"type": "post_media", "room": "alice", "media": bad},
+            {"type": "dm", "to": "bob", "text": "t", "key": "k", "media": bad},
+        ):
+            error = rejected(wire)
+            assert error.code is ErrorCode.BAD_REQUEST and "'media'" in error.message, wire
+    too_long = {"type": "post_media", "room": "alice", "media": "m_a", "text": "x" * 1001}
+    assert "'text'" in rejected(too_long).message
 
 
 def test_commands_are_frozen_and_slotted() -> None:

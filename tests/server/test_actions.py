@@ -5,15 +5,18 @@ error) fails here, not in production."""
 
 from __future__ import annotations
 
+import io
 import re
 import typing
 from typing import Any
 
 import asyncpg
 import pytest
+from PIL import Image
 
 from tests.conftest import Http, Running, pg
 from tokenchat.protocol import Command
+from tokenchat.server.catalog.media import Upload
 from tokenchat.server.config import Settings
 from tokenchat.server.economy import scripts
 from tokenchat.server.economy.actions import (
@@ -190,7 +193,7 @@ def test_a_declaration_cannot_shadow_a_common_name() -> None:
 
 
 def test_refund_rules_follow_refundable() -> None:
-    assert {"tip", "dm"} == REFUNDABLE_KINDS
+    assert {"tip", "dm", "unlock"} == REFUNDABLE_KINDS
     for kind, action in BY_KIND.items():
         assert (kind in REFUNDABLE_KINDS) is action.refundable
 
@@ -259,6 +262,13 @@ async def test_each_action_round_trips_through_redis_and_postgres(
         await economy.refund(credit["tx"], initiator="u:ops", key="r2")
     with pytest.raises(InsufficientFunds):
         await economy.tip("bob", "alice", "alice", 94, "", "t2", 1)
+    picture = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(picture, "PNG")
+    media = await server.node.media.create(
+        "alice", Upload(picture, len(picture.getvalue())), 5, "a teaser", None
+    )
+    unlock = await economy.unlock("bob", media.id, "alice", "u1", max_price=5)
+    assert (unlock["balance"], unlock["price"]) == (88, 5)
     # Escrow: two holds, one released to the model, one refunded to the fan;
     # an empty escrow refuses a second release.
     held = [
@@ -267,12 +277,12 @@ async def test_each_action_round_trips_through_redis_and_postgres(
         )
         for n in (1, 2)
     ]
-    assert [h["balance"] for h in held] == [83, 73] and held[0]["subject"] == "e1"
+    assert [h["balance"] for h in held] == [78, 68] and held[0]["subject"] == "e1"
     release = await economy.release("esc:test:e1", "alice", initiator="sys:test", key="s1", meta={})
     back = await economy.escrow_refund(
         "esc:test:e2", "bob", initiator="sys:test", key="s2", meta={}
     )
-    assert (release["amount"], back["amount"], back["balance"]) == (10, 10, 83)
+    assert (release["amount"], back["amount"], back["balance"]) == (10, 10, 78)
     with pytest.raises(Conflict, match="holds nothing"):
         await economy.release("esc:test:e1", "alice", initiator="sys:test", key="s3", meta={})
     # A private show's meter: the escrow first (10), then the fan (5).
@@ -296,6 +306,7 @@ async def test_each_action_round_trips_through_redis_and_postgres(
         back["tx"]: "escrow_refund",
         held[2]["tx"]: "hold",
         meter["tx"]: "meter",
+        unlock["tx"]: "unlock",
     }
     assert (await http.reconcile())["ok"] is True
     # The keys outside the money slot are exactly each action's delivery keys.

@@ -5,6 +5,7 @@ writer really publish decodes, and a node drops garbage and carries on."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,12 +14,14 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from tests.conftest import Http, Running
 from tokenchat.protocol import events
 from tokenchat.server import bus
+from tokenchat.server.catalog.media import Upload
 from tokenchat.server.config import Settings
 from tokenchat.server.gateway.rooms import complete_event
 from tokenchat.server.keys import Keys
@@ -221,6 +224,21 @@ async def test_what_the_producers_publish_decodes(
         refund["balance"]
     )
     assert bus.decode(await next_payload(listener, model_channel)) == bus.BalanceChanged(4)
+
+    # post_media (room_event.lua): the media event; unlock.lua: the owner's balance.
+    picture = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(picture, "PNG")
+    media = await server.node.media.create(
+        "alice", Upload(picture, len(picture.getvalue())), 3, "teaser", None
+    )
+    posted = await model.call("post_media", room="alice", media=media.id, text="new")
+    shown = bus.decode(await next_payload(listener, room))
+    assert isinstance(shown, bus.RoomEvent) and shown.offset == posted["offset"].encode()
+    assert orjson.loads(shown.body) == events.media_event_body(
+        "alice", "alice", media.descriptor(), "new"
+    )
+    await fan.call("unlock", media=media.id, key="u1")
+    assert bus.decode(await next_payload(listener, model_channel)) == bus.BalanceChanged(7)
     for client in (model, fan):
         await client.close()
 

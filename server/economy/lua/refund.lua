@@ -12,6 +12,10 @@
 -- ARG.refunds        the original transaction id
 -- ARG.payer_channel, ARG.payee_channel  their user channels
 -- ARG.marker_ttl_s   the marker's lifetime
+-- KEY.revoke, ARG.revoke_media  a refunded unlock: the fan's entitlements
+--                    hash and the media id, whose access the refund revokes
+--                    (it must be loaded, or a later load from a ledger
+--                    without this refund yet would grant it back); '' else.
 --
 -- Returns {'OK', '{"balance":N,"tx":T,"refunds":O}'} (N: the payer's balance)
 -- or a refusal (money_lib); REFUNDED when the original was refunded already.
@@ -23,6 +27,7 @@ if redis.call('EXISTS', KEY.marker) == 1 then return {'REFUNDED'} end
 local amount = tonumber(ARG.amount)
 -- The payee of the original pays the refund back: it is this call's payer.
 local refusal = first_unloaded(KEY.payer_balance, KEY.payee_balance)
+  or (ARG.revoke_media ~= '' and first_unloaded(KEY.revoke))
   or outbox_full()
   or user_gate(KEY.payee_balance, amount)
 if refusal then return refusal end
@@ -32,6 +37,7 @@ local reply = cjson.encode({balance = payer_balance, tx = ARG.tx, refunds = ARG.
 outbox_add('refund', postings(ARG.payee, ARG.payer, amount), reply)
 idem_record(reply)
 redis.call('SET', KEY.marker, ARG.tx, 'EX', tonumber(ARG.marker_ttl_s))
+if ARG.revoke_media ~= '' then redis.call('HDEL', KEY.revoke, ARG.revoke_media) end
 redis.call('PUBLISH', ARG.payer_channel, 'B' .. payer_balance)
 redis.call('PUBLISH', ARG.payee_channel, 'B' .. payee_balance)
 return {'OK', reply}
