@@ -670,8 +670,17 @@ class Privates:
                 final = charged_for(rate, end_s) - charged_for(rate, billed_s)
                 await self._set_state(show, "end_s = $2", "ended", end_s)
         charged = charged_for(rate, max(end_s, billed_s))
-        forfeit = row["end_reason"] in ("fan", "fan_left") and end_s < int(row["min_s"])
-        if row["held"]:
+        # Forfeit only a minimum that bought a running show: a show ended
+        # while its minimum was being held (accepted) gives it all back.
+        forfeit = (
+            row["started_at"] is not None
+            and row["end_reason"] in ("fan", "fan_left")
+            and end_s < int(row["min_s"])
+        )
+        # Not `row["held"]`: a hold applied just before the show ended while
+        # `accepted` is in the escrow without the row knowing it. An escrow
+        # never held into answers EMPTY, and nothing moves.
+        if charged_for(int(row["rate"]), int(row["min_s"])) > 0:
             money = self._economy.release if forfeit else self._economy.escrow_refund
             to = row["model"] if forfeit else row["fan"]
             try:

@@ -471,3 +471,35 @@ async def test_either_side_may_end_and_the_other_is_told(
     await settled(settings, show)
     await fan.close()
     await model.close()
+
+
+async def test_a_show_ended_while_its_minimum_was_being_held_gives_it_all_back(
+    start_server: Start, settings: Settings
+) -> None:
+    server = await start_server(**QUICK)
+    fan, model = await setup(server, min_s=30)
+    show = (await fan.call("private_request", model="alice", rate=60, key="k1"))["show"]
+    # What accept does before the row says `running`, as if its process
+    # stopped there: the state `accepted`, the minimum held.
+    await pg(settings, "UPDATE private_shows SET state = 'accepted' WHERE id = $1", show)
+    await server.node.economy.hold(
+        "bob",
+        f"esc:private:{show}",
+        30,
+        subject=show,
+        key=f"start:{show}",
+        request=fingerprint("private_start", show=show, amount=30),
+        meta={"show": show},
+        initiator=PRIVATE_INITIATOR,
+    )
+    assert await balance(fan) == 70
+    ended = await fan.call("private_end", show=show)
+    assert ended["state"] == "ended" and ended["seconds"] == 0
+    row = await settled(settings, show)
+    assert row["charged"] == 0 and row["started_at"] is None
+    assert await balance(fan) == 100 and await balance(model) == 0
+    await drain(server)
+    assert await account(settings, f"esc:private:{show}") == 0
+    assert (await Http(server).reconcile())["ok"] is True
+    await fan.close()
+    await model.close()
