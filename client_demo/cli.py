@@ -10,6 +10,11 @@ happens, one line each, to standard output:
     /join ROOM        join ROOM (its recent history is shown) and make it current
     /leave            leave the current room
     /tip N [TEXT]     tip N tokens in the current room
+    /menu [USER]      show the tip menu of USER (default: the current room's
+                      model), numbered (GET on the HTTP API, --http)
+    /item N [TEXT]    tip item N of the current room's menu, at most at the
+                      price last shown (looked up and shown first when none
+                      was); refused, not charged, if the price rose since
     /price USER       show what a DM to USER costs (GET on the HTTP API, --http)
     /dm USER TEXT     send a private message at the price last shown for USER
                       (looked up and shown first when none was); it is refused,
@@ -32,6 +37,13 @@ happens, one line each, to standard output:
     /private MODEL RATE   ask MODEL for a private show at RATE tokens a minute
     /paccept S, /pdecline S, /pend S   accept or decline show S (model), end
                       it (either side); accepting joins its private room
+    /shows            list the current room's ticket shows (numbered; --http)
+    /schedule PRICE MIN_S IN_S TITLE   schedule a ticket show in your room
+                      (model; POST /v1/me/shows on --http): PRICE tokens a
+                      ticket, paid if it runs MIN_S seconds, starting in IN_S
+    /ticket S         buy a ticket to show S of the current room (S: its id,
+                      or its number in /shows)
+    /start S, /end S, /showcancel S   start, end or cancel your show S (model)
     /help             this list
     /quit             leave (so does the end of the input)
 
@@ -48,6 +60,7 @@ import json
 import os
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -65,6 +78,7 @@ from .client import (
     HttpError,
     Session,
     SessionClosed,
+    get_menu,
     media_url,
     upload_media,
 )
@@ -78,6 +92,8 @@ HELP = """commands:
   /join ROOM      join ROOM and make it the current room
   /leave          leave the current room
   /tip N [TEXT]   tip N tokens in the current room
+  /menu [USER]    show the tip menu of USER (default: this room's model)
+  /item N [TEXT]  tip item N of this room's menu, at most at the price shown
   /price USER     show what a DM to USER costs
   /dm USER TEXT   send USER a private message, at most at the price shown
   /dm --max N USER TEXT   ... paying at most N tokens
@@ -94,6 +110,10 @@ HELP = """commands:
   /private MODEL RATE   ask MODEL for a private show (RATE tokens a minute)
   /paccept S, /pdecline S   a model's answers to show S
   /pend S         end show S (either side)
+  /shows          list the current room's ticket shows (numbered)
+  /schedule PRICE MIN_S IN_S TITLE   schedule a ticket show (model)
+  /ticket S       buy a ticket to show S of the current room
+  /start S, /end S, /showcancel S   run your show S (model)
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -167,7 +187,9 @@ def format_event(event: Event) -> str | None:
         return f"[{room}] {event.get('from')}: {event.get('text')}"
     if type_ == "tip":
         text = event.get("text")
-        return f"[{room}] {event.get('from')} tipped {event.get('amount')}" + (
+        item = event.get("item")
+        what = f" for {item.get('label')}" if isinstance(item, dict) else ""
+        return f"[{room}] {event.get('from')} tipped {event.get('amount')}{what}" + (
             f": {text}" if text else ""
         )
     if type_ == "dm":
@@ -190,6 +212,8 @@ def format_event(event: Event) -> str | None:
         return f"request {format_request(event)}"
     if type_ == "private":
         return f"private {format_private(event)}"
+    if type_ == "show":
+        return f"[{room}] show {format_show(event)}"
     if type_ == "error":
         return f"error {event.get('code')}: {event.get('message')}"
     if type_ == "gap":
@@ -242,6 +266,14 @@ def format_media(media: dict[str, Any]) -> str:
     return f"{kind}{teaser}, {media.get('price')} tokens: /unlock {media.get('id')}"
 
 
+def format_show(show: Event) -> str:
+    """A ticket show on one line: id, state, price, minimum length, title."""
+    return (
+        f"{show.get('show')} {show.get('state')}: {show.get('title')} "
+        f"({show.get('price')} tokens a ticket, min {show.get('min_s')} s)"
+    )
+
+
 def format_error(exc: BaseException) -> str:
     if isinstance(exc, CommandError):
         return f"error {exc.code}: {exc.reply.get('message')}"
@@ -257,11 +289,16 @@ class State:
     # The DM price last shown for each user: a /dm to them pays at most this
     # (max_price), so a price raised after it was shown is refused, not charged.
     dm_prices: dict[str, int] = field(default_factory=dict)
+    # The menu last shown for each model (items {id, label, price}): /item N
+    # tips the N-th at most at its shown price, like /dm.
+    menus: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # The ids of the last /requests listing, so `/accept 1` names the first.
     requests: list[str] = field(default_factory=list)
     # The price last shown for each media (in a `media` or `dm` event): an
     # /unlock pays at most this, as a /dm does.
     media_prices: dict[str, int] = field(default_factory=dict)
+    # The ids of the last /shows listing, so `/ticket 1` names the first.
+    shows: list[str] = field(default_factory=list)
 
 
 async def chat(args: argparse.Namespace, out: Output = say) -> int:
@@ -365,6 +402,9 @@ async def handle_line(
             state.room = rest
             room = reply["room"]
             out(f"* joined {rest} ({room.get('viewers')} here, tip min {room.get('tip_min')})")
+            if room.get("show"):
+                ticket = "you have a ticket" if reply.get("ticket") else "no ticket"
+                out(f"* show {format_show(room['show'])}; {ticket}")
     elif command == "leave":
         if state.room is None:
             out("error: not in a room")
@@ -377,6 +417,10 @@ async def handle_line(
         await tip(rest, session, state, out)
     elif command == "dm":
         await dm(rest, session, state, args, out)
+    elif command == "menu":
+        await show_menu(rest or state.room, state, args, out)
+    elif command == "item":
+        await tip_item(rest, session, state, args, out)
     elif command == "price" and rest:
         await show_price(rest, state, args, out)
     elif command == "balance":
@@ -406,6 +450,12 @@ async def handle_line(
         await private_request(rest, session, out)
     elif command in ("paccept", "pdecline", "pend") and rest:
         await answer_private(command, rest, session, state, out)
+    elif command == "shows":
+        await list_shows(state, args, out)
+    elif command == "schedule":
+        await schedule_show(rest, args, out)
+    elif command in ("ticket", "start", "end", "showcancel"):
+        await show_command(command, rest, session, state, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
@@ -424,6 +474,64 @@ async def tip(rest: str, session: Session, state: State, out: Output) -> None:
     room = state.room
     if (reply := await report(out, session.tip(room, amount, text.strip()))) is not None:
         out(f"* tipped {amount} in {room}; balance {reply.get('balance')}{_again(reply)}")
+
+
+async def show_menu(
+    user: str | None, state: State, args: argparse.Namespace, out: Output
+) -> list[dict[str, Any]] | None:
+    """Print ``user``'s tip menu, numbered, and remember it; None on failure."""
+    if user is None:
+        out("usage: /menu USER (or join a room first)")
+        return None
+    if not args.http:
+        out("error: /menu needs the HTTP API's URL (--http http://HOST:8000)")
+        return None
+    try:
+        items = await get_menu(args.http, user)
+    except HttpError as exc:
+        out(f"error {exc.code}: {exc.message}")
+        return None
+    except OSError as exc:
+        out(f"error: GET menu of {user}: {exc}")
+        return None
+    state.menus[user] = items
+    if not items:
+        out(f"* {user} has no tip menu")
+    for n, item in enumerate(items, 1):
+        out(f"  {n}. {item['label']}: {item['price']} tokens")
+    return items
+
+
+async def tip_item(
+    rest: str, session: Session, state: State, args: argparse.Namespace, out: Output
+) -> None:
+    number_text, _, text = rest.partition(" ")
+    if not number_text.isdigit():
+        out("usage: /item N [TEXT] (N from /menu)")
+        return
+    room = state.room
+    if room is None:
+        out("error: join a room first (/join ROOM)")
+        return
+    items = state.menus.get(room)
+    if items is None and (items := await show_menu(room, state, args, out)) is None:
+        return
+    number = int(number_text)
+    if not 1 <= number <= len(items):
+        out(f"error: no item {number} on {room}'s menu (/menu shows it)")
+        return
+    item = items[number - 1]
+    try:
+        reply = await session.tip_item(room, item["id"], text.strip(), max_price=item["price"])
+    except (CommandError, ConnectionError, TimeoutError) as exc:
+        out(format_error(exc))
+        if isinstance(exc, CommandError) and exc.code in ("PRICE_CHANGED", "NOT_FOUND"):
+            state.menus.pop(room, None)  # the menu changed: the next /item shows it again
+        return
+    out(
+        f"* tipped {reply.get('price')} for {item['label']} in {room}; "
+        f"balance {reply.get('balance')}{_again(reply)}"
+    )
 
 
 async def dm(
@@ -629,6 +737,107 @@ async def answer_private(
     if room and await report(out, session.join(room)) is not None:
         state.room = room
         out(f"* joined the private room {room}")
+
+
+async def list_shows(state: State, args: argparse.Namespace, out: Output) -> None:
+    if state.room is None:
+        out("error: join a room first (/join ROOM)")
+        return
+    if not args.http:
+        out("error: /shows needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    url = f"{args.http.rstrip('/')}/v1/rooms/{urllib.parse.quote(state.room)}/shows"
+    try:
+        status, body = await asyncio.to_thread(http_get, url, args.token)
+    except OSError as exc:
+        out(f"error: GET {url}: {exc}")
+        return
+    if status != 200 or not isinstance(body, dict):
+        out(f"error: GET {url} answered {status}")
+        return
+    shows = body.get("shows") or []
+    state.shows = [show["show"] for show in shows]
+    if not shows:
+        out("* no shows")
+    for number, show in enumerate(shows, 1):
+        out(f"{number}. {format_show(show)}")
+
+
+async def schedule_show(rest: str, args: argparse.Namespace, out: Output) -> None:
+    parts = rest.split(" ", 3)
+    if len(parts) < 4 or not all(part.isdigit() for part in parts[:3]) or not parts[3].strip():
+        out("usage: /schedule PRICE MIN_S IN_S TITLE")
+        return
+    if not args.http:
+        out("error: /schedule needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    price, min_s, in_s = (int(part) for part in parts[:3])
+    body = {
+        "title": parts[3].strip(),
+        "price": price,
+        "min_s": min_s,
+        "starts_at": int((time.time() + in_s) * 1000),
+    }
+    url = args.http.rstrip("/") + "/v1/me/shows"
+    try:
+        status, reply = await asyncio.to_thread(http_post, url, args.token, body)
+    except OSError as exc:
+        out(f"error: POST {url}: {exc}")
+        return
+    if status != 201 or not isinstance(reply, dict):
+        problem = reply.get("error", {}) if isinstance(reply, dict) else {}
+        out(f"error {problem.get('code', status)}: {problem.get('message', 'not scheduled')}")
+        return
+    out(f"* show {format_show(reply)}")
+
+
+async def show_command(
+    command: str, rest: str, session: Session, state: State, out: Output
+) -> None:
+    name = rest.strip()
+    if not name:
+        out(f"usage: /{command} S")
+        return
+    show = name
+    if name.isdigit() and 1 <= int(name) <= len(state.shows):
+        show = state.shows[int(name) - 1]
+    if command == "ticket":
+        if state.room is None:
+            out("error: join a room first (/join ROOM)")
+            return
+        reply = await report(out, session.buy_ticket(state.room, show))
+        if reply is not None:
+            had = "you had a ticket already" if reply.get("already") else "ticket bought"
+            out(f"* {had} for show {show}; balance {reply['balance']}")
+        return
+    calls = {
+        "start": lambda: session.show_start(show),
+        "end": lambda: session.show_end(show),
+        "showcancel": lambda: session.show_cancel(show),
+    }
+    reply = await report(out, calls[command]())
+    if reply is not None:
+        outcome = f", {reply['outcome']}" if reply.get("outcome") else ""
+        out(f"* show {show} {reply['state']}{outcome}{_again(reply)}")
+
+
+def http_post(url: str, token: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """POST ``body`` as JSON with the token; the status and the JSON reply."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            status, data = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, data = exc.code, exc.read()
+    try:
+        return status, json.loads(data)
+    except ValueError:
+        return status, None
 
 
 def _again(reply: dict[str, Any]) -> str:

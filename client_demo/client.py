@@ -23,7 +23,11 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import json
 import random
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -477,6 +481,23 @@ class Session:
         ``SpendUnconfirmed`` after ``spend_attempts_max`` attempts without one."""
         return await self._spend("tip", key, room=room, amount=amount, text=text)
 
+    async def tip_item(
+        self,
+        room: str,
+        item: str,
+        text: str = "",
+        *,
+        max_price: int | None = None,
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        """Tip the menu item ``item`` of ``room``'s owner at its current
+        price, at most ``max_price`` (``PRICE_CHANGED`` otherwise: pass the
+        price you showed); the reply adds ``price`` and ``item``. As ``tip``."""
+        fields: dict[str, Any] = {"room": room, "item": item, "text": text}
+        if max_price is not None:
+            fields["max_price"] = max_price
+        return await self._spend("tip", key, **fields)
+
     async def dm(
         self,
         to: str,
@@ -563,6 +584,23 @@ class Session:
         reply has the seconds billed and the tokens charged."""
         return await self._transition("private_end", show=show)
 
+    # --- ticket shows (docs/protocol.md, "Ticket shows") ---------------------------------
+    async def buy_ticket(self, room: str, show: str, *, key: str | None = None) -> dict[str, Any]:
+        """A ticket to ``show`` in ``room`` (joined); ``already: true`` when
+        the user holds one (nothing charged). Retried like ``tip``."""
+        return await self._spend("buy_ticket", key, room=room, show=show)
+
+    async def show_start(self, show: str) -> dict[str, Any]:
+        return await self._transition("show_start", show=show)
+
+    async def show_end(self, show: str) -> dict[str, Any]:
+        """End a running show: ``outcome`` says whether it was paid
+        (``release``) or refunded (``refund``, ended before ``min_s``)."""
+        return await self._transition("show_end", show=show)
+
+    async def show_cancel(self, show: str) -> dict[str, Any]:
+        return await self._transition("show_cancel", show=show)
+
     async def _transition(self, type_: str, **fields: Any) -> dict[str, Any]:
         """A request transition, retried like a spend: it needs no key, since
         the server answers a repeat of an applied one ``"duplicate": true``."""
@@ -584,7 +622,8 @@ class Session:
                     continue
                 raise CommandError(reply)
             return reply
-        raise SpendUnconfirmed(type_, str(fields.get("request")), self.spend_attempts_max, last)
+        subject = str(fields.get("request") or fields.get("show"))
+        raise SpendUnconfirmed(type_, subject, self.spend_attempts_max, last)
 
     async def _spend(self, type_: str, key: str | None, **fields: Any) -> dict[str, Any]:
         """Send a spend until it gets an ``ok`` or a final error, with one key.
@@ -843,11 +882,12 @@ class Session:
         self._ready.set()  # wake the commands waiting for a connection
 
 
-# --- locked media over HTTP (the standard library only: no HTTP client dependency) ---------
+# --- the HTTP API helpers (the standard library only: no HTTP client dependency) -------
 
-# How long one HTTP call of the media helpers may take: an upload of a large
-# video on a slow link takes a while.
+# How long one HTTP call may take: an upload of a large video on a slow link
+# takes a while; everything else answers in milliseconds.
 MEDIA_HTTP_TIMEOUT_S = 300.0
+HTTP_TIMEOUT_S = 10.0
 
 
 class HttpError(Exception):
@@ -856,24 +896,28 @@ class HttpError(Exception):
     def __init__(self, status: int, body: Any) -> None:
         error = body.get("error", {}) if isinstance(body, dict) else {}
         self.status = status
-        self.code = error.get("code", "")
-        self.message = error.get("message", str(body))
+        self.code: str = error.get("code") or str(status)
+        self.message: str = error.get("message") or str(body)
         super().__init__(f"HTTP {status} {self.code}: {self.message}")
 
 
 def _http(
-    method: str, url: str, token: str, body: bytes | None = None, content_type: str | None = None
+    method: str,
+    url: str,
+    token: str | None,
+    body: bytes | None = None,
+    content_type: str | None = None,
+    timeout_s: float = HTTP_TIMEOUT_S,
 ) -> Any:
-    import json
-    import urllib.error
-    import urllib.request
-
-    headers = {"Authorization": f"Bearer {token}"}
+    """The parsed JSON reply of a 2xx; ``HttpError`` for any other status."""
+    headers = {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     if content_type is not None:
         headers["Content-Type"] = content_type
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=MEDIA_HTTP_TIMEOUT_S) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         data = exc.read()
@@ -882,6 +926,11 @@ def _http(
         except ValueError:
             parsed = data.decode(errors="replace")
         raise HttpError(exc.code, parsed) from None
+
+
+def _http_json(method: str, url: str, token: str | None, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    return _http(method, url, token, data, "application/json" if data is not None else None)
 
 
 def _multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
@@ -928,7 +977,9 @@ async def upload_media(
         files["preview"] = ("preview", preview)
     body, content_type = _multipart(fields, files)
     url = http_url.rstrip("/") + "/v1/media"
-    reply = await asyncio.to_thread(_http, "POST", url, token, body, content_type)
+    reply = await asyncio.to_thread(
+        _http, "POST", url, token, body, content_type, MEDIA_HTTP_TIMEOUT_S
+    )
     media: dict[str, Any] = reply["media"]
     return media
 
@@ -943,3 +994,21 @@ async def media_url(http_url: str, token: str, media: str) -> dict[str, Any]:
         _http, "GET", f"{base}/v1/media/{quote(media, safe='')}/url", token
     )
     return {**reply, "url": base + reply["url"]}
+
+
+async def get_menu(http_url: str, user: str) -> list[dict[str, Any]]:
+    """The tip menu of ``user`` (``GET /v1/users/{user}/menu``): items
+    ``{id, label, price}`` in the model's order, at the prices charged now.
+    ``HttpError`` (``NOT_FOUND`` for an unknown user)."""
+    url = f"{http_url.rstrip('/')}/v1/users/{urllib.parse.quote(user, safe='')}/menu"
+    reply = await asyncio.to_thread(_http_json, "GET", url, None)
+    return list(reply["items"])
+
+
+async def put_menu(http_url: str, token: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replace the caller's (a model's) tip menu: ``items`` of ``{id?,
+    label, price}``; an ``id`` keeps an item of the current menu. The saved
+    items, with their ids. ``HttpError`` on a refusal."""
+    url = f"{http_url.rstrip('/')}/v1/me/menu"
+    reply = await asyncio.to_thread(_http_json, "PUT", url, token, {"items": items})
+    return list(reply["items"])

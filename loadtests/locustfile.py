@@ -1,19 +1,25 @@
 """Locust scenarios for tokenchat: fans and models over WebSocket.
 
-Fans join a model's room, chat (``say``), tip, send paid DMs, unlock the
-model's locked photo, offer custom requests and cancel them (a hold into
-escrow, then its refund), ask the model for a private show and end it at
-their next turn (metered by the minute, or withdrawn if she has not accepted
-it), check their balance and now and then move to another room. Models host
-a room: they stay joined (reconnecting within a second or so if the session
-is lost), read its events, thank tippers, now and then show their locked
-photo (``post_media``), accept and deliver a custom request offered to them
-(a release from escrow), accept the newest private show asked of them or end
-the one they run, and change their prices with
-``PUT /v1/me/prices``. Each model's photo is uploaded once at test start
-(``POST /v1/media``); a fan's first ``unlock`` of it pays ``MEDIA_PRICE``, the
-later ones are answered ``already`` (counted in the ``tokenchat counters``
-line) and charge nothing. Every WebSocket command is reported to locust's
+Fans join a model's room, chat (``say``), tip, tip items of the room's tip
+menu, send paid DMs, unlock the model's locked photo, offer custom requests
+and cancel them (a hold into escrow, then its refund), buy tickets to their
+room's ticket show (staying off its chat without one), ask the model for a
+private show and end it at their next turn (metered by the minute, or
+withdrawn if she has not accepted it), check their balance and now and then
+move to another room. Models host a room: they stay joined (reconnecting
+within a second or so if the session is lost), read its events, thank
+tippers, now and then show their locked photo (``post_media``), accept and
+deliver a custom request offered to them (a release from escrow), run ticket
+shows (schedule over HTTP, start, end paid or now and then cancel: refunds),
+accept the newest private show asked of them or end the one they run, and
+change their prices with ``PUT /v1/me/prices``. Each model's menu is saved and
+her photo uploaded once at test start (``PUT /v1/me/menu``,
+``POST /v1/media``). A menu tip (``tip item``) reads ``GET
+/v1/users/{id}/menu`` (reused 30 s), then sends ``tip`` with ``item`` and
+``max_price`` the price read. A fan's first ``unlock`` of a photo pays
+``MEDIA_PRICE``, the later ones are answered ``already`` (counted in the
+``tokenchat counters`` line) and charge nothing. Every WebSocket command is
+reported to locust's
 statistics as a request (type ``WS``, named after the command), so the console
 table, the ``--csv`` files and the ``--html`` report show its rate, latency
 percentiles and failures:
@@ -137,6 +143,10 @@ DM_PRICE_MAX = 10  # tokens; models price DMs 1..this, fans accept up to this
 # Custom requests offered, then cancelled (a hold, then an escrow_refund):
 # small amounts, so a fan's budget is not tied up by the one in flight.
 REQUEST_AMOUNTS = (5, 20, 50)  # tokens
+# Ticket shows: prices models ask (tokens), and the minimum length (seconds):
+# short, so that a show ends paid within the few seconds a run lasts.
+SHOW_PRICES = (5, 10, 20)
+SHOW_MIN_S = 1
 TIP_MIN_MAX = 3  # tokens; models set tip_min 1..this; every tip is at least this
 # Private shows: a low rate, so a show a fan forgets to end costs little of
 # a budget; a short minimum, so most ends fall after it (metered) and some
@@ -159,6 +169,12 @@ CHAT_LINES = (
 TIP_TEXTS = ("", "", "for you", "great show", "keep going!")
 MEDIA_PRICE = 5  # tokens; every model's locked photo costs this to unlock
 THANKS = ("thank you {}!", "{} you're the best", "welcome {}")
+# Each model's tip menu, saved at test start (PUT /v1/me/menu): fans tip an
+# item at its shown price (max_price). Prices within the tip amounts above.
+MENU = (("Say my name", 5), ("Dance", 25), ("Song request", 10), ("Wave", 3))
+# How long a fan reuses a room's menu before reading it again, as a page
+# that stays open does; PRICE_CHANGED or NOT_FOUND read it at once.
+MENU_REUSE_S = 30.0
 
 # --- bounds -------------------------------------------------------------------------
 CONNECT_TIMEOUT_S = 10.0  # TCP + WebSocket handshake
@@ -173,6 +189,7 @@ TOKEN_TTL_S = 24 * 3600
 
 REPLY_TYPES = frozenset({"ok", "error", "welcome"})
 ROOM_EVENTS = frozenset({"message", "tip", "media"})
+SHOW_OPEN = frozenset({"scheduled", "running"})
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
 
@@ -441,6 +458,31 @@ def _upload_media(http: requests.Session, cfg: Config, index: int) -> None:
         log.warning("no locked photo for %s: %s", model_id, exc)
 
 
+@listen(events.test_start)
+def _create_menus(environment: Environment, **_kwargs: Any) -> None:
+    """Every model has a tip menu (MENU) before the first fan tips an item."""
+    cfg = config()
+    items: list[dict[str, Any]] = [{"label": label, "price": price} for label, price in MENU]
+    with requests.Session() as http:
+        for index in range(cfg.models):
+            for attempt in range(SETUP_ATTEMPTS):
+                try:
+                    response = http.put(
+                        f"{cfg.http_url}/v1/me/menu",
+                        json={"items": items},
+                        headers={"Authorization": f"Bearer {cfg.model_token(index)}"},
+                        timeout=HTTP_TIMEOUT_S,
+                    )
+                    response.raise_for_status()
+                    break
+                except requests.RequestException as exc:
+                    if attempt + 1 == SETUP_ATTEMPTS:
+                        # Menu tips then fail (NOT_FOUND); the rest of the run is fine.
+                        log.error("cannot save the menu of %s: %s", cfg.model_id(index), exc)
+                        break
+                    gevent.sleep(RETRY_BACKOFF_S * 2**attempt)
+
+
 # What happened that locust's request table does not show.
 COUNTERS: Counter[str] = Counter()
 
@@ -668,8 +710,12 @@ class TokenchatUser(HttpUser):
         elapsed_ms = (time.perf_counter() - started) * 1000
         fire_request(self.environment, request_type, name, elapsed_ms, size, exception)
 
-    def command(self, name: str, command: dict[str, Any]) -> dict[str, Any] | None:
-        """Send a command that is not a spend: its ``ok`` reply, or None."""
+    def command(
+        self, name: str, command: dict[str, Any], expected: frozenset[str] = frozenset()
+    ) -> dict[str, Any] | None:
+        """Send a command that is not a spend: its ``ok`` reply, or None.
+        ``expected``: error codes counted as a success under ``name (code)``
+        (a race the load makes on purpose, like posting as a ticket show starts)."""
         session = self.ensure_session()
         if session is None:
             return None
@@ -680,12 +726,18 @@ class TokenchatUser(HttpUser):
             self.report(name, started, exception=exc)
             return None
         if reply["type"] == "error":
-            self.report(name, started, size, ServerError(reply.get("code", "?")))
+            code = reply.get("code", "?")
+            if code in expected:
+                self.report(f"{name} ({code})", started, size)
+                return None
+            self.report(name, started, size, ServerError(code))
             return None
         self.report(name, started, size)
         return reply
 
-    def spend(self, name: str, command: dict[str, Any]) -> dict[str, Any] | None:
+    def spend(
+        self, name: str, command: dict[str, Any], expected: frozenset[str] = frozenset()
+    ) -> dict[str, Any] | None:
         """Send a tip or dm (``command`` holds its ``key``) until it gets an
         answer, resending it with the same key after a timeout, a lost
         connection or UNAVAILABLE; the ``ok`` reply, or None."""
@@ -722,6 +774,9 @@ class TokenchatUser(HttpUser):
                     self.report(label, started, size)
                 return reply
             code = reply.get("code", "?")
+            if code in expected:
+                self.report(f"{name} ({code})", started, size)
+                return None
             if code == ErrorCode.INSUFFICIENT_FUNDS:
                 self.report(f"{name} (insufficient)", started, size)
                 self.on_insufficient_funds()
@@ -812,7 +867,11 @@ class TokenchatUser(HttpUser):
         for event in reply.get("history", ()):
             self.see_offset(event)
         self.room = room
+        self.on_joined(room, reply)
         return True
+
+    def on_joined(self, room: str, reply: dict[str, Any]) -> None:
+        pass
 
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -856,6 +915,8 @@ class ModelUser(TokenchatUser):
         self.running_show: str | None = None  # the show she accepted, until it ends
         self.dms_seen: set[str] = set()  # the tx of every DM received
         self.newest: tuple[int, ...] = ()  # the newest room offset received
+        self.show: str | None = None  # her ticket show, scheduled or running
+        self.show_running = False
         self.in_room()
 
     def on_event(self, event: dict[str, Any]) -> None:
@@ -1025,6 +1086,40 @@ class ModelUser(TokenchatUser):
         if failed is None and reply.get("state") == "running":
             self.running_show = show
 
+    @task(4)
+    def run_show(self) -> None:
+        """A ticket show, one step per pick: schedule it (HTTP), start it, then
+        end it (paid: it ran SHOW_MIN_S) or now and then cancel it (every
+        ticket refunded). Fans buy tickets meanwhile (FanUser.buy_ticket)."""
+        if self.show is None:
+            body = {
+                "title": "load show",
+                "price": random.choice(SHOW_PRICES),
+                "starts_at": int(time.time() * 1000),
+                "min_s": SHOW_MIN_S,
+            }
+            with self.client.post(
+                "/v1/me/shows",
+                json=body,
+                headers={"Authorization": f"Bearer {self.token}"},
+                name="POST /v1/me/shows",
+                timeout=HTTP_TIMEOUT_S,
+                catch_response=True,
+            ) as response:
+                if response.status_code != 201:
+                    response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+                    return
+                self.show, self.show_running = str(response.json()["show"]), False
+        elif not self.show_running:
+            if self.command("show_start", {"type": "show_start", "show": self.show}) is None:
+                self.show = None  # cancelled meanwhile (not started in time): a new one
+            else:
+                self.show_running = True
+        else:
+            kind = "show_cancel" if random.random() < 0.2 else "show_end"
+            self.command(kind, {"type": kind, "show": self.show})
+            self.show = None
+
 
 class FanUser(TokenchatUser):
     """Joins a room, chats, tips the model, DMs her, checks the balance and
@@ -1045,6 +1140,10 @@ class FanUser(TokenchatUser):
         super().on_start()
         self.topups = 0
         self.show: str | None = None  # the private show asked for, until ended
+        self.room_show: tuple[str, str] | None = None  # (show, state) of her room's open show
+        self.tickets: set[str] = set()
+        # Each room's menu as last read: (monotonic time, items).
+        self.menus: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         budget = self.cfg.fund // random.choice((16, 4, 1))
         self.credit(budget, f"{self.user_id}:fund", "POST /v1/admin/credits (fund)")
         self.in_room()
@@ -1072,6 +1171,35 @@ class FanUser(TokenchatUser):
     def home_room(self) -> str:
         return self.cfg.model_id(random.randrange(self.cfg.models))
 
+    def on_joined(self, room: str, reply: dict[str, Any]) -> None:
+        show = reply.get("room", {}).get("show")
+        self.room_show = (str(show["show"]), str(show["state"])) if show else None
+        if show and reply.get("ticket"):
+            self.tickets.add(str(show["show"]))
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        super().on_event(event)
+        if event.get("type") == "show" and event.get("room") == self.room:
+            state = str(event.get("state"))
+            self.room_show = (str(event["show"]), state) if state in SHOW_OPEN else None
+
+    def walled(self) -> bool:
+        """Whether a ticket show runs in her room and she holds no ticket."""
+        show = self.room_show
+        return show is not None and show[1] == "running" and show[0] not in self.tickets
+
+    @task(2)
+    def buy_ticket(self) -> None:
+        """A ticket to her room's open show (a charge into its escrow, refunded
+        if the model cancels). A show just closed answers CONFLICT."""
+        room = self.in_room()
+        show = self.room_show
+        if room is None or show is None or show[0] in self.tickets:
+            return
+        command = {"type": "buy_ticket", "room": room, "show": show[0], "key": self.new_key("s")}
+        if self.spend("buy_ticket", command, frozenset({ErrorCode.CONFLICT})) is not None:
+            self.tickets.add(show[0])
+
     def on_insufficient_funds(self) -> None:
         if random.random() < TOPUP_CHANCE:
             self.topups += 1
@@ -1081,13 +1209,15 @@ class FanUser(TokenchatUser):
     @task(5)
     def say(self) -> None:
         room = self.in_room()
-        if room is not None:
-            self.command("say", {"type": "say", "room": room, "text": random.choice(CHAT_LINES)})
+        if room is not None and not self.walled():
+            # FORBIDDEN: a show started before its event reached her.
+            command = {"type": "say", "room": room, "text": random.choice(CHAT_LINES)}
+            self.command("say", command, frozenset({ErrorCode.FORBIDDEN}))
 
     @task(3)
     def tip(self) -> None:
         room = self.in_room()
-        if room is None:
+        if room is None or self.walled():
             return
         amount = random.choices(TIP_AMOUNTS, TIP_WEIGHTS)[0]
         command = {
@@ -1097,7 +1227,47 @@ class FanUser(TokenchatUser):
             "text": random.choice(TIP_TEXTS),
             "key": self.new_key("t"),
         }
-        self.spend("tip", command)
+        self.spend("tip", command, frozenset({ErrorCode.FORBIDDEN}))  # as in `say`
+
+    @task(1)
+    def tip_item(self) -> None:
+        """Tip an item of the room's menu at the price the fan last read."""
+        room = self.in_room()
+        if room is None or self.walled():
+            return
+        menu = self.menu_of(room)
+        if not menu:
+            return
+        item = random.choice(menu)
+        command = {
+            "type": "tip",
+            "room": room,
+            "item": item["id"],
+            "max_price": item["price"],
+            "text": random.choice(TIP_TEXTS),
+            "key": self.new_key("i"),
+        }
+        # FORBIDDEN: a ticket show started before its event reached her.
+        if self.spend("tip item", command, frozenset({ErrorCode.FORBIDDEN})) is None:
+            self.menus.pop(room, None)  # PRICE_CHANGED, NOT_FOUND...: read it again
+
+    def menu_of(self, room: str) -> list[dict[str, Any]] | None:
+        """The room's menu (GET /v1/users/{room}/menu), reused MENU_REUSE_S."""
+        cached = self.menus.get(room)
+        if cached is not None and time.monotonic() - cached[0] < MENU_REUSE_S:
+            return cached[1]
+        with self.client.get(
+            f"/v1/users/{room}/menu",
+            name="GET /v1/users/{id}/menu",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+                return None
+            items: list[dict[str, Any]] = response.json()["items"]
+        self.menus[room] = (time.monotonic(), items)
+        return items
 
     @task(1)
     def dm(self) -> None:

@@ -211,8 +211,52 @@ def _prepare_tip(bench: TipsBench, http_port: int) -> dict[str, tuple[bytes, ...
     }
 
 
+def _model_tokens(bench: TipsBench) -> dict[str, str]:
+    from tokenchat.server.auth import issue_token
+
+    return {
+        model_id(room): issue_token(bench.jwt_secret, model_id(room), "model")
+        for room in range(bench.args.rooms)
+    }
+
+
+def _prepare_tip_item(bench: TipsBench, http_port: int) -> dict[str, tuple[bytes, ...]]:
+    """Each model saves a one-item menu (price TIP_AMOUNT); fans tip that item
+    with ``max_price`` its price (``tip_item.lua``)."""
+    heads: dict[str, tuple[bytes, ...]] = {}
+    for model, token in _model_tokens(bench).items():
+        status, reply = http_json(
+            f"http://{HOST}:{http_port}/v1/me/menu",
+            token,
+            {"items": [{"label": "bench", "price": TIP_AMOUNT}]},
+            method="PUT",
+        )
+        if status != 200:
+            raise RuntimeError(f"menu of {model} refused: {status} {reply}")
+        item = reply["items"][0]["id"]
+        heads[model] = (
+            b'{"type":"tip","room":"%s","item":"%s","max_price":%d,"key":"'
+            % (model.encode(), item.encode(), TIP_AMOUNT),
+        )
+    return heads
+
+
+def _prepare_request_offer(bench: TipsBench, http_port: int) -> dict[str, tuple[bytes, ...]]:
+    """Fans offer their room's model TIP_AMOUNT for a custom request: a hold
+    into a new escrow, and the request's row and deadline in Postgres."""
+    return {
+        model_id(room): (
+            b'{"type":"request_offer","model":"%s","text":"bench","amount":%d,"key":"'
+            % (model_id(room).encode(), TIP_AMOUNT),
+        )
+        for room in range(bench.args.rooms)
+    }
+
+
 WORKLOADS: dict[str, Workload] = {
     "tip": Workload(kind="tip", prepare=_prepare_tip),
+    "tip_item": Workload(kind="tip", prepare=_prepare_tip_item),
+    "request_offer": Workload(kind="hold", prepare=_prepare_request_offer),
 }
 
 # Frames of the fast path, compared as bytes: the server encodes replies with
@@ -549,6 +593,7 @@ class VirtualFan:
                 "payer_balance": keys.balance(payer),
                 "payee_balance": keys.balance(payee),
                 "history": keys.room_history(room),
+                "room_show": keys.room_show(room),
             },
             args={
                 "request": fingerprint("tip", room=room, amount=TIP_AMOUNT, text=""),

@@ -14,6 +14,12 @@ the server never handles an unchecked value. Rules, in the order checked:
    Fields the command does not declare are ignored, so a newer client can
    talk to an older server.
 
+Two optional hooks of a declaration: ``WIRE_OPTIONAL`` names positional
+fields (no dataclass default) that a frame may leave out, which are then
+None; ``wire_error(self) -> str | None`` is a rule across fields, checked
+after every field (``tip``: ``amount`` or ``item``), its message answered
+``BAD_REQUEST``.
+
 Adding a command (a paid feature, say) is declaring one class: a frozen,
 slotted dataclass with a ``TYPE``, ``id`` first, every other field annotated
 ``Annotated[T, WireField]``, decorated with ``@command``; then adding it to
@@ -38,15 +44,19 @@ from .limits import (
     ID_INT_MAX,
     ID_INT_MIN,
     ID_STR_LEN_MAX,
+    ITEM_REF_RE,
     KEY_LEN_MAX,
     MEDIA_REF_LEN_MAX,
     MEDIA_TEXT_LEN_MAX,
+    MENU_LABEL_LEN_MAX,
     OBJECT_ID_RE,
     OFFSET_RE,
     PAYMENT_REF_LEN_MAX,
     PRINTABLE_ASCII_RE,
     REQUEST_TEXT_LEN_MAX,
     SAY_TEXT_LEN_MAX,
+    SHOW_MIN_S_MAX,
+    SHOW_TITLE_LEN_MAX,
     TIP_TEXT_LEN_MAX,
     TOKEN_LEN_MAX,
     TX_ID_LEN_MAX,
@@ -166,8 +176,36 @@ TIP_TEXT: Final = string(0, TIP_TEXT_LEN_MAX)
 REQUEST_TEXT: Final = stored_string(1, REQUEST_TEXT_LEN_MAX)
 DELIVERY_TEXT: Final = stored_string(0, DELIVERY_TEXT_LEN_MAX)
 MEDIA_REF: Final = printable_ascii(1, MEDIA_REF_LEN_MAX)
+# Over HTTP only (POST /v1/me/shows), declared here with the other fields.
+SHOW_TITLE: Final = stored_string(1, SHOW_TITLE_LEN_MAX)
+SHOW_MIN_S: Final = integer(1, SHOW_MIN_S_MAX)
+# Milliseconds since the epoch, up to 2**53 - 1 (exact in JavaScript numbers).
+EPOCH_MS: Final = integer(0, 2**53 - 1)
 OBJECT_ID: Final = matching(OBJECT_ID_RE, "an id: 1 to 64 characters of A-Z a-z 0-9 _ -")
 MEDIA_TEXT: Final = string(0, MEDIA_TEXT_LEN_MAX)
+
+
+def label(len_max: int) -> WireField:
+    """A short line of text a person reads (a menu item's label): 1..len_max
+    characters, each printable (str.isprintable: no control, format or line
+    separator characters, which could break a button or forge a log line),
+    and not only spaces."""
+    return WireField(
+        f"1 to {len_max} printable characters, not only spaces",
+        lambda value: (
+            isinstance(value, str)
+            and 1 <= len(value) <= len_max
+            and value.isprintable()
+            and not value.isspace()
+        ),
+    )
+
+
+# Over HTTP only (PUT /v1/me/menu), declared here so that clients check
+# labels by the same rule.
+MENU_LABEL: Final = label(MENU_LABEL_LEN_MAX)
+# A `tip`'s `item` as a client names it (see limits.ITEM_REF_RE).
+ITEM_REF: Final = matching(ITEM_REF_RE, "a menu item id (like 'i_0123456789abcdef')")
 
 # Field types named by what they are; the annotation carries the check.
 UserId: TypeAlias = Annotated[str, USER_ID]
@@ -181,6 +219,8 @@ class _Schema:
     make: Callable[..., "Command"]
     # (name, check, default); default is dataclasses.MISSING when required
     fields: tuple[tuple[str, WireField, object], ...]
+    # The command's rule across fields (``wire_error``), if it has one.
+    check: Callable[[Any], str | None] | None = None
 
 
 _SCHEMAS: dict[str, _Schema] = {}
@@ -208,8 +248,11 @@ def command(cls: type[_C]) -> type[_C]:
         ]
         if len(checks) != 1:
             raise TypeError(f"{cls.__name__}.{field.name}: annotate it Annotated[T, WireField]")
-        fields.append((field.name, checks[0], field.default))
-    _SCHEMAS[cls.TYPE] = _Schema(cls, tuple(fields))
+        # WIRE_OPTIONAL: positional fields (no dataclass default) that a
+        # frame may leave out all the same; they are None then.
+        optional = field.name in getattr(cls, "WIRE_OPTIONAL", ())
+        fields.append((field.name, checks[0], None if optional else field.default))
+    _SCHEMAS[cls.TYPE] = _Schema(cls, tuple(fields), getattr(cls, "wire_error", None))
     # mypy cannot see that type[_C] is one of the union's members.
     _CLASSES[cls.TYPE] = typing.cast("type[Command]", cls)
     return cls
@@ -258,14 +301,34 @@ class Say:
 @command
 @dataclass(frozen=True, slots=True)
 class Tip:
-    """Tokens to the room's owner, seen by the whole room. Spends: ``key``."""
+    """Tokens to the room's owner, seen by the whole room. Spends: ``key``.
+
+    Either ``amount`` (at least the room's tip_min) or ``item``: a menu item
+    of the room's owner, charged at its current price; ``max_price`` (with
+    ``item`` only): refuse (PRICE_CHANGED) rather than pay more than this.
+    """
 
     TYPE: ClassVar[str] = "tip"
+    # `amount` keeps its place (callers build Tip positionally) but a tip of
+    # a menu item leaves it out.
+    WIRE_OPTIONAL: ClassVar[tuple[str, ...]] = ("amount",)
     id: CommandId
     room: UserId
-    amount: Amount
+    amount: Annotated[int | None, AMOUNT]
     key: IdempotencyKey
     text: Annotated[str, TIP_TEXT] = ""
+    item: Annotated[str | None, ITEM_REF] = None
+    max_price: Annotated[int | None, PRICE] = None
+
+    def wire_error(self) -> str | None:
+        """What is wrong across fields, or None."""
+        if self.amount is None and self.item is None:
+            return "field 'amount' (or 'item', a menu item) is required"
+        if self.amount is not None and self.item is not None:
+            return "send 'amount' or 'item', not both: a menu item's price is the amount"
+        if self.max_price is not None and self.item is None:
+            return "field 'max_price' goes with 'item' (a tip's 'amount' is exact)"
+        return None
 
 
 @command
@@ -391,10 +454,35 @@ class PrivateRequest:
 
 @command
 @dataclass(frozen=True, slots=True)
+class BuyTicket:
+    """A ticket to a room's ticket show: its price into the show's escrow,
+    released to the model once the show has run its minimum length, refunded
+    otherwise. A second ticket answers ``already: true``. Spends: ``key``."""
+
+    TYPE: ClassVar[str] = "buy_ticket"
+    id: CommandId
+    room: UserId
+    show: Annotated[str, OBJECT_ID]
+    key: IdempotencyKey
+
+
+@command
+@dataclass(frozen=True, slots=True)
 class PrivateAccept:
     """The model starts a requested show: the minimum is held, the meter runs."""
 
     TYPE: ClassVar[str] = "private_accept"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class ShowStart:
+    """The model starts a scheduled show of her room: from now on only she
+    and ticket holders get the room's events and may post."""
+
+    TYPE: ClassVar[str] = "show_start"
     id: CommandId
     show: Annotated[str, OBJECT_ID]
 
@@ -411,10 +499,31 @@ class PrivateDecline:
 
 @command
 @dataclass(frozen=True, slots=True)
+class ShowEnd:
+    """The model ends her running show: paid if it ran its minimum length,
+    every ticket refunded if not."""
+
+    TYPE: ClassVar[str] = "show_end"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
 class PrivateEnd:
     """Either side ends a show (or the fan withdraws a request)."""
 
     TYPE: ClassVar[str] = "private_end"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class ShowCancel:
+    """The model calls off a scheduled or running show: every ticket refunded."""
+
+    TYPE: ClassVar[str] = "show_cancel"
     id: CommandId
     show: Annotated[str, OBJECT_ID]
 
@@ -454,6 +563,10 @@ Command: TypeAlias = (
     | PrivateAccept
     | PrivateDecline
     | PrivateEnd
+    | BuyTicket
+    | ShowStart
+    | ShowEnd
+    | ShowCancel
 )
 
 
@@ -504,7 +617,11 @@ def parse_command(obj: object) -> Command:
         elif not check.accept(value):
             raise _bad(f"field {name!r} must be {check.describe}", command_id)
         values[name] = value
-    return schema.make(command_id, **values)
+    parsed = schema.make(command_id, **values)
+    problem = schema.check(parsed) if schema.check is not None else None
+    if problem is not None:
+        raise _bad(problem, command_id)
+    return parsed
 
 
 def decode_command(codec: Codec, data: bytes | str) -> Command:

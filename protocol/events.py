@@ -67,6 +67,20 @@ def tip_event(
     return {**tip_event_body(room, from_, amount, text), "offset": offset, "ts": ts}
 
 
+def item_tip_event_body(room: str, from_: str, text: str, item_id: str) -> dict[str, Any]:
+    """A tip of a menu item as the server hands it to the tip_item script,
+    which sets ``amount`` (the item's price when charged) and
+    ``item.label``, then the history gives ``offset`` and ``ts``."""
+    return {"type": "tip", "room": room, "from": from_, "text": text, "item": {"id": item_id}}
+
+
+def item_tip_event(
+    room: str, from_: str, amount: int, text: str, item: dict[str, str], offset: str, ts: int
+) -> dict[str, Any]:
+    """A ``tip`` event of a menu item: a tip event with ``item: {id, label}``."""
+    return {**tip_event(room, from_, amount, text, offset, ts), "item": item}
+
+
 def dm_event_body(from_: str, text: str, media: dict[str, Any] | None = None) -> dict[str, Any]:
     """A dm event as the server hands it to the dm script, which adds
     ``price``, ``tx`` and ``ts`` (see ``dm_event``). ``media``: the
@@ -125,3 +139,11 @@ def private_event(show: dict[str, Any]) -> dict[str, Any]:
     once ended; to the fan alone, ``warning: "low_balance"`` with
     ``seconds_left`` when less than a minute of balance is left."""
     return {"type": "private", **show}
+
+
+def show_event(show: dict[str, Any]) -> dict[str, Any]:
+    """A ticket show's state, to every member of its room on every change:
+    ``room``, ``show`` (its id), ``state`` (scheduled, running, ended,
+    cancelled), ``price``, ``starts_at`` (ms since the epoch), ``min_s``,
+    ``title``. ``show`` is a listed show (GET /v1/rooms/{room}/shows)."""
+    return {"type": "show", **show}

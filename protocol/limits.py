@@ -49,6 +49,15 @@ PRIVATE_ROOM_PREFIX: Final = "p:"
 # A private show's minimum length (PUT /v1/me/prices, private_min_s): at
 # most an hour, which is already more than any minimum a model would ask.
 PRIVATE_MIN_S_MAX: Final = 3600  # seconds
+SHOW_ID_RE: Final = re.compile(r"^t_[0-9a-f]{24}\Z")
+# A ticket show's title: a line in a room's schedule, not a description.
+SHOW_TITLE_LEN_MAX: Final = 200  # characters
+# A show's minimum length (seconds it must run for the model to be paid):
+# 1 s up to a day, longer than any show a room runs in one sitting.
+SHOW_MIN_S_MAX: Final = 86400
+# How far ahead a show may be scheduled: a year, in seconds; further is a
+# typo rather than a plan.
+SHOW_AHEAD_S_MAX: Final = 366 * 86400
 
 # Amounts are integer tokens. The minimum: a zero tip moves nothing and only
 # adds ledger rows. The maximum caps one mistaken or malicious spend and keeps
@@ -90,6 +99,20 @@ TOKEN_LEN_MAX: Final = 4096  # bytes (UTF-8)
 # digits). Clients must treat them as opaque strings; the server checks the
 # shape so a bad `since` is BAD_REQUEST rather than a Redis error.
 OFFSET_RE: Final = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")
+
+# A model's tip menu (PUT /v1/me/menu, `tip` with `item`). Each item is a
+# button on every fan's page and a hash field pair in the `{eco}` slot that
+# the tip script reads: 50 buttons is more than a room's screen shows, and
+# bounds the cache and the PUT body (50 items fit well inside its 16 KiB).
+MENU_ITEMS_MAX: Final = 50  # items per menu
+# A label is a button's text and a tip line's overlay: one short line.
+MENU_LABEL_LEN_MAX: Final = 40  # characters
+# A menu item's id: `i_` and 16 hex digits, made by the server. What a client
+# sends as `item` is checked only for the user-id alphabet (safe in a Redis
+# hash field and in logs), so an id of another kind answers NOT_FOUND, not
+# BAD_REQUEST, like every id of the wrong kind.
+ITEM_ID_RE: Final = re.compile(r"^i_[0-9a-f]{16}\Z")
+ITEM_REF_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 
 # A `join` reply carries at most this many history events: it bounds the size
 # of that reply and of each room's history stream.

@@ -29,6 +29,8 @@ DEV_FAN = "demo_fan"
 DEV_TOKEN_TTL_S = 7 * 24 * 3600  # a week: demo tokens survive a few restarts
 DEV_FAN_TOKENS = 1000  # granted once to the demo fan
 DEV_MODEL_DM_PRICE = 5  # tokens per private message to the demo model
+# The demo model's tip menu (label, price in tokens), saved while she has none.
+DEV_MODEL_MENU = (("Say my name", 10), ("Dance", 50), ("Song request", 100))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -354,7 +356,7 @@ def _dev_run(args: argparse.Namespace) -> int:
 async def _seed(settings: Settings, tokens: dict[str, str]) -> None:
     """Create the demo users (and so the demo model's room)."""
     from .auth import verify_token
-    from .economy.economy import DEV_INITIATOR
+    from .economy.economy import DEV_INITIATOR, MenuItem
     from .gateway.node import Node
 
     # The seed runs before serving, with no ledger writer yet to confirm its
@@ -371,6 +373,11 @@ async def _seed(settings: Settings, tokens: dict[str, str]) -> None:
         )
         if await node.directory.room(DEV_MODEL) is not None:
             await node.economy.set_prices(DEV_MODEL, dm=DEV_MODEL_DM_PRICE, tip_min=None)
+            # Only while she has none: a restart keeps the menu she edited.
+            if not await node.economy.menu(DEV_MODEL):
+                await node.economy.set_menu(
+                    DEV_MODEL, [MenuItem(None, label, price) for label, price in DEV_MODEL_MENU]
+                )
     finally:
         await node.close()
 

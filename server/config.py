@@ -224,6 +224,18 @@ class Settings:
     # money call takes (Redis timeout, ledger acknowledgement), so the two
     # rarely race (a race is harmless: both resolve to one transaction).
     request_settle_grace_s: float = 30.0
+    # Ticket shows: a scheduled show not started this long after its
+    # starts_at cancels itself and refunds every ticket. Half an hour lets a
+    # model run late without leaving fans' tokens held for a no-show.
+    show_start_grace_s: float = 1800.0
+    # A running show not ended this long after it started ends by itself
+    # (released, having run its minimum): a model who leaves without
+    # show_end does not hold her room closed to non-holders for ever. Twelve
+    # hours is longer than any show (SHOW_MIN_S_MAX is a day: min_s over this
+    # is refused).
+    show_length_max_s: float = 12 * 3600.0
+    # The same as request_settle_grace_s, for a closed show's escrow.
+    show_settle_grace_s: float = 30.0
     # How often the deadline sweeper looks for due deadlines: the precision of
     # every expiry (an offer expires up to this late).
     deadline_sweep_interval_s: float = 1.0
@@ -318,6 +330,9 @@ class Settings:
             "request_offer_ttl_s",
             "request_delivery_ttl_s",
             "request_settle_grace_s",
+            "show_start_grace_s",
+            "show_length_max_s",
+            "show_settle_grace_s",
             "deadline_sweep_interval_s",
             "deadline_lease_ttl_s",
             "deadline_batch_max",

@@ -35,6 +35,11 @@ class Keys:
         """Hash caching the room's row from Postgres (owner, tip_min)."""
         return f"{self.prefix}room:{{{room}}}:info"
 
+    def room_show(self, room: str) -> str:
+        """Hash naming the room's running ticket show (`id`) and who sees its
+        chat (`u:<user>`): read by every chat line and tip (show_state.lua)."""
+        return f"{self.prefix}room:{{{room}}}:show"
+
     def node_prefix(self) -> str:
         return f"{self.prefix}node:"
 
@@ -96,6 +101,12 @@ class Keys:
         """Hash of a user's prices (field `dm`); absent = not loaded."""
         return self._eco(f"price:{user_id}")
 
+    def menu(self, user_id: str) -> str:
+        """Hash caching a model's tip menu from Postgres: `v` (the menu's
+        version), `order` (item ids, space-separated), and per item
+        `p:<id>` (price) and `l:<id>` (label); absent = not loaded."""
+        return self._eco(f"menu:{user_id}")
+
     def inbox(self, user_id: str) -> str:
         """Stream of a user's DMs, for delivery at their next hello."""
         return self._eco(f"inbox:{user_id}")
@@ -103,6 +114,14 @@ class Keys:
     def inbox_cursor(self, user_id: str) -> str:
         """Id of the last DM delivered to one of the user's sessions."""
         return self._eco(f"inbox-cursor:{user_id}")
+
+    def show(self, show_id: str) -> str:
+        """Hash of a ticket show: state, price, `u:<fan>` per ticket
+        (ticket.lua); absent = not loaded."""
+        return self._eco(f"show:{show_id}")
+
+    def show_prefix(self) -> str:
+        return self._eco("show:")
 
     def refunded(self, tx: str) -> str:
         return self._eco(f"refunded:{tx}")

@@ -1,5 +1,5 @@
-// The tokenchat demo page: sign in, live rooms, chat, tips, paid private
-// messages, a model's earnings and prices. Plain DOM, no framework. Every
+// The tokenchat demo page: sign in, live rooms, chat, tips, tip menus, paid
+// private messages, a model's earnings, prices and tip menu. Plain DOM, no framework. Every
 // text from the network goes through textContent, never innerHTML.
 
 import { CommandError, Connection } from "./connection.js";
@@ -10,6 +10,9 @@ const ROOMS_REFRESH_MS = 5000;
 const LOG_MAX = 200; // chat lines kept per room
 const TOKEN_STORAGE = "tokenchat.token"; // per tab: two tabs can be two users
 const TOAST_MS = { info: 5000, success: 3500, error: 9000 };
+// A tip menu's limits (protocol/limits.py): items per menu, label length.
+const MENU_ITEMS_MAX = 50;
+const MENU_LABEL_LEN_MAX = 40;
 
 const state = {
   config: { ws_url: null, dev_mode: false },
@@ -24,10 +27,12 @@ const state = {
   earned: 0,
   counted: new Set(), // offsets of the tips already counted as earnings
   unlocked: new Map(), // media id -> the content's signed URL (owned or unlocked here)
+  menus: new Map(), // room id -> its owner's tip menu [{id, label, price}], as last read
   roomsTimer: null,
   requests: new Map(), // request id -> the request, as listed and in `request` events
   show: null, // the private show on the card (the newest one seen), as in `private` events
   privatePrice: null, // {model, rate, min_s}: the rate shown in the model's room
+  shows: new Map(), // room id -> {show, ticket}: its ticket show (join, `show` events)
 };
 // For the console and the browser test: the state, and a way to drop the socket.
 window.tokenchat = state;
@@ -245,10 +250,13 @@ function signOut(message) {
   state.dm = null;
   state.earned = 0;
   state.counted.clear();
+  state.menus.clear();
+  $("menu-rows").replaceChildren();
   state.requests.clear();
   state.show = null;
   $("private-show").hidden = true;
   $("private-empty").hidden = false;
+  state.shows.clear();
   $("requests").replaceChildren();
   $("requests-empty").hidden = false;
   state.unlocked.clear();
@@ -297,6 +305,7 @@ async function onReady(reconnected) {
     $("studio").hidden = false;
     await openRoom(state.me.id);
     loadPrices();
+    loadMenuEditor();
   } else {
     $("studio").hidden = true;
     $("main").focus();
@@ -375,6 +384,7 @@ async function openRoom(roomId) {
   // A fan watches one room at a time; a model stays in her own room to see her tips.
   if (previous && previous !== state.me.id) state.conn.leave(previous);
   showRoom(roomId);
+  if (roomId !== state.me.id && !roomId.startsWith("p:")) loadMenu(roomId); // no menu in a private show
   $("room-title").focus();
 }
 
@@ -404,8 +414,10 @@ function showRoom(roomId) {
   $("request-model").textContent = roomId;
   $("dm-room-owner").textContent = `✉ Message ${roomId} privately`;
   $("tip-room").textContent = roomId;
+  renderMenu(roomId);
   updateRoomInfo(info);
   $("room-tip-min").hidden = roomId.startsWith("p:"); // no tips in a private show
+  renderShow(roomId);
   const chat = $("chat");
   chat.replaceChildren(...(state.logs.get(roomId) || []).map(renderLine));
   if (!chat.children.length) chat.append(el("li", { class: "note", text: "No messages yet. Say hi!" }));
@@ -428,7 +440,9 @@ function onJoined(roomId, reply, rejoined) {
   } else if (rejoined && reply.history.length) {
     log.push({ type: "note", text: `Caught up ${plural(reply.history.length, "message")} sent while you were away.` });
   }
+  setShow(roomId, reply.room.show, reply.ticket);
   for (const event of reply.history) {
+    if (event.type === "show") continue; // the banner shows the current one
     log.push(event);
     // Tips sent while the connection was down are news; older history is not.
     if (rejoined && event.type === "tip") countEarning(event);
@@ -457,6 +471,7 @@ function renderLine(entry) {
       ` tipped `,
       el("strong", { text: tokens(entry.amount) }),
     );
+    if (entry.item) line.append(" for ", el("span", { class: "tip-item", text: entry.item.label }));
     if (entry.text) line.append(el("span", { class: "tip-text", text: ` “${entry.text}”` }));
     line.append(time);
     return line;
@@ -605,7 +620,7 @@ function onEvent(event) {
       break;
     case "tip":
       addLine(event.room, event);
-      if (event.room === state.room) burst($("fx"), event.amount, event.from);
+      if (event.room === state.room) burst($("fx"), event.amount, event.from, event.item?.label);
       countEarning(event);
       break;
     case "presence": {
@@ -624,6 +639,9 @@ function onEvent(event) {
     case "private":
       onPrivate(event);
       break;
+    case "show":
+      onShowEvent(event);
+      break;
     case "request":
       showRequest(event);
       if (event.state === "delivered" && event.to === state.me?.id) {
@@ -640,10 +658,10 @@ function countEarning(tip) {
   if (state.counted.has(tip.offset)) return;
   state.counted.add(tip.offset);
   if (state.counted.size > LOG_MAX) state.counted.delete(state.counted.values().next().value);
-  earn("tip", tip.from, tip.amount, tip.text, tip.ts);
+  earn("tip", tip.from, tip.amount, tip.text, tip.ts, tip.item?.label);
 }
 
-function earn(kind, from, amount, text, ts) {
+function earn(kind, from, amount, text, ts, itemLabel = "") {
   state.earned += amount;
   $("earned-total").textContent = state.earned.toLocaleString();
   const label = { tip: "tip", dm: "private message", request: "custom request" }[kind] ?? kind;
@@ -653,6 +671,7 @@ function earn(kind, from, amount, text, ts) {
     el("span", { class: "plus", text: `+${amount.toLocaleString()}` }),
     el("span", { class: "what", text: ` ${label} from ${from}` }),
   );
+  if (itemLabel) item.append(el("span", { class: "what", text: ` for ${itemLabel}` }));
   if (text) item.append(el("span", { class: "quote", text: ` “${text}”` }));
   item.append(el("time", { text: clock(ts) }));
   const list = $("earnings");
@@ -698,6 +717,137 @@ async function tip(amount) {
     toast(`You tipped ${room} ${tokens(amount)}.`, "success");
   } catch (err) {
     toast(explain(err, `this ${amount}-token tip`), "error");
+  }
+}
+
+// --- tip menus -------------------------------------------------------------------------------
+/** Read the tip menu of a room's owner (anyone may) and show it if that room is on screen. */
+async function loadMenu(roomId) {
+  try {
+    const { items } = await api("GET", `/v1/users/${encodeURIComponent(roomId)}/menu`, undefined, {
+      auth: false,
+    });
+    state.menus.set(roomId, items);
+  } catch (err) {
+    state.menus.delete(roomId);
+    toast(explain(err, `loading the tip menu of ${roomId}`), "error");
+  }
+  if (roomId === state.room) renderMenu(roomId);
+}
+
+function renderMenu(roomId) {
+  const items = roomId === state.me?.id ? [] : state.menus.get(roomId) || [];
+  $("tip-menu").hidden = !items.length;
+  $("menu-items").replaceChildren(
+    ...items.map((item) => {
+      const button = el(
+        "button",
+        { type: "button", class: "menu-item", "data-item": item.id, "data-price": String(item.price) },
+        el("span", { class: "menu-label", text: item.label }),
+        el("span", { class: "menu-price", text: tokens(item.price) }),
+      );
+      button.addEventListener("click", () => tipItem(roomId, item));
+      return el("li", {}, button);
+    }),
+  );
+}
+
+/** Tip a menu item at most at the price shown: a higher price is refused, not charged. */
+async function tipItem(room, item) {
+  const fields = { room, item: item.id, max_price: item.price, key: newKey() };
+  const text = $("tip-text").value.trim();
+  if (text) fields.text = text;
+  if (!state.conn.online) toast(`Offline: your tip for “${item.label}” goes out once the connection is back.`);
+  try {
+    const reply = await state.conn.request("tip", fields);
+    balanceFromReply(reply);
+    $("tip-text").value = "";
+    toast(`You tipped ${room} ${tokens(reply.price)} for “${reply.item.label}”.`, "success");
+  } catch (err) {
+    toast(explain(err, `the tip for “${item.label}”`), "error");
+    // The menu changed under the page: show it as it is now.
+    if (err.code === "PRICE_CHANGED" || err.code === "NOT_FOUND") loadMenu(room);
+  }
+}
+
+// A model's menu editor: one row per item (label, price, remove); saving
+// replaces the menu, and rows keep their item's id so fans' pages still work.
+async function loadMenuEditor() {
+  try {
+    const { items } = await api("GET", `/v1/users/${encodeURIComponent(state.me.id)}/menu`, undefined, {
+      auth: false,
+    });
+    showMenuEditor(items);
+  } catch (err) {
+    toast(explain(err, "loading your tip menu"), "error");
+  }
+}
+
+function showMenuEditor(items) {
+  $("menu-rows").replaceChildren();
+  for (const item of items) addMenuRow(item);
+  $("menu-editor-note").textContent = items.length
+    ? `${plural(items.length, "item")} on your menu; fans see them as buttons in your room.`
+    : "No items yet: add one, then save. Fans see them as buttons in your room.";
+}
+
+function addMenuRow(item = { id: null, label: "", price: 10 }) {
+  const rows = $("menu-rows");
+  if (rows.children.length >= MENU_ITEMS_MAX) {
+    toast(`A menu has at most ${MENU_ITEMS_MAX} items.`, "error");
+    return;
+  }
+  const n = rows.children.length + 1;
+  const label = el("input", {
+    class: "menu-row-label",
+    maxlength: String(MENU_LABEL_LEN_MAX),
+    required: "",
+    placeholder: "e.g. Dance",
+    "aria-label": `Item ${n} label`,
+    autocomplete: "off",
+  });
+  label.value = item.label;
+  const price = el("input", {
+    class: "menu-row-price",
+    type: "number",
+    min: "1",
+    max: "1000000",
+    step: "1",
+    required: "",
+    inputmode: "numeric",
+    "aria-label": `Item ${n} price in tokens`,
+  });
+  price.value = String(item.price);
+  const remove = el("button", { type: "button", class: "ghost small", "aria-label": `Remove item ${n}` }, "✕");
+  const row = el("li", { class: "menu-row" }, label, price, remove);
+  if (item.id) row.dataset.id = item.id;
+  remove.addEventListener("click", () => row.remove());
+  rows.append(row);
+  if (!item.id) label.focus();
+}
+
+async function saveMenu(event) {
+  event.preventDefault();
+  const items = [];
+  for (const row of $("menu-rows").children) {
+    const label = row.querySelector(".menu-row-label").value;
+    const price = Number(row.querySelector(".menu-row-price").value);
+    if (!label.trim() || label.length > MENU_LABEL_LEN_MAX) {
+      toast(`Each item needs a label of 1 to ${MENU_LABEL_LEN_MAX} characters.`, "error");
+      return;
+    }
+    if (!Number.isInteger(price) || price < 1 || price > 1000000) {
+      toast("Each price is a whole number of tokens between 1 and 1,000,000.", "error");
+      return;
+    }
+    items.push(row.dataset.id ? { id: row.dataset.id, label, price } : { label, price });
+  }
+  try {
+    const saved = await api("PUT", "/v1/me/menu", { items });
+    showMenuEditor(saved.items);
+    toast(`Tip menu saved: ${plural(saved.items.length, "item")}.`, "success");
+  } catch (err) {
+    toast(explain(err, "saving your tip menu"), "error");
   }
 }
 
@@ -810,6 +960,111 @@ function addDm(dm) {
   list.append(item);
   while (list.children.length > 100) list.firstElementChild.remove();
   list.scrollTop = list.scrollHeight;
+}
+
+// --- ticket shows --------------------------------------------------------------------------------
+const SHOW_STATES = { scheduled: "scheduled", running: "on air", ended: "ended", cancelled: "cancelled" };
+
+function setShow(roomId, show, ticket) {
+  const known = state.shows.get(roomId);
+  if (!show) state.shows.delete(roomId);
+  else state.shows.set(roomId, { show, ticket: Boolean(ticket) || (known?.show.show === show.show && known.ticket) });
+  if (roomId === state.room) renderShow(roomId);
+  if (roomId === state.me?.id) renderShowControls();
+}
+
+function onShowEvent(event) {
+  const known = state.shows.get(event.room);
+  const ticket = known?.show.show === event.show && known.ticket;
+  const closed = event.state === "ended" || event.state === "cancelled";
+  setShow(event.room, event, ticket);
+  if (closed) {
+    const paid = event.state === "ended" ? "ended" : "was cancelled";
+    addLine(event.room, { type: "note", text: `The ticket show “${event.title}” ${paid}.` });
+  } else if (event.state === "running") {
+    addLine(event.room, { type: "note", text: `The ticket show “${event.title}” is on air.` });
+  }
+}
+
+/** The banner, and for a fan without a ticket to a running show, the wall instead of the chat. */
+function renderShow(roomId) {
+  const entry = state.shows.get(roomId);
+  const own = roomId === state.me?.id;
+  const show = entry?.show;
+  const open = show && (show.state === "scheduled" || show.state === "running");
+  $("show-banner").hidden = !open;
+  const walled = Boolean(open && show.state === "running" && !own && !entry.ticket);
+  $("ticket-wall").hidden = !walled;
+  $("stage").hidden = walled;
+  $("say-form").hidden = walled;
+  $("tip-form").hidden = walled || own || roomId.startsWith("p:"); // no tips in a private show
+  if (!open) return;
+  $("show-title").textContent = show.title;
+  $("show-state").textContent = SHOW_STATES[show.state] ?? show.state;
+  $("show-price").textContent = `· ticket ${tokens(show.price)}`;
+  // Walled, the wall has the button.
+  $("show-buy").hidden = walled || own || entry.ticket || state.me?.role !== "fan";
+  $("show-buy").textContent = `Buy a ticket for ${tokens(show.price)}`;
+  $("show-ticket").hidden = own || !entry.ticket;
+  $("wall-text").textContent = `“${show.title}”: only ticket holders see the chat. A ticket costs ${tokens(show.price)}; it is refunded if the show is cancelled or ends early.`;
+  $("wall-buy").textContent = `Buy a ticket for ${tokens(show.price)}`;
+}
+
+async function buyTicket() {
+  const roomId = state.room;
+  const entry = state.shows.get(roomId);
+  if (!entry) return;
+  const { show } = entry;
+  try {
+    const reply = await state.conn.request("buy_ticket", { room: roomId, show: show.show, key: newKey() });
+    balanceFromReply(reply);
+    entry.ticket = true;
+    toast(reply.already ? "You have a ticket already." : `Ticket bought: ${tokens(show.price)}.`, "success");
+  } catch (err) {
+    toast(explain(err, "buying the ticket"), "error");
+    return;
+  }
+  renderShow(roomId);
+}
+
+function renderShowControls() {
+  const entry = state.shows.get(state.me?.id);
+  const show = entry?.show;
+  const open = show && (show.state === "scheduled" || show.state === "running");
+  $("show-controls").hidden = !open;
+  if (!open) return;
+  $("show-controls-text").textContent = `“${show.title}”, ${SHOW_STATES[show.state]}, ticket ${tokens(show.price)}`;
+  $("show-start").hidden = show.state !== "scheduled";
+  $("show-end").hidden = show.state !== "running";
+}
+
+async function scheduleShow(event) {
+  event.preventDefault();
+  const body = {
+    title: $("show-form-title-input").value.trim(),
+    price: Number($("show-form-price").value),
+    min_s: Number($("show-form-min").value),
+    starts_at: Date.now() + Number($("show-form-in").value) * 60000,
+  };
+  try {
+    const show = await api("POST", "/v1/me/shows", body);
+    setShow(state.me.id, show, false);
+    toast(`Show “${show.title}” scheduled.`, "success");
+  } catch (err) {
+    toast(explain(err, "scheduling the show"), "error");
+  }
+}
+
+async function moveShow(type) {
+  const entry = state.shows.get(state.me?.id);
+  if (!entry) return;
+  try {
+    const reply = await state.conn.request(type, { show: entry.show.show });
+    if (reply.outcome === "refund") toast("Every ticket was refunded.", "info");
+    if (reply.outcome === "release") toast("The tickets are yours.", "success");
+  } catch (err) {
+    toast(explain(err, "changing the show"), "error");
+  }
 }
 
 // --- custom requests ---------------------------------------------------------------------------
@@ -1210,9 +1465,17 @@ function wire() {
   $("dm-form").addEventListener("submit", sendDm);
   $("dm-cancel").addEventListener("click", closeDm);
   $("prices-form").addEventListener("submit", savePrices);
+  $("menu-add").addEventListener("click", () => addMenuRow());
+  $("menu-form").addEventListener("submit", saveMenu);
   $("request-form").addEventListener("submit", offerRequest);
   $("media-form").addEventListener("submit", uploadMedia);
   $("private-form").addEventListener("submit", requestPrivate);
+  $("show-form").addEventListener("submit", scheduleShow);
+  $("show-buy").addEventListener("click", buyTicket);
+  $("wall-buy").addEventListener("click", buyTicket);
+  $("show-start").addEventListener("click", () => moveShow("show_start"));
+  $("show-end").addEventListener("click", () => moveShow("show_end"));
+  $("show-cancel").addEventListener("click", () => moveShow("show_cancel"));
 }
 
 wire();

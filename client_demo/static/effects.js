@@ -21,7 +21,8 @@ function coinSpan(className) {
   return coin;
 }
 
-export function burst(layer, amount, from) {
+/** `label`: what was tipped for (a menu item's label), shown under the name. */
+export function burst(layer, amount, from, label = "") {
   const lvl = level(amount);
   const scale = 1 + Math.min(1.6, Math.log10(Math.max(1, amount)) * 0.45);
   const duration = 1600 + lvl * 500;
@@ -41,6 +42,12 @@ export function burst(layer, amount, from) {
   who.className = "burst-from";
   who.textContent = from;
   badge.append(figure, who);
+  if (label) {
+    const item = document.createElement("span");
+    item.className = "burst-item";
+    item.textContent = label;
+    badge.append(item);
+  }
   layer.append(badge);
   const dropBadge = () => badge.remove();
   badge.addEventListener("animationend", dropBadge);

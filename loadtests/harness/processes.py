@@ -199,11 +199,17 @@ def tcp_answers(port: int) -> bool:
 
 
 def http_json(
-    url: str, token: str | None = None, body: Any = None, timeout_s: float = HTTP_TIMEOUT_S
+    url: str,
+    token: str | None = None,
+    body: Any = None,
+    timeout_s: float = HTTP_TIMEOUT_S,
+    method: str | None = None,
 ) -> tuple[int, Any]:
-    """(status, parsed JSON body or text) of a GET, or of a POST when ``body``."""
+    """(status, parsed JSON body or text) of a GET, or of a POST when
+    ``body`` (``method`` says otherwise: a PUT)."""
     data = None if body is None else orjson.dumps(body)
-    request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
+    method = method or ("GET" if data is None else "POST")
+    request = urllib.request.Request(url, data=data, method=method)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     if data is not None:

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from tokenchat.protocol import Dm, Tip, Unlock
+from tokenchat.protocol import BuyTicket, Dm, Tip, Unlock
 
 from ..catalog.directory import RoomInfo
 from ..errors import (
     BadRequest,
     Conflict,
     EscrowEmpty,
+    Forbidden,
     InsufficientFunds,
     NotFound,
     NotInRoom,
@@ -205,6 +206,17 @@ async def _serve_tip(context: SpendContext, command: Tip) -> Reply:
     info = await context.room(command.room)
     if info is None:
         raise NotFound(f"no room '{command.room}'")
+    if command.item is not None:  # a menu item of the room's owner: TIP_ITEM
+        return await context.economy.tip_item(
+            context.user_id,
+            command.room,
+            info.owner,
+            command.item,
+            command.text,
+            command.key,
+            command.max_price,
+        )
+    assert command.amount is not None  # the command's own rule: amount or item
     # tip_min is checked inside the script, after the idempotency key.
     return await context.economy.tip(
         context.user_id,
@@ -251,7 +263,7 @@ async def _serve_unlock(context: SpendContext, command: Unlock) -> Reply:
 TIP = Action(
     name="tip",
     kinds=("tip",),
-    keys=("payer_balance", "payee_balance", "history"),
+    keys=("payer_balance", "payee_balance", "history", "room_show"),
     args=(
         "amount",
         "tip_min",
@@ -264,14 +276,47 @@ TIP = Action(
     ),
     refundable=True,
     delivery=Delivery.ROOM_EVENT,
-    delivery_keys=("history",),
+    delivery_keys=("history", "room_show"),
     command=Tip,
     serve=_serve_tip,
     refusals=MappingProxyType(
         {
             "TIP_MIN": Refusal(
                 BadRequest, "field 'amount' must be at least the room's tip_min, {detail}"
-            )
+            ),
+            "NO_TICKET": Refusal(
+                Forbidden, "ticket show {detail} is on: buy a ticket to tip; nothing was charged"
+            ),
+        }
+    ),
+)
+
+# A tip of a menu item: the `tip` command with `item` (served by TIP's
+# serve step), charged at the item's current price. Its ledger kind is
+# `tip`: a menu tip is a tip, refundable alike; its meta names the item.
+TIP_ITEM = Action(
+    name="tip_item",
+    kinds=("tip",),
+    keys=("payer_balance", "payee_balance", "menu", "history", "room_show"),
+    args=(
+        "item",
+        "max_price",
+        "payer",
+        "payee",
+        "room_channel",
+        "history_len",
+        "event",
+        "payee_channel",
+    ),
+    refundable=True,
+    delivery=Delivery.ROOM_EVENT,
+    delivery_keys=("history", "room_show"),
+    refusals=MappingProxyType(
+        {
+            "NO_ITEM": Refusal(NotFound, "no item '{detail}' on the room owner's menu"),
+            "NO_TICKET": Refusal(
+                Forbidden, "ticket show {detail} is on: buy a ticket to tip; nothing was charged"
+            ),
         }
     ),
 )
@@ -385,6 +430,45 @@ METER = Action(
     delivery=Delivery.BALANCE_PUSH,
 )
 
+
+# Ticket shows (server/economy/shows.py): a ticket is a charge into the
+# show's escrow with the ticket recorded in the same call; each ticket is
+# refunded on its own (ledger kind escrow_refund), and the release of a show
+# that ran its minimum length is RELEASE (the escrow's whole balance).
+async def _serve_ticket(context: SpendContext, command: BuyTicket) -> Reply:
+    if command.room not in context.rooms:
+        raise NotInRoom(f"join room '{command.room}' first")
+    return await context.economy.ticket(context.user_id, command.room, command.show, command.key)
+
+
+TICKET = Action(
+    name="ticket",
+    kinds=("ticket",),
+    keys=("payer_balance", "escrow_balance", "show", "room_show"),
+    args=("payer", "escrow", "show", "room"),
+    refundable=False,  # a show's workflow refunds its tickets itself
+    delivery=Delivery.BALANCE_PUSH,  # the fan's reply carries the balance
+    delivery_keys=("room_show",),
+    command=BuyTicket,
+    serve=_serve_ticket,
+    refusals=MappingProxyType(
+        {
+            "SHOW_CLOSED": Refusal(Conflict, "the show is {detail}: tickets are no longer sold"),
+            "NO_SHOW": Refusal(NotFound, "no show '{detail}' in this room"),
+        }
+    ),
+    ledgered=lambda reply: not reply.get("already"),
+)
+TICKET_REFUND = Action(
+    name="ticket_refund",
+    kinds=("escrow_refund",),
+    keys=("show", "escrow_balance", "payer_balance"),
+    args=("escrow", "payer", "payer_channel"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,
+    refusals=_EMPTY,
+)
+
 ACTIONS: tuple[Action, ...] = (
     TIP,
     DM,
@@ -395,10 +479,15 @@ ACTIONS: tuple[Action, ...] = (
     ESCROW_REFUND,
     UNLOCK,
     METER,
+    TIP_ITEM,
+    TICKET,
+    TICKET_REFUND,
 )
 BY_NAME: Mapping[str, Action] = MappingProxyType({action.name: action for action in ACTIONS})
+# The first action declaring a kind (escrow_refund: ESCROW_REFUND; a
+# ticket's refund writes the same kind).
 BY_KIND: Mapping[str, Action] = MappingProxyType(
-    {kind: action for action in ACTIONS for kind in action.kinds}
+    {kind: action for action in reversed(ACTIONS) for kind in action.kinds}
 )
 BY_COMMAND: Mapping[type[Any], Action] = MappingProxyType(
     {action.command: action for action in ACTIONS if action.command is not None}

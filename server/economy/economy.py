@@ -25,6 +25,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -33,6 +34,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from tokenchat.protocol import events
+from tokenchat.protocol.limits import MENU_ITEMS_MAX, SHOW_ID_RE
 
 from ..catalog.directory import AbsentUsers
 from ..config import Settings
@@ -56,7 +58,10 @@ from .actions import (
     REFUND,
     REFUNDABLE_KINDS,
     RELEASE,
+    TICKET,
+    TICKET_REFUND,
     TIP,
+    TIP_ITEM,
     UNLOCK,
     Action,
     refusal_error,
@@ -161,6 +166,12 @@ class Economy:
         # Locked media: the unlock script's media hash is loaded through it.
         self._media = media
         self._load_entitlements_script = lua_script("load_entitlements", retry_safe=True)
+        # Both of its modes write a whole menu of a known version: a repeat
+        # changes nothing.
+        self._menu_script = lua_script("menu_cache", retry_safe=True)
+        # Loads a ticket show's hash when a script finds it missing (set by
+        # server/economy/shows.py: the show's row and tickets are its own).
+        self.show_loader: Callable[[str], Awaitable[None]] | None = None
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:
@@ -194,6 +205,7 @@ class Economy:
                 "payer_balance": self._keys.balance(payer),
                 "payee_balance": self._keys.balance(payee),
                 "history": self._keys.room_history(room),
+                "room_show": self._keys.room_show(room),
             },
             args={
                 "amount": amount,
@@ -203,6 +215,45 @@ class Economy:
                 "room_channel": self._keys.room_channel(room),
                 "history_len": self._settings.history_len,
                 "event": orjson.dumps(events.tip_event_body(room, user_id, amount, text)),
+                "payee_channel": self._keys.user_channel(owner),
+            },
+        )
+
+    async def tip_item(
+        self,
+        user_id: str,
+        room: str,
+        owner: str,
+        item: str,
+        text: str,
+        key: str,
+        max_price: int | None,
+    ) -> dict[str, Any]:
+        """Tip the owner's menu item ``item`` at its current price."""
+        if user_id == owner:
+            raise Forbidden("you cannot tip your own room")
+        payer, payee = user_account(user_id), user_account(owner)
+        return await self._run(
+            TIP_ITEM,
+            initiator=user_initiator(user_id),
+            key=key,
+            request=fingerprint("tip_item", room=room, item=item, text=text, max_price=max_price),
+            meta={"room": room},  # the script adds `item` {id, label}
+            keys={
+                "payer_balance": self._keys.balance(payer),
+                "payee_balance": self._keys.balance(payee),
+                "menu": self._keys.menu(owner),
+                "history": self._keys.room_history(room),
+                "room_show": self._keys.room_show(room),
+            },
+            args={
+                "item": item,
+                "max_price": "" if max_price is None else max_price,
+                "payer": payer,
+                "payee": payee,
+                "room_channel": self._keys.room_channel(room),
+                "history_len": self._settings.history_len,
+                "event": orjson.dumps(events.item_tip_event_body(room, user_id, text, item)),
                 "payee_channel": self._keys.user_channel(owner),
             },
         )
@@ -508,6 +559,57 @@ class Economy:
             },
         )
 
+    # --- ticket shows (server/economy/shows.py) -----------------------------------------
+    async def ticket(self, user_id: str, room: str, show_id: str, key: str) -> dict[str, Any]:
+        """A ticket to ``show_id`` of ``room``: its price into the show's
+        escrow, recorded in the show's hash; ``already`` when the fan holds
+        one (nothing charged). An id of another kind, or of a show of
+        another room: NotFound."""
+        if not SHOW_ID_RE.fullmatch(show_id):
+            raise NotFound(f"no show '{show_id}'")
+        if user_id == room:
+            raise Forbidden("you cannot buy a ticket to your own show")
+        payer, escrow = user_account(user_id), escrow_account("show", show_id)
+        return await self._run(
+            TICKET,
+            initiator=user_initiator(user_id),
+            key=key,
+            request=fingerprint("buy_ticket", room=room, show=show_id),
+            meta={"show": show_id, "room": room, "fan": user_id, "escrow": escrow},
+            keys={
+                "payer_balance": self._keys.balance(payer),
+                "escrow_balance": self._keys.balance(escrow),
+                "show": self._keys.show(show_id),
+                "room_show": self._keys.room_show(room),
+            },
+            args={"payer": payer, "escrow": escrow, "show": show_id, "room": room},
+        )
+
+    async def ticket_refund(
+        self, show_id: str, user_id: str, *, initiator: str, key: str
+    ) -> dict[str, Any]:
+        """Give the user's ticket to ``show_id`` back from its escrow.
+        ``EscrowEmpty`` when there is none left to refund."""
+        _check_initiator(initiator)
+        payer, escrow = user_account(user_id), escrow_account("show", show_id)
+        return await self._run(
+            TICKET_REFUND,
+            initiator=initiator,
+            key=key,
+            request=fingerprint("ticket_refund", show=show_id, to=user_id),
+            meta={"show": show_id, "fan": user_id, "escrow": escrow},
+            keys={
+                "show": self._keys.show(show_id),
+                "escrow_balance": self._keys.balance(escrow),
+                "payer_balance": self._keys.balance(payer),
+            },
+            args={
+                "escrow": escrow,
+                "payer": payer,
+                "payer_channel": self._keys.user_channel(user_id),
+            },
+        )
+
     async def escrow_balance(self, escrow: str) -> int:
         """An escrow account's balance, loading it from Postgres if needed."""
         key = self._keys.balance(escrow)
@@ -629,6 +731,119 @@ class Economy:
         # HSETNX: a price update racing this load wins over the older value read here.
         await self._redis.hsetnx(self._keys.prices(user_id), "dm", row["dm"])
 
+    # --- tip menus ------------------------------------------------------------------
+    async def set_menu(self, user_id: str, items: list[MenuItem]) -> list[dict[str, Any]]:
+        """Replace the model's menu: items naming an id keep it (it must be
+        on her menu: NotFound otherwise), the others get new ids. Postgres
+        first, then the cache, which is dropped if it cannot be replaced."""
+        assert len(items) <= MENU_ITEMS_MAX  # checked with the request
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                # The menus row is the lock: saves of one menu run one at a time.
+                version = await conn.fetchval(
+                    """INSERT INTO menus (model_id, version) VALUES ($1, 1)
+                       ON CONFLICT (model_id) DO UPDATE
+                       SET version = menus.version + 1, updated_at = now()
+                       RETURNING version""",
+                    user_id,
+                )
+                current = {
+                    r["id"]
+                    for r in await conn.fetch(
+                        "SELECT id FROM menu_items WHERE model_id = $1", user_id
+                    )
+                }
+                for item in items:
+                    if item.id is not None and item.id not in current:
+                        raise NotFound(f"no item '{item.id}' on your menu")
+                saved = [
+                    {"id": item.id or new_item_id(), "label": item.label, "price": item.price}
+                    for item in items
+                ]
+                await conn.execute("DELETE FROM menu_items WHERE model_id = $1", user_id)
+                await conn.executemany(
+                    """INSERT INTO menu_items (id, model_id, label, price, position)
+                       VALUES ($1, $2, $3, $4, $5)""",
+                    [(i["id"], user_id, i["label"], i["price"], n) for n, i in enumerate(saved)],
+                )
+        except _DB_ERRORS as exc:
+            raise Unavailable("menus are unavailable; the menu was not saved") from exc
+        try:
+            await self._write_menu("replace", user_id, int(version), saved)
+        except Unavailable:
+            # Postgres has the new menu; the cache must not keep the old one.
+            try:
+                await self._redis.delete(self._keys.menu(user_id))
+            except _REDIS_ERRORS:
+                log.error("stale menu cache for %s: Redis unreachable", user_id)
+            raise Unavailable("the menu was saved but the cache is unavailable") from None
+        return saved
+
+    async def menu(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's menu as the tip_item script sees it (loaded on a miss);
+        NotFound for a user who does not exist."""
+        for _ in range(2):
+            try:
+                cached: dict[Any, Any] = await self._redis.hgetall(  # type: ignore[misc]
+                    self._keys.menu(user_id)
+                )
+            except _REDIS_ERRORS as exc:
+                raise Unavailable("menus are unavailable") from exc
+            if cached:
+                return [
+                    {
+                        "id": item_id,
+                        "label": cached[f"l:{item_id}".encode()].decode(),
+                        "price": int(cached[f"p:{item_id}".encode()]),
+                    }
+                    for item_id in cached[b"order"].decode().split()
+                ]
+            await self._load_menu(user_id)
+        raise Unavailable("the menu could not be loaded")
+
+    async def _load_menu(self, user_id: str) -> None:
+        """Fill the menu cache from Postgres (a user with no menu gets an
+        empty one, so the script can tell "no item" from "not loaded")."""
+        if user_id in self._absent_users:
+            raise NotFound(f"no user '{user_id}'")
+        epoch = await self.epoch()  # before reading Postgres: the load's fence
+        try:
+            async with self._pool.acquire() as conn:
+                row = await conn.fetchrow(
+                    """SELECT u.id, coalesce(m.version, 0) AS version FROM users u
+                       LEFT JOIN menus m ON m.model_id = u.id WHERE u.id = $1""",
+                    user_id,
+                )
+                rows = await conn.fetch(
+                    """SELECT id, label, price FROM menu_items WHERE model_id = $1
+                       ORDER BY position""",
+                    user_id,
+                )
+        except _DB_ERRORS as exc:
+            raise Unavailable("menus are unavailable; nothing was charged") from exc
+        if row is None:
+            self._absent_users.add(user_id)
+            raise NotFound(f"no user '{user_id}'")
+        items = [{"id": r["id"], "label": r["label"], "price": r["price"]} for r in rows]
+        # 'EPOCH' (Redis reset meanwhile) writes nothing: the caller's next
+        # try finds the menu missing and loads it again.
+        await self._write_menu("load", user_id, int(row["version"]), items, epoch)
+
+    async def _write_menu(
+        self,
+        mode: str,
+        user_id: str,
+        version: int,
+        items: list[dict[str, Any]],
+        epoch: str = "",
+    ) -> str:
+        """menu_cache.lua: 'OK', 'KEPT' or 'EPOCH'."""
+        args: list[Any] = [mode, version, epoch, " ".join(i["id"] for i in items)]
+        for item in items:
+            args += [f"p:{item['id']}", item["price"], f"l:{item['id']}", item["label"]]
+        keys = [self._keys.menu(user_id), self._keys.epoch()]
+        return _text(await self._call(self._menu_script, keys, args))
+
     # --- running scripts ---------------------------------------------------------------
     async def _run(
         self,
@@ -694,12 +909,16 @@ class Economy:
             if status != "NOT_LOADED":
                 raise refusal_error(action, status, _text(result[1]) if len(result) > 1 else "")
             missing = _text(result[1])
-            if missing.startswith(self._keys.balance_prefix()):
+            if missing.startswith(self._keys.show_prefix()) and self.show_loader is not None:
+                await self.show_loader(missing[len(self._keys.show_prefix()) :])
+            elif missing.startswith(self._keys.balance_prefix()):
                 await self._load(missing[len(self._keys.balance_prefix()) :])
             elif missing.startswith(self._keys.media_prefix()) and self._media is not None:
                 await self._media.load(missing[len(self._keys.media_prefix()) :])
             elif missing.startswith(self._keys.entitlements_prefix()):
                 await self._load_entitlements(missing[len(self._keys.entitlements_prefix()) :])
+            elif missing.startswith(self._keys.menu("")):
+                await self._load_menu(missing[len(self._keys.menu("")) :])
             else:
                 await self._load_prices(missing[len(self._keys.prices("")) :])
         raise Unavailable("balances could not be loaded; nothing was charged")
@@ -803,17 +1022,16 @@ class Economy:
             if not await self._redis.set(lock, token, nx=True, ex=REBUILD_LOCK_TTL_S):
                 raise Unavailable("hot balances are being rebuilt from the ledger; try again")
             await self._redis.set(self._keys.epoch(), REBUILDING + token)
-            # Balances, and the unlocks an older Redis may lack (a fan
-            # would be charged again for media the ledger says is theirs).
-            for hot in (self._keys.balance_prefix(), self._keys.entitlements_prefix()):
-                chunk: list[bytes] = []
-                async for name in self._redis.scan_iter(match=glob_escape(hot) + "*", count=1000):
-                    chunk.append(name)
-                    if len(chunk) >= REBUILD_UNLINK_CHUNK:
-                        await self._redis.unlink(*chunk)
-                        chunk = []
-                if chunk:
-                    await self._redis.unlink(*chunk)
+            # Balances, the unlocks an older Redis may lack (a fan would be
+            # charged again for media the ledger says is theirs), and the menu
+            # caches (a removed item would be tippable again, at an old price).
+            hot_prefixes = (
+                self._keys.balance_prefix(),
+                self._keys.entitlements_prefix(),
+                self._keys.menu(""),
+            )
+            for hot in hot_prefixes:
+                await self._unlink_matching(glob_escape(hot) + "*")
             left = await self._drain(REBUILD_DRAIN_TIMEOUT_S)
             if left:
                 raise Unavailable(f"rebuilding: {left} outbox entries are not in Postgres yet")
@@ -825,6 +1043,16 @@ class Economy:
             with contextlib.suppress(*_REDIS_ERRORS):
                 if _text(await self._redis.get(lock) or b"") == token:
                     await self._redis.delete(lock)
+
+    async def _unlink_matching(self, pattern: str) -> None:
+        chunk: list[bytes] = []
+        async for name in self._redis.scan_iter(match=pattern, count=1000):
+            chunk.append(name)
+            if len(chunk) >= REBUILD_UNLINK_CHUNK:
+                await self._redis.unlink(*chunk)
+                chunk = []
+        if chunk:
+            await self._redis.unlink(*chunk)
 
     # --- loading balances -------------------------------------------------------------
     async def epoch(self, *, rebuilding_ok: bool = False) -> str:
@@ -886,6 +1114,21 @@ class Economy:
         ]
         # An account with no row has no postings: zero is its true balance.
         return int(balance or 0), records
+
+
+def new_item_id() -> str:
+    """A menu item's id: `i_` and 16 hex digits (limits.ITEM_ID_RE)."""
+    return "i_" + secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class MenuItem:
+    """One item of a menu being saved, checked by the HTTP layer; ``id``
+    None for a new item."""
+
+    id: str | None
+    label: str
+    price: int
 
 
 class _Duplicate(Exception):

@@ -106,6 +106,7 @@ class Member(Protocol):
     @property
     def binary(self) -> bool: ...
     def buffer_event(self, room: str, offset: Offset | None, frame: bytes) -> None: ...
+    def sees(self, room: str, show: str | None) -> bool: ...
 
 
 class _Room:
@@ -221,6 +222,13 @@ class Hub:
             self._send(room, state, None, frame)
 
     def _send(self, room: str, state: _Room, position: Offset | None, frame: bytes) -> None:
+        if frame.find(SHOW_MARK, max(0, len(frame) - SHOW_MARK_TAIL)) >= 0:
+            # Posted during a ticket show (room_event.lua, tip.lua): only
+            # to the members who see it. One search of the frame's tail per
+            # event (not per member) keeps a room without a show on the path
+            # below, untouched.
+            self._send_show_time(room, state, position, frame)
+            return
         # The lists are taken before the joining members see the event: one
         # of them may finish its join on this very event (and must not get it
         # a second time through the lists).
@@ -239,6 +247,58 @@ class Hub:
         for member in joining:
             member.buffer_event(room, position, frame)
         metrics.DELIVERIES.inc(sent)
+
+    def _send_show_time(
+        self, room: str, state: _Room, position: Offset | None, frame: bytes
+    ) -> None:
+        show = event_show(frame)
+        joining = list(state.joining)
+        text: list[Connection] = []
+        binary: list[Connection] = []
+        for member in state.members:
+            if member not in state.joining and member.sees(room, show):
+                (binary if member.binary else text).append(member.connection)
+        checked = encoded_event(f"room {room}", frame, binary=False)
+        if checked is None:
+            return
+        sent = 0
+        if text:
+            sent += self.writer.send(text, frame, binary=False)
+        if binary:
+            packed = encoded_event(f"room {room}", frame, binary=True)
+            if packed is not None:
+                sent += self.writer.send(binary, packed, binary=True)
+        # A joining member filters its buffer when its join is answered (it
+        # learns there which shows it sees).
+        for member in joining:
+            member.buffer_event(room, position, frame)
+        metrics.DELIVERIES.inc(sent)
+
+
+# The field room_event.lua and tip.lua add to an event posted during a
+# ticket show. JSON escapes a `"` inside a string, so these bytes appear in
+# a frame only as that field, never inside a chat line's text.
+SHOW_MARK = b'"in_show":"'
+# The scripts add the field last, and the gateway adds only `offset` and
+# `ts` after it (complete_event): the field starts within this many bytes
+# of the frame's end (37 for the field, at most 80 for offset and ts), so
+# the live path searches the tail only, whatever the length of the text.
+SHOW_MARK_TAIL = 160
+
+
+def is_show_time(frame: bytes) -> bool:
+    """Whether a complete room event was posted during a ticket show."""
+    return frame.find(SHOW_MARK, max(0, len(frame) - SHOW_MARK_TAIL)) >= 0
+
+
+def event_show(frame: bytes) -> str | None:
+    """The show a room event was posted during (its ``in_show``), or None."""
+    at = frame.find(SHOW_MARK)
+    if at < 0:
+        return None
+    start = at + len(SHOW_MARK)
+    end = frame.find(b'"', start)
+    return frame[start:end].decode() if end > start else None
 
 
 def encoded_event(where: str, frame: bytes, *, binary: bool) -> bytes | None:

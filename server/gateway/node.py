@@ -32,6 +32,7 @@ from ..economy.deadlines import Sweeper
 from ..economy.economy import Economy
 from ..economy.privates import Privates
 from ..economy.requests import Requests
+from ..economy.shows import Shows
 from ..errors import LimitExceeded, Unavailable
 from ..keys import Keys
 from ..ledger.confirmations import Confirmations
@@ -111,6 +112,8 @@ class Node:
         # every node, each show billed by the node holding its lease.
         self.privates = Privates(pool, redis, self.keys, settings, self.economy)
         self.privates.register(self.sweeper)
+        self.shows = Shows(pool, redis, self.keys, settings, self.economy, self.rooms.append)
+        self.shows.register(self.sweeper)
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
             redis,

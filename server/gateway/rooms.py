@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from .. import bus
 from ..economy.batcher import ScriptBatcher
 from ..economy.scripts import lua_script
-from ..errors import Unavailable
+from ..errors import Forbidden, Unavailable
 from ..keys import Keys
 
 Offset = tuple[int, int]
@@ -54,16 +54,25 @@ class RoomStore:
         self._room_event = lua_script("room_event", retry_safe=False)
         self._viewers = lua_script("viewers", retry_safe=True)  # a count
 
-    async def append(self, room: str, event: dict[str, Any]) -> str:
-        """Store and publish ``event`` (without offset/ts); returns its offset."""
+    async def append(self, room: str, event: dict[str, Any], poster: str | None = None) -> str:
+        """Store and publish ``event`` (without offset/ts); returns its offset.
+
+        ``poster``: the user posting it. While a ticket show runs in the
+        room, only its model and ticket holders may (Forbidden otherwise),
+        and the event is marked with the show (``in_show``). None: the
+        server's own event (a `show` event), never marked."""
+        account = "" if poster is None else f"u:{poster}"
         try:
             offset = await self._batcher.call(
                 self._room_event,
-                [self._keys.room_history(room)],
-                [self._keys.room_channel(room), self._history_len, orjson.dumps(event)],
+                [self._keys.room_history(room), self._keys.room_show(room)],
+                [self._keys.room_channel(room), self._history_len, orjson.dumps(event), account],
             )
         except (RedisError, OSError, TimeoutError) as exc:
             raise Unavailable("room state is unavailable") from exc
+        if isinstance(offset, list):
+            show = offset[1].decode() if isinstance(offset[1], bytes) else str(offset[1])
+            raise Forbidden(f"ticket show {show} is on: only ticket holders may post")
         return offset.decode() if isinstance(offset, bytes) else str(offset)
 
     async def history(self, room: str, since: str | None) -> History:

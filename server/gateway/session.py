@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from tokenchat.protocol import (
     Balance,
+    BuyTicket,
     CloseCode,
     Command,
     ErrorCode,
@@ -46,6 +47,9 @@ from tokenchat.protocol import (
     RequestList,
     RequestOffer,
     Say,
+    ShowCancel,
+    ShowEnd,
+    ShowStart,
     codec_for,
     decode_command,
     events,
@@ -56,10 +60,10 @@ from tokenchat.protocol.limits import PRIVATE_ROOM_PREFIX
 from .. import metrics
 from ..auth import Identity, verify_token
 from ..catalog.directory import RoomInfo
-from ..economy.actions import BY_COMMAND, Action, SpendContext
+from ..economy.actions import BY_COMMAND, TICKET, Action, SpendContext
 from ..errors import Forbidden, LimitExceeded, NotFound, NotInRoom, ServiceError
 from ..ratelimit import TokenBucket
-from .hub import encoded_event
+from .hub import encoded_event, event_show, is_show_time
 from .rooms import Offset, parse_offset
 
 if TYPE_CHECKING:
@@ -98,6 +102,10 @@ class Session:
         # read during hello and the live ones merge in offset order.
         self._held_dms: list[tuple[Offset, bytes]] | None = None
         self._held_balance = False
+        # Ticket shows whose show-time events this session may get: the
+        # user holds a ticket (seen at join, or bought here). The room's
+        # model sees her own shows without one (``sees``).
+        self._seen_shows: set[str] = set()
         self._busy = False
         self._draining = False
         self._closing = False
@@ -122,6 +130,12 @@ class Session:
         # Paid commands, from the paid-action registry.
         for command_type, action in BY_COMMAND.items():
             self._handlers[command_type] = functools.partial(self._spend, action)
+        # Ticket shows: a ticket goes through the registry too, and lets
+        # this session see the show's events at once.
+        self._handlers[BuyTicket] = self._buy_ticket
+        self._handlers[ShowStart] = self._show_start
+        self._handlers[ShowEnd] = self._show_end
+        self._handlers[ShowCancel] = self._show_cancel
 
     # --- what the hub needs ---------------------------------------------------
     @property
@@ -132,10 +146,20 @@ class Session:
     def binary(self) -> bool:
         return self.codec.binary
 
+    def sees(self, room: str, show: str | None) -> bool:
+        """Whether this session may get an event posted during ``show`` in
+        ``room`` (a room's id is its model's)."""
+        if show is None or show in self._seen_shows:
+            return True
+        return self.identity is not None and self.identity.user_id == room
+
+    def _visible(self, room: str, frame: bytes) -> bool:
+        return not is_show_time(frame) or self.sees(room, event_show(frame))
+
     def buffer_event(self, room: str, offset: Offset | None, frame: bytes) -> None:
         history_end = self._catching_up.get(room)
         if history_end is not None:
-            if offset is None or offset > history_end:
+            if (offset is None or offset > history_end) and self._visible(room, frame):
                 self._push(frame)
             if offset is not None and offset >= history_end:
                 del self._catching_up[room]
@@ -382,6 +406,7 @@ class Session:
             await self.node.subscribe_room(room_id)
             viewers = await self.node.room_joined(room_id)
             history = await self.node.rooms.history(room_id, since)
+            show, ticket = await self._shows_of(room_id, history.events)
         except BaseException:
             self._joining.pop(room_id, None)
             self.node.hub.join_finished(room_id, self)
@@ -393,17 +418,52 @@ class Session:
         last = parse_offset(history.events[-1][0]) if history.events else None
         self._after_reply = lambda: self._flush_joined(room_id, last)
         return {
-            "room": info.to_wire(viewers),
-            "history": [orjson.loads(frame) for _, frame in history.events],
+            "room": {**info.to_wire(viewers), "show": show},
+            "ticket": ticket,
+            "history": [
+                orjson.loads(frame) for _, frame in history.events if self._visible(room_id, frame)
+            ],
             "recovered": history.recovered,
         }
+
+    async def _shows_of(
+        self, room: str, history: list[tuple[bytes, bytes]]
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """The room's current show and whether the user holds a ticket to
+        it; on the way, learn which shows of ``history`` the user may see.
+
+        With Postgres or a show's state away, the join still succeeds, shut
+        rather than open: no current show is named, and a show whose ticket
+        could not be checked stays unseen (its events left out)."""
+        user = self._user()
+        shows = self.node.shows
+        try:
+            current = await shows.current(room)
+        except ServiceError as exc:
+            log.warning("room %s joined without its show: %s", room, exc.message)
+            current = None
+        wanted = {event_show(frame) for _, frame in history if is_show_time(frame)}
+        if current is not None:
+            wanted.add(current["show"])
+        for show_id in wanted:
+            unknown = show_id is not None and show_id not in self._seen_shows and user != room
+            if not unknown or show_id is None:
+                continue
+            try:
+                if await shows.holds_ticket(show_id, user):
+                    self._seen_shows.add(show_id)
+            except ServiceError as exc:
+                log.warning("ticket to %s not checked: %s", show_id, exc.message)
+        if current is None:
+            return None, False
+        return current, user == room or current["show"] in self._seen_shows
 
     def _flush_joined(self, room: str, last: Offset | None) -> None:
         held = self._joining.pop(room, None)
         if self._closing or room not in self.rooms:
             return
         for offset, frame in held or ():
-            if offset is None or last is None or offset > last:
+            if (offset is None or last is None or offset > last) and self._visible(room, frame):
                 self._push(frame)
         received = self.node.hub.last_offset(room)
         if last is not None and (received is None or received < last):
@@ -426,8 +486,9 @@ class Session:
         if command.room not in self.rooms:
             raise NotInRoom(f"join room '{command.room}' first")
         assert self.identity is not None
-        event = events.message_event_body(command.room, self.identity.user_id, command.text)
-        return {"offset": await self.node.rooms.append(command.room, event)}
+        user = self.identity.user_id
+        event = events.message_event_body(command.room, user, command.text)
+        return {"offset": await self.node.rooms.append(command.room, event, poster=user)}
 
     async def _post_media(self, command: PostMedia) -> Reply:
         """A model shows her locked media in her room: its descriptor, never
@@ -442,7 +503,8 @@ class Session:
         if info.owner != user_id:
             raise NotFound(f"no media '{command.media}' of yours")
         event = events.media_event_body(command.room, user_id, info.descriptor(), command.text)
-        return {"offset": await self.node.rooms.append(command.room, event)}
+        # As a chat line: during her ticket show, only ticket holders see it.
+        return {"offset": await self.node.rooms.append(command.room, event, poster=user_id)}
 
     async def _balance(self, command: Balance) -> Reply:
         assert self.identity is not None
@@ -492,6 +554,21 @@ class Session:
 
     async def _private_end(self, command: PrivateEnd) -> Reply:
         return await self.node.privates.end(self._user(), command.show)
+
+    # --- ticket shows (server/economy/shows.py) -----------------------------------------
+    async def _buy_ticket(self, command: BuyTicket) -> Reply:
+        reply = await self._spend(TICKET, command)
+        self._seen_shows.add(command.show)
+        return reply
+
+    async def _show_start(self, command: ShowStart) -> Reply:
+        return await self.node.shows.start(self._user(), command.show)
+
+    async def _show_end(self, command: ShowEnd) -> Reply:
+        return await self.node.shows.end(self._user(), command.show)
+
+    async def _show_cancel(self, command: ShowCancel) -> Reply:
+        return await self.node.shows.cancel(self._user(), command.show)
 
     async def _spend(self, action: Action, command: Command) -> Reply:
         """A paid command: its action's serve step (preconditions, then Economy)."""

@@ -26,13 +26,29 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from tokenchat.protocol import ErrorCode, WireField
-from tokenchat.protocol.commands import KEY, PAYMENT_REF, TX_ID
-from tokenchat.protocol.limits import AMOUNT_MAX, AMOUNT_MIN, PRIVATE_MIN_S_MAX, USER_ID_RE
+from tokenchat.protocol.commands import (
+    AMOUNT,
+    EPOCH_MS,
+    ITEM_REF,
+    KEY,
+    MENU_LABEL,
+    PAYMENT_REF,
+    SHOW_MIN_S,
+    SHOW_TITLE,
+    TX_ID,
+)
+from tokenchat.protocol.limits import (
+    AMOUNT_MAX,
+    AMOUNT_MIN,
+    MENU_ITEMS_MAX,
+    PRIVATE_MIN_S_MAX,
+    USER_ID_RE,
+)
 
 from .. import metrics
 from ..auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token
 from ..config import Settings
-from ..economy.economy import PAYMENTS_INITIATOR, new_tx_id, user_initiator
+from ..economy.economy import PAYMENTS_INITIATOR, MenuItem, new_tx_id, user_initiator
 from ..errors import (
     BadRequest,
     Conflict,
@@ -185,6 +201,46 @@ def create_app(node: Node) -> Starlette:
         identity = identity_of(request)
         return JSONResponse({"privates": await node.privates.list_for(identity.user_id)})
 
+    # --- ticket shows (server/economy/shows.py) --------------------------------------
+    async def create_show(request: Request) -> Response:
+        """A model schedules a ticket show in her room."""
+        identity = identity_of(request, "model")
+        limit_creates(identity)
+        body = await json_body(request)
+        title: str = wire_field(body, "title", SHOW_TITLE)
+        price: int = wire_field(body, "price", AMOUNT)
+        starts_at: int = wire_field(body, "starts_at", EPOCH_MS)
+        min_s: int = wire_field(body, "min_s", SHOW_MIN_S)
+        await node.directory.touch_user(identity)
+        show = await node.shows.create(identity.user_id, title, price, starts_at, min_s)
+        return JSONResponse(show, status_code=201)
+
+    async def room_shows(request: Request) -> Response:
+        room = request.path_params["room"]
+        if not USER_ID_RE.fullmatch(room):
+            raise NotFound(f"no room '{room}'")
+        return JSONResponse({"shows": await node.shows.list_room(room)})
+
+    def show_transition(name: str) -> Any:
+        async def transition(request: Request) -> Response:
+            identity = identity_of(request, "model")
+            show_id = request.path_params["show"]
+            move = getattr(node.shows, name)
+            return JSONResponse(await move(identity.user_id, show_id))
+
+        return transition
+
+    async def buy_ticket(request: Request) -> Response:
+        identity = identity_of(request, "fan")
+        body = await json_body(request)
+        key: str = wire_field(body, "key", KEY)
+        room = request.path_params["room"]
+        if not USER_ID_RE.fullmatch(room):
+            raise NotFound(f"no room '{room}'")
+        await node.directory.touch_user(identity)
+        reply = await node.economy.ticket(identity.user_id, room, request.path_params["show"], key)
+        return JSONResponse(reply)
+
     async def bundles(request: Request) -> Response:
         return JSONResponse({"bundles": bundle_list(node)})
 
@@ -273,6 +329,21 @@ def create_app(node: Node) -> Starlette:
             )
         node.directory.forget_room(identity.user_id)
         return JSONResponse(prices)
+
+    async def set_menu(request: Request) -> Response:
+        """Replace the model's tip menu (see menu_items for the body's rules)."""
+        identity = identity_of(request, "model")
+        items = menu_items(await json_body(request))
+        await node.directory.touch_user(identity)
+        saved = await node.economy.set_menu(identity.user_id, items)
+        return JSONResponse({"user": identity.user_id, "items": saved})
+
+    async def user_menu(request: Request) -> Response:
+        """A user's tip menu, as a tip of one of its items is charged now."""
+        user_id = request.path_params["user_id"]
+        if not USER_ID_RE.fullmatch(user_id):
+            raise BadRequest("the path must name a user id")
+        return JSONResponse({"user": user_id, "items": await node.economy.menu(user_id)})
 
     async def admin_credit(request: Request) -> Response:
         identity = identity_of(request, "admin")
@@ -421,6 +492,7 @@ def create_app(node: Node) -> Starlette:
         Route("/v1/config", client_config),
         Route("/v1/rooms", rooms),
         Route("/v1/users/{user_id}/prices", user_prices),
+        Route("/v1/users/{user_id}/menu", user_menu),
     ]
     if node.settings.dev_mode:
         routes.append(Route("/v1/dev/token", dev_token, methods=["POST"]))
@@ -434,8 +506,15 @@ def create_app(node: Node) -> Starlette:
             Route(READYZ_PATH, readyz),
             Route("/v1/me", me),
             Route("/v1/me/prices", set_prices, methods=["PUT"]),
+            Route("/v1/me/menu", set_menu, methods=["PUT"]),
             Route("/v1/me/requests", my_requests),
             Route("/v1/me/privates", my_privates),
+            Route("/v1/me/shows", create_show, methods=["POST"]),
+            Route("/v1/me/shows/{show}/start", show_transition("start"), methods=["POST"]),
+            Route("/v1/me/shows/{show}/end", show_transition("end"), methods=["POST"]),
+            Route("/v1/me/shows/{show}/cancel", show_transition("cancel"), methods=["POST"]),
+            Route("/v1/rooms/{room}/shows", room_shows),
+            Route("/v1/rooms/{room}/shows/{show}/tickets", buy_ticket, methods=["POST"]),
             Route("/v1/bundles", bundles),
             Route("/v1/purchases", purchase, methods=["POST"]),
             Route("/v1/admin/credits", admin_credit, methods=["POST"]),
@@ -522,6 +601,36 @@ def optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | 
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise BadRequest(f"field '{name}' must be an integer between {low} and {high}")
     return value
+
+
+def menu_items(body: dict[str, Any]) -> list[MenuItem]:
+    """The items of a PUT /v1/me/menu body: ``{"items": [{"id"?, "label",
+    "price"}]}``, at most MENU_ITEMS_MAX, in the order the page shows them.
+    An ``id`` keeps an item of the current menu; each id at most once."""
+    items = body.get("items")
+    if not isinstance(items, list) or len(items) > MENU_ITEMS_MAX:
+        raise BadRequest(f"field 'items' must be a list of at most {MENU_ITEMS_MAX} items")
+    checked: list[MenuItem] = []
+    for n, item in enumerate(items):
+        where = f"items[{n}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"{where} must be an object with 'label' and 'price'")
+        item_id = item.get("id")
+        if item_id is not None and not ITEM_REF.accept(item_id):
+            raise BadRequest(f"{where}: field 'id' must be {ITEM_REF.describe}")
+        label = item.get("label")
+        if not isinstance(label, str) or not MENU_LABEL.accept(label):
+            raise BadRequest(f"{where}: field 'label' must be {MENU_LABEL.describe}")
+        price = optional_int(item, "price", AMOUNT_MIN, AMOUNT_MAX)
+        if price is None:
+            raise BadRequest(
+                f"{where}: field 'price' must be an integer between {AMOUNT_MIN} and {AMOUNT_MAX}"
+            )
+        checked.append(MenuItem(item_id, label, price))
+    ids = [item.id for item in checked if item.id is not None]
+    if len(ids) != len(set(ids)):
+        raise BadRequest("an item id is named twice")
+    return checked
 
 
 def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:

@@ -319,3 +319,72 @@ async def test_a_private_show_from_the_terminal(start_server: Any) -> None:
         await chat.kill()
         await model.close()
     assert (await http.call("GET", "/v1/me", "alice", "model"))[1]["balance"] >= 2
+
+
+async def test_ticket_shows_from_the_terminal(server: Running) -> None:
+    http = Http(server)
+    await http.credit("bob", 100)
+    await (await server.client("alice", "model")).close()  # her room exists
+    model = await Chat.start(
+        "--url", server.ws_url, "--token", token("alice", "model"), "--http", server.http_url
+    )
+    fan = await Chat.start(
+        "--url", server.ws_url, "--token", token("bob"), "--http", server.http_url
+    )
+    carol = await server.client("carol")
+    try:
+        await model.expect("* connected as alice (model)")
+        await fan.expect("* connected as bob (fan); balance 100")
+        await model.send("/schedule 10 1 0 Friday night")
+        (scheduled,) = await model.expect("scheduled: Friday night (10 tokens a ticket, min 1 s)")
+        show = scheduled.split()[2]
+        await model.send("/join alice")
+        await fan.send("/join alice")
+        await fan.expect(
+            f"* show {show} scheduled: Friday night (10 tokens a ticket, min 1 s); no ticket"
+        )
+        await carol.call("join", room="alice")
+        await fan.send("/shows")
+        await fan.expect(f"1. {show} scheduled")
+        await fan.send("/ticket 1")
+        await fan.expect(f"* ticket bought for show {show}; balance 90")
+        await fan.send("/ticket 1")
+        await fan.expect("you had a ticket already")
+        await model.send(f"/start {show}")
+        await model.expect(f"* show {show} running")
+        await fan.expect(f"[alice] show {show} running")
+        await model.send("only for ticket holders")
+        await fan.expect("[alice] alice: only for ticket holders")
+        await asyncio.sleep(1.1)
+        await model.send(f"/end {show}")
+        await model.expect(f"* show {show} ended, release", "balance: 10")
+        await model.send("/schedule 10 1 0 x" + "y" * 300)
+        await model.expect("error BAD_REQUEST:")
+        await model.send("/quit")
+        await fan.send("/quit")
+        assert await model.exit_code() == 0 and await fan.exit_code() == 0
+        # carol, without a ticket, saw the show's events but not its chat.
+        seen: list[dict[str, Any]] = []
+        while not carol.events.empty():
+            seen.append(carol.events.get_nowait())
+        assert [e["state"] for e in seen if e["type"] == "show"] == ["running", "ended"]
+        assert not [e for e in seen if e["type"] == "message"]
+    finally:
+        await model.kill()
+        await fan.kill()
+        await carol.close()
+
+
+def test_show_lines() -> None:
+    line = format_event(
+        {
+            "type": "show",
+            "room": "a",
+            "show": "t_1",
+            "state": "running",
+            "title": "T",
+            "price": 5,
+            "min_s": 60,
+        }
+    )
+    assert line == "[a] show t_1 running: T (5 tokens a ticket, min 60 s)"

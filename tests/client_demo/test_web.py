@@ -9,6 +9,7 @@ desktop width go to test-artifacts/web/.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -662,6 +663,80 @@ async def test_a_private_show_runs_and_ends_on_both_pages(
     # The private room closes: the fan is back to no room, the model to hers.
     await expect(fan.locator("#room-empty")).to_be_visible()
     await expect(model.locator("#room-title")).to_have_text("Your room")
+
+    async def drained() -> bool:
+        return bool((await Http(running).reconcile())["ok"])
+
+    await eventually(drained, timeout_s=15)
+    assert errors.seen == []
+    await fan_context.close()
+    await model_context.close()
+
+
+async def test_a_ticket_show_walls_off_a_fan_until_she_buys_a_ticket(
+    start_server: StartServer, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    running = await start_dev(start_server)
+    base = running.http_url
+    await Http(running).credit("ana", 1000)
+    errors = PageErrors()
+    model_context = await browser.new_context(viewport=DESKTOP, locale="en-US")  # type: ignore[arg-type]
+    fan_context = await browser.new_context(viewport=DESKTOP, locale="en-US")  # type: ignore[arg-type]
+    model = await model_context.new_page()
+    fan = await fan_context.new_page()
+    errors.watch("model", model)
+    errors.watch("fan", fan)
+    await sign_in(model, base, "mia", "model")
+    await sign_in(fan, base, "ana", "fan")
+    await fan.locator('.room-item[data-room="mia"]').click()
+    await expect(fan.locator("#room-title")).to_have_text("mia")
+
+    # The model schedules a show: the fan's page announces it with its price.
+    await model.get_by_label("Title").fill("Friday night")
+    await model.get_by_label("Ticket", exact=True).fill("30")
+    await model.get_by_label("Paid after").fill("1")
+    await model.get_by_role("button", name="Schedule").click()
+    await expect(model.locator("#show-controls")).to_contain_text("Friday night")
+    banner = fan.locator("#show-banner")
+    await expect(banner).to_be_visible()
+    await expect(banner).to_contain_text("Friday night")
+    await expect(fan.locator("#show-buy")).to_have_text("Buy a ticket for 30 tokens")
+
+    # On air: the fan without a ticket sees the wall with the price, no chat.
+    await model.get_by_role("button", name="Start the show").click()
+    wall = fan.locator("#ticket-wall")
+    await expect(wall).to_be_visible()
+    await expect(wall).to_contain_text("A ticket costs 30 tokens")
+    await expect(fan.locator("#chat")).to_be_hidden()
+    await expect(fan.locator("#say-form")).to_be_hidden()
+    await model.locator("#say-text").fill("before your ticket")
+    await model.locator("#say-text").press("Enter")
+    await expect(model.locator("#chat")).to_contain_text("before your ticket")
+    await shoot(fan, "fan-ticket-wall-desktop")
+
+    # She buys: the wall goes, the chat is there, and the show's lines reach her.
+    await fan.locator("#wall-buy").click()
+    await expect(wall).to_be_hidden()
+    await expect(fan.locator("#balance")).to_have_text("970")
+    await expect(fan.locator("#chat")).to_be_visible()
+    await expect(fan.locator("#show-ticket")).to_be_visible()
+    await model.locator("#say-text").fill("welcome, ticket holders")
+    await model.locator("#say-text").press("Enter")
+    await expect(fan.locator("#chat")).to_contain_text("welcome, ticket holders")
+    await expect(fan.locator("#chat")).not_to_contain_text("before your ticket")
+    await fan.locator("#say-text").fill("hello from the show")
+    await fan.locator("#say-text").press("Enter")
+    await expect(model.locator("#chat")).to_contain_text("hello from the show")
+    await shoot(fan, "fan-in-show-desktop")
+
+    # The show ends after its minimum: she is paid, the banner goes.
+    await asyncio.sleep(1.0)
+    await model.get_by_role("button", name="End the show").click()
+    await expect(model.locator("#balance")).to_have_text("30")
+    await expect(banner).to_be_hidden()
+    await expect(fan.locator("#chat")).to_contain_text("ended")
 
     async def drained() -> bool:
         return bool((await Http(running).reconcile())["ok"])

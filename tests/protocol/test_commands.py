@@ -47,6 +47,14 @@ VALID: list[tuple[dict[str, Any], Command]] = [
         Tip(5, "alice", 1_000_000, "k", "yay"),
     ),
     (
+        {"type": "tip", "room": "alice", "item": "i_0123456789abcdef", "key": "k"},
+        Tip(None, "alice", None, "k", "", item="i_0123456789abcdef"),
+    ),
+    (
+        {"type": "tip", "room": "alice", "item": "i_1", "key": "k", "max_price": 0, "text": "x"},
+        Tip(None, "alice", None, "k", "x", item="i_1", max_price=0),
+    ),
+    (
         {"type": "dm", "id": 6, "to": "alice", "text": "hey", "key": "k2"},
         Dm(6, "alice", "hey", "k2", None),
     ),
@@ -110,6 +118,10 @@ def test_private_commands_parse() -> None:
         assert rejected(fields).code is ErrorCode.BAD_REQUEST
 
 
+# Ticket shows (server/economy/shows.py).
+SHOW_COMMANDS = {"buy_ticket", "show_start", "show_end", "show_cancel"}
+
+
 def test_registry() -> None:
     assert (
         set(COMMANDS)
@@ -127,6 +139,7 @@ def test_registry() -> None:
         }
         | REQUEST_COMMANDS
         | PRIVATE_COMMANDS
+        | SHOW_COMMANDS
     )
     for name, cls in COMMANDS.items():
         assert name == cls.TYPE
@@ -174,6 +187,36 @@ def test_optional_fields_may_be_null() -> None:
     assert parse_command(
         {"type": "tip", "room": "a", "amount": 1, "key": "k", "text": None}
     ) == Tip(None, "a", 1, "k", "")
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({}, "field 'amount' (or 'item', a menu item) is required"),
+        ({"amount": None, "item": None}, "is required"),
+        ({"amount": 5, "item": "i_1"}, "not both"),
+        ({"amount": 5, "max_price": 5}, "'max_price' goes with 'item'"),
+        ({"item": "i 1"}, "field 'item' must be a menu item id"),
+        ({"item": ""}, "field 'item' must be"),
+        ({"item": "i_" + "0" * 63}, "field 'item' must be"),
+        ({"item": ["i_1"]}, "field 'item' must be"),
+        ({"item": "i_1", "max_price": -1}, "field 'max_price' must be"),
+        ({"item": "i_1", "max_price": 1_000_001}, "field 'max_price' must be"),
+    ],
+)
+def test_a_tip_names_an_amount_or_an_item(fields: dict[str, Any], words: str) -> None:
+    error = rejected({"type": "tip", "id": 8, "room": "a", "key": "k", **fields})
+    assert error.code is ErrorCode.BAD_REQUEST and error.re == 8
+    assert words in error.message
+
+
+def test_menu_labels_are_one_printable_line() -> None:
+    from tokenchat.protocol.commands import MENU_LABEL
+
+    for good in ("Dance", "x" * 40, "Song 🎵", "é ☃ 中文", " a "):
+        assert MENU_LABEL.accept(good), good
+    for bad in ("", " ", "x" * 41, "a\nb", "a\tb", "nul\x00", "rtl\u202e", "zw\u200b", 5, None):
+        assert not MENU_LABEL.accept(bad), bad
 
 
 @pytest.mark.parametrize("command_id", [None, 0, -1, 2**63 - 1, -(2**63), "a", "x" * 64, "é", " "])

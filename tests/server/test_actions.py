@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 import typing
 from typing import Any
 
@@ -102,7 +103,7 @@ def test_the_loader_refuses_undeclared_names_and_positions(
     with pytest.raises(ValueError, match=r"undeclared ARG\.amount"):
         money_script("tip", TIP.all_keys, tuple(a for a in TIP.all_args if a != "amount"))
     with pytest.raises(ValueError, match=r"undeclared KEY\.history"):
-        money_script("tip", TIP.all_keys[:-1], TIP.all_args)
+        money_script("tip", tuple(k for k in TIP.all_keys if k != "history"), TIP.all_args)
 
     def with_raw_keys(name: str) -> str:
         return script_source(name) + ("local x = KEYS[1]\n" if name == "tip" else "")
@@ -256,19 +257,26 @@ async def test_each_action_round_trips_through_redis_and_postgres(
     dm = await economy.dm("bob", "alice", "hello", "d1", max_price=7)
     assert (tip["balance"], dm["balance"], dm["price"]) == (70, 63, 7)
     assert (await economy.tip("bob", "alice", "alice", 30, "hi", "t1", 1))["duplicate"]
+    status, menu = await http.call(
+        "PUT", "/v1/me/menu", "alice", "model", items=[{"label": "Dance", "price": 3}]
+    )
+    assert status == 200
+    item = menu["items"][0]["id"]
+    tip_item = await economy.tip_item("bob", "alice", "alice", item, "", "ti1", max_price=3)
+    assert tip_item["balance"] == 60 and tip_item["item"] == {"id": item, "label": "Dance"}
     refund = await economy.refund(tip["tx"], initiator="u:ops", key="r1")
-    assert refund["balance"] == 93 and refund["refunds"] == tip["tx"]
+    assert refund["balance"] == 90 and refund["refunds"] == tip["tx"]
     with pytest.raises(Conflict, match="not a spend"):
         await economy.refund(credit["tx"], initiator="u:ops", key="r2")
     with pytest.raises(InsufficientFunds):
-        await economy.tip("bob", "alice", "alice", 94, "", "t2", 1)
+        await economy.tip("bob", "alice", "alice", 91, "", "t2", 1)
     picture = io.BytesIO()
     Image.new("RGB", (8, 8)).save(picture, "PNG")
     media = await server.node.media.create(
         "alice", Upload(picture, len(picture.getvalue())), 5, "a teaser", None
     )
     unlock = await economy.unlock("bob", media.id, "alice", "u1", max_price=5)
-    assert (unlock["balance"], unlock["price"]) == (88, 5)
+    assert (unlock["balance"], unlock["price"]) == (85, 5)
     # Escrow: two holds, one released to the model, one refunded to the fan;
     # an empty escrow refuses a second release.
     held = [
@@ -277,12 +285,12 @@ async def test_each_action_round_trips_through_redis_and_postgres(
         )
         for n in (1, 2)
     ]
-    assert [h["balance"] for h in held] == [78, 68] and held[0]["subject"] == "e1"
+    assert [h["balance"] for h in held] == [75, 65] and held[0]["subject"] == "e1"
     release = await economy.release("esc:test:e1", "alice", initiator="sys:test", key="s1", meta={})
     back = await economy.escrow_refund(
         "esc:test:e2", "bob", initiator="sys:test", key="s2", meta={}
     )
-    assert (release["amount"], back["amount"], back["balance"]) == (10, 10, 78)
+    assert (release["amount"], back["amount"], back["balance"]) == (10, 10, 75)
     with pytest.raises(Conflict, match="holds nothing"):
         await economy.release("esc:test:e1", "alice", initiator="sys:test", key="s3", meta={})
     # A private show's meter: the escrow first (10), then the fan (5).
@@ -292,13 +300,22 @@ async def test_each_action_round_trips_through_redis_and_postgres(
     meter = await economy.meter(
         "bob", "esc:test:e3", "alice", 15, initiator="sys:test", key="m1", request="{}", meta={}
     )
-    assert (meter["balance"], meter["escrow"], meter["amount"]) == (63, 0, 15)  # 78 - 15
+    assert (meter["balance"], meter["escrow"], meter["amount"]) == (60, 0, 15)  # 75 - 15
+
+    # A ticket show's ticket and its refund (server/economy/shows.py).
+    show = await server.node.shows.create("alice", "a show", 5, int(time.time() * 1000), 60)
+    ticket = await economy.ticket("bob", "alice", show["show"], "k1")
+    ticket_back = await economy.ticket_refund(show["show"], "bob", initiator="sys:test", key="tr1")
+    assert ticket_back["balance"] == ticket["balance"] + 5 and ticket_back["amount"] == 5
 
     rows = await pg(settings, "SELECT id, kind FROM ledger_transactions")
     assert {r["id"]: r["kind"] for r in rows} == {
+        ticket["tx"]: "ticket",
+        ticket_back["tx"]: "escrow_refund",
         credit["tx"]: "credit",
         tip["tx"]: "tip",
         dm["tx"]: "dm",
+        tip_item["tx"]: "tip",
         refund["tx"]: "refund",
         held[0]["tx"]: "hold",
         held[1]["tx"]: "hold",

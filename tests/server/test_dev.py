@@ -235,6 +235,10 @@ async def _check_serving(dev: Dev, fan_token: str) -> None:
         event = await client.next_event("message", timeout_s=10.0)
         assert event["from"] == "demo_fan" and event["text"] == "hello from test_dev"
         assert event["offset"] == reply["offset"]
+        # The demo model has a tip menu to try.
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            menu = await http.get(f"http://127.0.0.1:{dev.http_port}/v1/users/demo_model/menu")
+        assert [item["label"] for item in menu.json()["items"]][:1] == ["Say my name"]
     finally:
         await client.close()
 

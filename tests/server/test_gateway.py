@@ -104,7 +104,14 @@ async def test_join_returns_room_history_and_viewers(server: Running) -> None:
     await model.call("say", room="alice", text="welcome")
     fan = await server.client("bob")
     reply = await fan.call("join", room="alice")
-    assert reply["room"] == {"id": "alice", "owner": "alice", "viewers": 2, "tip_min": 1}
+    assert reply["room"] == {
+        "id": "alice",
+        "owner": "alice",
+        "viewers": 2,
+        "tip_min": 1,
+        "show": None,
+    }
+    assert reply["ticket"] is False
     assert [e["text"] for e in reply["history"]] == ["welcome"]
     event = reply["history"][0]
     assert event["type"] == "message" and event["from"] == "alice" and event["room"] == "alice"

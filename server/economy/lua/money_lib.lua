@@ -81,12 +81,15 @@ local function postings(payer_account, payee_account, amount)
 end
 
 -- Append the ledger entry (postings: "account amount account amount ...");
--- tx, request, initiator, key and meta are the call's own. Returns the
--- entry id, whose millisecond part is when the ledger says it happened.
-local function outbox_add(kind, entry_postings, reply)
+-- tx, request, initiator and key are the call's own; meta is ARG.meta
+-- unless the script passes its own (what only the script knows, like a
+-- menu item's label). Returns the entry id, whose millisecond part is when
+-- the ledger says it happened.
+local function outbox_add(kind, entry_postings, reply, meta)
   return redis.call('XADD', KEY.outbox, '*',
     'tx', ARG.tx, 'kind', kind, 'initiator', ARG.initiator, 'key', ARG.key,
-    'request', ARG.request, 'reply', reply, 'postings', entry_postings, 'meta', ARG.meta)
+    'request', ARG.request, 'reply', reply, 'postings', entry_postings,
+    'meta', meta or ARG.meta)
 end
 
 local function idem_record(reply)

@@ -1,20 +1,33 @@
 -- room_event: append one event to a room's history and publish it, atomically.
 --
 -- KEYS[1]  the room's history stream
+-- KEYS[2]  the room's running-show marker (show_state.lua)
 -- ARGV[1]  the room's pub/sub channel
 -- ARGV[2]  history length to keep (exact MAXLEN; the stream is tiny)
 -- ARGV[3]  the event as a JSON object, without `offset` and `ts`
+-- ARGV[4]  the posting user's account (`u:<id>`); '' for the server's
+--          own events (`show`), which are never marked
 --
--- Returns the event's offset (its stream id, "ms-seq").
+-- Returns the event's offset (its stream id, "ms-seq"), or
+-- {'NO_TICKET', show} when a ticket show runs in the room and the user is
+-- neither its model nor a ticket holder (nothing written).
 --
 -- Invariant: an event is in history exactly when it was published, and Redis
 -- runs scripts one at a time, so the order of the history stream is the order
 -- in which every subscriber of the channel receives the room's events. That is
--- what makes one room one order across processes and machines.
+-- what makes one room one order across processes and machines. While a show
+-- runs, every event carries `"in_show":"<id>"` as its last field, in history
+-- and live alike, and the gateway gives it only to those who see the show.
 --
 -- The published payload is "E<offset> <json>" (kind E in server/bus.py);
 -- subscribers add `offset` and `ts` (the id's millisecond part) to the JSON,
 -- the same way history readers do.
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'e', ARGV[3])
-redis.call('PUBLISH', ARGV[1], 'E' .. id .. ' ' .. ARGV[3])
+local event = ARGV[3]
+local show = redis.call('HGET', KEYS[2], 'id')
+if show and ARGV[4] ~= '' then
+  if redis.call('HEXISTS', KEYS[2], ARGV[4]) == 0 then return {'NO_TICKET', show} end
+  event = string.sub(event, 1, -2) .. ',"in_show":"' .. show .. '"}'
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'e', event)
+redis.call('PUBLISH', ARGV[1], 'E' .. id .. ' ' .. event)
 return id

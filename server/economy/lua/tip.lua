@@ -5,6 +5,9 @@
 -- ARG.key, ARG.meta: common to every paid action (money_lib.lua).
 -- KEY.payer_balance  the fan's balance    KEY.payee_balance  the owner's
 -- KEY.history        the room's history stream (the room's slot, not {eco})
+-- KEY.room_show      the room's running-show marker (show_state.lua): while
+--                    a ticket show runs, only its model and ticket holders
+--                    may tip, and the event is marked with the show
 -- ARG.amount         tokens, > 0          ARG.tip_min  the room's minimum
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
 -- ARG.room_channel   the room's pub/sub channel
@@ -13,7 +16,8 @@
 -- ARG.payee_channel  the owner's user channel
 --
 -- Returns {'OK', '{"balance":N,"tx":T,"offset":O}'}, {'TIP_MIN', tip_min}
--- when the amount is under it, or a refusal (money_lib). tip_min is checked
+-- when the amount is under it, {'NO_TICKET', show} during a ticket show the
+-- fan holds no ticket for, or a refusal (money_lib). tip_min is checked
 -- after the idempotency key, so a tip retried after the model raised her
 -- minimum is still answered with its original reply.
 -- Invariant: tokens move only with the tip queued for delivery (history XADD
@@ -27,10 +31,16 @@ refusal = refusal
   or outbox_full()
   or user_gate(KEY.payer_balance, amount)
 if refusal then return refusal end
+local event = ARG.event
+local show = redis.call('HGET', KEY.room_show, 'id')
+if show then
+  if redis.call('HEXISTS', KEY.room_show, ARG.payer) == 0 then return {'NO_TICKET', show} end
+  event = string.sub(event, 1, -2) .. ',"in_show":"' .. show .. '"}'
+end
 
 local fan_balance, owner_balance = transfer(KEY.payer_balance, KEY.payee_balance, amount)
-local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', ARG.event)
-redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. ARG.event)
+local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', event)
+redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)
 local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset})
 outbox_add('tip', postings(ARG.payer, ARG.payee, amount), reply)
 idem_record(reply)

@@ -1,0 +1,72 @@
+-- tip_item: a tip of a menu item. Charge the item's CURRENT price (read
+-- here, from the model's menu cache) from the fan to the room's owner AND
+-- deliver the tip event, naming the item, to the room, in one atomic call.
+-- A sibling of tip.lua rather than a branch in it: the amount and the event
+-- are known only here, and the plain tip's hot path stays as measured.
+--
+-- KEY.idem, KEY.outbox, ARG.request, ARG.tx, ARG.outbox_max, ARG.initiator,
+-- ARG.key, ARG.meta: common to every paid action (money_lib.lua).
+-- KEY.payer_balance  the fan's balance    KEY.payee_balance  the owner's
+-- KEY.menu           the owner's menu cache (hash: `p:<id>` price, `l:<id>`
+--                    label; see server/keys.py); absent = not loaded
+-- KEY.history        the room's history stream (the room's slot, not {eco})
+-- KEY.room_show      the room's running-show marker (show_state.lua): as in
+--                    tip.lua, only the model and ticket holders tip during a
+--                    ticket show, and the event is marked with it
+-- ARG.item           the item's id as the fan sent it
+-- ARG.max_price      '' for none
+-- ARG.payer, ARG.payee  the fan's and the owner's accounts
+-- ARG.room_channel   the room's pub/sub channel
+-- ARG.history_len    history entries kept
+-- ARG.event          the tip event JSON without amount, item.label,
+--                    offset and ts (events.item_tip_event_body)
+-- ARG.payee_channel  the owner's user channel
+--
+-- Returns {'OK', '{"balance":N,"tx":T,"offset":O,"price":P,"item":{"id","label"}}'},
+-- {'NO_ITEM', id} when the owner's menu has no such item, {'NO_TICKET',
+-- show} during a ticket show the fan holds no ticket for, or a refusal
+-- (money_lib), PRICE_CHANGED when the price is above max_price. The ledger
+-- entry's meta is ARG.meta plus `item` {id, label}: statements name what
+-- was tipped for, even after the item left the menu.
+-- Invariant: tokens move only with the tip queued for delivery (history XADD
+-- and PUBLISH) and its ledger entry in the outbox, at the price the fan
+-- agreed to (max_price); every check precedes the first write; the fan's
+-- balance never goes below zero. A retried key answers its first reply,
+-- whatever the menu says now.
+local prior = idem_prior()
+if prior then return prior end
+-- The menu first: it is loaded only for a user that exists.
+local refusal = first_unloaded(KEY.menu, KEY.payer_balance, KEY.payee_balance)
+  or outbox_full()
+if refusal then return refusal end
+local found = redis.call('HMGET', KEY.menu, 'p:' .. ARG.item, 'l:' .. ARG.item)
+if not found[1] or not found[2] then return {'NO_ITEM', ARG.item} end
+local price = tonumber(found[1])
+if ARG.max_price ~= '' and price > tonumber(ARG.max_price) then
+  return {'PRICE_CHANGED', tostring(price)}
+end
+refusal = user_gate(KEY.payer_balance, price)
+if refusal then return refusal end
+local show = redis.call('HGET', KEY.room_show, 'id')
+if show and redis.call('HEXISTS', KEY.room_show, ARG.payer) == 0 then
+  return {'NO_TICKET', show}
+end
+
+local item = {id = ARG.item, label = found[2]}
+local event = cjson.decode(ARG.event)
+event.amount = price
+event.item = item
+event = cjson.encode(event)
+if show then event = string.sub(event, 1, -2) .. ',"in_show":"' .. show .. '"}' end
+local meta = cjson.decode(ARG.meta)
+meta.item = item
+
+local fan_balance, owner_balance = transfer(KEY.payer_balance, KEY.payee_balance, price)
+local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', event)
+redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)
+local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset,
+  price = price, item = item})
+outbox_add('tip', postings(ARG.payer, ARG.payee, price), reply, cjson.encode(meta))
+idem_record(reply)
+redis.call('PUBLISH', ARG.payee_channel, 'B' .. owner_balance)
+return {'OK', reply}
