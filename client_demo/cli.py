@@ -34,6 +34,9 @@ happens, one line each, to standard output:
                       print its URL; refused, not charged, if it rose since
     /unlock --max N MEDIA   the same, paying at most N tokens
     /url MEDIA        a new URL of media you own or unlocked (--http)
+    /private MODEL RATE   ask MODEL for a private show at RATE tokens a minute
+    /paccept S, /pdecline S, /pend S   accept or decline show S (model), end
+                      it (either side); accepting joins its private room
     /shows            list the current room's ticket shows (numbered; --http)
     /schedule PRICE MIN_S IN_S TITLE   schedule a ticket show in your room
                       (model; POST /v1/me/shows on --http): PRICE tokens a
@@ -104,6 +107,9 @@ HELP = """commands:
   /post MEDIA [TEXT]   show your locked media in your room (a model)
   /unlock [--max N] MEDIA   buy locked media and print its URL
   /url MEDIA      a new URL of media you own or unlocked
+  /private MODEL RATE   ask MODEL for a private show (RATE tokens a minute)
+  /paccept S, /pdecline S   a model's answers to show S
+  /pend S         end show S (either side)
   /shows          list the current room's ticket shows (numbered)
   /schedule PRICE MIN_S IN_S TITLE   schedule a ticket show (model)
   /ticket S       buy a ticket to show S of the current room
@@ -204,6 +210,8 @@ def format_event(event: Event) -> str | None:
         return f"balance: {event.get('balance')}"
     if type_ == "request":
         return f"request {format_request(event)}"
+    if type_ == "private":
+        return f"private {format_private(event)}"
     if type_ == "show":
         return f"[{room}] show {format_show(event)}"
     if type_ == "error":
@@ -221,6 +229,20 @@ def format_event(event: Event) -> str | None:
     if type_ == "reconnected":
         return "* reconnected"
     return f"* {json.dumps(event, ensure_ascii=False)}"
+
+
+def format_private(show: Event) -> str:
+    """A private show on one line: id, sides, rate, state, meter."""
+    line = (
+        f"{show.get('show')} {show.get('fan')} -> {show.get('model')}: "
+        f"{show.get('rate')} tokens/min, {show.get('state')}, "
+        f"{show.get('seconds')} s, {show.get('charged')} charged"
+    )
+    if show.get("reason"):
+        line += f" (ended: {show.get('reason')})"
+    if show.get("warning") == "low_balance":
+        line += f"; low balance: {show.get('seconds_left')} s left"
+    return line
 
 
 def format_request(request: Event) -> str:
@@ -424,6 +446,10 @@ async def handle_line(
         await unlock(rest, session, state, args, out)
     elif command == "url" and rest:
         await show_url(rest, args, out)
+    elif command == "private":
+        await private_request(rest, session, out)
+    elif command in ("paccept", "pdecline", "pend") and rest:
+        await answer_private(command, rest, session, state, out)
     elif command == "shows":
         await list_shows(state, args, out)
     elif command == "schedule":
@@ -676,6 +702,41 @@ async def answer_request(
     reply = await report(out, calls[command]())
     if reply is not None:
         out(f"* request {request} {reply['state']}{_again(reply)}")
+
+
+async def private_request(rest: str, session: Session, out: Output) -> None:
+    parts = rest.split()
+    if len(parts) != 2 or not parts[1].isdigit():
+        out("usage: /private MODEL RATE")
+        return
+    model, rate = parts[0], int(parts[1])
+    reply = await report(out, session.private_request(model, rate))
+    if reply is not None:
+        out(f"* private show {reply['show']} requested from {model} at {reply['rate']}/min")
+
+
+async def answer_private(
+    command: str, show: str, session: Session, state: State, out: Output
+) -> None:
+    calls = {
+        "paccept": lambda: session.private_accept(show),
+        "pdecline": lambda: session.private_decline(show),
+        "pend": lambda: session.private_end(show),
+    }
+    reply = await report(out, calls[command]())
+    if reply is None:
+        return
+    if reply.get("state") == "ended":
+        out(
+            f"* private show {show} ended: {reply.get('seconds')} s, "
+            f"{reply.get('charged')} tokens{_again(reply)}"
+        )
+        return
+    out(f"* private show {show} {reply['state']}{_again(reply)}")
+    room = reply.get("room")
+    if room and await report(out, session.join(room)) is not None:
+        state.room = room
+        out(f"* joined the private room {room}")
 
 
 async def list_shows(state: State, args: argparse.Namespace, out: Output) -> None:

@@ -562,6 +562,28 @@ class Session:
         listed: list[dict[str, Any]] = (await self.call("request_list"))["requests"]
         return listed
 
+    # --- private shows (docs/protocol.md, "Private shows") -----------------------------
+    async def private_request(
+        self, model: str, rate: int, *, key: str | None = None
+    ) -> dict[str, Any]:
+        """Ask ``model`` for a private show at ``rate`` tokens a minute (at
+        most: PRICE_CHANGED if hers is higher); the reply's ``show`` is its
+        id. Nothing is charged until she accepts. Retried like ``tip``."""
+        return await self._spend("private_request", key, model=model, rate=rate)
+
+    async def private_accept(self, show: str) -> dict[str, Any]:
+        """Start a requested show (the model): the reply's ``room`` is the
+        private room, ``p:<show>``, to join."""
+        return await self._transition("private_accept", show=show)
+
+    async def private_decline(self, show: str) -> dict[str, Any]:
+        return await self._transition("private_decline", show=show)
+
+    async def private_end(self, show: str) -> dict[str, Any]:
+        """End a show (either side), or withdraw a request (the fan); the
+        reply has the seconds billed and the tokens charged."""
+        return await self._transition("private_end", show=show)
+
     # --- ticket shows (docs/protocol.md, "Ticket shows") ---------------------------------
     async def buy_ticket(self, room: str, show: str, *, key: str | None = None) -> dict[str, Any]:
         """A ticket to ``show`` in ``room`` (joined); ``already: true`` when

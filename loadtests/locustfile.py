@@ -3,13 +3,16 @@
 Fans join a model's room, chat (``say``), tip, tip items of the room's tip
 menu, send paid DMs, unlock the model's locked photo, offer custom requests
 and cancel them (a hold into escrow, then its refund), buy tickets to their
-room's ticket show (staying off its chat without one), check their balance and
-now and then move to another room. Models host a room: they stay joined
-(reconnecting within a second or so if the session is lost), read its events,
-thank tippers, now and then show their locked photo (``post_media``), accept
-and deliver a custom request offered to them (a release from escrow), run
-ticket shows (schedule over HTTP, start, end paid or now and then cancel:
-refunds) and change their prices with ``PUT /v1/me/prices``. Each model's menu is saved and
+room's ticket show (staying off its chat without one), ask the model for a
+private show and end it at their next turn (metered by the minute, or
+withdrawn if she has not accepted it), check their balance and now and then
+move to another room. Models host a room: they stay joined (reconnecting
+within a second or so if the session is lost), read its events, thank
+tippers, now and then show their locked photo (``post_media``), accept and
+deliver a custom request offered to them (a release from escrow), run ticket
+shows (schedule over HTTP, start, end paid or now and then cancel: refunds),
+accept the newest private show asked of them or end the one they run, and
+change their prices with ``PUT /v1/me/prices``. Each model's menu is saved and
 her photo uploaded once at test start (``PUT /v1/me/menu``,
 ``POST /v1/media``). A menu tip (``tip item``) reads ``GET
 /v1/users/{id}/menu`` (reused 30 s), then sends ``tip`` with ``item`` and
@@ -145,6 +148,11 @@ REQUEST_AMOUNTS = (5, 20, 50)  # tokens
 SHOW_PRICES = (5, 10, 20)
 SHOW_MIN_S = 1
 TIP_MIN_MAX = 3  # tokens; models set tip_min 1..this; every tip is at least this
+# Private shows: a low rate, so a show a fan forgets to end costs little of
+# a budget; a short minimum, so most ends fall after it (metered) and some
+# before (a forfeit or a refund).
+PRIVATE_RATE = 6  # tokens a minute
+PRIVATE_MIN_S = 10  # seconds
 TIP_AMOUNTS = (3, 5, 10, 25, 100)  # tokens
 TIP_WEIGHTS = (40, 30, 18, 9, 3)
 TOPUP_CHANCE = 0.5  # a fan refused INSUFFICIENT_FUNDS buys more this often
@@ -395,7 +403,12 @@ def _create_rooms(environment: Environment, **_kwargs: Any) -> None:
                 try:
                     response = http.put(
                         f"{cfg.http_url}/v1/me/prices",
-                        json={"dm": random.randint(1, DM_PRICE_MAX), "tip_min": 1},
+                        json={
+                            "dm": random.randint(1, DM_PRICE_MAX),
+                            "tip_min": 1,
+                            "private_rate": PRIVATE_RATE,
+                            "private_min_s": PRIVATE_MIN_S,
+                        },
                         headers={"Authorization": f"Bearer {cfg.model_token(index)}"},
                         timeout=HTTP_TIMEOUT_S,
                     )
@@ -898,6 +911,8 @@ class ModelUser(TokenchatUser):
         super().on_start()
         self.tippers: list[str] = []
         self.offers: list[str] = []  # custom requests offered to her, newest last
+        self.show_requests: list[str] = []  # private shows asked of her, newest last
+        self.running_show: str | None = None  # the show she accepted, until it ends
         self.dms_seen: set[str] = set()  # the tx of every DM received
         self.newest: tuple[int, ...] = ()  # the newest room offset received
         self.show: str | None = None  # her ticket show, scheduled or running
@@ -913,6 +928,12 @@ class ModelUser(TokenchatUser):
             self.tippers = [*self.tippers[-9:], str(event.get("from"))]
         if kind == "request" and event.get("state") == "offered":
             self.offers = [*self.offers[-9:], str(event.get("request"))]
+        if kind == "private":
+            show, state = str(event.get("show")), event.get("state")
+            if state == "requested":
+                self.show_requests = [*self.show_requests[-9:], show]
+            elif state != "running" and show == self.running_show:
+                self.running_show = None
 
     def record_delivery(self, kind: str, event: dict[str, Any]) -> None:
         """A ``recv <kind>`` row: from the event's ``ts`` (stored in Redis) to now."""
@@ -1034,6 +1055,37 @@ class ModelUser(TokenchatUser):
             deliver = {"type": "request_deliver", "request": request, "text": "done"}
             self.command("request_deliver", deliver)
 
+    @task(1)
+    def private_show(self) -> None:
+        """Accept the newest private show asked of her, or end the one she
+        runs (after its fan had a few seconds of it). The fan may have ended
+        or withdrawn it first, or she runs another: CONFLICT on accept is
+        counted as a success under ``private_accept (gone)``."""
+        session = self.ensure_session()
+        if session is None:
+            return
+        if self.running_show is not None:
+            show, self.running_show = self.running_show, None
+            self.command("private_end", {"type": "private_end", "show": show})
+            return
+        if not self.show_requests:
+            return
+        show = self.show_requests.pop()
+        started = time.perf_counter()
+        try:
+            accept = {"type": "private_accept", "show": show}
+            reply, size = session.request(accept, self.cfg.reply_timeout_s)
+        except (ReplyTimeout, ConnectionLost) as exc:
+            self.report("private_accept", started, exception=exc)
+            return
+        if reply["type"] == "error" and reply.get("code") == ErrorCode.CONFLICT:
+            self.report("private_accept (gone)", started, size)
+            return
+        failed = ServerError(reply.get("code", "?")) if reply["type"] == "error" else None
+        self.report("private_accept", started, size, failed)
+        if failed is None and reply.get("state") == "running":
+            self.running_show = show
+
     @task(4)
     def run_show(self) -> None:
         """A ticket show, one step per pick: schedule it (HTTP), start it, then
@@ -1087,6 +1139,7 @@ class FanUser(TokenchatUser):
     def on_start(self) -> None:
         super().on_start()
         self.topups = 0
+        self.show: str | None = None  # the private show asked for, until ended
         self.room_show: tuple[str, str] | None = None  # (show, state) of her room's open show
         self.tickets: set[str] = set()
         # Each room's menu as last read: (monotonic time, items).
@@ -1270,6 +1323,30 @@ class FanUser(TokenchatUser):
         if reply is not None:
             cancel = {"type": "request_cancel", "request": reply["request"]}
             self.command("request_cancel", cancel)
+
+    @task(1)
+    def private_show(self) -> None:
+        """Ask the room's model for a private show at her rate, or end the
+        one asked for before (withdrawn if she has not accepted it yet;
+        metered, or the minimum forfeited, if she has). ``private_request``
+        is retried like a tip; the end is idempotent without a key."""
+        show = self.show
+        if show is not None:
+            self.show = None
+            self.command("private_end", {"type": "private_end", "show": show})
+            return
+        room = self.in_room()
+        if room is None:
+            return
+        command = {
+            "type": "private_request",
+            "model": room,
+            "rate": PRIVATE_RATE,
+            "key": self.new_key("p"),
+        }
+        reply = self.spend("private_request", command)
+        if reply is not None:
+            self.show = str(reply["show"])
 
     @task(1)
     def change_room(self) -> None:

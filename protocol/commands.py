@@ -440,6 +440,20 @@ class RequestList:
 
 @command
 @dataclass(frozen=True, slots=True)
+class PrivateRequest:
+    """A fan asks a model for a private show at ``rate`` tokens a minute
+    (PRICE_CHANGED if hers is now higher). Nothing is charged until she
+    accepts. Idempotent on ``key``."""
+
+    TYPE: ClassVar[str] = "private_request"
+    id: CommandId
+    model: UserId
+    rate: Amount
+    key: IdempotencyKey
+
+
+@command
+@dataclass(frozen=True, slots=True)
 class BuyTicket:
     """A ticket to a room's ticket show: its price into the show's escrow,
     released to the model once the show has run its minimum length, refunded
@@ -450,6 +464,16 @@ class BuyTicket:
     room: UserId
     show: Annotated[str, OBJECT_ID]
     key: IdempotencyKey
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class PrivateAccept:
+    """The model starts a requested show: the minimum is held, the meter runs."""
+
+    TYPE: ClassVar[str] = "private_accept"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
 
 
 @command
@@ -465,11 +489,31 @@ class ShowStart:
 
 @command
 @dataclass(frozen=True, slots=True)
+class PrivateDecline:
+    """The model turns a requested show down: nothing was charged."""
+
+    TYPE: ClassVar[str] = "private_decline"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
 class ShowEnd:
     """The model ends her running show: paid if it ran its minimum length,
     every ticket refunded if not."""
 
     TYPE: ClassVar[str] = "show_end"
+    id: CommandId
+    show: Annotated[str, OBJECT_ID]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class PrivateEnd:
+    """Either side ends a show (or the fan withdraws a request)."""
+
+    TYPE: ClassVar[str] = "private_end"
     id: CommandId
     show: Annotated[str, OBJECT_ID]
 
@@ -515,6 +559,10 @@ Command: TypeAlias = (
     | RequestDecline
     | RequestCancel
     | RequestList
+    | PrivateRequest
+    | PrivateAccept
+    | PrivateDecline
+    | PrivateEnd
     | BuyTicket
     | ShowStart
     | ShowEnd

@@ -129,6 +129,18 @@ def request_event(request: dict[str, Any]) -> dict[str, Any]:
     return {"type": "request", **request}
 
 
+def private_event(show: dict[str, Any]) -> dict[str, Any]:
+    """A private show's state, to both its fan and its model, on every change
+    and every charged period: ``show`` (its id), ``fan``, ``model``,
+    ``rate`` (tokens a minute), ``min_s``, ``state`` (requested, accepted,
+    running, ended, declined, expired), ``seconds`` (billed so far),
+    ``charged`` (tokens the fan paid so far), ``expires_ms`` (a request's
+    accept deadline), ``room`` (the private room while running), ``reason``
+    once ended; to the fan alone, ``warning: "low_balance"`` with
+    ``seconds_left`` when less than a minute of balance is left."""
+    return {"type": "private", **show}
+
+
 def show_event(show: dict[str, Any]) -> dict[str, Any]:
     """A ticket show's state, to every member of its room on every change:
     ``room``, ``show`` (its id), ``state`` (scheduled, running, ended,

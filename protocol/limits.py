@@ -42,6 +42,13 @@ MEDIA_REF_LEN_MAX: Final = 512  # characters, printable ASCII; fits a long URL
 # Ids of the objects the server makes: see OBJECT_ID_RE below. A request's
 # own id is `r_` and 24 hex digits.
 REQUEST_ID_RE: Final = re.compile(r"^r_[0-9a-f]{24}\Z")
+PRIVATE_ID_RE: Final = re.compile(r"^p_[0-9a-f]{24}\Z")
+# A private show's room is `p:<show id>`: a room id no user id collides with
+# in practice, and that the server recognises before the catalog.
+PRIVATE_ROOM_PREFIX: Final = "p:"
+# A private show's minimum length (PUT /v1/me/prices, private_min_s): at
+# most an hour, which is already more than any minimum a model would ask.
+PRIVATE_MIN_S_MAX: Final = 3600  # seconds
 SHOW_ID_RE: Final = re.compile(r"^t_[0-9a-f]{24}\Z")
 # A ticket show's title: a line in a room's schedule, not a description.
 SHOW_TITLE_LEN_MAX: Final = 200  # characters

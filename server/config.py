@@ -249,6 +249,26 @@ class Settings:
     # this long, doubled per failure up to 64 times it.
     deadline_retry_s: float = 5.0
 
+    # --- private shows (server/economy/privates.py) ----------------------------------
+    # A show request the model has not answered in this long expires: long
+    # enough to notice it, short enough that the fan is not left waiting.
+    private_accept_timeout_s: float = 120.0
+    # One billing period, in whole seconds: each is charged by one idempotent
+    # tick. Shorter means less owed at a crash and more ledger rows.
+    private_tick_s: int = 10
+    # After a side disconnects, billing pauses for up to this long; then the
+    # show ends (a fan who drops before the minimum forfeits it).
+    private_grace_s: float = 30.0
+    # How often each node's meter looks at running shows and renews the
+    # leases it holds: a period is charged up to this late.
+    private_meter_interval_s: float = 1.0
+    # A show's meter lease: when its node dies, another node takes the show
+    # over within this long (and charges every period missed meanwhile).
+    private_lease_ttl_s: float = 5.0
+    # How long an ended show's money may wait for the process that ended it
+    # before the sweeper settles it instead (see request_settle_grace_s).
+    private_settle_grace_s: float = 30.0
+
     # --- metrics --------------------------------------------------------------------
     # Serve /metrics on this port instead of the public HTTP port (0: on the
     # public port). Set it to keep metrics off the internet: the public port
@@ -317,6 +337,12 @@ class Settings:
             "deadline_lease_ttl_s",
             "deadline_batch_max",
             "deadline_retry_s",
+            "private_accept_timeout_s",
+            "private_tick_s",
+            "private_grace_s",
+            "private_meter_interval_s",
+            "private_lease_ttl_s",
+            "private_settle_grace_s",
             "media_image_bytes_max",
             "media_video_bytes_max",
             "media_preview_bytes_max",

@@ -60,6 +60,10 @@ class Keys:
         """Held (SET NX PX, renewed) by the one process sweeping deadlines."""
         return f"{self.prefix}deadlines:lease"
 
+    def private_lease(self, show: str) -> str:
+        """Held (SET NX PX, renewed) by the node whose meter bills the show."""
+        return f"{self.prefix}private:lease:{show}"
+
     def channel_user(self, channel: str) -> str | None:
         head = f"{self.prefix}user:"
         return channel[len(head) :] if channel.startswith(head) else None

@@ -48,6 +48,12 @@ class Proxy:
         except OSError:
             writer.close()
             return
+        if not self.up:
+            # Cut while this connection was being made upstream: its pipes
+            # would start after cut() and outlive close(), which waits for them.
+            writer.close()
+            up_writer.close()
+            return
         self._writers.update((writer, up_writer))
         for src, dst in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.create_task(self._pipe(src, dst))

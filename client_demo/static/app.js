@@ -30,6 +30,8 @@ const state = {
   menus: new Map(), // room id -> its owner's tip menu [{id, label, price}], as last read
   roomsTimer: null,
   requests: new Map(), // request id -> the request, as listed and in `request` events
+  show: null, // the private show on the card (the newest one seen), as in `private` events
+  privatePrice: null, // {model, rate, min_s}: the rate shown in the model's room
   shows: new Map(), // room id -> {show, ticket}: its ticket show (join, `show` events)
 };
 // For the console and the browser test: the state, and a way to drop the socket.
@@ -251,6 +253,9 @@ function signOut(message) {
   state.menus.clear();
   $("menu-rows").replaceChildren();
   state.requests.clear();
+  state.show = null;
+  $("private-show").hidden = true;
+  $("private-empty").hidden = false;
   state.shows.clear();
   $("requests").replaceChildren();
   $("requests-empty").hidden = false;
@@ -286,6 +291,7 @@ function onWelcome(welcome) {
 
 async function onReady(reconnected) {
   loadRequests();
+  loadPrivates();
   if (reconnected) {
     toast("Reconnected. Caught up with the rooms you are in.", "success");
     return;
@@ -378,7 +384,7 @@ async function openRoom(roomId) {
   // A fan watches one room at a time; a model stays in her own room to see her tips.
   if (previous && previous !== state.me.id) state.conn.leave(previous);
   showRoom(roomId);
-  if (roomId !== state.me.id) loadMenu(roomId);
+  if (roomId !== state.me.id && !roomId.startsWith("p:")) loadMenu(roomId); // no menu in a private show
   $("room-title").focus();
 }
 
@@ -398,12 +404,19 @@ function showRoom(roomId) {
   $("room-leave").hidden = own;
   $("tip-form").hidden = own;
   $("dm-room-owner").parentElement.hidden = own;
-  $("request-form").hidden = own || state.me.role !== "fan";
+  const isPrivate = roomId.startsWith("p:");
+  $("tip-form").hidden = own || isPrivate;
+  $("dm-room-owner").parentElement.hidden = own || isPrivate;
+  $("request-form").hidden = own || isPrivate || state.me.role !== "fan";
+  $("private-form").hidden = own || isPrivate || state.me.role !== "fan";
+  if (!$("private-form").hidden) loadPrivatePrice(roomId);
+  if (isPrivate) $("room-title").textContent = "Private show";
   $("request-model").textContent = roomId;
   $("dm-room-owner").textContent = `✉ Message ${roomId} privately`;
   $("tip-room").textContent = roomId;
   renderMenu(roomId);
   updateRoomInfo(info);
+  $("room-tip-min").hidden = roomId.startsWith("p:"); // no tips in a private show
   renderShow(roomId);
   const chat = $("chat");
   chat.replaceChildren(...(state.logs.get(roomId) || []).map(renderLine));
@@ -622,6 +635,9 @@ function onEvent(event) {
       break;
     case "balance":
       setBalance(event.balance);
+      break;
+    case "private":
+      onPrivate(event);
       break;
     case "show":
       onShowEvent(event);
@@ -981,7 +997,7 @@ function renderShow(roomId) {
   $("ticket-wall").hidden = !walled;
   $("stage").hidden = walled;
   $("say-form").hidden = walled;
-  $("tip-form").hidden = walled || own;
+  $("tip-form").hidden = walled || own || roomId.startsWith("p:"); // no tips in a private show
   if (!open) return;
   $("show-title").textContent = show.title;
   $("show-state").textContent = SHOW_STATES[show.state] ?? show.state;
@@ -1179,13 +1195,170 @@ async function offerRequest(event) {
   }
 }
 
+// --- private shows -----------------------------------------------------------------------------
+const PRIVATE_STATES = {
+  requested: "Requested",
+  accepted: "Starting",
+  running: "Running",
+  ended: "Ended",
+  declined: "Declined",
+  expired: "Expired",
+};
+const PRIVATE_REASONS = {
+  fan: "the fan ended it",
+  model: "the model ended it",
+  balance: "the fan's balance ran out",
+  fan_left: "the fan left",
+  model_left: "the model left",
+  no_funds: "the fan could not pay the minimum",
+  cancelled: "the fan withdrew the request",
+};
+
+async function loadPrivates() {
+  try {
+    const { privates } = await api("GET", "/v1/me/privates");
+    const open = privates.find((show) => ["requested", "accepted", "running"].includes(show.state));
+    if (open || privates.length) onPrivate(open ?? privates[0], { quiet: true });
+  } catch (err) {
+    toast(explain(err, "loading your private shows"), "error");
+  }
+}
+
+function onPrivate(show, { quiet = false } = {}) {
+  const current = state.show;
+  // An event of an older show than the one on the card only matters if it is open.
+  if (current && current.show !== show.show && current.state === "running" && show.state !== "running") return;
+  const wasRunning = current?.show === show.show && current.state === "running";
+  state.show = show;
+  renderPrivate(show);
+  const asModel = show.model === state.me?.id;
+  if (show.state === "running" && show.room && state.room !== show.room && !wasRunning) {
+    openRoom(show.room);
+    if (!quiet) toast(`Private show with ${asModel ? show.fan : show.model} started.`, "success");
+  }
+  if (show.warning === "low_balance" && !quiet) {
+    toast(`Low balance: about ${show.seconds_left} s of private show left.`, "error");
+  }
+  if (show.state === "ended" && wasRunning) {
+    toast(`Private show ended (${PRIVATE_REASONS[show.reason] ?? show.reason}).`);
+    const room = `p:${show.show}`;
+    if (state.conn?.rooms.has(room)) state.conn.leave(room); // closed: no rejoin on reconnect
+    if (state.room === room) showRoom(asModel ? state.me.id : null);
+  }
+}
+
+function renderPrivate(show) {
+  const asModel = show.model === state.me?.id;
+  $("private-empty").hidden = true;
+  const card = $("private-show");
+  card.hidden = false;
+  card.dataset.state = show.state;
+  card.dataset.show = show.show;
+  $("private-who").textContent = asModel ? `From ${show.fan}` : `With ${show.model}`;
+  $("private-rate").textContent = `${tokens(show.rate)}/min`;
+  $("private-state").textContent = PRIVATE_STATES[show.state] ?? show.state;
+  $("private-seconds").textContent = String(show.seconds ?? 0);
+  $("private-charged").textContent = String(show.charged ?? 0);
+  const minimum = show.min_s ? `Minimum ${show.min_s} s, held at the start. ` : "";
+  $("private-note").textContent =
+    show.state === "ended"
+      ? `Ended: ${PRIVATE_REASONS[show.reason] ?? show.reason}.`
+      : show.state === "requested"
+        ? `${minimum}Nothing is charged until ${asModel ? "you accept" : `${show.model} accepts`}.`
+        : `${minimum}Billed to the second; billing pauses while either side is disconnected.`;
+  const actions = $("private-actions");
+  actions.replaceChildren();
+  const action = (label, run, kind = "ghost") => {
+    const button = el("button", { type: "button", class: `${kind} small` }, label);
+    button.addEventListener("click", run);
+    actions.append(button);
+  };
+  if (asModel && show.state === "requested") {
+    action("Accept", () => answerPrivate("private_accept", show), "primary");
+    action("Decline", () => answerPrivate("private_decline", show));
+  } else if (!asModel && show.state === "requested") {
+    action("Withdraw", () => answerPrivate("private_end", show));
+  } else if (show.state === "running") {
+    if (state.room !== show.room) action("Open the private room", () => openRoom(show.room), "primary");
+    action("End the show", () => answerPrivate("private_end", show));
+  }
+}
+
+async function answerPrivate(type, show) {
+  const what = { private_accept: "accepting", private_decline: "declining", private_end: "ending" }[type];
+  try {
+    const reply = await state.conn.request(type, { show: show.show });
+    const known = state.show?.show === show.show ? state.show : show;
+    if (reply.state !== known.state) {
+      onPrivate({ ...known, state: reply.state, room: reply.room, reason: reply.reason,
+        seconds: reply.seconds ?? known.seconds, charged: reply.charged ?? known.charged });
+    }
+  } catch (err) {
+    toast(explain(err, `${what} this private show`), "error");
+  }
+}
+
+async function loadPrivatePrice(model) {
+  $("private-model").textContent = model;
+  $("private-price").textContent = "";
+  $("private-send").disabled = true;
+  try {
+    const prices = await api("GET", `/v1/users/${encodeURIComponent(model)}/prices`, undefined, { auth: false });
+    if (state.room !== model) return;
+    state.privatePrice = { model, rate: prices.private_rate, min_s: prices.private_min_s };
+    if (!prices.private_rate) {
+      $("private-price").textContent = `${model} does not take private shows now.`;
+      return;
+    }
+    const minimum = prices.private_min_s
+      ? `, minimum ${prices.private_min_s} s (${tokens(Math.floor((prices.private_rate * prices.private_min_s) / 60))} held at the start)`
+      : "";
+    $("private-price").textContent = `${tokens(prices.private_rate)} a minute${minimum}.`;
+    $("private-send").disabled = false;
+  } catch (err) {
+    $("private-price").textContent = explain(err, "loading the rate");
+  }
+}
+
+async function requestPrivate(event) {
+  event.preventDefault();
+  const price = state.privatePrice;
+  if (!price || price.model !== state.room || !price.rate) return;
+  const ok = await confirmDialog(
+    `Private show at ${tokens(price.rate)} a minute?`,
+    `Nothing is charged until ${price.model} accepts. Then ${price.min_s ? `the minimum (${price.min_s} s) is held and ` : ""}each second is billed until one of you ends the show.`,
+    `Request at ${price.rate}/min`,
+  );
+  if (!ok) return;
+  $("private-send").disabled = true;
+  try {
+    const reply = await state.conn.request("private_request", {
+      model: price.model,
+      rate: price.rate,
+      key: newKey(),
+    });
+    toast(`Private show requested from ${price.model}.`, "success");
+    if (state.show?.show !== reply.show) {
+      onPrivate({ show: reply.show, fan: state.me.id, model: price.model, rate: reply.rate,
+        min_s: price.min_s, state: reply.state, seconds: 0, charged: 0 });
+    }
+  } catch (err) {
+    toast(explain(err, "this private show request"), "error");
+    if (err.code === "PRICE_CHANGED") loadPrivatePrice(price.model);
+  } finally {
+    $("private-send").disabled = false;
+  }
+}
+
 // --- a model's prices ------------------------------------------------------------------------
 async function loadPrices() {
   try {
-    const { dm } = await api("GET", `/v1/users/${encodeURIComponent(state.me.id)}/prices`, undefined, {
+    const prices = await api("GET", `/v1/users/${encodeURIComponent(state.me.id)}/prices`, undefined, {
       auth: false,
     });
-    $("price-dm").value = dm;
+    $("price-dm").value = prices.dm;
+    $("price-private-rate").value = prices.private_rate;
+    $("price-private-min").value = prices.private_min_s;
   } catch (err) {
     toast(explain(err, "loading your prices"), "error");
   }
@@ -1198,8 +1371,15 @@ async function savePrices(event) {
   const dm = Number($("price-dm").value);
   const tipMin = Number($("price-tip-min").value);
   try {
-    const prices = await api("PUT", "/v1/me/prices", { dm, tip_min: tipMin });
+    const prices = await api("PUT", "/v1/me/prices", {
+      dm,
+      tip_min: tipMin,
+      private_rate: Number($("price-private-rate").value),
+      private_min_s: Number($("price-private-min").value),
+    });
     $("price-dm").value = prices.dm;
+    $("price-private-rate").value = prices.private_rate;
+    $("price-private-min").value = prices.private_min_s;
     $("price-tip-min").value = prices.tip_min;
     const room = state.rooms.get(state.me.id);
     if (room) room.tip_min = prices.tip_min;
@@ -1289,6 +1469,7 @@ function wire() {
   $("menu-form").addEventListener("submit", saveMenu);
   $("request-form").addEventListener("submit", offerRequest);
   $("media-form").addEventListener("submit", uploadMedia);
+  $("private-form").addEventListener("submit", requestPrivate);
   $("show-form").addEventListener("submit", scheduleShow);
   $("show-buy").addEventListener("click", buyTicket);
   $("wall-buy").addEventListener("click", buyTicket);

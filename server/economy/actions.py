@@ -418,6 +418,18 @@ UNLOCK = Action(
     ledgered=lambda reply: not reply.get("already"),
 )
 
+# A private show's billing (server/economy/privates.py): one call per
+# period, escrow first, then the fan, to the model. No wire command: the
+# meter of the node holding the show's lease runs it.
+METER = Action(
+    name="meter",
+    kinds=("meter",),
+    keys=("payer_balance", "escrow_balance", "payee_balance"),
+    args=("amount", "payer", "escrow", "payee", "payer_channel", "payee_channel"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,
+)
+
 
 # Ticket shows (server/economy/shows.py): a ticket is a charge into the
 # show's escrow with the ticket recorded in the same call; each ticket is
@@ -466,6 +478,7 @@ ACTIONS: tuple[Action, ...] = (
     RELEASE,
     ESCROW_REFUND,
     UNLOCK,
+    METER,
     TIP_ITEM,
     TICKET,
     TICKET_REFUND,

@@ -54,6 +54,7 @@ from .actions import (
     DM,
     ESCROW_REFUND,
     HOLD,
+    METER,
     REFUND,
     REFUNDABLE_KINDS,
     RELEASE,
@@ -449,15 +450,20 @@ class Economy:
         key: str,
         request: str,
         meta: dict[str, Any],
+        initiator: str | None = None,
     ) -> dict[str, Any]:
         """Move ``amount`` from the user into ``escrow`` (idempotent on the
         user's ``key``; ``request`` is the fingerprint of what they asked).
-        The reply names ``subject``: the original one for a duplicate."""
+        The reply names ``subject``: the original one for a duplicate.
+        ``initiator``: the key's owner when the system holds on the user's
+        behalf (a private show's minimum, held when the model accepts)."""
         assert escrow.startswith("esc:"), escrow
+        if initiator is not None:
+            _check_initiator(initiator)
         payer = user_account(user_id)
         return await self._run(
             HOLD,
-            initiator=user_initiator(user_id),
+            initiator=initiator or user_initiator(user_id),
             key=key,
             request=request,
             meta={**meta, "escrow": escrow},
@@ -513,6 +519,43 @@ class Economy:
                 "escrow": escrow,
                 "payer": payer,
                 "payer_channel": self._keys.user_channel(user_id),
+            },
+        )
+
+    async def meter(
+        self,
+        fan: str,
+        escrow: str,
+        model: str,
+        amount: int,
+        *,
+        initiator: str,
+        key: str,
+        request: str,
+        meta: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Charge ``amount`` for a private show's period: from ``escrow``
+        first, the rest from the fan, to the model (actions.METER)."""
+        _check_initiator(initiator)
+        payer, payee = user_account(fan), user_account(model)
+        return await self._run(
+            METER,
+            initiator=initiator,
+            key=key,
+            request=request,
+            meta={**meta, "escrow": escrow},
+            keys={
+                "payer_balance": self._keys.balance(payer),
+                "escrow_balance": self._keys.balance(escrow),
+                "payee_balance": self._keys.balance(payee),
+            },
+            args={
+                "amount": amount,
+                "payer": payer,
+                "escrow": escrow,
+                "payee": payee,
+                "payer_channel": self._keys.user_channel(fan),
+                "payee_channel": self._keys.user_channel(model),
             },
         )
 

@@ -30,6 +30,7 @@ from ..config import Settings
 from ..db import create_pool
 from ..economy.deadlines import Sweeper
 from ..economy.economy import Economy
+from ..economy.privates import Privates
 from ..economy.requests import Requests
 from ..economy.shows import Shows
 from ..errors import LimitExceeded, Unavailable
@@ -107,6 +108,10 @@ class Node:
         self.requests = Requests(pool, redis, self.keys, settings, self.economy)
         self.sweeper = Sweeper(pool, redis, self.keys, settings)
         self.requests.register(self.sweeper)
+        # Private shows: their deadlines in the same sweeper; their meter in
+        # every node, each show billed by the node holding its lease.
+        self.privates = Privates(pool, redis, self.keys, settings, self.economy)
+        self.privates.register(self.sweeper)
         self.shows = Shows(pool, redis, self.keys, settings, self.economy, self.rooms.append)
         self.shows.register(self.sweeper)
         self._commits_channel = self.keys.ledger_commits()
@@ -174,6 +179,7 @@ class Node:
             asyncio.create_task(self._presence_forever(), name="node-presence"),
             asyncio.create_task(self._sweep_slow_forever(), name="node-slow-sweep"),
             asyncio.create_task(self.sweeper.run(), name="deadline-sweeper"),
+            asyncio.create_task(self.privates.run_meter(), name="private-meter"),
         ]
         if self.settings.ledger_enabled:
             self._loops.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))
@@ -224,6 +230,8 @@ class Node:
             if not sessions:
                 del self._user_sessions[user_id]
                 self.spawn(self._unsubscribe_user_if_offline(user_id))
+                # Their running private show, if any, pauses (grace).
+                self.spawn(self.privates.away(user_id))
 
     async def balance_of(self, user_id: str) -> int:
         return await self.economy.balance(user_id)

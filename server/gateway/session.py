@@ -35,6 +35,10 @@ from tokenchat.protocol import (
     Leave,
     Ping,
     PostMedia,
+    PrivateAccept,
+    PrivateDecline,
+    PrivateEnd,
+    PrivateRequest,
     ProtocolError,
     RequestAccept,
     RequestCancel,
@@ -51,9 +55,11 @@ from tokenchat.protocol import (
     events,
 )
 from tokenchat.protocol.codec import Codec
+from tokenchat.protocol.limits import PRIVATE_ROOM_PREFIX
 
 from .. import metrics
 from ..auth import Identity, verify_token
+from ..catalog.directory import RoomInfo
 from ..economy.actions import BY_COMMAND, TICKET, Action, SpendContext
 from ..errors import Forbidden, LimitExceeded, NotFound, NotInRoom, ServiceError
 from ..ratelimit import TokenBucket
@@ -116,6 +122,10 @@ class Session:
             RequestDecline: self._request_decline,
             RequestCancel: self._request_cancel,
             RequestList: self._request_list,
+            PrivateRequest: self._private_request,
+            PrivateAccept: self._private_accept,
+            PrivateDecline: self._private_decline,
+            PrivateEnd: self._private_end,
         }
         # Paid commands, from the paid-action registry.
         for command_type, action in BY_COMMAND.items():
@@ -259,6 +269,8 @@ class Session:
                 await self._close(CloseCode.UNAUTHENTICATED, exc.message)
                 return False
             return None
+        # Back within a private show's grace: its billing resumes.
+        await node.privates.back(identity.user_id)
         metrics.count_command("hello", "ok")
         await self._send(
             events.welcome(command.id, identity.user_id, identity.role, balance, self.id)
@@ -372,7 +384,12 @@ class Session:
     async def _join(self, command: Join) -> Reply:
         room_id = command.room
         since = command.since
-        info = await self.node.directory.room(room_id)
+        info: RoomInfo | None
+        if room_id.startswith(PRIVATE_ROOM_PREFIX):  # a private show's room
+            assert self.identity is not None
+            info = await self.node.privates.room(room_id, self.identity.user_id)
+        else:
+            info = await self.node.directory.room(room_id)
         if info is None:
             raise NotFound(f"no room '{room_id}'")
         is_new = room_id not in self.rooms
@@ -522,6 +539,21 @@ class Session:
 
     async def _request_list(self, command: RequestList) -> Reply:
         return {"requests": await self.node.requests.list_for(self._user())}
+
+    # --- private shows (server/economy/privates.py) -----------------------------------
+    async def _private_request(self, command: PrivateRequest) -> Reply:
+        return await self.node.privates.request(
+            self._user(), command.model, command.rate, command.key
+        )
+
+    async def _private_accept(self, command: PrivateAccept) -> Reply:
+        return await self.node.privates.accept(self._user(), command.show)
+
+    async def _private_decline(self, command: PrivateDecline) -> Reply:
+        return await self.node.privates.decline(self._user(), command.show)
+
+    async def _private_end(self, command: PrivateEnd) -> Reply:
+        return await self.node.privates.end(self._user(), command.show)
 
     # --- ticket shows (server/economy/shows.py) -----------------------------------------
     async def _buy_ticket(self, command: BuyTicket) -> Reply:

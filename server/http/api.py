@@ -37,7 +37,13 @@ from tokenchat.protocol.commands import (
     SHOW_TITLE,
     TX_ID,
 )
-from tokenchat.protocol.limits import AMOUNT_MAX, AMOUNT_MIN, MENU_ITEMS_MAX, USER_ID_RE
+from tokenchat.protocol.limits import (
+    AMOUNT_MAX,
+    AMOUNT_MIN,
+    MENU_ITEMS_MAX,
+    PRIVATE_MIN_S_MAX,
+    USER_ID_RE,
+)
 
 from .. import metrics
 from ..auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token
@@ -190,6 +196,11 @@ def create_app(node: Node) -> Starlette:
         identity = identity_of(request)
         return JSONResponse({"requests": await node.requests.list_for(identity.user_id)})
 
+    async def my_privates(request: Request) -> Response:
+        """The caller's private shows, as fan and as model, newest first."""
+        identity = identity_of(request)
+        return JSONResponse({"privates": await node.privates.list_for(identity.user_id)})
+
     # --- ticket shows (server/economy/shows.py) --------------------------------------
     async def create_show(request: Request) -> Response:
         """A model schedules a ticket show in her room."""
@@ -302,10 +313,20 @@ def create_app(node: Node) -> Starlette:
         body = await json_body(request)
         dm = optional_int(body, "dm", 0, PRICE_MAX)
         tip_min = optional_int(body, "tip_min", 1, PRICE_MAX)
-        if dm is None and tip_min is None:
-            raise BadRequest("send 'dm' and/or 'tip_min'")
+        # Private shows: tokens a minute (0 = off) and the minimum length.
+        private_rate = optional_int(body, "private_rate", 0, PRICE_MAX)
+        private_min_s = optional_int(body, "private_min_s", 0, PRIVATE_MIN_S_MAX)
+        private = private_rate is not None or private_min_s is not None
+        if dm is None and tip_min is None and not private:
+            raise BadRequest("send 'dm', 'tip_min', 'private_rate' and/or 'private_min_s'")
         await node.directory.touch_user(identity)
-        prices = await node.economy.set_prices(identity.user_id, dm, tip_min)
+        prices: dict[str, Any] = {}
+        if dm is not None or tip_min is not None:
+            prices.update(await node.economy.set_prices(identity.user_id, dm, tip_min))
+        if private:
+            prices.update(
+                await node.privates.set_prices(identity.user_id, private_rate, private_min_s)
+            )
         node.directory.forget_room(identity.user_id)
         return JSONResponse(prices)
 
@@ -422,7 +443,9 @@ def create_app(node: Node) -> Starlette:
         user_id = request.path_params["user_id"]
         if not USER_ID_RE.fullmatch(user_id):
             raise BadRequest("the path must name a user id")
-        return JSONResponse({"dm": await node.economy.dm_price(user_id)})
+        prices: dict[str, Any] = {"dm": await node.economy.dm_price(user_id)}
+        prices.update(await node.privates.prices(user_id))  # private_rate, private_min_s
+        return JSONResponse(prices)
 
     async def dev_token(request: Request) -> Response:
         """A demo token for any fan or model (registered only in dev mode)."""
@@ -485,6 +508,7 @@ def create_app(node: Node) -> Starlette:
             Route("/v1/me/prices", set_prices, methods=["PUT"]),
             Route("/v1/me/menu", set_menu, methods=["PUT"]),
             Route("/v1/me/requests", my_requests),
+            Route("/v1/me/privates", my_privates),
             Route("/v1/me/shows", create_show, methods=["POST"]),
             Route("/v1/me/shows/{show}/start", show_transition("start"), methods=["POST"]),
             Route("/v1/me/shows/{show}/end", show_transition("end"), methods=["POST"]),

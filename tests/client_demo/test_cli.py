@@ -282,6 +282,45 @@ async def test_upload_post_and_unlock_media(server: Running, tmp_path: Path) -> 
         await fan.kill()
 
 
+async def test_a_private_show_from_the_terminal(start_server: Any) -> None:
+    server: Running = await start_server(
+        private_tick_s=1, private_meter_interval_s=0.1, private_settle_grace_s=0.5
+    )
+    http = Http(server)
+    model = await server.client("alice", "model")
+    status, _ = await http.call(
+        "PUT", "/v1/me/prices", "alice", "model", private_rate=60, private_min_s=0
+    )
+    assert status == 200
+    await http.credit("bob", 100)
+    chat = await Chat.start("--url", server.ws_url, "--token", token("bob"))
+    try:
+        await chat.expect("* connected as bob (fan); balance 100")
+        await chat.send("/private alice 59")
+        await chat.expect("error PRICE_CHANGED:")
+        await chat.send("/private alice 60")
+        lines = await chat.expect("requested from alice at 60/min", "60 tokens/min, requested")
+        (requested,) = [line for line in lines if line.startswith("* ")]
+        show = requested.split()[3]
+        assert f"private {show} bob -> alice: 60 tokens/min, requested" in lines[0] + lines[1]
+        await model.call("private_accept", show=show)
+        await chat.expect(f"private {show} bob -> alice: 60 tokens/min, running, 2 s")
+        await chat.send(f"/join p:{show}")
+        await chat.expect(f"* joined p:{show}")
+        await chat.send(f"/pend {show}")
+        (ended,) = await chat.expect(f"* private show {show} ended:")
+        seconds = int(ended.split("ended: ")[1].split(" s")[0])
+        assert f"{seconds} s, {seconds} tokens" in ended
+        await chat.send("/private alice")
+        await chat.expect("usage: /private MODEL RATE")
+        await chat.send("/quit")
+        assert await chat.exit_code() == 0
+    finally:
+        await chat.kill()
+        await model.close()
+    assert (await http.call("GET", "/v1/me", "alice", "model"))[1]["balance"] >= 2
+
+
 async def test_ticket_shows_from_the_terminal(server: Running) -> None:
     http = Http(server)
     await http.credit("bob", 100)

@@ -10,6 +10,7 @@ desktop width go to test-artifacts/web/.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -190,13 +191,19 @@ async def test_user_prices(server: Running) -> None:
     http = Http(server)
     await http.call("GET", "/v1/me", "mia", "model")
     await http.call("GET", "/v1/me", "ana")
-    assert await http.call("GET", "/v1/users/mia/prices") == (200, {"dm": 0})
-    assert await http.call("GET", "/v1/users/ana/prices") == (200, {"dm": 0})
+    off = {"private_rate": 0, "private_min_s": 0}  # private shows: off until set
+    assert await http.call("GET", "/v1/users/mia/prices") == (200, {"dm": 0, **off})
+    assert await http.call("GET", "/v1/users/ana/prices") == (200, {"dm": 0, **off})
     await http.call("PUT", "/v1/me/prices", "mia", "model", dm=7)
-    assert await http.call("GET", "/v1/users/mia/prices") == (200, {"dm": 7})
+    assert await http.call("GET", "/v1/users/mia/prices") == (200, {"dm": 7, **off})
     # From Postgres when the cache does not hold it.
     await server.process.node.redis.delete(server.process.node.keys.prices("mia"))  # type: ignore[union-attr]
-    assert await http.call("GET", "/v1/users/mia/prices") == (200, {"dm": 7})
+    assert await http.call("GET", "/v1/users/mia/prices") == (200, {"dm": 7, **off})
+    await http.call("PUT", "/v1/me/prices", "mia", "model", private_rate=30, private_min_s=60)
+    assert await http.call("GET", "/v1/users/mia/prices") == (
+        200,
+        {"dm": 7, "private_rate": 30, "private_min_s": 60},
+    )
     status, body = await http.call("GET", "/v1/users/nobody/prices")
     assert status == 404 and body["error"]["code"] == "NOT_FOUND"
     status, body = await http.call("GET", "/v1/users/bad%20id/prices")
@@ -578,6 +585,84 @@ async def test_a_model_posts_locked_media_and_a_fan_unlocks_it(
     await expect(model.locator("#balance")).to_have_text("30")
     await shoot(fan, "fan-phone-unlocked-media")
     await shoot(model, "model-desktop-media")
+
+    async def drained() -> bool:
+        return bool((await Http(running).reconcile())["ok"])
+
+    await eventually(drained, timeout_s=15)
+    assert errors.seen == []
+    await fan_context.close()
+    await model_context.close()
+
+
+async def test_a_private_show_runs_and_ends_on_both_pages(
+    start_server: StartServer, browser: Browser
+) -> None:
+    from playwright.async_api import expect
+
+    running = await start_dev(
+        start_server, private_tick_s=1, private_meter_interval_s=0.1, private_settle_grace_s=0.5
+    )
+    base = running.http_url
+    await Http(running).credit("ana", 1000)
+    errors = PageErrors()
+    model_context = await browser.new_context(viewport=DESKTOP, locale="en-US")  # type: ignore[arg-type]
+    fan_context = await browser.new_context(viewport=DESKTOP, locale="en-US")  # type: ignore[arg-type]
+    model = await model_context.new_page()
+    fan = await fan_context.new_page()
+    errors.watch("model", model)
+    errors.watch("fan", fan)
+
+    # The model sets 60 tokens a minute and a 2 s minimum in her studio.
+    await sign_in(model, base, "mia", "model")
+    await expect(model.locator("#private-form")).to_be_hidden()  # her own room
+    await expect(model.locator("#price-private-rate")).to_have_value("0")
+    await model.get_by_label("Private show, per minute (0: off)").fill("60")
+    await model.get_by_label("Private show minimum").fill("2")
+    await model.get_by_role("button", name="Save prices").click()
+    await expect(model.locator(".toast.success").last).to_contain_text("Prices saved")
+
+    # The fan sees the rate in her room and requests at it: nothing charged.
+    await sign_in(fan, base, "ana", "fan")
+    await fan.locator('.room-item[data-room="mia"]').click()
+    await expect(fan.locator("#private-price")).to_contain_text("60 tokens a minute")
+    await expect(fan.locator("#private-price")).to_contain_text("minimum 2 s")
+    await fan.get_by_role("button", name="Request a private show").click()
+    await fan.get_by_role("button", name="Request at 60/min").click()
+    await expect(fan.locator("#private-show")).to_have_attribute("data-state", "requested")
+    await expect(model.locator("#private-show")).to_have_attribute("data-state", "requested")
+    await expect(model.locator("#private-who")).to_have_text("From ana")
+    await expect(fan.locator("#balance")).to_have_text("1,000")
+
+    # The model accepts: both pages open the private room; the meter runs.
+    await model.locator("#private-actions").get_by_role("button", name="Accept").click()
+    for page in (fan, model):
+        await expect(page.locator("#private-show")).to_have_attribute("data-state", "running")
+        await expect(page.locator("#room-title")).to_have_text("Private show")
+    await fan.get_by_label("Message to the room").fill("just us")
+    await fan.get_by_label("Message to the room").press("Enter")
+    await expect(model.locator("#chat")).to_contain_text("just us")
+    await expect(model.locator("#tip-form")).to_be_hidden()
+    await expect(fan.locator("#tip-form")).to_be_hidden()
+    for page in (fan, model):
+        await expect(page.locator("#private-seconds")).to_have_text(re.compile(r"^([3-9]|\d\d+)$"))
+    await shoot(fan, "fan-private-desktop")
+    await shoot(model, "model-private-desktop")
+
+    # The fan ends it: both see the end and the exact charge; she paid it.
+    await fan.locator("#private-actions").get_by_role("button", name="End the show").click()
+    for page in (fan, model):
+        await expect(page.locator("#private-show")).to_have_attribute("data-state", "ended")
+        await expect(page.locator("#private-note")).to_contain_text("the fan ended it")
+    seconds = int(await fan.locator("#private-seconds").text_content() or "0")
+    assert seconds >= 3
+    await expect(fan.locator("#private-charged")).to_have_text(str(seconds))
+    await expect(model.locator("#private-charged")).to_have_text(str(seconds))
+    await expect(fan.locator("#balance")).to_have_text(f"{1000 - seconds:,}")
+    await expect(model.locator("#balance")).to_have_text(str(seconds))
+    # The private room closes: the fan is back to no room, the model to hers.
+    await expect(fan.locator("#room-empty")).to_be_visible()
+    await expect(model.locator("#room-title")).to_have_text("Your room")
 
     async def drained() -> bool:
         return bool((await Http(running).reconcile())["ok"])

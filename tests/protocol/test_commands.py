@@ -100,6 +100,24 @@ REQUEST_COMMANDS = {
 }
 
 
+# Private shows (docs/protocol.md, "Private shows").
+PRIVATE_COMMANDS = {"private_request", "private_accept", "private_decline", "private_end"}
+
+
+def test_private_commands_parse() -> None:
+    from tokenchat.protocol import PrivateAccept, PrivateEnd, PrivateRequest
+
+    show = "p_" + "ab" * 12
+    assert parse_command(
+        {"type": "private_request", "id": 1, "model": "alice", "rate": 60, "key": "k"}
+    ) == PrivateRequest(1, "alice", 60, "k")
+    assert parse_command({"type": "private_accept", "show": show}) == PrivateAccept(None, show)
+    assert parse_command({"type": "private_end", "id": "x", "show": show}) == PrivateEnd("x", show)
+    for bad in ({"rate": 0}, {"rate": 1_000_001}, {"key": ""}, {"model": "a b"}):
+        fields = {"type": "private_request", "model": "alice", "rate": 60, "key": "k", **bad}
+        assert rejected(fields).code is ErrorCode.BAD_REQUEST
+
+
 # Ticket shows (server/economy/shows.py).
 SHOW_COMMANDS = {"buy_ticket", "show_start", "show_end", "show_cancel"}
 
@@ -120,6 +138,7 @@ def test_registry() -> None:
             "unlock",
         }
         | REQUEST_COMMANDS
+        | PRIVATE_COMMANDS
         | SHOW_COMMANDS
     )
     for name, cls in COMMANDS.items():

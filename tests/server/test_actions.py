@@ -293,6 +293,14 @@ async def test_each_action_round_trips_through_redis_and_postgres(
     assert (release["amount"], back["amount"], back["balance"]) == (10, 10, 75)
     with pytest.raises(Conflict, match="holds nothing"):
         await economy.release("esc:test:e1", "alice", initiator="sys:test", key="s3", meta={})
+    # A private show's meter: the escrow first (10), then the fan (5).
+    held.append(
+        await economy.hold("bob", "esc:test:e3", 10, subject="e3", key="h3", request="{}", meta={})
+    )
+    meter = await economy.meter(
+        "bob", "esc:test:e3", "alice", 15, initiator="sys:test", key="m1", request="{}", meta={}
+    )
+    assert (meter["balance"], meter["escrow"], meter["amount"]) == (60, 0, 15)  # 75 - 15
 
     # A ticket show's ticket and its refund (server/economy/shows.py).
     show = await server.node.shows.create("alice", "a show", 5, int(time.time() * 1000), 60)
@@ -313,6 +321,8 @@ async def test_each_action_round_trips_through_redis_and_postgres(
         held[1]["tx"]: "hold",
         release["tx"]: "release",
         back["tx"]: "escrow_refund",
+        held[2]["tx"]: "hold",
+        meter["tx"]: "meter",
         unlock["tx"]: "unlock",
     }
     assert (await http.reconcile())["ok"] is True
