@@ -53,7 +53,10 @@ def substituted(text: str, replacements: dict[str, str]) -> str:
 def tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
     if path is None:
-        pytest.skip(f"{name} is not installed (Debian: apt-get install -y {name})")
+        pytest.fail(
+            f"{name} is missing: docs/deploy.md's configs are tested with it "
+            f"(apt-get install -y {name}; .ci/run installs it)"
+        )
     return path
 
 
@@ -218,7 +221,7 @@ async def test_the_demo_page_behind_nginx_dials_wss(
     """Chromium opens https://127.0.0.1:PORT/ through nginx (two-port mode):
     the page signs in and its WebSocket is wss:// on the proxy, not ws://:8001."""
     if chromium_missing():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+        pytest.fail(f"{CHROMIUM} is missing (apt-get install -y chromium; .ci/run installs it)")
     from playwright.async_api import async_playwright, expect
 
     running = await start_server(dev_mode=1)
