@@ -24,6 +24,29 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
 
 
+def raise_if_cancelling() -> None:
+    """Raise CancelledError if the current task is being cancelled.
+
+    asyncpg and redis-py can turn a cancellation that lands inside a call
+    into a connection error, which the pass of a background loop handles
+    like any other (it logs and goes on). Swallowed there, the cancellation
+    would leave the loop running forever, and the node's close waiting on it
+    (a test's teardown hung for 120 s that way). Every loop checks here
+    between passes (``pause``), and in its error handlers
+    (``reraise_if_cancelled``).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def pause(seconds: float) -> None:
+    """Sleep between two passes of a background loop, unless it is being
+    cancelled (see ``raise_if_cancelling``)."""
+    raise_if_cancelling()
+    await asyncio.sleep(seconds)
+
+
 def reraise_if_cancelled(exc: BaseException) -> None:
     """Raise CancelledError if the current task is being cancelled.
 

@@ -38,7 +38,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ..aio import reraise_if_cancelled
+from ..aio import pause, reraise_if_cancelled
 from ..config import Settings
 from ..keys import Keys
 from .scripts import script_source
@@ -105,7 +105,7 @@ class Sweeper:
                 except Exception as exc:  # a backend away: the next sweep tries again
                     reraise_if_cancelled(exc)
                     log.warning("deadline sweep failed: %s", exc)
-                await asyncio.sleep(self._settings.deadline_sweep_interval_s)
+                await pause(self._settings.deadline_sweep_interval_s)
         finally:
             await self._give_up()
 

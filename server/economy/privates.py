@@ -60,7 +60,7 @@ from redis.exceptions import RedisError
 from tokenchat.protocol import events
 from tokenchat.protocol.limits import PRIVATE_ID_RE, PRIVATE_ROOM_PREFIX
 
-from ..aio import reraise_if_cancelled
+from ..aio import pause, reraise_if_cancelled
 from ..catalog.directory import RoomInfo
 from ..config import Settings
 from ..errors import (
@@ -437,7 +437,7 @@ class Privates:
                 except Exception as exc:  # a backend away: the next pass tries again
                     reraise_if_cancelled(exc)
                     log.warning("meter pass failed: %s", exc)
-                await asyncio.sleep(self._settings.private_meter_interval_s)
+                await pause(self._settings.private_meter_interval_s)
         finally:
             await self._give_up_leases()
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ..aio import reraise_if_cancelled
+from ..aio import raise_if_cancelling, reraise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class RedisBroker:
     async def _read_forever(self) -> None:
         delay_s = RECONNECT_DELAY_MIN_S
         while True:
+            raise_if_cancelling()
             try:
                 message = await self._pubsub.get_message(timeout=None)
             except (RedisError, OSError) as exc:

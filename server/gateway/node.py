@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from tokenchat.protocol import events
 
 from .. import bus
-from ..aio import reraise_if_cancelled
+from ..aio import pause, reraise_if_cancelled
 from ..catalog.directory import Directory
 from ..catalog.media import LocalDiskStore, MediaCatalog
 from ..config import Settings
@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 # Subscribe/unsubscribe decisions for one room are serialized; rooms hash to
 # one of this many locks, so the lock table never grows with the room count.
 ROOM_LOCK_STRIPES = 256
+# Seconds between two cancellations of a background loop that has not
+# stopped yet at close: a pass that swallowed the first one (see aio.pause)
+# is interrupted again soon enough that a shutdown stays within its grace.
+LOOP_RECANCEL_S = 1.0
 # On close, background tasks (session closes take up to the close timeout)
 # get this long before they are cancelled.
 TASKS_GRACE_S = 6.0
@@ -185,8 +189,14 @@ class Node:
             self._loops.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))
 
     async def close(self) -> None:
-        for task in self._loops:
-            task.cancel()
+        # A loop whose cancellation a library swallowed stops at its next
+        # pause (aio.pause); one caught inside a longer call is cancelled
+        # again, so that close never waits on a loop for ever.
+        pending = set(self._loops)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=LOOP_RECANCEL_S)
         for task in self._loops:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -436,13 +446,13 @@ class Node:
                 if loop.time() + delay_s > deadline:
                     log.warning("could not fill the gap of %s: %s", what, exc)
                     return None
-            await asyncio.sleep(delay_s)
+            await pause(delay_s)
             delay_s = min(delay_s * 2, GAP_RETRY_DELAY_MAX_S)
 
     # --- slow consumers ---------------------------------------------------------------------
     async def _sweep_slow_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.slow_check_interval_s)
+            await pause(self.settings.slow_check_interval_s)
             self._sweep_slow()
 
     def _sweep_slow(self) -> None:
@@ -459,7 +469,7 @@ class Node:
     async def _heartbeat_forever(self) -> None:
         # Three beats per TTL: one lost beat never makes a live node look dead.
         while True:
-            await asyncio.sleep(self.settings.node_ttl_s / 3)
+            await pause(self.settings.node_ttl_s / 3)
             try:
                 await self._heartbeat_once()
             except (RedisError, OSError) as exc:
@@ -468,7 +478,7 @@ class Node:
 
     async def _presence_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.presence_interval_s)
+            await pause(self.settings.presence_interval_s)
             try:
                 await self._presence_tick()
             except (RedisError, OSError) as exc:

@@ -48,7 +48,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from .. import bus, metrics
-from ..aio import reraise_if_cancelled
+from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..economy.economy import Economy
 from ..keys import Keys, glob_escape
@@ -193,14 +193,12 @@ class LedgerWriter:
         # means the next batch starts as soon as this one has committed.
         lingers = self._settings.durability == "redis"
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
         while True:
             # A cancellation that landed inside a blocking read can be
             # swallowed by redis-py, which then reads on: stop here instead
             # of blocking again (a cancelled writer otherwise lingered for
             # seconds, one blocking read after another).
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            raise_if_cancelling()
             try:
                 started = loop.time()
                 written = await self.step(block=True)
