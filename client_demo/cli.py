@@ -918,10 +918,6 @@ def http_get(url: str, token: str) -> tuple[int, Any]:
         return status, None
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 async def show_leaderboard(
     window: str, state: State, args: argparse.Namespace, out: Output
 ) -> None:
@@ -944,3 +940,7 @@ async def show_leaderboard(
     out(f"* {state.room} top tippers ({window}):")
     for entry in entries:
         out(f"  {entry['rank']}. {entry['user']}{_tier(entry)} {entry['tokens']} tokens")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -266,3 +266,37 @@ async def test_projection_survives_a_restart(start_server: Any, settings: Settin
     assert (await board(second))["entries"][0]["tokens"] == 12
     fan = await second.client("zed")
     assert (await fan.call("join", room="alice"))["room"]["king"] == {"user": "bob", "tokens": 12}
+
+
+async def test_a_redelivered_ledger_entry_is_counted_once(
+    server: Running, settings: Settings
+) -> None:
+    """A writer that died between COMMIT and XACK: another writes the same
+    entry again; the ledger inserts nothing, and neither does the projection."""
+    from tokenchat.server.ledger.writer import Entry
+
+    clients = await members(server, bob=100)
+    tip = await clients["bob"].call("tip", room="alice", amount=15, key="b1")
+    await drain(server)
+    row = (await pg(settings, "SELECT * FROM ledger_transactions WHERE id = $1", tip["tx"]))[0]
+    postings = await pg(
+        settings, "SELECT account_id, amount FROM ledger_postings WHERE tx_id = $1", tip["tx"]
+    )
+    entry = Entry(
+        row["outbox_id"],
+        row["id"],
+        row["kind"],
+        row["initiator"],
+        row["idem_key"],
+        row["request"],
+        row["reply"],
+        row["meta"],
+        [(p["account_id"], p["amount"]) for p in postings],
+    )
+    ledger = server.node.ledger
+    await ledger._write([entry], await server.node.economy.epoch(rebuilding_ok=True))
+    assert (await board(server, "all"))["entries"][0]["tokens"] == 15
+    spent = await pg(
+        settings, "SELECT sum(tokens) AS n FROM standing_user_hourly WHERE user_id = 'bob'"
+    )
+    assert spent[0]["n"] == 15
