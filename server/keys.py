@@ -149,3 +149,10 @@ class Keys:
         if channel.startswith(head) and channel.endswith("}:events"):
             return channel[len(head) : -len("}:events")]
         return None
+
+    # --- standing (server/standing.py) ------------------------------------------
+    def tiers(self) -> str:
+        """Hash: user id -> tier (an integer), for users above tier 0, plus
+        the field ``*`` once the standing projector has filled it (absent:
+        Redis lost it, and the projector fills it again from Postgres)."""
+        return f"{self.prefix}tiers"

@@ -172,6 +172,9 @@ class Economy:
         # Loads a ticket show's hash when a script finds it missing (set by
         # server/economy/shows.py: the show's row and tickets are its own).
         self.show_loader: Callable[[str], Awaitable[None]] | None = None
+        # A user's tier for the events of their tips and DMs (set by the node
+        # to its standing's TierCache: memory, at worst one Redis read).
+        self.tier_of: Callable[[str], Awaitable[int]] = _tier_zero
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:
@@ -214,7 +217,9 @@ class Economy:
                 "payee": payee,
                 "room_channel": self._keys.room_channel(room),
                 "history_len": self._settings.history_len,
-                "event": orjson.dumps(events.tip_event_body(room, user_id, amount, text)),
+                "event": orjson.dumps(
+                    events.tip_event_body(room, user_id, amount, text, await self.tier_of(user_id))
+                ),
                 "payee_channel": self._keys.user_channel(owner),
             },
         )
@@ -253,7 +258,11 @@ class Economy:
                 "payee": payee,
                 "room_channel": self._keys.room_channel(room),
                 "history_len": self._settings.history_len,
-                "event": orjson.dumps(events.item_tip_event_body(room, user_id, text, item)),
+                "event": orjson.dumps(
+                    events.item_tip_event_body(
+                        room, user_id, text, item, await self.tier_of(user_id)
+                    )
+                ),
                 "payee_channel": self._keys.user_channel(owner),
             },
         )
@@ -293,7 +302,9 @@ class Economy:
                 "payer": payer,
                 "payee": payee,
                 # The script appends price, tx and ts: the closing brace goes.
-                "event": orjson.dumps(events.dm_event_body(user_id, text, media))[:-1],
+                "event": orjson.dumps(
+                    events.dm_event_body(user_id, text, media, await self.tier_of(user_id))
+                )[:-1],
                 "payee_channel": self._keys.user_channel(to),
                 "inbox_len": self._settings.inbox_len,
             },
@@ -1114,6 +1125,11 @@ class Economy:
         ]
         # An account with no row has no postings: zero is its true balance.
         return int(balance or 0), records
+
+
+async def _tier_zero(user_id: str) -> int:
+    """Without standing (an Economy of its own, as in tools): tier 0."""
+    return 0
 
 
 def new_item_id() -> str:

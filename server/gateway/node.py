@@ -37,6 +37,7 @@ from ..errors import LimitExceeded, Unavailable
 from ..keys import Keys
 from ..ledger.confirmations import Confirmations
 from ..ledger.writer import LedgerWriter
+from ..standing import Standing
 from .broker import RedisBroker
 from .hub import Hub
 from .rooms import RoomStore, complete_event, parse_offset
@@ -118,6 +119,10 @@ class Node:
         self.privates.register(self.sweeper)
         self.shows = Shows(pool, redis, self.keys, settings, self.economy, self.rooms.append)
         self.shows.register(self.sweeper)
+        # Leaderboards, kings and tiers (server/standing.py): its projector
+        # runs on every node; king events go out as room events.
+        self.standing = Standing(pool, redis, self.keys, settings, self.rooms.append)
+        self.economy.tier_of = self.standing.tiers.of
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
             redis,
@@ -184,6 +189,7 @@ class Node:
             asyncio.create_task(self._sweep_slow_forever(), name="node-slow-sweep"),
             asyncio.create_task(self.sweeper.run(), name="deadline-sweeper"),
             asyncio.create_task(self.privates.run_meter(), name="private-meter"),
+            asyncio.create_task(self.standing.run(), name="standing-projector"),
         ]
         if self.settings.ledger_enabled:
             self._loops.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))
