@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
@@ -121,7 +122,15 @@ class Node:
         self.shows.register(self.sweeper)
         # Leaderboards, kings and tiers (server/standing.py): its projector
         # runs on every node; king events go out as room events.
-        self.standing = Standing(pool, redis, self.keys, settings, self.rooms.append)
+        # A king may be crowned by show-time tips: the event is for those who
+        # see the show (rooms.append, show_time).
+        self.standing = Standing(
+            pool,
+            redis,
+            self.keys,
+            settings,
+            functools.partial(self.rooms.append, poster=None, show_time=True),
+        )
         self.economy.tier_of = self.standing.tiers.of
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
