@@ -147,3 +147,19 @@ def show_event(show: dict[str, Any]) -> dict[str, Any]:
     cancelled), ``price``, ``starts_at`` (ms since the epoch), ``min_s``,
     ``title``. ``show`` is a listed show (GET /v1/rooms/{room}/shows)."""
     return {"type": "show", **show}
+
+
+def clear_event(room: str, user: str) -> dict[str, Any]:
+    """A moderator cleared ``user``'s chat lines from ``room``: clients hide
+    every ``message`` of theirs in that room (history no longer holds them)."""
+    return {"type": "clear", "room": room, "user": user}
+
+
+def removed_event(room: str, reason: str, until_ms: int | None) -> dict[str, Any]:
+    """To the removed member alone: ``reason`` is ``kicked`` or ``banned``
+    (``until``: when a ban ends, ms; absent: permanent or a kick). The
+    session has left the room when this arrives."""
+    event: dict[str, Any] = {"type": "removed", "room": room, "reason": reason}
+    if until_ms is not None:
+        event["until"] = until_ms
+    return event
