@@ -1027,7 +1027,7 @@ class ModelUser(TokenchatUser):
             text = random.choice(THANKS).format(who)
             self.command("say", {"type": "say", "room": room, "text": text})
 
-    @task(1)
+    @task(4)
     def moderate(self) -> None:
         """Moderation (issue #12): now and then a chatter is muted or banned
         for a few seconds, kicked, or has their lines cleared; slow mode goes
