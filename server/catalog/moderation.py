@@ -558,12 +558,14 @@ class Moderation:
         nodes that missed it still see it once their pub/sub reconnects (they
         reload), but a member may stay in the room until then, so the caller
         is told (UNAVAILABLE) and may repeat the command, which is idempotent."""
+        # This node's copy first, before the reply: the caller's next command
+        # (or a member's on this node) must see the change; the news comes
+        # back on the channel too, which changes nothing more.
+        self.on_news(news)
         payload = bus.ModerationChanged(orjson.dumps(news)).encode()
         try:
             await self._redis.publish(self.channel, payload)
         except _REDIS_ERRORS as exc:
-            # This node at least applies it at once.
-            self.on_news(news)
             raise Unavailable("saved, but not every server heard it yet: repeat it") from exc
 
 

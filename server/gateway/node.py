@@ -411,6 +411,15 @@ class Node:
             self.spawn(self.confirmations.recheck())
         # So were moderation changes: the rules are read again from Postgres.
         self.moderation.forget_all()
+        self.spawn(self._reload_platform_bans())
+
+    async def _reload_platform_bans(self) -> None:
+        """HTTP reads the platform bans without waiting: read them again now
+        (a hello that finds them missing reads them itself)."""
+        try:
+            await self.moderation.load_platform_bans()
+        except Unavailable as exc:
+            log.warning("platform bans not reloaded: %s", exc.message)
 
     # --- moderation (server/catalog/moderation.py) ---------------------------------------
     def _on_moderation(self, message: bus.ModerationChanged) -> None:
