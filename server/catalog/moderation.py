@@ -127,9 +127,10 @@ class Moderation:
         self._batcher = ScriptBatcher(redis, settings.redis_timeout_s)
         self._clear = lua_script("clear", retry_safe=True)
         self._rules: dict[str, RoomRules] = {}
-        # Bumped by every announced change of a room: a load that started
-        # before the change is not kept (it may predate the commit).
-        self._generation: dict[str, int] = {}
+        # Bumped by every announced change: a load that started before a
+        # change is not kept (it may predate the commit). One counter for all
+        # rooms: changes are rare, and a load they make redundant is cheap.
+        self._changes = 0
         self._platform: dict[str, int | None] | None = None  # None: not loaded
         self._platform_generation = 0
         # user -> monotonic time until which "has not purchased" holds;
@@ -143,9 +144,9 @@ class Moderation:
         if cached is not None:
             return cached
         for _ in range(3):
-            generation = self._generation.get(room, 0)
+            changes = self._changes
             rules = await self._load_rules(room)
-            if self._generation.get(room, 0) == generation:
+            if self._changes == changes:
                 if len(self._rules) >= self._settings.moderation_rooms_cached_max:
                     self._rules.clear()
                 self._rules[room] = rules
@@ -184,15 +185,12 @@ class Moderation:
 
     def forget(self, room: str) -> None:
         self._rules.pop(room, None)
-        self._generation[room] = self._generation.get(room, 0) + 1
-        if len(self._generation) > self._settings.moderation_rooms_cached_max:
-            # Generations only matter for loads in flight; restart them all.
-            self._generation.clear()
+        self._changes += 1
 
     def forget_all(self) -> None:
         """Pub/sub reconnected: announcements may have been missed."""
-        for room in list(self._rules):
-            self.forget(room)
+        self._rules.clear()
+        self._changes += 1
         self._platform = None
         self._platform_generation += 1
 
@@ -230,15 +228,16 @@ class Moderation:
         room = news.get("room")
         if isinstance(room, str):
             self.forget(room)
-        if op == "platform" and self._platform is not None:
-            user = news.get("user")
-            if isinstance(user, str):
-                if news.get("banned"):
-                    until = news.get("until")
-                    self._platform[user] = until if isinstance(until, int) else None
-                else:
-                    self._platform.pop(user, None)
-            self._platform_generation += 1
+        if op != "platform":
+            return
+        self._platform_generation += 1  # a load in flight may predate it
+        user = news.get("user")
+        if self._platform is not None and isinstance(user, str):
+            if news.get("banned"):
+                until = news.get("until")
+                self._platform[user] = until if isinstance(until, int) else None
+            else:
+                self._platform.pop(user, None)
 
     # --- checks on the session's path ----------------------------------------------------
     async def check_join(self, room: str, user: str) -> RoomRules:
