@@ -47,6 +47,13 @@ happens, one line each, to standard output:
     /ticket S         buy a ticket to show S of the current room (S: its id,
                       or its number in /shows)
     /start S, /end S, /showcancel S   start, end or cancel your show S (model)
+    /mute USER SECONDS, /unmute USER   (the room's model or a moderator)
+                      USER may not chat in the current room for SECONDS
+    /kick USER        remove USER from the current room (they may come back)
+    /ban USER [SECONDS], /unban USER   keep USER out of the current room,
+                      for SECONDS or until unbanned
+    /clear USER       remove USER's lines from the current room's history
+    /slow SECONDS     one line per SECONDS per member in the current room (0: off)
     /help             this list
     /quit             leave (so does the end of the input)
 
@@ -119,6 +126,10 @@ HELP = """commands:
   /schedule PRICE MIN_S IN_S TITLE   schedule a ticket show (model)
   /ticket S       buy a ticket to show S of the current room
   /start S, /end S, /showcancel S   run your show S (model)
+  /mute USER SECONDS, /unmute USER   mute USER in the current room (moderators)
+  /kick USER, /ban USER [SECONDS], /unban USER   remove USER (moderators)
+  /clear USER     remove USER's lines from the room's history (moderators)
+  /slow SECONDS   slow mode in the current room, 0 turns it off (moderators)
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -220,6 +231,12 @@ def format_event(event: Event) -> str | None:
         return f"private {format_private(event)}"
     if type_ == "show":
         return f"[{room}] show {format_show(event)}"
+    if type_ == "clear":
+        return f"[{room}] * {event.get('user')}'s messages were cleared by a moderator"
+    if type_ == "removed":
+        until = event.get("until")
+        how = f" until {format_until(until)}" if isinstance(until, int) else ""
+        return f"[{room}] * you were {event.get('reason')} from {room}{how}"
     if type_ == "error":
         return f"error {event.get('code')}: {event.get('message')}"
     if type_ == "gap":
@@ -293,9 +310,16 @@ def format_show(show: Event) -> str:
     )
 
 
+def format_until(until_ms: int) -> str:
+    """A restriction's end, in local time (the seconds matter for a mute)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until_ms / 1000))
+
+
 def format_error(exc: BaseException) -> str:
     if isinstance(exc, CommandError):
-        return f"error {exc.code}: {exc.reply.get('message')}"
+        until = exc.reply.get("until")
+        ends = f" (until {format_until(until)})" if isinstance(until, int) else ""
+        return f"error {exc.code}: {exc.reply.get('message')}{ends}"
     return f"error: {exc}"
 
 
@@ -479,9 +503,62 @@ async def handle_line(
         await schedule_show(rest, args, out)
     elif command in ("ticket", "start", "end", "showcancel"):
         await show_command(command, rest, session, state, out)
+    elif command in MODERATION_COMMANDS:
+        await moderate(command, rest, session, state, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
+
+
+# --- moderation ----------------------------------------------------------------------
+MODERATION_COMMANDS = ("mute", "unmute", "kick", "ban", "unban", "clear", "slow")
+MODERATION_DONE = {
+    "mute": "muted",
+    "unmute": "unmuted",
+    "kick": "kicked",
+    "ban": "banned",
+    "unban": "unbanned",
+    "clear": "cleared",
+}
+
+
+async def moderate(command: str, rest: str, session: Session, state: State, out: Output) -> None:
+    """/mute USER SECONDS, /unmute USER, /kick USER, /ban USER [SECONDS],
+    /unban USER, /clear USER, /slow SECONDS: in the current room."""
+    room = state.room
+    if room is None:
+        out("error: join a room first (/join ROOM)")
+        return
+    words = rest.split()
+    if command == "slow":
+        if len(words) != 1 or not words[0].isdigit():
+            out("usage: /slow SECONDS (0 turns slow mode off)")
+        elif await report(out, session.slow(room, int(words[0]))) is not None:
+            slow_s = int(words[0])
+            out(f"* slow mode in {room}: {slow_s} s" if slow_s else f"* slow mode off in {room}")
+        return
+    takes_seconds = command in ("mute", "ban")
+    seconds_ok = len(words) == 2 and words[1].isdigit()
+    if not words or len(words) > 2 or (len(words) == 2 and not (takes_seconds and seconds_ok)):
+        out(f"usage: /{command} USER" + (" SECONDS" if takes_seconds else ""))
+        return
+    if command == "mute" and not seconds_ok:
+        out("usage: /mute USER SECONDS")
+        return
+    user = words[0]
+    seconds = int(words[1]) if seconds_ok else None
+    call: Awaitable[dict[str, Any]]
+    if command == "mute":
+        call = session.mute(room, user, seconds or 0)
+    elif command == "ban":
+        call = session.ban(room, user, seconds)
+    else:
+        call = getattr(session, command)(room, user)
+    reply = await report(out, call)
+    if reply is not None:
+        until = reply.get("until")
+        ends = f" until {format_until(until)}" if isinstance(until, int) else ""
+        out(f"* {user} {MODERATION_DONE[command]} in {room}{ends}")
 
 
 async def tip(rest: str, session: Session, state: State, out: Output) -> None:

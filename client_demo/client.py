@@ -601,6 +601,35 @@ class Session:
     async def show_cancel(self, show: str) -> dict[str, Any]:
         return await self._transition("show_cancel", show=show)
 
+    # --- moderation (docs/protocol.md, "Moderation") ------------------------------------
+    # The room's model and her moderators; refusals raise CommandError, whose
+    # reply carries `until` (ms) for MUTED, BANNED and SLOW_MODE.
+    async def mute(self, room: str, user: str, seconds: int) -> dict[str, Any]:
+        return await self.call("mute", room=room, user=user, seconds=seconds)
+
+    async def unmute(self, room: str, user: str) -> dict[str, Any]:
+        return await self.call("unmute", room=room, user=user)
+
+    async def kick(self, room: str, user: str) -> dict[str, Any]:
+        return await self.call("kick", room=room, user=user)
+
+    async def ban(self, room: str, user: str, seconds: int | None = None) -> dict[str, Any]:
+        """``seconds`` None: until unbanned."""
+        fields: dict[str, Any] = {"room": room, "user": user}
+        if seconds is not None:
+            fields["seconds"] = seconds
+        return await self.call("ban", **fields)
+
+    async def unban(self, room: str, user: str) -> dict[str, Any]:
+        return await self.call("unban", room=room, user=user)
+
+    async def clear(self, room: str, user: str) -> dict[str, Any]:
+        return await self.call("clear", room=room, user=user)
+
+    async def slow(self, room: str, seconds: int) -> dict[str, Any]:
+        """At most one line per ``seconds`` per member (0: off)."""
+        return await self.call("slow", room=room, seconds=seconds)
+
     async def _transition(self, type_: str, **fields: Any) -> dict[str, Any]:
         """A request transition, retried like a spend: it needs no key, since
         the server answers a repeat of an applied one ``"duplicate": true``."""
@@ -855,6 +884,9 @@ class Session:
             return  # a room left, or joined outside ``join``
         if type_ == "presence" and room not in self.rooms and room not in self._joining:
             return
+        if type_ == "removed" and isinstance(room, str):
+            # Kicked or banned: out of the room, and not re-joined on a reconnect.
+            self.rooms.pop(room, None)
         if type_ == "balance" and isinstance(event.get("balance"), int):
             self.balance = event["balance"]
         self._emit(event)
@@ -1040,3 +1072,18 @@ def tier_name(tiers: list[dict[str, Any]], tier: Any) -> str:
     if isinstance(tier, int) and 0 <= tier < len(tiers):
         return str(tiers[tier]["name"])
     return "?"
+
+
+async def put_moderators(http_url: str, token: str, users: list[str]) -> list[str]:
+    """Replace the caller's (a model's) moderators; the list now in force."""
+    url = f"{http_url.rstrip('/')}/v1/me/moderators"
+    reply = await asyncio.to_thread(_http_json, "PUT", url, token, {"users": users})
+    return list(reply["moderators"])
+
+
+async def put_room_settings(http_url: str, token: str, **settings: Any) -> dict[str, Any]:
+    """Set the caller's room's ``slow_s``, ``chat_requires`` (none,
+    purchased, balance) and ``chat_min_balance``; the settings now in force."""
+    url = f"{http_url.rstrip('/')}/v1/me/room"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "PUT", url, token, settings)
+    return reply

@@ -503,6 +503,23 @@ def _report_counters(environment: Environment, **_kwargs: Any) -> None:
 # ==================================================================================
 
 
+# Moderation by the models (`ModelUser.moderate`): what they do, and how long
+# a mute or ban lasts (short, so a banned fan is back within the run).
+MODERATION_ACTIONS = ("mute", "kick", "ban", "clear", "slow", "unmute")
+MODERATION_SECONDS = 3
+# A fan's `say` may meet a ticket show starting (FORBIDDEN), her own mute,
+# a slow room or a ban, or a kick on its way (NOT_IN_ROOM): rows of their own.
+SAY_EXPECTED = frozenset(
+    {
+        ErrorCode.FORBIDDEN,
+        ErrorCode.MUTED,
+        ErrorCode.SLOW_MODE,
+        ErrorCode.BANNED,
+        ErrorCode.NOT_IN_ROOM,
+    }
+)
+
+
 class ReplyTimeout(Exception):
     pass
 
@@ -861,6 +878,9 @@ class TokenchatUser(HttpUser):
             self.drop_session()
             return False
         if reply["type"] != "ok":
+            if reply.get("code") == ErrorCode.BANNED:  # a model's short ban (`moderate`)
+                self.report(f"{name} (BANNED)", started, size)
+                return False
             self.report(name, started, size, ServerError(reply.get("code", "?")))
             return False
         self.report(name, started, size)
@@ -881,6 +901,8 @@ class TokenchatUser(HttpUser):
             self.see_offset(event)
         elif kind == "balance":
             self.balance = event["balance"]
+        elif kind == "removed" and event.get("room") == self.room:
+            self.room = None  # kicked or banned: `in_room` joins again (BANNED meanwhile)
         COUNTERS[f"events {kind}"] += 1
 
     def see_offset(self, event: dict[str, Any]) -> None:
@@ -928,6 +950,8 @@ class ModelUser(TokenchatUser):
         super().on_event(event)
         if kind == "tip" and event.get("from") != self.user_id:
             self.tippers = [*self.tippers[-9:], str(event.get("from"))]
+        if kind == "message" and event.get("from") != self.user_id:
+            self.chatters = [*getattr(self, "chatters", [])[-9:], str(event.get("from"))]
         if kind == "request" and event.get("state") == "offered":
             self.offers = [*self.offers[-9:], str(event.get("request"))]
         if kind == "private":
@@ -1004,6 +1028,24 @@ class ModelUser(TokenchatUser):
             who = self.tippers.pop() if self.tippers else "everyone"
             text = random.choice(THANKS).format(who)
             self.command("say", {"type": "say", "room": room, "text": text})
+
+    @task(4)
+    def moderate(self) -> None:
+        """Moderation (issue #12): now and then a chatter is muted or banned
+        for a few seconds, kicked, or has their lines cleared; slow mode goes
+        on and off. Fans count MUTED, SLOW_MODE and BANNED as their own rows."""
+        room = self.in_room()
+        chatters = getattr(self, "chatters", [])
+        if room is None or not chatters:
+            return
+        user = random.choice(chatters)
+        action = random.choice(MODERATION_ACTIONS)
+        command: dict[str, Any] = {"type": action, "room": room, "user": user}
+        if action in ("mute", "ban"):
+            command["seconds"] = MODERATION_SECONDS
+        if action == "slow":
+            command = {"type": "slow", "room": room, "seconds": random.choice((0, 0, 1))}
+        self.command(action, command)
 
     @task(1)
     def post_media(self) -> None:
@@ -1214,7 +1256,7 @@ class FanUser(TokenchatUser):
         if room is not None and not self.walled():
             # FORBIDDEN: a show started before its event reached her.
             command = {"type": "say", "room": room, "text": random.choice(CHAT_LINES)}
-            self.command("say", command, frozenset({ErrorCode.FORBIDDEN}))
+            self.command("say", command, SAY_EXPECTED)
 
     @task(3)
     def tip(self) -> None:
@@ -1229,7 +1271,8 @@ class FanUser(TokenchatUser):
             "text": random.choice(TIP_TEXTS),
             "key": self.new_key("t"),
         }
-        self.spend("tip", command, frozenset({ErrorCode.FORBIDDEN}))  # as in `say`
+        # FORBIDDEN as in `say`; NOT_IN_ROOM: kicked or banned while it was on its way.
+        self.spend("tip", command, frozenset({ErrorCode.FORBIDDEN, ErrorCode.NOT_IN_ROOM}))
 
     @task(1)
     def tip_item(self) -> None:

@@ -54,9 +54,11 @@ from .limits import (
     PAYMENT_REF_LEN_MAX,
     PRINTABLE_ASCII_RE,
     REQUEST_TEXT_LEN_MAX,
+    RESTRICTION_S_MAX,
     SAY_TEXT_LEN_MAX,
     SHOW_MIN_S_MAX,
     SHOW_TITLE_LEN_MAX,
+    SLOW_S_MAX,
     TIP_TEXT_LEN_MAX,
     TOKEN_LEN_MAX,
     TX_ID_LEN_MAX,
@@ -528,6 +530,91 @@ class ShowCancel:
     show: Annotated[str, OBJECT_ID]
 
 
+# --- moderation (issue #12 section 4) ---------------------------------------------
+# The room's owner and her moderators (PUT /v1/me/moderators) act on one
+# member of the room; docs/protocol.md "Moderation" gives who may act on whom.
+RESTRICTION_S: Final = integer(1, RESTRICTION_S_MAX)
+SLOW_S: Final = integer(0, SLOW_S_MAX)
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Mute:
+    """``user`` may not chat in ``room`` for ``seconds`` (tips still go)."""
+
+    TYPE: ClassVar[str] = "mute"
+    id: CommandId
+    room: UserId
+    user: UserId
+    seconds: Annotated[int, RESTRICTION_S]
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Unmute:
+    TYPE: ClassVar[str] = "unmute"
+    id: CommandId
+    room: UserId
+    user: UserId
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Kick:
+    """``user`` is removed from ``room`` on every node; they may join again."""
+
+    TYPE: ClassVar[str] = "kick"
+    id: CommandId
+    room: UserId
+    user: UserId
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """``user`` is removed from ``room`` and may not join it again, for
+    ``seconds`` or, without it, until unbanned."""
+
+    TYPE: ClassVar[str] = "ban"
+    id: CommandId
+    room: UserId
+    user: UserId
+    seconds: Annotated[int | None, RESTRICTION_S] = None
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Unban:
+    TYPE: ClassVar[str] = "unban"
+    id: CommandId
+    room: UserId
+    user: UserId
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Clear:
+    """Removes ``user``'s chat lines from ``room``'s history; every member
+    gets a ``clear`` event and hides them."""
+
+    TYPE: ClassVar[str] = "clear"
+    id: CommandId
+    room: UserId
+    user: UserId
+
+
+@command
+@dataclass(frozen=True, slots=True)
+class Slow:
+    """At most one chat line per ``seconds`` per member (0: off). Tips are
+    never slowed."""
+
+    TYPE: ClassVar[str] = "slow"
+    id: CommandId
+    room: UserId
+    seconds: Annotated[int, SLOW_S]
+
+
 @command
 @dataclass(frozen=True, slots=True)
 class Balance:
@@ -567,6 +654,13 @@ Command: TypeAlias = (
     | ShowStart
     | ShowEnd
     | ShowCancel
+    | Mute
+    | Unmute
+    | Kick
+    | Ban
+    | Unban
+    | Clear
+    | Slow
 )
 
 

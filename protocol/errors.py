@@ -30,6 +30,10 @@ class ErrorCode(enum.StrEnum):
     LIMIT_EXCEEDED = "LIMIT_EXCEEDED"  # a spending cap
     BANNED = "BANNED"
     MUTED = "MUTED"
+    # Moderation (issue #12): a chat line sooner than the room's slow mode
+    # allows. MUTED, BANNED and SLOW_MODE carry `until` (ms since the epoch;
+    # absent: permanent).
+    SLOW_MODE = "SLOW_MODE"
     UNAVAILABLE = "UNAVAILABLE"  # a backend is down: nothing was charged
     INTERNAL = "INTERNAL"  # a bug; the message never carries details
 

@@ -191,3 +191,19 @@ def king_event(room: str, king: dict[str, Any] | None) -> dict[str, Any]:
     over the king window) or null (nobody tipped within it). A room event:
     it has ``offset`` and ``ts`` like a message."""
     return {"type": "king", "room": room, "king": king}
+
+
+def clear_event(room: str, user: str) -> dict[str, Any]:
+    """A moderator cleared ``user``'s chat lines from ``room``: clients hide
+    every ``message`` of theirs in that room (history no longer holds them)."""
+    return {"type": "clear", "room": room, "user": user}
+
+
+def removed_event(room: str, reason: str, until_ms: int | None) -> dict[str, Any]:
+    """To the removed member alone: ``reason`` is ``kicked`` or ``banned``
+    (``until``: when a ban ends, ms; absent: permanent or a kick). The
+    session has left the room when this arrives."""
+    event: dict[str, Any] = {"type": "removed", "room": room, "reason": reason}
+    if until_ms is not None:
+        event["until"] = until_ms
+    return event

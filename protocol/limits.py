@@ -124,3 +124,16 @@ HISTORY_LEN_MAX: Final = 50  # events
 # allocate: about 1000 * CONTAINER_LEN_MAX * 8 bytes = 8 MiB, briefly. No
 # command needs more than a few dozen.
 CONTAINER_LEN_MAX: Final = 1024  # elements of an array, or pairs of a map
+
+# Moderation (issue #12 section 4). A mute or ban lasts at most a year when
+# given `seconds` (leave it out for a permanent ban): a longer one is a
+# permanent one in practice, and the bound keeps `until` far from any
+# timestamp overflow.
+RESTRICTION_S_MAX: Final = 366 * 24 * 3600  # seconds
+# Slow mode: at most one chat line per this many seconds per member; a day is
+# the longest wait a chat can meaningfully ask (0 turns it off).
+SLOW_S_MAX: Final = 24 * 3600  # seconds
+# A room's chat_min_balance: the contract's amount range.
+CHAT_MIN_BALANCE_MAX: Final = 1_000_000  # tokens
+# Who may chat in a room (PUT /v1/me/room `chat_requires`).
+CHAT_REQUIRES: Final = ("none", "purchased", "balance")

@@ -14,6 +14,7 @@ Kind   Payload                           Channel         Published by
 ``D``  ``D<inbox offset> <event JSON>``  a user's        ``dm.lua``
 ``C``  ``C<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
 ``R``  ``R<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
+``M``  ``M<JSON object>``                moderation      ``Moderation`` (catalog)
 =====  ================================  ==============  =========================
 
 The scripts are in ``server/economy/lua/`` and build their payloads in Lua
@@ -30,6 +31,11 @@ in ``server/keys.py``. The fields:
   of at most 19 digits (Redis keeps it in 64 bits).
 - ``D``, a direct message: its id in the recipient's inbox stream (``ms-seq``)
   and the complete ``dm`` event, as stored there.
+- ``M``, a moderation change (issue #12): a JSON object with ``op`` and the
+  op's fields (``server/catalog/moderation.py``, ``ModerationNews``), on
+  the one moderation channel every node subscribes to, so every node hears
+  every change (they are rare) and keeps its in-process copy of the rules
+  current; Postgres holds the change itself.
 - ``C`` and ``R``: transactions the ledger committed (or found committed),
   and transactions Postgres refused and the writer parked
   (``server/ledger/confirmations.py`` wakes the spends waiting on them). The
@@ -131,8 +137,23 @@ class LedgerParked(NamedTuple):
         return b"R" + _encode_txs(self.txs)
 
 
+class ModerationChanged(NamedTuple):
+    """``M``: a moderation change, a JSON object (server/catalog/moderation.py)."""
+
+    body: bytes
+
+    def encode(self) -> bytes:
+        return b"M" + self.body
+
+
 Message = (
-    RoomEvent | PresenceChanged | BalanceChanged | DirectMessage | LedgerCommitted | LedgerParked
+    RoomEvent
+    | PresenceChanged
+    | BalanceChanged
+    | DirectMessage
+    | LedgerCommitted
+    | LedgerParked
+    | ModerationChanged
 )
 
 PRESENCE_CHANGED = PresenceChanged()
@@ -144,6 +165,7 @@ _EXPECTED = {
     b"D": "D<ms-seq> <JSON object>",
     b"C": "C<tx> <tx> ..., each tx printable ASCII without a space",
     b"R": "R<tx> <tx> ..., each tx printable ASCII without a space",
+    b"M": "M<JSON object>",
 }
 
 
@@ -165,6 +187,9 @@ def decode(payload: bytes) -> Message:
         match = _DIRECT_MESSAGE(payload)
         if match is not None:
             return _tuple_new(DirectMessage, match.groups())
+    elif kind == b"M":
+        if payload[1:2] == b"{" and payload[-1:] == b"}":
+            return ModerationChanged(payload[1:])
     elif kind in (b"C", b"R"):
         match = _TXS(payload)
         if match is not None:

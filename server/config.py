@@ -290,6 +290,19 @@ class Settings:
     # a tier change reaches events within this (plus standing_interval_s),
     # while a chatting user costs one Redis read per this long, not per line.
     tier_cache_ttl_s: float = 5.0
+    # --- moderation (issue #12 section 4) -------------------------------------------
+    # Moderators one room may have: the issue's 25, enough for a busy room's
+    # shifts, few enough that the in-process copy of a room's rules stays small.
+    moderators_max: int = 25
+    # Rooms whose rules (settings, moderators, mutes, bans) one process keeps
+    # in memory for the `say` path; past it the copy is dropped and reloaded
+    # from Postgres room by room (a load is one query).
+    moderation_rooms_cached_max: int = 10_000
+    # With `chat_requires: purchased`, a "has not bought tokens yet" answer is
+    # reused this long, so a member typing in such a room costs Postgres one
+    # query per this many seconds, and a purchase unlocks chat within it
+    # ("has bought" is kept for good: it never changes back).
+    chat_purchase_recheck_s: float = 5.0
 
     # --- metrics --------------------------------------------------------------------
     # Serve /metrics on this port instead of the public HTTP port (0: on the
@@ -321,6 +334,9 @@ class Settings:
             "write_buffer_max_bytes",
             "slow_check_interval_s",
             "hello_timeout_s",
+            "moderators_max",
+            "moderation_rooms_cached_max",
+            "chat_purchase_recheck_s",
             "commands_per_s",
             "commands_burst",
             "rate_limit_strikes_max",

@@ -14,6 +14,10 @@ status, here and nowhere else::
      ├── PriceChanged            PRICE_CHANGED     409
      ├── RateLimited             RATE_LIMITED      429
      ├── LimitExceeded           LIMIT_EXCEEDED    429
+     ├── Restricted              (moderation: carries `until`, ms or None)
+     │    ├── Banned             BANNED            403
+     │    ├── Muted              MUTED             403
+     │    └── SlowMode           SLOW_MODE         429
      └── Unavailable             UNAVAILABLE       503  (a backend is down;
                                                          nothing was changed)
 
@@ -36,6 +40,10 @@ class ServiceError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def wire_fields(self) -> dict[str, object]:
+        """Fields the error reply carries beside ``code`` and ``message``."""
+        return {}
 
 
 class Unauthenticated(ServiceError):
@@ -96,3 +104,30 @@ class LimitExceeded(ServiceError):
 class Unavailable(ServiceError):
     code = ErrorCode.UNAVAILABLE
     http_status = 503
+
+
+class Restricted(ServiceError):
+    """A moderation refusal: it says when the restriction ends (``until``,
+    ms since the epoch; None: permanent, and left out of the reply)."""
+
+    def __init__(self, message: str, until_ms: int | None) -> None:
+        super().__init__(message)
+        self.until_ms = until_ms
+
+    def wire_fields(self) -> dict[str, object]:
+        return {} if self.until_ms is None else {"until": self.until_ms}
+
+
+class Banned(Restricted):
+    code = ErrorCode.BANNED
+    http_status = 403
+
+
+class Muted(Restricted):
+    code = ErrorCode.MUTED
+    http_status = 403
+
+
+class SlowMode(Restricted):
+    code = ErrorCode.SLOW_MODE
+    http_status = 429

@@ -56,6 +56,16 @@ class Keys:
         parked, for the spends waiting on them (server/ledger/confirmations.py)."""
         return f"{self.prefix}ledger:commits"
 
+    def moderation_channel(self) -> str:
+        """Pub/sub channel every node subscribes to: moderation changes (the
+        ``M`` payload), so each node's copy of the rules stays current."""
+        return f"{self.prefix}moderation"
+
+    def slow_mode(self, room: str, user: str) -> str:
+        """Set (NX, expiring after the room's slow_s) by a member's chat line
+        while slow mode is on: present means "too soon"."""
+        return f"{self.prefix}room:{{{room}}}:slow:{user}"
+
     def deadline_lease(self) -> str:
         """Held (SET NX PX, renewed) by the one process sweeping deadlines."""
         return f"{self.prefix}deadlines:lease"

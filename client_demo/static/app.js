@@ -140,6 +140,10 @@ function explain(err, what) {
       return `You are signed out. ${said} Sign in again.`;
     case "BAD_REQUEST":
       return `That did not work: ${said}`;
+    case "MUTED":
+    case "BANNED":
+    case "SLOW_MODE":
+      return sentence(`${err.message}${untilText(err.reply?.until)}`);
     default:
       return `${what[0].toUpperCase()}${what.slice(1)} failed: ${said} (${code})`;
   }
@@ -466,6 +470,13 @@ function renderLine(entry) {
   if (entry.type === "note") return el("li", { class: "note", text: entry.text });
   const mine = entry.from === state.me?.id;
   const who = tierName(el("span", { class: "from", text: mine ? "You" : entry.from }), entry.tier);
+  if (!mine && canModerate(entry.room, entry.from)) {
+    who.classList.add("moderatable");
+    who.tabIndex = 0;
+    who.setAttribute("role", "button");
+    who.title = `Moderate ${entry.from}`;
+    who.dataset.user = entry.from;
+  }
   const time = el("time", { datetime: new Date(entry.ts).toISOString(), text: clock(entry.ts) });
   if (entry.type === "tip") {
     const line = el(
@@ -650,6 +661,12 @@ function onEvent(event) {
       break;
     case "show":
       onShowEvent(event);
+      break;
+    case "clear":
+      onClear(event);
+      break;
+    case "removed":
+      onRemoved(event);
       break;
     case "request":
       showRequest(event);
@@ -1567,4 +1584,131 @@ function refreshLeaderboardSoon(roomId) {
 }
 
 wire();
+wireModeration();
 init();
+
+// --- moderation (docs/protocol.md, "Moderation") --------------------------------------------
+/** " (until 14:03:05)", or " (permanent)" for a ban with no end. */
+function untilText(until) {
+  if (typeof until !== "number") return "";
+  return ` (until ${new Date(until).toLocaleTimeString()})`;
+}
+
+/** Whether I may moderate `user` in `roomId`: its model, or a moderator of it
+ * acting on someone who is neither the model nor a moderator. */
+function canModerate(roomId, user) {
+  if (!roomId || !state.me || user === roomId || roomId.startsWith("p:")) return false;
+  if (roomId === state.me.id) return true;
+  const moderators = state.rooms.get(roomId)?.moderation?.moderators || [];
+  return moderators.includes(state.me.id) && !moderators.includes(user);
+}
+
+/** The moderation menu for `user`, beside their name in the chat. */
+function openModMenu(anchor, user) {
+  closeModMenu();
+  const room = state.room;
+  const menu = el("div", { class: "mod-menu", id: "mod-menu", role: "menu", "data-user": user });
+  const act = (label, type, fields) => {
+    const button = el("button", { type: "button", role: "menuitem", text: label, "data-action": type });
+    button.addEventListener("click", () => moderate(type, { room, user, ...fields }, label));
+    menu.append(button);
+  };
+  menu.append(el("strong", { text: user }));
+  act("Mute 5 min", "mute", { seconds: 300 });
+  act("Unmute", "unmute", {});
+  act("Kick", "kick", {});
+  act("Ban 1 h", "ban", { seconds: 3600 });
+  act("Ban", "ban", {});
+  act("Unban", "unban", {});
+  act("Clear messages", "clear", {});
+  anchor.after(menu);
+  menu.querySelector("button")?.focus();
+}
+
+function closeModMenu() {
+  $("mod-menu")?.remove();
+}
+
+async function moderate(type, fields, label) {
+  closeModMenu();
+  try {
+    const reply = await state.conn.request(type, fields);
+    toast(`${label}: ${fields.user}${untilText(reply.until)}.`, "success");
+  } catch (err) {
+    toast(explain(err, `${label.toLowerCase()} ${fields.user}`), "error");
+  }
+}
+
+/** `clear`: a moderator removed `user`'s lines; hide them everywhere. */
+function onClear(event) {
+  const log = state.logs.get(event.room);
+  if (!log) return;
+  const kept = log.filter((entry) => !(entry.type === "message" && entry.from === event.user));
+  const removed = log.length - kept.length;
+  kept.push({ type: "note", text: `${event.user === state.me?.id ? "Your" : `${event.user}'s`} messages were removed by a moderator.` });
+  state.logs.set(event.room, kept);
+  if (event.room === state.room) showRoom(event.room);
+  return removed;
+}
+
+/** `removed`: I was kicked or banned from a room. */
+function onRemoved(event) {
+  const what = event.reason === "banned" ? "banned from" : "removed from";
+  const ends = event.reason === "banned" ? untilText(event.until) || " (until the model lifts it)" : "";
+  const text = `You were ${what} ${event.room}${ends}.`;
+  const log = state.logs.get(event.room) || [];
+  log.push({ type: "note", text });
+  state.logs.set(event.room, log);
+  $("mod-notice").textContent = text;
+  $("mod-notice").hidden = false;
+  toast(text, "error");
+  if (event.room === state.room) showRoom(null);
+}
+
+/** The model's room settings: slow mode and who may chat (PUT /v1/me/room). */
+async function saveRoomSettings(event) {
+  event.preventDefault();
+  const body = {
+    slow_s: Number($("room-slow").value || 0),
+    chat_requires: $("room-chat-requires").value,
+    chat_min_balance: Number($("room-chat-min").value || 0),
+  };
+  try {
+    await api("PUT", "/v1/me/room", body);
+    toast("Room settings saved.", "success");
+  } catch (err) {
+    toast(explain(err, "saving room settings"), "error");
+  }
+}
+
+async function saveModerators(event) {
+  event.preventDefault();
+  const users = $("room-moderators").value.split(/[\s,]+/).filter(Boolean);
+  try {
+    const reply = await api("PUT", "/v1/me/moderators", { users });
+    toast(reply.moderators.length ? `Moderators: ${reply.moderators.join(", ")}.` : "No moderators.", "success");
+  } catch (err) {
+    toast(explain(err, "saving moderators"), "error");
+  }
+}
+
+function wireModeration() {
+  const chat = $("chat");
+  const open = (event) => {
+    const name = event.target.closest(".from.moderatable");
+    if (!name) return;
+    if (event.type === "keydown" && event.key !== "Enter" && event.key !== " ") return;
+    event.preventDefault();
+    openModMenu(name, name.dataset.user);
+  };
+  chat.addEventListener("click", open);
+  chat.addEventListener("keydown", open);
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") closeModMenu();
+  });
+  $("room-settings-form")?.addEventListener("submit", saveRoomSettings);
+  $("moderators-form")?.addEventListener("submit", saveModerators);
+  $("mod-notice")?.addEventListener("click", () => {
+    $("mod-notice").hidden = true;
+  });
+}

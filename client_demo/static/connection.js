@@ -208,6 +208,8 @@ export class Connection {
       this.rooms.set(frame.room, frame.offset);
     }
     if (kind === "presence" && !this.rooms.has(frame.room)) return;
+    // Kicked or banned: out of the room, and not re-joined after a reconnect.
+    if (kind === "removed" && frame.room) this.rooms.delete(frame.room);
     this.h.onEvent(frame);
   }
 

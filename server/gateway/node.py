@@ -27,6 +27,7 @@ from .. import bus
 from ..aio import pause, reraise_if_cancelled
 from ..catalog.directory import Directory
 from ..catalog.media import LocalDiskStore, MediaCatalog
+from ..catalog.moderation import Moderation, decode_news
 from ..config import Settings
 from ..db import create_pool
 from ..economy.deadlines import Sweeper
@@ -132,6 +133,9 @@ class Node:
             functools.partial(self.rooms.append, poster=None, show_time=True),
         )
         self.economy.tier_of = self.standing.tiers.of
+        # Moderation: rules in Postgres, a copy here kept current by the
+        # moderation channel (server/catalog/moderation.py).
+        self.moderation = Moderation(pool, redis, self.keys, settings, self.economy.balance)
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
             redis,
@@ -192,6 +196,11 @@ class Node:
         await self.broker.start()
         if self.confirmations is not None:
             await self.broker.subscribe(self._commits_channel)
+        await self.broker.subscribe(self.moderation.channel)
+        try:
+            await self.moderation.load_platform_bans()
+        except Unavailable as exc:  # hello loads them once Postgres answers
+            log.warning("platform bans not loaded at start: %s", exc.message)
         self._loops = [
             asyncio.create_task(self._heartbeat_forever(), name="node-heartbeat"),
             asyncio.create_task(self._presence_forever(), name="node-presence"),
@@ -381,6 +390,12 @@ class Node:
             if self.confirmations is not None:
                 self.confirmations.on_message(message)
             return
+        if channel == self.moderation.channel:
+            if isinstance(message, bus.ModerationChanged):
+                self._on_moderation(message)
+            else:
+                _misplaced(message, "the moderation channel")
+            return
         room = self.keys.channel_room(channel)
         if room is None:
             user_id = self.keys.channel_user(channel)
@@ -409,6 +424,41 @@ class Node:
         if self.confirmations is not None:
             # Commits published while pub/sub was away were not heard.
             self.spawn(self.confirmations.recheck())
+        # So were moderation changes: the rules are read again from Postgres.
+        self.moderation.forget_all()
+        self.spawn(self._reload_platform_bans())
+
+    async def _reload_platform_bans(self) -> None:
+        """HTTP reads the platform bans without waiting: read them again now
+        (a hello that finds them missing reads them itself)."""
+        try:
+            await self.moderation.load_platform_bans()
+        except Unavailable as exc:
+            log.warning("platform bans not reloaded: %s", exc.message)
+
+    # --- moderation (server/catalog/moderation.py) ---------------------------------------
+    def _on_moderation(self, message: bus.ModerationChanged) -> None:
+        news = decode_news(message)
+        if news is None:
+            log.warning("dropped a malformed moderation payload")
+            return
+        self.moderation.on_news(news)
+        op, room, user = news.get("op"), news.get("room"), news.get("user")
+        if not isinstance(user, str):
+            return
+        if op == "removed" and isinstance(room, str):
+            until = news.get("until")
+            reason = "banned" if news.get("reason") == "banned" else "kicked"
+            frame = orjson.dumps(
+                events.removed_event(room, reason, until if isinstance(until, int) else None)
+            )
+            for session in list(self._user_sessions.get(user, ())):
+                session.remove_from_room(room, frame)
+        elif op == "clear" and isinstance(room, str):
+            self.hub.deliver_transient(room, orjson.dumps(events.clear_event(room, user)))
+        elif op == "platform" and news.get("banned"):
+            for session in list(self._user_sessions.get(user, ())):
+                session.close_banned()
 
     async def _fill_gaps(self) -> None:
         """Deliver what was published while pub/sub was down, from history."""

@@ -26,13 +26,17 @@ from websockets.exceptions import ConnectionClosed
 
 from tokenchat.protocol import (
     Balance,
+    Ban,
     BuyTicket,
+    Clear,
     CloseCode,
     Command,
     ErrorCode,
     Hello,
     Join,
+    Kick,
     Leave,
+    Mute,
     Ping,
     PostMedia,
     PrivateAccept,
@@ -50,6 +54,9 @@ from tokenchat.protocol import (
     ShowCancel,
     ShowEnd,
     ShowStart,
+    Slow,
+    Unban,
+    Unmute,
     codec_for,
     decode_command,
     events,
@@ -136,6 +143,14 @@ class Session:
         self._handlers[ShowStart] = self._show_start
         self._handlers[ShowEnd] = self._show_end
         self._handlers[ShowCancel] = self._show_cancel
+        # Moderation (server/catalog/moderation.py).
+        self._handlers[Mute] = self._mute
+        self._handlers[Unmute] = self._unmute
+        self._handlers[Kick] = self._kick
+        self._handlers[Ban] = self._ban
+        self._handlers[Unban] = self._unban
+        self._handlers[Clear] = self._clear
+        self._handlers[Slow] = self._slow
 
     # --- what the hub needs ---------------------------------------------------
     @property
@@ -252,6 +267,8 @@ class Session:
                 node.settings.jwt_secret, command.token, ttl_max_s=node.settings.token_ttl_max_s
             )
             await node.directory.touch_user(identity)
+            # A platform-banned user never gets a session (closed 4003).
+            await node.moderation.check_platform(identity.user_id)
             self.identity = identity
             online = True
             # Subscribed before reading the balance and the inbox, so that no
@@ -264,9 +281,14 @@ class Session:
             if online:
                 node.user_offline(self, identity.user_id)
             self.identity = None
-            await self._send_error(command.id, exc.code, exc.message)
+            await self._send(
+                {**self._error(command.id, exc.code, exc.message), **exc.wire_fields()}
+            )
             if exc.code is ErrorCode.UNAUTHENTICATED:
                 await self._close(CloseCode.UNAUTHENTICATED, exc.message)
+                return False
+            if exc.code is ErrorCode.BANNED:
+                await self._close(CloseCode.FORBIDDEN, "banned from the platform")
                 return False
             return None
         # Back within a private show's grace: its billing resumes.
@@ -334,7 +356,7 @@ class Session:
             fields = await handler(command)
         except ServiceError as exc:
             metrics.count_command(kind, exc.code)
-            return self._error(command.id, exc.code, exc.message)
+            return {**self._error(command.id, exc.code, exc.message), **exc.wire_fields()}
         except Exception:
             # A bug: log it here, tell the client nothing about it.
             log.exception("command %s failed", kind)
@@ -404,6 +426,9 @@ class Session:
             self.rooms.add(room_id)
         try:
             await self.node.subscribe_room(room_id)
+            # After subscribing: a ban committed later reaches this node as
+            # news and removes the session; one committed before is read here.
+            rules = await self.node.moderation.check_join(room_id, self._user())
             viewers = await self.node.room_joined(room_id)
             history = await self.node.rooms.history(room_id, since)
             show, ticket = await self._shows_of(room_id, history.events)
@@ -417,8 +442,14 @@ class Session:
             raise
         last = parse_offset(history.events[-1][0]) if history.events else None
         self._after_reply = lambda: self._flush_joined(room_id, last)
+        moderation = {**rules.settings_wire(), "moderators": sorted(rules.moderators)}
         return {
-            "room": {**info.to_wire(viewers), "show": show, "king": await self._king_of(room_id)},
+            "room": {
+                **info.to_wire(viewers),
+                "show": show,
+                "king": await self._king_of(room_id),
+                "moderation": moderation,
+            },
             "ticket": ticket,
             "history": [
                 orjson.loads(frame) for _, frame in history.events if self._visible(room_id, frame)
@@ -496,6 +527,7 @@ class Session:
             raise NotInRoom(f"join room '{command.room}' first")
         assert self.identity is not None
         user = self.identity.user_id
+        await self.node.moderation.check_say(command.room, user)
         tier = await self.node.standing.tiers.of(user)
         event = events.message_event_body(command.room, user, command.text, tier)
         return {"offset": await self.node.rooms.append(command.room, event, poster=user)}
@@ -579,6 +611,60 @@ class Session:
 
     async def _show_cancel(self, command: ShowCancel) -> Reply:
         return await self.node.shows.cancel(self._user(), command.show)
+
+    # --- moderation (server/catalog/moderation.py) -----------------------------------
+    def remove_from_room(self, room: str, frame: bytes) -> None:
+        """Kicked or banned (news from any node): out of the room at once,
+        then told why with ``frame`` (a ``removed`` event)."""
+        if self._closing or room not in self.rooms:
+            return
+        self.rooms.discard(room)
+        self._joining.pop(room, None)
+        self._catching_up.pop(room, None)
+        self.node.hub.remove(room, self)
+        self.node.room_left(room)
+        self._push(frame)
+
+    def close_banned(self) -> None:
+        """Banned from the platform: closed at once with 4003."""
+        if self._closing:
+            return
+        for room in self.rooms:
+            self.node.hub.remove(room, self)
+        self._joining.clear()
+        self._catching_up.clear()
+        self._close_soon(CloseCode.FORBIDDEN, "banned from the platform")
+
+    def _moderator(self) -> Identity:
+        assert self.identity is not None
+        return self.identity
+
+    async def _mute(self, command: Mute) -> Reply:
+        return await self.node.moderation.restrict(
+            self._moderator(), command.room, command.user, "mute", command.seconds
+        )
+
+    async def _unmute(self, command: Unmute) -> Reply:
+        return await self.node.moderation.lift(
+            self._moderator(), command.room, command.user, "mute"
+        )
+
+    async def _kick(self, command: Kick) -> Reply:
+        return await self.node.moderation.kick(self._moderator(), command.room, command.user)
+
+    async def _ban(self, command: Ban) -> Reply:
+        return await self.node.moderation.restrict(
+            self._moderator(), command.room, command.user, "ban", command.seconds
+        )
+
+    async def _unban(self, command: Unban) -> Reply:
+        return await self.node.moderation.lift(self._moderator(), command.room, command.user, "ban")
+
+    async def _clear(self, command: Clear) -> Reply:
+        return await self.node.moderation.clear(self._moderator(), command.room, command.user)
+
+    async def _slow(self, command: Slow) -> Reply:
+        return await self.node.moderation.slow(self._moderator(), command.room, command.seconds)
 
     async def _spend(self, action: Action, command: Command) -> Reply:
         """A paid command: its action's serve step (preconditions, then Economy)."""

@@ -8,6 +8,7 @@ that ``errors.ServiceError`` gives each code.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import time
 import urllib.parse
@@ -40,17 +41,23 @@ from tokenchat.protocol.commands import (
 from tokenchat.protocol.limits import (
     AMOUNT_MAX,
     AMOUNT_MIN,
+    CHAT_MIN_BALANCE_MAX,
+    CHAT_REQUIRES,
     MENU_ITEMS_MAX,
     PRIVATE_MIN_S_MAX,
+    RESTRICTION_S_MAX,
+    SLOW_S_MAX,
     USER_ID_RE,
 )
 
 from .. import metrics
 from ..auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token
+from ..catalog.moderation import AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX, append_audit
 from ..config import Settings
 from ..economy.economy import PAYMENTS_INITIATOR, MenuItem, new_tx_id, user_initiator
 from ..errors import (
     BadRequest,
+    Banned,
     Conflict,
     Forbidden,
     NotFound,
@@ -67,6 +74,10 @@ from ..ratelimit import KeyedLimiter
 from .forwarded import FORWARDED_HOST_SCOPE_KEY, FORWARDED_SCOPE_KEY, ForwardedHeaders
 from .payments import provider_named
 
+log = logging.getLogger(__name__)
+
+# A platform ban's reason, as an admin types it (the column's bound).
+BAN_REASON_LEN_MAX = 500  # characters
 # Largest request body: every body here is a few small fields.
 BODY_SIZE_MAX_BYTES = 16 * 1024
 PRICE_MAX = 1_000_000  # tokens, the contract's amount range
@@ -171,6 +182,11 @@ def create_app(node: Node) -> Starlette:
         )
         if roles and identity.role not in roles:
             raise Forbidden(f"this needs the role {' or '.join(roles)}")
+        # A platform-banned user is refused every call (this node's copy of
+        # the bans, kept current by the moderation channel).
+        banned = node.moderation.platform_ban_cached(identity.user_id)
+        if banned is not False:
+            raise Banned("you are banned from this platform", banned)
         return identity
 
     async def healthz(request: Request) -> Response:
@@ -364,6 +380,8 @@ def create_app(node: Node) -> Starlette:
             key=key,
             meta={"by": identity.user_id},
         )
+        if not reply.get("duplicate"):
+            await audit_admin(identity, "credit", user, {"amount": amount, "tx": reply.get("tx")})
         return JSONResponse(reply)
 
     async def admin_refund(request: Request) -> Response:
@@ -380,7 +398,81 @@ def create_app(node: Node) -> Starlette:
             if behind:  # it may be among the entries not yet in Postgres
                 raise Unavailable("the ledger is behind; try the refund again") from None
             raise
+        if not reply.get("duplicate"):
+            await audit_admin(identity, "refund", None, {"tx": tx, "refund": reply.get("tx")})
         return JSONResponse(reply)
+
+    async def audit_admin(
+        identity: Identity, action: str, target: str | None, detail: dict[str, Any]
+    ) -> None:
+        """The audit row of an admin's money action. The money moved already
+        (Redis, then the ledger): a row that cannot be written is logged, and
+        the ledger still names the admin (its initiator)."""
+        try:
+            await append_audit(node.pool, identity.user_id, action, None, target, detail)
+        except (asyncpg.PostgresError, OSError, TimeoutError):
+            log.warning("audit row of %s by %s not written", action, identity.user_id)
+
+    # --- moderation (server/catalog/moderation.py) ----------------------------------
+    async def my_moderators(request: Request) -> Response:
+        identity = identity_of(request, "model")
+        if request.method == "GET":
+            room = identity.user_id
+            return JSONResponse(
+                {"room": room, "moderators": await node.moderation.moderators(room)}
+            )
+        body = await json_body(request)
+        users = body.get("users")
+        most = node.settings.moderators_max
+        if (
+            not isinstance(users, list)
+            or len(users) > most
+            or not all(isinstance(u, str) and USER_ID_RE.fullmatch(u) for u in users)
+        ):
+            raise BadRequest(f"field 'users' must be a list of at most {most} user ids")
+        return JSONResponse(await node.moderation.set_moderators(identity, users))
+
+    async def my_room(request: Request) -> Response:
+        identity = identity_of(request, "model")
+        body = await json_body(request)
+        changes: dict[str, Any] = {}
+        slow_s = optional_int(body, "slow_s", 0, SLOW_S_MAX)
+        if slow_s is not None:
+            changes["slow_s"] = slow_s
+        requires = body.get("chat_requires")
+        if requires is not None:
+            if requires not in CHAT_REQUIRES:
+                raise BadRequest(f"field 'chat_requires' must be one of {', '.join(CHAT_REQUIRES)}")
+            changes["chat_requires"] = requires
+        least = optional_int(body, "chat_min_balance", 0, CHAT_MIN_BALANCE_MAX)
+        if least is not None:
+            changes["chat_min_balance"] = least
+        if not changes:
+            raise BadRequest("give at least one of slow_s, chat_requires, chat_min_balance")
+        await node.directory.touch_user(identity)  # her room exists from her first call
+        return JSONResponse(await node.moderation.set_room(identity, changes))
+
+    async def admin_ban(request: Request) -> Response:
+        identity = identity_of(request, "admin")
+        user = request.path_params["user"]
+        if not USER_ID_RE.fullmatch(user):
+            raise BadRequest("the path must name a user id")
+        if request.method == "DELETE":
+            return JSONResponse(await node.moderation.platform_unban(identity, user))
+        body = await json_body(request)
+        seconds = optional_int(body, "seconds", 1, RESTRICTION_S_MAX)
+        reason = body.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > BAN_REASON_LEN_MAX or "\x00" in reason:
+            raise BadRequest(f"field 'reason' must be a string of at most {BAN_REASON_LEN_MAX}")
+        return JSONResponse(await node.moderation.platform_ban(identity, user, seconds, reason))
+
+    async def admin_audit(request: Request) -> Response:
+        identity_of(request, "admin")
+        limit = query_int(request, "limit", AUDIT_PAGE_DEFAULT, 1, AUDIT_PAGE_MAX)
+        # `next` of the previous page: entries older than it.
+        before = request.query_params.get("before")
+        cursor = None if before is None else query_int(request, "before", 1, 1, 2**62)
+        return JSONResponse(await node.moderation.audit(cursor, limit))
 
     async def admin_reconcile(request: Request) -> Response:
         identity_of(request, "admin")
@@ -477,7 +569,14 @@ def create_app(node: Node) -> Starlette:
 
     async def service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
-        return error_response(exc.code, exc.message, exc.http_status)
+        response = error_response(exc.code, exc.message, exc.http_status)
+        extra = exc.wire_fields()
+        if extra:  # moderation refusals say until when (`until`)
+            response = JSONResponse(
+                {"error": {"code": exc.code, "message": exc.message, **extra}},
+                status_code=exc.http_status,
+            )
+        return response
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(ErrorCode.NOT_FOUND, f"no route {request.url.path}", 404)
@@ -525,6 +624,10 @@ def create_app(node: Node) -> Starlette:
             Route("/v1/admin/refunds", admin_refund, methods=["POST"]),
             Route("/v1/admin/reconcile", admin_reconcile),
             Route("/v1/admin/ledger/rejected", admin_parked),
+            Route("/v1/me/moderators", my_moderators, methods=["GET", "PUT"]),
+            Route("/v1/me/room", my_room, methods=["PUT"]),
+            Route("/v1/admin/bans/{user}", admin_ban, methods=["POST", "DELETE"]),
+            Route("/v1/admin/audit", admin_audit),
         ],
         exception_handlers={ServiceError: service_error, 404: not_found},
     )

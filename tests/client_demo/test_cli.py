@@ -388,3 +388,41 @@ def test_show_lines() -> None:
         }
     )
     assert line == "[a] show t_1 running: T (5 tokens a ticket, min 60 s)"
+
+
+async def test_moderation_from_the_terminal(server: Running) -> None:
+    """The model mutes, clears and bans a fan with /mute, /clear and /ban;
+    the fan's terminal shows the refusal, the clear and the removal."""
+    bob = await server.client("bob")
+    model = await Chat.start("--url", server.ws_url, "--token", token("alice", "model"))
+    fan = await Chat.start("--url", server.ws_url, "--token", token("carol"))
+    try:
+        await model.send("/join alice")
+        await model.expect("* joined alice")
+        await bob.call("join", room="alice")
+        await fan.send("/join alice")
+        await fan.expect("* joined alice")
+        await fan.send("spam spam")
+        await model.expect("[alice] carol: spam spam")
+        await model.send("/mute carol 60")
+        await model.expect("* carol muted in alice until ")
+        await fan.send("hello?")
+        await fan.expect("error MUTED: you are muted in room 'alice' (until ")
+        await model.send("/clear carol")
+        await model.expect("* carol cleared in alice")
+        await fan.expect("[alice] * carol's messages were cleared by a moderator")
+        await model.send("/slow 5")
+        await model.expect("* slow mode in alice: 5 s")
+        await model.send("/ban carol")
+        await model.expect("* carol banned in alice")
+        await fan.expect("[alice] * you were banned from alice")
+        await fan.send("/join alice")
+        await fan.expect("error BANNED: you are banned from room 'alice'")
+        await model.send("/kick nobody here")
+        await model.expect("usage: /kick USER")
+        await fan.send("/kick bob")  # her current room is still alice: not hers to moderate
+        await fan.expect("error FORBIDDEN: only room 'alice''s model and her moderators")
+    finally:
+        await model.kill()
+        await fan.kill()
+        await bob.close()

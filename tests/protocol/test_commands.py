@@ -9,6 +9,7 @@ from tokenchat.protocol import (
     JSON,
     MSGPACK,
     Balance,
+    Ban,
     Codec,
     Command,
     Dm,
@@ -16,16 +17,19 @@ from tokenchat.protocol import (
     Hello,
     Join,
     Leave,
+    Mute,
     Ping,
     PostMedia,
     ProtocolError,
     Say,
+    Slow,
     Tip,
     Unlock,
     command_to_dict,
     decode_command,
     parse_command,
 )
+from tokenchat.protocol.limits import RESTRICTION_S_MAX, SLOW_S_MAX
 
 CODECS: list[Codec] = [JSON, MSGPACK]
 
@@ -120,6 +124,8 @@ def test_private_commands_parse() -> None:
 
 # Ticket shows (server/economy/shows.py).
 SHOW_COMMANDS = {"buy_ticket", "show_start", "show_end", "show_cancel"}
+# Moderation (docs/protocol.md, "Moderation").
+MODERATION_COMMANDS = {"mute", "unmute", "kick", "ban", "unban", "clear", "slow"}
 
 
 def test_registry() -> None:
@@ -140,6 +146,7 @@ def test_registry() -> None:
         | REQUEST_COMMANDS
         | PRIVATE_COMMANDS
         | SHOW_COMMANDS
+        | MODERATION_COMMANDS
     )
     for name, cls in COMMANDS.items():
         assert name == cls.TYPE
@@ -454,3 +461,23 @@ def test_key_message_names_the_rule() -> None:
 def test_printable_ascii_keys_pass(key: str) -> None:
     wire = {"type": "tip", "room": "a", "amount": 1, "key": key}
     assert parse_command(wire) == Tip(None, "a", 1, key)
+
+
+def test_moderation_commands() -> None:
+    mute = parse_command({"type": "mute", "room": "alice", "user": "bob", "seconds": 60})
+    assert mute == Mute(None, "alice", "bob", 60)
+    assert parse_command({"type": "ban", "room": "alice", "user": "bob"}) == Ban(
+        None, "alice", "bob", None
+    )
+    assert parse_command({"type": "slow", "room": "alice", "seconds": 0}) == Slow(None, "alice", 0)
+    for frame in (
+        {"type": "mute", "room": "alice", "user": "bob", "seconds": 0},
+        {"type": "mute", "room": "alice", "user": "bob"},
+        {"type": "ban", "room": "alice", "user": "bob", "seconds": RESTRICTION_S_MAX + 1},
+        {"type": "slow", "room": "alice", "seconds": SLOW_S_MAX + 1},
+        {"type": "kick", "room": "alice", "user": ""},
+        {"type": "clear", "room": "alice"},
+    ):
+        with pytest.raises(ProtocolError) as refused:
+            parse_command(frame)
+        assert refused.value.code is ErrorCode.BAD_REQUEST, frame

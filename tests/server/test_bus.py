@@ -46,6 +46,7 @@ messages = st.one_of(
     st.builds(bus.DirectMessage, stream_ids, bodies),
     st.builds(bus.LedgerCommitted, st.lists(tx_ids, max_size=5).map(tuple)),
     st.builds(bus.LedgerParked, st.lists(tx_ids, max_size=5).map(tuple)),
+    st.builds(bus.ModerationChanged, bodies),
 )
 
 
@@ -67,6 +68,7 @@ def test_the_documented_payloads_decode() -> None:
     assert bus.decode(b'D5-1 {"type":"dm"}') == bus.DirectMessage(b"5-1", b'{"type":"dm"}')
     assert bus.decode(b"Cab 12") == bus.LedgerCommitted(("ab", "12"))
     assert bus.decode(b"Rx") == bus.LedgerParked(("x",))
+    assert bus.decode(b'M{"op":"rules"}') == bus.ModerationChanged(b'{"op":"rules"}')
     # An event body may hold any byte, newlines and spaces included.
     assert bus.decode(b'E1-0 {"a":"x y\nz"}').body == b'{"a":"x y\nz"}'
 
@@ -104,6 +106,8 @@ def test_ids_the_ledger_channel_cannot_carry_are_left_out() -> None:
         (b"Cab  cd", "expected C<tx> <tx>"),
         (b"Cab ", "expected C<tx> <tx>"),
         (b"R\xc3\xa9", "expected R<tx> <tx>"),
+        (b"M", "expected M<JSON object>"),
+        (b"Mop", "expected M<JSON object>"),
     ],
 )
 def test_garbage_is_refused_saying_what_was_expected(payload: bytes, says: str) -> None:

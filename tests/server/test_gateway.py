@@ -111,6 +111,13 @@ async def test_join_returns_room_history_and_viewers(server: Running) -> None:
         "tip_min": 1,
         "show": None,
         "king": None,
+        # Moderation (docs/protocol.md): the room's chat settings and moderators.
+        "moderation": {
+            "slow_s": 0,
+            "chat_requires": "none",
+            "chat_min_balance": 0,
+            "moderators": [],
+        },
     }
     assert reply["ticket"] is False
     assert [e["text"] for e in reply["history"]] == ["welcome"]
