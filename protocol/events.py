@@ -147,3 +147,13 @@ def show_event(show: dict[str, Any]) -> dict[str, Any]:
     cancelled), ``price``, ``starts_at`` (ms since the epoch), ``min_s``,
     ``title``. ``show`` is a listed show (GET /v1/rooms/{room}/shows)."""
     return {"type": "show", **show}
+
+
+def goal_event(room: str, goal: dict[str, Any]) -> dict[str, Any]:
+    """A room's tip goal, to every member of the room: when it is set, on
+    each tip that counts toward it (published by the tip's own script, after
+    the tip event), when reached, failed (its deadline passed first) or
+    deleted. ``goal``: ``id``, ``title``, ``target``, ``progress`` (tokens
+    tipped toward it), ``state`` (active, reached, failed, deleted),
+    ``all_or_nothing``, ``deadline`` (ms since the epoch, or null)."""
+    return {"type": "goal", "room": room, "goal": goal}

@@ -30,6 +30,7 @@ from ..config import Settings
 from ..db import create_pool
 from ..economy.deadlines import Sweeper
 from ..economy.economy import Economy
+from ..economy.goals import Goals
 from ..economy.privates import Privates
 from ..economy.requests import Requests
 from ..economy.shows import Shows
@@ -118,6 +119,9 @@ class Node:
         self.privates.register(self.sweeper)
         self.shows = Shows(pool, redis, self.keys, settings, self.economy, self.rooms.append)
         self.shows.register(self.sweeper)
+        # Tip goals: counted by tips in Redis, closed and settled here.
+        self.goals = Goals(pool, redis, self.keys, settings, self.economy, self.rooms.append)
+        self.goals.register(self.sweeper)
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
             redis,

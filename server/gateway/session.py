@@ -407,6 +407,7 @@ class Session:
             viewers = await self.node.room_joined(room_id)
             history = await self.node.rooms.history(room_id, since)
             show, ticket = await self._shows_of(room_id, history.events)
+            goal = await self._goal_of(room_id)
         except BaseException:
             self._joining.pop(room_id, None)
             self.node.hub.join_finished(room_id, self)
@@ -418,13 +419,25 @@ class Session:
         last = parse_offset(history.events[-1][0]) if history.events else None
         self._after_reply = lambda: self._flush_joined(room_id, last)
         return {
-            "room": {**info.to_wire(viewers), "show": show},
+            "room": {**info.to_wire(viewers), "show": show, "goal": goal},
             "ticket": ticket,
             "history": [
                 orjson.loads(frame) for _, frame in history.events if self._visible(room_id, frame)
             ],
             "recovered": history.recovered,
         }
+
+    async def _goal_of(self, room: str) -> dict[str, Any] | None:
+        """The room's tip goal for `join` (None when it has none). With Redis
+        or Postgres away the join still succeeds, naming none: the next
+        `goal` event brings it."""
+        if room.startswith(PRIVATE_ROOM_PREFIX):
+            return None
+        try:
+            return await self.node.goals.current(room)
+        except ServiceError as exc:
+            log.warning("room %s joined without its goal: %s", room, exc.message)
+            return None
 
     async def _shows_of(
         self, room: str, history: list[tuple[bytes, bytes]]
