@@ -167,7 +167,8 @@ async def test_all_or_nothing_holds_tips_and_releases_them_once_reached(
     assert await escrow_of(settings, goal["id"]) == 0
     releases = await pg(
         settings,
-        "SELECT count(*) AS n FROM ledger_transactions WHERE kind = 'release' AND meta->>'goal' = $1",
+        """SELECT count(*) AS n FROM ledger_transactions
+           WHERE kind = 'release' AND meta->>'goal' = $1""",
         goal["id"],
     )
     assert releases[0]["n"] == 1
@@ -209,7 +210,7 @@ async def test_a_missed_deadline_refunds_each_fan_what_they_tipped(
 async def test_deleting_an_active_goal_refunds_and_frees_the_room_for_a_new_one(
     server: Running, settings: Settings
 ) -> None:
-    model, bob, carol = await members(server)
+    _model, bob, carol = await members(server)
     goal = await set_goal(server, 100, all_or_nothing=True)
     await bob.call("tip", room="alice", amount=40, key="a")
     status, reply = await Http(server).call(
