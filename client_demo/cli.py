@@ -44,6 +44,12 @@ happens, one line each, to standard output:
     /ticket S         buy a ticket to show S of the current room (S: its id,
                       or its number in /shows)
     /start S, /end S, /showcancel S   start, end or cancel your show S (model)
+    /goal             show the current room's tip goal (--http)
+    /setgoal [--aon] [--in S] TARGET TITLE   set your room's tip goal (model;
+                      PUT /v1/me/goal on --http): TARGET tokens, within S
+                      seconds if given; --aon holds the tips until it is
+                      reached (refunded if the time runs out first)
+    /delgoal          remove your room's goal (model); held tips go back
     /help             this list
     /quit             leave (so does the end of the input)
 
@@ -78,8 +84,11 @@ from .client import (
     HttpError,
     Session,
     SessionClosed,
+    delete_goal,
+    get_goal,
     get_menu,
     media_url,
+    set_goal,
     upload_media,
 )
 
@@ -114,6 +123,9 @@ HELP = """commands:
   /schedule PRICE MIN_S IN_S TITLE   schedule a ticket show (model)
   /ticket S       buy a ticket to show S of the current room
   /start S, /end S, /showcancel S   run your show S (model)
+  /goal           show the current room's tip goal
+  /setgoal [--aon] [--in S] TARGET TITLE   set your room's tip goal (model)
+  /delgoal        remove your room's tip goal (model)
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -214,6 +226,8 @@ def format_event(event: Event) -> str | None:
         return f"private {format_private(event)}"
     if type_ == "show":
         return f"[{room}] show {format_show(event)}"
+    if type_ == "goal" and isinstance(event.get("goal"), dict):
+        return f"[{room}] goal {format_goal(event['goal'])}"
     if type_ == "error":
         return f"error {event.get('code')}: {event.get('message')}"
     if type_ == "gap":
@@ -264,6 +278,18 @@ def format_media(media: dict[str, Any]) -> str:
     teaser = f' "{preview.get("text")}"' if preview.get("kind") == "text" else ""
     kind = "a photo" if media.get("kind") == "image" else "a video"
     return f"{kind}{teaser}, {media.get('price')} tokens: /unlock {media.get('id')}"
+
+
+def format_goal(goal: dict[str, Any]) -> str:
+    """A tip goal on one line: title, progress of target, state, kind."""
+    kind = ", all or nothing" if goal.get("all_or_nothing") else ""
+    deadline = goal.get("deadline")
+    if isinstance(deadline, int) and goal.get("state") == "active":
+        kind += f", {max(0, int(deadline / 1000 - time.time()))} s left"
+    return (
+        f"{goal.get('title')}: {goal.get('progress')}/{goal.get('target')} "
+        f"({goal.get('state')}{kind})"
+    )
 
 
 def format_show(show: Event) -> str:
@@ -405,6 +431,8 @@ async def handle_line(
             if room.get("show"):
                 ticket = "you have a ticket" if reply.get("ticket") else "no ticket"
                 out(f"* show {format_show(room['show'])}; {ticket}")
+            if room.get("goal"):
+                out(f"* goal {format_goal(room['goal'])}")
     elif command == "leave":
         if state.room is None:
             out("error: not in a room")
@@ -456,6 +484,8 @@ async def handle_line(
         await schedule_show(rest, args, out)
     elif command in ("ticket", "start", "end", "showcancel"):
         await show_command(command, rest, session, state, out)
+    elif command in ("goal", "setgoal", "delgoal"):
+        await goal_command(command, rest, state, args, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
@@ -893,6 +923,57 @@ def http_get(url: str, token: str) -> tuple[int, Any]:
         return status, json.loads(data)
     except ValueError:
         return status, None
+
+
+async def goal_command(
+    command: str, rest: str, state: State, args: argparse.Namespace, out: Output
+) -> None:
+    """/goal, /setgoal and /delgoal, over the HTTP API."""
+    if not args.http:
+        out(f"error: /{command} needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    try:
+        if command == "goal":
+            if state.room is None:
+                out("error: join a room first (/join ROOM)")
+                return
+            goal = await get_goal(args.http, state.room)
+            out(f"* goal {format_goal(goal)}" if goal else f"* {state.room} has no goal")
+        elif command == "delgoal":
+            reply = await delete_goal(args.http, args.token)
+            out(f"* goal {format_goal(reply['goal'])}")
+        else:
+            parsed = parse_setgoal(rest)
+            if parsed is None:
+                out("usage: /setgoal [--aon] [--in SECONDS] TARGET TITLE")
+                return
+            target, title, in_s, aon = parsed
+            deadline = None if in_s is None else int((time.time() + in_s) * 1000)
+            goal = await set_goal(
+                args.http, args.token, title, target, deadline_ms=deadline, all_or_nothing=aon
+            )
+            out(f"* goal {format_goal(goal)}")
+    except HttpError as exc:
+        out(f"error {exc.code}: {exc.message}")
+    except OSError as exc:
+        out(f"error: /{command}: {exc}")
+
+
+def parse_setgoal(rest: str) -> tuple[int, str, int | None, bool] | None:
+    """``[--aon] [--in SECONDS] TARGET TITLE``: (target, title, seconds, aon)."""
+    words = rest.split()
+    aon, in_s = False, None
+    while words and words[0].startswith("--"):
+        flag = words.pop(0)
+        if flag == "--aon":
+            aon = True
+        elif flag == "--in" and words and words[0].isdigit():
+            in_s = int(words.pop(0))
+        else:
+            return None
+    if len(words) < 2 or not words[0].isdigit():
+        return None
+    return int(words[0]), " ".join(words[1:]), in_s, aon
 
 
 if __name__ == "__main__":
