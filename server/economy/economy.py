@@ -80,9 +80,10 @@ MINT = "sys:mint"
 PAYMENTS_INITIATOR = "sys:payments"
 DEV_INITIATOR = "sys:dev"
 IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000  # the contract's 24 hours
-# Loads per call before giving up: one per account a script touches, plus one
-# for a Redis reset racing the load.
-LOAD_ATTEMPTS_MAX = 4
+# Loads per call before giving up: one per hot key a script may find missing
+# (a menu tip: the menu, both balances, the room's goal and an all-or-nothing
+# goal's escrow), plus one for a Redis reset racing the load.
+LOAD_ATTEMPTS_MAX = 6
 # Idempotency records restored per account load. An account debited more
 # often than this in 24 hours keeps only its newest records across a Redis
 # reset (the mint, with one debit per purchase, is the account that could).

@@ -110,6 +110,7 @@ async def test_join_returns_room_history_and_viewers(server: Running) -> None:
         "viewers": 2,
         "tip_min": 1,
         "show": None,
+        "goal": None,  # the room's tip goal (test_goals.py)
     }
     assert reply["ticket"] is False
     assert [e["text"] for e in reply["history"]] == ["welcome"]
