@@ -193,7 +193,7 @@ class Goals:
         await self._publish(model, goal)
         return goal
 
-    async def delete(self, model: str) -> dict[str, Any]:
+    async def delete(self, model: str, attempts: int = _LOAD_ATTEMPTS_MAX) -> dict[str, Any]:
         """Remove the room's current goal: an active one closes with its
         held tips refunded; a reached or failed one leaves the room's view."""
         row = await self._current_row(model)
@@ -220,7 +220,9 @@ class Goals:
         except _DB_ERRORS as exc:
             raise Unavailable("goals are unavailable; nothing changed") from exc
         if closed is None:  # it changed meanwhile (reached, expired): look again
-            return await self.delete(model)
+            if attempts <= 1:
+                raise Conflict("the goal keeps changing; try again")
+            return await self.delete(model, attempts - 1)
         progress = await self._close_redis(closed)
         settled = await self._settle_now(closed["id"])
         goal = wire(closed, progress)

@@ -353,3 +353,28 @@ async def test_redis_loss_after_a_delete_refunds_each_fan_once(
     )
     assert rows[0]["n"] == 1
     assert (await Http(server).reconcile())["ok"] is True
+
+
+async def test_a_redis_older_than_the_ledger_rebuilds_the_goals_progress(
+    start_server: Start, private_redis: str
+) -> None:
+    from tests.server import test_ledger_durability as durability
+    from tokenchat.server.keys import Keys
+
+    running = await durability.start(start_server, redis_url=private_redis)
+    node = running.node
+    keys = Keys(node.settings.redis_prefix)
+    http = Http(running)
+    fan = await durability.room_with_fan(running, http, "bob", 100)
+    async with durability.writer_running(node):
+        await set_goal(running, 100)
+        assert (await fan.call("tip", room="alice", amount=10, key="a"))["goal"]["progress"] == 10
+    # Redis goes back in time (see test_ledger_durability): its outbox behind
+    # the ledger, its scripts forgotten, and the goal's progress it held then.
+    await node.redis.hset(keys.goal("alice"), "progress", 0)  # type: ignore[misc]
+    await node.redis.execute_command("XSETID", keys.outbox(), "1-0")
+    await node.redis.script_flush()
+    async with durability.writer_running(node):
+        reply = await fan.call("tip", room="alice", amount=5, key="b")
+    assert reply["goal"]["progress"] == 15  # rebuilt from the ledger, then counted
+    assert (await http.reconcile())["ok"] is True
