@@ -54,6 +54,12 @@ happens, one line each, to standard output:
                       for SECONDS or until unbanned
     /clear USER       remove USER's lines from the current room's history
     /slow SECONDS     one line per SECONDS per member in the current room (0: off)
+    /goal             show the current room's tip goal (--http)
+    /setgoal [--aon] [--in S] TARGET TITLE   set your room's tip goal (model;
+                      PUT /v1/me/goal on --http): TARGET tokens, within S
+                      seconds if given; --aon holds the tips until it is
+                      reached (refunded if the time runs out first)
+    /delgoal          remove your room's goal (model); held tips go back
     /help             this list
     /quit             leave (so does the end of the input)
 
@@ -88,9 +94,12 @@ from .client import (
     HttpError,
     Session,
     SessionClosed,
+    delete_goal,
+    get_goal,
     get_leaderboard,
     get_menu,
     media_url,
+    set_goal,
     upload_media,
 )
 
@@ -130,6 +139,9 @@ HELP = """commands:
   /kick USER, /ban USER [SECONDS], /unban USER   remove USER (moderators)
   /clear USER     remove USER's lines from the room's history (moderators)
   /slow SECONDS   slow mode in the current room, 0 turns it off (moderators)
+  /goal           show the current room's tip goal
+  /setgoal [--aon] [--in S] TARGET TITLE   set your room's tip goal (model)
+  /delgoal        remove your room's tip goal (model)
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -237,6 +249,8 @@ def format_event(event: Event) -> str | None:
         until = event.get("until")
         how = f" until {format_until(until)}" if isinstance(until, int) else ""
         return f"[{room}] * you were {event.get('reason')} from {room}{how}"
+    if type_ == "goal" and isinstance(event.get("goal"), dict):
+        return f"[{room}] goal {format_goal(event['goal'])}"
     if type_ == "error":
         return f"error {event.get('code')}: {event.get('message')}"
     if type_ == "gap":
@@ -300,6 +314,18 @@ def format_media(media: dict[str, Any]) -> str:
     teaser = f' "{preview.get("text")}"' if preview.get("kind") == "text" else ""
     kind = "a photo" if media.get("kind") == "image" else "a video"
     return f"{kind}{teaser}, {media.get('price')} tokens: /unlock {media.get('id')}"
+
+
+def format_goal(goal: dict[str, Any]) -> str:
+    """A tip goal on one line: title, progress of target, state, kind."""
+    kind = ", all or nothing" if goal.get("all_or_nothing") else ""
+    deadline = goal.get("deadline")
+    if isinstance(deadline, int) and goal.get("state") == "active":
+        kind += f", {max(0, int(deadline / 1000 - time.time()))} s left"
+    return (
+        f"{goal.get('title')}: {goal.get('progress')}/{goal.get('target')} "
+        f"({goal.get('state')}{kind})"
+    )
 
 
 def format_show(show: Event) -> str:
@@ -450,6 +476,8 @@ async def handle_line(
             if room.get("show"):
                 ticket = "you have a ticket" if reply.get("ticket") else "no ticket"
                 out(f"* show {format_show(room['show'])}; {ticket}")
+            if room.get("goal"):
+                out(f"* goal {format_goal(room['goal'])}")
     elif command == "leave":
         if state.room is None:
             out("error: not in a room")
@@ -505,6 +533,8 @@ async def handle_line(
         await show_command(command, rest, session, state, out)
     elif command in MODERATION_COMMANDS:
         await moderate(command, rest, session, state, out)
+    elif command in ("goal", "setgoal", "delgoal"):
+        await goal_command(command, rest, state, args, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
@@ -1017,6 +1047,57 @@ async def show_leaderboard(
     out(f"* {state.room} top tippers ({window}):")
     for entry in entries:
         out(f"  {entry['rank']}. {entry['user']}{_tier(entry)} {entry['tokens']} tokens")
+
+
+async def goal_command(
+    command: str, rest: str, state: State, args: argparse.Namespace, out: Output
+) -> None:
+    """/goal, /setgoal and /delgoal, over the HTTP API."""
+    if not args.http:
+        out(f"error: /{command} needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    try:
+        if command == "goal":
+            if state.room is None:
+                out("error: join a room first (/join ROOM)")
+                return
+            goal = await get_goal(args.http, state.room)
+            out(f"* goal {format_goal(goal)}" if goal else f"* {state.room} has no goal")
+        elif command == "delgoal":
+            reply = await delete_goal(args.http, args.token)
+            out(f"* goal {format_goal(reply['goal'])}")
+        else:
+            parsed = parse_setgoal(rest)
+            if parsed is None:
+                out("usage: /setgoal [--aon] [--in SECONDS] TARGET TITLE")
+                return
+            target, title, in_s, aon = parsed
+            deadline = None if in_s is None else int((time.time() + in_s) * 1000)
+            goal = await set_goal(
+                args.http, args.token, title, target, deadline_ms=deadline, all_or_nothing=aon
+            )
+            out(f"* goal {format_goal(goal)}")
+    except HttpError as exc:
+        out(f"error {exc.code}: {exc.message}")
+    except OSError as exc:
+        out(f"error: /{command}: {exc}")
+
+
+def parse_setgoal(rest: str) -> tuple[int, str, int | None, bool] | None:
+    """``[--aon] [--in SECONDS] TARGET TITLE``: (target, title, seconds, aon)."""
+    words = rest.split()
+    aon, in_s = False, None
+    while words and words[0].startswith("--"):
+        flag = words.pop(0)
+        if flag == "--aon":
+            aon = True
+        elif flag == "--in" and words and words[0].isdigit():
+            in_s = int(words.pop(0))
+        else:
+            return None
+    if len(words) < 2 or not words[0].isdigit():
+        return None
+    return int(words[0]), " ".join(words[1:]), in_s, aon
 
 
 if __name__ == "__main__":

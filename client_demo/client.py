@@ -1087,3 +1087,46 @@ async def put_room_settings(http_url: str, token: str, **settings: Any) -> dict[
     url = f"{http_url.rstrip('/')}/v1/me/room"
     reply: dict[str, Any] = await asyncio.to_thread(_http_json, "PUT", url, token, settings)
     return reply
+
+
+# --- tip goals (docs/protocol.md, "Tip goals") ------------------------------------------------
+
+
+async def get_goal(http_url: str, room: str) -> dict[str, Any] | None:
+    """The room's tip goal (``GET /v1/rooms/{room}/goal``): ``{id, title,
+    target, progress, state, all_or_nothing, deadline}``, or None when it has
+    none. ``HttpError`` (``NOT_FOUND`` for an unknown room)."""
+    url = f"{http_url.rstrip('/')}/v1/rooms/{urllib.parse.quote(room, safe='')}/goal"
+    reply = await asyncio.to_thread(_http_json, "GET", url, None)
+    goal: dict[str, Any] | None = reply["goal"]
+    return goal
+
+
+async def set_goal(
+    http_url: str,
+    token: str,
+    title: str,
+    target: int,
+    *,
+    deadline_ms: int | None = None,
+    all_or_nothing: bool = False,
+) -> dict[str, Any]:
+    """Set the caller's (a model's) room goal: ``target`` tokens, by
+    ``deadline_ms`` (ms since the epoch) if given; ``all_or_nothing`` holds
+    the tips in escrow until it is reached (refunded if the deadline passes
+    first). ``HttpError`` ``CONFLICT`` while a goal is active."""
+    body: dict[str, Any] = {"title": title, "target": target, "all_or_nothing": all_or_nothing}
+    if deadline_ms is not None:
+        body["deadline"] = deadline_ms
+    url = f"{http_url.rstrip('/')}/v1/me/goal"
+    reply = await asyncio.to_thread(_http_json, "PUT", url, token, body)
+    goal: dict[str, Any] = reply["goal"]
+    return goal
+
+
+async def delete_goal(http_url: str, token: str) -> dict[str, Any]:
+    """Remove the caller's room goal: ``{goal, settled}``; an active
+    all-or-nothing goal's held tips go back to their fans."""
+    url = f"{http_url.rstrip('/')}/v1/me/goal"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "DELETE", url, token)
+    return reply

@@ -13,6 +13,8 @@ within a second or so if the session is lost), read its events, thank
 tippers, now and then show their locked photo (``post_media``), accept and
 deliver a custom request offered to them (a release from escrow), run ticket
 shows (schedule over HTTP, start, end paid or now and then cancel: refunds),
+set tip goals (``PUT /v1/me/goal``: half all-or-nothing, some with a deadline
+that passes during a run) and now and then delete them (held tips refunded),
 accept the newest private show asked of them or end the one they run, and
 change their prices with ``PUT /v1/me/prices``. Each model's menu is saved and
 her photo uploaded once at test start (``PUT /v1/me/menu``,
@@ -149,6 +151,11 @@ REQUEST_AMOUNTS = (5, 20, 50)  # tokens
 # short, so that a show ends paid within the few seconds a run lasts.
 SHOW_PRICES = (5, 10, 20)
 SHOW_MIN_S = 1
+# Tip goals: targets models set (tokens), reached within a run by a room's
+# tips now and then; half are all-or-nothing, and some of those have a
+# deadline short enough to pass during a run (refunding every held tip).
+GOAL_TARGETS = (20, 50, 150)
+GOAL_DEADLINE_S = 15
 TIP_MIN_MAX = 3  # tokens; models set tip_min 1..this; every tip is at least this
 # Private shows: a low rate, so a show a fan forgets to end costs little of
 # a budget; a short minimum, so most ends fall after it (metered) and some
@@ -941,6 +948,7 @@ class ModelUser(TokenchatUser):
         self.newest: tuple[int, ...] = ()  # the newest room offset received
         self.show: str | None = None  # her ticket show, scheduled or running
         self.show_running = False
+        self.goal: str | None = None  # her room's active tip goal
         self.in_room()
 
     def on_event(self, event: dict[str, Any]) -> None:
@@ -952,6 +960,11 @@ class ModelUser(TokenchatUser):
             self.tippers = [*self.tippers[-9:], str(event.get("from"))]
         if kind == "message" and event.get("from") != self.user_id:
             self.chatters = [*getattr(self, "chatters", [])[-9:], str(event.get("from"))]
+        if kind == "goal" and event.get("room") == self.user_id:
+            goal = event.get("goal") or {}
+            COUNTERS[f"goals {goal.get('state')}"] += 1
+            if goal.get("id") == self.goal and goal.get("state") != "active":
+                self.goal = None  # reached, failed or deleted: set a new one
         if kind == "request" and event.get("state") == "offered":
             self.offers = [*self.offers[-9:], str(event.get("request"))]
         if kind == "private":
@@ -1163,6 +1176,53 @@ class ModelUser(TokenchatUser):
             kind = "show_cancel" if random.random() < 0.2 else "show_end"
             self.command(kind, {"type": kind, "show": self.show})
             self.show = None
+
+    @task(2)
+    def run_goal(self) -> None:
+        """A tip goal, one step per pick: set one (HTTP PUT; fans' tips count
+        toward it), and now and then delete it (an all-or-nothing goal's held
+        tips are refunded). A goal left active by an earlier run is deleted."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if self.goal is not None:
+            if random.random() < 0.2:
+                self.delete_goal(headers)
+            return
+        body: dict[str, Any] = {
+            "title": "load goal",
+            "target": random.choice(GOAL_TARGETS),
+            "all_or_nothing": random.random() < 0.5,
+        }
+        if body["all_or_nothing"] and random.random() < 0.5:
+            body["deadline"] = int((time.time() + GOAL_DEADLINE_S) * 1000)
+        with self.client.put(
+            "/v1/me/goal",
+            json=body,
+            headers=headers,
+            name="PUT /v1/me/goal",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code == 409:  # one is active (an earlier run's): not a failure
+                response.success()
+                self.delete_goal(headers)
+            elif response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+            else:
+                self.goal = str(response.json()["goal"]["id"])
+
+    def delete_goal(self, headers: dict[str, str]) -> None:
+        with self.client.delete(
+            "/v1/me/goal",
+            headers=headers,
+            name="DELETE /v1/me/goal",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code not in (200, 404):  # 404: closed and removed meanwhile
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+            else:
+                response.success()
+                self.goal = None
 
 
 class FanUser(TokenchatUser):

@@ -131,6 +131,9 @@ FAN_ID_FORMAT = "bench_f{:05d}"  # user ids of the fans
 MODEL_ID_FORMAT = "bench_model{:03d}"  # user ids of the models; a room's id is its model's
 ADMIN_ID = "bench_admin"  # who credits the fans
 TIP_AMOUNT = 1  # tokens per tip: the smallest, so the balance never runs out
+# --goal: each room's goal target, the largest a goal may have, so that no
+# run of the benchmark reaches it and every tip counts toward it.
+GOAL_TARGET_TOKENS = 1_000_000_000
 # Credited to every fan per tokenchat run (the contract's largest amount): a
 # fan tips well under 10,000 times a run, so this is never the limit.
 FUND_TOKENS = 1_000_000  # tokens
@@ -560,6 +563,26 @@ class BaselineSpec:
     fans: int
     rooms: int
     cpus: frozenset[int] | None
+    goal: bool = False  # each room has an active tip goal (--goal)
+
+
+def goal_hash(room: str, goal: bool) -> dict[Any, Any]:
+    """A baseline room's goal hash, as server/economy/goals.py writes it:
+    none (id ''), or with --goal an active goal that no run reaches."""
+    if not goal:
+        return {"id": "", "room": room}
+    return {
+        "id": "g_" + room.encode().hex()[:24].rjust(24, "0"),
+        "state": "active",
+        "target": GOAL_TARGET_TOKENS,
+        "progress": 0,
+        "title": "bench goal",
+        "room": room,
+        "aon": "0",
+        "deadline": "",
+        "escrow": "",
+        "escrow_key": "",
+    }
 
 
 class VirtualFan:
@@ -594,6 +617,7 @@ class VirtualFan:
                 "payee_balance": keys.balance(payee),
                 "history": keys.room_history(room),
                 "room_show": keys.room_show(room),
+                "goal": keys.goal(room),
             },
             args={
                 "request": fingerprint("tip", room=room, amount=TIP_AMOUNT, text=""),
@@ -740,6 +764,8 @@ async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
                 pipe.set(keys.balance(user_account(fan_id(i))), BASELINE_BALANCE_TOKENS)
             for room in range(spec.rooms):
                 pipe.set(keys.balance(user_account(model_id(room))), 0)
+                pipe.delete(keys.goal(model_id(room)))
+                pipe.hset(keys.goal(model_id(room)), mapping=goal_hash(model_id(room), spec.goal))
             await pipe.execute()
         conn.send(("ready", None))
         while True:
@@ -845,6 +871,8 @@ class TipsBench(Bench):
             self._wait_ready(self.ledger_writer, lambda: http_answers(url))
         self.admin_token = issue_token(self.jwt_secret, ADMIN_ID, "admin")
         asyncio.run(self._models_hello(server.ws_port))
+        if self.args.goal:
+            self.set_goals(http_port)
         self.heads = self.workload.prepare(self, http_port)
         return server, http_port
 
@@ -880,6 +908,19 @@ class TipsBench(Bench):
         async with asyncio.TaskGroup() as group:
             for room in range(self.args.rooms):
                 group.create_task(hello(room))
+
+    def set_goals(self, http_port: int) -> None:
+        """--goal: every room gets a tip goal (PUT /v1/me/goal) that no run
+        reaches, so every tip counts toward it."""
+        from tokenchat.server.auth import issue_token
+
+        url = f"http://{HOST}:{http_port}/v1/me/goal"
+        for room in range(self.args.rooms):
+            token = issue_token(self.jwt_secret, model_id(room), "model")
+            body = {"title": "bench goal", "target": GOAL_TARGET_TOKENS}
+            status, reply = http_json(url, token, body, method="PUT")
+            if status != 200:
+                raise RuntimeError(f"goal of {model_id(room)} refused: {status} {reply}")
 
     def fund_fans(self, http_port: int, number: int) -> None:
         url = f"http://{HOST}:{http_port}/v1/admin/credits"
@@ -1068,6 +1109,7 @@ class TipsBench(Bench):
             rooms=args.rooms,
             # --pin: the baseline plays the server's part, so it gets the server's CPU.
             cpus=self.server_cpus,
+            goal=args.goal,
         )
         context = multiprocessing.get_context("spawn")
         parent_end, child_end = context.Pipe()
@@ -1354,6 +1396,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=sorted(WORKLOADS),
         default="tip",
         help="the paid command the fans send (default tip); the baseline stays the tip script",
+    )
+    parser.add_argument(
+        "--goal",
+        action="store_true",
+        help="every room has an active tip goal that the tips count toward (and the "
+        "baseline's rooms one in Redis): the tip cost with a goal running",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(

@@ -41,6 +41,8 @@ from .limits import (
     AMOUNT_MIN,
     DELIVERY_TEXT_LEN_MAX,
     DM_TEXT_LEN_MAX,
+    GOAL_TARGET_MAX,
+    GOAL_TITLE_LEN_MAX,
     ID_INT_MAX,
     ID_INT_MIN,
     ID_STR_LEN_MAX,
@@ -183,6 +185,9 @@ SHOW_TITLE: Final = stored_string(1, SHOW_TITLE_LEN_MAX)
 SHOW_MIN_S: Final = integer(1, SHOW_MIN_S_MAX)
 # Milliseconds since the epoch, up to 2**53 - 1 (exact in JavaScript numbers).
 EPOCH_MS: Final = integer(0, 2**53 - 1)
+# Over HTTP only (PUT /v1/me/goal): a tip goal's title and target.
+GOAL_TITLE: Final = stored_string(1, GOAL_TITLE_LEN_MAX)
+GOAL_TARGET: Final = integer(1, GOAL_TARGET_MAX)
 OBJECT_ID: Final = matching(OBJECT_ID_RE, "an id: 1 to 64 characters of A-Z a-z 0-9 _ -")
 MEDIA_TEXT: Final = string(0, MEDIA_TEXT_LEN_MAX)
 

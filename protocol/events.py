@@ -207,3 +207,13 @@ def removed_event(room: str, reason: str, until_ms: int | None) -> dict[str, Any
     if until_ms is not None:
         event["until"] = until_ms
     return event
+
+
+def goal_event(room: str, goal: dict[str, Any]) -> dict[str, Any]:
+    """A room's tip goal, to every member of the room: when it is set, on
+    each tip that counts toward it (published by the tip's own script, after
+    the tip event), when reached, failed (its deadline passed first) or
+    deleted. ``goal``: ``id``, ``title``, ``target``, ``progress`` (tokens
+    tipped toward it), ``state`` (active, reached, failed, deleted),
+    ``all_or_nothing``, ``deadline`` (ms since the epoch, or null)."""
+    return {"type": "goal", "room": room, "goal": goal}

@@ -58,6 +58,12 @@ SHOW_MIN_S_MAX: Final = 86400
 # How far ahead a show may be scheduled: a year, in seconds; further is a
 # typo rather than a plan.
 SHOW_AHEAD_S_MAX: Final = 366 * 86400
+# Tip goals (PUT /v1/me/goal): ids `g_` and 24 hex digits; a title is one
+# line of a goal bar; a target up to a billion tokens (a thousand maximal
+# tips), far below 2**53 and below what Lua's cjson prints exactly (1e14).
+GOAL_ID_RE: Final = re.compile(r"^g_[0-9a-f]{24}\Z")
+GOAL_TITLE_LEN_MAX: Final = 200  # characters
+GOAL_TARGET_MAX: Final = 1_000_000_000  # tokens
 
 # Amounts are integer tokens. The minimum: a zero tip moves nothing and only
 # adds ledger rows. The maximum caps one mistaken or malicious spend and keeps

@@ -236,6 +236,12 @@ class Settings:
     show_length_max_s: float = 12 * 3600.0
     # The same as request_settle_grace_s, for a closed show's escrow.
     show_settle_grace_s: float = 30.0
+    # Tip goals: how far ahead a goal's deadline may be. A month is longer
+    # than any goal a room rallies for; further is a typo, and it would
+    # keep an all-or-nothing goal's tips held for that long.
+    goal_deadline_ahead_s_max: float = 31 * 86400.0
+    # The same as request_settle_grace_s, for a closed goal's escrow.
+    goal_settle_grace_s: float = 30.0
     # How often the deadline sweeper looks for due deadlines: the precision of
     # every expiry (an offer expires up to this late).
     deadline_sweep_interval_s: float = 1.0
@@ -371,6 +377,8 @@ class Settings:
             "show_start_grace_s",
             "show_length_max_s",
             "show_settle_grace_s",
+            "goal_deadline_ahead_s_max",
+            "goal_settle_grace_s",
             "deadline_sweep_interval_s",
             "deadline_lease_ttl_s",
             "deadline_batch_max",

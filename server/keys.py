@@ -153,6 +153,17 @@ class Keys:
     def entitlements_prefix(self) -> str:
         return self._eco("ent:")
 
+    def goal(self, room: str) -> str:
+        """Hash of a room's current tip goal (goals.py, goal_state.lua): id
+        ('' when the room has none), state, target, progress, title, room,
+        aon, deadline, escrow and escrow_key (the escrow's account and its
+        balance key; '' unless all-or-nothing); absent = not loaded. In the
+        money slot: tip.lua and tip_item.lua count toward it."""
+        return self._eco(f"goal:{room}")
+
+    def goal_prefix(self) -> str:
+        return self._eco("goal:")
+
     def channel_room(self, channel: str) -> str | None:
         """The room a room channel belongs to, or None for other channels."""
         head = f"{self.prefix}room:{{"

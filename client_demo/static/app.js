@@ -35,6 +35,7 @@ const state = {
   shows: new Map(), // room id -> {show, ticket}: its ticket show (join, `show` events)
   kings: new Map(), // room id -> its king {user, tokens} or null (join, `king` events)
   tiers: [], // [{tier, name, min_tokens}] from GET /v1/tiers: an event's `tier` indexes it
+  goals: new Map(), // room id -> its tip goal {id, title, target, progress, state, ...} (join, `goal` events)
 };
 // For the console and the browser test: the state, and a way to drop the socket.
 window.tokenchat = state;
@@ -426,6 +427,7 @@ function showRoom(roomId) {
   renderShow(roomId);
   renderKing(roomId);
   loadLeaderboard(roomId);
+  renderGoal(roomId);
   const chat = $("chat");
   chat.replaceChildren(...(state.logs.get(roomId) || []).map(renderLine));
   if (!chat.children.length) chat.append(el("li", { class: "note", text: "No messages yet. Say hi!" }));
@@ -450,8 +452,10 @@ function onJoined(roomId, reply, rejoined) {
   }
   setShow(roomId, reply.room.show, reply.ticket);
   state.kings.set(roomId, reply.room.king ?? null);
+  setGoal(roomId, reply.room.goal);
   for (const event of reply.history) {
-    if (event.type === "show" || event.type === "king") continue; // the banners show the current ones
+    // The banners show the current ones.
+    if (event.type === "show" || event.type === "king" || event.type === "goal") continue;
     log.push(event);
     // Tips sent while the connection was down are news; older history is not.
     if (rejoined && event.type === "tip") countEarning(event);
@@ -667,6 +671,9 @@ function onEvent(event) {
       break;
     case "removed":
       onRemoved(event);
+      break;
+    case "goal":
+      onGoalEvent(event);
       break;
     case "request":
       showRequest(event);
@@ -1093,6 +1100,80 @@ async function moveShow(type) {
   }
 }
 
+// --- tip goals -----------------------------------------------------------------------------------
+const GOAL_STATES = { active: "", reached: "Reached!", failed: "Missed: tips refunded", deleted: "Removed" };
+
+function setGoal(roomId, goal) {
+  if (!goal || goal.state === "deleted") state.goals.delete(roomId);
+  else state.goals.set(roomId, goal);
+  if (roomId === state.room) renderGoal(roomId);
+  if (roomId === state.me?.id) $("goal-delete").hidden = !state.goals.has(roomId);
+}
+
+function onGoalEvent(event) {
+  const before = state.goals.get(event.room);
+  setGoal(event.room, event.goal);
+  const { goal } = event;
+  if (before?.state === goal.state && before?.id === goal.id) return; // progress only
+  if (goal.state === "reached") {
+    addLine(event.room, { type: "note", text: `Goal “${goal.title}” reached: ${tokens(goal.target)}!` });
+  } else if (goal.state === "failed") {
+    const back = goal.all_or_nothing ? " Every held tip was refunded." : "";
+    addLine(event.room, { type: "note", text: `Goal “${goal.title}” was not reached in time.${back}` });
+  } else if (goal.state === "active" && goal.progress === 0) {
+    addLine(event.room, { type: "note", text: `New goal: “${goal.title}”, ${tokens(goal.target)}.` });
+  }
+}
+
+/** The goal bar of the room on screen: title, progress of target, its kind and state. */
+function renderGoal(roomId) {
+  const goal = state.goals.get(roomId);
+  $("goal-bar").hidden = !goal;
+  if (!goal) return;
+  const kind = [];
+  if (goal.all_or_nothing) kind.push("all or nothing");
+  if (goal.deadline && goal.state === "active") kind.push(`until ${clock(goal.deadline)}`);
+  $("goal-title").textContent = goal.title;
+  $("goal-kind").textContent = kind.length ? `(${kind.join(", ")})` : "";
+  $("goal-progress").textContent = `${goal.progress} / ${goal.target}`;
+  $("goal-state").textContent = GOAL_STATES[goal.state] ?? goal.state;
+  const percent = Math.min(100, Math.round((100 * goal.progress) / goal.target));
+  $("goal-fill").style.width = `${percent}%`;
+  $("goal-track").setAttribute("aria-valuemax", String(goal.target));
+  $("goal-track").setAttribute("aria-valuenow", String(Math.min(goal.progress, goal.target)));
+  $("goal-bar").classList.toggle("reached", goal.state === "reached");
+}
+
+async function saveGoal(event) {
+  event.preventDefault();
+  const minutes = Number($("goal-form-in").value);
+  const body = {
+    title: $("goal-form-title-input").value.trim(),
+    target: Number($("goal-form-target").value),
+    all_or_nothing: $("goal-form-aon").checked,
+  };
+  if (minutes > 0) body.deadline = Date.now() + minutes * 60000;
+  try {
+    const { goal } = await api("PUT", "/v1/me/goal", body);
+    setGoal(state.me.id, goal);
+    toast(`Goal “${goal.title}” set.`, "success");
+  } catch (err) {
+    const busy = err.code === "CONFLICT" ? "Remove the current goal first." : explain(err, "setting the goal");
+    toast(busy, "error");
+  }
+}
+
+async function removeGoal() {
+  try {
+    const reply = await api("DELETE", "/v1/me/goal");
+    setGoal(state.me.id, null);
+    const back = reply.goal.all_or_nothing && reply.goal.progress < reply.goal.target ? " Held tips go back to the fans." : "";
+    toast(`Goal removed.${back}`, "info");
+  } catch (err) {
+    toast(explain(err, "removing the goal"), "error");
+  }
+}
+
 // --- custom requests ---------------------------------------------------------------------------
 const REQUEST_STATES = {
   offered: "Offered",
@@ -1504,6 +1585,8 @@ function wire() {
   $("show-cancel").addEventListener("click", () => moveShow("show_cancel"));
   $("leaderboard-window").addEventListener("change", () => state.room && loadLeaderboard(state.room));
   loadTiers();
+  $("goal-form").addEventListener("submit", saveGoal);
+  $("goal-delete").addEventListener("click", removeGoal);
 }
 
 // --- standing: leaderboards, the king of the room, tiers ---------------------------------------

@@ -263,7 +263,8 @@ async def _serve_unlock(context: SpendContext, command: Unlock) -> Reply:
 TIP = Action(
     name="tip",
     kinds=("tip",),
-    keys=("payer_balance", "payee_balance", "history", "room_show"),
+    # goal: the room's tip goal (server/economy/goals.py), in {eco}.
+    keys=("payer_balance", "payee_balance", "history", "room_show", "goal"),
     args=(
         "amount",
         "tip_min",
@@ -297,7 +298,7 @@ TIP = Action(
 TIP_ITEM = Action(
     name="tip_item",
     kinds=("tip",),
-    keys=("payer_balance", "payee_balance", "menu", "history", "room_show"),
+    keys=("payer_balance", "payee_balance", "menu", "history", "room_show", "goal"),
     args=(
         "item",
         "max_price",
@@ -469,6 +470,20 @@ TICKET_REFUND = Action(
     refusals=_EMPTY,
 )
 
+# Tip goals (server/economy/goals.py): an all-or-nothing goal's tips wait
+# in its escrow (tip.lua moves them there); a goal that fails or is deleted
+# gives each fan's back in one call per fan (ledger kind escrow_refund); a
+# reached one is RELEASE.
+GOAL_REFUND = Action(
+    name="goal_refund",
+    kinds=("escrow_refund",),
+    keys=("escrow_balance", "payer_balance"),
+    args=("amount", "escrow", "payer", "payer_channel"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,
+    refusals=_EMPTY,
+)
+
 ACTIONS: tuple[Action, ...] = (
     TIP,
     DM,
@@ -482,6 +497,7 @@ ACTIONS: tuple[Action, ...] = (
     TIP_ITEM,
     TICKET,
     TICKET_REFUND,
+    GOAL_REFUND,
 )
 BY_NAME: Mapping[str, Action] = MappingProxyType({action.name: action for action in ACTIONS})
 # The first action declaring a kind (escrow_refund: ESCROW_REFUND; a

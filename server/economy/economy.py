@@ -53,6 +53,7 @@ from .actions import (
     CREDIT,
     DM,
     ESCROW_REFUND,
+    GOAL_REFUND,
     HOLD,
     METER,
     REFUND,
@@ -79,9 +80,10 @@ MINT = "sys:mint"
 PAYMENTS_INITIATOR = "sys:payments"
 DEV_INITIATOR = "sys:dev"
 IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000  # the contract's 24 hours
-# Loads per call before giving up: one per account a script touches, plus one
-# for a Redis reset racing the load.
-LOAD_ATTEMPTS_MAX = 4
+# Loads per call before giving up: one per hot key a script may find missing
+# (a menu tip: the menu, both balances, the room's goal and an all-or-nothing
+# goal's escrow), plus one for a Redis reset racing the load.
+LOAD_ATTEMPTS_MAX = 6
 # Idempotency records restored per account load. An account debited more
 # often than this in 24 hours keeps only its newest records across a Redis
 # reset (the mint, with one debit per purchase, is the account that could).
@@ -175,6 +177,11 @@ class Economy:
         # A user's tier for the events of their tips and DMs (set by the node
         # to its standing's TierCache: memory, at worst one Redis read).
         self.tier_of: Callable[[str], Awaitable[int]] = _tier_zero
+        # Tip goals (server/economy/goals.py): loads a room's goal hash when
+        # a tip finds it missing, and closes a goal in Postgres once a tip
+        # reached it in Redis.
+        self.goal_loader: Callable[[str], Awaitable[None]] | None = None
+        self.goal_reached: Callable[[str], Awaitable[None]] | None = None
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:
@@ -198,7 +205,7 @@ class Economy:
         if user_id == owner:
             raise Forbidden("you cannot tip your own room")
         payer, payee = user_account(user_id), user_account(owner)
-        return await self._run(
+        reply = await self._run(
             TIP,
             initiator=user_initiator(user_id),
             key=key,
@@ -209,6 +216,7 @@ class Economy:
                 "payee_balance": self._keys.balance(payee),
                 "history": self._keys.room_history(room),
                 "room_show": self._keys.room_show(room),
+                "goal": self._keys.goal(room),
             },
             args={
                 "amount": amount,
@@ -223,6 +231,8 @@ class Economy:
                 "payee_channel": self._keys.user_channel(owner),
             },
         )
+        await self._after_goal_tip(reply)
+        return reply
 
     async def tip_item(
         self,
@@ -238,7 +248,7 @@ class Economy:
         if user_id == owner:
             raise Forbidden("you cannot tip your own room")
         payer, payee = user_account(user_id), user_account(owner)
-        return await self._run(
+        reply = await self._run(
             TIP_ITEM,
             initiator=user_initiator(user_id),
             key=key,
@@ -250,6 +260,7 @@ class Economy:
                 "menu": self._keys.menu(owner),
                 "history": self._keys.room_history(room),
                 "room_show": self._keys.room_show(room),
+                "goal": self._keys.goal(room),
             },
             args={
                 "item": item,
@@ -266,6 +277,21 @@ class Economy:
                 "payee_channel": self._keys.user_channel(owner),
             },
         )
+        await self._after_goal_tip(reply)
+        return reply
+
+    async def _after_goal_tip(self, reply: dict[str, Any]) -> None:
+        """A tip that reached its room's goal: the goal workflow closes it in
+        Postgres and releases an all-or-nothing goal's escrow. Its failure
+        does not fail the tip (the tip moved and was delivered): the
+        sweeper's check of active goals (Goals.check_reached) finishes it."""
+        goal = reply.get("goal")
+        if not goal or goal.get("state") != "reached" or self.goal_reached is None:
+            return
+        try:
+            await self.goal_reached(str(goal["id"]))
+        except Exception as exc:
+            log.warning("goal %s reached, not closed yet: %s", goal["id"], exc)
 
     async def dm(
         self,
@@ -621,6 +647,32 @@ class Economy:
             },
         )
 
+    async def goal_refund(
+        self, escrow: str, user_id: str, amount: int, *, initiator: str, key: str, goal: str
+    ) -> dict[str, Any]:
+        """Give ``amount`` of the user's held tips back from a goal's escrow
+        (actions.GOAL_REFUND). ``EscrowEmpty`` when the escrow holds less."""
+        _check_initiator(initiator)
+        payer = user_account(user_id)
+        return await self._run(
+            GOAL_REFUND,
+            initiator=initiator,
+            key=key,
+            # Not the amount: a retry reads it again and is the same refund.
+            request=fingerprint("goal_refund", escrow=escrow, to=user_id),
+            meta={"goal": goal, "fan": user_id, "escrow": escrow},
+            keys={
+                "escrow_balance": self._keys.balance(escrow),
+                "payer_balance": self._keys.balance(payer),
+            },
+            args={
+                "amount": amount,
+                "escrow": escrow,
+                "payer": payer,
+                "payer_channel": self._keys.user_channel(user_id),
+            },
+        )
+
     async def escrow_balance(self, escrow: str) -> int:
         """An escrow account's balance, loading it from Postgres if needed."""
         key = self._keys.balance(escrow)
@@ -667,6 +719,9 @@ class Economy:
             raise Conflict(f"transaction '{tx}' was refunded already by '{row['refund']}'")
         debits = [p for p in postings if p["amount"] < 0]
         credits = [p for p in postings if p["amount"] > 0]
+        if any(p["account_id"].startswith("esc:") for p in credits):
+            # A tip held for an all-or-nothing goal: the goal refunds it.
+            raise Conflict(f"transaction '{tx}' is held in escrow; its goal refunds it")
         if len(debits) != 1 or len(credits) != 1:
             raise Conflict(f"transaction '{tx}' has {len(postings)} postings; refund it by hand")
         media = row["media"] if row["kind"] == "unlock" else None
@@ -920,7 +975,9 @@ class Economy:
             if status != "NOT_LOADED":
                 raise refusal_error(action, status, _text(result[1]) if len(result) > 1 else "")
             missing = _text(result[1])
-            if missing.startswith(self._keys.show_prefix()) and self.show_loader is not None:
+            if missing.startswith(self._keys.goal_prefix()) and self.goal_loader is not None:
+                await self.goal_loader(missing[len(self._keys.goal_prefix()) :])
+            elif missing.startswith(self._keys.show_prefix()) and self.show_loader is not None:
                 await self.show_loader(missing[len(self._keys.show_prefix()) :])
             elif missing.startswith(self._keys.balance_prefix()):
                 await self._load(missing[len(self._keys.balance_prefix()) :])
@@ -1040,6 +1097,7 @@ class Economy:
                 self._keys.balance_prefix(),
                 self._keys.entitlements_prefix(),
                 self._keys.menu(""),
+                self._keys.goal_prefix(),  # a goal's progress, counted by tips
             )
             for hot in hot_prefixes:
                 await self._unlink_matching(glob_escape(hot) + "*")

@@ -32,6 +32,7 @@ from ..config import Settings
 from ..db import create_pool
 from ..economy.deadlines import Sweeper
 from ..economy.economy import Economy
+from ..economy.goals import Goals
 from ..economy.privates import Privates
 from ..economy.requests import Requests
 from ..economy.shows import Shows
@@ -136,6 +137,9 @@ class Node:
         # Moderation: rules in Postgres, a copy here kept current by the
         # moderation channel (server/catalog/moderation.py).
         self.moderation = Moderation(pool, redis, self.keys, settings, self.economy.balance)
+        # Tip goals: counted by tips in Redis, closed and settled here.
+        self.goals = Goals(pool, redis, self.keys, settings, self.economy, self.rooms.append)
+        self.goals.register(self.sweeper)
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
             redis,

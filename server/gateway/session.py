@@ -432,6 +432,7 @@ class Session:
             viewers = await self.node.room_joined(room_id)
             history = await self.node.rooms.history(room_id, since)
             show, ticket = await self._shows_of(room_id, history.events)
+            goal = await self._goal_of(room_id)
         except BaseException:
             self._joining.pop(room_id, None)
             self.node.hub.join_finished(room_id, self)
@@ -449,6 +450,7 @@ class Session:
                 "show": show,
                 "king": await self._king_of(room_id),
                 "moderation": moderation,
+                "goal": goal,
             },
             "ticket": ticket,
             "history": [
@@ -456,6 +458,18 @@ class Session:
             ],
             "recovered": history.recovered,
         }
+
+    async def _goal_of(self, room: str) -> dict[str, Any] | None:
+        """The room's tip goal for `join` (None when it has none). With Redis
+        or Postgres away the join still succeeds, naming none: the next
+        `goal` event brings it."""
+        if room.startswith(PRIVATE_ROOM_PREFIX):
+            return None
+        try:
+            return await self.node.goals.current(room)
+        except ServiceError as exc:
+            log.warning("room %s joined without its goal: %s", room, exc.message)
+            return None
 
     async def _shows_of(
         self, room: str, history: list[tuple[bytes, bytes]]

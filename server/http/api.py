@@ -30,6 +30,8 @@ from tokenchat.protocol import ErrorCode, WireField
 from tokenchat.protocol.commands import (
     AMOUNT,
     EPOCH_MS,
+    GOAL_TARGET,
+    GOAL_TITLE,
     ITEM_REF,
     KEY,
     MENU_LABEL,
@@ -256,6 +258,39 @@ def create_app(node: Node) -> Starlette:
         await node.directory.touch_user(identity)
         reply = await node.economy.ticket(identity.user_id, room, request.path_params["show"], key)
         return JSONResponse(reply)
+
+    # --- tip goals (server/economy/goals.py) -----------------------------------------
+    async def set_goal(request: Request) -> Response:
+        """A model sets her room's tip goal: {title, target, deadline?,
+        all_or_nothing?}; CONFLICT while one is active."""
+        identity = identity_of(request, "model")
+        limit_creates(identity)
+        body = await json_body(request)
+        title: str = wire_field(body, "title", GOAL_TITLE)
+        target: int = wire_field(body, "target", GOAL_TARGET)
+        deadline = body.get("deadline")
+        if deadline is not None and not EPOCH_MS.accept(deadline):
+            raise BadRequest(f"field 'deadline' must be {EPOCH_MS.describe}")
+        all_or_nothing = body.get("all_or_nothing", False)
+        if not isinstance(all_or_nothing, bool):
+            raise BadRequest("field 'all_or_nothing' must be true or false")
+        await node.directory.touch_user(identity)
+        goal = await node.goals.set(identity.user_id, title, target, deadline, all_or_nothing)
+        return JSONResponse({"goal": goal})
+
+    async def delete_goal(request: Request) -> Response:
+        """The model removes her room's goal; an active all-or-nothing
+        goal's held tips go back to their fans."""
+        identity = identity_of(request, "model")
+        return JSONResponse(await node.goals.delete(identity.user_id))
+
+    async def room_goal(request: Request) -> Response:
+        room = request.path_params["room"]
+        if not USER_ID_RE.fullmatch(room):
+            raise NotFound(f"no room '{room}'")
+        if await node.directory.room(room) is None:
+            raise NotFound(f"no room '{room}'")
+        return JSONResponse({"room": room, "goal": await node.goals.current(room)})
 
     async def bundles(request: Request) -> Response:
         return JSONResponse({"bundles": bundle_list(node)})
@@ -618,6 +653,9 @@ def create_app(node: Node) -> Starlette:
             Route("/v1/me/shows/{show}/cancel", show_transition("cancel"), methods=["POST"]),
             Route("/v1/rooms/{room}/shows", room_shows),
             Route("/v1/rooms/{room}/shows/{show}/tickets", buy_ticket, methods=["POST"]),
+            Route("/v1/me/goal", set_goal, methods=["PUT"]),
+            Route("/v1/me/goal", delete_goal, methods=["DELETE"]),
+            Route("/v1/rooms/{room}/goal", room_goal),
             Route("/v1/bundles", bundles),
             Route("/v1/purchases", purchase, methods=["POST"]),
             Route("/v1/admin/credits", admin_credit, methods=["POST"]),

@@ -308,8 +308,22 @@ async def test_each_action_round_trips_through_redis_and_postgres(
     ticket_back = await economy.ticket_refund(show["show"], "bob", initiator="sys:test", key="tr1")
     assert ticket_back["balance"] == ticket["balance"] + 5 and ticket_back["amount"] == 5
 
+    # An all-or-nothing tip goal (server/economy/goals.py): a tip held in its
+    # escrow, given back by GOAL_REFUND when the model deletes the goal.
+    goal = await server.node.goals.set("alice", "a goal", 1000, None, True)
+    goal_tip = await economy.tip("bob", "alice", "alice", 4, "", "g1", 1)
+    assert goal_tip["goal"]["progress"] == 4 and goal_tip["balance"] == ticket_back["balance"] - 4
+    assert (await server.node.goals.delete("alice"))["settled"] is True
+    [goal_back] = await pg(
+        settings,
+        "SELECT id FROM ledger_transactions WHERE idem_key = $1",
+        f"goal-refund:{goal['id']}:bob",
+    )
+
     rows = await pg(settings, "SELECT id, kind FROM ledger_transactions")
     assert {r["id"]: r["kind"] for r in rows} == {
+        goal_tip["tx"]: "tip",
+        goal_back["id"]: "escrow_refund",
         ticket["tx"]: "ticket",
         ticket_back["tx"]: "escrow_refund",
         credit["tx"]: "credit",
@@ -339,7 +353,7 @@ async def test_each_action_round_trips_through_redis_and_postgres(
 
 async def test_the_benchmarks_tip_call_is_the_servers(settings: Settings, redis: Any) -> None:
     # loadtests/tips.py calls the tip script directly for its baseline.
-    from loadtests.tips import TIP_AMOUNT, VirtualFan
+    from loadtests.tips import TIP_AMOUNT, VirtualFan, goal_hash
     from tokenchat.server.keys import Keys
 
     script = TIP.script
@@ -347,6 +361,7 @@ async def test_the_benchmarks_tip_call_is_the_servers(settings: Settings, redis:
     keys = Keys(settings.redis_prefix)
     await redis.set(keys.balance(f"u:{fan.user_id}"), 10)
     await redis.set(keys.balance("u:bench_model000"), 0)
+    await redis.hset(keys.goal("bench_model000"), mapping=goal_hash("bench_model000", False))
     sha, *call = fan.call()
     assert sha == script.sha
     # EVAL rather than EVALSHA: another test may flush the shared Redis's scripts.

@@ -118,6 +118,7 @@ async def test_join_returns_room_history_and_viewers(server: Running) -> None:
             "chat_min_balance": 0,
             "moderators": [],
         },
+        "goal": None,  # the room's tip goal (test_goals.py)
     }
     assert reply["ticket"] is False
     assert [e["text"] for e in reply["history"]] == ["welcome"]

@@ -95,3 +95,39 @@ end
 local function idem_record(reply)
   redis.call('SET', KEY.idem, ARG.request .. '\n' .. reply, 'EX', IDEM_TTL_S)
 end
+
+-- Tip goals (tip.lua and tip_item.lua; server/economy/goals.py). A room's
+-- goal hash (Keys.goal) is written by goal_state.lua and show_load.lua;
+-- these read it and count a tip toward it, in the tip's own call.
+
+-- The goal a tip in the room counts toward: nil when the room has none
+-- active (id '' or another state), else its fields. `escrow` is '' unless
+-- the goal is all-or-nothing: then the tip's tokens go to that account.
+local function goal_open(goal_key)
+  local g = redis.call('HMGET', goal_key, 'id', 'state', 'target', 'progress', 'escrow',
+    'escrow_key', 'title', 'room', 'aon', 'deadline')
+  if not g[1] or g[1] == '' or g[2] ~= 'active' then return nil end
+  return {id = g[1], target = tonumber(g[3]), progress = tonumber(g[4]), escrow = g[5],
+    escrow_key = g[6], title = g[7], room = g[8], aon = g[9] == '1', deadline = g[10]}
+end
+
+-- Count `amount` toward the goal (a writer: call it after every check) and
+-- store and publish its `goal` event after the tip's, in the room's history
+-- (`E`, as the tip); the goal turns `reached` with the tip that reaches its
+-- target. Returns the event's `goal` field, which the tip's reply carries.
+local function goal_count(goal_key, goal, amount, history_key, history_len, channel)
+  local progress = redis.call('HINCRBY', goal_key, 'progress', amount)
+  local state = 'active'
+  if progress >= goal.target then
+    state = 'reached'
+    redis.call('HSET', goal_key, 'state', state)
+  end
+  local deadline = cjson.null
+  if goal.deadline and goal.deadline ~= '' then deadline = tonumber(goal.deadline) end
+  local summary = {id = goal.id, title = goal.title, target = goal.target, progress = progress,
+    state = state, all_or_nothing = goal.aon, deadline = deadline}
+  local event = cjson.encode({type = 'goal', room = goal.room, goal = summary})
+  local offset = redis.call('XADD', history_key, 'MAXLEN', history_len, '*', 'e', event)
+  redis.call('PUBLISH', channel, 'E' .. offset .. ' ' .. event)
+  return summary
+end

@@ -8,6 +8,10 @@
 -- KEY.room_show      the room's running-show marker (show_state.lua): while
 --                    a ticket show runs, only its model and ticket holders
 --                    may tip, and the event is marked with the show
+-- KEY.goal           the room's tip goal ({eco}, Keys.goal): an active goal
+--                    counts the tip (goal_count, money_lib), and an
+--                    all-or-nothing one takes its tokens into its escrow
+--                    (the hash names the escrow's key: in {eco} as well)
 -- ARG.amount         tokens, > 0          ARG.tip_min  the room's minimum
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
 -- ARG.room_channel   the room's pub/sub channel
@@ -15,7 +19,8 @@
 -- ARG.event          the tip event JSON without offset/ts
 -- ARG.payee_channel  the owner's user channel
 --
--- Returns {'OK', '{"balance":N,"tx":T,"offset":O}'}, {'TIP_MIN', tip_min}
+-- Returns {'OK', '{"balance":N,"tx":T,"offset":O}'} (plus "goal":{...} when
+-- it counted toward a goal), {'TIP_MIN', tip_min}
 -- when the amount is under it, {'NO_TICKET', show} during a ticket show the
 -- fan holds no ticket for, or a refusal (money_lib). tip_min is checked
 -- after the idempotency key, so a tip retried after the model raised her
@@ -26,8 +31,13 @@
 local amount = tonumber(ARG.amount)
 local refusal = idem_prior()
 if not refusal and amount < tonumber(ARG.tip_min) then refusal = {'TIP_MIN', ARG.tip_min} end
+refusal = refusal or first_unloaded(KEY.payer_balance, KEY.payee_balance, KEY.goal)
+local goal = nil
+if not refusal then
+  goal = goal_open(KEY.goal)
+  if goal and goal.escrow ~= '' then refusal = first_unloaded(goal.escrow_key) end
+end
 refusal = refusal
-  or first_unloaded(KEY.payer_balance, KEY.payee_balance)
   or outbox_full()
   or user_gate(KEY.payer_balance, amount)
 if refusal then return refusal end
@@ -38,11 +48,24 @@ if show then
   event = string.sub(event, 1, -2) .. ',"in_show":"' .. show .. '"}'
 end
 
-local fan_balance, owner_balance = transfer(KEY.payer_balance, KEY.payee_balance, amount)
+-- An all-or-nothing goal holds the tip: its escrow is the payee.
+local payee, payee_key = ARG.payee, KEY.payee_balance
+if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, goal.escrow_key end
+local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, amount)
 local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', event)
 redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)
-local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset})
-outbox_add('tip', postings(ARG.payer, ARG.payee, amount), reply)
+if not goal then
+  local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset})
+  outbox_add('tip', postings(ARG.payer, ARG.payee, amount), reply)
+  idem_record(reply)
+  redis.call('PUBLISH', ARG.payee_channel, 'B' .. owner_balance)
+  return {'OK', reply}
+end
+local counted = goal_count(KEY.goal, goal, amount, KEY.history, ARG.history_len, ARG.room_channel)
+local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset, goal = counted})
+-- The ledger entry names the goal: its progress and held tips are rebuilt from it.
+local meta = string.sub(ARG.meta, 1, -2) .. ',"goal":"' .. goal.id .. '"}'
+outbox_add('tip', postings(ARG.payer, payee, amount), reply, meta)
 idem_record(reply)
-redis.call('PUBLISH', ARG.payee_channel, 'B' .. owner_balance)
+if payee == ARG.payee then redis.call('PUBLISH', ARG.payee_channel, 'B' .. owner_balance) end
 return {'OK', reply}

@@ -13,6 +13,7 @@
 -- KEY.room_show      the room's running-show marker (show_state.lua): as in
 --                    tip.lua, only the model and ticket holders tip during a
 --                    ticket show, and the event is marked with it
+-- KEY.goal           the room's tip goal, as in tip.lua
 -- ARG.item           the item's id as the fan sent it
 -- ARG.max_price      '' for none
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
@@ -36,8 +37,13 @@
 local prior = idem_prior()
 if prior then return prior end
 -- The menu first: it is loaded only for a user that exists.
-local refusal = first_unloaded(KEY.menu, KEY.payer_balance, KEY.payee_balance)
-  or outbox_full()
+local refusal = first_unloaded(KEY.menu, KEY.payer_balance, KEY.payee_balance, KEY.goal)
+local goal = nil
+if not refusal then
+  goal = goal_open(KEY.goal)
+  if goal and goal.escrow ~= '' then refusal = first_unloaded(goal.escrow_key) end
+end
+refusal = refusal or outbox_full()
 if refusal then return refusal end
 local found = redis.call('HMGET', KEY.menu, 'p:' .. ARG.item, 'l:' .. ARG.item)
 if not found[1] or not found[2] then return {'NO_ITEM', ARG.item} end
@@ -61,12 +67,19 @@ if show then event = string.sub(event, 1, -2) .. ',"in_show":"' .. show .. '"}' 
 local meta = cjson.decode(ARG.meta)
 meta.item = item
 
-local fan_balance, owner_balance = transfer(KEY.payer_balance, KEY.payee_balance, price)
+-- An all-or-nothing goal holds the tip: its escrow is the payee.
+local payee, payee_key = ARG.payee, KEY.payee_balance
+if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, goal.escrow_key end
+local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, price)
 local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', event)
 redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)
-local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset,
-  price = price, item = item})
-outbox_add('tip', postings(ARG.payer, ARG.payee, price), reply, cjson.encode(meta))
+local reply = {balance = fan_balance, tx = ARG.tx, offset = offset, price = price, item = item}
+if goal then
+  reply.goal = goal_count(KEY.goal, goal, price, KEY.history, ARG.history_len, ARG.room_channel)
+  meta.goal = goal.id
+end
+reply = cjson.encode(reply)
+outbox_add('tip', postings(ARG.payer, payee, price), reply, cjson.encode(meta))
 idem_record(reply)
-redis.call('PUBLISH', ARG.payee_channel, 'B' .. owner_balance)
+if payee == ARG.payee then redis.call('PUBLISH', ARG.payee_channel, 'B' .. owner_balance) end
 return {'OK', reply}
