@@ -41,6 +41,14 @@ pipeline of one EVALSHA per fan, the way the server's batcher sends what
 arrives in one event-loop tick. Unpipelined, for context: one coroutine per
 fan, one EVALSHA at a time.
 
+``--action`` puts another paid command in the fans' loop (``WORKLOADS``):
+``tip_item`` and ``request_offer`` as tips are; ``unlock`` and ``buy_ticket``
+on ``--items`` media or ticket shows per room, a new one each call, so that
+every call is a real charge; ``meter`` runs one private show per room with
+1-s periods and the fans send nothing: the calls are the server's own meter
+ticks, counted from Postgres (ticks, and each show's final charge), so its
+"committed/s" is ticks/s and its CPU per call is CPU per tick.
+
 Runs alternate (odd runs: baseline first, even runs: tokenchat first) so that
 a drift of the machine hits both, and every capped phase has a baseline rate
 to take half of. The table shows medians with the min-max spread of the runs.
