@@ -846,7 +846,7 @@ class TipsBench(Bench):
         self.ledger_metrics_url = ""
         self.workload = WORKLOADS[args.action]
         self.heads: dict[str, tuple[bytes, ...]] = {}  # per room, from the workload
-        self.progress_before = 0  # Workload.progress when the run's server started
+        self.progress_before = 0  # Workload.progress before the run's server started
         self.serve_ws_port = 0  # the running server's WebSocket port
         # What a workload keeps between prepare and finish (the meter's shows).
         self.workload_state: Any = None
