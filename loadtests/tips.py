@@ -41,6 +41,14 @@ pipeline of one EVALSHA per fan, the way the server's batcher sends what
 arrives in one event-loop tick. Unpipelined, for context: one coroutine per
 fan, one EVALSHA at a time.
 
+``--action`` puts another paid command in the fans' loop (``WORKLOADS``):
+``tip_item`` and ``request_offer`` as tips are; ``unlock`` and ``buy_ticket``
+on ``--items`` media or ticket shows per room, a new one each call, so that
+every call is a real charge; ``meter`` runs one private show per room with
+1-s periods and the fans send nothing: the calls are the server's own meter
+ticks, counted from Postgres (ticks, and each show's final charge), so its
+"committed/s" is ticks/s and its CPU per call is CPU per tick.
+
 Runs alternate (odd runs: baseline first, even runs: tokenchat first) so that
 a drift of the machine hits both, and every capped phase has a baseline rate
 to take half of. The table shows medians with the min-max spread of the runs.
@@ -58,6 +66,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import math
 import multiprocessing
 import os
@@ -65,6 +74,7 @@ import random
 import secrets
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
@@ -202,6 +212,15 @@ class Workload:
 
     kind: str
     prepare: Callable[[TipsBench, int], dict[str, tuple[bytes, ...]]]
+    # Server settings the workload needs (e.g. 1-s private-show periods).
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Run after the phases, before the reconcile (e.g. end the private shows
+    # so that no money moves while Redis and Postgres are compared).
+    finish: Callable[[TipsBench, int], None] | None = None
+    # Not None: the server makes the calls itself (the private-show meter)
+    # and the fans send nothing; this counts the calls made so far, read at
+    # the window's bounds for the calls/s. Such a workload has no capped phase.
+    progress: Callable[[TipsBench], int] | None = None
 
 
 def _prepare_tip(bench: TipsBench, http_port: int) -> dict[str, tuple[bytes, ...]]:
@@ -260,6 +279,7 @@ WORKLOADS: dict[str, Workload] = {
     "tip": Workload(kind="tip", prepare=_prepare_tip),
     "tip_item": Workload(kind="tip", prepare=_prepare_tip_item),
     "request_offer": Workload(kind="hold", prepare=_prepare_request_offer),
+    # unlock, buy_ticket and meter: defined below (PAID WORKLOADS), added there.
 }
 
 # Frames of the fast path, compared as bytes: the server encodes replies with
@@ -267,6 +287,9 @@ WORKLOADS: dict[str, Workload] = {
 OK_PREFIX = b'{"type":"ok"'
 ERROR_PREFIX = b'{"type":"error"'
 DUPLICATE_MARK = b'"duplicate":true'
+# An unlock or a ticket the fan owned already: nothing charged, no ledger row.
+# Must stay 0: each call names an item the fan has not bought (--items).
+ALREADY_MARK = b'"already":true'
 
 
 # ============================================================================
@@ -299,6 +322,7 @@ class Tally:
         self.stats.counting = True
         self.sent = 0
         self.duplicates = 0  # ok with "duplicate": true (must stay 0: keys are fresh)
+        self.already = 0  # ok with "already": true (must stay 0: items are fresh)
         self.errors: dict[str, int] = {}  # by code, over warm-up and window
         self.messages: dict[str, str] = {}  # the first message of each code, to say why
         self.errors_in_window = 0
@@ -353,10 +377,15 @@ class TipFan(Member):
         # A fresh idempotency key per tip: the nonce makes keys unique across
         # runs, whose fans have the same user ids (a reused key is a DUP).
         self._nonce = nonce.encode()
-        self._seq = 0
+        # _seq goes on from the last phase: it picks the head too, and the
+        # n-th call of a run must name the n-th item (an unlock or ticket
+        # that names an item bought in the last phase answers `already`).
         self._in_flight = False
         self._stop_ns = spec.window_end_ns
         self._rate = spec.rate_per_fan
+        if not self._heads:  # the server makes the calls (the meter)
+            self.finish()
+            return
         if self._rate <= 0:
             self._send_tip()
             return
@@ -437,6 +466,8 @@ class TipFan(Member):
             tally.stats.record(now_ns, self._sent_ns)
             if buf.find(DUPLICATE_MARK, start, end) >= 0:
                 tally.duplicates += 1
+            if buf.find(ALREADY_MARK, start, end) >= 0:
+                tally.already += 1
             self._next(now_ns)
         elif buf.startswith(ERROR_PREFIX, start):
             reply = orjson.loads(bytes(buf[start:end]))
@@ -508,6 +539,7 @@ async def run_phase(fans: list[TipFan], spec: PhaseSpec, conn_stats: Stats) -> d
         "hist": tally.stats.hist,
         "sent": tally.sent,
         "duplicates": tally.duplicates,
+        "already": tally.already,
         "errors": tally.errors,
         "error_messages": tally.messages,
         "errors_in_window": tally.errors_in_window,
@@ -840,6 +872,10 @@ class TipsBench(Bench):
         self.ledger_metrics_url = ""
         self.workload = WORKLOADS[args.action]
         self.heads: dict[str, tuple[bytes, ...]] = {}  # per room, from the workload
+        self.progress_before = 0  # Workload.progress before the run's server started
+        self.serve_ws_port = 0  # the running server's WebSocket port
+        # What a workload keeps between prepare and finish (the meter's shows).
+        self.workload_state: Any = None
 
     def close(self, *, keep_logs: bool) -> None:
         super().close(keep_logs=keep_logs)
@@ -859,7 +895,9 @@ class TipsBench(Bench):
         from tokenchat.server.auth import issue_token
 
         inline = ledger and self.args.inline_ledger
-        server, http_port = self.start_serve(TOKENCHAT_LEDGER_ENABLED="1" if inline else "0")
+        server, http_port = self.start_serve(
+            TOKENCHAT_LEDGER_ENABLED="1" if inline else "0", **self.workload.env
+        )
         self.ledger_metrics_url = f"http://{HOST}:{http_port}/metrics"
         self.ledger_writer = None
         if ledger and not inline:
@@ -873,6 +911,7 @@ class TipsBench(Bench):
         asyncio.run(self._models_hello(server.ws_port))
         if self.args.goal:
             self.set_goals(http_port)
+        self.serve_ws_port = server.ws_port
         self.heads = self.workload.prepare(self, http_port)
         return server, http_port
 
@@ -942,6 +981,9 @@ class TipsBench(Bench):
         """Both phases on one server; their rows, with the ledger's checks."""
         args = self.args
         tips_before = self._ledger_rows()
+        # Before the server starts: prepare may start the calls (the meter's
+        # shows run from their accept on), and the ledger counts those too.
+        self.progress_before = self.workload.progress(self) if self.workload.progress else 0
         server, http_port = self.start_tokenchat()
         conns: list[Connection] = []
         try:
@@ -968,13 +1010,17 @@ class TipsBench(Bench):
             # is gone, as the full phase did, so that its latency is that of
             # its own load.
             rows[0]["ledger_drain_s"] = self._wait_outbox_empty(server)
-            if capped_rate > 0:  # NaN when no baseline was measured (it failed)
+            # NaN when no baseline was measured (it failed); a server-driven
+            # workload (the meter) cannot be paced by the fans.
+            if capped_rate > 0 and self.workload.progress is None:
                 rows.append(
                     self._phase(conns, server, number, "capped", capped_rate / args.fans, None)
                 )
             for conn in conns:
                 conn.send(("stop", None))
             self._stop_workers()
+            if self.workload.finish is not None:
+                self.workload.finish(self, http_port)
             status, reconcile = http_json(
                 f"http://{HOST}:{http_port}/v1/admin/reconcile",
                 self.admin_token,
@@ -985,10 +1031,17 @@ class TipsBench(Bench):
             self._stop_workers()
             for conn in conns:
                 conn.close()
+            # Left by a run that failed before its workload's finish.
+            state, self.workload_state = self.workload_state, None
+            if state is not None:
+                state.close()
             self.stop_tokenchat(server)
         buckets = ledger_lag_buckets(metrics_text if isinstance(metrics_text, str) else "")
         reconciled = isinstance(reconcile, dict) and status == 200 and reconcile.get("ok") is True
-        acked = sum(row["acked_total"] - row["duplicates"] for row in rows)
+        acked = sum(row["acked_total"] - row["duplicates"] - row["already"] for row in rows)
+        if self.workload.progress is not None:
+            # The server's calls: every one it made (its count, after finish).
+            acked = self.workload.progress(self) - self.progress_before
         ledger = {
             "reconcile_ok": reconciled,
             "reconcile": reconcile if isinstance(reconcile, dict) else {"error": reconcile},
@@ -1024,14 +1077,28 @@ class TipsBench(Bench):
             "redis": self.redis_pids(),
             "loadgen": self.loadgen_pids(),
         }
-        cpu = self.measure_cpu(server, pids, window_start_ns, window_end_ns, profile, postgres=True)
+        counted = self.workload.progress
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # The server's own calls are counted at the window's bounds, beside
+            # the CPU sampling (a count takes a few ms: far under the window).
+            progress = (
+                pool.submit(self._progress_over, counted, window_start_ns, window_end_ns)
+                if counted is not None
+                else None
+            )
+            cpu = self.measure_cpu(
+                server, pids, window_start_ns, window_end_ns, profile, postgres=True
+            )
+            calls_in_window = progress.result() if progress is not None else None
         wait_s = (window_end_ns - time.monotonic_ns()) / NS_PER_S
         reports = self._gather(
             conns, "result", wait_s + PHASE_DRAIN_TIMEOUT_S + REPORT_SLACK_S, server
         )
         hist = merge_hists([r["hist"] for r in reports])
         offered = rate_per_fan * args.fans if rate_per_fan else None
-        per_s = sum(r["acked_in_window"] for r in reports) / args.duration
+        if calls_in_window is None:
+            calls_in_window = sum(r["acked_in_window"] for r in reports)
+        per_s = calls_in_window / args.duration
         return {
             "run": number,
             "kind": "tokenchat" if phase == "full" else "capped",
@@ -1042,6 +1109,7 @@ class TipsBench(Bench):
             "acked_total": sum(r["acked_total"] for r in reports),
             "sent": sum(r["sent"] for r in reports),
             "duplicates": sum(r["duplicates"] for r in reports),
+            "already": sum(r["already"] for r in reports),
             "errors": merge_counts([r["errors"] for r in reports]),
             "error_messages": {k: v for r in reports for k, v in r["error_messages"].items()},
             "errors_in_window": sum(r["errors_in_window"] for r in reports),
@@ -1057,6 +1125,15 @@ class TipsBench(Bench):
             "cpu_other_pct": cpu["other"],
             **cpu_per_op(cpu, "server", per_s),
         }
+
+    def _progress_over(
+        self, counted: Callable[[TipsBench], int], start_ns: int, end_ns: int
+    ) -> int:
+        """How much ``counted`` grew from ``start_ns`` to ``end_ns`` (monotonic)."""
+        time.sleep(max(0.0, (start_ns - time.monotonic_ns()) / NS_PER_S))
+        first = counted(self)
+        time.sleep(max(0.0, (end_ns - time.monotonic_ns()) / NS_PER_S))
+        return counted(self) - first
 
     def _wait_outbox_empty(self, server: Server) -> float | None:
         """Seconds until the ledger outbox was empty; None if it was not in time."""
@@ -1219,7 +1296,8 @@ def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         return median_range(values_of(rows, "kind", kind, key), fmt)
 
     lines = [
-        f"tips: {args.fans} fans in {args.rooms} rooms, amount {TIP_AMOUNT}, one tip in flight "
+        f"tips (--action {args.action}): {args.fans} fans in {args.rooms} rooms, "
+        f"amount {TIP_AMOUNT}, one call in flight "
         f"per fan, {args.runs} run(s) x {args.duration:g} s (after {args.warmup:g} s warm-up), "
         f"{args.load_procs} load processes, {os.cpu_count()} CPUs",
         "median (min-max over runs); latency: tokenchat per tip ack, baseline pipelined per "
@@ -1237,6 +1315,9 @@ def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         f"ratio tokenchat / pipelined baseline (committed/s, medians): {ratio:.2f} "
         f"({verdict} the goal {RATIO_GOAL})   per run: {' '.join(f'{p:.2f}' for p in pairs)}"
     )
+    if not any(r["kind"] == "capped" for r in rows):
+        # A server-driven workload (the meter) has no capped phase.
+        return "\n".join([*lines, *_render_checks(args, rows)])
     capped_p99 = median_of(rows, "kind", "capped", "p99_ms")
     verdict = "meets" if capped_p99 < CAPPED_P99_GOAL_MS else "ABOVE"
     offered = median_of(rows, "kind", "capped", "offered_per_s")
@@ -1256,6 +1337,12 @@ def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
             "  saturated: tokenchat committed less than it was offered, so the capped phase "
             "ran at full load and its latency is that of a queue, not of a tip"
         )
+    return "\n".join([*lines, *_render_checks(args, rows)])
+
+
+def _render_checks(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[str]:
+    """The table's lines after the figures: ledger backlog, errors, checks."""
+    lines: list[str] = []
     drains = [r.get("ledger_drain_s") for r in rows if r["kind"] == "tokenchat"]
     if drains:
         lines.append(
@@ -1265,7 +1352,9 @@ def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
     for kind, title in COLUMNS:
         errors = merge_counts([r["errors"] for r in rows if r["kind"] == kind])
         odd = sum(
-            r.get("duplicates", 0) + r.get("unanswered", 0) for r in rows if r["kind"] == kind
+            r.get("duplicates", 0) + r.get("unanswered", 0) + r.get("already", 0)
+            for r in rows
+            if r["kind"] == kind
         )
         odd += sum(r.get("disconnects", 0) for r in rows if r["kind"] == kind)
         noscript = sum(r.get("noscript", 0) for r in rows if r["kind"] == kind)
@@ -1275,7 +1364,8 @@ def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
             )
         if errors or odd:
             lines.append(
-                f"{title}: errors by code {errors or '{}'}; duplicates+unanswered+disconnects {odd}"
+                f"{title}: errors by code {errors or '{}'}; "
+                f"duplicates+already+unanswered+disconnects {odd}"
             )
         messages = {
             k: v for r in rows if r["kind"] == kind for k, v in r.get("error_messages", {}).items()
@@ -1309,7 +1399,7 @@ def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
                 f"p50 {statistics.median(lag50):.0f} ms ({min(lag50):.0f}-{max(lag50):.0f}), "
                 f"p99 {statistics.median(lag99):.0f} ms ({min(lag99):.0f}-{max(lag99):.0f})"
             )
-    return "\n".join(lines)
+    return lines
 
 
 def report_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1335,6 +1425,321 @@ def report_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[st
         "runs": rows,
     }
     return {"scenarios": {"tips": clean_json(tips)}, "machine": machine_summary()}
+
+
+# ============================================================================
+# Paid workloads: unlock, buy_ticket and the private-show meter
+# ============================================================================
+
+# Items (media to unlock, ticket shows) each model makes per run, unless
+# --items says: the n-th call of a fan names the n-th item of its room, so a
+# fan needs one item per call of the run (both phases) or its next calls are
+# `already` answers that charge nothing (counted, and reported). This many
+# calls/s per fan is several times what 200 fans reach on 2 CPUs.
+ITEMS_CALLS_PER_FAN_PER_S = 20.0  # calls/s
+ITEMS_CONCURRENCY = 8  # media or shows created at once while preparing
+# A ticket show starts this far ahead: it stays `scheduled` (tickets sell) for
+# the whole run, and its no-show deadline is never due during it.
+SHOW_STARTS_AHEAD_S = 3600
+SHOW_MIN_S = 60  # its minimum length (never reached: it never starts)
+# The meter: 1-s billing periods (the setting's default is 10 s), so that each
+# running show costs one tick a second. At 60 tokens a minute a tick charges
+# one token, and a show's final charge is a whole token too.
+METER_TICK_S = 1
+METER_RATE = 60  # tokens a minute
+METER_SETUP_TIMEOUT_S = 120.0  # every show requested and accepted
+METER_END_TIMEOUT_S = 120.0  # every show ended (and settled: its final charge)
+
+
+def items_per_room(bench: TipsBench) -> int:
+    args = bench.args
+    if args.items:
+        return int(args.items)
+    seconds = float(args.warmup) + float(args.duration)
+    return math.ceil(ITEMS_CALLS_PER_FAN_PER_S * 2 * seconds)
+
+
+def _prepare_unlock(bench: TipsBench, http_port: int) -> dict[str, tuple[bytes, ...]]:
+    """Each model uploads ``items_per_room`` locked photos at TIP_AMOUNT
+    through the catalog (``MediaCatalog.create``: the sniffing, the blurred
+    thumbnail and the row that POST /v1/media makes, without the HTTP upload
+    and its per-user rate limit); each fan unlocks a new one each call."""
+    return asyncio.run(_create_media(bench))
+
+
+def _tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (2, 2), (200, 40, 90)).save(out, "PNG")
+    return out.getvalue()
+
+
+async def _create_media(bench: TipsBench) -> dict[str, tuple[bytes, ...]]:
+    import io
+    import tempfile
+
+    from redis.asyncio import Redis
+
+    from tokenchat.server.catalog.media import LocalDiskStore, MediaCatalog, Upload
+    from tokenchat.server.db import create_pool
+    from tokenchat.server.keys import Keys
+
+    settings = bench.settings()
+    png = _tiny_png()
+    count = items_per_room(bench)
+    pool = await create_pool(
+        settings.database_url,
+        bench.schema,
+        min_size=1,
+        max_size=ITEMS_CONCURRENCY,
+        timeout_s=SETUP_TIMEOUT_S,
+    )
+    redis: Redis = Redis.from_url(settings.redis_url)
+    gate = asyncio.Semaphore(ITEMS_CONCURRENCY)
+    # The files go to a directory deleted at the end: the benchmark never
+    # reads content, only the rows (and the cache the unlock script reads,
+    # which the server loads from them).
+    with tempfile.TemporaryDirectory(prefix="tokenchat-bench-media-") as root:
+        catalog = MediaCatalog(
+            pool, redis, Keys(bench.redis_prefix), LocalDiskStore(Path(root)), settings
+        )
+
+        async def one(owner: str) -> str:
+            async with gate:
+                upload = Upload(io.BytesIO(png), len(png))
+                info = await catalog.create(owner, upload, TIP_AMOUNT, None, None)
+                return info.id
+
+        try:
+            heads: dict[str, tuple[bytes, ...]] = {}
+            for room in range(bench.args.rooms):
+                model = model_id(room)
+                ids = await asyncio.gather(*(one(model) for _ in range(count)))
+                heads[model] = tuple(
+                    b'{"type":"unlock","media":"%s","max_price":%d,"key":"'
+                    % (media.encode(), TIP_AMOUNT)
+                    for media in ids
+                )
+        finally:
+            await pool.close()
+            await redis.aclose()
+    return heads
+
+
+def _prepare_buy_ticket(bench: TipsBench, http_port: int) -> dict[str, tuple[bytes, ...]]:
+    """Each model schedules ``items_per_room`` ticket shows at TIP_AMOUNT
+    (POST /v1/me/shows, an hour ahead); each fan buys a ticket to a new one
+    each call (ticket.lua: the price into the show's escrow)."""
+    tokens = _model_tokens(bench)
+    count = items_per_room(bench)
+    starts_at_ms = int((time.time() + SHOW_STARTS_AHEAD_S) * 1000)
+
+    def schedule_show(model: str) -> str:
+        status, reply = http_json(
+            f"http://{HOST}:{http_port}/v1/me/shows",
+            tokens[model],
+            {"title": "bench", "price": TIP_AMOUNT, "starts_at": starts_at_ms,
+             "min_s": SHOW_MIN_S},
+        )  # fmt: skip
+        if status != 201:
+            raise RuntimeError(f"show of {model} refused: {status} {reply}")
+        return str(reply["show"])
+
+    heads: dict[str, tuple[bytes, ...]] = {}
+    with concurrent.futures.ThreadPoolExecutor(ITEMS_CONCURRENCY) as pool:
+        for model in tokens:
+            shows = list(pool.map(schedule_show, [model] * count))
+            heads[model] = tuple(
+                b'{"type":"buy_ticket","room":"%s","show":"%s","key":"'
+                % (model.encode(), show.encode())
+                for show in shows
+            )
+    return heads
+
+
+class MeterShows:
+    """One running private show per room (its fan: fan ``room``, who sits in
+    it), held open for the run: billing pauses while either side has no
+    session (``Privates.away``), so both stay connected here, on an event
+    loop of this thread's own, from ``prepare`` to ``finish``."""
+
+    def __init__(self, bench: TipsBench, ws_port: int) -> None:
+        self.bench = bench
+        self.ws_port = ws_port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="meter-shows", daemon=True
+        )
+        self.thread.start()
+        self.members: list[Member] = []
+        self.shows: dict[str, Member] = {}  # show id -> its fan's connection
+        self.ids = itertools.count(1)
+
+    def run(self, coro: Any, timeout_s: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    async def _open(self, user_id: str, role: str) -> Member:
+        member = await open_member(
+            "tokenchat",
+            self.ws_port,
+            Stats(),
+            user_id=user_id,
+            role=role,
+            jwt_secret=self.bench.jwt_secret,
+        )
+        self.members.append(member)
+        return member
+
+    async def _call(self, member: Member, command: dict[str, Any]) -> dict[str, Any]:
+        # Ids above the set-up's (open_member's hello is 1 to 4).
+        reply = await member.request({**command, "id": 100 + next(self.ids)})
+        if reply.get("type") != "ok":
+            raise RuntimeError(f"{command['type']} refused: {reply}")
+        return reply
+
+    async def start(self) -> None:
+        gate = asyncio.Semaphore(ITEMS_CONCURRENCY)
+
+        async def one(room: int) -> None:
+            async with gate:
+                model = await self._open(model_id(room), "model")
+                fan = await self._open(fan_id(room), "fan")
+                key = f"meter-{secrets.token_hex(6)}"
+                asked = await self._call(
+                    fan,
+                    {"type": "private_request", "model": model_id(room), "rate": METER_RATE,
+                     "key": key},
+                )  # fmt: skip
+                show = str(asked["show"])
+                accepted = await self._call(model, {"type": "private_accept", "show": show})
+                if accepted.get("state") != "running":
+                    raise RuntimeError(f"show {show} not running: {accepted}")
+                self.shows[show] = fan
+
+        async with asyncio.TaskGroup() as group:
+            for room in range(self.bench.args.rooms):
+                group.create_task(one(room))
+
+    async def end(self) -> None:
+        gate = asyncio.Semaphore(ITEMS_CONCURRENCY)
+
+        async def one(show: str, fan: Member) -> None:
+            async with gate:
+                await self._call(fan, {"type": "private_end", "show": show})
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for show, fan in self.shows.items():
+                    group.create_task(one(show, fan))
+        finally:
+            for member in self.members:
+                member.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+def _prepare_meter(bench: TipsBench, http_port: int) -> dict[str, tuple[bytes, ...]]:
+    """Each model sets a private rate of METER_RATE a minute and no minimum;
+    fan ``room`` is credited, asks her for a show, and she accepts: ``rooms``
+    shows run, each ticked once a second by the server's meter (its pass
+    every ``private_meter_interval_s``, default 1 s), until ``finish`` ends
+    them. The fans send nothing."""
+    tokens = _model_tokens(bench)
+    for model, token in tokens.items():
+        status, reply = http_json(
+            f"http://{HOST}:{http_port}/v1/me/prices",
+            token,
+            {"private_rate": METER_RATE, "private_min_s": 0},
+            method="PUT",
+        )
+        if status != 200:
+            raise RuntimeError(f"private price of {model} refused: {status} {reply}")
+    # The show's fan pays from the first tick: credited here, before the
+    # fans' own credit (which comes after prepare).
+    nonce = secrets.token_hex(6)
+    for room in range(bench.args.rooms):
+        body = {"user": fan_id(room), "amount": FUND_TOKENS, "key": f"meter-{nonce}-{room}"}
+        status, reply = http_json(
+            f"http://{HOST}:{http_port}/v1/admin/credits", bench.admin_token, body
+        )
+        if status != 200:
+            raise RuntimeError(f"credit for {fan_id(room)} refused: {status} {reply}")
+    ws_port = bench.serve_ws_port
+    shows = MeterShows(bench, ws_port)
+    try:
+        shows.run(shows.start(), METER_SETUP_TIMEOUT_S)
+    except BaseException:
+        shows.close()
+        raise
+    bench.workload_state = shows
+    return {model: () for model in tokens}
+
+
+def _finish_meter(bench: TipsBench, http_port: int) -> None:
+    """End every show (each settles at once: its final charge, its escrow back)."""
+    shows = bench.workload_state
+    if not isinstance(shows, MeterShows):
+        return
+    bench.workload_state = None
+    try:
+        shows.run(shows.end(), METER_END_TIMEOUT_S)
+    finally:
+        shows.close()
+
+
+def _meter_calls(bench: TipsBench) -> int:
+    """Meter calls the server made for this bench's shows so far: each show's
+    ticks, and its final charge once ended (whole seconds past its last tick:
+    at one token a second, charged > ticks); 0 before the schema exists."""
+    if not bench.migrated:
+        return 0
+
+    async def count() -> int:
+        import asyncpg
+
+        conn = await asyncpg.connect(bench.settings().database_url)
+        try:
+            value = await conn.fetchval(
+                f"""SELECT coalesce(sum(ticks), 0)
+                           + count(*) FILTER (WHERE charged * 60 > ticks * $1 * rate)
+                    FROM "{bench.schema}".private_shows""",
+                METER_TICK_S,
+            )
+        finally:
+            await conn.close()
+        return int(value)
+
+    return asyncio.run(count())
+
+
+WORKLOADS.update(
+    {
+        "unlock": Workload(kind="unlock", prepare=_prepare_unlock),
+        "buy_ticket": Workload(
+            kind="ticket",
+            prepare=_prepare_buy_ticket,
+            # POST /v1/me/shows is rate-limited per user (0.2/s): lifted, as
+            # the command rate limit is, for the set-up's thousands of shows.
+            env={
+                "TOKENCHAT_HTTP_CREATES_PER_S": "1000000",
+                "TOKENCHAT_HTTP_CREATES_BURST": "1000000",
+            },
+        ),
+        "meter": Workload(
+            kind="meter",
+            prepare=_prepare_meter,
+            env={"TOKENCHAT_PRIVATE_TICK_S": str(METER_TICK_S)},
+            finish=_finish_meter,
+            progress=_meter_calls,
+        ),
+    }
+)
 
 
 # ============================================================================
@@ -1402,6 +1807,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="every room has an active tip goal that the tips count toward (and the "
         "baseline's rooms one in Redis): the tip cost with a goal running",
+    )
+    parser.add_argument(
+        "--items",
+        type=positive_int,
+        help="unlock, buy_ticket: media or ticket shows each model makes per run (default: "
+        f"{ITEMS_CALLS_PER_FAN_PER_S:g} calls/s per fan over both phases)",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(

@@ -91,6 +91,10 @@ async def recv_from_parent(conn: Connection, timeout_s: float) -> Any:
             await readable
     finally:
         loop.remove_reader(fd)
+    # The event loop made the pipe non-blocking: a message larger than the
+    # pipe's buffer (a phase with thousands of frame heads) would then fail
+    # half read with EAGAIN. Once it begins to arrive, read it whole.
+    os.set_blocking(fd, True)
     return conn.recv()
 
 
