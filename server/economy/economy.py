@@ -172,6 +172,9 @@ class Economy:
         # Loads a ticket show's hash when a script finds it missing (set by
         # server/economy/shows.py: the show's row and tickets are its own).
         self.show_loader: Callable[[str], Awaitable[None]] | None = None
+        # Loads a user's DM blocks when the dm script finds them missing (set
+        # by server/catalog/dms.py, which owns the dm_blocks table).
+        self.blocks_loader: Callable[[str], Awaitable[None]] | None = None
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:
@@ -287,6 +290,8 @@ class Economy:
                 "payee_balance": self._keys.balance(payee),
                 "prices": self._keys.prices(to),
                 "inbox": self._keys.inbox(to),
+                "blocks": self._keys.blocks(to),
+                "dm_log": self._keys.dm_log(),
             },
             args={
                 "max_price": "" if max_price is None else max_price,
@@ -296,6 +301,9 @@ class Economy:
                 "event": orjson.dumps(events.dm_event_body(user_id, text, media))[:-1],
                 "payee_channel": self._keys.user_channel(to),
                 "inbox_len": self._settings.inbox_len,
+                "sender": user_id,
+                "recipient": to,
+                "dm_log_max": self._settings.dm_log_entries_max,
             },
         )
 
@@ -917,6 +925,8 @@ class Economy:
                 await self._media.load(missing[len(self._keys.media_prefix()) :])
             elif missing.startswith(self._keys.entitlements_prefix()):
                 await self._load_entitlements(missing[len(self._keys.entitlements_prefix()) :])
+            elif missing.startswith(self._keys.blocks_prefix()) and self.blocks_loader is not None:
+                await self.blocks_loader(missing[len(self._keys.blocks_prefix()) :])
             elif missing.startswith(self._keys.menu("")):
                 await self._load_menu(missing[len(self._keys.menu("")) :])
             else:
