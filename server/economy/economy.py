@@ -1039,6 +1039,8 @@ class Economy:
                 self._keys.balance_prefix(),
                 self._keys.entitlements_prefix(),
                 self._keys.menu(""),
+                # DM blocks: an older Redis may lack a block Postgres holds.
+                self._keys.blocks_prefix(),
             )
             for hot in hot_prefixes:
                 await self._unlink_matching(glob_escape(hot) + "*")
