@@ -420,3 +420,37 @@ async def test_reports_refuse_hostile_input_and_non_admins(server: Running) -> N
     for query in ("state=nonsense", "before=-1", "before=x", "limit=0"):
         status, reply = await http.call("GET", f"/v1/admin/reports?{query}", "ops", "admin")
         assert status == 400, (query, reply)
+
+
+async def test_a_rebuild_of_an_older_redis_drops_stale_blocks(server: Running, redis: Any) -> None:
+    """A Redis restored from an older copy may hold a blocks set without a
+    block Postgres has: the rebuild drops the sets with the balances, and the
+    next DM loads the truth."""
+    fan, _model, http = await people(server, tokens=0)
+    status, _ = await http.call("PUT", "/v1/me/blocks/bob", "alice", "model")
+    assert status == 200
+    assert (await fan.request("dm", to="alice", text="x", key="d1"))["code"] == "FORBIDDEN"
+    keys = server.node.keys
+    await redis.srem(keys.blocks("alice"), "bob")  # what the older copy held
+    await server.node.economy._rebuild()
+    assert await redis.exists(keys.blocks("alice")) == 0
+    refused = await fan.request("dm", to="alice", text="x", key="d2")
+    assert refused["type"] == "error" and refused["code"] == "FORBIDDEN", refused
+
+
+async def test_an_escrow_hold_is_in_the_fans_history_with_its_request(server: Running) -> None:
+    fan, model, http = await people(server)
+    offer = await fan.call("request_offer", model="alice", text="a photo", amount=30, key="o1")
+    await drain(server)
+    status, page = await http.call("GET", "/v1/me/transactions?kind=hold", "bob")
+    assert status == 200, page
+    [hold] = page["transactions"]
+    assert (hold["tx"], hold["amount"], hold["request"]) == (offer["tx"], -30, offer["request"])
+    assert hold["counterparty"] == f"esc:request:{offer['request']}"
+    # The model is no party to the hold (the escrow is): NOT_FOUND for her.
+    status, reply = await http.call("GET", f"/v1/me/transactions/{offer['tx']}", "alice", "model")
+    assert status == 404, reply
+    status, mine = await http.call("GET", f"/v1/me/transactions/{offer['tx']}", "bob")
+    # To whom: the model the request is for, though the tokens sit in escrow.
+    assert status == 200 and mine["to"] == "alice" and "earnings" not in mine
+    await model.close()
