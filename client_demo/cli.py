@@ -38,6 +38,9 @@ happens, one line each, to standard output:
     /paccept S, /pdecline S, /pend S   accept or decline show S (model), end
                       it (either side); accepting joins its private room
     /shows            list the current room's ticket shows (numbered; --http)
+    /leaderboard [WINDOW]   the current room's top tippers over 12h, day,
+                      week or all (default 12h; --http); a sender's tier
+                      shows as "(tier N)" beside their name when above 0
     /schedule PRICE MIN_S IN_S TITLE   schedule a ticket show in your room
                       (model; POST /v1/me/shows on --http): PRICE tokens a
                       ticket, paid if it runs MIN_S seconds, starting in IN_S
@@ -88,6 +91,7 @@ from .client import (
     block,
     blocks,
     dm_history,
+    get_leaderboard,
     get_menu,
     media_url,
     receipt,
@@ -124,6 +128,7 @@ HELP = """commands:
   /paccept S, /pdecline S   a model's answers to show S
   /pend S         end show S (either side)
   /shows          list the current room's ticket shows (numbered)
+  /leaderboard [WINDOW]   the current room's top tippers (12h, day, week, all)
   /schedule PRICE MIN_S IN_S TITLE   schedule a ticket show (model)
   /ticket S       buy a ticket to show S of the current room
   /start S, /end S, /showcancel S   run your show S (model)
@@ -202,18 +207,19 @@ def format_event(event: Event) -> str | None:
     type_ = event.get("type")
     room = event.get("room")
     if type_ == "message":
-        return f"[{room}] {event.get('from')}: {event.get('text')}"
+        return f"[{room}] {event.get('from')}{_tier(event)}: {event.get('text')}"
     if type_ == "tip":
         text = event.get("text")
         item = event.get("item")
         what = f" for {item.get('label')}" if isinstance(item, dict) else ""
-        return f"[{room}] {event.get('from')} tipped {event.get('amount')}{what}" + (
-            f": {text}" if text else ""
-        )
+        who = f"{event.get('from')}{_tier(event)}"
+        return f"[{room}] {who} tipped {event.get('amount')}{what}" + (f": {text}" if text else "")
+    if type_ == "king":
+        return f"[{room}] * {format_king(event.get('king'))}"
     if type_ == "dm":
         price = event.get("price")
         cost = f"{price} tokens" if price else "free"
-        line = f"DM from {event.get('from')} ({cost}): {event.get('text')}"
+        line = f"DM from {event.get('from')}{_tier(event)} ({cost}): {event.get('text')}"
         media = event.get("media")
         return line + (f" [{format_media(media)}]" if isinstance(media, dict) else "")
     if type_ == "media":
@@ -247,6 +253,19 @@ def format_event(event: Event) -> str | None:
     if type_ == "reconnected":
         return "* reconnected"
     return f"* {json.dumps(event, ensure_ascii=False)}"
+
+
+def _tier(event: Event) -> str:
+    """ " (tier N)" after a sender above tier 0 (GET /v1/tiers names them)."""
+    tier = event.get("tier")
+    return f" (tier {tier})" if isinstance(tier, int) and tier > 0 else ""
+
+
+def format_king(king: Any) -> str:
+    """A room's king ({user, tokens} or null) in words."""
+    if isinstance(king, dict):
+        return f"king: {king.get('user')} ({king.get('tokens')} tokens in 12 h)"
+    return "no king"
 
 
 def format_private(show: Event) -> str:
@@ -425,6 +444,8 @@ async def handle_line(
             state.room = rest
             room = reply["room"]
             out(f"* joined {rest} ({room.get('viewers')} here, tip min {room.get('tip_min')})")
+            if room.get("king"):
+                out(f"* {format_king(room['king'])}")
             if room.get("show"):
                 ticket = "you have a ticket" if reply.get("ticket") else "no ticket"
                 out(f"* show {format_show(room['show'])}; {ticket}")
@@ -475,6 +496,8 @@ async def handle_line(
         await answer_private(command, rest, session, state, out)
     elif command == "shows":
         await list_shows(state, args, out)
+    elif command == "leaderboard":
+        await show_leaderboard(rest or "12h", state, args, out)
     elif command == "schedule":
         await schedule_show(rest, args, out)
     elif command in ("ticket", "start", "end", "showcancel"):
@@ -1009,6 +1032,30 @@ async def show_receipt(rest: str, state: State, args: argparse.Namespace, out: O
     earnings = shown.get("earnings")
     if earnings is not None:
         out(f"  earnings: ${earnings['cents'] / 100:.2f} at the payout rate")
+
+
+async def show_leaderboard(
+    window: str, state: State, args: argparse.Namespace, out: Output
+) -> None:
+    """Print the current room's top tippers over ``window``, ranked."""
+    if state.room is None:
+        out("error: join a room first (/join ROOM)")
+        return
+    if not args.http:
+        out("error: /leaderboard needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    try:
+        board = await get_leaderboard(args.http, state.room, window)
+    except (HttpError, OSError) as exc:
+        out(f"error: GET leaderboard of {state.room}: {exc}")
+        return
+    entries = board.get("entries") or []
+    if not entries:
+        out(f"* {state.room} ({window}): no tips yet")
+        return
+    out(f"* {state.room} top tippers ({window}):")
+    for entry in entries:
+        out(f"  {entry['rank']}. {entry['user']}{_tier(entry)} {entry['tokens']} tokens")
 
 
 if __name__ == "__main__":

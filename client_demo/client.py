@@ -1121,3 +1121,31 @@ async def resolve_report(
     url = f"{http_url.rstrip('/')}/v1/admin/reports/{int(report_id)}/resolve"
     reply: dict[str, Any] = await asyncio.to_thread(_http_json, "POST", url, token, body)
     return reply
+
+
+# --- standing: leaderboards and tiers (docs/protocol.md, "Standing") --------------------
+LEADERBOARD_WINDOWS = ("12h", "day", "week", "all")
+
+
+async def get_leaderboard(http_url: str, room: str, window: str = "12h") -> dict[str, Any]:
+    """The top tippers of ``room`` over ``window`` (one of
+    ``LEADERBOARD_WINDOWS``): ``{room, window, as_of, entries: [{rank, user,
+    tokens, tier}]}``. ``HttpError`` (``BAD_REQUEST``, ``NOT_FOUND``)."""
+    query = urllib.parse.urlencode({"window": window})
+    url = f"{http_url.rstrip('/')}/v1/rooms/{urllib.parse.quote(room, safe='')}/leaderboard?{query}"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, None)
+    return reply
+
+
+async def get_tiers(http_url: str) -> list[dict[str, Any]]:
+    """The tiers, lowest first: ``[{tier, name, min_tokens}]`` (the integer
+    ``tier`` of message, tip and dm events indexes this list)."""
+    reply = await asyncio.to_thread(_http_json, "GET", f"{http_url.rstrip('/')}/v1/tiers", None)
+    return list(reply["tiers"])
+
+
+def tier_name(tiers: list[dict[str, Any]], tier: Any) -> str:
+    """The name of an event's ``tier`` (``"?"`` for one the list lacks)."""
+    if isinstance(tier, int) and 0 <= tier < len(tiers):
+        return str(tiers[tier]["name"])
+    return "?"

@@ -6,9 +6,11 @@ and cancel them (a hold into escrow, then its refund), buy tickets to their
 room's ticket show (staying off its chat without one), ask the model for a
 private show and end it at their next turn (metered by the minute, or
 withdrawn if she has not accepted it), check their balance and now and then
-move to another room; they also read their newest transactions and one
-receipt (``GET /v1/me/transactions``, ``GET /v1/me/transactions/{tx}``).
-Models host a room: they stay joined (reconnecting
+move to another room, and read their room's leaderboard (``GET
+/v1/rooms/{id}/leaderboard``, a window at random); they also read their
+newest transactions and one receipt (``GET /v1/me/transactions``, ``GET
+/v1/me/transactions/{tx}``). Models host a room: they
+stay joined (reconnecting
 within a second or so if the session is lost), read its events, thank
 tippers, now and then show their locked photo (``post_media``), accept and
 deliver a custom request offered to them (a release from escrow), run ticket
@@ -1366,6 +1368,25 @@ class FanUser(TokenchatUser):
             self.last_offset.pop(old, None)
         self.join(self.home_room())
 
+    @task(1)
+    def read_leaderboard(self) -> None:
+        """Read the room's top tippers (a projection of the ledger, issue
+        #12), as the page does after each tip it sees; a window at random."""
+        room = self.room or self.home_room()
+        window = random.choice(LEADERBOARD_WINDOWS)
+        with self.client.get(
+            f"/v1/rooms/{room}/leaderboard?window={window}",
+            name="GET /v1/rooms/{id}/leaderboard",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+                return
+            entries = response.json()["entries"]
+            if any(not isinstance(e.get("tier"), int) for e in entries):
+                response.failure("a leaderboard entry without an integer tier")
+
     # --- receipts and history (issue #12 section 6) ---------------------------------------
     @task(1)
     def read_transactions(self) -> None:
@@ -1398,6 +1419,10 @@ class FanUser(TokenchatUser):
                 response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
             elif response.json().get("tx") != tx:
                 response.failure("the receipt names another transaction")
+
+
+# The windows a fan's leaderboard read picks from (docs/protocol.md, "Standing").
+LEADERBOARD_WINDOWS = ("12h", "day", "week", "all")
 
 
 def offset_key(offset: object) -> tuple[int, ...] | None:

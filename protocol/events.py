@@ -45,56 +45,93 @@ def welcome(
     return reply
 
 
-def message_event_body(room: str, from_: str, text: str) -> dict[str, Any]:
+def message_event_body(room: str, from_: str, text: str, tier: int = 0) -> dict[str, Any]:
     """A ``message`` event as the server stores it in the room's history:
-    without ``offset`` and ``ts``, which it adds from the stored event's id."""
-    return {"type": "message", "room": room, "from": from_, "text": text}
+    without ``offset`` and ``ts``, which it adds from the stored event's id.
+    ``tier``: the poster's tier (GET /v1/tiers) when they posted."""
+    return {"type": "message", "room": room, "from": from_, "text": text, "tier": tier}
 
 
-def message_event(room: str, from_: str, text: str, offset: str, ts: int) -> dict[str, Any]:
-    return {**message_event_body(room, from_, text), "offset": offset, "ts": ts}
+def message_event(
+    room: str, from_: str, text: str, offset: str, ts: int, tier: int = 0
+) -> dict[str, Any]:
+    return {**message_event_body(room, from_, text, tier), "offset": offset, "ts": ts}
 
 
-def tip_event_body(room: str, from_: str, amount: int, text: str) -> dict[str, Any]:
+def tip_event_body(room: str, from_: str, amount: int, text: str, tier: int = 0) -> dict[str, Any]:
     """A tip event as the tip script stores and publishes it: the room's
-    history gives it ``offset`` and ``ts`` (see ``tip_event``)."""
-    return {"type": "tip", "room": room, "from": from_, "amount": amount, "text": text}
+    history gives it ``offset`` and ``ts`` (see ``tip_event``). ``tier``:
+    the tipper's tier before this tip counted."""
+    return {
+        "type": "tip",
+        "room": room,
+        "from": from_,
+        "amount": amount,
+        "text": text,
+        "tier": tier,
+    }
 
 
 def tip_event(
-    room: str, from_: str, amount: int, text: str, offset: str, ts: int
+    room: str, from_: str, amount: int, text: str, offset: str, ts: int, tier: int = 0
 ) -> dict[str, Any]:
-    return {**tip_event_body(room, from_, amount, text), "offset": offset, "ts": ts}
+    return {**tip_event_body(room, from_, amount, text, tier), "offset": offset, "ts": ts}
 
 
-def item_tip_event_body(room: str, from_: str, text: str, item_id: str) -> dict[str, Any]:
+def item_tip_event_body(
+    room: str, from_: str, text: str, item_id: str, tier: int = 0
+) -> dict[str, Any]:
     """A tip of a menu item as the server hands it to the tip_item script,
     which sets ``amount`` (the item's price when charged) and
-    ``item.label``, then the history gives ``offset`` and ``ts``."""
-    return {"type": "tip", "room": room, "from": from_, "text": text, "item": {"id": item_id}}
+    ``item.label``, then the history gives ``offset`` and ``ts``. ``item``
+    stays the last field: the script fills it in."""
+    return {
+        "type": "tip",
+        "room": room,
+        "from": from_,
+        "text": text,
+        "tier": tier,
+        "item": {"id": item_id},
+    }
 
 
 def item_tip_event(
-    room: str, from_: str, amount: int, text: str, item: dict[str, str], offset: str, ts: int
+    room: str,
+    from_: str,
+    amount: int,
+    text: str,
+    item: dict[str, str],
+    offset: str,
+    ts: int,
+    tier: int = 0,
 ) -> dict[str, Any]:
     """A ``tip`` event of a menu item: a tip event with ``item: {id, label}``."""
-    return {**tip_event(room, from_, amount, text, offset, ts), "item": item}
+    return {**tip_event(room, from_, amount, text, offset, ts, tier), "item": item}
 
 
-def dm_event_body(from_: str, text: str, media: dict[str, Any] | None = None) -> dict[str, Any]:
+def dm_event_body(
+    from_: str, text: str, media: dict[str, Any] | None = None, tier: int = 0
+) -> dict[str, Any]:
     """A dm event as the server hands it to the dm script, which adds
     ``price``, ``tx`` and ``ts`` (see ``dm_event``). ``media``: the
-    descriptor of locked media attached to it (never its content)."""
-    body: dict[str, Any] = {"type": "dm", "from": from_, "text": text}
+    descriptor of locked media attached to it (never its content).
+    ``tier``: the sender's tier."""
+    body: dict[str, Any] = {"type": "dm", "from": from_, "text": text, "tier": tier}
     if media is not None:
         body["media"] = media
     return body
 
 
 def dm_event(
-    from_: str, text: str, price: int, tx: str, ts: int, media: dict[str, Any] | None = None
+    from_: str,
+    text: str,
+    price: int,
+    tx: str,
+    ts: int,
+    media: dict[str, Any] | None = None,
+    tier: int = 0,
 ) -> dict[str, Any]:
-    return {**dm_event_body(from_, text, media), "price": price, "tx": tx, "ts": ts}
+    return {**dm_event_body(from_, text, media, tier), "price": price, "tx": tx, "ts": ts}
 
 
 def media_event_body(room: str, from_: str, media: dict[str, Any], text: str) -> dict[str, Any]:
@@ -147,3 +184,10 @@ def show_event(show: dict[str, Any]) -> dict[str, Any]:
     cancelled), ``price``, ``starts_at`` (ms since the epoch), ``min_s``,
     ``title``. ``show`` is a listed show (GET /v1/rooms/{room}/shows)."""
     return {"type": "show", **show}
+
+
+def king_event(room: str, king: dict[str, Any] | None) -> dict[str, Any]:
+    """The room's king changed: ``king`` is {user, tokens} (the top tipper
+    over the king window) or null (nobody tipped within it). A room event:
+    it has ``offset`` and ``ts`` like a message."""
+    return {"type": "king", "room": room, "king": king}

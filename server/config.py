@@ -293,6 +293,27 @@ class Settings:
     dm_archive_claim_idle_s: float = 30.0
     # Users one user may block: bounds the Redis set dm.lua reads and its load.
     dm_blocks_max: int = 10_000
+    # --- standing: leaderboards, the king of the room, tiers (issue #12) -----------
+    # The king of a room is its top tipper over this window: 12 hours, the
+    # contract's. Sums are kept per hour, so a window covers whole hours: its
+    # oldest hour is the one that holds (now - window).
+    king_window_s: int = 12 * 3600
+    # Tiers rank users by the tokens they spent over this rolling window:
+    # 30 days, the contract's.
+    tier_window_s: int = 30 * 24 * 3600
+    # The tiers, lowest first: `min_tokens:name`, comma-separated, the first
+    # one from 0. A user's tier is the index of the last one whose minimum
+    # their spend reaches (0 = the first). Five steps of about x10 tell a
+    # newcomer from a regular from a whale, the way Chaturbate's colours do.
+    tiers: str = "0:grey,1:blue,100:green,1000:purple,10000:gold"
+    # How often each node's standing projector looks at what the ledger
+    # changed (kings, tiers): with the ledger's own lag, the bound on how
+    # stale a king event and a tier are.
+    standing_interval_s: float = 1.0
+    # How long a node trusts a tier it read from Redis before reading it again:
+    # a tier change reaches events within this (plus standing_interval_s),
+    # while a chatting user costs one Redis read per this long, not per line.
+    tier_cache_ttl_s: float = 5.0
 
     # --- metrics --------------------------------------------------------------------
     # Serve /metrics on this port instead of the public HTTP port (0: on the
@@ -380,6 +401,10 @@ class Settings:
             "dm_archive_block_ms",
             "dm_archive_claim_idle_s",
             "dm_blocks_max",
+            "king_window_s",
+            "tier_window_s",
+            "standing_interval_s",
+            "tier_cache_ttl_s",
         ]
         # nan compares false with everything, so `<= 0` lets it through (and
         # turns a rate limit off); inf is no limit at all. Refused first.
@@ -433,6 +458,7 @@ class Settings:
                     "such as wss://chat.example.com/ws"
                 )
         self.trusted_proxy_networks()  # refuses a malformed list at start-up
+        self.tier_list()  # refuses a malformed TOKENCHAT_TIERS at start-up
 
     def serves_one_port(self) -> bool:
         """True when the gateway and the HTTP API share the HTTP port."""
@@ -471,6 +497,25 @@ class Settings:
                 raise ValueError(f"TOKENCHAT_BUNDLES: {item!r} is not id:tokens:price_cents")
             bundles.append((bundle_id, tokens, cents))
         return bundles
+
+    def tier_list(self) -> list[tuple[int, str]]:
+        """(min_tokens, name) of each tier, lowest first; tier i is index i."""
+        tiers: list[tuple[int, str]] = []
+        for item in self.tiers.split(","):
+            floor, _, name = item.strip().partition(":")
+            try:
+                minimum = int(floor)
+            except ValueError:
+                minimum = -1
+            name = name.strip()
+            if minimum < 0 or not name or (tiers and minimum <= tiers[-1][0]):
+                raise ValueError(
+                    f"TOKENCHAT_TIERS: {item!r} is not min_tokens:name with minimums rising"
+                )
+            tiers.append((minimum, name))
+        if tiers[0][0] != 0:
+            raise ValueError("TOKENCHAT_TIERS: the first tier must start at 0")
+        return tiers
 
     def insecure_reasons(self) -> list[str]:
         """Why these settings must not serve real users (empty: they may)."""

@@ -169,3 +169,10 @@ class Keys:
         """Counter bumped by every change of a user's blocks: a load that read
         Postgres before a change writes nothing (blocks_load.lua)."""
         return self._eco(f"blocks-gen:{user_id}")
+
+    # --- standing (server/standing.py) ------------------------------------------
+    def tiers(self) -> str:
+        """Hash: user id -> tier (an integer), for users above tier 0, plus
+        the field ``*`` once the standing projector has filled it (absent:
+        Redis lost it, and the projector fills it again from Postgres)."""
+        return f"{self.prefix}tiers"

@@ -33,6 +33,8 @@ const state = {
   show: null, // the private show on the card (the newest one seen), as in `private` events
   privatePrice: null, // {model, rate, min_s}: the rate shown in the model's room
   shows: new Map(), // room id -> {show, ticket}: its ticket show (join, `show` events)
+  kings: new Map(), // room id -> its king {user, tokens} or null (join, `king` events)
+  tiers: [], // [{tier, name, min_tokens}] from GET /v1/tiers: an event's `tier` indexes it
 };
 // For the console and the browser test: the state, and a way to drop the socket.
 window.tokenchat = state;
@@ -419,6 +421,8 @@ function showRoom(roomId) {
   updateRoomInfo(info);
   $("room-tip-min").hidden = roomId.startsWith("p:"); // no tips in a private show
   renderShow(roomId);
+  renderKing(roomId);
+  loadLeaderboard(roomId);
   const chat = $("chat");
   chat.replaceChildren(...(state.logs.get(roomId) || []).map(renderLine));
   if (!chat.children.length) chat.append(el("li", { class: "note", text: "No messages yet. Say hi!" }));
@@ -442,8 +446,9 @@ function onJoined(roomId, reply, rejoined) {
     log.push({ type: "note", text: `Caught up ${plural(reply.history.length, "message")} sent while you were away.` });
   }
   setShow(roomId, reply.room.show, reply.ticket);
+  state.kings.set(roomId, reply.room.king ?? null);
   for (const event of reply.history) {
-    if (event.type === "show") continue; // the banner shows the current one
+    if (event.type === "show" || event.type === "king") continue; // the banners show the current ones
     log.push(event);
     // Tips sent while the connection was down are news; older history is not.
     if (rejoined && event.type === "tip") countEarning(event);
@@ -461,7 +466,7 @@ function onRoomLost(roomId, err) {
 function renderLine(entry) {
   if (entry.type === "note") return el("li", { class: "note", text: entry.text });
   const mine = entry.from === state.me?.id;
-  const who = el("span", { class: "from", text: mine ? "You" : entry.from });
+  const who = tierName(el("span", { class: "from", text: mine ? "You" : entry.from }), entry.tier);
   const time = el("time", { datetime: new Date(entry.ts).toISOString(), text: clock(entry.ts) });
   if (entry.type === "tip") {
     const line = el(
@@ -623,6 +628,10 @@ function onEvent(event) {
       addLine(event.room, event);
       if (event.room === state.room) burst($("fx"), event.amount, event.from, event.item?.label);
       countEarning(event);
+      if (event.room === state.room) refreshLeaderboardSoon(event.room);
+      break;
+    case "king":
+      onKing(event);
       break;
     case "presence": {
       const info = state.rooms.get(event.room);
@@ -1478,6 +1487,85 @@ function wire() {
   $("show-start").addEventListener("click", () => moveShow("show_start"));
   $("show-end").addEventListener("click", () => moveShow("show_end"));
   $("show-cancel").addEventListener("click", () => moveShow("show_cancel"));
+  $("leaderboard-window").addEventListener("change", () => state.room && loadLeaderboard(state.room));
+  loadTiers();
+}
+
+// --- standing: leaderboards, the king of the room, tiers ---------------------------------------
+// A tip is on the leaderboard once the ledger has it (well under a second);
+// the board is read again this long after a tip seen in the room.
+const LEADERBOARD_REFRESH_MS = 1500;
+let leaderboardTimer = null;
+
+async function loadTiers() {
+  try {
+    state.tiers = (await api("GET", "/v1/tiers", undefined, { auth: false })).tiers;
+  } catch {
+    state.tiers = []; // names stay uncoloured; nothing else depends on them
+  }
+}
+
+/** Colour a name by its sender's tier (a class per tier, its name as a tooltip). */
+function tierName(span, tier) {
+  const n = Number.isInteger(tier) ? tier : 0;
+  span.classList.add(`tier-${Math.min(n, 4)}`);
+  span.dataset.tier = String(n);
+  const named = state.tiers[n];
+  if (named) span.title = `${named.name} tier`;
+  return span;
+}
+
+function onKing(event) {
+  state.kings.set(event.room, event.king);
+  if (event.room !== state.room) return;
+  renderKing(event.room);
+  if (event.king) addLine(event.room, { type: "note", text: `♛ ${event.king.user} is the king of the room now.` });
+  loadLeaderboard(event.room);
+}
+
+function renderKing(roomId) {
+  const king = state.kings.get(roomId);
+  const badge = $("room-king");
+  badge.hidden = !king;
+  badge.textContent = king ? `♛ ${king.user === state.me?.id ? "You" : king.user}` : "";
+  badge.title = king ? `King of the room: ${tokens(king.tokens)} tipped in 12 hours` : "";
+}
+
+async function loadLeaderboard(roomId) {
+  const section = $("leaderboard");
+  section.hidden = roomId.startsWith("p:"); // no tips in a private show
+  if (section.hidden) return;
+  const window_ = $("leaderboard-window").value;
+  let board;
+  try {
+    board = await api(
+      "GET",
+      `/v1/rooms/${encodeURIComponent(roomId)}/leaderboard?window=${encodeURIComponent(window_)}`,
+      undefined,
+      { auth: false },
+    );
+  } catch (err) {
+    toast(explain(err, `loading the leaderboard of ${roomId}`), "error");
+    return;
+  }
+  if (roomId !== state.room || window_ !== $("leaderboard-window").value) return;
+  $("leaderboard-empty").hidden = board.entries.length > 0;
+  $("leaderboard-entries").replaceChildren(
+    ...board.entries.map((entry) =>
+      el(
+        "li",
+        { class: "leaderboard-entry", "data-user": entry.user },
+        el("span", { class: "rank", text: `${entry.rank}.` }),
+        tierName(el("span", { class: "from", text: entry.user === state.me?.id ? "You" : entry.user }), entry.tier),
+        el("span", { class: "tokens", text: tokens(entry.tokens) }),
+      ),
+    ),
+  );
+}
+
+function refreshLeaderboardSoon(roomId) {
+  clearTimeout(leaderboardTimer);
+  leaderboardTimer = setTimeout(() => roomId === state.room && loadLeaderboard(roomId), LEADERBOARD_REFRESH_MS);
 }
 
 // --- transactions, receipts, DM history, blocks and reports -------------------------------------

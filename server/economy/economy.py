@@ -175,6 +175,9 @@ class Economy:
         # Loads a user's DM blocks when the dm script finds them missing (set
         # by server/catalog/dms.py, which owns the dm_blocks table).
         self.blocks_loader: Callable[[str], Awaitable[None]] | None = None
+        # A user's tier for the events of their tips and DMs (set by the node
+        # to its standing's TierCache: memory, at worst one Redis read).
+        self.tier_of: Callable[[str], Awaitable[int]] = _tier_zero
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:
@@ -217,7 +220,9 @@ class Economy:
                 "payee": payee,
                 "room_channel": self._keys.room_channel(room),
                 "history_len": self._settings.history_len,
-                "event": orjson.dumps(events.tip_event_body(room, user_id, amount, text)),
+                "event": orjson.dumps(
+                    events.tip_event_body(room, user_id, amount, text, await self.tier_of(user_id))
+                ),
                 "payee_channel": self._keys.user_channel(owner),
             },
         )
@@ -256,7 +261,11 @@ class Economy:
                 "payee": payee,
                 "room_channel": self._keys.room_channel(room),
                 "history_len": self._settings.history_len,
-                "event": orjson.dumps(events.item_tip_event_body(room, user_id, text, item)),
+                "event": orjson.dumps(
+                    events.item_tip_event_body(
+                        room, user_id, text, item, await self.tier_of(user_id)
+                    )
+                ),
                 "payee_channel": self._keys.user_channel(owner),
             },
         )
@@ -298,7 +307,9 @@ class Economy:
                 "payer": payer,
                 "payee": payee,
                 # The script appends price, tx and ts: the closing brace goes.
-                "event": orjson.dumps(events.dm_event_body(user_id, text, media))[:-1],
+                "event": orjson.dumps(
+                    events.dm_event_body(user_id, text, media, await self.tier_of(user_id))
+                )[:-1],
                 "payee_channel": self._keys.user_channel(to),
                 "inbox_len": self._settings.inbox_len,
                 "sender": user_id,
@@ -1126,6 +1137,11 @@ class Economy:
         ]
         # An account with no row has no postings: zero is its true balance.
         return int(balance or 0), records
+
+
+async def _tier_zero(user_id: str) -> int:
+    """Without standing (an Economy of its own, as in tools): tier 0."""
+    return 0
 
 
 def new_item_id() -> str:

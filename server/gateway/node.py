@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
@@ -40,6 +41,7 @@ from ..keys import Keys
 from ..ledger.confirmations import Confirmations
 from ..ledger.history import History
 from ..ledger.writer import LedgerWriter
+from ..standing import Standing
 from .broker import RedisBroker
 from .hub import Hub
 from .rooms import RoomStore, complete_event, parse_offset
@@ -129,6 +131,18 @@ class Node:
         self.blocks = Blocks(settings, pool, redis)
         self.economy.blocks_loader = self.blocks.load
         self.reports = Reports(pool)
+        # Leaderboards, kings and tiers (server/standing.py): its projector
+        # runs on every node; king events go out as room events.
+        # A king may be crowned by show-time tips: the event is for those who
+        # see the show (rooms.append, show_time).
+        self.standing = Standing(
+            pool,
+            redis,
+            self.keys,
+            settings,
+            functools.partial(self.rooms.append, poster=None, show_time=True),
+        )
+        self.economy.tier_of = self.standing.tiers.of
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
             redis,
@@ -195,6 +209,7 @@ class Node:
             asyncio.create_task(self._sweep_slow_forever(), name="node-slow-sweep"),
             asyncio.create_task(self.sweeper.run(), name="deadline-sweeper"),
             asyncio.create_task(self.privates.run_meter(), name="private-meter"),
+            asyncio.create_task(self.standing.run(), name="standing-projector"),
         ]
         if self.settings.ledger_enabled:
             self._loops.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))

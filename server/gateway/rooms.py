@@ -54,14 +54,23 @@ class RoomStore:
         self._room_event = lua_script("room_event", retry_safe=False)
         self._viewers = lua_script("viewers", retry_safe=True)  # a count
 
-    async def append(self, room: str, event: dict[str, Any], poster: str | None = None) -> str:
+    async def append(
+        self,
+        room: str,
+        event: dict[str, Any],
+        poster: str | None = None,
+        *,
+        show_time: bool = False,
+    ) -> str:
         """Store and publish ``event`` (without offset/ts); returns its offset.
 
         ``poster``: the user posting it. While a ticket show runs in the
         room, only its model and ticket holders may (Forbidden otherwise),
         and the event is marked with the show (``in_show``). None: the
-        server's own event (a `show` event), never marked."""
-        account = "" if poster is None else f"u:{poster}"
+        server's own event (a `show` event), never marked, unless
+        ``show_time``: it comes of what happened during the show (a `king`
+        crowned by show-time tips), so only those who see the show get it."""
+        account = ("*" if show_time else "") if poster is None else f"u:{poster}"
         try:
             offset = await self._batcher.call(
                 self._room_event,

@@ -418,7 +418,7 @@ class Session:
         last = parse_offset(history.events[-1][0]) if history.events else None
         self._after_reply = lambda: self._flush_joined(room_id, last)
         return {
-            "room": {**info.to_wire(viewers), "show": show},
+            "room": {**info.to_wire(viewers), "show": show, "king": await self._king_of(room_id)},
             "ticket": ticket,
             "history": [
                 orjson.loads(frame) for _, frame in history.events if self._visible(room_id, frame)
@@ -458,6 +458,15 @@ class Session:
             return None, False
         return current, user == room or current["show"] in self._seen_shows
 
+    async def _king_of(self, room: str) -> dict[str, Any] | None:
+        """The room's king for the join reply; with Postgres away the join
+        still succeeds, naming none (the next king event corrects it)."""
+        try:
+            return await self.node.standing.king(room)
+        except ServiceError as exc:
+            log.warning("room %s joined without its king: %s", room, exc.message)
+            return None
+
     def _flush_joined(self, room: str, last: Offset | None) -> None:
         held = self._joining.pop(room, None)
         if self._closing or room not in self.rooms:
@@ -487,7 +496,8 @@ class Session:
             raise NotInRoom(f"join room '{command.room}' first")
         assert self.identity is not None
         user = self.identity.user_id
-        event = events.message_event_body(command.room, user, command.text)
+        tier = await self.node.standing.tiers.of(user)
+        event = events.message_event_body(command.room, user, command.text, tier)
         return {"offset": await self.node.rooms.append(command.room, event, poster=user)}
 
     async def _post_media(self, command: PostMedia) -> Reply:

@@ -487,9 +487,13 @@ def create_app(node: Node) -> Starlette:
     from .history import history_routes
     from .media import media_routes
 
+    # Leaderboards and tiers (server/standing.py).
+    from .standing import standing_routes
+
     routes: list[BaseRoute] = [
         *media_routes(node, identity_of, limit_creates),
         *history_routes(node, identity_of, limit_creates),
+        *standing_routes(node),
         Route("/", index),
         Mount("/static", _StaticFiles(directory=STATIC_DIR), name="static"),
         Route("/v1/config", client_config),

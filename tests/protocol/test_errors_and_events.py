@@ -74,6 +74,7 @@ def test_events_have_wire_names_and_no_re() -> None:
         "room": "alice",
         "from": "bob",
         "text": "hi",
+        "tier": 0,
         "offset": "1-0",
         "ts": 5,
     }
@@ -83,6 +84,7 @@ def test_events_have_wire_names_and_no_re() -> None:
         "from": "bob",
         "amount": 3,
         "text": "",
+        "tier": 0,
         "offset": "1-1",
         "ts": 6,
     }
@@ -90,6 +92,7 @@ def test_events_have_wire_names_and_no_re() -> None:
         "type": "dm",
         "from": "alice",
         "text": "hey",
+        "tier": 0,
         "price": 0,
         "tx": "t9",
         "ts": 7,

@@ -110,6 +110,7 @@ async def test_join_returns_room_history_and_viewers(server: Running) -> None:
         "viewers": 2,
         "tip_min": 1,
         "show": None,
+        "king": None,
     }
     assert reply["ticket"] is False
     assert [e["text"] for e in reply["history"]] == ["welcome"]
@@ -160,6 +161,7 @@ async def test_say_reaches_every_member_sender_included(server: Running) -> None
             "room": "alice",
             "from": "fan0",
             "text": "hello room",
+            "tier": 0,
             "offset": reply["offset"],
             "ts": int(reply["offset"].split("-")[0]),
         }

@@ -82,7 +82,8 @@ async def show_event(client: Client, state: str) -> dict[str, Any]:
 
 
 async def no_event(client: Client, within_s: float = 0.3) -> None:
-    """Nothing but presence and balance events reach ``client`` for a while."""
+    """Nothing but presence and balance events reach ``client`` for a while
+    (a `king` crowned by show-time tips is show time too)."""
     try:
         async with asyncio.timeout(within_s):
             while True:

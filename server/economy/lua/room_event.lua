@@ -6,7 +6,9 @@
 -- ARGV[2]  history length to keep (exact MAXLEN; the stream is tiny)
 -- ARGV[3]  the event as a JSON object, without `offset` and `ts`
 -- ARGV[4]  the posting user's account (`u:<id>`); '' for the server's
---          own events (`show`), which are never marked
+--          own events (`show`), which are never marked; '*' for the
+--          server's events that come of show time (`king`: a fan's tips
+--          during the show may crown them), marked without a ticket check
 --
 -- Returns the event's offset (its stream id, "ms-seq"), or
 -- {'NO_TICKET', show} when a ticket show runs in the room and the user is
@@ -25,7 +27,9 @@
 local event = ARGV[3]
 local show = redis.call('HGET', KEYS[2], 'id')
 if show and ARGV[4] ~= '' then
-  if redis.call('HEXISTS', KEYS[2], ARGV[4]) == 0 then return {'NO_TICKET', show} end
+  if ARGV[4] ~= '*' and redis.call('HEXISTS', KEYS[2], ARGV[4]) == 0 then
+    return {'NO_TICKET', show}
+  end
   event = string.sub(event, 1, -2) .. ',"in_show":"' .. show .. '"}'
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'e', event)

@@ -1,0 +1,362 @@
+"""Standing: leaderboards, the king of the room, and tiers (issue #12).
+
+The input is a projection of the ledger that Postgres keeps as the ledger is
+written (migration 0013: a statement trigger on ``ledger_postings`` folds
+every batch of the ledger writer into per-hour sums, in the writer's own
+transaction): tips per room, user and hour, tips per room and user all time,
+and spending per user and hour. A refund is subtracted from the hour of the
+spend it reverses. So reads never group the ledger, and the projection is
+exactly as current as the ledger.
+
+- ``leaderboard``: the top tippers of a room over a window, a sum over at
+  most one row per user and hour of that window (``all``: one row per user).
+- The projector (``run``, every ``standing_interval_s`` on every node) takes
+  the rooms and users whose sums changed (``standing_dirty``, DELETE ...
+  RETURNING: each change goes to one node) and recomputes their king and
+  tier; and when an hour turns (windows roll hourly), every room with a king
+  and every user above tier 0. A changed king is stored with a conditional
+  UPDATE (so of two nodes only one sees the change) and published as a
+  ``king`` event through the room's history, like any room event. A changed
+  tier goes to Postgres (``standing_tiers``) and to the Redis hash
+  ``Keys.tiers``, which the gateways read through ``TierCache``: no
+  Postgres read per message, tip or DM.
+
+Staleness: a tip is in the leaderboard once the ledger writer has committed
+it (the outbox's lag, ``ledger_linger_ms`` plus a batch, well under a second
+on a healthy node); kings and tiers follow within ``standing_interval_s`` of
+that, and events carry a tier up to ``tier_cache_ttl_s`` older still. Windows
+cover whole hours: the ``12h`` window holds the hour that contains (now -
+12 h) and every later one, so a tip leaves it between 12 and 13 hours later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from tokenchat.protocol import events
+
+from .aio import pause, reraise_if_cancelled
+from .config import Settings
+from .errors import BadRequest, Unavailable
+from .keys import Keys
+
+log = logging.getLogger(__name__)
+
+HOUR_MS = 3_600_000
+# The contract: the top 100 tippers.
+LEADERBOARD_ENTRIES_MAX = 100
+# The windows of GET /v1/rooms/{room}/leaderboard, in seconds (None: all time).
+WINDOWS: dict[str, int | None] = {
+    "12h": 12 * 3600,
+    "day": 24 * 3600,
+    "week": 7 * 24 * 3600,
+    "all": None,
+}
+# Users and rooms the projector recomputes per statement: bounds one query.
+PROJECT_BATCH_MAX = 1000
+# Tiers a node keeps in memory at most; past it the cache starts afresh (a
+# node serves far fewer users at once; this only bounds a pathological run).
+TIER_CACHE_ENTRIES_MAX = 100_000
+# The field of Keys.tiers that says the hash has been filled.
+_FILLED = "*"
+
+_DB_ERRORS = (asyncpg.PostgresError, OSError, asyncio.TimeoutError)
+_REDIS_ERRORS = (RedisError, OSError)
+
+Publish = Callable[[str, dict[str, Any]], Awaitable[str]]
+
+
+def window_start_hour(now_ms: int, window_s: int | None) -> int:
+    """The oldest hour a window holds: the hour containing now - window."""
+    if window_s is None:
+        return 0
+    return (now_ms - window_s * 1000) // HOUR_MS
+
+
+def tier_of(spent: int, tiers: list[tuple[int, str]]) -> int:
+    """The index of the last tier whose minimum ``spent`` reaches."""
+    tier = 0
+    for index, (minimum, _) in enumerate(tiers):
+        if spent >= minimum:
+            tier = index
+    return tier
+
+
+class TierCache:
+    """Each user's tier as the projector last wrote it to Redis, held in
+    this process for ``tier_cache_ttl_s``: one Redis read per user per TTL,
+    none per message. Redis away: the last tier known, else 0 (a message
+    never fails for its colour)."""
+
+    def __init__(self, redis: Redis, keys: Keys, ttl_s: float) -> None:
+        self._redis = redis
+        self._key = keys.tiers()
+        self._ttl_s = ttl_s
+        self._tiers: dict[str, tuple[int, float]] = {}
+
+    async def of(self, user_id: str) -> int:
+        now = time.monotonic()
+        cached = self._tiers.get(user_id)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        try:
+            raw: Any = await self._redis.hget(self._key, user_id)
+        except _REDIS_ERRORS:
+            return cached[0] if cached is not None else 0
+        tier = int(raw) if raw is not None else 0
+        if len(self._tiers) >= TIER_CACHE_ENTRIES_MAX:
+            self._tiers.clear()
+        self._tiers[user_id] = (tier, now + self._ttl_s)
+        return tier
+
+    def forget(self) -> None:
+        self._tiers.clear()
+
+
+class Standing:
+    def __init__(
+        self, pool: asyncpg.Pool, redis: Redis, keys: Keys, settings: Settings, publish: Publish
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._keys = keys
+        self._settings = settings
+        self._publish = publish
+        self._tiers = settings.tier_list()
+        self.tiers = TierCache(redis, keys, settings.tier_cache_ttl_s)
+        self._hour_seen: int | None = None
+
+    # --- reads ------------------------------------------------------------------
+    def tier_names(self) -> dict[str, Any]:
+        """GET /v1/tiers."""
+        return {
+            "window_s": self._settings.tier_window_s,
+            "tiers": [
+                {"tier": index, "name": name, "min_tokens": minimum}
+                for index, (minimum, name) in enumerate(self._tiers)
+            ],
+        }
+
+    async def leaderboard(self, room: str, window: str) -> dict[str, Any]:
+        """The room's top tippers over ``window`` (one of WINDOWS)."""
+        if window not in WINDOWS:
+            raise BadRequest(f"window must be one of {', '.join(WINDOWS)}")
+        now_ms = int(time.time() * 1000)
+        try:
+            async with self._pool.acquire() as conn:
+                if WINDOWS[window] is None:
+                    rows = await conn.fetch(
+                        """SELECT s.user_id, s.tokens, coalesce(t.tier, 0) AS tier
+                           FROM standing_room_total s
+                           LEFT JOIN standing_tiers t ON t.user_id = s.user_id
+                           WHERE s.room = $1 AND s.tokens > 0
+                           ORDER BY s.tokens DESC, s.user_id LIMIT $2""",
+                        room,
+                        LEADERBOARD_ENTRIES_MAX,
+                    )
+                else:
+                    rows = await conn.fetch(
+                        """SELECT s.user_id, s.tokens, coalesce(t.tier, 0) AS tier
+                           FROM (SELECT user_id, sum(tokens)::bigint AS tokens
+                                 FROM standing_room_hourly WHERE room = $1 AND hour >= $2
+                                 GROUP BY user_id HAVING sum(tokens) > 0) s
+                           LEFT JOIN standing_tiers t ON t.user_id = s.user_id
+                           ORDER BY s.tokens DESC, s.user_id LIMIT $3""",
+                        room,
+                        window_start_hour(now_ms, WINDOWS[window]),
+                        LEADERBOARD_ENTRIES_MAX,
+                    )
+        except _DB_ERRORS as exc:
+            raise Unavailable("the leaderboard is unavailable") from exc
+        return {
+            "room": room,
+            "window": window,
+            "as_of": now_ms,
+            "entries": [
+                {"rank": rank, "user": row["user_id"], "tokens": row["tokens"], "tier": row["tier"]}
+                for rank, row in enumerate(rows, start=1)
+            ],
+        }
+
+    async def king(self, room: str) -> dict[str, Any] | None:
+        """The room's king as the projector last saw it ({user, tokens})."""
+        try:
+            async with self._pool.acquire() as conn:
+                row = await conn.fetchrow(
+                    "SELECT user_id, tokens FROM standing_kings WHERE room = $1", room
+                )
+        except _DB_ERRORS as exc:
+            raise Unavailable("the king is unavailable") from exc
+        return None if row is None else {"user": row["user_id"], "tokens": row["tokens"]}
+
+    # --- the projector --------------------------------------------------------------
+    async def run(self) -> None:
+        """Project until cancelled; a backend away only delays it."""
+        while True:
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reraise_if_cancelled(exc)
+                log.warning("standing projector: %s", exc)
+            await pause(self._settings.standing_interval_s)
+
+    async def step(self, *, now_ms: int | None = None) -> None:
+        """One pass: refill Redis's tiers if it lost them, then recompute the
+        changed rooms and users (all of them when an hour has turned)."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        hour = now_ms // HOUR_MS
+        await self._ensure_redis_tiers()
+        rolled = hour != self._hour_seen
+        async with self._pool.acquire() as conn:
+            dirty = await conn.fetch("DELETE FROM standing_dirty RETURNING kind, id")
+            rooms = {row["id"] for row in dirty if row["kind"] == "room"}
+            users = {row["id"] for row in dirty if row["kind"] == "user"}
+            if rolled:
+                rooms |= {r["room"] for r in await conn.fetch("SELECT room FROM standing_kings")}
+                users |= {
+                    r["user_id"]
+                    for r in await conn.fetch("SELECT user_id FROM standing_tiers WHERE tier > 0")
+                }
+        try:
+            for chunk in _chunks(sorted(users)):
+                await self._project_tiers(chunk, now_ms)
+            for chunk in _chunks(sorted(rooms)):
+                await self._project_kings(chunk, now_ms)
+        except BaseException:
+            # Not done: look at them again next pass.
+            await self._mark_dirty(rooms, users)
+            raise
+        self._hour_seen = hour
+
+    async def _mark_dirty(self, rooms: set[str], users: set[str]) -> None:
+        rows = [("room", r) for r in rooms] + [("user", u) for u in users]
+        if not rows:
+            return
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.executemany(
+                    "INSERT INTO standing_dirty (kind, id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    rows,
+                )
+        except _DB_ERRORS:
+            log.warning("standing: %d changes not put back; the next hour redoes them", len(rows))
+
+    async def _project_tiers(self, users: list[str], now_ms: int) -> None:
+        start = window_start_hour(now_ms, self._settings.tier_window_s)
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT u.id AS user_id, coalesce(sum(s.tokens), 0)::bigint AS spent
+                   FROM unnest($1::text[]) AS u(id)
+                   LEFT JOIN standing_user_hourly s ON s.user_id = u.id AND s.hour >= $2
+                   GROUP BY u.id""",
+                users,
+                start,
+            )
+            spent = {row["user_id"]: max(0, row["spent"]) for row in rows}
+            tiers = {user: tier_of(amount, self._tiers) for user, amount in spent.items()}
+            changed = await conn.fetch(
+                """INSERT INTO standing_tiers AS t (user_id, spent, tier)
+                   SELECT * FROM unnest($1::text[], $2::bigint[], $3::int[]) ORDER BY 1
+                   ON CONFLICT (user_id) DO UPDATE
+                       SET spent = EXCLUDED.spent, tier = EXCLUDED.tier, updated_at = now()
+                       WHERE (t.spent, t.tier) IS DISTINCT FROM (EXCLUDED.spent, EXCLUDED.tier)
+                   RETURNING user_id, tier""",
+                list(spent),
+                list(spent.values()),
+                [tiers[user] for user in spent],
+            )
+        if changed:
+            await self._write_redis_tiers({row["user_id"]: row["tier"] for row in changed})
+
+    async def _write_redis_tiers(self, tiers: dict[str, int]) -> None:
+        raised = {user: tier for user, tier in tiers.items() if tier > 0}
+        dropped = [user for user, tier in tiers.items() if tier == 0]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if raised:
+                pipe.hset(self._keys.tiers(), mapping=raised)  # type: ignore[arg-type]
+            if dropped:
+                pipe.hdel(self._keys.tiers(), *dropped)
+            await pipe.execute()
+
+    async def _ensure_redis_tiers(self) -> None:
+        """Redis lost the tiers (or never had them): fill the hash from Postgres."""
+        key = self._keys.tiers()
+        if await self._redis.hexists(key, _FILLED):
+            return
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch("SELECT user_id, tier FROM standing_tiers WHERE tier > 0")
+        mapping: dict[str, int] = {row["user_id"]: row["tier"] for row in rows}
+        mapping[_FILLED] = 1
+        await self._redis.hset(key, mapping=mapping)  # type: ignore[arg-type]
+        self.tiers.forget()
+
+    async def _project_kings(self, rooms: list[str], now_ms: int) -> None:
+        start = window_start_hour(now_ms, self._settings.king_window_s)
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT DISTINCT ON (r.room) r.room, s.user_id, s.tokens
+                   FROM unnest($1::text[]) AS r(room)
+                   LEFT JOIN LATERAL (
+                       SELECT user_id, sum(tokens)::bigint AS tokens
+                       FROM standing_room_hourly
+                       WHERE room = r.room AND hour >= $2
+                       GROUP BY user_id HAVING sum(tokens) > 0
+                       ORDER BY 2 DESC, 1 LIMIT 1
+                   ) s ON true
+                   ORDER BY r.room""",
+                rooms,
+                start,
+            )
+            changes: list[tuple[str, dict[str, Any] | None]] = []
+            for row in rows:
+                room = row["room"]
+                king = None if row["user_id"] is None else row["user_id"]
+                # One node at a time per room: of two nodes seeing the same
+                # change, the second finds it stored and publishes nothing.
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", room)
+                    before = await conn.fetchval(
+                        "SELECT user_id FROM standing_kings WHERE room = $1", room
+                    )
+                    if king is None:
+                        await conn.execute("DELETE FROM standing_kings WHERE room = $1", room)
+                    else:
+                        # The tokens are kept current (the join gives them);
+                        # only a new user (or none) is news for the room.
+                        await conn.execute(
+                            """INSERT INTO standing_kings AS k (room, user_id, tokens)
+                               VALUES ($1, $2, $3)
+                               ON CONFLICT (room) DO UPDATE
+                                   SET user_id = EXCLUDED.user_id, tokens = EXCLUDED.tokens,
+                                       updated_at = now()
+                                   WHERE (k.user_id, k.tokens) IS DISTINCT FROM
+                                         (EXCLUDED.user_id, EXCLUDED.tokens)""",
+                            room,
+                            king,
+                            row["tokens"],
+                        )
+                if before != king:
+                    changes.append(
+                        (room, None if king is None else {"user": king, "tokens": row["tokens"]})
+                    )
+        for room, king in changes:
+            # Stored first, then published: a join in between already gives it.
+            try:
+                await self._publish(room, events.king_event(room, king))
+            except Exception as exc:  # the room's Redis away: the join still tells
+                reraise_if_cancelled(exc)
+                log.warning("king event of %s not published: %s", room, exc)
+
+
+def _chunks(items: list[str]) -> list[list[str]]:
+    return [items[i : i + PROJECT_BATCH_MAX] for i in range(0, len(items), PROJECT_BATCH_MAX)]
