@@ -60,6 +60,13 @@ happens, one line each, to standard output:
                       seconds if given; --aon holds the tips until it is
                       reached (refunded if the time runs out first)
     /delgoal          remove your room's goal (model); held tips go back
+    /history [KIND]   your transactions, newest first, numbered (--http);
+                      `/history more` shows the next older page
+    /receipt T        the receipt of transaction T (its id, or its number in
+                      /history): what, to whom, tokens, money value, earnings
+    /dms USER         your DM conversation with USER, oldest of the page first
+    /block USER, /unblock USER, /blocks   refuse (or take again) USER's DMs
+    /report USER REASON   report USER to the admins
     /help             this list
     /quit             leave (so does the end of the input)
 
@@ -94,14 +101,20 @@ from .client import (
     HttpError,
     Session,
     SessionClosed,
+    block,
+    blocks,
     delete_goal,
+    dm_history,
     get_goal,
     get_leaderboard,
     get_menu,
     media_url,
+    receipt,
     set_goal,
+    transactions,
     upload_media,
 )
+from .client import report as report_user
 
 DEFAULT_URL = "ws://127.0.0.1:8001/ws"
 # How long GET /v1/rooms may take.
@@ -142,6 +155,11 @@ HELP = """commands:
   /goal           show the current room's tip goal
   /setgoal [--aon] [--in S] TARGET TITLE   set your room's tip goal (model)
   /delgoal        remove your room's tip goal (model)
+  /history [KIND] your transactions (numbered); /history more: older ones
+  /receipt T      the receipt of transaction T (id or number in /history)
+  /dms USER       your DM conversation with USER
+  /block USER, /unblock USER, /blocks   refuse or take USER's DMs again
+  /report USER REASON   report USER to the admins
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -368,6 +386,11 @@ class State:
     media_prices: dict[str, int] = field(default_factory=dict)
     # The ids of the last /shows listing, so `/ticket 1` names the first.
     shows: list[str] = field(default_factory=list)
+    # The transactions of the last /history listing (`/receipt 1` names the
+    # first), and what `/history more` asks for: the kind and the cursor.
+    transactions: list[str] = field(default_factory=list)
+    history_kind: str | None = None
+    history_next: str | None = None
 
 
 async def chat(args: argparse.Namespace, out: Output = say) -> int:
@@ -535,6 +558,8 @@ async def handle_line(
         await moderate(command, rest, session, state, out)
     elif command in ("goal", "setgoal", "delgoal"):
         await goal_command(command, rest, state, args, out)
+    elif command in ("history", "receipt", "dms", "block", "unblock", "blocks", "report"):
+        await history_command(command, rest, state, args, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
@@ -1023,6 +1048,97 @@ def http_get(url: str, token: str) -> tuple[int, Any]:
         return status, json.loads(data)
     except ValueError:
         return status, None
+
+
+# --- receipts, DM history, blocks and reports --------------------------------------------
+
+
+async def history_command(
+    command: str, rest: str, state: State, args: argparse.Namespace, out: Output
+) -> None:
+    """/history, /receipt, /dms, /block, /unblock, /blocks, /report: the
+    HTTP API's (--http) receipts, DM history, blocks and reports."""
+    if not args.http:
+        out(f"error: /{command} needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    try:
+        if command == "history":
+            await show_history(rest, state, args, out)
+        elif command == "receipt":
+            await show_receipt(rest, state, args, out)
+        elif command == "dms" and rest:
+            page = await dm_history(args.http, args.token, rest)
+            for message in reversed(page["messages"]):
+                paid = f" ({message['price']} tokens)" if message["price"] else ""
+                out(f"[dm {message['from']} -> {message['to']}]{paid} {message['text']}")
+            if not page["messages"]:
+                out(f"* no DMs with {rest}")
+        elif command in ("block", "unblock") and rest:
+            reply = await block(args.http, args.token, rest, blocked=command == "block")
+            out(f"* {rest}'s DMs are {'refused' if reply['blocked'] else 'taken again'}")
+        elif command == "blocks":
+            listed = await blocks(args.http, args.token)
+            out(f"blocked: {', '.join(b['user'] for b in listed) or 'nobody'}")
+        elif command == "report":
+            user, _, reason = rest.partition(" ")
+            if not user or not reason.strip():
+                out("usage: /report USER REASON")
+                return
+            filed = await report_user(args.http, args.token, user, reason.strip())
+            out(f"* reported {user} (report {filed['id']})")
+        else:
+            out(f"usage: /{command} USER")
+    except (OSError, HttpError) as exc:
+        out(f"error: {exc}")
+
+
+async def show_history(rest: str, state: State, args: argparse.Namespace, out: Output) -> None:
+    if rest == "more":
+        if state.history_next is None:
+            out("* no older transactions")
+            return
+        before: str | None = state.history_next
+    else:
+        state.history_kind, before = rest or None, None
+    page = await transactions(args.http, args.token, kind=state.history_kind, before=before)
+    state.history_next = page["next"]
+    state.transactions = [item["tx"] for item in page["transactions"]]
+    for number, item in enumerate(page["transactions"], 1):
+        about = item.get("room") or item.get("to") or item.get("media") or item.get("show")
+        where = f" ({about})" if about else ""
+        who = item.get("counterparty") or "-"
+        out(f"{number}. {item['kind']} {item['amount']:+d} {who}{where} tx {item['tx']}")
+    if not page["transactions"]:
+        out("* no transactions")
+    elif page["next"]:
+        out("* /history more: older ones")
+
+
+async def show_receipt(rest: str, state: State, args: argparse.Namespace, out: Output) -> None:
+    tx = rest
+    if rest.isdigit() and 1 <= int(rest) <= len(state.transactions):
+        tx = state.transactions[int(rest) - 1]
+    if not tx:
+        out("usage: /receipt T (its id, or its number in /history)")
+        return
+    shown = await receipt(args.http, args.token, tx)
+    about = ", ".join(
+        f"{name} {shown[name]}" for name in ("room", "media", "show") if name in shown
+    )
+    out(
+        f"receipt {shown['tx']}: {shown['kind']} of {shown['tokens']} tokens "
+        f"from {shown['from'] or '-'} to {shown['to'] or '-'}" + (f" ({about})" if about else "")
+    )
+    value = shown.get("value")
+    if value is not None:
+        cents = value.get("cents")
+        out(
+            "  value: "
+            + (f"${cents / 100:.2f} at your average purchase price" if cents is not None else "-")
+        )
+    earnings = shown.get("earnings")
+    if earnings is not None:
+        out(f"  earnings: ${earnings['cents'] / 100:.2f} at the payout rate")
 
 
 async def show_leaderboard(

@@ -1046,6 +1046,115 @@ async def put_menu(http_url: str, token: str, items: list[dict[str, Any]]) -> li
     return list(reply["items"])
 
 
+# --- receipts, DM history, blocks and reports (docs/protocol.md, "Receipts and history") ---
+
+
+def _query(params: dict[str, Any]) -> str:
+    given = {name: value for name, value in params.items() if value is not None}
+    return "?" + urllib.parse.urlencode(given) if given else ""
+
+
+async def transactions(
+    http_url: str,
+    token: str,
+    *,
+    kind: str | None = None,
+    before: str | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """One page of the caller's transactions, newest first: ``{transactions:
+    [{tx, kind, ts, amount, counterparty, room?, ...}], next}``; pass
+    ``next`` as ``before`` for the older page (None: there is none)."""
+    url = f"{http_url.rstrip('/')}/v1/me/transactions" + _query(
+        {"kind": kind, "before": before, "limit": limit}
+    )
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply
+
+
+async def receipt(http_url: str, token: str, tx: str) -> dict[str, Any]:
+    """The receipt of one of the caller's transactions: what, to whom, the
+    tokens, ``value`` (the fan's, at their average purchase price) and
+    ``earnings`` (the model's, at the payout rate). ``HttpError`` 404 when
+    the caller is not a party to it."""
+    url = f"{http_url.rstrip('/')}/v1/me/transactions/{urllib.parse.quote(tx, safe='')}"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply
+
+
+async def dm_history(
+    http_url: str,
+    token: str,
+    with_user: str,
+    *,
+    before: str | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """One page of the caller's DM conversation with ``with_user``, newest
+    first: ``{with, messages: [{tx, from, to, text, price, ts}], next}``."""
+    url = f"{http_url.rstrip('/')}/v1/me/dms" + _query(
+        {"with": with_user, "before": before, "limit": limit}
+    )
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply
+
+
+async def block(http_url: str, token: str, user: str, *, blocked: bool = True) -> dict[str, Any]:
+    """Block (or, with ``blocked=False``, unblock) ``user``'s DMs to the
+    caller: their ``dm`` is then refused with FORBIDDEN, charging nothing."""
+    url = f"{http_url.rstrip('/')}/v1/me/blocks/{urllib.parse.quote(user, safe='')}"
+    reply: dict[str, Any] = await asyncio.to_thread(
+        _http_json, "PUT" if blocked else "DELETE", url, token
+    )
+    return reply
+
+
+async def blocks(http_url: str, token: str) -> list[dict[str, Any]]:
+    """The users the caller blocks: ``[{user, since}]``, newest first."""
+    url = f"{http_url.rstrip('/')}/v1/me/blocks"
+    reply = await asyncio.to_thread(_http_json, "GET", url, token)
+    return list(reply["blocks"])
+
+
+async def report(
+    http_url: str, token: str, user: str, reason: str, *, message: str | None = None
+) -> dict[str, Any]:
+    """Report ``user`` (and, with ``message``, one of their messages: a DM's
+    tx or a room event's offset) to the admins' queue."""
+    body: dict[str, Any] = {"user": user, "reason": reason}
+    if message is not None:
+        body["message"] = message
+    url = f"{http_url.rstrip('/')}/v1/reports"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "POST", url, token, body)
+    return reply
+
+
+async def admin_reports(
+    http_url: str,
+    token: str,
+    *,
+    state: str = "open",
+    before: str | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """An admin's page of the report queue: ``{reports, next}``."""
+    url = f"{http_url.rstrip('/')}/v1/admin/reports" + _query(
+        {"state": state, "before": before, "limit": limit}
+    )
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply
+
+
+async def resolve_report(
+    http_url: str, token: str, report_id: int, resolution: str | None = None
+) -> dict[str, Any]:
+    """An admin closes a report (again: answered as it stands, ``already``)."""
+    body = {} if resolution is None else {"resolution": resolution}
+    url = f"{http_url.rstrip('/')}/v1/admin/reports/{int(report_id)}/resolve"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "POST", url, token, body)
+    return reply
+
+
 # --- standing: leaderboards and tiers (docs/protocol.md, "Standing") --------------------
 LEADERBOARD_WINDOWS = ("12h", "day", "week", "all")
 

@@ -7,7 +7,9 @@ room's ticket show (staying off its chat without one), ask the model for a
 private show and end it at their next turn (metered by the minute, or
 withdrawn if she has not accepted it), check their balance and now and then
 move to another room, and read their room's leaderboard (``GET
-/v1/rooms/{id}/leaderboard``, a window at random). Models host a room: they
+/v1/rooms/{id}/leaderboard``, a window at random); they also read their
+newest transactions and one receipt (``GET /v1/me/transactions``, ``GET
+/v1/me/transactions/{tx}``). Models host a room: they
 stay joined (reconnecting
 within a second or so if the session is lost), read its events, thank
 tippers, now and then show their locked photo (``post_media``), accept and
@@ -1225,6 +1227,10 @@ class ModelUser(TokenchatUser):
                 self.goal = None
 
 
+# Transactions one read_transactions task asks for (a screenful).
+HISTORY_PAGE = 20
+
+
 class FanUser(TokenchatUser):
     """Joins a room, chats, tips the model, DMs her, checks the balance and
     moves to another room now and then."""
@@ -1483,6 +1489,39 @@ class FanUser(TokenchatUser):
             entries = response.json()["entries"]
             if any(not isinstance(e.get("tier"), int) for e in entries):
                 response.failure("a leaderboard entry without an integer tier")
+
+    # --- receipts and history (issue #12 section 6) ---------------------------------------
+    @task(1)
+    def read_transactions(self) -> None:
+        """A fan reads her newest transactions (GET /v1/me/transactions), then
+        the receipt of one of them (GET /v1/me/transactions/{tx}): reads of
+        the Postgres ledger, off the hot path, beside the spends."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        with self.client.get(
+            f"/v1/me/transactions?limit={HISTORY_PAGE}",
+            headers=headers,
+            name="GET /v1/me/transactions",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+                return
+            page: list[dict[str, Any]] = response.json()["transactions"]
+        if not page:
+            return
+        tx = random.choice(page)["tx"]
+        with self.client.get(
+            f"/v1/me/transactions/{tx}",
+            headers=headers,
+            name="GET /v1/me/transactions/{tx}",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+            elif response.json().get("tx") != tx:
+                response.failure("the receipt names another transaction")
 
 
 # The windows a fan's leaderboard read picks from (docs/protocol.md, "Standing").

@@ -275,11 +275,30 @@ def _prepare_request_offer(bench: TipsBench, http_port: int) -> dict[str, tuple[
     }
 
 
+def _prepare_dm(bench: TipsBench, http_port: int) -> dict[str, tuple[bytes, ...]]:
+    """Each model sets her DM price to TIP_AMOUNT; fans DM their room's model
+    with ``max_price`` that price (``dm.lua``: the block check, the inbox
+    and the DM archive stream, whose copy into Postgres runs in ``serve``)."""
+    heads: dict[str, tuple[bytes, ...]] = {}
+    for model, token in _model_tokens(bench).items():
+        status, reply = http_json(
+            f"http://{HOST}:{http_port}/v1/me/prices", token, {"dm": TIP_AMOUNT}, method="PUT"
+        )
+        if status != 200:
+            raise RuntimeError(f"prices of {model} refused: {status} {reply}")
+        heads[model] = (
+            b'{"type":"dm","to":"%s","text":"bench","max_price":%d,"key":"'
+            % (model.encode(), TIP_AMOUNT),
+        )
+    return heads
+
+
 WORKLOADS: dict[str, Workload] = {
     "tip": Workload(kind="tip", prepare=_prepare_tip),
     "tip_item": Workload(kind="tip", prepare=_prepare_tip_item),
     "request_offer": Workload(kind="hold", prepare=_prepare_request_offer),
     # unlock, buy_ticket and meter: defined below (PAID WORKLOADS), added there.
+    "dm": Workload(kind="dm", prepare=_prepare_dm),
 }
 
 # Frames of the fast path, compared as bytes: the server encodes replies with

@@ -275,6 +275,30 @@ class Settings:
     # before the sweeper settles it instead (see request_settle_grace_s).
     private_settle_grace_s: float = 30.0
 
+    # --- receipts, DM history, blocks and reports (issue #12 sections 6 and 7) -----
+    # What a model earns per token, in cents, shown on receipts (GET
+    # /v1/me/transactions/{tx}) until payout rules are versioned (the platform
+    # issue). 5: the common rate of the large platforms ($0.05 a token). A
+    # display figure, never a balance: balances stay integer tokens.
+    payout_cents_per_token: float = 5.0
+    # Rows in one page of GET /v1/me/transactions, /v1/me/dms and
+    # /v1/admin/reports, by default and at most: a screenful, and a bound on
+    # one Postgres read.
+    history_page_default: int = 50
+    history_page_max: int = 200
+    # DMs the archive stream may hold for Postgres before DMs are refused
+    # (UNAVAILABLE), as the outbox bounds spends: at ~400 bytes each,
+    # 1,000,000 is ~400 MB of Redis with Postgres away for hours.
+    dm_log_entries_max: int = 1_000_000
+    # DMs the archiver copies into Postgres per transaction, and how long its
+    # read waits for new ones (a DM shows in history within about this long).
+    dm_archive_batch_max: int = 500
+    dm_archive_block_ms: int = 1000
+    # An archive entry read by an archiver that has not acknowledged it after
+    # this long is taken over by another (its process is presumed dead).
+    dm_archive_claim_idle_s: float = 30.0
+    # Users one user may block: bounds the Redis set dm.lua reads and its load.
+    dm_blocks_max: int = 10_000
     # --- standing: leaderboards, the king of the room, tiers (issue #12) -----------
     # The king of a room is its top tipper over this window: 12 hours, the
     # contract's. Sums are kept per hour, so a window covers whole hours: its
@@ -394,6 +418,13 @@ class Settings:
             "media_preview_bytes_max",
             "media_image_pixels_max",
             "media_url_ttl_s",
+            "history_page_default",
+            "history_page_max",
+            "dm_log_entries_max",
+            "dm_archive_batch_max",
+            "dm_archive_block_ms",
+            "dm_archive_claim_idle_s",
+            "dm_blocks_max",
             "king_window_s",
             "tier_window_s",
             "standing_interval_s",
@@ -412,6 +443,10 @@ class Settings:
             raise ValueError(
                 f"TOKENCHAT_HISTORY_LEN must be at most {HISTORY_LEN_MAX} (the contract)"
             )
+        if self.payout_cents_per_token < 0:
+            raise ValueError("TOKENCHAT_PAYOUT_CENTS_PER_TOKEN must be >= 0")
+        if self.history_page_default > self.history_page_max:
+            raise ValueError("TOKENCHAT_HISTORY_PAGE_DEFAULT must be at most the max")
         if self.ledger_linger_ms < 0:
             raise ValueError("TOKENCHAT_LEDGER_LINGER_MS must be >= 0")
         if not 0 <= self.database_pool_min <= self.database_pool_max:

@@ -171,6 +171,26 @@ class Keys:
             return channel[len(head) : -len("}:events")]
         return None
 
+    # --- DMs: the archive stream, and who blocks whom (server/catalog/dms.py).
+    # In the money slot: dm.lua appends to the one and reads the other.
+    def dm_log(self) -> str:
+        """Stream of every DM delivered, paid or free, waiting for the DM
+        archiver to copy it into Postgres (table ``dms``)."""
+        return self._eco("dmlog")
+
+    def blocks(self, user_id: str) -> str:
+        """Set of the users whose DMs ``user_id`` blocks, plus the member
+        ``*`` (so that none is not "not loaded"); absent = not loaded."""
+        return self._eco(f"blocks:{user_id}")
+
+    def blocks_prefix(self) -> str:
+        return self._eco("blocks:")
+
+    def blocks_generation(self, user_id: str) -> str:
+        """Counter bumped by every change of a user's blocks: a load that read
+        Postgres before a change writes nothing (blocks_load.lua)."""
+        return self._eco(f"blocks-gen:{user_id}")
+
     # --- standing (server/standing.py) ------------------------------------------
     def tiers(self) -> str:
         """Hash: user id -> tier (an integer), for users above tier 0, plus

@@ -299,6 +299,7 @@ function onWelcome(welcome) {
 async function onReady(reconnected) {
   loadRequests();
   loadPrivates();
+  loadTransactions();
   if (reconnected) {
     toast("Reconnected. Caught up with the rooms you are in.", "success");
     return;
@@ -892,6 +893,7 @@ async function openDm(to) {
   $("dm-price").textContent = "Checking the price…";
   $("dm-text").focus();
   $("inbox").scrollIntoView({ block: "nearest", behavior: "smooth" });
+  loadDmHistory(to);
   await loadDmPrice();
 }
 
@@ -1666,8 +1668,178 @@ function refreshLeaderboardSoon(roomId) {
   leaderboardTimer = setTimeout(() => roomId === state.room && loadLeaderboard(roomId), LEADERBOARD_REFRESH_MS);
 }
 
+// --- transactions, receipts, DM history, blocks and reports -------------------------------------
+const HISTORY_PAGE = 20;
+const TX_KINDS = {
+  tip: "Tip",
+  dm: "Private message",
+  unlock: "Unlock",
+  purchase: "Purchase",
+  credit: "Grant",
+  refund: "Refund",
+  hold: "Held in escrow",
+  release: "Escrow released",
+  escrow_refund: "Escrow returned",
+  meter: "Private show",
+  ticket: "Show ticket",
+};
+const txPage = { next: null, kind: "" };
+
+function dollars(cents) {
+  return `$${(cents / 100).toFixed(2)}`;
+}
+
+async function loadTransactions({ more = false } = {}) {
+  if (!more) txPage.kind = $("tx-kind").value;
+  const params = new URLSearchParams({ limit: String(HISTORY_PAGE) });
+  if (txPage.kind) params.set("kind", txPage.kind);
+  if (more && txPage.next) params.set("before", txPage.next);
+  let page;
+  try {
+    page = await api("GET", `/v1/me/transactions?${params}`);
+  } catch (err) {
+    toast(explain(err, "loading your transactions"), "error");
+    return;
+  }
+  const list = $("tx-list");
+  if (!more) list.replaceChildren();
+  for (const item of page.transactions) list.append(transactionRow(item));
+  txPage.next = page.next;
+  $("tx-more").hidden = !page.next;
+  $("tx-empty").hidden = list.children.length > 0;
+}
+
+function transactionRow(item) {
+  const what = TX_KINDS[item.kind] || item.kind;
+  const about = item.room ? ` in ${item.room}` : item.counterparty ? ` · ${item.counterparty}` : "";
+  const sign = item.amount < 0 ? "minus" : "plus";
+  const button = el(
+    "button",
+    { type: "button", class: "ghost small", "data-tx": item.tx },
+    el("span", { text: `${what}${about}` }),
+    el("span", { class: sign, text: `${item.amount > 0 ? "+" : ""}${item.amount.toLocaleString()}` }),
+    el("time", { text: clock(item.ts) }),
+  );
+  button.addEventListener("click", () => showReceipt(item.tx));
+  return el("li", { class: "tx" }, button);
+}
+
+async function showReceipt(tx) {
+  let receipt;
+  try {
+    receipt = await api("GET", `/v1/me/transactions/${encodeURIComponent(tx)}`);
+  } catch (err) {
+    toast(explain(err, "loading the receipt"), "error");
+    return;
+  }
+  const rows = [
+    ["What", TX_KINDS[receipt.kind] || receipt.kind],
+    ["Tokens", tokens(receipt.tokens)],
+    ["From", receipt.from || "—"],
+    ["To", receipt.to || "—"],
+  ];
+  if (receipt.room) rows.push(["Room", receipt.room]);
+  if (receipt.item) rows.push(["Item", receipt.item.label || receipt.item.id || String(receipt.item)]);
+  if (receipt.media) rows.push(["Media", receipt.media]);
+  if (receipt.show) rows.push(["Show", receipt.show]);
+  if (receipt.value) {
+    rows.push([
+      "Money value",
+      receipt.value.cents === null
+        ? "— (no tokens bought before it)"
+        : `${dollars(receipt.value.cents)} at your average purchase price (${receipt.value.cents_per_token}¢ a token)`,
+    ]);
+  }
+  if (receipt.earnings) {
+    rows.push(["You earn", `${dollars(receipt.earnings.cents)} at ${receipt.earnings.cents_per_token}¢ a token`]);
+  }
+  rows.push(["When", new Date(receipt.ts).toLocaleString()], ["Transaction", receipt.tx]);
+  const body = $("receipt-body");
+  body.replaceChildren();
+  for (const [term, detail] of rows) body.append(el("dt", { text: term }), el("dd", { text: detail }));
+  $("receipt").hidden = false;
+  $("receipt").dataset.tx = receipt.tx;
+  $("receipt").focus();
+}
+
+async function loadDmHistory(other) {
+  const list = $("dm-history");
+  list.replaceChildren();
+  $("dm-history-note").textContent = "Loading the conversation…";
+  let page;
+  let blocked;
+  try {
+    [page, blocked] = await Promise.all([
+      api("GET", `/v1/me/dms?with=${encodeURIComponent(other)}&limit=${HISTORY_PAGE}`),
+      api("GET", "/v1/me/blocks"),
+    ]);
+  } catch (err) {
+    $("dm-history-note").textContent = explain(err, "loading the conversation");
+    return;
+  }
+  if (state.dm?.to !== other) return;
+  for (const message of [...page.messages].reverse()) {
+    const mine = message.from === state.me.id;
+    const head = el(
+      "p",
+      { class: "dm-head" },
+      el("strong", { text: mine ? "You" : message.from }),
+      el("span", { class: "dm-price", text: message.price > 0 ? ` · ${tokens(message.price)}` : " · free" }),
+      el("time", { text: clock(message.ts) }),
+    );
+    list.append(el("li", { class: `dm ${mine ? "out" : "in"}` }, head, el("p", { class: "dm-text", text: message.text })));
+  }
+  list.scrollTop = list.scrollHeight;
+  $("dm-history-note").textContent = page.messages.length ? "" : `No earlier messages with ${other}.`;
+  setBlocked(other, blocked.blocks.some((b) => b.user === other));
+}
+
+function setBlocked(other, blocked) {
+  const button = $("dm-block");
+  button.dataset.blocked = blocked ? "1" : "";
+  button.textContent = blocked ? `Unblock ${other}` : `Block ${other}`;
+}
+
+async function toggleBlock() {
+  const other = state.dm?.to;
+  if (!other) return;
+  const blocked = $("dm-block").dataset.blocked === "1";
+  try {
+    const reply = await api(blocked ? "DELETE" : "PUT", `/v1/me/blocks/${encodeURIComponent(other)}`);
+    setBlocked(other, reply.blocked);
+    toast(reply.blocked ? `${other} can no longer message you.` : `${other} can message you again.`, "success");
+  } catch (err) {
+    toast(explain(err, blocked ? "unblocking" : "blocking"), "error");
+  }
+}
+
+async function reportUser() {
+  const other = state.dm?.to;
+  if (!other) return;
+  const reason = window.prompt(`Why are you reporting ${other}?`);
+  if (!reason || !reason.trim()) return;
+  try {
+    await api("POST", "/v1/reports", { user: other, reason: reason.trim().slice(0, 1000) });
+    toast(`Reported ${other}. An admin will look at it.`, "success");
+  } catch (err) {
+    toast(explain(err, "your report"), "error");
+  }
+}
+
+function wireHistory() {
+  $("tx-refresh").addEventListener("click", () => loadTransactions());
+  $("tx-kind").addEventListener("change", () => loadTransactions());
+  $("tx-more").addEventListener("click", () => loadTransactions({ more: true }));
+  $("receipt-close").addEventListener("click", () => {
+    $("receipt").hidden = true;
+  });
+  $("dm-block").addEventListener("click", toggleBlock);
+  $("dm-report").addEventListener("click", reportUser);
+}
+
 wire();
 wireModeration();
+wireHistory();
 init();
 
 // --- moderation (docs/protocol.md, "Moderation") --------------------------------------------

@@ -325,12 +325,27 @@ TIP_ITEM = Action(
 DM = Action(
     name="dm",
     kinds=("dm",),
-    keys=("payer_balance", "payee_balance", "prices", "inbox"),
-    args=("max_price", "payer", "payee", "event", "payee_channel", "inbox_len"),
+    # blocks, dm_log: the recipient's blocks and the DM archive stream
+    # (server/catalog/dms.py); sender, recipient: the two user ids.
+    keys=("payer_balance", "payee_balance", "prices", "inbox", "blocks", "dm_log"),
+    args=(
+        "max_price",
+        "payer",
+        "payee",
+        "event",
+        "payee_channel",
+        "inbox_len",
+        "sender",
+        "recipient",
+        "dm_log_max",
+    ),
     refundable=True,
     delivery=Delivery.USER_INBOX,
     command=Dm,
     serve=_serve_dm,
+    refusals=MappingProxyType(
+        {"BLOCKED": Refusal(Forbidden, "this user does not take your DMs; nothing was charged")}
+    ),
     # A free DM (price 0) is delivered but moves nothing: no ledger entry.
     ledgered=lambda reply: bool(reply["price"]),
 )

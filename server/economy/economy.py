@@ -174,6 +174,9 @@ class Economy:
         # Loads a ticket show's hash when a script finds it missing (set by
         # server/economy/shows.py: the show's row and tickets are its own).
         self.show_loader: Callable[[str], Awaitable[None]] | None = None
+        # Loads a user's DM blocks when the dm script finds them missing (set
+        # by server/catalog/dms.py, which owns the dm_blocks table).
+        self.blocks_loader: Callable[[str], Awaitable[None]] | None = None
         # A user's tier for the events of their tips and DMs (set by the node
         # to its standing's TierCache: memory, at worst one Redis read).
         self.tier_of: Callable[[str], Awaitable[int]] = _tier_zero
@@ -322,6 +325,8 @@ class Economy:
                 "payee_balance": self._keys.balance(payee),
                 "prices": self._keys.prices(to),
                 "inbox": self._keys.inbox(to),
+                "blocks": self._keys.blocks(to),
+                "dm_log": self._keys.dm_log(),
             },
             args={
                 "max_price": "" if max_price is None else max_price,
@@ -333,6 +338,9 @@ class Economy:
                 )[:-1],
                 "payee_channel": self._keys.user_channel(to),
                 "inbox_len": self._settings.inbox_len,
+                "sender": user_id,
+                "recipient": to,
+                "dm_log_max": self._settings.dm_log_entries_max,
             },
         )
 
@@ -985,6 +993,8 @@ class Economy:
                 await self._media.load(missing[len(self._keys.media_prefix()) :])
             elif missing.startswith(self._keys.entitlements_prefix()):
                 await self._load_entitlements(missing[len(self._keys.entitlements_prefix()) :])
+            elif missing.startswith(self._keys.blocks_prefix()) and self.blocks_loader is not None:
+                await self.blocks_loader(missing[len(self._keys.blocks_prefix()) :])
             elif missing.startswith(self._keys.menu("")):
                 await self._load_menu(missing[len(self._keys.menu("")) :])
             else:
@@ -1098,6 +1108,8 @@ class Economy:
                 self._keys.entitlements_prefix(),
                 self._keys.menu(""),
                 self._keys.goal_prefix(),  # a goal's progress, counted by tips
+                # DM blocks: an older Redis may lack a block Postgres holds.
+                self._keys.blocks_prefix(),
             )
             for hot in hot_prefixes:
                 await self._unlink_matching(glob_escape(hot) + "*")

@@ -26,8 +26,10 @@ from tokenchat.protocol import events
 from .. import bus
 from ..aio import pause, reraise_if_cancelled
 from ..catalog.directory import Directory
+from ..catalog.dms import Blocks, DmArchive
 from ..catalog.media import LocalDiskStore, MediaCatalog
 from ..catalog.moderation import Moderation, decode_news
+from ..catalog.reports import Reports
 from ..config import Settings
 from ..db import create_pool
 from ..economy.deadlines import Sweeper
@@ -39,6 +41,7 @@ from ..economy.shows import Shows
 from ..errors import LimitExceeded, Unavailable
 from ..keys import Keys
 from ..ledger.confirmations import Confirmations
+from ..ledger.history import History
 from ..ledger.writer import LedgerWriter
 from ..standing import Standing
 from .broker import RedisBroker
@@ -122,6 +125,14 @@ class Node:
         self.privates.register(self.sweeper)
         self.shows = Shows(pool, redis, self.keys, settings, self.economy, self.rooms.append)
         self.shows.register(self.sweeper)
+        # Receipts and DMs (issue #12 sections 6 and 7): the ledger's history,
+        # the DM archive (its loop runs on every node: a consumer group shares
+        # the entries), blocks that dm.lua reads, and the report queue.
+        self.history = History(pool, settings.payout_cents_per_token)
+        self.dm_archive = DmArchive(settings, pool, consumer=self.id)
+        self.blocks = Blocks(settings, pool, redis)
+        self.economy.blocks_loader = self.blocks.load
+        self.reports = Reports(pool)
         # Leaderboards, kings and tiers (server/standing.py): its projector
         # runs on every node; king events go out as room events.
         # A king may be crowned by show-time tips: the event is for those who
@@ -215,6 +226,7 @@ class Node:
         ]
         if self.settings.ledger_enabled:
             self._loops.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))
+        self._loops.append(asyncio.create_task(self.dm_archive.run(), name="dm-archive"))
 
     async def close(self) -> None:
         # A loop whose cancellation a library swallowed stops at its next
@@ -237,6 +249,7 @@ class Node:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.broker.close()
         await self.ledger.close()
+        await self.dm_archive.close()
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(self.keys.node(self.id))
         await self.redis.aclose()

@@ -616,7 +616,9 @@ def create_app(node: Node) -> Starlette:
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(ErrorCode.NOT_FOUND, f"no route {request.url.path}", 404)
 
-    # Locked media: its own module (it imports this one's helpers).
+    # Locked media, and receipts, DM history, blocks and reports: modules of
+    # their own (they import this one's helpers).
+    from .history import history_routes
     from .media import media_routes
 
     # Leaderboards and tiers (server/standing.py).
@@ -624,6 +626,7 @@ def create_app(node: Node) -> Starlette:
 
     routes: list[BaseRoute] = [
         *media_routes(node, identity_of, limit_creates),
+        *history_routes(node, identity_of, limit_creates),
         *standing_routes(node),
         Route("/", index),
         Mount("/static", _StaticFiles(directory=STATIC_DIR), name="static"),
