@@ -31,7 +31,9 @@ billable seconds / 60):
   row back and the next tick replays the money as a duplicate.
 - The end is state first: ``ended`` with the billable seconds then
   (``end_s``) and a ``private.settle`` deadline; then settling charges the
-  rest exactly, C(end_s) - C(ticks x P) (key ``meter:<id>:final``), and
+  whole periods the row has not counted under their own tick keys (a tick
+  whose money landed but whose row update did not is a duplicate there),
+  and the last part period, C(end_s) - C(n x P) (key ``meter:<id>:final``), and
   empties the escrow: to the model when the fan ended (or dropped) before
   the minimum (she forfeits it), else back to the fan (key ``settle:<id>``).
   A crash anywhere leaves the deadline, and settling again is duplicates or
@@ -657,8 +659,22 @@ class Privates:
             await self._drop_deadline(show, SETTLE)
             return
         rate, end_s = int(row["rate"]), int(row["end_s"])
-        billed_s = int(row["ticks"]) * self._tick_s
         escrow = escrow_account(ESCROW_KIND, show)
+        # The whole periods up to the end go under their tick's own key
+        # first: a tick whose money was applied while its row update was not
+        # (Postgres away, a crash) is then a duplicate, not charged again
+        # inside the final charge, which covers only the last part period.
+        ticks = int(row["ticks"])
+        while (ticks + 1) * self._tick_s <= end_s:
+            n = ticks + 1
+            amount = charged_for(rate, n * self._tick_s) - charged_for(rate, ticks * self._tick_s)
+            if amount > 0:
+                try:
+                    await self._meter(row, amount, f"meter:{show}:{n}")
+                except InsufficientFunds:
+                    break  # the final charge below ends the show where it can pay
+            ticks = n
+        billed_s = ticks * self._tick_s
         final = charged_for(rate, max(end_s, billed_s)) - charged_for(rate, billed_s)
         while final > 0:
             try:

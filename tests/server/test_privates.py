@@ -376,6 +376,41 @@ async def test_a_tick_whose_row_was_not_written_is_replayed_as_a_duplicate(
     await model.close()
 
 
+async def test_a_show_ended_after_a_tick_whose_row_was_not_written_charges_it_once(
+    start_server: Start, settings: Settings
+) -> None:
+    # No meter pass runs after the first: the period charged here (as by a
+    # node that died after the money and before the row) is settled by the
+    # end alone, which must count it once, not again in the final charge.
+    server = await start_server(**{**QUICK, "private_meter_interval_s": 3600})
+    fan, model = await setup(server)
+    show = await start_show(fan, model)
+    key = f"meter:{show}:1"
+    await server.node.economy.meter(
+        "bob",
+        f"esc:private:{show}",
+        "alice",
+        1,
+        initiator=PRIVATE_INITIATOR,
+        key=key,
+        request=fingerprint("meter", show=show, key=key, amount=1),
+        meta={"show": show},
+    )
+    await asyncio.sleep(2.5)
+    ended = await fan.call("private_end", show=show)
+    row = await settled(settings, show)
+    seconds = int(row["end_s"])
+    assert seconds >= 2 and row["ticks"] == 0
+    assert await balance(fan) == 100 - seconds
+    assert await balance(model) == seconds == int(row["charged"]), ended
+    await drain(server)
+    txs = await meter_txs(settings, show)
+    assert sum(amount for _, amount in txs) == seconds
+    assert [k for k, _ in txs].count(key) == 1
+    await fan.close()
+    await model.close()
+
+
 async def test_when_the_metering_node_dies_another_takes_over_and_no_second_is_lost(
     start_server: Start, settings: Settings
 ) -> None:
