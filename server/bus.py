@@ -15,6 +15,7 @@ Kind   Payload                           Channel         Published by
 ``C``  ``C<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
 ``R``  ``R<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
 ``M``  ``M<JSON object>``                moderation      ``Moderation`` (catalog)
+``T``  ``T<show>``                       a user's        ``Session`` (gateway)
 =====  ================================  ==============  =========================
 
 The scripts are in ``server/economy/lua/`` and build their payloads in Lua
@@ -36,6 +37,11 @@ in ``server/keys.py``. The fields:
   the one moderation channel every node subscribes to, so every node hears
   every change (they are rare) and keeps its in-process copy of the rules
   current; Postgres holds the change itself.
+- ``T``, a ticket bought: the user now holds a ticket to the ticket show
+  ``show`` (printable ASCII without a space, at most 64 bytes), so every
+  session of theirs, on every node, lets the show's events through at once,
+  not only the session that bought it (after the purchase; a lost ``T``
+  costs only that wait until the session's next join).
 - ``C`` and ``R``: transactions the ledger committed (or found committed),
   and transactions Postgres refused and the writer parked
   (``server/ledger/confirmations.py`` wakes the spends waiting on them). The
@@ -73,6 +79,7 @@ _DIRECT_MESSAGE = re.compile(rb"D(\d{1,20}-\d{1,20}) (\{.*\})", re.DOTALL).fullm
 _BALANCE = re.compile(rb"B(0|-?[1-9]\d{0,18})").fullmatch
 _TXS = re.compile(rb"[CR]((?:[!-~]+(?: [!-~]+)*)?)").fullmatch
 _TX = re.compile(r"[!-~]+").fullmatch
+_TICKET = re.compile(rb"T([!-~]{1,64})").fullmatch
 
 # Constructing a NamedTuple through tuple.__new__ skips its Python-level
 # __new__: about 80 ns less per room event on the fanout path.
@@ -146,6 +153,15 @@ class ModerationChanged(NamedTuple):
         return b"M" + self.body
 
 
+class TicketBought(NamedTuple):
+    """``T``: the user bought a ticket to this ticket show."""
+
+    show: str
+
+    def encode(self) -> bytes:
+        return b"T" + self.show.encode("ascii")
+
+
 Message = (
     RoomEvent
     | PresenceChanged
@@ -154,6 +170,7 @@ Message = (
     | LedgerCommitted
     | LedgerParked
     | ModerationChanged
+    | TicketBought
 )
 
 PRESENCE_CHANGED = PresenceChanged()
@@ -166,6 +183,7 @@ _EXPECTED = {
     b"C": "C<tx> <tx> ..., each tx printable ASCII without a space",
     b"R": "R<tx> <tx> ..., each tx printable ASCII without a space",
     b"M": "M<JSON object>",
+    b"T": "T<show id, printable ASCII without a space, at most 64 bytes>",
 }
 
 
@@ -190,6 +208,10 @@ def decode(payload: bytes) -> Message:
     elif kind == b"M":
         if payload[1:2] == b"{" and payload[-1:] == b"}":
             return ModerationChanged(payload[1:])
+    elif kind == b"T":
+        match = _TICKET(payload)
+        if match is not None:
+            return TicketBought(match[1].decode("ascii"))
     elif kind in (b"C", b"R"):
         match = _TXS(payload)
         if match is not None:

@@ -274,6 +274,17 @@ class Node:
         if session.identity is not None:
             self.user_offline(session, session.identity.user_id)
 
+    async def ticket_bought(self, user_id: str, show: str) -> None:
+        """Tell the user's sessions on every node that they hold a ticket to
+        ``show`` (bus kind T). Best effort: a session that misses it sees
+        the show from its next join, which reads the ticket."""
+        try:
+            await self.redis.publish(
+                self.keys.user_channel(user_id), bus.TicketBought(show).encode()
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("ticket of %s to %s not announced: %s", user_id, show, exc)
+
     def user_offline(self, session: Session, user_id: str) -> None:
         sessions = self._user_sessions.get(user_id)
         if sessions is not None:
@@ -347,6 +358,9 @@ class Node:
             frame = orjson.dumps(events.balance_event(message.balance))
             for session in sessions:
                 session.push_balance(frame)
+        elif isinstance(message, bus.TicketBought):
+            for session in sessions:
+                session.see_show(message.show)
         elif isinstance(message, bus.DirectMessage):
             position = parse_offset(message.offset)
             for session in sessions:

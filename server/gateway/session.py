@@ -615,7 +615,13 @@ class Session:
     async def _buy_ticket(self, command: BuyTicket) -> Reply:
         reply = await self._spend(TICKET, command)
         self._seen_shows.add(command.show)
+        # The user's other sessions (any node) see the show from now on too.
+        self.node.spawn(self.node.ticket_bought(self._user(), command.show))
         return reply
+
+    def see_show(self, show: str) -> None:
+        """The user holds a ticket to ``show`` (bought in another session)."""
+        self._seen_shows.add(show)
 
     async def _show_start(self, command: ShowStart) -> Reply:
         return await self.node.shows.start(self._user(), command.show)

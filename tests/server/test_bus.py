@@ -47,6 +47,7 @@ messages = st.one_of(
     st.builds(bus.LedgerCommitted, st.lists(tx_ids, max_size=5).map(tuple)),
     st.builds(bus.LedgerParked, st.lists(tx_ids, max_size=5).map(tuple)),
     st.builds(bus.ModerationChanged, bodies),
+    st.builds(bus.TicketBought, tx_ids),
 )
 
 
@@ -69,6 +70,7 @@ def test_the_documented_payloads_decode() -> None:
     assert bus.decode(b"Cab 12") == bus.LedgerCommitted(("ab", "12"))
     assert bus.decode(b"Rx") == bus.LedgerParked(("x",))
     assert bus.decode(b'M{"op":"rules"}') == bus.ModerationChanged(b'{"op":"rules"}')
+    assert bus.decode(b"Tt_0a1b") == bus.TicketBought("t_0a1b")
     # An event body may hold any byte, newlines and spaces included.
     assert bus.decode(b'E1-0 {"a":"x y\nz"}').body == b'{"a":"x y\nz"}'
 
@@ -108,6 +110,9 @@ def test_ids_the_ledger_channel_cannot_carry_are_left_out() -> None:
         (b"R\xc3\xa9", "expected R<tx> <tx>"),
         (b"M", "expected M<JSON object>"),
         (b"Mop", "expected M<JSON object>"),
+        (b"T", "expected T<show id"),
+        (b"Tt_1 2", "expected T<show id"),
+        (b"T" + b"x" * 65, "expected T<show id"),
     ],
 )
 def test_garbage_is_refused_saying_what_was_expected(payload: bytes, says: str) -> None:

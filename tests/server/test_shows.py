@@ -178,6 +178,38 @@ async def test_a_show_sells_tickets_hides_its_chat_from_non_holders_and_pays_the
     assert result["ok"] is True, result
 
 
+async def test_a_ticket_bought_in_one_session_opens_the_show_in_the_others(
+    start_server: Start,
+) -> None:
+    # Bob's second session is on another server process: the ticket reaches
+    # it over his user channel (bus kind T), without a new join.
+    first = await start_server()
+    second = await start_server()
+    model, bob, _carol = await members(first)
+    other = await second.client("bob")
+    await other.call("join", room="alice")
+    show = await schedule(first, price=25, min_s=1)
+    await model.call("show_start", show=show)
+    await show_event(other, "running")
+    await model.call("say", room="alice", text="before the ticket")
+    await no_event(other)
+    await bob.call("buy_ticket", room="alice", show=show, key="t1")
+
+    async def sees_show_time() -> bool:
+        await model.call("say", room="alice", text="show time")
+        try:
+            async with asyncio.timeout(0.3):
+                while True:
+                    event = await other.events.get()
+                    if event["type"] == "message":
+                        return bool(event["text"] == "show time" and event["in_show"] == show)
+        except TimeoutError:
+            return False
+
+    await eventually(sees_show_time)
+    await other.close()
+
+
 async def test_cancel_and_an_early_end_refund_every_ticket_once(
     server: Running, settings: Settings
 ) -> None:
