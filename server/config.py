@@ -268,6 +268,12 @@ class Settings:
     # How often each node's meter looks at running shows and renews the
     # leases it holds: a period is charged up to this late.
     private_meter_interval_s: float = 1.0
+    # Shows one node's meter pass bills at once. One at a time, a node billed
+    # only 50-75 ticks/s (docs/benchmarks.md), falling behind past about 600
+    # shows of 10 s. Each tick holds a Postgres connection across its Redis
+    # call: at 4 of the pool's 10, 200 `private_end` at once on an overloaded
+    # machine timed out waiting for the rest; 2 leaves commands 8.
+    private_meter_concurrency: int = 2
     # A show's meter lease: when its node dies, another node takes the show
     # over within this long (and charges every period missed meanwhile).
     private_lease_ttl_s: float = 5.0
@@ -411,6 +417,7 @@ class Settings:
             "private_tick_s",
             "private_grace_s",
             "private_meter_interval_s",
+            "private_meter_concurrency",
             "private_lease_ttl_s",
             "private_settle_grace_s",
             "media_image_bytes_max",

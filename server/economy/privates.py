@@ -62,7 +62,7 @@ from redis.exceptions import RedisError
 from tokenchat.protocol import events
 from tokenchat.protocol.limits import PRIVATE_ID_RE, PRIVATE_ROOM_PREFIX
 
-from ..aio import pause, reraise_if_cancelled
+from ..aio import pause, raise_if_cancelling, reraise_if_cancelled
 from ..catalog.directory import RoomInfo
 from ..config import Settings
 from ..errors import (
@@ -457,18 +457,30 @@ class Privates:
             return
         ttl_ms = int(self._settings.private_lease_ttl_s * 1000)
         self.driving &= set(shows)
-        for show in shows:
-            held = await self._lease(
-                keys=[self._keys.private_lease(show)], args=[self._token, ttl_ms]
-            )
-            if not held:
-                self.driving.discard(show)
-                continue
-            self.driving.add(show)
-            try:
-                await self.tick(show)
-            except ServiceError as exc:
-                log.warning("show %s not billed this pass: %s", show, exc.message)
+        # Shows are billed private_meter_concurrency at a time: each tick
+        # waits on Postgres and Redis in turn, and one after another a node
+        # could not keep up with a few hundred shows.
+        slots = asyncio.Semaphore(self._settings.private_meter_concurrency)
+
+        async def bill(show: str) -> None:
+            async with slots:
+                held = await self._lease(
+                    keys=[self._keys.private_lease(show)], args=[self._token, ttl_ms]
+                )
+                if not held:
+                    self.driving.discard(show)
+                    return
+                self.driving.add(show)
+                try:
+                    await self.tick(show)
+                except ServiceError as exc:
+                    log.warning("show %s not billed this pass: %s", show, exc.message)
+
+        results = await asyncio.gather(*(bill(show) for show in shows), return_exceptions=True)
+        raise_if_cancelling()
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:  # a backend away: the pass logs it, the next one tries again
+            raise failures[0]
 
     async def tick(self, show: str) -> int:
         """Charge every period of the show that is due; returns how many.
