@@ -182,6 +182,8 @@ BUCKET_TOKENS = 2.0  # tips
 # and the script's XLEN check stay bounded, as the writer's XDEL keeps them.
 OUTBOX_TRIM_INTERVAL_S = 0.1
 OUTBOX_KEEP_ENTRIES = 10_000
+# --limits: what each fan limits herself to, far above a run's tips.
+BENCH_LIMITS = {"daily": 10**11, "weekly": 10**11, "monthly": 10**11}
 # A run whose other processes used more than this is flagged in the table.
 OTHER_BUSY_WARN_PCT = 25.0  # % of one CPU
 
@@ -560,6 +562,7 @@ class BaselineSpec:
     fans: int
     rooms: int
     cpus: frozenset[int] | None
+    limits: bool = False  # --limits: the fans' limits hashes hold limits
 
 
 class VirtualFan:
@@ -594,6 +597,8 @@ class VirtualFan:
                 "payee_balance": keys.balance(payee),
                 "history": keys.room_history(room),
                 "room_show": keys.room_show(room),
+                "payer_limits": keys.limits(self.user_id),
+                "payer_spent": keys.spent(self.user_id),
             },
             args={
                 "request": fingerprint("tip", room=room, amount=TIP_AMOUNT, text=""),
@@ -738,6 +743,14 @@ async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(spec.fans):
                 pipe.set(keys.balance(user_account(fan_id(i))), BASELINE_BALANCE_TOKENS)
+                # Loaded limits (none, or --limits's) and counters, as a fan's
+                # first tip on the server leaves them.
+                limits: dict[str | bytes, int] = {"v": 1}
+                if spec.limits:
+                    limits.update(d=BENCH_LIMITS["daily"], w=BENCH_LIMITS["weekly"])
+                    limits.update(m=BENCH_LIMITS["monthly"])
+                pipe.hset(keys.limits(fan_id(i)), mapping=limits)
+                pipe.hset(keys.spent(fan_id(i)), "t", 0)
             for room in range(spec.rooms):
                 pipe.set(keys.balance(user_account(model_id(room))), 0)
             await pipe.execute()
@@ -894,6 +907,25 @@ class TipsBench(Bench):
 
         with concurrent.futures.ThreadPoolExecutor(FUND_CONCURRENCY) as pool:
             list(pool.map(fund, range(self.args.fans)))
+        if self.args.limits:
+            self.limit_fans(http_port)
+
+    def limit_fans(self, http_port: int) -> None:
+        """``--limits``: every fan sets a daily, weekly and monthly limit far
+        above what the run spends, so that each tip's user gate checks all
+        three windows (none set: it still counts them)."""
+        from tokenchat.server.auth import issue_token
+
+        url = f"http://{HOST}:{http_port}/v1/me/limits"
+
+        def limit(index: int) -> None:
+            token = issue_token(self.jwt_secret, fan_id(index), "fan")
+            status, reply = http_json(url, token, BENCH_LIMITS, method="PUT")
+            if status != 200:
+                raise RuntimeError(f"limits of {fan_id(index)} refused: {status} {reply}")
+
+        with concurrent.futures.ThreadPoolExecutor(FUND_CONCURRENCY) as pool:
+            list(pool.map(limit, range(self.args.fans)))
 
     def run_tokenchat(
         self, number: int, capped_rate: float, profile: Path | None
@@ -1068,6 +1100,7 @@ class TipsBench(Bench):
             rooms=args.rooms,
             # --pin: the baseline plays the server's part, so it gets the server's CPU.
             cpus=self.server_cpus,
+            limits=args.limits,
         )
         context = multiprocessing.get_context("spawn")
         parent_end, child_end = context.Pipe()
@@ -1354,6 +1387,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=sorted(WORKLOADS),
         default="tip",
         help="the paid command the fans send (default tip); the baseline stays the tip script",
+    )
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="every fan sets daily, weekly and monthly spending limits (PUT /v1/me/limits) "
+        "before tipping; the baseline fans get the same limits in Redis",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(

@@ -147,3 +147,9 @@ def show_event(show: dict[str, Any]) -> dict[str, Any]:
     cancelled), ``price``, ``starts_at`` (ms since the epoch), ``min_s``,
     ``title``. ``show`` is a listed show (GET /v1/rooms/{room}/shows)."""
     return {"type": "show", **show}
+
+
+def reality_check_event(online_s: int, spent: int, every_min: int) -> dict[str, Any]:
+    """Every ``every_min`` minutes to a fan who asked for it: how long this
+    session has been online and the tokens she spent since it opened."""
+    return {"type": "reality_check", "online_s": online_s, "spent": spent, "every_min": every_min}

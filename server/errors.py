@@ -11,6 +11,10 @@ status, here and nowhere else::
      │    └── EscrowEmpty        CONFLICT          409  (nothing left to
      │                                                    release or refund)
      ├── InsufficientFunds       INSUFFICIENT_FUNDS 409
+     │    ├── SpendLimit         SPEND_LIMIT       409  (the fan's own limit;
+     │    │                                              fields window,
+     │    │                                              remaining, resets_at)
+     │    └── SelfExcluded       SELF_EXCLUDED     403  (fields until)
      ├── PriceChanged            PRICE_CHANGED     409
      ├── RateLimited             RATE_LIMITED      429
      ├── LimitExceeded           LIMIT_EXCEEDED    429
@@ -36,6 +40,8 @@ class ServiceError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        # Fields the error reply carries besides code and message.
+        self.fields: dict[str, object] = {}
 
 
 class Unauthenticated(ServiceError):
@@ -96,3 +102,28 @@ class LimitExceeded(ServiceError):
 class Unavailable(ServiceError):
     code = ErrorCode.UNAVAILABLE
     http_status = 503
+
+
+# Subclasses of InsufficientFunds: whoever copes with a fan who cannot pay
+# (a private show's meter ends the show at what she can pay) copes with these
+# alike; the wire code says which.
+class SpendLimit(InsufficientFunds):
+    """A spend over one of the fan's own limits: what that window has left."""
+
+    code = ErrorCode.SPEND_LIMIT
+    http_status = 409
+
+    def __init__(self, message: str, *, window: str, remaining: int, resets_at: int) -> None:
+        super().__init__(message)
+        self.fields = {"window": window, "remaining": remaining, "resets_at": resets_at}
+
+
+class SelfExcluded(InsufficientFunds):
+    """A spend or purchase during the fan's self-exclusion."""
+
+    code = ErrorCode.SELF_EXCLUDED
+    http_status = 403
+
+    def __init__(self, message: str, *, until: int) -> None:
+        super().__init__(message)
+        self.fields = {"until": until}

@@ -67,6 +67,7 @@ from .actions import (
     refusal_error,
 )
 from .batcher import LuaScript, ScriptBatcher
+from .limits import SpendLimits
 from .scripts import lua_script
 
 if TYPE_CHECKING:
@@ -80,8 +81,9 @@ PAYMENTS_INITIATOR = "sys:payments"
 DEV_INITIATOR = "sys:dev"
 IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000  # the contract's 24 hours
 # Loads per call before giving up: one per account a script touches, plus one
-# for a Redis reset racing the load.
-LOAD_ATTEMPTS_MAX = 4
+# for a Redis reset racing the load. Six: a ticket may load its show, two
+# balances and the fan's limits (one load for limits and counters), then run.
+LOAD_ATTEMPTS_MAX = 6
 # Idempotency records restored per account load. An account debited more
 # often than this in 24 hours keeps only its newest records across a Redis
 # reset (the mint, with one debit per purchase, is the account that could).
@@ -172,6 +174,8 @@ class Economy:
         # Loads a ticket show's hash when a script finds it missing (set by
         # server/economy/shows.py: the show's row and tickets are its own).
         self.show_loader: Callable[[str], Awaitable[None]] | None = None
+        # Spending limits and self-exclusion: their rows, caches and counters.
+        self.limits = SpendLimits(redis, pool, keys, settings, self)
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:
@@ -206,6 +210,7 @@ class Economy:
                 "payee_balance": self._keys.balance(payee),
                 "history": self._keys.room_history(room),
                 "room_show": self._keys.room_show(room),
+                **self._gate_keys(user_id),
             },
             args={
                 "amount": amount,
@@ -245,6 +250,7 @@ class Economy:
                 "menu": self._keys.menu(owner),
                 "history": self._keys.room_history(room),
                 "room_show": self._keys.room_show(room),
+                **self._gate_keys(user_id),
             },
             args={
                 "item": item,
@@ -287,6 +293,7 @@ class Economy:
                 "payee_balance": self._keys.balance(payee),
                 "prices": self._keys.prices(to),
                 "inbox": self._keys.inbox(to),
+                **self._gate_keys(user_id),
             },
             args={
                 "max_price": "" if max_price is None else max_price,
@@ -317,6 +324,7 @@ class Economy:
                 "payee_balance": self._keys.balance(payee),
                 "media": self._keys.media(media_id),
                 "entitlement": self._keys.entitlements(user_id),
+                **self._gate_keys(user_id),
             },
             args={
                 "max_price": "" if max_price is None else max_price,
@@ -394,6 +402,7 @@ class Economy:
             keys={
                 "payer_balance": self._keys.balance(MINT),
                 "payee_balance": self._keys.balance(payee),
+                "payee_limits": self._keys.limits(user_id),
             },
             args={
                 "amount": amount,
@@ -470,6 +479,7 @@ class Economy:
             keys={
                 "payer_balance": self._keys.balance(payer),
                 "escrow_balance": self._keys.balance(escrow),
+                **self._gate_keys(user_id),
             },
             args={"amount": amount, "payer": payer, "escrow": escrow, "subject": subject},
         )
@@ -548,6 +558,7 @@ class Economy:
                 "payer_balance": self._keys.balance(payer),
                 "escrow_balance": self._keys.balance(escrow),
                 "payee_balance": self._keys.balance(payee),
+                **self._gate_keys(fan),
             },
             args={
                 "amount": amount,
@@ -581,6 +592,7 @@ class Economy:
                 "escrow_balance": self._keys.balance(escrow),
                 "show": self._keys.show(show_id),
                 "room_show": self._keys.room_show(room),
+                **self._gate_keys(user_id),
             },
             args={"payer": payer, "escrow": escrow, "show": show_id, "room": room},
         )
@@ -844,6 +856,13 @@ class Economy:
         keys = [self._keys.menu(user_id), self._keys.epoch()]
         return _text(await self._call(self._menu_script, keys, args))
 
+    def _gate_keys(self, user_id: str) -> dict[str, str]:
+        """The keys a limited spend (Action.limited) passes to user_gate."""
+        return {
+            "payer_limits": self._keys.limits(user_id),
+            "payer_spent": self._keys.spent(user_id),
+        }
+
     # --- running scripts ---------------------------------------------------------------
     async def _run(
         self,
@@ -917,6 +936,10 @@ class Economy:
                 await self._media.load(missing[len(self._keys.media_prefix()) :])
             elif missing.startswith(self._keys.entitlements_prefix()):
                 await self._load_entitlements(missing[len(self._keys.entitlements_prefix()) :])
+            elif missing.startswith(self._keys.limits_prefix()):
+                await self.limits.load(missing[len(self._keys.limits_prefix()) :])
+            elif missing.startswith(self._keys.spent_prefix()):
+                await self.limits.load(missing[len(self._keys.spent_prefix()) :])
             elif missing.startswith(self._keys.menu("")):
                 await self._load_menu(missing[len(self._keys.menu("")) :])
             else:
@@ -1029,6 +1052,10 @@ class Economy:
                 self._keys.balance_prefix(),
                 self._keys.entitlements_prefix(),
                 self._keys.menu(""),
+                # Spending counters an older Redis has behind the ledger
+                # would let a fan past her limits; her limits reload too.
+                self._keys.spent_prefix(),
+                self._keys.limits_prefix(),
             )
             for hot in hot_prefixes:
                 await self._unlink_matching(glob_escape(hot) + "*")

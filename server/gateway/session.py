@@ -108,6 +108,8 @@ class Session:
         self._seen_shows: set[str] = set()
         self._busy = False
         self._draining = False
+        # Sends `reality_check` events while the session lives (hello on).
+        self._reality_task: asyncio.Task[None] | None = None
         self._closing = False
         self._handlers: dict[type[Any], Callable[[Any], Awaitable[Reply]]] = {
             Join: self._join,
@@ -284,6 +286,9 @@ class Session:
             self.push_dm(position, merged[position])
         if stored:
             node.dms_delivered(identity.user_id, stored[-1][0])
+        # Reality checks, if the fan asked for them (PUT /v1/me/limits).
+        self._reality_task = asyncio.create_task(self._reality_checks(identity.user_id))
+        node.keep(self._reality_task)
         if self._held_balance:
             # Pushed during hello: the welcome may be older or newer than
             # them, so send the balance as it is now.
@@ -334,7 +339,8 @@ class Session:
             fields = await handler(command)
         except ServiceError as exc:
             metrics.count_command(kind, exc.code)
-            return self._error(command.id, exc.code, exc.message)
+            # SPEND_LIMIT's window, SELF_EXCLUDED's until: fields of the reply.
+            return {**self._error(command.id, exc.code, exc.message), **exc.fields}
         except Exception:
             # A bug: log it here, tell the client nothing about it.
             log.exception("command %s failed", kind)
@@ -372,6 +378,8 @@ class Session:
 
     async def _cleanup(self) -> None:
         self._closing = True
+        if self._reality_task is not None:
+            self._reality_task.cancel()
         self._joining.clear()
         self._catching_up.clear()
         rooms, self.rooms = self.rooms, set()
@@ -581,6 +589,46 @@ class Session:
             self.node.media,
         )
         return await action.serve(context, command)
+
+    # --- reality checks (server/economy/limits.py) ------------------------------
+    async def _reality_checks(self, user_id: str) -> None:
+        """Every `reality_check_min` minutes: a `reality_check` event with
+        the time this session has been online and what she spent since it
+        opened (her counters' total, so spends from other sessions, HTTP and
+        a private show's meter count too). Looks again for the setting every
+        reality_check_poll_s while none is set, and before each check."""
+        settings = self.node.settings
+        limits = self.node.economy.limits
+        started = time.monotonic()
+        try:
+            spent_before = await limits.spent_total(user_id)
+        except ServiceError:
+            spent_before = None
+        last = started
+        while not self._closing:
+            try:
+                minutes = await limits.reality_check_min(user_id)
+                if spent_before is None:
+                    spent_before = await limits.spent_total(user_id)
+            except ServiceError:
+                minutes = None
+            if minutes is None:
+                await asyncio.sleep(settings.reality_check_poll_s)
+                continue
+            period = minutes * settings.reality_check_minute_s
+            due = last + period - time.monotonic()
+            if due > 0:
+                await asyncio.sleep(min(due, settings.reality_check_poll_s))
+                continue
+            try:
+                spent = await limits.spent_total(user_id) - (spent_before or 0)
+            except ServiceError:
+                spent = None
+            last = time.monotonic()
+            if spent is not None:
+                self._push(
+                    orjson.dumps(events.reality_check_event(int(last - started), spent, minutes))
+                )
 
     # --- output -------------------------------------------------------------------
     def _push(self, frame: bytes) -> None:

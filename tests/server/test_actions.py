@@ -347,6 +347,8 @@ async def test_the_benchmarks_tip_call_is_the_servers(settings: Settings, redis:
     keys = Keys(settings.redis_prefix)
     await redis.set(keys.balance(f"u:{fan.user_id}"), 10)
     await redis.set(keys.balance("u:bench_model000"), 0)
+    await redis.hset(keys.limits(fan.user_id), "v", 1)  # loaded: no limits
+    await redis.hset(keys.spent(fan.user_id), "t", 0)
     sha, *call = fan.call()
     assert sha == script.sha
     # EVAL rather than EVALSHA: another test may flush the shared Redis's scripts.

@@ -29,7 +29,7 @@ if not refusal and amount < tonumber(ARG.tip_min) then refusal = {'TIP_MIN', ARG
 refusal = refusal
   or first_unloaded(KEY.payer_balance, KEY.payee_balance)
   or outbox_full()
-  or user_gate(KEY.payer_balance, amount)
+  or user_gate(KEY.payer_balance, amount, KEY.payer_limits, KEY.payer_spent)
 if refusal then return refusal end
 local event = ARG.event
 local show = redis.call('HGET', KEY.room_show, 'id')
