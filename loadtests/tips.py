@@ -749,7 +749,7 @@ async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
                 if spec.limits:
                     limits.update(d=BENCH_LIMITS["daily"], w=BENCH_LIMITS["weekly"])
                     limits.update(m=BENCH_LIMITS["monthly"])
-                pipe.hset(keys.limits(fan_id(i)), mapping=limits)
+                pipe.hset(keys.limits(fan_id(i)), mapping=cast(Any, limits))
                 pipe.hset(keys.spent(fan_id(i)), "t", 0)
             for room in range(spec.rooms):
                 pipe.set(keys.balance(user_account(model_id(room))), 0)
