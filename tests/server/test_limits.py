@@ -200,7 +200,7 @@ async def test_a_limit_under_what_was_spent_leaves_nothing(server: Running) -> N
 async def test_self_exclusion_blocks_spends_and_purchases_until_it_ends(
     start_server: Start, settings: Settings
 ) -> None:
-    server = await start_server(payment_provider="fake", self_exclusion_day_s=1.5)
+    server = await start_server(payment_provider="fake", self_exclusion_day_s=4.0)
     model, fan = await members(server)
     http = Http(server)
     status, reply = await http.call("POST", "/v1/me/self-exclusion", "bob", days=1)
@@ -409,3 +409,40 @@ async def test_a_private_show_ends_where_the_limit_does(
 
     await eventually(ended, timeout_s=10)
     assert 200 - await balance(fan) == 3
+
+
+# --- the client library --------------------------------------------------------------------
+
+
+async def test_the_client_library_sets_reads_and_shows_refusals(server: Running) -> None:
+    from tokenchat.client_demo.client import (
+        CommandError,
+        HttpError,
+        Session,
+        get_limits,
+        put_limits,
+        self_exclude,
+    )
+
+    await Http(server).credit("bob", 50)
+    await (await server.client("alice", "model")).close()
+    bob = token("bob")
+    view = await put_limits(server.http_url, bob, monthly=20, reality_check_min=30)
+    assert view["limits"]["monthly"] == 20 and view["reality_check_min"] == 30
+    assert (await get_limits(server.http_url, bob))["windows"]["monthly"]["remaining"] == 20
+    with pytest.raises(HttpError) as bad:
+        await put_limits(server.http_url, bob, monthly=-5)
+    assert bad.value.code == "BAD_REQUEST"
+    async with await Session.connect(server.ws_url, bob) as session:
+        await session.join("alice")
+        await session.tip("alice", 15)
+        with pytest.raises(CommandError) as refused:
+            await session.tip("alice", 15)
+        assert refused.value.code == "SPEND_LIMIT"
+        assert refused.value.reply["remaining"] == 5 and refused.value.reply["window"] == "monthly"
+    until = await self_exclude(server.http_url, bob, 3)
+    assert until > time.time() * 1000
+    status, reply = await Http(server).call(
+        "POST", "/v1/purchases", "bob", bundle="starter", payment_ref="p1"
+    )
+    assert status == 403 and reply["error"]["until"] == until
