@@ -101,24 +101,22 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The three windows at `now`: field letter, wire name, index, end (ms).
-local function windows(now)
-  local day = math.floor(now / DAY_MS)
-  local week = math.floor((day + 3) / 7)  -- 1970-01-01 was a Thursday
-  local y, m = civil_from_days(day)
-  local ny, nm = y, m + 1
-  if nm > 12 then ny, nm = y + 1, 1 end
-  return {
-    {f = 'd', name = 'daily', index = day, resets = (day + 1) * DAY_MS},
-    {f = 'w', name = 'weekly', index = week, resets = (week * 7 + 4) * DAY_MS},
-    {f = 'm', name = 'monthly', index = y * 12 + m - 1,
-     resets = days_from_civil(ny, nm) * DAY_MS},
-  }
-end
+-- The spend user_gate let through, for transfer() to count (GATE_SPENT nil:
+-- none): the counters' key, each window's index and tokens spent in it
+-- (scalars, not tables: this runs on every tip).
+local GATE_BALANCE, GATE_SPENT, GATE_T
+local GATE_D, GATE_DS, GATE_W, GATE_WS, GATE_M, GATE_MS
 
--- The spend user_gate let through, for transfer() to count: set only when
--- the payer has a limits hash to obey.
-local GATE = nil
+-- SPEND_LIMIT when `used + debit` passes a window's limit in force at `now`
+-- (a pending raise whose time came applies); nil else.
+local function over(name, limit, pending, at, used, debit, now, resets)
+  if at and tonumber(at) <= now then limit = pending end
+  if limit and limit ~= '' and used + debit > tonumber(limit) then
+    return {'SPEND_LIMIT', cjson.encode({window = name,
+      remaining = math.max(tonumber(limit) - used, 0), resets_at = resets})}
+  end
+  return nil
+end
 
 -- SELF_EXCLUDED {until} while the user's self-exclusion runs (purchases
 -- call this alone); NOT_LOADED when her limits are not in Redis.
@@ -140,25 +138,32 @@ end
 local function user_gate(balance_key, debit, limits_key, spent_key)
   if limits_key and debit > 0 then
     local now = now_ms()
-    local refusal = excluded(limits_key, now)
-    if refusal then return refusal end
-    local lim = redis.call('HMGET', limits_key, 'd', 'dp', 'da', 'w', 'wp', 'wa', 'm', 'mp', 'ma')
+    local lim = redis.call('HMGET', limits_key, 'v', 'x',
+      'd', 'dp', 'da', 'w', 'wp', 'wa', 'm', 'mp', 'ma')
+    if not lim[1] then return {'NOT_LOADED', limits_key} end
+    if lim[2] and tonumber(lim[2]) > now then return {'SELF_EXCLUDED', lim[2]} end
     local spent = redis.call('HMGET', spent_key, 't', 'dn', 'ds', 'wn', 'ws', 'mn', 'ms')
     if not spent[1] then return {'NOT_LOADED', spent_key} end
-    local gate = {balance = balance_key, spent = spent_key, windows = {}}
-    for i, w in ipairs(windows(now)) do
-      local used = 0
-      if tonumber(spent[2 * i]) == w.index then used = tonumber(spent[2 * i + 1]) end
-      local limit = lim[3 * i - 2]
-      local at = lim[3 * i]
-      if at and at ~= '' and tonumber(at) <= now then limit = lim[3 * i - 1] end
-      if limit and limit ~= '' and used + debit > tonumber(limit) then
-        return {'SPEND_LIMIT', cjson.encode({window = w.name,
-          remaining = math.max(tonumber(limit) - used, 0), resets_at = w.resets})}
-      end
-      gate.windows[i] = {f = w.f, index = w.index, used = used}
+    -- The windows at `now`: the day, the ISO week (1970-01-01 was a
+    -- Thursday), the month; a counter of another window index counts 0.
+    local day = math.floor(now / DAY_MS)
+    local week = math.floor((day + 3) / 7)
+    local y, m = civil_from_days(day)
+    local month = y * 12 + m - 1
+    local ds = tonumber(spent[2]) == day and tonumber(spent[3]) or 0
+    local ws = tonumber(spent[4]) == week and tonumber(spent[5]) or 0
+    local ms = tonumber(spent[6]) == month and tonumber(spent[7]) or 0
+    if lim[3] or lim[5] or lim[6] or lim[8] or lim[9] or lim[11] then
+      local ny, nm = y, m + 1
+      if nm > 12 then ny, nm = y + 1, 1 end
+      local refusal = over('daily', lim[3], lim[4], lim[5], ds, debit, now, (day + 1) * DAY_MS)
+        or over('weekly', lim[6], lim[7], lim[8], ws, debit, now, (week * 7 + 4) * DAY_MS)
+        or over('monthly', lim[9], lim[10], lim[11], ms, debit, now,
+                days_from_civil(ny, nm) * DAY_MS)
+      if refusal then return refusal end
     end
-    GATE = gate
+    GATE_BALANCE, GATE_SPENT, GATE_T = balance_key, spent_key, tonumber(spent[1])
+    GATE_D, GATE_DS, GATE_W, GATE_WS, GATE_M, GATE_MS = day, ds, week, ws, month, ms
   end
   local balance = balance_of(balance_key)
   if balance < debit then return {'INSUFFICIENT_FUNDS', tostring(balance)} end
@@ -166,25 +171,17 @@ local function user_gate(balance_key, debit, limits_key, spent_key)
 end
 
 -- A spend's tokens into the counters of the gated payer (a writer: called by
--- transfer() only).
+-- transfer() only), in one HSET.
 local function count_spend(amount)
-  local fields = {}
-  for _, w in ipairs(GATE.windows) do
-    fields[#fields + 1] = w.f .. 'n'
-    fields[#fields + 1] = w.index
-    fields[#fields + 1] = w.f .. 's'
-    fields[#fields + 1] = w.used + amount
-    w.used = w.used + amount
-  end
-  redis.call('HSET', GATE.spent, unpack(fields))
-  redis.call('HINCRBY', GATE.spent, 't', amount)
+  GATE_T, GATE_DS, GATE_WS, GATE_MS = GATE_T + amount, GATE_DS + amount,
+    GATE_WS + amount, GATE_MS + amount
+  redis.call('HSET', GATE_SPENT, 't', GATE_T, 'dn', GATE_D, 'ds', GATE_DS,
+    'wn', GATE_W, 'ws', GATE_WS, 'mn', GATE_M, 'ms', GATE_MS)
 end
 
--- Move `amount` from one balance to another (the only place that writes
--- balances); returns both new balances.
 -- A debit of the payer user_gate let through counts toward her limits.
 local function transfer(payer_key, payee_key, amount)
-  if GATE and payer_key == GATE.balance and amount > 0 then count_spend(amount) end
+  if GATE_SPENT and payer_key == GATE_BALANCE and amount > 0 then count_spend(amount) end
   return redis.call('DECRBY', payer_key, amount), redis.call('INCRBY', payee_key, amount)
 end
 
