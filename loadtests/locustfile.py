@@ -28,6 +28,9 @@ percentiles and failures:
   its code (``ServerError('NOT_IN_ROOM')``, ``ServerError('UNAVAILABLE')``);
 - ``INSUFFICIENT_FUNDS`` is expected (fans run out of tokens): it is counted as
   a success under its own name, ``tip (insufficient)`` / ``dm (insufficient)``;
+  so is ``SPEND_LIMIT`` (``tip (spend limit)``): now and then a fan reads her
+  spending limits (``GET /v1/me/limits``) or sets a daily one (``PUT``), and a
+  low one refuses her later spends;
 - no reply within ``--tc-reply-timeout`` seconds (5) is a failure
   (``ReplyTimeout``). ``tip`` and ``dm`` are then sent again with the same
   idempotency ``key``: on the same session first (the first reply to either
