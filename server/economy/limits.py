@@ -166,13 +166,15 @@ class SpendLimits:
         return fields
 
     # --- Redis ------------------------------------------------------------------------
-    async def load(self, user_id: str) -> None:
-        """Her limits and counters into Redis, each only if absent, behind
-        the epoch fence (limits_load.lua)."""
+    async def load(self, user_id: str, *, counters: bool = True) -> None:
+        """Her limits and (``counters``) her counters into Redis, each only
+        if absent, behind the epoch fence (limits_load.lua). Without
+        counters it is one primary-key read: what a session's reality
+        checks need at every hello."""
         for _ in range(LOAD_ATTEMPTS_MAX):
             epoch = await self._economy.epoch()
             row = await self._row(user_id)
-            spent = await self._spent_in_ledger(user_id, now_ms())
+            spent = await self._spent_in_ledger(user_id, now_ms()) if counters else None
             result = await self._run(
                 user_id,
                 [
@@ -180,7 +182,7 @@ class SpendLimits:
                     epoch,
                     0 if row is None else row["version"],
                     orjson.dumps(_cache_fields(row)),
-                    orjson.dumps(spent),
+                    "" if spent is None else orjson.dumps(spent),
                 ],
             )
             if result in ("OK", "KEPT"):
@@ -358,5 +360,16 @@ class SpendLimits:
         return int(spent[0])
 
     async def reality_check_min(self, user_id: str) -> int | None:
-        limits, _ = await self._cached(user_id, "rc")
-        return None if limits[1] is None else int(limits[1])
+        """Her reality-check period (minutes), None: off. Reads her limits
+        hash alone (loading only the row), so a session of a fan who never
+        asked for reality checks never sums her ledger."""
+        key = self._keys.limits(user_id)
+        for _ in range(LOAD_ATTEMPTS_MAX):
+            try:
+                version, minutes = await self._redis.hmget(key, ["v", "rc"])
+            except _REDIS_ERRORS as exc:
+                raise Unavailable("spending limits are unavailable") from exc
+            if version is not None:
+                return None if minutes is None else int(minutes)
+            await self.load(user_id, counters=False)
+        raise Unavailable("spending limits could not be loaded")

@@ -594,34 +594,31 @@ class Session:
     async def _reality_checks(self, user_id: str) -> None:
         """Every `reality_check_min` minutes: a `reality_check` event with
         the time this session has been online and what she spent since it
-        opened (her counters' total, so spends from other sessions, HTTP and
-        a private show's meter count too). Looks again for the setting every
-        reality_check_poll_s while none is set, and before each check."""
+        opened, or since she turned reality checks on if that was later
+        (her counters' total, so spends from other sessions, HTTP and a
+        private show's meter count too). Looks again for the setting every
+        reality_check_poll_s while none is due."""
         settings = self.node.settings
         limits = self.node.economy.limits
-        started = time.monotonic()
-        try:
-            spent_before = await limits.spent_total(user_id)
-        except ServiceError:
-            spent_before = None
-        last = started
+        started = last = time.monotonic()
+        spent_before: int | None = None
         while not self._closing:
             try:
                 minutes = await limits.reality_check_min(user_id)
-                if spent_before is None:
-                    spent_before = await limits.spent_total(user_id)
+                if minutes is not None and spent_before is None:
+                    # From now (the hello, or her turning them on) on.
+                    spent_before, last = await limits.spent_total(user_id), time.monotonic()
             except ServiceError:
                 minutes = None
-            if minutes is None:
+            if minutes is None or spent_before is None:
                 await asyncio.sleep(settings.reality_check_poll_s)
                 continue
-            period = minutes * settings.reality_check_minute_s
-            due = last + period - time.monotonic()
+            due = last + minutes * settings.reality_check_minute_s - time.monotonic()
             if due > 0:
                 await asyncio.sleep(min(due, settings.reality_check_poll_s))
                 continue
             try:
-                spent = await limits.spent_total(user_id) - (spent_before or 0)
+                spent = await limits.spent_total(user_id) - spent_before
             except ServiceError:
                 spent = None
             last = time.monotonic()
