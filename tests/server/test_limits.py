@@ -454,3 +454,42 @@ async def test_the_client_library_sets_reads_and_shows_refusals(server: Running)
         "POST", "/v1/purchases", "bob", bundle="starter", payment_ref="p1"
     )
     assert status == 403 and reply["error"]["until"] == until
+
+
+async def test_the_scripts_calendar_is_pythons(redis: Any) -> None:
+    # money_lib.lua's month arithmetic (the windows user_gate computes from
+    # TIME) against Python's calendar, on every 7th day from 1970 to 2110
+    # and around the edges of months and leap years.
+    import datetime as dt
+
+    from tokenchat.server.economy.scripts import script_source
+
+    probe = (
+        script_source("money_lib")
+        + """
+local out = {}
+for i = 1, #ARGV do
+  local y, m = civil_from_days(tonumber(ARGV[i]))
+  local ny, nm = y, m + 1
+  if nm > 12 then ny, nm = y + 1, 1 end
+  out[#out + 1] = y * 100 + m
+  out[#out + 1] = days_from_civil(ny, nm)
+end
+return out
+"""
+    )
+    edges = [
+        (dt.date(y, m, 1) - dt.date(1970, 1, 1)).days + delta
+        for y in (1970, 2000, 2024, 2026, 2100)
+        for m in (1, 2, 3, 12)
+        for delta in (-1, 0, 1)
+    ]
+    days = sorted({*range(0, 51000, 7), *(d for d in edges if d >= 0)})
+    for start in range(0, len(days), 500):
+        chunk = days[start : start + 500]
+        result = await redis.eval(probe, 0, *chunk)
+        for n, day in enumerate(chunk):
+            date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
+            following = (date.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
+            assert result[2 * n] == date.year * 100 + date.month, date
+            assert result[2 * n + 1] == (following - dt.date(1970, 1, 1)).days, date
