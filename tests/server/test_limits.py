@@ -130,11 +130,27 @@ async def test_every_kind_of_spend_obeys_the_limit(server: Running, settings: Se
     await fan.call("tip", room="alice", item=menu["items"][0]["id"], key="i1")  # 15
     offer = await fan.call("request_offer", model="alice", text="a song", amount=10, key="o1")
     assert offer["request"].startswith("r_")  # a hold of 10: 35 spent
+    from tests.server.test_media import uploaded
+
+    media = await uploaded(server, price=6)
+    status, show = await Http(server).call(
+        "POST",
+        "/v1/me/shows",
+        "alice",
+        "model",
+        title="late",
+        price=6,
+        starts_at=int(time.time() * 1000) + 60_000,
+        min_s=1,
+    )
+    assert status == 201, show
     for command, fields in (
         ("dm", {"to": "alice", "text": "again"}),
         ("tip", {"room": "alice", "item": menu["items"][0]["id"]}),
         ("request_offer", {"model": "alice", "text": "more", "amount": 10}),
         ("tip", {"room": "alice", "amount": 6}),
+        ("unlock", {"media": media["id"]}),
+        ("buy_ticket", {"room": "alice", "show": show["show"]}),
     ):
         refused = await fan.request(command, key=f"x-{command}", **fields)
         assert refused["code"] == "SPEND_LIMIT", (command, refused)
