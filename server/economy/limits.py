@@ -354,6 +354,12 @@ class SpendLimits:
         ]
         return min([balance, *left])
 
+    async def prewarm(self, user_id: str) -> None:
+        """Her limits and counters in Redis (loaded if missing): at hello,
+        as her balance is, so that her spends need no Postgres (a spend on
+        a full connection pool still goes through)."""
+        await self._cached(user_id)
+
     async def spent_total(self, user_id: str) -> int:
         """Tokens she has spent in all (the counters' `t`)."""
         _, spent = await self._cached(user_id)

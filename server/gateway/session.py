@@ -260,6 +260,8 @@ class Session:
             # change falls between the two.
             await node.user_online(self, identity.user_id)
             balance = await node.balance_of(identity.user_id)
+            # Her spending limits and counters too: her spends then need no Postgres.
+            await node.economy.limits.prewarm(identity.user_id)
             stored = await node.pending_dms(identity.user_id)
         except ServiceError as exc:
             self._held_dms = None
