@@ -41,6 +41,13 @@ happens, one line each, to standard output:
     /leaderboard [WINDOW]   the current room's top tippers over 12h, day,
                       week or all (default 12h; --http); a sender's tier
                       shows as "(tier N)" beside their name when above 0
+    /limits           show your spending limits, what you spent and what is
+                      left per window (--http)
+    /limits WINDOW N|none   set your daily, weekly or monthly limit (lower:
+                      at once; higher or none: after 24 h)
+    /limits reality N|off   a reality check every N minutes (or none)
+    /exclude DAYS     exclude yourself from spending and buying for DAYS days
+                      (it cannot be lifted early)
     /schedule PRICE MIN_S IN_S TITLE   schedule a ticket show in your room
                       (model; POST /v1/me/shows on --http): PRICE tokens a
                       ticket, paid if it runs MIN_S seconds, starting in IN_S
@@ -107,9 +114,12 @@ from .client import (
     dm_history,
     get_goal,
     get_leaderboard,
+    get_limits,
     get_menu,
     media_url,
+    put_limits,
     receipt,
+    self_exclude,
     set_goal,
     transactions,
     upload_media,
@@ -160,6 +170,10 @@ HELP = """commands:
   /dms USER       your DM conversation with USER
   /block USER, /unblock USER, /blocks   refuse or take USER's DMs again
   /report USER REASON   report USER to the admins
+  /limits         your spending limits and what is left
+  /limits daily|weekly|monthly N|none   set a limit (higher: after 24 h)
+  /limits reality N|off   a reality check every N minutes
+  /exclude DAYS   no spending or buying for DAYS days (not liftable)
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -269,6 +283,9 @@ def format_event(event: Event) -> str | None:
         return f"[{room}] * you were {event.get('reason')} from {room}{how}"
     if type_ == "goal" and isinstance(event.get("goal"), dict):
         return f"[{room}] goal {format_goal(event['goal'])}"
+    if type_ == "reality_check":
+        minutes = int(event.get("online_s") or 0) // 60
+        return f"* reality check: online {minutes} min, spent {event.get('spent')} tokens"
     if type_ == "error":
         return f"error {event.get('code')}: {event.get('message')}"
     if type_ == "gap":
@@ -360,6 +377,16 @@ def format_until(until_ms: int) -> str:
 
 
 def format_error(exc: BaseException) -> str:
+    if isinstance(exc, CommandError) and exc.code == "SPEND_LIMIT":
+        reply = exc.reply
+        return (
+            f"error SPEND_LIMIT: your {reply.get('window')} limit leaves {reply.get('remaining')}"
+            f" tokens until {format_ms(reply.get('resets_at'))}; nothing was charged"
+        )
+    if isinstance(exc, CommandError) and exc.code == "SELF_EXCLUDED":
+        return (
+            f"error SELF_EXCLUDED: you excluded yourself until {format_ms(exc.reply.get('until'))}"
+        )
     if isinstance(exc, CommandError):
         until = exc.reply.get("until")
         ends = f" (until {format_until(until)})" if isinstance(until, int) else ""
@@ -560,6 +587,10 @@ async def handle_line(
         await goal_command(command, rest, state, args, out)
     elif command in ("history", "receipt", "dms", "block", "unblock", "blocks", "report"):
         await history_command(command, rest, state, args, out)
+    elif command == "limits":
+        await limits(rest, args, out)
+    elif command == "exclude":
+        await exclude(rest, args, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
@@ -1214,6 +1245,78 @@ def parse_setgoal(rest: str) -> tuple[int, str, int | None, bool] | None:
     if len(words) < 2 or not words[0].isdigit():
         return None
     return int(words[0]), " ".join(words[1:]), in_s, aon
+
+
+# --- spending limits and self-exclusion ---------------------------------------------
+
+
+def format_ms(ms: Any) -> str:
+    """A time the server gave (ms since the epoch) in UTC, to the minute."""
+    if not isinstance(ms, int):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
+
+
+def format_limits(view: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, window in view["windows"].items():
+        limit = window["limit"]
+        shown = "no limit" if limit is None else f"limit {limit}, {window['remaining']} left"
+        line = (
+            f"* {name}: spent {window['spent']}, {shown} (resets {format_ms(window['resets_at'])})"
+        )
+        pending = view["pending"].get(name)
+        if pending is not None:
+            to = "none" if pending["to"] is None else pending["to"]
+            line += f"; becomes {to} at {format_ms(pending['at'])}"
+        lines.append(line)
+    if view.get("excluded_until"):
+        lines.append(f"* self-excluded until {format_ms(view['excluded_until'])}")
+    if view.get("reality_check_min"):
+        lines.append(f"* reality check every {view['reality_check_min']} min")
+    return lines
+
+
+async def limits(rest: str, args: argparse.Namespace, out: Output) -> None:
+    """/limits (show), /limits WINDOW N|none, /limits reality N|off."""
+    if not args.http:
+        out("error: /limits needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    parts = rest.split()
+    changes: dict[str, int | None] = {}
+    if parts:
+        names = {"daily": "daily", "weekly": "weekly", "monthly": "monthly"}
+        names["reality"] = "reality_check_min"
+        off = ("none", "off")
+        if len(parts) != 2 or parts[0] not in names or not (parts[1].isdigit() or parts[1] in off):
+            out("usage: /limits [daily|weekly|monthly N|none] [reality N|off]")
+            return
+        changes[names[parts[0]]] = None if parts[1] in off else int(parts[1])
+    try:
+        if changes:
+            view = await put_limits(args.http, args.token, **changes)
+        else:
+            view = await get_limits(args.http, args.token)
+    except (HttpError, OSError) as exc:
+        out(f"error: {exc}")
+        return
+    for line in format_limits(view):
+        out(line)
+
+
+async def exclude(rest: str, args: argparse.Namespace, out: Output) -> None:
+    if not rest.isdigit():
+        out("usage: /exclude DAYS")
+        return
+    if not args.http:
+        out("error: /exclude needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    try:
+        until = await self_exclude(args.http, args.token, int(rest))
+    except (HttpError, OSError) as exc:
+        out(f"error: {exc}")
+        return
+    out(f"* self-excluded until {format_ms(until)}: no spending or buying until then")
 
 
 if __name__ == "__main__":

@@ -930,6 +930,10 @@ class HttpError(Exception):
         self.status = status
         self.code: str = error.get("code") or str(status)
         self.message: str = error.get("message") or str(body)
+        # What the error carries besides code and message (SELF_EXCLUDED's `until`).
+        self.fields: dict[str, Any] = {
+            k: v for k, v in error.items() if k not in ("code", "message")
+        }
         super().__init__(f"HTTP {status} {self.code}: {self.message}")
 
 
@@ -1068,6 +1072,19 @@ async def transactions(
     url = f"{http_url.rstrip('/')}/v1/me/transactions" + _query(
         {"kind": kind, "before": before, "limit": limit}
     )
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply
+
+
+# --- spending limits and self-exclusion (docs/protocol.md, "Spending limits") ---
+
+
+async def get_limits(http_url: str, token: str) -> dict[str, Any]:
+    """The caller's limits (``GET /v1/me/limits``): ``limits`` in force per
+    window, ``pending`` raises ``{to, at}``, ``windows`` with ``limit``,
+    ``spent``, ``remaining`` and ``resets_at``, ``excluded_until`` and
+    ``reality_check_min``."""
+    url = f"{http_url.rstrip('/')}/v1/me/limits"
     reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
     return reply
 
@@ -1239,3 +1256,21 @@ async def delete_goal(http_url: str, token: str) -> dict[str, Any]:
     url = f"{http_url.rstrip('/')}/v1/me/goal"
     reply: dict[str, Any] = await asyncio.to_thread(_http_json, "DELETE", url, token)
     return reply
+
+
+async def put_limits(http_url: str, token: str, **changes: int | None) -> dict[str, Any]:
+    """Change any of ``daily``, ``weekly``, ``monthly`` (tokens; None: no
+    limit) and ``reality_check_min`` (None: off). A lower limit applies at
+    once, a higher one (or None) after the server's delay (24 h). Returns
+    what ``get_limits`` does; ``HttpError`` on a refusal."""
+    url = f"{http_url.rstrip('/')}/v1/me/limits"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "PUT", url, token, changes)
+    return reply
+
+
+async def self_exclude(http_url: str, token: str, days: int) -> int:
+    """Exclude yourself from spending and buying for ``days`` (it cannot be
+    lifted early); when it ends (ms)."""
+    url = f"{http_url.rstrip('/')}/v1/me/self-exclusion"
+    reply = await asyncio.to_thread(_http_json, "POST", url, token, {"days": days})
+    return int(reply["excluded_until"])

@@ -34,6 +34,9 @@ percentiles and failures:
   its code (``ServerError('NOT_IN_ROOM')``, ``ServerError('UNAVAILABLE')``);
 - ``INSUFFICIENT_FUNDS`` is expected (fans run out of tokens): it is counted as
   a success under its own name, ``tip (insufficient)`` / ``dm (insufficient)``;
+  so is ``SPEND_LIMIT`` (``tip (spend limit)``): now and then a fan reads her
+  spending limits (``GET /v1/me/limits``) or sets a daily one (``PUT``), and a
+  low one refuses her later spends;
 - no reply within ``--tc-reply-timeout`` seconds (5) is a failure
   (``ReplyTimeout``). ``tip`` and ``dm`` are then sent again with the same
   idempotency ``key``: on the same session first (the first reply to either
@@ -809,6 +812,10 @@ class TokenchatUser(HttpUser):
                 self.report(f"{name} (insufficient)", started, size)
                 self.on_insufficient_funds()
                 return None
+            if code == ErrorCode.SPEND_LIMIT:
+                # The fan's own limit (FanUser.limits sets some): an answer, not a failure.
+                self.report(f"{name} (spend limit)", started, size)
+                return None
             self.report(label, started, size, ServerError(code))
             if code != ErrorCode.UNAVAILABLE:
                 return None
@@ -1458,6 +1465,30 @@ class FanUser(TokenchatUser):
         reply = self.spend("private_request", command)
         if reply is not None:
             self.show = str(reply["show"])
+
+    @task(1)
+    def limits(self) -> None:
+        """Read her spending limits; now and then set a daily one (a lower one
+        applies at once, so some of her later spends answer SPEND_LIMIT,
+        counted apart) or ask to lift it (pending for the raise delay)."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        roll = random.random()
+        if roll < 0.8:
+            method, body, name = "GET", None, "GET /v1/me/limits"
+        else:
+            daily = None if roll < 0.85 else random.choice((50, 200, 1000, 10_000))
+            method, body, name = "PUT", {"daily": daily}, "PUT /v1/me/limits"
+        with self.client.request(
+            method,
+            "/v1/me/limits",
+            json=body,
+            headers=headers,
+            name=name,
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
 
     @task(1)
     def change_room(self) -> None:

@@ -195,6 +195,8 @@ BUCKET_TOKENS = 2.0  # tips
 # and the script's XLEN check stay bounded, as the writer's XDEL keeps them.
 OUTBOX_TRIM_INTERVAL_S = 0.1
 OUTBOX_KEEP_ENTRIES = 10_000
+# --limits: what each fan limits herself to, far above a run's tips.
+BENCH_LIMITS = {"daily": 10**11, "weekly": 10**11, "monthly": 10**11}
 # A run whose other processes used more than this is flagged in the table.
 OTHER_BUSY_WARN_PCT = 25.0  # % of one CPU
 
@@ -615,6 +617,7 @@ class BaselineSpec:
     rooms: int
     cpus: frozenset[int] | None
     goal: bool = False  # each room has an active tip goal (--goal)
+    limits: bool = False  # --limits: the fans' limits hashes hold limits
 
 
 def goal_hash(room: str, goal: bool) -> dict[Any, Any]:
@@ -669,6 +672,8 @@ class VirtualFan:
                 "history": keys.room_history(room),
                 "room_show": keys.room_show(room),
                 "goal": keys.goal(room),
+                "payer_limits": keys.limits(self.user_id),
+                "payer_spent": keys.spent(self.user_id),
             },
             args={
                 "request": fingerprint("tip", room=room, amount=TIP_AMOUNT, text=""),
@@ -813,6 +818,14 @@ async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(spec.fans):
                 pipe.set(keys.balance(user_account(fan_id(i))), BASELINE_BALANCE_TOKENS)
+                # Loaded limits (none, or --limits's) and counters, as a fan's
+                # first tip on the server leaves them.
+                limits: dict[str | bytes, int] = {"v": 1}
+                if spec.limits:
+                    limits.update(d=BENCH_LIMITS["daily"], w=BENCH_LIMITS["weekly"])
+                    limits.update(m=BENCH_LIMITS["monthly"])
+                pipe.hset(keys.limits(fan_id(i)), mapping=cast(Any, limits))
+                pipe.hset(keys.spent(fan_id(i)), "t", 0)
             for room in range(spec.rooms):
                 pipe.set(keys.balance(user_account(model_id(room))), 0)
                 pipe.delete(keys.goal(model_id(room)))
@@ -993,6 +1006,25 @@ class TipsBench(Bench):
 
         with concurrent.futures.ThreadPoolExecutor(FUND_CONCURRENCY) as pool:
             list(pool.map(fund, range(self.args.fans)))
+        if self.args.limits:
+            self.limit_fans(http_port)
+
+    def limit_fans(self, http_port: int) -> None:
+        """``--limits``: every fan sets a daily, weekly and monthly limit far
+        above what the run spends, so that each tip's user gate checks all
+        three windows (none set: it still counts them)."""
+        from tokenchat.server.auth import issue_token
+
+        url = f"http://{HOST}:{http_port}/v1/me/limits"
+
+        def limit(index: int) -> None:
+            token = issue_token(self.jwt_secret, fan_id(index), "fan")
+            status, reply = http_json(url, token, BENCH_LIMITS, method="PUT")
+            if status != 200:
+                raise RuntimeError(f"limits of {fan_id(index)} refused: {status} {reply}")
+
+        with concurrent.futures.ThreadPoolExecutor(FUND_CONCURRENCY) as pool:
+            list(pool.map(limit, range(self.args.fans)))
 
     def run_tokenchat(
         self, number: int, capped_rate: float, profile: Path | None
@@ -1206,6 +1238,7 @@ class TipsBench(Bench):
             # --pin: the baseline plays the server's part, so it gets the server's CPU.
             cpus=self.server_cpus,
             goal=args.goal,
+            limits=args.limits,
         )
         context = multiprocessing.get_context("spawn")
         parent_end, child_end = context.Pipe()
@@ -1832,6 +1865,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=positive_int,
         help="unlock, buy_ticket: media or ticket shows each model makes per run (default: "
         f"{ITEMS_CALLS_PER_FAN_PER_S:g} calls/s per fan over both phases)",
+    )
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="every fan sets daily, weekly and monthly spending limits (PUT /v1/me/limits) "
+        "before tipping; the baseline fans get the same limits in Redis",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(

@@ -66,6 +66,7 @@ from .events import (
     message_event,
     ok,
     presence_event,
+    reality_check_event,
     tip_event,
     welcome,
 )
@@ -131,6 +132,7 @@ __all__ = [
     "ok",
     "parse_command",
     "presence_event",
+    "reality_check_event",
     "tip_event",
     "welcome",
 ]

@@ -28,6 +28,10 @@ class ErrorCode(enum.StrEnum):
     CONFLICT = "CONFLICT"  # idempotency key reused with different fields
     RATE_LIMITED = "RATE_LIMITED"
     LIMIT_EXCEEDED = "LIMIT_EXCEEDED"  # a spending cap
+    # A fan's own spending limit: `window`, `remaining`, `resets_at` (ms).
+    SPEND_LIMIT = "SPEND_LIMIT"
+    # A fan's self-exclusion runs: `until` (ms); purchases answer HTTP 403.
+    SELF_EXCLUDED = "SELF_EXCLUDED"
     BANNED = "BANNED"
     MUTED = "MUTED"
     # Moderation (issue #12): a chat line sooner than the room's slow mode

@@ -217,3 +217,9 @@ def goal_event(room: str, goal: dict[str, Any]) -> dict[str, Any]:
     tipped toward it), ``state`` (active, reached, failed, deleted),
     ``all_or_nothing``, ``deadline`` (ms since the epoch, or null)."""
     return {"type": "goal", "room": room, "goal": goal}
+
+
+def reality_check_event(online_s: int, spent: int, every_min: int) -> dict[str, Any]:
+    """Every ``every_min`` minutes to a fan who asked for it: how long this
+    session has been online and the tokens she spent since it opened."""
+    return {"type": "reality_check", "online_s": online_s, "spent": spent, "every_min": every_min}

@@ -339,6 +339,20 @@ class Settings:
     # query per this many seconds, and a purchase unlocks chat within it
     # ("has bought" is kept for good: it never changes back).
     chat_purchase_recheck_s: float = 5.0
+    # --- spending limits (server/economy/limits.py) ----------------------------------
+    # A raised (or removed) spending limit takes effect this long after the
+    # fan asked: the contract's 24 hours, a cooling-off against a spending
+    # spree; a lowered one applies at once.
+    limit_raise_delay_s: float = 24 * 3600.0
+    # The length of one day of self-exclusion (`days` in the request): a
+    # day; tests shorten it to see an exclusion end without waiting.
+    self_exclusion_day_s: float = 24 * 3600.0
+    # The length of one minute of `reality_check_min`: a minute; tests
+    # shorten it to receive reality checks without waiting.
+    reality_check_minute_s: float = 60.0
+    # How often a session with no reality check set looks again whether the
+    # fan asked for one since (PUT /v1/me/limits): a change shows within this.
+    reality_check_poll_s: float = 60.0
 
     # --- metrics --------------------------------------------------------------------
     # Serve /metrics on this port instead of the public HTTP port (0: on the
@@ -390,6 +404,9 @@ class Settings:
             "database_timeout_s",
             "database_pool_max",
             "shutdown_grace_s",
+            "self_exclusion_day_s",
+            "reality_check_minute_s",
+            "reality_check_poll_s",
             "workers",
             "outbox_entries_max",
             "inbox_len",

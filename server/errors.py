@@ -11,6 +11,10 @@ status, here and nowhere else::
      │    └── EscrowEmpty        CONFLICT          409  (nothing left to
      │                                                    release or refund)
      ├── InsufficientFunds       INSUFFICIENT_FUNDS 409
+     │    ├── SpendLimit         SPEND_LIMIT       409  (the fan's own limit;
+     │    │                                              fields window,
+     │    │                                              remaining, resets_at)
+     │    └── SelfExcluded       SELF_EXCLUDED     403  (fields until)
      ├── PriceChanged            PRICE_CHANGED     409
      ├── RateLimited             RATE_LIMITED      429
      ├── LimitExceeded           LIMIT_EXCEEDED    429
@@ -40,10 +44,9 @@ class ServiceError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-    def wire_fields(self) -> dict[str, object]:
-        """Fields the error reply carries beside ``code`` and ``message``."""
-        return {}
+        # Fields the error reply carries besides code and message (SPEND_LIMIT's
+        # window, a moderation refusal's until), on WebSocket and HTTP alike.
+        self.fields: dict[str, object] = {}
 
 
 class Unauthenticated(ServiceError):
@@ -113,9 +116,8 @@ class Restricted(ServiceError):
     def __init__(self, message: str, until_ms: int | None) -> None:
         super().__init__(message)
         self.until_ms = until_ms
-
-    def wire_fields(self) -> dict[str, object]:
-        return {} if self.until_ms is None else {"until": self.until_ms}
+        if until_ms is not None:
+            self.fields = {"until": until_ms}
 
 
 class Banned(Restricted):
@@ -131,3 +133,28 @@ class Muted(Restricted):
 class SlowMode(Restricted):
     code = ErrorCode.SLOW_MODE
     http_status = 429
+
+
+# Subclasses of InsufficientFunds: whoever copes with a fan who cannot pay
+# (a private show's meter ends the show at what she can pay) copes with these
+# alike; the wire code says which.
+class SpendLimit(InsufficientFunds):
+    """A spend over one of the fan's own limits: what that window has left."""
+
+    code = ErrorCode.SPEND_LIMIT
+    http_status = 409
+
+    def __init__(self, message: str, *, window: str, remaining: int, resets_at: int) -> None:
+        super().__init__(message)
+        self.fields = {"window": window, "remaining": remaining, "resets_at": resets_at}
+
+
+class SelfExcluded(InsufficientFunds):
+    """A spend or purchase during the fan's self-exclusion."""
+
+    code = ErrorCode.SELF_EXCLUDED
+    http_status = 403
+
+    def __init__(self, message: str, *, until: int) -> None:
+        super().__init__(message)
+        self.fields = {"until": until}

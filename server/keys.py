@@ -164,6 +164,25 @@ class Keys:
     def goal_prefix(self) -> str:
         return self._eco("goal:")
 
+    # --- spending limits (server/economy/limits.py) ------------------------------
+    def limits(self, user_id: str) -> str:
+        """Hash caching a user's spend_limits row (`v` version, `x`
+        excluded until, `d`/`w`/`m` limits and pending raises, `rc`);
+        absent = not loaded. In the money slot: user_gate reads it."""
+        return self._eco(f"lim:{user_id}")
+
+    def limits_prefix(self) -> str:
+        return self._eco("lim:")
+
+    def spent(self, user_id: str) -> str:
+        """Hash of what a user spent per calendar window (`dn`/`ds`,
+        `wn`/`ws`, `mn`/`ms`: index and tokens) and in total (`t`), advanced
+        by the money scripts; absent = not loaded (the ledger rebuilds it)."""
+        return self._eco(f"spent:{user_id}")
+
+    def spent_prefix(self) -> str:
+        return self._eco("spent:")
+
     def channel_room(self, channel: str) -> str | None:
         """The room a room channel belongs to, or None for other channels."""
         head = f"{self.prefix}room:{{"

@@ -133,6 +133,12 @@ function explain(err, what) {
       return `The service is having trouble right now. ${said} Try again shortly.`;
     case "LIMIT_EXCEEDED":
       return `A limit was reached. ${said}`;
+    case "SPEND_LIMIT":
+      return showLimitRefusal(spendLimitText(err.reply || err));
+    case "SELF_EXCLUDED":
+      return showLimitRefusal(
+        `You excluded yourself from spending and buying until ${when(err.reply?.until)}. Nothing was charged.`,
+      );
     case "FORBIDDEN":
       return `Not allowed. ${said}`;
     case "NOT_FOUND":
@@ -300,6 +306,7 @@ async function onReady(reconnected) {
   loadRequests();
   loadPrivates();
   loadTransactions();
+  loadLimits();
   if (reconnected) {
     toast("Reconnected. Caught up with the rooms you are in.", "success");
     return;
@@ -675,6 +682,9 @@ function onEvent(event) {
       break;
     case "goal":
       onGoalEvent(event);
+      break;
+    case "reality_check":
+      onRealityCheck(event);
       break;
     case "request":
       showRequest(event);
@@ -1524,6 +1534,132 @@ async function buy() {
   }
 }
 
+// --- spending limits, self-exclusion and reality checks ------------------------------------------
+const WINDOWS = ["daily", "weekly", "monthly"];
+
+/** A time the server gave (ms), in the browser's time zone. */
+function when(ms) {
+  if (!Number.isFinite(ms)) return "later";
+  return new Date(ms).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+}
+
+/** SPEND_LIMIT's fields as a sentence, shown in a toast and in the limits card. */
+function spendLimitText(reply) {
+  return `Your ${reply.window} spending limit leaves ${tokens(reply.remaining ?? 0)} until ${when(
+    reply.resets_at,
+  )}. Nothing was charged.`;
+}
+
+/** A limit's refusal (also a toast) stays visible in the limits card; returns `text`. */
+function showLimitRefusal(text) {
+  const box = $("limit-refusal");
+  box.textContent = text;
+  box.hidden = false;
+  loadLimits();
+  return text;
+}
+
+function renderLimits(view) {
+  const list = $("limit-windows");
+  list.replaceChildren();
+  for (const name of WINDOWS) {
+    const w = view.windows[name];
+    const pending = view.pending[name];
+    const limit = w.limit === null ? "no limit" : `${tokens(w.remaining)} left of ${tokens(w.limit)}`;
+    const item = el(
+      "li",
+      { "data-window": name },
+      el("strong", { text: `${name[0].toUpperCase()}${name.slice(1)}: ` }),
+      `spent ${tokens(w.spent)}, ${limit}`,
+    );
+    if (pending) {
+      const to = pending.to === null ? "no limit" : tokens(pending.to);
+      item.append(el("span", { class: "pending", text: ` → ${to} from ${when(pending.at)}` }));
+    }
+    list.append(item);
+    $(`limit-${name}`).value = (pending ? pending.to : w.limit) ?? "";
+  }
+  $("limit-reality").value = view.reality_check_min ?? "";
+  const excluded = view.excluded_until;
+  $("exclusion-state").textContent = excluded
+    ? `You excluded yourself until ${when(excluded)}: no spending and no buying until then.`
+    : "No spending and no buying for the days you choose. It cannot be undone early.";
+  document.body.classList.toggle("self-excluded", Boolean(excluded));
+}
+
+async function loadLimits() {
+  try {
+    renderLimits(await api("GET", "/v1/me/limits"));
+  } catch (err) {
+    toast(explain(err, "loading your limits"), "error");
+  }
+}
+
+function limitField(id, low, high) {
+  const raw = $(id).value.trim();
+  if (raw === "") return null;
+  const n = Number(raw);
+  return Number.isInteger(n) && n >= low && n <= high ? n : undefined;
+}
+
+async function saveLimits(event) {
+  event.preventDefault();
+  const body = {};
+  for (const name of WINDOWS) {
+    const value = limitField(`limit-${name}`, 0, 1e12);
+    if (value === undefined) {
+      toast(`The ${name} limit must be a whole number of tokens, or blank for none.`, "error");
+      return;
+    }
+    body[name] = value;
+  }
+  const reality = limitField("limit-reality", 1, 1440);
+  if (reality === undefined) {
+    toast("A reality check comes every 1 to 1,440 minutes, or never (blank).", "error");
+    return;
+  }
+  body.reality_check_min = reality;
+  try {
+    const view = await api("PUT", "/v1/me/limits", body);
+    renderLimits(view);
+    const later = Object.keys(view.pending).length;
+    toast(later ? "Limits saved. Raised limits apply after 24 hours." : "Limits saved.", "success");
+  } catch (err) {
+    toast(explain(err, "saving your limits"), "error");
+  }
+}
+
+async function excludeMe(event) {
+  event.preventDefault();
+  const days = Number($("exclusion-days").value);
+  if (!Number.isInteger(days) || days < 1 || days > 3650) {
+    toast("Choose between 1 and 3,650 days.", "error");
+    return;
+  }
+  const ok = await confirmDialog(
+    `Exclude yourself for ${plural(days, "day")}?`,
+    "You will not be able to tip, message for a price, unlock, buy tickets or tokens until it ends. It cannot be undone early.",
+    "Exclude me",
+  );
+  if (!ok) return;
+  try {
+    const reply = await api("POST", "/v1/me/self-exclusion", { days });
+    toast(`You are excluded until ${when(reply.excluded_until)}.`, "success");
+    loadLimits();
+  } catch (err) {
+    toast(explain(err, "the self-exclusion"), "error");
+  }
+}
+
+function onRealityCheck(event) {
+  const minutes = Math.floor(event.online_s / 60);
+  const text = `Reality check: online for ${plural(minutes, "minute")}, ${tokens(event.spent)} spent this session.`;
+  const line = $("reality-line");
+  line.textContent = text;
+  line.hidden = false;
+  toast(text);
+}
+
 // --- wiring ---------------------------------------------------------------------------------------
 function wire() {
   $("dev-form").addEventListener("submit", (event) => {
@@ -1835,6 +1971,8 @@ function wireHistory() {
   });
   $("dm-block").addEventListener("click", toggleBlock);
   $("dm-report").addEventListener("click", reportUser);
+  $("limits-form").addEventListener("submit", saveLimits);
+  $("exclusion-form").addEventListener("submit", excludeMe);
 }
 
 wire();

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from tokenchat.protocol import BuyTicket, Dm, Tip, Unlock
 
 from ..catalog.directory import RoomInfo
@@ -40,7 +42,9 @@ from ..errors import (
     NotFound,
     NotInRoom,
     PriceChanged,
+    SelfExcluded,
     ServiceError,
+    SpendLimit,
     Unavailable,
 )
 from .batcher import LuaScript
@@ -91,6 +95,9 @@ COMMON_REFUSALS: Mapping[str, Refusal] = MappingProxyType(
         "BACKLOG": Refusal(
             Unavailable, "the ledger is behind (Postgres away); nothing was charged"
         ),
+        # user_gate's, with fields of their own: refusal_error builds them.
+        "SPEND_LIMIT": Refusal(SpendLimit, "over a spending limit: {detail}"),
+        "SELF_EXCLUDED": Refusal(SelfExcluded, "self-excluded until {detail}"),
     }
 )
 
@@ -148,6 +155,11 @@ class Action:
     grants: str | None = None
     # Its own refusals (status -> error), besides COMMON_REFUSALS.
     refusals: Mapping[str, Refusal] = field(default_factory=lambda: MappingProxyType({}))
+    # Whether it spends a user's tokens (the payer): its script passes her
+    # through user_gate with ``payer_limits`` and ``payer_spent`` (keys it
+    # must declare), so her spending limits and self-exclusion apply and its
+    # debits count toward them (docs/economy.md, "Spending limits").
+    limited: bool = False
     # Whether a reply stands for a ledger entry (a free DM moves nothing and
     # writes none), so that durability `ledger` waits for its row.
     ledgered: Callable[[Mapping[str, Any]], bool] = _always
@@ -163,6 +175,8 @@ class Action:
             raise ValueError(f"{self.name}: a command needs a serve step, and the reverse")
         if not self.kinds:
             raise ValueError(f"{self.name}: no ledger kind")
+        if self.limited and not {"payer_limits", "payer_spent"} <= set(self.keys):
+            raise ValueError(f"{self.name}: a limited spend declares payer_limits, payer_spent")
 
     @property
     def all_keys(self) -> tuple[str, ...]:
@@ -264,7 +278,15 @@ TIP = Action(
     name="tip",
     kinds=("tip",),
     # goal: the room's tip goal (server/economy/goals.py), in {eco}.
-    keys=("payer_balance", "payee_balance", "history", "room_show", "goal"),
+    keys=(
+        "payer_balance",
+        "payee_balance",
+        "history",
+        "room_show",
+        "goal",
+        "payer_limits",
+        "payer_spent",
+    ),
     args=(
         "amount",
         "tip_min",
@@ -275,6 +297,7 @@ TIP = Action(
         "event",
         "payee_channel",
     ),
+    limited=True,
     refundable=True,
     delivery=Delivery.ROOM_EVENT,
     delivery_keys=("history", "room_show"),
@@ -298,7 +321,16 @@ TIP = Action(
 TIP_ITEM = Action(
     name="tip_item",
     kinds=("tip",),
-    keys=("payer_balance", "payee_balance", "menu", "history", "room_show", "goal"),
+    keys=(
+        "payer_balance",
+        "payee_balance",
+        "menu",
+        "history",
+        "room_show",
+        "goal",
+        "payer_limits",
+        "payer_spent",
+    ),
     args=(
         "item",
         "max_price",
@@ -309,6 +341,7 @@ TIP_ITEM = Action(
         "event",
         "payee_channel",
     ),
+    limited=True,
     refundable=True,
     delivery=Delivery.ROOM_EVENT,
     delivery_keys=("history", "room_show"),
@@ -327,7 +360,16 @@ DM = Action(
     kinds=("dm",),
     # blocks, dm_log: the recipient's blocks and the DM archive stream
     # (server/catalog/dms.py); sender, recipient: the two user ids.
-    keys=("payer_balance", "payee_balance", "prices", "inbox", "blocks", "dm_log"),
+    keys=(
+        "payer_balance",
+        "payee_balance",
+        "prices",
+        "inbox",
+        "blocks",
+        "dm_log",
+        "payer_limits",
+        "payer_spent",
+    ),
     args=(
         "max_price",
         "payer",
@@ -339,6 +381,7 @@ DM = Action(
         "recipient",
         "dm_log_max",
     ),
+    limited=True,
     refundable=True,
     delivery=Delivery.USER_INBOX,
     command=Dm,
@@ -354,7 +397,7 @@ DM = Action(
 CREDIT = Action(
     name="credit",
     kinds=("credit", "purchase"),
-    keys=("payer_balance", "payee_balance"),
+    keys=("payer_balance", "payee_balance", "payee_limits"),
     args=("amount", "payer", "payee", "kind", "payee_channel"),
     refundable=False,
     delivery=Delivery.BALANCE_PUSH,
@@ -395,8 +438,9 @@ _EMPTY = MappingProxyType(
 HOLD = Action(
     name="hold",
     kinds=("hold",),
-    keys=("payer_balance", "escrow_balance"),
+    keys=("payer_balance", "escrow_balance", "payer_limits", "payer_spent"),
     args=("amount", "payer", "escrow", "subject"),
+    limited=True,
     refundable=False,
     delivery=Delivery.BALANCE_PUSH,  # the payer's reply carries its balance: no push
 )
@@ -422,9 +466,10 @@ ESCROW_REFUND = Action(
 UNLOCK = Action(
     name="unlock",
     kinds=("unlock",),
-    keys=("payer_balance", "payee_balance", "media", "entitlement"),
+    keys=("payer_balance", "payee_balance", "media", "entitlement", "payer_limits", "payer_spent"),
     args=("max_price", "payer", "payee", "media_id", "payee_channel"),
     # An admin's refund of an unlock also revokes the access (refund.lua).
+    limited=True,
     refundable=True,
     delivery=Delivery.BALANCE_PUSH,
     command=Unlock,
@@ -440,8 +485,9 @@ UNLOCK = Action(
 METER = Action(
     name="meter",
     kinds=("meter",),
-    keys=("payer_balance", "escrow_balance", "payee_balance"),
+    keys=("payer_balance", "escrow_balance", "payee_balance", "payer_limits", "payer_spent"),
     args=("amount", "payer", "escrow", "payee", "payer_channel", "payee_channel"),
+    limited=True,
     refundable=False,
     delivery=Delivery.BALANCE_PUSH,
 )
@@ -460,8 +506,9 @@ async def _serve_ticket(context: SpendContext, command: BuyTicket) -> Reply:
 TICKET = Action(
     name="ticket",
     kinds=("ticket",),
-    keys=("payer_balance", "escrow_balance", "show", "room_show"),
+    keys=("payer_balance", "escrow_balance", "show", "room_show", "payer_limits", "payer_spent"),
     args=("payer", "escrow", "show", "room"),
+    limited=True,
     refundable=False,  # a show's workflow refunds its tickets itself
     delivery=Delivery.BALANCE_PUSH,  # the fan's reply carries the balance
     delivery_keys=("room_show",),
@@ -523,6 +570,11 @@ BY_KIND: Mapping[str, Action] = MappingProxyType(
 BY_COMMAND: Mapping[type[Any], Action] = MappingProxyType(
     {action.command: action for action in ACTIONS if action.command is not None}
 )
+# Ledger kinds that spend a user's tokens: the debits her spending limits
+# count, and what rebuilds her counters from the ledger.
+SPEND_KINDS: frozenset[str] = frozenset(
+    kind for action in ACTIONS if action.limited for kind in action.kinds
+)
 # Ledger kinds an admin may refund (each once).
 REFUNDABLE_KINDS: frozenset[str] = frozenset(
     kind for action in ACTIONS if action.refundable for kind in action.kinds
@@ -531,7 +583,31 @@ REFUNDABLE_KINDS: frozenset[str] = frozenset(
 
 def refusal_error(action: Action, status: str, detail: str) -> ServiceError:
     """The error a script's refusal becomes (``detail``: its second field)."""
+    if status == "SPEND_LIMIT":  # user_gate: the window's JSON
+        window = _window(detail)
+        return SpendLimit(
+            f"your {window['window']} spending limit leaves {window['remaining']} tokens;"
+            " nothing was charged",
+            window=str(window["window"]),
+            remaining=int(window["remaining"]),
+            resets_at=int(window["resets_at"]),
+        )
+    if status == "SELF_EXCLUDED":
+        return SelfExcluded(
+            "you excluded yourself from spending until then; nothing was charged",
+            until=int(detail) if detail.isdigit() else 0,
+        )
     refusal = action.refusals.get(status) or COMMON_REFUSALS.get(status)
     if refusal is None:  # a script returning what its declaration lacks
         return BadRequest(f"refused: {status}")
     return refusal.to_error(detail)
+
+
+def _window(detail: str) -> dict[str, Any]:
+    """SPEND_LIMIT's detail as user_gate writes it (anything else, a bug,
+    still becomes a SPEND_LIMIT, with zeros)."""
+    try:
+        window = orjson.loads(detail)
+        return {k: window[k] for k in ("window", "remaining", "resets_at")}
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return {"window": "unknown", "remaining": 0, "resets_at": 0}

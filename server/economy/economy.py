@@ -68,6 +68,7 @@ from .actions import (
     refusal_error,
 )
 from .batcher import LuaScript, ScriptBatcher
+from .limits import SpendLimits
 from .scripts import lua_script
 
 if TYPE_CHECKING:
@@ -81,9 +82,10 @@ PAYMENTS_INITIATOR = "sys:payments"
 DEV_INITIATOR = "sys:dev"
 IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000  # the contract's 24 hours
 # Loads per call before giving up: one per hot key a script may find missing
-# (a menu tip: the menu, both balances, the room's goal and an all-or-nothing
-# goal's escrow), plus one for a Redis reset racing the load.
-LOAD_ATTEMPTS_MAX = 6
+# (a menu tip: the menu, both balances, the room's goal, an all-or-nothing
+# goal's escrow and the fan's limits with their counters, one load), plus one
+# for a Redis reset racing the load.
+LOAD_ATTEMPTS_MAX = 7
 # Idempotency records restored per account load. An account debited more
 # often than this in 24 hours keeps only its newest records across a Redis
 # reset (the mint, with one debit per purchase, is the account that could).
@@ -185,6 +187,8 @@ class Economy:
         # reached it in Redis.
         self.goal_loader: Callable[[str], Awaitable[None]] | None = None
         self.goal_reached: Callable[[str], Awaitable[None]] | None = None
+        # Spending limits and self-exclusion: their rows, caches and counters.
+        self.limits = SpendLimits(redis, pool, keys, settings, self)
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:
@@ -220,6 +224,7 @@ class Economy:
                 "history": self._keys.room_history(room),
                 "room_show": self._keys.room_show(room),
                 "goal": self._keys.goal(room),
+                **self._gate_keys(user_id),
             },
             args={
                 "amount": amount,
@@ -264,6 +269,7 @@ class Economy:
                 "history": self._keys.room_history(room),
                 "room_show": self._keys.room_show(room),
                 "goal": self._keys.goal(room),
+                **self._gate_keys(user_id),
             },
             args={
                 "item": item,
@@ -327,6 +333,7 @@ class Economy:
                 "inbox": self._keys.inbox(to),
                 "blocks": self._keys.blocks(to),
                 "dm_log": self._keys.dm_log(),
+                **self._gate_keys(user_id),
             },
             args={
                 "max_price": "" if max_price is None else max_price,
@@ -362,6 +369,7 @@ class Economy:
                 "payee_balance": self._keys.balance(payee),
                 "media": self._keys.media(media_id),
                 "entitlement": self._keys.entitlements(user_id),
+                **self._gate_keys(user_id),
             },
             args={
                 "max_price": "" if max_price is None else max_price,
@@ -439,6 +447,7 @@ class Economy:
             keys={
                 "payer_balance": self._keys.balance(MINT),
                 "payee_balance": self._keys.balance(payee),
+                "payee_limits": self._keys.limits(user_id),
             },
             args={
                 "amount": amount,
@@ -515,6 +524,7 @@ class Economy:
             keys={
                 "payer_balance": self._keys.balance(payer),
                 "escrow_balance": self._keys.balance(escrow),
+                **self._gate_keys(user_id),
             },
             args={"amount": amount, "payer": payer, "escrow": escrow, "subject": subject},
         )
@@ -593,6 +603,7 @@ class Economy:
                 "payer_balance": self._keys.balance(payer),
                 "escrow_balance": self._keys.balance(escrow),
                 "payee_balance": self._keys.balance(payee),
+                **self._gate_keys(fan),
             },
             args={
                 "amount": amount,
@@ -626,6 +637,7 @@ class Economy:
                 "escrow_balance": self._keys.balance(escrow),
                 "show": self._keys.show(show_id),
                 "room_show": self._keys.room_show(room),
+                **self._gate_keys(user_id),
             },
             args={"payer": payer, "escrow": escrow, "show": show_id, "room": room},
         )
@@ -918,6 +930,13 @@ class Economy:
         keys = [self._keys.menu(user_id), self._keys.epoch()]
         return _text(await self._call(self._menu_script, keys, args))
 
+    def _gate_keys(self, user_id: str) -> dict[str, str]:
+        """The keys a limited spend (Action.limited) passes to user_gate."""
+        return {
+            "payer_limits": self._keys.limits(user_id),
+            "payer_spent": self._keys.spent(user_id),
+        }
+
     # --- running scripts ---------------------------------------------------------------
     async def _run(
         self,
@@ -995,6 +1014,10 @@ class Economy:
                 await self._load_entitlements(missing[len(self._keys.entitlements_prefix()) :])
             elif missing.startswith(self._keys.blocks_prefix()) and self.blocks_loader is not None:
                 await self.blocks_loader(missing[len(self._keys.blocks_prefix()) :])
+            elif missing.startswith(self._keys.limits_prefix()):
+                await self.limits.load(missing[len(self._keys.limits_prefix()) :])
+            elif missing.startswith(self._keys.spent_prefix()):
+                await self.limits.load(missing[len(self._keys.spent_prefix()) :])
             elif missing.startswith(self._keys.menu("")):
                 await self._load_menu(missing[len(self._keys.menu("")) :])
             else:
@@ -1110,6 +1133,10 @@ class Economy:
                 self._keys.goal_prefix(),  # a goal's progress, counted by tips
                 # DM blocks: an older Redis may lack a block Postgres holds.
                 self._keys.blocks_prefix(),
+                # Spending counters an older Redis has behind the ledger
+                # would let a fan past her limits; her limits reload too.
+                self._keys.spent_prefix(),
+                self._keys.limits_prefix(),
             )
             for hot in hot_prefixes:
                 await self._unlink_matching(glob_escape(hot) + "*")

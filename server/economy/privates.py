@@ -555,7 +555,10 @@ class Privates:
     async def _affordable_end(self, row: Any, low_s: int, high_s: int) -> int:
         """The last second in [low_s, high_s] that escrow and fan can pay
         for, counting from low_s (what the ticks charged already)."""
-        fan_balance = await self._economy.balance(row["fan"])
+        # What she may spend: her balance within her spending limits (a
+        # limit reached or a self-exclusion ends the show as an empty
+        # balance does: SpendLimit and SelfExcluded are InsufficientFunds).
+        fan_balance = await self._economy.limits.spendable(row["fan"])
         escrow = await self._economy.escrow_balance(escrow_account(ESCROW_KIND, row["id"]))
         available = fan_balance + escrow
         rate, paid = int(row["rate"]), charged_for(int(row["rate"]), low_s)

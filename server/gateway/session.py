@@ -115,6 +115,8 @@ class Session:
         self._seen_shows: set[str] = set()
         self._busy = False
         self._draining = False
+        # Sends `reality_check` events while the session lives (hello on).
+        self._reality_task: asyncio.Task[None] | None = None
         self._closing = False
         self._handlers: dict[type[Any], Callable[[Any], Awaitable[Reply]]] = {
             Join: self._join,
@@ -275,15 +277,15 @@ class Session:
             # change falls between the two.
             await node.user_online(self, identity.user_id)
             balance = await node.balance_of(identity.user_id)
+            # Her spending limits and counters too: her spends then need no Postgres.
+            await node.economy.limits.prewarm(identity.user_id)
             stored = await node.pending_dms(identity.user_id)
         except ServiceError as exc:
             self._held_dms = None
             if online:
                 node.user_offline(self, identity.user_id)
             self.identity = None
-            await self._send(
-                {**self._error(command.id, exc.code, exc.message), **exc.wire_fields()}
-            )
+            await self._send({**self._error(command.id, exc.code, exc.message), **exc.fields})
             if exc.code is ErrorCode.UNAUTHENTICATED:
                 await self._close(CloseCode.UNAUTHENTICATED, exc.message)
                 return False
@@ -306,6 +308,9 @@ class Session:
             self.push_dm(position, merged[position])
         if stored:
             node.dms_delivered(identity.user_id, stored[-1][0])
+        # Reality checks, if the fan asked for them (PUT /v1/me/limits).
+        self._reality_task = asyncio.create_task(self._reality_checks(identity.user_id))
+        node.keep(self._reality_task)
         if self._held_balance:
             # Pushed during hello: the welcome may be older or newer than
             # them, so send the balance as it is now.
@@ -356,7 +361,9 @@ class Session:
             fields = await handler(command)
         except ServiceError as exc:
             metrics.count_command(kind, exc.code)
-            return {**self._error(command.id, exc.code, exc.message), **exc.wire_fields()}
+            # SPEND_LIMIT's window, SELF_EXCLUDED's until, a moderation
+            # refusal's until: fields of the reply.
+            return {**self._error(command.id, exc.code, exc.message), **exc.fields}
         except Exception:
             # A bug: log it here, tell the client nothing about it.
             log.exception("command %s failed", kind)
@@ -394,6 +401,8 @@ class Session:
 
     async def _cleanup(self) -> None:
         self._closing = True
+        if self._reality_task is not None:
+            self._reality_task.cancel()
         self._joining.clear()
         self._catching_up.clear()
         rooms, self.rooms = self.rooms, set()
@@ -697,6 +706,43 @@ class Session:
             self.node.media,
         )
         return await action.serve(context, command)
+
+    # --- reality checks (server/economy/limits.py) ------------------------------
+    async def _reality_checks(self, user_id: str) -> None:
+        """Every `reality_check_min` minutes: a `reality_check` event with
+        the time this session has been online and what she spent since it
+        opened, or since she turned reality checks on if that was later
+        (her counters' total, so spends from other sessions, HTTP and a
+        private show's meter count too). Looks again for the setting every
+        reality_check_poll_s while none is due."""
+        settings = self.node.settings
+        limits = self.node.economy.limits
+        started = last = time.monotonic()
+        spent_before: int | None = None
+        while not self._closing:
+            try:
+                minutes = await limits.reality_check_min(user_id)
+                if minutes is not None and spent_before is None:
+                    # From now (the hello, or her turning them on) on.
+                    spent_before, last = await limits.spent_total(user_id), time.monotonic()
+            except ServiceError:
+                minutes = None
+            if minutes is None or spent_before is None:
+                await asyncio.sleep(settings.reality_check_poll_s)
+                continue
+            due = last + minutes * settings.reality_check_minute_s - time.monotonic()
+            if due > 0:
+                await asyncio.sleep(min(due, settings.reality_check_poll_s))
+                continue
+            try:
+                spent = await limits.spent_total(user_id) - spent_before
+            except ServiceError:
+                spent = None
+            last = time.monotonic()
+            if spent is not None:
+                self._push(
+                    orjson.dumps(events.reality_check_event(int(last - started), spent, minutes))
+                )
 
     # --- output -------------------------------------------------------------------
     def _push(self, frame: bytes) -> None:

@@ -57,6 +57,7 @@ from ..auth import TOKEN_TTL_DEFAULT_S, Identity, issue_token, verify_token
 from ..catalog.moderation import AUDIT_PAGE_DEFAULT, AUDIT_PAGE_MAX, append_audit
 from ..config import Settings
 from ..economy.economy import PAYMENTS_INITIATOR, MenuItem, new_tx_id, user_initiator
+from ..economy.limits import EXCLUSION_DAYS_MAX, LIMIT_MAX, REALITY_CHECK_MIN_MAX, WINDOW_NAMES
 from ..errors import (
     BadRequest,
     Banned,
@@ -154,8 +155,12 @@ class JSONResponse(Response):
         return orjson.dumps(content)
 
 
-def error_response(code: ErrorCode, message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+def error_response(
+    code: ErrorCode, message: str, status: int, fields: dict[str, Any] | None = None
+) -> JSONResponse:
+    # `fields`: what the error carries besides (SPEND_LIMIT's window, ...).
+    error = {"code": code, "message": message, **(fields or {})}
+    return JSONResponse({"error": error}, status_code=status)
 
 
 def create_app(node: Node) -> Starlette:
@@ -305,6 +310,8 @@ def create_app(node: Node) -> Starlette:
         if bundle is None:
             raise NotFound(f"no bundle '{bundle_id}'")
         await node.directory.touch_user(identity)
+        # A self-excluded fan is refused before any payment is taken.
+        await node.economy.limits.check_purchase(identity.user_id)
         await provider.confirm(identity.user_id, bundle_id, bundle["price_cents"], payment_ref)
         tx = await record_purchase(identity.user_id, bundle, payment_ref)
         # The ledger is the lasting record: a payment credited long ago (its
@@ -602,16 +609,35 @@ def create_app(node: Node) -> Starlette:
         )
         return JSONResponse({"token": token})
 
+    # --- spending limits and self-exclusion (server/economy/limits.py) -----------------
+    async def get_limits(request: Request) -> Response:
+        identity = identity_of(request)
+        await node.directory.touch_user(identity)
+        return JSONResponse(await node.economy.limits.view(identity.user_id))
+
+    async def put_limits(request: Request) -> Response:
+        """Any of daily, weekly, monthly (tokens; null: none) and
+        reality_check_min (minutes; null: off); absent fields are kept."""
+        identity = identity_of(request)
+        body = await json_body(request)
+        changes = limit_changes(body)
+        await node.directory.touch_user(identity)
+        return JSONResponse(await node.economy.limits.set(identity.user_id, changes))
+
+    async def self_exclusion(request: Request) -> Response:
+        identity = identity_of(request)
+        body = await json_body(request)
+        days = optional_int(body, "days", 1, EXCLUSION_DAYS_MAX)
+        if days is None:
+            raise BadRequest(
+                f"field 'days' is required: an integer between 1 and {EXCLUSION_DAYS_MAX}"
+            )
+        await node.directory.touch_user(identity)
+        return JSONResponse(await node.economy.limits.exclude(identity.user_id, days))
+
     async def service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
-        response = error_response(exc.code, exc.message, exc.http_status)
-        extra = exc.wire_fields()
-        if extra:  # moderation refusals say until when (`until`)
-            response = JSONResponse(
-                {"error": {"code": exc.code, "message": exc.message, **extra}},
-                status_code=exc.http_status,
-            )
-        return response
+        return error_response(exc.code, exc.message, exc.http_status, exc.fields)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(ErrorCode.NOT_FOUND, f"no route {request.url.path}", 404)
@@ -669,6 +695,9 @@ def create_app(node: Node) -> Starlette:
             Route("/v1/me/room", my_room, methods=["PUT"]),
             Route("/v1/admin/bans/{user}", admin_ban, methods=["POST", "DELETE"]),
             Route("/v1/admin/audit", admin_audit),
+            Route("/v1/me/limits", get_limits, methods=["GET"]),
+            Route("/v1/me/limits", put_limits, methods=["PUT"]),
+            Route("/v1/me/self-exclusion", self_exclusion, methods=["POST"]),
         ],
         exception_handlers={ServiceError: service_error, 404: not_found},
     )
@@ -801,3 +830,17 @@ def wire_field(body: dict[str, Any], name: str, check: WireField) -> Any:
     if not check.accept(value):
         raise BadRequest(f"field '{name}' must be {check.describe}")
     return value
+
+
+def limit_changes(body: dict[str, Any]) -> dict[str, int | None]:
+    """The changes of a PUT /v1/me/limits body: each window's limit (0 to
+    LIMIT_MAX tokens, null: none) and reality_check_min (1 to
+    REALITY_CHECK_MIN_MAX, null: off); at least one, nothing else."""
+    bounds = {name: (0, LIMIT_MAX) for name in WINDOW_NAMES}
+    bounds["reality_check_min"] = (1, REALITY_CHECK_MIN_MAX)
+    unknown = sorted(set(body) - set(bounds))
+    if unknown:
+        raise BadRequest(f"unknown field '{unknown[0]}'; send {', '.join(bounds)}")
+    if not body:
+        raise BadRequest(f"send any of {', '.join(bounds)}")
+    return {name: optional_int(body, name, *bounds[name]) for name in body}

@@ -50,7 +50,7 @@ class Chat:
             async with asyncio.timeout(EXPECT_TIMEOUT_S):
                 while missing:
                     raw = await self.process.stdout.readline()
-                    assert raw, f"the client exited; still expected {missing}"
+                    assert raw, f"the client exited; still expected {missing}: {self.lines}"
                     line = raw.decode().rstrip("\n")
                     self.lines.append(line)
                     for text in missing:
@@ -426,3 +426,39 @@ async def test_moderation_from_the_terminal(server: Running) -> None:
         await model.kill()
         await fan.kill()
         await bob.close()
+
+
+async def test_spending_limits_from_the_terminal(server: Running) -> None:
+    await Http(server).credit("bob", 100)
+    await (await server.client("alice", "model")).close()  # her room exists
+    fan = await Chat.start(
+        "--url", server.ws_url, "--token", token("bob"), "--http", server.http_url
+    )
+    try:
+        await fan.expect("* connected as bob (fan); balance 100")
+        await fan.send("/limits daily 15")
+        await fan.expect("* daily: spent 0, limit 15, 15 left", "* weekly: spent 0, no limit")
+        await fan.send("/join alice")
+        await fan.expect("* joined alice")
+        await fan.send("/tip 10")
+        await fan.expect("balance 90")
+        await fan.send("/tip 10")
+        await fan.expect("error SPEND_LIMIT: your daily limit leaves 5 tokens until")
+        await fan.send("/limits daily 50")
+        (line,) = await fan.expect("; becomes 50 at")
+        assert line.startswith("* daily: spent 10, limit 15, 5 left")
+        await fan.send("/limits yearly 5")
+        await fan.expect("usage: /limits")
+        await fan.send("/exclude 2")
+        await fan.expect("* self-excluded until")
+        await fan.send("/tip 1")
+        await fan.expect("error SELF_EXCLUDED: you excluded yourself until")
+        await fan.send("/quit")
+        assert await fan.exit_code() == 0
+    finally:
+        await fan.kill()
+
+
+def test_reality_check_line() -> None:
+    event = {"type": "reality_check", "online_s": 3720, "spent": 42, "every_min": 60}
+    assert format_event(event) == "* reality check: online 62 min, spent 42 tokens"

@@ -14,8 +14,10 @@ from tokenchat.protocol import (
 
 
 def test_error_codes_are_their_names() -> None:
-    assert len(ErrorCode) >= 16
+    assert len(ErrorCode) == 18
     assert ErrorCode.SLOW_MODE == "SLOW_MODE"
+    # A spending limit is SPEND_LIMIT, never LIMIT_EXCEEDED (a count limit).
+    assert {"SPEND_LIMIT", "SELF_EXCLUDED", "LIMIT_EXCEEDED"} <= {c.name for c in ErrorCode}
     for code in ErrorCode:
         assert code.value == code.name
         assert str(code) == code.name

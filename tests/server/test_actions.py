@@ -362,6 +362,8 @@ async def test_the_benchmarks_tip_call_is_the_servers(settings: Settings, redis:
     await redis.set(keys.balance(f"u:{fan.user_id}"), 10)
     await redis.set(keys.balance("u:bench_model000"), 0)
     await redis.hset(keys.goal("bench_model000"), mapping=goal_hash("bench_model000", False))
+    await redis.hset(keys.limits(fan.user_id), "v", 1)  # loaded: no limits
+    await redis.hset(keys.spent(fan.user_id), "t", 0)
     sha, *call = fan.call()
     assert sha == script.sha
     # EVAL rather than EVALSHA: another test may flush the shared Redis's scripts.

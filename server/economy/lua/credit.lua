@@ -7,6 +7,9 @@
 -- ARG.payer, ARG.payee  the mint's and the user's accounts
 -- ARG.kind           'credit' or 'purchase'
 -- ARG.payee_channel  the user's channel
+-- KEY.payee_limits   the user's limits hash: a purchase is refused
+--                    SELF_EXCLUDED while her self-exclusion runs (a grant
+--                    is not: it costs her nothing)
 --
 -- Returns {'OK', '{"balance":N,"tx":T}'} or a refusal (money_lib).
 -- Invariant: every token in circulation came from the mint, whose balance is
@@ -16,6 +19,7 @@
 local refusal = idem_prior()
   or first_unloaded(KEY.payer_balance, KEY.payee_balance)
   or outbox_full()
+  or (ARG.kind == 'purchase' and excluded(KEY.payee_limits))
   or user_gate(KEY.payee_balance, 0)
 if refusal then return refusal end
 local amount = tonumber(ARG.amount)

@@ -43,7 +43,7 @@ local price = tonumber(redis.call('HGET', KEY.prices, 'dm') or '0')
 if ARG.max_price ~= '' and price > tonumber(ARG.max_price) then
   return {'PRICE_CHANGED', tostring(price)}
 end
-refusal = user_gate(KEY.payer_balance, price)
+refusal = user_gate(KEY.payer_balance, price, KEY.payer_limits, KEY.payer_spent)
 if refusal then return refusal end
 
 local sender_balance, recipient_balance

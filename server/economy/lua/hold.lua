@@ -20,7 +20,7 @@ local amount = tonumber(ARG.amount)
 local refusal = idem_prior()
   or first_unloaded(KEY.payer_balance, KEY.escrow_balance)
   or outbox_full()
-  or user_gate(KEY.payer_balance, amount)
+  or user_gate(KEY.payer_balance, amount, KEY.payer_limits, KEY.payer_spent)
 if refusal then return refusal end
 
 local payer_balance = transfer(KEY.payer_balance, KEY.escrow_balance, amount)

@@ -29,7 +29,7 @@ if refusal then return refusal end
 local escrow = balance_of(KEY.escrow_balance)
 local from_escrow = math.min(math.max(escrow, 0), amount)
 local from_fan = amount - from_escrow
-refusal = user_gate(KEY.payer_balance, from_fan)
+refusal = user_gate(KEY.payer_balance, from_fan, KEY.payer_limits, KEY.payer_spent)
 if refusal then return refusal end
 
 local entry = ''

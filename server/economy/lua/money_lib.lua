@@ -15,10 +15,15 @@
 --   ARG.initiator   who asked (owner of the idempotency key)
 --   ARG.key      the idempotency key as given
 --   ARG.meta     meta JSON for the ledger
+-- Common to every action that spends a user's tokens (Action.limited):
+--   keys payer_limits and payer_spent: her limits and counters, passed to
+--                user_gate (below)
 --   Idempotency record: request .. "\n" .. reply, kept 24 hours.
 --   Replies: {'OK', reply_json} | {'DUP', reply_json} | {'CONFLICT'} |
 --            {'NOT_LOADED', key} | {'INSUFFICIENT_FUNDS', balance} |
---            {'PRICE_CHANGED', price} | {'BACKLOG'}, and each action's own.
+--            {'PRICE_CHANGED', price} | {'BACKLOG'} |
+--            {'SPEND_LIMIT', '{"window","remaining","resets_at"}'} |
+--            {'SELF_EXCLUDED', until_ms}, and each action's own.
 -- Order in every script: idem_prior first; every check before the first
 -- write (Redis does not roll back a script that fails halfway); user_gate
 -- last of the checks, once first_unloaded has seen its balance loaded.
@@ -58,20 +63,125 @@ local function balance_of(key)
   return tonumber(redis.call('GET', key))
 end
 
+-- Spending limits and self-exclusion (docs/economy.md, "Spending limits").
+-- A fan's limits hash (Keys.limits: `v` version, `x` excluded until (ms),
+-- and per window w in d/w/m: `w` the limit, `wp` a pending raise's value
+-- ('' = none) and `wa` when it applies (ms)) and her counters hash
+-- (Keys.spent: per window `wn` its index and `ws` tokens spent in it, plus
+-- `t` spent in total). Windows are calendar ones in UTC, from the script's
+-- own clock (TIME): the day, the ISO week (from Monday) and the month.
+local DAY_MS = 86400000
+
+-- (year, month) of a day number since 1970-01-01 (H. Hinnant's algorithm).
+local function civil_from_days(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+-- The day number of the first of a month.
+local function days_from_civil(y, m)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((m + 9) % 12) + 2) / 5)
+  return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The spend user_gate let through, for transfer() to count (GATE_SPENT nil:
+-- none): the counters' key, each window's index and tokens spent in it
+-- (scalars, not tables: this runs on every tip).
+local GATE_BALANCE, GATE_SPENT, GATE_T
+local GATE_D, GATE_DS, GATE_W, GATE_WS, GATE_M, GATE_MS
+
+-- SPEND_LIMIT when `used + debit` passes a window's limit in force at `now`
+-- (a pending raise whose time came applies); nil else.
+local function over(name, limit, pending, at, used, debit, now, resets)
+  if at and tonumber(at) <= now then limit = pending end
+  if limit and limit ~= '' and used + debit > tonumber(limit) then
+    return {'SPEND_LIMIT', cjson.encode({window = name,
+      remaining = math.max(tonumber(limit) - used, 0), resets_at = resets})}
+  end
+  return nil
+end
+
+-- SELF_EXCLUDED {until} while the user's self-exclusion runs (purchases
+-- call this alone); NOT_LOADED when her limits are not in Redis.
+local function excluded(limits_key, now)
+  local found = redis.call('HMGET', limits_key, 'v', 'x')
+  if not found[1] then return {'NOT_LOADED', limits_key} end
+  if found[2] and tonumber(found[2]) > (now or now_ms()) then
+    return {'SELF_EXCLUDED', found[2]}
+  end
+  return nil
+end
+
 -- THE per-user check of every paid action: each script passes the user it
 -- charges (or, for a credit, the user it credits, with debit 0) through
--- here exactly once, after its balances are known to be loaded. Today it is
--- the funds check; a check that every kind must obey (spending limits,
--- self-exclusion) belongs here, once. nil, or the refusal to return.
-local function user_gate(balance_key, debit)
+-- here exactly once, after its balances are known to be loaded. The funds
+-- check; and for a spend (limits_key and spent_key given, debit > 0) the
+-- self-exclusion and the spending limits, each window's counter read here
+-- and advanced by transfer() in the same call. nil, or the refusal to return.
+local function user_gate(balance_key, debit, limits_key, spent_key)
+  if limits_key and debit > 0 then
+    local now = now_ms()
+    local lim = redis.call('HMGET', limits_key, 'v', 'x',
+      'd', 'dp', 'da', 'w', 'wp', 'wa', 'm', 'mp', 'ma')
+    if not lim[1] then return {'NOT_LOADED', limits_key} end
+    if lim[2] and tonumber(lim[2]) > now then return {'SELF_EXCLUDED', lim[2]} end
+    local spent = redis.call('HMGET', spent_key, 't', 'dn', 'ds', 'wn', 'ws', 'mn', 'ms')
+    if not spent[1] then return {'NOT_LOADED', spent_key} end
+    -- The windows at `now`: the day, the ISO week (1970-01-01 was a
+    -- Thursday), the month; a counter of another window index counts 0.
+    local day = math.floor(now / DAY_MS)
+    local week = math.floor((day + 3) / 7)
+    local y, m = civil_from_days(day)
+    local month = y * 12 + m - 1
+    local ds = tonumber(spent[2]) == day and tonumber(spent[3]) or 0
+    local ws = tonumber(spent[4]) == week and tonumber(spent[5]) or 0
+    local ms = tonumber(spent[6]) == month and tonumber(spent[7]) or 0
+    if lim[3] or lim[5] or lim[6] or lim[8] or lim[9] or lim[11] then
+      local ny, nm = y, m + 1
+      if nm > 12 then ny, nm = y + 1, 1 end
+      local refusal = over('daily', lim[3], lim[4], lim[5], ds, debit, now, (day + 1) * DAY_MS)
+        or over('weekly', lim[6], lim[7], lim[8], ws, debit, now, (week * 7 + 4) * DAY_MS)
+        or over('monthly', lim[9], lim[10], lim[11], ms, debit, now,
+                days_from_civil(ny, nm) * DAY_MS)
+      if refusal then return refusal end
+    end
+    GATE_BALANCE, GATE_SPENT, GATE_T = balance_key, spent_key, tonumber(spent[1])
+    GATE_D, GATE_DS, GATE_W, GATE_WS, GATE_M, GATE_MS = day, ds, week, ws, month, ms
+  end
   local balance = balance_of(balance_key)
   if balance < debit then return {'INSUFFICIENT_FUNDS', tostring(balance)} end
   return nil
 end
 
--- Move `amount` from one balance to another (the only place that writes
--- balances); returns both new balances.
+-- A spend's tokens into the counters of the gated payer (a writer: called by
+-- transfer() only), in one HSET.
+local function count_spend(amount)
+  GATE_T, GATE_DS, GATE_WS, GATE_MS = GATE_T + amount, GATE_DS + amount,
+    GATE_WS + amount, GATE_MS + amount
+  redis.call('HSET', GATE_SPENT, 't', GATE_T, 'dn', GATE_D, 'ds', GATE_DS,
+    'wn', GATE_W, 'ws', GATE_WS, 'mn', GATE_M, 'ms', GATE_MS)
+end
+
+-- A debit of the payer user_gate let through counts toward her limits.
 local function transfer(payer_key, payee_key, amount)
+  if GATE_SPENT and payer_key == GATE_BALANCE and amount > 0 then count_spend(amount) end
   return redis.call('DECRBY', payer_key, amount), redis.call('INCRBY', payee_key, amount)
 end
 

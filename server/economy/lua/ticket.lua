@@ -40,7 +40,7 @@ if paid and paid ~= 'r' then
   return {'OK', reply}
 end
 local price = tonumber(redis.call('HGET', KEY.show, 'price'))
-refusal = user_gate(KEY.payer_balance, price)
+refusal = user_gate(KEY.payer_balance, price, KEY.payer_limits, KEY.payer_spent)
 if refusal then return refusal end
 
 local payer_balance = transfer(KEY.payer_balance, KEY.escrow_balance, price)

@@ -39,7 +39,7 @@ if not refusal then
 end
 refusal = refusal
   or outbox_full()
-  or user_gate(KEY.payer_balance, amount)
+  or user_gate(KEY.payer_balance, amount, KEY.payer_limits, KEY.payer_spent)
 if refusal then return refusal end
 local event = ARG.event
 local show = redis.call('HGET', KEY.room_show, 'id')

@@ -51,7 +51,7 @@ local price = tonumber(found[1])
 if ARG.max_price ~= '' and price > tonumber(ARG.max_price) then
   return {'PRICE_CHANGED', tostring(price)}
 end
-refusal = user_gate(KEY.payer_balance, price)
+refusal = user_gate(KEY.payer_balance, price, KEY.payer_limits, KEY.payer_spent)
 if refusal then return refusal end
 local show = redis.call('HGET', KEY.room_show, 'id')
 if show and redis.call('HEXISTS', KEY.room_show, ARG.payer) == 0 then

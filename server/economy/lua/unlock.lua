@@ -42,7 +42,7 @@ local price = tonumber(redis.call('HGET', KEY.media, 'price'))
 if ARG.max_price ~= '' and price > tonumber(ARG.max_price) then
   return {'PRICE_CHANGED', tostring(price)}
 end
-refusal = outbox_full() or user_gate(KEY.payer_balance, price)
+refusal = outbox_full() or user_gate(KEY.payer_balance, price, KEY.payer_limits, KEY.payer_spent)
 if refusal then return refusal end
 
 local fan_balance, owner_balance = transfer(KEY.payer_balance, KEY.payee_balance, price)
