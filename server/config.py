@@ -269,10 +269,9 @@ class Settings:
     # leases it holds: a period is charged up to this late.
     private_meter_interval_s: float = 1.0
     # Shows one node's meter pass bills at once. One at a time, a node billed
-    # only 50-75 ticks/s (docs/benchmarks.md), falling behind past about 600
-    # shows of 10 s. Each tick holds a Postgres connection across its Redis
-    # call: at 4 of the pool's 10, 200 `private_end` at once on an overloaded
-    # machine timed out waiting for the rest; 2 leaves commands 8.
+    # only 22-75 ticks/s (docs/benchmarks.md), falling behind past a few
+    # hundred shows of 10 s. Each tick holds a Postgres connection across its
+    # Redis call, so 2 of the pool's 10 leave commands 8.
     private_meter_concurrency: int = 2
     # A show's meter lease: when its node dies, another node takes the show
     # over within this long (and charges every period missed meanwhile).
