@@ -15,6 +15,7 @@ import asyncpg
 from tokenchat.protocol.limits import USER_ID_RE
 
 from ..errors import BadRequest, NotFound, Unavailable
+from .moderation import append_audit
 
 # What a reason and a resolution may hold (characters): a paragraph.
 REPORT_REASON_LEN_MAX = 1000
@@ -121,6 +122,16 @@ class Reports:
                     report_id,
                     checked,
                     admin,
+                )
+                # An admin's action: in the audit log, with the report's close.
+                assert row is not None
+                await append_audit(
+                    conn,
+                    admin,
+                    "report_resolve",
+                    None,
+                    row["reported"],
+                    {"report": report_id, "resolution": checked},
                 )
         except _DB_ERRORS as exc:
             raise Unavailable("reports are unavailable; nothing changed") from exc

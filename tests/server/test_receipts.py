@@ -391,6 +391,11 @@ async def test_a_report_reaches_the_admin_queue_and_is_resolved_once(server: Run
     assert [r["id"] for r in open_["reports"]] == [second["id"]]
     status, resolved = await http.call("GET", "/v1/admin/reports?state=resolved", "ops", "admin")
     assert [r["id"] for r in resolved["reports"]] == [filed["id"]]
+    # The admin's action is audited once (the repeat changed nothing).
+    status, audit = await http.call("GET", "/v1/admin/audit", "ops", "admin")
+    rows = [e for e in audit["entries"] if e["action"] == "report_resolve"]
+    assert status == 200 and len(rows) == 1, audit
+    assert rows[0]["actor"] == "ops" and rows[0]["detail"]["report"] == filed["id"]
 
 
 async def test_reports_refuse_hostile_input_and_non_admins(server: Running) -> None:
