@@ -36,6 +36,15 @@ class Chat:
         )
         return cls(process)
 
+    @classmethod
+    async def signed_in(
+        cls, server: Running, user: str, role: str = "fan", *, room: str | None = None
+    ) -> Chat:
+        """``tokenchat chat`` against ``server`` as ``user``, with its HTTP
+        API (``--http``), in ``room`` if given."""
+        args = ["--url", server.ws_url, "--token", token(user, role), "--http", server.http_url]
+        return await cls.start(*args, *(("--room", room) if room else ()))
+
     async def send(self, line: str) -> None:
         assert self.process.stdin is not None
         self.process.stdin.write(line.encode() + b"\n")
@@ -83,16 +92,7 @@ async def test_join_say_tip_dm_balance_and_reconnect(server: Running) -> None:
     status, _ = await http.call("PUT", "/v1/me/prices", "alice", "model", dm=3)
     assert status == 200
     await http.credit("bob", 100)
-    chat = await Chat.start(
-        "--url",
-        server.ws_url,
-        "--token",
-        token("bob"),
-        "--room",
-        "alice",
-        "--http",
-        server.http_url,
-    )
+    chat = await Chat.signed_in(server, "bob", room="alice")
     try:
         await chat.expect(
             "* connected as bob (fan); balance 100",
@@ -243,12 +243,8 @@ async def test_upload_post_and_unlock_media(server: Running, tmp_path: Path) -> 
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30), (10, 120, 200)).save(buffer, "JPEG")
     picture.write_bytes(buffer.getvalue())
-    model = await Chat.start(
-        "--url", server.ws_url, "--token", token("alice", "model"), "--http", server.http_url
-    )
-    fan = await Chat.start(
-        "--url", server.ws_url, "--token", token("bob"), "--http", server.http_url
-    )
+    model = await Chat.signed_in(server, "alice", "model")
+    fan = await Chat.signed_in(server, "bob")
     try:
         await model.expect("* connected as alice")
         await fan.expect("* connected as bob")
@@ -325,12 +321,8 @@ async def test_ticket_shows_from_the_terminal(server: Running) -> None:
     http = Http(server)
     await http.credit("bob", 100)
     await (await server.client("alice", "model")).close()  # her room exists
-    model = await Chat.start(
-        "--url", server.ws_url, "--token", token("alice", "model"), "--http", server.http_url
-    )
-    fan = await Chat.start(
-        "--url", server.ws_url, "--token", token("bob"), "--http", server.http_url
-    )
+    model = await Chat.signed_in(server, "alice", "model")
+    fan = await Chat.signed_in(server, "bob")
     carol = await server.client("carol")
     try:
         await model.expect("* connected as alice (model)")
@@ -431,9 +423,7 @@ async def test_moderation_from_the_terminal(server: Running) -> None:
 async def test_spending_limits_from_the_terminal(server: Running) -> None:
     await Http(server).credit("bob", 100)
     await (await server.client("alice", "model")).close()  # her room exists
-    fan = await Chat.start(
-        "--url", server.ws_url, "--token", token("bob"), "--http", server.http_url
-    )
+    fan = await Chat.signed_in(server, "bob")
     try:
         await fan.expect("* connected as bob (fan); balance 100")
         await fan.send("/limits daily 15")

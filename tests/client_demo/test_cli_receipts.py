@@ -4,7 +4,7 @@ a running server (issue #12 sections 6 and 7)."""
 from __future__ import annotations
 
 from tests.client_demo.test_cli import Chat
-from tests.conftest import Http, Running, token
+from tests.conftest import Http, Running
 
 
 async def test_history_receipt_dms_block_and_report_in_the_terminal(server: Running) -> None:
@@ -13,16 +13,7 @@ async def test_history_receipt_dms_block_and_report_in_the_terminal(server: Runn
     await http.credit("bob", 50)
     status, _ = await http.call("PUT", "/v1/me/prices", "alice", "model", dm=2)
     assert status == 200
-    chat = await Chat.start(
-        "--url",
-        server.ws_url,
-        "--token",
-        token("bob"),
-        "--room",
-        "alice",
-        "--http",
-        server.http_url,
-    )
+    chat = await Chat.signed_in(server, "bob", room="alice")
     try:
         await chat.expect("joined alice")
         await chat.send("/tip 7 thanks")

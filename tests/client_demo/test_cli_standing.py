@@ -18,16 +18,7 @@ async def test_leaderboard_king_and_tier_in_the_terminal(start_server: Any) -> N
     model = await server.client("alice", "model")
     await model.call("join", room="alice")
     await http.credit("bob", 100)
-    chat = await Chat.start(
-        "--url",
-        server.ws_url,
-        "--token",
-        token("bob"),
-        "--room",
-        "alice",
-        "--http",
-        server.http_url,
-    )
+    chat = await Chat.signed_in(server, "bob", room="alice")
     try:
         await chat.expect("* joined alice")
         await chat.send("/leaderboard")

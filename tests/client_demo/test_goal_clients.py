@@ -47,27 +47,9 @@ async def test_the_library_sets_reads_and_deletes_a_goal(server: Running) -> Non
 
 async def test_the_terminal_client_sets_shows_and_reaches_a_goal(server: Running) -> None:
     await Http(server).credit("bob", 100)
-    model = await Chat.start(
-        "--url",
-        server.ws_url,
-        "--token",
-        token("alice", "model"),
-        "--room",
-        "alice",
-        "--http",
-        server.http_url,
-    )
+    model = await Chat.signed_in(server, "alice", "model", room="alice")
     await model.expect("* joined alice")  # her room exists once she said hello
-    fan = await Chat.start(
-        "--url",
-        server.ws_url,
-        "--token",
-        token("bob"),
-        "--room",
-        "alice",
-        "--http",
-        server.http_url,
-    )
+    fan = await Chat.signed_in(server, "bob", room="alice")
     try:
         await fan.expect("* joined alice")
         await model.send("/setgoal --aon 10 New shoes")

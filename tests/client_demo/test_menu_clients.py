@@ -56,16 +56,7 @@ async def test_the_terminal_client_lists_a_menu_and_tips_an_item(server: Running
     model = await server.client("alice", "model")
     await model.call("join", room="alice")
     await http.credit("bob", 100)
-    chat = await Chat.start(
-        "--url",
-        server.ws_url,
-        "--token",
-        token("bob"),
-        "--room",
-        "alice",
-        "--http",
-        server.http_url,
-    )
+    chat = await Chat.signed_in(server, "bob", room="alice")
     try:
         await chat.expect("* joined alice")
         await chat.send("/menu")
