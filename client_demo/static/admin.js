@@ -66,6 +66,8 @@ function cell(text, className) {
   const td = document.createElement("td");
   td.textContent = text == null ? "" : String(text);
   if (className) td.className = className;
+  // Ids are long: a cut cell still shows its whole text on hover.
+  if (className === "id") td.title = td.textContent;
   return td;
 }
 
@@ -160,7 +162,8 @@ async function reconcile() {
 async function loadParked() {
   const parked = await api("GET", "/v1/admin/ledger/rejected?limit=50");
   $("parked").replaceChildren(...parked.items.map((item) =>
-    row(cell(item.outbox_id), cell(item.tx), cell(item.reason, "detail"), cell(item.recorded_at))));
+    row(cell(item.outbox_id, "id"), cell(item.tx, "id"), cell(item.reason, "detail"),
+      cell(item.recorded_at))));
 }
 
 // --- users -----------------------------------------------------------------------
@@ -198,7 +201,7 @@ async function showUser(userId) {
     const actions = document.createElement("td");
     if (refundable) actions.append(button("Refund", () => refund(tx.tx)));
     const tr = row(cell(when(tx.ts)), cell(tx.kind), cell(tx.amount), cell(tx.counterparty),
-      cell(tx.tx), actions);
+      cell(tx.tx, "id"), actions);
     tr.dataset.tx = tx.tx;
     return tr;
   }));
@@ -247,7 +250,8 @@ async function refund(tx) {
 async function loadRefunds() {
   const listed = await api("GET", "/v1/admin/refunds?limit=50");
   $("refunds").replaceChildren(...listed.refunds.map((r) =>
-    row(cell(when(r.ts)), cell(r.tx), cell(r.reverses), cell(r.original_kind), cell(r.tokens),
+    row(cell(when(r.ts)), cell(r.tx, "id"), cell(r.reverses, "id"), cell(r.original_kind),
+      cell(r.tokens),
       cell(r.by))));
 }
 
