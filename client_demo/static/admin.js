@@ -48,14 +48,7 @@ function toast(text, kind) {
 }
 
 function failed(what) {
-  return (error) => {
-    if (error instanceof ApiError && (error.status === 401 || error.status === 403)
-        && error.code !== "NOT_FOUND" && what === "sign in") {
-      signOut(`Refused: ${error.message}`);
-      return;
-    }
-    toast(`${what}: ${error.message}`, "error");
-  };
+  return (error) => toast(`${what}: ${error.message}`, "error");
 }
 
 function when(ms) {
@@ -86,8 +79,12 @@ function button(label, onClick, className = "ghost") {
   return b;
 }
 
+// An idempotency key per refund click. getRandomValues, not randomUUID: the
+// latter exists only in secure contexts, and the page may be served over
+// plain http on a private network.
 function key() {
-  return crypto.randomUUID();
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 // --- sign in ---------------------------------------------------------------------
@@ -107,8 +104,9 @@ async function signIn(candidate) {
   try {
     await loadStats();  // refused (401/403) unless the token is an admin's
   } catch (error) {
-    failed("sign in")(error);
-    if (!(error instanceof ApiError) || error.status >= 500) signOut(error.message);
+    // A fan's or a model's token (403), or an expired one (401), is refused.
+    const refused = error instanceof ApiError && (error.status === 401 || error.status === 403);
+    signOut(refused ? `Refused: ${error.message}` : error.message);
     return;
   }
   sessionStorage.setItem(TOKEN_KEY, token);
@@ -195,9 +193,11 @@ async function showUser(userId) {
     ? `Banned from the platform${ban.until ? ` until ${when(ban.until)}` : ""} by ${ban.by}`
       + (ban.reason ? `: ${ban.reason}` : "")
     : "Not banned.";
+  // Refunds on this page name what they reversed: no second Refund button.
+  const reversed = new Set(history.transactions.map((tx) => tx.reverses).filter(Boolean));
   $("user-transactions").replaceChildren(...history.transactions.map((tx) => {
     // A spend of this user's (they paid) can be refunded from here.
-    const refundable = tx.amount < 0 && tx.kind !== "refund";
+    const refundable = tx.amount < 0 && tx.kind !== "refund" && !reversed.has(tx.tx);
     const actions = document.createElement("td");
     if (refundable) actions.append(button("Refund", () => refund(tx.tx)));
     const tr = row(cell(when(tx.ts)), cell(tx.kind), cell(tx.amount), cell(tx.counterparty),

@@ -81,6 +81,11 @@ async def test_admin_watches_refunds_resolves_and_bans(
     await expect(page.locator("#user-balance")).to_have_text("93")
     await expect(page.locator("#refunds tr", has_text=sent[2])).to_contain_text("root")
     assert (await fan.call("balance"))["balance"] == 93
+    # The refunded tip offers no second refund; the others still do.
+    refunded = page.locator(f'#user-transactions tr[data-tx="{sent[2]}"]')
+    await expect(refunded.get_by_role("button", name="Refund")).to_have_count(0)
+    still = page.locator(f'#user-transactions tr[data-tx="{sent[1]}"]')
+    await expect(still.get_by_role("button", name="Refund")).to_have_count(1)
 
     # The report queue: resolve the one open report.
     item = page.locator(f'#reports li[data-report="{report["id"]}"]')
