@@ -1576,3 +1576,52 @@ def _http_error_code(response: Any) -> str:
         return str(response.json()["error"]["code"])
     except Exception:  # not the API's error shape (no response, proxy page, ...)
         return "no error code"
+
+
+class AdminUser(HttpUser):
+    """One operator with the admin page open (/admin, docs/ops/README.md): it
+    polls the live counters every 2 s as the page does, and now and then finds
+    a fan of this run with her balance and transactions, and reads the
+    refunds, the reports queue and the audit log. One per locust process
+    (``fixed_count``), on top of the models; fans take the rest of ``-u``."""
+
+    fixed_count = 1
+
+    def wait_time(self) -> float:
+        return 2.0  # the page's STATS_EVERY_MS
+
+    def get(self, path: str, name: str) -> dict[str, Any] | None:
+        headers = {"Authorization": f"Bearer {config().admin_token}"}
+        with self.client.get(
+            path, headers=headers, name=name, timeout=HTTP_TIMEOUT_S, catch_response=True
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+                return None
+            return cast(dict[str, Any], response.json())
+
+    @task(10)
+    def stats(self) -> None:
+        self.get("/v1/admin/stats", "GET /v1/admin/stats")
+
+    @task(1)
+    def find_a_fan(self) -> None:
+        cfg = config()
+        found = self.get(
+            f"/v1/admin/users?prefix={cfg.prefix}_{cfg.run_tag}_fan&limit=10",
+            "GET /v1/admin/users?prefix=",
+        )
+        if not found or not found["users"]:
+            return
+        user = random.choice(found["users"])["id"]
+        self.get(f"/v1/admin/users/{user}", "GET /v1/admin/users/{user}")
+        self.get(
+            f"/v1/admin/users/{user}/transactions?limit=50",
+            "GET /v1/admin/users/{user}/transactions",
+        )
+
+    @task(1)
+    def queues(self) -> None:
+        self.get("/v1/admin/refunds?limit=50", "GET /v1/admin/refunds")
+        self.get("/v1/admin/reports?state=open", "GET /v1/admin/reports")
+        self.get("/v1/admin/audit?limit=50", "GET /v1/admin/audit")

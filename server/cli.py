@@ -26,6 +26,9 @@ COMMANDS_ENTRY_POINT_GROUP = "tokenchat.commands"
 DEV_DATA_DIR = Path(".tokenchat")
 DEV_MODEL = "demo_model"
 DEV_FAN = "demo_fan"
+# The admin `tokenchat dev` prints a token for, for the admin page: printed in
+# the terminal, never handed out by a web page (POST /v1/dev/token refuses it).
+DEV_ADMIN = "dev_admin"
 DEV_TOKEN_TTL_S = 7 * 24 * 3600  # a week: demo tokens survive a few restarts
 DEV_FAN_TOKENS = 1000  # granted once to the demo fan
 DEV_MODEL_DM_PRICE = 5  # tokens per private message to the demo model
@@ -328,6 +331,7 @@ def _dev_run(args: argparse.Namespace) -> int:
             DEV_MODEL: issue_token(secret, DEV_MODEL, "model", ttl_s, ttl_max_s=ttl_s),
             DEV_FAN: issue_token(secret, DEV_FAN, "fan", ttl_s, ttl_max_s=ttl_s),
         }
+        admin_token = issue_token(secret, DEV_ADMIN, "admin", ttl_s, ttl_max_s=ttl_s)
 
         def announce(process: object) -> None:
             from .app import Process
@@ -341,7 +345,9 @@ def _dev_run(args: argparse.Namespace) -> int:
                 f"  Redis      {settings.redis_url}\n"
                 f"  Postgres   {settings.database_url}\n"
                 f"  demo model {DEV_MODEL}: {tokens[DEV_MODEL]}\n"
-                f"  demo fan   {DEV_FAN}: {tokens[DEV_FAN]}\n",
+                f"  demo fan   {DEV_FAN}: {tokens[DEV_FAN]}\n"
+                f"  Admin page http://{host}:{process.http_port}/admin  (paste the token below)\n"
+                f"  dev admin  {DEV_ADMIN}: {admin_token}\n",
                 flush=True,
             )
 

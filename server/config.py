@@ -359,6 +359,14 @@ class Settings:
     # then answers 404 there. With --workers N it aggregates every worker.
     metrics_port: int = 0
 
+    # --- the admin page (issue #15 item 6) ------------------------------------------
+    # GET /v1/admin/stats gives tips/s over about this long: the page polls it
+    # every few seconds, and a window of several polls keeps one slow poll
+    # from showing a burst as zero or doubling it.
+    admin_rate_window_s: float = 10.0
+    # Users one GET /v1/admin/users?prefix= answers (a screenful to pick from).
+    admin_users_listed_max: int = 50
+
     # --- lifecycle ----------------------------------------------------------------
     # On SIGTERM, commands in flight get this long to finish before sessions are
     # closed with 1012.
@@ -452,6 +460,8 @@ class Settings:
             "tier_window_s",
             "standing_interval_s",
             "tier_cache_ttl_s",
+            "admin_rate_window_s",
+            "admin_users_listed_max",
         ]
         # nan compares false with everything, so `<= 0` lets it through (and
         # turns a rate limit off); inf is no limit at all. Refused first.

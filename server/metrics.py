@@ -148,3 +148,11 @@ def serve_on_port(host: str, port: int) -> None:
     Call it after ``PROMETHEUS_MULTIPROC_DIR`` is set when there are workers:
     the registry is chosen here, once."""
     start_http_server(port, addr=host, registry=_registry())
+
+
+# --- read back by the admin page (GET /v1/admin/stats) ----------------------------------
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """One sample of this process's metrics (every worker's when they share a
+    folder), as a scrape would read it; 0 when it has not been observed yet."""
+    value = _registry().get_sample_value(name, labels or {})
+    return 0.0 if value is None else float(value)

@@ -644,6 +644,8 @@ def create_app(node: Node) -> Starlette:
 
     # Locked media, and receipts, DM history, blocks and reports: modules of
     # their own (they import this one's helpers).
+    # The admin page and its own routes (issue #15 item 6).
+    from .admin import admin_routes
     from .history import history_routes
     from .media import media_routes
 
@@ -654,6 +656,7 @@ def create_app(node: Node) -> Starlette:
         *media_routes(node, identity_of, limit_creates),
         *history_routes(node, identity_of, limit_creates),
         *standing_routes(node),
+        *admin_routes(node, identity_of),
         Route("/", index),
         Mount("/static", _StaticFiles(directory=STATIC_DIR), name="static"),
         Route("/v1/config", client_config),

@@ -112,6 +112,7 @@ BANNER_LINES = {
     "postgres": re.compile(r"^\s+Postgres\s+(postgresql://\S+)$", re.M),
     "model_token": re.compile(r"^\s+demo model demo_model: (\S+)$", re.M),
     "fan_token": re.compile(r"^\s+demo fan\s+demo_fan: (\S+)$", re.M),
+    "admin_token": re.compile(r"^\s+dev admin\s+dev_admin: (\S+)$", re.M),
 }
 
 
@@ -239,6 +240,13 @@ async def _check_serving(dev: Dev, fan_token: str) -> None:
         async with httpx.AsyncClient(timeout=5.0) as http:
             menu = await http.get(f"http://127.0.0.1:{dev.http_port}/v1/users/demo_model/menu")
         assert [item["label"] for item in menu.json()["items"]][:1] == ["Say my name"]
+        # The admin token the banner prints opens the admin page's data.
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            stats = await http.get(
+                f"http://127.0.0.1:{dev.http_port}/v1/admin/stats",
+                headers={"Authorization": f"Bearer {dev.banner['admin_token']}"},
+            )
+        assert stats.status_code == 200 and stats.json()["sessions"] >= 1, stats.text
     finally:
         await client.close()
 
