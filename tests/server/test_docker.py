@@ -220,6 +220,13 @@ def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck() -> None:
     assert any(kw == "USER" for kw, _ in instructions[last_from:])
     assert "/healthz" in " ".join(healthcheck_command(instructions))
     assert exec_form(instructions, "ENTRYPOINT") == ["tokenchat"]
+    # The runtime stage installs the version the builder made (a stale pin
+    # would find no wheel, with --no-index).
+    pins = re.findall(r"\btokenchat==([\w.]+)", DOCKERFILE.read_text())
+    version = re.search(
+        r'^version = "([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.MULTILINE
+    )
+    assert version and pins == [version[1]], (pins, version)
     # No secret baked in: the JWT secret and passwords come at run time.
     env = dockerfile_env(instructions)
     assert not {"TOKENCHAT_JWT_SECRET", "TOKENCHAT_DATABASE_URL"} & env.keys(), env
