@@ -340,6 +340,23 @@ class Settings:
     # then answers 404 there. With --workers N it aggregates every worker.
     metrics_port: int = 0
 
+    # --- payouts (server/economy/payouts.py) ---------------------------------------
+    # The least a model may ask to be paid out, in tokens, until an admin adds a
+    # payout rule (POST /v1/admin/payout-rules): with
+    # TOKENCHAT_PAYOUT_CENTS_PER_TOKEN it is the first rule (id 0). 1000 tokens
+    # ($50 at 5 cents): a transfer fee is not worth paying for less.
+    payout_min_tokens: int = 1000
+    # GET /v1/me/payouts and /v1/admin/payouts: the newest this many (a page
+    # of them is a later need); a bound on one Postgres read.
+    payouts_listed_max: int = 100
+    # GET /v1/me/earnings: the longest period one statement covers, in days
+    # (a bound on the ledger rows one statement sums).
+    earnings_period_days_max: int = 366
+    # The same as request_settle_grace_s, for a decided payout's escrow: the
+    # admin's call moves the money; the sweeper does it after this long if
+    # that call died on the way.
+    payout_settle_grace_s: float = 30.0
+
     # --- lifecycle ----------------------------------------------------------------
     # On SIGTERM, commands in flight get this long to finish before sessions are
     # closed with 1012.
@@ -429,6 +446,10 @@ class Settings:
             "tier_window_s",
             "standing_interval_s",
             "tier_cache_ttl_s",
+            "payout_min_tokens",
+            "payouts_listed_max",
+            "earnings_period_days_max",
+            "payout_settle_grace_s",
         ]
         # nan compares false with everything, so `<= 0` lets it through (and
         # turns a rate limit off); inf is no limit at all. Refused first.
