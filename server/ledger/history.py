@@ -159,7 +159,11 @@ class History:
             receipt["earnings"] = {
                 "cents": round(receipt["tokens"] * rate),
                 "cents_per_token": rate,
-                "basis": "the payout rule in force at the time",
+                "basis": (
+                    "TOKENCHAT_PAYOUT_CENTS_PER_TOKEN"  # no rule added yet: the setting
+                    if rule == 0
+                    else "the payout rule in force at the time"
+                ),
                 "rule": rule,
             }
         return receipt

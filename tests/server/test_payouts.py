@@ -99,9 +99,7 @@ async def test_request_approve_pays_out_once_through_escrow(
 
     status, listed = await http.call("GET", "/v1/admin/payouts?state=requested", "ops", "admin")
     assert [p["payout"] for p in listed["payouts"]] == [payout_id]
-    status, paid = await http.call(
-        "POST", f"/v1/admin/payouts/{payout_id}/approve", "ops", "admin"
-    )
+    status, paid = await http.call("POST", f"/v1/admin/payouts/{payout_id}/approve", "ops", "admin")
     assert status == 200, paid
     assert (paid["state"], paid["settled"], paid["decided_by"]) == ("paid", True, "ops")
     # Approving again is a duplicate; rejecting a paid payout is a conflict.
@@ -338,9 +336,7 @@ async def test_earnings_statement_by_kind_at_the_rule_of_each_earning(
     await fan.call("tip", room="alice", amount=20, key="t2")  # at 10 cents
     # Her own spending and a payout's hold are not earnings.
     await http.credit("alice", 50)
-    status, statement = await http.call(
-        "GET", f"/v1/me/earnings?from={start_ms}", "alice", "model"
-    )
+    status, statement = await http.call("GET", f"/v1/me/earnings?from={start_ms}", "alice", "model")
     assert status == 200, statement
     assert statement["kinds"] == {
         "dm": {"tokens": 4, "cents": 20, "count": 1},
@@ -359,9 +355,7 @@ async def test_earnings_statement_by_kind_at_the_rule_of_each_earning(
         "POST", "/v1/admin/refunds", "ops", "admin", tx=tips[0]["id"], key="r1"
     )
     assert status == 200
-    status, statement = await http.call(
-        "GET", f"/v1/me/earnings?from={start_ms}", "alice", "model"
-    )
+    status, statement = await http.call("GET", f"/v1/me/earnings?from={start_ms}", "alice", "model")
     assert statement["kinds"]["refunded"]["tokens"] == -20
     assert statement["total"]["tokens"] == 14
     # The receipt of the first tip values her earnings at the rule of its time.
@@ -394,7 +388,7 @@ async def test_liabilities_add_up_with_the_mint_after_a_mixed_workload(
     )  # held in escrow
     _, paid = await ask(http, 50, key="paid")
     await http.call("POST", f"/v1/admin/payouts/{paid['payout']}/approve", "ops", "admin")
-    _, held = await ask(http, 20, key="held")
+    _, _held = await ask(http, 20, key="held")
     _, back = await ask(http, 15, key="back")
     await http.call("POST", f"/v1/admin/payouts/{back['payout']}/reject", "ops", "admin")
     status, figures = await http.call("GET", "/v1/admin/liabilities", "ops", "admin")
@@ -414,7 +408,7 @@ async def test_liabilities_add_up_with_the_mint_after_a_mixed_workload(
     )
     assert figures["balanced"] is True and figures["pending"] == 0
     assert figures["paid_out_cents"] == 250
-    status, error = await http.call("GET", "/v1/admin/liabilities", "alice", "model")
+    status, _ = await http.call("GET", "/v1/admin/liabilities", "alice", "model")
     assert status == 403
     assert (await http.reconcile())["ok"] is True
     await carol.close()

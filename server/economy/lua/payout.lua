@@ -12,13 +12,17 @@
 -- the escrow holds nothing, or a refusal (money_lib).
 -- Invariant: nothing leaves an escrow twice (see release.lua: the whole
 -- balance moves, so a second payout or a refund finds 0 and moves nothing).
--- No user is credited, so no user gate: `sys:payouts` only ever grows.
+-- The tokens leaving are the model's, held in her payout's escrow: the gate
+-- sees them debited from there (the whole balance, so funds always pass; a
+-- per-user check every kind obeys would apply here too).
 local refusal = idem_prior()
   or first_unloaded(KEY.escrow_balance, KEY.payouts_balance)
   or outbox_full()
 if refusal then return refusal end
 local amount = balance_of(KEY.escrow_balance)
 if amount <= 0 then return {'EMPTY'} end
+refusal = user_gate(KEY.escrow_balance, amount)
+if refusal then return refusal end
 
 transfer(KEY.escrow_balance, KEY.payouts_balance, amount)
 local reply = cjson.encode({amount = amount, tx = ARG.tx})
