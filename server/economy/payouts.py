@@ -200,7 +200,10 @@ def parse_time(raw: str | None, name: str) -> datetime | None:
     if raw.isascii() and raw.isdigit():
         if len(raw) > 15:
             raise BadRequest(f"query parameter '{name}' is out of range")
-        return datetime.fromtimestamp(int(raw) / 1000, UTC)
+        try:
+            return datetime.fromtimestamp(int(raw) / 1000, UTC)
+        except (ValueError, OverflowError, OSError):  # past the year 9999
+            raise BadRequest(f"query parameter '{name}' is out of range") from None
     try:
         value = datetime.fromisoformat(raw)
     except ValueError:

@@ -83,5 +83,6 @@ BEGIN
 END
 $$;
 
--- The earnings statement reads a model's credits by kind and time.
-CREATE INDEX ledger_transactions_applied ON ledger_transactions (applied_ms);
+-- The earnings statement reads a model's postings (ledger_postings_account)
+-- and filters them by time: no new index on the ledger, whose writer is on
+-- the hot path of every spend.

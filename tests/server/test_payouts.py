@@ -364,7 +364,14 @@ async def test_earnings_statement_by_kind_at_the_rule_of_each_earning(
         "GET", f"/v1/me/transactions/{first[0]['id']}", "alice", "model"
     )
     assert receipt["earnings"]["cents"] == 50 and receipt["earnings"]["rule"] == 0
-    for query in ("from=yesterday", "from=2024-01-01&to=2023-01-01", "from=" + "9" * 30):
+    for query in (
+        "from=yesterday",
+        "from=2024-01-01&to=2023-01-01",
+        "from=" + "9" * 30,
+        "to=999999999999999",  # the year 33658
+        "from=2024-13-01",
+        "from=-5",
+    ):
         status, error = await http.call("GET", f"/v1/me/earnings?{query}", "alice", "model")
         assert status == 400, (query, error)
     status, error = await http.call("GET", "/v1/me/earnings?from=2000-01-01", "alice", "model")
@@ -496,4 +503,30 @@ async def test_payouts_survive_a_restart(start_server: Start, settings: Settings
         "POST", f"/v1/admin/payouts/{payout['payout']}/approve", "ops", "admin"
     )
     assert status == 200 and paid["state"] == "paid"
+    assert (await http.reconcile())["ok"] is True
+
+
+async def test_racing_requests_and_decisions_have_one_outcome(
+    server: Running, settings: Settings
+) -> None:
+    import asyncio
+
+    _fan, model, http = await ready_model(server)
+    # The same key twice at once: one payout, held once.
+    first, second = await asyncio.gather(ask(http, 30, key="race"), ask(http, 30, key="race"))
+    assert {first[0], second[0]} <= {200, 201}, (first, second)
+    assert first[1]["payout"] == second[1]["payout"]
+    assert await balance(model) == 70
+    payout_id = first[1]["payout"]
+    # Approve and reject at once: one wins, the other is a conflict or its duplicate.
+    path = f"/v1/admin/payouts/{payout_id}"
+    approved, rejected = await asyncio.gather(
+        http.call("POST", f"{path}/approve", "ops", "admin"),
+        http.call("POST", f"{path}/reject", "ops", "admin"),
+    )
+    assert sorted([approved[0], rejected[0]]) == [200, 409], (approved, rejected)
+    await drain(server)
+    kinds = await kinds_of(settings, payout_id)
+    assert kinds in (["hold", "payout"], ["hold", "escrow_refund"])
+    assert await balance(model) == (70 if kinds[1] == "payout" else 100)
     assert (await http.reconcile())["ok"] is True
