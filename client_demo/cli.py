@@ -74,6 +74,14 @@ happens, one line each, to standard output:
     /dms USER         your DM conversation with USER, oldest of the page first
     /block USER, /unblock USER, /blocks   refuse (or take again) USER's DMs
     /report USER REASON   report USER to the admins
+    /payout TOKENS    ask for TOKENS of your earnings to be paid out (model;
+                      --http): held until an admin approves or rejects it
+    /payouts          your payouts and their states (model; --http)
+    /earnings [FROM [TO]]   your earnings statement by kind, in tokens and
+                      money at the payout rule of each earning (model;
+                      FROM/TO: ISO dates or epoch ms; default the last 30 days)
+    /payoutmethod [bank HOLDER_IBAN | paypal EMAIL]   show or set your payout
+                      method (bank: `bank "Alice A" DE89...`; model; --http)
     /help             this list
     /quit             leave (so does the end of the input)
 
@@ -88,6 +96,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import sys
 import threading
 import time
@@ -112,15 +121,20 @@ from .client import (
     blocks,
     delete_goal,
     dm_history,
+    earnings,
     get_goal,
     get_leaderboard,
     get_limits,
     get_menu,
     media_url,
+    my_payouts,
+    payout_status,
     put_limits,
     receipt,
+    request_payout,
     self_exclude,
     set_goal,
+    set_payout_method,
     transactions,
     upload_media,
 )
@@ -174,6 +188,9 @@ HELP = """commands:
   /limits daily|weekly|monthly N|none   set a limit (higher: after 24 h)
   /limits reality N|off   a reality check every N minutes
   /exclude DAYS   no spending or buying for DAYS days (not liftable)
+  /payout TOKENS  ask for a payout (model); /payouts lists yours
+  /earnings [FROM [TO]]   your earnings statement (model)
+  /payoutmethod [bank "HOLDER" IBAN | paypal EMAIL]   your payout method (model)
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -591,6 +608,8 @@ async def handle_line(
         await limits(rest, args, out)
     elif command == "exclude":
         await exclude(rest, args, out)
+    elif command in PAYOUT_COMMANDS:
+        await payout_command(command, rest, args, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
@@ -1317,6 +1336,73 @@ async def exclude(rest: str, args: argparse.Namespace, out: Output) -> None:
         out(f"error: {exc}")
         return
     out(f"* self-excluded until {format_ms(until)}: no spending or buying until then")
+
+
+# --- payouts (docs/protocol.md, "Payouts") -----------------------------------------------
+PAYOUT_COMMANDS = ("payout", "payouts", "earnings", "payoutmethod")
+
+
+def format_payout(payout: dict[str, Any]) -> str:
+    money = f"${payout['cents'] / 100:.2f}"
+    return f"{payout['payout']}: {payout['tokens']} tokens ({money}) {payout['state']}"
+
+
+async def payout_command(command: str, rest: str, args: argparse.Namespace, out: Output) -> None:
+    """/payout, /payouts, /earnings, /payoutmethod: the HTTP API's payouts."""
+    if not args.http:
+        out(f"error: /{command} needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    try:
+        if command == "payout":
+            if not rest.isdigit():
+                out("usage: /payout TOKENS")
+                return
+            payout = await request_payout(args.http, args.token, int(rest))
+            out(f"* payout {format_payout(payout)}; balance {payout.get('balance', '-')}")
+        elif command == "payouts":
+            listed = await my_payouts(args.http, args.token)
+            for payout in listed:
+                out(format_payout(payout))
+            if not listed:
+                out("* no payouts")
+        elif command == "earnings":
+            bounds = rest.split()
+            statement = await earnings(
+                args.http,
+                args.token,
+                start=bounds[0] if bounds else None,
+                end=bounds[1] if len(bounds) > 1 else None,
+            )
+            for kind, figures in sorted(statement["kinds"].items()):
+                out(f"  {kind}: {figures['tokens']} tokens, ${figures['cents'] / 100:.2f}")
+            total = statement["total"]
+            out(f"earnings: {total['tokens']} tokens, ${total['cents'] / 100:.2f}")
+        else:
+            await payout_method(rest, args, out)
+    except (OSError, HttpError) as exc:
+        out(f"error: {exc}")
+
+
+async def payout_method(rest: str, args: argparse.Namespace, out: Output) -> None:
+    words = shlex.split(rest) if rest else []
+    if not words:
+        status = await payout_status(args.http, args.token)
+    elif words[0] == "bank" and len(words) == 3:
+        status = await set_payout_method(
+            args.http, args.token, type="bank", holder=words[1], iban=words[2]
+        )
+    elif words[0] == "paypal" and len(words) == 2:
+        status = await set_payout_method(args.http, args.token, type="paypal", email=words[1])
+    else:
+        out('usage: /payoutmethod [bank "HOLDER" IBAN | paypal EMAIL]')
+        return
+    method = status["method"]
+    shown = "none" if method is None else " ".join(str(v) for v in method.values())
+    rule = status["rule"]
+    out(
+        f"* payout method: {shown}; verified: {'yes' if status['verified'] else 'no'}; "
+        f"rule: {rule['cents_per_token']} cents a token, minimum {rule['min_payout_tokens']}"
+    )
 
 
 if __name__ == "__main__":

@@ -1274,3 +1274,130 @@ async def self_exclude(http_url: str, token: str, days: int) -> int:
     url = f"{http_url.rstrip('/')}/v1/me/self-exclusion"
     reply = await asyncio.to_thread(_http_json, "POST", url, token, {"days": days})
     return int(reply["excluded_until"])
+
+
+# --- payouts (docs/protocol.md, "Payouts") ------------------------------------------------
+
+
+def _url(http_url: str, path: str) -> str:
+    return f"{http_url.rstrip('/')}{path}"
+
+
+async def payout_rule(http_url: str, token: str) -> dict[str, Any]:
+    """The payout rule in force now: ``{rule, cents_per_token,
+    min_payout_tokens, effective_ms}`` (rule 0: the server's settings)."""
+    reply: dict[str, Any] = await asyncio.to_thread(
+        _http_json, "GET", _url(http_url, "/v1/payout-rule"), token
+    )
+    return reply
+
+
+async def payout_status(http_url: str, token: str) -> dict[str, Any]:
+    """What a payout needs, for the calling model: ``{verified, method,
+    rule}`` (``method``: her payout method, its account number masked)."""
+    reply: dict[str, Any] = await asyncio.to_thread(
+        _http_json, "GET", _url(http_url, "/v1/me/payout-method"), token
+    )
+    return reply
+
+
+async def set_payout_method(http_url: str, token: str, **method: Any) -> dict[str, Any]:
+    """Set the calling model's payout method: ``type="bank", holder=...,
+    iban=...`` or ``type="paypal", email=...``. Answers as payout_status."""
+    reply: dict[str, Any] = await asyncio.to_thread(
+        _http_json, "PUT", _url(http_url, "/v1/me/payout-method"), token, method
+    )
+    return reply
+
+
+async def request_payout(
+    http_url: str, token: str, tokens: int, *, key: str | None = None
+) -> dict[str, Any]:
+    """Ask for ``tokens`` to be paid out: they are held in escrow until an
+    admin approves (state ``paid``) or rejects (they come back). Idempotent
+    on ``key`` (a retry answers ``duplicate``). Refused: FORBIDDEN (not
+    verified, no payout method), BAD_REQUEST (below the minimum),
+    INSUFFICIENT_FUNDS; nothing moves then."""
+    body = {"tokens": tokens, "key": key or uuid.uuid4().hex}
+    reply: dict[str, Any] = await asyncio.to_thread(
+        _http_json, "POST", _url(http_url, "/v1/me/payouts"), token, body
+    )
+    return reply
+
+
+async def my_payouts(http_url: str, token: str) -> list[dict[str, Any]]:
+    """The calling model's payouts, newest first."""
+    reply = await asyncio.to_thread(_http_json, "GET", _url(http_url, "/v1/me/payouts"), token)
+    return list(reply["payouts"])
+
+
+async def earnings(
+    http_url: str, token: str, *, start: str | int | None = None, end: str | int | None = None
+) -> dict[str, Any]:
+    """The calling model's earnings statement for [start, end) (epoch ms or
+    ISO dates; default: the last 30 days): ``{from, to, kinds: {tip: {tokens,
+    cents, count}, ...}, total: {tokens, cents}, rule}``, each earning
+    valued at the payout rule in force when it was made."""
+    url = _url(http_url, "/v1/me/earnings") + _query({"from": start, "to": end})
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply
+
+
+async def admin_payouts(
+    http_url: str, token: str, state: str | None = None
+) -> list[dict[str, Any]]:
+    """Payouts of every model (an admin's token), newest first, of one state."""
+    url = _url(http_url, "/v1/admin/payouts") + _query({"state": state})
+    reply = await asyncio.to_thread(_http_json, "GET", url, token)
+    return list(reply["payouts"])
+
+
+async def decide_payout(
+    http_url: str, token: str, payout: str, *, approve: bool, reason: str | None = None
+) -> dict[str, Any]:
+    """Approve (tokens to ``sys:payouts``) or reject (tokens back to the
+    model) a payout, as an admin. Idempotent: a repeat answers ``duplicate``."""
+    action = "approve" if approve else "reject"
+    path = f"/v1/admin/payouts/{urllib.parse.quote(payout, safe='')}/{action}"
+    body = {} if reason is None else {"reason": reason}
+    reply: dict[str, Any] = await asyncio.to_thread(
+        _http_json, "POST", _url(http_url, path), token, body
+    )
+    return reply
+
+
+async def verify_model(http_url: str, token: str, user: str) -> dict[str, Any]:
+    """Mark a model verified (age and identity), as an admin."""
+    path = f"/v1/admin/users/{urllib.parse.quote(user, safe='')}/verify"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "POST", _url(http_url, path), token)
+    return reply
+
+
+async def add_payout_rule(
+    http_url: str,
+    token: str,
+    cents_per_token: float,
+    min_payout_tokens: int,
+    effective_at: int | None = None,
+) -> dict[str, Any]:
+    """Add a payout rule version (an admin's token); ``effective_at``: epoch
+    ms, now or later (a rule never takes effect in the past)."""
+    body: dict[str, Any] = {
+        "cents_per_token": cents_per_token,
+        "min_payout_tokens": min_payout_tokens,
+    }
+    if effective_at is not None:
+        body["effective_at"] = effective_at
+    reply: dict[str, Any] = await asyncio.to_thread(
+        _http_json, "POST", _url(http_url, "/v1/admin/payout-rules"), token, body
+    )
+    return reply
+
+
+async def liabilities(http_url: str, token: str) -> dict[str, Any]:
+    """The platform's tokens by holder (an admin's token): ``{fans, models,
+    escrow, paid_out, system, issued, balanced}``; issued is the sum."""
+    reply: dict[str, Any] = await asyncio.to_thread(
+        _http_json, "GET", _url(http_url, "/v1/admin/liabilities"), token
+    )
+    return reply

@@ -1233,6 +1233,78 @@ class ModelUser(TokenchatUser):
                 response.success()
                 self.goal = None
 
+    # --- payouts (server/economy/payouts.py) ---------------------------------------------
+    @task(1)
+    def payout(self) -> None:
+        """Read her earnings statement; when her balance reaches the minimum
+        payout, ask for it, and the admin approves or rejects it at once
+        (escrow to sys:payouts, or back to her). The first pick has the admin
+        verify her and sets a payout method."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        admin = {"Authorization": f"Bearer {self.cfg.admin_token}"}
+        if not getattr(self, "payouts_ready", False):
+            self.payouts_ready = self.http_ok(
+                "POST", f"/v1/admin/users/{self.user_id}/verify", admin, "POST verify"
+            ) and self.http_ok(
+                "PUT",
+                "/v1/me/payout-method",
+                headers,
+                "PUT /v1/me/payout-method",
+                {"type": "paypal", "email": f"{self.user_id}@example.com"},
+            )
+            return
+        self.http_ok("GET", "/v1/me/earnings", headers, "GET /v1/me/earnings")
+        rule = self.http_ok("GET", "/v1/payout-rule", headers, "GET /v1/payout-rule")
+        me = self.http_ok("GET", "/v1/me", headers, "GET /v1/me")
+        if not rule or not me or me["balance"] < rule["min_payout_tokens"]:
+            return
+        body = {"tokens": rule["min_payout_tokens"], "key": self.new_key("payout")}
+        with self.client.post(
+            "/v1/me/payouts",
+            json=body,
+            headers=headers,
+            name="POST /v1/me/payouts",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code == 409:  # spent meanwhile: nothing moved
+                response.success()
+                return
+            if response.status_code != 201:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+                return
+            payout_id = response.json()["payout"]
+        decision = "approve" if random.random() < 0.7 else "reject"
+        self.http_ok(
+            "POST",
+            f"/v1/admin/payouts/{payout_id}/{decision}",
+            admin,
+            f"POST /v1/admin/payouts/{{id}}/{decision}",
+        )
+
+    def http_ok(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        name: str,
+        body: dict[str, Any] | None = None,
+    ) -> Any:
+        """One HTTP call; its JSON reply on a 2xx, else None (a failure)."""
+        with self.client.request(
+            method,
+            path,
+            json=body,
+            headers=headers,
+            name=name,
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if not 200 <= response.status_code < 300:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+                return None
+            return response.json()
+
 
 # Transactions one read_transactions task asks for (a screenful).
 HISTORY_PAGE = 20

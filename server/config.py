@@ -366,6 +366,22 @@ class Settings:
     admin_rate_window_s: float = 10.0
     # Users one GET /v1/admin/users?prefix= answers (a screenful to pick from).
     admin_users_listed_max: int = 50
+    # --- payouts (server/economy/payouts.py) ---------------------------------------
+    # The least a model may ask to be paid out, in tokens, until an admin adds a
+    # payout rule (POST /v1/admin/payout-rules): with
+    # TOKENCHAT_PAYOUT_CENTS_PER_TOKEN it is the first rule (id 0). 1000 tokens
+    # ($50 at 5 cents): a transfer fee is not worth paying for less.
+    payout_min_tokens: int = 1000
+    # GET /v1/me/payouts and /v1/admin/payouts: the newest this many (a page
+    # of them is a later need); a bound on one Postgres read.
+    payouts_listed_max: int = 100
+    # GET /v1/me/earnings: the longest period one statement covers, in days
+    # (a bound on the ledger rows one statement sums).
+    earnings_period_days_max: int = 366
+    # The same as request_settle_grace_s, for a decided payout's escrow: the
+    # admin's call moves the money; the sweeper does it after this long if
+    # that call died on the way.
+    payout_settle_grace_s: float = 30.0
 
     # --- lifecycle ----------------------------------------------------------------
     # On SIGTERM, commands in flight get this long to finish before sessions are
@@ -462,6 +478,10 @@ class Settings:
             "tier_cache_ttl_s",
             "admin_rate_window_s",
             "admin_users_listed_max",
+            "payout_min_tokens",
+            "payouts_listed_max",
+            "earnings_period_days_max",
+            "payout_settle_grace_s",
         ]
         # nan compares false with everything, so `<= 0` lets it through (and
         # turns a rate limit off); inf is no limit at all. Refused first.

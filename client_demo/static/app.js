@@ -321,6 +321,7 @@ async function onReady(reconnected) {
     await openRoom(state.me.id);
     loadPrices();
     loadMenuEditor();
+    openPayouts();
   } else {
     $("studio").hidden = true;
     $("main").focus();
@@ -1978,6 +1979,7 @@ function wireHistory() {
 wire();
 wireModeration();
 wireHistory();
+wirePayouts();
 init();
 
 // --- moderation (docs/protocol.md, "Moderation") --------------------------------------------
@@ -2103,5 +2105,158 @@ function wireModeration() {
   $("moderators-form")?.addEventListener("submit", saveModerators);
   $("mod-notice")?.addEventListener("click", () => {
     $("mod-notice").hidden = true;
+  });
+}
+
+// --- payouts (docs/protocol.md, "Payouts") --------------------------------------------------
+// While a payout waits for an admin, its list is read again this often, so
+// the model sees it paid (or rejected) without reloading.
+const PAYOUTS_REFRESH_MS = 3000;
+const EARNING_LABELS = {
+  tip: "Tips",
+  dm: "Private messages",
+  unlock: "Media",
+  ticket: "Ticket shows",
+  private: "Private shows",
+  request: "Custom requests",
+  goal: "Goals",
+  refunded: "Refunded",
+};
+
+function money(cents) {
+  return `$${(cents / 100).toFixed(2)}`;
+}
+
+function isoDay(date) {
+  return date.toISOString().slice(0, 10);
+}
+
+function openPayouts() {
+  $("payouts-card").hidden = false;
+  const today = new Date();
+  if (!$("earnings-to").value) $("earnings-to").value = isoDay(new Date(today.getTime() + 86_400_000));
+  if (!$("earnings-from").value) $("earnings-from").value = isoDay(new Date(today.getTime() - 30 * 86_400_000));
+  loadPayoutStatus();
+  loadPayouts();
+  loadEarnings();
+}
+
+async function loadPayoutStatus() {
+  try {
+    const status = await api("GET", "/v1/me/payout-method");
+    const rule = status.rule;
+    const method = status.method
+      ? status.method.type === "bank"
+        ? `bank account ${status.method.iban} (${status.method.holder})`
+        : `PayPal ${status.method.email}`
+      : "no payout method";
+    $("payout-status").textContent =
+      `${status.verified ? "Verified" : "Not verified yet (an admin verifies you)"} · ${method} · ` +
+      `${rule.cents_per_token} cents a token, at least ${tokens(rule.min_payout_tokens)} a payout.`;
+    $("payout-tokens").min = String(rule.min_payout_tokens);
+    // The server would refuse (FORBIDDEN): say why instead of asking.
+    $("payout-request").disabled = !(status.verified && status.method);
+  } catch (err) {
+    toast(explain(err, "loading your payout settings"), "error");
+  }
+}
+
+async function loadPayouts() {
+  clearTimeout(state.payoutsTimer);
+  let listed;
+  try {
+    listed = (await api("GET", "/v1/me/payouts")).payouts;
+  } catch (err) {
+    toast(explain(err, "loading your payouts"), "error");
+    return;
+  }
+  const list = $("payout-list");
+  list.replaceChildren(
+    ...listed.map((p) =>
+      el(
+        "li",
+        { "data-payout": p.payout, "data-state": p.state },
+        el("span", { text: `${tokens(p.tokens)} · ${money(p.cents)}` }),
+        el("span", { class: "state", text: p.state }),
+      ),
+    ),
+  );
+  $("payouts-empty").hidden = listed.length > 0;
+  if (listed.some((p) => p.state === "requested" || p.state === "requesting")) {
+    state.payoutsTimer = setTimeout(() => {
+      if (state.me?.role === "model") loadPayouts();
+    }, PAYOUTS_REFRESH_MS);
+  }
+}
+
+async function loadEarnings(event) {
+  event?.preventDefault();
+  const from = $("earnings-from").value;
+  const to = $("earnings-to").value;
+  try {
+    const statement = await api(
+      "GET",
+      `/v1/me/earnings?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`,
+    );
+    $("statement-rows").replaceChildren(
+      ...Object.entries(statement.kinds).map(([kind, figures]) =>
+        el(
+          "tr",
+          { "data-kind": kind },
+          el("th", { scope: "row", text: EARNING_LABELS[kind] || kind }),
+          el("td", { text: figures.tokens.toLocaleString() }),
+          el("td", { text: money(figures.cents) }),
+        ),
+      ),
+    );
+    $("statement-tokens").textContent = statement.total.tokens.toLocaleString();
+    $("statement-money").textContent = money(statement.total.cents);
+  } catch (err) {
+    toast(explain(err, "loading your earnings"), "error");
+  }
+}
+
+async function savePayoutMethod(event) {
+  event.preventDefault();
+  const type = $("payout-method-type").value;
+  const body =
+    type === "bank"
+      ? { type, holder: $("payout-holder").value, iban: $("payout-iban").value }
+      : { type, email: $("payout-email").value };
+  try {
+    await api("PUT", "/v1/me/payout-method", body);
+    toast("Payout method saved.", "success");
+    loadPayoutStatus();
+  } catch (err) {
+    toast(explain(err, "saving your payout method"), "error");
+  }
+}
+
+async function requestPayout(event) {
+  event.preventDefault();
+  const amount = Number($("payout-tokens").value);
+  try {
+    const payout = await api("POST", "/v1/me/payouts", { tokens: amount, key: newKey() });
+    if (typeof payout.balance === "number") setBalance(payout.balance);
+    toast(`Payout of ${tokens(payout.tokens)} (${money(payout.cents)}) requested.`, "success");
+    loadPayouts();
+  } catch (err) {
+    toast(explain(err, "the payout"), "error");
+  }
+}
+
+function wirePayouts() {
+  $("payouts-refresh").addEventListener("click", () => {
+    loadPayoutStatus();
+    loadPayouts();
+    loadEarnings();
+  });
+  $("earnings-form").addEventListener("submit", loadEarnings);
+  $("payout-method-form").addEventListener("submit", savePayoutMethod);
+  $("payout-form").addEventListener("submit", requestPayout);
+  $("payout-method-type").addEventListener("change", () => {
+    const bank = $("payout-method-type").value === "bank";
+    $("payout-bank-fields").hidden = !bank;
+    $("payout-paypal-fields").hidden = bank;
   });
 }

@@ -546,6 +546,19 @@ GOAL_REFUND = Action(
     refusals=_EMPTY,
 )
 
+# Payouts (server/economy/payouts.py): a model's request is a HOLD into
+# `esc:payout:<id>`; an admin's approval moves the escrow's whole balance to
+# `sys:payouts` (ledger kind payout); a rejection is ESCROW_REFUND.
+PAYOUT = Action(
+    name="payout",
+    kinds=("payout",),
+    keys=("escrow_balance", "payouts_balance"),
+    args=("escrow", "payouts"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,  # nothing to push: no user's balance changes
+    refusals=_EMPTY,
+)
+
 ACTIONS: tuple[Action, ...] = (
     TIP,
     DM,
@@ -560,6 +573,7 @@ ACTIONS: tuple[Action, ...] = (
     TICKET,
     TICKET_REFUND,
     GOAL_REFUND,
+    PAYOUT,
 )
 BY_NAME: Mapping[str, Action] = MappingProxyType({action.name: action for action in ACTIONS})
 # The first action declaring a kind (escrow_refund: ESCROW_REFUND; a

@@ -56,6 +56,7 @@ from .actions import (
     GOAL_REFUND,
     HOLD,
     METER,
+    PAYOUT,
     REFUND,
     REFUNDABLE_KINDS,
     RELEASE,
@@ -77,6 +78,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MINT = "sys:mint"
+# Where approved payouts go: tokens that left the platform as money.
+PAYOUTS = "sys:payouts"
 # The system's initiators: purchases, and the `tokenchat dev` seed.
 PAYMENTS_INITIATOR = "sys:payments"
 DEV_INITIATOR = "sys:dev"
@@ -575,6 +578,25 @@ class Economy:
                 "payer": payer,
                 "payer_channel": self._keys.user_channel(user_id),
             },
+        )
+
+    async def payout(
+        self, escrow: str, *, initiator: str, key: str, meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Move the escrow's whole balance to ``sys:payouts`` (an approved
+        payout). ``EscrowEmpty`` when it holds nothing: it moved already."""
+        _check_initiator(initiator)
+        return await self._run(
+            PAYOUT,
+            initiator=initiator,
+            key=key,
+            request=fingerprint("payout", escrow=escrow),
+            meta={**meta, "escrow": escrow},
+            keys={
+                "escrow_balance": self._keys.balance(escrow),
+                "payouts_balance": self._keys.balance(PAYOUTS),
+            },
+            args={"escrow": escrow, "payouts": PAYOUTS},
         )
 
     async def meter(

@@ -35,6 +35,7 @@ from ..db import create_pool
 from ..economy.deadlines import Sweeper
 from ..economy.economy import Economy
 from ..economy.goals import Goals
+from ..economy.payouts import Payouts
 from ..economy.privates import Privates
 from ..economy.requests import Requests
 from ..economy.shows import Shows
@@ -151,6 +152,12 @@ class Node:
         # Tip goals: counted by tips in Redis, closed and settled here.
         self.goals = Goals(pool, redis, self.keys, settings, self.economy, self.rooms.append)
         self.goals.register(self.sweeper)
+        # Payouts (issue #13 section 1): versioned rules, requests held in
+        # escrow and settled by admins (or the sweeper), earnings, liabilities.
+        # Receipts value a model's earnings at the rule in force at the time.
+        self.payouts = Payouts(pool, settings, self.economy)
+        self.payouts.register(self.sweeper)
+        self.history.rate_at = self.payouts.rate_at_ms
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
             redis,

@@ -649,12 +649,16 @@ def create_app(node: Node) -> Starlette:
     from .history import history_routes
     from .media import media_routes
 
+    # Payouts, rules, earnings and liabilities (server/economy/payouts.py).
+    from .payouts import payout_routes
+
     # Leaderboards and tiers (server/standing.py).
     from .standing import standing_routes
 
     routes: list[BaseRoute] = [
         *media_routes(node, identity_of, limit_creates),
         *history_routes(node, identity_of, limit_creates),
+        *payout_routes(node, identity_of, limit_creates),
         *standing_routes(node),
         *admin_routes(node, identity_of),
         Route("/", index),

@@ -19,6 +19,7 @@ figures in cents; balances stay integer tokens.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -28,7 +29,7 @@ from ..errors import NotFound, Unavailable
 
 # Meta fields a receipt and a history row repeat as they are: what the spend
 # was for (set by the Economy method of each kind; docs/economy.md).
-META_FIELDS = ("room", "item", "media", "show", "to", "request", "reverses", "escrow")
+META_FIELDS = ("room", "item", "media", "show", "to", "request", "reverses", "escrow", "payout")
 # Kinds in which the receiving user earned the tokens (a refund or an
 # escrow's return gives a payer back their own).
 EARNING_KINDS = frozenset({"tip", "dm", "unlock", "meter", "release", "spend"})
@@ -58,6 +59,10 @@ class History:
     def __init__(self, pool: asyncpg.Pool, payout_cents_per_token: float) -> None:
         self._pool = pool
         self._payout_cents_per_token = payout_cents_per_token
+        # The payout rule in force at a ledger time: cents per token and the
+        # rule's id (set by the node to server/economy/payouts.py's); None:
+        # the setting alone.
+        self.rate_at: Callable[[int], Awaitable[tuple[float, int]]] | None = None
 
     async def transactions(
         self,
@@ -148,7 +153,20 @@ class History:
                     )
         except _DB_ERRORS as exc:
             raise Unavailable("the ledger is unavailable") from exc
-        return self._receipt(user_id, row, postings, payer, payee, average, admin=admin)
+        receipt = self._receipt(user_id, row, postings, payer, payee, average, admin=admin)
+        if "earnings" in receipt and self.rate_at is not None:
+            rate, rule = await self.rate_at(int(row["applied_ms"]))
+            receipt["earnings"] = {
+                "cents": round(receipt["tokens"] * rate),
+                "cents_per_token": rate,
+                "basis": (
+                    "TOKENCHAT_PAYOUT_CENTS_PER_TOKEN"  # no rule added yet: the setting
+                    if rule == 0
+                    else "the payout rule in force at the time"
+                ),
+                "rule": rule,
+            }
+        return receipt
 
     def _receipt(
         self,

@@ -320,8 +320,20 @@ async def test_each_action_round_trips_through_redis_and_postgres(
         f"goal-refund:{goal['id']}:bob",
     )
 
+    # A payout (server/economy/payouts.py): a hold into its escrow, then the
+    # whole escrow to sys:payouts; a second payout of it moves nothing.
+    payout_hold = await economy.hold(
+        "alice", "esc:test:e4", 6, subject="e4", key="h4", request="{}", meta={}
+    )
+    payout = await economy.payout("esc:test:e4", initiator="sys:test", key="po1", meta={})
+    assert payout["amount"] == 6
+    with pytest.raises(Conflict, match="holds nothing"):
+        await economy.payout("esc:test:e4", initiator="sys:test", key="po2", meta={})
+
     rows = await pg(settings, "SELECT id, kind FROM ledger_transactions")
     assert {r["id"]: r["kind"] for r in rows} == {
+        payout_hold["tx"]: "hold",
+        payout["tx"]: "payout",
         goal_tip["tx"]: "tip",
         goal_back["id"]: "escrow_refund",
         ticket["tx"]: "ticket",

@@ -126,6 +126,7 @@ async def test_a_receipt_values_the_spend_at_the_fans_average_purchase_price(
         "cents": 325,
         "cents_per_token": 5.0,
         "basis": "TOKENCHAT_PAYOUT_CENTS_PER_TOKEN",
+        "rule": 0,  # the setting: no payout rule was added
     }
     assert "value" not in hers  # the fan's purchase prices are the fan's
 
