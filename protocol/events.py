@@ -217,3 +217,9 @@ def goal_event(room: str, goal: dict[str, Any]) -> dict[str, Any]:
     tipped toward it), ``state`` (active, reached, failed, deleted),
     ``all_or_nothing``, ``deadline`` (ms since the epoch, or null)."""
     return {"type": "goal", "room": room, "goal": goal}
+
+
+def live_event(model: str, ts_ms: int) -> dict[str, Any]:
+    """A model the user follows went live (issue #13): pushed to each of her
+    connected followers; the others find it in GET /v1/me/notifications."""
+    return {"type": "live", "model": model, "ts": ts_ms}

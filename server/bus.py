@@ -15,6 +15,7 @@ Kind   Payload                           Channel         Published by
 ``C``  ``C<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
 ``R``  ``R<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
 ``M``  ``M<JSON object>``                moderation      ``Moderation`` (catalog)
+``L``  ``L<JSON object>``                live            ``Discovery``
 =====  ================================  ==============  =========================
 
 The scripts are in ``server/economy/lua/`` and build their payloads in Lua
@@ -146,6 +147,15 @@ class ModerationChanged(NamedTuple):
         return b"M" + self.body
 
 
+class LiveNews(NamedTuple):
+    """``L``: a model went live, ``{"model", "ts"}`` (server/discovery.py)."""
+
+    body: bytes
+
+    def encode(self) -> bytes:
+        return b"L" + self.body
+
+
 Message = (
     RoomEvent
     | PresenceChanged
@@ -154,6 +164,7 @@ Message = (
     | LedgerCommitted
     | LedgerParked
     | ModerationChanged
+    | LiveNews
 )
 
 PRESENCE_CHANGED = PresenceChanged()
@@ -166,6 +177,7 @@ _EXPECTED = {
     b"C": "C<tx> <tx> ..., each tx printable ASCII without a space",
     b"R": "R<tx> <tx> ..., each tx printable ASCII without a space",
     b"M": "M<JSON object>",
+    b"L": "L<JSON object>",
 }
 
 
@@ -190,6 +202,9 @@ def decode(payload: bytes) -> Message:
     elif kind == b"M":
         if payload[1:2] == b"{" and payload[-1:] == b"}":
             return ModerationChanged(payload[1:])
+    elif kind == b"L":
+        if payload[1:2] == b"{" and payload[-1:] == b"}":
+            return LiveNews(payload[1:])
     elif kind in (b"C", b"R"):
         match = _TXS(payload)
         if match is not None:

@@ -334,6 +334,29 @@ class Settings:
     # ("has bought" is kept for good: it never changes back).
     chat_purchase_recheck_s: float = 5.0
 
+    # --- discovery, follows and live notifications (issue #13 sections 2, 3) ------
+    # "Goes live" = the model joins her own room after being away at least this
+    # long: a flapping connection (or a page reload) does not notify everyone
+    # again; five minutes is a break, not a glitch.
+    live_away_s: float = 300.0
+    # Followers whose stored notifications one statement inserts: bounds one
+    # transaction (100k followers = 20 short statements, each a few ms).
+    live_batch_followers: int = 5000
+    # A node taking a live job holds it this long per batch; a job whose node
+    # died is taken over by another node once this has passed.
+    live_job_lease_s: float = 30.0
+    # How often each node looks for live jobs whose node died mid-way.
+    live_job_interval_s: float = 2.0
+    # Sessions a node pushes a `live` event to before yielding to its event
+    # loop: 10,000 connected followers never hold the gateway for one long turn.
+    live_push_chunk: int = 500
+    # GET /v1/rooms?sort=trending: tips over this many recent seconds, read from
+    # the standing projection's hourly sums (so it covers whole hours: the hour
+    # holding now - window and every later one).
+    trending_window_s: int = 3600
+    # Rooms GET /v1/rooms ranks at most (all rooms of a 10,000-model site).
+    discovery_rooms_max: int = 10_000
+
     # --- metrics --------------------------------------------------------------------
     # Serve /metrics on this port instead of the public HTTP port (0: on the
     # public port). Set it to keep metrics off the internet: the public port
@@ -429,6 +452,13 @@ class Settings:
             "tier_window_s",
             "standing_interval_s",
             "tier_cache_ttl_s",
+            "live_away_s",
+            "live_batch_followers",
+            "live_job_lease_s",
+            "live_job_interval_s",
+            "live_push_chunk",
+            "trending_window_s",
+            "discovery_rooms_max",
         ]
         # nan compares false with everything, so `<= 0` lets it through (and
         # turns a rate limit off); inf is no limit at all. Refused first.
