@@ -356,6 +356,11 @@ class Settings:
     trending_window_s: int = 3600
     # Rooms GET /v1/rooms ranks at most (all rooms of a 10,000-model site).
     discovery_rooms_max: int = 10_000
+    # How old a node's room listing snapshot gets before a background rebuild
+    # (the old one is served meanwhile): a rebuild over 10,000 rooms costs a
+    # fraction of a second of one core (docs/benchmarks.md), so every 5 s keeps
+    # it a small share; viewers and trending lag by about this much.
+    discovery_refresh_s: float = 5.0
 
     # --- metrics --------------------------------------------------------------------
     # Serve /metrics on this port instead of the public HTTP port (0: on the
@@ -459,6 +464,7 @@ class Settings:
             "live_push_chunk",
             "trending_window_s",
             "discovery_rooms_max",
+            "discovery_refresh_s",
         ]
         # nan compares false with everything, so `<= 0` lets it through (and
         # turns a rate limit off); inf is no limit at all. Refused first.

@@ -4,9 +4,10 @@
   model's room (at most ``discovery_rooms_max``) with her profile, her viewers
   (Redis presence) and her tips over the trending window (the standing
   projection's hourly sums, migration 0013: no ledger scan, nothing added to
-  the tip path). The snapshot is rebuilt at most once per ``ROOMS_CACHE_S``;
-  a request filters, sorts and pages it in memory, so its cost does not
-  depend on how many browsers poll the page.
+  the tip path). The snapshot is rebuilt in the background once it is
+  ``discovery_refresh_s`` old (the stale one is served meanwhile), sorted
+  once per sort; a request filters and pages it in memory, so its cost does
+  not depend on how many browsers poll the page.
 - "Goes live": the model joins her own room after being away at least
   ``live_away_s``. A small Lua script counts her sessions in her room and
   remembers when she last left (``Keys.live_state``), so a second tab or a
@@ -44,9 +45,9 @@ from .keys import Keys
 log = logging.getLogger(__name__)
 
 HOUR_MS = 3_600_000
-# How long one room snapshot is reused: a page polling GET /v1/rooms from many
-# browsers costs the backends one rebuild a second per node.
-ROOMS_CACHE_S = 1.0
+# Rooms whose viewers one gather reads before yielding to the event loop, so
+# a rebuild over 10,000 rooms never holds the loop for one long turn.
+VIEWERS_CHUNK = 500
 SORTS = ("trending", "viewers", "new")
 ROOMS_PAGE_DEFAULT = 100  # the listing's size before paging existed
 ROOMS_PAGE_MAX = 200
@@ -178,6 +179,8 @@ class Discovery:
         self._snapshot: list[ListedRoom] = []
         self._snapshot_at = -1e18
         self._snapshot_lock = asyncio.Lock()
+        self._rebuild: asyncio.Future[None] | None = None
+        self._sorted: dict[str, list[ListedRoom]] = {sort: [] for sort in SORTS}
         # Seconds the last job took from its first to its last batch: read by
         # the benchmark (loadtests/discovery.py).
         self.last_job_s = 0.0
@@ -200,7 +203,7 @@ class Discovery:
         except _DB_ERRORS as exc:
             reraise_if_cancelled(exc)
             raise Unavailable("the profile store is unavailable") from exc
-        self._snapshot_at = -1e18  # this node's next listing shows it
+        self.invalidate()
         return {"id": user_id, **profile}
 
     async def profile(self, model: str) -> dict[str, Any]:
@@ -239,19 +242,13 @@ class Discovery:
         cursor: int,
         limit: int,
     ) -> dict[str, Any]:
-        snapshot = await self._current(viewers_of)
-        rooms = snapshot
+        await self._current(viewers_of)
+        rooms = self._sorted[sort]  # filtering keeps the order
         if tag:
             rooms = [room for room in rooms if tag in room.tags]
         if q:
             needle = q.lower()
             rooms = [room for room in rooms if needle in room.text]
-        if sort == "viewers":
-            rooms = sorted(rooms, key=lambda r: (-r.viewers, r.id))
-        elif sort == "trending":
-            rooms = sorted(rooms, key=lambda r: (-r.trending, -r.viewers, r.id))
-        else:
-            rooms = sorted(rooms, key=lambda r: (-r.created_ms, r.id))
         page = rooms[cursor : cursor + limit]
         end = cursor + len(page)
         return {
@@ -260,13 +257,43 @@ class Discovery:
         }
 
     async def _current(self, viewers_of: Any) -> list[ListedRoom]:
-        if time.monotonic() - self._snapshot_at <= ROOMS_CACHE_S:
+        """The snapshot; a stale one is served while one task rebuilds it,
+        so no request but a node's very first waits for a rebuild."""
+        age = time.monotonic() - self._snapshot_at
+        if (
+            age > self._settings.discovery_refresh_s
+            and self._snapshot_at > 0
+            and self._rebuild is None
+        ):
+            self._rebuild = asyncio.ensure_future(self._refresh(viewers_of))
+        if self._snapshot_at > 0:
             return self._snapshot
-        async with self._snapshot_lock:  # one rebuild for a burst of requests
-            if time.monotonic() - self._snapshot_at > ROOMS_CACHE_S:
-                self._snapshot = await self._build(viewers_of)
-                self._snapshot_at = time.monotonic()
+        async with self._snapshot_lock:  # the first: one build for a burst
+            if self._snapshot_at <= 0:
+                self._install(await self._build(viewers_of))
         return self._snapshot
+
+    async def _refresh(self, viewers_of: Any) -> None:
+        try:
+            self._install(await self._build(viewers_of))
+        except Unavailable as exc:  # the stale copy stays; the next request retries
+            log.warning("room listing not refreshed: %s", exc.message)
+        finally:
+            self._rebuild = None
+
+    def _install(self, rooms: list[ListedRoom]) -> None:
+        self._sorted = {
+            "viewers": sorted(rooms, key=lambda r: (-r.viewers, r.id)),
+            "trending": sorted(rooms, key=lambda r: (-r.trending, -r.viewers, r.id)),
+            "new": sorted(rooms, key=lambda r: (-r.created_ms, r.id)),
+        }
+        self._snapshot = rooms
+        self._snapshot_at = time.monotonic()
+
+    def invalidate(self) -> None:
+        """This node's next listing waits for a fresh snapshot (a profile
+        changed here: its model sees her change at once)."""
+        self._snapshot_at = -1e18
 
     async def _build(self, viewers_of: Any) -> list[ListedRoom]:
         now_ms = int(time.time() * 1000)
@@ -309,13 +336,16 @@ class Discovery:
                     text=f"{row['id']}\n{name}\n{bio}".lower(),
                 )
             )
-        try:
-            counts = await viewers_of([room.id for room in listed])
-        except _REDIS_ERRORS as exc:
-            reraise_if_cancelled(exc)
-            raise Unavailable("room presence is unavailable") from exc
-        for room, count in zip(listed, counts, strict=True):
-            room.viewers = count
+        for start in range(0, len(listed), VIEWERS_CHUNK):
+            chunk = listed[start : start + VIEWERS_CHUNK]
+            try:
+                counts = await viewers_of([room.id for room in chunk])
+            except _REDIS_ERRORS as exc:
+                reraise_if_cancelled(exc)
+                raise Unavailable("room presence is unavailable") from exc
+            for room, count in zip(chunk, counts, strict=True):
+                room.viewers = count
+            await asyncio.sleep(0)
         return listed
 
     # --- follows ---------------------------------------------------------------------

@@ -19,7 +19,10 @@ from tokenchat.server.config import Settings
 @pytest.fixture
 async def server(start_server: Any) -> Running:
     running: Running = await start_server(
-        live_away_s=0.3, live_job_interval_s=0.05, live_batch_followers=7
+        live_away_s=0.3,
+        live_job_interval_s=0.05,
+        live_batch_followers=7,
+        discovery_refresh_s=0.05,
     )
     return running
 
