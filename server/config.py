@@ -357,10 +357,10 @@ class Settings:
     # Rooms GET /v1/rooms ranks at most (all rooms of a 10,000-model site).
     discovery_rooms_max: int = 10_000
     # How old a node's room listing snapshot gets before a background rebuild
-    # (the old one is served meanwhile): a rebuild over 10,000 rooms costs a
-    # fraction of a second of one core (docs/benchmarks.md), so every 5 s keeps
-    # it a small share; viewers and trending lag by about this much.
-    discovery_refresh_s: float = 5.0
+    # (the old one is served meanwhile): the listing's 1 s of old. A site
+    # whose rebuild takes longer (10,000 rooms: docs/benchmarks.md) rebuilds
+    # every five build durations instead, so it costs at most a fifth of a core.
+    discovery_refresh_s: float = 1.0
 
     # --- metrics --------------------------------------------------------------------
     # Serve /metrics on this port instead of the public HTTP port (0: on the

@@ -5,7 +5,8 @@
   (Redis presence) and her tips over the trending window (the standing
   projection's hourly sums, migration 0013: no ledger scan, nothing added to
   the tip path). The snapshot is rebuilt in the background once it is
-  ``discovery_refresh_s`` old (the stale one is served meanwhile), sorted
+  ``discovery_refresh_s`` old (or five times its last build's duration, if
+  more: a rebuild takes at most a fifth of a core) (the stale one is served meanwhile), sorted
   once per sort; a request filters and pages it in memory, so its cost does
   not depend on how many browsers poll the page.
 - "Goes live": the model joins her own room after being away at least
@@ -48,6 +49,10 @@ HOUR_MS = 3_600_000
 # Rooms whose viewers one gather reads before yielding to the event loop, so
 # a rebuild over 10,000 rooms never holds the loop for one long turn.
 VIEWERS_CHUNK = 500
+# The share of one core rebuilding the snapshot may take: a snapshot is
+# rebuilt at most every discovery_refresh_s and at least this many of its
+# last build's durations apart (a 10,000-room site rebuilds less often).
+REBUILD_SHARE_MAX = 0.2
 SORTS = ("trending", "viewers", "new")
 ROOMS_PAGE_DEFAULT = 100  # the listing's size before paging existed
 ROOMS_PAGE_MAX = 200
@@ -181,6 +186,7 @@ class Discovery:
         self._snapshot_lock = asyncio.Lock()
         self._rebuild: asyncio.Future[None] | None = None
         self._sorted: dict[str, list[ListedRoom]] = {sort: [] for sort in SORTS}
+        self._build_s = 0.0  # how long the last rebuild took
         # Seconds the last job took from its first to its last batch: read by
         # the benchmark (loadtests/discovery.py).
         self.last_job_s = 0.0
@@ -259,12 +265,9 @@ class Discovery:
     async def _current(self, viewers_of: Any) -> list[ListedRoom]:
         """The snapshot; a stale one is served while one task rebuilds it,
         so no request but a node's very first waits for a rebuild."""
-        age = time.monotonic() - self._snapshot_at
-        if (
-            age > self._settings.discovery_refresh_s
-            and self._snapshot_at > 0
-            and self._rebuild is None
-        ):
+        every_s = max(self._settings.discovery_refresh_s, self._build_s / REBUILD_SHARE_MAX)
+        stale = time.monotonic() - self._snapshot_at > every_s
+        if stale and self._snapshot_at > 0 and self._rebuild is None:
             self._rebuild = asyncio.ensure_future(self._refresh(viewers_of))
         if self._snapshot_at > 0:
             return self._snapshot
@@ -296,6 +299,13 @@ class Discovery:
         self._snapshot_at = -1e18
 
     async def _build(self, viewers_of: Any) -> list[ListedRoom]:
+        started = time.monotonic()
+        try:
+            return await self._build_once(viewers_of)
+        finally:
+            self._build_s = time.monotonic() - started
+
+    async def _build_once(self, viewers_of: Any) -> list[ListedRoom]:
         now_ms = int(time.time() * 1000)
         since_hour = (now_ms - self._settings.trending_window_s * 1000) // HOUR_MS
         try:
