@@ -1226,6 +1226,28 @@ class ModelUser(TokenchatUser):
                 response.success()
                 self.goal = None
 
+    # --- discovery (issue #13 section 2) ------------------------------------------------
+    @task(1)
+    def update_profile(self) -> None:
+        """Save her profile (PUT /v1/me/profile): two tags of PROFILE_TAGS,
+        so the fans' tag filters find some rooms."""
+        body = {
+            "display_name": f"Model {self.user_id}",
+            "bio": random.choice(CHAT_LINES),
+            "tags": random.sample(PROFILE_TAGS, 2),
+            "online_status": random.choice(("online", "busy")),
+        }
+        with self.client.put(
+            "/v1/me/profile",
+            json=body,
+            headers={"Authorization": f"Bearer {self.token}"},
+            name="PUT /v1/me/profile",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+
 
 # Transactions one read_transactions task asks for (a screenful).
 HISTORY_PAGE = 20
@@ -1523,6 +1545,56 @@ class FanUser(TokenchatUser):
             elif response.json().get("tx") != tx:
                 response.failure("the receipt names another transaction")
 
+    # --- discovery, follows and notifications (issue #13 sections 2 and 3) ---------------
+    @task(1)
+    def discover(self) -> None:
+        """The discovery grid: GET /v1/rooms, a sort at random, now and then a
+        tag or a text filter (a node's snapshot, filtered and paged)."""
+        sort = random.choice(("trending", "viewers", "new"))
+        query = f"?sort={sort}&limit=24"
+        if random.random() < 0.3:
+            query += f"&tag={random.choice(PROFILE_TAGS)}"
+        with self.client.get(
+            f"/v1/rooms{query}",
+            name=f"GET /v1/rooms?sort={sort}",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+            elif not isinstance(response.json().get("rooms"), list):
+                response.failure("no room list")
+
+    @task(1)
+    def follow_and_read_notifications(self) -> None:
+        """Follow (or now and then unfollow) the home room's model, then read
+        the newest notifications (her `live` ones when she came back)."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        model = self.home_room()
+        method = "DELETE" if random.random() < 0.2 else "PUT"
+        with self.client.request(
+            method,
+            f"/v1/me/follows/{model}",
+            headers=headers,
+            name=f"{method} /v1/me/follows/{{model}}",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+        with self.client.get(
+            "/v1/me/notifications?limit=20",
+            headers=headers,
+            name="GET /v1/me/notifications",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+
+
+# Tags models put on their profiles and fans filter the grid by (issue #13).
+PROFILE_TAGS = ["jazz", "piano", "talk", "games", "art", "late-night"]
 
 # The windows a fan's leaderboard read picks from (docs/protocol.md, "Standing").
 LEADERBOARD_WINDOWS = ("12h", "day", "week", "all")

@@ -309,3 +309,30 @@ async def test_notifications_survive_a_restart(start_server: Any) -> None:
     second = await start_server(live_away_s=0.3)
     got = await notes(second, "bob")
     assert [n["model"] for n in got] == ["alice"]
+
+
+async def test_client_library_calls(server: Running) -> None:
+    """client_demo.client: put_profile, model_profile, rooms, follow, follows,
+    notifications, and HttpError on a refusal."""
+    from tests.conftest import token
+    from tokenchat.client_demo import client
+
+    await server.client("alice", "model")
+    await server.client("bob")
+    base = server.http_url
+    saved = await client.put_profile(
+        base, token("alice", "model"), display_name="Alice", bio="hi", tags=["jazz"]
+    )
+    assert saved["tags"] == ["jazz"]
+    got = await client.model_profile(base, "alice")
+    assert got["display_name"] == "Alice" and "prices" in got and got["menu"] == []
+    page = await client.rooms(base, sort="new", tag="jazz", limit=5)
+    assert [r["id"] for r in page["rooms"]] == ["alice"] and page["next_cursor"] is None
+    await client.follow(base, token("bob"), "alice")
+    assert [f["model"] for f in (await client.follows(base, token("bob")))["follows"]] == ["alice"]
+    await client.follow(base, token("bob"), "alice", on=False)
+    assert (await client.follows(base, token("bob")))["follows"] == []
+    assert (await client.notifications(base, token("bob"), limit=5))["notifications"] == []
+    with pytest.raises(client.HttpError) as refused:
+        await client.model_profile(base, "bob")
+    assert refused.value.status == 404
