@@ -339,6 +339,10 @@ class Settings:
     # long: a flapping connection (or a page reload) does not notify everyone
     # again; five minutes is a break, not a glitch.
     live_away_s: float = 300.0
+    # Her presence count in her room expires this long after her last join or
+    # leave: a node that crashed with her session in the room leaves a count
+    # that would otherwise never fall to 0 (and she would never go live again).
+    live_state_ttl_s: int = 12 * 3600
     # Followers whose stored notifications one statement inserts: bounds one
     # transaction (100k followers = 20 short statements, each a few ms).
     live_batch_followers: int = 5000
@@ -458,6 +462,7 @@ class Settings:
             "standing_interval_s",
             "tier_cache_ttl_s",
             "live_away_s",
+            "live_state_ttl_s",
             "live_batch_followers",
             "live_job_lease_s",
             "live_job_interval_s",

@@ -75,11 +75,14 @@ LOCAL_FOLLOWERS_QUERY_MAX = 5000
 _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncio.TimeoutError)
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
-# KEYS[1] live state hash; ARGV: now ms, away ms, "join" | "leave".
+# KEYS[1] live state hash; ARGV: now ms, away ms, "join" | "leave", TTL s.
 # Returns 1 when a join makes her live (she was not in her room and left it
-# at least `away` ago, or never was), else 0.
+# at least `away` ago, or never was), else 0. The hash expires TTL after her
+# last join or leave, so a count a crashed node left behind (a session that
+# never left) does not keep her from going live for ever.
 _PRESENCE_LUA = """
 local now = tonumber(ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
 if ARGV[3] == 'join' then
   local n = redis.call('HINCRBY', KEYS[1], 'in', 1)
   if n ~= 1 then return 0 end
@@ -164,11 +167,12 @@ def check_profile(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def page_cursor(raw: str | None) -> int:
-    """An offset cursor of GET /v1/rooms (a decimal, as the last page gave it)."""
+def page_cursor(raw: str | None, digits_max: int = 9) -> int:
+    """A decimal cursor as the last page gave it: an offset into the room
+    ranking, or a notification id (a bigint: ``digits_max`` 18)."""
     if raw is None or raw == "":
         return 0
-    if len(raw) > 9 or not raw.isascii() or not raw.isdigit():
+    if len(raw) > digits_max or not raw.isascii() or not raw.isdigit():
         raise BadRequest("query parameter 'cursor' must be a cursor a previous page gave")
     return int(raw)
 
@@ -438,7 +442,8 @@ class Discovery:
         away_ms = int(self._settings.live_away_s * 1000)
         try:
             live = await self._presence(
-                keys=[self._keys.live_state(model)], args=[now_ms, away_ms, "join"]
+                keys=[self._keys.live_state(model)],
+                args=[now_ms, away_ms, "join", self._settings.live_state_ttl_s],
             )
         except _REDIS_ERRORS as exc:
             reraise_if_cancelled(exc)
@@ -453,7 +458,7 @@ class Discovery:
         try:
             await self._presence(
                 keys=[self._keys.live_state(model)],
-                args=[int(time.time() * 1000), 0, "leave"],
+                args=[int(time.time() * 1000), 0, "leave", self._settings.live_state_ttl_s],
             )
         except _REDIS_ERRORS as exc:
             reraise_if_cancelled(exc)

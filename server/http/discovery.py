@@ -99,7 +99,7 @@ def discovery_routes(node: Node, identity_of: Callable[..., Identity]) -> list[B
     async def notifications(request: Request) -> Response:
         identity = identity_of(request)
         raw = request.query_params.get("cursor")
-        cursor = page_cursor(raw) if raw else None
+        cursor = page_cursor(raw, digits_max=18) if raw else None
         limit = query_int(request, "limit", NOTIFICATIONS_PAGE_DEFAULT, 1, NOTIFICATIONS_PAGE_MAX)
         return JSONResponse(await discovery.notifications(identity.user_id, cursor, limit))
 

@@ -192,6 +192,10 @@ async def test_follow_refusals(server: Running) -> None:
     assert status == 400
     status, reply = await http.call("GET", "/v1/me/notifications?limit=1000", "bob")
     assert status == 400
+    status, reply = await http.call("GET", "/v1/me/notifications?cursor=" + "9" * 19, "bob")
+    assert status == 400
+    status, reply = await http.call("GET", "/v1/me/notifications?cursor=123456789012", "bob")
+    assert status == 200 and reply["notifications"] == []  # ids grow past 9 digits
     assert await pg(server.node.settings, "SELECT * FROM follows") == []
 
 
