@@ -9,7 +9,9 @@ withdrawn if she has not accepted it), check their balance and now and then
 move to another room, and read their room's leaderboard (``GET
 /v1/rooms/{id}/leaderboard``, a window at random); they also read their
 newest transactions and one receipt (``GET /v1/me/transactions``, ``GET
-/v1/me/transactions/{tx}``). Models host a room: they
+/v1/me/transactions/{tx}``), browse the discovery grid (``GET /v1/rooms``
+with a sort and now and then a tag), follow or unfollow their room's model
+and read their notifications. Models host a room: they
 stay joined (reconnecting
 within a second or so if the session is lost), read its events, thank
 tippers, now and then show their locked photo (``post_media``), accept and
@@ -18,7 +20,8 @@ shows (schedule over HTTP, start, end paid or now and then cancel: refunds),
 set tip goals (``PUT /v1/me/goal``: half all-or-nothing, some with a deadline
 that passes during a run) and now and then delete them (held tips refunded),
 accept the newest private show asked of them or end the one they run, and
-change their prices with ``PUT /v1/me/prices``. Each model's menu is saved and
+change their prices with ``PUT /v1/me/prices`` and their profile with
+``PUT /v1/me/profile``. Each model's menu is saved and
 her photo uploaded once at test start (``PUT /v1/me/menu``,
 ``POST /v1/media``). A menu tip (``tip item``) reads ``GET
 /v1/users/{id}/menu`` (reused 30 s), then sends ``tip`` with ``item`` and
