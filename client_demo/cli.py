@@ -22,6 +22,10 @@ happens, one line each, to standard output:
     /dm --max N USER TEXT   the same, paying at most N tokens
     /balance          show your balance
     /rooms            list the rooms (GET /v1/rooms on the HTTP API, --http)
+    /rooms [trending|viewers|new] [#TAG] [TEXT]   sorted, filtered by tag and text
+    /follow MODEL, /unfollow MODEL   follow a model: her `live` reaches you (--http)
+    /follows          the models you follow (--http)
+    /notifications    your stored notifications, newest first (--http)
     /offer MODEL N TEXT   offer MODEL N tokens for a custom request (held in escrow)
     /requests         list your custom requests, as fan and as model
     /accept R, /decline R, /cancel R   accept or decline request R (model),
@@ -122,12 +126,15 @@ from .client import (
     delete_goal,
     dm_history,
     earnings,
+    follow,
+    follows,
     get_goal,
     get_leaderboard,
     get_limits,
     get_menu,
     media_url,
     my_payouts,
+    notifications,
     payout_status,
     put_limits,
     receipt,
@@ -155,7 +162,10 @@ HELP = """commands:
   /dm USER TEXT   send USER a private message, at most at the price shown
   /dm --max N USER TEXT   ... paying at most N tokens
   /balance        show your balance
-  /rooms          list the rooms
+  /rooms [trending|viewers|new] [#TAG] [TEXT]   list the rooms, sorted and filtered
+  /follow MODEL, /unfollow MODEL   follow a model (you see when she goes live)
+  /follows        the models you follow
+  /notifications  your notifications, newest first
   /offer MODEL N TEXT   offer MODEL N tokens for a custom request
   /requests       list your custom requests (numbered)
   /accept R, /deliver R [TEXT], /decline R   a model's answers to request R
@@ -270,6 +280,8 @@ def format_event(event: Event) -> str | None:
         return f"[{room}] {who} tipped {event.get('amount')}{what}" + (f": {text}" if text else "")
     if type_ == "king":
         return f"[{room}] * {format_king(event.get('king'))}"
+    if type_ == "live":
+        return f"* {event.get('model')} is live (/join {event.get('model')})"
     if type_ == "dm":
         price = event.get("price")
         cost = f"{price} tokens" if price else "free"
@@ -567,7 +579,9 @@ async def handle_line(
         if (reply := await report(out, session.call("balance"))) is not None:
             out(f"balance: {reply['balance']}")
     elif command == "rooms":
-        await list_rooms(args, out)
+        await list_rooms(args, out, rest)
+    elif command in ("follow", "unfollow", "follows", "notifications"):
+        await follow_command(command, rest, args, out)
     elif command == "offer":
         await offer(rest, session, out)
     elif command == "requests":
@@ -1059,11 +1073,11 @@ async def report(out: Output, command: Awaitable[dict[str, Any]]) -> dict[str, A
     return reply
 
 
-async def list_rooms(args: argparse.Namespace, out: Output) -> None:
+async def list_rooms(args: argparse.Namespace, out: Output, rest: str = "") -> None:
     if not args.http:
         out("error: /rooms needs the HTTP API's URL (--http http://HOST:8000)")
         return
-    url = args.http.rstrip("/") + "/v1/rooms"
+    url = args.http.rstrip("/") + "/v1/rooms" + rooms_query(rest)
     try:
         status, body = await asyncio.to_thread(http_get, url, args.token)
     except OSError as exc:
@@ -1403,6 +1417,49 @@ async def payout_method(rest: str, args: argparse.Namespace, out: Output) -> Non
         f"* payout method: {shown}; verified: {'yes' if status['verified'] else 'no'}; "
         f"rule: {rule['cents_per_token']} cents a token, minimum {rule['min_payout_tokens']}"
     )
+
+
+# --- discovery, follows and notifications (docs/protocol.md, "Discovery") -----------
+def rooms_query(rest: str) -> str:
+    """``[trending|viewers|new] [#TAG] [TEXT]`` as GET /v1/rooms' query."""
+    params: dict[str, str] = {}
+    words = rest.split()
+    if words and words[0] in ("trending", "viewers", "new"):
+        params["sort"] = words.pop(0)
+    if words and words[0].startswith("#"):
+        params["tag"] = words.pop(0)[1:]
+    if words:
+        params["q"] = " ".join(words)
+    return "?" + urllib.parse.urlencode(params) if params else ""
+
+
+async def follow_command(command: str, rest: str, args: argparse.Namespace, out: Output) -> None:
+    """/follow MODEL, /unfollow MODEL, /follows, /notifications, over HTTP."""
+    if not args.http:
+        out(f"error: /{command} needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    try:
+        if command in ("follow", "unfollow"):
+            if not rest:
+                out(f"usage: /{command} MODEL")
+                return
+            await follow(args.http, args.token, rest, on=command == "follow")
+            out(f"* {'following' if command == 'follow' else 'no longer following'} {rest}")
+        elif command == "follows":
+            page = await follows(args.http, args.token, limit=200)
+            models = ", ".join(f["model"] for f in page["follows"])
+            out(f"following: {models or 'nobody'}")
+        else:
+            page = await notifications(args.http, args.token, limit=20)
+            if not page["notifications"]:
+                out("* no notifications")
+            for note in page["notifications"]:
+                when = time.strftime("%H:%M", time.localtime(note["ts"] / 1000))
+                out(f"  {when} {note['model']} went live")
+    except HttpError as exc:
+        out(f"error {exc.code}: {exc.message}")
+    except OSError as exc:
+        out(f"error: /{command}: {exc}")
 
 
 if __name__ == "__main__":

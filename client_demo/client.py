@@ -1401,3 +1401,67 @@ async def liabilities(http_url: str, token: str) -> dict[str, Any]:
         _http_json, "GET", _url(http_url, "/v1/admin/liabilities"), token
     )
     return reply
+
+
+# --- discovery, profiles, follows and notifications (docs/protocol.md, "Discovery") ---
+
+
+async def rooms(
+    http_url: str,
+    *,
+    sort: str | None = None,
+    tag: str | None = None,
+    q: str | None = None,
+    cursor: str | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """One page of rooms: ``{rooms: [{id, viewers, display_name, tags,
+    trending, ...}], next_cursor}``; ``sort`` is trending, viewers or new."""
+    url = f"{http_url.rstrip('/')}/v1/rooms" + _query(
+        {"sort": sort, "tag": tag, "q": q, "cursor": cursor, "limit": limit}
+    )
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, None)
+    return reply
+
+
+async def put_profile(http_url: str, token: str, **profile: Any) -> dict[str, Any]:
+    """Set the caller's (a model's) profile: ``display_name``, ``bio``,
+    ``tags``, ``avatar`` (an http(s) URL or None), ``online_status``."""
+    url = f"{http_url.rstrip('/')}/v1/me/profile"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "PUT", url, token, profile)
+    return reply
+
+
+async def model_profile(http_url: str, model: str) -> dict[str, Any]:
+    """A model's profile with ``prices`` and ``menu``; ``HttpError`` 404 if none."""
+    url = f"{http_url.rstrip('/')}/v1/models/{urllib.parse.quote(model, safe='')}"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, None)
+    return reply
+
+
+async def follow(http_url: str, token: str, model: str, *, on: bool = True) -> dict[str, Any]:
+    """Follow (``on``) or unfollow ``model``; both idempotent."""
+    url = f"{http_url.rstrip('/')}/v1/me/follows/{urllib.parse.quote(model, safe='')}"
+    reply: dict[str, Any] = await asyncio.to_thread(
+        _http_json, "PUT" if on else "DELETE", url, token
+    )
+    return reply
+
+
+async def follows(
+    http_url: str, token: str, *, cursor: str | None = None, limit: int | None = None
+) -> dict[str, Any]:
+    """One page of the models the caller follows: ``{follows, next_cursor}``."""
+    url = f"{http_url.rstrip('/')}/v1/me/follows" + _query({"cursor": cursor, "limit": limit})
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply
+
+
+async def notifications(
+    http_url: str, token: str, *, cursor: str | None = None, limit: int | None = None
+) -> dict[str, Any]:
+    """One page of the caller's notifications, newest first:
+    ``{notifications: [{id, kind, model, ts}], next_cursor}``."""
+    url = f"{http_url.rstrip('/')}/v1/me/notifications" + _query({"cursor": cursor, "limit": limit})
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply

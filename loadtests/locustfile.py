@@ -9,7 +9,9 @@ withdrawn if she has not accepted it), check their balance and now and then
 move to another room, and read their room's leaderboard (``GET
 /v1/rooms/{id}/leaderboard``, a window at random); they also read their
 newest transactions and one receipt (``GET /v1/me/transactions``, ``GET
-/v1/me/transactions/{tx}``). Models host a room: they
+/v1/me/transactions/{tx}``), browse the discovery grid (``GET /v1/rooms``
+with a sort and now and then a tag), follow or unfollow their room's model
+and read their notifications. Models host a room: they
 stay joined (reconnecting
 within a second or so if the session is lost), read its events, thank
 tippers, now and then show their locked photo (``post_media``), accept and
@@ -18,7 +20,8 @@ shows (schedule over HTTP, start, end paid or now and then cancel: refunds),
 set tip goals (``PUT /v1/me/goal``: half all-or-nothing, some with a deadline
 that passes during a run) and now and then delete them (held tips refunded),
 accept the newest private show asked of them or end the one they run, and
-change their prices with ``PUT /v1/me/prices``. Each model's menu is saved and
+change their prices with ``PUT /v1/me/prices`` and their profile with
+``PUT /v1/me/profile``. Each model's menu is saved and
 her photo uploaded once at test start (``PUT /v1/me/menu``,
 ``POST /v1/media``). A menu tip (``tip item``) reads ``GET
 /v1/users/{id}/menu`` (reused 30 s), then sends ``tip`` with ``item`` and
@@ -1305,6 +1308,28 @@ class ModelUser(TokenchatUser):
                 return None
             return response.json()
 
+    # --- discovery (issue #13 section 2) ------------------------------------------------
+    @task(1)
+    def update_profile(self) -> None:
+        """Save her profile (PUT /v1/me/profile): two tags of PROFILE_TAGS,
+        so the fans' tag filters find some rooms."""
+        body = {
+            "display_name": f"Model {self.user_id}",
+            "bio": random.choice(CHAT_LINES),
+            "tags": random.sample(PROFILE_TAGS, 2),
+            "online_status": random.choice(("online", "busy")),
+        }
+        with self.client.put(
+            "/v1/me/profile",
+            json=body,
+            headers={"Authorization": f"Bearer {self.token}"},
+            name="PUT /v1/me/profile",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+
 
 # Transactions one read_transactions task asks for (a screenful).
 HISTORY_PAGE = 20
@@ -1626,6 +1651,56 @@ class FanUser(TokenchatUser):
             elif response.json().get("tx") != tx:
                 response.failure("the receipt names another transaction")
 
+    # --- discovery, follows and notifications (issue #13 sections 2 and 3) ---------------
+    @task(1)
+    def discover(self) -> None:
+        """The discovery grid: GET /v1/rooms, a sort at random, now and then a
+        tag or a text filter (a node's snapshot, filtered and paged)."""
+        sort = random.choice(("trending", "viewers", "new"))
+        query = f"?sort={sort}&limit=24"
+        if random.random() < 0.3:
+            query += f"&tag={random.choice(PROFILE_TAGS)}"
+        with self.client.get(
+            f"/v1/rooms{query}",
+            name=f"GET /v1/rooms?sort={sort}",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+            elif not isinstance(response.json().get("rooms"), list):
+                response.failure("no room list")
+
+    @task(1)
+    def follow_and_read_notifications(self) -> None:
+        """Follow (or now and then unfollow) the home room's model, then read
+        the newest notifications (her `live` ones when she came back)."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        model = self.home_room()
+        method = "DELETE" if random.random() < 0.2 else "PUT"
+        with self.client.request(
+            method,
+            f"/v1/me/follows/{model}",
+            headers=headers,
+            name=f"{method} /v1/me/follows/{{model}}",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+        with self.client.get(
+            "/v1/me/notifications?limit=20",
+            headers=headers,
+            name="GET /v1/me/notifications",
+            timeout=HTTP_TIMEOUT_S,
+            catch_response=True,
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+
+
+# Tags models put on their profiles and fans filter the grid by (issue #13).
+PROFILE_TAGS = ["jazz", "piano", "talk", "games", "art", "late-night"]
 
 # The windows a fan's leaderboard read picks from (docs/protocol.md, "Standing").
 LEADERBOARD_WINDOWS = ("12h", "day", "week", "all")

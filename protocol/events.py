@@ -223,3 +223,9 @@ def reality_check_event(online_s: int, spent: int, every_min: int) -> dict[str, 
     """Every ``every_min`` minutes to a fan who asked for it: how long this
     session has been online and the tokens she spent since it opened."""
     return {"type": "reality_check", "online_s": online_s, "spent": spent, "every_min": every_min}
+
+
+def live_event(model: str, ts_ms: int) -> dict[str, Any]:
+    """A model the user follows went live (issue #13): pushed to each of her
+    connected followers; the others find it in GET /v1/me/notifications."""
+    return {"type": "live", "model": model, "ts": ts_ms}

@@ -16,6 +16,7 @@ Kind   Payload                           Channel         Published by
 ``R``  ``R<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
 ``M``  ``M<JSON object>``                moderation      ``Moderation`` (catalog)
 ``T``  ``T<show>``                       a user's        ``Session`` (gateway)
+``L``  ``L<JSON object>``                live            ``Discovery``
 =====  ================================  ==============  =========================
 
 The scripts are in ``server/economy/lua/`` and build their payloads in Lua
@@ -162,6 +163,15 @@ class TicketBought(NamedTuple):
         return b"T" + self.show.encode("ascii")
 
 
+class LiveNews(NamedTuple):
+    """``L``: a model went live, ``{"model", "ts"}`` (server/discovery.py)."""
+
+    body: bytes
+
+    def encode(self) -> bytes:
+        return b"L" + self.body
+
+
 Message = (
     RoomEvent
     | PresenceChanged
@@ -171,6 +181,7 @@ Message = (
     | LedgerParked
     | ModerationChanged
     | TicketBought
+    | LiveNews
 )
 
 PRESENCE_CHANGED = PresenceChanged()
@@ -184,6 +195,7 @@ _EXPECTED = {
     b"R": "R<tx> <tx> ..., each tx printable ASCII without a space",
     b"M": "M<JSON object>",
     b"T": "T<show id, printable ASCII without a space, at most 64 bytes>",
+    b"L": "L<JSON object>",
 }
 
 
@@ -212,6 +224,9 @@ def decode(payload: bytes) -> Message:
         match = _TICKET(payload)
         if match is not None:
             return TicketBought(match[1].decode("ascii"))
+    elif kind == b"L":
+        if payload[1:2] == b"{" and payload[-1:] == b"}":
+            return LiveNews(payload[1:])
     elif kind in (b"C", b"R"):
         match = _TXS(payload)
         if match is not None:

@@ -353,6 +353,38 @@ class Settings:
     # fan asked for one since (PUT /v1/me/limits): a change shows within this.
     reality_check_poll_s: float = 60.0
 
+    # --- discovery, follows and live notifications (issue #13 sections 2, 3) ------
+    # "Goes live" = the model joins her own room after being away at least this
+    # long: a flapping connection (or a page reload) does not notify everyone
+    # again; five minutes is a break, not a glitch.
+    live_away_s: float = 300.0
+    # Her presence count in her room expires this long after her last join or
+    # leave: a node that crashed with her session in the room leaves a count
+    # that would otherwise never fall to 0 (and she would never go live again).
+    live_state_ttl_s: int = 12 * 3600
+    # Followers whose stored notifications one statement inserts: bounds one
+    # transaction (100k followers = 20 short statements, each a few ms).
+    live_batch_followers: int = 5000
+    # A node taking a live job holds it this long per batch; a job whose node
+    # died is taken over by another node once this has passed.
+    live_job_lease_s: float = 30.0
+    # How often each node looks for live jobs whose node died mid-way.
+    live_job_interval_s: float = 2.0
+    # Sessions a node pushes a `live` event to before yielding to its event
+    # loop: 10,000 connected followers never hold the gateway for one long turn.
+    live_push_chunk: int = 500
+    # GET /v1/rooms?sort=trending: tips over this many recent seconds, read from
+    # the standing projection's hourly sums (so it covers whole hours: the hour
+    # holding now - window and every later one).
+    trending_window_s: int = 3600
+    # Rooms GET /v1/rooms ranks at most (all rooms of a 10,000-model site).
+    discovery_rooms_max: int = 10_000
+    # How old a node's room listing snapshot gets before a background rebuild
+    # (the old one is served meanwhile): the listing's 1 s of old. A site
+    # whose rebuild takes longer (10,000 rooms: docs/benchmarks.md) rebuilds
+    # every five build durations instead, so it costs at most a fifth of a core.
+    discovery_refresh_s: float = 1.0
+
     # --- metrics --------------------------------------------------------------------
     # Serve /metrics on this port instead of the public HTTP port (0: on the
     # public port). Set it to keep metrics off the internet: the public port
@@ -482,6 +514,15 @@ class Settings:
             "payouts_listed_max",
             "earnings_period_days_max",
             "payout_settle_grace_s",
+            "live_away_s",
+            "live_state_ttl_s",
+            "live_batch_followers",
+            "live_job_lease_s",
+            "live_job_interval_s",
+            "live_push_chunk",
+            "trending_window_s",
+            "discovery_rooms_max",
+            "discovery_refresh_s",
         ]
         # nan compares false with everything, so `<= 0` lets it through (and
         # turns a rate limit off); inf is no limit at all. Refused first.

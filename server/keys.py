@@ -74,6 +74,17 @@ class Keys:
         """Held (SET NX PX, renewed) by the node whose meter bills the show."""
         return f"{self.prefix}private:lease:{show}"
 
+    # --- discovery (issue #13 sections 2 and 3) ---------------------------------------
+    def live_state(self, model: str) -> str:
+        """Hash of a model's presence in her own room: ``in`` (her sessions
+        there) and ``left`` (ms she was last seen leaving), for "goes live"."""
+        return f"{self.prefix}live:{{{model}}}"
+
+    def live_channel(self) -> str:
+        """Pub/sub channel every node subscribes to: a model went live (the
+        ``L`` payload); each node tells its own connected followers."""
+        return f"{self.prefix}live"
+
     def channel_user(self, channel: str) -> str | None:
         head = f"{self.prefix}user:"
         return channel[len(head) :] if channel.startswith(head) else None

@@ -22,6 +22,7 @@ const state = {
   conn: null,
   room: null, // the room on screen
   rooms: new Map(), // room id -> {id, owner, viewers, tip_min} from the list or a join
+  following: new Set(), // models this user follows (GET /v1/me/follows)
   logs: new Map(), // room id -> chat entries
   dm: null, // {to, price, key, signature}
   earned: 0,
@@ -259,6 +260,7 @@ function signOut(message) {
   state.balance = null;
   state.room = null;
   state.rooms.clear();
+  state.following = new Set();
   state.logs.clear();
   state.dm = null;
   state.earned = 0;
@@ -311,6 +313,7 @@ async function onReady(reconnected) {
     toast("Reconnected. Caught up with the rooms you are in.", "success");
     return;
   }
+  await loadFollows();
   refreshRooms();
   clearInterval(state.roomsTimer);
   state.roomsTimer = setInterval(() => {
@@ -322,6 +325,7 @@ async function onReady(reconnected) {
     loadPrices();
     loadMenuEditor();
     openPayouts();
+    loadMyProfile();
   } else {
     $("studio").hidden = true;
     $("main").focus();
@@ -352,8 +356,13 @@ function onFatal(message) {
 // --- live rooms --------------------------------------------------------------------------
 async function refreshRooms() {
   let data;
+  const params = new URLSearchParams({ sort: $("rooms-sort").value });
+  const tag = $("rooms-tag").value.trim().toLowerCase();
+  const q = $("rooms-q").value.trim();
+  if (tag) params.set("tag", tag);
+  if (q) params.set("q", q);
   try {
-    data = await api("GET", "/v1/rooms", undefined, { auth: false });
+    data = await api("GET", `/v1/rooms?${params}`, undefined, { auth: false });
   } catch (err) {
     $("rooms-note").textContent = `Could not load the rooms: ${err.message}`;
     return;
@@ -364,24 +373,141 @@ async function refreshRooms() {
     state.rooms.set(room.id, { ...known, ...room });
     const live = room.viewers > 0;
     const current = room.id === state.room;
+    const tags = (room.tags || []).map((t) => `#${t}`).join(" ");
+    const trending = room.trending > 0 ? ` · ${tokens(room.trending)} tipped lately` : "";
     const button = el(
       "button",
       { type: "button", class: "room-item", "data-room": room.id },
       el("span", { class: `dot${live ? " live" : ""}`, "aria-hidden": "true" }),
-      el("span", { class: "room-name", text: room.id }),
+      el("span", { class: "room-name", text: room.display_name || room.id }),
       el("span", {
         class: "room-meta",
-        text: `${room.id === state.me?.id ? "your room · " : ""}min tip ${room.tip_min}`,
+        text: `${room.id === state.me?.id ? "your room · " : ""}min tip ${room.tip_min}${trending}`,
       }),
       el("span", { class: "count", text: plural(room.viewers, "viewer") }),
+      el("span", { class: "room-tags", text: tags }),
     );
     if (current) button.setAttribute("aria-current", "true");
     button.addEventListener("click", () => openRoom(room.id));
     return el("li", {}, button);
   });
-  if (!items.length) items.push(el("li", { class: "hint", text: "No rooms yet: sign in as a model to open one." }));
+  if (!items.length) {
+    const filtered = tag || q;
+    const text = filtered ? "No room matches." : "No rooms yet: sign in as a model to open one.";
+    items.push(el("li", { class: "hint", text }));
+  }
   list.replaceChildren(...items);
   $("rooms-note").textContent = `${plural(data.rooms.length, "room")}, updated ${clock()}.`;
+}
+
+let roomsFilterTimer = null;
+function refreshRoomsSoon() {
+  clearTimeout(roomsFilterTimer);
+  roomsFilterTimer = setTimeout(refreshRooms, 250);
+}
+
+// --- profiles, follows and live notifications (issue #13) -----------------------------------
+async function loadProfile(roomId) {
+  const box = $("room-profile");
+  const followButton = $("room-follow");
+  box.hidden = true;
+  followButton.hidden = true;
+  if (roomId.startsWith("p:")) return;
+  let profile;
+  try {
+    profile = await api("GET", `/v1/models/${encodeURIComponent(roomId)}`, undefined, { auth: false });
+  } catch {
+    return; // no profile: the room still works
+  }
+  if (state.room !== roomId) return;
+  $("profile-name").textContent = profile.display_name || roomId;
+  $("profile-status").textContent = profile.online_status;
+  $("profile-bio").textContent = profile.bio;
+  $("profile-tags").textContent = profile.tags.map((t) => `#${t}`).join(" ");
+  const prices = [`DM ${profile.prices.dm ? tokens(profile.prices.dm) : "free"}`];
+  if (profile.prices.private_rate) prices.push(`private ${tokens(profile.prices.private_rate)}/min`);
+  prices.push(plural(profile.followers, "follower"));
+  $("profile-prices").textContent = prices.join(" · ");
+  box.hidden = false;
+  if (roomId !== state.me.id) {
+    followButton.hidden = false;
+    renderFollow(roomId, state.following.has(roomId));
+  }
+}
+
+function renderFollow(roomId, following) {
+  const button = $("room-follow");
+  button.dataset.model = roomId;
+  button.textContent = following ? "Following ✓" : "Follow";
+  button.setAttribute("aria-pressed", String(following));
+}
+
+async function loadFollows() {
+  try {
+    const page = await api("GET", "/v1/me/follows?limit=200");
+    state.following = new Set(page.follows.map((f) => f.model));
+  } catch {
+    state.following = new Set();
+  }
+}
+
+async function toggleFollow() {
+  const model = $("room-follow").dataset.model;
+  const following = state.following.has(model);
+  try {
+    await api(following ? "DELETE" : "PUT", `/v1/me/follows/${encodeURIComponent(model)}`);
+  } catch (err) {
+    toast(explain(err, following ? "unfollowing" : "following"), "error");
+    return;
+  }
+  if (following) state.following.delete(model);
+  else state.following.add(model);
+  renderFollow(model, !following);
+  if (state.room === model) loadProfile(model); // her follower count
+  toast(following ? `You no longer follow ${model}.` : `You follow ${model}: you will hear when she goes live.`, "success");
+}
+
+function onLive(event) {
+  toast(`${event.model} is live now`, "success");
+  const item = el("button", { type: "button", class: "live-toast", "data-testid": "live", "data-model": event.model }, `${event.model} is live: join`);
+  item.addEventListener("click", () => {
+    item.remove();
+    openRoom(event.model);
+  });
+  $("live-notes").replaceChildren(item);
+  refreshRoomsSoon();
+}
+
+async function loadMyProfile() {
+  try {
+    const profile = await api("GET", `/v1/models/${encodeURIComponent(state.me.id)}`, undefined, { auth: false });
+    if ($("profile-form").dataset.dirty) return; // she started typing: keep what she typed
+    $("profile-display-name").value = profile.display_name;
+    $("profile-bio-input").value = profile.bio;
+    $("profile-tags-input").value = profile.tags.join(", ");
+    $("profile-status-input").value = profile.online_status;
+  } catch {
+    // a new model: the form starts empty
+  }
+}
+
+async function saveProfile(event) {
+  event.preventDefault();
+  const tags = $("profile-tags-input").value.split(/[,\s]+/).map((t) => t.trim().toLowerCase()).filter(Boolean);
+  try {
+    await api("PUT", "/v1/me/profile", {
+      display_name: $("profile-display-name").value.trim(),
+      bio: $("profile-bio-input").value,
+      tags,
+      online_status: $("profile-status-input").value,
+    });
+  } catch (err) {
+    toast(explain(err, "saving your profile"), "error");
+    return;
+  }
+  toast("Profile saved.", "success");
+  refreshRooms();
+  if (state.room === state.me.id) loadProfile(state.me.id);
 }
 
 // --- a room ------------------------------------------------------------------------------
@@ -431,6 +557,7 @@ function showRoom(roomId) {
   $("dm-room-owner").textContent = `✉ Message ${roomId} privately`;
   $("tip-room").textContent = roomId;
   renderMenu(roomId);
+  loadProfile(roomId);
   updateRoomInfo(info);
   $("room-tip-min").hidden = roomId.startsWith("p:"); // no tips in a private show
   renderShow(roomId);
@@ -655,6 +782,9 @@ function onEvent(event) {
       break;
     case "king":
       onKing(event);
+      break;
+    case "live":
+      onLive(event);
       break;
     case "presence": {
       const info = state.rooms.get(event.room);
@@ -1690,6 +1820,18 @@ function wire() {
   $("sign-out").addEventListener("click", () => signOut());
   $("buy").addEventListener("click", buy);
   $("rooms-refresh").addEventListener("click", refreshRooms);
+  $("rooms-sort").addEventListener("change", refreshRooms);
+  $("rooms-tag").addEventListener("input", refreshRoomsSoon);
+  $("rooms-q").addEventListener("input", refreshRoomsSoon);
+  $("rooms-filter").addEventListener("submit", (event) => {
+    event.preventDefault();
+    refreshRooms();
+  });
+  $("room-follow").addEventListener("click", toggleFollow);
+  $("profile-form").addEventListener("submit", saveProfile);
+  $("profile-form").addEventListener("input", () => {
+    $("profile-form").dataset.dirty = "1";
+  });
   $("room-back").addEventListener("click", () => {
     showRoom(null);
     $("lobby").focus?.();

@@ -32,6 +32,7 @@ from ..catalog.moderation import Moderation, decode_news
 from ..catalog.reports import Reports
 from ..config import Settings
 from ..db import create_pool
+from ..discovery import Discovery
 from ..economy.deadlines import Sweeper
 from ..economy.economy import Economy
 from ..economy.goals import Goals
@@ -158,6 +159,8 @@ class Node:
         self.payouts = Payouts(pool, settings, self.economy)
         self.payouts.register(self.sweeper)
         self.history.rate_at = self.payouts.rate_at_ms
+        # Discovery, follows and live notifications (server/discovery.py).
+        self.discovery = Discovery(pool, redis, self.keys, settings)
         self._commits_channel = self.keys.ledger_commits()
         self.broker = RedisBroker(
             redis,
@@ -219,6 +222,7 @@ class Node:
         if self.confirmations is not None:
             await self.broker.subscribe(self._commits_channel)
         await self.broker.subscribe(self.moderation.channel)
+        await self.broker.subscribe(self.discovery.channel)
         try:
             await self.moderation.load_platform_bans()
         except Unavailable as exc:  # hello loads them once Postgres answers
@@ -230,6 +234,7 @@ class Node:
             asyncio.create_task(self.sweeper.run(), name="deadline-sweeper"),
             asyncio.create_task(self.privates.run_meter(), name="private-meter"),
             asyncio.create_task(self.standing.run(), name="standing-projector"),
+            asyncio.create_task(self.discovery.run(), name="live-jobs"),
         ]
         if self.settings.ledger_enabled:
             self._loops.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))
@@ -376,6 +381,35 @@ class Node:
         else:
             _misplaced(message, f"user {user_id}'s channel")
 
+    # --- live notifications (server/discovery.py) -----------------------------------
+    def model_arrived(self, model: str) -> None:
+        """The model joined her own room: maybe she goes live (not awaited)."""
+        self.spawn(self.discovery.arrived(model))
+
+    def model_departed(self, model: str) -> None:
+        self.spawn(self.discovery.departed(model))
+
+    async def _deliver_live(self, body: bytes) -> None:
+        """Push `live` to this node's connected followers of the model: one
+        query per chunk of local users, and a loop turn per live_push_chunk."""
+        try:
+            news = orjson.loads(body)
+            model, ts_ms = str(news["model"]), int(news["ts"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("dropped a malformed live payload")
+            return
+        local = list(self._user_sessions)
+        if not local:
+            return
+        followers = await self.discovery.local_followers(model, local)
+        frame = orjson.dumps(events.live_event(model, ts_ms))
+        chunk = self.settings.live_push_chunk
+        for n, user_id in enumerate(followers, 1):
+            for session in self._user_sessions.get(user_id, ()):
+                session.push_live(frame)
+            if n % chunk == 0:
+                await asyncio.sleep(0)
+
     # --- rooms ----------------------------------------------------------------------
     def _room_lock(self, room: str) -> asyncio.Lock:
         return self._room_locks[hash(room) % ROOM_LOCK_STRIPES]
@@ -433,6 +467,12 @@ class Node:
                 self._on_moderation(message)
             else:
                 _misplaced(message, "the moderation channel")
+            return
+        if channel == self.discovery.channel:
+            if isinstance(message, bus.LiveNews):
+                self.spawn(self._deliver_live(message.body))
+            else:
+                _misplaced(message, "the live channel")
             return
         room = self.keys.channel_room(channel)
         if room is None:

@@ -201,6 +201,11 @@ class Session:
         elif not self._closing:
             self._push(frame)
 
+    def push_live(self, frame: bytes) -> None:
+        """A `live` event (a followed model went live), not awaited."""
+        if not self._closing:
+            self._push(frame)
+
     def push_dm(self, offset: Offset, frame: bytes) -> None:
         if self._held_dms is not None:
             self._held_dms.append((offset, frame))
@@ -409,6 +414,8 @@ class Session:
         for room in rooms:
             self.node.hub.remove(room, self)
             self.node.room_left(room)
+            if self.identity is not None and room == self.identity.user_id:
+                self.node.model_departed(room)
         self.node.unregister(self)
 
     # --- commands -----------------------------------------------------------------
@@ -452,6 +459,8 @@ class Session:
             raise
         last = parse_offset(history.events[-1][0]) if history.events else None
         self._after_reply = lambda: self._flush_joined(room_id, last)
+        if is_new and room_id == self._user():  # the model in her own room
+            self.node.model_arrived(room_id)
         moderation = {**rules.settings_wire(), "moderators": sorted(rules.moderators)}
         return {
             "room": {
@@ -543,6 +552,8 @@ class Session:
         self._catching_up.pop(command.room, None)
         self.node.hub.remove(command.room, self)
         self.node.room_left(command.room)
+        if command.room == self._user():
+            self.node.model_departed(command.room)
         return {}
 
     async def _say(self, command: Say) -> Reply:

@@ -10,14 +10,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -90,12 +88,7 @@ DRAIN_TIMEOUT_S = 10.0
 # few KiB at most), by default and at most.
 PARKED_LISTED_DEFAULT = 100
 PARKED_LISTED_MAX = 1000
-# GET /v1/rooms: rooms looked at (their viewers are read from Redis), rooms
-# listed (the busiest), and how long one answer is reused, so a page polling
-# it from many browsers costs the backends one read a second.
-ROOMS_SCANNED_MAX = 1000
-ROOMS_LISTED_MAX = 100
-ROOMS_CACHE_S = 1.0
+# GET /v1/rooms: server/http/discovery.py (issue #13: sorts, filters, pages).
 
 
 def _demo_page_dir() -> Path:
@@ -557,21 +550,6 @@ def create_app(node: Node) -> Starlette:
             }
         )
 
-    rooms_cache: list[Any] = [0.0, None]  # [monotonic time, body]
-
-    async def rooms(request: Request) -> Response:
-        now = time.monotonic()
-        if rooms_cache[1] is None or now - rooms_cache[0] > ROOMS_CACHE_S:
-            infos = await node.directory.room_infos(ROOMS_SCANNED_MAX)
-            try:
-                viewers = await node.rooms.viewers([info.id for info in infos])
-            except (RedisError, OSError, TimeoutError) as exc:
-                raise Unavailable("room presence is unavailable") from exc
-            ranked = sorted(zip(infos, viewers, strict=True), key=lambda r: (-r[1], r[0].id))
-            listed = [info.to_wire(count) for info, count in ranked[:ROOMS_LISTED_MAX]]
-            rooms_cache[:] = [now, {"rooms": listed}]
-        return JSONResponse(rooms_cache[1])
-
     async def user_prices(request: Request) -> Response:
         """A user's DM price: what a `dm` to them costs now (0 = free)."""
         user_id = request.path_params["user_id"]
@@ -646,6 +624,7 @@ def create_app(node: Node) -> Starlette:
     # their own (they import this one's helpers).
     # The admin page and its own routes (issue #15 item 6).
     from .admin import admin_routes
+    from .discovery import discovery_routes
     from .history import history_routes
     from .media import media_routes
 
@@ -661,10 +640,10 @@ def create_app(node: Node) -> Starlette:
         *payout_routes(node, identity_of, limit_creates),
         *standing_routes(node),
         *admin_routes(node, identity_of),
+        *discovery_routes(node, identity_of),
         Route("/", index),
         Mount("/static", _StaticFiles(directory=STATIC_DIR), name="static"),
         Route("/v1/config", client_config),
-        Route("/v1/rooms", rooms),
         Route("/v1/users/{user_id}/prices", user_prices),
         Route("/v1/users/{user_id}/menu", user_menu),
     ]

@@ -452,3 +452,56 @@ async def test_spending_limits_from_the_terminal(server: Running) -> None:
 def test_reality_check_line() -> None:
     event = {"type": "reality_check", "online_s": 3720, "spent": 42, "every_min": 60}
     assert format_event(event) == "* reality check: online 62 min, spent 42 tokens"
+
+
+async def test_discovery_follows_and_live_from_the_terminal(start_server: Any) -> None:
+    """Issue #13: /rooms with a sort and a tag, /follow, the `live` line when
+    the followed model comes back, /notifications, /follows, /unfollow."""
+    server = await start_server(live_away_s=0.3, discovery_refresh_s=0.05)
+    http = Http(server)
+    await (await server.client("zed", "model")).close()
+    alice = await server.client("alice", "model")
+    await alice.call("join", room="alice")
+    status, _ = await http.call(
+        "PUT", "/v1/me/profile", "alice", "model", display_name="Alice", tags=["jazz"]
+    )
+    assert status == 200
+    fan = await Chat.start(
+        "--url", server.ws_url, "--token", token("bob"), "--http", server.http_url
+    )
+    try:
+        await fan.expect("* connected as bob (fan)")
+        await fan.send("/rooms new #jazz")
+        (rooms,) = await fan.expect("rooms:")
+        assert rooms.startswith("rooms: alice (1 viewer)") and "zed" not in rooms, rooms
+        await fan.send("/follow alice")
+        await fan.expect("* following alice")
+        await fan.send("/follow nobody")
+        await fan.expect("error NOT_FOUND")
+        await alice.close()
+        await asyncio.sleep(0.5)  # away for longer than live_away_s
+        back = await server.client("alice", "model")
+        await back.call("join", room="alice")
+        await fan.expect("* alice is live (/join alice)")
+        await fan.send("/notifications")
+        await fan.expect("alice went live")
+        await fan.send("/follows")
+        await fan.expect("following: alice")
+        await fan.send("/unfollow alice")
+        await fan.expect("* no longer following alice")
+        await fan.send("/follows")
+        await fan.expect("following: nobody")
+        await fan.send("/quit")
+        assert await fan.exit_code() == 0
+        await back.close()
+    finally:
+        await fan.kill()
+
+
+def test_rooms_query_words() -> None:
+    from tokenchat.client_demo.cli import rooms_query
+
+    assert rooms_query("") == ""
+    assert rooms_query("trending") == "?sort=trending"
+    assert rooms_query("new #jazz late night") == "?sort=new&tag=jazz&q=late+night"
+    assert rooms_query("piano") == "?q=piano"

@@ -105,7 +105,10 @@ async def test_dev_token_in_dev_mode(start_server: StartServer) -> None:
         assert (identity.user_id, identity.role) == ("mia", "model")
         # The model's room exists at once, before any hello.
         rooms = (await http.get("/v1/rooms")).json()["rooms"]
-        assert rooms == [{"id": "mia", "owner": "mia", "viewers": 0, "tip_min": 1}]
+        old_shape = ("id", "owner", "viewers", "tip_min")  # issue #13 added fields
+        assert [{k: r[k] for k in old_shape} for r in rooms] == [
+            {"id": "mia", "owner": "mia", "viewers": 0, "tip_min": 1}
+        ]
 
         admin = await http.post("/v1/dev/token", json={"user": "root", "role": "admin"})
         assert admin.status_code == 403
@@ -174,7 +177,9 @@ async def test_rooms_list_viewers_busiest_first(server: Running) -> None:
 
     async def listed() -> bool:
         status, body = await http.call("GET", "/v1/rooms")
-        return status == 200 and body == {
+        old_shape = ("id", "owner", "viewers", "tip_min")  # issue #13 added fields
+        rooms = [{k: r[k] for k in old_shape} for r in body.get("rooms", [])]
+        return status == 200 and {"rooms": rooms} == {
             "rooms": [
                 {"id": "cat", "owner": "cat", "viewers": 2, "tip_min": 5},
                 {"id": "bea", "owner": "bea", "viewers": 1, "tip_min": 1},
@@ -742,6 +747,81 @@ async def test_a_ticket_show_walls_off_a_fan_until_she_buys_a_ticket(
         return bool((await Http(running).reconcile())["ok"])
 
     await eventually(drained, timeout_s=15)
+    assert errors.seen == []
+    await fan_context.close()
+    await model_context.close()
+
+
+async def test_discovery_grid_profile_follow_and_live_toast(
+    start_server: StartServer, browser: Browser
+) -> None:
+    """Issue #13: the model saves her profile; the fan finds her on the
+    discovery grid by tag, opens her profile and follows her; the model goes
+    away and comes back: the fan's page shows that she is live."""
+    from playwright.async_api import expect
+
+    running = await start_dev(start_server, live_away_s=0.5, discovery_refresh_s=0.1)
+    base = running.http_url
+    await Http(running).call("GET", "/v1/me", "zed", "model")  # another room, no tag
+    errors = PageErrors()
+    model_context = await browser.new_context(viewport=DESKTOP, locale="en-US")  # type: ignore[arg-type]
+    fan_context = await browser.new_context(viewport=DESKTOP, locale="en-US")  # type: ignore[arg-type]
+    model = await model_context.new_page()
+    fan = await fan_context.new_page()
+    errors.watch("model", model)
+    errors.watch("fan", fan)
+    await sign_in(model, base, "mia", "model")
+    await model.get_by_label("Display name").fill("Mia Jazz")
+    await model.get_by_label("Bio").fill("Late night piano")
+    await model.get_by_label("Tags").fill("jazz, piano")
+    await model.get_by_role("button", name="Save profile").click()
+    await expect(model.locator(".toast").last).to_contain_text("Profile saved")
+    await expect(model.locator("#room-profile")).to_contain_text("Mia Jazz")
+    await expect(model.locator("#room-follow")).to_be_hidden()  # not her own room
+
+    # The fan's page opens on the grid; the tag filter keeps only mia.
+    await sign_in(fan, base, "ana", "fan")
+    grid = fan.locator("#rooms")
+    await expect(grid.locator('.room-item[data-room="zed"]')).to_be_visible()
+    await fan.get_by_label("Tag", exact=True).fill("jazz")
+    await expect(grid.locator('.room-item[data-room="zed"]')).to_have_count(0)
+    card = grid.locator('.room-item[data-room="mia"]')
+    await expect(card).to_contain_text("Mia Jazz")
+    await expect(card).to_contain_text("#piano")
+    await fan.get_by_label("Tag", exact=True).fill("rock")
+    await expect(grid).to_contain_text("No room matches.")
+    await fan.get_by_label("Tag", exact=True).fill("")
+    await fan.get_by_label("Search", exact=True).fill("late night")
+    await expect(grid.locator(".room-item")).to_have_count(1)
+    await fan.get_by_label("Sort", exact=True).select_option("trending")
+    await expect(card).to_be_visible()
+    await shoot(fan, "fan-discovery-desktop")
+
+    # Her profile, then follow.
+    await card.click()
+    profile = fan.locator("#room-profile")
+    await expect(profile).to_contain_text("Mia Jazz")
+    await expect(profile).to_contain_text("Late night piano")
+    await expect(profile).to_contain_text("#jazz")
+    await fan.locator("#room-follow").click()
+    await expect(fan.locator("#room-follow")).to_have_text("Following ✓")
+    await expect(profile).to_contain_text("1 follower")
+
+    # The model goes away for longer than live_away_s, and comes back.
+    await model_context.close()
+    await asyncio.sleep(0.8)
+    model_context = await browser.new_context(viewport=DESKTOP, locale="en-US")  # type: ignore[arg-type]
+    model = await model_context.new_page()
+    errors.watch("model", model)
+    await sign_in(model, base, "mia", "model")
+    await expect(model.get_by_label("Display name")).to_have_value("Mia Jazz")
+    live = fan.locator('[data-testid="live"]')
+    await expect(live).to_contain_text("mia is live")
+    await shoot(fan, "fan-live-toast-desktop")
+    status, notes = await Http(running).call("GET", "/v1/me/notifications", "ana")
+    assert status == 200 and [n["model"] for n in notes["notifications"]] == ["mia"]
+    await live.click()
+    await expect(fan.locator("#room-title")).to_have_text("mia")
     assert errors.seen == []
     await fan_context.close()
     await model_context.close()

@@ -1,0 +1,342 @@
+"""Discovery, profiles, follows and live notifications (issue #13 sections 2
+and 3) against real Redis, Postgres and server processes: the room listing's
+sorts, filters and pages; profiles with prices and menu; follows; the `live`
+event to connected followers and stored notifications for every follower;
+no second notification inside live_away_s; a job a dead node left is resumed;
+hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.conftest import Http, Running, eventually, pg
+from tokenchat.server.config import Settings
+
+
+@pytest.fixture
+async def server(start_server: Any) -> Running:
+    running: Running = await start_server(
+        live_away_s=0.3,
+        live_job_interval_s=0.05,
+        live_batch_followers=7,
+        discovery_refresh_s=0.05,
+    )
+    return running
+
+
+async def listing(server: Running, query: str = "") -> dict[str, Any]:
+    status, reply = await Http(server).call("GET", f"/v1/rooms{query}")
+    assert status == 200, reply
+    return dict(reply)
+
+
+async def ids(server: Running, query: str) -> list[str]:
+    return [room["id"] for room in (await listing(server, query))["rooms"]]
+
+
+async def profile(server: Running, model: str, **body: Any) -> tuple[int, Any]:
+    return await Http(server).call("PUT", "/v1/me/profile", model, "model", **body)
+
+
+async def test_profile_with_prices_and_menu(server: Running) -> None:
+    http = Http(server)
+    status, saved = await profile(
+        server,
+        "alice",
+        display_name="Alice",
+        bio="Jazz and chat",
+        tags=["jazz", "music"],
+        avatar="https://img.example/alice.png",
+        online_status="online",
+    )
+    assert status == 200, saved
+    status, _ = await http.call("PUT", "/v1/me/prices", "alice", "model", dm=5)
+    assert status == 200
+    status, _ = await http.call(
+        "PUT", "/v1/me/menu", "alice", "model", items=[{"label": "song", "price": 20}]
+    )
+    assert status == 200
+    status, got = await http.call("GET", "/v1/models/alice")
+    assert status == 200, got
+    assert got["display_name"] == "Alice" and got["tags"] == ["jazz", "music"]
+    assert got["avatar"] == "https://img.example/alice.png"
+    assert got["online_status"] == "online" and got["followers"] == 0
+    assert got["prices"]["dm"] == 5 and "private_rate" in got["prices"]
+    assert [(i["label"], i["price"]) for i in got["menu"]] == [("song", 20)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"display_name": 5},
+        {"display_name": "x" * 65},
+        {"bio": "x" * 1001},
+        {"tags": "jazz"},
+        {"tags": ["Jazz"]},
+        {"tags": ["a"] * 11},
+        {"tags": [1]},
+        {"avatar": "javascript:alert(1)"},
+        {"avatar": "data:image/png;base64,AAAA"},
+        {"avatar": "https://x/" + "a" * 600},
+        {"online_status": "sleeping"},
+    ],
+)
+async def test_profile_refuses_hostile_input(server: Running, body: dict[str, Any]) -> None:
+    status, reply = await profile(server, "alice", **body)
+    assert status == 400 and reply["error"]["code"] == "BAD_REQUEST", reply
+
+
+async def test_profile_needs_a_model_and_unknown_models_are_not_found(server: Running) -> None:
+    http = Http(server)
+    status, reply = await http.call("PUT", "/v1/me/profile", "bob", "fan", display_name="b")
+    assert status == 403, reply
+    for path in ("/v1/models/nobody", "/v1/models/" + "x" * 300, "/v1/models/a%20b"):
+        status, reply = await http.call("GET", path)
+        assert status == 404 and reply["error"]["code"] == "NOT_FOUND", (path, reply)
+    await server.client("bob")  # a fan exists, but is no model
+    status, reply = await http.call("GET", "/v1/models/bob")
+    assert status == 404, reply
+
+
+async def test_rooms_sort_filter_and_page(server: Running) -> None:
+    models = {name: await server.client(name, "model") for name in ("ann", "bea", "cat")}
+    await profile(server, "ann", display_name="Ann", bio="poetry night", tags=["poetry"])
+    await profile(server, "bea", display_name="Bea", bio="jazz piano", tags=["jazz", "music"])
+    await profile(server, "cat", display_name="Cat", bio="Jazz vocals", tags=["jazz"])
+    fan = await server.client("fan")
+    await Http(server).credit("fan", 100)
+    await fan.call("join", room="cat")
+    await fan.call("tip", room="cat", amount=30, key="t1")
+    await fan.call("join", room="ann")
+    await fan.call("tip", room="ann", amount=10, key="t2")
+    await models["bea"].call("join", room="bea")
+    assert await server.node.ledger.drain(10.0) == 0
+
+    async def trending() -> bool:
+        return (await ids(server, "?sort=trending"))[:3] == ["cat", "ann", "bea"]
+
+    await eventually(trending)
+    rooms = (await listing(server, "?sort=trending"))["rooms"]
+    assert [r["trending"] for r in rooms] == [30, 10, 0]
+    assert {"id", "owner", "viewers", "tip_min"} <= set(rooms[0])  # the old shape kept
+    assert (await ids(server, "?sort=viewers"))[0] in ("ann", "bea", "cat")
+    assert sorted(await ids(server, "?tag=jazz")) == ["bea", "cat"]
+    assert sorted(await ids(server, "?q=JAZZ")) == ["bea", "cat"]
+    assert await ids(server, "?q=poetry") == ["ann"]
+    assert await ids(server, "?tag=jazz&q=piano") == ["bea"]
+    assert await ids(server, "?tag=nothing") == []
+    assert (await ids(server, "?sort=new"))[0] == "cat"  # the newest room first
+    first = await listing(server, "?sort=trending&limit=2")
+    assert [r["id"] for r in first["rooms"]] == ["cat", "ann"]
+    second = await listing(server, f"?sort=trending&limit=2&cursor={first['next_cursor']}")
+    assert [r["id"] for r in second["rooms"]] == ["bea"] and second["next_cursor"] is None
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?sort=best",
+        "?limit=0",
+        "?limit=201",
+        "?limit=x",
+        "?cursor=-1",
+        "?cursor=abc",
+        "?cursor=" + "9" * 30,
+        "?tag=Bad%20Tag",
+        "?q=" + "x" * 101,
+    ],
+)
+async def test_rooms_refuse_hostile_queries(server: Running, query: str) -> None:
+    status, reply = await Http(server).call("GET", f"/v1/rooms{query}")
+    assert status == 400 and reply["error"]["code"] == "BAD_REQUEST", (query, reply)
+
+
+async def test_follow_unfollow_and_list(server: Running) -> None:
+    http = Http(server)
+    for name in ("m1", "m2", "m3"):
+        await server.client(name, "model")
+    await server.client("bob")
+    for name in ("m2", "m1", "m3", "m1"):  # following twice is one follow
+        status, reply = await http.call("PUT", f"/v1/me/follows/{name}", "bob")
+        assert status == 200 and reply == {"model": name, "following": True}, reply
+    status, page = await http.call("GET", "/v1/me/follows?limit=2", "bob")
+    assert status == 200 and [f["model"] for f in page["follows"]] == ["m1", "m2"]
+    status, page = await http.call(
+        "GET", f"/v1/me/follows?limit=2&cursor={page['next_cursor']}", "bob"
+    )
+    assert [f["model"] for f in page["follows"]] == ["m3"] and page["next_cursor"] is None
+    status, _ = await http.call("DELETE", "/v1/me/follows/m2", "bob")
+    assert status == 200
+    status, page = await http.call("GET", "/v1/me/follows", "bob")
+    assert [f["model"] for f in page["follows"]] == ["m1", "m3"]
+    status, got = await http.call("GET", "/v1/models/m1")
+    assert got["followers"] == 1
+
+
+async def test_follow_refusals(server: Running) -> None:
+    http = Http(server)
+    await server.client("m1", "model")
+    await server.client("bob")
+    status, reply = await http.call("PUT", "/v1/me/follows/m1")
+    assert status == 401, reply
+    status, reply = await http.call("PUT", "/v1/me/follows/nobody", "bob")
+    assert status == 404 and reply["error"]["code"] == "NOT_FOUND"
+    status, reply = await http.call("PUT", "/v1/me/follows/bob", "m1", "model")
+    assert status == 404  # bob is a fan, not a model
+    status, reply = await http.call("PUT", "/v1/me/follows/m1", "m1", "model")
+    assert status == 400 and reply["error"]["code"] == "BAD_REQUEST"
+    status, reply = await http.call("GET", "/v1/me/follows?cursor=a%20b", "bob")
+    assert status == 400
+    status, reply = await http.call("GET", "/v1/me/notifications?limit=1000", "bob")
+    assert status == 400
+    status, reply = await http.call("GET", "/v1/me/notifications?cursor=" + "9" * 19, "bob")
+    assert status == 400
+    status, reply = await http.call("GET", "/v1/me/notifications?cursor=123456789012", "bob")
+    assert status == 200 and reply["notifications"] == []  # ids grow past 9 digits
+    assert await pg(server.node.settings, "SELECT * FROM follows") == []
+
+
+async def add_followers(settings: Settings, n: int) -> None:
+    """Fans f1..fn following alice, written straight to Postgres."""
+    await pg(
+        settings,
+        "INSERT INTO users (id, role) SELECT 'f' || g, 'fan' FROM generate_series(1, $1::int) g",
+        n,
+    )
+    await pg(
+        settings,
+        """INSERT INTO follows (follower, model)
+           SELECT 'f' || g, 'alice' FROM generate_series(1, $1::int) g""",
+        n,
+    )
+
+
+async def notes(server: Running, user: str, query: str = "") -> list[dict[str, Any]]:
+    status, reply = await Http(server).call("GET", f"/v1/me/notifications{query}", user)
+    assert status == 200, reply
+    return list(reply["notifications"])
+
+
+async def test_live_event_to_connected_and_stored_for_all(server: Running) -> None:
+    http = Http(server)
+    alice = await server.client("alice", "model")
+    online = await server.client("online")
+    await server.client("offline")
+    await server.client("stranger")
+    for fan in ("online", "offline"):
+        assert (await http.call("PUT", "/v1/me/follows/alice", fan))[0] == 200
+    # 20 more followers than one batch holds (7): several batches, one job.
+    await add_followers(server.node.settings, 20)
+    stranger = await server.client("stranger2")
+    await alice.call("join", room="alice")
+    event = await online.next_event("live")
+    assert event["model"] == "alice" and isinstance(event["ts"], int)
+
+    async def stored() -> bool:
+        rows = await pg(server.node.settings, "SELECT count(*) AS n FROM notifications")
+        return bool(rows[0]["n"] == 22)
+
+    await eventually(stored)
+    got = await notes(server, "offline")
+    assert [(n["kind"], n["model"], n["ts"]) for n in got] == [("live", "alice", event["ts"])]
+    assert await notes(server, "stranger") == []
+    with pytest.raises(asyncio.TimeoutError):
+        await stranger.next_event("live", timeout_s=0.3)
+    # A flapping connection inside live_away_s notifies no one again.
+    await alice.call("leave", room="alice")
+    await alice.call("join", room="alice")
+    with pytest.raises(asyncio.TimeoutError):
+        await online.next_event("live", timeout_s=0.2)
+    # A second tab while she is in her room: nothing either.
+    tab = await server.client("alice", "model")
+    await tab.call("join", room="alice")
+    with pytest.raises(asyncio.TimeoutError):
+        await online.next_event("live", timeout_s=0.2)
+    # Away for longer than live_away_s (both tabs gone): live again.
+    await tab.close()
+    await alice.close()
+    await asyncio.sleep(0.4)
+    again = await server.client("alice", "model")
+    await again.call("join", room="alice")
+    assert (await online.next_event("live"))["ts"] > event["ts"]
+    await eventually(lambda: _count(server, 44))
+    first = await notes(server, "offline", "?limit=1")
+    assert len(first) == 1
+    status, page = await http.call("GET", "/v1/me/notifications?limit=1", "offline")
+    assert status == 200
+    older = await notes(server, "offline", f"?limit=1&cursor={page['next_cursor']}")
+    assert older[0]["ts"] == event["ts"] and first[0]["ts"] > event["ts"]
+
+
+async def _count(server: Running, n: int) -> bool:
+    rows = await pg(server.node.settings, "SELECT count(*) AS n FROM notifications")
+    return bool(rows[0]["n"] == n)
+
+
+async def test_a_job_a_dead_node_left_is_resumed(server: Running) -> None:
+    """The cursor says 'f3' was done: another node's sweep stores the rest."""
+    settings: Settings = server.node.settings
+    await server.client("alice", "model")
+    await add_followers(settings, 9)
+    await pg(
+        settings,
+        """INSERT INTO live_jobs (model, ts_ms, cursor, lease_until)
+           VALUES ('alice', 123, 'f3', now() - interval '1 second')""",
+    )
+    await eventually(lambda: _count(server, 6))
+    rows = await pg(settings, "SELECT user_id FROM notifications ORDER BY user_id")
+    assert [r["user_id"] for r in rows] == ["f4", "f5", "f6", "f7", "f8", "f9"]
+    assert (await pg(settings, "SELECT done FROM live_jobs"))[0]["done"] is True
+
+
+async def test_malformed_live_payload_is_dropped(server: Running, redis: Any) -> None:
+    fan = await server.client("fan")
+    await redis.publish(server.node.discovery.channel, b'L{"nomodel": 1}')
+    await redis.publish(server.node.discovery.channel, b"Lnot json")
+    with pytest.raises(asyncio.TimeoutError):
+        await fan.next_event("live", timeout_s=0.2)
+    assert await fan.call("ping") is not None
+
+
+async def test_notifications_survive_a_restart(start_server: Any) -> None:
+    first = await start_server(live_away_s=0.3)
+    await first.client("bob")
+    alice = await first.client("alice", "model")
+    await Http(first).call("PUT", "/v1/me/follows/alice", "bob")
+    await alice.call("join", room="alice")
+    await eventually(lambda: _count(first, 1))
+    await alice.close()
+    await first.process.stop()
+    second = await start_server(live_away_s=0.3)
+    got = await notes(second, "bob")
+    assert [n["model"] for n in got] == ["alice"]
+
+
+async def test_client_library_calls(server: Running) -> None:
+    """client_demo.client: put_profile, model_profile, rooms, follow, follows,
+    notifications, and HttpError on a refusal."""
+    from tests.conftest import token
+    from tokenchat.client_demo import client
+
+    await server.client("alice", "model")
+    await server.client("bob")
+    base = server.http_url
+    saved = await client.put_profile(
+        base, token("alice", "model"), display_name="Alice", bio="hi", tags=["jazz"]
+    )
+    assert saved["tags"] == ["jazz"]
+    got = await client.model_profile(base, "alice")
+    assert got["display_name"] == "Alice" and "prices" in got and got["menu"] == []
+    page = await client.rooms(base, sort="new", tag="jazz", limit=5)
+    assert [r["id"] for r in page["rooms"]] == ["alice"] and page["next_cursor"] is None
+    await client.follow(base, token("bob"), "alice")
+    assert [f["model"] for f in (await client.follows(base, token("bob")))["follows"]] == ["alice"]
+    await client.follow(base, token("bob"), "alice", on=False)
+    assert (await client.follows(base, token("bob")))["follows"] == []
+    assert (await client.notifications(base, token("bob"), limit=5))["notifications"] == []
+    with pytest.raises(client.HttpError) as refused:
+        await client.model_profile(base, "bob")
+    assert refused.value.status == 404
