@@ -67,6 +67,10 @@ happens, one line each, to standard output:
     /dms USER         your DM conversation with USER, oldest of the page first
     /block USER, /unblock USER, /blocks   refuse (or take again) USER's DMs
     /report USER REASON   report USER to the admins
+    /export [FILE]    your data as JSON (GET /v1/me/export on --http): a
+                      summary, and the whole of it written to FILE if given
+    /deleteaccount ID delete your account (DELETE /v1/me); ID: your own user
+                      id, typed again to confirm. Your balance is forfeited.
     /help             this list
     /quit             leave (so does the end of the input)
 
@@ -103,8 +107,10 @@ from .client import (
     SessionClosed,
     block,
     blocks,
+    delete_account,
     delete_goal,
     dm_history,
+    export_data,
     get_goal,
     get_leaderboard,
     get_menu,
@@ -160,6 +166,8 @@ HELP = """commands:
   /dms USER       your DM conversation with USER
   /block USER, /unblock USER, /blocks   refuse or take USER's DMs again
   /report USER REASON   report USER to the admins
+  /export [FILE]  your data as JSON (written to FILE if given)
+  /deleteaccount ID   delete your account (ID: your user id, to confirm)
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -560,6 +568,8 @@ async def handle_line(
         await goal_command(command, rest, state, args, out)
     elif command in ("history", "receipt", "dms", "block", "unblock", "blocks", "report"):
         await history_command(command, rest, state, args, out)
+    elif command in ("export", "deleteaccount"):
+        await account_command(command, rest, args, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
@@ -1214,6 +1224,49 @@ def parse_setgoal(rest: str) -> tuple[int, str, int | None, bool] | None:
     if len(words) < 2 or not words[0].isdigit():
         return None
     return int(words[0]), " ".join(words[1:]), in_s, aon
+
+
+# --- data export and account deletion (issue #13 section 4) ------------------------------
+
+
+async def account_command(command: str, rest: str, args: argparse.Namespace, out: Output) -> None:
+    """/export [FILE] and /deleteaccount ID, over the HTTP API (--http)."""
+    if not args.http:
+        out(f"error: /{command} needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    try:
+        if command == "export":
+            data = await export_data(args.http, args.token)
+            sections = [
+                f"{name} {len(value)}"
+                for name, value in data.items()
+                if isinstance(value, list) and name != "truncated"
+            ]
+            out(
+                f"* export of {data['user']['id']}: balance {data['balance']}; "
+                + ", ".join(sections)
+            )
+            if data["truncated"]:
+                out(f"* cut at {data['rows_max']} rows: {', '.join(data['truncated'])}")
+            if rest:
+                text = json.dumps(data, indent=2)
+                await asyncio.to_thread(_write_text, rest, text)
+                out(f"* written to {rest}")
+        elif not rest:
+            out("usage: /deleteaccount YOUR_USER_ID (typed again to confirm)")
+        else:
+            reply = await delete_account(args.http, args.token, rest)
+            out(
+                f"* account deleted: {reply['forfeited']} tokens forfeited; "
+                f"the books name you {reply['pseudonym']}"
+            )
+    except (OSError, HttpError) as exc:
+        out(f"error: {exc}")
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
 
 
 if __name__ == "__main__":
