@@ -376,3 +376,31 @@ async def test_deleting_an_account_forfeits_its_balance_shuts_it_out_and_pseudon
 
 async def _closed(client: Any) -> bool:
     return bool(client.closed)
+
+
+async def test_a_deleted_account_stays_shut_out_and_its_flags_pseudonymous_after_a_restart(
+    start_server: Start, redis: Redis
+) -> None:
+    first = await paid_server(start_server)
+    http = Http(first)
+    await http.call("GET", "/v1/me", "bob")
+    assert (await webhook(first, confirmed("pi_r")))[0] == 200
+    status, deleted = await http.call("DELETE", "/v1/me", "bob", confirm="bob")
+    assert status == 200 and deleted["forfeited"] == 100
+    # Charged back after the deletion: nothing left to take, all short.
+    status, charged = await webhook(first, reversed_("pi_r"))
+    assert status == 200 and (charged["clawed"], charged["shortfall"]) == (0, 100)
+    await drained(first)
+    await first.process.stop()
+    prefix = first.process.settings.redis_prefix
+    keys = [key async for key in redis.scan_iter(match=f"{prefix}*")]
+    await redis.delete(*keys)
+
+    second = await paid_server(start_server)
+    http = Http(second)
+    status, refused = await http.call("GET", "/v1/me", "bob")
+    assert status == 403 and refused["error"]["code"] == "BANNED"
+    status, flags = await http.call("GET", "/v1/admin/flags?user=bob", "ops", "admin")
+    assert [(f["user"], f["shortfall"]) for f in flags["flags"]] == [(deleted["pseudonym"], 100)]
+    assert (await http.call("GET", "/v1/admin/flags?limit=0", "ops", "admin"))[0] == 400
+    assert (await http.reconcile())["ok"] is True
