@@ -86,6 +86,10 @@ happens, one line each, to standard output:
                       FROM/TO: ISO dates or epoch ms; default the last 30 days)
     /payoutmethod [bank HOLDER_IBAN | paypal EMAIL]   show or set your payout
                       method (bank: `bank "Alice A" DE89...`; model; --http)
+    /export [FILE]    your data as JSON (GET /v1/me/export on --http): a
+                      summary, and the whole of it written to FILE if given
+    /deleteaccount ID delete your account (DELETE /v1/me); ID: your own user
+                      id, typed again to confirm. Your balance is forfeited.
     /help             this list
     /quit             leave (so does the end of the input)
 
@@ -123,9 +127,11 @@ from .client import (
     SessionClosed,
     block,
     blocks,
+    delete_account,
     delete_goal,
     dm_history,
     earnings,
+    export_data,
     follow,
     follows,
     get_goal,
@@ -201,6 +207,8 @@ HELP = """commands:
   /payout TOKENS  ask for a payout (model); /payouts lists yours
   /earnings [FROM [TO]]   your earnings statement (model)
   /payoutmethod [bank "HOLDER" IBAN | paypal EMAIL]   your payout method (model)
+  /export [FILE]  your data as JSON (written to FILE if given)
+  /deleteaccount ID   delete your account (ID: your user id, to confirm)
   /quit           leave"""
 
 Output = Callable[[str], None]
@@ -624,6 +632,8 @@ async def handle_line(
         await exclude(rest, args, out)
     elif command in PAYOUT_COMMANDS:
         await payout_command(command, rest, args, out)
+    elif command in ("export", "deleteaccount"):
+        await account_command(command, rest, args, out)
     else:
         out(f"error: unknown command {line.split()[0]!r} (/help lists them)")
     return True
@@ -1460,6 +1470,49 @@ async def follow_command(command: str, rest: str, args: argparse.Namespace, out:
         out(f"error {exc.code}: {exc.message}")
     except OSError as exc:
         out(f"error: /{command}: {exc}")
+
+
+# --- data export and account deletion (issue #13 section 4) ------------------------------
+
+
+async def account_command(command: str, rest: str, args: argparse.Namespace, out: Output) -> None:
+    """/export [FILE] and /deleteaccount ID, over the HTTP API (--http)."""
+    if not args.http:
+        out(f"error: /{command} needs the HTTP API's URL (--http http://HOST:8000)")
+        return
+    try:
+        if command == "export":
+            data = await export_data(args.http, args.token)
+            sections = [
+                f"{name} {len(value)}"
+                for name, value in data.items()
+                if isinstance(value, list) and name != "truncated"
+            ]
+            out(
+                f"* export of {data['user']['id']}: balance {data['balance']}; "
+                + ", ".join(sections)
+            )
+            if data["truncated"]:
+                out(f"* cut at {data['rows_max']} rows: {', '.join(data['truncated'])}")
+            if rest:
+                text = json.dumps(data, indent=2)
+                await asyncio.to_thread(_write_text, rest, text)
+                out(f"* written to {rest}")
+        elif not rest:
+            out("usage: /deleteaccount YOUR_USER_ID (typed again to confirm)")
+        else:
+            reply = await delete_account(args.http, args.token, rest)
+            out(
+                f"* account deleted: {reply['forfeited']} tokens forfeited; "
+                f"the books name you {reply['pseudonym']}"
+            )
+    except (OSError, HttpError) as exc:
+        out(f"error: {exc}")
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import inspect
 import itertools
 import json
 import random
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -1464,4 +1467,71 @@ async def notifications(
     ``{notifications: [{id, kind, model, ts}], next_cursor}``."""
     url = f"{http_url.rstrip('/')}/v1/me/notifications" + _query({"cursor": cursor, "limit": limit})
     reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply
+
+
+# --- payments and accounts (issue #13 section 4; docs/protocol.md, "Payments and accounts")
+
+
+async def export_data(http_url: str, token: str) -> dict[str, Any]:
+    """The caller's data (``GET /v1/me/export``): ``{user, balance,
+    purchases, reversals, transactions, dms, blocks, reports, [follows],
+    truncated, rows_max}``; a section named in ``truncated`` was cut at
+    ``rows_max`` rows."""
+    url = f"{http_url.rstrip('/')}/v1/me/export"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply
+
+
+async def delete_account(http_url: str, token: str, user: str) -> dict[str, Any]:
+    """Delete the caller's account (``DELETE /v1/me``, ``confirm``: the
+    caller's own id): ``{deleted, pseudonym, forfeited}``. The balance is
+    forfeited, every session is closed and the account is refused from then on."""
+    url = f"{http_url.rstrip('/')}/v1/me"
+    reply: dict[str, Any] = await asyncio.to_thread(
+        _http_json, "DELETE", url, token, {"confirm": user}
+    )
+    return reply
+
+
+async def account_flags(
+    http_url: str, token: str, *, before: int | None = None, limit: int | None = None
+) -> dict[str, Any]:
+    """Accounts flagged by a chargeback (an admin's token): ``{flags: [{id,
+    user, reason, payment_ref, shortfall, ts}], next}``."""
+    url = f"{http_url.rstrip('/')}/v1/admin/flags" + _query({"before": before, "limit": limit})
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply
+
+
+def webhook_signature(secret: str, body: bytes, timestamp: int) -> str:
+    """The ``Payment-Signature`` header a provider sends with ``body``:
+    ``t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>``."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+async def send_webhook(
+    http_url: str, secret: str, event: dict[str, Any], *, timestamp: int | None = None
+) -> dict[str, Any]:
+    """Post a payment provider's event, signed (what a provider, a test or the
+    load test does): ``{"id", "type", "data": {"payment_ref", ...}}``."""
+    body = json.dumps(event).encode()
+    header = webhook_signature(secret, body, int(time.time()) if timestamp is None else timestamp)
+    url = f"{http_url.rstrip('/')}/v1/payments/webhook"
+
+    def post() -> Any:
+        request = urllib.request.Request(
+            url,
+            data=body,
+            method="POST",
+            headers={"Payment-Signature": header, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise HttpError(exc.code, json.loads(exc.read() or b"{}")) from None
+
+    reply: dict[str, Any] = await asyncio.to_thread(post)
     return reply

@@ -121,6 +121,8 @@ Afterwards, stop the server and remove its state::
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import itertools
 import logging
@@ -1698,9 +1700,56 @@ class FanUser(TokenchatUser):
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
 
+    # --- payment webhooks (issue #13 section 4) -----------------------------------------
+    @task(3)
+    def webhook_purchase(self) -> None:
+        """A bundle bought through the provider's signed webhook
+        (``payment.confirmed``), delivered twice now and then (credited once),
+        and now and then charged back (what is left of it is clawed back)."""
+        if not WEBHOOK_SECRET or self.session is None:
+            return  # no secret shared, or not connected yet (the user row)
+        self.webhooks = getattr(self, "webhooks", 0) + 1
+        ref = f"{self.user_id}:pi{self.webhooks}"
+        bundle, cents = WEBHOOK_BUNDLE
+        data = {"payment_ref": ref, "user": self.user_id, "bundle": bundle, "amount_cents": cents}
+        event = {"id": f"evt:{ref}", "type": "payment.confirmed", "data": data}
+        self.post_webhook(event, "POST /v1/payments/webhook (confirmed)")
+        if random.random() < WEBHOOK_REPLAY_CHANCE:
+            self.post_webhook(event, "POST /v1/payments/webhook (replay)")
+        if random.random() < WEBHOOK_CHARGEBACK_CHANCE:
+            chargeback = {
+                "id": f"evt:{ref}:cb",
+                "type": "payment.charged_back",
+                "data": {"payment_ref": ref},
+            }
+            self.post_webhook(chargeback, "POST /v1/payments/webhook (chargeback)")
+
+    def post_webhook(self, event: dict[str, Any], name: str) -> None:
+        body = orjson.dumps(event)
+        headers = {
+            "Payment-Signature": webhook_signature(WEBHOOK_SECRET, body, int(time.time())),
+            "Content-Type": "application/json",
+        }
+        for attempt in range(self.cfg.attempts):
+            with self.client.post(
+                "/v1/payments/webhook",
+                data=body,
+                headers=headers,
+                name=name,
+                timeout=HTTP_TIMEOUT_S,
+                catch_response=True,
+            ) as response:
+                if response.status_code == 200:
+                    return
+                response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
+                if response.status_code not in (0, 503):
+                    return
+            gevent.sleep(RETRY_BACKOFF_S * 2**attempt)
+
 
 # Tags models put on their profiles and fans filter the grid by (issue #13).
 PROFILE_TAGS = ["jazz", "piano", "talk", "games", "art", "late-night"]
+
 
 # The windows a fan's leaderboard read picks from (docs/protocol.md, "Standing").
 LEADERBOARD_WINDOWS = ("12h", "day", "week", "all")
@@ -1714,6 +1763,24 @@ def offset_key(offset: object) -> tuple[int, ...] | None:
     if not (dash and ms.isdigit() and seq.isdigit()):
         return None
     return (int(ms), int(seq))
+
+
+# --- payment webhooks (issue #13 section 4) ----------------------------------------------
+# The provider's signing secret, shared with the server under test; the
+# webhook tasks are skipped without it.
+WEBHOOK_SECRET = os.environ.get("TOKENCHAT_PAYMENT_WEBHOOK_SECRET", "")
+# The bundle a webhook purchase buys (TOKENCHAT_BUNDLES' default smallest).
+WEBHOOK_BUNDLE = ("starter", 999)
+# Share of webhook purchases delivered twice (providers retry) and of those
+# charged back afterwards (a clawback of what is left of its tokens).
+WEBHOOK_REPLAY_CHANCE = 0.3
+WEBHOOK_CHARGEBACK_CHANCE = 0.2
+
+
+def webhook_signature(secret: str, body: bytes, timestamp: int) -> str:
+    """``Payment-Signature``: ``t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>``."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
 
 
 def _http_error_code(response: Any) -> str:

@@ -165,6 +165,19 @@ class Settings:
     # Token bundles for sale: id:tokens:price_cents, comma separated. Bigger
     # bundles are cheaper per token; GET /v1/bundles shows the discount.
     bundles: str = "starter:100:999,fan:550:4999,superfan:1200:9999,whale:6500:49999"
+    # --- payment webhooks and accounts (server/http/accounts.py) ----------------
+    # The secret the provider signs webhooks with (Stripe's "whsec_..."):
+    # `Payment-Signature: t=<unix s>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+    # Empty: POST /v1/payments/webhook refuses every call (no provider set up).
+    payment_webhook_secret: str = ""
+    # How far a webhook's signed timestamp may be from now, either way: a
+    # captured request replayed later than this is refused even though its
+    # signature is valid (Stripe's default tolerance is 5 minutes).
+    payment_webhook_tolerance_s: int = 300
+    # GET /v1/me/export: rows per section at most (a section longer than this
+    # is cut, and the answer says so in `truncated`), so one export streams a
+    # bounded answer; 10,000 DMs is years of a busy fan's messages.
+    export_section_rows_max: int = 10_000
 
     # --- locked media (server/catalog/media.py) ---------------------------------------
     # Where the local-disk media store keeps uploads and previews (relative to
@@ -523,6 +536,8 @@ class Settings:
             "trending_window_s",
             "discovery_rooms_max",
             "discovery_refresh_s",
+            "payment_webhook_tolerance_s",
+            "export_section_rows_max",
         ]
         # nan compares false with everything, so `<= 0` lets it through (and
         # turns a rate limit off); inf is no limit at all. Refused first.

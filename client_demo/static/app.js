@@ -1961,6 +1961,8 @@ const TX_KINDS = {
   escrow_refund: "Escrow returned",
   meter: "Private show",
   ticket: "Show ticket",
+  chargeback: "Payment reversed",
+  forfeit: "Forfeited (account deleted)",
 };
 const txPage = { next: null, kind: "" };
 
@@ -2122,6 +2124,7 @@ wire();
 wireModeration();
 wireHistory();
 wirePayouts();
+wireAccount();
 init();
 
 // --- moderation (docs/protocol.md, "Moderation") --------------------------------------------
@@ -2401,4 +2404,55 @@ function wirePayouts() {
     $("payout-bank-fields").hidden = !bank;
     $("payout-paypal-fields").hidden = bank;
   });
+}
+
+// --- your data and your account (docs/protocol.md, "Payments and accounts") ------------------
+// The export's sections shown in the summary, in this order.
+const EXPORT_SECTIONS = ["purchases", "transactions", "dms", "blocks", "reports", "reversals", "follows"];
+
+async function exportData() {
+  let data;
+  try {
+    data = await api("GET", "/v1/me/export");
+  } catch (err) {
+    toast(explain(err, "your export"), "error");
+    return;
+  }
+  const counts = EXPORT_SECTIONS.filter((name) => Array.isArray(data[name])).map(
+    (name) => `${data[name].length} ${name}`,
+  );
+  const cut = data.truncated.length ? ` (cut at ${data.rows_max} rows: ${data.truncated.join(", ")})` : "";
+  $("export-summary").textContent = `Exported: ${counts.join(", ")}${cut}.`;
+  // Offered as a file: the JSON as the server sent it.
+  const blob = new Blob([JSON.stringify(data, null, 2)], { type: "application/json" });
+  const link = el("a", { href: URL.createObjectURL(blob), download: `tokenchat-${data.user.id}.json` });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+}
+
+async function deleteAccount() {
+  if (!state.me) return;
+  const left = state.balance ? ` Your ${tokens(state.balance)} will be forfeited.` : "";
+  const ok = await confirmDialog(
+    "Delete your account?",
+    `You will be signed out everywhere and cannot sign in as ${state.me.id} again. ` +
+      `Your messages and reports are removed; the ledger keeps your transactions under a pseudonym.${left}`,
+    "Delete my account",
+  );
+  if (!ok) return;
+  try {
+    await api("DELETE", "/v1/me", { confirm: state.me.id });
+  } catch (err) {
+    toast(explain(err, "deleting your account"), "error");
+    return;
+  }
+  signOut();
+  toast("Your account was deleted.", "success");
+}
+
+function wireAccount() {
+  $("export-data").addEventListener("click", exportData);
+  $("delete-account").addEventListener("click", deleteAccount);
 }

@@ -559,6 +559,21 @@ PAYOUT = Action(
     refusals=_EMPTY,
 )
 
+# Payments and accounts (issue #13 section 4): a purchase refunded or charged
+# back takes back what is left of its tokens into sys:mint (`chargeback`); a
+# deleted account's balance goes to sys:forfeited (`forfeit`). Never more than
+# the user holds: the reply says what was taken and what was short.
+CLAWBACK = Action(
+    name="clawback",
+    kinds=("chargeback", "forfeit"),
+    keys=("user_balance", "sink_balance"),
+    args=("amount", "user", "sink", "kind", "user_channel"),
+    refundable=False,
+    delivery=Delivery.BALANCE_PUSH,
+    # Nothing to take (the user spent it all): no ledger entry to wait for.
+    ledgered=lambda reply: bool(reply["clawed"]),
+)
+
 ACTIONS: tuple[Action, ...] = (
     TIP,
     DM,
@@ -574,6 +589,7 @@ ACTIONS: tuple[Action, ...] = (
     TICKET_REFUND,
     GOAL_REFUND,
     PAYOUT,
+    CLAWBACK,
 )
 BY_NAME: Mapping[str, Action] = MappingProxyType({action.name: action for action in ACTIONS})
 # The first action declaring a kind (escrow_refund: ESCROW_REFUND; a

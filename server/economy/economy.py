@@ -48,6 +48,7 @@ from ..keys import Keys, glob_escape
 from ..ledger.confirmations import Confirmations
 from .actions import (
     ACTIONS,
+    CLAWBACK,
     COMMON_ARGS,
     COMMON_KEYS,
     CREDIT,
@@ -83,6 +84,8 @@ PAYOUTS = "sys:payouts"
 # The system's initiators: purchases, and the `tokenchat dev` seed.
 PAYMENTS_INITIATOR = "sys:payments"
 DEV_INITIATOR = "sys:dev"
+# Where a deleted account's balance goes (ledger kind `forfeit`, migration 0019).
+FORFEITED = "sys:forfeited"
 IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000  # the contract's 24 hours
 # Loads per call before giving up: one per hot key a script may find missing
 # (a menu tip: the menu, both balances, the room's goal, an all-or-nothing
@@ -958,6 +961,45 @@ class Economy:
             "payer_limits": self._keys.limits(user_id),
             "payer_spent": self._keys.spent(user_id),
         }
+
+    # --- payments and accounts (actions.py, CLAWBACK; server/http/accounts.py) ------
+    async def clawback(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        kind: str,
+        initiator: str,
+        key: str,
+        meta: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Take back up to ``amount`` tokens from the user, at most what the
+        user holds: ``chargeback`` into the mint (a purchase reversed) or
+        ``forfeit`` into sys:forfeited (a deleted account). The reply's
+        ``clawed`` and ``shortfall`` say how much was taken and how much was
+        spent already."""
+        _check_initiator(initiator)
+        assert kind in CLAWBACK.kinds, f"a clawback of kind {kind!r}"
+        sink = MINT if kind == "chargeback" else FORFEITED
+        account = user_account(user_id)
+        return await self._run(
+            CLAWBACK,
+            initiator=initiator,
+            key=key,
+            request=fingerprint(kind, user=user_id, amount=amount),
+            meta=meta,
+            keys={
+                "user_balance": self._keys.balance(account),
+                "sink_balance": self._keys.balance(sink),
+            },
+            args={
+                "amount": amount,
+                "user": account,
+                "sink": sink,
+                "kind": kind,
+                "user_channel": self._keys.user_channel(user_id),
+            },
+        )
 
     # --- running scripts ---------------------------------------------------------------
     async def _run(

@@ -306,16 +306,22 @@ def create_app(node: Node) -> Starlette:
         # A self-excluded fan is refused before any payment is taken.
         await node.economy.limits.check_purchase(identity.user_id)
         await provider.confirm(identity.user_id, bundle_id, bundle["price_cents"], payment_ref)
-        tx = await record_purchase(identity.user_id, bundle, payment_ref)
+        return JSONResponse(await credit_purchase(identity.user_id, bundle, payment_ref))
+
+    async def credit_purchase(
+        user_id: str, bundle: dict[str, Any], payment_ref: str
+    ) -> dict[str, Any]:
+        """Credit a confirmed payment's bundle once per payment_ref: POST
+        /v1/purchases and the provider's `payment.confirmed` webhook alike."""
+        bundle_id = bundle["id"]
+        tx = await record_purchase(user_id, bundle, payment_ref)
         # The ledger is the lasting record: a payment credited long ago (its
         # Redis idempotency record expired) is answered from it, never again.
         recorded = await ledger_reply(tx)
         if recorded is not None:
-            return JSONResponse(
-                {**recorded, "duplicate": True, "bundle": bundle_id, "tokens": bundle["tokens"]}
-            )
+            return {**recorded, "duplicate": True, "bundle": bundle_id, "tokens": bundle["tokens"]}
         reply = await node.economy.credit(
-            identity.user_id,
+            user_id,
             bundle["tokens"],
             initiator=PAYMENTS_INITIATOR,
             key=payment_ref,
@@ -323,7 +329,7 @@ def create_app(node: Node) -> Starlette:
             meta={"bundle": bundle_id, "payment_ref": payment_ref, "provider": provider.name},
             tx=tx,
         )
-        return JSONResponse({**reply, "bundle": bundle_id, "tokens": bundle["tokens"]})
+        return {**reply, "bundle": bundle_id, "tokens": bundle["tokens"]}
 
     async def record_purchase(user_id: str, bundle: dict[str, Any], payment_ref: str) -> str:
         """The purchase's transaction id, recording it once per payment_ref."""
@@ -623,6 +629,8 @@ def create_app(node: Node) -> Starlette:
     # Locked media, and receipts, DM history, blocks and reports: modules of
     # their own (they import this one's helpers).
     # The admin page and its own routes (issue #15 item 6).
+    # Payment webhooks, chargebacks, data export and account deletion.
+    from .accounts import accounts_routes
     from .admin import admin_routes
     from .discovery import discovery_routes
     from .history import history_routes
@@ -641,6 +649,7 @@ def create_app(node: Node) -> Starlette:
         *standing_routes(node),
         *admin_routes(node, identity_of),
         *discovery_routes(node, identity_of),
+        *accounts_routes(node, identity_of, limit_creates, credit_purchase, drain),
         Route("/", index),
         Mount("/static", _StaticFiles(directory=STATIC_DIR), name="static"),
         Route("/v1/config", client_config),

@@ -110,7 +110,25 @@ class History:
             )
         more = len(rows) > limit
         cursor = f"{page[-1]['applied_ms']}-{page[-1]['id']}" if more and page else None
+        aliases = await self._pseudonyms([i["counterparty"] for i in items if i["counterparty"]])
+        for item in items:
+            item["counterparty"] = aliases.get(item["counterparty"], item["counterparty"])
         return {"transactions": items, "next": cursor}
+
+    async def _pseudonyms(self, users: list[str]) -> dict[str, str]:
+        """Deleted users among ``users`` and their pseudonyms (migration
+        0019): the ledger keeps `u:<id>` (append-only), what it shows names a
+        deleted user by the pseudonym only."""
+        if not users:
+            return {}
+        try:
+            rows = await self._pool.fetch(
+                "SELECT user_id, pseudonym FROM deleted_users WHERE user_id = ANY($1::text[])",
+                sorted(set(users)),
+            )
+        except _DB_ERRORS as exc:
+            raise Unavailable("the ledger is unavailable") from exc
+        return {row["user_id"]: row["pseudonym"] for row in rows}
 
     async def receipt(self, user_id: str, tx: str, *, admin: bool) -> dict[str, Any]:
         """One transaction as its parties (or an admin) may read it; anyone
@@ -154,6 +172,15 @@ class History:
         except _DB_ERRORS as exc:
             raise Unavailable("the ledger is unavailable") from exc
         receipt = self._receipt(user_id, row, postings, payer, payee, average, admin=admin)
+        parties = [u for u in (_user_of(a) for a, _ in postings) if u is not None and u != user_id]
+        aliases = await self._pseudonyms(parties)
+        if aliases:  # a deleted party: named by its pseudonym only
+            for name in ("from", "to", "counterparty", "initiator"):
+                receipt[name] = aliases.get(receipt[name], receipt[name])
+            for posting in receipt["postings"]:
+                user = _user_of(posting["account"])
+                if user in aliases:
+                    posting["account"] = aliases[user]
         if "earnings" in receipt and self.rate_at is not None:
             rate, rule = await self.rate_at(int(row["applied_ms"]))
             receipt["earnings"] = {

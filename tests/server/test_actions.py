@@ -330,10 +330,23 @@ async def test_each_action_round_trips_through_redis_and_postgres(
     with pytest.raises(Conflict, match="holds nothing"):
         await economy.payout("esc:test:e4", initiator="sys:test", key="po2", meta={})
 
+    # A purchase's clawback (a chargeback, into the mint), then a deleted
+    # account's forfeit of the whole rest (server/http/accounts.py).
+    clawed = await economy.clawback(
+        "bob", 5, kind="chargeback", initiator="sys:payments", key="cb1", meta={}
+    )
+    assert (clawed["clawed"], clawed["shortfall"]) == (5, 0)
+    forfeit = await economy.clawback(
+        "bob", 2**52, kind="forfeit", initiator="u:bob", key="f1", meta={}
+    )
+    assert forfeit["clawed"] == clawed["balance"] and forfeit["balance"] == 0
+
     rows = await pg(settings, "SELECT id, kind FROM ledger_transactions")
     assert {r["id"]: r["kind"] for r in rows} == {
         payout_hold["tx"]: "hold",
         payout["tx"]: "payout",
+        clawed["tx"]: "chargeback",
+        forfeit["tx"]: "forfeit",
         goal_tip["tx"]: "tip",
         goal_back["id"]: "escrow_refund",
         ticket["tx"]: "ticket",
