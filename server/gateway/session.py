@@ -462,11 +462,14 @@ class Session:
         if is_new and room_id == self._user():  # the model in her own room
             self.node.model_arrived(room_id)
         moderation = {**rules.settings_wire(), "moderators": sorted(rules.moderators)}
+        # While a ticket show runs, show-time tips may have crowned the king:
+        # like the `king` event then, he is for those who see the show.
+        walled = show is not None and show.get("state") == "running" and not ticket
         return {
             "room": {
                 **info.to_wire(viewers),
                 "show": show,
-                "king": await self._king_of(room_id),
+                "king": None if walled else await self._king_of(room_id),
                 "moderation": moderation,
                 "goal": goal,
             },

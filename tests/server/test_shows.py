@@ -448,3 +448,12 @@ async def test_a_menu_tip_during_a_show_is_for_ticket_holders_only(
     await no_event(carol)
     rejoined = await carol.call("join", room="alice")
     assert all(e.get("type") != "tip" for e in rejoined["history"])
+    # Bob's show-time tip made him king: a ticket holder's join names him,
+    # while a non-holder's names no king until the show is over.
+
+    async def crowned() -> bool:
+        joined = await bob.call("join", room="alice")
+        return bool(joined["room"]["king"] and joined["room"]["king"]["user"] == "bob")
+
+    await eventually(crowned, timeout_s=10.0)
+    assert (await carol.call("join", room="alice"))["room"]["king"] is None
