@@ -725,20 +725,25 @@ class Session:
     async def _reality_checks(self, user_id: str) -> None:
         """Every `reality_check_min` minutes: a `reality_check` event with
         the time this session has been online and what she spent since it
-        opened, or since she turned reality checks on if that was later
-        (her counters' total, so spends from other sessions, HTTP and a
-        private show's meter count too). Looks again for the setting every
-        reality_check_poll_s while none is due."""
+        opened (her counters' total, so spends from other sessions, HTTP and
+        a private show's meter count too). The first check comes a period
+        after she turned them on (or after the hello). Looks again for the
+        setting every reality_check_poll_s while none is due."""
         settings = self.node.settings
         limits = self.node.economy.limits
         started = last = time.monotonic()
+        # Her counters' total as the session opened (read once, right after
+        # the hello): a baseline taken only when the session noticed a new
+        # setting would leave out what she spent before it noticed.
         spent_before: int | None = None
+        enabled = False
         while not self._closing:
             try:
+                if spent_before is None:
+                    spent_before = await limits.spent_total(user_id)
                 minutes = await limits.reality_check_min(user_id)
-                if minutes is not None and spent_before is None:
-                    # From now (the hello, or her turning them on) on.
-                    spent_before, last = await limits.spent_total(user_id), time.monotonic()
+                if minutes is not None and not enabled:
+                    enabled, last = True, time.monotonic()  # a period from now
             except ServiceError:
                 minutes = None
             if minutes is None or spent_before is None:

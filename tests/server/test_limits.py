@@ -385,21 +385,22 @@ async def test_two_server_processes_never_charge_past_a_limit(
 async def test_reality_checks_tell_time_online_and_spent(start_server: Start) -> None:
     server = await start_server(reality_check_minute_s=1.0, reality_check_poll_s=0.1)
     _, fan = await members(server)
+    await asyncio.sleep(0.3)  # the session's task has read her total (after the welcome)
     await fan.call("tip", room="alice", amount=5, key="before")
     await set_limits(server, reality_check_min=1)
-    await asyncio.sleep(0.3)  # the session notices the setting (poll 0.1 s)
-    await fan.call("tip", room="alice", amount=12, key="t1")
+    await fan.call("tip", room="alice", amount=12, key="t1")  # maybe before it noticed
     event = await fan.next_event("reality_check", timeout_s=5)
     assert event["every_min"] == 1 and event["online_s"] >= 0
-    assert event["spent"] == 12  # since she turned them on, later than the hello
-    # A session opened with reality checks on counts from its hello, and
-    # spends from other sessions count.
+    # Since the session opened, not since it noticed the setting.
+    assert event["spent"] == 17
+    # Another session counts from its own hello, and spends from other
+    # sessions count.
     second = await server.client("bob")
     await asyncio.sleep(0.3)  # its task has read her total (right after the welcome)
     await fan.call("tip", room="alice", amount=3, key="t2")
     assert (await second.next_event("reality_check", timeout_s=5))["spent"] == 3
     later = await fan.next_event("reality_check", timeout_s=5)
-    assert later["spent"] == 15 and later["online_s"] >= event["online_s"]
+    assert later["spent"] == 20 and later["online_s"] >= event["online_s"]
     await second.close()
     # Off again: no more of them.
     await set_limits(server, reality_check_min=None)
