@@ -502,16 +502,15 @@ class Privates:
                 reply: dict[str, Any] | None = None
                 while (ticks + 1) * period <= row["billable"] and done < TICKS_PER_PASS_MAX:
                     n = ticks + 1
-                    amount = charged_for(rate, n * period) - charged_for(rate, ticks * period)
-                    if amount > 0:
-                        try:
-                            reply = await self._meter(row, amount, f"meter:{show}:{n}")
-                        except InsufficientFunds:
-                            # The balance runs out within this period: the show
-                            # ends at the last second it covers.
-                            end_s = await self._affordable_end(row, ticks * period, n * period)
-                            ended = await self._end_in(conn, show, "balance", end_s)
-                            break
+                    try:
+                        amount, paid = await self._charge_tick(row, n)
+                    except InsufficientFunds:
+                        # The balance runs out within this period: the show
+                        # ends at the last second it covers.
+                        end_s = await self._affordable_end(row, ticks * period, n * period)
+                        ended = await self._end_in(conn, show, "balance", end_s)
+                        break
+                    reply = paid or reply
                     ticks, charged, done = n, charged + amount, done + 1
                 if done:
                     low = False
@@ -538,6 +537,17 @@ class Privates:
         elif done:
             await self._publish(row, fan_extra=warn)
         return done
+
+    async def _charge_tick(self, row: Any, n: int) -> tuple[int, dict[str, Any] | None]:
+        """Charge period ``n`` of the show under its own key (a duplicate
+        when it was charged before, by a tick or a settle): its amount, and
+        the meter's reply (None when the period costs nothing).
+        InsufficientFunds when the fan cannot pay it."""
+        rate, period = int(row["rate"]), self._tick_s
+        amount = charged_for(rate, n * period) - charged_for(rate, (n - 1) * period)
+        if amount == 0:
+            return 0, None
+        return amount, await self._meter(row, amount, f"meter:{row['id']}:{n}")
 
     async def _meter(self, row: Any, amount: int, key: str) -> dict[str, Any]:
         show = row["id"]
@@ -681,14 +691,11 @@ class Privates:
         # inside the final charge, which covers only the last part period.
         ticks = int(row["ticks"])
         while (ticks + 1) * self._tick_s <= end_s:
-            n = ticks + 1
-            amount = charged_for(rate, n * self._tick_s) - charged_for(rate, ticks * self._tick_s)
-            if amount > 0:
-                try:
-                    await self._meter(row, amount, f"meter:{show}:{n}")
-                except InsufficientFunds:
-                    break  # the final charge below ends the show where it can pay
-            ticks = n
+            try:
+                await self._charge_tick(row, ticks + 1)
+            except InsufficientFunds:
+                break  # the final charge below ends the show where it can pay
+            ticks += 1
         billed_s = ticks * self._tick_s
         final = charged_for(rate, max(end_s, billed_s)) - charged_for(rate, billed_s)
         while final > 0:
