@@ -19,6 +19,11 @@ ignore fields an event gains, so either side can be newer (docs/protocol.md,
 share (AsyncAPI's default schema format is a superset of draft-07), and name
 each other as ``#/components/schemas/NAME`` inside the document.
 
+One rule the schemas cannot carry: the wire's integers are JSON integers, and
+``5.0`` is refused (docs/protocol.md, "Frames"), while JSON Schema's
+``integer`` admits a number with no fraction. A validator that means to agree
+with the server checks ``integer`` strictly (tests/apischema.py does).
+
 Pure, like the rest of protocol/: the server serves the document at
 ``GET /asyncapi.json``, and docs/asyncapi.json is a copy a test keeps equal.
 """
@@ -87,10 +92,10 @@ TX: Final[Schema] = {"type": "string", "minLength": 1}
 SHARED_SCHEMAS: Final[dict[str, Schema]] = {
     "user_id": USER_ID,
     "offset": OFFSET,
-    "command_id": COMMAND_ID,
+    "correlation_id": COMMAND_ID,
     "media_descriptor": obj(
         {"id": STRING, "kind": STRING, "price": TOKENS},
-        {"preview": nullable(STRING)},
+        {"preview": nullable(obj({"kind": {"enum": ["image", "text", "blur"]}}))},
     ),
     "king": nullable(obj({"user": USER_ID, "tokens": TOKENS})),
     "goal": obj(
@@ -261,9 +266,9 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
         _DUPLICATE,
     ),
     "buy_ticket": ({}, {**_DUPLICATE, "already": BOOLEAN, "balance": TOKENS, "tx": ANY}),
-    "show_start": ({}, {}),
-    "show_end": ({}, {}),
-    "show_cancel": ({}, {}),
+    "show_start": (_SHOW_STATE, _DUPLICATE),
+    "show_end": (_SHOW_STATE, _DUPLICATE),
+    "show_cancel": (_SHOW_STATE, _DUPLICATE),
     "mute": ({**_ROOM_USER, "until": MS}, {}),
     "unmute": (_ROOM_USER, {}),
     "kick": (_ROOM_USER, {}),
@@ -280,7 +285,7 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
 def command_schema(type_name: str) -> Schema:
     """The JSON Schema of command ``type_name``, from its declaration."""
     cls = COMMANDS[type_name]
-    properties: dict[str, Schema] = {"type": const(type_name), "id": nullable(ref("command_id"))}
+    properties: dict[str, Schema] = {"type": const(type_name), "id": nullable(ref("correlation_id"))}
     required = ["type"]
     for field in declared_fields(type_name):
         if not field.check.schema:
@@ -292,7 +297,9 @@ def command_schema(type_name: str) -> Schema:
         else:  # null counts as absent
             properties[field.name] = nullable(schema)
     described: Schema = {"type": "object", "properties": properties, "required": required}
-    if cls.__doc__:
+    # A declaration without a docstring gets dataclass's signature (with
+    # addresses in it), which is no description.
+    if cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}("):
         described["description"] = " ".join(cls.__doc__.split())
     return described
 
@@ -307,10 +314,10 @@ def ok_schema(type_name: str) -> Schema:
                 "balance": TOKENS,
                 "session": STRING,
             },
-            {"re": ref("command_id")},
+            {"re": ref("correlation_id")},
         )
     always, sometimes = RESULT_FIELDS[type_name]
-    return obj({"type": const("ok"), **always}, {"re": ref("command_id"), **sometimes})
+    return obj({"type": const("ok"), **always}, {"re": ref("correlation_id"), **sometimes})
 
 
 def error_schema() -> Schema:
@@ -324,7 +331,7 @@ def error_schema() -> Schema:
             "message": STRING,
         },
         {
-            "re": ref("command_id"),
+            "re": ref("correlation_id"),
             "until": nullable(MS),
             "window": STRING,
             "remaining": TOKENS,

@@ -12,6 +12,10 @@ they depend on the code only.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import orjson
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -48,3 +52,19 @@ def apidocs_routes() -> list[BaseRoute]:
         Route(ASYNCAPI_PATH, asyncapi_json),
         Route(DOCS_PATH, docs),
     ]
+
+
+def write_documents(folder: Path) -> None:
+    """Write openapi.json and asyncapi.json into ``folder`` (docs/ keeps a
+    copy of each, for readers without a server; a test keeps them current)."""
+    for name, document in (
+        ("openapi.json", openapi_document()),
+        ("asyncapi.json", asyncapi_document()),
+    ):
+        text = orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n"
+        (folder / name).write_text(text)
+
+
+if __name__ == "__main__":
+    # python -m tokenchat.server.http.apidocs docs/
+    write_documents(Path(sys.argv[1] if len(sys.argv) > 1 else "docs"))

@@ -78,6 +78,8 @@ class Operation:
     query: tuple[str, ...] = ()
     # A reply that is not JSON: its media type.
     media_type: str = "application/json"
+    # Other statuses whose body is not an error: {status: (why, schema)}.
+    also: tuple[tuple[int, str, Schema], ...] = ()
     tag: str = ""
 
 
@@ -96,6 +98,7 @@ LIMITS_BODY: Final = obj(
 BLOCK: Final = obj({"user": USER_ID, "blocked": BOOLEAN})
 FOLLOW: Final = obj({"model": USER_ID, "following": BOOLEAN})
 SHOW: Final = ref("show")
+READINESS: Final = obj({"ok": BOOLEAN}, {"redis": ANY, "postgres": ANY, "draining": BOOLEAN})
 
 OPERATIONS: Final[tuple[Operation, ...]] = (
     # --- health and operations -------------------------------------------------------
@@ -105,7 +108,8 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "/readyz",
         None,
         "Readiness: 200 when Redis and Postgres answer and the process is not draining",
-        obj({"ok": BOOLEAN}, {"redis": ANY, "postgres": ANY, "draining": BOOLEAN}),
+        READINESS,
+        also=((503, "a backend does not answer, or the process is draining", READINESS),),
         tag="health",
     ),
     Operation(
@@ -317,7 +321,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             f"/v1/me/shows/{{show}}/{step}",
             "model",
             f"{step.title()} a show",
-            SHOW,
+            obj({"show": STRING, "state": STRING}),
             tag="shows",
         )
         for step in ("start", "end", "cancel")
@@ -462,7 +466,6 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "model",
         "Upload locked media (multipart: file, price, preview?, preview_text?)",
         MEDIA,
-        status=201,
         tag="media",
     ),
     Operation("GET", "/v1/media/{media_id}", None, "Describe media", MEDIA, tag="media"),
@@ -536,6 +539,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "Request a payout (200 with duplicate on a retry)",
         body=obj({"tokens": INTEGER, "key": wire(KEY)}),
         status=201,
+        also=((200, "a retry (`duplicate`: true)", {"type": "object"}),),
         tag="payouts",
     ),
     Operation(
@@ -746,6 +750,10 @@ def _operation(op: Operation) -> Schema:
             **{
                 status: {"description": text, "$ref": "#/components/responses/Error"}
                 for status, text in _ERROR_STATUSES.items()
+            },
+            **{
+                str(status): {"description": why, "content": {op.media_type: {"schema": schema}}}
+                for status, why, schema in op.also
             },
         },
     }
