@@ -94,8 +94,15 @@ SHARED_SCHEMAS: Final[dict[str, Schema]] = {
     "offset": OFFSET,
     "correlation_id": COMMAND_ID,
     "media_descriptor": obj(
-        {"id": STRING, "kind": STRING, "price": TOKENS},
-        {"preview": nullable(obj({"kind": {"enum": ["image", "text", "blur"]}}))},
+        {"id": STRING, "kind": {"enum": ["image", "video"]}, "price": TOKENS},
+        {
+            "preview": {
+                "oneOf": [
+                    obj({"kind": const("image"), "url": STRING}),
+                    obj({"kind": const("text"), "text": STRING}),
+                ]
+            }
+        },
     ),
     "king": nullable(obj({"user": USER_ID, "tokens": TOKENS})),
     "goal": obj(
@@ -285,7 +292,10 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
 def command_schema(type_name: str) -> Schema:
     """The JSON Schema of command ``type_name``, from its declaration."""
     cls = COMMANDS[type_name]
-    properties: dict[str, Schema] = {"type": const(type_name), "id": nullable(ref("correlation_id"))}
+    properties: dict[str, Schema] = {
+        "type": const(type_name),
+        "id": nullable(ref("correlation_id")),
+    }
     required = ["type"]
     for field in declared_fields(type_name):
         if not field.check.schema:

@@ -160,6 +160,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "user",
         "Delete the caller's account (their balance is forfeited)",
         obj({"deleted": BOOLEAN, "pseudonym": STRING, "forfeited": TOKENS}),
+        body=obj({"confirm": USER_ID}),
         tag="me",
     ),
     Operation(
@@ -491,9 +492,10 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "/v1/media/{media_id}/content",
         None,
         "The content (a signed URL; Range gives 206)",
-        {"type": "string", "contentMediaType": "application/octet-stream"},
+        {"type": "string", "description": "the bytes uploaded, with their media type"},
         query=("exp", "sig"),
-        media_type="application/octet-stream",
+        media_type="*/*",
+        also=((206, "the part a Range header asked for", {"type": "string"}),),
         tag="media",
     ),
     Operation(
