@@ -254,7 +254,8 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
     "dm": ({"balance": TOKENS, "price": TOKENS, "tx": TX}, _DUPLICATE),
     "post_media": ({"offset": OFFSET}, {}),
     "unlock": (
-        {"balance": TOKENS, "tx": nullable(TX), "price": TOKENS, "url": STRING},
+        # `url` is null on a retry of an unlock since refunded (revoked).
+        {"balance": TOKENS, "tx": nullable(TX), "price": TOKENS, "url": nullable(STRING)},
         {**_DUPLICATE, "already": BOOLEAN},
     ),
     "balance": ({"balance": TOKENS}, {}),
@@ -268,9 +269,10 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
     "private_request": ({**_SHOW_STATE, "rate": TOKENS}, _DUPLICATE),
     "private_accept": ({**_SHOW_STATE, "room": STRING}, _DUPLICATE),
     "private_decline": (_SHOW_STATE, _DUPLICATE),
+    # A request withdrawn before it ran was never billed: no `seconds` then.
     "private_end": (
-        {**_SHOW_STATE, "reason": ANY, "seconds": INTEGER, "charged": TOKENS, **_SETTLED},
-        _DUPLICATE,
+        _SHOW_STATE,
+        {**_DUPLICATE, "reason": ANY, "seconds": INTEGER, "charged": TOKENS, **_SETTLED},
     ),
     "buy_ticket": ({}, {**_DUPLICATE, "already": BOOLEAN, "balance": TOKENS, "tx": ANY}),
     "show_start": (_SHOW_STATE, _DUPLICATE),

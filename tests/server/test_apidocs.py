@@ -18,6 +18,7 @@ and /docs.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -33,6 +34,8 @@ import orjson
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 from PIL import Image
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT7
 from starlette.routing import Route
 
 from tests import apischema
@@ -47,7 +50,7 @@ from tests.apischema import (
     check_http_reply,
     path_template,
 )
-from tests.client_demo.test_web import PageErrors, browser, chromium_missing
+from tests.client_demo.test_web import PageErrors, artifacts_dir, browser, chromium_missing
 from tests.conftest import Http, Running, token
 from tokenchat.client_demo import client as client_module
 from tokenchat.client_demo.client import Session
@@ -107,6 +110,30 @@ def _resolve(document: dict[str, Any], pointer: str) -> object:
     for part in pointer[2:].split("/"):
         node = node[part.replace("~1", "/").replace("~0", "~")]
     return node
+
+
+ASYNCAPI_SPEC = Path(__file__).resolve().parent / "schemas" / "asyncapi-3.0.0.json"
+ASYNCAPI_SPEC_SHA256 = "d4571a420e6ffb7fcc7066c95a6db1202f299a3c51daa103d0706bf30f95e626"
+
+
+def test_asyncapi_document_is_valid_asyncapi_3_0() -> None:
+    """Against the specification's own JSON Schema (tests/server/schemas/README.md)."""
+    raw = ASYNCAPI_SPEC.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == ASYNCAPI_SPEC_SHA256, "the vendored copy changed"
+    spec = json.loads(raw)
+    # Each definition names itself by its $id; references go by those ids.
+    registry: Registry = Registry().with_resources(  # type: ignore[type-arg]
+        (definition["$id"], Resource.from_contents(definition, default_specification=DRAFT7))
+        for definition in spec["definitions"].values()
+        if isinstance(definition, dict) and "$id" in definition
+    )
+    validator = jsonschema.Draft7Validator(spec, registry=registry)
+    document = asyncapi_document()
+    problems = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(document)]
+    assert not problems, problems[:5]
+    # The check can fail: an operation whose action is neither send nor receive.
+    document["operations"]["send_tip"]["action"] = "shout"
+    assert not validator.is_valid(document)
 
 
 def test_asyncapi_document_is_consistent() -> None:
@@ -261,6 +288,7 @@ async def test_docs_page_renders_every_operation_in_chromium(
     assert await operations.count() == len(OPERATIONS)
     await page.locator(".opblock-summary-path", has_text="/v1/purchases").first.click()
     await expect(page.locator(".opblock-body").first).to_be_visible()
+    await page.screenshot(path=str(artifacts_dir() / "docs.png"))
     assert not errors.seen, errors.seen  # CSP refusals are console errors
     assert not blocked and not outside, (blocked, outside)
 
