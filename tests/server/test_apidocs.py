@@ -1,9 +1,9 @@
 """The machine-readable APIs (issue #15 item 4): /openapi.json, /asyncapi.json
 and /docs.
 
-- Both documents are valid (the OpenAPI 3.1 specification's own schema; every
-  AsyncAPI payload a valid JSON Schema whose references resolve), and the
-  copies in docs/ equal what the server serves.
+- Both documents are valid (against the OpenAPI 3.1 and AsyncAPI 3.0
+  specifications' own schemas; every AsyncAPI payload a valid JSON Schema
+  whose references resolve), and the copies in docs/ equal what is served.
 - The document cannot drift from the app: its (method, path) set equals the
   app's routes, and each command schema accepts exactly what the command's
   declaration accepts.
