@@ -56,7 +56,7 @@ from tokenchat.client_demo import client as client_module
 from tokenchat.client_demo.client import Session
 from tokenchat.protocol import COMMANDS
 from tokenchat.protocol.commands import declared_fields
-from tokenchat.protocol.schema import asyncapi_document
+from tokenchat.protocol.schema import RESULT_FIELDS, asyncapi_document
 from tokenchat.server.http.api import create_app
 from tokenchat.server.http.apidocs import write_documents
 from tokenchat.server.http.openapi import OPERATIONS, openapi_document
@@ -154,6 +154,12 @@ def test_asyncapi_document_is_consistent() -> None:
             assert message["$ref"].split("/")[-1] in channel
     commands = {n for n in document["components"]["schemas"] if n.startswith("command_")}
     assert commands == {f"command_{t}" for t in COMMANDS}
+
+
+def test_every_command_has_its_result_fields_declared() -> None:
+    assert set(RESULT_FIELDS) | {"hello"} == set(COMMANDS), (
+        "declare the ok reply's fields of each command in protocol/schema.py RESULT_FIELDS"
+    )
 
 
 def test_the_copies_in_docs_are_current(tmp_path: Path) -> None:
