@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jsonschema
-from referencing import Registry, Resource
+from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from tokenchat.client_demo.client import REPLY_TIMEOUT_S, Client
@@ -44,12 +45,12 @@ class SchemaMismatch(AssertionError):
 
 
 @functools.cache
-def documents() -> tuple[dict[str, Any], dict[str, Any], Registry]:  # type: ignore[type-arg]
+def documents() -> tuple[dict[str, Any], dict[str, Any], Registry[Any]]:
     openapi, asyncapi = openapi_document(), asyncapi_document()
-    registry: Registry = Registry().with_resources(  # type: ignore[type-arg]
+    registry: Registry[Any] = Registry().with_resources(
         [
-            (OPENAPI_URI, Resource(contents=openapi, specification=DRAFT202012)),
-            (ASYNCAPI_URI, Resource(contents=asyncapi, specification=DRAFT202012)),
+            (OPENAPI_URI, DRAFT202012.create_resource(openapi)),
+            (ASYNCAPI_URI, DRAFT202012.create_resource(asyncapi)),
         ]
     )
     return openapi, asyncapi, registry
@@ -178,13 +179,14 @@ class CheckingCodec:
 
     def __init__(self, inner: Codec, problems: list[str]) -> None:
         self.inner = inner
+        self.subprotocol = inner.subprotocol
         self.binary = inner.binary
         self.problems = problems
 
-    def encode(self, obj: Any) -> bytes | str:
+    def encode(self, obj: Mapping[str, Any]) -> bytes:
         return self.inner.encode(obj)
 
-    def decode(self, data: bytes | str) -> Any:
+    def decode(self, data: bytes | str) -> object:
         message = self.inner.decode(data)
         if isinstance(message, dict) and message.get("type") not in REPLY_TYPES:
             try:
@@ -204,7 +206,7 @@ class CheckedClient(Client):
     check_commands = False
 
     def watch(self, problems: list[str]) -> CheckedClient:
-        self.codec = CheckingCodec(self.codec, problems)  # type: ignore[assignment]
+        self.codec = CheckingCodec(self.codec, problems)
         return self
 
     async def request(

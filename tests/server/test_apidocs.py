@@ -24,7 +24,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from tests.client_demo.test_web import PageErrors, artifacts_dir, browser, chrom
 from tests.conftest import Http, Running, token
 from tokenchat.client_demo import client as client_module
 from tokenchat.client_demo.client import Session
-from tokenchat.protocol import COMMANDS
+from tokenchat.protocol import COMMANDS, codec_for
 from tokenchat.protocol.commands import declared_fields
 from tokenchat.protocol.schema import RESULT_FIELDS, asyncapi_document
 from tokenchat.server.http.api import create_app
@@ -122,7 +122,7 @@ def test_asyncapi_document_is_valid_asyncapi_3_0() -> None:
     assert hashlib.sha256(raw).hexdigest() == ASYNCAPI_SPEC_SHA256, "the vendored copy changed"
     spec = json.loads(raw)
     # Each definition names itself by its $id; references go by those ids.
-    registry: Registry = Registry().with_resources(  # type: ignore[type-arg]
+    registry: Registry[Any] = Registry().with_resources(
         (definition["$id"], Resource.from_contents(definition, default_specification=DRAFT7))
         for definition in spec["definitions"].values()
         if isinstance(definition, dict) and "$id" in definition
@@ -543,11 +543,11 @@ class SessionClient(CheckedClient):
 
 
 @pytest.fixture
-def session_clients(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[str]]:
+def session_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Sessions (client_demo.client.Session) connect through SessionClient."""
     SessionClient.problems = []
     monkeypatch.setattr(client_module, "Client", SessionClient)
-    yield SessionClient.problems  # type: ignore[misc]
+    yield SessionClient.problems
     assert not SessionClient.problems, SessionClient.problems
 
 
@@ -668,6 +668,6 @@ async def test_a_frame_the_document_does_not_allow_is_caught() -> None:
     with pytest.raises(SchemaMismatch):
         check_command({"type": "tip", "room": "alice", "amount": 0, "key": "k"})
     problems: list[str] = []
-    codec = CheckingCodec(client_module.codec_for(None), problems)
+    codec = CheckingCodec(codec_for(None), problems)
     codec.decode(b'{"type": "balance", "balance": "many"}')
     assert problems and "balance" in problems[0]
