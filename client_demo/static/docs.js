@@ -6,6 +6,9 @@ window.addEventListener("load", () => {
     url: "/openapi.json",
     dom_id: "#swagger-ui",
     deepLinking: true,
+    // Off: its default posts the document to validator.swagger.io (for any
+    // host but localhost) and shows that site's badge; nothing leaves here.
+    validatorUrl: null,
     // "Try it out" calls this server, which the CSP's connect-src 'self' allows.
     tryItOutEnabled: false,
   });
