@@ -48,9 +48,9 @@ superuser, write files as the user PostgreSQL runs as. The first start makes
 a random password, keeps it in ``postgres/password`` (mode 0600, owned by the
 user running tokenchat), and puts it in the returned URL. Valkey has no
 password: it listens on 127.0.0.1 only, and a client can't make it write
-files outside its own folder or run code of its own (``dir``,
-``dbfilename`` and ``appenddirname`` are protected configs that CONFIG SET
-refuses, and MODULE and DEBUG are off: Valkey's defaults).
+files outside its own folder or run code of its own: CONFIG SET refuses
+``dir`` and ``dbfilename`` (protected configs) and ``appenddirname``
+(fixed at start), and MODULE and DEBUG are off (Valkey's defaults).
 
 ``tokenchat dev`` runs Valkey with an append-only file (``appendonly yes``,
 ``appendfsync everysec``), so stopping and starting it keeps balances, keys

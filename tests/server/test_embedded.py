@@ -227,6 +227,10 @@ def test_redis_starts_answers_and_stops(data_dir: Path) -> None:
                     client.config_set(name, value)
             with pytest.raises(redis.ResponseError, match="MODULE command not allowed"):
                 client.execute_command("MODULE", "LOAD", "/tmp/x.so")
+            with pytest.raises(redis.ResponseError, match="DEBUG command not allowed"):
+                client.execute_command("DEBUG", "SLEEP", "0")
+            with pytest.raises(redis.ResponseError, match="immutable config"):
+                client.config_set("appenddirname", "elsewhere")
         finally:
             client.close()
         _stop_and_check_gone(server)
