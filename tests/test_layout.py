@@ -219,3 +219,15 @@ def test_the_folders_table_names_every_module() -> None:
         for module in (ROOT / folder).glob("*.py"):
             if module.stem != "__init__":
                 assert f"`{module.stem}`" in rows[folder], f"{folder}{module.name}"
+
+
+def test_the_client_never_imports_the_server(tmp_path: Path) -> None:
+    # client_demo depends on the protocol only: a client install needs no server.
+    loaded = _modules_after(
+        "import importlib, pkgutil, tokenchat.client_demo as c\n"
+        "for m in pkgutil.walk_packages(c.__path__, 'tokenchat.client_demo.'):\n"
+        "    importlib.import_module(m.name)",
+        tmp_path,
+    )
+    assert "tokenchat.client_demo.client" in loaded and "tokenchat.client_demo.cli" in loaded
+    assert [m for m in loaded if m.startswith("tokenchat.server")] == []
