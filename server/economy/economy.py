@@ -48,6 +48,7 @@ from ..keys import Keys, glob_escape
 from ..ledger.confirmations import Confirmations
 from .actions import (
     ACTIONS,
+    BY_KIND,
     CLAWBACK,
     COMMON_ARGS,
     COMMON_KEYS,
@@ -798,7 +799,8 @@ class Economy:
             raise Conflict(f"transaction '{tx}' is held in escrow; its goal refunds it")
         if len(debits) != 1 or len(credits) != 1:
             raise Conflict(f"transaction '{tx}' has {len(postings)} postings; refund it by hand")
-        media = row["media"] if row["kind"] == "unlock" else None
+        # What the spend granted goes with its refund (its kind's declaration).
+        media = row["media"] if BY_KIND[row["kind"]].grants == "media" else None
         return debits[0]["account_id"], credits[0]["account_id"], credits[0]["amount"], media
 
     # --- prices -------------------------------------------------------------------
