@@ -12,7 +12,8 @@ and how, where it delivers, and what it grants. From these come:
   tips benchmark alike;
 - the session's dispatch of paid commands (``BY_COMMAND``, ``Action.serve``);
 - the mapping of a script's refusal to an error (``refusal_error``);
-- the refund rules (``REFUNDABLE_KINDS``).
+- each ledger kind's owner (``BY_KIND``), whose declaration its rules are
+  read from: refunds (``REFUNDABLE_KINDS``), spending limits (``SPEND_KINDS``).
 
 Adding a paid action is a declaration here, its script, an ``Economy``
 method naming its keys and arguments, its command, and its tests: see
