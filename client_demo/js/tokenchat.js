@@ -49,8 +49,6 @@ export const SPENDS = new Set(["tip", "dm", "unlock", "request_offer", "private_
 // the same key settles it): resent (docs/protocol.md, "UNAVAILABLE and retries").
 export const SPEND_RETRY_CODES = new Set(["UNAVAILABLE", "RATE_LIMITED"]);
 const REPLIES = new Set(["ok", "error", "welcome"]);
-// Room events that carry an offset: de-duplicated across a re-join.
-const ROOM_EVENTS_WITH_OFFSET = new Set(["message", "tip", "media"]);
 
 /** An `error` reply, or a client-side failure: OFFLINE (not connected or
  * stopped), TIMEOUT (no reply in time). Branch on `code`. */
@@ -528,7 +526,9 @@ export class Connection {
       return;
     }
     const kind = frame.type;
-    if (ROOM_EVENTS_WITH_OFFSET.has(kind) && frame.room) {
+    // A room event with an offset (message, tip, media, king, show, goal) is
+    // in the room's stream: de-duplicated across a re-join by its offset.
+    if (frame.room && frame.offset !== undefined) {
       if (!this.rooms.has(frame.room)) return; // left, or a late event of a failed join
       if (!isNewer(frame.offset, this.rooms.get(frame.room))) return; // seen already
       if (parseOffset(frame.offset)) this.rooms.set(frame.room, frame.offset);

@@ -286,3 +286,37 @@ test("a room lost at re-join is left and reported; a removed event leaves the ro
   assert.deepEqual(server.sent("join").filter((f) => f.socket === 1).map((f) => f.room), ["gone", "kept"]);
   conn.stop();
 });
+
+test("every room event with an offset counts as seen (king, goal, show too)", async () => {
+  const server = new FakeServer(
+    welcoming((socket, frame) => {
+      if (frame.type !== "join") return;
+      const history =
+        socket.index === 0
+          ? []
+          : [
+              { type: "king", room: "mia", king: { user: "bob", tokens: 5 }, offset: "4-0" }, // seen live
+              { type: "goal", room: "mia", goal: { id: "g_1" }, offset: "5-0" },
+            ];
+      socket.deliver({ type: "ok", re: frame.id, room: { id: "mia" }, history });
+    }),
+  );
+  const joined = [];
+  const events = [];
+  const conn = connect(server, {
+    onJoined: (room, reply) => joined.push(reply.history.map((e) => e.type)),
+    onEvent: (e) => events.push(e.type),
+  });
+  await conn.whenReady();
+  await conn.join("mia");
+  server.sockets[0].deliver({ type: "king", room: "mia", king: { user: "bob", tokens: 5 }, offset: "4-0" });
+  server.sockets[0].deliver({ type: "presence", room: "mia", viewers: 2 });
+  server.sockets[0].deliver({ type: "balance", balance: 7 }); // a user event: no room
+  assert.equal(conn.rooms.get("mia"), "4-0");
+  conn.drop();
+  await until(() => server.sockets.length === 2 && conn.online, "reconnected");
+  assert.equal(server.sent("join").at(-1).since, "4-0");
+  assert.deepEqual(joined, [[], ["goal"]]);
+  assert.deepEqual(events, ["king", "presence", "balance"]);
+  conn.stop();
+});
