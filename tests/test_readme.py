@@ -27,6 +27,15 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
+def test_the_test_command_runs_the_javascript_client_tests() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```sh\n(.*?)\n```", readme, re.DOTALL)
+    test_command = next(c for c in commands if "pytest" in c)
+    assert "node --experimental-websocket --test client_demo/js/" in test_command
+    # node --test finds *.test.js files; without any it would pass having run nothing.
+    assert list((ROOT / "client_demo" / "js" / "tests").glob("*.test.js"))
+
+
 def test_links_to_docs_resolve() -> None:
     readme = (ROOT / "README.md").read_text()
     for target in re.findall(r"\]\(((?:docs|client_demo|loadtests)/[^)#]+)\)", readme):
