@@ -211,3 +211,61 @@ export declare class Connection {
     fields: Record<string, unknown>,
   ): Promise<R>;
 }
+
+// --- the HTTP API ---------------------------------------------------------------------
+
+export type Fetch = (url: string, init: RequestInit) => Promise<Response>;
+
+/** One HTTP API call: the JSON reply, or a CommandError with the reply's
+ * `error`, `OFFLINE` (unreachable) or `HTTP_<status>` (not the API's JSON). */
+export declare function httpRequest<T = unknown>(
+  method: string,
+  url: string,
+  options?: { body?: unknown; token?: string | null; fetch?: Fetch },
+): Promise<T>;
+
+export interface MenuItem {
+  id: string;
+  label: string;
+  price: number;
+}
+export interface Bundle {
+  id: string;
+  tokens: number;
+  price_cents: number;
+  discount_pct: number;
+}
+export interface Transaction {
+  tx: string;
+  kind: string;
+  ts: number;
+  /** Signed: negative for what the caller paid. */
+  amount: number;
+  counterparty: string;
+  [field: string]: unknown;
+}
+
+export declare class HttpApi {
+  constructor(baseUrl: string, token?: string | null, options?: { fetch?: Fetch });
+  readonly baseUrl: string;
+  token: string | null;
+  call<T = unknown>(method: string, path: string, body?: unknown): Promise<T>;
+  config(): Promise<{ ws_url: string; dev_mode: boolean }>;
+  devToken(user: string, role?: "fan" | "model"): Promise<string>;
+  me(): Promise<{ user: { id: string; role: string }; balance: number }>;
+  rooms(params?: Record<string, string | number | undefined>): Promise<{ rooms: Frame[]; [field: string]: unknown }>;
+  prices(user: string): Promise<{ dm: number; private_rate: number; private_min_s: number }>;
+  menu(user: string): Promise<MenuItem[]>;
+  bundles(): Promise<Bundle[]>;
+  purchase(
+    bundle: string,
+    paymentRef: string,
+  ): Promise<{ balance: number; tx: string; bundle: string; tokens: number; duplicate?: boolean }>;
+  transactions(options?: {
+    kind?: string;
+    before?: string;
+    limit?: number;
+  }): Promise<{ transactions: Transaction[]; next: string | null }>;
+  receipt(tx: string): Promise<Transaction & Record<string, unknown>>;
+  mediaUrl(media: string): Promise<{ url: string; [field: string]: unknown }>;
+}

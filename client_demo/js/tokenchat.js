@@ -612,6 +612,111 @@ export class Connection {
   }
 }
 
+// --- the HTTP API ------------------------------------------------------------------
+
+/** One HTTP API call (docs/protocol.md, "HTTP API"): the JSON reply, or a
+ * CommandError with the reply's `error` (code, message and its fields), with
+ * OFFLINE when the server cannot be reached, or `HTTP_<status>` when the
+ * reply is not the API's JSON (a proxy's page, a plain-text 405). */
+export async function httpRequest(method, url, { body, token, fetch = globalThis.fetch } = {}) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (token) headers.Authorization = `Bearer ${token}`;
+  let response;
+  try {
+    response = await fetch(url, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch {
+    throw new CommandError({ code: "OFFLINE", message: "the server cannot be reached" });
+  }
+  let data = null;
+  try {
+    data = await response.json();
+  } catch {
+    // not JSON (a 405, a proxy's page): the status says enough
+  }
+  if (!response.ok) {
+    throw new CommandError(data?.error ?? { code: `HTTP_${response.status}`, message: response.statusText });
+  }
+  return data;
+}
+
+/** The HTTP API of one server, as one user (token null: anonymous). Typed
+ * methods for what a chat client needs; `call` for the rest. */
+export class HttpApi {
+  constructor(baseUrl, token = null, { fetch } = {}) {
+    this.baseUrl = String(baseUrl).replace(/\/+$/, "");
+    this.token = token;
+    this.fetch = fetch ?? globalThis.fetch;
+  }
+
+  call(method, path, body) {
+    return httpRequest(method, `${this.baseUrl}${path}`, { body, token: this.token, fetch: this.fetch });
+  }
+
+  /** `{ws_url, dev_mode}`: the WebSocket URL to dial. */
+  config() {
+    return this.call("GET", "/v1/config");
+  }
+
+  /** Dev mode only: a token for `user` (`fan` or `model`). */
+  async devToken(user, role = "fan") {
+    return (await this.call("POST", "/v1/dev/token", { user, role })).token;
+  }
+
+  /** `{user: {id, role}, balance}`. */
+  me() {
+    return this.call("GET", "/v1/me");
+  }
+
+  /** The live rooms; `params`: sort, tag, ... (docs/protocol.md, "Discovery"). */
+  rooms(params = {}) {
+    return this.call("GET", `/v1/rooms${query(params)}`);
+  }
+
+  /** A user's prices: `{dm, private_rate, private_min_s}`. */
+  prices(user) {
+    return this.call("GET", `/v1/users/${encodeURIComponent(user)}/prices`);
+  }
+
+  async menu(user) {
+    return (await this.call("GET", `/v1/users/${encodeURIComponent(user)}/menu`)).items;
+  }
+
+  async bundles() {
+    return (await this.call("GET", "/v1/bundles")).bundles;
+  }
+
+  /** Buy a bundle. `paymentRef` is the payment provider's reference and the
+   * purchase's idempotency key: retrying with it (within 24 h) credits once. */
+  purchase(bundle, paymentRef) {
+    return this.call("POST", "/v1/purchases", { bundle, payment_ref: paymentRef });
+  }
+
+  /** The caller's ledger transactions, newest first: `{transactions, next}`. */
+  transactions({ kind, before, limit } = {}) {
+    return this.call("GET", `/v1/me/transactions${query({ kind, before, limit })}`);
+  }
+
+  receipt(tx) {
+    return this.call("GET", `/v1/me/transactions/${encodeURIComponent(tx)}`);
+  }
+
+  /** A new signed URL of media the caller owns or unlocked. */
+  mediaUrl(media) {
+    return this.call("GET", `/v1/media/${encodeURIComponent(media)}/url`);
+  }
+}
+
+/** `?a=1&b=2` of the defined values ("" when none). */
+function query(params) {
+  const defined_ = Object.entries(params).filter(([, v]) => v !== undefined && v !== null);
+  return defined_.length ? `?${new URLSearchParams(defined_.map(([k, v]) => [k, String(v)]))}` : "";
+}
+
 /** Whether an event at `offset` comes after `last` (the last seen; null: none).
  * An offset of an unknown form is never taken for a duplicate. */
 function isNewer(offset, last) {

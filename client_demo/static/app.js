@@ -3,7 +3,7 @@
 // text from the network goes through textContent, never innerHTML.
 
 // The JavaScript client package (client_demo/js), served at /js/.
-import { CommandError, Connection, newKey } from "../js/tokenchat.js";
+import { CommandError, Connection, httpRequest, newKey } from "../js/tokenchat.js";
 import { burst } from "./effects.js";
 
 const $ = (id) => document.getElementById(id);
@@ -66,32 +66,8 @@ function clock(ts) {
   return new Date(ts || Date.now()).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 }
 
-async function api(method, path, body, { auth = true } = {}) {
-  const headers = {};
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (auth && state.token) headers.Authorization = `Bearer ${state.token}`;
-  let response;
-  try {
-    response = await fetch(path, {
-      method,
-      headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-  } catch {
-    throw new CommandError({ code: "OFFLINE", message: "the server cannot be reached" });
-  }
-  let data = null;
-  try {
-    data = await response.json();
-  } catch {
-    // not JSON (a 405, a proxy's page): the status says enough
-  }
-  if (!response.ok) {
-    throw new CommandError(
-      data?.error ?? { code: `HTTP_${response.status}`, message: response.statusText },
-    );
-  }
-  return data;
+function api(method, path, body, { auth = true } = {}) {
+  return httpRequest(method, path, { body, token: auth ? state.token : null });
 }
 
 // --- messages for people ----------------------------------------------------------------

@@ -5,8 +5,9 @@ Its unit tests (codec, correlation, backoff, resume against a scripted
 gateway) run with `node --test client_demo/js/` in the README's test command.
 Here `client_demo/js/tests/live_server.mjs` runs against a server on the test
 Redis and Postgres: hello, join, say, errors with codes, a tip whose key is
-sent twice, a drop and the re-join with `since`, a tip sent while offline, a
-refused token. Afterwards the ledger must show each tip once and reconcile.
+sent twice, a drop and the re-join with `since`, a tip sent while offline,
+HTTP calls (a purchase sent twice with one payment_ref), a refused token.
+Afterwards the ledger must show each tip and the purchase once, and reconcile.
 """
 
 from __future__ import annotations
@@ -86,12 +87,14 @@ def test_the_package_is_described_and_shipped() -> None:
 
 
 async def test_node_client_against_a_running_server(start_server: StartServer) -> None:
-    running = await start_server()
+    # The fake payment provider approves purchases (the live test buys a bundle).
+    running = await start_server(payment_provider="fake")
     http = Http(running)
     await http.credit("fan_js", FAN_BALANCE)
     env = {
         **os.environ,
         "TOKENCHAT_WS_URL": running.ws_url,
+        "TOKENCHAT_HTTP_URL": running.http_url,
         "TOKENCHAT_MODEL": "mia_js",
         "TOKENCHAT_MODEL_TOKEN": token("mia_js", "model"),
         "TOKENCHAT_FAN": "fan_js",
@@ -117,11 +120,14 @@ async def test_node_client_against_a_running_server(start_server: StartServer) -
     report = output.decode()
     assert process.returncode == 0, report
     assert "\n# fail 0\n" in report, report
-    assert "\n# pass 7\n" in report, report
+    assert "\n# pass 8\n" in report, report
 
     # Each tip once in the ledger (5, sent twice with one key; 3, sent offline).
     status, listed = await http.call("GET", "/v1/me/transactions?kind=tip", "fan_js")
     assert status == 200, listed
     assert sorted(t["amount"] for t in listed["transactions"]) == [-5, -3]
+    status, listed = await http.call("GET", "/v1/me/transactions?kind=purchase", "fan_js")
+    assert status == 200, listed
+    assert len(listed["transactions"]) == 1, listed
     reconcile = await http.reconcile()
     assert reconcile["ok"], reconcile

@@ -6,13 +6,14 @@
 //   TOKENCHAT_MODEL_TOKEN a model's token (her room is her id)
 //   TOKENCHAT_FAN_TOKEN   a fan's token, with TOKENCHAT_FAN_BALANCE tokens
 //   TOKENCHAT_MODEL, TOKENCHAT_FAN the two user ids
+//   TOKENCHAT_HTTP_URL    the HTTP API (its payment provider is `fake`)
 // The name has no ".test." on purpose: `node --test client_demo/js/` (the unit
 // tests) does not pick it up without a server. By hand:
 //   TOKENCHAT_WS_URL=... node --experimental-websocket --test client_demo/js/tests/live_server.mjs
 import assert from "node:assert/strict";
 import { after, test } from "node:test";
 
-import { Connection, newKey } from "../tokenchat.js";
+import { Connection, HttpApi, newKey } from "../tokenchat.js";
 
 const env = (name) => {
   const value = process.env[name];
@@ -20,6 +21,7 @@ const env = (name) => {
   return value;
 };
 const URL = env("TOKENCHAT_WS_URL");
+const HTTP_URL = env("TOKENCHAT_HTTP_URL");
 const MODEL = env("TOKENCHAT_MODEL");
 const FAN = env("TOKENCHAT_FAN");
 const BALANCE = Number(env("TOKENCHAT_FAN_BALANCE"));
@@ -155,6 +157,32 @@ test("a tip sent while offline goes out after the reconnect, charged once", asyn
   const reply = await tip;
   assert.equal(reply.balance, start - 3);
   assert.equal(await fan.getBalance(), start - 3);
+});
+
+test("HTTP: the ledger lists each tip once; a purchase credits once per payment_ref", async () => {
+  const api = new HttpApi(HTTP_URL, env("TOKENCHAT_FAN_TOKEN"));
+  const { transactions } = await api.transactions({ kind: "tip" });
+  assert.deepEqual(transactions.map((t) => t.amount).sort(), [-3, -5]);
+  const me = await api.me();
+  assert.equal(me.user.id, FAN);
+  assert.equal(me.balance, BALANCE - 8);
+  const { ws_url } = await new HttpApi(HTTP_URL).config();
+  assert.match(ws_url, /^ws:\/\/.+\/ws$/);
+  const [smallest] = (await api.bundles()).sort((a, b) => a.tokens - b.tokens);
+  const before = await fan.getBalance();
+  const ref = `js-${newKey()}`;
+  const bought = await api.purchase(smallest.id, ref);
+  assert.equal(bought.balance, before + smallest.tokens);
+  const again = await api.purchase(smallest.id, ref);
+  assert.equal(again.duplicate, true);
+  assert.equal(again.tx, bought.tx);
+  // The session hears of it: a balance event.
+  await until(() => fan.seen.events.some((e) => e.type === "balance" && e.balance === bought.balance), "the balance event");
+  assert.equal(await fan.getBalance(), before + smallest.tokens);
+  const refused = await api.purchase(smallest.id, "declined-card").catch((e) => e);
+  assert.equal(refused.code, "FORBIDDEN");
+  const anonymous = await new HttpApi(HTTP_URL).transactions().catch((e) => e);
+  assert.equal(anonymous.code, "UNAUTHENTICATED");
 });
 
 test("a refused token is fatal: close 4001, no reconnect", async () => {
