@@ -9,7 +9,7 @@
 //   TOKENCHAT_HTTP_URL    the HTTP API (its payment provider is `fake`)
 // The name has no ".test." on purpose: `node --test client_demo/js/` (the unit
 // tests) does not pick it up without a server. By hand:
-//   TOKENCHAT_WS_URL=... node --experimental-websocket --test client_demo/js/tests/live_server.mjs
+//   TOKENCHAT_WS_URL=... node [--experimental-websocket on Node 20] --test client_demo/js/tests/live_server.mjs
 import assert from "node:assert/strict";
 import { after, test } from "node:test";
 
