@@ -125,6 +125,8 @@ def run(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
         ]  # fmt: skip
         if args.weights:
             command += ["--tc-evening-weights", args.weights]
+        if args.reply_timeout is not None:
+            command += ["--tc-reply-timeout", f"{args.reply_timeout:g}"]
         print(f"$ {' '.join(command[1:])}", flush=True)
         ramp_s = args.users / args.spawn_rate
         started_ns = time.monotonic_ns()
@@ -246,6 +248,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", type=positive_int, default=MODELS_DEFAULT)
     parser.add_argument(
         "--weights", help="viewer,chatter,tipper,dm,private (locust_evening's default: 80,10,6,3,1)"
+    )
+    parser.add_argument(
+        "--reply-timeout",
+        type=positive_float,
+        help="seconds before a command counts as timed out (the locustfile's default: 5)",
     )
     parser.add_argument(
         "--workers", type=positive_int, default=1, help="tokenchat serve --workers (default 1)"
