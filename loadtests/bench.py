@@ -851,6 +851,7 @@ def sweep_and_plot(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         argv = [
             "--fans", str(TIPS_FANS), "--rooms", str(TIPS_ROOMS), "--capped-rate", str(rate),
             "--duration", str(args.duration), "--warmup", str(args.warmup), "--runs", "1",
+            "--no-peer",  # the plot is of tokenchat's capped phase
         ]  # fmt: skip
         t = run_module("loadtests.tips", argv, 600)["tips"]
         points["tips"].append({"offered_per_s": rate, **{k: t.get(k) for k in TIPS_KEYS}})

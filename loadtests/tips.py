@@ -49,6 +49,13 @@ every call is a real charge; ``meter`` runs one private show per room with
 ticks, counted from Postgres (ticks, and each show's final charge), so its
 "committed/s" is ticks/s and its CPU per call is CPU per tick.
 
+A second baseline, beside plain tips (not with ``--action``, ``--goal`` or
+``--limits``; ``--no-peer`` leaves it out): tips as most people would build
+them, python-socketio with ``AsyncRedisManager`` and one asyncpg transaction
+per tip (``loadtests.tips_peer``, whose docstring says what it does), tipped
+by the same fans speaking Socket.IO, one full-rate phase; its books are
+checked after the run (tips in Postgres = tips acked, none negative).
+
 Runs alternate (odd runs: baseline first, even runs: tokenchat first) so that
 a drift of the machine hits both, and every capped phase has a baseline rate
 to take half of. The table shows medians with the min-max spread of the runs.
