@@ -691,6 +691,9 @@ class VirtualFan:
                 "history": keys.room_history(room),
                 "room_show": keys.room_show(room),
                 "goal": keys.goal(room),
+                # No bench goal is all-or-nothing: the goal's hash stands in
+                # for its escrow, as in Economy.tip before it learns one.
+                "goal_escrow": keys.goal(room),
                 "payer_limits": keys.limits(self.user_id),
                 "payer_spent": keys.spent(self.user_id),
             },

@@ -259,6 +259,21 @@ async def test_what_the_producers_publish_decodes(
     )
     await fan.call("unlock", media=media.id, key="u1")
     assert bus.decode(await next_payload(listener, model_channel)) == bus.BalanceChanged(7)
+
+    # A tip under a goal: the workflow's goal event (set), then the tip's and
+    # the goal's, which money_lib's goal_count builds in Lua: the schema of
+    # events.goal_event all the same.
+    status, reply = await http.call("PUT", "/v1/me/goal", "alice", "model", title="Toy", target=50)
+    assert status == 200, reply
+    goal = reply["goal"]
+    set_event = bus.decode(await next_payload(listener, room))
+    assert isinstance(set_event, bus.RoomEvent)
+    assert orjson.loads(set_event.body) == events.goal_event("alice", goal)
+    await fan.call("tip", room="alice", amount=2, key="t2")
+    assert isinstance(bus.decode(await next_payload(listener, room)), bus.RoomEvent)  # the tip
+    counted = bus.decode(await next_payload(listener, room))
+    assert isinstance(counted, bus.RoomEvent)
+    assert orjson.loads(counted.body) == events.goal_event("alice", {**goal, "progress": 2})
     for client in (model, fan):
         await client.close()
 
