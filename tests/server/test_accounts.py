@@ -277,6 +277,78 @@ async def test_a_chargeback_of_an_unspent_purchase_with_nothing_left_moves_nothi
     assert (await http.reconcile())["ok"] is True
 
 
+async def test_an_admin_resolves_a_flag_once_and_the_audit_log_says_who(
+    start_server: Start,
+) -> None:
+    server = await paid_server(start_server)
+    http = Http(server)
+    await http.call("GET", "/v1/me", "bob")
+    for ref in ("pi_f1", "pi_f2"):
+        assert (await webhook(server, confirmed(ref)))[0] == 200
+        assert (await webhook(server, reversed_(ref)))[0] == 200
+    status, flags = await http.call("GET", "/v1/admin/flags?state=open", "ops", "admin")
+    assert status == 200
+    assert [(f["payment_ref"], f["state"], f["resolved_by"]) for f in flags["flags"]] == [
+        ("pi_f2", "open", None),
+        ("pi_f1", "open", None),
+    ]
+    first = flags["flags"][1]["id"]
+
+    # Refusals change nothing: a fan, a note too long or not text, no such flag.
+    path = f"/v1/admin/flags/{first}/resolve"
+    assert (await http.call("POST", path, "bob", resolution="mine"))[0] == 403
+    status, bad = await http.call("POST", path, "ops", "admin", resolution="x" * 1001)
+    assert status == 400 and bad["error"]["code"] == "BAD_REQUEST"
+    assert (await http.call("POST", path, "ops", "admin", resolution=7))[0] == 400
+    assert (await http.call("POST", "/v1/admin/flags/999999/resolve", "ops", "admin"))[0] == 404
+    assert (await http.call("POST", "/v1/admin/flags/x1/resolve", "ops", "admin"))[0] == 404
+    status, still = await http.call("GET", "/v1/admin/flags?state=open", "ops", "admin")
+    assert len(still["flags"]) == 2
+
+    status, resolved = await http.call("POST", path, "ops", "admin", resolution="card replaced")
+    assert status == 200, resolved
+    assert (resolved["id"], resolved["state"], resolved["resolution"]) == (
+        first,
+        "resolved",
+        "card replaced",
+    )
+    assert resolved["resolved_by"] == "ops" and resolved["resolved_ts"] >= resolved["ts"]
+    assert "already" not in resolved
+    # Again (a retried click, another admin): nothing changes, one audit row.
+    status, again = await http.call("POST", path, "root", "admin", resolution="other words")
+    assert status == 200 and again["already"] is True
+    assert (again["resolution"], again["resolved_by"]) == ("card replaced", "ops")
+    status, audit = await http.call("GET", "/v1/admin/audit", "ops", "admin")
+    rows = [e for e in audit["entries"] if e["action"] == "flag_resolve"]
+    assert [(e["actor"], e["target"], e["detail"]) for e in rows] == [
+        (
+            "ops",
+            "bob",
+            {
+                "flag": first,
+                "reason": "chargeback",
+                "payment_ref": "pi_f1",
+                "shortfall": 0,
+                "resolution": "card replaced",
+            },
+        )
+    ]
+
+    # The listing by state, and the default (all).
+    status, open_ = await http.call("GET", "/v1/admin/flags?state=open", "ops", "admin")
+    assert [f["payment_ref"] for f in open_["flags"]] == ["pi_f2"]
+    status, done = await http.call("GET", "/v1/admin/flags?state=resolved", "ops", "admin")
+    assert [f["payment_ref"] for f in done["flags"]] == ["pi_f1"]
+    status, every = await http.call("GET", "/v1/admin/flags", "ops", "admin")
+    assert [f["state"] for f in every["flags"]] == ["open", "resolved"]
+    assert (await http.call("GET", "/v1/admin/flags?state=closed", "ops", "admin"))[0] == 400
+    # Without a note, too.
+    status, plain = await http.call(
+        "POST", f"/v1/admin/flags/{open_['flags'][0]['id']}/resolve", "ops", "admin"
+    )
+    assert status == 200 and plain["state"] == "resolved" and plain["resolution"] is None
+
+
 # --- export ------------------------------------------------------------------------------
 
 
