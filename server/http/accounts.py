@@ -370,9 +370,7 @@ def accounts_routes(
             async with node.pool.acquire() as conn, conn.transaction():
                 # FOR UPDATE: of two concurrent resolves, the second waits and
                 # then sees the first's close (one audit row, not two).
-                row = await conn.fetchrow(
-                    f"{FLAG_SELECT} WHERE f.id = $1 FOR UPDATE OF f", flag_id
-                )
+                row = await conn.fetchrow(f"{FLAG_SELECT} WHERE f.id = $1 FOR UPDATE OF f", flag_id)
                 if row is None:
                     raise NotFound(f"no flag {flag_id}")
                 if row["state"] == "resolved":

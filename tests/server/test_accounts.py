@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import Http, Running, eventually, pg, token
+from tokenchat.client_demo import client as sdk
 from tokenchat.server.http.payments import sign_webhook
 
 Start = Callable[..., Awaitable[Running]]
@@ -342,11 +343,12 @@ async def test_an_admin_resolves_a_flag_once_and_the_audit_log_says_who(
     status, every = await http.call("GET", "/v1/admin/flags", "ops", "admin")
     assert [f["state"] for f in every["flags"]] == ["open", "resolved"]
     assert (await http.call("GET", "/v1/admin/flags?state=closed", "ops", "admin"))[0] == 400
-    # Without a note, too.
-    status, plain = await http.call(
-        "POST", f"/v1/admin/flags/{open_['flags'][0]['id']}/resolve", "ops", "admin"
-    )
-    assert status == 200 and plain["state"] == "resolved" and plain["resolution"] is None
+    # Without a note, too, through the client library.
+    admin = token("ops", "admin")
+    plain = await sdk.resolve_flag(server.http_url, admin, open_["flags"][0]["id"])
+    assert plain["state"] == "resolved" and plain["resolution"] is None
+    listed = await sdk.account_flags(server.http_url, admin, state="open")
+    assert listed["flags"] == []
 
 
 # --- export ------------------------------------------------------------------------------
