@@ -1419,7 +1419,10 @@ async def rooms(
     limit: int | None = None,
 ) -> dict[str, Any]:
     """One page of rooms: ``{rooms: [{id, viewers, display_name, tags,
-    trending, ...}], next_cursor}``; ``sort`` is trending, viewers or new."""
+    trending, live, ...}], next_cursor}``; ``sort`` is trending, viewers or
+    new. Pass ``next_cursor`` back (same sort) for the next page of the same
+    ranking; a cursor idle too long raises ``HttpError`` 410
+    ``CURSOR_EXPIRED``: start again without one."""
     url = f"{http_url.rstrip('/')}/v1/rooms" + _query(
         {"sort": sort, "tag": tag, "q": q, "cursor": cursor, "limit": limit}
     )
