@@ -401,8 +401,9 @@ class Settings:
     # read (each page read renews it): a person reading a page of cards and
     # then asking for more, with a pause. Past it the cursor answers
     # CURSOR_EXPIRED. It bounds the pinned rankings in Redis: at most 3 sorts x
-    # (this / the snapshot period) per node, each ~11 bytes a room (10,000
-    # rooms rebuilt every ~5 s: 72 pins of ~110 KB, ~8 MB per node at worst).
+    # (this / the snapshot period) per node, each an id and a newline a room
+    # (10,000 ids of 10 characters rebuilt every ~5 s: 72 pins of ~110 KB,
+    # ~8 MB per node at worst).
     discovery_cursor_idle_s: float = 120.0
 
     # --- metrics --------------------------------------------------------------------
