@@ -147,7 +147,10 @@ async def paging(nodes: list[Node], rounds: int) -> None:
         httpx.AsyncClient(transport=apps[1], base_url="http://bench") as other,
     ):
         assert (await other.get("/v1/rooms?limit=1")).status_code == 200  # its snapshot built
-        pinning, pinned, fetched, cached = [], [], [], []
+        pinning: list[float] = []
+        pinned: list[float] = []
+        fetched: list[float] = []
+        cached: list[float] = []
         for _ in range(rounds):
             first_node.discovery.invalidate()  # a new snapshot: a new pin
             assert (await first.get("/v1/rooms?limit=1&sort=new")).status_code == 200
