@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import Http, Running, eventually, pg, token
+from tests.proxy import Proxy
 from tokenchat.client_demo import client as sdk
 from tokenchat.server.http.payments import sign_webhook
 
@@ -349,6 +350,36 @@ async def test_an_admin_resolves_a_flag_once_and_the_audit_log_says_who(
     assert plain["state"] == "resolved" and plain["resolution"] is None
     listed = await sdk.account_flags(server.http_url, admin, state="open")
     assert listed["flags"] == []
+
+
+async def test_a_flag_resolve_with_postgres_away_changes_nothing(
+    start_server: Start, postgres_proxy: Proxy
+) -> None:
+    server = await paid_server(start_server, database_url=postgres_proxy.url)
+    http = Http(server)
+    await http.call("GET", "/v1/me", "bob")
+    assert (await webhook(server, confirmed("pi_pg")))[0] == 200
+    assert (await webhook(server, reversed_("pi_pg")))[0] == 200
+    status, flags = await http.call("GET", "/v1/admin/flags", "ops", "admin")
+    path = f"/v1/admin/flags/{flags['flags'][0]['id']}/resolve"
+    await postgres_proxy.cut()
+    try:
+        status, reply = await http.call("POST", path, "ops", "admin", resolution="first try")
+        assert status == 503 and reply["error"]["code"] == "UNAVAILABLE", reply
+    finally:
+        await postgres_proxy.restore()
+
+    async def resolved() -> bool:
+        status, _ = await http.call("POST", path, "ops", "admin", resolution="retried")
+        return status == 200
+
+    await eventually(resolved)
+    status, flag = await http.call("POST", path, "ops", "admin")
+    assert flag["already"] is True and flag["resolution"] == "retried"
+    rows = await pg(
+        server.process.settings, "SELECT count(*) AS n FROM audit_log WHERE action = 'flag_resolve'"
+    )
+    assert rows[0]["n"] == 1
 
 
 # --- export ------------------------------------------------------------------------------

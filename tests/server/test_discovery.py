@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import Http, Running, eventually, pg
+from tests.proxy import Proxy
 from tokenchat.server.config import Settings
 
 
@@ -231,6 +232,40 @@ async def test_an_idle_cursor_expires_with_a_clear_code(start_server: Any, redis
     assert [key async for key in redis.scan_iter(match=f"{prefix}rooms:pin:*")] == []
     # A first page starts a new listing.
     assert await ids(node, "?limit=3") == ["a1", "a2", "a3"]
+
+
+async def test_room_pages_with_redis_cut(start_server: Any, redis_proxy: Proxy) -> None:
+    """Redis away: a node still serves the later pages of a ranking it holds
+    in memory; a cursor it cannot read answers UNAVAILABLE (503), and works
+    once Redis is back."""
+    cut = await start_server(
+        redis_url=redis_proxy.url, redis_timeout_s=0.5, discovery_refresh_s=0.05
+    )
+    direct = await start_server(discovery_refresh_s=0.05)
+    for name in ("b1", "b2", "b3"):
+        await direct.client(name, "model")
+    mine = await listing(cut, "?limit=1")
+    theirs = await listing(direct, "?sort=new&limit=1")
+    await redis_proxy.cut()
+    try:
+        second = await listing(cut, f"?limit=1&cursor={mine['next_cursor']}")
+        assert [r["id"] for r in second["rooms"]] == ["b2"]
+        status, reply = await Http(cut).call(
+            "GET", f"/v1/rooms?sort=new&limit=1&cursor={theirs['next_cursor']}"
+        )
+        assert status == 503 and reply["error"]["code"] == "UNAVAILABLE", reply
+        # The other node reads the pin the cut node wrote before the cut.
+        assert await ids(direct, f"?limit=2&cursor={mine['next_cursor']}") == ["b2", "b3"]
+    finally:
+        await redis_proxy.restore()
+
+    async def readable() -> bool:
+        status, page = await Http(cut).call(
+            "GET", f"/v1/rooms?sort=new&limit=1&cursor={theirs['next_cursor']}"
+        )
+        return status == 200 and [r["id"] for r in page["rooms"]] == ["b2"]
+
+    await eventually(readable)
 
 
 async def test_follow_unfollow_and_list(server: Running) -> None:
