@@ -209,15 +209,21 @@ async def test_room_pages_keep_one_ranking_across_nodes_while_ranks_change(
         await fan.close()
 
 
+# The cursors' idle life in the expiry test: long enough that a loaded
+# machine's request (a few hundred ms) stays well inside it.
+IDLE_S = 2.0
+
+
 async def test_an_idle_cursor_expires_with_a_clear_code(start_server: Any, redis: Redis) -> None:
-    node = await start_server(discovery_refresh_s=0.05, discovery_cursor_idle_s=0.5)
+    node = await start_server(discovery_refresh_s=0.05, discovery_cursor_idle_s=IDLE_S)
     for name in ("a1", "a2", "a3"):
         await node.client(name, "model")
     first = await listing(node, "?limit=1")
-    # Read within the idle time: it works, and renews the cursor's ranking.
-    await asyncio.sleep(0.3)
+    # Read within the idle time: it works, and renews the cursor's ranking
+    # (the two pauses add up to more than one idle time).
+    await asyncio.sleep(IDLE_S * 0.6)
     second = await listing(node, f"?limit=1&cursor={first['next_cursor']}")
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(IDLE_S * 0.6)
     third = await listing(node, f"?limit=1&cursor={second['next_cursor']}")
     assert [r["id"] for r in first["rooms"] + second["rooms"] + third["rooms"]] == [
         "a1",
@@ -225,7 +231,7 @@ async def test_an_idle_cursor_expires_with_a_clear_code(start_server: Any, redis
         "a3",
     ]
     # Left idle past discovery_cursor_idle_s: gone here and in Redis.
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(IDLE_S * 1.4)
     status, reply = await Http(node).call("GET", f"/v1/rooms?limit=1&cursor={first['next_cursor']}")
     assert status == 410 and reply["error"]["code"] == "CURSOR_EXPIRED", reply
     prefix = node.process.settings.redis_prefix
