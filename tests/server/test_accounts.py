@@ -6,6 +6,7 @@ the books reconcile after each."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -350,6 +351,31 @@ async def test_an_admin_resolves_a_flag_once_and_the_audit_log_says_who(
     assert plain["state"] == "resolved" and plain["resolution"] is None
     listed = await sdk.account_flags(server.http_url, admin, state="open")
     assert listed["flags"] == []
+
+
+async def test_admins_resolving_one_flag_at_once_close_it_once(start_server: Start) -> None:
+    server = await paid_server(start_server)
+    http = Http(server)
+    await http.call("GET", "/v1/me", "bob")
+    assert (await webhook(server, confirmed("pi_race")))[0] == 200
+    assert (await webhook(server, reversed_("pi_race")))[0] == 200
+    status, flags = await http.call("GET", "/v1/admin/flags", "ops", "admin")
+    assert status == 200, flags
+    path = f"/v1/admin/flags/{flags['flags'][0]['id']}/resolve"
+    replies = await asyncio.gather(
+        *(http.call("POST", path, f"admin{n}", "admin", resolution=f"by {n}") for n in range(5))
+    )
+    assert [status for status, _ in replies] == [200] * 5
+    first = [reply for _, reply in replies if "already" not in reply]
+    assert len(first) == 1
+    # Every answer names the one resolution that happened.
+    assert {(reply["resolved_by"], reply["resolution"]) for _, reply in replies} == {
+        (first[0]["resolved_by"], first[0]["resolution"])
+    }
+    rows = await pg(
+        server.process.settings, "SELECT count(*) AS n FROM audit_log WHERE action = 'flag_resolve'"
+    )
+    assert rows[0]["n"] == 1
 
 
 async def test_a_flag_resolve_with_postgres_away_changes_nothing(
