@@ -45,6 +45,8 @@ export type ErrorCode =
   | "BANNED"
   | "MUTED"
   | "SLOW_MODE"
+  /** HTTP only (410): a GET /v1/rooms cursor whose ranking is no longer kept. */
+  | "CURSOR_EXPIRED"
   | "OFFLINE"
   | "TIMEOUT";
 
