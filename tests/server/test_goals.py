@@ -408,7 +408,7 @@ async def test_a_redis_older_than_the_ledger_rebuilds_the_goals_progress(
     # Redis goes back in time (see test_ledger_durability): its outbox behind
     # the ledger, its scripts forgotten, and the goal's progress it held then.
     await node.redis.hset(keys.goal("alice"), "progress", 0)  # type: ignore[misc]
-    await node.redis.execute_command("XSETID", keys.outbox(), "1-0")
+    await durability.rewind_outbox(node.redis, keys)
     await node.redis.script_flush()
     async with durability.writer_running(node):
         reply = await fan.call("tip", room="alice", amount=5, key="b")
