@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
@@ -27,6 +28,8 @@ from starlette.routing import BaseRoute, Route
 from tokenchat.protocol.commands import PAYMENT_REF
 
 from ..auth import Identity
+from ..catalog.media import content_name, preview_name
+from ..economy.closing import AccountClosing
 from ..economy.economy import PAYMENTS_INITIATOR
 from ..errors import BadRequest, Conflict, Forbidden, NotFound, ServiceError, Unavailable
 from ..gateway.node import Node
@@ -82,6 +85,9 @@ def accounts_routes(
     drain: Drain,
 ) -> list[BaseRoute]:
     settings = node.settings
+    closing = AccountClosing(
+        node.pool, node.requests, node.shows, node.privates, node.goals, node.payouts
+    )
 
     # --- webhooks -------------------------------------------------------------------
     async def webhook(request: Request) -> Response:
@@ -465,6 +471,10 @@ def accounts_routes(
         if await user_state(user) is None:
             raise NotFound("you have no account here yet")
         alias = pseudonym(settings.jwt_secret, user)
+        # 0. Every open escrow she is party to is settled by its own
+        #    workflow, so nothing comes back to her after the forfeiture; or
+        #    CONFLICT (nothing moved) while one closes only by itself.
+        closed = await closing.close(user, drain)
         # 1. The balance goes to sys:forfeited through the ledger (the user's
         #    account then holds 0). A failure stops here: nothing was deleted.
         first = await forfeit(user, alias, 1)
@@ -472,7 +482,8 @@ def accounts_routes(
         #    transaction; then the user is shut out everywhere (a permanent
         #    platform ban closes every session on every node and refuses
         #    every token).
-        await remove_personal_data(user, alias, int(first["clawed"]))
+        hot: list[str] = []  # Redis keys caching what is deleted
+        await remove_personal_data(user, alias, int(first["clawed"]), hot)
         try:
             await node.moderation.platform_ban(identity, user, None, "account deleted")
         except ServiceError:
@@ -488,7 +499,10 @@ def accounts_routes(
                 )
             except _DB_ERRORS:
                 log.warning("forfeited total of deleted %s not updated", alias)
-        return JSONResponse({"deleted": True, "pseudonym": alias, "forfeited": forfeited})
+        await forget_hot_state(user, hot)
+        return JSONResponse(
+            {"deleted": True, "pseudonym": alias, "forfeited": forfeited, "closed": closed}
+        )
 
     async def forfeit(user: str, alias: str, step: int) -> dict[str, Any]:
         return await node.economy.clawback(
@@ -500,7 +514,7 @@ def accounts_routes(
             meta={"reason": "account deleted", "pseudonym": alias},
         )
 
-    async def remove_personal_data(user: str, alias: str, forfeited: int) -> None:
+    async def remove_personal_data(user: str, alias: str, forfeited: int, hot: list[str]) -> None:
         try:
             async with node.pool.acquire() as conn, conn.transaction():
                 await conn.execute(
@@ -528,8 +542,68 @@ def accounts_routes(
                                SELECT 1 FROM jsonb_each_text(to_jsonb(f)) e WHERE e.value = $1)""",
                         user,
                     )
+                media = await remove_model_data(conn, user, hot)
         except _DB_ERRORS as exc:
             raise Unavailable("the account could not be deleted now; try again") from exc
+        # The files after the rows: a file left by a failure here is never
+        # served (no row names it), and the next deletion attempt finds no row.
+        for media_id in media:
+            try:
+                await node.media.store.delete(content_name(media_id))
+                await node.media.store.delete(preview_name(media_id))
+            except OSError:
+                log.warning("media %s of deleted %s not removed from storage", media_id, alias)
+
+    async def remove_model_data(conn: Any, user: str, hot: list[str]) -> list[str]:
+        """Her room (its settings, moderators, restrictions, shows and goals,
+        all closed and settled by now: closing.close), menu, prices, media,
+        profile, live notifications, payout method and verification. The
+        ids of her media, whose files go next; ``hot`` gets the Redis keys
+        caching what went."""
+        owned = await conn.fetch("SELECT id FROM media WHERE owner_id = $1", user)
+        media = [row["id"] for row in owned]
+        held = await conn.fetch("SELECT id FROM shows WHERE room = $1", user)
+        shows = [row["id"] for row in held]
+        hot.extend([*map(node.keys.media, media), *map(node.keys.show, shows)])
+        for sql in (
+            "DELETE FROM media WHERE owner_id = $1",
+            """DELETE FROM menu_items WHERE model_id = $1""",
+            "DELETE FROM menus WHERE model_id = $1",
+            "DELETE FROM prices WHERE model_id = $1",
+            "DELETE FROM private_prices WHERE model_id = $1",
+            "DELETE FROM room_moderators WHERE room = $1 OR user_id = $1",
+            "DELETE FROM room_restrictions WHERE room = $1 OR user_id = $1",
+            "DELETE FROM room_settings WHERE room = $1",
+            "DELETE FROM goals WHERE room = $1",
+            "DELETE FROM shows WHERE room = $1",
+            "DELETE FROM rooms WHERE id = $1",
+            "DELETE FROM profiles WHERE user_id = $1",
+            "DELETE FROM notifications WHERE model = $1 OR user_id = $1",
+            "DELETE FROM live_jobs WHERE model = $1",
+            "DELETE FROM payout_methods WHERE user_id = $1",
+            "DELETE FROM model_verifications WHERE user_id = $1",
+            "DELETE FROM spend_limits WHERE user_id = $1",
+            # A payout's row stays (the books name it), its bank details go.
+            """UPDATE payouts SET method = '{"type": "erased"}'::jsonb WHERE model = $1""",
+        ):
+            await conn.execute(sql, user)
+        return media
+
+    async def forget_hot_state(user: str, hot: list[str]) -> None:
+        """Redis copies of what was deleted (best effort: each is rebuilt from
+        Postgres on a miss, where the rows are gone)."""
+        keys = node.keys
+        try:
+            await node.redis.delete(
+                keys.room_info(user),
+                keys.menu(user),
+                keys.prices(user),
+                keys.goal(user),
+                keys.room_show(user),
+                *hot,
+            )
+        except (RedisError, OSError):
+            log.warning("hot state of a deleted account left to expire")
 
     return [
         Route("/v1/payments/webhook", webhook, methods=["POST"]),
