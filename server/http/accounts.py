@@ -33,6 +33,7 @@ from ..economy.closing import AccountClosing
 from ..economy.economy import PAYMENTS_INITIATOR
 from ..errors import BadRequest, Conflict, Forbidden, NotFound, ServiceError, Unavailable
 from ..gateway.node import Node
+from ..ledger.pseudonyms import Pseudonyms
 from .api import BODY_SIZE_MAX_BYTES, JSONResponse, bundle_list, json_body, query_int
 from .payments import (
     EVENT_CHARGED_BACK,
@@ -85,6 +86,7 @@ def accounts_routes(
     drain: Drain,
 ) -> list[BaseRoute]:
     settings = node.settings
+    pseudonyms = Pseudonyms(node.pool)
     closing = AccountClosing(
         node.pool, node.requests, node.shows, node.privates, node.goals, node.payouts
     )
@@ -434,6 +436,7 @@ def accounts_routes(
             head = {"user": orjson.loads(row["user"]), "balance": balance}
             yield orjson.dumps(head)[:-1]  # the object stays open for the sections
             truncated = []
+            seen: dict[str, str | None] = {}
             async with node.pool.acquire() as conn, conn.transaction(readonly=True):
                 for name, sql in queries:
                     yield b',"' + name.encode() + b'":['
@@ -448,7 +451,10 @@ def accounts_routes(
                         if count > rows_max:
                             truncated.append(name)
                             break
-                        yield (b"," if count > 1 else b"") + record[0].encode()
+                        # Other users' ids in her rows (a tip's room, a
+                        # DM's recipient): a deleted one's pseudonym only.
+                        item = await pseudonyms.scrub(orjson.loads(record[0]), seen)
+                        yield (b"," if count > 1 else b"") + orjson.dumps(item)
                     yield b"]"
             tail = {"truncated": truncated, "rows_max": rows_max}
             yield b"," + orjson.dumps(tail)[1:]

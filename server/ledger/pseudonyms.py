@@ -91,13 +91,21 @@ class Pseudonyms:
             raise Unavailable("pseudonyms are unavailable") from exc
         return {row["user_id"]: row["pseudonym"] for row in rows}
 
-    async def scrub(self, value: Any) -> Any:
+    async def scrub(self, value: Any, seen: dict[str, str | None] | None = None) -> Any:
         """``value`` with every deleted user's id (or account) replaced by her
-        pseudonym; ``value`` itself when it names none."""
+        pseudonym; ``value`` itself when it names none. ``seen``: what earlier
+        calls of one stream looked up already (an export's rows), so each
+        string is looked up once."""
         strings: set[str] = set()
         _collect(value, strings)
         users = {s.removeprefix(USER_ACCOUNT_PREFIX) for s in strings}
-        aliases = await self.aliases(users)
+        if seen is None:
+            aliases = await self.aliases(users)
+        else:
+            new = users - seen.keys()
+            found = await self.aliases(new)
+            seen.update({user: found.get(user) for user in new})
+            aliases = {user: alias for user in users if (alias := seen[user]) is not None}
         if not aliases:
             return value
         named = {user: alias for user, alias in aliases.items()}
