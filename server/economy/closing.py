@@ -186,7 +186,7 @@ class AccountClosing:
         )
         refunded = 0
         for row in rows:
-            refunded += await self._shows.refund_ticket(row["id"], user)
+            refunded += bool(await self._shows.refund_ticket(row["id"], user))
         return refunded
 
     async def _cancel_shows(self, user: str) -> int:
