@@ -29,6 +29,12 @@ As a model:
 - payouts ``requesting`` or ``requested``: rejected, the tokens back in her
   balance (then forfeited with it).
 
+A credit that still reaches a deleted account afterwards (an admin's
+refund of one of her spends, an escrow she opened in the instant between
+the settling and the ban, a goal's refund) is forfeited by the sweeper
+(``forfeit_late_credits``, every sweep): no deleted account keeps a balance
+for longer than one sweep interval.
+
 Every step is its workflow's own idempotent transition, so a deletion that
 failed half-way (a backend away) is simply asked again. Before answering,
 every closed object she is party to must be settled (its money moved); if
@@ -47,13 +53,20 @@ import asyncpg
 
 from ..errors import Conflict, NotFound, ServiceError, Unavailable
 from . import goals, payouts, privates, requests, shows
-from .economy import escrow_account
+from .economy import Economy, escrow_account, user_initiator
 
 log = logging.getLogger(__name__)
 
+# A deleted account's balance is taken whole: the clawback's bound (tokens)
+# is above any balance the ledger can hold (a bigint, but far below Lua's
+# exact-integer limit of 2^53).
+FORFEIT_AMOUNT = 2**52
+FORFEIT_REASON = "account deleted"
+# Deleted accounts with a balance forfeited in one sweep (a bound on one
+# sweep's work; more wait for the next sweep).
+LATE_FORFEITS_PER_SWEEP_MAX = 100
 # Who decided a payout rejected by a deletion (the payout's `decided_by`).
 DELETION_DECIDER = "sys:accounts"
-DELETION_REASON = "account deleted"
 _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncio.TimeoutError)
 Drain = Callable[[], Awaitable[int]]
 
@@ -64,6 +77,7 @@ class AccountClosing:
     def __init__(
         self,
         pool: asyncpg.Pool,
+        economy: Economy,
         requests_: requests.Requests,
         shows_: shows.Shows,
         privates_: privates.Privates,
@@ -71,6 +85,7 @@ class AccountClosing:
         payouts_: payouts.Payouts,
     ) -> None:
         self._pool = pool
+        self._economy = economy
         self._requests = requests_
         self._shows = shows_
         self._privates = privates_
@@ -212,7 +227,7 @@ class AccountClosing:
             user,
         )
         for row in rows:
-            await _tolerant(self._payouts.reject(DELETION_DECIDER, row["id"], DELETION_REASON))
+            await _tolerant(self._payouts.reject(DELETION_DECIDER, row["id"], FORFEIT_REASON))
         return len(rows)
 
     async def _settle_all(self, user: str) -> None:
@@ -257,6 +272,58 @@ class AccountClosing:
             list(shows.OPEN),
         )
         return [(row["kind"], row["id"]) for row in rows]
+
+    # --- after the deletion ------------------------------------------------------------
+    async def forfeit(self, user: str, alias: str, key: str) -> dict[str, Any]:
+        """The whole balance of ``user`` to sys:forfeited (ledger kind
+        ``forfeit``), once per ``key``."""
+        return await self._economy.clawback(
+            user,
+            FORFEIT_AMOUNT,
+            kind="forfeit",
+            initiator=user_initiator(user),
+            key=key,
+            meta={"reason": FORFEIT_REASON, "pseudonym": alias},
+        )
+
+    async def forfeit_late_credits(self) -> None:
+        """Every sweep: each deleted account the ledger shows a balance in
+        has it forfeited, under a key naming the latest credit it received,
+        so a repeat (this sweep again, another process) is a duplicate and
+        a later credit gets a forfeiture of its own."""
+        try:
+            rows = await self._pool.fetch(
+                """SELECT d.user_id, d.pseudonym,
+                          (SELECT p.tx_id FROM ledger_postings p
+                             JOIN ledger_transactions t ON t.id = p.tx_id
+                            WHERE p.account_id = a.id AND p.amount > 0
+                            ORDER BY t.applied_ms DESC, t.id DESC LIMIT 1) AS credit
+                     FROM deleted_users d JOIN accounts a ON a.id = 'u:' || d.user_id
+                    WHERE a.balance > 0 ORDER BY d.user_id LIMIT $1""",
+                LATE_FORFEITS_PER_SWEEP_MAX,
+            )
+        except _DB_ERRORS as exc:
+            raise Unavailable("deleted accounts are unavailable") from exc
+        for row in rows:
+            try:
+                reply = await self.forfeit(
+                    row["user_id"], row["pseudonym"], f"account-deleted:after:{row['credit']}"
+                )
+            except ServiceError as exc:  # a backend away: the next sweep again
+                log.warning("late credit of %s not forfeited: %s", row["pseudonym"], exc.message)
+                continue
+            if reply["clawed"]:
+                await self._add_forfeited(row["user_id"], int(reply["clawed"]))
+
+    async def _add_forfeited(self, user: str, tokens: int) -> None:
+        try:
+            await self._pool.execute(
+                "UPDATE deleted_users SET forfeited = forfeited + $2 WHERE user_id = $1",
+                user,
+                tokens,
+            )
+        except _DB_ERRORS:
+            log.warning("forfeited total of a deleted account not updated")
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:

@@ -29,7 +29,6 @@ from tokenchat.protocol.commands import PAYMENT_REF
 
 from ..auth import Identity
 from ..catalog.media import content_name, preview_name
-from ..economy.closing import AccountClosing
 from ..economy.economy import PAYMENTS_INITIATOR
 from ..errors import BadRequest, Conflict, Forbidden, NotFound, ServiceError, Unavailable
 from ..gateway.node import Node
@@ -60,10 +59,6 @@ AMOUNT_CENTS_MAX = 100_000_000
 FLAGS_PAGE_DEFAULT = 50
 FLAGS_PAGE_MAX = 500
 FLAG_ID_MAX = 2**63 - 1
-# A deleted account's balance is taken whole: the clawback's bound (tokens)
-# is above any balance the ledger can hold (a bigint, but far below Lua's
-# exact-integer limit of 2^53).
-FORFEIT_AMOUNT = 2**52
 # Rows of one export section fetched from Postgres at once (memory bound of
 # the stream: a few hundred small JSON objects).
 EXPORT_PREFETCH_ROWS = 200
@@ -87,9 +82,7 @@ def accounts_routes(
 ) -> list[BaseRoute]:
     settings = node.settings
     pseudonyms = Pseudonyms(node.pool)
-    closing = AccountClosing(
-        node.pool, node.requests, node.shows, node.privates, node.goals, node.payouts
-    )
+    closing = node.closing
 
     # --- webhooks -------------------------------------------------------------------
     async def webhook(request: Request) -> Response:
@@ -511,14 +504,7 @@ def accounts_routes(
         )
 
     async def forfeit(user: str, alias: str, step: int) -> dict[str, Any]:
-        return await node.economy.clawback(
-            user,
-            FORFEIT_AMOUNT,
-            kind="forfeit",
-            initiator=f"u:{user}",
-            key=f"account-deleted:{step}",
-            meta={"reason": "account deleted", "pseudonym": alias},
-        )
+        return await closing.forfeit(user, alias, f"account-deleted:{step}")
 
     async def remove_personal_data(user: str, alias: str, forfeited: int, hot: list[str]) -> None:
         try:
@@ -599,6 +585,9 @@ def accounts_routes(
         """Redis copies of what was deleted (best effort: each is rebuilt from
         Postgres on a miss, where the rows are gone)."""
         keys = node.keys
+        # This process's copy of her room; other processes' expire with
+        # their ROOM_INFO_TTL_S (a tip there meanwhile is a late credit).
+        node.directory.forget_room(user)
         try:
             await node.redis.delete(
                 keys.room_info(user),

@@ -179,7 +179,8 @@ async def test_a_deleted_model_is_in_no_view_and_her_room_menu_media_profile_are
     ):
         assert await pg(settings, f"SELECT 1 FROM {table} WHERE {column} = 'alice'") == [], table
     assert await files_in(settings.media_dir) == []
-    assert (await fan.request("join", room="alice"))["code"] == "NOT_FOUND"
+    joined = await fan.request("join", room="alice")
+    assert joined.get("code") == "NOT_FOUND", joined
     assert (await fan.request("unlock", media=media, key="u2"))["code"] == "NOT_FOUND"
     status, _ = await http.call("GET", "/v1/models/alice", "bob")
     assert status == 404
@@ -425,4 +426,40 @@ async def test_a_payout_whose_request_died_is_finished_by_the_sweeper(
     await drain(server)
     kinds = await pg(settings, "SELECT kind FROM ledger_transactions WHERE meta ? 'payout'")
     assert sorted(k["kind"] for k in kinds) == (["hold", "payout"] if held else ["hold"])
+    await books_balance(server, http)
+
+
+async def test_a_credit_reaching_a_deleted_account_later_is_forfeited_by_the_sweeper(
+    start_server: Start,
+) -> None:
+    server = await start_server(deadline_sweep_interval_s=0.1)
+    model, fan, http = await ready(server, fans=100)
+    tip = await fan.call("tip", room="alice", amount=30, key="t1")
+    status, reply = await delete(http, "bob")
+    assert status == 200 and reply["forfeited"] == 70, reply
+    # An admin refunds the deleted fan's tip: the tokens reach his account...
+    status, refund = await http.call(
+        "POST", "/v1/admin/refunds", "ops", "admin", tx=tip["tx"], key="r1"
+    )
+    assert status == 200, refund
+    assert await balance(model) == 0
+    settings = server.process.settings
+
+    async def forfeited() -> bool:
+        await drain(server)
+        return await escrow(server, "sys:forfeited") == 100
+
+    # ...and are forfeited by the next sweeps, once.
+    await eventually(forfeited)
+    assert await escrow(server, "u:bob") == 0
+    [row] = await pg(settings, "SELECT forfeited FROM deleted_users")
+    assert row["forfeited"] == 100
+    await server.node.closing.forfeit_late_credits()  # nothing left: nothing moves
+    await drain(server)
+    kinds = await pg(
+        settings,
+        """SELECT t.kind, p.amount FROM ledger_transactions t JOIN ledger_postings p
+             ON p.tx_id = t.id WHERE p.account_id = 'sys:forfeited' ORDER BY t.applied_ms""",
+    )
+    assert [(k["kind"], k["amount"]) for k in kinds] == [("forfeit", 70), ("forfeit", 30)]
     await books_balance(server, http)
