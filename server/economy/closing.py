@@ -231,7 +231,8 @@ class AccountClosing:
         return len(rows)
 
     async def _settle_all(self, user: str) -> None:
-        """Every closed object she is party to, settled (each settle is
+        """Every closed object she is party to (as a fan too: a show she
+        holds a ticket to, a goal her tips went to), settled (each settle is
         idempotent); then none may be left unsettled."""
         unsettled = await self._unsettled(user)
         for kind, subject in unsettled:
@@ -260,10 +261,18 @@ class AccountClosing:
                 WHERE (fan = $1 OR model = $1) AND state = 'ended' AND settled_at IS NULL
                UNION ALL
                SELECT 'show', id FROM shows
-                WHERE model = $1 AND state <> ALL($3) AND settled_at IS NULL
+                WHERE state <> ALL($3) AND settled_at IS NULL
+                  AND (model = $1 OR id IN (
+                       SELECT t.meta->>'show' FROM ledger_transactions t
+                        WHERE t.kind = 'ticket' AND t.meta->>'fan' = $1))
                UNION ALL
                SELECT 'goal', id FROM goals
-                WHERE model = $1 AND state <> 'active' AND settled_at IS NULL
+                WHERE state <> 'active' AND settled_at IS NULL
+                  AND (model = $1 OR id IN (
+                       SELECT t.meta->>'goal' FROM ledger_transactions t
+                         JOIN ledger_postings p ON p.tx_id = t.id
+                        WHERE t.kind = 'tip' AND t.meta ? 'goal'
+                          AND p.account_id = 'u:' || $1))
                UNION ALL
                SELECT 'payout', id FROM payouts
                 WHERE model = $1 AND state IN ('paid', 'rejected') AND settled_at IS NULL""",
