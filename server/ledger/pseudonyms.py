@@ -9,9 +9,13 @@ too, referencing ``users``. None of them is rewritten; what is shown is.
 
 ``Pseudonyms.scrub`` takes a view's JSON value and replaces every string
 that IS a deleted user's id, or her account ``u:<id>``, by her pseudonym
-(``deleted_users``, migration 0019), in values and in keys alike. Exact
-matches only: free text a user wrote is not searched (the account's own
-texts are deleted with it: server/http/accounts.py).
+(``deleted_users``, migration 0019), wherever it is the value of a field
+that names a user (``USER_FIELDS``: ``room``, ``to``, ``from``, ``model``,
+``fan``, ``counterparty``, ``initiator``, a posting's ``account``...), or a
+string in a list under one. Only there: a user may be called ``tip`` or
+``paid``, and a ``kind`` or a ``state`` must stay what it is. Exact matches
+only: free text a user wrote is not searched (the account's own texts are
+deleted with it: server/http/accounts.py).
 
 ``pseudonymised`` wraps the routes of the views that show other users' ids
 (``PSEUDONYMISED_PATHS``) so every reply they give goes through ``scrub``:
@@ -73,6 +77,45 @@ PSEUDONYMISED_PATHS = frozenset(
 )
 
 
+# The fields whose value is a user (or a room, which is its model's id, or a
+# ledger account or initiator, `u:<id>`) in the views below, meta included.
+USER_FIELDS = frozenset(
+    {
+        "id",
+        "user",
+        "user_id",
+        "users",
+        "room",
+        "owner",
+        "model",
+        "fan",
+        "to",
+        "from",
+        "counterparty",
+        "initiator",
+        "account",
+        "by",
+        "by_user",
+        "decided_by",
+        "reporter",
+        "reported",
+        "sender",
+        "recipient",
+        "follower",
+        "blocked",
+        "blocker",
+        "king",
+        "target",
+        "actor",
+        "party",
+        "payer",
+        "payee",
+        "members",
+        "moderators",
+    }
+)
+
+
 class Pseudonyms:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -113,26 +156,27 @@ class Pseudonyms:
         return _replace(value, named)
 
 
-def _collect(value: Any, into: set[str]) -> None:
+def _collect(value: Any, into: set[str], named: bool = False) -> None:
+    """The strings of ``value`` that are a user field's (``named``: under
+    one), to look up."""
     if isinstance(value, str):
-        if len(value) <= CANDIDATE_LEN_MAX:
+        if named and len(value) <= CANDIDATE_LEN_MAX:
             into.add(value)
     elif isinstance(value, dict):
         for key, item in value.items():
-            _collect(key, into)
-            _collect(item, into)
+            _collect(item, into, key in USER_FIELDS)
     elif isinstance(value, list):
         for item in value:
-            _collect(item, into)
+            _collect(item, into, named)
 
 
-def _replace(value: Any, named: dict[str, str]) -> Any:
+def _replace(value: Any, aliases: dict[str, str], named: bool = False) -> Any:
     if isinstance(value, str):
-        return named.get(value, value)
+        return aliases.get(value, value) if named else value
     if isinstance(value, dict):
-        return {named.get(k, k): _replace(v, named) for k, v in value.items()}
+        return {k: _replace(v, aliases, k in USER_FIELDS) for k, v in value.items()}
     if isinstance(value, list):
-        return [_replace(item, named) for item in value]
+        return [_replace(item, aliases, named) for item in value]
     return value
 
 
@@ -152,9 +196,11 @@ def _wrapped(pseudonyms: Pseudonyms, route: Route) -> Route:
 
     async def scrubbed(request: Request) -> Response:
         response: Response = await endpoint(request)
-        if response.media_type != "application/json" or not response.body:
+        # A streamed reply has no body to read here: it passes as it is.
+        body = getattr(response, "body", None)
+        if response.media_type != "application/json" or not body:
             return response
-        data = orjson.loads(response.body)
+        data = orjson.loads(body)
         clean = await pseudonyms.scrub(data)
         if clean is data:
             return response

@@ -463,3 +463,27 @@ async def test_a_credit_reaching_a_deleted_account_later_is_forfeited_by_the_swe
     )
     assert [(k["kind"], k["amount"]) for k in kinds] == [("forfeit", 70), ("forfeit", 30)]
     await books_balance(server, http)
+
+
+async def test_a_deleted_user_named_like_a_field_value_changes_only_where_she_is_named(
+    start_server: Start,
+) -> None:
+    # A user may be called `tip`: her pseudonym replaces her where a field
+    # names a user, never a transaction's kind.
+    server = await start_server()
+    http = Http(server)
+    await server.client("alice", "model")
+    fan = await server.client("tip")
+    await http.credit("tip", 50)
+    await fan.call("join", room="alice")
+    await fan.call("tip", room="alice", amount=5, key="t1")
+    status, reply = await delete(http, "tip")
+    assert status == 200, reply
+    await drain(server)
+    status, hers = await http.call("GET", "/v1/me/transactions?kind=tip", "alice", "model")
+    assert status == 200, hers
+    [row] = hers["transactions"]
+    assert (row["kind"], row["counterparty"], row["room"]) == ("tip", reply["pseudonym"], "alice")
+    status, theirs = await http.call("GET", "/v1/admin/users/alice/transactions", "ops", "admin")
+    assert [t["kind"] for t in theirs["transactions"]] == ["tip"]
+    await books_balance(server, http)
