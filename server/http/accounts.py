@@ -63,6 +63,8 @@ FLAG_ID_MAX = 2**63 - 1
 # the stream: a few hundred small JSON objects).
 EXPORT_PREFETCH_ROWS = 200
 FOLLOWS_PRESENT = "SELECT to_regclass('follows') IS NOT NULL"
+# What stands where a deleted user's text was, in rows the books still name.
+ERASED_TEXT = "(deleted)"
 
 
 def pseudonym(secret: str, user_id: str) -> str:
@@ -575,10 +577,14 @@ def accounts_routes(
             "DELETE FROM payout_methods WHERE user_id = $1",
             "DELETE FROM model_verifications WHERE user_id = $1",
             "DELETE FROM spend_limits WHERE user_id = $1",
+            "UPDATE requests SET delivery_text = NULL, media = NULL WHERE model = $1",
             # A payout's row stays (the books name it), its bank details go.
             """UPDATE payouts SET method = '{"type": "erased"}'::jsonb WHERE model = $1""",
         ):
             await conn.execute(sql, user)
+        # A request's row stays (the books name it), the texts she wrote go:
+        # her ask as a fan (above: her delivery as a model).
+        await conn.execute("UPDATE requests SET text = $2 WHERE fan = $1", user, ERASED_TEXT)
         return media
 
     async def forget_hot_state(user: str, hot: list[str]) -> None:

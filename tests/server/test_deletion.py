@@ -314,8 +314,8 @@ async def test_deleting_a_fan_cancels_her_offers_refunds_her_tickets_and_forfeit
     settings = server.process.settings
     assert await escrow(server, f"esc:show:{show['show']}") == 0
     assert await escrow(server, f"esc:request:{offered['request']}") == 0
-    rows = await pg(settings, "SELECT state FROM requests")
-    assert [r["state"] for r in rows] == ["cancelled"]
+    rows = await pg(settings, "SELECT state, text FROM requests")
+    assert [(r["state"], r["text"]) for r in rows] == [("cancelled", "(deleted)")]
     rows = await pg(settings, "SELECT state FROM private_shows WHERE id = $1", private["show"])
     assert rows[0]["state"] == "ended"
     # The show goes on without her ticket; her tip stays the model's.
