@@ -487,3 +487,32 @@ async def test_a_deleted_user_named_like_a_field_value_changes_only_where_she_is
     status, theirs = await http.call("GET", "/v1/admin/users/alice/transactions", "ops", "admin")
     assert [t["kind"] for t in theirs["transactions"]] == ["tip"]
     await books_balance(server, http)
+
+
+async def test_a_deletion_cut_short_by_a_backend_forfeits_nothing_and_its_retry_finishes(
+    start_server: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await start_server()
+    _model, fan, http = await ready(server)
+    offered = await fan.call("request_offer", model="alice", text="a", amount=15, key="o1")
+    real_refund = Economy.escrow_refund
+
+    async def lost(self: Economy, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise Unavailable("Redis did not answer in time")
+
+    # Every refund fails for a while (the workflow's own try and the settle
+    # check after it alike).
+    monkeypatch.setattr(Economy, "escrow_refund", lost)
+    status, error = await delete(http, "bob")
+    monkeypatch.setattr(Economy, "escrow_refund", real_refund)
+    # The request is cancelled, its refund did not move: nothing forfeited.
+    assert status == 503 and error["error"]["code"] == "UNAVAILABLE", error
+    assert await balance(fan) == 285
+    assert await pg(server.process.settings, "SELECT 1 FROM deleted_users") == []
+    # Asked again: the refund moves, then the forfeiture takes it all, once.
+    status, reply = await delete(http, "bob")
+    assert status == 200, reply
+    assert reply["forfeited"] == 300
+    assert await escrow(server, f"esc:request:{offered['request']}") == 0
+    assert await escrow(server, "sys:forfeited") == 300
+    await books_balance(server, http)
