@@ -244,12 +244,44 @@ class AccountClosing:
                 "payout": self._payouts.settle,
             }[kind]
             await settle(subject)
+        await self._none_open(user)
         left = await self._unsettled(user)
         if left:
             kind, subject = left[0]
             raise Unavailable(
                 f"{escrow_account(kind, subject)} is not settled yet; nothing was deleted, "
                 "try again"
+            )
+
+    async def _none_open(self, user: str) -> None:
+        """CONFLICT when one of her escrows is open still: its other party
+        moved it meanwhile (the model accepted an offer being cancelled), so
+        its own transition here did not apply. Her room's rows go next: no
+        goal or show of hers may be open then."""
+        still_open = await self._fetch(
+            """SELECT 'goal' AS kind, id FROM goals WHERE model = $1 AND state = 'active'
+               UNION ALL
+               SELECT 'show', id FROM shows WHERE model = $1 AND state = ANY($2)
+               UNION ALL
+               SELECT 'request', id FROM requests
+                WHERE state = ANY($3) AND (model = $1 OR (fan = $1 AND state = 'offered'))
+               UNION ALL
+               SELECT 'private', id FROM private_shows
+                WHERE (fan = $1 OR model = $1) AND state = ANY($4)
+               UNION ALL
+               SELECT 'payout', id FROM payouts
+                WHERE model = $1 AND state IN ('requesting', 'requested')
+               LIMIT 1""",
+            user,
+            list(shows.OPEN),
+            list(requests.OPEN),
+            list(privates.OPEN),
+        )
+        if still_open:
+            row = still_open[0]
+            raise Conflict(
+                f"{escrow_account(row['kind'], row['id'])} changed while your account was "
+                "being deleted; nothing was deleted, try again"
             )
 
     async def _unsettled(self, user: str) -> list[tuple[str, str]]:
