@@ -2,7 +2,8 @@
 // private messages, a model's earnings, prices and tip menu. Plain DOM, no framework. Every
 // text from the network goes through textContent, never innerHTML.
 
-import { CommandError, Connection } from "./connection.js";
+// The JavaScript client package (client_demo/js), served at /js/.
+import { CommandError, Connection, httpRequest, newKey } from "../js/tokenchat.js";
 import { burst } from "./effects.js";
 
 const $ = (id) => document.getElementById(id);
@@ -65,42 +66,8 @@ function clock(ts) {
   return new Date(ts || Date.now()).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 }
 
-/** An idempotency key: a UUID (crypto.randomUUID needs a secure context). */
-function newKey() {
-  if (crypto.randomUUID) return crypto.randomUUID();
-  const b = crypto.getRandomValues(new Uint8Array(16));
-  b[6] = (b[6] & 0x0f) | 0x40;
-  b[8] = (b[8] & 0x3f) | 0x80;
-  const h = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
-  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
-}
-
-async function api(method, path, body, { auth = true } = {}) {
-  const headers = {};
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (auth && state.token) headers.Authorization = `Bearer ${state.token}`;
-  let response;
-  try {
-    response = await fetch(path, {
-      method,
-      headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-  } catch {
-    throw new CommandError({ code: "OFFLINE", message: "the server cannot be reached" });
-  }
-  let data = null;
-  try {
-    data = await response.json();
-  } catch {
-    // not JSON (a 405, a proxy's page): the status says enough
-  }
-  if (!response.ok) {
-    throw new CommandError(
-      data?.error ?? { code: `HTTP_${response.status}`, message: response.statusText },
-    );
-  }
-  return data;
+function api(method, path, body, { auth = true } = {}) {
+  return httpRequest(method, path, { body, token: auth ? state.token : null });
 }
 
 // --- messages for people ----------------------------------------------------------------

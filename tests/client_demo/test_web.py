@@ -72,7 +72,7 @@ async def test_page_and_static_files_are_served(start_server: StartServer) -> No
         assert "default-src 'self'" in page.headers["content-security-policy"]
         for path, kind in [
             ("/static/app.js", "javascript"),
-            ("/static/connection.js", "javascript"),
+            ("/js/tokenchat.js", "javascript"),
             ("/static/effects.js", "javascript"),
             ("/static/style.css", "text/css"),
         ]:
