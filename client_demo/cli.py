@@ -1529,10 +1529,22 @@ async def account_command(command: str, rest: str, args: argparse.Namespace, out
         elif not rest:
             out("usage: /deleteaccount YOUR_USER_ID (typed again to confirm)")
         else:
-            reply = await delete_account(args.http, args.token, rest)
+            try:
+                reply = await delete_account(args.http, args.token, rest)
+            except HttpError as exc:
+                if exc.code != "CONFLICT" or not isinstance(exc.fields.get("open"), list):
+                    raise
+                out(f"error: {exc.message}")
+                for escrow in exc.fields["open"]:
+                    until = escrow.get("until")
+                    closes = f", closes by {format_ms(until)}" if until else ""
+                    out(f"*   {escrow.get('kind')} {escrow.get('id')}{closes}")
+                return
+            closed = ", ".join(f"{n} {kind}" for kind, n in reply.get("closed", {}).items() if n)
             out(
                 f"* account deleted: {reply['forfeited']} tokens forfeited; "
                 f"the books name you {reply['pseudonym']}"
+                + (f"; closed first: {closed}" if closed else "")
             )
     except (OSError, HttpError) as exc:
         out(f"error: {exc}")

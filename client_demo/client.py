@@ -1488,8 +1488,12 @@ async def export_data(http_url: str, token: str) -> dict[str, Any]:
 
 async def delete_account(http_url: str, token: str, user: str) -> dict[str, Any]:
     """Delete the caller's account (``DELETE /v1/me``, ``confirm``: the
-    caller's own id): ``{deleted, pseudonym, forfeited}``. The balance is
-    forfeited, every session is closed and the account is refused from then on."""
+    caller's own id): ``{deleted, pseudonym, forfeited, closed}``. Her open
+    escrows are settled first (``closed`` counts them by kind), then the
+    balance is forfeited, every session is closed and the account is refused
+    from then on. ``HttpError`` CONFLICT while an escrow that closes only by
+    itself is open: its ``fields["open"]`` lists them (``[{kind, id,
+    until}]``), and nothing was deleted."""
     url = f"{http_url.rstrip('/')}/v1/me"
     reply: dict[str, Any] = await asyncio.to_thread(
         _http_json, "DELETE", url, token, {"confirm": user}

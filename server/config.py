@@ -435,6 +435,13 @@ class Settings:
     # admin's call moves the money; the sweeper does it after this long if
     # that call died on the way.
     payout_settle_grace_s: float = 30.0
+    # A payout left `requesting` (its request died between its row and the
+    # hold's answer) is finished or cancelled by the sweeper once it is this
+    # old, in seconds: far past any live request's own course (Redis 2 s,
+    # the ledger's acknowledgement 5 s, Postgres 5 s), so the sweeper never
+    # decides a request still on its way, and a model's payout is never stuck
+    # for long.
+    payout_requesting_max_age_s: float = 300.0
 
     # --- lifecycle ----------------------------------------------------------------
     # On SIGTERM, commands in flight get this long to finish before sessions are
@@ -535,6 +542,7 @@ class Settings:
             "payouts_listed_max",
             "earnings_period_days_max",
             "payout_settle_grace_s",
+            "payout_requesting_max_age_s",
             "live_away_s",
             "live_state_ttl_s",
             "live_batch_followers",

@@ -297,7 +297,8 @@ class Discovery:
                 """SELECT u.id, p.display_name, p.bio, p.tags, p.avatar, p.online_status,
                           (SELECT count(*) FROM follows f WHERE f.model = u.id) AS followers
                    FROM users u LEFT JOIN profiles p ON p.user_id = u.id
-                   WHERE u.id = $1 AND u.role = 'model'""",
+                   WHERE u.id = $1 AND u.role = 'model'
+                     AND NOT EXISTS (SELECT 1 FROM deleted_users d WHERE d.user_id = u.id)""",
                 model,
             )
         except _DB_ERRORS as exc:
@@ -534,7 +535,12 @@ class Discovery:
             raise BadRequest("you cannot follow yourself")
         try:
             async with self._pool.acquire() as conn:
-                role = await conn.fetchval("SELECT role FROM users WHERE id = $1", model)
+                # A deleted model is no model to follow.
+                role = await conn.fetchval(
+                    """SELECT role FROM users u WHERE id = $1
+                        AND NOT EXISTS (SELECT 1 FROM deleted_users d WHERE d.user_id = u.id)""",
+                    model,
+                )
                 if role != "model":
                     raise NotFound(f"no model '{model}'")
                 await conn.execute(

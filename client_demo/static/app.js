@@ -2530,11 +2530,28 @@ async function deleteAccount() {
   try {
     await api("DELETE", "/v1/me", { confirm: state.me.id });
   } catch (err) {
-    toast(explain(err, "deleting your account"), "error");
+    const open = err.code === "CONFLICT" ? err.reply?.open : null;
+    toast(Array.isArray(open) ? openEscrowsText(open) : explain(err, "deleting your account"), "error");
     return;
   }
   signOut();
   toast("Your account was deleted.", "success");
+}
+
+// What a refused deletion waits for (DELETE /v1/me's CONFLICT `open`): each
+// escrow closes by itself, and nothing was deleted meanwhile.
+const OPEN_ESCROW_TEXT = {
+  request: "a request the model accepted (delivered, or refunded when it expires)",
+  show: "a show you hold a ticket to, running now",
+  goal: "tips held by an all-or-nothing goal",
+};
+
+function openEscrowsText(open) {
+  const items = open.map((o) => {
+    const what = OPEN_ESCROW_TEXT[o.kind] ?? o.kind;
+    return o.until ? `${what}, closing by ${new Date(o.until).toLocaleString()}` : what;
+  });
+  return `Your account was not deleted: your tokens are in ${items.join("; ")}. Delete it once these have closed.`;
 }
 
 function wireAccount() {

@@ -70,6 +70,7 @@ from ..errors import (
 from ..gateway.gateway import WS_PATH
 from ..gateway.health import HEALTHY, HEALTHZ_PATH, READYZ_PATH, readiness
 from ..gateway.node import Node
+from ..ledger.pseudonyms import Pseudonyms, pseudonymised
 from ..ledger.writer import parked_entries, reconcile
 from ..ratelimit import KeyedLimiter
 from .forwarded import FORWARDED_HOST_SCOPE_KEY, FORWARDED_SCOPE_KEY, ForwardedHeaders
@@ -664,7 +665,7 @@ def create_app(node: Node) -> Starlette:
         routes.append(Route("/v1/dev/token", dev_token, methods=["POST"]))
     if not node.settings.metrics_port:  # else served on the internal port only
         routes.append(Route("/metrics", metrics_endpoint))
-    return Starlette(
+    app = Starlette(
         middleware=[Middleware(ForwardedHeaders, networks=node.settings.trusted_proxy_networks())],
         routes=[
             *routes,
@@ -700,6 +701,10 @@ def create_app(node: Node) -> Starlette:
         ],
         exception_handlers={ServiceError: service_error, 404: not_found},
     )
+    # Views naming other users show a deleted user by her pseudonym only
+    # (server/ledger/pseudonyms.py).
+    app.router.routes[:] = pseudonymised(Pseudonyms(node.pool), app.router.routes)
+    return app
 
 
 def public_ws_url(request: Request, settings: Settings) -> str:
