@@ -4,7 +4,8 @@ docs/protocol.md, "Payments and accounts"; money paths in docs/economy.md,
 
 - ``POST /v1/payments/webhook``: the payment provider's signed events
   (``payment.confirmed``, ``payment.refunded``, ``payment.charged_back``).
-- ``GET /v1/admin/flags``: accounts flagged by a chargeback, newest first.
+- ``GET /v1/admin/flags``: accounts flagged by a chargeback, newest first;
+  ``POST /v1/admin/flags/{id}/resolve``: an admin closes one (audited).
 - ``GET /v1/me/export``: the caller's data as one streamed JSON object.
 - ``DELETE /v1/me``: delete the caller's account.
 """
@@ -28,6 +29,8 @@ from tokenchat.protocol.commands import PAYMENT_REF
 from tokenchat.protocol.limits import USER_ID_RE
 
 from ..auth import Identity
+from ..catalog.moderation import append_audit
+from ..catalog.reports import REPORT_REASON_LEN_MAX, check_text
 from ..economy.economy import PAYMENTS_INITIATOR
 from ..errors import BadRequest, Conflict, Forbidden, NotFound, ServiceError, Unavailable
 from ..gateway.node import Node
@@ -57,6 +60,16 @@ AMOUNT_CENTS_MAX = 100_000_000
 FLAGS_PAGE_DEFAULT = 50
 FLAGS_PAGE_MAX = 500
 FLAG_ID_MAX = 2**63 - 1
+FLAG_STATES = ("all", "open", "resolved")
+# A flag's resolution note (characters): a paragraph, as a report's.
+FLAG_RESOLUTION_LEN_MAX = REPORT_REASON_LEN_MAX
+# One flag as GET /v1/admin/flags and its resolve answer show it.
+FLAG_SELECT = """SELECT f.id, f.user_id, f.reason, f.payment_ref, f.shortfall, f.state,
+                        f.resolution, f.resolved_by,
+                        (extract(epoch FROM f.created_at) * 1000)::bigint AS ts,
+                        (extract(epoch FROM f.resolved_at) * 1000)::bigint AS resolved_ts,
+                        d.pseudonym
+                   FROM account_flags f LEFT JOIN deleted_users d ON d.user_id = f.user_id"""
 # A deleted account's balance is taken whole: the clawback's bound (tokens)
 # is above any balance the ledger can hold (a bigint, but far below Lua's
 # exact-integer limit of 2^53).
@@ -320,36 +333,80 @@ def accounts_routes(
         before = request.query_params.get("before")
         cursor = None if before is None else query_int(request, "before", 1, 1, FLAG_ID_MAX)
         user = request.query_params.get("user")
+        state = request.query_params.get("state", "all")
+        if state not in FLAG_STATES:
+            raise BadRequest(f"query parameter 'state' must be one of {', '.join(FLAG_STATES)}")
         try:
             rows = await node.pool.fetch(
-                """SELECT f.id, f.user_id, f.reason, f.payment_ref, f.shortfall,
-                          (extract(epoch FROM f.created_at) * 1000)::bigint AS ts,
-                          d.pseudonym
-                     FROM account_flags f LEFT JOIN deleted_users d ON d.user_id = f.user_id
+                f"""{FLAG_SELECT}
                     WHERE ($1::bigint IS NULL OR f.id < $1)
                       AND ($2::text IS NULL OR f.user_id = $2)
+                      AND ($4 = 'all' OR f.state = $4)
                     ORDER BY f.id DESC LIMIT $3""",
                 cursor,
                 user,
                 limit + 1,
+                state,
             )
         except _DB_ERRORS as exc:
             raise Unavailable("flags are unavailable") from exc
         page = rows[:limit]
-        flags = [
-            {
-                "id": row["id"],
-                # A deleted account is named by its pseudonym only.
-                "user": row["pseudonym"] or row["user_id"],
-                "reason": row["reason"],
-                "payment_ref": row["payment_ref"],
-                "shortfall": row["shortfall"],
-                "ts": row["ts"],
-            }
-            for row in page
-        ]
         more = len(rows) > limit
-        return JSONResponse({"flags": flags, "next": page[-1]["id"] if more and page else None})
+        return JSONResponse(
+            {"flags": [_flag_wire(row) for row in page], "next": page[-1]["id"] if more else None}
+        )
+
+    async def resolve_flag(request: Request) -> Response:
+        """POST /v1/admin/flags/{flag}/resolve {resolution?}: close a flag,
+        once. Resolving a resolved flag changes nothing and answers it as it
+        stands, with ``already`` (a retried click, or two admins at once)."""
+        identity = identity_of(request, "admin")
+        raw = str(request.path_params["flag"])
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+            raise NotFound(f"no flag '{raw[:32]}'")
+        flag_id = int(raw)
+        body = await json_body(request)
+        resolution = check_text(
+            body.get("resolution"), "resolution", required=False, len_max=FLAG_RESOLUTION_LEN_MAX
+        )
+        try:
+            async with node.pool.acquire() as conn, conn.transaction():
+                # FOR UPDATE: of two concurrent resolves, the second waits and
+                # then sees the first's close (one audit row, not two).
+                row = await conn.fetchrow(f"{FLAG_SELECT} WHERE f.id = $1 FOR UPDATE OF f", flag_id)
+                if row is None:
+                    raise NotFound(f"no flag {flag_id}")
+                if row["state"] == "resolved":
+                    return JSONResponse({**_flag_wire(row), "already": True})
+                await conn.execute(
+                    """UPDATE account_flags SET state = 'resolved', resolution = $2,
+                              resolved_by = $3, resolved_at = now()
+                        WHERE id = $1""",
+                    flag_id,
+                    resolution,
+                    identity.user_id,
+                )
+                # An admin's action: in the audit log, with the flag's close.
+                # A deleted user is named by their pseudonym there too.
+                await append_audit(
+                    conn,
+                    identity.user_id,
+                    "flag_resolve",
+                    None,
+                    row["pseudonym"] or row["user_id"],
+                    {
+                        "flag": flag_id,
+                        "reason": row["reason"],
+                        "payment_ref": row["payment_ref"],
+                        "shortfall": row["shortfall"],
+                        "resolution": resolution,
+                    },
+                )
+                row = await conn.fetchrow(f"{FLAG_SELECT} WHERE f.id = $1", flag_id)
+        except _DB_ERRORS as exc:
+            raise Unavailable("flags are unavailable; nothing changed") from exc
+        assert row is not None
+        return JSONResponse(_flag_wire(row))
 
     # --- export ---------------------------------------------------------------------
     # Each section: a query of JSON rows about the user ($1: the user id, $2:
@@ -537,6 +594,23 @@ def accounts_routes(
     return [
         Route("/v1/payments/webhook", webhook, methods=["POST"]),
         Route("/v1/admin/flags", admin_flags),
+        Route("/v1/admin/flags/{flag}/resolve", resolve_flag, methods=["POST"]),
         Route("/v1/me/export", export),
         Route("/v1/me", delete_me, methods=["DELETE"]),
     ]
+
+
+def _flag_wire(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        # A deleted account is named by its pseudonym only.
+        "user": row["pseudonym"] or row["user_id"],
+        "reason": row["reason"],
+        "payment_ref": row["payment_ref"],
+        "shortfall": row["shortfall"],
+        "ts": row["ts"],
+        "state": row["state"],
+        "resolution": row["resolution"],
+        "resolved_by": row["resolved_by"],
+        "resolved_ts": row["resolved_ts"],
+    }

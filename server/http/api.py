@@ -104,6 +104,9 @@ def _demo_page_dir() -> Path:
 
 
 STATIC_DIR = _demo_page_dir()
+# The JavaScript client package (client_demo/js), served at /js/ for the page
+# (static/app.js imports /js/tokenchat.js) and for other pages of this origin.
+CLIENT_JS_DIR = STATIC_DIR.parent / "js"
 # The page loads only its own files and talks to the gateway (another port).
 PAGE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -652,6 +655,7 @@ def create_app(node: Node) -> Starlette:
         *accounts_routes(node, identity_of, limit_creates, credit_purchase, drain),
         Route("/", index),
         Mount("/static", _StaticFiles(directory=STATIC_DIR), name="static"),
+        Mount("/js", _StaticFiles(directory=CLIENT_JS_DIR), name="client_js"),
         Route("/v1/config", client_config),
         Route("/v1/users/{user_id}/prices", user_prices),
         Route("/v1/users/{user_id}/menu", user_menu),

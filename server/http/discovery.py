@@ -26,6 +26,7 @@ from ..discovery import (
     ROOMS_PAGE_MAX,
     SORTS,
     TAG_RE,
+    RoomCursor,
     check_profile,
     page_cursor,
 )
@@ -62,7 +63,8 @@ def discovery_routes(
         q = params.get("q") or None
         if q is not None and len(q) > QUERY_LEN_MAX:
             raise BadRequest(f"query parameter 'q' must be at most {QUERY_LEN_MAX} characters")
-        cursor = page_cursor(params.get("cursor"))
+        raw_cursor = params.get("cursor") or None
+        cursor = None if raw_cursor is None else RoomCursor.parse(raw_cursor, sort)
         limit = query_int(request, "limit", ROOMS_PAGE_DEFAULT, 1, ROOMS_PAGE_MAX)
         return JSONResponse(await discovery.rooms(node.rooms.viewers, sort, tag, q, cursor, limit))
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Http, Running, token
+from tests.conftest import Http, Running, eventually, token
 from tokenchat.client_demo.cli import format_event
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -527,6 +527,49 @@ async def test_discovery_follows_and_live_from_the_terminal(start_server: Any) -
         assert await fan.exit_code() == 0
         await back.close()
     finally:
+        await fan.kill()
+
+
+async def test_rooms_more_continues_the_same_ranking(start_server: Any) -> None:
+    """/rooms shows a page (cli.ROOMS_PAGE rooms) and says there is more;
+    /rooms more continues that ranking although a room jumped to the top
+    meanwhile: no room twice, none skipped."""
+    from tokenchat.client_demo.cli import ROOMS_PAGE
+
+    server = await start_server(discovery_refresh_s=0.05)
+    http = Http(server)
+    names = [f"m{n:02d}" for n in range(ROOMS_PAGE + 2)]
+    for name in names:
+        assert (await http.call("GET", "/v1/me", name, "model"))[0] == 200
+    fan = await Chat.start(
+        "--url", server.ws_url, "--token", token("bob"), "--http", server.http_url
+    )
+    watcher = await server.client("eve")
+    try:
+        await fan.expect("* connected as bob (fan)")
+        await fan.send("/rooms more")
+        await fan.expect("no more rooms")
+        await fan.send("/rooms")
+        (first,) = await fan.expect("rooms:")
+        assert first.endswith("(more: /rooms more)"), first
+        assert first.startswith(f"rooms: {names[0]} (0 viewers), ") and names[-1] not in first
+        # The last room gains a viewer: a fresh listing puts it first.
+        await watcher.call("join", room=names[-1])
+
+        async def moved() -> bool:
+            status, page = await http.call("GET", "/v1/rooms?limit=1")
+            return status == 200 and page["rooms"][0]["id"] == names[-1]
+
+        await eventually(moved)
+        await fan.send("/rooms more")
+        (second,) = await fan.expect("rooms:")
+        assert second == f"rooms: {names[-2]} (0 viewers), {names[-1]} (1 viewer)", second
+        await fan.send("/rooms more")
+        await fan.expect("no more rooms")
+        await fan.send("/quit")
+        assert await fan.exit_code() == 0
+    finally:
+        await watcher.close()
         await fan.kill()
 
 
