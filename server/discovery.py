@@ -42,12 +42,14 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from tokenchat.protocol.commands import stored_string
 
 from . import bus
 from .aio import pause, reraise_if_cancelled
@@ -75,6 +77,8 @@ NOTIFICATIONS_PAGE_MAX = 200
 # Profile limits (characters; tags: a count of short lower-case words).
 DISPLAY_NAME_LEN_MAX = 64
 BIO_LEN_MAX = 1000
+DISPLAY_NAME: Final = stored_string(0, DISPLAY_NAME_LEN_MAX)
+BIO: Final = stored_string(0, BIO_LEN_MAX)
 TAGS_MAX = 10
 TAG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,23}")
 AVATAR_URL_LEN_MAX = 512
@@ -149,12 +153,14 @@ class ListedRoom:
 
 def check_profile(body: dict[str, Any]) -> dict[str, Any]:
     """The fields of a PUT /v1/me/profile body, checked (BadRequest if not)."""
+    # Both are kept in Postgres, which refuses NUL in text: refused here, at
+    # the door, rather than answered 503 by a store that cannot take them.
     name = body.get("display_name", "")
-    if not isinstance(name, str) or len(name) > DISPLAY_NAME_LEN_MAX:
-        raise BadRequest(f"field 'display_name' must be a string of at most {DISPLAY_NAME_LEN_MAX}")
+    if not DISPLAY_NAME.accept(name):
+        raise BadRequest(f"field 'display_name' must be {DISPLAY_NAME.describe}")
     bio = body.get("bio", "")
-    if not isinstance(bio, str) or len(bio) > BIO_LEN_MAX:
-        raise BadRequest(f"field 'bio' must be a string of at most {BIO_LEN_MAX} characters")
+    if not BIO.accept(bio):
+        raise BadRequest(f"field 'bio' must be {BIO.describe}")
     tags = body.get("tags", [])
     if (
         not isinstance(tags, list)

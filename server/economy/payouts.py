@@ -107,7 +107,7 @@ EARNING_KINDS = ("tip", "dm", "unlock", "meter", "release")
 # Payout methods: their shapes, checked here; nothing is sent anywhere.
 PAYOUT_METHODS = ("bank", "paypal")
 IBAN_RE = re.compile(r"[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}")
-EMAIL_RE = re.compile(r"[^@\s]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+")
+EMAIL_RE = re.compile(r"[^@\s\x00]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+")
 HOLDER_LEN_MAX = 100  # characters
 
 _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncio.TimeoutError)
@@ -174,8 +174,15 @@ def check_method(body: Any) -> dict[str, Any]:
     if kind == "bank":
         holder = body.get("holder")
         iban = body.get("iban")
-        if not isinstance(holder, str) or not 1 <= len(holder.strip()) <= HOLDER_LEN_MAX:
-            raise BadRequest(f"field 'holder' must be a name of 1 to {HOLDER_LEN_MAX} characters")
+        if (
+            not isinstance(holder, str)
+            or not 1 <= len(holder.strip()) <= HOLDER_LEN_MAX
+            or "\x00" in holder  # the method is jsonb, which refuses NUL
+        ):
+            raise BadRequest(
+                f"field 'holder' must be a name of 1 to {HOLDER_LEN_MAX} characters, "
+                "without NUL (U+0000)"
+            )
         if not isinstance(iban, str):
             raise BadRequest("field 'iban' must be an IBAN")
         iban = iban.replace(" ", "").upper()

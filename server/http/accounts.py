@@ -27,6 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from tokenchat.protocol.commands import PAYMENT_REF
+from tokenchat.protocol.limits import USER_ID_RE
 
 from ..auth import Identity
 from ..catalog.media import content_name, preview_name
@@ -186,7 +187,9 @@ def accounts_routes(
         """A confirmed payment credits its bundle, exactly as POST
         /v1/purchases does (one credit per payment_ref, whichever came first)."""
         user = data.get("user")
-        if not isinstance(user, str) or not 1 <= len(user) <= 64:
+        # The user id's own rule, not just its length: an id Postgres cannot
+        # store (NUL) would be answered 503, and the provider retry for ever.
+        if not isinstance(user, str) or not USER_ID_RE.fullmatch(user):
             raise BadRequest("field 'data.user' must be a user id")
         bundle_id = data.get("bundle")
         bundle = next((b for b in bundle_list(node) if b["id"] == bundle_id), None)

@@ -652,7 +652,7 @@ def create_app(node: Node) -> Starlette:
         *payout_routes(node, identity_of, limit_creates),
         *standing_routes(node),
         *admin_routes(node, identity_of),
-        *discovery_routes(node, identity_of),
+        *discovery_routes(node, identity_of, limit_creates),
         *accounts_routes(node, identity_of, limit_creates, credit_purchase, drain),
         Route("/", index),
         Mount("/static", _StaticFiles(directory=STATIC_DIR), name="static"),

@@ -36,7 +36,11 @@ if TYPE_CHECKING:
     from ..gateway.node import Node
 
 
-def discovery_routes(node: Node, identity_of: Callable[..., Identity]) -> list[BaseRoute]:
+def discovery_routes(
+    node: Node,
+    identity_of: Callable[..., Identity],
+    limit_creates: Callable[[Identity], None],
+) -> list[BaseRoute]:
     from .api import json_body, query_int
 
     discovery = node.discovery
@@ -84,6 +88,9 @@ def discovery_routes(node: Node, identity_of: Callable[..., Identity]) -> list[B
         identity = identity_of(request)
         model_id = model_path(request, "model")
         if request.method == "PUT":
+            # A follow creates a row and fans a model's live events out to one
+            # more user: rate-limited like every create (429 past it).
+            limit_creates(identity)
             await node.directory.touch_user(identity)
             await discovery.follow(identity.user_id, model_id)
         else:

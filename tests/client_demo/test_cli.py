@@ -84,6 +84,38 @@ class Chat:
             await self.process.wait()
 
 
+async def test_dm_sends_the_price_it_showed_and_a_raise_is_refused(server: Running) -> None:
+    """/dm pays at most the price the client last showed (max_price on the
+    wire): a price raised since is PRICE_CHANGED, nothing charged, and the
+    next /dm shows the new price before paying it."""
+    http = Http(server)
+    model = await server.client("alice", "model")
+    status, _ = await http.call("PUT", "/v1/me/prices", "alice", "model", dm=3)
+    assert status == 200
+    await http.credit("bob", 100)
+    chat = await Chat.signed_in(server, "bob")
+    try:
+        await chat.expect("* connected as bob (fan); balance 100")
+        await chat.send("/dm alice first")
+        await chat.expect(
+            "* a DM to alice costs 3 tokens", "* DM sent to alice (3 tokens); balance 97"
+        )
+        status, _ = await http.call("PUT", "/v1/me/prices", "alice", "model", dm=5)
+        assert status == 200
+        await chat.send("/dm alice second")
+        await chat.expect("error PRICE_CHANGED:")
+        await chat.send("/balance")
+        await chat.expect("balance: 97")
+        await chat.send("/dm alice third")
+        await chat.expect(
+            "* a DM to alice costs 5 tokens", "* DM sent to alice (5 tokens); balance 92"
+        )
+        assert [(await model.next_event("dm"))["text"] for _ in range(2)] == ["first", "third"]
+    finally:
+        await chat.kill()
+        await model.close()
+
+
 async def test_join_say_tip_dm_balance_and_reconnect(server: Running) -> None:
     http = Http(server)
     model = await server.client("alice", "model")

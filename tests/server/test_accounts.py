@@ -141,6 +141,9 @@ async def test_bad_signatures_stale_timestamps_and_hostile_events_apply_nothing(
         (orjson.dumps(event).replace(b'"amount_cents":999', b'"amount_cents":1' + b"0" * 40), 400),
         ({**event, "data": {**event["data"], "bundle": "nope"}}, 404),
         ({**event, "data": {**event["data"], "user": "nobody"}}, 404),
+        # Not a user id: Postgres cannot store NUL, and spaces split postings.
+        ({**event, "data": {**event["data"], "user": "b\x00b"}}, 400),
+        ({**event, "data": {**event["data"], "user": "bob bob"}}, 400),
         (reversed_("pi_never_bought"), 404),
     ]
     for body_or_event, expected in hostile:

@@ -296,6 +296,23 @@ async def test_follow_unfollow_and_list(server: Running) -> None:
     assert got["followers"] == 1
 
 
+async def test_follows_are_rate_limited_per_user_like_every_create(start_server: Any) -> None:
+    server = await start_server(http_creates_burst=2, http_creates_per_s=0.01)
+    http = Http(server)
+    for name in ("m1", "m2", "m3"):
+        await server.client(name, "model")
+    for name in ("m1", "m2"):
+        status, reply = await http.call("PUT", f"/v1/me/follows/{name}", "bob")
+        assert status == 200, reply
+    status, reply = await http.call("PUT", "/v1/me/follows/m3", "bob")
+    assert status == 429 and reply["error"]["code"] == "RATE_LIMITED", reply
+    status, page = await http.call("GET", "/v1/me/follows", "bob")
+    assert [f["model"] for f in page["follows"]] == ["m1", "m2"], "the refused one made nothing"
+    # Unfollowing creates nothing; another user has a bucket of their own.
+    assert (await http.call("DELETE", "/v1/me/follows/m1", "bob"))[0] == 200
+    assert (await http.call("PUT", "/v1/me/follows/m3", "eve"))[0] == 200
+
+
 async def test_follow_refusals(server: Running) -> None:
     http = Http(server)
     await server.client("m1", "model")
