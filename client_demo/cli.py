@@ -23,6 +23,8 @@ happens, one line each, to standard output:
     /balance          show your balance
     /rooms            list the rooms (GET /v1/rooms on the HTTP API, --http)
     /rooms [trending|viewers|new] [#TAG] [TEXT]   sorted, filtered by tag and text
+    /rooms more       the next page of the last /rooms (the same ranking, even
+                      if ranks moved since)
     /follow MODEL, /unfollow MODEL   follow a model: her `live` reaches you (--http)
     /follows          the models you follow (--http)
     /notifications    your stored notifications, newest first (--http)
@@ -156,6 +158,9 @@ from .client import report as report_user
 DEFAULT_URL = "ws://127.0.0.1:8001/ws"
 # How long GET /v1/rooms may take.
 HTTP_TIMEOUT_S = 5.0
+# Rooms one /rooms line names: a line a terminal shows whole; /rooms more
+# gives the next ones.
+ROOMS_PAGE = 20
 SUBPROTOCOLS = {"json": JSON_SUBPROTOCOL, "msgpack": MSGPACK_SUBPROTOCOL}
 HELP = """commands:
   TEXT            say TEXT in the current room
@@ -169,6 +174,7 @@ HELP = """commands:
   /dm --max N USER TEXT   ... paying at most N tokens
   /balance        show your balance
   /rooms [trending|viewers|new] [#TAG] [TEXT]   list the rooms, sorted and filtered
+  /rooms more     the next page of that list
   /follow MODEL, /unfollow MODEL   follow a model (you see when she goes live)
   /follows        the models you follow
   /notifications  your notifications, newest first
@@ -455,6 +461,9 @@ class State:
     transactions: list[str] = field(default_factory=list)
     history_kind: str | None = None
     history_next: str | None = None
+    # What `/rooms more` asks for: the last /rooms query and its next cursor.
+    rooms_query: str = ""
+    rooms_next: str | None = None
 
 
 async def chat(args: argparse.Namespace, out: Output = say) -> int:
@@ -587,7 +596,7 @@ async def handle_line(
         if (reply := await report(out, session.call("balance"))) is not None:
             out(f"balance: {reply['balance']}")
     elif command == "rooms":
-        await list_rooms(args, out, rest)
+        await list_rooms(args, out, rest, state)
     elif command in ("follow", "unfollow", "follows", "notifications"):
         await follow_command(command, rest, args, out)
     elif command == "offer":
@@ -1083,11 +1092,27 @@ async def report(out: Output, command: Awaitable[dict[str, Any]]) -> dict[str, A
     return reply
 
 
-async def list_rooms(args: argparse.Namespace, out: Output, rest: str = "") -> None:
+async def list_rooms(args: argparse.Namespace, out: Output, rest: str, state: State) -> None:
     if not args.http:
         out("error: /rooms needs the HTTP API's URL (--http http://HOST:8000)")
         return
-    url = args.http.rstrip("/") + "/v1/rooms" + rooms_query(rest)
+    if rest.strip() == "more":
+        if state.rooms_next is None:
+            out("no more rooms: /rooms lists them from the top")
+            return
+        query = state.rooms_query
+        page = {"limit": str(ROOMS_PAGE), "cursor": state.rooms_next}
+    else:
+        query = state.rooms_query = rooms_query(rest)
+        page = {"limit": str(ROOMS_PAGE)}
+    state.rooms_next = None
+    url = (
+        args.http.rstrip("/")
+        + "/v1/rooms"
+        + query
+        + ("&" if query else "?")
+        + urllib.parse.urlencode(page)
+    )
     try:
         status, body = await asyncio.to_thread(http_get, url, args.token)
     except OSError as exc:
@@ -1107,7 +1132,10 @@ async def list_rooms(args: argparse.Namespace, out: Output, rest: str = "") -> N
         f"{room.get('id')} ({room.get('viewers')} viewer{'' if room.get('viewers') == 1 else 's'})"
         for room in rooms
     )
-    out(f"rooms: {listed or 'none'}")
+    next_cursor = body.get("next_cursor")
+    state.rooms_next = next_cursor if isinstance(next_cursor, str) else None
+    more = " (more: /rooms more)" if state.rooms_next else ""
+    out(f"rooms: {listed or 'none'}{more}")
 
 
 def http_get(url: str, token: str) -> tuple[int, Any]:
@@ -1501,10 +1529,22 @@ async def account_command(command: str, rest: str, args: argparse.Namespace, out
         elif not rest:
             out("usage: /deleteaccount YOUR_USER_ID (typed again to confirm)")
         else:
-            reply = await delete_account(args.http, args.token, rest)
+            try:
+                reply = await delete_account(args.http, args.token, rest)
+            except HttpError as exc:
+                if exc.code != "CONFLICT" or not isinstance(exc.fields.get("open"), list):
+                    raise
+                out(f"error: {exc.message}")
+                for escrow in exc.fields["open"]:
+                    until = escrow.get("until")
+                    closes = f", closes by {format_ms(until)}" if until else ""
+                    out(f"*   {escrow.get('kind')} {escrow.get('id')}{closes}")
+                return
+            closed = ", ".join(f"{n} {kind}" for kind, n in reply.get("closed", {}).items() if n)
             out(
                 f"* account deleted: {reply['forfeited']} tokens forfeited; "
                 f"the books name you {reply['pseudonym']}"
+                + (f"; closed first: {closed}" if closed else "")
             )
     except (OSError, HttpError) as exc:
         out(f"error: {exc}")

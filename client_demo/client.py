@@ -1419,7 +1419,10 @@ async def rooms(
     limit: int | None = None,
 ) -> dict[str, Any]:
     """One page of rooms: ``{rooms: [{id, viewers, display_name, tags,
-    trending, ...}], next_cursor}``; ``sort`` is trending, viewers or new."""
+    trending, live, ...}], next_cursor}``; ``sort`` is trending, viewers or
+    new. Pass ``next_cursor`` back (same sort) for the next page of the same
+    ranking; a cursor idle too long raises ``HttpError`` 410
+    ``CURSOR_EXPIRED``: start again without one."""
     url = f"{http_url.rstrip('/')}/v1/rooms" + _query(
         {"sort": sort, "tag": tag, "q": q, "cursor": cursor, "limit": limit}
     )
@@ -1485,8 +1488,12 @@ async def export_data(http_url: str, token: str) -> dict[str, Any]:
 
 async def delete_account(http_url: str, token: str, user: str) -> dict[str, Any]:
     """Delete the caller's account (``DELETE /v1/me``, ``confirm``: the
-    caller's own id): ``{deleted, pseudonym, forfeited}``. The balance is
-    forfeited, every session is closed and the account is refused from then on."""
+    caller's own id): ``{deleted, pseudonym, forfeited, closed}``. Her open
+    escrows are settled first (``closed`` counts them by kind), then the
+    balance is forfeited, every session is closed and the account is refused
+    from then on. ``HttpError`` CONFLICT while an escrow that closes only by
+    itself is open: its ``fields["open"]`` lists them (``[{kind, id,
+    until}]``), and nothing was deleted."""
     url = f"{http_url.rstrip('/')}/v1/me"
     reply: dict[str, Any] = await asyncio.to_thread(
         _http_json, "DELETE", url, token, {"confirm": user}
@@ -1495,12 +1502,31 @@ async def delete_account(http_url: str, token: str, user: str) -> dict[str, Any]
 
 
 async def account_flags(
-    http_url: str, token: str, *, before: int | None = None, limit: int | None = None
+    http_url: str,
+    token: str,
+    *,
+    before: int | None = None,
+    limit: int | None = None,
+    state: str | None = None,
 ) -> dict[str, Any]:
     """Accounts flagged by a chargeback (an admin's token): ``{flags: [{id,
-    user, reason, payment_ref, shortfall, ts}], next}``."""
-    url = f"{http_url.rstrip('/')}/v1/admin/flags" + _query({"before": before, "limit": limit})
+    user, reason, payment_ref, shortfall, ts, state, resolution, resolved_by,
+    resolved_ts}], next}``; ``state``: open, resolved or all (the default)."""
+    url = f"{http_url.rstrip('/')}/v1/admin/flags" + _query(
+        {"before": before, "limit": limit, "state": state}
+    )
     reply: dict[str, Any] = await asyncio.to_thread(_http_json, "GET", url, token)
+    return reply
+
+
+async def resolve_flag(
+    http_url: str, token: str, flag_id: int, resolution: str | None = None
+) -> dict[str, Any]:
+    """An admin closes an account flag with an optional note (again: answered
+    as it stands, ``already``); audited as ``flag_resolve``."""
+    body = {} if resolution is None else {"resolution": resolution}
+    url = f"{http_url.rstrip('/')}/v1/admin/flags/{int(flag_id)}/resolve"
+    reply: dict[str, Any] = await asyncio.to_thread(_http_json, "POST", url, token, body)
     return reply
 
 

@@ -18,6 +18,10 @@ WebSocket client of ``loadtests.harness.client``). Scenarios:
   protocol with the same minimal client. Ratio: tokenchat over socketio.
 - ``tips``: ``python -m loadtests.tips`` (200 fans, 20 rooms) against the tip
   Lua script called from Python, pipelined, at the same concurrency.
+- ``tips_peer`` (a row of its own, from the ``tips`` scenario's runs): the same
+  fans against tips as most people would build them, python-socketio with
+  ``AsyncRedisManager`` and one asyncpg transaction per tip
+  (``loadtests.tips_peer``). Ratio: tokenchat over it.
 - ``idle``: N authenticated idle sessions (``hello`` answered); the server's
   RSS (VmRSS) before and after, KiB per session, against the same number of
   idle connections to the bare ``websockets`` server.
@@ -107,6 +111,7 @@ GOALS = {
     "fanout": ">= 0.8 x bare broadcast",
     "fanout_peer": ">= 2.0 x socketio",
     "tips": ">= 0.5 x pipelined, capped p99 < 50 ms",
+    "tips_peer": "none set (what users would build themselves)",
     "idle": "<= 20 KiB/session",
     "ledger": "lag p99 < 1 s at 2,000 tips/s",
 }
@@ -173,12 +178,38 @@ def scenario_tips(args: argparse.Namespace) -> dict[str, Any]:
         "--runs", str(args.runs),
         "--workers", str(args.workers),
     ]  # fmt: skip
-    per_run_s = 5 * (args.duration + args.warmup) + 120
+    # Five measured phases (two baseline modes, tokenchat's two, socketio's one),
+    # each with its server's start, its fans' set-up and the checks after it.
+    per_run_s = 5 * (args.duration + args.warmup) + 180
     result: dict[str, Any] = run_module(
         "loadtests.tips", argv, args.runs * per_run_s + SUBPROCESS_SLACK_S
     )["tips"]
     # The tips module reports its own goal and run details; keep them all.
     return result
+
+
+def tips_peer_row(tips: dict[str, Any]) -> dict[str, Any]:
+    """The ``tips`` scenario's figures against its second baseline, as a row:
+    tokenchat's committed tips/s over python-socketio + asyncpg's."""
+    if "error" in tips:
+        return {"error": "the tips scenario failed"}
+    if tips.get("peer") is None:
+        return {"error": "the tips scenario ran without its socketio baseline"}
+    return {
+        "value": tips.get("value"),
+        "unit": "tips/s",
+        "baseline": tips.get("peer"),
+        "baseline_name": tips.get("peer_name"),
+        "ratio": tips.get("peer_ratio"),
+        "p50_ms": tips.get("p50_ms"),
+        "p99_ms": tips.get("p99_ms"),
+        "baseline_p50_ms": tips.get("peer_p50_ms"),
+        "baseline_p99_ms": tips.get("peer_p99_ms"),
+        "python_us_per_tip": tips.get("python_us_per_tip"),
+        "postgres_us_per_tip": tips.get("postgres_us_per_tip"),
+        "baseline_python_us_per_tip": tips.get("peer_python_us_per_tip"),
+        "baseline_postgres_us_per_tip": tips.get("peer_postgres_us_per_tip"),
+    }
 
 
 # ============================================================================
@@ -731,6 +762,15 @@ def scenario_notes(name: str, s: dict[str, Any]) -> str:
             f" {fmt(s.get('capped_per_s'), ',.0f')}/s,"
             f" ack p99 {fmt(s.get('capped_p99_ms'), '.1f')} ms"
         )
+    if name == "tips_peer":
+        return (
+            f"socketio+asyncpg p50/p99 {fmt(s.get('baseline_p50_ms'), '.1f')}/"
+            f"{fmt(s.get('baseline_p99_ms'), '.1f')} ms; python us/tip"
+            f" {fmt(s.get('python_us_per_tip'), '.0f')} vs"
+            f" {fmt(s.get('baseline_python_us_per_tip'), '.0f')}, postgres us/tip"
+            f" {fmt(s.get('postgres_us_per_tip'), '.0f')} vs"
+            f" {fmt(s.get('baseline_postgres_us_per_tip'), '.0f')}"
+        )
     if name == "idle":
         return (
             f"{s['sessions']:,} of {s['sessions_asked']:,} sessions asked"
@@ -811,6 +851,7 @@ def sweep_and_plot(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         argv = [
             "--fans", str(TIPS_FANS), "--rooms", str(TIPS_ROOMS), "--capped-rate", str(rate),
             "--duration", str(args.duration), "--warmup", str(args.warmup), "--runs", "1",
+            "--no-peer",  # the plot is of tokenchat's capped phase
         ]  # fmt: skip
         t = run_module("loadtests.tips", argv, 600)["tips"]
         points["tips"].append({"offered_per_s": rate, **{k: t.get(k) for k in TIPS_KEYS}})
@@ -963,6 +1004,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except Exception as exc:
                     scenarios[name] = {"error": repr(exc)[:500]}
                 scenarios[name]["elapsed_s"] = time.monotonic() - t0
+                if name == "tips":
+                    scenarios["tips_peer"] = tips_peer_row(scenarios["tips"])
         except (KeyboardInterrupt, SystemExit):
             print("interrupted", file=sys.stderr)
             return 130

@@ -14,6 +14,9 @@ runs them):
    rooms, their profiles, trending sums and viewers: what a node does in the
    background every ``discovery_refresh_s``) and a request (filter, sort, page of 100), through
    the ASGI app in-process (httpx ASGITransport: routing, JSON, no socket).
+   Then stable paging: a first page of 24 that pins its ranking in Redis,
+   one with the ranking pinned already, and page 2 read on another node
+   (the pin fetched from Redis, then from that node's memory).
 2. Live fan-out: one model with ``--followers`` followers, of whom
    ``--connected`` are "connected", spread evenly over the nodes. A connected
    follower is a stand-in session registered with its node (the node's
@@ -133,6 +136,45 @@ async def listing(node: Node, reads: int) -> None:
     )
 
 
+async def paging(nodes: list[Node], rounds: int) -> None:
+    """Stable pages: a first page that pins its ranking (one SET of every room
+    id), the same first page once pinned, and page 2 read on the other node
+    (the pin fetched from Redis, then from its memory)."""
+    first_node, other_node = nodes[0], nodes[-1]
+    apps = [httpx.ASGITransport(app=create_app(node)) for node in (first_node, other_node)]
+    async with (
+        httpx.AsyncClient(transport=apps[0], base_url="http://bench") as first,
+        httpx.AsyncClient(transport=apps[1], base_url="http://bench") as other,
+    ):
+        assert (await other.get("/v1/rooms?limit=1")).status_code == 200  # its snapshot built
+        pinning: list[float] = []
+        pinned: list[float] = []
+        fetched: list[float] = []
+        cached: list[float] = []
+        for _ in range(rounds):
+            first_node.discovery.invalidate()  # a new snapshot: a new pin
+            assert (await first.get("/v1/rooms?limit=1&sort=new")).status_code == 200
+            for samples in (pinning, pinned):
+                started = time.perf_counter()
+                page = (await first.get("/v1/rooms?sort=trending&limit=24")).json()
+                samples.append((time.perf_counter() - started) * 1000)
+            for samples in (fetched, cached):
+                started = time.perf_counter()
+                response = await other.get(
+                    f"/v1/rooms?sort=trending&limit=24&cursor={page['next_cursor']}"
+                )
+                samples.append((time.perf_counter() - started) * 1000)
+                assert response.status_code == 200, response.text
+    print(f"GET /v1/rooms paged (limit 24), p50 / p99 over {rounds} rounds:")
+    for label, samples in (
+        ("first page, pinning the ranking in Redis", pinning),
+        ("first page, ranking pinned already", pinned),
+        ("page 2 on the other node, pin read from Redis", fetched),
+        ("page 2 again there, pin in its memory", cached),
+    ):
+        print(f"  {label}: {statistics.median(samples):.2f} / {percentile(samples, 0.99):.2f} ms")
+
+
 async def fanout(nodes: list[Node], followers: int, connected: int) -> None:
     stand_ins: list[StandIn] = []
     fans = [f"f{i:06d}" for i in range(followers)]
@@ -200,6 +242,7 @@ async def main() -> None:
             await node.start()
             nodes.append(node)
         await listing(nodes[0], args.reads)
+        await paging(nodes, max(5, args.reads // 4))
         await fanout(nodes, args.followers, args.connected)
     finally:
         for node in nodes:

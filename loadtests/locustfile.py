@@ -1670,8 +1670,23 @@ class FanUser(TokenchatUser):
         ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
-            elif not isinstance(response.json().get("rooms"), list):
+                return
+            page = response.json()
+            if not isinstance(page.get("rooms"), list):
                 response.failure("no room list")
+                return
+        # Now and then "Show more": the next page of the same ranking (its
+        # pin, read from Redis by whichever node answers).
+        cursor = page.get("next_cursor")
+        if cursor and random.random() < 0.3:
+            with self.client.get(
+                f"/v1/rooms{query}&cursor={cursor}",
+                name=f"GET /v1/rooms?sort={sort}&cursor=",
+                timeout=HTTP_TIMEOUT_S,
+                catch_response=True,
+            ) as response:
+                if response.status_code != 200:
+                    response.failure(f"HTTP {response.status_code}: {_http_error_code(response)}")
 
     @task(1)
     def follow_and_read_notifications(self) -> None:

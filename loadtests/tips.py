@@ -49,6 +49,13 @@ every call is a real charge; ``meter`` runs one private show per room with
 ticks, counted from Postgres (ticks, and each show's final charge), so its
 "committed/s" is ticks/s and its CPU per call is CPU per tick.
 
+A second baseline, beside plain tips (not with ``--action``, ``--goal`` or
+``--limits``; ``--no-peer`` leaves it out): tips as most people would build
+them, python-socketio with ``AsyncRedisManager`` and one asyncpg transaction
+per tip (``loadtests.tips_peer``, whose docstring says what it does), tipped
+by the same fans speaking Socket.IO, one full-rate phase; its books are
+checked after the run (tips in Postgres = tips acked, none negative).
+
 Runs alternate (odd runs: baseline first, even runs: tokenchat first) so that
 a drift of the machine hits both, and every capped phase has a baseline rate
 to take half of. The table shows medians with the min-max spread of the runs.
@@ -76,7 +83,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -135,7 +142,8 @@ from tokenchat.server.economy.batcher import LuaScript, send_pipeline
 Phase = Literal["full", "capped"]
 Mode = Literal["pipelined", "unpipelined"]
 # What a row of results is: a tokenchat phase or a baseline mode.
-Kind = Literal["tokenchat", "capped", "pipelined", "unpipelined"]
+# "socketio": the second baseline, python-socketio + asyncpg (loadtests.tips_peer).
+Kind = Literal["tokenchat", "capped", "pipelined", "unpipelined", "socketio"]
 
 FAN_ID_FORMAT = "bench_f{:05d}"  # user ids of the fans
 MODEL_ID_FORMAT = "bench_model{:03d}"  # user ids of the models; a room's id is its model's
@@ -428,12 +436,16 @@ class TipFan(Member):
     def _send_tip(self) -> None:
         assert self._tally is not None
         self._seq += 1
-        head = self._heads[self._seq % len(self._heads)]
-        frame = b'%s%s-%d","id":%d}' % (head, self._nonce, self._seq, self._seq)
+        frame = self.tip_frame(self._heads[self._seq % len(self._heads)], self._seq)
         self._in_flight = True
         self._tally.sent += 1
         self._sent_ns = time.monotonic_ns()
         self.send_text(frame)
+
+    def tip_frame(self, head: bytes, seq: int) -> bytes:
+        """The frame of call ``seq``: its head, its key and its id (the
+        socketio baseline's fans frame it their way)."""
+        return b'%s%s-%d","id":%d}' % (head, self._nonce, seq, seq)
 
     def _next(self, now_ns: int) -> None:
         """After an ack (or a timer): tip again, wait for a token, or finish."""
@@ -571,7 +583,14 @@ async def run_phase(fans: list[TipFan], spec: PhaseSpec, conn_stats: Stats) -> d
     }
 
 
-async def fan_worker_async(spec: FanWorkerSpec, conn: Connection) -> None:
+async def fan_worker_async(
+    spec: FanWorkerSpec,
+    conn: Connection,
+    opener: Callable[[FanWorkerSpec, Stats, int], Awaitable[TipFan]] | None = None,
+) -> None:
+    """A load process's fans: set up (by ``opener``, default ``open_fan``:
+    tokenchat's), then one phase per message from the parent."""
+    opener = opener or open_fan
     conn_stats = Stats()  # only its disconnect count is used
     conn_stats.counting = True
     fans: list[TipFan] = []
@@ -579,7 +598,7 @@ async def fan_worker_async(spec: FanWorkerSpec, conn: Connection) -> None:
 
     async def connect(index: int) -> None:
         async with gate:
-            fans.append(await open_fan(spec, conn_stats, index))
+            fans.append(await opener(spec, conn_stats, index))
 
     try:
         try:
@@ -672,6 +691,9 @@ class VirtualFan:
                 "history": keys.room_history(room),
                 "room_show": keys.room_show(room),
                 "goal": keys.goal(room),
+                # No bench goal is all-or-nothing: the goal's hash stands in
+                # for its escrow, as in Economy.tip before it learns one.
+                "goal_escrow": keys.goal(room),
                 "payer_limits": keys.limits(self.user_id),
                 "payer_spent": keys.spent(self.user_id),
             },
@@ -908,9 +930,15 @@ class TipsBench(Bench):
         self.serve_ws_port = 0  # the running server's WebSocket port
         # What a workload keeps between prepare and finish (the meter's shows).
         self.workload_state: Any = None
+        self.peer_started = False  # the socketio baseline ran: its schema may be left
 
     def close(self, *, keep_logs: bool) -> None:
         super().close(keep_logs=keep_logs)
+        if self.peer_started:
+            from loadtests import tips_peer
+
+            url = self.settings().database_url
+            asyncio.run(tips_peer.drop_state(url, tips_peer.peer_schema(self)))
         # Bench removes the prefix's keys only once tokenchat was migrated; the
         # baseline (first in odd runs) may have left keys before that.
         if self.baseline_started:
@@ -1117,10 +1145,17 @@ class TipsBench(Bench):
         phase: Phase,
         rate_per_fan: float,
         profile: Path | None,
+        *,
+        kind: Kind | None = None,
+        heads: Mapping[str, tuple[bytes, ...]] | None = None,
     ) -> dict[str, Any]:
+        """One phase of the fans against ``server``; its row. ``kind`` names
+        the row (default: tokenchat's phases), ``heads`` what the fans send
+        (default: the workload's)."""
         args = self.args
         start_ns, window_start_ns, window_end_ns = schedule(args.warmup, args.duration)
-        spec = PhaseSpec(phase, start_ns, window_start_ns, window_end_ns, rate_per_fan, self.heads)
+        heads = self.heads if heads is None else heads
+        spec = PhaseSpec(phase, start_ns, window_start_ns, window_end_ns, rate_per_fan, heads)
         for conn in conns:
             conn.send(("phase", spec))
         pids = {
@@ -1152,7 +1187,7 @@ class TipsBench(Bench):
         per_s = calls_in_window / args.duration
         return {
             "run": number,
-            "kind": "tokenchat" if phase == "full" else "capped",
+            "kind": kind or ("tokenchat" if phase == "full" else "capped"),
             "per_s": per_s,
             "offered_per_s": offered,
             "p50_ms": hist_percentile_ms(hist, 0.50),
@@ -1339,6 +1374,7 @@ COLUMNS: tuple[tuple[Kind, str], ...] = (
     ("capped", "tokenchat capped"),
     ("pipelined", "baseline pipelined"),
     ("unpipelined", "baseline unpipelined"),
+    ("socketio", "socketio+asyncpg"),
 )
 COLUMN_WIDTH = 24  # characters
 
@@ -1367,6 +1403,15 @@ def render_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         f"ratio tokenchat / pipelined baseline (committed/s, medians): {ratio:.2f} "
         f"({verdict} the goal {RATIO_GOAL})   per run: {' '.join(f'{p:.2f}' for p in pairs)}"
     )
+    if any(r["kind"] == "socketio" for r in rows):
+        peer = " ".join(
+            f"{p:.2f}" for p in per_run_ratios(rows, "kind", "tokenchat", "socketio", "per_s")
+        )
+        lines.append(
+            "ratio tokenchat / socketio+asyncpg (committed/s, medians): "
+            f"{ratio_of_medians(rows, 'kind', 'tokenchat', 'socketio', 'per_s'):.2f}"
+            f"   per run: {peer}"
+        )
     if not any(r["kind"] == "capped" for r in rows):
         # A server-driven workload (the meter) has no capped phase.
         return "\n".join([*lines, *_render_checks(args, rows)])
@@ -1451,6 +1496,17 @@ def _render_checks(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list
                 f"p50 {statistics.median(lag50):.0f} ms ({min(lag50):.0f}-{max(lag50):.0f}), "
                 f"p99 {statistics.median(lag99):.0f} ms ({min(lag99):.0f}-{max(lag99):.0f})"
             )
+    peers = [r for r in rows if r["kind"] == "socketio"]
+    if peers:
+        lines.append(
+            "socketio+asyncpg books after each run (tips in Postgres = tips acked, none "
+            "negative, balances = funding - tips sent + tips received): "
+            + ", ".join(
+                f"#{r['run']}:{'ok' if r['ledger']['reconcile_ok'] else 'NOT OK'} "
+                f"{r['ledger']['ledger_tips']}/{r['ledger']['acked_tips']}"
+                for r in peers
+            )
+        )
     return lines
 
 
@@ -1469,6 +1525,16 @@ def report_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[st
         "capped_p50_ms": median_of(rows, "kind", "capped", "p50_ms"),
         "capped_p99_ms": median_of(rows, "kind", "capped", "p99_ms"),
         "capped_p99_goal_ms": CAPPED_P99_GOAL_MS,
+        # The second baseline (loadtests.tips_peer), NaN (null) with --no-peer.
+        "peer": median_of(rows, "kind", "socketio", "per_s"),
+        "peer_name": "python-socketio + AsyncRedisManager, one asyncpg transaction per tip",
+        "peer_ratio": ratio_of_medians(rows, "kind", "tokenchat", "socketio", "per_s"),
+        "peer_p50_ms": median_of(rows, "kind", "socketio", "p50_ms"),
+        "peer_p99_ms": median_of(rows, "kind", "socketio", "p99_ms"),
+        "peer_python_us_per_tip": median_of(rows, "kind", "socketio", "main_us_per_op"),
+        "peer_postgres_us_per_tip": median_of(rows, "kind", "socketio", "postgres_us_per_op"),
+        "python_us_per_tip": median_of(rows, "kind", "tokenchat", "main_us_per_op"),
+        "postgres_us_per_tip": median_of(rows, "kind", "tokenchat", "postgres_us_per_op"),
         "fans": args.fans,
         "rooms": args.rooms,
         "duration_s": args.duration,
@@ -1872,6 +1938,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="every fan sets daily, weekly and monthly spending limits (PUT /v1/me/limits) "
         "before tipping; the baseline fans get the same limits in Redis",
     )
+    parser.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="leave out the second baseline (python-socketio + one asyncpg transaction per "
+        "tip, loadtests.tips_peer), which runs beside plain tips otherwise",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
         "--profile",
@@ -1909,7 +1981,14 @@ def run_all(
             profile = args.profile if number == 1 else None
             return bench.run_tokenchat(number, capped, profile)
 
+        def peer(number: int = number) -> list[dict[str, Any]]:
+            from loadtests import tips_peer
+
+            return tips_peer.run_peer(bench, number)
+
         steps = [baseline, tokenchat] if number % 2 else [tokenchat, baseline]
+        if peer_runs(args):
+            steps = [*steps, peer] if number % 2 else [peer, *steps]
         for step in steps:
             if args.wait_idle > 0:
                 busy_pct = wait_for_idle(args.wait_idle)
@@ -1919,6 +1998,12 @@ def run_all(
             rows.extend(new)
             on_rows(new)
     return rows
+
+
+def peer_runs(args: argparse.Namespace) -> bool:
+    """The socketio baseline runs beside plain tips only (it knows no other
+    paid command, goals or limits), unless --no-peer."""
+    return not args.no_peer and args.action == "tip" and not args.goal and not args.limits
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:

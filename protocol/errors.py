@@ -38,6 +38,9 @@ class ErrorCode(enum.StrEnum):
     # allows. MUTED, BANNED and SLOW_MODE carry `until` (ms since the epoch;
     # absent: permanent).
     SLOW_MODE = "SLOW_MODE"
+    # A listing's cursor (GET /v1/rooms) names a ranking no longer kept:
+    # read the first page again. HTTP only (410).
+    CURSOR_EXPIRED = "CURSOR_EXPIRED"
     UNAVAILABLE = "UNAVAILABLE"  # a backend is down: nothing was charged
     INTERNAL = "INTERNAL"  # a bug; the message never carries details
 

@@ -6,12 +6,17 @@ Every payload is one ASCII letter naming its kind, then the kind's fields:
 Kind   Payload                           Channel         Published by
 =====  ================================  ==============  =========================
 ``E``  ``E<offset> <event JSON>``        a room's        ``tip.lua``,
+                                                         ``tip_item.lua``,
+                                                         ``money_lib.lua``
+                                                         (a goal's), and
                                                          ``room_event.lua``
 ``P``  ``P``                             a room's        ``RoomStore`` (gateway)
-``B``  ``B<balance>``                    a user's        ``credit.lua``, ``tip.lua``,
-                                                         ``dm.lua``, ``refund.lua``,
-                                                         ``unlock.lua``
-``D``  ``D<inbox offset> <event JSON>``  a user's        ``dm.lua``
+``B``  ``B<balance>``                    a user's        every money script
+                                                         but ``hold.lua``,
+                                                         ``ticket.lua`` and
+                                                         ``payout.lua``
+``D``  ``D<inbox offset> <event JSON>``  a user's        ``dm.lua``,
+                                                         ``user_event.lua``
 ``C``  ``C<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
 ``R``  ``R<tx> <tx> ...``                ledger:commits  ``LedgerWriter``
 ``M``  ``M<JSON object>``                moderation      ``Moderation`` (catalog)

@@ -397,6 +397,14 @@ class Settings:
     # whose rebuild takes longer (10,000 rooms: docs/benchmarks.md) rebuilds
     # every five build durations instead, so it costs at most a fifth of a core.
     discovery_refresh_s: float = 1.0
+    # A GET /v1/rooms cursor stays valid this long after its last page was
+    # read (each page read renews it): a person reading a page of cards and
+    # then asking for more, with a pause. Past it the cursor answers
+    # CURSOR_EXPIRED. It bounds the pinned rankings in Redis: at most 3 sorts x
+    # (this / the snapshot period) per node, each an id and a newline a room
+    # (10,000 ids of 10 characters rebuilt every ~5 s: 72 pins of ~110 KB,
+    # ~8 MB per node at worst).
+    discovery_cursor_idle_s: float = 120.0
 
     # --- metrics --------------------------------------------------------------------
     # Serve /metrics on this port instead of the public HTTP port (0: on the
@@ -427,6 +435,13 @@ class Settings:
     # admin's call moves the money; the sweeper does it after this long if
     # that call died on the way.
     payout_settle_grace_s: float = 30.0
+    # A payout left `requesting` (its request died between its row and the
+    # hold's answer) is finished or cancelled by the sweeper once it is this
+    # old, in seconds: far past any live request's own course (Redis 2 s,
+    # the ledger's acknowledgement 5 s, Postgres 5 s), so the sweeper never
+    # decides a request still on its way, and a model's payout is never stuck
+    # for long.
+    payout_requesting_max_age_s: float = 300.0
 
     # --- lifecycle ----------------------------------------------------------------
     # On SIGTERM, commands in flight get this long to finish before sessions are
@@ -527,6 +542,7 @@ class Settings:
             "payouts_listed_max",
             "earnings_period_days_max",
             "payout_settle_grace_s",
+            "payout_requesting_max_age_s",
             "live_away_s",
             "live_state_ttl_s",
             "live_batch_followers",
@@ -536,6 +552,7 @@ class Settings:
             "trending_window_s",
             "discovery_rooms_max",
             "discovery_refresh_s",
+            "discovery_cursor_idle_s",
             "payment_webhook_tolerance_s",
             "export_section_rows_max",
         ]

@@ -9,6 +9,16 @@
   more: a rebuild takes at most a fifth of a core) (the stale one is served meanwhile), sorted
   once per sort; a request filters and pages it in memory, so its cost does
   not depend on how many browsers poll the page.
+- Stable paging: a cursor is a position in ONE ranking, the one page 1 was
+  read from. When a first page has more pages, the node pins that sort's
+  ranking of its snapshot (the room ids in order) in Redis under an id of
+  the snapshot and the sort; the cursor is ``<pin>.<position>``, so later
+  pages, on any node, walk the same order whatever the ranks did since: no
+  room is seen twice or skipped. A pin is written once per snapshot and
+  sort, only when someone pages, and lives ``discovery_cursor_idle_s`` after
+  its last page read; an older cursor answers CURSOR_EXPIRED (read page 1
+  again). The position counts the whole ranking, not the filtered one, so a
+  room whose tags change between pages moves no other room.
 - "Goes live": the model joins her own room after being away at least
   ``live_away_s``. A small Lua script counts her sessions in her room and
   remembers when she last left (``Keys.live_state``), so a second tab or a
@@ -26,21 +36,25 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
+import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from tokenchat.protocol.commands import stored_string
+
 from . import bus
 from .aio import pause, reraise_if_cancelled
 from .config import Settings
-from .errors import BadRequest, NotFound, Unavailable
+from .errors import BadRequest, CursorExpired, NotFound, Unavailable
 from .keys import Keys
 
 log = logging.getLogger(__name__)
@@ -63,12 +77,20 @@ NOTIFICATIONS_PAGE_MAX = 200
 # Profile limits (characters; tags: a count of short lower-case words).
 DISPLAY_NAME_LEN_MAX = 64
 BIO_LEN_MAX = 1000
+DISPLAY_NAME: Final = stored_string(0, DISPLAY_NAME_LEN_MAX)
+BIO: Final = stored_string(0, BIO_LEN_MAX)
 TAGS_MAX = 10
 TAG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,23}")
 AVATAR_URL_LEN_MAX = 512
 ONLINE_STATUSES = ("online", "away", "busy", "offline")
 # A text filter (q) longer than this matches nothing useful and costs a scan.
 QUERY_LEN_MAX = 100
+# Pinned rankings a node keeps in memory besides Redis (the ones it wrote or
+# read last): a client paging through one listing reads Redis once per node.
+# 10,000 rooms: a list of 10,000 references, ~80 KB each.
+PINS_CACHED_MAX = 16
+# A room cursor: the pin (the snapshot's id, the sort) and a position.
+ROOM_CURSOR_RE = re.compile(r"([0-9a-f]{16})-(trending|viewers|new)\.([0-9]{1,9})")
 # Local users one "which of these follow her" query names at most.
 LOCAL_FOLLOWERS_QUERY_MAX = 5000
 
@@ -110,6 +132,7 @@ class ListedRoom:
     online_status: str
     viewers: int = 0
     trending: int = 0
+    live: bool = False  # she has a session in her own room
     text: str = ""  # lower-cased name + bio + id, what `q` searches
 
     def to_wire(self) -> dict[str, Any]:
@@ -124,17 +147,20 @@ class ListedRoom:
             "online_status": self.online_status,
             "trending": self.trending,
             "created_ms": self.created_ms,
+            "live": self.live,
         }
 
 
 def check_profile(body: dict[str, Any]) -> dict[str, Any]:
     """The fields of a PUT /v1/me/profile body, checked (BadRequest if not)."""
+    # Both are kept in Postgres, which refuses NUL in text: refused here, at
+    # the door, rather than answered 503 by a store that cannot take them.
     name = body.get("display_name", "")
-    if not isinstance(name, str) or len(name) > DISPLAY_NAME_LEN_MAX:
-        raise BadRequest(f"field 'display_name' must be a string of at most {DISPLAY_NAME_LEN_MAX}")
+    if not DISPLAY_NAME.accept(name):
+        raise BadRequest(f"field 'display_name' must be {DISPLAY_NAME.describe}")
     bio = body.get("bio", "")
-    if not isinstance(bio, str) or len(bio) > BIO_LEN_MAX:
-        raise BadRequest(f"field 'bio' must be a string of at most {BIO_LEN_MAX} characters")
+    if not BIO.accept(bio):
+        raise BadRequest(f"field 'bio' must be {BIO.describe}")
     tags = body.get("tags", [])
     if (
         not isinstance(tags, list)
@@ -167,14 +193,61 @@ def check_profile(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class RoomCursor:
+    """Where the next page of a room listing starts: ``position`` in the
+    ranking pinned as ``pin`` (a snapshot's id and the sort)."""
+
+    pin: str
+    sort: str
+    position: int
+
+    @classmethod
+    def parse(cls, raw: str, sort: str) -> RoomCursor:
+        match = ROOM_CURSOR_RE.fullmatch(raw)
+        if match is None:
+            raise BadRequest("query parameter 'cursor' must be a cursor a previous page gave")
+        if match[2] != sort:
+            raise BadRequest(f"this cursor pages the '{match[2]}' sort, not '{sort}'")
+        return cls(f"{match[1]}-{match[2]}", match[2], int(match[3]))
+
+    def __str__(self) -> str:
+        return f"{self.pin}.{self.position}"
+
+
+@dataclass(slots=True)
+class _Pin:
+    ids: list[str]
+    used: float  # monotonic s of its last page read here
+
+
 def page_cursor(raw: str | None, digits_max: int = 9) -> int:
-    """A decimal cursor as the last page gave it: an offset into the room
-    ranking, or a notification id (a bigint: ``digits_max`` 18)."""
+    """A decimal cursor as the last page gave it: a notification id (a
+    bigint: ``digits_max`` 18)."""
     if raw is None or raw == "":
         return 0
     if len(raw) > digits_max or not raw.isascii() or not raw.isdigit():
         raise BadRequest("query parameter 'cursor' must be a cursor a previous page gave")
     return int(raw)
+
+
+def _walk(
+    rooms: Any, start: int, tag: str | None, q: str | None, limit: int
+) -> tuple[list[ListedRoom], int | None]:
+    """The first ``limit`` rooms of ``rooms`` (a ranking from position
+    ``start``; None: a room no longer listed) that pass the filters, and the
+    position of the next one that does (None: this is the last page)."""
+    needle = q.lower() if q else None
+    page: list[ListedRoom] = []
+    for position, room in enumerate(rooms, start):
+        if room is None or (tag and tag not in room.tags):
+            continue
+        if needle and needle not in room.text:
+            continue
+        if len(page) == limit:
+            return page, position
+        page.append(room)
+    return page, None
 
 
 class Discovery:
@@ -190,6 +263,12 @@ class Discovery:
         self._snapshot_lock = asyncio.Lock()
         self._rebuild: asyncio.Future[None] | None = None
         self._sorted: dict[str, list[ListedRoom]] = {sort: [] for sort in SORTS}
+        self._by_id: dict[str, ListedRoom] = {}
+        # The snapshot's id (random: unique across nodes and restarts) and the
+        # sorts whose ranking of it is pinned in Redis, since when.
+        self._generation = secrets.token_hex(8)
+        self._pinned_sorts: dict[str, float] = {}  # sort -> monotonic s written
+        self._pins: collections.OrderedDict[str, _Pin] = collections.OrderedDict()
         self._build_s = 0.0  # how long the last rebuild took
         # Seconds the last job took from its first to its last batch: read by
         # the benchmark (loadtests/discovery.py).
@@ -224,7 +303,8 @@ class Discovery:
                 """SELECT u.id, p.display_name, p.bio, p.tags, p.avatar, p.online_status,
                           (SELECT count(*) FROM follows f WHERE f.model = u.id) AS followers
                    FROM users u LEFT JOIN profiles p ON p.user_id = u.id
-                   WHERE u.id = $1 AND u.role = 'model'""",
+                   WHERE u.id = $1 AND u.role = 'model'
+                     AND NOT EXISTS (SELECT 1 FROM deleted_users d WHERE d.user_id = u.id)""",
                 model,
             )
         except _DB_ERRORS as exc:
@@ -249,22 +329,97 @@ class Discovery:
         sort: str,
         tag: str | None,
         q: str | None,
-        cursor: int,
+        cursor: RoomCursor | None,
         limit: int,
     ) -> dict[str, Any]:
+        """One page: the first from this node's snapshot (pinning its ranking
+        when more pages follow), a later one from the pinned ranking."""
         await self._current(viewers_of)
-        rooms = self._sorted[sort]  # filtering keeps the order
-        if tag:
-            rooms = [room for room in rooms if tag in room.tags]
-        if q:
-            needle = q.lower()
-            rooms = [room for room in rooms if needle in room.text]
-        page = rooms[cursor : cursor + limit]
-        end = cursor + len(page)
+        by_id = self._by_id
+        if cursor is None:
+            generation, ranked = self._generation, self._sorted[sort]
+            page, next_position = _walk(ranked, 0, tag, q, limit)
+            if next_position is None:
+                return {"rooms": [room.to_wire() for room in page], "next_cursor": None}
+            pin = f"{generation}-{sort}"
+            written = self._pinned_sorts.get(sort)
+            # Rewritten at half its idle time: a snapshot can outlive its pin
+            # when no request came to rebuild it.
+            if written is None or time.monotonic() - written > self._pin_rewrite_s():
+                await self._pin(pin, sort, generation, [room.id for room in ranked])
+            elif pin in self._pins:
+                self._pins[pin].used = time.monotonic()
+                self._pins.move_to_end(pin)
+        else:
+            pin = cursor.pin
+            ids = await self._pinned(pin)
+            listed = (by_id.get(room_id) for room_id in ids[cursor.position :])
+            page, next_position = _walk(listed, cursor.position, tag, q, limit)
+        next_cursor = None if next_position is None else RoomCursor(pin, sort, next_position)
         return {
             "rooms": [room.to_wire() for room in page],
-            "next_cursor": str(end) if end < len(rooms) else None,
+            "next_cursor": None if next_cursor is None else str(next_cursor),
         }
+
+    async def _pin(self, pin: str, sort: str, generation: str, ids: list[str]) -> None:
+        """Keep ``ids`` (one sort's ranking of the snapshot ``generation``) for
+        the listing's later pages: here, and in Redis for the other nodes.
+        Written once per snapshot and sort; if Redis refuses it, the pages
+        served by this node still work and the next first page tries again."""
+        self._remember(pin, ids)
+        self._pinned_sorts[sort] = time.monotonic()
+        try:
+            await self._redis.set(
+                self._keys.rooms_pin(pin),
+                "\n".join(ids),
+                px=int(self._settings.discovery_cursor_idle_s * 1000),
+            )
+        except _REDIS_ERRORS as exc:
+            reraise_if_cancelled(exc)
+            if generation == self._generation:
+                self._pinned_sorts.pop(sort, None)
+            log.warning("room ranking %s not pinned in Redis: %s", pin, exc)
+
+    def _pin_rewrite_s(self) -> float:
+        return self._settings.discovery_cursor_idle_s / 2
+
+    async def _pinned(self, pin: str) -> list[str]:
+        """The ranking ``pin`` names, its idle time renewed; CursorExpired
+        when no node keeps it any more."""
+        idle_s = self._settings.discovery_cursor_idle_s
+        now = time.monotonic()
+        local = self._pins.get(pin)
+        if local is not None and now - local.used > idle_s:
+            del self._pins[pin]
+            local = None
+        key = self._keys.rooms_pin(pin)
+        try:
+            # Renewed in Redis on every page read, wherever it is served.
+            alive = await self._redis.pexpire(key, int(idle_s * 1000))
+            raw = None if local is not None or not alive else await self._redis.get(key)
+        except _REDIS_ERRORS as exc:
+            reraise_if_cancelled(exc)
+            if local is None:
+                raise Unavailable("the room listing's pages are unavailable") from exc
+            alive, raw = True, None
+        if local is not None:
+            local.used = now
+            self._pins.move_to_end(pin)
+            return local.ids
+        if not alive or raw is None:
+            raise CursorExpired(
+                "this listing's ranking is no longer kept: read the first page again"
+            )
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        ids = text.split("\n") if text else []
+        self._remember(pin, ids)
+        return ids
+
+    def _remember(self, pin: str, ids: list[str]) -> None:
+        self._pins[pin] = _Pin(ids, time.monotonic())
+        self._pins.move_to_end(pin)
+        while len(self._pins) > PINS_CACHED_MAX:
+            self._pins.popitem(last=False)
 
     async def _current(self, viewers_of: Any) -> list[ListedRoom]:
         """The snapshot; a stale one is served while one task rebuilds it,
@@ -294,8 +449,11 @@ class Discovery:
             "trending": sorted(rooms, key=lambda r: (-r.trending, -r.viewers, r.id)),
             "new": sorted(rooms, key=lambda r: (-r.created_ms, r.id)),
         }
+        self._by_id = {room.id: room for room in rooms}
         self._snapshot = rooms
         self._snapshot_at = time.monotonic()
+        self._generation = secrets.token_hex(8)
+        self._pinned_sorts = {}
 
     def invalidate(self) -> None:
         """This node's next listing waits for a fresh snapshot (a profile
@@ -359,8 +517,23 @@ class Discovery:
                 raise Unavailable("room presence is unavailable") from exc
             for room, count in zip(chunk, counts, strict=True):
                 room.viewers = count
+            for room, live in zip(chunk, await self._live_of(chunk), strict=True):
+                room.live = live
             await asyncio.sleep(0)
         return listed
+
+    async def _live_of(self, rooms: list[ListedRoom]) -> list[bool]:
+        """Whether each model has a session in her own room (the count that
+        "goes live" keeps), in one pipeline."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for room in rooms:
+                    pipe.hget(self._keys.live_state(room.id), "in")
+                counts = await pipe.execute()
+        except _REDIS_ERRORS as exc:
+            reraise_if_cancelled(exc)
+            raise Unavailable("room presence is unavailable") from exc
+        return [count is not None and int(count) > 0 for count in counts]
 
     # --- follows ---------------------------------------------------------------------
     async def follow(self, fan: str, model: str) -> None:
@@ -368,7 +541,12 @@ class Discovery:
             raise BadRequest("you cannot follow yourself")
         try:
             async with self._pool.acquire() as conn:
-                role = await conn.fetchval("SELECT role FROM users WHERE id = $1", model)
+                # A deleted model is no model to follow.
+                role = await conn.fetchval(
+                    """SELECT role FROM users u WHERE id = $1
+                        AND NOT EXISTS (SELECT 1 FROM deleted_users d WHERE d.user_id = u.id)""",
+                    model,
+                )
                 if role != "model":
                     raise NotFound(f"no model '{model}'")
                 await conn.execute(

@@ -22,6 +22,8 @@ status, here and nowhere else::
      │    ├── Banned             BANNED            403
      │    ├── Muted              MUTED             403
      │    └── SlowMode           SLOW_MODE         429
+     ├── CursorExpired           CURSOR_EXPIRED    410  (a listing's cursor
+     │                                                   outlived its ranking)
      └── Unavailable             UNAVAILABLE       503  (a backend is down;
                                                          nothing was changed)
 
@@ -102,6 +104,11 @@ class RateLimited(ServiceError):
 class LimitExceeded(ServiceError):
     code = ErrorCode.LIMIT_EXCEEDED
     http_status = 429
+
+
+class CursorExpired(ServiceError):
+    code = ErrorCode.CURSOR_EXPIRED
+    http_status = 410
 
 
 class Unavailable(ServiceError):

@@ -85,6 +85,13 @@ class Keys:
         ``L`` payload); each node tells its own connected followers."""
         return f"{self.prefix}live"
 
+    def rooms_pin(self, pin: str) -> str:
+        """String: one pinned room ranking of GET /v1/rooms (the room ids of
+        one snapshot in one sort, newline-separated), read by the later pages
+        of a listing on any node; expires after discovery_cursor_idle_s
+        without a page read (server/discovery.py, "stable paging")."""
+        return f"{self.prefix}rooms:pin:{pin}"
+
     def channel_user(self, channel: str) -> str | None:
         head = f"{self.prefix}user:"
         return channel[len(head) :] if channel.startswith(head) else None

@@ -262,7 +262,7 @@ async def postgres_proxy(settings: Settings) -> AsyncIterator[Proxy]:
 
 @pytest.fixture
 async def private_redis(tmp_path: Path) -> AsyncIterator[str]:
-    """A redis-server of this test's own, which it may FLUSHALL or CLIENT
+    """A valkey-server of this test's own, which it may FLUSHALL or CLIENT
     PAUSE without stalling everybody else's tests on the shared one."""
     from tokenchat.server.devstack.embedded import EmbeddedRedis
 

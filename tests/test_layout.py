@@ -9,8 +9,11 @@ classes, so these tests fail on any such alias.
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
+import textwrap
 import tomllib
 from collections import defaultdict
 from pathlib import Path
@@ -152,3 +155,79 @@ def test_the_ledger_runs_without_a_gateway(tmp_path: Path) -> None:
     )
     assert "tokenchat.server.ledger.writer" in loaded
     assert [m for m in loaded if m.startswith("tokenchat.server.gateway")] == []
+
+
+# --- docs/architecture.md stays true to the code --------------------------------------
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def _section(title: str) -> str:
+    text = ARCHITECTURE.read_text()
+    start = text.index(f"\n## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def _ast_of(source: str) -> str:
+    """The code of ``source`` without its comments and layout."""
+    return ast.dump(ast.parse(textwrap.dedent(source)))
+
+
+def test_the_worked_example_quotes_the_code() -> None:
+    section = _section("Adding a paid action: a worked example")
+    declaration, method = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    [script] = re.findall(r"```lua\n(.*?)```", section, re.DOTALL)
+    actions = (ROOT / "server" / "economy" / "actions.py").read_text()
+    [unlock] = [
+        node
+        for node in ast.parse(actions).body
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "UNLOCK"
+    ]
+    assert _ast_of(declaration) == ast.dump(ast.Module(body=[unlock], type_ignores=[]))
+    assert script == (ROOT / "server" / "economy" / "lua" / "unlock.lua").read_text()
+    economy = (ROOT / "server" / "economy" / "economy.py").read_text()
+    [runner] = [node for node in ast.parse(economy).body if getattr(node, "name", "") == "Economy"]
+    assert isinstance(runner, ast.ClassDef)
+    [unlock_method] = [n for n in runner.body if getattr(n, "name", "") == "unlock"]
+    # Shown outside its class: put back in one, so its docstring's lines match.
+    [quoted] = ast.parse("class Economy:\n" + textwrap.indent(method, "    ")).body
+    assert isinstance(quoted, ast.ClassDef)
+    assert ast.dump(quoted.body[0]) == ast.dump(unlock_method)
+
+
+def test_the_folders_table_names_every_module() -> None:
+    rows = {
+        match.group(1): match.group(2)
+        for match in re.finditer(
+            r"^\| `([\w/]+/)` \| [^|]+ \| (.+) \|$", _section("The folders"), re.M
+        )
+    }
+    for folder in ("protocol/", "server/", "client_demo/", "loadtests/"):
+        assert folder in rows, folder
+        for sub in sorted((ROOT / folder).iterdir()):
+            if sub.is_dir() and (sub / "__init__.py").exists() and f"{folder}{sub.name}/" in rows:
+                continue  # a sub-package: its own row
+            name = sub.stem if sub.suffix == ".py" else sub.name
+            if not (sub.suffix == ".py" or sub.is_dir()) or name.startswith(("_", ".")):
+                continue  # data files, __init__, caches
+            if name == "namespace-package":
+                continue  # the `tokenchat` package itself (see its docstring)
+            shown = f"`{name}`" if sub.suffix == ".py" else f"`{name}/`"
+            assert shown in rows[folder], f"{folder}{sub.name} is not in architecture.md's folders"
+    for folder in (f for f in rows if f.startswith("server/") and f != "server/"):
+        for module in (ROOT / folder).glob("*.py"):
+            if module.stem != "__init__":
+                assert f"`{module.stem}`" in rows[folder], f"{folder}{module.name}"
+
+
+def test_the_client_never_imports_the_server(tmp_path: Path) -> None:
+    # client_demo depends on the protocol only: a client install needs no server.
+    loaded = _modules_after(
+        "import importlib, pkgutil, tokenchat.client_demo as c\n"
+        "for m in pkgutil.walk_packages(c.__path__, 'tokenchat.client_demo.'):\n"
+        "    importlib.import_module(m.name)",
+        tmp_path,
+    )
+    assert "tokenchat.client_demo.client" in loaded and "tokenchat.client_demo.cli" in loaded
+    assert [m for m in loaded if m.startswith("tokenchat.server")] == []

@@ -27,6 +27,17 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
+def test_the_test_command_runs_the_javascript_client_tests() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```sh\n(.*?)\n```", readme, re.DOTALL)
+    test_command = next(c for c in commands if "pytest" in c)
+    # The shell expands the pattern, so Node 20 and 22+ get the same files (a
+    # directory argument is searched by Node 20 only: 21+ takes it for a file).
+    assert "node --test client_demo/js/tests/*.test.js" in test_command
+    # An unmatched pattern would reach node as is and fail, but say so here.
+    assert list((ROOT / "client_demo" / "js" / "tests").glob("*.test.js"))
+
+
 def test_links_to_docs_resolve() -> None:
     readme = (ROOT / "README.md").read_text()
     for target in re.findall(r"\]\(((?:docs|client_demo|loadtests)/[^)#]+)\)", readme):

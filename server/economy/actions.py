@@ -12,7 +12,8 @@ and how, where it delivers, and what it grants. From these come:
   tips benchmark alike;
 - the session's dispatch of paid commands (``BY_COMMAND``, ``Action.serve``);
 - the mapping of a script's refusal to an error (``refusal_error``);
-- the refund rules (``REFUNDABLE_KINDS``).
+- each ledger kind's owner (``BY_KIND``), whose declaration its rules are
+  read from: refunds (``REFUNDABLE_KINDS``), spending limits (``SPEND_KINDS``).
 
 Adding a paid action is a declaration here, its script, an ``Economy``
 method naming its keys and arguments, its command, and its tests: see
@@ -277,13 +278,16 @@ async def _serve_unlock(context: SpendContext, command: Unlock) -> Reply:
 TIP = Action(
     name="tip",
     kinds=("tip",),
-    # goal: the room's tip goal (server/economy/goals.py), in {eco}.
+    # goal: the room's tip goal (server/economy/goals.py), in {eco};
+    # goal_escrow: an all-or-nothing goal's escrow balance, which takes the
+    # tokens instead of the owner (Economy learns it from GOAL_ESCROW).
     keys=(
         "payer_balance",
         "payee_balance",
         "history",
         "room_show",
         "goal",
+        "goal_escrow",
         "payer_limits",
         "payer_spent",
     ),
@@ -328,6 +332,7 @@ TIP_ITEM = Action(
         "history",
         "room_show",
         "goal",
+        "goal_escrow",
         "payer_limits",
         "payer_spent",
     ),
@@ -592,22 +597,63 @@ ACTIONS: tuple[Action, ...] = (
     CLAWBACK,
 )
 BY_NAME: Mapping[str, Action] = MappingProxyType({action.name: action for action in ACTIONS})
-# The first action declaring a kind (escrow_refund: ESCROW_REFUND; a
-# ticket's refund writes the same kind).
-BY_KIND: Mapping[str, Action] = MappingProxyType(
-    {kind: action for action in reversed(ACTIONS) for kind in action.kinds}
+
+
+def _kind_owners(owners: Mapping[str, Action]) -> Mapping[str, Action]:
+    """Each ledger kind's owner, checked against the declarations: every kind
+    an action writes has one owner, which writes it too, and an action
+    sharing a kind with its owner agrees with it on the rules that follow
+    from a kind (refundable, limited), so that the rules read off the owner
+    hold for every row of that kind. Raises ValueError otherwise."""
+    written = {kind for action in ACTIONS for kind in action.kinds}
+    if set(owners) != written:
+        raise ValueError(
+            f"kinds without an owner {sorted(written - set(owners))}, "
+            f"owners of no kind {sorted(set(owners) - written)}"
+        )
+    for kind, owner in owners.items():
+        if kind not in owner.kinds:
+            raise ValueError(f"{owner.name} owns {kind} but does not write it")
+        for action in ACTIONS:
+            rules = (action.refundable, action.limited)
+            if kind in action.kinds and rules != (owner.refundable, owner.limited):
+                raise ValueError(f"{action.name} writes {kind} under other rules than {owner.name}")
+    return MappingProxyType(dict(owners))
+
+
+# Each ledger kind's owner, by name: the action whose declaration the kind's
+# rules (refunds, spending limits, refusals) are read from. Kinds written by
+# more than one action: `tip` (TIP, and a menu tip's TIP_ITEM) and
+# `escrow_refund` (ESCROW_REFUND, a ticket's TICKET_REFUND, a goal's
+# GOAL_REFUND). The ledger's kind CHECK admits exactly these (and `spend`,
+# which no code writes any more: tests/server/test_actions.py).
+BY_KIND: Mapping[str, Action] = _kind_owners(
+    {
+        "tip": TIP,
+        "dm": DM,
+        "credit": CREDIT,
+        "purchase": CREDIT,
+        "refund": REFUND,
+        "hold": HOLD,
+        "release": RELEASE,
+        "escrow_refund": ESCROW_REFUND,
+        "unlock": UNLOCK,
+        "meter": METER,
+        "ticket": TICKET,
+        "payout": PAYOUT,
+        "chargeback": CLAWBACK,
+        "forfeit": CLAWBACK,
+    }
 )
 BY_COMMAND: Mapping[type[Any], Action] = MappingProxyType(
     {action.command: action for action in ACTIONS if action.command is not None}
 )
 # Ledger kinds that spend a user's tokens: the debits her spending limits
 # count, and what rebuilds her counters from the ledger.
-SPEND_KINDS: frozenset[str] = frozenset(
-    kind for action in ACTIONS if action.limited for kind in action.kinds
-)
+SPEND_KINDS: frozenset[str] = frozenset(kind for kind, owner in BY_KIND.items() if owner.limited)
 # Ledger kinds an admin may refund (each once).
 REFUNDABLE_KINDS: frozenset[str] = frozenset(
-    kind for action in ACTIONS if action.refundable for kind in action.kinds
+    kind for kind, owner in BY_KIND.items() if owner.refundable
 )
 
 

@@ -48,6 +48,7 @@ from ..keys import Keys, glob_escape
 from ..ledger.confirmations import Confirmations
 from .actions import (
     ACTIONS,
+    BY_KIND,
     CLAWBACK,
     COMMON_ARGS,
     COMMON_KEYS,
@@ -90,8 +91,13 @@ IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000  # the contract's 24 hours
 # Loads per call before giving up: one per hot key a script may find missing
 # (a menu tip: the menu, both balances, the room's goal, an all-or-nothing
 # goal's escrow and the fan's limits with their counters, one load), plus one
-# for a Redis reset racing the load.
-LOAD_ATTEMPTS_MAX = 7
+# for a Redis reset racing the load, plus one for a tip learning its room's
+# goal escrow (GOAL_ESCROW).
+LOAD_ATTEMPTS_MAX = 8
+# Rooms whose all-or-nothing goal escrow a process remembers (a key of
+# about 60 bytes each, so at most about 1 MB): a room it forgot costs its
+# next tip one more script call (GOAL_ESCROW), nothing else.
+GOAL_ESCROWS_CACHED_MAX = 10_000
 # Idempotency records restored per account load. An account debited more
 # often than this in 24 hours keeps only its newest records across a Redis
 # reset (the mint, with one debit per purchase, is the account that could).
@@ -193,6 +199,11 @@ class Economy:
         # reached it in Redis.
         self.goal_loader: Callable[[str], Awaitable[None]] | None = None
         self.goal_reached: Callable[[str], Awaitable[None]] | None = None
+        # A room's goal hash key -> the balance key of its all-or-nothing
+        # goal's escrow, as tips learned it (GOAL_ESCROW): a tip declares
+        # every key it writes, and only the hash names this one. Stale
+        # entries are harmless: the script checks the key against the hash.
+        self._goal_escrows: dict[str, str] = {}
         # Spending limits and self-exclusion: their rows, caches and counters.
         self.limits = SpendLimits(redis, pool, keys, settings, self)
 
@@ -230,6 +241,7 @@ class Economy:
                 "history": self._keys.room_history(room),
                 "room_show": self._keys.room_show(room),
                 "goal": self._keys.goal(room),
+                "goal_escrow": self._goal_escrow(room),
                 **self._gate_keys(user_id),
             },
             args={
@@ -275,6 +287,7 @@ class Economy:
                 "history": self._keys.room_history(room),
                 "room_show": self._keys.room_show(room),
                 "goal": self._keys.goal(room),
+                "goal_escrow": self._goal_escrow(room),
                 **self._gate_keys(user_id),
             },
             args={
@@ -294,6 +307,23 @@ class Economy:
         )
         await self._after_goal_tip(reply)
         return reply
+
+    def _goal_escrow(self, room: str) -> str:
+        """The balance key of the room's all-or-nothing goal escrow as last
+        seen; while none is known, the goal's hash (a key in the same slot,
+        which the script then neither reads nor writes as a balance)."""
+        goal = self._keys.goal(room)
+        return self._goal_escrows.get(goal, goal)
+
+    def _learn_goal_escrow(self, action: Action, keys: list[Any], escrow_key: str) -> None:
+        """GOAL_ESCROW: declare the escrow the goal hash names, for this call
+        and the room's next tips."""
+        goal = str(keys[action.all_keys.index("goal")])
+        keys[action.all_keys.index("goal_escrow")] = escrow_key
+        self._goal_escrows.pop(goal, None)
+        if len(self._goal_escrows) >= GOAL_ESCROWS_CACHED_MAX:
+            del self._goal_escrows[next(iter(self._goal_escrows))]  # the oldest
+        self._goal_escrows[goal] = escrow_key
 
     async def _after_goal_tip(self, reply: dict[str, Any]) -> None:
         """A tip that reached its room's goal: the goal workflow closes it in
@@ -769,7 +799,8 @@ class Economy:
             raise Conflict(f"transaction '{tx}' is held in escrow; its goal refunds it")
         if len(debits) != 1 or len(credits) != 1:
             raise Conflict(f"transaction '{tx}' has {len(postings)} postings; refund it by hand")
-        media = row["media"] if row["kind"] == "unlock" else None
+        # What the spend granted goes with its refund (its kind's declaration).
+        media = row["media"] if BY_KIND[row["kind"]].grants == "media" else None
         return debits[0]["account_id"], credits[0]["account_id"], credits[0]["amount"], media
 
     # --- prices -------------------------------------------------------------------
@@ -1063,6 +1094,9 @@ class Economy:
                 return reply
             if status == "DUP":
                 return {**orjson.loads(result[1]), "duplicate": True}
+            if status == "GOAL_ESCROW":  # tips: no write happened; again with its key
+                self._learn_goal_escrow(action, keys, _text(result[1]))
+                continue
             if status != "NOT_LOADED":
                 raise refusal_error(action, status, _text(result[1]) if len(result) > 1 else "")
             missing = _text(result[1])

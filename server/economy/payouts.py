@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -57,6 +58,8 @@ from ..errors import (
 from . import deadlines
 from .economy import MINT, PAYOUTS, Economy, escrow_account, fingerprint
 
+log = logging.getLogger(__name__)
+
 PAYOUTS_INITIATOR = "sys:payouts"
 ESCROW_KIND = "payout"
 SETTLE = "payout.settle"
@@ -78,6 +81,8 @@ EFFECTIVE_SLACK_S = 1.0
 # The earnings statement's default period when `from` is not given.
 EARNINGS_DEFAULT_DAYS = 30
 REASON_LEN_MAX = 500  # characters, the column's bound
+# Why the sweeper set a `requesting` payout refused (finish_requesting).
+STUCK_REASON = "the request did not finish and nothing was held; ask again"
 
 # Earnings: the ledger kinds that credit a model for what she sold, and the
 # label each gets in a statement. A release is labelled by its escrow's kind
@@ -102,7 +107,7 @@ EARNING_KINDS = ("tip", "dm", "unlock", "meter", "release")
 # Payout methods: their shapes, checked here; nothing is sent anywhere.
 PAYOUT_METHODS = ("bank", "paypal")
 IBAN_RE = re.compile(r"[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}")
-EMAIL_RE = re.compile(r"[^@\s]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+")
+EMAIL_RE = re.compile(r"[^@\s\x00]{1,64}@[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+")
 HOLDER_LEN_MAX = 100  # characters
 
 _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncio.TimeoutError)
@@ -169,8 +174,15 @@ def check_method(body: Any) -> dict[str, Any]:
     if kind == "bank":
         holder = body.get("holder")
         iban = body.get("iban")
-        if not isinstance(holder, str) or not 1 <= len(holder.strip()) <= HOLDER_LEN_MAX:
-            raise BadRequest(f"field 'holder' must be a name of 1 to {HOLDER_LEN_MAX} characters")
+        if (
+            not isinstance(holder, str)
+            or not 1 <= len(holder.strip()) <= HOLDER_LEN_MAX
+            or "\x00" in holder  # the method is jsonb, which refuses NUL
+        ):
+            raise BadRequest(
+                f"field 'holder' must be a name of 1 to {HOLDER_LEN_MAX} characters, "
+                "without NUL (U+0000)"
+            )
         if not isinstance(iban, str):
             raise BadRequest("field 'iban' must be an IBAN")
         iban = iban.replace(" ", "").upper()
@@ -223,6 +235,7 @@ class Payouts:
 
     def register(self, sweeper: deadlines.Sweeper) -> None:
         sweeper.handle(SETTLE, self.settle)
+        sweeper.every_sweep(self.finish_stuck)
 
     # --- rules ------------------------------------------------------------------------
     def default_rule(self) -> dict[str, Any]:
@@ -377,7 +390,7 @@ class Payouts:
             raise
         try:
             done = await self._pool.fetchrow(
-                f"""UPDATE payouts SET state = 'requested', hold_tx = $2
+                f"""UPDATE payouts SET state = 'requested', hold_tx = $2, reason = NULL
                     WHERE id = $1 AND state IN ('requesting', 'refused') RETURNING {_COLUMNS}""",
                 payout_id,
                 str(reply["tx"]),
@@ -538,6 +551,69 @@ class Payouts:
                 await deadlines.cancel(conn, payout_id, SETTLE)
         except _DB_ERRORS as exc:
             raise Unavailable("settled; the payout's row was not updated: retry") from exc
+
+    # --- the sweeper: requests that died half-way ----------------------------------------
+    async def finish_stuck(self) -> None:
+        """Every sweep (under the sweeper's lease): each payout left
+        ``requesting`` for longer than ``payout_requesting_max_age_s`` is
+        finished or cancelled (``finish_requesting``), a batch at a time."""
+        try:
+            rows = await self._pool.fetch(
+                f"""SELECT {_COLUMNS} FROM payouts
+                    WHERE state = 'requesting'
+                      AND created_at < now() - $1::float8 * interval '1 second'
+                    ORDER BY created_at LIMIT $2""",
+                self._settings.payout_requesting_max_age_s,
+                self._settings.deadline_batch_max,
+            )
+        except _DB_ERRORS as exc:
+            raise Unavailable("payouts are unavailable") from exc
+        for row in rows:
+            try:
+                await self.finish_requesting(row)
+            except ServiceError as exc:  # a backend away: the next sweep again
+                log.warning("payout %s still requesting: %s", row["id"], exc.message)
+
+    async def finish_requesting(self, row: Any) -> str:
+        """A ``requesting`` payout whose request is over (its age is past any
+        request's course): its escrow says whether the hold applied. Held:
+        ``requested``, as the request would have left it (an admin decides
+        it). Not held: ``refused`` with a reason, nothing having moved (the
+        model's retry with the same key tries the hold again, as after any
+        refusal). Each is a compare-and-set from ``requesting`` on the row,
+        so the sweeper, a late request and an admin's decision racing it end
+        in one state; a request whose hold lands after all still turns its
+        row ``requested`` (its own update accepts ``refused``). The state."""
+        payout_id = row["id"]
+        held = await self._economy.escrow_balance(escrow_account(ESCROW_KIND, payout_id))
+        try:
+            if held >= row["tokens"]:
+                hold_tx = await self._pool.fetchval(
+                    """SELECT id FROM ledger_transactions
+                        WHERE kind = 'hold' AND meta ? 'payout' AND meta->>'payout' = $1
+                        ORDER BY applied_ms LIMIT 1""",
+                    payout_id,
+                )
+                state = await self._pool.fetchval(
+                    """UPDATE payouts SET state = 'requested', hold_tx = coalesce($2, hold_tx)
+                        WHERE id = $1 AND state = 'requesting' RETURNING state""",
+                    payout_id,
+                    hold_tx,
+                )
+            else:
+                state = await self._pool.fetchval(
+                    """UPDATE payouts SET state = 'refused', reason = $2
+                        WHERE id = $1 AND state = 'requesting' RETURNING state""",
+                    payout_id,
+                    STUCK_REASON,
+                )
+        except _DB_ERRORS as exc:
+            raise Unavailable("payouts are unavailable") from exc
+        if state is None:  # decided meanwhile (the model's retry, an admin)
+            current = await self._fetch(payout_id)
+            return "gone" if current is None else str(current["state"])
+        log.info("payout %s left requesting: %s (escrow held %d)", payout_id, state, held)
+        return str(state)
 
     # --- reading ------------------------------------------------------------------------
     async def list_for(self, model: str) -> list[dict[str, Any]]:

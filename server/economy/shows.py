@@ -240,6 +240,19 @@ class Shows:
             await self.load(show_id)
         raise Unavailable("the show could not be loaded")
 
+    async def refund_ticket(self, show_id: str, fan: str) -> int:
+        """One fan's ticket to a scheduled show back (her account is being
+        deleted: server/economy/closing.py), under the key the show's own
+        refund would use, so its settle later finds that ticket done ('r').
+        The tokens refunded (0: none held)."""
+        try:
+            reply = await self._economy.ticket_refund(
+                show_id, fan, initiator=SHOWS_INITIATOR, key=refund_key(show_id, fan)
+            )
+        except EscrowEmpty:
+            return 0  # refunded already, or never bought
+        return int(reply["amount"])
+
     # --- the sweeper's handlers ----------------------------------------------------------
     async def no_show(self, show_id: str) -> None:
         """A show not started in time cancels itself and refunds."""

@@ -33,6 +33,7 @@ from ..catalog.reports import Reports
 from ..config import Settings
 from ..db import create_pool
 from ..discovery import Discovery
+from ..economy.closing import AccountClosing
 from ..economy.deadlines import Sweeper
 from ..economy.economy import Economy
 from ..economy.goals import Goals
@@ -159,6 +160,12 @@ class Node:
         self.payouts = Payouts(pool, settings, self.economy)
         self.payouts.register(self.sweeper)
         self.history.rate_at = self.payouts.rate_at_ms
+        # Deleted accounts: their open escrows settled before the forfeiture,
+        # and a credit arriving later forfeited by the sweeper.
+        self.closing = AccountClosing(
+            pool, self.economy, self.requests, self.shows, self.privates, self.goals, self.payouts
+        )
+        self.sweeper.every_sweep(self.closing.forfeit_late_credits)
         # Discovery, follows and live notifications (server/discovery.py).
         self.discovery = Discovery(pool, redis, self.keys, settings)
         self._commits_channel = self.keys.ledger_commits()

@@ -4,7 +4,8 @@ docs/protocol.md, "Payments and accounts"; money paths in docs/economy.md,
 
 - ``POST /v1/payments/webhook``: the payment provider's signed events
   (``payment.confirmed``, ``payment.refunded``, ``payment.charged_back``).
-- ``GET /v1/admin/flags``: accounts flagged by a chargeback, newest first.
+- ``GET /v1/admin/flags``: accounts flagged by a chargeback, newest first;
+  ``POST /v1/admin/flags/{id}/resolve``: an admin closes one (audited).
 - ``GET /v1/me/export``: the caller's data as one streamed JSON object.
 - ``DELETE /v1/me``: delete the caller's account.
 """
@@ -20,16 +21,22 @@ from typing import Any
 
 import asyncpg
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from tokenchat.protocol.commands import PAYMENT_REF
+from tokenchat.protocol.limits import USER_ID_RE
 
 from ..auth import Identity
+from ..catalog.media import content_name, preview_name
+from ..catalog.moderation import append_audit
+from ..catalog.reports import REPORT_REASON_LEN_MAX, check_text
 from ..economy.economy import PAYMENTS_INITIATOR
 from ..errors import BadRequest, Conflict, Forbidden, NotFound, ServiceError, Unavailable
 from ..gateway.node import Node
+from ..ledger.pseudonyms import Pseudonyms
 from .api import BODY_SIZE_MAX_BYTES, JSONResponse, bundle_list, json_body, query_int
 from .payments import (
     EVENT_CHARGED_BACK,
@@ -56,14 +63,22 @@ AMOUNT_CENTS_MAX = 100_000_000
 FLAGS_PAGE_DEFAULT = 50
 FLAGS_PAGE_MAX = 500
 FLAG_ID_MAX = 2**63 - 1
-# A deleted account's balance is taken whole: the clawback's bound (tokens)
-# is above any balance the ledger can hold (a bigint, but far below Lua's
-# exact-integer limit of 2^53).
-FORFEIT_AMOUNT = 2**52
+FLAG_STATES = ("all", "open", "resolved")
+# A flag's resolution note (characters): a paragraph, as a report's.
+FLAG_RESOLUTION_LEN_MAX = REPORT_REASON_LEN_MAX
+# One flag as GET /v1/admin/flags and its resolve answer show it.
+FLAG_SELECT = """SELECT f.id, f.user_id, f.reason, f.payment_ref, f.shortfall, f.state,
+                        f.resolution, f.resolved_by,
+                        (extract(epoch FROM f.created_at) * 1000)::bigint AS ts,
+                        (extract(epoch FROM f.resolved_at) * 1000)::bigint AS resolved_ts,
+                        d.pseudonym
+                   FROM account_flags f LEFT JOIN deleted_users d ON d.user_id = f.user_id"""
 # Rows of one export section fetched from Postgres at once (memory bound of
 # the stream: a few hundred small JSON objects).
 EXPORT_PREFETCH_ROWS = 200
 FOLLOWS_PRESENT = "SELECT to_regclass('follows') IS NOT NULL"
+# What stands where a deleted user's text was, in rows the books still name.
+ERASED_TEXT = "(deleted)"
 
 
 def pseudonym(secret: str, user_id: str) -> str:
@@ -82,6 +97,8 @@ def accounts_routes(
     drain: Drain,
 ) -> list[BaseRoute]:
     settings = node.settings
+    pseudonyms = Pseudonyms(node.pool)
+    closing = node.closing
 
     # --- webhooks -------------------------------------------------------------------
     async def webhook(request: Request) -> Response:
@@ -170,7 +187,9 @@ def accounts_routes(
         """A confirmed payment credits its bundle, exactly as POST
         /v1/purchases does (one credit per payment_ref, whichever came first)."""
         user = data.get("user")
-        if not isinstance(user, str) or not 1 <= len(user) <= 64:
+        # The user id's own rule, not just its length: an id Postgres cannot
+        # store (NUL) would be answered 503, and the provider retry for ever.
+        if not isinstance(user, str) or not USER_ID_RE.fullmatch(user):
             raise BadRequest("field 'data.user' must be a user id")
         bundle_id = data.get("bundle")
         bundle = next((b for b in bundle_list(node) if b["id"] == bundle_id), None)
@@ -317,36 +336,80 @@ def accounts_routes(
         before = request.query_params.get("before")
         cursor = None if before is None else query_int(request, "before", 1, 1, FLAG_ID_MAX)
         user = request.query_params.get("user")
+        state = request.query_params.get("state", "all")
+        if state not in FLAG_STATES:
+            raise BadRequest(f"query parameter 'state' must be one of {', '.join(FLAG_STATES)}")
         try:
             rows = await node.pool.fetch(
-                """SELECT f.id, f.user_id, f.reason, f.payment_ref, f.shortfall,
-                          (extract(epoch FROM f.created_at) * 1000)::bigint AS ts,
-                          d.pseudonym
-                     FROM account_flags f LEFT JOIN deleted_users d ON d.user_id = f.user_id
+                f"""{FLAG_SELECT}
                     WHERE ($1::bigint IS NULL OR f.id < $1)
                       AND ($2::text IS NULL OR f.user_id = $2)
+                      AND ($4 = 'all' OR f.state = $4)
                     ORDER BY f.id DESC LIMIT $3""",
                 cursor,
                 user,
                 limit + 1,
+                state,
             )
         except _DB_ERRORS as exc:
             raise Unavailable("flags are unavailable") from exc
         page = rows[:limit]
-        flags = [
-            {
-                "id": row["id"],
-                # A deleted account is named by its pseudonym only.
-                "user": row["pseudonym"] or row["user_id"],
-                "reason": row["reason"],
-                "payment_ref": row["payment_ref"],
-                "shortfall": row["shortfall"],
-                "ts": row["ts"],
-            }
-            for row in page
-        ]
         more = len(rows) > limit
-        return JSONResponse({"flags": flags, "next": page[-1]["id"] if more and page else None})
+        return JSONResponse(
+            {"flags": [_flag_wire(row) for row in page], "next": page[-1]["id"] if more else None}
+        )
+
+    async def resolve_flag(request: Request) -> Response:
+        """POST /v1/admin/flags/{flag}/resolve {resolution?}: close a flag,
+        once. Resolving a resolved flag changes nothing and answers it as it
+        stands, with ``already`` (a retried click, or two admins at once)."""
+        identity = identity_of(request, "admin")
+        raw = str(request.path_params["flag"])
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+            raise NotFound(f"no flag '{raw[:32]}'")
+        flag_id = int(raw)
+        body = await json_body(request)
+        resolution = check_text(
+            body.get("resolution"), "resolution", required=False, len_max=FLAG_RESOLUTION_LEN_MAX
+        )
+        try:
+            async with node.pool.acquire() as conn, conn.transaction():
+                # FOR UPDATE: of two concurrent resolves, the second waits and
+                # then sees the first's close (one audit row, not two).
+                row = await conn.fetchrow(f"{FLAG_SELECT} WHERE f.id = $1 FOR UPDATE OF f", flag_id)
+                if row is None:
+                    raise NotFound(f"no flag {flag_id}")
+                if row["state"] == "resolved":
+                    return JSONResponse({**_flag_wire(row), "already": True})
+                await conn.execute(
+                    """UPDATE account_flags SET state = 'resolved', resolution = $2,
+                              resolved_by = $3, resolved_at = now()
+                        WHERE id = $1""",
+                    flag_id,
+                    resolution,
+                    identity.user_id,
+                )
+                # An admin's action: in the audit log, with the flag's close.
+                # A deleted user is named by their pseudonym there too.
+                await append_audit(
+                    conn,
+                    identity.user_id,
+                    "flag_resolve",
+                    None,
+                    row["pseudonym"] or row["user_id"],
+                    {
+                        "flag": flag_id,
+                        "reason": row["reason"],
+                        "payment_ref": row["payment_ref"],
+                        "shortfall": row["shortfall"],
+                        "resolution": resolution,
+                    },
+                )
+                row = await conn.fetchrow(f"{FLAG_SELECT} WHERE f.id = $1", flag_id)
+        except _DB_ERRORS as exc:
+            raise Unavailable("flags are unavailable; nothing changed") from exc
+        assert row is not None
+        return JSONResponse(_flag_wire(row))
 
     # --- export ---------------------------------------------------------------------
     # Each section: a query of JSON rows about the user ($1: the user id, $2:
@@ -428,6 +491,7 @@ def accounts_routes(
             head = {"user": orjson.loads(row["user"]), "balance": balance}
             yield orjson.dumps(head)[:-1]  # the object stays open for the sections
             truncated = []
+            seen: dict[str, str | None] = {}
             async with node.pool.acquire() as conn, conn.transaction(readonly=True):
                 for name, sql in queries:
                     yield b',"' + name.encode() + b'":['
@@ -442,7 +506,10 @@ def accounts_routes(
                         if count > rows_max:
                             truncated.append(name)
                             break
-                        yield (b"," if count > 1 else b"") + record[0].encode()
+                        # Other users' ids in her rows (a tip's room, a
+                        # DM's recipient): a deleted one's pseudonym only.
+                        item = await pseudonyms.scrub(orjson.loads(record[0]), seen)
+                        yield (b"," if count > 1 else b"") + orjson.dumps(item)
                     yield b"]"
             tail = {"truncated": truncated, "rows_max": rows_max}
             yield b"," + orjson.dumps(tail)[1:]
@@ -465,6 +532,10 @@ def accounts_routes(
         if await user_state(user) is None:
             raise NotFound("you have no account here yet")
         alias = pseudonym(settings.jwt_secret, user)
+        # 0. Every open escrow she is party to is settled by its own
+        #    workflow, so nothing comes back to her after the forfeiture; or
+        #    CONFLICT (nothing moved) while one closes only by itself.
+        closed = await closing.close(user, drain)
         # 1. The balance goes to sys:forfeited through the ledger (the user's
         #    account then holds 0). A failure stops here: nothing was deleted.
         first = await forfeit(user, alias, 1)
@@ -472,7 +543,8 @@ def accounts_routes(
         #    transaction; then the user is shut out everywhere (a permanent
         #    platform ban closes every session on every node and refuses
         #    every token).
-        await remove_personal_data(user, alias, int(first["clawed"]))
+        hot: list[str] = []  # Redis keys caching what is deleted
+        await remove_personal_data(user, alias, int(first["clawed"]), hot)
         try:
             await node.moderation.platform_ban(identity, user, None, "account deleted")
         except ServiceError:
@@ -488,19 +560,15 @@ def accounts_routes(
                 )
             except _DB_ERRORS:
                 log.warning("forfeited total of deleted %s not updated", alias)
-        return JSONResponse({"deleted": True, "pseudonym": alias, "forfeited": forfeited})
-
-    async def forfeit(user: str, alias: str, step: int) -> dict[str, Any]:
-        return await node.economy.clawback(
-            user,
-            FORFEIT_AMOUNT,
-            kind="forfeit",
-            initiator=f"u:{user}",
-            key=f"account-deleted:{step}",
-            meta={"reason": "account deleted", "pseudonym": alias},
+        await forget_hot_state(user, hot)
+        return JSONResponse(
+            {"deleted": True, "pseudonym": alias, "forfeited": forfeited, "closed": closed}
         )
 
-    async def remove_personal_data(user: str, alias: str, forfeited: int) -> None:
+    async def forfeit(user: str, alias: str, step: int) -> dict[str, Any]:
+        return await closing.forfeit(user, alias, f"account-deleted:{step}")
+
+    async def remove_personal_data(user: str, alias: str, forfeited: int, hot: list[str]) -> None:
         try:
             async with node.pool.acquire() as conn, conn.transaction():
                 await conn.execute(
@@ -528,12 +596,96 @@ def accounts_routes(
                                SELECT 1 FROM jsonb_each_text(to_jsonb(f)) e WHERE e.value = $1)""",
                         user,
                     )
+                media = await remove_model_data(conn, user, hot)
         except _DB_ERRORS as exc:
             raise Unavailable("the account could not be deleted now; try again") from exc
+        # The files after the rows: a file left by a failure here is never
+        # served (no row names it), and the next deletion attempt finds no row.
+        for media_id in media:
+            try:
+                await node.media.store.delete(content_name(media_id))
+                await node.media.store.delete(preview_name(media_id))
+            except OSError:
+                log.warning("media %s of deleted %s not removed from storage", media_id, alias)
+
+    async def remove_model_data(conn: Any, user: str, hot: list[str]) -> list[str]:
+        """Her room (its settings, moderators, restrictions, shows and goals,
+        all closed and settled by now: closing.close), menu, prices, media,
+        profile, live notifications, payout method and verification. The
+        ids of her media, whose files go next; ``hot`` gets the Redis keys
+        caching what went."""
+        owned = await conn.fetch("SELECT id FROM media WHERE owner_id = $1", user)
+        media = [row["id"] for row in owned]
+        held = await conn.fetch("SELECT id FROM shows WHERE room = $1", user)
+        shows = [row["id"] for row in held]
+        hot.extend([*map(node.keys.media, media), *map(node.keys.show, shows)])
+        for sql in (
+            "DELETE FROM media WHERE owner_id = $1",
+            """DELETE FROM menu_items WHERE model_id = $1""",
+            "DELETE FROM menus WHERE model_id = $1",
+            "DELETE FROM prices WHERE model_id = $1",
+            "DELETE FROM private_prices WHERE model_id = $1",
+            "DELETE FROM room_moderators WHERE room = $1 OR user_id = $1",
+            "DELETE FROM room_restrictions WHERE room = $1 OR user_id = $1",
+            "DELETE FROM room_settings WHERE room = $1",
+            "DELETE FROM goals WHERE room = $1",
+            "DELETE FROM shows WHERE room = $1",
+            "DELETE FROM rooms WHERE id = $1",
+            "DELETE FROM profiles WHERE user_id = $1",
+            "DELETE FROM notifications WHERE model = $1 OR user_id = $1",
+            "DELETE FROM live_jobs WHERE model = $1",
+            "DELETE FROM payout_methods WHERE user_id = $1",
+            "DELETE FROM model_verifications WHERE user_id = $1",
+            "DELETE FROM spend_limits WHERE user_id = $1",
+            "UPDATE requests SET delivery_text = NULL, media = NULL WHERE model = $1",
+            # A payout's row stays (the books name it), its bank details go.
+            """UPDATE payouts SET method = '{"type": "erased"}'::jsonb WHERE model = $1""",
+        ):
+            await conn.execute(sql, user)
+        # A request's row stays (the books name it), the texts she wrote go:
+        # her ask as a fan (above: her delivery as a model).
+        await conn.execute("UPDATE requests SET text = $2 WHERE fan = $1", user, ERASED_TEXT)
+        return media
+
+    async def forget_hot_state(user: str, hot: list[str]) -> None:
+        """Redis copies of what was deleted (best effort: each is rebuilt from
+        Postgres on a miss, where the rows are gone)."""
+        keys = node.keys
+        # This process's copy of her room; other processes' expire with
+        # their ROOM_INFO_TTL_S (a tip there meanwhile is a late credit).
+        node.directory.forget_room(user)
+        try:
+            await node.redis.delete(
+                keys.room_info(user),
+                keys.menu(user),
+                keys.prices(user),
+                keys.goal(user),
+                keys.room_show(user),
+                *hot,
+            )
+        except (RedisError, OSError):
+            log.warning("hot state of a deleted account left to expire")
 
     return [
         Route("/v1/payments/webhook", webhook, methods=["POST"]),
         Route("/v1/admin/flags", admin_flags),
+        Route("/v1/admin/flags/{flag}/resolve", resolve_flag, methods=["POST"]),
         Route("/v1/me/export", export),
         Route("/v1/me", delete_me, methods=["DELETE"]),
     ]
+
+
+def _flag_wire(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        # A deleted account is named by its pseudonym only.
+        "user": row["pseudonym"] or row["user_id"],
+        "reason": row["reason"],
+        "payment_ref": row["payment_ref"],
+        "shortfall": row["shortfall"],
+        "ts": row["ts"],
+        "state": row["state"],
+        "resolution": row["resolution"],
+        "resolved_by": row["resolved_by"],
+        "resolved_ts": row["resolved_ts"],
+    }

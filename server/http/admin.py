@@ -189,7 +189,7 @@ def admin_routes(node: Node, identity_of: IdentityOf) -> list[BaseRoute]:
         identity_of(request, "admin")
         user_id = user_in_path(request)
         kind = request.query_params.get("kind") or None
-        if kind is not None and kind not in {*BY_KIND, "payout", "purchase", "credit"}:
+        if kind is not None and kind not in BY_KIND:
             raise BadRequest(f"query parameter 'kind' must be one of {sorted(BY_KIND)}")
         before = parse_cursor(request.query_params.get("before"))
         limit = query_int(

@@ -70,6 +70,7 @@ from ..errors import (
 from ..gateway.gateway import WS_PATH
 from ..gateway.health import HEALTHY, HEALTHZ_PATH, READYZ_PATH, readiness
 from ..gateway.node import Node
+from ..ledger.pseudonyms import Pseudonyms, pseudonymised
 from ..ledger.writer import parked_entries, reconcile
 from ..ratelimit import KeyedLimiter
 from .forwarded import FORWARDED_HOST_SCOPE_KEY, FORWARDED_SCOPE_KEY, ForwardedHeaders
@@ -104,6 +105,9 @@ def _demo_page_dir() -> Path:
 
 
 STATIC_DIR = _demo_page_dir()
+# The JavaScript client package (client_demo/js), served at /js/ for the page
+# (static/app.js imports /js/tokenchat.js) and for other pages of this origin.
+CLIENT_JS_DIR = STATIC_DIR.parent / "js"
 # The page loads only its own files and talks to the gateway (another port).
 PAGE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -651,11 +655,12 @@ def create_app(node: Node) -> Starlette:
         *payout_routes(node, identity_of, limit_creates),
         *standing_routes(node),
         *admin_routes(node, identity_of),
-        *discovery_routes(node, identity_of),
+        *discovery_routes(node, identity_of, limit_creates),
         *accounts_routes(node, identity_of, limit_creates, credit_purchase, drain),
         *apidocs_routes(),
         Route("/", index),
         Mount("/static", _StaticFiles(directory=STATIC_DIR), name="static"),
+        Mount("/js", _StaticFiles(directory=CLIENT_JS_DIR), name="client_js"),
         Route("/v1/config", client_config),
         Route("/v1/users/{user_id}/prices", user_prices),
         Route("/v1/users/{user_id}/menu", user_menu),
@@ -664,7 +669,7 @@ def create_app(node: Node) -> Starlette:
         routes.append(Route("/v1/dev/token", dev_token, methods=["POST"]))
     if not node.settings.metrics_port:  # else served on the internal port only
         routes.append(Route("/metrics", metrics_endpoint))
-    return Starlette(
+    app = Starlette(
         middleware=[Middleware(ForwardedHeaders, networks=node.settings.trusted_proxy_networks())],
         routes=[
             *routes,
@@ -700,6 +705,10 @@ def create_app(node: Node) -> Starlette:
         ],
         exception_handlers={ServiceError: service_error, 404: not_found},
     )
+    # Views naming other users show a deleted user by her pseudonym only
+    # (server/ledger/pseudonyms.py).
+    app.router.routes[:] = pseudonymised(Pseudonyms(node.pool), app.router.routes)
+    return app
 
 
 def public_ws_url(request: Request, settings: Settings) -> str:

@@ -26,6 +26,7 @@ from ..discovery import (
     ROOMS_PAGE_MAX,
     SORTS,
     TAG_RE,
+    RoomCursor,
     check_profile,
     page_cursor,
 )
@@ -35,7 +36,11 @@ if TYPE_CHECKING:
     from ..gateway.node import Node
 
 
-def discovery_routes(node: Node, identity_of: Callable[..., Identity]) -> list[BaseRoute]:
+def discovery_routes(
+    node: Node,
+    identity_of: Callable[..., Identity],
+    limit_creates: Callable[[Identity], None],
+) -> list[BaseRoute]:
     from .api import json_body, query_int
 
     discovery = node.discovery
@@ -58,7 +63,8 @@ def discovery_routes(node: Node, identity_of: Callable[..., Identity]) -> list[B
         q = params.get("q") or None
         if q is not None and len(q) > QUERY_LEN_MAX:
             raise BadRequest(f"query parameter 'q' must be at most {QUERY_LEN_MAX} characters")
-        cursor = page_cursor(params.get("cursor"))
+        raw_cursor = params.get("cursor") or None
+        cursor = None if raw_cursor is None else RoomCursor.parse(raw_cursor, sort)
         limit = query_int(request, "limit", ROOMS_PAGE_DEFAULT, 1, ROOMS_PAGE_MAX)
         return JSONResponse(await discovery.rooms(node.rooms.viewers, sort, tag, q, cursor, limit))
 
@@ -82,6 +88,9 @@ def discovery_routes(node: Node, identity_of: Callable[..., Identity]) -> list[B
         identity = identity_of(request)
         model_id = model_path(request, "model")
         if request.method == "PUT":
+            # A follow creates a row and fans a model's live events out to one
+            # more user: rate-limited like every create (429 past it).
+            limit_creates(identity)
             await node.directory.touch_user(identity)
             await discovery.follow(identity.user_id, model_id)
         else:

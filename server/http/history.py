@@ -48,8 +48,8 @@ def history_routes(
     async def transactions(request: Request) -> Response:
         identity = identity_of(request)
         kind = request.query_params.get("kind") or None
-        # The ledger's kinds, as the registry declares them (payouts too).
-        if kind is not None and kind not in {*BY_KIND, "payout", "purchase", "credit"}:
+        # The ledger's kinds, as the registry names their owners (actions.BY_KIND).
+        if kind is not None and kind not in BY_KIND:
             raise BadRequest(f"query parameter 'kind' must be one of {sorted(BY_KIND)}")
         before = parse_cursor(request.query_params.get("before"))
         limit = page_limit(request)

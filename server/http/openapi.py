@@ -41,6 +41,7 @@ from tokenchat.protocol.schema import (
     TOKENS,
     USER_ID,
     Schema,
+    const,
     nullable,
     obj,
     ref,
@@ -661,6 +662,15 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         tag="admin",
     ),
     Operation(
+        "POST",
+        "/v1/admin/flags/{flag}/resolve",
+        "admin",
+        "Resolve a chargeback flag (once; `already` on a repeat)",
+        obj({"state": const("resolved")}, {"already": BOOLEAN, "resolution": ANY}),
+        body=obj({}, {"resolution": ANY}),
+        tag="admin",
+    ),
+    Operation(
         "GET",
         "/v1/admin/reports",
         "admin",
@@ -713,15 +723,18 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
 )
 
 # Error statuses (docs/protocol.md, "HTTP API"): every operation may answer
-# these; the body is always ERROR.
-_ERROR_STATUSES: Final = {
+# these; the body is always ERROR. A test checks that every status of
+# server/errors.py is here.
+ERROR_STATUSES: Final = {
     "400": "BAD_REQUEST: a field missing or invalid, or a body that is not a JSON object",
     "401": "UNAUTHENTICATED: no Bearer token, or a bad or expired one",
     "403": "FORBIDDEN, BANNED or SELF_EXCLUDED",
     "404": "NOT_FOUND",
     "409": "CONFLICT, INSUFFICIENT_FUNDS, PRICE_CHANGED, NOT_IN_ROOM or SPEND_LIMIT",
+    "410": "CURSOR_EXPIRED: a GET /v1/rooms cursor whose ranking is no longer kept",
     "429": "RATE_LIMITED or LIMIT_EXCEEDED",
     "503": "UNAVAILABLE: a backend is down; nothing was done",
+    "500": "INTERNAL: a bug; the message has no details",
 }
 ERROR: Final = obj(
     {
@@ -751,7 +764,7 @@ def _operation(op: Operation) -> Schema:
             },
             **{
                 status: {"description": text, "$ref": "#/components/responses/Error"}
-                for status, text in _ERROR_STATUSES.items()
+                for status, text in ERROR_STATUSES.items()
             },
             **{
                 str(status): {"description": why, "content": {op.media_type: {"schema": schema}}}

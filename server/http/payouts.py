@@ -132,8 +132,14 @@ def payout_routes(
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > 0:  # the reason is optional, and so is a body
             reason = (await json_body(request)).get("reason")
-        if reason is not None and (not isinstance(reason, str) or len(reason) > REASON_LEN_MAX):
-            raise BadRequest(f"field 'reason' must be text of at most {REASON_LEN_MAX} characters")
+        # Kept in Postgres, which refuses NUL in text: refused here instead.
+        if reason is not None and (
+            not isinstance(reason, str) or len(reason) > REASON_LEN_MAX or "\x00" in reason
+        ):
+            raise BadRequest(
+                f"field 'reason' must be text of at most {REASON_LEN_MAX} characters, "
+                "without NUL (U+0000)"
+            )
         return JSONResponse(
             await payouts.reject(identity.user_id, request.path_params["id"], reason)
         )

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Http, Running, token
+from tests.conftest import Http, Running, eventually, token
 from tokenchat.client_demo.cli import format_event
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,6 +82,38 @@ class Chat:
         if self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
+
+
+async def test_dm_sends_the_price_it_showed_and_a_raise_is_refused(server: Running) -> None:
+    """/dm pays at most the price the client last showed (max_price on the
+    wire): a price raised since is PRICE_CHANGED, nothing charged, and the
+    next /dm shows the new price before paying it."""
+    http = Http(server)
+    model = await server.client("alice", "model")
+    status, _ = await http.call("PUT", "/v1/me/prices", "alice", "model", dm=3)
+    assert status == 200
+    await http.credit("bob", 100)
+    chat = await Chat.signed_in(server, "bob")
+    try:
+        await chat.expect("* connected as bob (fan); balance 100")
+        await chat.send("/dm alice first")
+        await chat.expect(
+            "* a DM to alice costs 3 tokens", "* DM sent to alice (3 tokens); balance 97"
+        )
+        status, _ = await http.call("PUT", "/v1/me/prices", "alice", "model", dm=5)
+        assert status == 200
+        await chat.send("/dm alice second")
+        await chat.expect("error PRICE_CHANGED:")
+        await chat.send("/balance")
+        await chat.expect("balance: 97")
+        await chat.send("/dm alice third")
+        await chat.expect(
+            "* a DM to alice costs 5 tokens", "* DM sent to alice (5 tokens); balance 92"
+        )
+        assert [(await model.next_event("dm"))["text"] for _ in range(2)] == ["first", "third"]
+    finally:
+        await chat.kill()
+        await model.close()
 
 
 async def test_join_say_tip_dm_balance_and_reconnect(server: Running) -> None:
@@ -495,6 +527,49 @@ async def test_discovery_follows_and_live_from_the_terminal(start_server: Any) -
         assert await fan.exit_code() == 0
         await back.close()
     finally:
+        await fan.kill()
+
+
+async def test_rooms_more_continues_the_same_ranking(start_server: Any) -> None:
+    """/rooms shows a page (cli.ROOMS_PAGE rooms) and says there is more;
+    /rooms more continues that ranking although a room jumped to the top
+    meanwhile: no room twice, none skipped."""
+    from tokenchat.client_demo.cli import ROOMS_PAGE
+
+    server = await start_server(discovery_refresh_s=0.05)
+    http = Http(server)
+    names = [f"m{n:02d}" for n in range(ROOMS_PAGE + 2)]
+    for name in names:
+        assert (await http.call("GET", "/v1/me", name, "model"))[0] == 200
+    fan = await Chat.start(
+        "--url", server.ws_url, "--token", token("bob"), "--http", server.http_url
+    )
+    watcher = await server.client("eve")
+    try:
+        await fan.expect("* connected as bob (fan)")
+        await fan.send("/rooms more")
+        await fan.expect("no more rooms")
+        await fan.send("/rooms")
+        (first,) = await fan.expect("rooms:")
+        assert first.endswith("(more: /rooms more)"), first
+        assert first.startswith(f"rooms: {names[0]} (0 viewers), ") and names[-1] not in first
+        # The last room gains a viewer: a fresh listing puts it first.
+        await watcher.call("join", room=names[-1])
+
+        async def moved() -> bool:
+            status, page = await http.call("GET", "/v1/rooms?limit=1")
+            return status == 200 and page["rooms"][0]["id"] == names[-1]
+
+        await eventually(moved)
+        await fan.send("/rooms more")
+        (second,) = await fan.expect("rooms:")
+        assert second == f"rooms: {names[-2]} (0 viewers), {names[-1]} (1 viewer)", second
+        await fan.send("/rooms more")
+        await fan.expect("no more rooms")
+        await fan.send("/quit")
+        assert await fan.exit_code() == 0
+    finally:
+        await watcher.close()
         await fan.kill()
 
 

@@ -45,3 +45,31 @@ async def test_export_and_delete_account_in_the_terminal(server: Running, tmp_pa
     status, reply = await http.call("GET", "/v1/me", "bob")
     assert status == 403 and reply["error"]["code"] == "BANNED"
     assert (await http.reconcile())["ok"] is True
+
+
+async def test_deleteaccount_lists_open_escrows_then_closes_the_others(server: Running) -> None:
+    http = Http(server)
+    model = await server.client("alice", "model")
+    fan = await server.client("bob")
+    await http.credit("bob", 50)
+    accepted = await fan.call("request_offer", model="alice", text="a", amount=10, key="o1")
+    await model.call("request_accept", request=accepted["request"])
+    chat = await Chat.start(
+        "--url", server.ws_url, "--token", token("bob"), "--http", server.http_url
+    )
+    try:
+        await chat.expect("balance")
+        await chat.send("/deleteaccount bob")
+        await chat.expect("escrows that close by themselves")
+        await chat.expect(f"request {accepted['request']}, closes by ")
+        # The model declines it (bob is refunded); a new offer is cancelled
+        # by the deletion itself, and forfeited with the rest.
+        await model.call("request_decline", request=accepted["request"])
+        await fan.call("request_offer", model="alice", text="b", amount=5, key="o2")
+        await chat.send("/deleteaccount bob")
+        await chat.expect("closed first: 1 requests")
+        assert "account deleted: 50 tokens forfeited" in chat.lines[-1]
+    finally:
+        await chat.kill()
+    assert (await http.reconcile())["ok"] is True
+    await model.close()

@@ -72,7 +72,7 @@ async def test_page_and_static_files_are_served(start_server: StartServer) -> No
         assert "default-src 'self'" in page.headers["content-security-policy"]
         for path, kind in [
             ("/static/app.js", "javascript"),
-            ("/static/connection.js", "javascript"),
+            ("/js/tokenchat.js", "javascript"),
             ("/static/effects.js", "javascript"),
             ("/static/style.css", "text/css"),
         ]:
@@ -665,8 +665,10 @@ async def test_a_private_show_runs_and_ends_on_both_pages(
     await expect(model.locator("#private-charged")).to_have_text(str(seconds))
     await expect(fan.locator("#balance")).to_have_text(f"{1000 - seconds:,}")
     await expect(model.locator("#balance")).to_have_text(str(seconds))
-    # The private room closes: the fan is back to no room, the model to hers.
-    await expect(fan.locator("#room-empty")).to_be_visible()
+    # The private room closes: the fan is back on the discovery grid, the
+    # model in her room.
+    await expect(fan.locator("#room-open")).to_be_hidden()
+    await expect(fan.locator("#rooms")).to_be_visible()
     await expect(model.locator("#room-title")).to_have_text("Your room")
 
     async def drained() -> bool:

@@ -122,3 +122,48 @@ async def test_admin_watches_refunds_resolves_and_bans(
     await context.close()
     await fan.close()
     await model.close()
+
+
+async def test_admin_resolves_a_chargeback_flag(
+    start_server: web.StartServer, browser: Browser
+) -> None:
+    """Issue #13: a chargeback flags the fan's account; the admin sees the
+    flag with its shortfall, resolves it with a note, and the flag leaves the
+    open list while the audit log names her resolution."""
+    from playwright.async_api import expect
+
+    from tests.server.test_accounts import SECRET, confirmed, reversed_, webhook
+
+    running = await web.start_dev(
+        start_server, payment_provider="fake", payment_webhook_secret=SECRET
+    )
+    http = Http(running)
+    await http.call("GET", "/v1/me", "bob")
+    assert (await webhook(running, confirmed("pi_web")))[0] == 200
+    status, charged = await webhook(running, reversed_("pi_web"))
+    assert status == 200, charged
+    status, flags = await http.call("GET", "/v1/admin/flags", "ops", "admin")
+    flag_id = flags["flags"][0]["id"]
+    errors = web.PageErrors()
+
+    context = await browser.new_context(viewport=web.DESKTOP, locale="en-US")  # type: ignore[arg-type]
+    page = await context.new_page()
+    errors.watch("admin", page)
+    await sign_in_admin(page, running.http_url, token("root", "admin"))
+    item = page.locator(f'#flags li[data-flag="{flag_id}"]')
+    await expect(item).to_contain_text("bob: chargeback of pi_web")
+    await expect(item).to_contain_text(f"shortfall {charged['shortfall']} tokens")
+    await item.get_by_label(f"Resolution of flag {flag_id}").fill("card blocked, fan warned")
+    await item.get_by_role("button", name="Resolve flag").click()
+    await expect(page.locator(".toast.success").last).to_contain_text(f"Flag #{flag_id} resolved")
+    await expect(page.locator("#flags")).to_have_text("No open flags.")
+    audit_row = page.locator("#audit tr", has_text="flag_resolve")
+    await expect(audit_row).to_contain_text("root")
+    await expect(audit_row).to_contain_text("card blocked, fan warned")
+    await web.shoot(page, "admin-flag-resolved-desktop", full_page=True)
+    status, done = await http.call("GET", "/v1/admin/flags?state=resolved", "ops", "admin")
+    assert [(f["id"], f["resolution"], f["resolved_by"]) for f in done["flags"]] == [
+        (flag_id, "card blocked, fan warned", "root")
+    ]
+    assert errors.seen == []
+    await context.close()

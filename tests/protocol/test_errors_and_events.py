@@ -14,7 +14,7 @@ from tokenchat.protocol import (
 
 
 def test_error_codes_are_their_names() -> None:
-    assert len(ErrorCode) == 18
+    assert len(ErrorCode) == 19
     assert ErrorCode.SLOW_MODE == "SLOW_MODE"
     # A spending limit is SPEND_LIMIT, never LIMIT_EXCEEDED (a count limit).
     assert {"SPEND_LIMIT", "SELF_EXCLUDED", "LIMIT_EXCEEDED"} <= {c.name for c in ErrorCode}

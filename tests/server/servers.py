@@ -1,4 +1,4 @@
-"""Backends of a test's own, for fault tests: a redis-server and a PostgreSQL
+"""Backends of a test's own, for fault tests: a valkey-server and a PostgreSQL
 that the test may kill, stop and restart, never the shared ones on 6379 and
 5432 that every other test is using.
 
@@ -30,7 +30,7 @@ from tokenchat.server.devstack.embedded import EmbeddedPostgres, EmbeddedRedis
 
 
 class RedisServer:
-    """A private redis-server on a fixed port in its own folder."""
+    """A private valkey-server on a fixed port in its own folder."""
 
     def __init__(self, data_dir: Path, *, appendonly: bool = True) -> None:
         self.port = free_port()
@@ -42,8 +42,9 @@ class RedisServer:
         return self._server.pid
 
     @property
-    def aof_path(self) -> Path:
-        return self._server.redis_dir / "appendonly.aof"
+    def aof_dir(self) -> Path:
+        """Valkey's multi-part append-only file: base, increments, manifest."""
+        return self._server.redis_dir / "appendonlydir"
 
     async def start(self) -> str:
         url = await asyncio.to_thread(self._server.start)

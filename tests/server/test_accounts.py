@@ -6,6 +6,7 @@ the books reconcile after each."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,8 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import Http, Running, eventually, pg, token
+from tests.proxy import Proxy
+from tokenchat.client_demo import client as sdk
 from tokenchat.server.http.payments import sign_webhook
 
 Start = Callable[..., Awaitable[Running]]
@@ -138,6 +141,9 @@ async def test_bad_signatures_stale_timestamps_and_hostile_events_apply_nothing(
         (orjson.dumps(event).replace(b'"amount_cents":999', b'"amount_cents":1' + b"0" * 40), 400),
         ({**event, "data": {**event["data"], "bundle": "nope"}}, 404),
         ({**event, "data": {**event["data"], "user": "nobody"}}, 404),
+        # Not a user id: Postgres cannot store NUL, and spaces split postings.
+        ({**event, "data": {**event["data"], "user": "b\x00b"}}, 400),
+        ({**event, "data": {**event["data"], "user": "bob bob"}}, 400),
         (reversed_("pi_never_bought"), 404),
     ]
     for body_or_event, expected in hostile:
@@ -275,6 +281,134 @@ async def test_a_chargeback_of_an_unspent_purchase_with_nothing_left_moves_nothi
     assert rows[0]["n"] == 0  # nothing moved: no transaction
     assert await balance_of(http, "bob") == 0
     assert (await http.reconcile())["ok"] is True
+
+
+async def test_an_admin_resolves_a_flag_once_and_the_audit_log_says_who(
+    start_server: Start,
+) -> None:
+    server = await paid_server(start_server)
+    http = Http(server)
+    await http.call("GET", "/v1/me", "bob")
+    for ref in ("pi_f1", "pi_f2"):
+        assert (await webhook(server, confirmed(ref)))[0] == 200
+        assert (await webhook(server, reversed_(ref)))[0] == 200
+    status, flags = await http.call("GET", "/v1/admin/flags?state=open", "ops", "admin")
+    assert status == 200
+    assert [(f["payment_ref"], f["state"], f["resolved_by"]) for f in flags["flags"]] == [
+        ("pi_f2", "open", None),
+        ("pi_f1", "open", None),
+    ]
+    first = flags["flags"][1]["id"]
+
+    # Refusals change nothing: a fan, a note too long or not text, no such flag.
+    path = f"/v1/admin/flags/{first}/resolve"
+    assert (await http.call("POST", path, "bob", resolution="mine"))[0] == 403
+    status, bad = await http.call("POST", path, "ops", "admin", resolution="x" * 1001)
+    assert status == 400 and bad["error"]["code"] == "BAD_REQUEST"
+    assert (await http.call("POST", path, "ops", "admin", resolution=7))[0] == 400
+    assert (await http.call("POST", "/v1/admin/flags/999999/resolve", "ops", "admin"))[0] == 404
+    assert (await http.call("POST", "/v1/admin/flags/x1/resolve", "ops", "admin"))[0] == 404
+    status, still = await http.call("GET", "/v1/admin/flags?state=open", "ops", "admin")
+    assert len(still["flags"]) == 2
+
+    status, resolved = await http.call("POST", path, "ops", "admin", resolution="card replaced")
+    assert status == 200, resolved
+    assert (resolved["id"], resolved["state"], resolved["resolution"]) == (
+        first,
+        "resolved",
+        "card replaced",
+    )
+    assert resolved["resolved_by"] == "ops" and resolved["resolved_ts"] >= resolved["ts"]
+    assert "already" not in resolved
+    # Again (a retried click, another admin): nothing changes, one audit row.
+    status, again = await http.call("POST", path, "root", "admin", resolution="other words")
+    assert status == 200 and again["already"] is True
+    assert (again["resolution"], again["resolved_by"]) == ("card replaced", "ops")
+    status, audit = await http.call("GET", "/v1/admin/audit", "ops", "admin")
+    rows = [e for e in audit["entries"] if e["action"] == "flag_resolve"]
+    assert [(e["actor"], e["target"], e["detail"]) for e in rows] == [
+        (
+            "ops",
+            "bob",
+            {
+                "flag": first,
+                "reason": "chargeback",
+                "payment_ref": "pi_f1",
+                "shortfall": 0,
+                "resolution": "card replaced",
+            },
+        )
+    ]
+
+    # The listing by state, and the default (all).
+    status, open_ = await http.call("GET", "/v1/admin/flags?state=open", "ops", "admin")
+    assert [f["payment_ref"] for f in open_["flags"]] == ["pi_f2"]
+    status, done = await http.call("GET", "/v1/admin/flags?state=resolved", "ops", "admin")
+    assert [f["payment_ref"] for f in done["flags"]] == ["pi_f1"]
+    status, every = await http.call("GET", "/v1/admin/flags", "ops", "admin")
+    assert [f["state"] for f in every["flags"]] == ["open", "resolved"]
+    assert (await http.call("GET", "/v1/admin/flags?state=closed", "ops", "admin"))[0] == 400
+    # Without a note, too, through the client library.
+    admin = token("ops", "admin")
+    plain = await sdk.resolve_flag(server.http_url, admin, open_["flags"][0]["id"])
+    assert plain["state"] == "resolved" and plain["resolution"] is None
+    listed = await sdk.account_flags(server.http_url, admin, state="open")
+    assert listed["flags"] == []
+
+
+async def test_admins_resolving_one_flag_at_once_close_it_once(start_server: Start) -> None:
+    server = await paid_server(start_server)
+    http = Http(server)
+    await http.call("GET", "/v1/me", "bob")
+    assert (await webhook(server, confirmed("pi_race")))[0] == 200
+    assert (await webhook(server, reversed_("pi_race")))[0] == 200
+    status, flags = await http.call("GET", "/v1/admin/flags", "ops", "admin")
+    assert status == 200, flags
+    path = f"/v1/admin/flags/{flags['flags'][0]['id']}/resolve"
+    replies = await asyncio.gather(
+        *(http.call("POST", path, f"admin{n}", "admin", resolution=f"by {n}") for n in range(5))
+    )
+    assert [status for status, _ in replies] == [200] * 5
+    first = [reply for _, reply in replies if "already" not in reply]
+    assert len(first) == 1
+    # Every answer names the one resolution that happened.
+    assert {(reply["resolved_by"], reply["resolution"]) for _, reply in replies} == {
+        (first[0]["resolved_by"], first[0]["resolution"])
+    }
+    rows = await pg(
+        server.process.settings, "SELECT count(*) AS n FROM audit_log WHERE action = 'flag_resolve'"
+    )
+    assert rows[0]["n"] == 1
+
+
+async def test_a_flag_resolve_with_postgres_away_changes_nothing(
+    start_server: Start, postgres_proxy: Proxy
+) -> None:
+    server = await paid_server(start_server, database_url=postgres_proxy.url)
+    http = Http(server)
+    await http.call("GET", "/v1/me", "bob")
+    assert (await webhook(server, confirmed("pi_pg")))[0] == 200
+    assert (await webhook(server, reversed_("pi_pg")))[0] == 200
+    status, flags = await http.call("GET", "/v1/admin/flags", "ops", "admin")
+    path = f"/v1/admin/flags/{flags['flags'][0]['id']}/resolve"
+    await postgres_proxy.cut()
+    try:
+        status, reply = await http.call("POST", path, "ops", "admin", resolution="first try")
+        assert status == 503 and reply["error"]["code"] == "UNAVAILABLE", reply
+    finally:
+        await postgres_proxy.restore()
+
+    async def resolved() -> bool:
+        status, _ = await http.call("POST", path, "ops", "admin", resolution="retried")
+        return status == 200
+
+    await eventually(resolved)
+    status, flag = await http.call("POST", path, "ops", "admin")
+    assert flag["already"] is True and flag["resolution"] == "retried"
+    rows = await pg(
+        server.process.settings, "SELECT count(*) AS n FROM audit_log WHERE action = 'flag_resolve'"
+    )
+    assert rows[0]["n"] == 1
 
 
 # --- export ------------------------------------------------------------------------------

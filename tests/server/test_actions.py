@@ -5,6 +5,7 @@ error) fails here, not in production."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import time
@@ -19,7 +20,7 @@ from tests.conftest import Http, Running, pg
 from tokenchat.protocol import Command
 from tokenchat.server.catalog.media import Upload
 from tokenchat.server.config import Settings
-from tokenchat.server.economy import scripts
+from tokenchat.server.economy import actions, scripts
 from tokenchat.server.economy.actions import (
     ACTIONS,
     BY_COMMAND,
@@ -27,7 +28,10 @@ from tokenchat.server.economy.actions import (
     COMMON_ARGS,
     COMMON_KEYS,
     COMMON_REFUSALS,
+    DM,
+    ESCROW_REFUND,
     REFUNDABLE_KINDS,
+    SPEND_KINDS,
     TIP,
     Action,
     Delivery,
@@ -43,8 +47,9 @@ from tokenchat.server.economy.scripts import (
 )
 from tokenchat.server.errors import BadRequest, Conflict, InsufficientFunds, Unavailable
 
-# Statuses the runner handles itself: success, a duplicate, a balance to load.
-RUNNER_STATUSES = {"OK", "DUP", "NOT_LOADED"}
+# Statuses the runner handles itself: success, a duplicate, a balance to
+# load, a tip's goal escrow to declare.
+RUNNER_STATUSES = {"OK", "DUP", "NOT_LOADED", "GOAL_ESCROW"}
 STATUS_RE = re.compile(r"\{\s*'([A-Z_]+)'")
 
 
@@ -63,6 +68,30 @@ def action(request: pytest.FixtureRequest) -> Action:
 
 
 # --- declarations against scripts ----------------------------------------------------
+
+
+# Prepended to a money script by `only_declared_keys`: every command a script
+# sends must name a key the call declared (TIME names none, PUBLISH a
+# channel), as Redis Cluster requires: it routes a script by its KEYS.
+CHECKED_CALL = """
+local checked_declared = {}
+for _, k in ipairs(KEYS) do checked_declared[k] = true end
+local function checked_call(command, ...)
+  local name = string.upper(command)
+  local key = select(1, ...)
+  if name ~= 'TIME' and name ~= 'PUBLISH' and not checked_declared[key] then
+    error('undeclared key ' .. tostring(key) .. ' in ' .. name)
+  end
+  return redis.call(command, ...)
+end
+"""
+
+
+def only_declared_keys(script: LuaScript) -> LuaScript:
+    """The script, failing (a Redis error) on any key its call did not declare."""
+    assert "redis.pcall" not in script.source
+    checked = script.source.replace("redis.call(", "checked_call(")
+    return LuaScript(script.name, CHECKED_CALL + checked, retry_safe=script.retry_safe)
 
 
 def test_money_lib_uses_exactly_the_common_names() -> None:
@@ -197,6 +226,37 @@ def test_refund_rules_follow_refundable() -> None:
     assert {"tip", "dm", "unlock"} == REFUNDABLE_KINDS
     for kind, action in BY_KIND.items():
         assert (kind in REFUNDABLE_KINDS) is action.refundable
+    assert {"tip", "dm", "unlock", "hold", "meter", "ticket"} == SPEND_KINDS
+
+
+def test_each_kind_has_one_named_owner_whose_rules_every_writer_shares() -> None:
+    # Shared kinds name their owner, not whichever action is declared first.
+    assert BY_KIND["tip"] is TIP and BY_KIND["escrow_refund"] is ESCROW_REFUND
+    assert {a.name for a in ACTIONS if "tip" in a.kinds} == {"tip", "tip_item"}
+    assert {a.name for a in ACTIONS if "escrow_refund" in a.kinds} == {
+        "escrow_refund",
+        "ticket_refund",
+        "goal_refund",
+    }
+    assert set(BY_KIND) == {kind for action in ACTIONS for kind in action.kinds}
+    for kind, owner in BY_KIND.items():
+        assert kind in owner.kinds
+        for action in ACTIONS:
+            if kind in action.kinds:
+                assert (action.refundable, action.limited) == (owner.refundable, owner.limited)
+    # The check refuses an unowned kind, an owner that does not write its
+    # kind, and a writer whose rules differ from its kind's owner's.
+    owners = dict(BY_KIND)
+    with pytest.raises(ValueError, match=r"without an owner \['tip'\]"):
+        actions._kind_owners({k: v for k, v in owners.items() if k != "tip"})
+    with pytest.raises(ValueError, match="dm owns tip but does not write it"):
+        actions._kind_owners({**owners, "tip": DM})
+    refundable_hold = dataclasses.replace(actions.HOLD, refundable=True)
+    monkeypatched = (*ACTIONS, refundable_hold)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(actions, "ACTIONS", monkeypatched)
+        with pytest.raises(ValueError, match="hold writes hold under other rules than hold"):
+            actions._kind_owners(owners)
 
 
 def test_each_paid_command_is_a_protocol_command_with_a_key() -> None:
@@ -222,6 +282,14 @@ async def test_every_kind_passes_the_ledgers_kind_check(settings: Settings) -> N
             with pytest.raises(asyncpg.CheckViolationError):
                 async with conn.transaction():
                     await conn.execute(insert, "t-bogus", "bogus", None)
+            # Nothing more: the CHECK names the registry's kinds and `spend`,
+            # a kind of old rows that no code writes.
+            check = await conn.fetchval(
+                """SELECT pg_get_constraintdef(oid) FROM pg_constraint
+                   WHERE conname = 'ledger_transactions_kind_check'
+                     AND conrelid = 'ledger_transactions'::regclass"""
+            )
+            assert set(re.findall(r"'(\w+)'", check)) == {*BY_KIND, "spend"}
             raise _Rollback
     except _Rollback:
         pass
@@ -248,6 +316,10 @@ async def test_each_action_round_trips_through_redis_and_postgres(
         return await real_call(self, script, keys, args)
 
     monkeypatch.setattr(ScriptBatcher, "call", recording)
+    # Every key each script touches is one its call declared (a key read out
+    # of a hash, like a goal's escrow, would fail here).
+    for action in ACTIONS:
+        monkeypatch.setitem(economy._scripts, action.name, only_declared_keys(action.script))
     http = Http(server)
     credit = await economy.credit("bob", 100, initiator="u:ops", key="c1")
     assert credit["balance"] == 100
@@ -313,6 +385,12 @@ async def test_each_action_round_trips_through_redis_and_postgres(
     goal = await server.node.goals.set("alice", "a goal", 1000, None, True)
     goal_tip = await economy.tip("bob", "alice", "alice", 4, "", "g1", 1)
     assert goal_tip["goal"]["progress"] == 4 and goal_tip["balance"] == ticket_back["balance"] - 4
+    goal_item_tip = await economy.tip_item("bob", "alice", "alice", item, "", "g2", max_price=3)
+    assert goal_item_tip["goal"]["progress"] == 7
+    # The goal's escrow is a declared key of both tips' calls.
+    escrow_key = server.node.keys.balance(f"esc:goal:{goal['id']}")
+    for name in ("tip", "tip_item"):
+        assert any(escrow_key in keys for called, keys in calls if called == name), name
     assert (await server.node.goals.delete("alice"))["settled"] is True
     [goal_back] = await pg(
         settings,
@@ -348,6 +426,7 @@ async def test_each_action_round_trips_through_redis_and_postgres(
         clawed["tx"]: "chargeback",
         forfeit["tx"]: "forfeit",
         goal_tip["tx"]: "tip",
+        goal_item_tip["tx"]: "tip",
         goal_back["id"]: "escrow_refund",
         ticket["tx"]: "ticket",
         ticket_back["tx"]: "escrow_refund",

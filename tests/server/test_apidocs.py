@@ -57,9 +57,10 @@ from tokenchat.client_demo.client import Session
 from tokenchat.protocol import COMMANDS, codec_for
 from tokenchat.protocol.commands import declared_fields
 from tokenchat.protocol.schema import RESULT_FIELDS, asyncapi_document
+from tokenchat.server.errors import ServiceError
 from tokenchat.server.http.api import create_app
 from tokenchat.server.http.apidocs import write_documents
-from tokenchat.server.http.openapi import OPERATIONS, openapi_document
+from tokenchat.server.http.openapi import ERROR_STATUSES, OPERATIONS, openapi_document
 from tokenchat.server.http.payments import sign_webhook
 
 __all__ = ["browser"]  # the Chromium fixture of the demo page's tests
@@ -336,6 +337,21 @@ class Raw:
         return response
 
 
+async def webhook(raw: Raw, event: dict[str, Any]) -> None:
+    """The payment provider's signed event."""
+    body = orjson.dumps(event)
+    hook = await raw.call(
+        "POST",
+        "/v1/payments/webhook",
+        content=body,
+        headers={
+            "Payment-Signature": sign_webhook(WEBHOOK_SECRET, body, int(time.time())),
+            "Content-Type": "application/json",
+        },
+    )
+    assert hook.status_code == 200, hook.text
+
+
 async def ok(
     http: Http, method: str, path: str, sub: str | None = None, role: str = "fan", **body: Any
 ) -> Any:
@@ -388,17 +404,20 @@ async def test_every_operation_answers_as_documented(start_server: Start) -> Non
             "amount_cents": bundles["bundles"][0]["price_cents"],
         },
     }
-    body = orjson.dumps(event)
-    hook = await raw.call(
-        "POST",
-        "/v1/payments/webhook",
-        content=body,
-        headers={
-            "Payment-Signature": sign_webhook(WEBHOOK_SECRET, body, int(time.time())),
-            "Content-Type": "application/json",
-        },
-    )
-    assert hook.status_code == 200, hook.text
+    await webhook(raw, event)
+    # She spends some, then the payment is charged back: a flag for the shortfall.
+    carol = await server.client("carol")
+    await carol.call("join", room="alice")
+    await carol.call("tip", room="alice", amount=5, key="carol-tip")
+    chargeback = {
+        "id": f"evt_{uuid.uuid4().hex}",
+        "type": "payment.charged_back",
+        "data": {"payment_ref": event["data"]["payment_ref"]},
+    }
+    await webhook(raw, chargeback)
+    flags = await ok(http, "GET", "/v1/admin/flags", "ops", "admin")
+    flag = flags["flags"][0]["id"]
+    await ok(http, "POST", f"/v1/admin/flags/{flag}/resolve", "ops", "admin", resolution="ok")
     # The room: chat settings, moderators, a goal, shows.
     await ok(http, "PUT", "/v1/me/room", "alice", "model", slow_s=0)
     await ok(http, "GET", "/v1/me/moderators", "alice", "model")
@@ -516,6 +535,16 @@ async def test_every_operation_answers_as_documented(start_server: Start) -> Non
     answered = {(m, p) for m, p, status in OPENAPI_USED if status < 300}
     missing = sorted({(op.method, op.path) for op in OPERATIONS} - answered)
     assert not missing, missing
+
+
+def test_every_error_status_the_server_uses_is_documented() -> None:
+    def statuses(cls: type[ServiceError]) -> set[int]:
+        found = {cls.http_status}
+        for sub in cls.__subclasses__():
+            found |= statuses(sub)
+        return found
+
+    assert {str(status) for status in statuses(ServiceError)} <= set(ERROR_STATUSES)
 
 
 def test_a_reply_the_document_does_not_allow_is_caught() -> None:

@@ -138,7 +138,7 @@ def _pid_files(data_dir: Path) -> list[Path]:
     return [*data_dir.rglob("redis.pid"), *data_dir.rglob("postmaster.pid")]
 
 
-SERVERS = {"redis-server": "redis.pid", "postgres": "postmaster.pid"}
+SERVERS = {"valkey-server": "redis.pid", "postgres": "postmaster.pid"}
 
 
 def _server_pids(data_dir: Path, *, strict: bool = True) -> dict[str, int]:

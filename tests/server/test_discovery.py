@@ -11,8 +11,10 @@ import asyncio
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from tests.conftest import Http, Running, eventually, pg
+from tests.proxy import Proxy
 from tokenchat.server.config import Settings
 
 
@@ -129,6 +131,9 @@ async def test_rooms_sort_filter_and_page(server: Running) -> None:
     assert await ids(server, "?tag=jazz&q=piano") == ["bea"]
     assert await ids(server, "?tag=nothing") == []
     assert (await ids(server, "?sort=new"))[0] == "cat"  # the newest room first
+    # Live: bea has a session in her own room; the others never joined theirs.
+    live = {r["id"]: r["live"] for r in (await listing(server))["rooms"]}
+    assert live == {"ann": False, "bea": True, "cat": False}
     first = await listing(server, "?sort=trending&limit=2")
     assert [r["id"] for r in first["rooms"]] == ["cat", "ann"]
     second = await listing(server, f"?sort=trending&limit=2&cursor={first['next_cursor']}")
@@ -144,7 +149,10 @@ async def test_rooms_sort_filter_and_page(server: Running) -> None:
         "?limit=x",
         "?cursor=-1",
         "?cursor=abc",
+        "?cursor=3",  # a position without its ranking (the old cursor)
         "?cursor=" + "9" * 30,
+        "?cursor=0123456789abcdef-trending.2",  # a trending cursor, a viewers listing
+        "?sort=new&cursor=0123456789abcdef-new.1234567890",
         "?tag=Bad%20Tag",
         "?q=" + "x" * 101,
     ],
@@ -152,6 +160,118 @@ async def test_rooms_sort_filter_and_page(server: Running) -> None:
 async def test_rooms_refuse_hostile_queries(server: Running, query: str) -> None:
     status, reply = await Http(server).call("GET", f"/v1/rooms{query}")
     assert status == 400 and reply["error"]["code"] == "BAD_REQUEST", (query, reply)
+
+
+async def test_room_pages_keep_one_ranking_across_nodes_while_ranks_change(
+    start_server: Any,
+) -> None:
+    """A listing paged while the ranks move: page 2, read from another node
+    after every fresh listing has the new order, continues page 1's order:
+    no room twice, none skipped, and the tag filter pages the same way."""
+    nodes = [await start_server(discovery_refresh_s=0.05) for _ in range(2)]
+    names = [f"m{n}" for n in range(6)]
+    for name in names:
+        await nodes[0].client(name, "model")
+        tags = ["even"] if int(name[1]) % 2 == 0 else ["odd"]
+        assert (await profile(nodes[0], name, tags=tags))[0] == 200
+    # No viewers yet: the viewers ranking is by id.
+    first = await listing(nodes[0], "?limit=3")
+    assert [r["id"] for r in first["rooms"]] == ["m0", "m1", "m2"]
+    tagged = await listing(nodes[0], "?limit=2&tag=even")
+    assert [r["id"] for r in tagged["rooms"]] == ["m0", "m2"]
+
+    # The ranks change: m4 and m5 gain viewers, and go to the top.
+    fans = [await nodes[1].client(f"fan{n}") for n in range(3)]
+    await fans[0].call("join", room="m4")
+    await fans[1].call("join", room="m4")
+    await fans[2].call("join", room="m5")
+
+    async def moved(node: Running) -> bool:
+        return (await ids(node, "?limit=3"))[:2] == ["m4", "m5"]
+
+    for node in nodes:
+        await eventually(lambda node=node: moved(node))
+    # A position in today's ranking would now give m1, m2, m3 (two seen twice,
+    # m4 and m5 never); the cursor continues page 1's ranking, on either node.
+    for node in nodes:
+        second = await listing(node, f"?limit=3&cursor={first['next_cursor']}")
+        assert [r["id"] for r in second["rooms"]] == ["m3", "m4", "m5"]
+        assert second["next_cursor"] is None
+        # Each room's figures are today's; only the order is page 1's.
+        assert [r["viewers"] for r in second["rooms"]] == [0, 2, 1]
+    seen = [r["id"] for r in first["rooms"]] + [r["id"] for r in second["rooms"]]
+    assert sorted(seen) == names and len(set(seen)) == len(seen)
+    rest = await listing(nodes[1], f"?limit=2&tag=even&cursor={tagged['next_cursor']}")
+    assert [r["id"] for r in rest["rooms"]] == ["m4"] and rest["next_cursor"] is None
+    # A fresh first page has the new order.
+    assert await ids(nodes[1], "?limit=2&tag=even") == ["m4", "m0"]
+    for fan in fans:
+        await fan.close()
+
+
+# The cursors' idle life in the expiry test: long enough that a loaded
+# machine's request (a few hundred ms) stays well inside it.
+IDLE_S = 2.0
+
+
+async def test_an_idle_cursor_expires_with_a_clear_code(start_server: Any, redis: Redis) -> None:
+    node = await start_server(discovery_refresh_s=0.05, discovery_cursor_idle_s=IDLE_S)
+    for name in ("a1", "a2", "a3"):
+        await node.client(name, "model")
+    first = await listing(node, "?limit=1")
+    # Read within the idle time: it works, and renews the cursor's ranking
+    # (the two pauses add up to more than one idle time).
+    await asyncio.sleep(IDLE_S * 0.6)
+    second = await listing(node, f"?limit=1&cursor={first['next_cursor']}")
+    await asyncio.sleep(IDLE_S * 0.6)
+    third = await listing(node, f"?limit=1&cursor={second['next_cursor']}")
+    assert [r["id"] for r in first["rooms"] + second["rooms"] + third["rooms"]] == [
+        "a1",
+        "a2",
+        "a3",
+    ]
+    # Left idle past discovery_cursor_idle_s: gone here and in Redis.
+    await asyncio.sleep(IDLE_S * 1.4)
+    status, reply = await Http(node).call("GET", f"/v1/rooms?limit=1&cursor={first['next_cursor']}")
+    assert status == 410 and reply["error"]["code"] == "CURSOR_EXPIRED", reply
+    prefix = node.process.settings.redis_prefix
+    assert [key async for key in redis.scan_iter(match=f"{prefix}rooms:pin:*")] == []
+    # A first page starts a new listing.
+    assert await ids(node, "?limit=3") == ["a1", "a2", "a3"]
+
+
+async def test_room_pages_with_redis_cut(start_server: Any, redis_proxy: Proxy) -> None:
+    """Redis away: a node still serves the later pages of a ranking it holds
+    in memory; a cursor it cannot read answers UNAVAILABLE (503), and works
+    once Redis is back."""
+    cut = await start_server(
+        redis_url=redis_proxy.url, redis_timeout_s=0.5, discovery_refresh_s=0.05
+    )
+    direct = await start_server(discovery_refresh_s=0.05)
+    for name in ("b1", "b2", "b3"):
+        await direct.client(name, "model")
+    mine = await listing(cut, "?limit=1")
+    theirs = await listing(direct, "?sort=new&limit=1")
+    await redis_proxy.cut()
+    try:
+        second = await listing(cut, f"?limit=1&cursor={mine['next_cursor']}")
+        assert [r["id"] for r in second["rooms"]] == ["b2"]
+        status, reply = await Http(cut).call(
+            "GET", f"/v1/rooms?sort=new&limit=1&cursor={theirs['next_cursor']}"
+        )
+        assert status == 503 and reply["error"]["code"] == "UNAVAILABLE", reply
+        # The other node reads the pin the cut node wrote before the cut.
+        assert await ids(direct, f"?limit=2&cursor={mine['next_cursor']}") == ["b2", "b3"]
+    finally:
+        await redis_proxy.restore()
+
+    async def readable() -> bool:
+        status, page = await Http(cut).call(
+            "GET", f"/v1/rooms?sort=new&limit=1&cursor={theirs['next_cursor']}"
+        )
+        return status == 200 and [r["id"] for r in page["rooms"]] == ["b2"]
+
+    await eventually(readable)
 
 
 async def test_follow_unfollow_and_list(server: Running) -> None:
@@ -174,6 +294,23 @@ async def test_follow_unfollow_and_list(server: Running) -> None:
     assert [f["model"] for f in page["follows"]] == ["m1", "m3"]
     status, got = await http.call("GET", "/v1/models/m1")
     assert got["followers"] == 1
+
+
+async def test_follows_are_rate_limited_per_user_like_every_create(start_server: Any) -> None:
+    server = await start_server(http_creates_burst=2, http_creates_per_s=0.01)
+    http = Http(server)
+    for name in ("m1", "m2", "m3"):
+        await server.client(name, "model")
+    for name in ("m1", "m2"):
+        status, reply = await http.call("PUT", f"/v1/me/follows/{name}", "bob")
+        assert status == 200, reply
+    status, reply = await http.call("PUT", "/v1/me/follows/m3", "bob")
+    assert status == 429 and reply["error"]["code"] == "RATE_LIMITED", reply
+    status, page = await http.call("GET", "/v1/me/follows", "bob")
+    assert [f["model"] for f in page["follows"]] == ["m1", "m2"], "the refused one made nothing"
+    # Unfollowing creates nothing; another user has a bucket of their own.
+    assert (await http.call("DELETE", "/v1/me/follows/m1", "bob"))[0] == 200
+    assert (await http.call("PUT", "/v1/me/follows/m3", "eve"))[0] == 200
 
 
 async def test_follow_refusals(server: Running) -> None:

@@ -410,6 +410,16 @@ def test_the_image_wheel_holds_the_package_data(tmp_path: Path) -> None:
     assert lua and all(f"tokenchat/server/economy/lua/{s}" in names for s in lua)
     assert "tokenchat/client_demo/static/index.html" in names
     assert any(n.endswith("entry_points.txt") for n in names)
+    # Packaging (issue #10): one top-level name, typed, licensed, POSIX only.
+    info = wheel.name.split("-py")[0] + ".dist-info"  # tokenchat-<version>.dist-info
+    assert {n.split("/")[0] for n in names} == {"tokenchat", info}
+    assert {"tokenchat/py.typed", "tokenchat/client_demo/py.typed"} <= names
+    assert f"{info}/licenses/LICENSE" in names
+    metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
+    lines = set(metadata.splitlines())
+    assert {"License-Expression: MIT", "Classifier: Operating System :: POSIX"} <= lines
+    assert not any(line.startswith("Classifier: Operating System :: Microsoft") for line in lines)
+    assert any(line.startswith("Requires-Dist: hiredis") for line in lines)
 
 
 # --- compose's services as local processes ---------------------------------------------

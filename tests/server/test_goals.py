@@ -234,6 +234,42 @@ async def test_deleting_an_active_goal_refunds_and_frees_the_room_for_a_new_one(
     assert (await Http(server).reconcile())["ok"] is True
 
 
+async def test_tips_declare_whichever_escrow_the_rooms_goal_names_now(
+    server: Running, settings: Settings
+) -> None:
+    # A tip declares the escrow it writes (a key of its call, for Redis
+    # Cluster); the process learns it from the script (GOAL_ESCROW), so a
+    # goal replaced since, or gone, must not send tokens to the old escrow.
+    model, bob, _carol = await members(server)
+    first = await set_goal(server, 100, all_or_nothing=True)
+    await bob.call("tip", room="alice", amount=4, key="a")  # learns the first escrow
+    status, _ = await Http(server).call("DELETE", "/v1/me/goal", "alice", "model")
+    assert status == 200
+    second = await set_goal(server, 100, all_or_nothing=True)
+    tipped = await bob.call("tip", room="alice", amount=6, key="b")  # still knows the first
+    assert tipped["goal"]["id"] == second["id"] and tipped["goal"]["progress"] == 6
+    again = await bob.call("tip", room="alice", amount=1, key="c")  # knows the second
+    assert again["goal"]["progress"] == 7
+    status, _ = await Http(server).call("DELETE", "/v1/me/goal", "alice", "model")
+    assert status == 200
+    plain = await bob.call("tip", room="alice", amount=2, key="d")  # no goal: to the model
+    assert "goal" not in plain and await balance(model) == 2
+    assert await balance(bob) == 98
+    await drain(server)
+    assert (await escrow_of(settings, first["id"]), await escrow_of(settings, second["id"])) == (
+        0,
+        0,
+    )
+    held = await pg(
+        settings,
+        """SELECT meta->>'goal' AS goal, sum(p.amount)::bigint AS tokens
+           FROM ledger_transactions t JOIN ledger_postings p ON p.tx_id = t.id
+           WHERE t.kind = 'tip' AND p.account_id LIKE 'esc:goal:%' GROUP BY 1 ORDER BY 2""",
+    )
+    assert [(r["goal"], r["tokens"]) for r in held] == [(first["id"], 4), (second["id"], 7)]
+    assert (await Http(server).reconcile())["ok"] is True
+
+
 # --- refusals and hostile input --------------------------------------------------------------
 
 
@@ -372,7 +408,7 @@ async def test_a_redis_older_than_the_ledger_rebuilds_the_goals_progress(
     # Redis goes back in time (see test_ledger_durability): its outbox behind
     # the ledger, its scripts forgotten, and the goal's progress it held then.
     await node.redis.hset(keys.goal("alice"), "progress", 0)  # type: ignore[misc]
-    await node.redis.execute_command("XSETID", keys.outbox(), "1-0")
+    await durability.rewind_outbox(node.redis, keys)
     await node.redis.script_flush()
     async with durability.writer_running(node):
         reply = await fan.call("tip", room="alice", amount=5, key="b")

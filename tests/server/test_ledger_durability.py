@@ -20,7 +20,7 @@ from tests.conftest import Http, Running, eventually, pg
 from tokenchat.client_demo.client import Client
 from tokenchat.server.gateway.node import Node
 from tokenchat.server.keys import Keys
-from tokenchat.server.ledger.writer import LedgerWriter
+from tokenchat.server.ledger.writer import GROUP, LedgerWriter
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,6 +58,20 @@ async def room_with_fan(running: Running, http: Http, fan: str, tokens: int) -> 
     client = await running.client(fan)
     await client.call("join", room="alice")
     return client
+
+
+async def rewind_outbox(redis: Redis, keys: Keys) -> None:
+    """Make the drained outbox stream the one a Redis restored from an older
+    append-only file holds: its last ID back at 1-0, the writers' group kept.
+
+    XSETID can't move a stream's last ID below the highest ID it ever
+    deleted (Redis 7+, Valkey), and the writer deletes what it committed: so
+    the stream is made anew.
+    """
+    assert await redis.xlen(keys.outbox()) == 0, "drain the outbox first"
+    await redis.delete(keys.outbox())
+    await redis.xgroup_create(keys.outbox(), GROUP, id="0", mkstream=True)
+    await redis.execute_command("XSETID", keys.outbox(), "1-0")
 
 
 async def ledger_ids(running: Running) -> set[str]:
@@ -190,7 +204,7 @@ async def test_a_redis_older_than_the_ledger_is_rebuilt_before_it_takes_a_spend(
     await redis.set(keys.balance("u:bob"), 100)
     await redis.set(keys.balance("u:alice"), 0)
     await redis.delete(keys.idempotency("u:bob", "spent"))
-    await redis.execute_command("XSETID", keys.outbox(), "1-0")
+    await rewind_outbox(redis, keys)
     await redis.script_flush()
     epoch = await redis.get(keys.epoch())
 

@@ -243,3 +243,54 @@ async def test_http_identifiers_are_printable_ascii(
     status, me = await http.call("GET", "/v1/me", "bob")
     assert me["balance"] == 10
     assert await pg(node.settings, "SELECT 1 FROM purchases") == []
+
+
+async def test_other_client_text_kept_in_postgres_refuses_nul(server: Running) -> None:
+    """Beyond the ledger: every text a client sends that Postgres keeps (a
+    profile, a payout method, a payout's rejection reason) is refused with
+    BAD_REQUEST when Postgres could not store it, not answered 503 by a
+    store that refused it."""
+    http = Http(server)
+    await server.client("alice", "model")
+    iban = "DE89370400440532013000"  # the standard example: valid check digits
+    refused = [
+        ("PUT", "/v1/me/profile", "alice", "model", {"display_name": "a\x00b"}, "display_name"),
+        ("PUT", "/v1/me/profile", "alice", "model", {"bio": "\x00"}, "bio"),
+        (
+            "PUT",
+            "/v1/me/payout-method",
+            "alice",
+            "model",
+            {"type": "bank", "holder": "A\x00", "iban": iban},
+            "holder",
+        ),
+        (
+            "PUT",
+            "/v1/me/payout-method",
+            "alice",
+            "model",
+            {"type": "paypal", "email": "a\x00b@example.com"},
+            "email",
+        ),
+        (
+            "POST",
+            "/v1/admin/payouts/po_000000000000000000000000/reject",
+            "ops",
+            "admin",
+            {"reason": "no\x00docs"},
+            "reason",
+        ),
+    ]
+    for method, path, sub, role, body, field in refused:
+        status, reply = await http.call(method, path, sub, role, **body)
+        assert status == 400 and reply["error"]["code"] == "BAD_REQUEST", (path, body, reply)
+        assert f"field '{field}'" in reply["error"]["message"], reply
+    # The same fields without the NUL are taken: only the NUL was refused.
+    status, reply = await http.call(
+        "PUT", "/v1/me/profile", "alice", "model", display_name="a b", bio="hi\tthere"
+    )
+    assert status == 200, reply
+    status, reply = await http.call(
+        "PUT", "/v1/me/payout-method", "alice", "model", type="bank", holder="A", iban=iban
+    )
+    assert status == 200, reply

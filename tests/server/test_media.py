@@ -552,6 +552,8 @@ async def test_a_dm_carries_the_media_descriptor_never_the_content(
 async def test_a_redis_older_than_the_ledger_forgets_no_unlock(
     start_server: Any, private_redis: str
 ) -> None:
+    from tests.server.test_ledger_durability import rewind_outbox
+
     running = await start_server(redis_url=private_redis)
     http = Http(running)
     keys = running.node.keys
@@ -566,7 +568,7 @@ async def test_a_redis_older_than_the_ledger_forgets_no_unlock(
     await redis.set(keys.balance("u:alice"), 0)
     await redis.hdel(keys.entitlements("bob"), media["id"])  # type: ignore[misc]
     await redis.delete(keys.idempotency("u:bob", "u1"))
-    await redis.execute_command("XSETID", keys.outbox(), "1-0")
+    await rewind_outbox(redis, keys)
     await redis.script_flush()
     # Rebuilt from Postgres before it takes the spend: owned, not sold twice.
     again = await fan.call("unlock", media=media["id"], key="u2")

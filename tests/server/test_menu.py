@@ -397,7 +397,7 @@ async def test_a_redis_older_than_the_ledger_forgets_its_menus_too(
     await redis.delete(keys.menu("alice"))
     epoch = await node.economy.epoch()
     assert await node.economy._write_menu("load", "alice", 1, [old], epoch) == "OK"
-    await redis.execute_command("XSETID", keys.outbox(), "1-0")
+    await durability.rewind_outbox(redis, keys)
     await redis.script_flush()
     async with durability.writer_running(node):
         gone = await fan.request("tip", room="alice", item=old["id"], key="i2")

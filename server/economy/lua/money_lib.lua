@@ -23,7 +23,8 @@
 --            {'NOT_LOADED', key} | {'INSUFFICIENT_FUNDS', balance} |
 --            {'PRICE_CHANGED', price} | {'BACKLOG'} |
 --            {'SPEND_LIMIT', '{"window","remaining","resets_at"}'} |
---            {'SELF_EXCLUDED', until_ms}, and each action's own.
+--            {'SELF_EXCLUDED', until_ms}, and each action's own; tips
+--            also {'GOAL_ESCROW', key} (goal_escrow_declared, below).
 -- Order in every script: idem_prior first; every check before the first
 -- write (Redis does not roll back a script that fails halfway); user_gate
 -- last of the checks, once first_unloaded has seen its balance loaded.
@@ -219,6 +220,16 @@ local function goal_open(goal_key)
   if not g[1] or g[1] == '' or g[2] ~= 'active' then return nil end
   return {id = g[1], target = tonumber(g[3]), progress = tonumber(g[4]), escrow = g[5],
     escrow_key = g[6], title = g[7], room = g[8], aon = g[9] == '1', deadline = g[10]}
+end
+
+-- An all-or-nothing goal's escrow balance, the tip's payee, must be a key
+-- the call declared (Redis Cluster routes a script by its KEYS), but only
+-- the goal's hash names it: GOAL_ESCROW {its key} when the call declared
+-- another (the runner calls again with that key, and remembers it for the
+-- room); else NOT_LOADED when its balance is missing, or nil.
+local function goal_escrow_declared(goal, declared_key)
+  if goal.escrow_key ~= declared_key then return {'GOAL_ESCROW', goal.escrow_key} end
+  return first_unloaded(declared_key)
 end
 
 -- Count `amount` toward the goal (a writer: call it after every check) and

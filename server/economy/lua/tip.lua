@@ -11,7 +11,10 @@
 -- KEY.goal           the room's tip goal ({eco}, Keys.goal): an active goal
 --                    counts the tip (goal_count, money_lib), and an
 --                    all-or-nothing one takes its tokens into its escrow
---                    (the hash names the escrow's key: in {eco} as well)
+-- KEY.goal_escrow    that escrow's balance ({eco}) as the caller knows it
+--                    (the goal hash names it; any {eco} key while the
+--                    caller knows none): GOAL_ESCROW {the hash's key} when
+--                    an all-or-nothing goal is active and this is not it
 -- ARG.amount         tokens, > 0          ARG.tip_min  the room's minimum
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
 -- ARG.room_channel   the room's pub/sub channel
@@ -20,7 +23,7 @@
 -- ARG.payee_channel  the owner's user channel
 --
 -- Returns {'OK', '{"balance":N,"tx":T,"offset":O}'} (plus "goal":{...} when
--- it counted toward a goal), {'TIP_MIN', tip_min}
+-- it counted toward a goal), {'GOAL_ESCROW', key}, {'TIP_MIN', tip_min}
 -- when the amount is under it, {'NO_TICKET', show} during a ticket show the
 -- fan holds no ticket for, or a refusal (money_lib). tip_min is checked
 -- after the idempotency key, so a tip retried after the model raised her
@@ -35,7 +38,7 @@ refusal = refusal or first_unloaded(KEY.payer_balance, KEY.payee_balance, KEY.go
 local goal = nil
 if not refusal then
   goal = goal_open(KEY.goal)
-  if goal and goal.escrow ~= '' then refusal = first_unloaded(goal.escrow_key) end
+  if goal and goal.escrow ~= '' then refusal = goal_escrow_declared(goal, KEY.goal_escrow) end
 end
 refusal = refusal
   or outbox_full()
@@ -50,7 +53,7 @@ end
 
 -- An all-or-nothing goal holds the tip: its escrow is the payee.
 local payee, payee_key = ARG.payee, KEY.payee_balance
-if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, goal.escrow_key end
+if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, amount)
 local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', event)
 redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)

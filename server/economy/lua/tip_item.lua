@@ -13,7 +13,8 @@
 -- KEY.room_show      the room's running-show marker (show_state.lua): as in
 --                    tip.lua, only the model and ticket holders tip during a
 --                    ticket show, and the event is marked with it
--- KEY.goal           the room's tip goal, as in tip.lua
+-- KEY.goal, KEY.goal_escrow  the room's tip goal and an all-or-nothing
+--                    goal's escrow balance, as in tip.lua (GOAL_ESCROW)
 -- ARG.item           the item's id as the fan sent it
 -- ARG.max_price      '' for none
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
@@ -41,7 +42,7 @@ local refusal = first_unloaded(KEY.menu, KEY.payer_balance, KEY.payee_balance, K
 local goal = nil
 if not refusal then
   goal = goal_open(KEY.goal)
-  if goal and goal.escrow ~= '' then refusal = first_unloaded(goal.escrow_key) end
+  if goal and goal.escrow ~= '' then refusal = goal_escrow_declared(goal, KEY.goal_escrow) end
 end
 refusal = refusal or outbox_full()
 if refusal then return refusal end
@@ -69,7 +70,7 @@ meta.item = item
 
 -- An all-or-nothing goal holds the tip: its escrow is the payee.
 local payee, payee_key = ARG.payee, KEY.payee_balance
-if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, goal.escrow_key end
+if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, price)
 local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', event)
 redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)
