@@ -173,6 +173,28 @@ async function refreshBalance() {
   }
 }
 
+// A `balance` event travels through Redis pub/sub, a path apart from the
+// replies: on a busy node the event of a purchase can arrive after the reply
+// of a tip made since, and its older figure would stand. Each event is shown
+// at once and then checked with a `balance` request, whose reply is newer than
+// both; at most one request is in flight, and one more follows if events came
+// meanwhile, so a model tipped many times a second asks about twice.
+let balanceCheck = null;
+let balanceCheckAgain = false;
+function checkBalanceSoon() {
+  if (balanceCheck) {
+    balanceCheckAgain = true;
+    return;
+  }
+  balanceCheck = refreshBalance().finally(() => {
+    balanceCheck = null;
+    if (balanceCheckAgain) {
+      balanceCheckAgain = false;
+      checkBalanceSoon();
+    }
+  });
+}
+
 /** The balance from a spend's reply; a duplicate carries the balance of its time. */
 function balanceFromReply(reply) {
   if (reply.duplicate) refreshBalance();
@@ -882,6 +904,7 @@ function onEvent(event) {
       break;
     case "balance":
       setBalance(event.balance);
+      checkBalanceSoon();
       break;
     case "private":
       onPrivate(event);
