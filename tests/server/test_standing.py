@@ -296,6 +296,7 @@ async def test_a_redelivered_ledger_entry_is_counted_once(
     ledger = server.node.ledger
     await ledger._write([entry], await server.node.economy.epoch(rebuilding_ok=True))
     assert (await board(server, "all"))["entries"][0]["tokens"] == 15
+    await server.node.standing.project()  # the sums themselves, not only the board
     spent = await pg(
         settings, "SELECT sum(tokens) AS n FROM standing_user_hourly WHERE user_id = 'bob'"
     )
