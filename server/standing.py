@@ -164,28 +164,28 @@ WITH t AS (
 SELECT count(*) FROM t
 """
 )
-# A room's rows committed after the watermark, for a leaderboard: the
-# watermark is read in the statement's snapshot, the one its sums are read
-# in, so a row is either in the sums or here, never both, never neither.
+# A room's rows committed after the watermark ($3, $4 with the window's
+# query, $4, $5 without: read in the same snapshot, so a row is either in the
+# sums or here, never both, never neither). The watermark comes as constants
+# so that the planner sees how near the ledger's end it is and takes the
+# index's range after it (joined to the watermark's row, it read the whole
+# ledger).
 _PENDING_ROOM = (
     """
-mark AS (SELECT writer_xid, tx_id FROM standing_watermark),
-t AS (
-    SELECT l.id, l.kind, l.meta, l.applied_ms, l.reverses
-    FROM mark JOIN ledger_transactions l
-      ON l.writer_xid IS NOT NULL AND (l.writer_xid, l.id) > (mark.writer_xid, mark.tx_id)
+t AS MATERIALIZED (
+    SELECT id, kind, meta, applied_ms, reverses FROM ledger_transactions
+    WHERE writer_xid IS NOT NULL AND (writer_xid, id) > ($X::text::xid8, $I::text)
 ),
 pending AS (SELECT user_id, hour, tokens FROM ("""
     + _STANDING_ROWS
     + """) r WHERE r.room = $1)
 """
 )
-
 # A room's top tippers over a window ($2: its first hour): the hourly sums
 # plus the rows not projected yet.
 _LEADERBOARD_WINDOW = (
     "WITH"
-    + _PENDING_ROOM
+    + _PENDING_ROOM.replace("$X", "$4").replace("$I", "$5")
     + """
 SELECT s.user_id, s.tokens, coalesce(tr.tier, 0) AS tier
 FROM (SELECT user_id, sum(tokens)::bigint AS tokens
@@ -202,7 +202,7 @@ ORDER BY s.tokens DESC, s.user_id LIMIT $3
 # the top $2 leaves out, and those users' own totals) plus the pending rows.
 _LEADERBOARD_ALL = (
     "WITH"
-    + _PENDING_ROOM
+    + _PENDING_ROOM.replace("$X", "$3").replace("$I", "$4")
     + """,
 stored AS (
     (SELECT user_id, tokens FROM standing_room_total WHERE room = $1
@@ -301,15 +301,31 @@ class Standing:
             raise BadRequest(f"window must be one of {', '.join(WINDOWS)}")
         now_ms = int(time.time() * 1000)
         try:
-            async with self._pool.acquire() as conn:
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                # One snapshot for the watermark and the sums it stands for.
+                mark = await conn.fetchrow(
+                    "SELECT writer_xid::text AS writer_xid, tx_id FROM standing_watermark"
+                )
+                assert mark is not None  # migration 0022's row, never deleted
                 if WINDOWS[window] is None:
-                    rows = await conn.fetch(_LEADERBOARD_ALL, room, LEADERBOARD_ENTRIES_MAX)
+                    rows = await conn.fetch(
+                        _LEADERBOARD_ALL,
+                        room,
+                        LEADERBOARD_ENTRIES_MAX,
+                        mark["writer_xid"],
+                        mark["tx_id"],
+                    )
                 else:
                     rows = await conn.fetch(
                         _LEADERBOARD_WINDOW,
                         room,
                         window_start_hour(now_ms, WINDOWS[window]),
                         LEADERBOARD_ENTRIES_MAX,
+                        mark["writer_xid"],
+                        mark["tx_id"],
                     )
         except _DB_ERRORS as exc:
             raise Unavailable("the leaderboard is unavailable") from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -23,6 +24,9 @@ from tokenchat.server.keys import Keys
 from tokenchat.server.standing import Standing
 
 PROJECTOR_VERSION = 22
+# How long a test waits for the projector to reach the ledger's newest row:
+# the horizon waits for whatever else runs on the shared Postgres server.
+FOLD_TIMEOUT_S = 10.0
 
 
 @pytest.fixture
@@ -48,6 +52,35 @@ async def _tips(server: Running, bob: int, *amounts: int) -> list[str]:
     return txs
 
 
+async def _fold_all(standing: Standing, conn: asyncpg.Connection) -> int:
+    """Project until the watermark is the newest ledger row; return how many
+    were folded. Not one call: the Postgres server is shared (other tests),
+    and another client's transaction still open holds the horizon back for
+    a moment, as it would in production."""
+    folded = 0
+    async with asyncio.timeout(FOLD_TIMEOUT_S):
+        while True:
+            folded += await standing.project()
+            behind = await conn.fetchval(
+                """SELECT EXISTS (SELECT FROM ledger_transactions l, standing_watermark w
+                                  WHERE l.writer_xid IS NOT NULL
+                                    AND (l.writer_xid, l.id) > (w.writer_xid, w.tx_id))"""
+            )
+            if not behind:
+                return folded
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(settings.database_url)
+    await conn.execute(f'SET search_path TO "{settings.database_schema}"')
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 async def _sums(settings: Settings) -> tuple[int, int, int]:
     rows = await pg(
         settings,
@@ -68,17 +101,17 @@ async def _board(server: Running, window: str) -> list[tuple[str, int]]:
 
 
 async def test_two_projectors_and_a_rerun_count_each_row_once(
-    server: Running, settings: Settings
+    server: Running, settings: Settings, db: asyncpg.Connection
 ) -> None:
     await _tips(server, 100, 10, 20, 5)
     standing = server.node.standing
     # Two at once (one folds, the other finds the watermark locked), then
-    # again with nothing new.
-    folded = await asyncio.gather(standing.project(), standing.project())
+    # until nothing is left, then again with nothing new.
+    folded = sum(await asyncio.gather(standing.project(), standing.project()))
+    folded += await _fold_all(standing, db)
     assert await standing.project() == 0
-    # The three tips (and the credit, unless the node's first pass took it):
-    # all by one of the two.
-    assert sorted(folded)[0] == 0 and sorted(folded)[1] in (3, 4), folded
+    # The three tips, and the credit unless the node's first pass took it.
+    assert folded in (3, 4), folded
     assert await _sums(settings) == (35, 35, 35)
     mark = await pg(settings, "SELECT writer_xid::text AS x, tx_id FROM standing_watermark")
     newest = await pg(
@@ -92,7 +125,7 @@ async def test_two_projectors_and_a_rerun_count_each_row_once(
 
 
 async def test_a_row_committed_ahead_of_an_open_transaction_waits_for_it(
-    server: Running, settings: Settings
+    server: Running, settings: Settings, db: asyncpg.Connection
 ) -> None:
     """Writers commit out of xid order. A tip committed while an older
     transaction is still open is not folded past it (it would be skipped if
@@ -112,18 +145,18 @@ async def test_a_row_committed_ahead_of_an_open_transaction_waits_for_it(
         await transaction.commit()
     finally:
         await older.close()
-    assert await server.node.standing.project() == 2  # the credit and the tip
+    assert await _fold_all(server.node.standing, db) == 2  # the credit and the tip
     assert await _sums(settings) == (30, 30, 30)
     assert await _board(server, "all") == [("bob", 30)]
 
 
 async def test_refund_pending_and_projected_read_the_same(
-    server: Running, settings: Settings
+    server: Running, settings: Settings, db: asyncpg.Connection
 ) -> None:
     """A refund subtracts from its tip's room and hour, whether the
     leaderboard finds it in the sums or after the watermark."""
     txs = await _tips(server, 100, 40, 7)
-    await server.node.standing.project()
+    await _fold_all(server.node.standing, db)
     status, reply = await Http(server).call(
         "POST", "/v1/admin/refunds", "ops", "admin", tx=txs[0], key="r1"
     )
@@ -131,7 +164,7 @@ async def test_refund_pending_and_projected_read_the_same(
     assert await server.node.ledger.drain(10.0) == 0
     before = (await _board(server, "12h"), await _board(server, "all"))
     assert before == ([("bob", 7)], [("bob", 7)])
-    assert await server.node.standing.project() == 1
+    assert await _fold_all(server.node.standing, db) == 1
     assert (await _board(server, "12h"), await _board(server, "all")) == before
     assert await _sums(settings) == (7, 7, 7)
 
@@ -212,7 +245,7 @@ async def test_migration_keeps_a_ledger_with_data_counted_once(settings: Setting
         assert await standing.project() == 0  # history stays as the trigger left it
         await _ledger_tip(conn, "tx-new-1", 6)
         assert await conn.fetchval(hourly) == 15  # no trigger any more
-        assert await standing.project() == 1
+        assert await _fold_all(standing, conn) == 1
         assert await standing.project() == 0
         assert await conn.fetchval(hourly) == 21
         # A row without the writer's xid would never be projected: refused.
