@@ -17,6 +17,7 @@ Uses TOKENCHAT_DATABASE_URL (the local default) under a schema of its own,
 removed afterwards. It needs the backend on this machine (/proc).
 
     python -m loadtests.ledger_backend --batch 50 --tips 10000 --pass 1000
+    python -m loadtests.ledger_backend --up-to 22    # without migration 0023
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import asyncpg
 import orjson
 
 from tokenchat.server.config import Settings
-from tokenchat.server.db import migrate
+from tokenchat.server.db import load_migrations, migrate
 from tokenchat.server.ledger.writer import _NEW_ACCOUNTS, _WRITE_BATCH
 
 FANS = 200
@@ -101,12 +102,27 @@ async def project_all(conn: asyncpg.Connection, per_pass: int) -> int:
             return folded
 
 
-async def run(batch: int, tips: int, per_pass: int) -> None:
+async def apply_up_to(conn: asyncpg.Connection, schema: str, version: int) -> None:
+    """The checkout's migrations 1..version only (to compare one migration's
+    effect with the same code), each in a transaction as db.migrate does."""
+    await conn.execute(f'CREATE SCHEMA "{schema}"')
+    await conn.execute(f'SET search_path TO "{schema}"')
+    for migration in load_migrations():
+        if migration.version > version:
+            break
+        async with conn.transaction():
+            await conn.execute(migration.sql)
+
+
+async def run(batch: int, tips: int, per_pass: int, up_to: int | None) -> None:
     settings = Settings()
     schema = f"ledger_backend_{uuid.uuid4().hex[:8]}"
-    await migrate(settings.database_url, schema)
     conn = await asyncpg.connect(settings.database_url)
     try:
+        if up_to is None:
+            await migrate(settings.database_url, schema)
+        else:
+            await apply_up_to(conn, schema, up_to)
         await conn.execute(f'SET search_path TO "{schema}"')
         pid: int = await conn.fetchval("SELECT pg_backend_pid()")
         accounts = [f"u:fan{i}" for i in range(FANS)] + [f"u:model{i}" for i in range(ROOMS)]
@@ -155,8 +171,14 @@ def main() -> None:
     parser.add_argument(
         "--pass", dest="per_pass", type=int, default=1000, help="ledger rows per projector pass"
     )
+    parser.add_argument(
+        "--up-to",
+        type=int,
+        default=None,
+        help="apply the migrations up to this version only (default: all)",
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.batch, args.tips, args.per_pass))
+    asyncio.run(run(args.batch, args.tips, args.per_pass, args.up_to))
 
 
 if __name__ == "__main__":
