@@ -80,6 +80,11 @@ class WireField:
 
     describe: str  # completes "field 'x' must be ..."
     accept: Callable[[object], bool]
+    # The same rule as a JSON Schema (draft 2020-12 keywords that draft-07
+    # shares), for the published protocol schema (protocol/schema.py). Where
+    # JSON Schema cannot say all of ``accept`` (UTF-8 bytes, printability),
+    # it says less and ``describe`` the rest; ``accept`` stays the authority.
+    schema: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _is_int(value: object) -> typing.TypeGuard[int]:
@@ -91,6 +96,7 @@ def integer(value_min: int, value_max: int) -> WireField:
     return WireField(
         f"an integer between {value_min} and {value_max}",
         lambda value: _is_int(value) and value_min <= value <= value_max,
+        {"type": "integer", "minimum": value_min, "maximum": value_max},
     )
 
 
@@ -104,6 +110,7 @@ def string(len_min: int, len_max: int) -> WireField:
     return WireField(
         describe,
         lambda value: isinstance(value, str) and len_min <= len(value) <= len_max,
+        {"type": "string", "minLength": len_min, "maxLength": len_max},
     )
 
 
@@ -116,6 +123,7 @@ def stored_string(len_min: int, len_max: int) -> WireField:
         lambda value: (
             isinstance(value, str) and len_min <= len(value) <= len_max and "\x00" not in value
         ),
+        {"type": "string", "minLength": len_min, "maxLength": len_max, "pattern": "^[^\\u0000]*$"},
     )
 
 
@@ -130,7 +138,10 @@ def utf8_string(bytes_min: int, bytes_max: int) -> WireField:
         bytes_len = len(value) if value.isascii() else len(value.encode())
         return bytes_min <= bytes_len <= bytes_max
 
-    return WireField(f"a string of {bytes_min} to {bytes_max} bytes", accept)
+    # JSON Schema counts characters: at least one byte is at least one
+    # character, and at most bytes_max bytes is at most bytes_max characters.
+    schema = {"type": "string", "minLength": bytes_min, "maxLength": bytes_max}
+    return WireField(f"a string of {bytes_min} to {bytes_max} bytes", accept, schema)
 
 
 def printable_ascii(len_min: int, len_max: int) -> WireField:
@@ -143,13 +154,30 @@ def printable_ascii(len_min: int, len_max: int) -> WireField:
             and len_min <= len(value) <= len_max
             and PRINTABLE_ASCII_RE.fullmatch(value) is not None
         ),
+        {
+            "type": "string",
+            "minLength": len_min,
+            "maxLength": len_max,
+            "pattern": ecma_pattern(PRINTABLE_ASCII_RE),
+        },
     )
+
+
+def ecma_pattern(pattern: re.Pattern[str]) -> str:
+    """A contract regex as JSON Schema writes it (ECMA-262): limits.py ends
+    each in ``\\Z``, which ECMA lacks; its ``$`` (no multiline flag) means
+    the same, the very end of the string."""
+    source = pattern.pattern
+    if not source.endswith("\\Z"):
+        raise ValueError(f"pattern {source!r} must end in \\Z (see limits.py)")
+    return source[: -len("\\Z")] + "$"
 
 
 def matching(pattern: re.Pattern[str], describe: str) -> WireField:
     return WireField(
         describe,
         lambda value: isinstance(value, str) and pattern.fullmatch(value) is not None,
+        {"type": "string", "pattern": ecma_pattern(pattern)},
     )
 
 
@@ -165,7 +193,12 @@ def _is_offset(value: object) -> bool:
     return int(ms) <= _OFFSET_PART_MAX and int(seq) <= _OFFSET_PART_MAX
 
 
-OFFSET: Final = WireField("an offset, as received in an event (like '1712345678901-0')", _is_offset)
+OFFSET: Final = WireField(
+    "an offset, as received in an event (like '1712345678901-0')",
+    _is_offset,
+    # Each part's bound (2**64 - 1) is past what a pattern says simply.
+    {"type": "string", "pattern": ecma_pattern(OFFSET_RE)},
+)
 AMOUNT: Final = integer(AMOUNT_MIN, AMOUNT_MAX)
 PRICE: Final = integer(0, AMOUNT_MAX)
 KEY: Final = printable_ascii(1, KEY_LEN_MAX)
@@ -205,6 +238,8 @@ def label(len_max: int) -> WireField:
             and value.isprintable()
             and not value.isspace()
         ),
+        # Printability is past JSON Schema's patterns: `describe` says it.
+        {"type": "string", "minLength": 1, "maxLength": len_max, "pattern": "\\S"},
     )
 
 
@@ -737,3 +772,22 @@ def command_to_dict(cmd: Command) -> dict[str, Any]:
         if value is not None:
             wire[field.name] = value
     return wire
+
+
+@dataclass(frozen=True, slots=True)
+class DeclaredField:
+    """One field of a command as declared: what protocol/schema.py reads."""
+
+    name: str
+    check: WireField
+    required: bool
+
+
+def declared_fields(type_name: str) -> tuple[DeclaredField, ...]:
+    """The fields of command ``type_name`` in the order they are checked
+    (``id`` and ``type`` excluded): the one declaration the published JSON
+    Schema is generated from."""
+    return tuple(
+        DeclaredField(name, check, default is dataclasses.MISSING)
+        for name, check, default in _SCHEMAS[type_name].fields
+    )

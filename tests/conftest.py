@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from tests.apischema import CheckedClient, check_http_reply
 from tests.proxy import Proxy
 from tokenchat.client_demo.client import Client
 from tokenchat.server.app import Process
@@ -140,6 +141,9 @@ class Running:
         self.process = process
         self.ws_url = f"ws://127.0.0.1:{process.ws_port}/ws"
         self.http_url = f"http://127.0.0.1:{process.http_port}"
+        # Events its clients got that /asyncapi.json does not describe
+        # (tests/apischema.py); start_server fails the test on any.
+        self.schema_problems: list[str] = []
 
     @property
     def node(self) -> Node:
@@ -154,7 +158,9 @@ class Running:
         *,
         subprotocol: str | None = "tokenchat.v1.json",
     ) -> Client:
-        client = await Client.connect(self.ws_url, subprotocol=subprotocol)
+        client = await CheckedClient.connect(self.ws_url, subprotocol=subprotocol)
+        assert isinstance(client, CheckedClient)
+        client.watch(self.schema_problems)
         if sub is not None:
             await client.hello(token(sub, role))
         return client
@@ -163,16 +169,20 @@ class Running:
 @pytest.fixture
 async def start_server(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     started: list[Process] = []
+    running: list[Running] = []
 
     async def start(**overrides: Any) -> Running:
         process = Process(settings.replace(**overrides))
         await process.start()
         started.append(process)
-        return Running(process)
+        running.append(Running(process))
+        return running[-1]
 
     yield start
     for process in started:
         await process.stop()
+    problems = [problem for each in running for problem in each.schema_problems]
+    assert not problems, "frames /asyncapi.json does not describe:\n" + "\n".join(problems)
 
 
 @pytest.fixture
@@ -202,7 +212,10 @@ class Http:
             response = await http.request(
                 method, path, headers=headers, json=body if method != "GET" else None
             )
-        return response.status_code, response.json()
+        reply = response.json()
+        # Every reply of the suite's HTTP traffic, against /openapi.json.
+        check_http_reply(method, path, response.status_code, reply)
+        return response.status_code, reply
 
     async def credit(self, user: str, amount: int, key: str | None = None) -> dict[str, Any]:
         status, reply = await self.call(

@@ -636,6 +636,9 @@ def create_app(node: Node) -> Starlette:
     # Payment webhooks, chargebacks, data export and account deletion.
     from .accounts import accounts_routes
     from .admin import admin_routes
+
+    # /openapi.json, /asyncapi.json and /docs (issue #15 item 4).
+    from .apidocs import apidocs_routes
     from .discovery import discovery_routes
     from .history import history_routes
     from .media import media_routes
@@ -654,6 +657,7 @@ def create_app(node: Node) -> Starlette:
         *admin_routes(node, identity_of),
         *discovery_routes(node, identity_of, limit_creates),
         *accounts_routes(node, identity_of, limit_creates, credit_purchase, drain),
+        *apidocs_routes(),
         Route("/", index),
         Mount("/static", _StaticFiles(directory=STATIC_DIR), name="static"),
         Mount("/js", _StaticFiles(directory=CLIENT_JS_DIR), name="client_js"),
