@@ -266,3 +266,34 @@ async def test_migration_keeps_a_ledger_with_data_counted_once(settings: Setting
 
 async def _no_publish(room: str, event: dict[str, Any]) -> str:
     raise AssertionError(f"no king event expected here: {room} {event}")
+
+
+async def test_batches_resume_inside_one_writer_transaction(
+    settings: Settings, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer's batch is many ledger rows of one xid; batches of the
+    projector end anywhere in it and the next one resumes after the last id
+    folded (the watermark is (writer_xid, id)), so nothing is skipped or
+    folded twice."""
+    from tokenchat.server import standing as standing_module
+
+    monkeypatch.setattr(standing_module, "LEDGER_PROJECT_BATCH_MAX", 2)
+    async with db.transaction():  # one transaction: one writer_xid for all five
+        for number, amount in enumerate((1, 2, 3, 4, 5)):
+            await _ledger_tip(db, f"tx-{number}", amount)
+    assert await db.fetchval("SELECT count(DISTINCT writer_xid) FROM ledger_transactions") == 1
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=2,
+        server_settings={"search_path": settings.database_schema},
+    )
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        standing = Standing(pool, redis, Keys(settings.redis_prefix), settings, _no_publish)
+        assert await _fold_all(standing, db) == 5  # 2 + 2 + 1
+        assert await standing.project() == 0
+        assert await _sums(settings) == (15, 15, 15)
+    finally:
+        await pool.close()
+        await redis.aclose()
