@@ -374,6 +374,10 @@ class Standing:
             folded += count
             if count < LEDGER_PROJECT_BATCH_MAX:
                 break
+        else:
+            # A backlog (a node that was down, a long-open transaction that
+            # held the horizon): kings and tiers go first, the rest next pass.
+            log.warning("standing projector: %d ledger transactions folded, more remain", folded)
         return folded
 
     async def _project_batch(self) -> int:
