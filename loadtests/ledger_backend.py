@@ -155,6 +155,8 @@ async def run(batch: int, tips: int, per_pass: int, up_to: int | None) -> None:
             line += (
                 f", projector {cpu / folded * 1e6:.0f} us CPU per tip"
                 f" ({folded} in passes of {per_pass})"
+                if folded
+                else ", projector: nothing folded (another client's open transaction held it)"
             )
         else:
             line += ", projector: none (the standing trigger runs in the writer's statement)"
