@@ -164,9 +164,10 @@ WITH t AS (
 SELECT count(*) FROM t
 """
 )
-# A room's rows committed after the watermark ($3, $4 with the window's
-# query, $4, $5 without: read in the same snapshot, so a row is either in the
-# sums or here, never both, never neither). The watermark comes as constants
+# A room's rows committed after the watermark ($X, $I: $4, $5 in the
+# window's query, $3, $4 in the all-time one; read in the same snapshot as
+# the sums, so a row is either in the sums or here, never both, never
+# neither). The watermark comes as constants
 # so that the planner sees how near the ledger's end it is and takes the
 # index's range after it (joined to the watermark's row, it read the whole
 # ledger).
