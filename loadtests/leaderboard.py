@@ -6,11 +6,12 @@ Fills a fresh Postgres schema with ``--rows`` tip transactions (two postings
 each), spread over the last 8 days, half of them in one "hot" room and the
 rest over ``--rooms`` - 1 others, from ``--fans`` fans. They go in as the
 ledger writer writes them: batches of 500 inserted into ledger_transactions
-and ledger_postings, so migration 0013's trigger builds the projection as it
-does in production. Then it times ``Standing.leaderboard`` (the code behind
+and ledger_postings; then the standing projector folds them (migration 0022:
+``Standing.project``, as every node's standing loop does), timed apart.
+Then it times ``Standing.leaderboard`` (the code behind
 ``GET /v1/rooms/{room}/leaderboard``) for the hot room in each window,
 ``--reads`` times each, and for comparison the same top 100 grouped from the
-ledger itself. Prints the fill time, the projection's row counts and
+ledger itself. Prints the fill and fold times, the projection's row counts and
 p50/p99 per window; the schema is dropped at the end.
 """
 
@@ -98,7 +99,7 @@ async def main() -> None:
     parser.add_argument(
         "--no-projection",
         action="store_true",
-        help="fill with migration 0013's trigger disabled (the ledger's cost without it)",
+        help="fill only, without folding the projection (the ledger's cost alone)",
     )
     args = parser.parse_args()
     schema = f"bench_leaderboard_{uuid.uuid4().hex[:8]}"
@@ -107,15 +108,20 @@ async def main() -> None:
     pool = await create_pool(settings.database_url, schema, min_size=1, max_size=2, timeout_s=30)
     redis: Redis = Redis.from_url(settings.redis_url)
     try:
+
+        async def publish(room: str, event: dict[str, object]) -> str:
+            return "0-0"
+
+        standing = Standing(pool, redis, Keys(settings.redis_prefix), settings, publish)
         async with pool.acquire() as conn:
-            if args.no_projection:
-                await conn.execute(
-                    "ALTER TABLE ledger_postings DISABLE TRIGGER ledger_postings_standing"
-                )
             fill_s = await fill(conn, args.rows, args.rooms, args.fans)
             if args.no_projection:
                 print(f"filled {args.rows} tips in {fill_s:.1f} s without the projection")
                 return
+            started = time.perf_counter()
+            while await standing.project():
+                pass
+            fold_s = time.perf_counter() - started
             counts = {
                 table: await conn.fetchval(f"SELECT count(*) FROM {table}")
                 for table in (
@@ -128,13 +134,9 @@ async def main() -> None:
             }
             await conn.execute("ANALYZE")
         rate = args.rows / fill_s
-        print(f"filled {args.rows} tips in {fill_s:.1f} s ({rate:,.0f}/s, trigger included)")
+        print(f"filled {args.rows} tips in {fill_s:.1f} s ({rate:,.0f}/s)")
+        print(f"folded into the projection in {fold_s:.1f} s ({args.rows / fold_s:,.0f}/s)")
         print("rows: " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
-
-        async def publish(room: str, event: dict[str, object]) -> str:
-            return "0-0"
-
-        standing = Standing(pool, redis, Keys(settings.redis_prefix), settings, publish)
         print(f"leaderboard of the hot room (half the tips), {args.reads} reads per window:")
         for window in WINDOWS:
             await standing.leaderboard("room0", window)  # warm

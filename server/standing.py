@@ -1,32 +1,43 @@
 """Standing: leaderboards, the king of the room, and tiers (issue #12).
 
-The input is a projection of the ledger that Postgres keeps as the ledger is
-written (migration 0013: a statement trigger on ``ledger_postings`` folds
-every batch of the ledger writer into per-hour sums, in the writer's own
-transaction): tips per room, user and hour, tips per room and user all time,
-and spending per user and hour. A refund is subtracted from the hour of the
-spend it reverses. So reads never group the ledger, and the projection is
-exactly as current as the ledger.
+The input is a projection of the ledger: tips per room, user and hour, tips
+per room and user all time, and spending per user and hour. A refund is
+subtracted from the hour of the spend it reverses. So reads never group the
+ledger.
 
+- The ledger projector (``project``, first thing in every pass of ``run``)
+  folds committed ledger rows into those sums in a transaction of its own,
+  off the ledger writer's (migration 0022; until then a trigger did it in
+  the writer's transaction, about 50 us of Postgres per tip). It reads the
+  rows after a watermark (``standing_watermark``, the last (writer_xid, id)
+  projected) and below its snapshot's xmin, where no transaction is still
+  running or can still start, so no row ever lands behind the watermark;
+  sums and watermark move in one transaction that holds the watermark's row
+  lock, so each row is counted once, by one node, whatever crashes.
 - ``leaderboard``: the top tippers of a room over a window, a sum over at
-  most one row per user and hour of that window (``all``: one row per user).
-- The projector (``run``, every ``standing_interval_s`` on every node) takes
-  the rooms and users whose sums changed (``standing_dirty``, DELETE ...
-  RETURNING: each change goes to one node) and recomputes their king and
-  tier; and when an hour turns (windows roll hourly), every room with a king
-  and every user above tier 0. A changed king is stored with a conditional
-  UPDATE (so of two nodes only one sees the change) and published as a
-  ``king`` event through the room's history, like any room event. A changed
-  tier goes to Postgres (``standing_tiers``) and to the Redis hash
-  ``Keys.tiers``, which the gateways read through ``TierCache``: no
-  Postgres read per message, tip or DM.
+  most one row per user and hour of that window (``all``: one row per user),
+  plus the room's rows committed after the watermark (read in the same
+  snapshot as the sums): a leaderboard is as current as the ledger.
+- The king and tier pass (``step``, every ``standing_interval_s`` on every
+  node) takes the rooms and users whose sums changed (``standing_dirty``,
+  DELETE ... RETURNING: each change goes to one node) and recomputes their
+  king and tier; and when an hour turns (windows roll hourly), every room
+  with a king and every user above tier 0. A changed king is stored with a
+  conditional UPDATE (so of two nodes only one sees the change) and
+  published as a ``king`` event through the room's history, like any room
+  event. A changed tier goes to Postgres (``standing_tiers``) and to the
+  Redis hash ``Keys.tiers``, which the gateways read through ``TierCache``:
+  no Postgres read per message, tip or DM.
 
 Staleness: a tip is in the leaderboard once the ledger writer has committed
 it (the outbox's lag, ``ledger_linger_ms`` plus a batch, well under a second
-on a healthy node); kings and tiers follow within ``standing_interval_s`` of
-that, and events carry a tier up to ``tier_cache_ttl_s`` older still. Windows
-cover whole hours: the ``12h`` window holds the hour that contains (now -
-12 h) and every later one, so a tip leaves it between 12 and 13 hours later.
+on a healthy node); kings, tiers and the trending sums of discovery follow
+within ``standing_interval_s`` of that (longer only while a transaction that
+began before the tip's writer, anywhere on the Postgres server, has written
+and stays open: the projector waits for it), and events carry a tier up to
+``tier_cache_ttl_s`` older still. Windows cover whole hours: the ``12h``
+window holds the hour that contains (now - 12 h) and every later one, so a
+tip leaves it between 12 and 13 hours later.
 """
 
 from __future__ import annotations
@@ -62,6 +73,14 @@ WINDOWS: dict[str, int | None] = {
 }
 # Users and rooms the projector recomputes per statement: bounds one query.
 PROJECT_BATCH_MAX = 1000
+# Ledger transactions the ledger projector folds per Postgres transaction:
+# bounds its memory and how long it holds the sums' row locks. At the tip
+# rate measured (about 5,500/s, docs/benchmarks.md) a 1-s pass is about one
+# batch; a backlog (a node that was down) drains batch after batch.
+LEDGER_PROJECT_BATCH_MAX = 5000  # ledger transactions
+# Batches one pass folds at most before it recomputes kings and tiers, so a
+# long backlog still lets them move: 20 x 5,000 = 100,000 transactions.
+LEDGER_PROJECT_BATCHES_MAX = 20
 # Tiers a node keeps in memory at most; past it the cache starts afresh (a
 # node serves far fewer users at once; this only bounds a pathological run).
 TIER_CACHE_ENTRIES_MAX = 100_000
@@ -72,6 +91,138 @@ _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncio.TimeoutError)
 _REDIS_ERRORS = (RedisError, OSError)
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[str]]
+
+# The rows of the ledger transactions ``t`` (a relation the caller defines)
+# that count for standing, with their room (tips), hour and signed tokens: a
+# user's outflow in a paid kind counts plus; their inflow in a refund (in the
+# original's hour and room) or an escrow refund counts minus. Credits,
+# purchases, payouts and releases are not spending. (Migration 0013's
+# trigger, moved here unchanged.)
+_STANDING_ROWS = """
+    SELECT CASE WHEN src.kind = 'tip' THEN src.meta->>'room' END AS room,
+           substr(p.account_id, 3) AS user_id,
+           src.applied_ms / 3600000 AS hour,
+           -p.amount AS tokens
+    FROM t
+    JOIN ledger_postings p ON p.tx_id = t.id
+    LEFT JOIN ledger_transactions o ON t.kind = 'refund' AND o.id = t.reverses
+    CROSS JOIN LATERAL (
+        SELECT coalesce(o.kind, t.kind) AS kind, coalesce(o.meta, t.meta) AS meta,
+               coalesce(o.applied_ms, t.applied_ms) AS applied_ms
+    ) src
+    WHERE p.account_id LIKE 'u:%'
+      AND ((p.amount < 0 AND t.kind NOT IN
+                ('credit', 'purchase', 'payout', 'refund', 'escrow_refund', 'release'))
+        OR (p.amount > 0 AND t.kind IN ('refund', 'escrow_refund')))
+"""
+# One batch of the ledger projector: the next transactions after the
+# watermark ($1, $2) and below the horizon ($3, a snapshot's xmin taken
+# before this statement: every xid below it had ended by then), folded into
+# the sums, their rooms and users marked dirty for the king and tier pass,
+# and the watermark moved to the last one. The upserts are sorted, so two
+# statements touching the same sums lock them in one order.
+_PROJECT_LEDGER = (
+    """
+WITH t AS (
+    SELECT id, writer_xid, kind, meta, applied_ms, reverses FROM ledger_transactions
+    WHERE writer_xid IS NOT NULL AND (writer_xid, id) > ($1::text::xid8, $2::text)
+      AND writer_xid < $3::text::xid8
+    ORDER BY writer_xid, id LIMIT $4
+), batch AS ("""
+    + _STANDING_ROWS
+    + """), room_hourly AS (
+    INSERT INTO standing_room_hourly AS s (room, user_id, hour, tokens)
+    SELECT room, user_id, hour, sum(tokens) FROM batch WHERE room IS NOT NULL
+    GROUP BY room, hour, user_id ORDER BY room, hour, user_id
+    ON CONFLICT (room, hour, user_id) DO UPDATE SET tokens = s.tokens + EXCLUDED.tokens
+), room_total AS (
+    INSERT INTO standing_room_total AS s (room, user_id, tokens)
+    SELECT room, user_id, sum(tokens) FROM batch WHERE room IS NOT NULL
+    GROUP BY room, user_id ORDER BY room, user_id
+    ON CONFLICT (room, user_id) DO UPDATE SET tokens = s.tokens + EXCLUDED.tokens
+), user_hourly AS (
+    INSERT INTO standing_user_hourly AS s (user_id, hour, tokens)
+    SELECT user_id, hour, sum(tokens) FROM batch
+    GROUP BY user_id, hour ORDER BY user_id, hour
+    ON CONFLICT (user_id, hour) DO UPDATE SET tokens = s.tokens + EXCLUDED.tokens
+), dirty AS (
+    INSERT INTO standing_dirty (kind, id)
+    SELECT kind, id FROM (
+        SELECT 'room' AS kind, room AS id FROM batch WHERE room IS NOT NULL
+        UNION
+        SELECT 'user', user_id FROM batch
+    ) d
+    ORDER BY 1, 2
+    ON CONFLICT DO NOTHING
+), last AS (
+    SELECT writer_xid, id FROM t ORDER BY writer_xid DESC, id DESC LIMIT 1
+), mark AS (
+    UPDATE standing_watermark w
+    SET writer_xid = last.writer_xid, tx_id = last.id, updated_at = now()
+    FROM last
+)
+SELECT count(*) FROM t
+"""
+)
+# A room's rows committed after the watermark ($X, $I: $4, $5 in the
+# window's query, $3, $4 in the all-time one; read in the same snapshot as
+# the sums, so a row is either in the sums or here, never both, never
+# neither). The watermark comes as constants
+# so that the planner sees how near the ledger's end it is and takes the
+# index's range after it (joined to the watermark's row, it read the whole
+# ledger).
+_PENDING_ROOM = (
+    """
+t AS MATERIALIZED (
+    SELECT id, kind, meta, applied_ms, reverses FROM ledger_transactions
+    WHERE writer_xid IS NOT NULL AND (writer_xid, id) > ($X::text::xid8, $I::text)
+),
+pending AS (SELECT user_id, hour, tokens FROM ("""
+    + _STANDING_ROWS
+    + """) r WHERE r.room = $1)
+"""
+)
+# A room's top tippers over a window ($2: its first hour): the hourly sums
+# plus the rows not projected yet.
+_LEADERBOARD_WINDOW = (
+    "WITH"
+    + _PENDING_ROOM.replace("$X", "$4").replace("$I", "$5")
+    + """
+SELECT s.user_id, s.tokens, coalesce(tr.tier, 0) AS tier
+FROM (SELECT user_id, sum(tokens)::bigint AS tokens
+      FROM (SELECT user_id, tokens FROM standing_room_hourly WHERE room = $1 AND hour >= $2
+            UNION ALL
+            SELECT user_id, tokens FROM pending WHERE hour >= $2) x
+      GROUP BY user_id HAVING sum(tokens) > 0) s
+LEFT JOIN standing_tiers tr ON tr.user_id = s.user_id
+ORDER BY s.tokens DESC, s.user_id LIMIT $3
+"""
+)
+# All time: the stored totals (through their rank index: the top $2 plus one
+# per user with pending rows, since at most that many can fall below a user
+# the top $2 leaves out, and those users' own totals) plus the pending rows.
+_LEADERBOARD_ALL = (
+    "WITH"
+    + _PENDING_ROOM.replace("$X", "$3").replace("$I", "$4")
+    + """,
+stored AS (
+    (SELECT user_id, tokens FROM standing_room_total WHERE room = $1
+     ORDER BY tokens DESC, user_id
+     LIMIT $2 + (SELECT count(DISTINCT user_id) FROM pending))
+    UNION
+    SELECT user_id, tokens FROM standing_room_total
+    WHERE room = $1 AND user_id IN (SELECT user_id FROM pending)
+)
+SELECT s.user_id, s.tokens, coalesce(tr.tier, 0) AS tier
+FROM (SELECT user_id, sum(tokens)::bigint AS tokens
+      FROM (SELECT user_id, tokens FROM stored
+            UNION ALL
+            SELECT user_id, tokens FROM pending) x
+      GROUP BY user_id HAVING sum(tokens) > 0) s
+LEFT JOIN standing_tiers tr ON tr.user_id = s.user_id
+ORDER BY s.tokens DESC, s.user_id LIMIT $2
+"""
+)
 
 
 def window_start_hour(now_ms: int, window_s: int | None) -> int:
@@ -151,28 +302,31 @@ class Standing:
             raise BadRequest(f"window must be one of {', '.join(WINDOWS)}")
         now_ms = int(time.time() * 1000)
         try:
-            async with self._pool.acquire() as conn:
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                # One snapshot for the watermark and the sums it stands for.
+                mark = await conn.fetchrow(
+                    "SELECT writer_xid::text AS writer_xid, tx_id FROM standing_watermark"
+                )
+                assert mark is not None  # migration 0022's row, never deleted
                 if WINDOWS[window] is None:
                     rows = await conn.fetch(
-                        """SELECT s.user_id, s.tokens, coalesce(t.tier, 0) AS tier
-                           FROM standing_room_total s
-                           LEFT JOIN standing_tiers t ON t.user_id = s.user_id
-                           WHERE s.room = $1 AND s.tokens > 0
-                           ORDER BY s.tokens DESC, s.user_id LIMIT $2""",
+                        _LEADERBOARD_ALL,
                         room,
                         LEADERBOARD_ENTRIES_MAX,
+                        mark["writer_xid"],
+                        mark["tx_id"],
                     )
                 else:
                     rows = await conn.fetch(
-                        """SELECT s.user_id, s.tokens, coalesce(t.tier, 0) AS tier
-                           FROM (SELECT user_id, sum(tokens)::bigint AS tokens
-                                 FROM standing_room_hourly WHERE room = $1 AND hour >= $2
-                                 GROUP BY user_id HAVING sum(tokens) > 0) s
-                           LEFT JOIN standing_tiers t ON t.user_id = s.user_id
-                           ORDER BY s.tokens DESC, s.user_id LIMIT $3""",
+                        _LEADERBOARD_WINDOW,
                         room,
                         window_start_hour(now_ms, WINDOWS[window]),
                         LEADERBOARD_ENTRIES_MAX,
+                        mark["writer_xid"],
+                        mark["tx_id"],
                     )
         except _DB_ERRORS as exc:
             raise Unavailable("the leaderboard is unavailable") from exc
@@ -210,11 +364,51 @@ class Standing:
                 log.warning("standing projector: %s", exc)
             await pause(self._settings.standing_interval_s)
 
+    async def project(self) -> int:
+        """Fold the committed ledger rows after the watermark into the sums,
+        batch after batch (at most LEDGER_PROJECT_BATCHES_MAX); return how
+        many ledger transactions were folded. Another node folding at the
+        same moment: this one folds nothing and leaves it to that one."""
+        folded = 0
+        for _ in range(LEDGER_PROJECT_BATCHES_MAX):
+            count = await self._project_batch()
+            folded += count
+            if count < LEDGER_PROJECT_BATCH_MAX:
+                break
+        else:
+            # A backlog (a node that was down, a long-open transaction that
+            # held the horizon): kings and tiers go first, the rest next pass.
+            log.warning("standing projector: %d ledger transactions folded, more remain", folded)
+        return folded
+
+    async def _project_batch(self) -> int:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # The horizon comes from this statement's snapshot, taken before
+            # this transaction has an xid of its own: every xid below it had
+            # ended then, so the next statement sees all of them committed.
+            mark = await conn.fetchrow(
+                """SELECT writer_xid::text AS writer_xid, tx_id,
+                          pg_snapshot_xmin(pg_current_snapshot())::text AS horizon
+                   FROM standing_watermark FOR UPDATE SKIP LOCKED"""
+            )
+            if mark is None:
+                return 0  # another node holds the watermark: it is folding
+            count: int = await conn.fetchval(
+                _PROJECT_LEDGER,
+                mark["writer_xid"],
+                mark["tx_id"],
+                mark["horizon"],
+                LEDGER_PROJECT_BATCH_MAX,
+            )
+        return count
+
     async def step(self, *, now_ms: int | None = None) -> None:
-        """One pass: refill Redis's tiers if it lost them, then recompute the
-        changed rooms and users (all of them when an hour has turned)."""
+        """One pass: fold the ledger's new rows into the sums, refill Redis's
+        tiers if it lost them, then recompute the changed rooms and users
+        (all of them when an hour has turned)."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         hour = now_ms // HOUR_MS
+        await self.project()
         await self._ensure_redis_tiers()
         rolled = hour != self._hour_seen
         async with self._pool.acquire() as conn:

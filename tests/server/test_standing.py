@@ -296,6 +296,19 @@ async def test_a_redelivered_ledger_entry_is_counted_once(
     ledger = server.node.ledger
     await ledger._write([entry], await server.node.economy.epoch(rebuilding_ok=True))
     assert (await board(server, "all"))["entries"][0]["tokens"] == 15
+
+    async def folded() -> bool:
+        """The projector (migration 0022) has reached the ledger's newest row."""
+        await server.node.standing.project()
+        rows = await pg(
+            settings,
+            """SELECT NOT EXISTS (SELECT FROM ledger_transactions l, standing_watermark w
+                                  WHERE l.writer_xid IS NOT NULL
+                                    AND (l.writer_xid, l.id) > (w.writer_xid, w.tx_id)) AS done""",
+        )
+        return bool(rows[0]["done"])
+
+    await eventually(folded)  # the sums themselves, not only the board
     spent = await pg(
         settings, "SELECT sum(tokens) AS n FROM standing_user_hourly WHERE user_id = 'bob'"
     )
