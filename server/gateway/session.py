@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 
 from tokenchat.protocol import (
     Balance,
@@ -773,20 +772,7 @@ class Session:
             self.node.hub.writer.send((self.ws,), encoded, binary=binary)
 
     async def _send(self, message: Reply) -> None:
-        """A reply, through the hub's frame writer like the events: a tip's
-        reply, its event to the tipper's room and the balance push leave in
-        one socket write at the end of the loop iteration instead of two
-        (py-spy on tips: ``send_data`` of replies was a tenth of the server)."""
-        frame = self.codec.encode(message)
-        ws = self.ws
-        if ws.protocol.state is not State.OPEN:
-            # Closing: the library waits for the close and raises ConnectionClosed.
-            await ws.send(frame, text=not self.codec.binary)
-            return
-        self.node.hub.writer.send((ws,), frame, binary=self.codec.binary)
-        # Flow control as ws.send has it: a client that stops reading stops
-        # being read once its socket buffer is past the high-water mark.
-        await ws.drain()
+        await self.ws.send(self.codec.encode(message), text=not self.codec.binary)
 
     def _error(self, re: int | str | None, code: ErrorCode, message: str) -> Reply:
         metrics.ERRORS.labels(code).inc()
