@@ -288,7 +288,9 @@ def _prepare_request_offer(bench: TipsBench, http_port: int) -> dict[str, tuple[
 def _prepare_dm(bench: TipsBench, http_port: int) -> dict[str, tuple[bytes, ...]]:
     """Each model sets her DM price to TIP_AMOUNT; fans DM their room's model
     with ``max_price`` that price (``dm.lua``: the block check, the inbox
-    and the DM archive stream, whose copy into Postgres runs in ``serve``)."""
+    and the DM archive stream, whose copy into Postgres runs beside the
+    ledger writer: in ``tokenchat ledger``, or in ``serve`` with
+    ``--inline-ledger``)."""
     heads: dict[str, tuple[bytes, ...]] = {}
     for model, token in _model_tokens(bench).items():
         status, reply = http_json(

@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     sub.add_parser("migrate", help="apply database migrations")
-    ledger = sub.add_parser("ledger", help="run the ledger writer alone")
+    ledger = sub.add_parser("ledger", help="run the ledger writer and the DM archiver alone")
     ledger.add_argument(
         "--metrics-port",
         type=int,
@@ -191,8 +191,9 @@ def _migrate(settings: Settings) -> int:
 
 
 def _ledger(settings: Settings, metrics_port: int) -> int:
-    """The ledger writer as its own process (`serve` runs one too unless
-    TOKENCHAT_LEDGER_ENABLED=0); several may run at once."""
+    """The ledger writer and the DM archiver as their own process (`serve`
+    runs both too unless TOKENCHAT_LEDGER_ENABLED=0); several may run at once
+    (consumer groups share the outbox and the DM archive stream)."""
     from .app import run
     from .ledger.standalone import LedgerStack
 
@@ -209,14 +210,19 @@ def _ledger(settings: Settings, metrics_port: int) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        writer = asyncio.create_task(ledger.writer.run())
-        log.info("ledger writer %s running", ledger.writer.consumer)
+        loops = [
+            asyncio.create_task(ledger.writer.run(), name="ledger-writer"),
+            asyncio.create_task(ledger.dm_archive.run(), name="dm-archive"),
+        ]
+        log.info("ledger writer and DM archiver %s running", ledger.writer.consumer)
         try:
             await stop.wait()
         finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            for loop_task in loops:
+                loop_task.cancel()
+            for loop_task in loops:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
             await ledger.close()
 
     run(write_until_signalled)

@@ -84,6 +84,19 @@ LEDGER_LAG = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 
+# The DM archive (server/catalog/dms.py), exposed where the archiver runs:
+# `tokenchat ledger`, or `serve` with TOKENCHAT_LEDGER_ENABLED=1.
+DM_ARCHIVED = Counter(
+    "tokenchat_dm_archived_total",
+    "DM archive entries copied into Postgres (dms) and acknowledged",
+)
+DM_ARCHIVE_DEPTH = Gauge(
+    "tokenchat_dm_archive_entries",
+    "DMs in the Redis archive stream not yet in Postgres, as the DM archiver last"
+    " read it (after each batch, and at least every blocking read)",
+    multiprocess_mode="livemax",
+)
+
 WORKER_REPLACEMENTS = Counter(
     "tokenchat_worker_replacements_total",
     "Gateway workers started by `serve --workers N` to replace one that died",

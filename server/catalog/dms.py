@@ -31,6 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from tokenchat.protocol.limits import USER_ID_RE
 
+from .. import metrics
 from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..economy.scripts import script_source
@@ -106,6 +107,9 @@ class DmArchive:
             raise_if_cancelling()
             try:
                 await self.step(block=True)
+                # One XLEN per batch or per idle read: an operator sees a
+                # stream no archiver drains (docs/ops/alerts.yml).
+                metrics.DM_ARCHIVE_DEPTH.set(await self.pending())
                 delay_s = RETRY_DELAY_MIN_S
             except asyncio.CancelledError:
                 raise
@@ -159,6 +163,7 @@ class DmArchive:
             pipe.xack(stream, GROUP, *ids)
             pipe.xdel(stream, *ids)
             await pipe.execute()
+        metrics.DM_ARCHIVED.inc(len(rows))
         return len(rows)
 
     async def drain(self, timeout_s: float) -> int:

@@ -129,8 +129,8 @@ class Node:
         self.shows = Shows(pool, redis, self.keys, settings, self.economy, self.rooms.append)
         self.shows.register(self.sweeper)
         # Receipts and DMs (issue #12 sections 6 and 7): the ledger's history,
-        # the DM archive (its loop runs on every node: a consumer group shares
-        # the entries), blocks that dm.lua reads, and the report queue.
+        # the DM archive (its reads; its copying loop runs where the ledger
+        # writer runs, see start), blocks that dm.lua reads, and the report queue.
         self.history = History(pool, settings.payout_cents_per_token)
         self.dm_archive = DmArchive(settings, pool, consumer=self.id)
         self.blocks = Blocks(settings, pool, redis)
@@ -244,8 +244,12 @@ class Node:
             asyncio.create_task(self.discovery.run(), name="live-jobs"),
         ]
         if self.settings.ledger_enabled:
+            # The DM archiver goes with the writer: in `serve` only when it
+            # writes the ledger too (dev, one process), otherwise in
+            # `tokenchat ledger` (LedgerStack). Copying DMs cost the gateway
+            # about a fifth of its CPU per DM (docs/benchmarks.md).
             self._loops.append(asyncio.create_task(self.ledger.run(), name="ledger-writer"))
-        self._loops.append(asyncio.create_task(self.dm_archive.run(), name="dm-archive"))
+            self._loops.append(asyncio.create_task(self.dm_archive.run(), name="dm-archive"))
 
     async def close(self) -> None:
         # A loop whose cancellation a library swallowed stops at its next

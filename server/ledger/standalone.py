@@ -1,10 +1,13 @@
-"""The ledger writer and reconcile on their own, without a gateway.
+"""The ledger writer, the DM archiver and reconcile on their own, without a gateway.
 
 ``tokenchat ledger`` and ``tokenchat reconcile`` need Redis (the outbox, the hot
 balances), Postgres (the ledger) and the economy's epoch and fence (a writer
 checks that the Redis dataset is the one its entries came from, and a Redis
 that went back in time is rebuilt from the ledger before anything else).
-``LedgerStack`` holds exactly that: no hub, broker, sessions or rooms.
+``tokenchat ledger`` also copies the DM archive stream into Postgres
+(``DmArchive``, the same pattern as the outbox), so that no gateway worker
+spends its CPU on it. ``LedgerStack`` holds exactly that: no hub, broker,
+sessions or rooms.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from ..catalog.dms import DmArchive
 from ..config import Settings
 from ..db import create_pool
 from ..economy.economy import Economy
@@ -31,6 +35,7 @@ class LedgerStack:
     keys: Keys
     economy: Economy
     writer: LedgerWriter
+    dm_archive: DmArchive
 
     @classmethod
     async def connect(cls, settings: Settings) -> LedgerStack:
@@ -67,12 +72,18 @@ class LedgerStack:
         keys = Keys(settings.redis_prefix)
         economy = Economy(redis, pool, keys, settings)
         # A consumer name of its own in the outbox's group, like a node's id.
-        writer = LedgerWriter(settings, writer_pool, economy, consumer=secrets.token_hex(8))
+        consumer = secrets.token_hex(8)
+        writer = LedgerWriter(settings, writer_pool, economy, consumer=consumer)
         economy.rebuild_with(writer.drain)
-        return cls(settings, redis, pool, writer_pool, keys, economy, writer)
+        # The DM archiver's inserts share the economy's pool, never the
+        # writer's: a burst of DMs cannot delay a ledger batch. Its Redis
+        # client is its own, opened at its first read.
+        dm_archive = DmArchive(settings, pool, consumer=consumer)
+        return cls(settings, redis, pool, writer_pool, keys, economy, writer, dm_archive)
 
     async def close(self) -> None:
         await self.writer.close()
+        await self.dm_archive.close()
         await self.redis.aclose()
         await self.pool.close()
         await self.writer_pool.close()
