@@ -222,6 +222,23 @@ class Economy:
             await self._load(account)
         raise Unavailable("the balance could not be loaded")
 
+    async def balances(self, user_ids: list[str]) -> list[int]:
+        """``balance`` of many users (a batch of hellos): one MGET, then a load
+        from Postgres for each one Redis lacks (through the same fenced
+        script as ``balance``, so the Redis-older-than-ledger checks hold)."""
+        if not user_ids:
+            return []
+        keys = [self._keys.balance(user_account(user_id)) for user_id in user_ids]
+        try:
+            values: list[Any] = await self._redis.mget(keys)
+        except _REDIS_ERRORS as exc:
+            raise Unavailable("balances are unavailable") from exc
+        found = [None if value is None else int(value) for value in values]
+        for n, value in enumerate(found):
+            if value is None:
+                found[n] = await self.balance(user_ids[n])
+        return [int(value or 0) for value in found]
+
     # --- spends: one method per paid action (actions.py), naming its keys and args ----
     async def tip(
         self, user_id: str, room: str, owner: str, amount: int, text: str, key: str, tip_min: int

@@ -360,6 +360,28 @@ class SpendLimits:
         a full connection pool still goes through)."""
         await self._cached(user_id)
 
+    async def prewarm_many(self, user_ids: list[str]) -> dict[str, tuple[int, int | None]]:
+        """``prewarm`` for a batch of hellos: one pipeline reads every user's
+        limits and counters; those missing are loaded one by one. For each
+        user: her counters' total (`t`) and her reality-check period in
+        minutes (None: off), read as the session opens."""
+        lim_fields, spent_fields = ["v", "rc"], ["t"]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for user_id in user_ids:
+                    pipe.hmget(self._keys.limits(user_id), lim_fields)
+                    pipe.hmget(self._keys.spent(user_id), spent_fields)
+                replies = await pipe.execute()
+        except _REDIS_ERRORS as exc:
+            raise Unavailable("spending limits are unavailable") from exc
+        warm: dict[str, tuple[int, int | None]] = {}
+        for n, user_id in enumerate(user_ids):
+            limits, spent = replies[2 * n], replies[2 * n + 1]
+            if limits[0] is None or spent[0] is None:
+                limits, spent = await self._cached(user_id, "rc")
+            warm[user_id] = (int(spent[0]), None if limits[1] is None else int(limits[1]))
+        return warm
+
     async def spent_total(self, user_id: str) -> int:
         """Tokens she has spent in all (the counters' `t`)."""
         _, spent = await self._cached(user_id)

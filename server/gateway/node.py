@@ -47,6 +47,7 @@ from ..ledger.confirmations import Confirmations
 from ..ledger.history import History
 from ..ledger.writer import LedgerWriter
 from ..standing import Standing
+from .admission import Admission
 from .broker import RedisBroker
 from .hub import Hub
 from .rooms import RoomStore, complete_event, parse_offset
@@ -177,6 +178,8 @@ class Node:
             timeout_s=settings.redis_timeout_s,
         )
         self.sessions: set[Session] = set()
+        # Hellos that arrive together share their round trips (a restart).
+        self.admission = Admission(self)
         # Set when the process starts to shut down: /readyz answers 503 so a
         # load balancer stops sending new connections here.
         self.draining = False
@@ -336,6 +339,64 @@ class Node:
                 self._user_sessions[user_id].discard(session)
                 raise Unavailable("your message channel is unavailable") from exc
             self._subscribed_users.add(user_id)
+
+    def user_online_many(self, admitted: list[tuple[Session, str]]) -> dict[Session, LimitExceeded]:
+        """The first half of ``user_online`` for a batch of hellos: route each
+        user's channel to her session, within the sessions-per-user limit.
+        Returns the sessions refused by the limit (the others are online)."""
+        refused: dict[Session, LimitExceeded] = {}
+        limit = self.settings.sessions_per_user_max
+        for session, user_id in admitted:
+            sessions = self._user_sessions.setdefault(user_id, set())
+            if len(sessions) >= limit:
+                refused[session] = LimitExceeded(f"at most {limit} sessions per user on one server")
+                continue
+            sessions.add(session)
+        return refused
+
+    async def subscribe_users(self, user_ids: list[str]) -> None:
+        """The second half of ``user_online`` for a batch: one SUBSCRIBE for
+        every user channel this node is not on yet, confirmed before it
+        returns. Raises ``Unavailable`` (the callers take their sessions
+        offline again)."""
+        wanted = sorted({u for u in user_ids if u not in self._subscribed_users})
+        if not wanted:
+            return
+        channels = [self.keys.user_channel(user_id) for user_id in wanted]
+        # The same striped locks as user_online and the unsubscribe of a user
+        # gone offline, taken in index order (no one else holds two), so no
+        # unsubscribe of one of these channels runs between the check and the
+        # SUBSCRIBE.
+        stripes = sorted({hash(channel) % ROOM_LOCK_STRIPES for channel in channels})
+        async with contextlib.AsyncExitStack() as stack:
+            for stripe in stripes:
+                await stack.enter_async_context(self._room_locks[stripe])
+            missing = [u for u in wanted if u not in self._subscribed_users]
+            if not missing:
+                return
+            try:
+                await self.broker.subscribe_many([self.keys.user_channel(u) for u in missing])
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise Unavailable("your message channel is unavailable") from exc
+            self._subscribed_users.update(missing)
+
+    async def pending_dms_many(self, user_ids: list[str]) -> list[list[tuple[bytes, bytes]]]:
+        """``pending_dms`` of a batch of hellos: one MGET of the cursors, one
+        pipeline of inbox reads."""
+        if not user_ids:
+            return []
+        try:
+            cursors: Any = await self.redis.mget(
+                [self.keys.inbox_cursor(user_id) for user_id in user_ids]
+            )
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for user_id, cursor in zip(user_ids, cursors, strict=True):
+                    start = b"(" + cursor if cursor else b"-"
+                    pipe.xrange(self.keys.inbox(user_id), min=start, count=self.settings.inbox_len)
+                inboxes: Any = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise Unavailable("your inbox is unavailable") from exc
+        return [[(offset, fields[b"e"]) for offset, fields in rows] for rows in inboxes]
 
     async def _unsubscribe_user_if_offline(self, user_id: str) -> None:
         channel = self.keys.user_channel(user_id)
