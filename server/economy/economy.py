@@ -233,11 +233,18 @@ class Economy:
             values: list[Any] = await self._redis.mget(keys)
         except _REDIS_ERRORS as exc:
             raise Unavailable("balances are unavailable") from exc
-        found = [None if value is None else int(value) for value in values]
-        for n, value in enumerate(found):
-            if value is None:
-                found[n] = await self.balance(user_ids[n])
-        return [int(value or 0) for value in found]
+        missing = [
+            user_id for user_id, value in zip(user_ids, values, strict=True) if value is None
+        ]
+        # Loaded side by side (first hellos after a Redis reset, new users):
+        # one after another, a batch would take as long as all its hellos did.
+        loaded = dict(
+            zip(missing, await asyncio.gather(*(self.balance(u) for u in missing)), strict=True)
+        )
+        return [
+            loaded[u] if value is None else int(value)
+            for u, value in zip(user_ids, values, strict=True)
+        ]
 
     # --- spends: one method per paid action (actions.py), naming its keys and args ----
     async def tip(

@@ -374,13 +374,21 @@ class SpendLimits:
                 replies = await pipe.execute()
         except _REDIS_ERRORS as exc:
             raise Unavailable("spending limits are unavailable") from exc
-        warm: dict[str, tuple[int, int | None]] = {}
-        for n, user_id in enumerate(user_ids):
-            limits, spent = replies[2 * n], replies[2 * n + 1]
-            if limits[0] is None or spent[0] is None:
-                limits, spent = await self._cached(user_id, "rc")
-            warm[user_id] = (int(spent[0]), None if limits[1] is None else int(limits[1]))
-        return warm
+        found = {
+            user_id: (replies[2 * n], replies[2 * n + 1]) for n, user_id in enumerate(user_ids)
+        }
+        missing = [
+            u for u, (limits, spent) in found.items() if limits[0] is None or spent[0] is None
+        ]
+        # Loaded side by side, as the balances of a batch are.
+        for user_id, cached in zip(
+            missing, await asyncio.gather(*(self._cached(u, "rc") for u in missing)), strict=True
+        ):
+            found[user_id] = cached
+        return {
+            user_id: (int(spent[0]), None if limits[1] is None else int(limits[1]))
+            for user_id, (limits, spent) in found.items()
+        }
 
     async def spent_total(self, user_id: str) -> int:
         """Tokens she has spent in all (the counters' `t`)."""

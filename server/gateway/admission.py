@@ -29,6 +29,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
+from .. import metrics
 from ..auth import Identity
 from ..errors import ServiceError
 
@@ -89,6 +90,7 @@ class Admission:
             self._timer = None
         batch, self._waiting = self._waiting, []
         if batch:
+            metrics.HELLO_BATCH_SIZE.observe(len(batch))
             self._node.spawn(self._run(batch))
 
     async def _run(self, batch: list[_Hello]) -> None:
