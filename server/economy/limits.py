@@ -360,35 +360,10 @@ class SpendLimits:
         a full connection pool still goes through)."""
         await self._cached(user_id)
 
-    async def prewarm_many(self, user_ids: list[str]) -> dict[str, tuple[int, int | None]]:
-        """``prewarm`` for a batch of hellos: one pipeline reads every user's
-        limits and counters; those missing are loaded one by one. For each
-        user: her counters' total (`t`) and her reality-check period in
-        minutes (None: off), read as the session opens."""
-        lim_fields, spent_fields = ["v", "rc"], ["t"]
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for user_id in user_ids:
-                    pipe.hmget(self._keys.limits(user_id), lim_fields)
-                    pipe.hmget(self._keys.spent(user_id), spent_fields)
-                replies = await pipe.execute()
-        except _REDIS_ERRORS as exc:
-            raise Unavailable("spending limits are unavailable") from exc
-        found = {
-            user_id: (replies[2 * n], replies[2 * n + 1]) for n, user_id in enumerate(user_ids)
-        }
-        missing = [
-            u for u, (limits, spent) in found.items() if limits[0] is None or spent[0] is None
-        ]
-        # Loaded side by side, as the balances of a batch are.
-        for user_id, cached in zip(
-            missing, await asyncio.gather(*(self._cached(u, "rc") for u in missing)), strict=True
-        ):
-            found[user_id] = cached
-        return {
-            user_id: (int(spent[0]), None if limits[1] is None else int(limits[1]))
-            for user_id, (limits, spent) in found.items()
-        }
+    async def cached(self, user_id: str, *fields: str) -> tuple[list[Any], list[Any]]:
+        """``fields`` of her limits hash after `v`, and her counters (`t`
+        first), loaded when missing (a batch of hellos: Economy.hello_state)."""
+        return await self._cached(user_id, *fields)
 
     async def spent_total(self, user_id: str) -> int:
         """Tokens she has spent in all (the counters' `t`)."""

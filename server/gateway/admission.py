@@ -10,9 +10,9 @@ through the same steps together, in the order one hello takes them:
 1. the users are upserted (``Directory.touch_users``: one statement);
 2. platform bans (the node's copy in memory) and the sessions-per-user limit;
 3. the user channels are subscribed (one SUBSCRIBE), confirmed before...
-4. ... the balances (one MGET), limits and counters (one pipeline) and
-   stored DMs (one MGET and one pipeline) are read, so that no change falls
-   between the subscription and the reads;
+4. ... the balances, limits and counters, and stored DMs are read
+   (``hello_read.lua``: one script call), so that no change falls between
+   the subscription and the reads; what Redis lacks is loaded from Postgres;
 5. private shows left within their grace resume (one statement).
 
 A failure belongs to the hellos it concerns: a refused user (ban, limit, a
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from .. import metrics
 from ..auth import Identity
+from ..economy.economy import HelloState
 from ..errors import ServiceError
 
 if TYPE_CHECKING:
@@ -40,24 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Admitted:
-    """What a welcomed hello read, as its session opened."""
-
-    balance: int
-    # (offset, event JSON) of the DMs stored while no session was open.
-    stored_dms: list[tuple[bytes, bytes]]
-    # Her counters' total (`t`), the baseline of her reality checks.
-    spent_total: int
-    # Her reality-check period in minutes; None: off.
-    reality_check_min: int | None
-
-
 @dataclasses.dataclass(slots=True)
 class _Hello:
     session: Session
     identity: Identity
-    done: asyncio.Future[Admitted]
+    done: asyncio.Future[HelloState]
 
     @property
     def user_id(self) -> str:
@@ -72,7 +60,7 @@ class Admission:
         self._waiting: list[_Hello] = []
         self._timer: asyncio.TimerHandle | None = None
 
-    async def admit(self, session: Session, identity: Identity) -> Admitted:
+    async def admit(self, session: Session, identity: Identity) -> HelloState:
         """Admit one authenticated hello with the others of its batch.
         Raises the ``ServiceError`` that refused it."""
         loop = asyncio.get_running_loop()
@@ -146,17 +134,15 @@ class Admission:
             # Subscribed before reading the balances and the inboxes, so that
             # no change falls between the two.
             await node.subscribe_users(users)
-            balances = await node.economy.balances(users)
-            # Her limits and counters too: her spends then need no Postgres.
-            warm = await node.economy.limits.prewarm_many(users)
-            inboxes = await node.pending_dms_many(users)
+            # Balances, limits and counters (her spends then need no
+            # Postgres), stored DMs: one script call for the batch.
+            states = await node.economy.hello_state(users, node.settings.inbox_len)
         except ServiceError as exc:
             refuse(online, exc)
             return online
         # Back within a private show's grace: its billing resumes.
         await node.privates.back_many(users)
-        for hello, balance, stored in zip(online, balances, inboxes, strict=True):
-            spent, minutes = warm[hello.user_id]
+        for hello, state in zip(online, states, strict=True):
             if not hello.done.done():
-                hello.done.set_result(Admitted(balance, stored, spent, minutes))
+                hello.done.set_result(state)
         return online

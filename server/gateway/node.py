@@ -380,24 +380,6 @@ class Node:
                 raise Unavailable("your message channel is unavailable") from exc
             self._subscribed_users.update(missing)
 
-    async def pending_dms_many(self, user_ids: list[str]) -> list[list[tuple[bytes, bytes]]]:
-        """``pending_dms`` of a batch of hellos: one MGET of the cursors, one
-        pipeline of inbox reads."""
-        if not user_ids:
-            return []
-        try:
-            cursors: Any = await self.redis.mget(
-                [self.keys.inbox_cursor(user_id) for user_id in user_ids]
-            )
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for user_id, cursor in zip(user_ids, cursors, strict=True):
-                    start = b"(" + cursor if cursor else b"-"
-                    pipe.xrange(self.keys.inbox(user_id), min=start, count=self.settings.inbox_len)
-                inboxes: Any = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise Unavailable("your inbox is unavailable") from exc
-        return [[(offset, fields[b"e"]) for offset, fields in rows] for rows in inboxes]
-
     async def _unsubscribe_user_if_offline(self, user_id: str) -> None:
         channel = self.keys.user_channel(user_id)
         async with self._room_lock(channel):
