@@ -25,8 +25,10 @@ started server:
 
 tokenchat runs twice per run: with hello batching as configured
 (``batched``) and with ``TOKENCHAT_HELLO_BATCH_MAX=1`` (``unbatched``: every
-hello alone, as before batching), interleaved so that a drift of the shared
-machine hits both. A hello answered UNAVAILABLE is sent again (as a client
+hello alone, through the same code), and with ``--before-python PYTHON`` a
+third time, served by another checkout (``before``: the code before
+batching, such as main's), interleaved so that a drift of the shared machine
+hits all of them. A hello answered UNAVAILABLE is sent again (as a client
 would, counted as a retry); one refused otherwise fails the run's figures.
 """
 
@@ -71,8 +73,8 @@ from loadtests.harness.processes import (
 from loadtests.harness.report import clean_json, machine_summary, median_range, run_bench
 from loadtests.harness.stats import NS_PER_S, Stats, median
 
-Variant = Literal["batched", "unbatched", "baseline"]
-VARIANTS: tuple[Variant, ...] = ("batched", "unbatched", "baseline")
+Variant = Literal["batched", "unbatched", "before", "baseline"]
+VARIANTS: tuple[Variant, ...] = ("batched", "unbatched", "before", "baseline")
 Phase = Literal["reconnect", "connect_hello", "connect"]
 
 USER_ID_FORMAT = "reconnect_u{:05d}"
@@ -227,8 +229,16 @@ def worker_main(spec: Spec, conn: Connection) -> None:
     run_load_process(lambda: worker_async(spec, conn), conn, None)
 
 
+# `python -c EXEC_OTHER PYTHON -m tokenchat.server.cli ...` becomes, in the
+# same process (same pid: stopped and profiled like any server), PYTHON
+# running the server of the checkout PYTHON's environment installed.
+EXEC_OTHER = "import os, sys; os.execv(sys.argv[1], sys.argv[1:])"
+
+
 class ReconnectBench(fanout.FanoutBench):
     """One server at a time (fresh for every phase) and the load processes."""
+
+    serve_python: str | None = None  # set while the `before` variant starts
 
     def start_variant(self, variant: Variant) -> Server:
         if variant == "baseline":
@@ -236,8 +246,17 @@ class ReconnectBench(fanout.FanoutBench):
         env = {"TOKENCHAT_HELLO_TIMEOUT_S": str(HELLO_TIMEOUT_RAISED_S)}
         if variant == "unbatched":
             env["TOKENCHAT_HELLO_BATCH_MAX"] = "1"
-        server, _ = self.start_serve(**env)
+        self.serve_python = self.args.before_python if variant == "before" else None
+        try:
+            server, _ = self.start_serve(**env)
+        finally:
+            self.serve_python = None
         return server
+
+    def _spawn(self, kind: str, argv: list[str], env: dict[str, str], ws_port: int) -> Server:
+        if self.serve_python is not None:
+            argv = ["-c", EXEC_OTHER, self.serve_python, *argv]
+        return super()._spawn(kind, argv, env, ws_port)
 
     def run_phase(
         self, variant: Variant, phase: Phase, sessions: int, profile: Path | None
@@ -310,6 +329,8 @@ class ReconnectBench(fanout.FanoutBench):
 PHASES: tuple[tuple[Variant, Phase], ...] = (
     ("batched", "connect_hello"),
     ("batched", "reconnect"),
+    ("before", "connect_hello"),
+    ("before", "reconnect"),
     ("unbatched", "connect_hello"),
     ("unbatched", "reconnect"),
     ("baseline", "connect"),
@@ -318,7 +339,8 @@ PHASES: tuple[tuple[Variant, Phase], ...] = (
 
 def measure(bench: ReconnectBench) -> list[dict[str, Any]]:
     args = bench.args
-    wanted = [(v, p) for v, p in PHASES if v in args.variants]
+    variants = [v for v in args.variants if v != "before" or args.before_python]
+    wanted = [(v, p) for v, p in PHASES if v in variants]
     runs: list[dict[str, Any]] = []
     if any(variant != "baseline" for variant, _ in wanted):
         # Users created by a first hello, their balances and limits in Redis:
@@ -369,16 +391,20 @@ def render_table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
         f"reconnect: {args.sessions:,} sessions, {args.runs} run(s), {args.load_procs} load"
         f" processes, {args.connect_concurrency} connecting at once",
         "seconds, median (min-max over runs)",
-        f"{'':<28} {'batched':<22} {'unbatched':<22} baseline (bare websockets)",
+        f"{'':<20} {'batched':<20} {'before':<20} {'unbatched':<20} baseline (bare websockets)",
     ]
     for phase, label in (("reconnect", "all hello at once"), ("connect_hello", "connect+hello")):
-        cells = [median_range(_values(runs, v, phase), "{:.2f}") for v in ("batched", "unbatched")]
+        cells = [
+            median_range(_values(runs, v, phase), "{:.2f}")
+            for v in ("batched", "before", "unbatched")
+        ]
         base = median_range(_values(runs, "baseline", "connect"), "{:.2f}")
         lines.append(
-            f"{label:<28} {cells[0]:<22} {cells[1]:<22} {base if phase != 'reconnect' else '-'}"
+            f"{label:<20} {cells[0]:<20} {cells[1]:<20} {cells[2]:<20}"
+            f" {base if phase != 'reconnect' else '-'}"
         )
     baseline = figure(runs, "baseline", "connect")
-    for variant in ("batched", "unbatched"):
+    for variant in ("batched", "before", "unbatched"):
         value = figure(runs, variant, "connect_hello")
         if not math.isnan(value) and baseline:
             lines.append(f"connect+hello / bare connect ({variant}): {value / baseline:.2f}")
@@ -386,8 +412,10 @@ def render_table(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
         figure(runs, "batched", "reconnect"),
         figure(runs, "unbatched", "reconnect"),
     )
-    if not math.isnan(batched) and not math.isnan(unbatched):
-        lines.append(f"reconnect unbatched / batched: {unbatched / batched:.2f}")
+    before = figure(runs, "before", "reconnect")
+    for name, value in (("unbatched", unbatched), ("before", before)):
+        if not math.isnan(batched) and not math.isnan(value):
+            lines.append(f"reconnect {name} / batched: {value / batched:.2f}")
     return "\n".join(lines)
 
 
@@ -406,6 +434,9 @@ def report_json(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[st
         "connect_hello_s": connect_hello,
         "unbatched_s": figure(runs, "unbatched", "reconnect"),
         "unbatched_connect_hello_s": figure(runs, "unbatched", "connect_hello"),
+        "before_s": figure(runs, "before", "reconnect"),
+        "before_connect_hello_s": figure(runs, "before", "connect_hello"),
+        "before_python": args.before_python,
         "sessions": args.sessions,
         "load_procs": args.load_procs,
         "connect_concurrency": args.connect_concurrency,
@@ -440,6 +471,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workers", type=positive_int, default=1, help="tokenchat serve --workers (default 1)"
+    )
+    parser.add_argument(
+        "--before-python",
+        metavar="PYTHON",
+        help="the `before` variant: tokenchat served by this interpreter, i.e. the checkout "
+        "its environment installed (such as main's .venv/bin/python), beside this one",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
