@@ -400,36 +400,10 @@ class Privates:
         except _DB_ERRORS as exc:
             log.warning("could not pause the shows of %s: %s", user, exc)
 
-    async def back(self, user: str) -> None:
-        """The user is connected again: their side is back; billing resumes
-        (the pause added to ``paused_s``) when neither side is away. One
-        statement, as ``away``."""
-        try:
-            await self._pool.execute(
-                """WITH resumed AS (
-                     UPDATE private_shows SET
-                       fan_away_at = CASE WHEN fan = $1 THEN NULL ELSE fan_away_at END,
-                       model_away_at = CASE WHEN model = $1 THEN NULL ELSE model_away_at END,
-                       paused_s = paused_s + CASE
-                         WHEN (CASE WHEN fan = $1 THEN model_away_at ELSE fan_away_at END) IS NULL
-                         THEN extract(epoch FROM clock_timestamp() - paused_since) ELSE 0 END,
-                       paused_since = CASE
-                         WHEN (CASE WHEN fan = $1 THEN model_away_at ELSE fan_away_at END) IS NULL
-                         THEN NULL ELSE paused_since END
-                     WHERE (fan = $1 OR model = $1) AND state = 'running'
-                       AND (CASE WHEN fan = $1 THEN fan_away_at ELSE model_away_at END)
-                           IS NOT NULL
-                     RETURNING id, paused_since)
-                   DELETE FROM deadlines d USING resumed r
-                   WHERE d.subject = r.id AND d.action = $2 AND r.paused_since IS NULL""",
-                user,
-                GRACE,
-            )
-        except _DB_ERRORS as exc:
-            log.warning("could not resume the shows of %s: %s", user, exc)
-
     async def back_many(self, users: list[str]) -> None:
-        """``back`` for a batch of hellos: one statement for all of them.
+        """The users are connected again (a batch of hellos): their side is
+        back; billing resumes (the pause added to ``paused_s``) when neither
+        side is away. One statement for all of them, as ``away``.
         A show whose fan and model both came back in this batch matches
         twice, and an UPDATE changes a row once: the second pass picks up
         the other side (a show has two), so the common case (no private

@@ -321,28 +321,9 @@ class Node:
         return await self.economy.balance(user_id)
 
     # --- users: DMs and balance pushes ---------------------------------------------------
-    async def user_online(self, session: Session, user_id: str) -> None:
-        """Route the user's channel (DMs, balance pushes) to this session."""
-        sessions = self._user_sessions.setdefault(user_id, set())
-        if len(sessions) >= self.settings.sessions_per_user_max:
-            raise LimitExceeded(
-                f"at most {self.settings.sessions_per_user_max} sessions per user on one server"
-            )
-        sessions.add(session)
-        channel = self.keys.user_channel(user_id)
-        async with self._room_lock(channel):
-            if user_id in self._subscribed_users:
-                return
-            try:
-                await self.broker.subscribe(channel)
-            except (RedisError, OSError, TimeoutError) as exc:
-                self._user_sessions[user_id].discard(session)
-                raise Unavailable("your message channel is unavailable") from exc
-            self._subscribed_users.add(user_id)
-
     def user_online_many(self, admitted: list[tuple[Session, str]]) -> dict[Session, LimitExceeded]:
-        """The first half of ``user_online`` for a batch of hellos: route each
-        user's channel to her session, within the sessions-per-user limit.
+        """Route each user's channel (DMs, balance pushes) to her session, for
+        a batch of hellos, within the sessions-per-user limit.
         Returns the sessions refused by the limit (the others are online)."""
         refused: dict[Session, LimitExceeded] = {}
         limit = self.settings.sessions_per_user_max
@@ -355,7 +336,7 @@ class Node:
         return refused
 
     async def subscribe_users(self, user_ids: list[str]) -> None:
-        """The second half of ``user_online`` for a batch: one SUBSCRIBE for
+        """The user channels of a batch of hellos: one SUBSCRIBE for
         every user channel this node is not on yet, confirmed before it
         returns. Raises ``Unavailable`` (the callers take their sessions
         offline again)."""
@@ -363,10 +344,9 @@ class Node:
         if not wanted:
             return
         channels = [self.keys.user_channel(user_id) for user_id in wanted]
-        # The same striped locks as user_online and the unsubscribe of a user
-        # gone offline, taken in index order (no one else holds two), so no
-        # unsubscribe of one of these channels runs between the check and the
-        # SUBSCRIBE.
+        # The same striped locks as the unsubscribe of a user gone offline,
+        # taken in index order (no one else holds two), so no unsubscribe of
+        # one of these channels runs between the check and the SUBSCRIBE.
         stripes = sorted({hash(channel) % ROOM_LOCK_STRIPES for channel in channels})
         async with contextlib.AsyncExitStack() as stack:
             for stripe in stripes:
