@@ -25,6 +25,10 @@ WebSocket client of ``loadtests.harness.client``). Scenarios:
 - ``idle``: N authenticated idle sessions (``hello`` answered); the server's
   RSS (VmRSS) before and after, KiB per session, against the same number of
   idle connections to the bare ``websockets`` server.
+- ``reconnect``: ``python -m loadtests.reconnect``: N open sockets (the idle
+  scenario's N) say hello at once to a freshly started process, first hello
+  to last welcome (s); beside it, connect+hello against connecting alone to
+  the bare ``websockets`` server (the ratio), and the same with batching off.
 - ``ledger``: fans paced to offer 2,000 tips/s; the lag from the Lua call to
   the Postgres commit (p50/p99 of the ``tokenchat_ledger_lag_seconds``
   histogram's increase over the phase); then, with the writer off
@@ -98,7 +102,7 @@ from loadtests.harness.stats import (
     median,
 )
 
-SCENARIOS = ("fanout", "fanout_peer", "tips", "idle", "ledger")
+SCENARIOS = ("fanout", "fanout_peer", "tips", "idle", "ledger", "reconnect")
 
 # --- the figures ---------------------------------------------------------
 FANOUT_MEMBERS = 1000
@@ -114,6 +118,7 @@ GOALS = {
     "tips_peer": "none set (what users would build themselves)",
     "idle": "<= 20 KiB/session",
     "ledger": "lag p99 < 1 s at 2,000 tips/s",
+    "reconnect": "10,000 welcomed <= 2 s after all say hello",
 }
 
 # --- --quick (its timing: loadtests.harness.cli) ----------------------------------
@@ -544,6 +549,20 @@ def scenario_idle(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ============================================================================
+# reconnect: N sockets say hello at once to a fresh process
+# ============================================================================
+
+
+def scenario_reconnect(args: argparse.Namespace) -> dict[str, Any]:
+    argv = ["--sessions", str(args.idle_sessions), "--runs", str(args.runs)]
+    argv += ["--workers", str(args.workers)]
+    # Per run: five phases, each a server start and N sockets (~30 s at 10,000).
+    timeout_s = SUBPROCESS_SLACK_S * 2 * (args.runs + 1)
+    row = run_module("loadtests.reconnect", argv, timeout_s)["reconnect"]
+    return cast(dict[str, Any], row)
+
+
+# ============================================================================
 # ledger: lag at a steady offered rate, and the writer's drain rate
 # ============================================================================
 
@@ -776,6 +795,14 @@ def scenario_notes(name: str, s: dict[str, Any]) -> str:
             f"{s['sessions']:,} of {s['sessions_asked']:,} sessions asked"
             f" (baseline {s['baseline_sessions']:,})"
         )
+    if name == "reconnect":
+        return (
+            f"{s.get('sessions', 0):,} sessions; connect+hello"
+            f" {fmt(s.get('connect_hello_s'), '.2f')} s vs bare connect"
+            f" {fmt(s.get('baseline'), '.2f')} s (the ratio); batching off:"
+            f" {fmt(s.get('unbatched_s'), '.2f')} s, connect+hello"
+            f" {fmt(s.get('unbatched_connect_hello_s'), '.2f')} s"
+        )
     if name == "ledger":
         return (
             f"lag p50/p99 above; acks p99 {fmt(s.get('ack_p99_ms'), '.1f')} ms; writer drains"
@@ -905,6 +932,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "tips": scenario_tips,
     "idle": scenario_idle,
     "ledger": scenario_ledger,
+    "reconnect": scenario_reconnect,
 }
 
 

@@ -83,6 +83,16 @@ class Settings:
     slow_check_interval_s: float = 0.25
     # The contract gives a new connection 10 s to send `hello` (else 4001).
     hello_timeout_s: float = 10.0
+    # Hellos arriving within this many seconds of the first share one user
+    # upsert, one SUBSCRIBE and one balance read (server/gateway/admission.py):
+    # after a restart every client says hello within a second, and a round
+    # trip of each kind per hello held one process to ~700 hellos/s. 2 ms is
+    # far below what a person notices, and is all a lone hello waits.
+    hello_batch_window_s: float = 0.002
+    # Hellos in one batch at most (rows of one upsert, channels of one
+    # SUBSCRIBE): bounds one statement's parameters (~40 KB at 500) and how
+    # long one batch holds a pooled connection. 1 turns coalescing off.
+    hello_batch_max: int = 500
     # Sustained commands per second per session; a person types far slower,
     # and the load tests' bots stay under it.
     commands_per_s: float = 20.0
@@ -467,6 +477,8 @@ class Settings:
             "write_buffer_max_bytes",
             "slow_check_interval_s",
             "hello_timeout_s",
+            "hello_batch_window_s",
+            "hello_batch_max",
             "moderators_max",
             "moderation_rooms_cached_max",
             "chat_purchase_recheck_s",

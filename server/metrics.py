@@ -49,6 +49,13 @@ COMMAND_SECONDS = Histogram(
     ["type"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+# Hellos admitted together (server/gateway/admission.py): 1 on a quiet node,
+# up to hello_batch_max (500) in a reconnect storm.
+HELLO_BATCH_SIZE = Histogram(
+    "tokenchat_hello_batch_size",
+    "Hellos admitted by one batch (one upsert, one SUBSCRIBE, one balance read)",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
+)
 FANOUT_LATENCY = Histogram(
     "tokenchat_fanout_latency_seconds",
     "From an event's commit in Redis to its write to this node's members",

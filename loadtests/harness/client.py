@@ -186,7 +186,8 @@ class Member(asyncio.Protocol):
             self._fail(HandshakeError(f"handshake refused: {head[0]!r}"))
             return False
         self._open = True
-        self.opened.set_result(None)
+        if not self.opened.done():  # its waiter may have given up (a timeout)
+            self.opened.set_result(None)
         return True
 
     def _on_text(self, buf: bytearray, start: int, end: int, now_ns: int) -> None:

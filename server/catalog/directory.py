@@ -117,6 +117,60 @@ class Directory:
             )
         except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
             raise Unavailable("the user store is unavailable") from exc
+        self._remember(identity)
+
+    async def touch_users(self, identities: list[Identity]) -> dict[Identity, Unavailable]:
+        """``touch_user`` for the hellos of one batch: one multi-row statement
+        (one round trip, atomic) instead of one per hello. Returns the
+        identities that could not be written, each with its error (all of
+        them when Postgres is away)."""
+        todo = [identity for identity in dict.fromkeys(identities) if identity not in self._seen]
+        failed: dict[Identity, Unavailable] = {}
+        while todo:
+            # One row per id per statement (ON CONFLICT cannot touch a row
+            # twice); the same user under a second role goes in the next round,
+            # so the last hello's role wins, as one statement each would leave it.
+            rows = {identity.user_id: identity for identity in reversed(todo)}
+            todo = [identity for identity in todo if rows[identity.user_id] is not identity]
+            batch = sorted(rows.values(), key=lambda identity: identity.user_id)
+            try:
+                await self._upsert_users(batch)
+            except (TimeoutError, OSError, asyncpg.PostgresConnectionError) as exc:
+                error = Unavailable("the user store is unavailable")
+                error.__cause__ = exc
+                failed.update(dict.fromkeys([*batch, *todo], error))
+                return failed
+            except asyncpg.PostgresError:
+                # A row Postgres refused fails the whole statement: write them
+                # one by one, so that only that hello is refused.
+                for identity in batch:
+                    try:
+                        await self.touch_user(identity)
+                    except Unavailable as exc:
+                        failed[identity] = exc
+                continue
+            for identity in batch:
+                self._remember(identity)
+        return failed
+
+    async def _upsert_users(self, identities: list[Identity]) -> None:
+        # Rows in id order: two batches upserting the same users lock them in
+        # the same order, so they cannot deadlock.
+        await self._pool.execute(
+            """WITH saved AS (
+                   INSERT INTO users (id, role)
+                   SELECT id, role FROM unnest($1::text[], $2::text[]) AS t(id, role)
+                   ORDER BY id
+                   ON CONFLICT (id) DO UPDATE SET role = EXCLUDED.role, seen_at = now()
+                   RETURNING id, role
+               )
+               INSERT INTO rooms (id) SELECT id FROM saved WHERE role = 'model'
+               ON CONFLICT (id) DO NOTHING""",
+            [identity.user_id for identity in identities],
+            [identity.role for identity in identities],
+        )
+
+    def _remember(self, identity: Identity) -> None:
         # Known to exist from now on in this process (and a model's room with it).
         self.absent_users.discard(identity.user_id)
         self.forget_room(identity.user_id)

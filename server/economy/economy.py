@@ -179,6 +179,8 @@ class Economy:
         self._drain: Drain | None = None
         self._scripts = {action.name: action.script for action in ACTIONS}
         self._load_script = lua_script("load_balance", retry_safe=True)
+        # Reads only: a second run of the same call changes nothing.
+        self._hello_read_script = lua_script("hello_read", retry_safe=True)
         # Locked media: the unlock script's media hash is loaded through it.
         self._media = media
         self._load_entitlements_script = lua_script("load_entitlements", retry_safe=True)
@@ -221,6 +223,45 @@ class Economy:
                 return int(value)
             await self._load(account)
         raise Unavailable("the balance could not be loaded")
+
+    async def hello_state(self, user_ids: list[str], inbox_len: int) -> list[HelloState]:
+        """What a batch of hellos reads (``hello_read.lua``: one call for
+        all), with what Redis lacked loaded from Postgres side by side: each
+        missing balance through the fenced ``load_balance`` (as ``balance``),
+        each missing limits hash and counters through ``limits_load`` (as
+        ``SpendLimits.prewarm``). Raises ``Unavailable``."""
+        if not user_ids:
+            return []
+        keys: list[str] = []
+        for user_id in user_ids:
+            keys += [
+                self._keys.balance(user_account(user_id)),
+                self._keys.limits(user_id),
+                self._keys.spent(user_id),
+                self._keys.inbox(user_id),
+                self._keys.inbox_cursor(user_id),
+            ]
+        try:
+            rows = await self._batcher.call(self._hello_read_script, keys, [inbox_len])
+        except (TimeoutError, *_REDIS_ERRORS) as exc:
+            raise Unavailable("balances are unavailable") from exc
+
+        async def completed(user_id: str, row: list[Any]) -> HelloState:
+            balance, version, minutes, spent, dms = row
+            if version is None or spent is None:
+                limits, counters = await self.limits.cached(user_id, "rc")
+                minutes, spent = limits[1], counters[0]
+            return HelloState(
+                int(balance) if balance is not None else await self.balance(user_id),
+                int(spent),
+                None if minutes is None else int(minutes),
+                [(offset, event) for offset, event in dms],
+            )
+
+        # Loaded side by side (first hellos, or after a Redis reset): one
+        # after another, a batch would take as long as all its hellos did.
+        pairs = zip(user_ids, rows, strict=True)
+        return list(await asyncio.gather(*(completed(u, row) for u, row in pairs)))
 
     # --- spends: one method per paid action (actions.py), naming its keys and args ----
     async def tip(
@@ -1345,6 +1386,19 @@ class MenuItem:
 class _Duplicate(Exception):
     def __init__(self, reply: dict[str, Any]) -> None:
         self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class HelloState:
+    """What one hello of a batch read, as its session opened."""
+
+    balance: int
+    # Her counters' total (`t`): the baseline of her reality checks.
+    spent_total: int
+    # Her reality-check period in minutes; None: off.
+    reality_check_min: int | None
+    # (offset, event JSON) of the DMs stored since her inbox cursor.
+    stored_dms: list[tuple[bytes, bytes]]
 
 
 def _text(value: Any) -> str:

@@ -360,6 +360,11 @@ class SpendLimits:
         a full connection pool still goes through)."""
         await self._cached(user_id)
 
+    async def cached(self, user_id: str, *fields: str) -> tuple[list[Any], list[Any]]:
+        """``fields`` of her limits hash after `v`, and her counters (`t`
+        first), loaded when missing (a batch of hellos: Economy.hello_state)."""
+        return await self._cached(user_id, *fields)
+
     async def spent_total(self, user_id: str) -> int:
         """Tokens she has spent in all (the counters' `t`)."""
         _, spent = await self._cached(user_id)

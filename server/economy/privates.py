@@ -400,33 +400,53 @@ class Privates:
         except _DB_ERRORS as exc:
             log.warning("could not pause the shows of %s: %s", user, exc)
 
-    async def back(self, user: str) -> None:
-        """The user is connected again: their side is back; billing resumes
-        (the pause added to ``paused_s``) when neither side is away. One
-        statement, as ``away``."""
+    async def back_many(self, users: list[str]) -> None:
+        """The users are connected again (a batch of hellos): their side is
+        back; billing resumes (the pause added to ``paused_s``) when neither
+        side is away. One statement for all of them, as ``away``.
+        A show whose fan and model both came back in this batch matches
+        twice, and an UPDATE changes a row once: the second pass picks up
+        the other side (a show has two), so the common case (no private
+        show running) costs one statement that changes nothing."""
+        users = sorted(set(users))
         try:
-            await self._pool.execute(
-                """WITH resumed AS (
-                     UPDATE private_shows SET
-                       fan_away_at = CASE WHEN fan = $1 THEN NULL ELSE fan_away_at END,
-                       model_away_at = CASE WHEN model = $1 THEN NULL ELSE model_away_at END,
-                       paused_s = paused_s + CASE
-                         WHEN (CASE WHEN fan = $1 THEN model_away_at ELSE fan_away_at END) IS NULL
-                         THEN extract(epoch FROM clock_timestamp() - paused_since) ELSE 0 END,
-                       paused_since = CASE
-                         WHEN (CASE WHEN fan = $1 THEN model_away_at ELSE fan_away_at END) IS NULL
-                         THEN NULL ELSE paused_since END
-                     WHERE (fan = $1 OR model = $1) AND state = 'running'
-                       AND (CASE WHEN fan = $1 THEN fan_away_at ELSE model_away_at END)
-                           IS NOT NULL
-                     RETURNING id, paused_since)
-                   DELETE FROM deadlines d USING resumed r
-                   WHERE d.subject = r.id AND d.action = $2 AND r.paused_since IS NULL""",
-                user,
-                GRACE,
-            )
+            for _ in range(2):
+                resumed = await self._pool.fetchval(
+                    """WITH back AS (
+                         SELECT DISTINCT ON (s.id) s.id AS show, u.id AS user_id
+                         FROM unnest($1::text[]) AS u(id)
+                         JOIN private_shows s ON (s.fan = u.id OR s.model = u.id)
+                         WHERE s.state = 'running'
+                           AND (CASE WHEN s.fan = u.id THEN s.fan_away_at ELSE s.model_away_at END)
+                               IS NOT NULL
+                         ORDER BY s.id, u.id),
+                       resumed AS (
+                         UPDATE private_shows p SET
+                           fan_away_at = CASE WHEN p.fan = b.user_id
+                             THEN NULL ELSE p.fan_away_at END,
+                           model_away_at = CASE WHEN p.model = b.user_id
+                             THEN NULL ELSE p.model_away_at END,
+                           paused_s = p.paused_s + CASE
+                             WHEN (CASE WHEN p.fan = b.user_id
+                                   THEN p.model_away_at ELSE p.fan_away_at END) IS NULL
+                             THEN extract(epoch FROM clock_timestamp() - p.paused_since) ELSE 0 END,
+                           paused_since = CASE
+                             WHEN (CASE WHEN p.fan = b.user_id
+                                   THEN p.model_away_at ELSE p.fan_away_at END) IS NULL
+                             THEN NULL ELSE p.paused_since END
+                         FROM back b WHERE p.id = b.show
+                         RETURNING p.id, p.paused_since),
+                       cleared AS (
+                         DELETE FROM deadlines d USING resumed r
+                         WHERE d.subject = r.id AND d.action = $2 AND r.paused_since IS NULL)
+                       SELECT count(*) FROM resumed""",
+                    users,
+                    GRACE,
+                )
+                if not resumed:
+                    return
         except _DB_ERRORS as exc:
-            log.warning("could not resume the shows of %s: %s", user, exc)
+            log.warning("could not resume the shows of %d users: %s", len(users), exc)
 
     # --- the meter -------------------------------------------------------------------
     async def run_meter(self) -> None:

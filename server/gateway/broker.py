@@ -42,6 +42,7 @@ class Broker(Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def subscribe(self, channel: str) -> None: ...
+    async def subscribe_many(self, channels: list[str]) -> None: ...
     async def unsubscribe(self, channel: str) -> None: ...
 
 
@@ -91,6 +92,30 @@ class RedisBroker:
             await asyncio.wait_for(asyncio.shield(waiter), self._timeout_s)
         except TimeoutError:
             self._confirmations.pop(channel, None)
+            raise
+
+    async def subscribe_many(self, channels: list[str]) -> None:
+        """``subscribe`` for many channels in one SUBSCRIBE command (one round
+        trip and one write for a batch of hellos); returns once Redis has
+        confirmed every one of them (``RedisError`` or ``TimeoutError`` on failure)."""
+        loop = asyncio.get_running_loop()
+        new = [channel for channel in dict.fromkeys(channels) if channel not in self._confirmations]
+        for channel in new:
+            self._confirmations[channel] = loop.create_future()
+        if new:
+            try:
+                await asyncio.wait_for(self._pubsub.subscribe(*new), self._timeout_s)
+            except (RedisError, OSError, TimeoutError):
+                for channel in new:
+                    self._confirmations.pop(channel, None)
+                raise
+        waiters = [self._confirmations.get(channel) for channel in channels]
+        pending = [asyncio.shield(waiter) for waiter in waiters if waiter is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*pending), self._timeout_s)
+        except TimeoutError:
+            for channel in channels:
+                self._confirmations.pop(channel, None)
             raise
 
     async def unsubscribe(self, channel: str) -> None:

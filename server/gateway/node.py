@@ -47,6 +47,7 @@ from ..ledger.confirmations import Confirmations
 from ..ledger.history import History
 from ..ledger.writer import LedgerWriter
 from ..standing import Standing
+from .admission import Admission
 from .broker import RedisBroker
 from .hub import Hub
 from .rooms import RoomStore, complete_event, parse_offset
@@ -177,6 +178,8 @@ class Node:
             timeout_s=settings.redis_timeout_s,
         )
         self.sessions: set[Session] = set()
+        # Hellos that arrive together share their round trips (a restart).
+        self.admission = Admission(self)
         # Set when the process starts to shut down: /readyz answers 503 so a
         # load balancer stops sending new connections here.
         self.draining = False
@@ -322,24 +325,44 @@ class Node:
         return await self.economy.balance(user_id)
 
     # --- users: DMs and balance pushes ---------------------------------------------------
-    async def user_online(self, session: Session, user_id: str) -> None:
-        """Route the user's channel (DMs, balance pushes) to this session."""
-        sessions = self._user_sessions.setdefault(user_id, set())
-        if len(sessions) >= self.settings.sessions_per_user_max:
-            raise LimitExceeded(
-                f"at most {self.settings.sessions_per_user_max} sessions per user on one server"
-            )
-        sessions.add(session)
-        channel = self.keys.user_channel(user_id)
-        async with self._room_lock(channel):
-            if user_id in self._subscribed_users:
+    def user_online_many(self, admitted: list[tuple[Session, str]]) -> dict[Session, LimitExceeded]:
+        """Route each user's channel (DMs, balance pushes) to her session, for
+        a batch of hellos, within the sessions-per-user limit.
+        Returns the sessions refused by the limit (the others are online)."""
+        refused: dict[Session, LimitExceeded] = {}
+        limit = self.settings.sessions_per_user_max
+        for session, user_id in admitted:
+            sessions = self._user_sessions.setdefault(user_id, set())
+            if len(sessions) >= limit:
+                refused[session] = LimitExceeded(f"at most {limit} sessions per user on one server")
+                continue
+            sessions.add(session)
+        return refused
+
+    async def subscribe_users(self, user_ids: list[str]) -> None:
+        """The user channels of a batch of hellos: one SUBSCRIBE for
+        every user channel this node is not on yet, confirmed before it
+        returns. Raises ``Unavailable`` (the callers take their sessions
+        offline again)."""
+        wanted = sorted({u for u in user_ids if u not in self._subscribed_users})
+        if not wanted:
+            return
+        channels = [self.keys.user_channel(user_id) for user_id in wanted]
+        # The same striped locks as the unsubscribe of a user gone offline,
+        # taken in index order (no one else holds two), so no unsubscribe of
+        # one of these channels runs between the check and the SUBSCRIBE.
+        stripes = sorted({hash(channel) % ROOM_LOCK_STRIPES for channel in channels})
+        async with contextlib.AsyncExitStack() as stack:
+            for stripe in stripes:
+                await stack.enter_async_context(self._room_locks[stripe])
+            missing = [u for u in wanted if u not in self._subscribed_users]
+            if not missing:
                 return
             try:
-                await self.broker.subscribe(channel)
+                await self.broker.subscribe_many([self.keys.user_channel(u) for u in missing])
             except (RedisError, OSError, TimeoutError) as exc:
-                self._user_sessions[user_id].discard(session)
                 raise Unavailable("your message channel is unavailable") from exc
-            self._subscribed_users.add(user_id)
+            self._subscribed_users.update(missing)
 
     async def _unsubscribe_user_if_offline(self, user_id: str) -> None:
         channel = self.keys.user_channel(user_id)

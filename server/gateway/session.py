@@ -267,28 +267,19 @@ class Session:
     async def _hello(self, command: Hello) -> bool | None:
         """True: welcomed. False: refused and closed. None: try again."""
         node = self.node
-        online = False
         self._held_dms, self._held_balance = [], False
         try:
             identity = verify_token(
                 node.settings.jwt_secret, command.token, ttl_max_s=node.settings.token_ttl_max_s
             )
-            await node.directory.touch_user(identity)
-            # A platform-banned user never gets a session (closed 4003).
-            await node.moderation.check_platform(identity.user_id)
+            # With the hellos that arrive together (gateway/admission.py): the
+            # user upsert, platform bans, the sessions-per-user limit, the
+            # subscription to her channel, then her balance, limits and
+            # counters, and stored DMs. A refused hello is offline again.
             self.identity = identity
-            online = True
-            # Subscribed before reading the balance and the inbox, so that no
-            # change falls between the two.
-            await node.user_online(self, identity.user_id)
-            balance = await node.balance_of(identity.user_id)
-            # Her spending limits and counters too: her spends then need no Postgres.
-            await node.economy.limits.prewarm(identity.user_id)
-            stored = await node.pending_dms(identity.user_id)
+            admitted = await node.admission.admit(self, identity)
         except ServiceError as exc:
             self._held_dms = None
-            if online:
-                node.user_offline(self, identity.user_id)
             self.identity = None
             await self._send({**self._error(command.id, exc.code, exc.message), **exc.fields})
             if exc.code is ErrorCode.UNAUTHENTICATED:
@@ -298,8 +289,7 @@ class Session:
                 await self._close(CloseCode.FORBIDDEN, "banned from the platform")
                 return False
             return None
-        # Back within a private show's grace: its billing resumes.
-        await node.privates.back(identity.user_id)
+        balance, stored = admitted.balance, admitted.stored_dms
         metrics.count_command("hello", "ok")
         await self._send(
             events.welcome(command.id, identity.user_id, identity.role, balance, self.id)
@@ -314,7 +304,9 @@ class Session:
         if stored:
             node.dms_delivered(identity.user_id, stored[-1][0])
         # Reality checks, if the fan asked for them (PUT /v1/me/limits).
-        self._reality_task = asyncio.create_task(self._reality_checks(identity.user_id))
+        self._reality_task = asyncio.create_task(
+            self._reality_checks(identity.user_id, admitted.spent_total, admitted.reality_check_min)
+        )
         node.keep(self._reality_task)
         if self._held_balance:
             # Pushed during hello: the welcome may be older or newer than
@@ -722,7 +714,9 @@ class Session:
         return await action.serve(context, command)
 
     # --- reality checks (server/economy/limits.py) ------------------------------
-    async def _reality_checks(self, user_id: str) -> None:
+    async def _reality_checks(
+        self, user_id: str, spent_at_hello: int, minutes_at_hello: int | None
+    ) -> None:
         """Every `reality_check_min` minutes: a `reality_check` event with
         the time this session has been online and what she spent since it
         opened (her counters' total, so spends from other sessions, HTTP and
@@ -732,16 +726,22 @@ class Session:
         settings = self.node.settings
         limits = self.node.economy.limits
         started = last = time.monotonic()
-        # Her counters' total as the session opened (read once, right after
-        # the hello): a baseline taken only when the session noticed a new
+        # Her counters' total as the session opened (read by the hello, with
+        # her limits): a baseline taken only when the session noticed a new
         # setting would leave out what she spent before it noticed.
-        spent_before: int | None = None
+        spent_before: int | None = spent_at_hello
         enabled = False
+        # The hello read her period too: the first pass needs no Redis (a
+        # reconnect storm would otherwise cost two more reads per session).
+        first_pass = True
         while not self._closing:
             try:
                 if spent_before is None:
                     spent_before = await limits.spent_total(user_id)
-                minutes = await limits.reality_check_min(user_id)
+                if first_pass:
+                    minutes, first_pass = minutes_at_hello, False
+                else:
+                    minutes = await limits.reality_check_min(user_id)
                 if minutes is not None and not enabled:
                     enabled, last = True, time.monotonic()  # a period from now
             except ServiceError:
