@@ -73,6 +73,7 @@ from loadtests.harness.client import (
     CONNECT_TIMEOUT_S,
     HOST,
     KINDS,
+    SIO_PATH,
     Kind,
     Member,
     SenderState,
@@ -136,8 +137,7 @@ IDLE_HOLD_TIMEOUT_S = 120.0  # a load process waits this long for "stop"
 IDLE_LOAD_PROCS = 2
 LEDGER_DRAIN_TIMEOUT_S = 180.0  # the lone writer empties the outbox
 OUTBOX_POLL_S = 0.02
-# The Engine.IO v4 websocket endpoint python-socketio serves (no polling first).
-SIO_PATH = "/socket.io/?EIO=4&transport=websocket"
+# The Redis pub/sub channel of the socketio baseline's AsyncRedisManager.
 SIO_CHANNEL_PREFIX = "tokenchat-bench-socketio-"
 
 KIB = 1024
@@ -251,21 +251,11 @@ class SioMember(Member):
     """A ``Member`` speaking Engine.IO v4 over the websocket: ``0`` open,
     ``40`` namespace connect, ``2``/``3`` ping/pong, ``42[...]`` events."""
 
+    path = SIO_PATH
+
     def __init__(self, port: int, stats: Stats, sender: SenderState | None) -> None:
         super().__init__(port, None, stats, sender)
         self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        lines = [
-            f"GET {SIO_PATH} HTTP/1.1",
-            f"Host: {HOST}:{self._port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {self._key.decode()}",
-            "Sec-WebSocket-Version: 13",
-        ]
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.joined.done():

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
-from loadtests.harness.client import CONNECT_TIMEOUT_S, HOST
+from loadtests.harness.client import CONNECT_TIMEOUT_S, HOST, SIO_PATH
 from loadtests.harness.processes import (
     SETUP_TIMEOUT_S,
     Server,
@@ -70,7 +70,6 @@ if TYPE_CHECKING:
 
 # --- the baseline's contract ----------------------------------------------------
 # The Engine.IO v4 websocket endpoint (no long-polling first), as fanout_peer.
-SIO_PATH = "/socket.io/?EIO=4&transport=websocket"
 # Its own pub/sub channel on the shared Redis, under the benchmark's prefix.
 SIO_CHANNEL_PREFIX = "tokenchat-bench-tips-socketio-"
 # The same bounds as tokenchat's tip (DESIGN.md section 3), so that a hostile
@@ -347,6 +346,8 @@ def _sio_fan_class() -> Callable[[int, Stats, str, str, str], TipFan]:
         ``42["tip",{...}]``. The ack's object is what tokenchat would reply,
         so ``TipFan`` reads it as it reads tokenchat's."""
 
+        path = SIO_PATH
+
         def __init__(
             self, port: int, conn_stats: Stats, user_id: str, room: str, token: str
         ) -> None:
@@ -354,18 +355,6 @@ def _sio_fan_class() -> Callable[[int, Stats, str, str, str], TipFan]:
             self._subprotocol = None
             self._auth = orjson.dumps({"token": token, "room": room})
             self.joined: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = cast(asyncio.Transport, transport)
-            lines = [
-                f"GET {SIO_PATH} HTTP/1.1",
-                f"Host: {HOST}:{self._port}",
-                "Upgrade: websocket",
-                "Connection: Upgrade",
-                f"Sec-WebSocket-Key: {self._key.decode()}",
-                "Sec-WebSocket-Version: 13",
-            ]
-            self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
 
         def connection_lost(self, exc: Exception | None) -> None:
             if not self.joined.done():

@@ -26,6 +26,8 @@ Kind = Literal["tokenchat", "baseline"]
 KINDS: tuple[Kind, ...] = ("tokenchat", "baseline")
 
 HOST = "127.0.0.1"
+# Engine.IO v4 straight over a websocket: the Socket.IO baselines' path.
+SIO_PATH = "/socket.io/?EIO=4&transport=websocket"
 JSON_SUBPROTOCOL = "tokenchat.v1.json"
 
 CONNECT_TIMEOUT_S = 15.0  # one member's connect + handshake + hello + join
@@ -83,6 +85,9 @@ class Member(asyncio.Protocol):
     set-up, JSON replies are matched to the waiting request by ``re``.
     """
 
+    # The request target of the opening handshake.
+    path = "/ws"
+
     def __init__(
         self,
         port: int,
@@ -106,7 +111,7 @@ class Member(asyncio.Protocol):
         # uvloop's TCPTransport has the Transport API without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         lines = [
-            "GET /ws HTTP/1.1",
+            f"GET {self.path} HTTP/1.1",
             f"Host: {HOST}:{self._port}",
             "Upgrade: websocket",
             "Connection: Upgrade",
