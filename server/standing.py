@@ -58,6 +58,7 @@ from .aio import pause, reraise_if_cancelled
 from .config import Settings
 from .errors import BadRequest, Unavailable
 from .keys import Keys
+from .metrics import STANDING_BEHIND
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +380,29 @@ class Standing:
             # A backlog (a node that was down, a long-open transaction that
             # held the horizon): kings and tiers go first, the rest next pass.
             log.warning("standing projector: %d ledger transactions folded, more remain", folded)
+        await self.behind_s()
         return folded
+
+    async def behind_s(self) -> float:
+        """How far the projection is behind the ledger: the age of the first
+        ledger row after the watermark (in (writer_xid, id) order, which is
+        about commit order), 0 when there is none; also set as the metric
+        ``tokenchat_standing_behind_seconds``. One index probe after the
+        watermark, so it costs the same with a backlog of any size."""
+        async with self._pool.acquire() as conn:
+            behind: float = await conn.fetchval(
+                """SELECT coalesce(extract(epoch FROM clock_timestamp() - min(l.recorded_at)), 0)
+                   FROM standing_watermark w
+                   CROSS JOIN LATERAL (
+                       SELECT recorded_at FROM ledger_transactions
+                       WHERE writer_xid IS NOT NULL
+                         AND (writer_xid, id) > (w.writer_xid, w.tx_id)
+                       ORDER BY writer_xid, id LIMIT 1
+                   ) l"""
+            )
+        behind = max(0.0, float(behind))  # clocks: recorded_at is the writer's now()
+        STANDING_BEHIND.set(behind)
+        return behind
 
     async def _project_batch(self) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
