@@ -34,7 +34,8 @@ it (the outbox's lag, ``ledger_linger_ms`` plus a batch, well under a second
 on a healthy node); kings, tiers and the trending sums of discovery follow
 within ``standing_interval_s`` of that (longer only while a transaction that
 began before the tip's writer, anywhere on the Postgres server, has written
-and stays open: the projector waits for it), and events carry a tier up to
+and stays open: the projector waits for it, and the metric
+``tokenchat_standing_behind_seconds`` says how long), and events carry a tier up to
 ``tier_cache_ttl_s`` older still. Windows cover whole hours: the ``12h``
 window holds the hour that contains (now - 12 h) and every later one, so a
 tip leaves it between 12 and 13 hours later.
