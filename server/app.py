@@ -129,8 +129,9 @@ class Process:
             access_log=False,
             timeout_graceful_shutdown=int(settings.shutdown_grace_s),
             ws=ws,
-            # X-Forwarded-* are applied by http/forwarded.py, from the peers
-            # of TOKENCHAT_TRUSTED_PROXIES only, X-Forwarded-Host included.
+            # X-Forwarded-* (or RFC 7239 Forwarded) are applied by
+            # http/forwarded.py, from the peers of TOKENCHAT_TRUSTED_PROXIES
+            # only, X-Forwarded-Host included.
             proxy_headers=False,
         )
         self._http = _EmbeddedUvicorn(config)

@@ -21,6 +21,8 @@ from tokenchat.protocol.limits import HISTORY_LEN_MAX
 from .auth import JWT_SECRET_BYTES_MIN
 
 ENV_PREFIX = "TOKENCHAT_"
+# The values of TOKENCHAT_FORWARDED_HEADERS (see forwarded_headers).
+FORWARDED_HEADER_FAMILIES = ("x-forwarded", "forwarded")
 # The contract's bound on a signed media URL's lifetime (issue #11).
 MEDIA_URL_TTL_MAX_S = 300
 
@@ -68,6 +70,13 @@ class Settings:
     # networks, or * for any peer (only where nothing but the proxy can reach
     # the port, as on a PaaS). Default: a proxy on this machine (nginx, Caddy).
     trusted_proxies: str = "127.0.0.1,::1"
+    # Which forwarded headers the trusted proxies write: `x-forwarded`
+    # (X-Forwarded-Proto, -Host and -For: nginx and Caddy as docs/deploy.md
+    # sets them up, most PaaS routers) or `forwarded` (RFC 7239 Forwarded).
+    # Only that family is read: a proxy passes the family it does not write
+    # from the client untouched, so reading both (or letting either win)
+    # would let any client choose its address and the page's host.
+    forwarded_headers: str = "x-forwarded"
 
     # --- per-connection limits -------------------------------------------------
     # Largest frame a client may send. The largest valid command is a 1000-char
@@ -620,6 +629,10 @@ class Settings:
                     "such as wss://chat.example.com/ws"
                 )
         self.trusted_proxy_networks()  # refuses a malformed list at start-up
+        if self.forwarded_headers not in FORWARDED_HEADER_FAMILIES:
+            raise ValueError(
+                "TOKENCHAT_FORWARDED_HEADERS must be one of " + ", ".join(FORWARDED_HEADER_FAMILIES)
+            )
         self.tier_list()  # refuses a malformed TOKENCHAT_TIERS at start-up
 
     def serves_one_port(self) -> bool:

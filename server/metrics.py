@@ -104,6 +104,18 @@ DM_ARCHIVE_DEPTH = Gauge(
     multiprocess_mode="livemax",
 )
 
+# The standing projector (server/standing.py): how far its watermark is
+# behind the ledger, set after each pass on every node that runs it. A
+# transaction holding an xid anywhere on the Postgres server holds the
+# projector's horizon back (kings, tiers and trending wait; leaderboards do
+# not), and this is the age of the oldest ledger row it is waiting on.
+STANDING_BEHIND = Gauge(
+    "tokenchat_standing_behind_seconds",
+    "Age of the oldest committed ledger row the standing projector has not folded"
+    " (its recorded_at to now, Postgres clock), as of the last pass; 0 when caught up",
+    multiprocess_mode="livemax",
+)
+
 WORKER_REPLACEMENTS = Counter(
     "tokenchat_worker_replacements_total",
     "Gateway workers started by `serve --workers N` to replace one that died",

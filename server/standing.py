@@ -34,7 +34,8 @@ it (the outbox's lag, ``ledger_linger_ms`` plus a batch, well under a second
 on a healthy node); kings, tiers and the trending sums of discovery follow
 within ``standing_interval_s`` of that (longer only while a transaction that
 began before the tip's writer, anywhere on the Postgres server, has written
-and stays open: the projector waits for it), and events carry a tier up to
+and stays open: the projector waits for it, and the metric
+``tokenchat_standing_behind_seconds`` says how long), and events carry a tier up to
 ``tier_cache_ttl_s`` older still. Windows cover whole hours: the ``12h``
 window holds the hour that contains (now - 12 h) and every later one, so a
 tip leaves it between 12 and 13 hours later.
@@ -58,6 +59,7 @@ from .aio import pause, reraise_if_cancelled
 from .config import Settings
 from .errors import BadRequest, Unavailable
 from .keys import Keys
+from .metrics import STANDING_BEHIND
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +381,34 @@ class Standing:
             # A backlog (a node that was down, a long-open transaction that
             # held the horizon): kings and tiers go first, the rest next pass.
             log.warning("standing projector: %d ledger transactions folded, more remain", folded)
+        await self.behind_s()
         return folded
+
+    async def behind_s(self) -> float:
+        """How far the projection is behind the ledger: the age of the first
+        ledger row after the watermark (in (writer_xid, id) order, which is
+        about commit order), 0 when there is none; also set as the metric
+        ``tokenchat_standing_behind_seconds``. One index probe after the
+        watermark, so it costs the same with a backlog of any size."""
+        async with self._pool.acquire() as conn:
+            mark = await conn.fetchrow(
+                "SELECT writer_xid::text AS writer_xid, tx_id FROM standing_watermark"
+            )
+            assert mark is not None  # migration 0022's row, never deleted
+            # The watermark as constants, as in _PENDING_ROOM: the planner
+            # then starts the index scan at it instead of the ledger's start.
+            behind: float = await conn.fetchval(
+                """SELECT coalesce(extract(epoch FROM clock_timestamp() - min(recorded_at)), 0)
+                   FROM (SELECT recorded_at FROM ledger_transactions
+                         WHERE writer_xid IS NOT NULL
+                           AND (writer_xid, id) > ($1::text::xid8, $2::text)
+                         ORDER BY writer_xid, id LIMIT 1) l""",
+                mark["writer_xid"],
+                mark["tx_id"],
+            )
+        behind = max(0.0, float(behind))  # clocks: recorded_at is the writer's now()
+        STANDING_BEHIND.set(behind)
+        return behind
 
     async def _project_batch(self) -> int:
         async with self._pool.acquire() as conn, conn.transaction():

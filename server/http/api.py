@@ -670,7 +670,13 @@ def create_app(node: Node) -> Starlette:
     if not node.settings.metrics_port:  # else served on the internal port only
         routes.append(Route("/metrics", metrics_endpoint))
     app = Starlette(
-        middleware=[Middleware(ForwardedHeaders, networks=node.settings.trusted_proxy_networks())],
+        middleware=[
+            Middleware(
+                ForwardedHeaders,
+                networks=node.settings.trusted_proxy_networks(),
+                rfc7239=node.settings.forwarded_headers == "forwarded",
+            )
+        ],
         routes=[
             *routes,
             Route(HEALTHZ_PATH, healthz),

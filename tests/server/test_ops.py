@@ -22,6 +22,7 @@ from tokenchat.server.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "docs" / "ops" / "alerts.yml"
+ALERT_TESTS = ROOT / "docs" / "ops" / "alerts.test.yml"
 DASHBOARD = ROOT / "docs" / "ops" / "grafana-dashboard.json"
 # The series a metric family exposes besides its own name.
 SERIES_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -41,6 +42,18 @@ def promtool() -> str:
 def test_the_alert_rules_pass_promtool() -> None:
     result = subprocess.run(
         [promtool(), "check", "rules", str(ALERTS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_the_alert_rules_pass_their_unit_tests() -> None:
+    result = subprocess.run(
+        [promtool(), "test", "rules", str(ALERT_TESTS)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from tests.conftest import Http, Running, pg
@@ -297,3 +298,36 @@ async def test_batches_resume_inside_one_writer_transaction(
     finally:
         await pool.close()
         await redis.aclose()
+
+
+async def test_behind_seconds_rises_while_a_transaction_holds_the_horizon_then_falls(
+    server: Running, settings: Settings, db: asyncpg.Connection
+) -> None:
+    """tokenchat_standing_behind_seconds: a transaction that holds an xid
+    keeps the projector from folding a tip committed after it began; the
+    gauge grows with the tip's age, and drops to 0 once it ends."""
+    standing = server.node.standing
+    await _fold_all(standing, db)
+    assert await standing.behind_s() == 0.0
+    assert REGISTRY.get_sample_value("tokenchat_standing_behind_seconds") == 0.0
+    older = await asyncpg.connect(settings.database_url)
+    try:
+        transaction = older.transaction()
+        await transaction.start()
+        await older.fetchval("SELECT pg_current_xact_id()")  # it holds an xid now
+        await _tips(server, 100, 30)
+        await standing.project()
+        first = REGISTRY.get_sample_value("tokenchat_standing_behind_seconds")
+        assert first is not None and first >= 0.0
+        await asyncio.sleep(1.0)
+        await standing.project()
+        later = REGISTRY.get_sample_value("tokenchat_standing_behind_seconds")
+        assert later is not None and later >= first + 1.0, (first, later)
+        assert await _sums(settings) == (0, 0, 0)  # still held back
+        await transaction.commit()
+    finally:
+        await older.close()
+    await _fold_all(standing, db)
+    await standing.project()
+    assert REGISTRY.get_sample_value("tokenchat_standing_behind_seconds") == 0.0
+    assert await _sums(settings) == (30, 30, 30)
