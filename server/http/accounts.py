@@ -555,14 +555,15 @@ def accounts_routes(
         except ServiceError:
             log.warning("account %s deleted but its sessions were not closed", user)
             raise
-        # 2b. The WebSocket side (docs/protocol.md, "Deleted accounts"): her
+        # 2b. The WebSocket side (server/catalog/forgetting.py): her
         #     kingships under her pseudonym, her events out of every room's
         #     history (live members get `clear`), her DMs out of inboxes.
-        #     Each is retry-safe: a failure answers UNAVAILABLE and the
-        #     deletion asked again finishes them.
-        await node.standing.rename_king(user, alias)
-        await node.moderation.forget_user(user)
-        await forget_dms(user, archived_too=True)
+        #     She cannot ask again once shut out, so a step that fails is
+        #     left to the sweeper (every step is retry-safe).
+        try:
+            await node.forgetting.forget(user, alias)
+        except ServiceError as exc:  # she is shut out: the sweeper finishes it
+            log.warning("deleted %s not forgotten yet: %s", alias, exc.message)
         # 3. Anything credited between 1 and 2 (a purchase, an escrow refund).
         second = await forfeit(user, alias, 2)
         forfeited = int(first["clawed"]) + int(second["clawed"])

@@ -1,0 +1,145 @@
+"""Account deletion on the WebSocket side (issue #13 section 4), against real
+Redis, Postgres and a server process: after a fan deletes her account, no
+frame a member receives names her id: not the history a `join` replays
+(her chat lines, tips and `king` events are out of it), not the room's king
+(her pseudonym reigns), not a DM replayed at a hello; members in the rooms
+get `clear` for her. Frames are scanned raw, as the socket carries them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.conftest import Http, Running, pg
+from tests.server.test_deletion import Start, delete, drain
+from tokenchat.client_demo.client import Client
+from tokenchat.protocol.codec import Codec
+
+FAN = "dora"
+
+
+class Recording:
+    """A codec that keeps every raw frame it decodes."""
+
+    def __init__(self, codec: Codec) -> None:
+        self._codec = codec
+        self.frames: list[bytes] = []
+        self.subprotocol = codec.subprotocol
+        self.binary = codec.binary
+
+    def decode(self, data: bytes | str) -> object:
+        self.frames.append(data.encode() if isinstance(data, str) else bytes(data))
+        return self._codec.decode(data)
+
+    def encode(self, obj: Any) -> bytes:
+        return self._codec.encode(obj)
+
+
+async def recorded(server: Running, sub: str) -> tuple[Client, Recording]:
+    """``sub``'s connection, every frame from its welcome on recorded."""
+    client = await server.client()
+    recording = Recording(client.codec)
+    client.codec = recording
+    await client.hello(_token(sub))
+    return client, recording
+
+
+def _token(sub: str) -> str:
+    from tests.conftest import token
+
+    return token(sub)
+
+
+async def king_named(client: Client, user: str) -> dict[str, Any]:
+    while True:
+        event = await client.next_event("king", timeout_s=15)
+        if (event["king"] or {}).get("user") == user:
+            return event
+
+
+async def test_a_deleted_fan_is_in_no_frame_of_a_room_join_nor_a_dm_replay(
+    start_server: Start,
+) -> None:
+    server = await start_server()
+    http = Http(server)
+    alice = await server.client("alice", "model")
+    carol = await server.client("carol", "model")
+    fan = await server.client(FAN)
+    erin = await server.client("erin")  # a member of both rooms throughout
+    gus = await server.client("gus")  # exists, then goes away: DMs wait for him
+    await gus.close()
+    await http.credit(FAN, 100)
+    await http.credit("erin", 100)
+    await fan.next_event("balance")
+    await alice.call("join", room="alice")
+    await carol.call("join", room="carol")
+    for member in (fan, erin):
+        for room in ("alice", "carol"):
+            await member.call("join", room=room)
+
+    # She chats and tips in both rooms; she is king in alice's, erin in carol's.
+    await fan.call("say", room="alice", text="hello alice")
+    await fan.call("tip", room="alice", amount=10, key="a1", text="for you")
+    await fan.call("say", room="carol", text="hello carol")
+    await fan.call("tip", room="carol", amount=5, key="c1")
+    await erin.call("tip", room="carol", amount=20, key="e1")
+    await erin.call("say", room="alice", text="erin stays")
+    await fan.call("dm", to="gus", text="psst gus", key="d1")
+    await fan.call("dm", to="erin", text="psst erin", key="d2")
+    await king_named(alice, FAN)
+    await king_named(carol, "erin")
+    assert await server.node.dm_archive.drain(10.0) == 0
+    # One more DM still in the archive stream at the deletion.
+    await fan.call("dm", to="gus", text="psst again", key="d3")
+    joined = await (await server.client("henry")).call("join", room="alice")
+    assert FAN.encode() in _frames_text(joined), "the history did not name her before"
+
+    status, reply = await delete(http, FAN)
+    assert status == 200, reply
+    alias = reply["pseudonym"]
+    await drain(server)
+
+    # Live members are told to hide her lines, in each room she wrote in.
+    cleared = {(await erin.next_event("clear"))["room"] for _ in range(2)}
+    assert cleared == {"alice", "carol"}
+    # ...and alice's room hears of its king under her pseudonym.
+    await king_named(alice, alias)
+
+    # A new member joining each room: no frame names her.
+    frank, frames = await recorded(server, "frank")
+    replies = {room: await frank.call("join", room=room) for room in ("alice", "carol")}
+    assert replies["alice"]["room"]["king"] == {"user": alias, "tokens": 10}
+    assert replies["carol"]["room"]["king"]["user"] == "erin"
+    texts = [e.get("text") for e in replies["alice"]["history"]]
+    assert "erin stays" in texts and "hello alice" not in texts, texts
+    assert frames.frames, "nothing was recorded"
+    for frame in frames.frames:
+        assert FAN.encode() not in frame, frame
+
+    # gus, back: the DMs she sent him are not replayed.
+    gus, gus_frames = await recorded(server, "gus")
+    await gus.call("balance")
+    for frame in gus_frames.frames:
+        assert FAN.encode() not in frame, frame
+    assert await pg(server.process.settings, "SELECT 1 FROM dms WHERE sender = $1", FAN) == []
+    inboxes = [server.node.keys.inbox("gus"), server.node.keys.inbox("erin")]
+    for inbox in inboxes:
+        entries = await server.node.redis.xrange(inbox)
+        assert not any(FAN.encode() in v for _, row in entries for v in row.values())
+    assert not any(
+        FAN.encode() in v
+        for _, row in await server.node.redis.xrange(server.node.keys.dm_log())
+        for v in row.values()
+    )
+
+    forgotten = await pg(
+        server.process.settings, "SELECT forgotten_at FROM deleted_users WHERE user_id = $1", FAN
+    )
+    assert forgotten[0]["forgotten_at"] is not None
+    for client in (alice, carol, erin, frank, gus):
+        await client.close()
+
+
+def _frames_text(reply: dict[str, Any]) -> bytes:
+    import orjson
+
+    return orjson.dumps(reply)
