@@ -7,12 +7,19 @@ get `clear` for her. Frames are scanned raw, as the socket carries them."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from tests.conftest import Http, Running, pg
+import orjson
+import pytest
+
+from tests.conftest import Http, Running, pg, token
 from tests.server.test_deletion import Start, delete, drain
 from tokenchat.client_demo.client import Client
 from tokenchat.protocol.codec import Codec
+from tokenchat.server.catalog.moderation import Moderation
+from tokenchat.server.errors import Unavailable
+from tokenchat.server.standing import HOUR_MS
 
 FAN = "dora"
 
@@ -39,14 +46,8 @@ async def recorded(server: Running, sub: str) -> tuple[Client, Recording]:
     client = await server.client()
     recording = Recording(client.codec)
     client.codec = recording
-    await client.hello(_token(sub))
+    await client.hello(token(sub))
     return client, recording
-
-
-def _token(sub: str) -> str:
-    from tests.conftest import token
-
-    return token(sub)
 
 
 async def king_named(client: Client, user: str) -> dict[str, Any]:
@@ -91,7 +92,7 @@ async def test_a_deleted_fan_is_in_no_frame_of_a_room_join_nor_a_dm_replay(
     # One more DM still in the archive stream at the deletion.
     await fan.call("dm", to="gus", text="psst again", key="d3")
     joined = await (await server.client("henry")).call("join", room="alice")
-    assert FAN.encode() in _frames_text(joined), "the history did not name her before"
+    assert FAN.encode() in orjson.dumps(joined), "the history did not name her before"
 
     status, reply = await delete(http, FAN)
     assert status == 200, reply
@@ -135,11 +136,67 @@ async def test_a_deleted_fan_is_in_no_frame_of_a_room_join_nor_a_dm_replay(
         server.process.settings, "SELECT forgotten_at FROM deleted_users WHERE user_id = $1", FAN
     )
     assert forgotten[0]["forgotten_at"] is not None
+    # The projector counting her room again (as after a later tip, or each
+    # hour when it recomputes every room: an hour later here, in this very
+    # call) keeps her pseudonym: her sums still lead, and no king event.
+    await server.node.standing.step(now_ms=int(time.time() * 1000) + HOUR_MS)
+    kings = await pg(
+        server.process.settings, "SELECT user_id FROM standing_kings WHERE room = 'alice'"
+    )
+    assert [k["user_id"] for k in kings] == [alias]
     for client in (alice, carol, erin, frank, gus):
         await client.close()
 
 
-def _frames_text(reply: dict[str, Any]) -> bytes:
-    import orjson
+async def test_a_forgetting_cut_short_by_redis_is_finished_by_the_sweeper(
+    start_server: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await start_server()
+    http = Http(server)
+    alice = await server.client("alice", "model")
+    fan = await server.client(FAN)
+    await http.credit(FAN, 50)
+    await fan.next_event("balance")
+    for client in (alice, fan):
+        await client.call("join", room="alice")
+    await fan.call("say", room="alice", text="soon gone")
+    real = Moderation.forget_user
 
-    return orjson.dumps(reply)
+    async def lost(self: Moderation, user: str) -> int:
+        raise Unavailable("room history is unavailable")
+
+    monkeypatch.setattr(Moderation, "forget_user", lost)
+    status, reply = await delete(http, FAN)
+    # The account is deleted (she is shut out and cannot ask again)...
+    assert status == 200, reply
+    rows = await pg(
+        server.process.settings, "SELECT forgotten_at FROM deleted_users WHERE user_id = $1", FAN
+    )
+    assert rows[0]["forgotten_at"] is None
+    history = (await (await server.client("henry")).call("join", room="alice"))["history"]
+    assert [e["text"] for e in history if e["type"] == "message"] == ["soon gone"]
+    # ...and the next sweep takes her lines out, telling the room.
+    monkeypatch.setattr(Moderation, "forget_user", real)
+    await server.node.forgetting.sweep()
+    assert (await alice.next_event("clear"))["user"] == FAN
+    frank, frames = await recorded(server, "frank")
+    history = (await frank.call("join", room="alice"))["history"]
+    assert not [e for e in history if e["type"] == "message"], history
+    assert not any(FAN.encode() in frame for frame in frames.frames)
+    rows = await pg(
+        server.process.settings, "SELECT forgotten_at FROM deleted_users WHERE user_id = $1", FAN
+    )
+    assert rows[0]["forgotten_at"] is not None
+    # A sweep after that has nothing to do: no second clear.
+    await server.node.forgetting.sweep()
+    await alice.call("balance")
+    assert all(e["type"] != "clear" for e in _queued(alice))
+    for client in (alice, frank):
+        await client.close()
+
+
+def _queued(client: Client) -> list[dict[str, Any]]:
+    events = []
+    while not client.events.empty():
+        events.append(client.events.get_nowait())
+    return events
