@@ -427,7 +427,7 @@ class Moderation:
                 gone = int(await self._batcher.call(self._clear, [key], [user, "all"]))
                 if gone:
                     removed += gone
-                    await self.announce({"op": "clear", "room": room, "user": user})
+                    await self.announce({"op": "clear", "room": room, "user": user, "all": True})
         except _REDIS_ERRORS as exc:
             raise Unavailable("room history is unavailable") from exc
         return removed

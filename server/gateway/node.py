@@ -572,7 +572,10 @@ class Node:
             for session in list(self._user_sessions.get(user, ())):
                 session.remove_from_room(room, frame)
         elif op == "clear" and isinstance(room, str):
-            self.hub.deliver_transient(room, orjson.dumps(events.clear_event(room, user)))
+            everything = news.get("all") is True  # a deleted account (Moderation.forget_user)
+            self.hub.deliver_transient(
+                room, orjson.dumps(events.clear_event(room, user, everything))
+            )
         elif op == "platform" and news.get("banned"):
             for session in list(self._user_sessions.get(user, ())):
                 session.close_banned()
