@@ -384,8 +384,11 @@ async def forget_sender(
 ) -> int:
     """A deleted account (DELETE /v1/me): her DMs out of the archive stream
     and the inboxes of those she wrote to, so no hello replays one and the
-    archiver copies none into ``dms`` (dm_forget.lua). The recipients: those
-    of her archived DMs and of her entries still in the archive stream. The
+    archiver copies none into ``dms`` (dm_forget.lua); with them the request
+    and private-show events naming her that wait in her counterparts'
+    inboxes. The inboxes: those of her archived DMs' recipients, of her
+    entries still in the archive stream, and of the other party of each
+    request and private show she was party to (those rows stay). The
     deletion calls it twice: before its transaction removes her ``dms`` rows
     (which name the recipients), and after her sessions are closed
     (``archived_too``: then her rows go again out of ``dms``, for one the
@@ -393,14 +396,23 @@ async def forget_sender(
     went."""
     script = redis.register_script(script_source("dm_forget"))
     try:
-        rows = await pool.fetch("SELECT DISTINCT recipient FROM dms WHERE sender = $1", user)
+        rows = await pool.fetch(
+            """SELECT recipient FROM dms WHERE sender = $1
+               UNION SELECT CASE WHEN fan = $1 THEN model ELSE fan END FROM requests
+                      WHERE fan = $1 OR model = $1
+               UNION SELECT CASE WHEN fan = $1 THEN model ELSE fan END FROM private_shows
+                      WHERE fan = $1 OR model = $1""",
+            user,
+        )
     except _DB_ERRORS as exc:
         raise Unavailable("DMs are unavailable") from exc
     # A first call with no inbox names the recipients of the stream's entries.
     try:
         first = await script(keys=[keys.dm_log()], args=[user])
         removed = int(first[0])
-        recipients = sorted({row["recipient"] for row in rows} | {_text(r) for r in first[1:]})
+        recipients = sorted(
+            ({row["recipient"] for row in rows} | {_text(r) for r in first[1:]}) - {user}
+        )
         for start in range(0, len(recipients), FORGET_INBOXES_PER_CALL):
             chunk = recipients[start : start + FORGET_INBOXES_PER_CALL]
             reply = await script(keys=[keys.dm_log(), *map(keys.inbox, chunk)], args=[user])

@@ -201,3 +201,34 @@ def _queued(client: Client) -> list[dict[str, Any]]:
     while not client.events.empty():
         events.append(client.events.get_nowait())
     return events
+
+
+async def test_events_naming_her_in_an_offline_models_inbox_are_not_replayed(
+    start_server: Start,
+) -> None:
+    """A custom request's events wait in the model's inbox while she is away
+    (the offer, then its cancel by the deletion): her `hello` after the
+    deletion replays none of them."""
+    server = await start_server()
+    http = Http(server)
+    ivy = await server.client("ivy", "model")
+    await ivy.close()
+    fan = await server.client(FAN)
+    await http.credit(FAN, 30)
+    await fan.next_event("balance")
+    await fan.call("request_offer", model="ivy", text="a song", amount=15, key="o1")
+    inbox = server.node.keys.inbox("ivy")
+    assert any(
+        FAN.encode() in v for _, row in await server.node.redis.xrange(inbox) for v in row.values()
+    )
+
+    status, reply = await delete(http, FAN)
+    assert status == 200 and reply["closed"]["requests"] == 1, reply
+    await drain(server)
+
+    ivy, frames = await recorded(server, "ivy")
+    await ivy.call("balance")
+    assert frames.frames
+    for frame in frames.frames:
+        assert FAN.encode() not in frame, frame
+    await ivy.close()

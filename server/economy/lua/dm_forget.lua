@@ -1,8 +1,10 @@
 -- dm_forget: a deleted account's DMs out of the Redis copies that would
--- still deliver or archive them (DELETE /v1/me; server/catalog/dms.py).
+-- still deliver or archive them (DELETE /v1/me; server/catalog/dms.py), and
+-- the other events queued in inboxes that name her: a custom request's
+-- (`from` the fan, `to` the model) and a private show's (`fan`, `model`).
 --
 -- KEYS[1]     the DM archive stream (dm.lua's KEY.dm_log)
--- KEYS[2..n]  inbox streams of users she may have written to
+-- KEYS[2..n]  inbox streams of users she may have written to or dealt with
 -- ARGV[1]     the deleted user
 --
 -- Returns {removed, recipients...}: how many entries went, and the
@@ -24,7 +26,8 @@ local function hers(fields)
   for i = 1, #fields, 2 do
     if fields[i] == 'e' then
       local ok, event = pcall(cjson.decode, fields[i + 1])
-      return ok and type(event) == 'table' and event['from'] == user
+      return ok and type(event) == 'table' and (event['from'] == user or event['to'] == user
+        or event['fan'] == user or event['model'] == user)
     end
   end
   return false
