@@ -318,6 +318,8 @@ def format_event(event: Event) -> str | None:
         return f"private {format_private(event)}"
     if type_ == "show":
         return f"[{room}] show {format_show(event)}"
+    if type_ == "clear" and event.get("all") is True:
+        return f"[{room}] * {event.get('user')} deleted their account: their lines are gone"
     if type_ == "clear":
         return f"[{room}] * {event.get('user')}'s messages were cleared by a moderator"
     if type_ == "removed":

@@ -193,10 +193,16 @@ def king_event(room: str, king: dict[str, Any] | None) -> dict[str, Any]:
     return {"type": "king", "room": room, "king": king}
 
 
-def clear_event(room: str, user: str) -> dict[str, Any]:
+def clear_event(room: str, user: str, everything: bool = False) -> dict[str, Any]:
     """A moderator cleared ``user``'s chat lines from ``room``: clients hide
-    every ``message`` of theirs in that room (history no longer holds them)."""
-    return {"type": "clear", "room": room, "user": user}
+    every ``message`` of theirs in that room (history no longer holds them).
+    ``everything`` (``all: true``): ``user`` deleted her account, and every
+    line of hers went (tips, media, `king` events crowning her too): clients
+    hide them all."""
+    event: dict[str, Any] = {"type": "clear", "room": room, "user": user}
+    if everything:
+        event["all"] = True
+    return event
 
 
 def removed_event(room: str, reason: str, until_ms: int | None) -> dict[str, Any]:

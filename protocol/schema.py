@@ -188,7 +188,7 @@ EVENT_SCHEMAS: Final[dict[str, Schema]] = {
     "show": {"allOf": [ref("show"), obj({"offset": OFFSET, "ts": MS})]},
     "goal": obj({**_ROOM_EVENT, "goal": ref("goal")}),
     "request": {"allOf": [ref("custom_request"), obj({"ts": MS})]},
-    "clear": obj({"room": STRING, "user": USER_ID}),
+    "clear": obj({"room": STRING, "user": USER_ID}, {"all": {"const": True}}),
     "removed": obj({"room": STRING, "reason": {"enum": ["kicked", "banned"]}}, {"until": MS}),
     "reality_check": obj(
         {"online_s": {"type": "integer", "minimum": 0}, "spent": TOKENS, "every_min": INTEGER}
@@ -207,7 +207,10 @@ EVENT_SUMMARIES: Final[dict[str, str]] = {
     "show": "A ticket show of the room changed state.",
     "goal": "The room's tip goal was set, progressed, was reached, failed or deleted.",
     "request": "A custom request changed state (to its fan and its model).",
-    "clear": "A moderator cleared a user's chat lines: hide them.",
+    "clear": (
+        "A moderator cleared a user's chat lines (`all`: the user deleted their account, "
+        "every line of theirs went): hide them."
+    ),
     "removed": "This session was kicked or banned from a room.",
     "reality_check": "Time online and tokens spent, every `every_min` minutes.",
     "private": "A private show changed state or charged a period.",

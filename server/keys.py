@@ -23,6 +23,10 @@ class Keys:
         """Stream of the room's last `history_len` message/tip events."""
         return f"{self.prefix}room:{{{room}}}:history"
 
+    def room_histories(self) -> str:
+        """SCAN MATCH pattern of every room's history stream."""
+        return glob_escape(self.prefix) + "room:{*}:history"
+
     def room_channel(self, room: str) -> str:
         """Pub/sub channel carrying the room's events to every node."""
         return f"{self.prefix}room:{{{room}}}:events"

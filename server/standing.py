@@ -353,6 +353,10 @@ class Standing:
             raise Unavailable("the king is unavailable") from exc
         return None if row is None else {"user": row["user_id"], "tokens": row["tokens"]}
 
+    async def rename_king(self, user: str, alias: str) -> list[str]:
+        """A deleted account's kingships under her pseudonym (``rename_king``)."""
+        return await rename_king(self._pool, user, alias, self._publish)
+
     # --- the projector --------------------------------------------------------------
     async def run(self) -> None:
         """Project until cancelled; a backend away only delays it."""
@@ -548,9 +552,22 @@ class Standing:
                 # change, the second finds it stored and publishes nothing.
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", room)
-                    before = await conn.fetchval(
-                        "SELECT user_id FROM standing_kings WHERE room = $1", room
+                    # A deleted account reigns under her pseudonym (docs/
+                    # economy.md, "Deleted accounts"): looked up under the
+                    # room's lock, which the deletion's renaming takes too,
+                    # so a pass that summed before the deletion committed
+                    # cannot put her id back after the renaming.
+                    pair = await conn.fetchrow(
+                        """SELECT (SELECT user_id FROM standing_kings WHERE room = $1) AS before,
+                                  (SELECT pseudonym FROM deleted_users
+                                    WHERE user_id = $2) AS alias""",
+                        room,
+                        king,
                     )
+                    assert pair is not None  # a SELECT without FROM gives one row
+                    before = pair["before"]
+                    if pair["alias"] is not None:
+                        king = pair["alias"]
                     if king is None:
                         await conn.execute("DELETE FROM standing_kings WHERE room = $1", room)
                     else:
@@ -579,6 +596,44 @@ class Standing:
             except Exception as exc:  # the room's Redis away: the join still tells
                 reraise_if_cancelled(exc)
                 log.warning("king event of %s not published: %s", room, exc)
+
+
+async def rename_king(pool: asyncpg.Pool, user: str, alias: str, publish: Publish) -> list[str]:
+    """A deleted account (DELETE /v1/me, after ``deleted_users`` has her
+    row): wherever ``user`` is king, her pseudonym ``alias`` is, and the room
+    gets the `king` event saying so; her own room has no king any more (the
+    room is gone). Each room under the projector's lock for it
+    (``Standing._project_kings``), which maps her id to ``alias`` from then
+    on. Retry-safe: a second run finds nothing to rename. Bounded by the
+    rooms she reigns in (a scan of standing_kings: one row per room).
+    Returns the renamed rooms."""
+    renamed: list[tuple[str, int]] = []
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("DELETE FROM standing_kings WHERE room = $1", user)
+            rooms = await conn.fetch("SELECT room FROM standing_kings WHERE user_id = $1", user)
+            for row in rooms:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", row["room"])
+                    tokens = await conn.fetchval(
+                        """UPDATE standing_kings SET user_id = $3, updated_at = now()
+                            WHERE room = $1 AND user_id = $2 RETURNING tokens""",
+                        row["room"],
+                        user,
+                        alias,
+                    )
+                if tokens is not None:
+                    renamed.append((row["room"], int(tokens)))
+    except _DB_ERRORS as exc:
+        raise Unavailable("kings are unavailable") from exc
+    for room, tokens in renamed:
+        # Stored first, then published: a join in between already gives it.
+        try:
+            await publish(room, events.king_event(room, {"user": alias, "tokens": tokens}))
+        except Exception as exc:  # the room's Redis away: the join still tells
+            reraise_if_cancelled(exc)
+            log.warning("king event of %s not published: %s", room, exc)
+    return [room for room, _ in renamed]
 
 
 def _chunks(items: list[str]) -> list[list[str]]:

@@ -2287,13 +2287,17 @@ async function moderate(type, fields, label) {
   }
 }
 
-/** `clear`: a moderator removed `user`'s lines; hide them everywhere. */
+/** `clear`: a moderator removed `user`'s lines; hide them everywhere. With
+ * `all`, `user` deleted their account: every line of theirs goes (tips and
+ * media too), as the room's history no longer holds them. */
 function onClear(event) {
   const log = state.logs.get(event.room);
   if (!log) return;
-  const kept = log.filter((entry) => !(entry.type === "message" && entry.from === event.user));
+  const gone = event.all === true ? (entry) => entry.from === event.user : (entry) => entry.type === "message" && entry.from === event.user;
+  const kept = log.filter((entry) => !gone(entry));
   const removed = log.length - kept.length;
-  kept.push({ type: "note", text: `${event.user === state.me?.id ? "Your" : `${event.user}'s`} messages were removed by a moderator.` });
+  const note = event.all === true ? `${event.user} deleted their account.` : `${event.user === state.me?.id ? "Your" : `${event.user}'s`} messages were removed by a moderator.`;
+  kept.push({ type: "note", text: note });
   state.logs.set(event.room, kept);
   if (event.room === state.room) showRoom(event.room);
   return removed;

@@ -371,3 +371,61 @@ def parse_cursor(raw: str | None) -> tuple[int, str] | None:
     if not 1 <= len(rest) <= 64:
         raise BadRequest("query parameter 'before' must be a cursor a previous page gave")
     return int(ms), rest
+
+
+# Inboxes one dm_forget.lua call scans at most (each at most inbox_len
+# entries): a deleted account's DMs leave the inboxes of everyone she wrote
+# to in calls of a bounded length, Redis serving others in between.
+FORGET_INBOXES_PER_CALL = 100
+
+
+async def forget_sender(
+    pool: asyncpg.Pool, redis: Redis, keys: Keys, user: str, *, archived_too: bool
+) -> int:
+    """A deleted account (DELETE /v1/me): her DMs out of the archive stream
+    and the inboxes of those she wrote to, so no hello replays one and the
+    archiver copies none into ``dms`` (dm_forget.lua); with them the request
+    and private-show events naming her that wait in her counterparts'
+    inboxes. The inboxes: those of her archived DMs' recipients, of her
+    entries still in the archive stream, and of the other party of each
+    request and private show she was party to (those rows stay). The
+    deletion calls it twice: before its transaction removes her ``dms`` rows
+    (which name the recipients), and after her sessions are closed
+    (``archived_too``: then her rows go again out of ``dms``, for one the
+    archiver had read before). Retry-safe. Returns how many Redis entries
+    went."""
+    script = redis.register_script(script_source("dm_forget"))
+    try:
+        rows = await pool.fetch(
+            """SELECT recipient FROM dms WHERE sender = $1
+               UNION SELECT CASE WHEN fan = $1 THEN model ELSE fan END FROM requests
+                      WHERE fan = $1 OR model = $1
+               UNION SELECT CASE WHEN fan = $1 THEN model ELSE fan END FROM private_shows
+                      WHERE fan = $1 OR model = $1""",
+            user,
+        )
+    except _DB_ERRORS as exc:
+        raise Unavailable("DMs are unavailable") from exc
+    # A first call with no inbox names the recipients of the stream's entries.
+    try:
+        first = await script(keys=[keys.dm_log()], args=[user])
+        removed = int(first[0])
+        recipients = sorted(
+            ({row["recipient"] for row in rows} | {_text(r) for r in first[1:]}) - {user}
+        )
+        for start in range(0, len(recipients), FORGET_INBOXES_PER_CALL):
+            chunk = recipients[start : start + FORGET_INBOXES_PER_CALL]
+            reply = await script(keys=[keys.dm_log(), *map(keys.inbox, chunk)], args=[user])
+            removed += int(reply[0])
+    except _REDIS_ERRORS as exc:
+        raise Unavailable("DM inboxes are unavailable") from exc
+    if archived_too:
+        try:
+            await pool.execute("DELETE FROM dms WHERE sender = $1", user)
+        except _DB_ERRORS as exc:
+            raise Unavailable("DMs are unavailable") from exc
+    return removed
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -27,6 +27,7 @@ from .. import bus
 from ..aio import pause, reraise_if_cancelled
 from ..catalog.directory import Directory
 from ..catalog.dms import Blocks, DmArchive
+from ..catalog.forgetting import Forgetting
 from ..catalog.media import LocalDiskStore, MediaCatalog
 from ..catalog.moderation import Moderation, decode_news
 from ..catalog.reports import Reports
@@ -167,6 +168,10 @@ class Node:
             pool, self.economy, self.requests, self.shows, self.privates, self.goals, self.payouts
         )
         self.sweeper.every_sweep(self.closing.forfeit_late_credits)
+        # ...and forgotten on the WebSocket side (rooms' histories, kings,
+        # DM inboxes): by the deletion, or by the sweeper if that failed.
+        self.forgetting = Forgetting(pool, redis, self.keys, self.standing, self.moderation)
+        self.sweeper.every_sweep(self.forgetting.sweep)
         # Discovery, follows and live notifications (server/discovery.py).
         self.discovery = Discovery(pool, redis, self.keys, settings)
         self._commits_channel = self.keys.ledger_commits()
@@ -567,7 +572,10 @@ class Node:
             for session in list(self._user_sessions.get(user, ())):
                 session.remove_from_room(room, frame)
         elif op == "clear" and isinstance(room, str):
-            self.hub.deliver_transient(room, orjson.dumps(events.clear_event(room, user)))
+            everything = news.get("all") is True  # a deleted account (Moderation.forget_user)
+            self.hub.deliver_transient(
+                room, orjson.dumps(events.clear_event(room, user, everything))
+            )
         elif op == "platform" and news.get("banned"):
             for session in list(self._user_sessions.get(user, ())):
                 session.close_banned()

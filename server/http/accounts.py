@@ -30,6 +30,7 @@ from tokenchat.protocol.commands import PAYMENT_REF
 from tokenchat.protocol.limits import USER_ID_RE
 
 from ..auth import Identity
+from ..catalog import dms
 from ..catalog.media import content_name, preview_name
 from ..catalog.moderation import append_audit
 from ..catalog.reports import REPORT_REASON_LEN_MAX, check_text
@@ -539,6 +540,10 @@ def accounts_routes(
         # 1. The balance goes to sys:forfeited through the ledger (the user's
         #    account then holds 0). A failure stops here: nothing was deleted.
         first = await forfeit(user, alias, 1)
+        # 1b. Her DMs out of the inboxes that would replay them at a hello,
+        #     while her archived rows still name their recipients (again
+        #     after 2, for one she sent meanwhile).
+        await forget_dms(user, archived_too=False)
         # 2. Personal data removed and the pseudonym recorded, in one
         #    transaction; then the user is shut out everywhere (a permanent
         #    platform ban closes every session on every node and refuses
@@ -550,6 +555,15 @@ def accounts_routes(
         except ServiceError:
             log.warning("account %s deleted but its sessions were not closed", user)
             raise
+        # 2b. The WebSocket side (server/catalog/forgetting.py): her
+        #     kingships under her pseudonym, her events out of every room's
+        #     history (live members get `clear`), her DMs out of inboxes.
+        #     She cannot ask again once shut out, so a step that fails is
+        #     left to the sweeper (every step is retry-safe).
+        try:
+            await node.forgetting.forget(user, alias)
+        except ServiceError as exc:  # she is shut out: the sweeper finishes it
+            log.warning("deleted %s not forgotten yet: %s", alias, exc.message)
         # 3. Anything credited between 1 and 2 (a purchase, an escrow refund).
         second = await forfeit(user, alias, 2)
         forfeited = int(first["clawed"]) + int(second["clawed"])
@@ -564,6 +578,9 @@ def accounts_routes(
         return JSONResponse(
             {"deleted": True, "pseudonym": alias, "forfeited": forfeited, "closed": closed}
         )
+
+    async def forget_dms(user: str, *, archived_too: bool) -> None:
+        await dms.forget_sender(node.pool, node.redis, node.keys, user, archived_too=archived_too)
 
     async def forfeit(user: str, alias: str, step: int) -> dict[str, Any]:
         return await closing.forfeit(user, alias, f"account-deleted:{step}")
@@ -661,6 +678,10 @@ def accounts_routes(
                 keys.prices(user),
                 keys.goal(user),
                 keys.room_show(user),
+                # Her room's history (the room is gone), her DM inbox.
+                keys.room_history(user),
+                keys.inbox(user),
+                keys.inbox_cursor(user),
                 *hot,
             )
         except (RedisError, OSError):

@@ -580,3 +580,12 @@ def test_rooms_query_words() -> None:
     assert rooms_query("trending") == "?sort=trending"
     assert rooms_query("new #jazz late night") == "?sort=new&tag=jazz&q=late+night"
     assert rooms_query("piano") == "?q=piano"
+
+
+def test_clear_lines_say_whether_a_moderator_or_a_deletion_removed_them() -> None:
+    assert format_event({"type": "clear", "room": "a", "user": "b"}) == (
+        "[a] * b's messages were cleared by a moderator"
+    )
+    assert format_event({"type": "clear", "room": "a", "user": "b", "all": True}) == (
+        "[a] * b deleted their account: their lines are gone"
+    )
