@@ -75,9 +75,9 @@ def _forget_handshake_headers(ws: ServerConnection) -> None:
 
     The library keeps the request and the response, headers included, for
     the connection's whole life; nothing here reads them after the
-    subprotocol check above. They are ~1.8 KiB of every idle session
-    (tracemalloc, 2,000 sessions: ``Headers`` built in ``http11.py``), about
-    a tenth of it. The request's path and the objects stay, only emptied.
+    subprotocol check above. They were ~1.8 KiB traced and ~4 KiB of RSS of
+    every idle session (tracemalloc, 2,000 sessions; docs/benchmarks.md, idle
+    memory). The request's path and the objects stay, only emptied.
     """
     for message in (ws.request, ws.response):
         if message is not None:
