@@ -117,7 +117,7 @@ GOALS = {
     "fanout_peer": ">= 2.0 x socketio",
     "tips": ">= 0.5 x pipelined, capped p99 < 50 ms",
     "tips_peer": "none set (what users would build themselves)",
-    "idle": "<= 20 KiB/session",
+    "idle": "<= 16 KiB/session",  # issue #14 goal 5 (it was 20)
     "ledger": "lag p99 < 1 s at 2,000 tips/s",
     "reconnect": "10,000 welcomed <= 2 s after all say hello",
 }

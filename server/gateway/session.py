@@ -13,7 +13,6 @@ sees every event once, in order, across the join.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import secrets
 import time
@@ -79,9 +78,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Reply = dict[str, Any]
+NO_SHOWS: frozenset[str] = frozenset()
 
 
 class Session:
+    # Slots, not an instance dict: one Session per connection, ~10,000 idle
+    # ones per process (docs/benchmarks.md, idle), and a dict of 20 fields
+    # costs about 1 KiB more per session than its slots.
+    __slots__ = (
+        "_after_reply",
+        "_bucket",
+        "_busy",
+        "_catching_up",
+        "_closing",
+        "_draining",
+        "_held_balance",
+        "_held_dms",
+        "_joining",
+        "_last_dm",
+        "_reality_task",
+        "_seen_shows",
+        "_strikes",
+        "codec",
+        "id",
+        "identity",
+        "node",
+        "rooms",
+        "ws",
+    )
+
     def __init__(self, node: Node, ws: ServerConnection) -> None:
         self.node = node
         self.ws = ws
@@ -111,48 +136,15 @@ class Session:
         self._held_balance = False
         # Ticket shows whose show-time events this session may get: the
         # user holds a ticket (seen at join, or bought here). The room's
-        # model sees her own shows without one (``sees``).
-        self._seen_shows: set[str] = set()
+        # model sees her own shows without one (``sees``). The shared empty
+        # frozenset until the first ticket: most sessions never hold one, and
+        # an empty set is 216 bytes of every idle session.
+        self._seen_shows: frozenset[str] = NO_SHOWS
         self._busy = False
         self._draining = False
         # Sends `reality_check` events while the session lives (hello on).
         self._reality_task: asyncio.Task[None] | None = None
         self._closing = False
-        self._handlers: dict[type[Any], Callable[[Any], Awaitable[Reply]]] = {
-            Join: self._join,
-            Leave: self._leave,
-            Say: self._say,
-            Balance: self._balance,
-            Ping: self._ping,
-            PostMedia: self._post_media,
-            RequestOffer: self._request_offer,
-            RequestAccept: self._request_accept,
-            RequestDeliver: self._request_deliver,
-            RequestDecline: self._request_decline,
-            RequestCancel: self._request_cancel,
-            RequestList: self._request_list,
-            PrivateRequest: self._private_request,
-            PrivateAccept: self._private_accept,
-            PrivateDecline: self._private_decline,
-            PrivateEnd: self._private_end,
-        }
-        # Paid commands, from the paid-action registry.
-        for command_type, action in BY_COMMAND.items():
-            self._handlers[command_type] = functools.partial(self._spend, action)
-        # Ticket shows: a ticket goes through the registry too, and lets
-        # this session see the show's events at once.
-        self._handlers[BuyTicket] = self._buy_ticket
-        self._handlers[ShowStart] = self._show_start
-        self._handlers[ShowEnd] = self._show_end
-        self._handlers[ShowCancel] = self._show_cancel
-        # Moderation (server/catalog/moderation.py).
-        self._handlers[Mute] = self._mute
-        self._handlers[Unmute] = self._unmute
-        self._handlers[Kick] = self._kick
-        self._handlers[Ban] = self._ban
-        self._handlers[Unban] = self._unban
-        self._handlers[Clear] = self._clear
-        self._handlers[Slow] = self._slow
 
     # --- what the hub needs ---------------------------------------------------
     @property
@@ -350,12 +342,12 @@ class Session:
 
     async def _execute(self, command: Command) -> Reply:
         kind = command.TYPE
-        handler = self._handlers.get(type(command))
+        handler = _HANDLERS.get(type(command))
         if handler is None:  # hello again, or a command with no handler here
             metrics.count_command(kind, ErrorCode.BAD_REQUEST)
             return self._error(command.id, ErrorCode.BAD_REQUEST, f"'{kind}' is not valid now")
         try:
-            fields = await handler(command)
+            fields = await handler(self, command)
         except ServiceError as exc:
             metrics.count_command(kind, exc.code)
             # SPEND_LIMIT's window, SELF_EXCLUDED's until, a moderation
@@ -509,7 +501,7 @@ class Session:
                 continue
             try:
                 if await shows.holds_ticket(show_id, user):
-                    self._seen_shows.add(show_id)
+                    self._seen_shows = self._seen_shows | {show_id}
             except ServiceError as exc:
                 log.warning("ticket to %s not checked: %s", show_id, exc.message)
         if current is None:
@@ -629,14 +621,14 @@ class Session:
     # --- ticket shows (server/economy/shows.py) -----------------------------------------
     async def _buy_ticket(self, command: BuyTicket) -> Reply:
         reply = await self._spend(TICKET, command)
-        self._seen_shows.add(command.show)
+        self._seen_shows = self._seen_shows | {command.show}
         # The user's other sessions (any node) see the show from now on too.
         self.node.spawn(self.node.ticket_bought(self._user(), command.show))
         return reply
 
     def see_show(self, show: str) -> None:
         """The user holds a ticket to ``show`` (bought in another session)."""
-        self._seen_shows.add(show)
+        self._seen_shows = self._seen_shows | {show}
 
     async def _show_start(self, command: ShowStart) -> Reply:
         return await self.node.shows.start(self._user(), command.show)
@@ -789,3 +781,52 @@ class Session:
     def _close_soon(self, code: CloseCode, reason: str) -> None:
         task = asyncio.create_task(self._close(code, reason))
         self.node.keep(task)
+
+
+# What runs each command once the session is welcomed: one table for every
+# session, built once, rather than a dict of bound methods per session (that
+# was ~3 KiB of every idle session, docs/benchmarks.md, idle).
+Handler = Callable[[Session, Any], Awaitable[Reply]]
+
+
+def _spend_handler(action: Action) -> Handler:
+    async def spend(session: Session, command: Any) -> Reply:
+        return await session._spend(action, command)
+
+    return spend
+
+
+_HANDLERS: dict[type[Any], Handler] = {
+    Join: Session._join,
+    Leave: Session._leave,
+    Say: Session._say,
+    Balance: Session._balance,
+    Ping: Session._ping,
+    PostMedia: Session._post_media,
+    RequestOffer: Session._request_offer,
+    RequestAccept: Session._request_accept,
+    RequestDeliver: Session._request_deliver,
+    RequestDecline: Session._request_decline,
+    RequestCancel: Session._request_cancel,
+    RequestList: Session._request_list,
+    PrivateRequest: Session._private_request,
+    PrivateAccept: Session._private_accept,
+    PrivateDecline: Session._private_decline,
+    PrivateEnd: Session._private_end,
+    # Paid commands, from the paid-action registry.
+    **{command_type: _spend_handler(action) for command_type, action in BY_COMMAND.items()},
+    # Ticket shows: a ticket goes through the registry too, and lets this
+    # session see the show's events at once.
+    BuyTicket: Session._buy_ticket,
+    ShowStart: Session._show_start,
+    ShowEnd: Session._show_end,
+    ShowCancel: Session._show_cancel,
+    # Moderation (server/catalog/moderation.py).
+    Mute: Session._mute,
+    Unmute: Session._unmute,
+    Kick: Session._kick,
+    Ban: Session._ban,
+    Unban: Session._unban,
+    Clear: Session._clear,
+    Slow: Session._slow,
+}

@@ -600,3 +600,18 @@ async def test_sessions_per_user_are_limited(start_server: object) -> None:
     await eventually(admitted)
     for client in (tabs[1], third):
         await client.close()
+
+
+async def test_a_session_keeps_no_handshake_headers_and_still_works(server: Running) -> None:
+    # Idle memory (docs/benchmarks.md): the library would keep the opening
+    # handshake's headers for the connection's life; the gateway drops them
+    # once read, and nothing later needs them.
+    client = await server.client()
+    welcome = await client.hello(token("bob"))
+    (session,) = [s for s in server.node.sessions if s.id == welcome["session"]]
+    assert session.ws.request is not None and session.ws.response is not None
+    assert list(session.ws.request.headers.raw_items()) == []
+    assert list(session.ws.response.headers.raw_items()) == []
+    assert session.ws.subprotocol == "tokenchat.v1.json"
+    assert (await client.call("ping"))["type"] == "ok"
+    await client.close()
