@@ -31,7 +31,7 @@ Pure, like the rest of protocol/: the server serves the document at
 from typing import Any, Final
 
 from .codec import JSON_SUBPROTOCOL, MSGPACK_SUBPROTOCOL
-from .commands import COMMANDS, declared_fields, ecma_pattern
+from .commands import COMMANDS, WireField, declared_fields, ecma_pattern
 from .errors import CloseCode, ErrorCode
 from .limits import (
     ID_INT_MAX,
@@ -69,6 +69,15 @@ def obj(required: dict[str, Schema], optional: dict[str, Schema] | None = None) 
 
 def const(value: str) -> Schema:
     return {"const": value}
+
+
+def array(items: Schema) -> Schema:
+    return {"type": "array", "items": items}
+
+
+def wire(check: WireField) -> Schema:
+    """A field checked by ``check``: its JSON Schema and its words."""
+    return {"description": check.describe, **check.schema}
 
 
 # --- values every frame uses ------------------------------------------------------------
@@ -238,7 +247,7 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
     "join": (
         {
             "room": _ROOM_FIELD,
-            "history": {"type": "array", "items": _HISTORY_EVENT},
+            "history": array(_HISTORY_EVENT),
             "recovered": BOOLEAN,
         },
         {"ticket": BOOLEAN},
@@ -268,7 +277,7 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
     "request_deliver": ({**_REQUEST_STATE, **_SETTLED}, _DUPLICATE),
     "request_decline": ({**_REQUEST_STATE, **_SETTLED}, _DUPLICATE),
     "request_cancel": ({**_REQUEST_STATE, **_SETTLED}, _DUPLICATE),
-    "request_list": ({"requests": {"type": "array", "items": ref("custom_request")}}, {}),
+    "request_list": ({"requests": array(ref("custom_request"))}, {}),
     "private_request": ({**_SHOW_STATE, "rate": TOKENS}, _DUPLICATE),
     "private_accept": ({**_SHOW_STATE, "room": STRING}, _DUPLICATE),
     "private_decline": (_SHOW_STATE, _DUPLICATE),
@@ -305,7 +314,7 @@ def command_schema(type_name: str) -> Schema:
     for field in declared_fields(type_name):
         if not field.check.schema:
             raise ValueError(f"{type_name}.{field.name}: its WireField has no schema")
-        schema = {"description": field.check.describe, **field.check.schema}
+        schema = wire(field.check)
         if field.required:
             required.append(field.name)
             properties[field.name] = schema

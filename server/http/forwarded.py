@@ -61,9 +61,6 @@ _NODE = re.compile(
 # Elements one header may list: a chain of proxies is a handful of hops; more
 # is not a proxy's doing, and the walk below stays short.
 FORWARDED_ELEMENTS_MAX = 32
-# The parameters this server reads; any other (by=, extensions) is allowed
-# and not used.
-_PARAMS_READ = ("for", "proto", "host")
 
 
 def first_value(raw: bytes) -> str:
@@ -157,18 +154,13 @@ class ForwardedHeaders:
     def _applied(self, scope: Scope) -> Scope:
         found = dict(scope["headers"])  # the last of each name; these appear once
         scope = dict(scope)
-        forwarded = False
         proto = found.get(b"x-forwarded-proto")
-        if proto is not None:
-            value = first_value(proto).lower()
-            if value in ("http", "https"):
-                websocket = scope["type"] == "websocket"
-                scope["scheme"] = {"http": "ws", "https": "wss"}[value] if websocket else value
-                forwarded = True
         host = found.get(b"x-forwarded-host")
-        if host is not None and first_value(host):
-            scope[FORWARDED_HOST_SCOPE_KEY] = first_value(host)
-            forwarded = True
+        forwarded = _proto_and_host_applied(
+            scope,
+            first_value(proto) if proto is not None else "",
+            first_value(host) if host is not None else "",
+        )
         addresses = found.get(b"x-forwarded-for")
         if addresses is not None:
             # The nearest address that is not a trusted proxy is the client.
@@ -197,21 +189,28 @@ class ForwardedHeaders:
                 break
             index -= 1
         element = elements[index]
-        values = {name: element[name] for name in _PARAMS_READ if name in element}
-        client = node_of(values["for"]) if "for" in values else None
-        if "for" in values and client is None:
+        client = node_of(element["for"]) if "for" in element else None
+        if "for" in element and client is None:
             return scope  # a for= that is no node: the header is malformed
         if client is not None:
             scope["client"] = client
-        forwarded = False
-        proto = values.get("proto", "").lower()
-        if proto in ("http", "https"):
-            websocket = scope["type"] == "websocket"
-            scope["scheme"] = {"http": "ws", "https": "wss"}[proto] if websocket else proto
-            forwarded = True
-        if values.get("host"):
-            # Checked where it is used (api.py's ws_url refuses a malformed one).
-            scope[FORWARDED_HOST_SCOPE_KEY] = values["host"]
-            forwarded = True
-        scope[FORWARDED_SCOPE_KEY] = forwarded
+        scope[FORWARDED_SCOPE_KEY] = _proto_and_host_applied(
+            scope, element.get("proto", ""), element.get("host", "")
+        )
         return scope
+
+
+def _proto_and_host_applied(scope: Scope, proto: str, host: str) -> bool:
+    """Apply a trusted proxy's scheme and host (either may be "": not said)
+    to ``scope``, as both header families give them; True when either was."""
+    forwarded = False
+    proto = proto.lower()
+    if proto in ("http", "https"):
+        websocket = scope["type"] == "websocket"
+        scope["scheme"] = {"http": "ws", "https": "wss"}[proto] if websocket else proto
+        forwarded = True
+    if host:
+        # Checked where it is used (api.py's ws_url refuses a malformed one).
+        scope[FORWARDED_HOST_SCOPE_KEY] = host
+        forwarded = True
+    return forwarded

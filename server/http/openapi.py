@@ -29,7 +29,6 @@ from tokenchat.protocol.commands import (
     SHOW_MIN_S,
     SHOW_TITLE,
     TX_ID,
-    WireField,
 )
 from tokenchat.protocol.schema import (
     ANY,
@@ -41,10 +40,12 @@ from tokenchat.protocol.schema import (
     TOKENS,
     USER_ID,
     Schema,
+    array,
     const,
     nullable,
     obj,
     ref,
+    wire,
 )
 
 OPENAPI_VERSION: Final = "3.1.0"
@@ -52,14 +53,6 @@ OPENAPI_VERSION: Final = "3.1.0"
 JSON_SCHEMA_DIALECT: Final = "https://spec.openapis.org/oas/3.1/dialect/base"
 # Who may call an operation: None is anyone; "user" any authenticated role.
 Who = str | None
-
-
-def wire(check: WireField) -> Schema:
-    return {"description": check.describe, **check.schema}
-
-
-def array(items: Schema) -> Schema:
-    return {"type": "array", "items": items}
 
 
 def page(name: str, items: Schema = ANY) -> Schema:
