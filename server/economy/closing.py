@@ -234,16 +234,15 @@ class AccountClosing:
         """Every closed object she is party to (as a fan too: a show she
         holds a ticket to, a goal her tips went to), settled (each settle is
         idempotent); then none may be left unsettled."""
-        unsettled = await self._unsettled(user)
-        for kind, subject in unsettled:
-            settle = {
-                "request": self._requests.settle,
-                "private": self._privates.settle,
-                "show": self._shows.settle,
-                "goal": self._goals.settle,
-                "payout": self._payouts.settle,
-            }[kind]
-            await settle(subject)
+        settles = {
+            "request": self._requests.settle,
+            "private": self._privates.settle,
+            "show": self._shows.settle,
+            "goal": self._goals.settle,
+            "payout": self._payouts.settle,
+        }
+        for kind, subject in await self._unsettled(user):
+            await settles[kind](subject)
         await self._none_open(user)
         left = await self._unsettled(user)
         if left:

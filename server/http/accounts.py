@@ -543,7 +543,7 @@ def accounts_routes(
         # 1b. Her DMs out of the inboxes that would replay them at a hello,
         #     while her archived rows still name their recipients (again
         #     after 2, for one she sent meanwhile).
-        await forget_dms(user, archived_too=False)
+        await dms.forget_sender(node.pool, node.redis, node.keys, user, archived_too=False)
         # 2. Personal data removed and the pseudonym recorded, in one
         #    transaction; then the user is shut out everywhere (a permanent
         #    platform ban closes every session on every node and refuses
@@ -578,9 +578,6 @@ def accounts_routes(
         return JSONResponse(
             {"deleted": True, "pseudonym": alias, "forfeited": forfeited, "closed": closed}
         )
-
-    async def forget_dms(user: str, *, archived_too: bool) -> None:
-        await dms.forget_sender(node.pool, node.redis, node.keys, user, archived_too=archived_too)
 
     async def forfeit(user: str, alias: str, step: int) -> dict[str, Any]:
         return await closing.forfeit(user, alias, f"account-deleted:{step}")

@@ -151,9 +151,8 @@ class Pseudonyms:
             aliases = {user: alias for user in users if (alias := seen[user]) is not None}
         if not aliases:
             return value
-        named = {user: alias for user, alias in aliases.items()}
-        named.update({USER_ACCOUNT_PREFIX + user: alias for user, alias in aliases.items()})
-        return _replace(value, named)
+        accounts = {USER_ACCOUNT_PREFIX + user: alias for user, alias in aliases.items()}
+        return _replace(value, aliases | accounts)
 
 
 def _collect(value: Any, into: set[str], named: bool = False) -> None:
