@@ -67,6 +67,11 @@ FORFEIT_REASON = "account deleted"
 LATE_FORFEITS_PER_SWEEP_MAX = 100
 # Who decided a payout rejected by a deletion (the payout's `decided_by`).
 DELETION_DECIDER = "sys:accounts"
+# The shows user $1 bought a ticket to (the ledger's ticket rows name them).
+HER_TICKETS_SHOWS = (
+    "SELECT t.meta->>'show' FROM ledger_transactions t"
+    " WHERE t.kind = 'ticket' AND t.meta->>'fan' = $1"
+)
 _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncio.TimeoutError)
 Drain = Callable[[], Awaitable[int]]
 
@@ -128,10 +133,9 @@ class AccountClosing:
                     user,
                 )
                 running = await conn.fetch(
-                    """SELECT s.id FROM shows s
+                    f"""SELECT s.id FROM shows s
                         WHERE s.state = 'running' AND s.model <> $1
-                          AND s.id IN (SELECT t.meta->>'show' FROM ledger_transactions t
-                                        WHERE t.kind = 'ticket' AND t.meta->>'fan' = $1)
+                          AND s.id IN ({HER_TICKETS_SHOWS})
                         ORDER BY s.id""",
                     user,
                 )
@@ -192,10 +196,9 @@ class AccountClosing:
         """Her tickets to scheduled shows of others, each refunded with the
         show's own refund key."""
         rows = await self._fetch(
-            """SELECT s.id FROM shows s
+            f"""SELECT s.id FROM shows s
                 WHERE s.state = 'scheduled' AND s.model <> $1
-                  AND s.id IN (SELECT t.meta->>'show' FROM ledger_transactions t
-                                WHERE t.kind = 'ticket' AND t.meta->>'fan' = $1)
+                  AND s.id IN ({HER_TICKETS_SHOWS})
                 ORDER BY s.id""",
             user,
         )
@@ -285,7 +288,7 @@ class AccountClosing:
 
     async def _unsettled(self, user: str) -> list[tuple[str, str]]:
         rows = await self._fetch(
-            """SELECT 'request' AS kind, id FROM requests
+            f"""SELECT 'request' AS kind, id FROM requests
                 WHERE (fan = $1 OR model = $1) AND state <> ALL($2) AND settled_at IS NULL
                UNION ALL
                SELECT 'private', id FROM private_shows
@@ -293,9 +296,7 @@ class AccountClosing:
                UNION ALL
                SELECT 'show', id FROM shows
                 WHERE state <> ALL($3) AND settled_at IS NULL
-                  AND (model = $1 OR id IN (
-                       SELECT t.meta->>'show' FROM ledger_transactions t
-                        WHERE t.kind = 'ticket' AND t.meta->>'fan' = $1))
+                  AND (model = $1 OR id IN ({HER_TICKETS_SHOWS}))
                UNION ALL
                SELECT 'goal', id FROM goals
                 WHERE state <> 'active' AND settled_at IS NULL
