@@ -27,6 +27,10 @@ class Keys:
         """SCAN MATCH pattern of every room's history stream."""
         return glob_escape(self.prefix) + "room:{*}:history"
 
+    def room_of_history(self, key: str) -> str:
+        """The room whose `room_history` key ``key`` is."""
+        return key.removeprefix(f"{self.prefix}room:{{").removesuffix("}:history")
+
     def room_channel(self, room: str) -> str:
         """Pub/sub channel carrying the room's events to every node."""
         return f"{self.prefix}room:{{{room}}}:events"

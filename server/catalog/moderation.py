@@ -423,7 +423,7 @@ class Moderation:
                 match=self._keys.room_histories(), count=HISTORY_SCAN_COUNT
             ):
                 key = name.decode() if isinstance(name, bytes) else str(name)
-                room = key.removeprefix(self._keys.prefix + "room:{").removesuffix("}:history")
+                room = self._keys.room_of_history(key)
                 gone = int(await self._batcher.call(self._clear, [key], [user, "all"]))
                 if gone:
                     removed += gone
