@@ -110,6 +110,7 @@ from loadtests.harness.processes import (
     Bench,
     Server,
     delete_matching,
+    drop_schema,
     first_error,
     free_port,
     http_answers,
@@ -940,7 +941,7 @@ class TipsBench(Bench):
             from loadtests import tips_peer
 
             url = self.settings().database_url
-            asyncio.run(tips_peer.drop_state(url, tips_peer.peer_schema(self)))
+            asyncio.run(drop_schema(url, tips_peer.peer_schema(self)))
         # Bench removes the prefix's keys only once tokenchat was migrated; the
         # baseline (first in odd runs) may have left keys before that.
         if self.baseline_started:

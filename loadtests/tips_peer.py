@@ -58,6 +58,7 @@ from loadtests.harness.client import CONNECT_TIMEOUT_S, HOST, SIO_PATH
 from loadtests.harness.processes import (
     SETUP_TIMEOUT_S,
     Server,
+    drop_schema,
     free_port,
     raise_open_files_limit,
     run_load_process,
@@ -319,16 +320,6 @@ async def check_state(database_url: str, schema: str, funded: dict[str, int]) ->
     }
 
 
-async def drop_state(database_url: str, schema: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
 # ============================================================================
 # The fans' side: TipFan over Engine.IO
 # ============================================================================
@@ -484,7 +475,7 @@ def run_peer(bench: TipsBench, number: int) -> list[dict[str, Any]]:
     try:
         books = asyncio.run(check_state(database_url, schema, funded))
     finally:
-        asyncio.run(drop_state(database_url, schema))
+        asyncio.run(drop_schema(database_url, schema))
     acked = row["acked_total"] - row["duplicates"]
     row["ledger"] = {
         "reconcile_ok": not books["negative"] and not books["mismatches"] and books["conserved"],

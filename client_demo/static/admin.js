@@ -257,6 +257,22 @@ async function loadRefunds() {
 }
 
 // --- reports ---------------------------------------------------------------------
+// The one-line form closing a report or a flag: a note, then `button`; the
+// caller attaches what submitting does.
+function resolutionForm(label, button) {
+  const form = document.createElement("form");
+  form.className = "row";
+  const input = document.createElement("input");
+  input.maxLength = 1000;
+  input.placeholder = "Resolution";
+  input.setAttribute("aria-label", label);
+  const submit = document.createElement("button");
+  submit.type = "submit";
+  submit.textContent = button;
+  form.append(input, submit);
+  return { form, input, submit };
+}
+
 async function loadReports() {
   const queue = await api("GET", "/v1/admin/reports?state=open");
   const items = queue.reports.map((report) => {
@@ -265,16 +281,7 @@ async function loadReports() {
     const what = document.createElement("p");
     what.textContent = `#${report.id} ${report.reporter} reported ${report.user}`
       + (report.message ? ` (message ${report.message})` : "") + `: ${report.reason || ""}`;
-    const form = document.createElement("form");
-    form.className = "row";
-    const input = document.createElement("input");
-    input.maxLength = 1000;
-    input.placeholder = "Resolution";
-    input.setAttribute("aria-label", `Resolution of report ${report.id}`);
-    const submit = document.createElement("button");
-    submit.type = "submit";
-    submit.textContent = "Resolve";
-    form.append(input, submit);
+    const { form, input } = resolutionForm(`Resolution of report ${report.id}`, "Resolve");
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       resolve(report.id, input.value).catch(failed("resolve"));
@@ -308,16 +315,7 @@ async function loadFlags() {
     const what = document.createElement("p");
     what.textContent = `#${flag.id} ${flag.user}: ${flag.reason} of ${flag.payment_ref}, `
       + `shortfall ${flag.shortfall} tokens (${when(flag.ts)})`;
-    const form = document.createElement("form");
-    form.className = "row";
-    const input = document.createElement("input");
-    input.maxLength = 1000;
-    input.placeholder = "Resolution";
-    input.setAttribute("aria-label", `Resolution of flag ${flag.id}`);
-    const submit = document.createElement("button");
-    submit.type = "submit";
-    submit.textContent = "Resolve flag";
-    form.append(input, submit);
+    const { form, input, submit } = resolutionForm(`Resolution of flag ${flag.id}`, "Resolve flag");
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       submit.disabled = true; // one click, one request (the server is idempotent anyway)

@@ -482,7 +482,6 @@ async def delete_matching(redis: Any, pattern: str) -> int:
 
 async def remove_state(redis_url: str, redis_prefix: str, database_url: str, schema: str) -> None:
     """Delete a benchmark's Redis keys and drop its Postgres schema."""
-    import asyncpg
     from redis.asyncio import Redis
 
     redis: Redis = Redis.from_url(redis_url)
@@ -490,6 +489,13 @@ async def remove_state(redis_url: str, redis_prefix: str, database_url: str, sch
         await delete_matching(redis, f"{redis_prefix}*")
     finally:
         await redis.aclose()
+    await drop_schema(database_url, schema)
+
+
+async def drop_schema(database_url: str, schema: str) -> None:
+    """Drop a benchmark's Postgres schema, if it is there."""
+    import asyncpg
+
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

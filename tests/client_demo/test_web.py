@@ -27,7 +27,7 @@ from tokenchat.server.config import Settings
 TTL_MAX_S = Settings().token_ttl_max_s
 
 if TYPE_CHECKING:
-    from playwright.async_api import Browser, Page
+    from playwright.async_api import Browser, BrowserContext, Page
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -256,6 +256,17 @@ class PageErrors:
             "console",
             lambda msg: msg.type == "error" and self.seen.append(f"{name}: {msg.text}"),
         )
+
+
+async def open_page(
+    browser: Browser, errors: PageErrors, name: str, viewport: dict[str, int]
+) -> tuple[BrowserContext, Page]:
+    """A page in a context of its own (its own sign-in) at ``viewport``, its
+    errors watched under ``name``."""
+    context = await browser.new_context(viewport=viewport, locale="en-US")  # type: ignore[arg-type]
+    page = await context.new_page()
+    errors.watch(name, page)
+    return context, page
 
 
 async def sign_in(page: Page, base: str, user: str, role: str) -> None:

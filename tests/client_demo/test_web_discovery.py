@@ -35,12 +35,8 @@ async def test_fan_finds_a_live_model_on_the_grid_follows_and_opens_her_room(
     for n in range(OTHER_ROOMS):  # models who never came: rooms, no viewers
         assert (await http.call("GET", "/v1/me", f"room{n:02d}", "model"))[0] == 200
     errors = web.PageErrors()
-    model_context = await browser.new_context(viewport=web.DESKTOP, locale="en-US")  # type: ignore[arg-type]
-    fan_context = await browser.new_context(viewport=web.DESKTOP, locale="en-US")  # type: ignore[arg-type]
-    model = await model_context.new_page()
-    fan = await fan_context.new_page()
-    errors.watch("model", model)
-    errors.watch("fan", fan)
+    model_context, model = await web.open_page(browser, errors, "model", web.DESKTOP)
+    fan_context, fan = await web.open_page(browser, errors, "fan", web.DESKTOP)
 
     # The model signs in (she lands in her own room: live) and saves her profile.
     await web.sign_in(model, base, "mia", "model")
@@ -112,9 +108,7 @@ async def test_fan_finds_a_live_model_on_the_grid_follows_and_opens_her_room(
     await fan.get_by_role("button", name="Rooms").click()
     await expect(grid).to_be_visible()
     await expect(fan.locator("#room-open")).to_be_hidden()
-    phone_context = await browser.new_context(viewport=web.PHONE, locale="en-US")  # type: ignore[arg-type]
-    phone = await phone_context.new_page()
-    errors.watch("phone", phone)
+    phone_context, phone = await web.open_page(browser, errors, "phone", web.PHONE)
     await web.sign_in(phone, base, "bo", "fan")
     phone_grid = phone.locator('[data-testid="rooms-grid"]')
     await expect(phone_grid.locator('.room-card[data-card="mia"]')).to_contain_text("Mia Jazz")

@@ -34,12 +34,8 @@ async def test_model_clears_mutes_and_bans_a_fan(
     running = await web.start_dev(start_server)
     base = running.http_url
     errors = web.PageErrors()
-    model_context = await browser.new_context(viewport=web.DESKTOP, locale="en-US")  # type: ignore[arg-type]
-    fan_context = await browser.new_context(viewport=web.PHONE, locale="en-US")  # type: ignore[arg-type]
-    model = await model_context.new_page()
-    fan = await fan_context.new_page()
-    errors.watch("model", model)
-    errors.watch("fan", fan)
+    model_context, model = await web.open_page(browser, errors, "model", web.DESKTOP)
+    fan_context, fan = await web.open_page(browser, errors, "fan", web.PHONE)
 
     await web.sign_in(model, base, "mia", "model")
     await web.sign_in(fan, base, "ana", "fan")
