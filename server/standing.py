@@ -589,13 +589,7 @@ class Standing:
                     changes.append(
                         (room, None if king is None else {"user": king, "tokens": row["tokens"]})
                     )
-        for room, king in changes:
-            # Stored first, then published: a join in between already gives it.
-            try:
-                await self._publish(room, events.king_event(room, king))
-            except Exception as exc:  # the room's Redis away: the join still tells
-                reraise_if_cancelled(exc)
-                log.warning("king event of %s not published: %s", room, exc)
+        await _publish_kings(self._publish, changes)
 
 
 async def rename_king(pool: asyncpg.Pool, user: str, alias: str, publish: Publish) -> list[str]:
@@ -626,14 +620,23 @@ async def rename_king(pool: asyncpg.Pool, user: str, alias: str, publish: Publis
                     renamed.append((row["room"], int(tokens)))
     except _DB_ERRORS as exc:
         raise Unavailable("kings are unavailable") from exc
-    for room, tokens in renamed:
+    await _publish_kings(
+        publish, [(room, {"user": alias, "tokens": tokens}) for room, tokens in renamed]
+    )
+    return [room for room, _ in renamed]
+
+
+async def _publish_kings(
+    publish: Publish, changes: list[tuple[str, dict[str, Any] | None]]
+) -> None:
+    """Each room's `king` event (None: no king any more), once it is stored."""
+    for room, king in changes:
         # Stored first, then published: a join in between already gives it.
         try:
-            await publish(room, events.king_event(room, {"user": alias, "tokens": tokens}))
+            await publish(room, events.king_event(room, king))
         except Exception as exc:  # the room's Redis away: the join still tells
             reraise_if_cancelled(exc)
             log.warning("king event of %s not published: %s", room, exc)
-    return [room for room, _ in renamed]
 
 
 def _chunks(items: list[str]) -> list[list[str]]:
