@@ -309,10 +309,7 @@ class Standing:
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 # One snapshot for the watermark and the sums it stands for.
-                mark = await conn.fetchrow(
-                    "SELECT writer_xid::text AS writer_xid, tx_id FROM standing_watermark"
-                )
-                assert mark is not None  # migration 0022's row, never deleted
+                mark = await _watermark(conn)
                 if WINDOWS[window] is None:
                     rows = await conn.fetch(
                         _LEADERBOARD_ALL,
@@ -395,10 +392,7 @@ class Standing:
         ``tokenchat_standing_behind_seconds``. One index probe after the
         watermark, so it costs the same with a backlog of any size."""
         async with self._pool.acquire() as conn:
-            mark = await conn.fetchrow(
-                "SELECT writer_xid::text AS writer_xid, tx_id FROM standing_watermark"
-            )
-            assert mark is not None  # migration 0022's row, never deleted
+            mark = await _watermark(conn)
             # The watermark as constants, as in _PENDING_ROOM: the planner
             # then starts the index scan at it instead of the ledger's start.
             behind: float = await conn.fetchval(
@@ -590,6 +584,17 @@ class Standing:
                         (room, None if king is None else {"user": king, "tokens": row["tokens"]})
                     )
         await _publish_kings(self._publish, changes)
+
+
+async def _watermark(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+) -> asyncpg.Record:
+    """The ledger projector's watermark: the last (writer_xid, tx_id) folded."""
+    mark = await conn.fetchrow(
+        "SELECT writer_xid::text AS writer_xid, tx_id FROM standing_watermark"
+    )
+    assert mark is not None  # migration 0022's row, never deleted
+    return mark
 
 
 async def rename_king(pool: asyncpg.Pool, user: str, alias: str, publish: Publish) -> list[str]:
