@@ -309,10 +309,7 @@ class Standing:
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 # One snapshot for the watermark and the sums it stands for.
-                mark = await conn.fetchrow(
-                    "SELECT writer_xid::text AS writer_xid, tx_id FROM standing_watermark"
-                )
-                assert mark is not None  # migration 0022's row, never deleted
+                mark = await _watermark(conn)
                 if WINDOWS[window] is None:
                     rows = await conn.fetch(
                         _LEADERBOARD_ALL,
@@ -354,8 +351,39 @@ class Standing:
         return None if row is None else {"user": row["user_id"], "tokens": row["tokens"]}
 
     async def rename_king(self, user: str, alias: str) -> list[str]:
-        """A deleted account's kingships under her pseudonym (``rename_king``)."""
-        return await rename_king(self._pool, user, alias, self._publish)
+        """A deleted account (DELETE /v1/me, after ``deleted_users`` has her
+        row): wherever ``user`` is king, her pseudonym ``alias`` is, and the room
+        gets the `king` event saying so; her own room has no king any more (the
+        room is gone). Each room under the projector's lock for it
+        (``Standing._project_kings``), which maps her id to ``alias`` from then
+        on. Retry-safe: a second run finds nothing to rename. Bounded by the
+        rooms she reigns in (a scan of standing_kings: one row per room).
+        Returns the renamed rooms."""
+        renamed: list[tuple[str, int]] = []
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.execute("DELETE FROM standing_kings WHERE room = $1", user)
+                rooms = await conn.fetch("SELECT room FROM standing_kings WHERE user_id = $1", user)
+                for row in rooms:
+                    async with conn.transaction():
+                        await conn.execute(
+                            "SELECT pg_advisory_xact_lock(hashtext($1))", row["room"]
+                        )
+                        tokens = await conn.fetchval(
+                            """UPDATE standing_kings SET user_id = $3, updated_at = now()
+                                WHERE room = $1 AND user_id = $2 RETURNING tokens""",
+                            row["room"],
+                            user,
+                            alias,
+                        )
+                    if tokens is not None:
+                        renamed.append((row["room"], int(tokens)))
+        except _DB_ERRORS as exc:
+            raise Unavailable("kings are unavailable") from exc
+        await _publish_kings(
+            self._publish, [(room, {"user": alias, "tokens": tokens}) for room, tokens in renamed]
+        )
+        return [room for room, _ in renamed]
 
     # --- the projector --------------------------------------------------------------
     async def run(self) -> None:
@@ -395,10 +423,7 @@ class Standing:
         ``tokenchat_standing_behind_seconds``. One index probe after the
         watermark, so it costs the same with a backlog of any size."""
         async with self._pool.acquire() as conn:
-            mark = await conn.fetchrow(
-                "SELECT writer_xid::text AS writer_xid, tx_id FROM standing_watermark"
-            )
-            assert mark is not None  # migration 0022's row, never deleted
+            mark = await _watermark(conn)
             # The watermark as constants, as in _PENDING_ROOM: the planner
             # then starts the index scan at it instead of the ledger's start.
             behind: float = await conn.fetchval(
@@ -589,51 +614,31 @@ class Standing:
                     changes.append(
                         (room, None if king is None else {"user": king, "tokens": row["tokens"]})
                     )
-        for room, king in changes:
-            # Stored first, then published: a join in between already gives it.
-            try:
-                await self._publish(room, events.king_event(room, king))
-            except Exception as exc:  # the room's Redis away: the join still tells
-                reraise_if_cancelled(exc)
-                log.warning("king event of %s not published: %s", room, exc)
+        await _publish_kings(self._publish, changes)
 
 
-async def rename_king(pool: asyncpg.Pool, user: str, alias: str, publish: Publish) -> list[str]:
-    """A deleted account (DELETE /v1/me, after ``deleted_users`` has her
-    row): wherever ``user`` is king, her pseudonym ``alias`` is, and the room
-    gets the `king` event saying so; her own room has no king any more (the
-    room is gone). Each room under the projector's lock for it
-    (``Standing._project_kings``), which maps her id to ``alias`` from then
-    on. Retry-safe: a second run finds nothing to rename. Bounded by the
-    rooms she reigns in (a scan of standing_kings: one row per room).
-    Returns the renamed rooms."""
-    renamed: list[tuple[str, int]] = []
-    try:
-        async with pool.acquire() as conn:
-            await conn.execute("DELETE FROM standing_kings WHERE room = $1", user)
-            rooms = await conn.fetch("SELECT room FROM standing_kings WHERE user_id = $1", user)
-            for row in rooms:
-                async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", row["room"])
-                    tokens = await conn.fetchval(
-                        """UPDATE standing_kings SET user_id = $3, updated_at = now()
-                            WHERE room = $1 AND user_id = $2 RETURNING tokens""",
-                        row["room"],
-                        user,
-                        alias,
-                    )
-                if tokens is not None:
-                    renamed.append((row["room"], int(tokens)))
-    except _DB_ERRORS as exc:
-        raise Unavailable("kings are unavailable") from exc
-    for room, tokens in renamed:
+async def _watermark(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+) -> asyncpg.Record:
+    """The ledger projector's watermark: the last (writer_xid, tx_id) folded."""
+    mark = await conn.fetchrow(
+        "SELECT writer_xid::text AS writer_xid, tx_id FROM standing_watermark"
+    )
+    assert mark is not None  # migration 0022's row, never deleted
+    return mark
+
+
+async def _publish_kings(
+    publish: Publish, changes: list[tuple[str, dict[str, Any] | None]]
+) -> None:
+    """Each room's `king` event (None: no king any more), once it is stored."""
+    for room, king in changes:
         # Stored first, then published: a join in between already gives it.
         try:
-            await publish(room, events.king_event(room, {"user": alias, "tokens": tokens}))
+            await publish(room, events.king_event(room, king))
         except Exception as exc:  # the room's Redis away: the join still tells
             reraise_if_cancelled(exc)
             log.warning("king event of %s not published: %s", room, exc)
-    return [room for room, _ in renamed]
 
 
 def _chunks(items: list[str]) -> list[list[str]]:

@@ -228,8 +228,8 @@ class Economy:
         """What a batch of hellos reads (``hello_read.lua``: one call for
         all), with what Redis lacked loaded from Postgres side by side: each
         missing balance through the fenced ``load_balance`` (as ``balance``),
-        each missing limits hash and counters through ``limits_load`` (as
-        ``SpendLimits.prewarm``). Raises ``Unavailable``."""
+        each missing limits hash and counters through ``limits_load`` (in
+        ``SpendLimits.cached``). Raises ``Unavailable``."""
         if not user_ids:
             return []
         keys: list[str] = []

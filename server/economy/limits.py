@@ -354,15 +354,11 @@ class SpendLimits:
         ]
         return min([balance, *left])
 
-    async def prewarm(self, user_id: str) -> None:
-        """Her limits and counters in Redis (loaded if missing): at hello,
-        as her balance is, so that her spends need no Postgres (a spend on
-        a full connection pool still goes through)."""
-        await self._cached(user_id)
-
     async def cached(self, user_id: str, *fields: str) -> tuple[list[Any], list[Any]]:
         """``fields`` of her limits hash after `v`, and her counters (`t`
-        first), loaded when missing (a batch of hellos: Economy.hello_state)."""
+        first), loaded when missing (a batch of hellos: Economy.hello_state):
+        at hello, as her balance is, so that her spends need no Postgres (a
+        spend on a full connection pool still goes through)."""
         return await self._cached(user_id, *fields)
 
     async def spent_total(self, user_id: str) -> int:
