@@ -261,7 +261,11 @@ def test_tips_fans_drive_the_socketio_baseline(backends: None) -> None:
 # The evening scenario (loadtests/locust_evening.py, loadtests/evening.py)
 # ============================================================================
 
-EVENING_TIMEOUT_S = 300  # migrate, locust's start, 8 s of load, reconcile
+EVENING_TIMEOUT_S = 300  # migrate, locust's start, 20 s of load, reconcile
+# Seconds of load: every class must get to its money rows (a tipper is funded,
+# says hello, joins, then tips after its think time). 8 s once left a loaded CI
+# machine with no tip at all.
+EVENING_RUN_S = 20
 
 
 @pytest.mark.timeout(EVENING_TIMEOUT_S)
@@ -270,7 +274,7 @@ def test_evening_runs_every_kind_of_user_and_balances(backends: None, tmp_path: 
     failed, and the ledger reconciles afterwards."""
     out = tmp_path / "evening.json"
     code = evening.main(
-        ["--users", "16", "--spawn-rate", "16", "--run-time", "8", "--models", "2",
+        ["--users", "16", "--spawn-rate", "16", "--run-time", str(EVENING_RUN_S), "--models", "2",
          "--weights", "2,1,1,1,1", "--json", str(out),
          # A busy machine answers a burst of hellos in seconds, not ms: the
          # test is of the scenario and the books, not of the ramp-up's tail.
