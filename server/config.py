@@ -35,6 +35,12 @@ class Settings:
     # Every Redis key and channel starts with this, so several deployments (or
     # test runs) can share one Redis without seeing each other.
     redis_prefix: str = "tc:"
+    # 1: redis_url names one node of a Redis Cluster (7.0 or newer): every
+    # client is a cluster client, which learns the other nodes from it, and
+    # each room's channel is subscribed on its slot's primary (docs/deploy.md,
+    # "Redis Cluster"). A flag rather than a URL scheme: redis-py knows no
+    # cluster scheme, and the URL stays one that redis-cli and the rest take.
+    redis_cluster: int = 0
     # Postgres is the durable store (users, rooms, the ledger).
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     # The schema tokenchat's tables live in; tests give each run its own.
@@ -621,6 +627,8 @@ class Settings:
                 raise ValueError(f"{ENV_PREFIX}{port_name.upper()} must be a TCP port")
         if self.one_port not in (0, 1):
             raise ValueError("TOKENCHAT_ONE_PORT must be 0 or 1")
+        if self.redis_cluster not in (0, 1):
+            raise ValueError("TOKENCHAT_REDIS_CLUSTER must be 0 or 1")
         if self.public_ws_url:
             parsed = urllib.parse.urlsplit(self.public_ws_url)
             if parsed.scheme not in ("ws", "wss") or not parsed.netloc:

@@ -31,7 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from tokenchat.protocol.limits import USER_ID_RE
 
-from .. import metrics
+from .. import metrics, redis_client
 from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..economy.scripts import script_source
@@ -89,11 +89,11 @@ class DmArchive:
         self._keys = Keys(settings.redis_prefix)
         self._consumer = consumer
         # Its own client: a blocking read holds its connection for a while.
-        self._redis: Redis = Redis.from_url(
-            settings.redis_url,
+        self._redis: Redis = redis_client.connect(
+            settings,
             max_connections=2,
-            socket_timeout=settings.dm_archive_block_ms / 1000 + settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
+            socket_timeout_s=settings.dm_archive_block_ms / 1000 + settings.redis_timeout_s,
+            blocking=False,
         )
         self._group_ready = False
 

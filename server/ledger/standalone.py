@@ -16,8 +16,9 @@ import secrets
 from dataclasses import dataclass
 
 import asyncpg
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
+from .. import redis_client
 from ..catalog.dms import DmArchive
 from ..config import Settings
 from ..db import create_pool
@@ -41,14 +42,10 @@ class LedgerStack:
     async def connect(cls, settings: Settings) -> LedgerStack:
         # The same pools a gateway node opens: the economy's reads (balances
         # loaded or rebuilt) never wait behind the writer's batches.
-        redis = Redis(
-            connection_pool=BlockingConnectionPool.from_url(
-                settings.redis_url,
-                max_connections=settings.redis_pool_max,
-                timeout=settings.redis_timeout_s,
-                socket_timeout=settings.redis_timeout_s,
-                socket_connect_timeout=settings.redis_timeout_s,
-            )
+        redis = redis_client.connect(
+            settings,
+            max_connections=settings.redis_pool_max,
+            socket_timeout_s=settings.redis_timeout_s,
         )
         pool = await create_pool(
             settings.database_url,

@@ -47,7 +47,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from .. import bus, metrics
+from .. import bus, metrics, redis_client
 from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..economy.economy import Economy
@@ -165,11 +165,11 @@ class LedgerWriter:
         self._keys = Keys(settings.redis_prefix)
         self._consumer = consumer
         # Its own client: a blocking read holds its connection for a while.
-        self._redis: Redis = Redis.from_url(
-            settings.redis_url,
+        self._redis: Redis = redis_client.connect(
+            settings,
             max_connections=4,
-            socket_timeout=settings.ledger_block_ms / 1000 + settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
+            socket_timeout_s=settings.ledger_block_ms / 1000 + settings.redis_timeout_s,
+            blocking=False,
         )
         self._group_ready = False
         self._last_claim = 0.0
