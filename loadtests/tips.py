@@ -693,6 +693,7 @@ class VirtualFan:
                 "payee_balance": keys.balance(payee),
                 "history": keys.room_history(room),
                 "room_show": keys.room_show(room),
+                "room_channel": keys.room_channel(room),
                 "goal": keys.goal(room),
                 # No bench goal is all-or-nothing: the goal's hash stands in
                 # for its escrow, as in Economy.tip before it learns one.
@@ -711,7 +712,6 @@ class VirtualFan:
                 "tip_min": 1,  # every bench room keeps the default
                 "payer": payer,
                 "payee": payee,
-                "room_channel": keys.room_channel(room),
                 "history_len": settings.history_len,
                 "event": orjson.dumps(events.tip_event_body(room, self.user_id, TIP_AMOUNT, "")),
                 "payee_channel": keys.user_channel(owner),

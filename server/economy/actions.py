@@ -142,7 +142,8 @@ class Action:
     refundable: bool  # whether POST /v1/admin/refunds may reverse it
     delivery: Delivery
     # Keys outside the `{eco}` money slot: what its delivery writes elsewhere
-    # (tip: the room's history). On Redis Cluster such a delivery cannot be in
+    # (tip: the room's history, and its channel: SPUBLISH names a channel of
+    # the slot the script runs in). On Redis Cluster such a delivery cannot be in
     # the money script's slot and goes through a relay (issue #16); empty
     # means the whole call runs in the money slot.
     delivery_keys: tuple[str, ...] = ()
@@ -286,6 +287,7 @@ TIP = Action(
         "payee_balance",
         "history",
         "room_show",
+        "room_channel",
         "goal",
         "goal_escrow",
         "payer_limits",
@@ -296,7 +298,6 @@ TIP = Action(
         "tip_min",
         "payer",
         "payee",
-        "room_channel",
         "history_len",
         "event",
         "payee_channel",
@@ -304,7 +305,7 @@ TIP = Action(
     limited=True,
     refundable=True,
     delivery=Delivery.ROOM_EVENT,
-    delivery_keys=("history", "room_show"),
+    delivery_keys=("history", "room_show", "room_channel"),
     command=Tip,
     serve=_serve_tip,
     refusals=MappingProxyType(
@@ -331,6 +332,7 @@ TIP_ITEM = Action(
         "menu",
         "history",
         "room_show",
+        "room_channel",
         "goal",
         "goal_escrow",
         "payer_limits",
@@ -341,7 +343,6 @@ TIP_ITEM = Action(
         "max_price",
         "payer",
         "payee",
-        "room_channel",
         "history_len",
         "event",
         "payee_channel",
@@ -349,7 +350,7 @@ TIP_ITEM = Action(
     limited=True,
     refundable=True,
     delivery=Delivery.ROOM_EVENT,
-    delivery_keys=("history", "room_show"),
+    delivery_keys=("history", "room_show", "room_channel"),
     refusals=MappingProxyType(
         {
             "NO_ITEM": Refusal(NotFound, "no item '{detail}' on the room owner's menu"),

@@ -16,6 +16,14 @@ the tips benchmark when redis-py packed them in Python. It also decides the
 retry itself: redis-py re-sends a whole pipeline after a dropped connection,
 which for a script that is not idempotent (``room_event``: a chat message
 posted twice) is wrong; here only calls marked ``retry_safe`` are re-sent.
+
+On a Redis Cluster (server/redis_client.py) a batch is split by the node
+owning each call's first key, each part sent to its node at the same time on
+one of that node's connections. A call answered MOVED or ASK (the slot moved,
+or is moving) did not run: it is sent again where the answer points, after
+the client reloads the slot map (MOVED) or behind ASKING (ASK). NOSCRIPT is
+answered as above: ``script_load`` of the cluster client loads the script
+on every primary.
 """
 
 from __future__ import annotations
@@ -27,8 +35,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import hiredis
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import Connection
+from redis.exceptions import (
+    AskError,
+    ConnectionError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = str | bytes | int
@@ -36,6 +53,11 @@ Arg = str | bytes | int
 # Calls per pipeline at most: bounds the size of one request and reply, and
 # how long one batch holds Redis (a few ms at this size).
 BATCH_CALLS_MAX = 512
+# On a cluster, a call answered MOVED or ASK is sent where the answer points
+# at most this many times: one redirect is a moved slot, two a slot that
+# moved while it was migrating; more means the slot map is in flux, and the
+# call fails with the last redirect rather than chase it.
+CLUSTER_REDIRECTS_MAX = 3
 
 
 class LuaScript:
@@ -59,10 +81,22 @@ async def send_pipeline(redis: Redis, commands: Sequence[Sequence[Arg]]) -> list
 
     A dropped connection or timeout raises (``ConnectionError``,
     ``TimeoutError`` or cancellation) after closing the connection, whose
-    unread replies would otherwise answer the next caller.
+    unread replies would otherwise answer the next caller. On a cluster, a
+    dropped connection to one node raises for the whole batch (the batcher
+    re-sends its retry-safe calls), as one dropped connection does here.
     """
+    if isinstance(redis, RedisCluster):
+        return await _send_cluster(redis, commands)
     pool = redis.connection_pool
     connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        return await _send_on(connection, commands)
+    finally:
+        await pool.release(connection)
+
+
+async def _send_on(connection: Connection, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    """``commands`` in one write on ``connection``, and their replies."""
     try:
         # hiredis's stub types the argument as a 1-tuple; it takes any length.
         packed = [hiredis.pack_command(tuple(command)) for command in commands]  # type: ignore[arg-type]
@@ -81,8 +115,80 @@ async def send_pipeline(redis: Redis, commands: Sequence[Sequence[Arg]]) -> list
     except BaseException:
         await connection.disconnect(nowait=True)
         raise
+
+
+async def _send_node(node: ClusterNode, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    connection = node.acquire_connection()
+    try:
+        return await _send_on(connection, commands)
     finally:
-        await pool.release(connection)
+        node.release(connection)
+
+
+def _first_key_node(redis: RedisCluster, command: Sequence[Arg]) -> ClusterNode:
+    """The primary owning an ``EVALSHA sha numkeys key...`` call's first key
+    (Redis runs a script where its keys are; the others must share its slot)."""
+    if int(command[2]) == 0:
+        return redis.get_default_node()
+    try:
+        return redis.nodes_manager.get_node_from_slot(redis.keyslot(command[3]))
+    except RedisClusterException as exc:  # no node serves the slot: the cluster is down
+        raise ConnectionError(str(exc)) from exc
+
+
+async def _send_cluster(redis: RedisCluster, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+    await redis.initialize()  # the slot map, loaded on first use
+    replies: list[Any] = [None] * len(commands)
+    # Per call still to send: its node, and whether it goes behind ASKING.
+    todo = {i: (_first_key_node(redis, command), False) for i, command in enumerate(commands)}
+    for redirect in range(CLUSTER_REDIRECTS_MAX + 1):
+        groups: dict[tuple[str, bool], tuple[ClusterNode, list[int]]] = {}
+        for i, (node, asking) in todo.items():
+            groups.setdefault((node.name, asking), (node, []))[1].append(i)
+        parts = list(groups.items())
+        results = await asyncio.gather(
+            *(
+                _send_node(
+                    node,
+                    _asking([commands[i] for i in calls])
+                    if asking
+                    else [commands[i] for i in calls],
+                )
+                for (_, asking), (node, calls) in parts
+            )
+        )
+        todo = {}
+        moved = False
+        for ((_, asking), (_, calls)), result in zip(parts, results, strict=True):
+            # Behind ASKING, every other reply is ASKING's OK.
+            for i, reply in zip(calls, result[1::2] if asking else result, strict=True):
+                replies[i] = reply
+                if redirect == CLUSTER_REDIRECTS_MAX or not isinstance(reply, AskError):
+                    continue
+                if isinstance(reply, MovedError):
+                    moved = True
+                    todo[i] = (_node_at(redis, reply.host, reply.port), False)
+                else:  # ASK: this one call, on the importing node
+                    todo[i] = (_node_at(redis, reply.host, reply.port), True)
+        if not todo:
+            break
+        if moved:
+            # The whole slot map may have changed (a resharding, a failover).
+            await redis.nodes_manager.initialize()
+    return replies
+
+
+def _node_at(redis: RedisCluster, host: str, port: int) -> ClusterNode:
+    node = redis.get_node(host=host, port=port)
+    if node is None:  # a node the client has not met yet
+        node = ClusterNode(host, port, **redis.nodes_manager.connection_kwargs)
+        redis.nodes_manager.nodes_cache[node.name] = node
+    return node
+
+
+def _asking(commands: list[Sequence[Arg]]) -> list[Sequence[Arg]]:
+    """Each command behind ASKING, which lets the importing node run it once."""
+    return [part for command in commands for part in (("ASKING",), command)]
 
 
 class ScriptBatcher:

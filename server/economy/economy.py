@@ -281,6 +281,7 @@ class Economy:
                 "payee_balance": self._keys.balance(payee),
                 "history": self._keys.room_history(room),
                 "room_show": self._keys.room_show(room),
+                "room_channel": self._keys.room_channel(room),
                 "goal": self._keys.goal(room),
                 "goal_escrow": self._goal_escrow(room),
                 **self._gate_keys(user_id),
@@ -290,7 +291,6 @@ class Economy:
                 "tip_min": tip_min,
                 "payer": payer,
                 "payee": payee,
-                "room_channel": self._keys.room_channel(room),
                 "history_len": self._settings.history_len,
                 "event": orjson.dumps(
                     events.tip_event_body(room, user_id, amount, text, await self.tier_of(user_id))
@@ -327,6 +327,7 @@ class Economy:
                 "menu": self._keys.menu(owner),
                 "history": self._keys.room_history(room),
                 "room_show": self._keys.room_show(room),
+                "room_channel": self._keys.room_channel(room),
                 "goal": self._keys.goal(room),
                 "goal_escrow": self._goal_escrow(room),
                 **self._gate_keys(user_id),
@@ -336,7 +337,6 @@ class Economy:
                 "max_price": "" if max_price is None else max_price,
                 "payer": payer,
                 "payee": payee,
-                "room_channel": self._keys.room_channel(room),
                 "history_len": self._settings.history_len,
                 "event": orjson.dumps(
                     events.item_tip_event_body(

@@ -74,8 +74,12 @@ class RoomStore:
         try:
             offset = await self._batcher.call(
                 self._room_event,
-                [self._keys.room_history(room), self._keys.room_show(room)],
-                [self._keys.room_channel(room), self._history_len, orjson.dumps(event), account],
+                [
+                    self._keys.room_history(room),
+                    self._keys.room_show(room),
+                    self._keys.room_channel(room),
+                ],
+                [self._history_len, orjson.dumps(event), account],
             )
         except (RedisError, OSError, TimeoutError) as exc:
             raise Unavailable("room state is unavailable") from exc
@@ -109,7 +113,7 @@ class RoomStore:
                 pipe.hset(presence, node_id, sessions)
             else:
                 pipe.hdel(presence, node_id)
-            pipe.publish(self._keys.room_channel(room), bus.PRESENCE_CHANGED.encode())
+            pipe.spublish(self._keys.room_channel(room), bus.PRESENCE_CHANGED.encode())
             await pipe.execute()
 
     async def viewers(self, rooms: list[str]) -> list[int]:

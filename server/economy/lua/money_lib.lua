@@ -234,7 +234,8 @@ end
 
 -- Count `amount` toward the goal (a writer: call it after every check) and
 -- store and publish its `goal` event after the tip's, in the room's history
--- (`E`, as the tip); the goal turns `reached` with the tip that reaches its
+-- and on its sharded channel `channel`, a key of the call (`E`, as the
+-- tip); the goal turns `reached` with the tip that reaches its
 -- target. Returns the event's `goal` field, which the tip's reply carries.
 local function goal_count(goal_key, goal, amount, history_key, history_len, channel)
   local progress = redis.call('HINCRBY', goal_key, 'progress', amount)
@@ -249,6 +250,6 @@ local function goal_count(goal_key, goal, amount, history_key, history_len, chan
     state = state, all_or_nothing = goal.aon, deadline = deadline}
   local event = cjson.encode({type = 'goal', room = goal.room, goal = summary})
   local offset = redis.call('XADD', history_key, 'MAXLEN', history_len, '*', 'e', event)
-  redis.call('PUBLISH', channel, 'E' .. offset .. ' ' .. event)
+  redis.call('SPUBLISH', channel, 'E' .. offset .. ' ' .. event)
   return summary
 end

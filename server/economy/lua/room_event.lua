@@ -2,10 +2,12 @@
 --
 -- KEYS[1]  the room's history stream
 -- KEYS[2]  the room's running-show marker (show_state.lua)
--- ARGV[1]  the room's pub/sub channel
--- ARGV[2]  history length to keep (exact MAXLEN; the stream is tiny)
--- ARGV[3]  the event as a JSON object, without `offset` and `ts`
--- ARGV[4]  the posting user's account (`u:<id>`); '' for the server's
+-- KEYS[3]  the room's pub/sub channel, published with SPUBLISH (sharded:
+--          on a Redis Cluster only its slot's shard carries it), so it is
+--          a key: the script runs where the channel's shard is
+-- ARGV[1]  history length to keep (exact MAXLEN; the stream is tiny)
+-- ARGV[2]  the event as a JSON object, without `offset` and `ts`
+-- ARGV[3]  the posting user's account (`u:<id>`); '' for the server's
 --          own events (`show`), which are never marked; '*' for the
 --          server's events that come of show time (`king`: a fan's tips
 --          during the show may crown them), marked without a ticket check
@@ -24,14 +26,14 @@
 -- The published payload is "E<offset> <json>" (kind E in server/bus.py);
 -- subscribers add `offset` and `ts` (the id's millisecond part) to the JSON,
 -- the same way history readers do.
-local event = ARGV[3]
+local event = ARGV[2]
 local show = redis.call('HGET', KEYS[2], 'id')
-if show and ARGV[4] ~= '' then
-  if ARGV[4] ~= '*' and redis.call('HEXISTS', KEYS[2], ARGV[4]) == 0 then
+if show and ARGV[3] ~= '' then
+  if ARGV[3] ~= '*' and redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then
     return {'NO_TICKET', show}
   end
   event = string.sub(event, 1, -2) .. ',"in_show":"' .. show .. '"}'
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'e', event)
-redis.call('PUBLISH', ARGV[1], 'E' .. id .. ' ' .. event)
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'e', event)
+redis.call('SPUBLISH', KEYS[3], 'E' .. id .. ' ' .. event)
 return id

@@ -8,6 +8,9 @@
 -- KEY.room_show      the room's running-show marker (show_state.lua): while
 --                    a ticket show runs, only its model and ticket holders
 --                    may tip, and the event is marked with the show
+-- KEY.room_channel   the room's pub/sub channel (the room's slot): SPUBLISH
+--                    names it as a key, so a cluster runs the script where
+--                    the channel's shard is
 -- KEY.goal           the room's tip goal ({eco}, Keys.goal): an active goal
 --                    counts the tip (goal_count, money_lib), and an
 --                    all-or-nothing one takes its tokens into its escrow
@@ -17,7 +20,6 @@
 --                    an all-or-nothing goal is active and this is not it
 -- ARG.amount         tokens, > 0          ARG.tip_min  the room's minimum
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
--- ARG.room_channel   the room's pub/sub channel
 -- ARG.history_len    history entries kept
 -- ARG.event          the tip event JSON without offset/ts
 -- ARG.payee_channel  the owner's user channel
@@ -29,7 +31,7 @@
 -- after the idempotency key, so a tip retried after the model raised her
 -- minimum is still answered with its original reply.
 -- Invariant: tokens move only with the tip queued for delivery (history XADD
--- and PUBLISH) and its ledger entry in the outbox; every check precedes the
+-- and SPUBLISH) and its ledger entry in the outbox; every check precedes the
 -- first write; the fan's balance never goes below zero.
 local amount = tonumber(ARG.amount)
 local refusal = idem_prior()
@@ -56,7 +58,7 @@ local payee, payee_key = ARG.payee, KEY.payee_balance
 if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, amount)
 local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', event)
-redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)
+redis.call('SPUBLISH', KEY.room_channel, 'E' .. offset .. ' ' .. event)
 if not goal then
   local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset})
   outbox_add('tip', postings(ARG.payer, ARG.payee, amount), reply)
@@ -64,7 +66,7 @@ if not goal then
   redis.call('PUBLISH', ARG.payee_channel, 'B' .. owner_balance)
   return {'OK', reply}
 end
-local counted = goal_count(KEY.goal, goal, amount, KEY.history, ARG.history_len, ARG.room_channel)
+local counted = goal_count(KEY.goal, goal, amount, KEY.history, ARG.history_len, KEY.room_channel)
 local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset, goal = counted})
 -- The ledger entry names the goal: its progress and held tips are rebuilt from it.
 local meta = string.sub(ARG.meta, 1, -2) .. ',"goal":"' .. goal.id .. '"}'

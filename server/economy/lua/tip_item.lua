@@ -18,7 +18,8 @@
 -- ARG.item           the item's id as the fan sent it
 -- ARG.max_price      '' for none
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
--- ARG.room_channel   the room's pub/sub channel
+-- KEY.room_channel   the room's pub/sub channel (the room's slot), which
+--                    SPUBLISH names as a key
 -- ARG.history_len    history entries kept
 -- ARG.event          the tip event JSON without amount, item.label,
 --                    offset and ts (events.item_tip_event_body)
@@ -31,7 +32,7 @@
 -- entry's meta is ARG.meta plus `item` {id, label}: statements name what
 -- was tipped for, even after the item left the menu.
 -- Invariant: tokens move only with the tip queued for delivery (history XADD
--- and PUBLISH) and its ledger entry in the outbox, at the price the fan
+-- and SPUBLISH) and its ledger entry in the outbox, at the price the fan
 -- agreed to (max_price); every check precedes the first write; the fan's
 -- balance never goes below zero. A retried key answers its first reply,
 -- whatever the menu says now.
@@ -73,10 +74,10 @@ local payee, payee_key = ARG.payee, KEY.payee_balance
 if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, price)
 local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', event)
-redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)
+redis.call('SPUBLISH', KEY.room_channel, 'E' .. offset .. ' ' .. event)
 local reply = {balance = fan_balance, tx = ARG.tx, offset = offset, price = price, item = item}
 if goal then
-  reply.goal = goal_count(KEY.goal, goal, price, KEY.history, ARG.history_len, ARG.room_channel)
+  reply.goal = goal_count(KEY.goal, goal, price, KEY.history, ARG.history_len, KEY.room_channel)
   meta.goal = goal.id
 end
 reply = cjson.encode(reply)
