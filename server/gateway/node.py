@@ -181,6 +181,8 @@ class Node:
             self._on_broker_reconnect,
             control_channel=f"{self.keys.node(self.id)}:control",
             timeout_s=settings.redis_timeout_s,
+            # Room channels: sharded (SSUBSCRIBE; the scripts SPUBLISH).
+            sharded=lambda channel: self.keys.channel_room(channel) is not None,
         )
         self.sessions: set[Session] = set()
         # Hellos that arrive together share their round trips (a restart).

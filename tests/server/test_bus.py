@@ -201,7 +201,8 @@ async def test_what_the_producers_publish_decodes(
     fan = await server.client("bob")
     status, _ = await http.call("PUT", "/v1/me/prices", "alice", "model", dm=4)
     assert status == 200
-    await listener.subscribe(room, model_channel, fan_channel, commits)
+    await listener.subscribe(model_channel, fan_channel, commits)
+    await listener.ssubscribe(room)  # room channels are sharded (SPUBLISH)
 
     # The gateway's presence marker (a join), and room_event.lua (a say).
     await model.call("join", room="alice")
@@ -310,7 +311,7 @@ async def test_a_node_drops_garbage_and_delivers_what_follows(
     await fan.call("join", room="alice")
     with caplog.at_level(logging.WARNING):
         for payload in GARBAGE + MISPLACED_ON_ROOM:
-            await redis.publish(keys.room_channel("alice"), payload)
+            await redis.spublish(keys.room_channel("alice"), payload)
         for payload in GARBAGE + MISPLACED_ON_USER:
             await redis.publish(keys.user_channel("bob"), payload)
         for payload in [*GARBAGE, b"P", b"B1"]:
@@ -351,7 +352,7 @@ async def test_an_event_body_that_is_not_json_reaches_no_member(
     assert (await packer.next_event("message"))["offset"] == said["offset"]
     ms, _, seq = said["offset"].partition("-")
     with caplog.at_level(logging.ERROR):
-        await redis.publish(keys.room_channel("alice"), f"E{ms}-{int(seq) + 1} {{oops}}".encode())
+        await redis.spublish(keys.room_channel("alice"), f"E{ms}-{int(seq) + 1} {{oops}}".encode())
         await asyncio.sleep(0.01)  # the next real offset is of a later millisecond
         after = await model.call("say", room="alice", text="second")
         event = await packer.next_event("message")
