@@ -51,6 +51,12 @@ class Keys:
     def node_prefix(self) -> str:
         return f"{self.prefix}node:"
 
+    def nodes(self) -> str:
+        """Sorted set of gateway nodes: id -> when its heartbeat runs out
+        (ms, Redis's clock; node_beat.lua). One key, not one per node, so a
+        room's viewer count learns the live nodes in one read (viewers.lua)."""
+        return f"{self.prefix}nodes"
+
     def node(self, node_id: str) -> str:
         """Heartbeat of a gateway process; expires when the process dies."""
         return f"{self.node_prefix()}{node_id}"

@@ -15,13 +15,13 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from tests.apischema import CheckedClient, check_http_reply
 from tests.proxy import Proxy
@@ -86,16 +86,59 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 REDIS_URL, DATABASE_URL = _backends()
 
+# The Redis backends a test marked `cluster` runs on: each such test runs
+# once on the single Redis and once on a local Redis Cluster of three
+# primaries (tokenchat.server.devstack.cluster), started once per session
+# on first use. `pytest -m cluster` runs that subset alone.
+REDIS_BACKENDS = ("single", "cluster")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cluster: also run on a local Redis Cluster of three primaries"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("cluster") is not None:
+        metafunc.parametrize("redis_backend", REDIS_BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """The URL of a local Redis Cluster of three primaries, for this session."""
+    from tokenchat.server.devstack.cluster import LocalCluster
+
+    with LocalCluster() as cluster:
+        yield cluster.url
+
 
 @pytest.fixture
-async def settings() -> AsyncIterator[Settings]:
+def redis_backend(request: pytest.FixtureRequest) -> str:
+    """ "single" (the shared Redis), or "cluster" for a test marked cluster."""
+    return str(getattr(request, "param", "single"))
+
+
+def _open_redis(settings: Settings) -> Redis:
+    """A client of the test's Redis, single or cluster (typed alike)."""
+    if settings.redis_cluster:
+        return cast(Redis, RedisCluster.from_url(settings.redis_url))
+    return Redis.from_url(settings.redis_url)
+
+
+@pytest.fixture
+async def settings(request: pytest.FixtureRequest, redis_backend: str) -> AsyncIterator[Settings]:
+    redis_url, redis_cluster = REDIS_URL, 0
+    if redis_backend == "cluster":
+        redis_url, redis_cluster = request.getfixturevalue("redis_cluster_url"), 1
     tag = uuid.uuid4().hex[:12]
     schema = f"t_{tag}"
     prefix = f"t:{tag}:"
     await migrate(DATABASE_URL, schema)
     media_dir = tempfile.mkdtemp(prefix=f"tokenchat-test-media-{tag}-")
     yield Settings(
-        redis_url=REDIS_URL,
+        redis_url=redis_url,
+        redis_cluster=redis_cluster,
         redis_prefix=prefix,
         database_url=DATABASE_URL,
         database_schema=schema,
@@ -114,8 +157,9 @@ async def settings() -> AsyncIterator[Settings]:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()
-    redis: Redis = Redis.from_url(REDIS_URL)
+    redis = _open_redis(Settings(redis_url=redis_url, redis_cluster=redis_cluster))
     try:
+        # On a cluster, scan_iter scans every primary and delete splits by slot.
         keys = [key async for key in redis.scan_iter(match=f"{prefix}*", count=1000)]
         if keys:
             await redis.delete(*keys)
@@ -125,7 +169,7 @@ async def settings() -> AsyncIterator[Settings]:
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client: Redis = Redis.from_url(settings.redis_url)
+    client = _open_redis(settings)
     yield client
     await client.aclose()
 

@@ -278,8 +278,8 @@ class Node:
         await self.broker.close()
         await self.ledger.close()
         await self.dm_archive.close()
-        with contextlib.suppress(RedisError, OSError):
-            await self.redis.delete(self.keys.node(self.id))
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await self.rooms.node_beat(self.id, 0)  # dead from now: its counts go
         await self.redis.aclose()
         await self.pool.close()
         if self.ledger_pool is not self.pool:
@@ -645,8 +645,7 @@ class Node:
 
     # --- heartbeat and presence ----------------------------------------------------------
     async def _heartbeat_once(self) -> None:
-        ttl_ms = int(self.settings.node_ttl_s * 1000)
-        await self.redis.set(self.keys.node(self.id), b"1", px=ttl_ms)
+        await self.rooms.node_beat(self.id, int(self.settings.node_ttl_s * 1000))
 
     async def _heartbeat_forever(self) -> None:
         # Three beats per TTL: one lost beat never makes a live node look dead.

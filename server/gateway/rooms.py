@@ -24,6 +24,12 @@ from ..keys import Keys
 
 Offset = tuple[int, int]
 
+# A node whose heartbeat ran out is remembered this long (ms) in the nodes'
+# set, so that viewer counts remove its sessions from every room they read
+# meanwhile (a day: a room read less often keeps a stale field, never
+# counted); the set holds the ids of a day's restarts, a few hundred bytes.
+NODE_REMEMBERED_MS = 24 * 3600 * 1000
+
 
 def parse_offset(offset: str | bytes) -> Offset:
     text = offset.decode() if isinstance(offset, bytes) else offset
@@ -53,6 +59,8 @@ class RoomStore:
         # Sent twice, a line would be posted twice: no key makes it idempotent.
         self._room_event = lua_script("room_event", retry_safe=False)
         self._viewers = lua_script("viewers", retry_safe=True)  # a count
+        self._nodes_read = lua_script("nodes_read", retry_safe=True)
+        self._node_beat = lua_script("node_beat", retry_safe=True)
 
     async def append(
         self,
@@ -116,11 +124,20 @@ class RoomStore:
             pipe.spublish(self._keys.room_channel(room), bus.PRESENCE_CHANGED.encode())
             await pipe.execute()
 
+    async def node_beat(self, node_id: str, ttl_ms: int) -> None:
+        """``node_id`` lives for ``ttl_ms`` more (0: it leaves now)."""
+        await self._batcher.call(
+            self._node_beat, [self._keys.nodes()], [node_id, ttl_ms, NODE_REMEMBERED_MS]
+        )
+
     async def viewers(self, rooms: list[str]) -> list[int]:
-        node_prefix = self._keys.node_prefix()
+        # The nodes first (their set is a key of its own slot), then each
+        # room's count over them: one slot per script, on a cluster too.
+        live, dead = await self._batcher.call(self._nodes_read, [self._keys.nodes()], [])
+        nodes = [len(live), *live, *dead]
         counts = await asyncio.gather(
             *(
-                self._batcher.call(self._viewers, [self._keys.room_presence(room)], [node_prefix])
+                self._batcher.call(self._viewers, [self._keys.room_presence(room)], nodes)
                 for room in rooms
             )
         )

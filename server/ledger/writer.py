@@ -51,6 +51,7 @@ from .. import bus, metrics, redis_client
 from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..economy.economy import Economy
+from ..economy.scripts import script_source
 from ..keys import Keys, glob_escape
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class LedgerWriter:
             socket_timeout_s=settings.ledger_block_ms / 1000 + settings.redis_timeout_s,
             blocking=False,
         )
+        self._ack_script = self._redis.register_script(script_source("ledger_ack"))
         self._group_ready = False
         self._last_claim = 0.0
         self._refused_since = 0.0
@@ -436,18 +438,20 @@ class LedgerWriter:
 
     async def _ack(self, ids: list[str], *, committed: list[str], parked: list[str]) -> None:
         """After COMMIT: the entries leave the outbox, and the spends waiting
-        on them (durability `ledger`, on any node) are told, in one MULTI."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._keys.outbox(), GROUP, *ids)
-            pipe.xdel(self._keys.outbox(), *ids)
-            # Published in either durability mode: a writer need not know how
-            # the gateways it serves are configured (Procfile: separate ones).
-            channel = self._keys.ledger_commits()
-            if committed:
-                pipe.publish(channel, bus.LedgerCommitted(tuple(committed)).encode())
-            if parked:
-                pipe.publish(channel, bus.LedgerParked(tuple(parked)).encode())
-            await pipe.execute()
+        on them (durability `ledger`, on any node) are told, in one atomic
+        call (ledger_ack.lua)."""
+        # Published in either durability mode: a writer need not know how
+        # the gateways it serves are configured (Procfile: separate ones).
+        await self._ack_script(
+            keys=[self._keys.outbox()],
+            args=[
+                GROUP,
+                self._keys.ledger_commits(),
+                bus.LedgerCommitted(tuple(committed)).encode() if committed else b"",
+                bus.LedgerParked(tuple(parked)).encode() if parked else b"",
+                *ids,
+            ],
+        )
 
 
 class RedisReset(Exception):

@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from tests.conftest import token
 from tokenchat.client_demo.client import Client
 from tokenchat.server.config import Settings
+from tokenchat.server.keys import Keys
 
 # A cold `serve` imports everything, connects to both backends and (with
 # workers) spawns fresh interpreters: about a second; 20 s is generous.
@@ -59,6 +60,7 @@ def cli_env(settings: Settings | None = None, **extra: str) -> dict[str, str]:
     if settings is not None:
         env.update(
             TOKENCHAT_REDIS_URL=settings.redis_url,
+            TOKENCHAT_REDIS_CLUSTER=str(settings.redis_cluster),
             TOKENCHAT_REDIS_PREFIX=settings.redis_prefix,
             TOKENCHAT_DATABASE_URL=settings.database_url,
             TOKENCHAT_DATABASE_SCHEMA=settings.database_schema,
@@ -244,11 +246,12 @@ async def close_code(client: Client, timeout_s: float) -> int | None:
 
 
 async def node_ids(redis: Redis, prefix: str) -> set[str]:
-    """Ids of the gateway processes whose heartbeat key is in Redis."""
-    head = f"{prefix}node:"
-    return {
-        key.decode()[len(head) :] async for key in redis.scan_iter(match=f"{head}*", count=1000)
-    }
+    """Ids of the gateway processes whose heartbeat runs (the nodes' sorted
+    set, node_beat.lua: a node that stops cleanly leaves it at once)."""
+    seconds, micros = await redis.time()
+    now_ms = seconds * 1000 + micros // 1000
+    live = await redis.zrangebyscore(Keys(prefix).nodes(), f"({now_ms}", "+inf")
+    return {node.decode() for node in live}
 
 
 async def wait_for(
