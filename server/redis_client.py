@@ -13,7 +13,9 @@ the product on a cluster of three primaries.
 
 from __future__ import annotations
 
-from typing import cast
+import functools
+from collections.abc import Callable
+from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 
@@ -37,6 +39,7 @@ def connect(
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
         )
+        _mend_transaction_callbacks(cluster)
         return cast(Redis, cluster)
     if not blocking:
         return Redis.from_url(
@@ -54,6 +57,20 @@ def connect(
             socket_connect_timeout=settings.redis_timeout_s,
         )
     )
+
+
+def _mend_transaction_callbacks(cluster: RedisCluster) -> None:
+    """redis-py 8's cluster MULTI calls each command's reply callback with
+    the command's options (``keys=...``), which the callbacks that are plain
+    types (``bool`` of HSETNX, HEXISTS, EXPIRE...) refuse with a TypeError:
+    those become functions that drop the options."""
+    for command, callback in list(cluster.response_callbacks.items()):
+        if isinstance(callback, type):
+            cluster.set_response_callback(command, functools.partial(_plain, callback))
+
+
+def _plain(convert: Callable[[Any], Any], reply: Any, **options: Any) -> Any:
+    return convert(reply)
 
 
 def is_cluster(redis: Redis) -> bool:

@@ -17,15 +17,16 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 import pytest
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import Redis
 
 from tests.apischema import CheckedClient, check_http_reply
 from tests.proxy import Proxy
 from tokenchat.client_demo.client import Client
+from tokenchat.server import redis_client
 from tokenchat.server.app import Process
 from tokenchat.server.auth import issue_token
 from tokenchat.server.config import Settings
@@ -122,7 +123,7 @@ def redis_backend(request: pytest.FixtureRequest) -> str:
 def _open_redis(settings: Settings) -> Redis:
     """A client of the test's Redis, single or cluster (typed alike)."""
     if settings.redis_cluster:
-        return cast(Redis, RedisCluster.from_url(settings.redis_url))
+        return redis_client.connect(settings, max_connections=16, socket_timeout_s=10.0)
     return Redis.from_url(settings.redis_url)
 
 

@@ -34,6 +34,7 @@ async def room_with_fan(server: Running, http: Http, tokens: int) -> tuple[Clien
 # --- credits and balances ------------------------------------------------------------
 
 
+@pytest.mark.cluster
 async def test_credit_shows_in_balance_welcome_and_me(server: Running, http: Http) -> None:
     reply = await http.credit("bob", 250, key="grant-1")
     assert reply["balance"] == 250 and isinstance(reply["tx"], str)
@@ -183,6 +184,7 @@ async def test_racing_sessions_spend_exactly_what_there_is(
 # --- DMs and prices --------------------------------------------------------------------
 
 
+@pytest.mark.cluster
 async def test_paid_dm_reaches_every_session_and_respects_max_price(
     server: Running, http: Http
 ) -> None:

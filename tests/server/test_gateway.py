@@ -98,6 +98,7 @@ async def test_second_hello_is_refused(server: Running) -> None:
 # --- commands ---------------------------------------------------------------------------
 
 
+@pytest.mark.cluster
 async def test_join_returns_room_history_and_viewers(server: Running) -> None:
     model = await server.client("alice", "model")
     await model.call("join", room="alice")
@@ -156,6 +157,7 @@ async def test_rooms_per_session_is_limited(start_server: object) -> None:
     await fan.close()
 
 
+@pytest.mark.cluster
 async def test_say_reaches_every_member_sender_included(server: Running) -> None:
     model = await server.client("alice", "model")
     fans = [await server.client(f"fan{i}") for i in range(3)]
@@ -328,6 +330,7 @@ async def test_msgpack_and_json_members_see_the_same_events(server: Running) -> 
 # --- ordering, history, recovery -----------------------------------------------------------
 
 
+@pytest.mark.cluster
 async def test_burst_from_several_senders_is_seen_in_one_order(start_server: object) -> None:
     running: Running = await start_server(commands_per_s=1000.0, commands_burst=1000)  # type: ignore[operator]
     model = await running.client("alice", "model")
@@ -378,6 +381,7 @@ async def test_history_keeps_the_last_50(start_server: object) -> None:
     await model.close()
 
 
+@pytest.mark.cluster
 async def test_join_since_recovers_the_gap_after_a_reconnect(server: Running) -> None:
     model = await server.client("alice", "model")
     await model.call("join", room="alice")
@@ -425,6 +429,7 @@ async def test_join_since_rejects_impossible_offsets(server: Running) -> None:
     await fan.close()
 
 
+@pytest.mark.cluster
 async def test_events_during_a_join_are_neither_lost_nor_doubled(start_server: object) -> None:
     running: Running = await start_server(commands_per_s=1000.0, commands_burst=1000)  # type: ignore[operator]
     model = await running.client("alice", "model")
@@ -527,6 +532,7 @@ async def test_rate_limit_answers_then_closes_4029(start_server: object) -> None
 # --- presence ------------------------------------------------------------------------------
 
 
+@pytest.mark.cluster
 async def test_presence_is_pushed_and_coalesced(start_server: object) -> None:
     running: Running = await start_server(presence_interval_s=0.5)  # type: ignore[operator]
     model = await running.client("alice", "model")

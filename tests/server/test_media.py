@@ -333,6 +333,7 @@ async def test_range_requests_get_206(server: Running) -> None:
 # --- unlock --------------------------------------------------------------------------------
 
 
+@pytest.mark.cluster
 async def test_unlock_is_idempotent_and_already_owned_media_charges_nothing(
     server: Running, http: Http, settings: Settings
 ) -> None:
@@ -450,6 +451,7 @@ async def test_entitlements_come_back_from_postgres_after_redis_lost_them(
     await fan.close()
 
 
+@pytest.mark.cluster
 async def test_a_refund_revokes_the_unlock(server: Running, http: Http) -> None:
     media = await uploaded(server, price=4)
     fan = await fan_with(server, http, 10)
