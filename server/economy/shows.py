@@ -144,6 +144,7 @@ class Shows:
         # RoomStore.append: the `show` events go into the room's history.
         self._post = post
         self._state_script = redis.register_script(script_source("show_state"))
+        self._marker_script = redis.register_script(script_source("show_marker"))
         self._load_script = redis.register_script(script_source("show_load"))
         economy.show_loader = self.load
 
@@ -368,16 +369,33 @@ class Shows:
         raise Unavailable("Redis keeps being reset; try again")
 
     async def _set_redis_state(self, row: Any) -> None:
-        show_id = row["id"]
-        keys = [self._keys.show(show_id), self._keys.room_show(row["room"])]
-        args = [row["state"], show_id, user_account(row["model"])]
-        for _ in range(_LOAD_ATTEMPTS_MAX):
+        """The show's state in its hash ({eco}), then the room's marker (the
+        room's slot): two scripts, each in one slot (Redis Cluster). A show
+        that starts goes through both twice: a ticket bought between the
+        first read of its holders and the marker's creation (which it could
+        not mark itself) is marked by the second."""
+        show_id, state = row["id"], row["state"]
+        passes = 2 if state == "running" else 1
+        for _ in range(passes):
+            holders = await self._set_show_state(show_id, state)
             try:
-                result = await self._state_script(keys=keys, args=args)
+                await self._marker_script(
+                    keys=[self._keys.room_show(row["room"])],
+                    args=[state, show_id, user_account(row["model"]), *holders],
+                )
             except _REDIS_ERRORS as exc:
                 raise Unavailable("shows are unavailable") from exc
-            if _text(result) == "OK":
-                return
+
+    async def _set_show_state(self, show_id: str, state: str) -> list[Any]:
+        """Set the state in the show's hash (loaded first if missing); the
+        marker fields of its ticket holders when it runs."""
+        for _ in range(_LOAD_ATTEMPTS_MAX):
+            try:
+                result = await self._state_script(keys=[self._keys.show(show_id)], args=[state])
+            except _REDIS_ERRORS as exc:
+                raise Unavailable("shows are unavailable") from exc
+            if isinstance(result, list):
+                return list(result[1:])
             await self.load(show_id)
         raise Unavailable("the show could not be loaded")
 
