@@ -123,6 +123,9 @@ class RedisBroker:
         # The link each subscribed channel is on.
         self._channel_links: dict[str, _Link] = {}
         self._rerouting: asyncio.Task[None] | None = None
+        # Sharded channels a shard ended unasked, to subscribe again.
+        self._lost: set[str] = set()
+        self._reroute_again = False
 
     async def start(self) -> None:
         await self.subscribe(self._control_channel)
@@ -292,19 +295,28 @@ class RedisBroker:
     def _reroute(self) -> None:
         """Reload the slot map and move each sharded channel whose slot has
         another owner now to that owner's link (once at a time)."""
-        if self._cluster and (self._rerouting is None or self._rerouting.done()):
+        if not self._cluster:
+            return
+        if self._rerouting is None or self._rerouting.done():
             self._rerouting = asyncio.create_task(self._reroute_now(), name="broker-reroute")
+        else:  # one running: another pass after it, for what it may not see
+            self._reroute_again = True
 
     async def _reroute_now(self) -> None:
         cluster = as_cluster(self._redis)
         delay_s = RECONNECT_DELAY_MIN_S
         while True:
+            moved: dict[str, _Link] = {}
             try:
                 await cluster.nodes_manager.initialize()
+                # Those on another shard now, and those a shard ended without
+                # being asked (Redis does so for a slot it is given again).
+                lost, self._lost = self._lost, set()
                 moved = {
                     channel: link
                     for channel, link in self._channel_links.items()
-                    if self._sharded(channel) and self._link_for(channel) is not link
+                    if self._sharded(channel)
+                    and (channel in lost or self._link_for(channel) is not link)
                 }
                 for channel, old in moved.items():
                     # Not resubscribed on the old shard by a reconnect.
@@ -316,6 +328,7 @@ class RedisBroker:
                     await asyncio.wait_for(self._send_subscribe(link, [channel]), self._timeout_s)
             except (RedisError, OSError, TimeoutError) as exc:
                 reraise_if_cancelled(exc)
+                self._lost.update(moved)
                 log.warning("pub/sub rerouting failed (%s); trying again", exc)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, RECONNECT_DELAY_MAX_S)
@@ -324,7 +337,9 @@ class RedisBroker:
                 log.info("pub/sub: %d channels moved to another shard", len(moved))
                 # What was published while they moved is read from history.
                 self._on_reconnect()
-            return
+            if not self._reroute_again:
+                return
+            self._reroute_again = False
 
     def _dispatch(self, link: _Link, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -341,6 +356,7 @@ class RedisBroker:
         elif kind == "sunsubscribe" and self._channel_links.get(channel) is link:
             # Unasked (ours pop the channel first): the cluster moved its slot.
             log.info("pub/sub: shard %s gave up %s; rerouting", link.name, channel)
+            self._lost.add(channel)
             self._reroute()
 
 
