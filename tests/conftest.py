@@ -96,13 +96,17 @@ REDIS_BACKENDS = ("single", "cluster")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "cluster: also run on a local Redis Cluster of three primaries"
+        "markers",
+        "cluster: also run on a local Redis Cluster of three primaries"
+        " (cluster(only=True): on the cluster alone)",
     )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if metafunc.definition.get_closest_marker("cluster") is not None:
-        metafunc.parametrize("redis_backend", REDIS_BACKENDS, indirect=True)
+    marker = metafunc.definition.get_closest_marker("cluster")
+    if marker is not None and "redis_backend" in metafunc.fixturenames:
+        backends = ("cluster",) if marker.kwargs.get("only") else REDIS_BACKENDS
+        metafunc.parametrize("redis_backend", backends, indirect=True)
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ from tests.conftest import Http, Running, eventually
 from tokenchat.server.devstack.cluster import CLUSTER_SLOTS, LocalCluster, slot_ranges
 from tokenchat.server.keys import Keys
 
-# The tests of a server here run on the cluster only.
-on_cluster = pytest.mark.parametrize("redis_backend", ["cluster"], indirect=True)
+# On the cluster only, and in `pytest -m cluster`.
+pytestmark = pytest.mark.cluster(only=True)
 
 
 @pytest.fixture
@@ -69,7 +69,6 @@ def test_the_local_cluster_has_three_primaries_over_every_slot() -> None:
     assert cluster.nodes == []  # stopped
 
 
-@on_cluster
 async def test_a_rooms_channel_is_subscribed_on_its_shard_only(
     server: Running, primaries: list[Redis]
 ) -> None:
@@ -94,7 +93,6 @@ async def test_a_rooms_channel_is_subscribed_on_its_shard_only(
         await model.close()
 
 
-@on_cluster
 async def test_two_nodes_share_rooms_on_every_shard_in_one_order(
     start_server: Callable[..., Awaitable[Running]],
 ) -> None:
@@ -116,7 +114,6 @@ async def test_two_nodes_share_rooms_on_every_shard_in_one_order(
             await client.close()
 
 
-@on_cluster
 async def test_scripts_load_again_on_every_primary_after_a_flush(
     server: Running, http: Http, primaries: list[Redis]
 ) -> None:
@@ -173,7 +170,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@on_cluster
 async def test_a_room_whose_slot_moves_keeps_its_events(
     server: Running, redis: Redis, primaries: list[Redis]
 ) -> None:
