@@ -247,7 +247,7 @@ class Economy:
             raise Unavailable("balances are unavailable") from exc
 
         async def completed(user_id: str, row: list[Any]) -> HelloState:
-            balance, version, minutes, spent, dms = row
+            balance, version, minutes, spent, dms, cursor = row
             if version is None or spent is None:
                 limits, counters = await self.limits.cached(user_id, "rc")
                 minutes, spent = limits[1], counters[0]
@@ -256,6 +256,7 @@ class Economy:
                 int(spent),
                 None if minutes is None else int(minutes),
                 [(offset, event) for offset, event in dms],
+                cursor or None,
             )
 
         # Loaded side by side (first hellos, or after a Redis reset): one
@@ -1399,6 +1400,8 @@ class HelloState:
     reality_check_min: int | None
     # (offset, event JSON) of the DMs stored since her inbox cursor.
     stored_dms: list[tuple[bytes, bytes]]
+    # The cursor: the last DM delivered to one of her sessions; None: none.
+    inbox_cursor: bytes | None = None
 
 
 def _text(value: Any) -> str:

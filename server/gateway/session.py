@@ -293,6 +293,13 @@ class Session:
         merged.update((parse_offset(offset), event) for offset, event in stored)
         for position in sorted(merged):
             self.push_dm(position, merged[position])
+        # A DM at or before the cursor was delivered before this hello read
+        # the inbox; on a Redis Cluster its live copy, forwarded over the
+        # cluster bus, may still arrive after the welcome: it is not shown.
+        if admitted.inbox_cursor is not None:
+            floor = parse_offset(admitted.inbox_cursor)
+            if self._last_dm is None or self._last_dm < floor:
+                self._last_dm = floor
         if stored:
             node.dms_delivered(identity.user_id, stored[-1][0])
         # Reality checks, if the fan asked for them (PUT /v1/me/limits).

@@ -212,6 +212,7 @@ async def test_paid_dm_reaches_every_session_and_respects_max_price(
         await client.close()
 
 
+@pytest.mark.cluster
 async def test_dm_to_an_offline_user_waits_for_their_next_hello(
     server: Running, http: Http
 ) -> None:

@@ -11,8 +11,8 @@
 -- ARGV[1] DMs read per inbox at most (Settings.inbox_len)
 --
 -- Returns one list per user: { balance, limits version, reality-check
--- minutes, counters total, { {offset, event}, ... } }, each of the first
--- four false (nil) when absent.
+-- minutes, counters total, { {offset, event}, ... }, inbox cursor }, each
+-- of the first four and the cursor false (nil) when absent.
 -- Invariant: it writes nothing. What it finds missing the caller loads
 -- through the fenced load scripts (load_balance, limits_load), which keep
 -- the Redis-older-than-ledger checks; a retry of this call is harmless.
@@ -31,7 +31,8 @@ for i = 1, #KEYS, 5 do
     end
   end
   out[#out + 1] = {
-    redis.call('GET', KEYS[i]), limits[1], limits[2], redis.call('HGET', KEYS[i + 2], 't'), dms
+    redis.call('GET', KEYS[i]), limits[1], limits[2], redis.call('HGET', KEYS[i + 2], 't'), dms,
+    cursor
   }
 end
 return out
