@@ -101,9 +101,7 @@ async def run(url: str, events: int, rooms: int, command: str) -> dict[str, Any]
             history, channel = keys.room_history(room), keys.room_channel(room)
             node = cluster.nodes_manager.get_node_from_slot(key_slot(history.encode()))
             owner_events[node.name] += 1
-            calls.append(
-                batcher.call(script, [history, channel], [HISTORY_LEN, EVENT, command])
-            )
+            calls.append(batcher.call(script, [history, channel], [HISTORY_LEN, EVENT, command]))
         await asyncio.gather(*calls)
     while counts[0] < events:  # noqa: ASYNC110 - polling the listeners' count
         await asyncio.sleep(0.01)
