@@ -49,3 +49,11 @@ def test_new_limits_must_be_positive(name: str) -> None:
 def test_metrics_port_must_be_a_port() -> None:
     with pytest.raises(ValueError, match="TOKENCHAT_METRICS_PORT must be a TCP port"):
         Settings(metrics_port=70000)
+
+
+@pytest.mark.parametrize("raw", ["2", "-1"])
+def test_redis_cluster_is_a_flag(raw: str) -> None:
+    with pytest.raises(ValueError, match="TOKENCHAT_REDIS_CLUSTER must be 0 or 1"):
+        Settings.from_env({"TOKENCHAT_REDIS_CLUSTER": raw})
+    assert Settings.from_env({"TOKENCHAT_REDIS_CLUSTER": "1"}).redis_cluster == 1
+    assert Settings().redis_cluster == 0  # a single Redis unless told

@@ -83,6 +83,7 @@ async def no_deadlines_left(settings: Settings) -> None:
 # --- the lifecycle -----------------------------------------------------------------------
 
 
+@pytest.mark.cluster
 async def test_offer_accept_deliver_pays_the_model_once_and_both_sides_see_it(
     server: Running, settings: Settings
 ) -> None:
@@ -132,6 +133,7 @@ async def test_offer_accept_deliver_pays_the_model_once_and_both_sides_see_it(
     await model.close()
 
 
+@pytest.mark.cluster
 async def test_decline_and_cancel_refund_the_fan(server: Running, settings: Settings) -> None:
     fan, model = await fan_and_model(server)
     declined_offer = await offer(fan, 20, "o1")
