@@ -414,6 +414,7 @@ def gateway_figures(report: dict[str, Any]) -> dict[str, Any]:
     - ``us_per_delivery``: the ``serve`` tree's CPU over the fan-out rate
       (tokenchat's runs), and ``irq_us_per_delivery`` the machine's
       interrupts over the same rate (the kernel's share, all processes);
+      ``bare_*`` the same of the bare ``websockets`` baseline's runs;
     - ``serve_us_per_tip``, ``redis_us_per_tip``, ``postgres_us_per_tip``,
       ``ledger_us_per_tip``: the tips scenario's full-rate runs;
     - ``us_per_hello``: the reconnect scenario's server CPU per hello.
@@ -424,6 +425,7 @@ def gateway_figures(report: dict[str, Any]) -> dict[str, Any]:
         return [r for r in scenarios.get(name, {}).get("runs", []) if keep(r)]
 
     fanout = runs("fanout", lambda r: r.get("server") == "tokenchat")
+    bare = runs("fanout", lambda r: r.get("server") == "baseline")
     tips = runs("tips", lambda r: r.get("kind") == "tokenchat")
 
     def per_delivery(run: dict[str, Any], column: str) -> float | None:
@@ -440,6 +442,10 @@ def gateway_figures(report: dict[str, Any]) -> dict[str, Any]:
         "kib_per_session": float(idle.get("value") or math.nan),
         "us_per_delivery": median([per_delivery(r, "cpu_server_pct") for r in fanout]),
         "irq_us_per_delivery": median([per_delivery(r, "cpu_irq_pct") for r in fanout]),
+        # The bare websockets server writes every frame to every connection
+        # at once: the cost of a delivery that shares its write with nothing.
+        "bare_us_per_delivery": median([per_delivery(r, "cpu_server_pct") for r in bare]),
+        "bare_irq_us_per_delivery": median([per_delivery(r, "cpu_irq_pct") for r in bare]),
         "serve_us_per_tip": median([r.get("main_us_per_op") for r in tips]),
         "redis_us_per_tip": median([r.get("redis_us_per_op") for r in tips]),
         "postgres_us_per_tip": median([r.get("postgres_us_per_op") for r in tips]),
@@ -591,6 +597,8 @@ def render(args: argparse.Namespace, figures: dict[str, Any], gateway: dict[str,
         f"  memory per idle session        {gateway['kib_per_session']:.1f} KiB",
         f"  serve CPU per delivery         {gateway['us_per_delivery']:.2f} us"
         f" (+ {gateway['irq_us_per_delivery']:.2f} us interrupts)",
+        f"  bare websockets, per delivery  {gateway['bare_us_per_delivery']:.2f} us"
+        f" (+ {gateway['bare_irq_us_per_delivery']:.2f} us interrupts): a write each",
         f"  CPU per tip: serve {gateway['serve_us_per_tip']:.0f}, ledger writer"
         f" {gateway['ledger_us_per_tip']:.0f}, Redis {gateway['redis_us_per_tip']:.0f},"
         f" Postgres {gateway['postgres_us_per_tip']:.0f} us",

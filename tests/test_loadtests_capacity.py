@@ -143,6 +143,9 @@ def test_gateway_figures_are_per_operation_medians() -> None:
     # Per delivery: 4, 8 and 6 us of serve CPU; median 6.
     assert figures["us_per_delivery"] == pytest.approx(6.0)
     assert figures["irq_us_per_delivery"] == pytest.approx(1.0)
+    assert figures["bare_us_per_delivery"] == pytest.approx(
+        990_000.0
+    )  # 99 % of a CPU for 1 delivery/s
     assert figures["serve_us_per_tip"] == 130.0
     assert figures["redis_us_per_tip"] == 40.0
     assert figures["postgres_us_per_tip"] == 100.0
