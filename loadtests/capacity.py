@@ -22,7 +22,10 @@ here is counted that way:
     channel with 0, 1 and ``--subscribers`` subscribers (each a gateway
     node subscribed to a room), ``--pipeline`` publishes per pipeline;
     Redis CPU per publish, and the bytes every subscriber received checked
-    against what was published.
+    against what was published;
+  - ``subscribe``: one connection subscribes to ``--subscriptions`` user
+    channels, 500 per ``SUBSCRIBE`` as a batch of hellos does: Redis memory
+    and CPU per channel (every connected user holds one).
 
 - **Postgres**: the ledger writer's statements on one connection and the
   standing projector's fold (``loadtests.ledger_backend.measure``), the
@@ -85,6 +88,10 @@ SUBSCRIBERS_DEFAULT = 10  # gateway nodes subscribed to one room's channel
 # in one pipeline; 100 is a busy gateway's tick (the tips benchmark's fans
 # send 200), and it decides how many writes Redis makes per subscriber.
 PIPELINE_DEFAULT = 100  # commands
+# User channels one connection subscribes to (a node's, one per connected
+# user): enough for the per-channel memory to dwarf the dict's resizing steps.
+SUBSCRIPTIONS_DEFAULT = 100_000  # channels
+SUBSCRIBE_BATCH = 500  # channels per SUBSCRIBE: TOKENCHAT_HELLO_BATCH_MAX's default
 LEDGER_BATCHES = (50, 1000)  # tips per writer transaction: light load, full batches
 LEDGER_TIPS = 10_000  # per batch size and run (26-100 us each: 0.3-1 s of CPU)
 LEDGER_PASS = 1000  # ledger transactions per projector pass
@@ -193,9 +200,7 @@ def message_frame(command: str, channel: str, payload: bytes) -> bytes:
 
 def subscribe_reply(command: str, channel: str) -> bytes:
     """The confirmation a connection reads after subscribing to one channel."""
-    kind = "ssubscribe" if command == "SPUBLISH" else "subscribe"
-    # [kind, channel, count of this connection's subscriptions]
-    return b"*3\r\n" + resp_command(kind, channel)[len(b"*2\r\n") :] + b":1\r\n"
+    return subscribed_reply(command, channel, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +395,48 @@ async def _wait_subscribed(redis: Any, command: str, subscribers: int) -> None:
     raise TimeoutError(f"{subscribers} subscribers not counted within {SUBSCRIBE_TIMEOUT_S} s")
 
 
+def subscribed_reply(command: str, channel: str, count: int) -> bytes:
+    """The confirmation of one channel, the connection's ``count``-th."""
+    kind = "ssubscribe" if command == "SPUBLISH" else "subscribe"
+    return b"*3\r\n" + resp_command(kind, channel)[len(b"*2\r\n") :] + b":%d\r\n" % count
+
+
+async def measure_subscriptions(server: OwnRedis, channels: int, batch: int) -> dict[str, Any]:
+    """One connection subscribes to ``channels`` user channels, ``batch`` per
+    SUBSCRIBE (as a batch of hellos does): Redis memory and CPU per channel.
+    Every connected user is one such channel on the node's connection."""
+    from redis.asyncio import Redis
+
+    from tokenchat.server.keys import Keys
+
+    keys = Keys(KEY_PREFIX)
+    names = [keys.user_channel(f"user{i:07d}") for i in range(channels)]
+    redis = Redis.from_url(server.url)
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    try:
+        memory_before = await _used_memory(redis)
+        cpu_before = server.cpu_s()
+        for start in range(0, channels, batch):
+            chunk = names[start : start + batch]
+            writer.write(resp_command("SUBSCRIBE", *chunk))
+            expected = b"".join(
+                subscribed_reply("PUBLISH", name, start + i + 1) for i, name in enumerate(chunk)
+            )
+            if await reader.readexactly(len(expected)) != expected:
+                raise RuntimeError("unexpected reply to SUBSCRIBE")
+        cpu = server.cpu_s() - cpu_before
+        memory = await _used_memory(redis) - memory_before
+        return {
+            "channels": channels,
+            "batch": batch,
+            "bytes_per_channel": memory / channels,
+            "redis_cpu_us_per_channel": cpu / channels * 1e6,
+        }
+    finally:
+        writer.close()
+        await redis.aclose()
+
+
 # ============================================================================
 # Postgres: the ledger writer and the projector, per tip
 # ============================================================================
@@ -492,6 +539,14 @@ async def measure_round(args: argparse.Namespace, number: int) -> list[dict[str,
             )
             if not aof:
                 continue  # publishes do not touch the append-only file
+            row = await measure_subscriptions(server, args.subscriptions, SUBSCRIBE_BATCH)
+            rows.append({"run": number, "phase": "subscribe", **row})
+            print(
+                f"run {number} SUBSCRIBE {args.subscriptions:,} user channels:"
+                f" {row['bytes_per_channel']:.0f} B and {row['redis_cpu_us_per_channel']:.2f} us"
+                " Redis CPU per channel",
+                flush=True,
+            )
             for command in PUBLISH_COMMANDS:
                 for subscribers in sorted({0, 1, args.subscribers}):
                     row = await measure_publish(
@@ -538,6 +593,8 @@ def summarize(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str,
         "primary_full_tips_per_s": 1e6 / script_aof if script_aof else math.nan,
         "script_bytes_kept_per_call": med("bytes_per_call", phase="script", aof=True),
     }
+    figures["subscribe_bytes_per_channel"] = med("bytes_per_channel", phase="subscribe")
+    figures["subscribe_redis_us_per_channel"] = med("redis_cpu_us_per_channel", phase="subscribe")
     for command in PUBLISH_COMMANDS:
         for subscribers in sorted({0, 1, args.subscribers}):
             name = f"{command.lower()}_{subscribers}_redis_us"
@@ -586,6 +643,9 @@ def render(args: argparse.Namespace, figures: dict[str, Any], gateway: dict[str,
                 subscribers=subscribers,
             )
             lines.append(f"  {command:<8} {subscribers:>3} subscribers      {cell}")
+    channel_bytes = spread("bytes_per_channel", "{:.0f}", phase="subscribe")
+    channel_cpu = spread("redis_cpu_us_per_channel", "{:.2f}", phase="subscribe")
+    lines.append(f"  a user channel subscribed      {channel_bytes} B, {channel_cpu} us")
     lines += ["", "Postgres (the writer's backend, CPU per tip, us)"]
     for batch in LEDGER_BATCHES:
         writer = spread("writer_us_per_tip", "{:.0f}", phase="ledger", batch=batch)
@@ -659,6 +719,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one run of 3 s per phase")
     parser.add_argument("--subscribers", type=positive_int, default=SUBSCRIBERS_DEFAULT)
     parser.add_argument("--pipeline", type=positive_int, default=PIPELINE_DEFAULT)
+    parser.add_argument("--subscriptions", type=positive_int, default=SUBSCRIPTIONS_DEFAULT)
     parser.add_argument("--ledger-tips", type=positive_int, default=LEDGER_TIPS)
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument(
@@ -669,6 +730,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--gateway", action="store_true", help="re-measure the gateway figures (loadtests.bench)"
+    )
+    parser.add_argument(
+        "--gateway-report",
+        type=Path,
+        help="with --gateway: keep loadtests.bench's report here (for a later --bench-json)",
     )
     parser.add_argument("--idle-sessions", type=positive_int, default=3000)
     parser.add_argument("--json", type=Path, help="merge scenarios.capacity into this file")
@@ -689,7 +755,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.gateway:
         with tempfile.TemporaryDirectory(prefix="capacity-") as folder:
-            gateway = gateway_figures(run_gateway_bench(args, Path(folder) / "bench.json"))
+            report = args.gateway_report or Path(folder) / "bench.json"
+            gateway = gateway_figures(run_gateway_bench(args, report))
         gateway["source_date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         gateway["source_commit"] = git_commit()
     else:

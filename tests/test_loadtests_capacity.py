@@ -67,6 +67,16 @@ async def test_script_phase_counts_committed_tips(own_redis: capacity.OwnRedis) 
     assert row["bytes_per_call"] > 50
 
 
+@needs_redis_server
+async def test_subscriptions_are_confirmed_and_counted(own_redis: capacity.OwnRedis) -> None:
+    """Every channel's confirmation is read byte for byte (its running count
+    included), and each subscribed channel holds memory in Redis."""
+    row = await capacity.measure_subscriptions(own_redis, 2000, 500)
+    assert row["channels"] == 2000
+    assert row["bytes_per_channel"] > 50
+    assert row["redis_cpu_us_per_channel"] >= 0
+
+
 def test_subscribe_reply_is_what_redis_sends() -> None:
     assert capacity.subscribe_reply("PUBLISH", "ch") == (
         b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
