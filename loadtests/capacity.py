@@ -27,6 +27,10 @@ here is counted that way:
     channels, 500 per ``SUBSCRIBE`` as a batch of hellos does: Redis memory
     and CPU per channel (every connected user holds one).
 
+- **Two shards**: ``--transfers`` tips from payers on one Redis to a payee on
+  another, as the two-phase transfer of ``loadtests.xshard`` (the prototype
+  of docs/scaling.md, "Past one money shard"): each shard's CPU per transfer.
+
 - **Postgres**: the ledger writer's statements on one connection and the
   standing projector's fold (``loadtests.ledger_backend.measure``), the
   backend's CPU per tip (one ledger transaction, two postings), at a small
@@ -92,6 +96,9 @@ PIPELINE_DEFAULT = 100  # commands
 # user): enough for the per-channel memory to dwarf the dict's resizing steps.
 SUBSCRIPTIONS_DEFAULT = 100_000  # channels
 SUBSCRIBE_BATCH = 500  # channels per SUBSCRIBE: TOKENCHAT_HELLO_BATCH_MAX's default
+# Cross-shard transfers (loadtests.xshard) per run: 4 script calls each, so
+# 5,000 give each shard 0.2-0.4 s of CPU, 20-40 of /proc's 10-ms ticks.
+TRANSFERS_DEFAULT = 5000
 LEDGER_BATCHES = (50, 1000)  # tips per writer transaction: light load, full batches
 LEDGER_TIPS = 10_000  # per batch size and run (26-100 us each: 0.3-1 s of CPU)
 LEDGER_PASS = 1000  # ledger transactions per projector pass
@@ -562,6 +569,15 @@ async def measure_round(args: argparse.Namespace, number: int) -> list[dict[str,
                     )
         finally:
             server.stop()
+    from loadtests.xshard import time_transfers
+
+    row = await time_transfers(args.transfers, args.pipeline, args.redis_server)
+    rows.append({"run": number, "phase": "xshard", **row})
+    print(
+        f"run {number} cross-shard transfer: payer's shard {row['a_us_per_transfer']:.0f} us,"
+        f" payee's {row['b_us_per_transfer']:.0f} us Redis CPU",
+        flush=True,
+    )
     for batch in LEDGER_BATCHES:
         row = await measure_ledger(batch, args.ledger_tips)
         rows.append({"run": number, "phase": "ledger", **row})
@@ -604,6 +620,8 @@ def summarize(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str,
                 command=command,
                 subscribers=subscribers,
             )
+    figures["xshard_payer_shard_us"] = med("a_us_per_transfer", phase="xshard")
+    figures["xshard_payee_shard_us"] = med("b_us_per_transfer", phase="xshard")
     for batch in LEDGER_BATCHES:
         figures[f"ledger_writer_us_batch_{batch}"] = med(
             "writer_us_per_tip", phase="ledger", batch=batch
@@ -646,6 +664,9 @@ def render(args: argparse.Namespace, figures: dict[str, Any], gateway: dict[str,
     channel_bytes = spread("bytes_per_channel", "{:.0f}", phase="subscribe")
     channel_cpu = spread("redis_cpu_us_per_channel", "{:.2f}", phase="subscribe")
     lines.append(f"  a user channel subscribed      {channel_bytes} B, {channel_cpu} us")
+    payer = spread("a_us_per_transfer", "{:.0f}", phase="xshard")
+    payee = spread("b_us_per_transfer", "{:.0f}", phase="xshard")
+    lines.append(f"  cross-shard transfer (xshard)  payer's shard {payer}, payee's {payee}")
     lines += ["", "Postgres (the writer's backend, CPU per tip, us)"]
     for batch in LEDGER_BATCHES:
         writer = spread("writer_us_per_tip", "{:.0f}", phase="ledger", batch=batch)
@@ -720,6 +741,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--subscribers", type=positive_int, default=SUBSCRIBERS_DEFAULT)
     parser.add_argument("--pipeline", type=positive_int, default=PIPELINE_DEFAULT)
     parser.add_argument("--subscriptions", type=positive_int, default=SUBSCRIPTIONS_DEFAULT)
+    parser.add_argument(
+        "--transfers", type=positive_int, default=TRANSFERS_DEFAULT, help="cross-shard, per run"
+    )
     parser.add_argument("--ledger-tips", type=positive_int, default=LEDGER_TIPS)
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument(
