@@ -18,6 +18,8 @@ here is counted that way:
     (the script alone, no I/O), the memory each call leaves behind (its
     idempotency record, kept 24 h), and ``1 / CPU per call``: the rate of
     tips at which one primary, one core, is full;
+  - ``room_event``: the script of every ``say`` (history XADD and PUBLISH in
+    one call), a 100-character message, pipelined, no subscriber;
   - ``publish``: ``PUBLISH`` and ``SPUBLISH`` of a tip event's payload to one
     channel with 0, 1 and ``--subscribers`` subscribers (each a gateway
     node subscribed to a room), ``--pipeline`` publishes per pipeline;
@@ -102,6 +104,7 @@ TRANSFERS_DEFAULT = 5000
 LEDGER_BATCHES = (50, 1000)  # tips per writer transaction: light load, full batches
 LEDGER_TIPS = 10_000  # per batch size and run (26-100 us each: 0.3-1 s of CPU)
 LEDGER_PASS = 1000  # ledger transactions per projector pass
+MESSAGE_CHARS = 100  # a chat message's text: the fan-out benchmark's
 CHANNEL = "capacity:room:{bench}:events"
 KEY_PREFIX = "capacity:"
 # --- bounds -------------------------------------------------------------------
@@ -311,6 +314,49 @@ async def measure_script(server: OwnRedis, duration_s: float) -> dict[str, Any]:
             "usec_per_call": float(stats.get("usec_per_call", math.nan)),
             "primary_full_calls_per_s": 1e6 / cpu_us,
             "bytes_per_call": (memory_after - memory_before) / calls,
+        }
+    finally:
+        await redis.flushall()
+        await redis.aclose()
+
+
+async def measure_room_event(server: OwnRedis, duration_s: float, pipeline: int) -> dict[str, Any]:
+    """``room_event.lua`` (every ``say``: history XADD and PUBLISH, one call),
+    with a message of 100 characters in ``ROOMS`` rooms, pipelined."""
+    import orjson
+    from redis.asyncio import Redis
+
+    from tokenchat.protocol import events
+    from tokenchat.server.config import Settings
+    from tokenchat.server.economy.batcher import send_pipeline
+    from tokenchat.server.economy.scripts import lua_script
+    from tokenchat.server.keys import Keys
+
+    keys, history_len = Keys(KEY_PREFIX), Settings().history_len
+    script = lua_script("room_event", retry_safe=False)
+    redis = Redis.from_url(server.url)
+    try:
+        await redis.script_load(script.source)
+        commands: list[list[str | bytes | int]] = []
+        for i in range(pipeline):
+            room = f"model{i % ROOMS}"
+            body = orjson.dumps(events.message_event_body(room, f"fan{i}", "x" * MESSAGE_CHARS))
+            script_keys = [keys.room_history(room), keys.room_show(room)]
+            script_args = [keys.room_channel(room), history_len, body, f"u:fan{i}"]
+            commands.append(["EVALSHA", script.sha, len(script_keys), *script_keys, *script_args])
+        calls = 0
+        cpu_before, wall_before = server.cpu_s(), time.monotonic()
+        while time.monotonic() < wall_before + duration_s:
+            replies = await send_pipeline(redis, commands)
+            if not all(isinstance(reply, bytes) for reply in replies):
+                raise RuntimeError(f"room_event refused: {replies[0]!r}")
+            calls += pipeline
+        cpu = server.cpu_s() - cpu_before
+        wall = time.monotonic() - wall_before
+        return {
+            "calls": calls,
+            "calls_per_s": calls / wall,
+            "redis_cpu_us_per_call": cpu / calls * 1e6,
         }
     finally:
         await redis.flushall()
@@ -546,6 +592,13 @@ async def measure_round(args: argparse.Namespace, number: int) -> list[dict[str,
             )
             if not aof:
                 continue  # publishes do not touch the append-only file
+            row = await measure_room_event(server, args.duration, args.pipeline)
+            rows.append({"run": number, "phase": "room_event", **row})
+            print(
+                f"run {number} room_event (say): {row['redis_cpu_us_per_call']:.1f} us Redis CPU"
+                f" per call ({row['calls_per_s']:,.0f} calls/s)",
+                flush=True,
+            )
             row = await measure_subscriptions(server, args.subscriptions, SUBSCRIBE_BATCH)
             rows.append({"run": number, "phase": "subscribe", **row})
             print(
@@ -609,6 +662,7 @@ def summarize(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str,
         "primary_full_tips_per_s": 1e6 / script_aof if script_aof else math.nan,
         "script_bytes_kept_per_call": med("bytes_per_call", phase="script", aof=True),
     }
+    figures["room_event_redis_us"] = med("redis_cpu_us_per_call", phase="room_event")
     figures["subscribe_bytes_per_channel"] = med("bytes_per_channel", phase="subscribe")
     figures["subscribe_redis_us_per_channel"] = med("redis_cpu_us_per_channel", phase="subscribe")
     for command in PUBLISH_COMMANDS:
@@ -651,6 +705,8 @@ def render(args: argparse.Namespace, figures: dict[str, Any], gateway: dict[str,
         " (1 / CPU per call, AOF)",
         f"  memory kept per tip (24 h)     {figures['script_bytes_kept_per_call']:.0f} B",
     ]
+    say = spread("redis_cpu_us_per_call", "{:.1f}", phase="room_event")
+    lines.append(f"  room_event (a say), 0 subs     {say}")
     for command in PUBLISH_COMMANDS:
         for subscribers in sorted({0, 1, n}):
             cell = spread(

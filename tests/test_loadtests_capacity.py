@@ -77,6 +77,14 @@ async def test_subscriptions_are_confirmed_and_counted(own_redis: capacity.OwnRe
     assert row["redis_cpu_us_per_channel"] >= 0
 
 
+@needs_redis_server
+async def test_room_event_phase_counts_stored_events(own_redis: capacity.OwnRedis) -> None:
+    """Every call counted stored its event (a refusal fails the phase)."""
+    row = await capacity.measure_room_event(own_redis, PHASE_S, pipeline=20)
+    assert row["calls"] >= 20
+    assert row["redis_cpu_us_per_call"] > 0
+
+
 def test_subscribe_reply_is_what_redis_sends() -> None:
     assert capacity.subscribe_reply("PUBLISH", "ch") == (
         b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
