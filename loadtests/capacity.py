@@ -342,7 +342,12 @@ async def measure_room_event(server: OwnRedis, duration_s: float, pipeline: int)
             room = f"model{i % ROOMS}"
             body = orjson.dumps(events.message_event_body(room, f"fan{i}", "x" * MESSAGE_CHARS))
             script_keys = [keys.room_history(room), keys.room_show(room)]
-            script_args = [keys.room_channel(room), history_len, body, f"u:fan{i}"]
+            script_args: list[str | bytes | int] = [
+                keys.room_channel(room),
+                history_len,
+                body,
+                f"u:fan{i}",
+            ]
             commands.append(["EVALSHA", script.sha, len(script_keys), *script_keys, *script_args])
         calls = 0
         cpu_before, wall_before = server.cpu_s(), time.monotonic()
