@@ -82,6 +82,7 @@ from loadtests.harness.processes import (
     free_port,
     recv_from_parent,
     run_load_process,
+    sigterm_as_exit,
 )
 from loadtests.harness.report import clean_json, machine_summary, median_range
 from loadtests.harness.stats import NS_PER_S, median
@@ -838,6 +839,12 @@ async def measure_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: every redis-server started here is stopped.
+    with sigterm_as_exit():
+        return measure_and_report(args)
+
+
+def measure_and_report(args: argparse.Namespace) -> int:
     if args.gateway:
         with tempfile.TemporaryDirectory(prefix="capacity-") as folder:
             report = args.gateway_report or Path(folder) / "bench.json"
