@@ -694,7 +694,9 @@ def summarize(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str,
 
 def render(args: argparse.Namespace, figures: dict[str, Any], gateway: dict[str, Any]) -> str:
     def spread(column: str, fmt: str, **match: Any) -> str:
-        return median_range([r[column] for r in pick(args.rows, **match)], fmt)
+        values = [r[column] for r in pick(args.rows, **match)]
+        # A figure a run could not measure (NaN, None) is left out, as median() does.
+        return median_range([v for v in values if v is not None and not math.isnan(v)], fmt)
 
     def script_cpu(aof: bool) -> str:
         return spread("redis_cpu_us_per_call", "{:.1f}", phase="script", aof=aof)
@@ -754,7 +756,11 @@ def write_json(
     path: Path, args: argparse.Namespace, figures: dict[str, Any], gateway: dict[str, Any]
 ) -> None:
     """Merge ``scenarios.capacity`` into ``path`` (loadtests.bench's structure)."""
-    report: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    text = path.read_text() if path.exists() else ""
+    report: dict[str, Any] = json.loads(text) if text else {}
+    # The file's own indentation, so that a merge changes only what it adds.
+    lines = text.splitlines()
+    indent = len(lines[1]) - len(lines[1].lstrip(" ")) if len(lines) > 1 else 2
     report.setdefault("scenarios", {})["capacity"] = clean_json(
         {
             "value": figures["primary_full_tips_per_s"],
@@ -779,7 +785,7 @@ def write_json(
         }
     )
     report.setdefault("machine", machine_summary())
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=indent or 2) + "\n")
 
 
 def git_commit() -> str | None:

@@ -181,7 +181,8 @@ def test_gateway_figures_of_a_report_without_scenarios_are_unknown() -> None:
 
 def test_json_merges_beside_the_bench_scenarios(tmp_path: Path) -> None:
     path = tmp_path / "benchmarks.json"
-    path.write_text(json.dumps({"scenarios": {"fanout": {"value": 1.0}}, "machine": {"cpus": 2}}))
+    before = {"scenarios": {"fanout": {"value": 1.0}}, "machine": {"cpus": 2}}
+    path.write_text(json.dumps(before, indent=4) + "\n")
     args = argparse.Namespace(
         subscribers=10, pipeline=100, duration=1.0, ledger_tips=10, rows=[{"run": 1}]
     )
@@ -195,3 +196,5 @@ def test_json_merges_beside_the_bench_scenarios(tmp_path: Path) -> None:
     assert row["script_redis_us_aof"] == 50.0
     assert row["gateway"] == {"us_per_delivery": None}  # JSON has no NaN
     assert row["runs"] == [{"run": 1}]
+    # The file keeps its indentation: what was there reads the same.
+    assert path.read_text().startswith('{\n    "scenarios": {\n        "fanout": {\n')
