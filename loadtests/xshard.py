@@ -265,7 +265,11 @@ async def recover(
     transfers past their deadline, credit and settle the posted ones. Safe to
     run at any time, beside live coordinators, and again."""
     counts = {"voided": 0, "credited": 0, "waiting": 0}
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    if now_ms is None:
+        # A's clock, which set the deadlines: no two clocks are compared.
+        seconds, micros = await a.redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+    now = now_ms
     start = 0
     while True:
         ids = await a.redis.zrange(a.unsettled, start, start + RECOVER_BATCH - 1, withscores=True)
