@@ -110,13 +110,12 @@ CHANNEL = "capacity:room:{bench}:events"
 KEY_PREFIX = "capacity:"
 # --- bounds -------------------------------------------------------------------
 REDIS_START_TIMEOUT_S = 10.0  # until the new redis-server answers PING
-REDIS_STOP_TIMEOUT_S = 10.0  # after SHUTDOWN NOSAVE, before SIGKILL
+REDIS_STOP_TIMEOUT_S = 10.0  # after SIGTERM (no save points: it exits at once), before SIGKILL
 SUBSCRIBE_TIMEOUT_S = 10.0  # until every subscriber is counted by NUMSUB
 SUBSCRIBER_DRAIN_S = 2.0  # after the last publish, for the last bytes to arrive
 POLL_INTERVAL_S = 0.05
 SCRIPT_WARMUP_S = 0.5  # script loaded, keys hot, before the measured calls
 GATEWAY_BENCH_TIMEOUT_S = 1800.0  # --gateway: loadtests.bench --quick of four scenarios
-SECONDS_PER_DAY = 86_400  # the idempotency record's lifetime (money_lib.lua)
 
 
 # ============================================================================
@@ -220,6 +219,7 @@ class SubscriberSpec:
     command: str  # PUBLISH or SPUBLISH: what the publisher sends
     channel: str
     connections: int
+    stop_within_s: float  # the publishing phase's length and margins: then give up
 
 
 async def subscribers_async(spec: SubscriberSpec, conn: Connection) -> None:
@@ -243,7 +243,7 @@ async def subscribers_async(spec: SubscriberSpec, conn: Connection) -> None:
 
     tasks = [asyncio.create_task(one(i)) for i in range(spec.connections)]
     conn.send(("ready", None))
-    await recv_from_parent(conn, GATEWAY_BENCH_TIMEOUT_S)  # "stop"
+    await recv_from_parent(conn, spec.stop_within_s)  # "stop"
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -396,7 +396,8 @@ async def measure_publish(
     try:
         if subscribers:
             parent_conn, child_conn = context.Pipe()
-            spec = SubscriberSpec(server.port, command, CHANNEL, subscribers)
+            stop_within_s = duration_s + SUBSCRIBE_TIMEOUT_S + SUBSCRIBER_DRAIN_S
+            spec = SubscriberSpec(server.port, command, CHANNEL, subscribers, stop_within_s)
             process = context.Process(
                 target=subscribers_main, args=(spec, child_conn), name="capacity-subscribers"
             )
