@@ -292,7 +292,8 @@ class Session:
     - ``{"type": "balance", "balance"}`` after a reconnect, when the welcome's
       balance differs from the last one seen (pushes are not replayed).
 
-    Room events (``message``, ``tip``) are delivered for the rooms joined
+    Room events (``message``, ``tip``, ``media``, and any other with an
+    ``offset``: ``king``, ``show``, ``goal``) are delivered for the rooms joined
     through ``join`` only, each once, in offset order: ``history`` first, then
     live ones. ``dm`` events are delivered as the server sends them; a DM sent
     to a connection that dropped before reading it is not sent again (see
@@ -896,7 +897,11 @@ class Session:
         if type_ in ("ok", "welcome") or (type_ == "error" and event.get("re") is not None):
             return  # a late reply to a command given up on (timed out, then retried)
         room = event.get("room")
-        if type_ in ROOM_EVENT_TYPES and isinstance(room, str):
+        # Every room event with an offset is in the room's stream (`king`,
+        # `show` and `goal` too, which `join` history replays): de-duplicated
+        # across a re-join by its offset, as the JavaScript client does.
+        in_stream = type_ in ROOM_EVENT_TYPES or event.get("offset") is not None
+        if in_stream and isinstance(room, str):
             held = self._joining.get(room)
             if held is not None:
                 held.append(event)

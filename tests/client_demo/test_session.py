@@ -484,3 +484,17 @@ async def test_failover_urls_skip_a_refusing_node(start_server: StartServer) -> 
     assert (await session.next_event("message"))["offset"] == said["offset"]
     await session.close()
     await model.close()
+
+
+async def test_every_room_event_with_an_offset_is_deduplicated() -> None:
+    """A ``king`` event (or ``show``, ``goal``) is in the room's stream, and in
+    the history a re-join replays: one seen live is not delivered again, and
+    it moves the offset the next re-join asks ``since``."""
+    session = Session("ws://127.0.0.1:1/ws", "unused")
+    session.rooms["alice"] = "5-0"
+    king = {"type": "king", "room": "alice", "king": None, "offset": "6-0", "ts": 6}
+    session._accept(king)
+    session._accept(dict(king))  # the same event again, from a re-join's history
+    session._accept({**king, "offset": "4-0"})  # older than the last one seen
+    assert session.rooms["alice"] == "6-0"
+    assert session._events.qsize() == 1 and session._events.get_nowait() == king
