@@ -59,6 +59,10 @@ ROOM = "model"
 # default, the contract's 50): a run posts at most this many events, so a
 # member away for the whole outage can still get every one back.
 HISTORY_EVENTS_MAX = 50
+# Messages and tips a run posts at most: the history's 50 less room for the
+# `king` events the tips cause (one per change of the top tipper: a few per
+# run, 3 with the defaults).
+POSTED_EVENTS_MAX = 40
 TIP_AMOUNT = 3  # tokens per tip
 CREDIT = 1000  # tokens each tipper gets: far more than a run's tips
 # Events sent before the kill in the after-phase, so the kill lands mid-traffic.
@@ -151,14 +155,16 @@ async def run_once(
     nodes = hosts.nodes
     if len(nodes) < 2:
         raise ValueError("a failover needs at least 2 nodes")
-    if events_before + events_after > HISTORY_EVENTS_MAX:
-        raise ValueError(f"at most {HISTORY_EVENTS_MAX} events per run (the history `since` reads)")
+    if events_before + events_after > POSTED_EVENTS_MAX:
+        raise ValueError(f"at most {POSTED_EVENTS_MAX} events per run (the history `since` reads)")
     victim, home = nodes[0], nodes[-1]
     model = await Session.connect(
         home.ws_url, hosts.token(ROOM, "model"), failover_urls=_failover(nodes, home.index, 0)
     )
     members: list[Member] = []
     recorders: list[asyncio.Task[None]] = []
+    # The traffic's tasks: each send, and the after-kill phase.
+    sends: list[asyncio.Task[None]] = []
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     async def connect(node: Node, k: int) -> Member:
@@ -187,7 +193,6 @@ async def run_once(
             await asyncio.to_thread(hosts.admin, home, "/v1/admin/credits", body)
 
         acks: list[Ack] = []
-        sends: list[asyncio.Task[None]] = []
         turn = 0
 
         async def send(sender: Member, kind: str) -> None:
@@ -214,9 +219,7 @@ async def run_once(
         async def all_seen() -> None:
             await asyncio.gather(*sends)
             want = {a.offset for a in acks}
-            async with asyncio.timeout(SEEN_TIMEOUT_S):
-                while not all(want <= set(m.offsets) for m in members):  # noqa: ASYNC110
-                    await asyncio.sleep(RECOVERY_POLL_S * 10)
+            await _until_seen(members, want)
 
         kill = asyncio.Event()
         await traffic(events_before)
@@ -224,25 +227,31 @@ async def run_once(
         say(f"{events_before} events seen by every member")
 
         after = asyncio.create_task(traffic(events_after, EVENTS_BEFORE_KILL))
+        sends.append(after)
         await kill.wait()
         killed_at = time.monotonic()
         victim.kill()
         lost = [m for m in members if m.node == victim.index]
-        async with asyncio.timeout(RECOVERY_TIMEOUT_S):
-            while waiting := [m for m in lost if m.back_s is None]:
-                now = time.monotonic()
-                for m in waiting:
-                    if m.session.reconnects >= 1 and m.session.connected:
-                        m.back_s = now - killed_at
-                await asyncio.sleep(RECOVERY_POLL_S)
+        while waiting := [m for m in lost if m.back_s is None]:
+            now = time.monotonic()
+            if now - killed_at > RECOVERY_TIMEOUT_S:
+                raise TimeoutError(
+                    f"{len(waiting)} of node 0's {len(lost)} clients not back "
+                    f"{RECOVERY_TIMEOUT_S} s after the kill"
+                )
+            for m in waiting:
+                if m.session.reconnects >= 1 and m.session.connected:
+                    m.back_s = now - killed_at
+            await asyncio.sleep(RECOVERY_POLL_S)
         back = sorted(m.back_s or 0.0 for m in lost)
         say(f"node 0 killed: its {len(lost)} clients back in {back[-1]:.3f} s")
         await after
         await all_seen()
         return await _check(hosts, members, payers, acks, back)
     finally:
-        for task in recorders:
+        for task in [*recorders, *sends]:
             task.cancel()
+        await asyncio.gather(*recorders, *sends, return_exceptions=True)
         async with asyncio.timeout(CLIENT_CLOSE_TIMEOUT_S):
             await asyncio.gather(*(m.session.close() for m in members), model.close())
 
@@ -258,14 +267,16 @@ async def _check(
     events = await _history(hosts, home)
     async with asyncio.timeout(SEEN_TIMEOUT_S):
         while True:
-            offsets = {str(e["offset"]) for e in events}
-            while not all(offsets <= set(m.offsets) for m in members):  # noqa: ASYNC110
-                await asyncio.sleep(RECOVERY_POLL_S * 10)
+            await _until_seen(members, {str(e["offset"]) for e in events})
             again = await _history(hosts, home)
             if again == events:
                 break
             events = again
     problems += [p for m in members for p in m.problems]
+    if len(events) >= HISTORY_EVENTS_MAX:
+        # A full history may have dropped the run's first events: the
+        # comparison below would not cover them (fewer events or tippers).
+        problems.append(f"the room's history is full ({len(events)} events)")
     history = [str(e["offset"]) for e in events]
     acked = {a.offset for a in acks}
     unacked = [e for e in events if e["offset"] not in acked]
@@ -274,7 +285,7 @@ async def _check(
             f"history {len(history)} events, acknowledged {len(acked)} distinct; "
             f"not acknowledged: {unacked}, acknowledged not in history: {acked - set(history)}"
         )
-    if history != sorted(history, key=lambda o: offset_order(o) or (0, 0)):
+    if history != sorted(history, key=_order):
         problems.append("history out of offset order")
     for m in members:
         if m.offsets != history:
@@ -282,7 +293,7 @@ async def _check(
             missed = len(set(history) - set(m.offsets))
             problems.append(
                 f"{m.user} (node {m.node}): {len(m.offsets)} events, {missed} missed, "
-                f"{twice} twice, same order as history: {m.offsets == history}"
+                f"{twice} twice, in offset order: {m.offsets == sorted(m.offsets, key=_order)}"
             )
     tips = {a.tx for a in acks if a.kind == "tip"}
     tip_nodes = {a.node for a in acks if a.kind == "tip"}
@@ -324,6 +335,22 @@ async def _check(
     )
 
 
+def _order(offset: str) -> tuple[int, int]:
+    return offset_order(offset) or (0, 0)
+
+
+async def _until_seen(members: list[Member], offsets: set[str]) -> None:
+    """Wait until every member has seen every one of ``offsets``."""
+    deadline = time.monotonic() + SEEN_TIMEOUT_S
+    while behind := [m for m in members if not offsets <= set(m.offsets)]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{len(behind)} members lack some of {len(offsets)} events after "
+                f"{SEEN_TIMEOUT_S} s, e.g. {behind[0].user}: {len(behind[0].offsets)} seen"
+            )
+        await asyncio.sleep(RECOVERY_POLL_S * 10)
+
+
 async def _history(hosts: Hosts, node: Node) -> list[dict[str, Any]]:
     """The room's stored events, as a new member's ``join`` returns them."""
     reader = await Client.connect(node.ws_url)
@@ -354,8 +381,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.nodes < 2:
         parser.error("--nodes: a failover needs at least 2")
-    if args.events_before + args.events_after > HISTORY_EVENTS_MAX:
-        parser.error(f"--events-before + --events-after: at most {HISTORY_EVENTS_MAX}")
+    if args.events_before + args.events_after > POSTED_EVENTS_MAX:
+        parser.error(f"--events-before + --events-after: at most {POSTED_EVENTS_MAX}")
     if args.events_after <= EVENTS_BEFORE_KILL:
         parser.error(f"--events-after: more than {EVENTS_BEFORE_KILL} (the kill comes after those)")
     if not 0 < args.rate <= 100:
