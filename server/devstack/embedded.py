@@ -58,7 +58,11 @@ and room history; a crash of the machine loses at most the last second, which
 the ledger still holds. The default (tests' private servers) is no
 persistence at all.
 
-Both servers listen on 127.0.0.1 only and run in their own session, so a
+Both servers listen on 127.0.0.1 only (``host=`` names another address: the
+bridge that loadtests/harness/hosts.py's network namespaces reach them on;
+Valkey then runs without protected mode, and ``client_network=`` adds that
+network to PostgreSQL's pg_hba.conf, password still required) and run in
+their own session, so a
 Ctrl-C in the terminal reaches the Python process alone. The app can then
 finish its last writes to Postgres before ``stop()`` shuts the servers
 down. Servers left over by a killed run are found through their pid files
@@ -608,8 +612,8 @@ class _EmbeddedServer:
 
 
 class EmbeddedRedis(_EmbeddedServer):
-    """A Redis server (valkey-server) on 127.0.0.1: throwaway, or with an
-    append-only file.
+    """A Redis server (valkey-server) on 127.0.0.1 (or ``host``): throwaway,
+    or with an append-only file.
 
     It runs in ``data_dir/redis`` and logs to ``data_dir/redis/redis.log``.
     With ``appendonly=True`` it keeps its append-only file in
@@ -844,8 +848,10 @@ def _write_secret_file(path: Path, text: str) -> None:
 class EmbeddedPostgres(_EmbeddedServer):
     """A PostgreSQL cluster in ``data_dir/postgres/data``, kept between runs.
 
-    Listens on 127.0.0.1 only (no Unix socket) and asks for a password
-    (scram-sha-256). The superuser is ``tokenchat``, its password is in
+    Listens on 127.0.0.1 only (or ``host``; no Unix socket) and asks for a
+    password (scram-sha-256) of clients on this machine, and of
+    ``client_network`` (CIDR) when given, as the cluster is created. The
+    superuser is ``tokenchat``, its password is in
     ``data_dir/postgres/password`` and in ``url``, and the database is
     ``tokenchat``. It logs to ``data_dir/postgres/postgres.log``.
     """
