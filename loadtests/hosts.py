@@ -413,9 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes.append(outcome)
         back = outcome.back_s
         print(
-            f"run {run}: recovery {outcome.recovery_s:.3f} s (median client "
-            f"{statistics.median(back):.3f} s), {outcome.events} events, {outcome.tips} tips = "
-            f"{outcome.tip_rows} ledger rows, node 0's clients moved to {outcome.moved_to}, "
+            f"run {run}: recovery {outcome.recovery_s:.3f} s (first client {back[0]:.3f} s, "
+            f"median {statistics.median(back):.3f} s), {outcome.events} events, "
+            f"{outcome.tips} tips = {outcome.tip_rows} ledger rows, "
+            f"node 0's clients moved to {outcome.moved_to}, "
             f"problems: {len(outcome.problems)}",
             flush=True,
         )
