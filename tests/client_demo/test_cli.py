@@ -515,6 +515,14 @@ async def test_discovery_follows_and_live_from_the_terminal(start_server: Any) -
         back = await server.client("alice", "model")
         await back.call("join", room="alice")
         await fan.expect("* alice is live (/join alice)")
+
+        # Connected followers are told before the notifications are stored
+        # (Discovery: tell every node, then store), so wait for the row.
+        async def stored() -> bool:
+            status, page = await http.call("GET", "/v1/me/notifications", "bob", "fan")
+            return status == 200 and bool(page["notifications"])
+
+        await eventually(stored)
         await fan.send("/notifications")
         await fan.expect("alice went live")
         await fan.send("/follows")
