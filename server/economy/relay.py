@@ -235,6 +235,18 @@ class Relay:
         return done
 
 
+async def deliveries_state(redis: Redis, keys: Keys, lag_max_s: float) -> dict[str, Any]:
+    """What reconcile and /readyz say of the delivery stream: entries not
+    yet delivered, the oldest one's age (seconds), and whether that passes
+    ``lag_max_s`` (no relay running, or one falling behind)."""
+    stream = keys.deliveries()
+    pending = int(await redis.xlen(stream))
+    first: Any = await redis.xrange(stream, count=1) if pending else []
+    oldest_s = max(0.0, time.time() - _entry_ms(first[0][0]) / 1000) if first else 0.0
+    metrics.RELAY_OLDEST.set(oldest_s)
+    return {"pending": pending, "oldest_s": round(oldest_s, 3), "behind": oldest_s > lag_max_s}
+
+
 def _entry_ms(entry_id: bytes | str) -> int:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(text.partition("-")[0])

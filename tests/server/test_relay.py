@@ -15,7 +15,8 @@ from redis.asyncio import Redis
 from tests.conftest import Http, Running, eventually
 from tests.server.test_economy import room_with_fan
 from tokenchat.client_demo.client import Client
-from tokenchat.server.economy.relay import GROUP, Relay
+from tokenchat.server.economy.actions import ACTIONS
+from tokenchat.server.economy.relay import GROUP, Relay, deliveries_state
 from tokenchat.server.keys import Keys
 
 
@@ -47,6 +48,20 @@ async def tips_in_history(redis: Redis, keys: Keys, room: str) -> list[dict[str,
     rows: Any = await redis.xrange(keys.room_history(room))
     events = [orjson.loads(fields[b"e"]) for _, fields in rows]
     return [event for event in events if event["type"] == "tip"]
+
+
+def test_one_declaration_two_modes() -> None:
+    """The relay variant of a script is the same source with money_lib's
+    RELAY set: no copy of tip.lua; actions whose delivery stays in the
+    money slot run one script in both modes."""
+    assert {action.name for action in ACTIONS if action.relayed} == {"tip", "tip_item", "ticket"}
+    for action in ACTIONS:
+        script, relay = action.script_for("script"), action.script_for("relay")
+        if not action.relayed:
+            assert relay is not script and relay.source == script.source
+            continue
+        assert script.source.startswith("local RELAY = false\n")
+        assert relay.source == script.source.replace("local RELAY = false", "local RELAY = true", 1)
 
 
 async def test_auto_is_script_on_a_single_redis(server: Running) -> None:
@@ -85,11 +100,13 @@ async def test_a_relayed_tip_is_charged_once_seen_once_and_in_history_once(
 
 
 async def test_a_dead_relays_entry_is_redelivered_and_seen_once(
-    relayed: Running, redis: Redis
+    start_server: Any, redis: Redis
 ) -> None:
     """Two ways a relay dies: after reading an entry (claimed, nothing
     delivered), and after delivering it but before its XACK. Another relay
-    claims both; members see each tip once, history holds each once."""
+    claims both; members see each tip once, history holds each once. Until
+    then /readyz and reconcile say the relay is behind."""
+    relayed: Running = await start_server(delivery="relay", relay_lag_max_s=0.2)
     http = Http(relayed)
     node = relayed.node
     keys = node.keys
@@ -104,6 +121,11 @@ async def test_a_dead_relays_entry_is_redelivered_and_seen_once(
     await fan.call("tip", room="alice", amount=20, key="b", text="two")
     stream = keys.deliveries()
     await eventually(lambda: _xlen_is(redis, stream, 2))
+    await asyncio.sleep(0.3)
+    status, ready = await http.call("GET", "/readyz")
+    assert status == 200 and ready["relay_behind"] is True
+    state = await deliveries_state(redis, keys, 60.0)
+    assert state["pending"] == 2 and not state["behind"], state
     settings = node.settings.replace(relay_claim_idle_s=0.2, relay_dedupe_s=60)
     # Relay "read-only": reads the first entry and dies.
     dead_reader = Relay(settings, consumer="dead-reader")
@@ -134,7 +156,8 @@ async def test_a_dead_relays_entry_is_redelivered_and_seen_once(
         await no_more_room_events(member)
     assert sorted(t["amount"] for t in await tips_in_history(redis, keys, "alice")) == [10, 20]
     assert await redis.xlen(stream) == 0
-    assert (await http.reconcile())["ok"]
+    reconciled = await http.reconcile()
+    assert reconciled["ok"] and reconciled["deliveries"]["pending"] == 0
     for client in (model, fan):
         await client.close()
 
@@ -156,4 +179,63 @@ async def test_a_relayed_tip_is_refunded(relayed: Running, redis: Redis) -> None
     assert (await model.call("balance"))["balance"] == 0
     assert (await http.reconcile())["ok"]
     for client in (model, fan):
+        await client.close()
+
+
+async def test_a_relayed_tip_that_reaches_a_goal_delivers_both_events_in_order(
+    relayed: Running, redis: Redis
+) -> None:
+    http = Http(relayed)
+    model, fan = await room_with_fan(relayed, http, 100)
+    status, reply = await http.call(
+        "PUT", "/v1/me/goal", "alice", "model", title="New toy", target=50
+    )
+    assert status == 200, reply
+    tipped = await fan.call("tip", room="alice", amount=60, key="g", text="")
+    assert tipped["goal"]["state"] == "reached" and "offset" not in tipped
+    (announced,) = await room_events(model, 1)  # the goal set, before the tip
+    assert announced["type"] == "goal" and announced["goal"]["progress"] == 0
+    tip, goal = await room_events(model, 2)
+    assert tip["type"] == "tip" and goal["type"] == "goal"
+    assert goal["goal"]["progress"] == 60 and tip["offset"] < goal["offset"]
+    assert (await http.reconcile())["ok"]
+    for client in (model, fan):
+        await client.close()
+
+
+async def test_ticket_shows_in_relay_mode_check_the_mirror_and_let_late_holders_chat(
+    relayed: Running, redis: Redis
+) -> None:
+    """Tips check the show marker's {eco} mirror; a ticket sold during the
+    show reaches the room's marker too, so its holder may chat."""
+    from tests.server.test_shows import members, no_event, schedule, show_event
+
+    keys = relayed.node.keys
+    model, bob, carol = await members(relayed)
+    show = await schedule(relayed, price=10, min_s=3600)
+    await bob.call("buy_ticket", room="alice", show=show, key="k")
+    await model.call("show_start", show=show)
+    await show_event(carol, "running")
+    mirror: Any = await redis.hgetall(keys.room_show_mirror("alice"))
+    marker: Any = await redis.hgetall(keys.room_show("alice"))
+    assert mirror == marker and mirror[b"id"] == show.encode()
+    refused = await carol.request("tip", room="alice", amount=5, key="t1")
+    assert refused["code"] == "FORBIDDEN"
+    refused = await carol.request("say", room="alice", text="let me in")
+    assert refused["code"] == "FORBIDDEN"
+    tipped = await bob.call("tip", room="alice", amount=5, key="t1")
+    assert "offset" not in tipped
+    event = await model.next_event("tip")
+    assert event["in_show"] == show and event["from"] == "bob"
+    await no_event(carol)
+    # Carol buys during the show: the mirror at once, the room's marker after.
+    await carol.call("buy_ticket", room="alice", show=show, key="k")
+    assert await redis.hget(keys.room_show("alice"), "u:carol") == b"1"
+    await carol.call("say", room="alice", text="in")
+    await carol.call("tip", room="alice", amount=5, key="t2")
+    await model.call("show_end", show=show)
+    await show_event(bob, "ended")
+    assert not await redis.exists(keys.room_show_mirror("alice"), keys.room_show("alice"))
+    assert (await Http(relayed).reconcile())["ok"]
+    for client in (model, bob, carol):
         await client.close()
