@@ -180,7 +180,14 @@ EVENT_SCHEMAS: Final[dict[str, Schema]] = {
     "message": obj({**_ROOM_EVENT, "from": USER_ID, "text": STRING}, {"tier": INTEGER, **_IN_SHOW}),
     "tip": obj(
         {**_ROOM_EVENT, "from": USER_ID, "amount": TOKENS, "text": STRING},
-        {"tier": INTEGER, "item": obj({"id": STRING, "label": STRING}), **_IN_SHOW},
+        {
+            "tier": INTEGER,
+            "item": obj({"id": STRING, "label": STRING}),
+            # The tip's transaction (its `ok` reply's `tx`): a client's
+            # seen-set de-duplicates by it (docs/protocol.md, "tip").
+            "tx": TX,
+            **_IN_SHOW,
+        },
     ),
     "dm": obj(
         {"from": USER_ID, "text": STRING, "price": TOKENS, "tx": TX, "ts": MS},

@@ -302,8 +302,10 @@ class Economy:
         if user_id == owner:
             raise Forbidden("you cannot tip your own room")
         payer, payee = user_account(user_id), user_account(owner)
+        tx = new_tx_id()  # named in the event too
         reply = await self._run(
             TIP,
+            tx=tx,
             initiator=user_initiator(user_id),
             key=key,
             request=fingerprint("tip", room=room, amount=amount, text=text),
@@ -324,7 +326,9 @@ class Economy:
                 "room_channel": self._keys.room_channel(room),
                 "history_len": self._settings.history_len,
                 "event": orjson.dumps(
-                    events.tip_event_body(room, user_id, amount, text, await self.tier_of(user_id))
+                    events.tip_event_body(
+                        room, user_id, amount, text, await self.tier_of(user_id), tx
+                    )
                 ),
                 "payee_channel": self._keys.user_channel(owner),
             },
@@ -346,8 +350,10 @@ class Economy:
         if user_id == owner:
             raise Forbidden("you cannot tip your own room")
         payer, payee = user_account(user_id), user_account(owner)
+        tx = new_tx_id()  # named in the event too
         reply = await self._run(
             TIP_ITEM,
+            tx=tx,
             initiator=user_initiator(user_id),
             key=key,
             request=fingerprint("tip_item", room=room, item=item, text=text, max_price=max_price),
@@ -370,7 +376,7 @@ class Economy:
                 "history_len": self._settings.history_len,
                 "event": orjson.dumps(
                     events.item_tip_event_body(
-                        room, user_id, text, item, await self.tier_of(user_id)
+                        room, user_id, text, item, await self.tier_of(user_id), tx
                     )
                 ),
                 "payee_channel": self._keys.user_channel(owner),

@@ -83,7 +83,7 @@ async def test_a_relayed_tip_is_charged_once_seen_once_and_in_history_once(
     for member in (model, fan, watcher):
         (tip,) = await room_events(member, 1)
         assert tip["type"] == "tip" and tip["from"] == "bob" and tip["amount"] == 30
-        assert tip["offset"]
+        assert tip["offset"] and tip["tx"] == reply["tx"]  # a seen-set's key
     # An idempotent retry: the original reply, nothing charged or delivered again.
     again = await fan.call("tip", room="alice", amount=30, key="tip-1", text="great")
     assert again == {**reply, "re": again["re"], "duplicate": True}
