@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .. import metrics
 from ..aio import raise_if_cancelling, reraise_if_cancelled
@@ -72,6 +72,9 @@ class Relay:
         self._deliver = self._redis.register_script(script_source("relay_deliver"))
         self._group_ready = False
         self._last_claim = 0.0
+        # Entries read by this relay and not acknowledged (a failed pass):
+        # read again (from 0) before new ones, rather than waiting for a claim.
+        self._retry_own = False
         self._dedupe_ms = int(settings.relay_dedupe_s * 1000)
 
     @property
@@ -100,13 +103,15 @@ class Relay:
 
     async def step(self, *, block: bool, claim_idle_ms: int | None = None) -> int:
         """Deliver one batch: dead relays' entries first, then our own
-        unacknowledged ones, then new ones. Returns the entries handled."""
+        unacknowledged ones (after a failed pass), then new ones. Returns
+        the entries handled."""
         await self._ensure_group()
         stream = self._keys.deliveries()
         try:
             rows = await self._claim(claim_idle_ms)
-            if not rows:
+            if not rows and self._retry_own:
                 rows = await self._read(start="0", block=False)
+                self._retry_own = bool(rows)
             if not rows:
                 rows = await self._read(start=">", block=block)
         except ResponseError as exc:
@@ -117,12 +122,14 @@ class Relay:
             return 0
         if not rows:
             return 0
+        self._retry_own = True  # until this batch is acknowledged
         delivered = await self._deliver_rows(rows)
         if delivered:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.xack(stream, GROUP, *delivered)
                 pipe.xdel(stream, *delivered)
                 await pipe.execute()
+        self._retry_own = len(delivered) < len(rows)
         return len(rows)
 
     async def pending(self) -> int:
@@ -154,6 +161,8 @@ class Relay:
     async def _ensure_group(self) -> None:
         if self._group_ready:
             return
+        # Loaded with the group: both go when Redis loses its data.
+        await self._redis.script_load(self._deliver.script)
         try:
             await self._redis.xgroup_create(self._keys.deliveries(), GROUP, id="0", mkstream=True)
         except ResponseError as exc:
@@ -217,14 +226,19 @@ class Relay:
                     continue
                 keys = [self._keys.relayed(room, tx), self._keys.room_history(room), channel]
                 args = [self._dedupe_ms, self._settings.history_len, events]
-                await self._deliver(keys=keys, args=args, client=pipe)
+                # EVALSHA itself: redis-py's pipelined scripts cost a SCRIPT
+                # EXISTS round trip per batch; NOSCRIPT loads it (below).
+                pipe.evalsha(self._deliver.sha, len(keys), *keys, *args)
                 calls.append(entry_id)
             results = await pipe.execute(raise_on_error=False) if calls else []
         now_ms = time.time() * 1000
         for entry_id, result in zip(calls, results, strict=True):
             if isinstance(result, Exception):
                 # Not acknowledged: our own pending read tries it again.
-                log.warning("delivery relay: entry %r not delivered: %s", entry_id, result)
+                if isinstance(result, NoScriptError):
+                    await self._redis.script_load(self._deliver.script)
+                else:
+                    log.warning("delivery relay: entry %r not delivered: %s", entry_id, result)
                 continue
             done.append(entry_id)
             metrics.RELAYED.inc()
