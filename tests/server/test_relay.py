@@ -239,3 +239,41 @@ async def test_ticket_shows_in_relay_mode_check_the_mirror_and_let_late_holders_
     assert (await Http(relayed).reconcile())["ok"]
     for client in (model, bob, carol):
         await client.close()
+
+
+async def test_relay_mode_calls_touch_one_slot_each(
+    relayed: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What makes relay mode run on Redis Cluster: every key of a relayed
+    action's call is in the money slot, and every key of the relay's room
+    script in the room's (CRC16 of the hash tag, as the cluster routes)."""
+    from redis.crc import key_slot
+
+    economy = relayed.node.economy
+    calls: list[list[Any]] = []
+    real_call = economy._call
+
+    async def recorded(script: Any, keys: list[Any], args: list[Any]) -> list[Any]:
+        calls.append([str(key) for key in keys])
+        return await real_call(script, keys, args)
+
+    monkeypatch.setattr(economy, "_call", recorded)
+    http = Http(relayed)
+    model, fan = await room_with_fan(relayed, http, 100)
+    status, reply = await http.call(
+        "PUT", "/v1/me/menu", "alice", "model", items=[{"label": "Dance", "price": 7}]
+    )
+    assert status == 200, reply
+    await fan.call("tip", room="alice", amount=5, key="plain")
+    await fan.call("tip", room="alice", item=reply["items"][0]["id"], key="item")
+    money_slot = key_slot(relayed.node.keys.balance("u:bob").encode())
+    assert calls and all(key_slot(key.encode()) == money_slot for keys in calls for key in keys)
+    names = relayed.node.keys
+    room_keys = [
+        names.relayed("alice", "t_x"),
+        names.room_history("alice"),
+        names.room_channel("alice"),
+    ]
+    assert len({key_slot(key.encode()) for key in room_keys}) == 1
+    for client in (model, fan):
+        await client.close()
