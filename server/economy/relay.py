@@ -38,6 +38,7 @@ from .. import metrics
 from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..keys import Keys
+from .batcher import Arg, send_pipeline
 from .scripts import script_source
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class Relay:
         # Entries read by this relay and not acknowledged (a failed pass):
         # read again (from 0) before new ones, rather than waiting for a claim.
         self._retry_own = False
+        # Delivered entries to acknowledge with the next read (see step).
+        self._to_ack: list[bytes] = []
         self._dedupe_ms = int(settings.relay_dedupe_s * 1000)
 
     @property
@@ -104,32 +107,36 @@ class Relay:
     async def step(self, *, block: bool, claim_idle_ms: int | None = None) -> int:
         """Deliver one batch: dead relays' entries first, then our own
         unacknowledged ones (after a failed pass), then new ones. Returns
-        the entries handled."""
+        the entries handled.
+
+        A delivered batch is acknowledged (XACK, XDEL) in the same round
+        trip as the next read, before it (one write, in order), or at once
+        when ``block`` is false (drain, tests): the hot path costs two round
+        trips per batch, the read and the room scripts."""
         await self._ensure_group()
-        stream = self._keys.deliveries()
         try:
             rows = await self._claim(claim_idle_ms)
             if not rows and self._retry_own:
                 rows = await self._read(start="0", block=False)
                 self._retry_own = bool(rows)
             if not rows:
-                rows = await self._read(start=">", block=block)
+                rows = await self._read_new(block)
+            else:
+                await self._flush_acks()
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             # Redis lost its data: the stream and group go with it.
             self._group_ready = False
+            self._to_ack.clear()
             return 0
         if not rows:
             return 0
-        self._retry_own = True  # until this batch is acknowledged
         delivered = await self._deliver_rows(rows)
-        if delivered:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.xack(stream, GROUP, *delivered)
-                pipe.xdel(stream, *delivered)
-                await pipe.execute()
+        self._to_ack.extend(delivered)
         self._retry_own = len(delivered) < len(rows)
+        if not block:
+            await self._flush_acks()
         return len(rows)
 
     async def pending(self) -> int:
@@ -187,8 +194,36 @@ class Relay:
         )
         return list(reply[1])
 
+    def _ack_commands(self) -> list[list[Arg]]:
+        if not self._to_ack:
+            return []
+        stream = self._keys.deliveries()
+        return [["XACK", stream, GROUP, *self._to_ack], ["XDEL", stream, *self._to_ack]]
+
+    async def _flush_acks(self) -> None:
+        commands = self._ack_commands()
+        if commands:
+            _raise_first(await send_pipeline(self._redis, commands))
+            self._to_ack.clear()
+
+    async def _read_new(self, block: bool) -> list[Any]:
+        """New entries, after the acknowledgements of the last batch, in one
+        round trip (raw replies: the hot path skips redis-py's parsing)."""
+        read: list[Arg] = ["XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT", BATCH_MAX]
+        if block:
+            read += ["BLOCK", BLOCK_MS]
+        read += ["STREAMS", self._keys.deliveries(), ">"]
+        acks = self._ack_commands()
+        replies = await send_pipeline(self._redis, [*acks, read])
+        _raise_first(replies)
+        self._to_ack.clear()
+        streams = replies[-1] or []
+        # A map of streams over RESP3 (redis-py 8's default), pairs over RESP2.
+        pairs = streams.items() if isinstance(streams, dict) else streams
+        return [(entry_id, _pairs(fields)) for _, entries in pairs for entry_id, fields in entries]
+
     async def _read(self, *, start: str, block: bool) -> list[Any]:
-        """New entries (``>``), or from ``0`` those delivered to us and not acked."""
+        """From ``0``: the entries delivered to us and not acknowledged."""
         reply: Any = await self._redis.xreadgroup(
             GROUP,
             self._consumer,
@@ -206,31 +241,29 @@ class Relay:
         could ever deliver it, and it must not hold the stream)."""
         done: list[bytes] = []
         calls: list[bytes] = []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for entry_id, fields in rows:
-                if not fields:
-                    done.append(entry_id)
-                    continue
-                try:
-                    tx = fields[b"tx"].decode()
-                    channel = fields[b"channel"].decode()
-                    events = fields[b"events"]
-                except (KeyError, UnicodeError) as exc:
-                    log.error("delivery relay: dropping malformed entry %r: %r", entry_id, exc)
-                    done.append(entry_id)
-                    continue
-                room = self._keys.channel_room(channel)
-                if room is None:
-                    log.error("delivery relay: entry %r names no room channel", entry_id)
-                    done.append(entry_id)
-                    continue
-                keys = [self._keys.relayed(room, tx), self._keys.room_history(room), channel]
-                args = [self._dedupe_ms, self._settings.history_len, events]
-                # EVALSHA itself: redis-py's pipelined scripts cost a SCRIPT
-                # EXISTS round trip per batch; NOSCRIPT loads it (below).
-                pipe.evalsha(self._deliver.sha, len(keys), *keys, *args)
-                calls.append(entry_id)
-            results = await pipe.execute(raise_on_error=False) if calls else []
+        commands: list[list[Arg]] = []
+        for entry_id, fields in rows:
+            if not fields:
+                done.append(entry_id)
+                continue
+            try:
+                tx = fields[b"tx"].decode()
+                channel = fields[b"channel"].decode()
+                events = fields[b"events"]
+            except (KeyError, UnicodeError) as exc:
+                log.error("delivery relay: dropping malformed entry %r: %r", entry_id, exc)
+                done.append(entry_id)
+                continue
+            room = self._keys.channel_room(channel)
+            if room is None:
+                log.error("delivery relay: entry %r names no room channel", entry_id)
+                done.append(entry_id)
+                continue
+            keys = [self._keys.relayed(room, tx), self._keys.room_history(room), channel]
+            args: list[Arg] = [self._dedupe_ms, self._settings.history_len, events]
+            commands.append(["EVALSHA", self._deliver.sha, len(keys), *keys, *args])
+            calls.append(entry_id)
+        results = await send_pipeline(self._redis, commands) if commands else []
         now_ms = time.time() * 1000
         for entry_id, result in zip(calls, results, strict=True):
             if isinstance(result, Exception):
@@ -259,6 +292,21 @@ async def deliveries_state(redis: Redis, keys: Keys, lag_max_s: float) -> dict[s
     oldest_s = max(0.0, time.time() - _entry_ms(first[0][0]) / 1000) if first else 0.0
     metrics.RELAY_OLDEST.set(oldest_s)
     return {"pending": pending, "oldest_s": round(oldest_s, 3), "behind": oldest_s > lag_max_s}
+
+
+def _pairs(fields: list[bytes] | None) -> dict[bytes, bytes] | None:
+    """A raw stream entry's fields (a flat list; None once deleted)."""
+    if fields is None:
+        return None
+    return dict(zip(fields[::2], fields[1::2], strict=True))
+
+
+def _raise_first(replies: list[Any]) -> None:
+    """The first error among pipelined replies, raised (send_pipeline
+    returns them as items)."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
 
 
 def _entry_ms(entry_id: bytes | str) -> int:
