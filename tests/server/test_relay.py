@@ -44,6 +44,13 @@ async def no_more_room_events(client: Client, wait_s: float = 0.5) -> None:
             assert event["type"] not in ("message", "tip", "goal"), event
 
 
+async def _stop_relay(node: Any) -> None:
+    """Stop a node's own relay (a test's relays then do the work)."""
+    (task,) = [t for t in node._loops if t.get_name() == "delivery-relay"]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def tips_in_history(redis: Redis, keys: Keys, room: str) -> list[dict[str, Any]]:
     rows: Any = await redis.xrange(keys.room_history(room))
     events = [orjson.loads(fields[b"e"]) for _, fields in rows]
@@ -112,10 +119,7 @@ async def test_a_dead_relays_entry_is_redelivered_and_seen_once(
     keys = node.keys
     model, fan = await room_with_fan(relayed, http, 100)
     # Stop the node's own relay: the "dead" ones below do the work.
-    (task,) = [t for t in node._loops if t.get_name() == "delivery-relay"]
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    await node.relay.close()
+    await _stop_relay(node)
 
     await fan.call("tip", room="alice", amount=10, key="a", text="one")
     await fan.call("tip", room="alice", amount=20, key="b", text="two")
@@ -275,5 +279,55 @@ async def test_relay_mode_calls_touch_one_slot_each(
         names.room_channel("alice"),
     ]
     assert len({key_slot(key.encode()) for key in room_keys}) == 1
+    for client in (model, fan):
+        await client.close()
+
+
+async def test_a_full_delivery_stream_refuses_tips_and_charges_nothing(
+    start_server: Any, redis: Redis
+) -> None:
+    """The delivery stream is bounded like the outbox: with no relay
+    draining it, a relayed tip past TOKENCHAT_OUTBOX_ENTRIES_MAX entries is
+    UNAVAILABLE and moves nothing; once a relay runs, tips go through."""
+    relayed: Running = await start_server(delivery="relay", outbox_entries_max=2)
+    http = Http(relayed)
+    node = relayed.node
+    model, fan = await room_with_fan(relayed, http, 100)
+    await _stop_relay(node)
+    # The ledger writer keeps the outbox short; the delivery stream fills.
+    await fan.call("tip", room="alice", amount=1, key="a")
+    await fan.call("tip", room="alice", amount=1, key="b")
+    refused = await fan.request("tip", room="alice", amount=1, key="c")
+    assert refused["code"] == "UNAVAILABLE" and "nothing was charged" in refused["message"]
+    assert (await fan.call("balance"))["balance"] == 98
+    survivor = Relay(node.settings, consumer="survivor")
+    try:
+        assert await survivor.drain(10.0) == 0
+        await fan.call("tip", room="alice", amount=1, key="c")
+        assert await survivor.drain(10.0) == 0
+    finally:
+        await survivor.close()
+    amounts = [e["amount"] for e in await room_events(model, 3)]
+    assert amounts == [1, 1, 1]
+    assert (await http.reconcile())["ok"]
+    for client in (model, fan):
+        await client.close()
+
+
+async def test_a_malformed_delivery_entry_is_dropped_not_stuck(
+    relayed: Running, redis: Redis
+) -> None:
+    """An entry no money script wrote (a field missing, a channel of no
+    room) cannot be delivered by any relay: it is dropped with an error
+    instead of holding the stream; the next tip goes through."""
+    http = Http(relayed)
+    keys = relayed.node.keys
+    model, fan = await room_with_fan(relayed, http, 100)
+    await redis.xadd(keys.deliveries(), {"tx": "t_bad", "events": "{}"})
+    await redis.xadd(keys.deliveries(), {"tx": "t_bad2", "channel": "nowhere", "events": "{}"})
+    await fan.call("tip", room="alice", amount=3, key="after")
+    (tip,) = await room_events(model, 1)
+    assert tip["amount"] == 3
+    await eventually(lambda: _xlen_is(redis, keys.deliveries(), 0))
     for client in (model, fan):
         await client.close()
