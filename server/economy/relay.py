@@ -51,6 +51,9 @@ BATCH_MAX = 200
 # How long a read waits for new entries before looking again (ms): the
 # claims of dead relays' entries are looked for between two reads.
 BLOCK_MS = 1000
+# How often the relay reads its stream's oldest entry for the gauge
+# tokenchat_relay_oldest_pending_seconds (s): alerts look at minutes.
+OLDEST_GAUGE_INTERVAL_S = 1.0
 # Backoff after a failed pass (Redis away): short first, capped.
 RETRY_DELAY_MIN_S = 0.05
 RETRY_DELAY_MAX_S = 2.0
@@ -90,10 +93,16 @@ class Relay:
     async def run(self) -> None:
         """Relay until cancelled; Redis failing only slows it down."""
         delay_s = RETRY_DELAY_MIN_S
+        loop = asyncio.get_running_loop()
+        gauged = 0.0
         while True:
             raise_if_cancelling()
             try:
-                if await self.step(block=True) == 0:
+                await self.step(block=True)
+                # The oldest entry's age at most once a second (an XRANGE),
+                # busy or idle: a backlog behind a busy relay shows too.
+                if loop.time() - gauged >= OLDEST_GAUGE_INTERVAL_S:
+                    gauged = loop.time()
                     metrics.RELAY_OLDEST.set(await self.oldest_pending_s())
                 delay_s = RETRY_DELAY_MIN_S
             except asyncio.CancelledError:
@@ -117,6 +126,7 @@ class Relay:
         try:
             rows = await self._claim(claim_idle_ms)
             if not rows and self._retry_own:
+                await self._flush_acks()  # else they would be read again
                 rows = await self._read(start="0", block=False)
                 self._retry_own = bool(rows)
             if not rows:
