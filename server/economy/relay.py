@@ -62,12 +62,15 @@ RETRY_DELAY_MAX_S = 2.0
 class Relay:
     """One consumer of the delivery stream's group (``consumer``: the node's id)."""
 
-    def __init__(self, settings: Settings, consumer: str) -> None:
+    def __init__(self, settings: Settings, consumer: str, redis: Any = None) -> None:
+        """``redis``: its own client (a blocking read holds a connection for
+        a while), by default one to ``settings.redis_url``; on Redis Cluster
+        a ``RedisCluster``, through which each room script goes to its
+        room's primary (``_send``)."""
         self._settings = settings
         self._keys = Keys(settings.redis_prefix)
         self._consumer = consumer
-        # Its own client: a blocking read holds its connection for a while.
-        self._redis: Redis = Redis.from_url(
+        self._redis: Any = redis or Redis.from_url(
             settings.redis_url,
             max_connections=4,
             socket_timeout=BLOCK_MS / 1000 + settings.redis_timeout_s,
@@ -213,7 +216,7 @@ class Relay:
     async def _flush_acks(self) -> None:
         commands = self._ack_commands()
         if commands:
-            _raise_first(await send_pipeline(self._redis, commands))
+            _raise_first(await self._send(commands))
             self._to_ack.clear()
 
     async def _read_new(self, block: bool) -> list[Any]:
@@ -224,13 +227,26 @@ class Relay:
             read += ["BLOCK", BLOCK_MS]
         read += ["STREAMS", self._keys.deliveries(), ">"]
         acks = self._ack_commands()
-        replies = await send_pipeline(self._redis, [*acks, read])
+        replies = await self._send([*acks, read])
         _raise_first(replies)
         self._to_ack.clear()
         streams = replies[-1] or []
         # A map of streams over RESP3 (redis-py 8's default), pairs over RESP2.
         pairs = streams.items() if isinstance(streams, dict) else streams
         return [(entry_id, _pairs(fields)) for _, entries in pairs for entry_id, fields in entries]
+
+    async def _send(self, commands: list[list[Arg]]) -> list[Any]:
+        """Pipelined, each error reply an item of the list: on a single Redis
+        one write on one connection (``send_pipeline``: hiredis-packed,
+        replies unparsed); on a cluster redis-py's cluster pipeline, which
+        sends each command to its slot's primary, in order per primary."""
+        if isinstance(self._redis, Redis):
+            return await send_pipeline(self._redis, commands)
+        async with self._redis.pipeline() as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
 
     async def _read(self, *, start: str, block: bool) -> list[Any]:
         """From ``0``: the entries delivered to us and not acknowledged."""
@@ -273,7 +289,7 @@ class Relay:
             args: list[Arg] = [self._dedupe_ms, self._settings.history_len, events]
             commands.append(["EVALSHA", self._deliver.sha, len(keys), *keys, *args])
             calls.append(entry_id)
-        results = await send_pipeline(self._redis, commands) if commands else []
+        results = await self._send(commands) if commands else []
         now_ms = time.time() * 1000
         for entry_id, result in zip(calls, results, strict=True):
             if isinstance(result, Exception):
@@ -304,10 +320,11 @@ async def deliveries_state(redis: Redis, keys: Keys, lag_max_s: float) -> dict[s
     return {"pending": pending, "oldest_s": round(oldest_s, 3), "behind": oldest_s > lag_max_s}
 
 
-def _pairs(fields: list[bytes] | None) -> dict[bytes, bytes] | None:
-    """A raw stream entry's fields (a flat list; None once deleted)."""
-    if fields is None:
-        return None
+def _pairs(fields: list[bytes] | dict[bytes, bytes] | None) -> dict[bytes, bytes] | None:
+    """A stream entry's fields: raw (a flat list), or parsed (a cluster
+    pipeline's); None once deleted."""
+    if fields is None or isinstance(fields, dict):
+        return fields
     return dict(zip(fields[::2], fields[1::2], strict=True))
 
 
