@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,7 @@ from .. import bus, metrics
 from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..economy.economy import Economy
+from ..economy.relay import deliveries_state
 from ..keys import Keys, glob_escape
 
 log = logging.getLogger(__name__)
@@ -552,10 +554,18 @@ WHERE NOT EXISTS (SELECT 1 FROM inserted i WHERE i.id = b.id)
 
 
 async def reconcile(
-    redis: Redis, pool: asyncpg.Pool, keys: Keys, writer: LedgerWriter, drain_timeout_s: float
+    redis: Redis,
+    pool: asyncpg.Pool,
+    keys: Keys,
+    writer: LedgerWriter,
+    drain_timeout_s: float,
+    relay_lag_max_s: float = math.inf,
 ) -> dict[str, Any]:
-    """Drain the outbox, then compare every hot balance with Postgres."""
+    """Drain the outbox, then compare every hot balance with Postgres; and
+    report the relay's delivery stream (``deliveries``), not ok while its
+    oldest entry is older than ``relay_lag_max_s``."""
     pending = await writer.drain(drain_timeout_s)
+    deliveries = await deliveries_state(redis, keys, relay_lag_max_s)
     mismatches: list[dict[str, Any]] = []
     redis_balances = await _redis_balances(redis, keys)
     async with pool.acquire() as conn:
@@ -592,8 +602,9 @@ async def reconcile(
         mismatches.append({"account": "*", "postgres_sum": total, "expected": 0})
     metrics.RECONCILE_MISMATCHES.set(len(mismatches))
     return {
-        "ok": not mismatches and pending == 0 and rejected == 0,
+        "ok": not mismatches and pending == 0 and rejected == 0 and not deliveries["behind"],
         "pending": pending,
+        "deliveries": deliveries,
         "rejected": rejected,
         "mismatches": mismatches,
         "accounts": len(postgres),
