@@ -40,6 +40,11 @@ from tokenchat.server.config import Settings
 from tokenchat.server.db import load_migrations, migrate
 from tokenchat.server.ledger.writer import _NEW_ACCOUNTS, _WRITE_BATCH
 
+try:  # the writer's cache of accounts known to exist (absent in older checkouts)
+    from tokenchat.server.ledger.writer import KnownAccounts
+except ImportError:  # pragma: no cover - an older checkout: every batch makes its accounts
+    KnownAccounts = None  # type: ignore[assignment,misc]
+
 FANS = 200
 ROOMS = 20
 FAN_CREDIT = 10**12  # tokens: no tip is refused for funds
@@ -141,14 +146,22 @@ async def run(batch: int, tips: int, per_pass: int, up_to: int | None, existing:
         now_ms = int(time.time() * 1000)
         projects = await conn.fetchval("SELECT to_regclass('standing_watermark') IS NOT NULL")
 
+        known = KnownAccounts() if KnownAccounts is not None else None
+
         async def write(first_round: int, rounds: int, size: int) -> None:
             for round_no in range(first_round, first_round + rounds):
                 args = batch_args(round_no, size, now_ms)
-                # As LedgerWriter._write: the batch's accounts made (none new
-                # here, each looked up), then the batch, in one transaction.
+                # As LedgerWriter._write: the batch's accounts the writer does
+                # not know yet made (none new here, each looked up), then the
+                # batch, in one transaction.
+                accounts: list[str] = args[11]  # type: ignore[assignment]
+                new = known.unknown(accounts) if known is not None else accounts
                 async with conn.transaction():
-                    await new_accounts.fetch(args[11])
+                    if new:
+                        await new_accounts.fetch(new)
                     await statement.fetch(*args)
+                if known is not None:
+                    known.remember(new)
 
         # Unmeasured: the ledger as it stands before (rounds of size
         # EXISTING_BATCH; the measured rounds' numbers come after theirs, so
