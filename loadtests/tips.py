@@ -1163,6 +1163,7 @@ class TipsBench(Bench):
         }
         for row in rows:
             row["ledger"] = ledger
+            row["writer_batch"] = self._writer_batch(*row["window_ms"])
         # The fans' idempotency keys are no use after the run; without them the
         # next run starts from the same keyspace size as this one did.
         asyncio.run(self.delete_keys(idempotency_pattern(self.redis_prefix)))
@@ -1208,6 +1209,12 @@ class TipsBench(Bench):
             )
             calls_in_window = progress.result() if progress is not None else None
         wait_s = (window_end_ns - time.monotonic_ns()) / NS_PER_S
+        # The window in wall-clock ms, as the ledger's applied_ms counts it.
+        wall_ms, now_ns = time.time() * 1000, time.monotonic_ns()
+        window_ms = (
+            int(wall_ms - (now_ns - window_start_ns) / 1e6),
+            int(wall_ms - (now_ns - window_end_ns) / 1e6),
+        )
         reports = self._gather(
             conns, "result", wait_s + PHASE_DRAIN_TIMEOUT_S + REPORT_SLACK_S, server
         )
@@ -1241,6 +1248,7 @@ class TipsBench(Bench):
             "cpu_irq_pct": cpu["irq"],
             "cpu_other_pct": cpu["other"],
             **cpu_per_op(cpu, "server", per_s),
+            "window_ms": window_ms,
         }
 
     def _progress_over(
@@ -1292,6 +1300,31 @@ class TipsBench(Bench):
             return int(value)
 
         return asyncio.run(count())
+
+    def _writer_batch(self, start_ms: int, end_ms: int) -> float:
+        """Ledger transactions per writer transaction among those Redis
+        applied from ``start_ms`` to ``end_ms``: the batch the writer formed
+        at that load (each batch is one Postgres transaction, one
+        ``writer_xid``; a batch crossing the window's edges counts in part).
+        NaN when the window holds none."""
+
+        async def mean() -> float:
+            import asyncpg
+
+            conn = await asyncpg.connect(self.settings().database_url)
+            try:
+                value = await conn.fetchval(
+                    f"""SELECT count(*)::float8 / nullif(count(DISTINCT writer_xid), 0)
+                        FROM "{self.schema}".ledger_transactions
+                        WHERE applied_ms >= $1 AND applied_ms < $2""",
+                    start_ms,
+                    end_ms,
+                )
+            finally:
+                await conn.close()
+            return math.nan if value is None else float(value)
+
+        return asyncio.run(mean())
 
     # --- the baseline ---------------------------------------------------------------
     def run_baseline(self, number: int) -> list[dict[str, Any]]:
@@ -1392,6 +1425,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("main_us_per_op", "python CPU us/op", "{:.0f}"),
     ("redis_us_per_op", "redis CPU us/op", "{:.0f}"),
     ("postgres_us_per_op", "postgres us/op", "{:.0f}"),
+    ("writer_batch", "writer batch", "{:.0f}"),
     ("cpu_main_pct", "python CPU %", "{:.0f}"),
     ("cpu_ledger_pct", "ledger writer CPU %", "{:.0f}"),
     ("cpu_redis_pct", "redis CPU %", "{:.0f}"),
