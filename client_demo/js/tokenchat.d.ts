@@ -83,6 +83,12 @@ export interface SpendReply extends Reply {
   balance: number;
   duplicate?: boolean;
 }
+/** A tip's reply: `offset` is absent when the server relays tips to rooms
+ * (delivery mode `relay`, Redis Cluster): the tip is in the room's history
+ * only once its `tip` event, carrying the same `tx`, arrives. */
+export interface TipReply extends SpendReply {
+  offset?: string;
+}
 export interface Welcome extends Reply {
   type: "welcome";
   session: string;
@@ -143,6 +149,8 @@ export interface WebSocketLike {
 export interface ConnectionOptions extends Partial<Timings> {
   WebSocket?: new (url: string, protocols?: string | string[]) => WebSocketLike;
   random?: () => number;
+  /** Other gateway nodes: each reconnect attempt dials the next of [url, ...these]. */
+  failoverUrls?: string[];
 }
 
 export interface SpendOptions {
@@ -152,7 +160,9 @@ export interface SpendOptions {
 
 export declare class Connection {
   constructor(url: string, token: TokenSource, handlers?: Handlers, options?: ConnectionOptions);
+  /** The URL dialled, or to dial at the next attempt. */
   readonly url: string;
+  readonly urls: string[];
   token: TokenSource;
   /** The rooms joined, each with the last offset seen (null: none yet). */
   readonly rooms: Map<string, string | null>;
@@ -170,12 +180,12 @@ export declare class Connection {
   say(room: string, text: string): Promise<Reply>;
   ping(): Promise<Reply>;
   getBalance(): Promise<number>;
-  tip(room: string, amount: number, options?: SpendOptions & { text?: string }): Promise<SpendReply>;
+  tip(room: string, amount: number, options?: SpendOptions & { text?: string }): Promise<TipReply>;
   tipItem(
     room: string,
     item: string,
     options?: SpendOptions & { text?: string; maxPrice?: number },
-  ): Promise<SpendReply & { item: string; price: number }>;
+  ): Promise<TipReply & { item: string; price: number }>;
   dm(
     to: string,
     text: string,

@@ -36,6 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 from tokenchat.protocol import events
 from tokenchat.protocol.limits import MENU_ITEMS_MAX, SHOW_ID_RE
 
+from .. import redis_client
 from ..catalog.directory import AbsentUsers
 from ..config import Settings
 from ..errors import (
@@ -177,7 +178,11 @@ class Economy:
         self._fresh = False
         self._fresh_lock = asyncio.Lock()
         self._drain: Drain | None = None
-        self._scripts = {action.name: action.script for action in ACTIONS}
+        # The delivery mode (docs/economy.md, "Delivery relay"): `auto` is
+        # resolved by resolve_delivery, once Redis says whether it is a
+        # cluster; until then, and on a single Redis, `script`.
+        self.delivery = "relay" if settings.delivery == "relay" else "script"
+        self._scripts = {action.name: action.script_for(self.delivery) for action in ACTIONS}
         self._load_script = lua_script("load_balance", retry_safe=True)
         # Reads only: a second run of the same call changes nothing.
         self._hello_read_script = lua_script("hello_read", retry_safe=True)
@@ -200,6 +205,10 @@ class Economy:
         # a tip finds it missing, and closes a goal in Postgres once a tip
         # reached it in Redis.
         self.goal_loader: Callable[[str], Awaitable[None]] | None = None
+        # Relay mode: a ticket sold during its running show extended the
+        # marker's {eco} mirror; this copies it onto the room's marker, which
+        # chat lines check (set by server/economy/shows.py).
+        self.ticket_granted: Callable[[str, str], Awaitable[None]] | None = None
         self.goal_reached: Callable[[str], Awaitable[None]] | None = None
         # A room's goal hash key -> the balance key of its all-or-nothing
         # goal's escrow, as tips learned it (GOAL_ESCROW): a tip declares
@@ -208,6 +217,33 @@ class Economy:
         self._goal_escrows: dict[str, str] = {}
         # Spending limits and self-exclusion: their rows, caches and counters.
         self.limits = SpendLimits(redis, pool, keys, settings, self)
+
+    async def resolve_delivery(self) -> str:
+        """Settle `auto` from the deployment: `relay` when Redis is a
+        cluster (a room is another slot than the money), else `script`."""
+        if self._settings.delivery == "auto":
+            if redis_client.is_cluster(self._redis):  # TOKENCHAT_REDIS_CLUSTER
+                self.set_delivery("relay")
+            else:
+                info: dict[str, Any] = await self._redis.info("cluster")
+                self.set_delivery("relay" if info.get("cluster_enabled") else "script")
+        return self.delivery
+
+    def set_delivery(self, delivery: str) -> None:
+        """Run the paid actions' scripts of delivery mode ``delivery``."""
+        self.delivery = delivery
+        self._scripts = {action.name: action.script_for(delivery) for action in ACTIONS}
+
+    def _room_delivery_keys(self, room: str) -> dict[str, str]:
+        """The keys a relayed action's delivery names (``delivery_keys``):
+        the room's own, or in relay mode their {eco} stand-ins (the delivery
+        stream for the history, the show marker's mirror)."""
+        if self.delivery == "relay":
+            return {
+                "history": self._keys.deliveries(),
+                "room_show": self._keys.room_show_mirror(room),
+            }
+        return {"history": self._keys.room_history(room), "room_show": self._keys.room_show(room)}
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:
@@ -271,8 +307,10 @@ class Economy:
         if user_id == owner:
             raise Forbidden("you cannot tip your own room")
         payer, payee = user_account(user_id), user_account(owner)
+        tx = new_tx_id()  # named in the event too
         reply = await self._run(
             TIP,
+            tx=tx,
             initiator=user_initiator(user_id),
             key=key,
             request=fingerprint("tip", room=room, amount=amount, text=text),
@@ -280,9 +318,7 @@ class Economy:
             keys={
                 "payer_balance": self._keys.balance(payer),
                 "payee_balance": self._keys.balance(payee),
-                "history": self._keys.room_history(room),
-                "room_show": self._keys.room_show(room),
-                "room_channel": self._keys.room_channel(room),
+                **self._room_delivery_keys(room),
                 "goal": self._keys.goal(room),
                 "goal_escrow": self._goal_escrow(room),
                 **self._gate_keys(user_id),
@@ -292,9 +328,12 @@ class Economy:
                 "tip_min": tip_min,
                 "payer": payer,
                 "payee": payee,
+                "room_channel": self._keys.room_channel(room),
                 "history_len": self._settings.history_len,
                 "event": orjson.dumps(
-                    events.tip_event_body(room, user_id, amount, text, await self.tier_of(user_id))
+                    events.tip_event_body(
+                        room, user_id, amount, text, await self.tier_of(user_id), tx
+                    )
                 ),
                 "payee_channel": self._keys.user_channel(owner),
             },
@@ -316,8 +355,10 @@ class Economy:
         if user_id == owner:
             raise Forbidden("you cannot tip your own room")
         payer, payee = user_account(user_id), user_account(owner)
+        tx = new_tx_id()  # named in the event too
         reply = await self._run(
             TIP_ITEM,
+            tx=tx,
             initiator=user_initiator(user_id),
             key=key,
             request=fingerprint("tip_item", room=room, item=item, text=text, max_price=max_price),
@@ -326,9 +367,7 @@ class Economy:
                 "payer_balance": self._keys.balance(payer),
                 "payee_balance": self._keys.balance(payee),
                 "menu": self._keys.menu(owner),
-                "history": self._keys.room_history(room),
-                "room_show": self._keys.room_show(room),
-                "room_channel": self._keys.room_channel(room),
+                **self._room_delivery_keys(room),
                 "goal": self._keys.goal(room),
                 "goal_escrow": self._goal_escrow(room),
                 **self._gate_keys(user_id),
@@ -338,10 +377,11 @@ class Economy:
                 "max_price": "" if max_price is None else max_price,
                 "payer": payer,
                 "payee": payee,
+                "room_channel": self._keys.room_channel(room),
                 "history_len": self._settings.history_len,
                 "event": orjson.dumps(
                     events.item_tip_event_body(
-                        room, user_id, text, item, await self.tier_of(user_id)
+                        room, user_id, text, item, await self.tier_of(user_id), tx
                     )
                 ),
                 "payee_channel": self._keys.user_channel(owner),
@@ -723,7 +763,7 @@ class Economy:
         if user_id == room:
             raise Forbidden("you cannot buy a ticket to your own show")
         payer, escrow = user_account(user_id), escrow_account("show", show_id)
-        return await self._run(
+        reply = await self._run(
             TICKET,
             initiator=user_initiator(user_id),
             key=key,
@@ -733,11 +773,18 @@ class Economy:
                 "payer_balance": self._keys.balance(payer),
                 "escrow_balance": self._keys.balance(escrow),
                 "show": self._keys.show(show_id),
-                "room_show": self._keys.room_show(room),
+                "room_show": self._room_delivery_keys(room)["room_show"],
                 **self._gate_keys(user_id),
             },
             args={"payer": payer, "escrow": escrow, "show": show_id, "room": room},
         )
+        if self.delivery == "relay" and "tx" in reply and self.ticket_granted is not None:
+            # Best effort: the sweep's restore_markers copies the mirror too.
+            try:
+                await self.ticket_granted(room, show_id)
+            except Exception as exc:
+                log.warning("ticket %s sold; room marker not updated yet: %s", reply["tx"], exc)
+        return reply
 
     async def ticket_refund(
         self, show_id: str, user_id: str, *, initiator: str, key: str

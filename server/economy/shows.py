@@ -144,9 +144,10 @@ class Shows:
         # RoomStore.append: the `show` events go into the room's history.
         self._post = post
         self._state_script = redis.register_script(script_source("show_state"))
-        self._marker_script = redis.register_script(script_source("show_marker"))
         self._load_script = redis.register_script(script_source("show_load"))
+        self._marker_script = redis.register_script(script_source("show_marker"))
         economy.show_loader = self.load
+        economy.ticket_granted = self.ticket_granted
 
     def register(self, sweeper: deadlines.Sweeper) -> None:
         sweeper.handle(NO_SHOW, self.no_show)
@@ -369,35 +370,52 @@ class Shows:
         raise Unavailable("Redis keeps being reset; try again")
 
     async def _set_redis_state(self, row: Any) -> None:
-        """The show's state in its hash ({eco}), then the room's marker (the
-        room's slot): two scripts, each in one slot (Redis Cluster). A show
-        that starts goes through both twice: a ticket bought between the
-        first read of its holders and the marker's creation (which it could
-        not mark itself) is marked by the second."""
-        show_id, state = row["id"], row["state"]
-        passes = 2 if state == "running" else 1
-        for _ in range(passes):
-            holders = await self._set_show_state(show_id, state)
-            try:
-                await self._marker_script(
-                    keys=[self._keys.room_show(row["room"])],
-                    args=[state, show_id, user_account(row["model"]), *holders],
-                )
-            except _REDIS_ERRORS as exc:
-                raise Unavailable("shows are unavailable") from exc
-
-    async def _set_show_state(self, show_id: str, state: str) -> list[Any]:
-        """Set the state in the show's hash (loaded first if missing); the
-        marker fields of its ticket holders when it runs."""
+        """The show's state into its hash and the room's marker. In delivery
+        mode `relay` the script writes the marker's {eco} mirror (what tips
+        and tickets read, in the money slot), then the room's marker is
+        copied from it (``_copy_marker``): the mirror is never behind the
+        marker, and a tip is refused or marked by the same state as a
+        ticket is sold by (docs/economy.md, "Delivery relay")."""
+        show_id, room = row["id"], row["room"]
+        relay = self._economy.delivery == "relay"
+        marker = self._keys.room_show_mirror(room) if relay else self._keys.room_show(room)
+        keys = [self._keys.show(show_id), marker]
+        args = [row["state"], show_id, user_account(row["model"])]
         for _ in range(_LOAD_ATTEMPTS_MAX):
             try:
-                result = await self._state_script(keys=[self._keys.show(show_id)], args=[state])
+                result = await self._state_script(keys=keys, args=args)
             except _REDIS_ERRORS as exc:
                 raise Unavailable("shows are unavailable") from exc
-            if isinstance(result, list):
-                return list(result[1:])
+            if _text(result) == "OK":
+                if relay:
+                    await self._copy_marker(room, show_id, row["state"])
+                return
             await self.load(show_id)
         raise Unavailable("the show could not be loaded")
+
+    async def ticket_granted(self, room: str, show_id: str) -> None:
+        """Relay mode: a ticket sold while its show runs is in the mirror;
+        let its holder into the room's marker too (chat lines check it)."""
+        await self._copy_marker(room, show_id, "grant")
+
+    async def _copy_marker(self, room: str, show_id: str, state: str) -> None:
+        """The room's marker from its {eco} mirror (show_marker.lua): set
+        while the mirror names ``show_id``, removed once the show stopped.
+        A crash between the mirror and this is mended by the next sweep
+        (restore_markers)."""
+        args: list[Any] = [state, show_id]
+        try:
+            if state in ("running", "grant"):
+                fields: dict[bytes, bytes] = await self._redis.hgetall(  # type: ignore[misc,assignment]
+                    self._keys.room_show_mirror(room)
+                )
+                if fields.get(b"id") != show_id.encode():
+                    return  # the mirror names another show, or none: nothing to copy
+                for name, value in fields.items():
+                    args += [name, value]
+            await self._marker_script(keys=[self._keys.room_show(room)], args=args)
+        except _REDIS_ERRORS as exc:
+            raise Unavailable("shows are unavailable") from exc
 
     async def _ticket_holders(self, show_id: str) -> list[str]:
         key = self._keys.show(show_id)

@@ -13,10 +13,11 @@ tag, redis-py's ``key_slot``), except a paid action's declared
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any
 
@@ -28,6 +29,7 @@ from redis.crc import key_slot
 from tests.conftest import Http, Running
 from tokenchat.server.catalog.media import Upload
 from tokenchat.server.discovery import _PRESENCE_LUA
+from tokenchat.server.economy import relay
 from tokenchat.server.economy.actions import ACTIONS, Action
 from tokenchat.server.economy.batcher import LuaScript, ScriptBatcher
 from tokenchat.server.economy.economy import MenuItem
@@ -50,9 +52,23 @@ class Recorder:
         }
         # The one script written inline (a model's presence in her room).
         self._by_source[_PRESENCE_LUA] = "discovery presence"
+        self._by_sha = {
+            hashlib.sha1(source.encode()).hexdigest(): name
+            for source, name in self._by_source.items()
+        }
 
     def batcher_call(self, script: LuaScript, keys: Sequence[Any]) -> None:
         self.calls.append((script.name, list(keys)))
+
+    def raw_calls(self, commands: Sequence[Sequence[Any]]) -> None:
+        """EVALSHA commands sent as they are (the delivery relay's pipeline)."""
+        for command in commands:
+            if str(command[0]).upper() == "EVALSHA":
+                sha = command[1].decode() if isinstance(command[1], bytes) else str(command[1])
+                count = int(command[2])
+                self.calls.append(
+                    (self._by_sha.get(sha, "<unknown>"), list(command[3 : 3 + count]))
+                )
 
     def registered_call(self, script: AsyncScript, keys: Sequence[Any]) -> None:
         source = script.script.decode() if isinstance(script.script, bytes) else script.script
@@ -62,11 +78,6 @@ class Recorder:
 def _script_names() -> list[str]:
     folder = resources.files("tokenchat.server.economy").joinpath("lua")
     return sorted(p.name.removesuffix(".lua") for p in folder.iterdir() if p.name.endswith(".lua"))
-
-
-@pytest.fixture
-async def http(server: Running) -> Http:
-    return Http(server)
 
 
 @pytest.fixture
@@ -87,6 +98,13 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
         recorder.registered_call(self, keys)
         return await run(self, keys=keys, args=args, client=client)
 
+    send = relay.send_pipeline
+
+    async def recording_send(redis: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        recorder.raw_calls(commands)
+        return await send(redis, commands)
+
+    monkeypatch.setattr(relay, "send_pipeline", recording_send)
     monkeypatch.setattr(ScriptBatcher, "call", recording_call)
     monkeypatch.setattr(AsyncScript, "__call__", recording_run)
     yield recorder
@@ -161,16 +179,30 @@ async def _every_paid_action(server: Running, http: Http) -> None:
     assert status == 200
 
 
+# Per delivery mode (TOKENCHAT_DELIVERY): the scripts whose keys cross
+# slots, all on a single Redis only, and the scripts that mode never calls.
+# `script` (a single Redis): a tip's and a menu tip's delivery (the room's
+# history and show marker) and a ticket's (a running show's marker), all
+# declared `delivery_keys`, and show_state.lua's write of the room's marker
+# beside the show's hash; the relay's scripts are not called. `relay` (what
+# a Redis Cluster runs): none crosses, every script is called.
+CROSSING = {"script": {"tip", "tip_item", "ticket", "show_state"}, "relay": set()}
+NOT_CALLED = {"script": {"relay_deliver", "show_marker"}, "relay": set()}
+
+
+@pytest.mark.parametrize("delivery", ["script", "relay"])
 async def test_every_script_call_keeps_to_one_slot_but_declared_deliveries(
-    server: Running, http: Http, recorder: Recorder
+    start_server: Callable[..., Awaitable[Running]], recorder: Recorder, delivery: str
 ) -> None:
-    await _every_paid_action(server, http)
+    server = await start_server(delivery=delivery)
+    await _every_paid_action(server, Http(server))
     by_sha: dict[str, Action] = {action.script.sha: action for action in ACTIONS}
     by_name = {action.name: action for action in by_sha.values()}
     called: set[str] = set()
     crossing: dict[str, set[str]] = {}
     spanning: dict[str, list[Any]] = {}  # scripts of no action, keys of two slots
-    for name, keys in recorder.calls:
+    for label, keys in recorder.calls:
+        name = label.removesuffix(" (relay)")  # an action's relay-mode variant
         called.add(name)
         action = by_name.get(name)
         if action is not None:
@@ -179,29 +211,26 @@ async def test_every_script_call_keeps_to_one_slot_but_declared_deliveries(
                 for key, key_name in zip(keys, action.all_keys, strict=True)
                 if key_name not in action.delivery_keys
             ]
-            delivery = [
+            delivered = [
                 key
                 for key, key_name in zip(keys, action.all_keys, strict=True)
                 if key_name in action.delivery_keys
             ]
             assert len({_slot(key) for key in money}) == 1, (name, money)
             # The delivery's keys are one slot too: the room's, for the relay.
-            assert len({_slot(key) for key in delivery}) <= 1, (name, delivery)
-            if delivery and {_slot(delivery[0])} != {_slot(money[0])}:
-                crossing.setdefault(name, set()).update(str(k) for k in delivery)
+            assert len({_slot(key) for key in delivered}) <= 1, (name, delivered)
+            if delivered and {_slot(delivered[0])} != {_slot(money[0])}:
+                crossing.setdefault(name, set()).update(str(k) for k in delivered)
         elif len({_slot(key) for key in keys}) > 1:
             spanning[name] = keys
-    assert not spanning, spanning
+    crossing.update({name: {str(k) for k in keys} for name, keys in spanning.items()})
     assert "<unknown>" not in called
     # Every paid action ran, and the scripts of the server's own traffic.
     assert {action.name for action in ACTIONS} <= called, sorted(
         {action.name for action in ACTIONS} - called
     )
-    expected = set(_script_names()) - {MONEY_LIB}
+    expected = set(_script_names()) - {MONEY_LIB} - NOT_CALLED[delivery]
     missing = expected - called
     # Which scripts no call above reached (listed in the failure).
     assert not missing, sorted(missing)
-    # Crossing today (the room's slot besides the money's): a tip's and a
-    # menu tip's delivery (the room's history, show marker and channel) and
-    # a ticket's (the marker of a running show), all declared, for the relay.
-    assert set(crossing) == {"tip", "tip_item", "ticket"}, crossing
+    assert set(crossing) == CROSSING[delivery], crossing

@@ -1,31 +1,25 @@
--- show_marker: keep the room's running-show marker in step with a show's
--- state, after show_state.lua has set it (and read the ticket holders).
+-- show_marker: in delivery mode `relay`, the room's running-show marker set
+-- from its {eco} mirror (server/economy/shows.py). There show_state.lua
+-- writes the show's hash and the mirror (one slot: tips and tickets check
+-- the mirror), and this copies the mirror onto the room's marker (the
+-- room's slot: chat lines check it, room_event.lua).
 --
--- KEYS[1]  the room's running-show marker (the room's slot): `id` = the
---          show, and `u:<user>` = 1 for the model and each ticket holder
--- ARGV[1]  the show's state
+-- KEYS[1]  the room's running-show marker
+-- ARGV[1]  running (the show started, or a sweep restores it), grant (a
+--          ticket sold while it runs), or another state (it stopped)
 -- ARGV[2]  the show's id
--- ARGV[3..] the fields to mark: the model's account (`u:<model>`), then
---          each ticket holder's (show_state.lua's reply)
+-- ARGV[3..] the mirror's fields and values (HGETALL), for running and grant
 --
 -- Returns 'OK'.
--- Invariant: while the marker names a show, every room event is marked with
--- it (room_event.lua, tip.lua) and only the users in the marker may post;
--- it names a show exactly while that show's state is running. A marker of
--- another show is replaced; one of this show only gains fields, so a ticket
--- that marked itself (ticket.lua, once the marker names its show) stays.
--- shows.py calls show_state and this twice when a show starts, so that a
--- ticket bought between the first read of the holders and the marker's
--- creation is marked by the second. Running twice is harmless.
+-- Invariant: the marker names a show only after its mirror did (this runs
+-- after show_state.lua), and a grant only adds to the marker of the show it
+-- names, so a late grant never brings back a marker its show's end removed.
 local current = redis.call('HGET', KEYS[1], 'id')
 if ARGV[1] == 'running' then
   if current ~= ARGV[2] then redis.call('DEL', KEYS[1]) end
-  local marker = {'id', ARGV[2]}
-  for i = 3, #ARGV do
-    marker[#marker + 1] = ARGV[i]
-    marker[#marker + 1] = 1
-  end
-  redis.call('HSET', KEYS[1], unpack(marker))
+  if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
+elseif ARGV[1] == 'grant' then
+  if current == ARGV[2] and #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
 elseif current == ARGV[2] then
   redis.call('DEL', KEYS[1])
 end

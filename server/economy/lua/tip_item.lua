@@ -9,8 +9,10 @@
 -- KEY.payer_balance  the fan's balance    KEY.payee_balance  the owner's
 -- KEY.menu           the owner's menu cache (hash: `p:<id>` price, `l:<id>`
 --                    label; see server/keys.py); absent = not loaded
--- KEY.history        the room's history stream (the room's slot, not {eco})
--- KEY.room_show      the room's running-show marker (show_state.lua): as in
+-- KEY.history        the room's history stream (the room's slot, not {eco});
+--                    in relay mode the {eco} delivery stream, as in tip.lua
+-- KEY.room_show      the room's running-show marker (show_state.lua; its
+--                    {eco} mirror in relay mode): as in
 --                    tip.lua, only the model and ticket holders tip during a
 --                    ticket show, and the event is marked with it
 -- KEY.goal, KEY.goal_escrow  the room's tip goal and an all-or-nothing
@@ -18,21 +20,21 @@
 -- ARG.item           the item's id as the fan sent it
 -- ARG.max_price      '' for none
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
--- KEY.room_channel   the room's pub/sub channel (the room's slot), which
---                    SPUBLISH names as a key
+-- ARG.room_channel   the room's pub/sub channel
 -- ARG.history_len    history entries kept
 -- ARG.event          the tip event JSON without amount, item.label,
 --                    offset and ts (events.item_tip_event_body)
 -- ARG.payee_channel  the owner's user channel
 --
--- Returns {'OK', '{"balance":N,"tx":T,"offset":O,"price":P,"item":{"id","label"}}'},
+-- Returns {'OK', '{"balance":N,"tx":T,"offset":O,"price":P,"item":{"id","label"}}'}
+-- (no offset in relay mode),
 -- {'NO_ITEM', id} when the owner's menu has no such item, {'NO_TICKET',
 -- show} during a ticket show the fan holds no ticket for, or a refusal
 -- (money_lib), PRICE_CHANGED when the price is above max_price. The ledger
 -- entry's meta is ARG.meta plus `item` {id, label}: statements name what
 -- was tipped for, even after the item left the menu.
 -- Invariant: tokens move only with the tip queued for delivery (history XADD
--- and SPUBLISH) and its ledger entry in the outbox, at the price the fan
+-- and PUBLISH, or its delivery entry for the relay) and its ledger entry in the outbox, at the price the fan
 -- agreed to (max_price); every check precedes the first write; the fan's
 -- balance never goes below zero. A retried key answers its first reply,
 -- whatever the menu says now.
@@ -45,7 +47,7 @@ if not refusal then
   goal = goal_open(KEY.goal)
   if goal and goal.escrow ~= '' then refusal = goal_escrow_declared(goal, KEY.goal_escrow) end
 end
-refusal = refusal or outbox_full()
+refusal = refusal or outbox_full() or relay_full(KEY.history)
 if refusal then return refusal end
 local found = redis.call('HMGET', KEY.menu, 'p:' .. ARG.item, 'l:' .. ARG.item)
 if not found[1] or not found[2] then return {'NO_ITEM', ARG.item} end
@@ -73,13 +75,13 @@ meta.item = item
 local payee, payee_key = ARG.payee, KEY.payee_balance
 if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, price)
-local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', event)
-redis.call('SPUBLISH', KEY.room_channel, 'E' .. offset .. ' ' .. event)
+local offset = room_event(KEY.history, ARG.history_len, ARG.room_channel, event)
 local reply = {balance = fan_balance, tx = ARG.tx, offset = offset, price = price, item = item}
 if goal then
-  reply.goal = goal_count(KEY.goal, goal, price, KEY.history, ARG.history_len, KEY.room_channel)
+  reply.goal = goal_count(KEY.goal, goal, price, KEY.history, ARG.history_len, ARG.room_channel)
   meta.goal = goal.id
 end
+relay_flush(KEY.history, ARG.room_channel)
 reply = cjson.encode(reply)
 outbox_add('tip', postings(ARG.payer, payee, price), reply, cjson.encode(meta))
 idem_record(reply)
