@@ -710,6 +710,7 @@ class VirtualFan:
                 "payee_balance": keys.balance(payee),
                 "history": keys.room_history(room),
                 "room_show": keys.room_show(room),
+                "room_channel": keys.room_channel(room),
                 "goal": keys.goal(room),
                 # No bench goal is all-or-nothing: the goal's hash stands in
                 # for its escrow, as in Economy.tip before it learns one.

@@ -307,6 +307,7 @@ TIP = Action(
         "payee_balance",
         "history",
         "room_show",
+        "room_channel",
         "goal",
         "goal_escrow",
         "payer_limits",
@@ -325,7 +326,7 @@ TIP = Action(
     limited=True,
     refundable=True,
     delivery=Delivery.ROOM_EVENT,
-    delivery_keys=("history", "room_show"),
+    delivery_keys=("history", "room_show", "room_channel"),
     command=Tip,
     serve=_serve_tip,
     refusals=MappingProxyType(
@@ -352,6 +353,7 @@ TIP_ITEM = Action(
         "menu",
         "history",
         "room_show",
+        "room_channel",
         "goal",
         "goal_escrow",
         "payer_limits",
@@ -370,7 +372,7 @@ TIP_ITEM = Action(
     limited=True,
     refundable=True,
     delivery=Delivery.ROOM_EVENT,
-    delivery_keys=("history", "room_show"),
+    delivery_keys=("history", "room_show", "room_channel"),
     refusals=MappingProxyType(
         {
             "NO_ITEM": Refusal(NotFound, "no item '{detail}' on the room owner's menu"),

@@ -237,13 +237,21 @@ class Economy:
     def _room_delivery_keys(self, room: str) -> dict[str, str]:
         """The keys a relayed action's delivery names (``delivery_keys``):
         the room's own, or in relay mode their {eco} stand-ins (the delivery
-        stream for the history, the show marker's mirror)."""
+        stream for the history, the show marker's mirror, and for the
+        channel, which script mode SPUBLISHes on and so declares as a key,
+        the delivery stream again: relay mode publishes nothing, the relay
+        does, in the room's slot)."""
         if self.delivery == "relay":
             return {
                 "history": self._keys.deliveries(),
                 "room_show": self._keys.room_show_mirror(room),
+                "room_channel": self._keys.deliveries(),
             }
-        return {"history": self._keys.room_history(room), "room_show": self._keys.room_show(room)}
+        return {
+            "history": self._keys.room_history(room),
+            "room_show": self._keys.room_show(room),
+            "room_channel": self._keys.room_channel(room),
+        }
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:

@@ -123,7 +123,7 @@ def test_the_loaded_script_has_positions_for_every_name(action: Action) -> None:
     assert used == set(range(1, len(action.all_args) + 1))
     # The tip's own part: its first own key is KEYS[3], after idem and outbox.
     if action is TIP:
-        assert "room_event(KEYS[5], ARGV[12], ARGV[11], event)" in source
+        assert "room_event(KEYS[5], ARGV[12], KEYS[7], event)" in source
 
 
 def test_the_loader_refuses_undeclared_names_and_positions(

@@ -10,6 +10,11 @@
 --                    relay mode its {eco} mirror, same fields): while
 --                    a ticket show runs, only its model and ticket holders
 --                    may tip, and the event is marked with the show
+-- KEY.room_channel   the room's pub/sub channel, which script mode SPUBLISHes
+--                    on (a script publishes a sharded channel of its own
+--                    slot, so it is declared); in relay mode an {eco}
+--                    stand-in, unused (ARG.room_channel names the channel
+--                    in the delivery entry, and the relay publishes)
 -- KEY.goal           the room's tip goal ({eco}, Keys.goal): an active goal
 --                    counts the tip (goal_count, money_lib), and an
 --                    all-or-nothing one takes its tokens into its escrow
@@ -60,7 +65,7 @@ end
 local payee, payee_key = ARG.payee, KEY.payee_balance
 if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, amount)
-local offset = room_event(KEY.history, ARG.history_len, ARG.room_channel, event)
+local offset = room_event(KEY.history, ARG.history_len, KEY.room_channel, event)
 if not goal then
   relay_flush(KEY.history, ARG.room_channel)
   local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset})
@@ -69,7 +74,8 @@ if not goal then
   redis.call('PUBLISH', ARG.payee_channel, 'B' .. owner_balance)
   return {'OK', reply}
 end
-local counted = goal_count(KEY.goal, goal, amount, KEY.history, ARG.history_len, ARG.room_channel)
+local counted = goal_count(KEY.goal, goal, amount, KEY.history, ARG.history_len,
+  KEY.room_channel)
 relay_flush(KEY.history, ARG.room_channel)
 local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset, goal = counted})
 -- The ledger entry names the goal: its progress and held tips are rebuilt from it.

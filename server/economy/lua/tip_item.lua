@@ -15,6 +15,11 @@
 --                    {eco} mirror in relay mode): as in
 --                    tip.lua, only the model and ticket holders tip during a
 --                    ticket show, and the event is marked with it
+-- KEY.room_channel   the room's pub/sub channel, which script mode SPUBLISHes
+--                    on (a script publishes a sharded channel of its own
+--                    slot, so it is declared); in relay mode an {eco}
+--                    stand-in, unused (ARG.room_channel names the channel
+--                    in the delivery entry, and the relay publishes)
 -- KEY.goal, KEY.goal_escrow  the room's tip goal and an all-or-nothing
 --                    goal's escrow balance, as in tip.lua (GOAL_ESCROW)
 -- ARG.item           the item's id as the fan sent it
@@ -75,10 +80,11 @@ meta.item = item
 local payee, payee_key = ARG.payee, KEY.payee_balance
 if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, price)
-local offset = room_event(KEY.history, ARG.history_len, ARG.room_channel, event)
+local offset = room_event(KEY.history, ARG.history_len, KEY.room_channel, event)
 local reply = {balance = fan_balance, tx = ARG.tx, offset = offset, price = price, item = item}
 if goal then
-  reply.goal = goal_count(KEY.goal, goal, price, KEY.history, ARG.history_len, ARG.room_channel)
+  reply.goal = goal_count(KEY.goal, goal, price, KEY.history, ARG.history_len,
+    KEY.room_channel)
   meta.goal = goal.id
 end
 relay_flush(KEY.history, ARG.room_channel)
