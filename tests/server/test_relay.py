@@ -76,6 +76,7 @@ async def test_auto_is_script_on_a_single_redis(server: Running) -> None:
     assert server.node.economy.delivery == "script"
 
 
+@pytest.mark.cluster
 async def test_a_relayed_tip_is_charged_once_seen_once_and_in_history_once(
     relayed: Running, redis: Redis
 ) -> None:
@@ -170,6 +171,7 @@ async def _xlen_is(redis: Redis, stream: str, length: int) -> bool:
     return int(await redis.xlen(stream)) == length
 
 
+@pytest.mark.cluster
 async def test_a_relayed_tip_is_refunded(relayed: Running, redis: Redis) -> None:
     http = Http(relayed)
     model, fan = await room_with_fan(relayed, http, 100)
@@ -186,6 +188,7 @@ async def test_a_relayed_tip_is_refunded(relayed: Running, redis: Redis) -> None
         await client.close()
 
 
+@pytest.mark.cluster
 async def test_a_relayed_tip_that_reaches_a_goal_delivers_both_events_in_order(
     relayed: Running, redis: Redis
 ) -> None:
@@ -207,6 +210,7 @@ async def test_a_relayed_tip_that_reaches_a_goal_delivers_both_events_in_order(
         await client.close()
 
 
+@pytest.mark.cluster
 async def test_ticket_shows_in_relay_mode_check_the_mirror_and_let_late_holders_chat(
     relayed: Running, redis: Redis
 ) -> None:
