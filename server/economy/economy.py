@@ -68,11 +68,12 @@ from .actions import (
     TIP_ITEM,
     UNLOCK,
     Action,
+    Delivery,
     refusal_error,
 )
 from .batcher import LuaScript, ScriptBatcher
 from .limits import SpendLimits
-from .scripts import lua_script
+from .scripts import history_trim, lua_script
 
 if TYPE_CHECKING:
     from ..catalog.media import MediaCatalog
@@ -178,6 +179,8 @@ class Economy:
         self._fresh_lock = asyncio.Lock()
         self._drain: Drain | None = None
         self._scripts = {action.name: action.script for action in ACTIONS}
+        # Every room-event action's history trim (ROOM_EVENT_ARGS).
+        self._history_trim = history_trim(settings.history_len, settings.history_age_s)
         self._load_script = lua_script("load_balance", retry_safe=True)
         # Reads only: a second run of the same call changes nothing.
         self._hello_read_script = lua_script("hello_read", retry_safe=True)
@@ -291,7 +294,6 @@ class Economy:
                 "payer": payer,
                 "payee": payee,
                 "room_channel": self._keys.room_channel(room),
-                "history_len": self._settings.history_len,
                 "event": orjson.dumps(
                     events.tip_event_body(room, user_id, amount, text, await self.tier_of(user_id))
                 ),
@@ -337,7 +339,6 @@ class Economy:
                 "payer": payer,
                 "payee": payee,
                 "room_channel": self._keys.room_channel(room),
-                "history_len": self._settings.history_len,
                 "event": orjson.dumps(
                     events.item_tip_event_body(
                         room, user_id, text, item, await self.tier_of(user_id)
@@ -1092,6 +1093,7 @@ class Economy:
         tx = tx or new_tx_id()
         # The common names are the runner's alone to fill.
         assert keys.keys().isdisjoint(COMMON_KEYS) and args.keys().isdisjoint(COMMON_ARGS)
+        assert args.keys().isdisjoint(action.delivery_args)
         keys["idem"] = self._keys.idempotency(initiator, key)
         keys["outbox"] = self._keys.outbox()
         args.update(
@@ -1102,6 +1104,8 @@ class Economy:
             key=key,
             meta=orjson.dumps(meta),
         )
+        if action.delivery is Delivery.ROOM_EVENT:
+            args.update(self._history_trim)
         script_keys, script_args = action.call(keys, args)
         confirmations = self._confirmations
         if confirmations is None:

@@ -236,7 +236,8 @@ end
 -- store and publish its `goal` event after the tip's, in the room's history
 -- (`E`, as the tip); the goal turns `reached` with the tip that reaches its
 -- target. Returns the event's `goal` field, which the tip's reply carries.
-local function goal_count(goal_key, goal, amount, history_key, history_len, channel)
+local function goal_count(goal_key, goal, amount, history_key, history_len, history_age_ms,
+    channel)
   local progress = redis.call('HINCRBY', goal_key, 'progress', amount)
   local state = 'active'
   if progress >= goal.target then
@@ -248,7 +249,7 @@ local function goal_count(goal_key, goal, amount, history_key, history_len, chan
   local summary = {id = goal.id, title = goal.title, target = goal.target, progress = progress,
     state = state, all_or_nothing = goal.aon, deadline = deadline}
   local event = cjson.encode({type = 'goal', room = goal.room, goal = summary})
-  local offset = redis.call('XADD', history_key, 'MAXLEN', history_len, '*', 'e', event)
+  local offset = history_add(history_key, event, history_len, history_age_ms)
   redis.call('PUBLISH', channel, 'E' .. offset .. ' ' .. event)
   return summary
 end

@@ -3,12 +3,13 @@
 -- KEYS[1]  the room's history stream
 -- KEYS[2]  the room's running-show marker (show_state.lua)
 -- ARGV[1]  the room's pub/sub channel
--- ARGV[2]  history length to keep (exact MAXLEN; the stream is tiny)
+-- ARGV[2]  history length to keep (exact MAXLEN)
 -- ARGV[3]  the event as a JSON object, without `offset` and `ts`
 -- ARGV[4]  the posting user's account (`u:<id>`); '' for the server's
 --          own events (`show`), which are never marked; '*' for the
 --          server's events that come of show time (`king`: a fan's tips
 --          during the show may crown them), marked without a ticket check
+-- ARGV[5]  history age to keep, in ms (history_add, history_lib.lua)
 --
 -- Returns the event's offset (its stream id, "ms-seq"), or
 -- {'NO_TICKET', show} when a ticket show runs in the room and the user is
@@ -32,6 +33,6 @@ if show and ARGV[4] ~= '' then
   end
   event = string.sub(event, 1, -2) .. ',"in_show":"' .. show .. '"}'
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], '*', 'e', event)
+local id = history_add(KEYS[1], event, ARGV[2], ARGV[5])
 redis.call('PUBLISH', ARGV[1], 'E' .. id .. ' ' .. event)
 return id

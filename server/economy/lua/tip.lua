@@ -18,7 +18,9 @@
 -- ARG.amount         tokens, > 0          ARG.tip_min  the room's minimum
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
 -- ARG.room_channel   the room's pub/sub channel
--- ARG.history_len    history entries kept
+-- ARG.history_len, ARG.history_age_ms  its history's trim (history_add,
+--                    history_lib.lua): every room-event action's, filled by
+--                    the runner
 -- ARG.event          the tip event JSON without offset/ts
 -- ARG.payee_channel  the owner's user channel
 --
@@ -55,7 +57,7 @@ end
 local payee, payee_key = ARG.payee, KEY.payee_balance
 if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, amount)
-local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', event)
+local offset = history_add(KEY.history, event, ARG.history_len, ARG.history_age_ms)
 redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)
 if not goal then
   local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset})
@@ -64,7 +66,8 @@ if not goal then
   redis.call('PUBLISH', ARG.payee_channel, 'B' .. owner_balance)
   return {'OK', reply}
 end
-local counted = goal_count(KEY.goal, goal, amount, KEY.history, ARG.history_len, ARG.room_channel)
+local counted = goal_count(KEY.goal, goal, amount, KEY.history, ARG.history_len,
+    ARG.history_age_ms, ARG.room_channel)
 local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset, goal = counted})
 -- The ledger entry names the goal: its progress and held tips are rebuilt from it.
 local meta = string.sub(ARG.meta, 1, -2) .. ',"goal":"' .. goal.id .. '"}'

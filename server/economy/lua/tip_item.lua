@@ -19,7 +19,9 @@
 -- ARG.max_price      '' for none
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
 -- ARG.room_channel   the room's pub/sub channel
--- ARG.history_len    history entries kept
+-- ARG.history_len, ARG.history_age_ms  its history's trim (history_add,
+--                    history_lib.lua): every room-event action's, filled by
+--                    the runner
 -- ARG.event          the tip event JSON without amount, item.label,
 --                    offset and ts (events.item_tip_event_body)
 -- ARG.payee_channel  the owner's user channel
@@ -72,11 +74,12 @@ meta.item = item
 local payee, payee_key = ARG.payee, KEY.payee_balance
 if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, price)
-local offset = redis.call('XADD', KEY.history, 'MAXLEN', ARG.history_len, '*', 'e', event)
+local offset = history_add(KEY.history, event, ARG.history_len, ARG.history_age_ms)
 redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)
 local reply = {balance = fan_balance, tx = ARG.tx, offset = offset, price = price, item = item}
 if goal then
-  reply.goal = goal_count(KEY.goal, goal, price, KEY.history, ARG.history_len, ARG.room_channel)
+  reply.goal = goal_count(KEY.goal, goal, price, KEY.history, ARG.history_len,
+    ARG.history_age_ms, ARG.room_channel)
   meta.goal = goal.id
 end
 reply = cjson.encode(reply)
