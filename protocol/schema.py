@@ -249,8 +249,18 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
             "room": _ROOM_FIELD,
             "history": array(_HISTORY_EVENT),
             "recovered": BOOLEAN,
+            "more": BOOLEAN,
         },
         {"ticket": BOOLEAN},
+    ),
+    "history": (
+        {
+            "room": USER_ID,
+            "history": array(_HISTORY_EVENT),
+            "recovered": BOOLEAN,
+            "more": BOOLEAN,
+        },
+        {},
     ),
     "leave": ({}, {}),
     "say": ({"offset": OFFSET}, {}),
