@@ -1,0 +1,184 @@
+"""A room's history past 50 events (issue #16 part 6): stored by count and
+by age, `join` with `since` in bounded pages with `more`, the `history`
+command for the next ones, and live events that begin where the pages end.
+Real Redis and Postgres; docs/protocol.md, "Paging history"."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from tests.conftest import Http, Running
+from tokenchat.client_demo.client import Client
+from tokenchat.protocol.limits import HISTORY_LEN_MAX, HISTORY_PAGE_LEN
+
+StartServer = Callable[..., Awaitable[Running]]
+# Room traffic faster than the default 20 commands/s of one session.
+UNLIMITED = {"commands_per_s": 10_000.0, "commands_burst": 10_000}
+
+
+async def model_room(running: Running) -> Client:
+    model = await running.client("alice", "model")
+    await model.call("join", room="alice")
+    return model
+
+
+async def say_many(client: Client, texts: list[str]) -> list[str]:
+    """Say each of ``texts`` in alice's room, in order; their offsets."""
+    return [(await client.call("say", room="alice", text=text))["offset"] for text in texts]
+
+
+def texts_of(events: list[dict[str, Any]]) -> list[str]:
+    return [event["text"] for event in events]
+
+
+async def test_join_without_since_returns_the_newest_50_of_a_longer_history(
+    start_server: StartServer, redis: Redis
+) -> None:
+    running = await start_server(history_len=300, **UNLIMITED)
+    model = await model_room(running)
+    lines = [f"l{n}" for n in range(120)]
+    await say_many(model, lines)
+    assert await redis.xlen(running.node.keys.room_history("alice")) == 120  # all kept
+    fan = await running.client("bob")
+    reply = await fan.call("join", room="alice")
+    assert texts_of(reply["history"]) == lines[-HISTORY_LEN_MAX:]
+    assert reply["recovered"] is True and reply["more"] is False
+    await fan.close()
+    await model.close()
+
+
+async def test_join_since_pages_and_history_reads_up_to_the_live_events(
+    start_server: StartServer,
+) -> None:
+    running = await start_server(history_len=1000, **UNLIMITED)
+    model = await model_room(running)
+    lines = [f"l{n}" for n in range(250)]
+    offsets = await say_many(model, lines)
+    fan = await running.client("bob")
+    reply = await fan.call("join", room="alice", since=offsets[0])
+    assert texts_of(reply["history"]) == lines[1 : 1 + HISTORY_PAGE_LEN]
+    assert reply["recovered"] is True and reply["more"] is True
+    # Live events flow from the join reply on, while the pages are read:
+    # they begin exactly after the last event the pages reach.
+    live = [f"live{n}" for n in range(5)]
+    await say_many(model, live)
+    pages = [reply["history"]]
+    while reply["more"]:
+        reply = await fan.call("history", room="alice", since=pages[-1][-1]["offset"])
+        assert reply["room"] == "alice" and reply["recovered"] is True
+        assert len(reply["history"]) <= HISTORY_PAGE_LEN
+        pages.append(reply["history"])
+    assert [len(page) for page in pages] == [100, 100, 49]
+    paged = [event for page in pages for event in page]
+    assert texts_of(paged) == lines[1:]  # none of the live ones: they come live
+    received = [(await fan.next_event("message"))["text"] for _ in live]
+    assert received == live
+    # Once the pages are read, `history` reads up to the room's newest event.
+    tail = await fan.call("history", room="alice", since=paged[-1]["offset"])
+    assert texts_of(tail["history"]) == live and tail["more"] is False
+    await fan.close()
+    await model.close()
+
+
+async def test_a_join_since_with_one_page_or_less_has_no_more(start_server: StartServer) -> None:
+    running = await start_server(history_len=1000, **UNLIMITED)
+    model = await model_room(running)
+    offsets = await say_many(model, [f"l{n}" for n in range(HISTORY_PAGE_LEN + 1)])
+    fan = await running.client("bob")
+    reply = await fan.call("join", room="alice", since=offsets[0])
+    assert len(reply["history"]) == HISTORY_PAGE_LEN and reply["more"] is False
+    reply = await fan.call("join", room="alice", since=offsets[-1])
+    assert reply["history"] == [] and reply["more"] is False and reply["recovered"] is True
+    await fan.close()
+    await model.close()
+
+
+async def test_history_is_for_members_only(start_server: StartServer) -> None:
+    running = await start_server(**UNLIMITED)
+    model = await model_room(running)
+    [offset] = await say_many(model, ["hello"])
+    fan = await running.client("bob")
+    reply = await fan.request("history", room="alice", since=offset)
+    assert reply["type"] == "error" and reply["code"] == "NOT_IN_ROOM"
+    await fan.call("join", room="alice")
+    assert (await fan.call("history", room="alice", since="0-0"))["history"][0]["text"] == "hello"
+    await fan.call("leave", room="alice")
+    reply = await fan.request("history", room="alice", since=offset)
+    assert reply["code"] == "NOT_IN_ROOM"
+    reply = await fan.request("history", room="alice", since="yesterday")
+    assert reply["code"] == "BAD_REQUEST" and "'since'" in reply["message"]
+    await fan.close()
+    await model.close()
+
+
+async def test_history_since_a_trimmed_offset_is_a_gap(start_server: StartServer) -> None:
+    running = await start_server(history_len=5, **UNLIMITED)
+    model = await model_room(running)
+    offsets = await say_many(model, [str(n) for n in range(10)])
+    fan = await running.client("bob")
+    await fan.call("join", room="alice")
+    reply = await fan.call("history", room="alice", since=offsets[0])
+    assert reply["recovered"] is False  # the gap signal, as `join` gives it
+    assert texts_of(reply["history"]) == ["5", "6", "7", "8", "9"]  # the oldest kept on
+    reply = await fan.call("history", room="alice", since=offsets[7])  # still kept
+    assert reply["recovered"] is True and texts_of(reply["history"]) == ["8", "9"]
+    await fan.close()
+    await model.close()
+
+
+async def test_a_moderator_clear_of_the_since_event_is_no_gap(start_server: StartServer) -> None:
+    running = await start_server(**UNLIMITED)
+    model = await model_room(running)
+    fan = await running.client("bob")
+    await fan.call("join", room="alice")
+    carol = await running.client("carol")
+    await carol.call("join", room="alice")
+    # The history still reaches back past the line cleared: not a trimmed one.
+    await say_many(model, ["before"])
+    gone = (await carol.call("say", room="alice", text="spam"))["offset"]
+    await say_many(model, ["after"])
+    await model.call("clear", room="alice", user="carol")
+    reply = await fan.call("history", room="alice", since=gone)
+    assert reply["recovered"] is True and texts_of(reply["history"]) == ["after"]
+    await carol.close()
+    await fan.close()
+    await model.close()
+
+
+async def test_tips_keep_the_history_bound_too(start_server: StartServer, redis: Redis) -> None:
+    running = await start_server(history_len=5, **UNLIMITED)
+    model = await model_room(running)
+    fan = await running.client("bob")
+    await Http(running).credit("bob", 100)
+    await fan.call("join", room="alice")
+    for n in range(8):
+        await fan.call("tip", room="alice", amount=1, key=f"t{n}")
+    key = running.node.keys.room_history("alice")
+    assert await redis.xlen(key) == 5  # tip.lua trims with the same history_add
+    await fan.close()
+    await model.close()
+
+
+async def test_events_older_than_the_age_leave_the_history(
+    start_server: StartServer, redis: Redis
+) -> None:
+    running = await start_server(history_len=1000, history_age_s=1.0, **UNLIMITED)
+    model = await model_room(running)
+    old = await say_many(model, [f"old{n}" for n in range(150)])
+    key = running.node.keys.room_history("alice")
+    assert await redis.xlen(key) == 150  # nothing is older than a second yet
+    await asyncio.sleep(1.2)
+    [new] = await say_many(model, ["new"])
+    # Approximate trimming drops whole stream nodes (at most 100 events or
+    # 4 KB each): most old events are gone, the new one stays.
+    kept = await redis.xrange(key)
+    assert len(kept) < 75 and kept[-1][0].decode() == new
+    fan = await running.client("bob")
+    reply = await fan.call("join", room="alice", since=old[0])
+    assert reply["recovered"] is False and reply["history"][-1]["text"] == "new"
+    await fan.close()
+    await model.close()
