@@ -49,3 +49,14 @@ def test_new_limits_must_be_positive(name: str) -> None:
 def test_metrics_port_must_be_a_port() -> None:
     with pytest.raises(ValueError, match="TOKENCHAT_METRICS_PORT must be a TCP port"):
         Settings(metrics_port=70000)
+
+
+def test_room_history_is_bounded_by_count_and_by_age() -> None:
+    assert Settings.from_env({"TOKENCHAT_HISTORY_LEN": "10000"}).history_len == 10_000
+    for raw in ("10001", "0"):
+        with pytest.raises(ValueError, match="TOKENCHAT_HISTORY_LEN"):
+            Settings.from_env({"TOKENCHAT_HISTORY_LEN": raw})
+    assert Settings.from_env({"TOKENCHAT_HISTORY_AGE_S": "1"}).history_age_s == 1.0
+    for raw in ("0", "0.5", "604801", "-1", "nan"):
+        with pytest.raises(ValueError, match="TOKENCHAT_HISTORY_AGE_S"):
+            Settings.from_env({"TOKENCHAT_HISTORY_AGE_S": raw})
