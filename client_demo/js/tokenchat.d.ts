@@ -16,6 +16,10 @@ export interface Timings {
   replyTimeoutMs: number;
   /** Resends of a spend answered UNAVAILABLE or RATE_LIMITED. */
   spendRetriesMax: number;
+  /** Wait before asking again for a history page answered RATE_LIMITED or UNAVAILABLE (ms). */
+  historyRetryMs: number;
+  /** Such retries in one room's paging. */
+  historyRetriesMax: number;
 }
 export declare const DEFAULTS: Readonly<Timings>;
 export declare const FATAL_CLOSES: ReadonlyMap<number, string>;
@@ -96,10 +100,13 @@ export interface RoomEvent extends Frame {
 }
 export interface JoinReply extends Reply {
   room: { id: string; owner: string; viewers: number; tip_min: number; [field: string]: unknown };
-  /** Only the events not seen yet (a re-join asks with `since`). */
+  /** Only the events not seen yet (a re-join asks with `since`): every page
+   * of them, read with `history` while the server said `more`. */
   history: RoomEvent[];
   /** false: some events after `since` are gone. */
   recovered?: boolean;
+  /** false once every page is read (the client reads them before resolving). */
+  more?: boolean;
 }
 
 export declare function encodeFrame(
