@@ -1,0 +1,140 @@
+"""History paging benchmark: what a `history` page costs (issue #16 part 6).
+
+After a node is lost, every member it held reconnects and re-joins with
+``since``; a member away longer than a page (100 events) reads the rest with
+``history`` until ``more`` is false. In a reconnect storm that is the hot
+path. This starts ``tokenchat serve`` (``TOKENCHAT_HISTORY_LEN=--events``),
+fills one room with ``--events`` chat lines, then ``--clients`` members at
+once each re-join from the room's oldest event and page through all of it,
+``--rounds`` times:
+
+    python -m loadtests.history --events 4000 --clients 20 --rounds 3
+
+It prints, per page (100 events, ~16 KB of JSON here): the round trip p50
+and p99 seen by the clients, pages/s over all clients, and the server's
+CPU per page (its process tree's ticks from /proc over the paging, divided
+by the pages); beside it, ``ping`` round trips from the same clients at the
+same concurrency (the gateway's floor: no Redis, a tiny reply).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from typing import Any
+
+from loadtests.harness.cli import positive_int
+from loadtests.harness.client import HOST
+from loadtests.harness.processes import Bench, cpu_ticks, process_tree
+from tokenchat.client_demo.client import Client
+from tokenchat.protocol.limits import HISTORY_PAGE_LEN
+from tokenchat.server.auth import issue_token
+
+ROOM = "hist_model"
+# Lines posted at once while filling the room: one pipelined batch each.
+FILL_BATCH = 200
+# A chat line of typical length (~60 characters), as a busy room carries.
+LINE = "a line of chat as long as people usually type it, number {}"
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def percentile_ms(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000
+
+
+async def fill(client: Client, events: int) -> str:
+    """Post ``events`` lines in the room; the first one's offset."""
+    first = ""
+    for start in range(0, events, FILL_BATCH):
+        texts = [LINE.format(n) for n in range(start, min(events, start + FILL_BATCH))]
+        replies = await asyncio.gather(
+            *(client.call("say", room=ROOM, text=text) for text in texts)
+        )
+        first = first or replies[0]["offset"]
+    return first
+
+
+async def page_through(client: Client, since: str, samples: list[float]) -> int:
+    """Re-join from ``since`` and read every page; the pages read."""
+    reply = await client.call("join", room=ROOM, since=since)
+    pages = 0
+    while reply["more"]:
+        started = time.perf_counter()
+        reply = await client.call("history", room=ROOM, since=reply["history"][-1]["offset"])
+        samples.append(time.perf_counter() - started)
+        pages += 1
+    return pages
+
+
+async def pings(client: Client, count: int, samples: list[float]) -> None:
+    for _ in range(count):
+        started = time.perf_counter()
+        await client.call("ping")
+        samples.append(time.perf_counter() - started)
+
+
+async def measure(args: argparse.Namespace, bench: Bench, server_pid: int, ws_url: str) -> None:
+    secret = bench.jwt_secret
+    model = await Client.connect(ws_url)
+    await model.hello(issue_token(secret, ROOM, "model"))
+    await model.call("join", room=ROOM)
+    first = await fill(model, args.events)
+    clients = []
+    for n in range(args.clients):
+        client = await Client.connect(ws_url)
+        await client.hello(issue_token(secret, f"hist_fan{n}", "fan"))
+        clients.append(client)
+    rows: list[dict[str, Any]] = []
+    for _ in range(args.rounds):
+        samples: list[float] = []
+        pids = process_tree(server_pid)
+        ticks_before = cpu_ticks(pids) or 0
+        started = time.perf_counter()
+        pages = await asyncio.gather(*(page_through(c, first, samples) for c in clients))
+        wall_s = time.perf_counter() - started
+        ticks = (cpu_ticks(pids) or 0) - ticks_before
+        total = sum(pages)
+        ping_samples: list[float] = []
+        await asyncio.gather(*(pings(c, pages[0], ping_samples) for c in clients))
+        rows.append(
+            {
+                "pages": total,
+                "pages_per_s": total / wall_s,
+                "p50_ms": percentile_ms(samples, 0.5),
+                "p99_ms": percentile_ms(samples, 0.99),
+                "cpu_ms_per_page": ticks / TICKS_PER_S * 1000 / total,
+                "ping_p50_ms": percentile_ms(ping_samples, 0.5),
+                "ping_p99_ms": percentile_ms(ping_samples, 0.99),
+            }
+        )
+    for client in [model, *clients]:
+        await client.close()
+    print(
+        f"history pages of {HISTORY_PAGE_LEN} events, {args.events} events in the room, "
+        f"{args.clients} clients paging at once, {args.rounds} rounds (medians):"
+    )
+    for key in rows[0]:
+        print(f"  {key:16} {statistics.median(row[key] for row in rows):10.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=positive_int, default=4000, help="lines in the room")
+    parser.add_argument("--clients", type=positive_int, default=20, help="members paging at once")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="measured rounds")
+    parser.add_argument("--workers", type=positive_int, default=1, help="gateway processes")
+    parser.add_argument("--pin", action="store_true", help="the server on a core of its own")
+    args = parser.parse_args()
+    bench = Bench(args, "history")
+    with bench.closed_after():
+        server, _ = bench.start_serve(TOKENCHAT_HISTORY_LEN=str(args.events))
+        ws_url = f"ws://{HOST}:{server.ws_port}/ws"
+        asyncio.run(measure(args, bench, server.process.pid, ws_url))
+
+
+if __name__ == "__main__":
+    main()
