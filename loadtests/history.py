@@ -13,8 +13,11 @@ once each re-join from the room's oldest event and page through all of it,
 It prints, per page (100 events, ~16 KB of JSON here): the round trip p50
 and p99 seen by the clients, pages/s over all clients, and the server's
 CPU per page (its process tree's ticks from /proc over the paging, divided
-by the pages); beside it, ``ping`` round trips from the same clients at the
-same concurrency (the gateway's floor: no Redis, a tiny reply).
+by the pages) and Redis's (the time Redis itself counts in its commands
+that read history, INFO commandstats: the joins of a round are in it too,
+one per client, and any other user of the same Redis); beside it, ``ping``
+round trips from the same clients at the same concurrency (the gateway's
+floor: no Redis, a tiny reply).
 """
 
 from __future__ import annotations
@@ -70,6 +73,21 @@ async def page_through(client: Client, since: str, samples: list[float]) -> int:
     return pages
 
 
+async def redis_usec(bench: Bench) -> int:
+    """Microseconds Redis spent so far in the commands a history read sends."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(bench.settings().redis_url)
+    try:
+        stats: dict[str, Any] = await redis.info("commandstats")
+    finally:
+        await redis.aclose()
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("usec", 0))
+        for name in ("xrange", "xrevrange", "multi", "exec")
+    )
+
+
 async def pings(client: Client, count: int, samples: list[float]) -> None:
     for _ in range(count):
         started = time.perf_counter()
@@ -93,10 +111,12 @@ async def measure(args: argparse.Namespace, bench: Bench, server_pid: int, ws_ur
         samples: list[float] = []
         pids = process_tree(server_pid)
         ticks_before = cpu_ticks(pids) or 0
+        redis_before = await redis_usec(bench)
         started = time.perf_counter()
         pages = await asyncio.gather(*(page_through(c, first, samples) for c in clients))
         wall_s = time.perf_counter() - started
         ticks = (cpu_ticks(pids) or 0) - ticks_before
+        redis_spent = await redis_usec(bench) - redis_before
         total = sum(pages)
         ping_samples: list[float] = []
         await asyncio.gather(*(pings(c, pages[0], ping_samples) for c in clients))
@@ -107,6 +127,7 @@ async def measure(args: argparse.Namespace, bench: Bench, server_pid: int, ws_ur
                 "p50_ms": percentile_ms(samples, 0.5),
                 "p99_ms": percentile_ms(samples, 0.99),
                 "cpu_ms_per_page": ticks / TICKS_PER_S * 1000 / total,
+                "redis_ms_per_page": redis_spent / 1000 / total,
                 "ping_p50_ms": percentile_ms(ping_samples, 0.5),
                 "ping_p99_ms": percentile_ms(ping_samples, 0.99),
             }

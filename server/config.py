@@ -24,10 +24,13 @@ FORWARDED_HEADER_FAMILIES = ("x-forwarded", "forwarded")
 # The contract's bound on a signed media URL's lifetime (issue #11).
 MEDIA_URL_TTL_MAX_S = 300
 # The most events a room's history may keep (TOKENCHAT_HISTORY_LEN). Memory
-# per room is events x bytes: ~300 bytes a typical stored event makes 3 MB for
-# a busy room at this bound (a quiet one holds what it had), and recovering it
-# all is 100 `history` pages (protocol/limits.py HISTORY_PAGE_LEN): 50 s of a
-# room at 200 events/s, longer than any reconnect through jittered backoff.
+# per room is events x bytes: ~165 bytes a stored 60-character chat line
+# (MEMORY USAGE, docs/benchmarks.md) make 1.6 MB for a busy room at this bound
+# (~10 MB at 1000-character lines; a quiet room holds what it had), and
+# recovering it all is 100 `history` pages (protocol/limits.py
+# HISTORY_PAGE_LEN): 50 s of a room at 200 events/s, longer than any
+# reconnect through jittered backoff, and a moderator's `clear` scans it in
+# one script (~15 ms of Redis at this bound).
 HISTORY_LEN_STORED_MAX = 10_000  # events
 # The oldest a room's history may keep events (TOKENCHAT_HISTORY_AGE_S): a
 # week; older chat is an archive, and Redis (which may lose it) is no archive.
