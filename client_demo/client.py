@@ -794,7 +794,7 @@ class Session:
             self.rooms.setdefault(room, None)
             self._history_page(room, since, reply)
             if reply.get("more"):
-                await self._page_history(client, room)
+                await self._page_history(client, room, str(reply["next"]))
             caught_up = True
             return reply
         finally:
@@ -824,19 +824,17 @@ class Session:
         for event in reply.get("history", []):
             self._room_event(room, event)
 
-    async def _page_history(self, client: Client, room: str) -> None:
-        """Read ``room``'s history page by page after the last event seen,
-        until ``more`` is false (docs/protocol.md, "Paging history"), while
-        its live events wait in ``_joining``. On a failure the connection is
-        closed: the re-join after the reconnect goes on from the last page."""
-        for attempt in itertools.count():
-            since = self.rooms.get(room)
-            if since is None:
-                return  # no event at all: nothing to page after
+    async def _page_history(self, client: Client, room: str, since: str) -> None:
+        """Read ``room``'s history page by page from ``since`` (a reply's
+        ``next``) until ``more`` is false (docs/protocol.md, "Paging
+        history"), while its live events wait in ``_joining``. On a failure
+        the connection is closed: the re-join after the reconnect goes on
+        from the last event delivered."""
+        for _ in range(HISTORY_ATTEMPTS_MAX):
             reply = await self._room_command(client, "history", room=room, since=since)
             if reply["type"] == "error":
                 code = reply.get("code")
-                if code in SPEND_RETRY_CODES and attempt < HISTORY_ATTEMPTS_MAX:
+                if code in SPEND_RETRY_CODES:
                     await asyncio.sleep(HISTORY_RETRY_S)
                     continue
                 await client.close()
@@ -844,6 +842,9 @@ class Session:
             self._history_page(room, since, reply)
             if not reply.get("more"):
                 return
+            since = str(reply["next"])
+        await client.close()
+        raise ConnectionLost("history", f"still more after {HISTORY_ATTEMPTS_MAX} pages")
 
     def _attach(self, client: Client, welcome: dict[str, Any]) -> None:
         self.client = client

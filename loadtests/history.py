@@ -67,7 +67,7 @@ async def page_through(client: Client, since: str, samples: list[float]) -> int:
     pages = 0
     while reply["more"]:
         started = time.perf_counter()
-        reply = await client.call("history", room=ROOM, since=reply["history"][-1]["offset"])
+        reply = await client.call("history", room=ROOM, since=reply["next"])
         samples.append(time.perf_counter() - started)
         pages += 1
     return pages

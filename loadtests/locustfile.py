@@ -913,8 +913,8 @@ class TokenchatUser(HttpUser):
             COUNTERS["joins not recovered"] += 1
         for event in reply.get("history", ()):
             self.see_offset(event)
-        if reply.get("more") and reply.get("history"):
-            self.page_history(room, reply["history"][-1]["offset"])
+        if reply.get("more"):
+            self.page_history(room, reply["next"])
         self.room = room
         self.on_joined(room, reply)
         return True
@@ -942,9 +942,9 @@ class TokenchatUser(HttpUser):
                 COUNTERS["history pages not recovered"] += 1
             for event in reply["history"]:
                 self.see_offset(event)
-            if not reply.get("more") or not reply["history"]:
+            if not reply.get("more"):
                 return
-            since = reply["history"][-1]["offset"]
+            since = reply["next"]
 
     def on_joined(self, room: str, reply: dict[str, Any]) -> None:
         pass

@@ -251,7 +251,8 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
             "recovered": BOOLEAN,
             "more": BOOLEAN,
         },
-        {"ticket": BOOLEAN},
+        # `next`, with `more`: the offset to page on from (history).
+        {"ticket": BOOLEAN, "next": OFFSET},
     ),
     "history": (
         {
@@ -260,7 +261,7 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
             "recovered": BOOLEAN,
             "more": BOOLEAN,
         },
-        {},
+        {"next": OFFSET},
     ),
     "leave": ({}, {}),
     "say": ({"offset": OFFSET}, {}),

@@ -604,13 +604,16 @@ export class Connection {
     const before = this.rooms.get(room);
     try {
       this.acceptHistory(room, reply);
+      let next = reply.next;
       while (reply.more) {
-        const page = await this.historyPage(ws, room);
+        const page = await this.historyPage(ws, room, next);
         this.acceptHistory(room, page);
         reply.history.push(...page.history);
         if (page.recovered === false) reply.recovered = false;
         reply.more = page.more;
+        next = page.next;
       }
+      delete reply.next;
     } catch (err) {
       if (this.rooms.has(room)) this.rooms.set(room, before);
       throw err;
@@ -620,12 +623,12 @@ export class Connection {
     return held;
   }
 
-  /** The next page of `room`'s history on `ws`, asked again while the
-   * server is busy (RATE_LIMITED, UNAVAILABLE). */
-  async historyPage(ws, room) {
+  /** The page of `room`'s history after `since` (a reply's `next`) on `ws`,
+   * asked again while the server is busy (RATE_LIMITED, UNAVAILABLE). */
+  async historyPage(ws, room, since) {
     for (let tries = 0; ; tries++) {
       try {
-        return await this.call(ws, { type: "history", room, since: this.rooms.get(room) });
+        return await this.call(ws, { type: "history", room, since });
       } catch (err) {
         const busy = SPEND_RETRY_CODES.has(err.code) && tries < this.options.historyRetriesMax;
         if (!busy || ws !== this.ws) throw err;

@@ -71,7 +71,7 @@ from ..economy.actions import BY_COMMAND, TICKET, Action, SpendContext
 from ..errors import Forbidden, LimitExceeded, NotFound, NotInRoom, ServiceError
 from ..ratelimit import TokenBucket
 from .hub import encoded_event, event_show, is_show_time
-from .rooms import Offset, parse_offset
+from .rooms import History, Offset, parse_offset
 
 if TYPE_CHECKING:
     from .node import Node
@@ -472,7 +472,7 @@ class Session:
                 orjson.loads(frame) for _, frame in history.events if self._visible(room_id, frame)
             ],
             "recovered": history.recovered,
-            "more": history.more,
+            **_paging_fields(history),
         }
 
     def _page_to(self, room: str, end: Offset | None) -> None:
@@ -501,7 +501,7 @@ class Session:
                 orjson.loads(frame) for _, frame in page.events if self._visible(room, frame)
             ],
             "recovered": page.recovered,
-            "more": page.more,
+            **_paging_fields(page),
         }
 
     async def _goal_of(self, room: str) -> dict[str, Any] | None:
@@ -844,6 +844,15 @@ def _spend_handler(action: Action) -> Handler:
         return await session._spend(action, command)
 
     return spend
+
+
+def _paging_fields(read: History) -> Reply:
+    """``more``, and with it ``next``: the offset to page on from, the last
+    event the page covered (shown or not: an event of a ticket show the user
+    cannot see is left out of ``history``, but the next page starts after it)."""
+    if not read.more:
+        return {"more": False}
+    return {"more": True, "next": read.events[-1][0].decode()}
 
 
 _HANDLERS: dict[type[Any], Handler] = {

@@ -6,13 +6,14 @@ Real Redis and Postgres; docs/protocol.md, "Paging history"."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
 
-from tests.conftest import Http, Running
-from tokenchat.client_demo.client import Client
+from tests.conftest import Http, Running, token
+from tokenchat.client_demo.client import Client, Session
 from tokenchat.protocol.limits import HISTORY_LEN_MAX, HISTORY_PAGE_LEN
 
 StartServer = Callable[..., Awaitable[Running]]
@@ -68,11 +69,12 @@ async def test_join_since_pages_and_history_reads_up_to_the_live_events(
     await say_many(model, live)
     pages = [reply["history"]]
     while reply["more"]:
-        reply = await fan.call("history", room="alice", since=pages[-1][-1]["offset"])
+        assert reply["next"] == pages[-1][-1]["offset"]  # nothing hidden here
+        reply = await fan.call("history", room="alice", since=reply["next"])
         assert reply["room"] == "alice" and reply["recovered"] is True
         assert len(reply["history"]) <= HISTORY_PAGE_LEN
         pages.append(reply["history"])
-    assert [len(page) for page in pages] == [100, 100, 49]
+    assert [len(page) for page in pages] == [100, 100, 49] and "next" not in reply
     paged = [event for page in pages for event in page]
     assert texts_of(paged) == lines[1:]  # none of the live ones: they come live
     received = [(await fan.next_event("message"))["text"] for _ in live]
@@ -181,4 +183,39 @@ async def test_events_older_than_the_age_leave_the_history(
     reply = await fan.call("join", room="alice", since=old[0])
     assert reply["recovered"] is False and reply["history"][-1]["text"] == "new"
     await fan.close()
+    await model.close()
+
+
+async def test_pages_move_on_past_show_time_events_a_fan_cannot_see(
+    start_server: StartServer,
+) -> None:
+    """A page of events of a ticket show the fan holds no ticket for is an
+    empty `history`; `next` still moves on, so paging ends (the Session's)."""
+    running = await start_server(history_len=1000, **UNLIMITED)
+    model = await model_room(running)
+    [before] = await say_many(model, ["before"])
+    status, scheduled = await Http(running).call(
+        "POST", "/v1/me/shows", "alice", "model",
+        title="late show", price=5, starts_at=int(time.time() * 1000), min_s=1,
+    )  # fmt: skip
+    assert status == 201, scheduled
+    await model.call("show_start", show=scheduled["show"])
+    hidden = await say_many(model, [f"show {n}" for n in range(HISTORY_PAGE_LEN + 50)])
+    carol = await running.client("carol")
+    reply = await carol.call("join", room="alice", since=before)
+    # The page: the show's `scheduled` and `running` events, then 98 lines she
+    # may not see; `next` is the last of those.
+    assert [event["type"] for event in reply["history"]] == ["show", "show"]
+    assert reply["more"] is True and reply["next"] == hidden[HISTORY_PAGE_LEN - 3]
+    page = await carol.call("history", room="alice", since=reply["next"])
+    assert page["history"] == [] and page["more"] is False
+    await carol.close()
+    await asyncio.sleep(1.1)  # the show's min_s
+    await model.call("show_end", show=scheduled["show"])
+    await say_many(model, ["after"])
+    session = await Session.connect(running.ws_url, token("carol"))
+    session.rooms["alice"] = before  # as if she had seen it before a reconnect
+    await session.join("alice")
+    assert (await session.next_event("message"))["text"] == "after"
+    await session.close()
     await model.close()
