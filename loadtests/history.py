@@ -1,5 +1,9 @@
 """History paging benchmark: what a `history` page costs (issue #16 part 6).
 
+``--trim-cost REDIS_URL`` measures instead what history_add's trimming costs
+each room event in Redis (a Redis of its own: INFO commandstats counts every
+client's EVALSHA).
+
 After a node is lost, every member it held reconnects and re-joins with
 ``since``; a member away longer than a page (100 events) reads the rest with
 ``history`` until ``more`` is false. In a reconnect storm that is the hot
@@ -28,6 +32,8 @@ import os
 import statistics
 import time
 from typing import Any
+
+import orjson
 
 from loadtests.harness.cli import positive_int
 from loadtests.harness.client import HOST
@@ -142,6 +148,41 @@ async def measure(args: argparse.Namespace, bench: Bench, server_pid: int, ws_ur
         print(f"  {key:16} {statistics.median(row[key] for row in rows):10.2f}")
 
 
+def trim_cost(redis_url: str, calls: int) -> None:
+    """Redis's own time per ``room_event.lua`` call (INFO commandstats), with
+    history_add's trims: the count alone (an age of a day trims nothing) at
+    50 and 4,000 events, and an age of 1 s (the age trim removing nodes)."""
+    import redis
+
+    from tokenchat.server.economy.scripts import HISTORY_LIB, script_source
+
+    client = redis.Redis.from_url(redis_url)
+    script = client.register_script(script_source(HISTORY_LIB) + "\n" + script_source("room_event"))
+    event = orjson.dumps({"type": "message", "room": ROOM, "from": "f", "text": LINE.format(0)})
+    key, show = "bench:trim-cost:history", "bench:trim-cost:show"
+
+    def evalsha_usec() -> tuple[int, int]:
+        stats = client.info("commandstats").get("cmdstat_evalsha", {})
+        return int(stats.get("usec", 0)), int(stats.get("calls", 0))
+
+    for length, age_ms in ((50, 86_400_000), (4000, 86_400_000), (4000, 1000)):
+        client.delete(key)
+        for _ in range(2):  # the first pass fills the stream to its steady state
+            pipe = client.pipeline(transaction=False)
+            for _ in range(calls):
+                script(
+                    keys=[key, show],
+                    args=["bench:trim-cost", length, event, "", age_ms],
+                    client=pipe,
+                )
+            usec_before, calls_before = evalsha_usec()
+            pipe.execute()
+            usec_after, calls_after = evalsha_usec()
+        per_call = (usec_after - usec_before) / max(1, calls_after - calls_before)
+        print(f"  room_event.lua, {length} events, age {age_ms} ms: {per_call:.2f} us in Redis")
+    client.delete(key)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=positive_int, default=4000, help="lines in the room")
@@ -149,7 +190,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive_int, default=3, help="measured rounds")
     parser.add_argument("--workers", type=positive_int, default=1, help="gateway processes")
     parser.add_argument("--pin", action="store_true", help="the server on a core of its own")
+    parser.add_argument(
+        "--trim-cost",
+        metavar="REDIS_URL",
+        help="instead: Redis's time per room event with history_add's trims (a Redis of its own)",
+    )
     args = parser.parse_args()
+    if args.trim_cost:
+        trim_cost(args.trim_cost, 20_000)
+        return
     bench = Bench(args, "history")
     with bench.closed_after():
         server, _ = bench.start_serve(TOKENCHAT_HISTORY_LEN=str(args.events))
