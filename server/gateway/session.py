@@ -437,8 +437,8 @@ class Session:
             # news and removes the session; one committed before is read here.
             rules = await self.node.moderation.check_join(room_id, self._user())
             viewers = await self.node.room_joined(room_id)
-            rooms = self.node.rooms
-            history = await (rooms.latest(room_id) if since is None else rooms.page(room_id, since))
+            store = self.node.rooms
+            history = await (store.latest(room_id) if since is None else store.page(room_id, since))
             show, ticket = await self._shows_of(room_id, history.events)
             goal = await self._goal_of(room_id)
         except BaseException:
