@@ -219,3 +219,18 @@ async def test_pages_move_on_past_show_time_events_a_fan_cannot_see(
     assert (await session.next_event("message"))["text"] == "after"
     await session.close()
     await model.close()
+
+
+async def test_the_nodes_refill_after_a_pubsub_outage_reads_every_page(
+    start_server: StartServer,
+) -> None:
+    """What a node delivers after its pub/sub connection came back
+    (Node._missed_events): everything after the last event it delivered, past
+    a page, up to the room's newest."""
+    running = await start_server(history_len=1000, **UNLIMITED)
+    model = await model_room(running)
+    offsets = await say_many(model, [f"l{n}" for n in range(2 * HISTORY_PAGE_LEN + 50)])
+    missed = await running.node.rooms.after("alice", offsets[0])
+    assert [offset.decode() for offset, _ in missed] == offsets[1:]
+    assert len(await running.node.rooms.after("alice", None)) == HISTORY_LEN_MAX
+    await model.close()
