@@ -234,3 +234,22 @@ async def test_the_nodes_refill_after_a_pubsub_outage_reads_every_page(
     assert [offset.decode() for offset, _ in missed] == offsets[1:]
     assert len(await running.node.rooms.after("alice", None)) == HISTORY_LEN_MAX
     await model.close()
+
+
+async def test_msgpack_and_json_sessions_get_the_same_pages(start_server: StartServer) -> None:
+    """JSON sessions get the stored JSON as it is, msgpack ones decoded: the
+    same events either way."""
+    running = await start_server(history_len=1000, **UNLIMITED)
+    model = await model_room(running)
+    offsets = await say_many(model, [f"héllo ✓ {n}" for n in range(HISTORY_PAGE_LEN + 5)])
+    replies = []
+    for subprotocol in ("tokenchat.v1.json", "tokenchat.v1.msgpack"):
+        client = await running.client("bob", subprotocol=subprotocol)
+        joined = await client.call("join", room="alice", since=offsets[0])
+        page = await client.call("history", room="alice", since=joined["next"])
+        replies.append((joined["history"], page["history"]))
+        await client.close()
+    assert replies[0] == replies[1]
+    assert [e["offset"] for e in replies[0][0] + replies[0][1]] == offsets[1:]
+    assert replies[0][1][-1]["text"] == f"héllo ✓ {HISTORY_PAGE_LEN + 4}"
+    await model.close()
