@@ -234,6 +234,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("TOKENCHAT_TOKEN"),
         help="session token, e.g. from `tokenchat token USER` (or TOKENCHAT_TOKEN)",
     )
+    parser.add_argument(
+        "--failover-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="another gateway node of the same deployment (repeatable): each reconnect "
+        "attempt dials the next of --url and these, in rotation",
+    )
     parser.add_argument("--room", help="room to join at start")
     parser.add_argument(
         "--http",
@@ -474,7 +482,12 @@ class State:
 
 
 async def chat(args: argparse.Namespace, out: Output = say) -> int:
-    session = Session(args.url, args.token, subprotocol=SUBPROTOCOLS[args.subprotocol])
+    session = Session(
+        args.url,
+        args.token,
+        subprotocol=SUBPROTOCOLS[args.subprotocol],
+        failover_urls=args.failover_url,
+    )
     try:
         await session.start()
     except SessionClosed as exc:

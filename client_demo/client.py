@@ -32,7 +32,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -299,7 +299,8 @@ class Session:
     - ``{"type": "balance", "balance"}`` after a reconnect, when the welcome's
       balance differs from the last one seen (pushes are not replayed).
 
-    Room events (``message``, ``tip``) are delivered for the rooms joined
+    Room events (``message``, ``tip``, ``media``, and any other with an
+    ``offset``: ``king``, ``show``, ``goal``) are delivered for the rooms joined
     through ``join`` only, each once, in offset order: ``history`` first
     (every page of it, read with ``history`` while ``more``), then live
     ones. ``dm`` events are delivered as the server sends them; a DM sent to
@@ -309,6 +310,14 @@ class Session:
     The iterator ends after ``close()``; when the server ends the session for
     good (4001, 4003) it raises ``SessionClosed`` once the events before are
     consumed.
+
+    ``failover_urls``: other gateway nodes of the same deployment (they share
+    one Redis, so offsets, balances and idempotency keys hold across them).
+    The first connection dials ``url``; every reconnect attempt dials the next
+    URL of ``[url, *failover_urls]`` in rotation, after the same jittered
+    backoff, so the clients of a node that died spread over the others and a
+    node that refuses is skipped at the next attempt. ``url`` is the one the
+    session dials (or last dialled).
     """
 
     def __init__(
@@ -325,9 +334,13 @@ class Session:
         reconnect_attempts_max: int | None = None,
         spend_attempts_max: int = SPEND_ATTEMPTS_MAX,
         rng: random.Random | None = None,
+        failover_urls: Sequence[str] = (),
         **connect_kwargs: Any,
     ) -> None:
         self.url = url
+        # Every URL this session may dial, in the order reconnects rotate through.
+        self.urls: tuple[str, ...] = (url, *failover_urls)
+        self._url_index = 0
         self.subprotocol = subprotocol
         self.reply_timeout_s = reply_timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -891,6 +904,7 @@ class Session:
                 if code == CloseCode.RATE_LIMITED:
                     delay = max(delay, BACKOFF_RATE_LIMITED_S)
                 retry += 1
+                self._next_url()
                 self._emit(
                     {
                         "type": "reconnecting",
@@ -912,6 +926,11 @@ class Session:
                     continue
                 break
 
+    def _next_url(self) -> None:
+        """The URL the next reconnect attempt dials: the next one in rotation."""
+        self._url_index = (self._url_index + 1) % len(self.urls)
+        self.url = self.urls[self._url_index]
+
     def _backoff(self, retry: int) -> float:
         return backoff_delay(
             retry,
@@ -927,7 +946,11 @@ class Session:
         if type_ in ("ok", "welcome") or (type_ == "error" and event.get("re") is not None):
             return  # a late reply to a command given up on (timed out, then retried)
         room = event.get("room")
-        if type_ in ROOM_EVENT_TYPES and isinstance(room, str):
+        # Every room event with an offset is in the room's stream (`king`,
+        # `show` and `goal` too, which `join` history replays): de-duplicated
+        # across a re-join by its offset, as the JavaScript client does.
+        in_stream = type_ in ROOM_EVENT_TYPES or event.get("offset") is not None
+        if in_stream and isinstance(room, str):
             held = self._joining.get(room)
             if held is not None:
                 held.append(event)

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
@@ -114,7 +116,10 @@ async def apply_up_to(conn: asyncpg.Connection, schema: str, version: int) -> No
             await conn.execute(migration.sql)
 
 
-async def run(batch: int, tips: int, per_pass: int, up_to: int | None) -> None:
+async def measure(batch: int, tips: int, per_pass: int, up_to: int | None) -> dict[str, Any]:
+    """Write ``tips`` in batches of ``batch`` and fold them; the backend's CPU
+    per tip of each (us; the projector's None where the checkout has none,
+    NaN where another client's open transaction held the fold back)."""
     settings = Settings()
     schema = f"ledger_backend_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(settings.database_url)
@@ -143,27 +148,46 @@ async def run(batch: int, tips: int, per_pass: int, up_to: int | None) -> None:
         written = rounds * batch
         cpu = backend_cpu_s(pid) - cpu_before
         wall = time.perf_counter() - wall_before
-        line = (
-            f"batch {batch}: {written} tips, writer backend {cpu / written * 1e6:.0f} us CPU"
-            f" per tip ({wall / written * 1e6:.0f} us wall)"
-        )
+        figures: dict[str, Any] = {
+            "batch": batch,
+            "tips": written,
+            "writer_us_per_tip": cpu / written * 1e6,
+            "writer_wall_us_per_tip": wall / written * 1e6,
+            "projector_us_per_tip": None,
+            "projector_pass": per_pass,
+            "folded": 0,
+        }
         projects = await conn.fetchval("SELECT to_regclass('standing_watermark') IS NOT NULL")
         if projects:
             cpu_before = backend_cpu_s(pid)
             folded = await project_all(conn, per_pass)
             cpu = backend_cpu_s(pid) - cpu_before
-            line += (
-                f", projector {cpu / folded * 1e6:.0f} us CPU per tip"
-                f" ({folded} in passes of {per_pass})"
-                if folded
-                else ", projector: nothing folded (another client's open transaction held it)"
-            )
-        else:
-            line += ", projector: none (the standing trigger runs in the writer's statement)"
-        print(line)
+            figures["folded"] = folded
+            figures["projector_us_per_tip"] = cpu / folded * 1e6 if folded else math.nan
+        return figures
     finally:
         await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         await conn.close()
+
+
+async def run(batch: int, tips: int, per_pass: int, up_to: int | None) -> None:
+    figures = await measure(batch, tips, per_pass, up_to)
+    line = (
+        f"batch {batch}: {figures['tips']} tips, writer backend"
+        f" {figures['writer_us_per_tip']:.0f} us CPU per tip"
+        f" ({figures['writer_wall_us_per_tip']:.0f} us wall)"
+    )
+    projector = figures["projector_us_per_tip"]
+    if projector is None:
+        line += ", projector: none (the standing trigger runs in the writer's statement)"
+    elif math.isnan(projector):
+        line += ", projector: nothing folded (another client's open transaction held it)"
+    else:
+        line += (
+            f", projector {projector:.0f} us CPU per tip"
+            f" ({figures['folded']} in passes of {per_pass})"
+        )
+    print(line)
 
 
 def main() -> None:

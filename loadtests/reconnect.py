@@ -60,10 +60,13 @@ from loadtests.harness.client import (
     Member,
 )
 from loadtests.harness.processes import (
+    CLOCK_TICKS_PER_S,
     FD_HEADROOM,
     Server,
+    cpu_ticks,
     finish_py_spy,
     first_error,
+    process_tree,
     profile_path,
     raise_open_files_limit,
     recv_from_parent,
@@ -289,9 +292,14 @@ class ReconnectBench(fanout.FanoutBench):
             start_ns = time.monotonic_ns() + int(GO_AHEAD_S * NS_PER_S)
             if profile is not None:
                 spy = start_py_spy(server.process.pid, PROFILE_MAX_S, profile)
+            # The server's CPU from "go" to the last result: what the hellos
+            # cost it (its own process tree; the load processes not counted).
+            tree = process_tree(server.process.pid)
+            ticks_before = cpu_ticks(tree)
             for conn in conns:
                 conn.send(("go", start_ns))
             results = self._gather(conns, "result", OPEN_TIMEOUT_S + HELLOS_TIMEOUT_S + 30, server)
+            ticks_after = cpu_ticks(tree)
         finally:
             if spy is not None:
                 # py-spy stops and writes what it recorded on SIGINT, as on Ctrl-C.
@@ -323,6 +331,13 @@ class ReconnectBench(fanout.FanoutBench):
             "retries": sum(r["retries"] for r in results),
             # Only a phase in which every session got through has a time.
             "seconds": (last_ns - first_ns) / NS_PER_S if complete else math.nan,
+            # CPU of the server per session of the phase (us): per hello, or
+            # per connect+hello; NaN where a process was gone before it was read.
+            "server_cpu_us_per_session": (
+                (ticks_after - ticks_before) / CLOCK_TICKS_PER_S / sessions * 1e6
+                if ticks_before is not None and ticks_after is not None
+                else math.nan
+            ),
         }
 
 
@@ -437,6 +452,14 @@ def report_json(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[st
         "before_s": figure(runs, "before", "reconnect"),
         "before_connect_hello_s": figure(runs, "before", "connect_hello"),
         "before_python": args.before_python,
+        # The server's CPU per hello in the reconnect phase (us; median).
+        "server_cpu_us_per_hello": median(
+            [
+                r["server_cpu_us_per_session"]
+                for r in runs
+                if r["variant"] == "batched" and r["phase"] == "reconnect" and r["run"] > 0
+            ]
+        ),
         "sessions": args.sessions,
         "load_procs": args.load_procs,
         "connect_concurrency": args.connect_concurrency,

@@ -821,11 +821,35 @@ def idempotency_pattern(prefix: str) -> str:
     return sample[: sample.index("idem:") + len("idem:")] + "*"
 
 
+async def seed_virtual_fans(
+    redis: Any, keys: Any, fans: int, rooms: int, limits: bool, goal: bool
+) -> None:
+    """What ``VirtualFan`` calls find in Redis: the fans' balances set high,
+    their limits and counters loaded, the owners' balances and the rooms'
+    goal hashes, as a fan's first tip on the server leaves them."""
+    from tokenchat.server.economy.economy import user_account
+
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(fans):
+            pipe.set(keys.balance(user_account(fan_id(i))), BASELINE_BALANCE_TOKENS)
+            # Loaded limits (none, or --limits's) and counters.
+            loaded: dict[str | bytes, int] = {"v": 1}
+            if limits:
+                loaded.update(d=BENCH_LIMITS["daily"], w=BENCH_LIMITS["weekly"])
+                loaded.update(m=BENCH_LIMITS["monthly"])
+            pipe.hset(keys.limits(fan_id(i)), mapping=cast(Any, loaded))
+            pipe.hset(keys.spent(fan_id(i)), "t", 0)
+        for room in range(rooms):
+            pipe.set(keys.balance(user_account(model_id(room))), 0)
+            pipe.delete(keys.goal(model_id(room)))
+            pipe.hset(keys.goal(model_id(room)), mapping=goal_hash(model_id(room), goal))
+        await pipe.execute()
+
+
 async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
     from redis.asyncio import Redis
 
     from tokenchat.server.economy.actions import TIP
-    from tokenchat.server.economy.economy import user_account
     from tokenchat.server.keys import Keys
 
     keys = Keys(spec.prefix)
@@ -841,22 +865,7 @@ async def baseline_async(spec: BaselineSpec, conn: Connection) -> None:
         if await redis.script_load(script.source) != script.sha:
             raise RuntimeError("Redis's SHA1 of the tip script differs from the server's")
         fans = [VirtualFan(i, spec.rooms, spec.prefix, script.sha) for i in range(spec.fans)]
-        async with redis.pipeline(transaction=False) as pipe:
-            for i in range(spec.fans):
-                pipe.set(keys.balance(user_account(fan_id(i))), BASELINE_BALANCE_TOKENS)
-                # Loaded limits (none, or --limits's) and counters, as a fan's
-                # first tip on the server leaves them.
-                limits: dict[str | bytes, int] = {"v": 1}
-                if spec.limits:
-                    limits.update(d=BENCH_LIMITS["daily"], w=BENCH_LIMITS["weekly"])
-                    limits.update(m=BENCH_LIMITS["monthly"])
-                pipe.hset(keys.limits(fan_id(i)), mapping=cast(Any, limits))
-                pipe.hset(keys.spent(fan_id(i)), "t", 0)
-            for room in range(spec.rooms):
-                pipe.set(keys.balance(user_account(model_id(room))), 0)
-                pipe.delete(keys.goal(model_id(room)))
-                pipe.hset(keys.goal(model_id(room)), mapping=goal_hash(model_id(room), spec.goal))
-            await pipe.execute()
+        await seed_virtual_fans(redis, keys, spec.fans, spec.rooms, spec.limits, spec.goal)
         conn.send(("ready", None))
         while True:
             message = await recv_from_parent(conn, SETUP_TIMEOUT_S)

@@ -150,6 +150,8 @@ export interface WebSocketLike {
 export interface ConnectionOptions extends Partial<Timings> {
   WebSocket?: new (url: string, protocols?: string | string[]) => WebSocketLike;
   random?: () => number;
+  /** Other gateway nodes: each reconnect attempt dials the next of [url, ...these]. */
+  failoverUrls?: string[];
 }
 
 export interface SpendOptions {
@@ -159,7 +161,9 @@ export interface SpendOptions {
 
 export declare class Connection {
   constructor(url: string, token: TokenSource, handlers?: Handlers, options?: ConnectionOptions);
+  /** The URL dialled, or to dial at the next attempt. */
   readonly url: string;
+  readonly urls: string[];
   token: TokenSource;
   /** The rooms joined, each with the last offset seen (null: none yet). */
   readonly rooms: Map<string, string | null>;

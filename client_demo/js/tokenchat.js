@@ -154,10 +154,14 @@ export class Connection {
    * onReady(reconnected), onEvent(event), onStatus(state, detail),
    * onFatal(message, close).
    * options: DEFAULTS' timings, `WebSocket` (a constructor; the global one
-   * by default), `random` (for the jitter).
+   * by default), `random` (for the jitter), `failoverUrls` (other gateway
+   * nodes of the same deployment: every reconnect attempt dials the next URL
+   * of [url, ...failoverUrls] in rotation, after the backoff).
    */
   constructor(url, token, handlers = {}, options = {}) {
-    this.url = url;
+    this.url = url; // the URL dialled (or to dial next)
+    this.urls = [url, ...(options.failoverUrls ?? [])];
+    this.urlIndex = 0;
     this.token = token;
     this.h = handlers;
     this.options = { ...DEFAULTS, ...options };
@@ -519,6 +523,9 @@ export class Connection {
     let delay = backoffDelay(this.attempt, this.options, this.random);
     if (event.code === RATE_LIMITED_CLOSE) delay = Math.max(delay, this.options.rateLimitedWaitMs);
     this.attempt += 1;
+    // The next node of the rotation: the one that dropped us may be gone.
+    this.urlIndex = (this.urlIndex + 1) % this.urls.length;
+    this.url = this.urls[this.urlIndex];
     this.status("reconnecting", `in ${Math.ceil(delay / 1000)} s`);
     this.retryTimer = setTimeout(() => this.open(), delay);
   }

@@ -518,6 +518,9 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")  # the unit of cpu_ticks
+
+
 def cpu_ticks(pids: list[int]) -> int | None:
     """utime + stime of these processes (clock ticks), None if unknown."""
     if not pids:

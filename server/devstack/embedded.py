@@ -58,7 +58,11 @@ and room history; a crash of the machine loses at most the last second, which
 the ledger still holds. The default (tests' private servers) is no
 persistence at all.
 
-Both servers listen on 127.0.0.1 only and run in their own session, so a
+Both servers listen on 127.0.0.1 only (``host=`` names another address: the
+bridge that loadtests/harness/hosts.py's network namespaces reach them on;
+Valkey then runs without protected mode, and ``client_network=`` adds that
+network to PostgreSQL's pg_hba.conf, password still required) and run in
+their own session, so a
 Ctrl-C in the terminal reaches the Python process alone. The app can then
 finish its last writes to Postgres before ``stop()`` shuts the servers
 down. Servers left over by a killed run are found through their pid files
@@ -277,9 +281,9 @@ def binaries_available() -> tuple[bool, str]:
 # --- small process and file helpers ------------------------------------------
 
 
-def _free_port() -> int:
+def _free_port(host: str = LOCALHOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -418,10 +422,13 @@ class _EmbeddedServer:
     # (signal, seconds to wait for exit) in order; SIGKILL comes after the last.
     stop_steps: tuple[tuple[int, float], ...]
 
-    def __init__(self, data_dir: Path, port: int = 0) -> None:
+    def __init__(self, data_dir: Path, port: int = 0, *, host: str = LOCALHOST) -> None:
         if port < 0 or port > 65535:
             raise ValueError(f"port must be 0 (pick a free one) or 1..65535, not {port}")
         self.data_dir = Path(data_dir).resolve()
+        # The address it listens on: 127.0.0.1, or (loadtests/harness/hosts.py)
+        # the host's end of a bridge that network namespaces reach it through.
+        self.host = host
         self.requested_port = port
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -516,8 +523,8 @@ class _EmbeddedServer:
         self._log = self._log_file()
         attempts = RANDOM_PORT_ATTEMPTS if self.requested_port == 0 else 1
         for attempt in range(1, attempts + 1):
-            port = self.requested_port or _free_port()
-            with self._log.open_for_run(f"starting {self.name} on {LOCALHOST}:{port}") as fh:
+            port = self.requested_port or _free_port(self.host)
+            with self._log.open_for_run(f"starting {self.name} on {self.host}:{port}") as fh:
                 self._process = self._launch(port, fh)
             try:
                 self._wait_ready(self._process, port)
@@ -546,7 +553,7 @@ class _EmbeddedServer:
                 return
             if time.monotonic() >= deadline:
                 raise self._fail(
-                    f"not ready on {LOCALHOST}:{port} after {self.start_timeout_s:.0f} s"
+                    f"not ready on {self.host}:{port} after {self.start_timeout_s:.0f} s"
                 )
             time.sleep(POLL_INTERVAL_S)
 
@@ -605,8 +612,8 @@ class _EmbeddedServer:
 
 
 class EmbeddedRedis(_EmbeddedServer):
-    """A Redis server (valkey-server) on 127.0.0.1: throwaway, or with an
-    append-only file.
+    """A Redis server (valkey-server) on 127.0.0.1 (or ``host``): throwaway,
+    or with an append-only file.
 
     It runs in ``data_dir/redis`` and logs to ``data_dir/redis/redis.log``.
     With ``appendonly=True`` it keeps its append-only file in
@@ -622,8 +629,10 @@ class EmbeddedRedis(_EmbeddedServer):
     # it writes no snapshot, only a last fsync of its append-only file.
     stop_steps = ((signal.SIGTERM, REDIS_STOP_TIMEOUT_S),)
 
-    def __init__(self, data_dir: Path, port: int = 0, *, appendonly: bool = False) -> None:
-        super().__init__(data_dir, port)
+    def __init__(
+        self, data_dir: Path, port: int = 0, *, appendonly: bool = False, host: str = LOCALHOST
+    ) -> None:
+        super().__init__(data_dir, port, host=host)
         self.appendonly = appendonly
         self.redis_dir = self.data_dir / "redis"
         self.pid_file = self.redis_dir / "redis.pid"
@@ -633,7 +642,7 @@ class EmbeddedRedis(_EmbeddedServer):
         return _LogFile(self.redis_dir / "redis.log")
 
     def _url_for(self, port: int) -> str:
-        return f"redis://{LOCALHOST}:{port}/0"
+        return f"redis://{self.host}:{port}/0"
 
     def _lock_path(self) -> Path:
         return self.redis_dir / "redis.lock"
@@ -676,7 +685,7 @@ class EmbeddedRedis(_EmbeddedServer):
         assert self._binary is not None
         args = [
             str(self._binary),
-            "--bind", LOCALHOST,
+            "--bind", self.host,
             "--port", str(port),
             "--dir", str(self.redis_dir),
             "--pidfile", str(self.pid_file),
@@ -690,6 +699,12 @@ class EmbeddedRedis(_EmbeddedServer):
             # before the config is loaded end up there as well.
             "--logfile", "",
         ]  # fmt: skip
+        if self.host != LOCALHOST:
+            # Protected mode answers every client not on loopback with
+            # -DENIED while there is no password. Another address is asked
+            # for by the namespaced gateways (loadtests/harness/hosts.py):
+            # a private bridge of this machine, which only its namespaces reach.
+            args += ["--protected-mode", "no"]
         return subprocess.Popen(
             args,
             cwd=self.redis_dir,
@@ -701,7 +716,7 @@ class EmbeddedRedis(_EmbeddedServer):
 
     def _is_ready(self, port: int) -> bool:
         try:
-            with socket.create_connection((LOCALHOST, port), timeout=REDIS_PING_TIMEOUT_S) as s:
+            with socket.create_connection((self.host, port), timeout=REDIS_PING_TIMEOUT_S) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(64).startswith(b"+PONG")
         except OSError:
@@ -833,8 +848,10 @@ def _write_secret_file(path: Path, text: str) -> None:
 class EmbeddedPostgres(_EmbeddedServer):
     """A PostgreSQL cluster in ``data_dir/postgres/data``, kept between runs.
 
-    Listens on 127.0.0.1 only (no Unix socket) and asks for a password
-    (scram-sha-256). The superuser is ``tokenchat``, its password is in
+    Listens on 127.0.0.1 only (or ``host``; no Unix socket) and asks for a
+    password (scram-sha-256) of clients on this machine, and of
+    ``client_network`` (CIDR) when given, as the cluster is created. The
+    superuser is ``tokenchat``, its password is in
     ``data_dir/postgres/password`` and in ``url``, and the database is
     ``tokenchat``. It logs to ``data_dir/postgres/postgres.log``.
     """
@@ -846,8 +863,18 @@ class EmbeddedPostgres(_EmbeddedServer):
         (signal.SIGQUIT, PG_IMMEDIATE_STOP_TIMEOUT_S),  # immediate shutdown
     )
 
-    def __init__(self, data_dir: Path, port: int = 0) -> None:
-        super().__init__(data_dir, port)
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int = 0,
+        *,
+        host: str = LOCALHOST,
+        client_network: str | None = None,
+    ) -> None:
+        super().__init__(data_dir, port, host=host)
+        # A CIDR network (say 10.77.0.0/24) whose clients may log in too, with
+        # the password: initdb's pg_hba.conf admits this machine only.
+        self.client_network = client_network
         self.pg_root = self.data_dir / "postgres"
         self.pgdata = self.pg_root / "data"
         self.password_file = self.pg_root / "password"
@@ -864,7 +891,7 @@ class EmbeddedPostgres(_EmbeddedServer):
     def _url_for(self, port: int) -> str:
         assert self._password is not None
         password = urllib.parse.quote(self._password, safe="")
-        return f"postgresql://{PG_USER}:{password}@{LOCALHOST}:{port}/{PG_DATABASE}"
+        return f"postgresql://{PG_USER}:{password}@{self.host}:{port}/{PG_DATABASE}"
 
     @property
     def _initdb_pwfile(self) -> Path:
@@ -911,7 +938,7 @@ class EmbeddedPostgres(_EmbeddedServer):
         log.info(
             "embedded PostgreSQL (%s) on %s:%d: data %s, log %s, running as %s",
             self._bin,
-            LOCALHOST,
+            self.host,
             self.port,
             self.pgdata,
             self.log_path,
@@ -1049,6 +1076,9 @@ class EmbeddedPostgres(_EmbeddedServer):
         if code != 0:
             shutil.rmtree(self._initdb_dir, ignore_errors=True)
             raise self._fail(f"initdb failed with exit code {code}")
+        if self.client_network is not None:
+            with (self._initdb_dir / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host all all {self.client_network} {PG_AUTH_METHOD}\n")
         os.rename(self._initdb_dir, self.pgdata)
 
     def _launch(self, port: int, log_fh: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -1058,7 +1088,7 @@ class EmbeddedPostgres(_EmbeddedServer):
             str(self._bin / "postgres"),
             "-D", str(self.pgdata),
             "-p", str(port),
-            "-c", f"listen_addresses={LOCALHOST}",
+            "-c", f"listen_addresses={self.host}",
             # TCP only: no socket file, so no socket-path length limit and no
             # permission trouble on socket folders.
             "-c", "unix_socket_directories=",
@@ -1081,7 +1111,7 @@ class EmbeddedPostgres(_EmbeddedServer):
         assert self._bin is not None
         args = [
             str(self._bin / "pg_isready"), "--quiet",
-            "--host", LOCALHOST, "--port", str(port),
+            "--host", self.host, "--port", str(port),
             "--username", PG_USER, "--dbname", "postgres",
             "--timeout", "1",
         ]  # fmt: skip
@@ -1132,7 +1162,7 @@ class EmbeddedPostgres(_EmbeddedServer):
         return [
             "psql", "--no-psqlrc", "--quiet", "--tuples-only", "--no-align",
             "--set", "ON_ERROR_STOP=1",
-            "--host", LOCALHOST, "--port", str(self.port),
+            "--host", self.host, "--port", str(self.port),
             "--username", PG_USER, "--dbname", "postgres",
             *extra,
         ]  # fmt: skip

@@ -549,6 +549,14 @@ async def test_discovery_follows_and_live_from_the_terminal(start_server: Any) -
         back = await server.client("alice", "model")
         await back.call("join", room="alice")
         await fan.expect("* alice is live (/join alice)")
+
+        # Connected followers are told before the notifications are stored
+        # (Discovery: tell every node, then store), so wait for the row.
+        async def stored() -> bool:
+            status, page = await http.call("GET", "/v1/me/notifications", "bob", "fan")
+            return status == 200 and bool(page["notifications"])
+
+        await eventually(stored)
         await fan.send("/notifications")
         await fan.expect("alice went live")
         await fan.send("/follows")
@@ -623,3 +631,28 @@ def test_clear_lines_say_whether_a_moderator_or_a_deletion_removed_them() -> Non
     assert format_event({"type": "clear", "room": "a", "user": "b", "all": True}) == (
         "[a] * b deleted their account: their lines are gone"
     )
+
+
+async def test_failover_url_resumes_on_another_node(start_server: Any) -> None:
+    """``--failover-url``: the node the client is on stops for good, and the
+    client resumes on the other one, with what was said meanwhile."""
+    first = await start_server()
+    second = await start_server()
+    model = await second.client("alice", "model")
+    await model.call("join", room="alice")
+    args = ["--url", first.ws_url, "--failover-url", second.ws_url, "--token", token("bob")]
+    chat = await Chat.start(*args, "--room", "alice")
+    try:
+        await chat.expect("* connected as bob (fan)", "* joined alice")
+        await first.process.stop()
+        await model.call("say", room="alice", text="said while you moved")
+        await chat.expect("* reconnected", "[alice] alice: said while you moved")
+        await chat.send("still here")
+        await chat.expect("[alice] bob: still here")
+        assert (await model.next_event("message"))["text"] == "said while you moved"
+        assert (await model.next_event("message"))["text"] == "still here"
+        await chat.send("/quit")
+        assert await chat.exit_code() == 0
+    finally:
+        await chat.kill()
+        await model.close()

@@ -436,3 +436,65 @@ async def test_server_restart_on_the_same_port(start_server: StartServer) -> Non
     assert any(e["type"] == "reconnecting" and e["code"] is None for e in events)  # refused
     await session.close()
     await model.close()
+
+
+async def test_failover_urls_rotate_to_another_node(start_server: StartServer) -> None:
+    """Two nodes on one Redis: the first stops for good, the session dials the
+    next URL of its list, re-joins with ``since`` and misses nothing."""
+    first = await start_server()
+    second = await start_server()
+    model = await model_room(second)
+    session = await Session.connect(
+        first.ws_url, token("bob"), failover_urls=[second.ws_url], **FAST
+    )
+    assert session.urls == (first.ws_url, second.ws_url)
+    await session.join("alice")
+    before = await model.call("say", room="alice", text="before")
+    assert (await session.next_event("message"))["offset"] == before["offset"]
+    await first.process.stop()
+    # Said while the session is away: it comes back with the re-join's history.
+    during = await model.call("say", room="alice", text="while away")
+    assert (await session.next_event("reconnected", timeout_s=10))["type"] == "reconnected"
+    assert session.url == second.ws_url
+    after = await model.call("say", room="alice", text="after")
+    seen = [(await session.next_event("message"))["offset"] for _ in range(2)]
+    assert seen == [during["offset"], after["offset"]]
+    await session.close()
+    await model.close()
+
+
+async def test_failover_urls_skip_a_refusing_node(start_server: StartServer) -> None:
+    """A URL that refuses costs one attempt: the rotation goes on to the next."""
+    running = await start_server()
+    model = await model_room(running)
+    dead = await start_server()
+    dead_url = dead.ws_url
+    await dead.process.stop()  # its port now refuses connections
+    session = await Session.connect(running.ws_url, token("bob"), failover_urls=[dead_url], **FAST)
+    await session.join("alice")
+    abort(session)
+    # Attempt 1 dials the dead node (refused), attempt 2 the live one again.
+    events = [await session.next_event(timeout_s=10)]
+    while events[-1]["type"] != "reconnected":
+        events.append(await session.next_event(timeout_s=10))
+    attempts = [e for e in events if e["type"] == "reconnecting"]
+    assert len(attempts) >= 2 and attempts[1]["code"] is None  # the refusal
+    assert session.url == running.ws_url
+    said = await model.call("say", room="alice", text="still here")
+    assert (await session.next_event("message"))["offset"] == said["offset"]
+    await session.close()
+    await model.close()
+
+
+async def test_every_room_event_with_an_offset_is_deduplicated() -> None:
+    """A ``king`` event (or ``show``, ``goal``) is in the room's stream, and in
+    the history a re-join replays: one seen live is not delivered again, and
+    it moves the offset the next re-join asks ``since``."""
+    session = Session("ws://127.0.0.1:1/ws", "unused")
+    session.rooms["alice"] = "5-0"
+    king = {"type": "king", "room": "alice", "king": None, "offset": "6-0", "ts": 6}
+    session._accept(king)
+    session._accept(dict(king))  # the same event again, from a re-join's history
+    session._accept({**king, "offset": "4-0"})  # older than the last one seen
+    assert session.rooms["alice"] == "6-0"
+    assert session._events.qsize() == 1 and session._events.get_nowait() == king

@@ -44,6 +44,10 @@ async def test_a_deleted_fans_lines_leave_the_models_page(
     await model.locator("#say-text").fill("thanks all")
     await model.locator("#say-text").press("Enter")
     await expect(model.locator("#chat .line", has_text="thanks all")).to_be_visible()
+    # Her tip crowns her once the standing projector has seen it (about 1 s
+    # later). Wait for that: a deletion before it would leave the projector to
+    # crown her pseudonym afterwards, a `king` note after the deletion's note.
+    await expect(model.locator("#room-king")).to_have_text("♛ ana")
 
     await fan.get_by_role("button", name="Delete my account").click()
     await fan.locator("#confirm-ok").click()

@@ -522,3 +522,31 @@ def test_postgres_as_root_where_nobody_cannot_reach(tmp_path: Path) -> None:
         # password matters most.
         _assert_password_required(server.url)
         _stop_and_check_gone(server)
+
+
+def test_servers_on_another_address(data_dir: Path) -> None:
+    """``host``: both listen there and only there (loadtests/harness/hosts.py
+    binds them to a bridge that network namespaces reach); Postgres admits
+    ``client_network`` too, with the password."""
+    address = "127.0.0.2"  # loopback too on Linux (127.0.0.0/8), not 127.0.0.1
+    with EmbeddedRedis(data_dir, host=address) as server:
+        assert server.url == f"redis://{address}:{server.port}/0"
+        client = redis.Redis.from_url(server.url)
+        try:
+            assert client.ping()
+            assert client.config_get("bind") == {"bind": address}
+            # Clients of another address are not loopback ones to protected mode.
+            assert client.config_get("protected-mode") == {"protected-mode": "no"}
+        finally:
+            client.close()
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", server.port)) != 0
+        _stop_and_check_gone(server)
+    with EmbeddedPostgres(data_dir, host=address, client_network="10.77.0.0/24") as pg:
+        assert f"@{address}:{pg.port}/" in pg.url
+        assert _pg(pg.url, "SELECT 1 AS one")[0]["one"] == 1
+        _assert_password_required(pg.url)
+        assert "host all all 10.77.0.0/24 scram-sha-256" in _hba_rules(pg)
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", pg.port)) != 0
+        _stop_and_check_gone(pg)

@@ -321,6 +321,21 @@ test("every room event with an offset counts as seen (king, goal, show too)", as
   conn.stop();
 });
 
+test("failoverUrls: every reconnect attempt dials the next URL, in rotation", async () => {
+  const server = new FakeServer(welcoming());
+  const conn = connect(server, {}, { failoverUrls: ["ws://b/ws", "ws://c/ws"] });
+  await conn.whenReady();
+  assert.deepEqual(conn.urls, ["ws://test/ws", "ws://b/ws", "ws://c/ws"]);
+  for (const [i, next] of ["ws://b/ws", "ws://c/ws", "ws://test/ws"].entries()) {
+    server.sockets[i].serverClose(1012, "node going away");
+    await until(() => server.sockets.length === i + 2, "a reconnect");
+    await conn.whenReady();
+    assert.equal(server.sockets[i + 1].url, next);
+    assert.equal(conn.url, next);
+  }
+  conn.stop();
+});
+
 test("a re-join with more pages history until more is false, live events after the pages", async () => {
   // The room's stream: 1-0 .. 250-0. Before the drop the client saw 1-0; 251-0
   // and 252-0 come live right after the re-join's reply, before any page.
