@@ -206,6 +206,9 @@ HISTORY_RETRY_S = 0.25  # seconds; 5 commands' worth of the default rate
 TERMINAL_CLOSE_CODES = frozenset({int(CloseCode.UNAUTHENTICATED), int(CloseCode.FORBIDDEN)})
 # Error codes with which a spend was not applied and may be sent again as is.
 SPEND_RETRY_CODES = frozenset({str(ErrorCode.UNAVAILABLE), str(ErrorCode.RATE_LIMITED)})
+# The `since` of a room joined before any event was seen in it: every event
+# the room holds came after (docs/protocol.md, "After a reconnect").
+BEFORE_ANY_OFFSET = "0-0"
 ROOM_EVENT_TYPES = frozenset({"message", "tip", "media"})
 REPLY_TYPES = frozenset({"ok", "error", "welcome"})
 
@@ -477,7 +480,8 @@ class Session:
         events after the last one seen, if it was joined before) goes to the
         events first, then its live events."""
         client = await self._connection("join", self.reply_timeout_s)
-        return await self._join(client, room, self.rooms.get(room))
+        since = (self.rooms.get(room) or BEFORE_ANY_OFFSET) if room in self.rooms else None
+        return await self._join(client, room, since)
 
     async def leave(self, room: str) -> dict[str, Any]:
         """Leave ``room``: it is not re-joined any more, and its late events are
@@ -747,7 +751,7 @@ class Session:
                         {"type": "reconnected", "session": welcome["session"], "attempts": retry}
                     )
                 for room, since in list(self.rooms.items()):
-                    await self._rejoin(client, room, since)
+                    await self._rejoin(client, room, since or BEFORE_ANY_OFFSET)
             except BaseException:
                 await client.close()
                 self._detach(client)

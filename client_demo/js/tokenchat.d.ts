@@ -24,6 +24,7 @@ export interface Timings {
 export declare const DEFAULTS: Readonly<Timings>;
 export declare const FATAL_CLOSES: ReadonlyMap<number, string>;
 export declare const RATE_LIMITED_CLOSE: 4029;
+export declare const BEFORE_ANY_OFFSET: "0-0";
 export declare const CLIENT_DROP_CLOSE: 4000;
 export declare const SPENDS: ReadonlySet<string>;
 export declare const SPEND_RETRY_CODES: ReadonlySet<string>;

@@ -44,6 +44,9 @@ export const FATAL_CLOSES = new Map([
   [4003, "The server refused this connection."],
 ]);
 export const RATE_LIMITED_CLOSE = 4029;
+// The `since` of a room joined before any event was seen in it: every event
+// the room holds came after (docs/protocol.md, "After a reconnect").
+export const BEFORE_ANY_OFFSET = "0-0";
 // The client's own close code for "dropped on purpose, reconnecting" (4000-4999: private use).
 export const CLIENT_DROP_CLOSE = 4000;
 
@@ -271,7 +274,7 @@ export class Connection {
   async join(room) {
     const fresh = !this.rooms.has(room);
     const fields = { room };
-    if (!fresh && this.rooms.get(room)) fields.since = this.rooms.get(room);
+    if (!fresh) fields.since = this.rooms.get(room) ?? BEFORE_ANY_OFFSET;
     if (fresh) this.rooms.set(room, null); // its live events count from the reply on
     let reply;
     const ws = this.ws;
@@ -463,7 +466,7 @@ export class Connection {
       this.h.onWelcome?.(welcome, reconnected);
       for (const [room, since] of [...this.rooms]) {
         const frame = { type: "join", room };
-        if (since) frame.since = since;
+        frame.since = since ?? BEFORE_ANY_OFFSET;
         try {
           const reply = await this.call(ws, frame);
           const held = await this.catchUp(ws, room, reply);

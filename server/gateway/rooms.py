@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from tokenchat.protocol.limits import HISTORY_LEN_MAX, HISTORY_PAGE_LEN
 
@@ -132,25 +132,35 @@ class RoomStore:
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.xrange(key, min=since, max=last, count=count)
-                pipe.xrange(key, count=1)  # the oldest event kept
-                if until is None:
-                    pipe.xrevrange(key, count=1)
-                replies: list[Any] = await pipe.execute()
+                # Its oldest and newest events, how many it holds and how many
+                # were ever added; ResponseError when the room has no history.
+                pipe.xinfo_stream(key)
+                rows, info = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             raise Unavailable("room history is unavailable") from exc
-        events = [_wire(row) for row in replies[0]]
-        oldest = parse_offset(replies[1][0][0]) if replies[1] else None
+        if isinstance(rows, Exception):
+            raise Unavailable("room history is unavailable") from rows
+        stream: dict[str, Any] = {} if isinstance(info, ResponseError) else info
+        events = [_wire(row) for row in rows]
+        oldest, newest = (stream.get(edge) for edge in ("first-entry", "last-entry"))
         end = until
         if until is None:
-            end = parse_offset(replies[2][0][0]) if replies[2] else None
+            end = parse_offset(newest[0]) if newest else None
         start = parse_offset(since)
         found = bool(events) and parse_offset(events[0][0]) == start
         if found:
             events = events[1:]
         # Trimming takes the oldest events first: `since` is missing but not
         # trimmed when the history still reaches back to it (a `clear` took
-        # it), and nothing is missed when the room holds nothing at all.
-        recovered = found or oldest is None or start >= oldest
+        # it); nothing is missed when the room holds nothing at all, or never
+        # lost an event (all it was given it holds: a `since` of "0-0" from a
+        # member who joined it empty).
+        recovered = (
+            found
+            or not oldest
+            or start >= parse_offset(oldest[0])
+            or stream.get("entries-added") == stream.get("length")
+        )
         page = events[:HISTORY_PAGE_LEN]
         return History(page, recovered, more=len(events) > len(page), end=end)
 

@@ -253,3 +253,24 @@ async def test_msgpack_and_json_sessions_get_the_same_pages(start_server: StartS
     assert [e["offset"] for e in replies[0][0] + replies[0][1]] == offsets[1:]
     assert replies[0][1][-1]["text"] == f"héllo ✓ {HISTORY_PAGE_LEN + 4}"
     await model.close()
+
+
+async def test_since_0_0_reads_a_room_from_its_first_event_and_knows_if_it_lost_any(
+    start_server: StartServer,
+) -> None:
+    """A member who joined a room while it was empty has no offset: re-joining
+    from "0-0" gets every event, `recovered` true while the room lost none."""
+    running = await start_server(history_len=150, **UNLIMITED)
+    model = await model_room(running)
+    fan = await running.client("bob")
+    assert (await fan.call("join", room="alice", since="0-0"))["history"] == []
+    await say_many(model, [f"l{n}" for n in range(120)])
+    reply = await fan.call("join", room="alice", since="0-0")
+    assert reply["recovered"] is True and reply["more"] is True
+    page = await fan.call("history", room="alice", since=reply["next"])
+    assert texts_of(reply["history"] + page["history"]) == [f"l{n}" for n in range(120)]
+    await say_many(model, [f"m{n}" for n in range(40)])  # 160 > 150: the oldest trimmed
+    reply = await fan.call("join", room="alice", since="0-0")
+    assert reply["recovered"] is False and reply["history"][0]["text"] == "l10"
+    await fan.close()
+    await model.close()
