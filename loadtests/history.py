@@ -18,8 +18,9 @@ It prints, per page (100 events, ~16 KB of JSON here): the round trip p50
 and p99 seen by the clients, pages/s over all clients, and the server's
 CPU per page (its process tree's ticks from /proc over the paging, divided
 by the pages) and Redis's (the time Redis itself counts in its commands
-that read history, INFO commandstats: the joins of a round are in it too,
-one per client, and any other user of the same Redis); beside it, ``ping``
+that read history, INFO commandstats: XRANGE, XINFO STREAM, MULTI, EXEC;
+the joins of a round are in it too, one per client, and any other user of
+the same Redis); beside it, ``ping``
 round trips from the same clients at the same concurrency (the gateway's
 floor: no Redis, a tiny reply).
 """
@@ -90,7 +91,7 @@ async def redis_usec(bench: Bench) -> int:
         await redis.aclose()
     return sum(
         int(stats.get(f"cmdstat_{name}", {}).get("usec", 0))
-        for name in ("xrange", "xrevrange", "multi", "exec")
+        for name in ("xrange", "xrevrange", "xinfo|stream", "multi", "exec")
     )
 
 
