@@ -13,11 +13,15 @@ and reports that backend CPU per tip too: the part of standing that used to
 run inside the writer's statement (migration 0013's trigger).
 
 The tips are the tips benchmark's shape: 200 fans in 20 rooms, amount 1.
+``--existing N`` writes and folds N tips first, unmeasured: a ledger in use
+is not empty, and a check whose cost grows with the table (0023's reference
+checks did, migration 0028) only shows against one that is not.
 Uses TOKENCHAT_DATABASE_URL (the local default) under a schema of its own,
 removed afterwards. It needs the backend on this machine (/proc).
 
     python -m loadtests.ledger_backend --batch 50 --tips 10000 --pass 1000
     python -m loadtests.ledger_backend --up-to 22    # without migration 0023
+    python -m loadtests.ledger_backend --batch 50 --existing 100000
 """
 
 from __future__ import annotations
@@ -38,10 +42,18 @@ from tokenchat.server.config import Settings
 from tokenchat.server.db import load_migrations, migrate
 from tokenchat.server.ledger.writer import _NEW_ACCOUNTS, _WRITE_BATCH
 
+try:  # the writer's cache of accounts known to exist (absent in older checkouts)
+    from tokenchat.server.ledger.writer import KnownAccounts
+except ImportError:  # pragma: no cover - an older checkout: every batch makes its accounts
+    KnownAccounts = None  # type: ignore[assignment,misc]
+
 FANS = 200
 ROOMS = 20
 FAN_CREDIT = 10**12  # tokens: no tip is refused for funds
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Tips per transaction (and per projector pass) of the unmeasured --existing
+# rows: the writer's largest batch, so filling a big ledger takes seconds.
+EXISTING_BATCH = 1000
 
 
 def backend_cpu_s(pid: int) -> float:
@@ -116,13 +128,17 @@ async def apply_up_to(conn: asyncpg.Connection, schema: str, version: int) -> No
             await conn.execute(migration.sql)
 
 
-async def measure(batch: int, tips: int, per_pass: int, up_to: int | None) -> dict[str, Any]:
-    """Write ``tips`` in batches of ``batch`` and fold them; the backend's CPU
-    per tip of each (us; the projector's None where the checkout has none,
-    NaN where another client's open transaction held the fold back)."""
+async def measure(
+    batch: int, tips: int, per_pass: int, up_to: int | None, existing: int = 0
+) -> dict[str, Any]:
+    """Write ``tips`` in batches of ``batch`` and fold them, after ``existing``
+    written and folded unmeasured; the backend's CPU per tip of each (us; the
+    projector's None where the checkout has none, NaN where another client's
+    open transaction held the fold back)."""
     settings = Settings()
     schema = f"ledger_backend_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(settings.database_url)
+    # jit off, as the server's pool has it (tokenchat.server.db.create_pool).
+    conn = await asyncpg.connect(settings.database_url, server_settings={"jit": "off"})
     try:
         if up_to is None:
             await migrate(settings.database_url, schema)
@@ -135,29 +151,50 @@ async def measure(batch: int, tips: int, per_pass: int, up_to: int | None) -> di
         await conn.execute("UPDATE accounts SET balance = $1 WHERE id LIKE 'u:fan%'", FAN_CREDIT)
         new_accounts = await conn.prepare(_NEW_ACCOUNTS)
         statement = await conn.prepare(_WRITE_BATCH)
-        rounds = tips // batch
         now_ms = int(time.time() * 1000)
+        projects = await conn.fetchval("SELECT to_regclass('standing_watermark') IS NOT NULL")
+
+        known = KnownAccounts() if KnownAccounts is not None else None
+
+        async def write(first_round: int, rounds: int, size: int) -> None:
+            for round_no in range(first_round, first_round + rounds):
+                args = batch_args(round_no, size, now_ms)
+                # As LedgerWriter._write: the batch's accounts the writer does
+                # not know yet made (none new here, each looked up), then the
+                # batch, in one transaction.
+                accounts: list[str] = args[11]  # type: ignore[assignment]
+                new = known.unknown(accounts) if known is not None else accounts
+                async with conn.transaction():
+                    if new:
+                        await new_accounts.fetch(new)
+                    await statement.fetch(*args)
+                if known is not None:
+                    known.remember(new)
+
+        # Unmeasured: the ledger as it stands before (rounds of size
+        # EXISTING_BATCH; the measured rounds' numbers come after theirs, so
+        # the ids differ), folded, so the projector's figure is its own.
+        existing_rounds = -(-existing // EXISTING_BATCH)
+        await write(0, existing_rounds, EXISTING_BATCH)
+        if projects:
+            await project_all(conn, EXISTING_BATCH)
+        first = existing_rounds * EXISTING_BATCH // batch + 1
+        rounds = tips // batch
         cpu_before, wall_before = backend_cpu_s(pid), time.perf_counter()
-        for round_no in range(rounds):
-            args = batch_args(round_no, batch, now_ms)
-            # As LedgerWriter._write: the batch's accounts made (none new
-            # here, each looked up), then the batch, in one transaction.
-            async with conn.transaction():
-                await new_accounts.fetch(args[11])
-                await statement.fetch(*args)
+        await write(first, rounds, batch)
         written = rounds * batch
         cpu = backend_cpu_s(pid) - cpu_before
         wall = time.perf_counter() - wall_before
         figures: dict[str, Any] = {
             "batch": batch,
             "tips": written,
+            "existing": existing_rounds * EXISTING_BATCH,
             "writer_us_per_tip": cpu / written * 1e6,
             "writer_wall_us_per_tip": wall / written * 1e6,
             "projector_us_per_tip": None,
             "projector_pass": per_pass,
             "folded": 0,
         }
-        projects = await conn.fetchval("SELECT to_regclass('standing_watermark') IS NOT NULL")
         if projects:
             cpu_before = backend_cpu_s(pid)
             folded = await project_all(conn, per_pass)
@@ -170,10 +207,10 @@ async def measure(batch: int, tips: int, per_pass: int, up_to: int | None) -> di
         await conn.close()
 
 
-async def run(batch: int, tips: int, per_pass: int, up_to: int | None) -> None:
-    figures = await measure(batch, tips, per_pass, up_to)
+async def run(batch: int, tips: int, per_pass: int, up_to: int | None, existing: int) -> None:
+    figures = await measure(batch, tips, per_pass, up_to, existing)
     line = (
-        f"batch {batch}: {figures['tips']} tips, writer backend"
+        f"batch {batch}: {figures['tips']} tips after {figures['existing']}, writer backend"
         f" {figures['writer_us_per_tip']:.0f} us CPU per tip"
         f" ({figures['writer_wall_us_per_tip']:.0f} us wall)"
     )
@@ -203,8 +240,14 @@ def main() -> None:
         default=None,
         help="apply the migrations up to this version only (default: all)",
     )
+    parser.add_argument(
+        "--existing",
+        type=int,
+        default=0,
+        help="tips written and folded before the measured ones, unmeasured (default 0)",
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.batch, args.tips, args.per_pass, args.up_to))
+    asyncio.run(run(args.batch, args.tips, args.per_pass, args.up_to, args.existing))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,18 @@ per tip (``loadtests.tips_peer``, whose docstring says what it does), tipped
 by the same fans speaking Socket.IO, one full-rate phase; its books are
 checked after the run (tips in Postgres = tips acked, none negative).
 
+``--delivery-latency`` measures instead what relaying a tip to its room
+costs (docs/economy.md, "Delivery relay"): the time from a fan sending a
+tip to another member of the room receiving its ``tip`` event, with
+``TOKENCHAT_DELIVERY=script`` (in the tip's own script) against
+``TOKENCHAT_DELIVERY=relay`` (the {eco} delivery stream and the relay), on
+the same Redis, runs interleaved (odd runs: script first). Each of the
+``--fans`` fans tips in room ``i % rooms`` at its share of
+``--capped-rate`` (default ``DELIVERY_RATE_DEFAULT`` tips/s in all), one
+tip in flight, with a ``@T<ns>@`` stamp as its text; one watcher per room
+records each tip event's delay (one process, one monotonic clock). Also
+the ack latency, which relaying must not change.
+
 Runs alternate (odd runs: baseline first, even runs: tokenchat first) so that
 a drift of the machine hits both, and every capped phase has a baseline rate
 to take half of. The table shows medians with the min-max spread of the runs.
@@ -208,6 +220,11 @@ OUTBOX_KEEP_ENTRIES = 10_000
 BENCH_LIMITS = {"daily": 10**11, "weekly": 10**11, "monthly": 10**11}
 # A run whose other processes used more than this is flagged in the table.
 OTHER_BUSY_WARN_PCT = 25.0  # % of one CPU
+# --delivery-latency: the tips offered in all (tips/s) unless --capped-rate:
+# a light load, so that the figure is the path's latency, not queueing.
+DELIVERY_RATE_DEFAULT = 200.0
+DELIVERY_MODES = ("script", "relay")  # TOKENCHAT_DELIVERY, in run order of odd runs
+WATCHER_ID_FORMAT = "bench_w{:03d}"  # user ids of the rooms' watchers
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -944,6 +961,8 @@ class TipsBench(Bench):
         # What a workload keeps between prepare and finish (the meter's shows).
         self.workload_state: Any = None
         self.peer_started = False  # the socketio baseline ran: its schema may be left
+        # Settings of the next tokenchat start (--delivery-latency: the mode).
+        self.extra_env: dict[str, str] = {}
 
     def close(self, *, keep_logs: bool) -> None:
         super().close(keep_logs=keep_logs)
@@ -969,7 +988,7 @@ class TipsBench(Bench):
 
         inline = ledger and self.args.inline_ledger
         server, http_port = self.start_serve(
-            TOKENCHAT_LEDGER_ENABLED="1" if inline else "0", **self.workload.env
+            TOKENCHAT_LEDGER_ENABLED="1" if inline else "0", **self.workload.env, **self.extra_env
         )
         self.ledger_metrics_url = f"http://{HOST}:{http_port}/metrics"
         self.ledger_writer = None
@@ -1145,6 +1164,7 @@ class TipsBench(Bench):
         }
         for row in rows:
             row["ledger"] = ledger
+            row["writer_batch"] = self._writer_batch(*row["window_ms"])
         # The fans' idempotency keys are no use after the run; without them the
         # next run starts from the same keyspace size as this one did.
         asyncio.run(self.delete_keys(idempotency_pattern(self.redis_prefix)))
@@ -1190,6 +1210,12 @@ class TipsBench(Bench):
             )
             calls_in_window = progress.result() if progress is not None else None
         wait_s = (window_end_ns - time.monotonic_ns()) / NS_PER_S
+        # The window in wall-clock ms, as the ledger's applied_ms counts it.
+        wall_ms, now_ns = time.time() * 1000, time.monotonic_ns()
+        window_ms = (
+            int(wall_ms - (now_ns - window_start_ns) / 1e6),
+            int(wall_ms - (now_ns - window_end_ns) / 1e6),
+        )
         reports = self._gather(
             conns, "result", wait_s + PHASE_DRAIN_TIMEOUT_S + REPORT_SLACK_S, server
         )
@@ -1223,6 +1249,7 @@ class TipsBench(Bench):
             "cpu_irq_pct": cpu["irq"],
             "cpu_other_pct": cpu["other"],
             **cpu_per_op(cpu, "server", per_s),
+            "window_ms": window_ms,
         }
 
     def _progress_over(
@@ -1274,6 +1301,31 @@ class TipsBench(Bench):
             return int(value)
 
         return asyncio.run(count())
+
+    def _writer_batch(self, start_ms: int, end_ms: int) -> float:
+        """Ledger transactions per writer transaction among those Redis
+        applied from ``start_ms`` to ``end_ms``: the batch the writer formed
+        at that load (each batch is one Postgres transaction, one
+        ``writer_xid``; a batch crossing the window's edges counts in part).
+        NaN when the window holds none."""
+
+        async def mean() -> float:
+            import asyncpg
+
+            conn = await asyncpg.connect(self.settings().database_url)
+            try:
+                value = await conn.fetchval(
+                    f"""SELECT count(*)::float8 / nullif(count(DISTINCT writer_xid), 0)
+                        FROM "{self.schema}".ledger_transactions
+                        WHERE applied_ms >= $1 AND applied_ms < $2""",
+                    start_ms,
+                    end_ms,
+                )
+            finally:
+                await conn.close()
+            return math.nan if value is None else float(value)
+
+        return asyncio.run(mean())
 
     # --- the baseline ---------------------------------------------------------------
     def run_baseline(self, number: int) -> list[dict[str, Any]]:
@@ -1374,6 +1426,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("main_us_per_op", "python CPU us/op", "{:.0f}"),
     ("redis_us_per_op", "redis CPU us/op", "{:.0f}"),
     ("postgres_us_per_op", "postgres us/op", "{:.0f}"),
+    ("writer_batch", "writer batch", "{:.0f}"),
     ("cpu_main_pct", "python CPU %", "{:.0f}"),
     ("cpu_ledger_pct", "ledger writer CPU %", "{:.0f}"),
     ("cpu_redis_pct", "redis CPU %", "{:.0f}"),
@@ -1957,6 +2010,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="leave out the second baseline (python-socketio + one asyncpg transaction per "
         "tip, loadtests.tips_peer), which runs beside plain tips otherwise",
     )
+    parser.add_argument(
+        "--delivery-latency",
+        action="store_true",
+        help="instead of the rates: tip sent -> tip event received by another member, "
+        "TOKENCHAT_DELIVERY=script against relay, runs interleaved (paced at --capped-rate, "
+        f"default {DELIVERY_RATE_DEFAULT:g} tips/s in all)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
         "--profile",
@@ -2032,9 +2092,148 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         )
 
 
+# ============================================================================
+# --delivery-latency: in-script delivery against the relay
+# ============================================================================
+
+
+def run_delivery_latency(bench: TipsBench) -> list[dict[str, Any]]:
+    """Every run, each delivery mode once, alternating which goes first."""
+    rows: list[dict[str, Any]] = []
+    for number in range(1, bench.args.runs + 1):
+        modes = DELIVERY_MODES if number % 2 else DELIVERY_MODES[::-1]
+        for mode in modes:
+            bench.extra_env = {"TOKENCHAT_DELIVERY": mode}
+            server, http_port = bench.start_tokenchat()
+            try:
+                bench.fund_fans(http_port, number)
+                row = asyncio.run(_delivery_run(bench, server.ws_port, mode))
+            finally:
+                bench.stop_tokenchat(server)
+            row["run"] = number
+            rows.append(row)
+            print(
+                f"run {number} {mode:<6} tip->event p50 {row['event_p50_ms']:.2f} ms"
+                f"  p99 {row['event_p99_ms']:.2f} ms  ack p50 {row['ack_p50_ms']:.2f} ms"
+                f"  events {row['events']}  errors {row['errors']}",
+                flush=True,
+            )
+    return rows
+
+
+async def _delivery_run(bench: TipsBench, ws_port: int, mode: str) -> dict[str, Any]:
+    """One server's window: paced tips stamped with the send time, their
+    events timed by each room's watcher, their acks by the fans."""
+    args = bench.args
+    rate = args.capped_rate or DELIVERY_RATE_DEFAULT
+    watched, own = Stats(), Stats()  # the watchers' events; the fans' own (unused)
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY_TOTAL)
+
+    async def member(user: str, role: str, room: str, stats: Stats) -> Member:
+        async with gate:
+            return await open_member(
+                "tokenchat",
+                ws_port,
+                stats,
+                user_id=user,
+                role=role,
+                jwt_secret=bench.jwt_secret,
+                room=room,
+            )
+
+    watchers = await asyncio.gather(
+        *(
+            member(WATCHER_ID_FORMAT.format(r), "fan", model_id(r), watched)
+            for r in range(args.rooms)
+        )
+    )
+    fans = await asyncio.gather(
+        *(member(fan_id(i), "fan", model_id(i % args.rooms), own) for i in range(args.fans))
+    )
+    start_ns = time.monotonic_ns() + int(args.warmup * NS_PER_S)
+    end_ns = start_ns + int(args.duration * NS_PER_S)
+    watched.window_start_ns, watched.window_end_ns = start_ns, end_ns
+    acks: list[float] = []
+    errors: dict[str, int] = {}
+    interval_s = args.fans / rate
+
+    async def tip(index: int, fan: Member) -> None:
+        ids = itertools.count(100)
+        # Spread the fans' first tips over one interval.
+        await asyncio.sleep(interval_s * index / args.fans)
+        next_s = time.monotonic()
+        while time.monotonic_ns() < end_ns:
+            sent_ns = time.monotonic_ns()
+            reply = await fan.request(
+                {
+                    "type": "tip",
+                    "id": next(ids),
+                    "room": model_id(index % args.rooms),
+                    "amount": TIP_AMOUNT,
+                    "key": secrets.token_hex(8),
+                    "text": f"@T{sent_ns}@",
+                }
+            )
+            if reply.get("type") != "ok":
+                code = str(reply.get("code"))
+                errors[code] = errors.get(code, 0) + 1
+            elif start_ns <= sent_ns < end_ns:
+                acks.append((time.monotonic_ns() - sent_ns) / 1e6)
+            next_s += interval_s
+            await asyncio.sleep(max(0.0, next_s - time.monotonic()))
+
+    try:
+        async with asyncio.timeout(args.warmup + args.duration + REPORT_SLACK_S):
+            await asyncio.gather(*(tip(i, fan) for i, fan in enumerate(fans)))
+        await asyncio.sleep(1.0)  # the last events of the window arrive
+    finally:
+        for each in (*fans, *watchers):
+            each.close()
+    return {
+        "kind": mode,
+        "offered_per_s": rate,
+        "events": watched.received_in_window,
+        "acks": len(acks),
+        "event_p50_ms": hist_percentile_ms(watched.hist, 0.50),
+        "event_p99_ms": hist_percentile_ms(watched.hist, 0.99),
+        "ack_p50_ms": statistics.median(acks) if acks else math.nan,
+        "ack_p99_ms": statistics.quantiles(acks, n=100)[98] if len(acks) > 1 else math.nan,
+        "errors": errors,
+    }
+
+
+def render_delivery_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"tip sent -> tip event at another member, {args.fans} fans in {args.rooms} rooms,"
+        f" {args.capped_rate or DELIVERY_RATE_DEFAULT:g} tips/s offered,"
+        f" {args.runs} run(s) of {args.duration:g} s (median, min-max of runs)",
+        "",
+        "| TOKENCHAT_DELIVERY | event p50 ms | event p99 ms | ack p50 ms | ack p99 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for mode in DELIVERY_MODES:
+        cells = [
+            median_range(values_of(rows, "kind", mode, key), "{:.2f}")
+            for key in ("event_p50_ms", "event_p99_ms", "ack_p50_ms", "ack_p99_ms")
+        ]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    script = median_of(rows, "kind", "script", "event_p50_ms")
+    relay = median_of(rows, "kind", "relay", "event_p50_ms")
+    lines += ["", f"the relay adds {relay - script:+.2f} ms to the median tip -> event"]
+    return "\n".join(lines)
+
+
+def report_delivery_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"scenarios": {"delivery_latency": clean_json(rows)}, "machine": machine_summary()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     raise_open_files_limit()
+    if args.delivery_latency:
+        return run_bench(
+            args, TipsBench(args), run_delivery_latency, render_delivery_table, report_delivery_json
+        )
     return run_bench(
         args, TipsBench(args), lambda bench: run_all(bench, print_rows), render_table, report_json
     )

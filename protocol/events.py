@@ -58,11 +58,14 @@ def message_event(
     return {**message_event_body(room, from_, text, tier), "offset": offset, "ts": ts}
 
 
-def tip_event_body(room: str, from_: str, amount: int, text: str, tier: int = 0) -> dict[str, Any]:
+def tip_event_body(
+    room: str, from_: str, amount: int, text: str, tier: int = 0, tx: str | None = None
+) -> dict[str, Any]:
     """A tip event as the tip script stores and publishes it: the room's
     history gives it ``offset`` and ``ts`` (see ``tip_event``). ``tier``:
-    the tipper's tier before this tip counted."""
-    return {
+    the tipper's tier before this tip counted. ``tx``: the tip's
+    transaction, by which clients that keep a seen-set de-duplicate it."""
+    body: dict[str, Any] = {
         "type": "tip",
         "room": room,
         "from": from_,
@@ -70,6 +73,9 @@ def tip_event_body(room: str, from_: str, amount: int, text: str, tier: int = 0)
         "text": text,
         "tier": tier,
     }
+    if tx is not None:
+        body["tx"] = tx
+    return body
 
 
 def tip_event(
@@ -79,20 +85,18 @@ def tip_event(
 
 
 def item_tip_event_body(
-    room: str, from_: str, text: str, item_id: str, tier: int = 0
+    room: str, from_: str, text: str, item_id: str, tier: int = 0, tx: str | None = None
 ) -> dict[str, Any]:
     """A tip of a menu item as the server hands it to the tip_item script,
     which sets ``amount`` (the item's price when charged) and
     ``item.label``, then the history gives ``offset`` and ``ts``. ``item``
-    stays the last field: the script fills it in."""
-    return {
-        "type": "tip",
-        "room": room,
-        "from": from_,
-        "text": text,
-        "tier": tier,
-        "item": {"id": item_id},
-    }
+    stays the last field: the script fills it in. ``tx`` as in
+    ``tip_event_body``."""
+    body: dict[str, Any] = {"type": "tip", "room": room, "from": from_, "text": text, "tier": tier}
+    if tx is not None:
+        body["tx"] = tx
+    body["item"] = {"id": item_id}
+    return body
 
 
 def item_tip_event(

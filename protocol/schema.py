@@ -180,7 +180,14 @@ EVENT_SCHEMAS: Final[dict[str, Schema]] = {
     "message": obj({**_ROOM_EVENT, "from": USER_ID, "text": STRING}, {"tier": INTEGER, **_IN_SHOW}),
     "tip": obj(
         {**_ROOM_EVENT, "from": USER_ID, "amount": TOKENS, "text": STRING},
-        {"tier": INTEGER, "item": obj({"id": STRING, "label": STRING}), **_IN_SHOW},
+        {
+            "tier": INTEGER,
+            "item": obj({"id": STRING, "label": STRING}),
+            # The tip's transaction (its `ok` reply's `tx`): a client's
+            # seen-set de-duplicates by it (docs/protocol.md, "tip").
+            "tx": TX,
+            **_IN_SHOW,
+        },
     ),
     "dm": obj(
         {"from": USER_ID, "text": STRING, "price": TOKENS, "tx": TX, "ts": MS},
@@ -266,8 +273,11 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
     "leave": ({}, {}),
     "say": ({"offset": OFFSET}, {}),
     "tip": (
-        {"balance": TOKENS, "tx": TX, "offset": OFFSET},
+        {"balance": TOKENS, "tx": TX},
         {
+            # Absent in delivery mode `relay` (docs/protocol.md, "tip"): the
+            # tip is not in the room's history yet when it is acknowledged.
+            "offset": OFFSET,
             **_DUPLICATE,
             "price": TOKENS,
             "item": obj({"id": STRING, "label": STRING}),

@@ -239,7 +239,14 @@ def _reconcile(settings: Settings, timeout_s: float) -> int:
     async def check() -> dict[str, object]:
         ledger = await LedgerStack.connect(settings)
         try:
-            return await reconcile(ledger.redis, ledger.pool, ledger.keys, ledger.writer, timeout_s)
+            return await reconcile(
+                ledger.redis,
+                ledger.pool,
+                ledger.keys,
+                ledger.writer,
+                timeout_s,
+                settings.relay_lag_max_s,
+            )
         finally:
             await ledger.close()
 

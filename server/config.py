@@ -35,6 +35,12 @@ HISTORY_LEN_STORED_MAX = 10_000  # events
 # The oldest a room's history may keep events (TOKENCHAT_HISTORY_AGE_S): a
 # week; older chat is an archive, and Redis (which may lose it) is no archive.
 HISTORY_AGE_MAX_S = 7 * 86400  # seconds
+# The values of TOKENCHAT_DELIVERY (see delivery).
+DELIVERY_MODES = ("auto", "script", "relay")
+# TOKENCHAT_RELAY_DEDUPE_S at most a day: each relayed tip keeps one key
+# that long, and a day of a busy platform's tips is as much memory as
+# Redis should give to it (see relay_dedupe_s).
+RELAY_DEDUPE_MAX_S = 86400.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -198,6 +204,27 @@ class Settings:
     # An entry read by a writer that has not acknowledged it after this long is
     # taken over by another (its writer is presumed dead).
     ledger_claim_idle_s: float = 30.0
+    # How a paid action whose delivery lives outside the money slot (a tip's
+    # room event: docs/economy.md, "Delivery relay") delivers: `script` in its
+    # own money script (one atomic call; impossible on Redis Cluster, where
+    # the room is another slot), `relay` through the {eco} delivery stream and
+    # the relay, or `auto`: `relay` on a Redis Cluster, `script` otherwise.
+    delivery: str = "auto"
+    # A delivery read by a relay that has not acknowledged it after this long
+    # is taken over by another (its relay is presumed dead). Short: it is how
+    # long a room waits for a tip whose relay died; long enough that a relay
+    # busy with a batch (milliseconds) is never taken over.
+    relay_claim_idle_s: float = 5.0
+    # How long the relay remembers, per room, that it delivered a transaction
+    # (one small key per relayed tip): a redelivery (a relay died between its
+    # room write and its acknowledgement) after this long would be shown
+    # twice. Claims happen after relay_claim_idle_s, so an hour covers any
+    # outage short of every relay being down for an hour; at 5,000 tips/s an
+    # hour of keys is ~18M keys (~1.5 GB): RELAY_DEDUPE_MAX_S bounds it.
+    relay_dedupe_s: float = 3600.0
+    # Deliveries pending longer than this (the oldest entry's age) make
+    # reconcile and /readyz's detail report the relay as behind.
+    relay_lag_max_s: float = 10.0
     # `fake` approves every payment (development and tests); `none` refuses
     # purchases. A real provider plugs in behind server/http/payments.py.
     payment_provider: str = "none"
@@ -539,6 +566,9 @@ class Settings:
             "ledger_block_ms",
             "ledger_claim_idle_s",
             "ledger_ack_timeout_s",
+            "relay_claim_idle_s",
+            "relay_dedupe_s",
+            "relay_lag_max_s",
             "ledger_pool_max",
             "token_ttl_max_s",
             "http_creates_per_s",
@@ -621,6 +651,17 @@ class Settings:
             raise ValueError("TOKENCHAT_DATABASE_POOL_MIN must be between 0 and the max")
         if self.durability not in ("ledger", "redis"):
             raise ValueError("TOKENCHAT_DURABILITY must be 'ledger' or 'redis'")
+        if self.delivery not in DELIVERY_MODES:
+            raise ValueError("TOKENCHAT_DELIVERY must be 'auto', 'script' or 'relay'")
+        if self.relay_dedupe_s > RELAY_DEDUPE_MAX_S:
+            raise ValueError(
+                f"TOKENCHAT_RELAY_DEDUPE_S must be at most {RELAY_DEDUPE_MAX_S} (a day)"
+            )
+        if self.relay_dedupe_s < 2 * self.relay_claim_idle_s:
+            raise ValueError(
+                "TOKENCHAT_RELAY_DEDUPE_S must be at least twice TOKENCHAT_RELAY_CLAIM_IDLE_S "
+                "(a redelivery comes after a claim)"
+            )
         if self.payment_provider not in ("none", "fake"):
             raise ValueError("TOKENCHAT_PAYMENT_PROVIDER must be 'none' or 'fake'")
         self.bundle_list()  # refuses a malformed TOKENCHAT_BUNDLES at start-up

@@ -93,7 +93,11 @@ async def create_pool(
         max_size=max_size,
         command_timeout=timeout_s,
         timeout=timeout_s,
-        server_settings={"search_path": schema, "application_name": "tokenchat"},
+        # jit off: tokenchat's statements are short, and a plan whose cost is
+        # overestimated (missing or stale statistics: a ledger projector pass
+        # was estimated at 1.2M for 1,000 rows) crosses jit_above_cost and
+        # spends 0.7 s compiling what runs in 5 ms (docs/benchmarks.md).
+        server_settings={"search_path": schema, "application_name": "tokenchat", "jit": "off"},
         reset=_reset,
     )
     assert pool is not None

@@ -69,6 +69,12 @@ class Keys:
         ``M`` payload), so each node's copy of the rules stays current."""
         return f"{self.prefix}moderation"
 
+    def relayed(self, room: str, tx: str) -> str:
+        """Set (NX, expiring after relay_dedupe_s) by the delivery relay when
+        it delivers transaction ``tx``'s events to the room: present means
+        "delivered already" (server/economy/relay.py)."""
+        return f"{self.prefix}room:{{{room}}}:relayed:{tx}"
+
     def slow_mode(self, room: str, user: str) -> str:
         """Set (NX, expiring after the room's slow_s) by a member's chat line
         while slow mode is on: present means "too soon"."""
@@ -132,6 +138,19 @@ class Keys:
     def rebuild_lock(self) -> str:
         """Held by the process rebuilding hot balances from the ledger."""
         return self._eco("rebuild-lock")
+
+    def deliveries(self) -> str:
+        """Stream of room deliveries waiting for the relay (delivery mode
+        `relay`): what a money script would have written into a room's slot,
+        written here atomically with the charge (server/economy/relay.py)."""
+        return self._eco("deliveries")
+
+    def room_show_mirror(self, room: str) -> str:
+        """The {eco} copy of the room's running-show marker (`room_show`),
+        same fields: what tips check and tickets extend in delivery mode
+        `relay`, where a money script cannot read the room's slot. Written
+        by show_state.lua with the show's hash (server/economy/shows.py)."""
+        return self._eco(f"room-show:{room}")
 
     def prices(self, user_id: str) -> str:
         """Hash of a user's prices (field `dm`); absent = not loaded."""

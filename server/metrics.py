@@ -91,6 +91,28 @@ LEDGER_LAG = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 
+# The delivery relay (server/economy/relay.py), on every gateway node in
+# delivery mode `relay`.
+RELAYED = Counter(
+    "tokenchat_relay_deliveries_total",
+    "Delivery entries the relay moved into their room (duplicates included)",
+)
+RELAY_DUPLICATES = Counter(
+    "tokenchat_relay_duplicates_total",
+    "Delivery entries found delivered already (a dead relay's claimed entry)",
+)
+RELAY_LAG = Histogram(
+    "tokenchat_relay_lag_seconds",
+    "From a relayed spend's commit in Redis to its events' delivery into the room",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0),
+)
+RELAY_OLDEST = Gauge(
+    "tokenchat_relay_oldest_pending_seconds",
+    "Age of the oldest delivery entry not yet delivered, as the relay last read it"
+    " (0: none); reconcile and /readyz report it past TOKENCHAT_RELAY_LAG_MAX_S",
+    multiprocess_mode="livemax",
+)
+
 # The DM archive (server/catalog/dms.py), exposed where the archiver runs:
 # `tokenchat ledger`, or `serve` with TOKENCHAT_LEDGER_ENABLED=1.
 DM_ARCHIVED = Counter(

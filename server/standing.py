@@ -99,15 +99,26 @@ Publish = Callable[[str, dict[str, Any]], Awaitable[str]]
 # user's outflow in a paid kind counts plus; their inflow in a refund (in the
 # original's hour and room) or an escrow refund counts minus. Credits,
 # purchases, payouts and releases are not spending. (Migration 0013's
-# trigger, moved here unchanged.)
+# trigger, moved here.) Each transaction's postings, and a refund's original,
+# are read by probing the primary keys from ``t``'s rows: the subqueries'
+# `OFFSET 0` keeps the planner from flattening them into joins, which it
+# planned as hash joins over sequential scans of both ledger tables whenever
+# its statistics were missing or stale (`account_id LIKE 'u:%'` looks rare to
+# it): 78 ms per pass of 1,000 at 100,000 ledger rows, growing with the
+# ledger, against 8 ms probing (docs/benchmarks.md).
 _STANDING_ROWS = """
     SELECT CASE WHEN src.kind = 'tip' THEN src.meta->>'room' END AS room,
            substr(p.account_id, 3) AS user_id,
            src.applied_ms / 3600000 AS hour,
            -p.amount AS tokens
     FROM t
-    JOIN ledger_postings p ON p.tx_id = t.id
-    LEFT JOIN ledger_transactions o ON t.kind = 'refund' AND o.id = t.reverses
+    CROSS JOIN LATERAL (
+        SELECT account_id, amount FROM ledger_postings WHERE tx_id = t.id OFFSET 0
+    ) p
+    LEFT JOIN LATERAL (
+        SELECT kind, meta, applied_ms FROM ledger_transactions
+        WHERE t.kind = 'refund' AND id = t.reverses OFFSET 0
+    ) o ON true
     CROSS JOIN LATERAL (
         SELECT coalesce(o.kind, t.kind) AS kind, coalesce(o.meta, t.meta) AS meta,
                coalesce(o.applied_ms, t.applied_ms) AS applied_ms

@@ -88,6 +88,12 @@ export interface SpendReply extends Reply {
   balance: number;
   duplicate?: boolean;
 }
+/** A tip's reply: `offset` is absent when the server relays tips to rooms
+ * (delivery mode `relay`, Redis Cluster): the tip is in the room's history
+ * only once its `tip` event, carrying the same `tx`, arrives. */
+export interface TipReply extends SpendReply {
+  offset?: string;
+}
 export interface Welcome extends Reply {
   type: "welcome";
   session: string;
@@ -182,12 +188,12 @@ export declare class Connection {
   say(room: string, text: string): Promise<Reply>;
   ping(): Promise<Reply>;
   getBalance(): Promise<number>;
-  tip(room: string, amount: number, options?: SpendOptions & { text?: string }): Promise<SpendReply>;
+  tip(room: string, amount: number, options?: SpendOptions & { text?: string }): Promise<TipReply>;
   tipItem(
     room: string,
     item: string,
     options?: SpendOptions & { text?: string; maxPrice?: number },
-  ): Promise<SpendReply & { item: string; price: number }>;
+  ): Promise<TipReply & { item: string; price: number }>;
   dm(
     to: string,
     text: string,

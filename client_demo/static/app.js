@@ -27,7 +27,7 @@ const state = {
   logs: new Map(), // room id -> chat entries
   dm: null, // {to, price, key, signature}
   earned: 0,
-  counted: new Set(), // offsets of the tips already counted as earnings
+  counted: new Set(), // tips already counted as earnings, by transaction (offset if none)
   unlocked: new Map(), // media id -> the content's signed URL (owned or unlocked here)
   menus: new Map(), // room id -> its owner's tip menu [{id, label, price}], as last read
   roomsTimer: null,
@@ -937,8 +937,11 @@ function onEvent(event) {
 
 function countEarning(tip) {
   if (state.me?.role !== "model" || tip.room !== state.me.id || tip.from === state.me.id) return;
-  if (state.counted.has(tip.offset)) return;
-  state.counted.add(tip.offset);
+  // By transaction: the one identity a tip keeps however it was delivered
+  // (relayed, replayed from history); servers without `tx` give the offset.
+  const seen = tip.tx ?? tip.offset;
+  if (state.counted.has(seen)) return;
+  state.counted.add(seen);
   if (state.counted.size > LOG_MAX) state.counted.delete(state.counted.values().next().value);
   earn("tip", tip.from, tip.amount, tip.text, tip.ts, tip.item?.label);
 }

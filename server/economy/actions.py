@@ -145,10 +145,13 @@ class Action:
     args: tuple[str, ...]
     refundable: bool  # whether POST /v1/admin/refunds may reverse it
     delivery: Delivery
-    # Keys outside the `{eco}` money slot: what its delivery writes elsewhere
-    # (tip: the room's history). On Redis Cluster such a delivery cannot be in
-    # the money script's slot and goes through a relay (issue #16); empty
-    # means the whole call runs in the money slot.
+    # Keys outside the `{eco}` money slot: what its delivery writes or reads
+    # elsewhere (tip: the room's history and show marker). In delivery mode
+    # `relay` (Redis Cluster) the script runs with {eco} stand-ins for them
+    # (Economy._room_delivery_keys: the delivery stream, the marker's
+    # mirror) and the relay moves the delivery to the room
+    # (server/economy/relay.py); empty means the whole call runs in the
+    # money slot in every mode.
     delivery_keys: tuple[str, ...] = ()
     # The wire command it serves, and how (``serve``: the preconditions that
     # need no money, then the Economy call); None for HTTP-only actions.
@@ -197,8 +200,26 @@ class Action:
 
     @property
     def script(self) -> LuaScript:
-        """money_lib.lua + lua/<name>.lua with names bound to positions."""
+        """money_lib.lua + lua/<name>.lua with names bound to positions
+        (delivery mode `script`)."""
         return money_script(self.name, self.all_keys, self.all_args)
+
+    @property
+    def relayed(self) -> bool:
+        """Whether its delivery leaves the money slot (``delivery_keys``), so
+        that delivery mode `relay` runs ``relay_script`` with {eco} stand-ins
+        for those keys (docs/economy.md, "Delivery relay")."""
+        return bool(self.delivery_keys)
+
+    @property
+    def relay_script(self) -> LuaScript:
+        """The same script in delivery mode `relay`: its room events go into
+        the {eco} delivery stream for the relay (money_lib's RELAY)."""
+        return money_script(self.name, self.all_keys, self.all_args, relay=True)
+
+    def script_for(self, delivery: str) -> LuaScript:
+        """Its script in the resolved delivery mode (`script` or `relay`)."""
+        return self.relay_script if delivery == "relay" and self.relayed else self.script
 
     def call(self, keys: Mapping[str, Any], args: Mapping[str, Any]) -> tuple[list[Any], list[Any]]:
         """The script's KEYS and ARGV, in declaration order, from names.

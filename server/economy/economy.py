@@ -178,7 +178,11 @@ class Economy:
         self._fresh = False
         self._fresh_lock = asyncio.Lock()
         self._drain: Drain | None = None
-        self._scripts = {action.name: action.script for action in ACTIONS}
+        # The delivery mode (docs/economy.md, "Delivery relay"): `auto` is
+        # resolved by resolve_delivery, once Redis says whether it is a
+        # cluster; until then, and on a single Redis, `script`.
+        self.delivery = "relay" if settings.delivery == "relay" else "script"
+        self._scripts = {action.name: action.script_for(self.delivery) for action in ACTIONS}
         # Every room-event action's history trim (ROOM_EVENT_ARGS).
         self._history_trim = history_trim(settings.history_len, settings.history_age_s)
         self._load_script = lua_script("load_balance", retry_safe=True)
@@ -203,6 +207,10 @@ class Economy:
         # a tip finds it missing, and closes a goal in Postgres once a tip
         # reached it in Redis.
         self.goal_loader: Callable[[str], Awaitable[None]] | None = None
+        # Relay mode: a ticket sold during its running show extended the
+        # marker's {eco} mirror; this copies it onto the room's marker, which
+        # chat lines check (set by server/economy/shows.py).
+        self.ticket_granted: Callable[[str, str], Awaitable[None]] | None = None
         self.goal_reached: Callable[[str], Awaitable[None]] | None = None
         # A room's goal hash key -> the balance key of its all-or-nothing
         # goal's escrow, as tips learned it (GOAL_ESCROW): a tip declares
@@ -211,6 +219,30 @@ class Economy:
         self._goal_escrows: dict[str, str] = {}
         # Spending limits and self-exclusion: their rows, caches and counters.
         self.limits = SpendLimits(redis, pool, keys, settings, self)
+
+    async def resolve_delivery(self) -> str:
+        """Settle `auto` from the deployment: `relay` when Redis is a
+        cluster (a room is another slot than the money), else `script`."""
+        if self._settings.delivery == "auto":
+            info: dict[str, Any] = await self._redis.info("cluster")
+            self.set_delivery("relay" if info.get("cluster_enabled") else "script")
+        return self.delivery
+
+    def set_delivery(self, delivery: str) -> None:
+        """Run the paid actions' scripts of delivery mode ``delivery``."""
+        self.delivery = delivery
+        self._scripts = {action.name: action.script_for(delivery) for action in ACTIONS}
+
+    def _room_delivery_keys(self, room: str) -> dict[str, str]:
+        """The keys a relayed action's delivery names (``delivery_keys``):
+        the room's own, or in relay mode their {eco} stand-ins (the delivery
+        stream for the history, the show marker's mirror)."""
+        if self.delivery == "relay":
+            return {
+                "history": self._keys.deliveries(),
+                "room_show": self._keys.room_show_mirror(room),
+            }
+        return {"history": self._keys.room_history(room), "room_show": self._keys.room_show(room)}
 
     # --- reads --------------------------------------------------------------------
     async def balance(self, user_id: str) -> int:
@@ -273,8 +305,10 @@ class Economy:
         if user_id == owner:
             raise Forbidden("you cannot tip your own room")
         payer, payee = user_account(user_id), user_account(owner)
+        tx = new_tx_id()  # named in the event too
         reply = await self._run(
             TIP,
+            tx=tx,
             initiator=user_initiator(user_id),
             key=key,
             request=fingerprint("tip", room=room, amount=amount, text=text),
@@ -282,8 +316,7 @@ class Economy:
             keys={
                 "payer_balance": self._keys.balance(payer),
                 "payee_balance": self._keys.balance(payee),
-                "history": self._keys.room_history(room),
-                "room_show": self._keys.room_show(room),
+                **self._room_delivery_keys(room),
                 "goal": self._keys.goal(room),
                 "goal_escrow": self._goal_escrow(room),
                 **self._gate_keys(user_id),
@@ -295,7 +328,9 @@ class Economy:
                 "payee": payee,
                 "room_channel": self._keys.room_channel(room),
                 "event": orjson.dumps(
-                    events.tip_event_body(room, user_id, amount, text, await self.tier_of(user_id))
+                    events.tip_event_body(
+                        room, user_id, amount, text, await self.tier_of(user_id), tx
+                    )
                 ),
                 "payee_channel": self._keys.user_channel(owner),
             },
@@ -317,8 +352,10 @@ class Economy:
         if user_id == owner:
             raise Forbidden("you cannot tip your own room")
         payer, payee = user_account(user_id), user_account(owner)
+        tx = new_tx_id()  # named in the event too
         reply = await self._run(
             TIP_ITEM,
+            tx=tx,
             initiator=user_initiator(user_id),
             key=key,
             request=fingerprint("tip_item", room=room, item=item, text=text, max_price=max_price),
@@ -327,8 +364,7 @@ class Economy:
                 "payer_balance": self._keys.balance(payer),
                 "payee_balance": self._keys.balance(payee),
                 "menu": self._keys.menu(owner),
-                "history": self._keys.room_history(room),
-                "room_show": self._keys.room_show(room),
+                **self._room_delivery_keys(room),
                 "goal": self._keys.goal(room),
                 "goal_escrow": self._goal_escrow(room),
                 **self._gate_keys(user_id),
@@ -341,7 +377,7 @@ class Economy:
                 "room_channel": self._keys.room_channel(room),
                 "event": orjson.dumps(
                     events.item_tip_event_body(
-                        room, user_id, text, item, await self.tier_of(user_id)
+                        room, user_id, text, item, await self.tier_of(user_id), tx
                     )
                 ),
                 "payee_channel": self._keys.user_channel(owner),
@@ -723,7 +759,7 @@ class Economy:
         if user_id == room:
             raise Forbidden("you cannot buy a ticket to your own show")
         payer, escrow = user_account(user_id), escrow_account("show", show_id)
-        return await self._run(
+        reply = await self._run(
             TICKET,
             initiator=user_initiator(user_id),
             key=key,
@@ -733,11 +769,18 @@ class Economy:
                 "payer_balance": self._keys.balance(payer),
                 "escrow_balance": self._keys.balance(escrow),
                 "show": self._keys.show(show_id),
-                "room_show": self._keys.room_show(room),
+                "room_show": self._room_delivery_keys(room)["room_show"],
                 **self._gate_keys(user_id),
             },
             args={"payer": payer, "escrow": escrow, "show": show_id, "room": room},
         )
+        if self.delivery == "relay" and "tx" in reply and self.ticket_granted is not None:
+            # Best effort: the sweep's restore_markers copies the mirror too.
+            try:
+                await self.ticket_granted(room, show_id)
+            except Exception as exc:
+                log.warning("ticket %s sold; room marker not updated yet: %s", reply["tx"], exc)
+        return reply
 
     async def ticket_refund(
         self, show_id: str, user_id: str, *, initiator: str, key: str

@@ -55,15 +55,22 @@ def lua_script(name: str, *, retry_safe: bool, libs: Sequence[str] = ()) -> LuaS
     return LuaScript(name, source, retry_safe=retry_safe)
 
 
-def money_script(name: str, keys: Sequence[str], args: Sequence[str]) -> LuaScript:
+def money_script(
+    name: str, keys: Sequence[str], args: Sequence[str], *, relay: bool = False
+) -> LuaScript:
     """``money_lib.lua`` then ``lua/<name>.lua``, with each ``KEY.<k>`` and
     ``ARG.<a>`` replaced by its position in ``keys``/``args``.
+
+    ``relay``: the delivery mode's variant (money_lib's ``RELAY``): the same
+    source, whose room events go into the {eco} delivery stream instead of
+    the room (docs/economy.md, "Delivery relay").
 
     Raises ValueError on a name the declaration lacks and on a raw
     ``KEYS[``/``ARGV[``. Retry-safe: the idempotency key makes a second run
     of the same call a duplicate.
     """
-    source = "\n".join(script_source(part) for part in (HISTORY_LIB, MONEY_LIB, name))
+    mode = f"local RELAY = {'true' if relay else 'false'}\n"
+    source = mode + "\n".join(script_source(part) for part in (HISTORY_LIB, MONEY_LIB, name))
     positional = POSITIONAL_RE.search(strip_comments(source))
     if positional:
         raise ValueError(f"{name}.lua (or money_lib) indexes {positional.group(1)}: use names")
@@ -79,7 +86,8 @@ def money_script(name: str, keys: Sequence[str], args: Sequence[str]) -> LuaScri
         except KeyError:
             raise ValueError(f"{name}.lua (or money_lib) uses undeclared {table}.{field}") from None
 
-    return LuaScript(name, NAME_RE.sub(bind, source), retry_safe=True)
+    label = f"{name} (relay)" if relay else name
+    return LuaScript(label, NAME_RE.sub(bind, source), retry_safe=True)
 
 
 def strip_comments(source: str) -> str:

@@ -145,7 +145,9 @@ class Shows:
         self._post = post
         self._state_script = redis.register_script(script_source("show_state"))
         self._load_script = redis.register_script(script_source("show_load"))
+        self._marker_script = redis.register_script(script_source("show_marker"))
         economy.show_loader = self.load
+        economy.ticket_granted = self.ticket_granted
 
     def register(self, sweeper: deadlines.Sweeper) -> None:
         sweeper.handle(NO_SHOW, self.no_show)
@@ -368,8 +370,16 @@ class Shows:
         raise Unavailable("Redis keeps being reset; try again")
 
     async def _set_redis_state(self, row: Any) -> None:
-        show_id = row["id"]
-        keys = [self._keys.show(show_id), self._keys.room_show(row["room"])]
+        """The show's state into its hash and the room's marker. In delivery
+        mode `relay` the script writes the marker's {eco} mirror (what tips
+        and tickets read, in the money slot), then the room's marker is
+        copied from it (``_copy_marker``): the mirror is never behind the
+        marker, and a tip is refused or marked by the same state as a
+        ticket is sold by (docs/economy.md, "Delivery relay")."""
+        show_id, room = row["id"], row["room"]
+        relay = self._economy.delivery == "relay"
+        marker = self._keys.room_show_mirror(room) if relay else self._keys.room_show(room)
+        keys = [self._keys.show(show_id), marker]
         args = [row["state"], show_id, user_account(row["model"])]
         for _ in range(_LOAD_ATTEMPTS_MAX):
             try:
@@ -377,9 +387,35 @@ class Shows:
             except _REDIS_ERRORS as exc:
                 raise Unavailable("shows are unavailable") from exc
             if _text(result) == "OK":
+                if relay:
+                    await self._copy_marker(room, show_id, row["state"])
                 return
             await self.load(show_id)
         raise Unavailable("the show could not be loaded")
+
+    async def ticket_granted(self, room: str, show_id: str) -> None:
+        """Relay mode: a ticket sold while its show runs is in the mirror;
+        let its holder into the room's marker too (chat lines check it)."""
+        await self._copy_marker(room, show_id, "grant")
+
+    async def _copy_marker(self, room: str, show_id: str, state: str) -> None:
+        """The room's marker from its {eco} mirror (show_marker.lua): set
+        while the mirror names ``show_id``, removed once the show stopped.
+        A crash between the mirror and this is mended by the next sweep
+        (restore_markers)."""
+        args: list[Any] = [state, show_id]
+        try:
+            if state in ("running", "grant"):
+                fields: dict[bytes, bytes] = await self._redis.hgetall(  # type: ignore[misc,assignment]
+                    self._keys.room_show_mirror(room)
+                )
+                if fields.get(b"id") != show_id.encode():
+                    return  # the mirror names another show, or none: nothing to copy
+                for name, value in fields.items():
+                    args += [name, value]
+            await self._marker_script(keys=[self._keys.room_show(room)], args=args)
+        except _REDIS_ERRORS as exc:
+            raise Unavailable("shows are unavailable") from exc
 
     async def _ticket_holders(self, show_id: str) -> list[str]:
         key = self._keys.show(show_id)

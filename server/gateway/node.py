@@ -40,6 +40,7 @@ from ..economy.economy import Economy
 from ..economy.goals import Goals
 from ..economy.payouts import Payouts
 from ..economy.privates import Privates
+from ..economy.relay import Relay
 from ..economy.requests import Requests
 from ..economy.shows import Shows
 from ..errors import LimitExceeded, Unavailable
@@ -125,6 +126,9 @@ class Node:
         )
         self.ledger = LedgerWriter(settings, self.ledger_pool, self.economy, consumer=self.id)
         self.economy.rebuild_with(self.ledger.drain)
+        # The delivery relay (server/economy/relay.py): every node runs one
+        # consumer in delivery mode `relay`, where rooms are served.
+        self.relay = Relay(settings, consumer=self.id)
         # Custom requests, and the deadline sweeper every node runs (one at a
         # time sweeps: the holder of its Redis lease).
         self.requests = Requests(pool, redis, self.keys, settings, self.economy)
@@ -257,6 +261,8 @@ class Node:
             asyncio.create_task(self.standing.run(), name="standing-projector"),
             asyncio.create_task(self.discovery.run(), name="live-jobs"),
         ]
+        if await self.economy.resolve_delivery() == "relay":
+            self._loops.append(asyncio.create_task(self.relay.run(), name="delivery-relay"))
         if self.settings.ledger_enabled:
             # The DM archiver goes with the writer: in `serve` only when it
             # writes the ledger too (dev, one process), otherwise in
@@ -286,6 +292,7 @@ class Node:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.broker.close()
         await self.ledger.close()
+        await self.relay.close()
         await self.dm_archive.close()
         with contextlib.suppress(RedisError, OSError):
             await self.redis.delete(self.keys.node(self.id))

@@ -675,6 +675,7 @@ def accounts_routes(
                 keys.prices(user),
                 keys.goal(user),
                 keys.room_show(user),
+                keys.room_show_mirror(user),
                 # Her room's history (the room is gone), her DM inbox.
                 keys.room_history(user),
                 keys.inbox(user),

@@ -522,7 +522,14 @@ def create_app(node: Node) -> Starlette:
     async def admin_reconcile(request: Request) -> Response:
         identity_of(request, "admin")
         try:
-            result = await reconcile(node.redis, node.pool, node.keys, node.ledger, DRAIN_TIMEOUT_S)
+            result = await reconcile(
+                node.redis,
+                node.pool,
+                node.keys,
+                node.ledger,
+                DRAIN_TIMEOUT_S,
+                node.settings.relay_lag_max_s,
+            )
         except (Exception, TimeoutError) as exc:
             if isinstance(exc, ServiceError):
                 raise

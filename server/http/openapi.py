@@ -92,7 +92,10 @@ LIMITS_BODY: Final = obj(
 BLOCK: Final = obj({"user": USER_ID, "blocked": BOOLEAN})
 FOLLOW: Final = obj({"model": USER_ID, "following": BOOLEAN})
 SHOW: Final = ref("show")
-READINESS: Final = obj({"ok": BOOLEAN}, {"redis": ANY, "postgres": ANY, "draining": BOOLEAN})
+READINESS: Final = obj(
+    {"ok": BOOLEAN},
+    {"redis": ANY, "postgres": ANY, "draining": BOOLEAN, "relay_behind": BOOLEAN},
+)
 
 OPERATIONS: Final[tuple[Operation, ...]] = (
     # --- health and operations -------------------------------------------------------
@@ -580,7 +583,15 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "/v1/admin/reconcile",
         "admin",
         "Compare Redis with the ledger",
-        obj({"ok": BOOLEAN, "pending": INTEGER, "mismatches": array(ANY)}),
+        obj(
+            {"ok": BOOLEAN, "pending": INTEGER, "mismatches": array(ANY)},
+            {
+                # The relay's delivery stream (docs/economy.md, "Delivery relay").
+                "deliveries": obj(
+                    {"pending": INTEGER, "oldest_s": {"type": "number"}, "behind": BOOLEAN}
+                )
+            },
+        ),
         tag="admin",
     ),
     Operation(

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,7 @@ from .. import bus, metrics
 from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..economy.economy import Economy
+from ..economy.relay import deliveries_state
 from ..keys import Keys, glob_escape
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,12 @@ _UNSENDABLE = (UnicodeError, OverflowError, asyncpg.exceptions._base.DataError)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # a bigint column's range
 # Longest reason kept with a parked entry; Postgres messages are short.
 REASON_LEN_MAX = 1000  # characters
+# Accounts a writer remembers as existing in Postgres, so a batch whose
+# accounts are all known skips _NEW_ACCOUNTS (its statement was about 4 us
+# per tip at the ~90-tip batches of the tips benchmark, docs/benchmarks.md).
+# About 100 bytes each, so at most ~5 MB; past it the set starts afresh (a
+# writer sees far fewer accounts than this between restarts at normal load).
+KNOWN_ACCOUNTS_MAX = 50_000  # account ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +158,32 @@ class MalformedEntry(ValueError):
         )
 
 
+class KnownAccounts:
+    """The user and escrow accounts (the ones _NEW_ACCOUNTS makes) that a
+    committed batch of this writer held, so that they exist in Postgres:
+    accounts are never deleted (migration 0023 refuses it). Should one be
+    missing anyway (a database restored from an older backup), its posting
+    is refused with foreign_key_violation, the writer forgets everything
+    (``forget``) and the retry makes it."""
+
+    def __init__(self, limit: int = KNOWN_ACCOUNTS_MAX) -> None:
+        self._limit = limit
+        self._known: set[str] = set()
+
+    def unknown(self, accounts: list[str]) -> list[str]:
+        """Of ``accounts``, those _NEW_ACCOUNTS makes and not known to exist."""
+        return [a for a in accounts if a.startswith(_MADE_ACCOUNTS) and a not in self._known]
+
+    def remember(self, accounts: list[str]) -> None:
+        """After the COMMIT of a batch that made (or found) ``accounts``."""
+        if len(self._known) + len(accounts) > self._limit:
+            self._known.clear()
+        self._known.update(accounts)
+
+    def forget(self) -> None:
+        self._known.clear()
+
+
 class NotRecorded(Exception):
     """Postgres took the batch but not this entry: another transaction holds
     its refund (``reverses`` is unique) or its id."""
@@ -176,6 +210,7 @@ class LedgerWriter:
         self._refused_since = 0.0
         # A batch of this writer failed: its entries are pending for it alone.
         self._retry_own = False
+        self._accounts = KnownAccounts()
 
     @property
     def consumer(self) -> str:
@@ -369,10 +404,21 @@ class LedgerWriter:
             await self._write_bisecting(entries[half:], epoch)
 
     async def _write(self, entries: list[Entry], epoch: str) -> None:
+        try:
+            await self._write_once(entries, epoch)
+        except BaseException:
+            # Whatever refused the batch, the retry makes every account again
+            # rather than trust the cache (see KnownAccounts).
+            self._accounts.forget()
+            raise
+
+    async def _write_once(self, entries: list[Entry], epoch: str) -> None:
+        accounts = [account for e in entries for account, _ in e.postings]
+        new = self._accounts.unknown(accounts)
         async with self._pool.acquire() as conn, conn.transaction():
             newest = max(_stream_position(entry.outbox_id) for entry in entries)
-            accounts = [account for e in entries for account, _ in e.postings]
-            await conn.execute(_NEW_ACCOUNTS, accounts)
+            if new:
+                await conn.execute(_NEW_ACCOUNTS, new)
             rows = await conn.fetch(
                 _WRITE_BATCH,
                 [e.tx for e in entries],
@@ -396,6 +442,7 @@ class LedgerWriter:
             # The fence: commit only into the Redis dataset the batch came from.
             if await self._economy.epoch(rebuilding_ok=True) != epoch:
                 raise RedisReset("Redis was reset while this batch was written; dropping it")
+        self._accounts.remember(new)
         # Parked after the commit: if this writer dies first, the entries are
         # delivered again and refused again (what holds their place is
         # committed), so parking them is never lost, only repeated.
@@ -507,6 +554,8 @@ def _stream_position(outbox_id: str) -> tuple[int, int]:
 # in neither the ledger nor this batch's inserts: they collided with another
 # transaction on the refund (`reverses` is unique).
 _NOT_RECORDED_REASON = "another transaction already holds its refund"
+# The accounts _NEW_ACCOUNTS makes when a posting names them (its LIKEs).
+_MADE_ACCOUNTS = ("u:", "esc:")
 _NEW_ACCOUNTS = """
 INSERT INTO accounts (id, kind)
 SELECT DISTINCT id, CASE WHEN id LIKE 'esc:%' THEN 'escrow' ELSE 'user' END
@@ -552,10 +601,18 @@ WHERE NOT EXISTS (SELECT 1 FROM inserted i WHERE i.id = b.id)
 
 
 async def reconcile(
-    redis: Redis, pool: asyncpg.Pool, keys: Keys, writer: LedgerWriter, drain_timeout_s: float
+    redis: Redis,
+    pool: asyncpg.Pool,
+    keys: Keys,
+    writer: LedgerWriter,
+    drain_timeout_s: float,
+    relay_lag_max_s: float = math.inf,
 ) -> dict[str, Any]:
-    """Drain the outbox, then compare every hot balance with Postgres."""
+    """Drain the outbox, then compare every hot balance with Postgres; and
+    report the relay's delivery stream (``deliveries``), not ok while its
+    oldest entry is older than ``relay_lag_max_s``."""
     pending = await writer.drain(drain_timeout_s)
+    deliveries = await deliveries_state(redis, keys, relay_lag_max_s)
     mismatches: list[dict[str, Any]] = []
     redis_balances = await _redis_balances(redis, keys)
     async with pool.acquire() as conn:
@@ -592,8 +649,9 @@ async def reconcile(
         mismatches.append({"account": "*", "postgres_sum": total, "expected": 0})
     metrics.RECONCILE_MISMATCHES.set(len(mismatches))
     return {
-        "ok": not mismatches and pending == 0 and rejected == 0,
+        "ok": not mismatches and pending == 0 and rejected == 0 and not deliveries["behind"],
         "pending": pending,
+        "deliveries": deliveries,
         "rejected": rejected,
         "mismatches": mismatches,
         "accounts": len(postgres),

@@ -217,6 +217,27 @@ async def test_a_reconnect_shows_more_than_a_page_of_missed_lines_in_order(
         await model.close()
 
 
+async def test_a_relayed_tip_from_the_terminal(start_server: Any) -> None:
+    """Delivery mode `relay`: the reply has no offset; the terminal client
+    says the tip went through and shows its event once, from the relay."""
+    server = await start_server(delivery="relay")
+    await Http(server).credit("bob", 100)
+    model = await server.client("alice", "model")
+    await model.call("join", room="alice")
+    chat = await Chat.signed_in(server, "bob", room="alice")
+    try:
+        await chat.expect("* connected as bob (fan); balance 100", "* joined alice")
+        await chat.send("/tip 5 relayed")
+        await chat.expect("* tipped 5 in alice; balance 95", "[alice] bob tipped 5: relayed")
+        tip = await model.next_event("tip")
+        assert tip["amount"] == 5 and tip["tx"] and tip["offset"]
+        await chat.send("/quit")
+        assert await chat.exit_code() == 0
+    finally:
+        await chat.kill()
+        await model.close()
+
+
 async def test_piped_input_runs_to_its_end(server: Running) -> None:
     chat = await Chat.start("--url", server.ws_url, "--token", token("carol"))
     try:

@@ -21,6 +21,7 @@ import tomllib
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.client_demo.test_web import StartServer, start_dev
 from tests.conftest import Http, token
@@ -94,10 +95,14 @@ def test_the_package_is_described_and_shipped() -> None:
         ), f"{name} is exported by tokenchat.js but not declared in tokenchat.d.ts"
 
 
-async def test_node_client_against_a_running_server(start_server: StartServer) -> None:
+@pytest.mark.parametrize("delivery", ["script", "relay"])
+async def test_node_client_against_a_running_server(
+    start_server: StartServer, delivery: str
+) -> None:
+    """In both delivery modes: relayed tips are acknowledged without an offset."""
     command = node()  # before the server runs in this loop: the probe blocks
     # The fake payment provider approves purchases (the live test buys a bundle).
-    running = await start_server(payment_provider="fake")
+    running = await start_server(payment_provider="fake", delivery=delivery)
     http = Http(running)
     await http.credit("fan_js", FAN_BALANCE)
     env = {
@@ -109,6 +114,7 @@ async def test_node_client_against_a_running_server(start_server: StartServer) -
         "TOKENCHAT_FAN": "fan_js",
         "TOKENCHAT_FAN_TOKEN": token("fan_js"),
         "TOKENCHAT_FAN_BALANCE": str(FAN_BALANCE),
+        "TOKENCHAT_DELIVERY": delivery,
     }
     # The server runs in this event loop: Node must run beside it, not block it.
     process = await asyncio.create_subprocess_exec(

@@ -838,3 +838,53 @@ async def test_discovery_grid_profile_follow_and_live_toast(
     assert errors.seen == []
     await fan_context.close()
     await model_context.close()
+
+
+async def test_relayed_tips_on_both_pages(start_server: StartServer, browser: Browser) -> None:
+    """Delivery mode `relay` (Redis Cluster): a tip is acknowledged without
+    an offset and reaches the room through the relay. The fan's page takes
+    the reply, the model's shows the tip once and counts it once, by its
+    transaction, also when a tip is resent after a drop."""
+    from playwright.async_api import expect
+
+    running = await start_dev(start_server, delivery="relay")
+    base = running.http_url
+    await Http(running).credit("ana", 100)
+    errors = PageErrors()
+    contexts = [
+        await browser.new_context(viewport=PHONE, locale="en-US")  # type: ignore[arg-type]
+        for _ in range(2)
+    ]
+    model, fan = [await context.new_page() for context in contexts]
+    errors.watch("model", model)
+    errors.watch("fan", fan)
+    await sign_in(model, base, "mia", "model")
+    await sign_in(fan, base, "ana", "fan")
+    await fan.locator('.room-item[data-room="mia"]').click()
+    await expect(fan.locator("#room-title")).to_have_text("mia")
+
+    await fan.get_by_role("button", name="Tip 50 tokens").click()
+    await expect(fan.locator("#balance")).to_have_text("50")
+    await expect(model.locator("#chat .line.tip")).to_contain_text("ana tipped 50 tokens")
+    await expect(model.locator("#earned-total")).to_have_text("50")
+    # The reply lost to a drop: the page resends with the same key; the
+    # model's page still shows and counts the tip once.
+    await fan.evaluate(
+        """() => {
+            document.querySelector('.tip-quick[data-amount="10"]').click();
+            window.tokenchat.conn.drop();
+        }"""
+    )
+    await expect(fan.locator("#conn-status")).to_have_text("Online")
+    await expect(fan.locator("#balance")).to_have_text("40")
+    await expect(model.locator("#chat .line.tip")).to_have_count(2)
+    await expect(model.locator("#earned-total")).to_have_text("60")
+    await expect(model.locator("#balance")).to_have_text("60")
+
+    async def drained() -> bool:
+        return bool((await Http(running).reconcile())["ok"])
+
+    await eventually(drained, timeout_s=15)
+    assert errors.seen == []
+    for context in contexts:
+        await context.close()

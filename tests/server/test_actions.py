@@ -125,7 +125,7 @@ def test_the_loaded_script_has_positions_for_every_name(action: Action) -> None:
     # The tip's own part: its first own key is KEYS[3], after idem and outbox;
     # its delivery's trim (ROOM_EVENT_ARGS) comes after its own arguments.
     if action is TIP:
-        assert "history_add(KEYS[5], event, ARGV[14], ARGV[15])" in source
+        assert "room_event(KEYS[5], ARGV[14], ARGV[15], ARGV[11]," in source
 
 
 def test_every_xadd_to_a_room_history_is_history_adds() -> None:
@@ -138,11 +138,11 @@ def test_every_xadd_to_a_room_history_is_history_adds() -> None:
     }
     assert {name: keys for name, keys in xadds.items() if keys} == {
         "history_lib": ["key"],
-        "money_lib": ["KEY.outbox"],
+        "money_lib": ["deliveries_key", "KEY.outbox"],  # relay mode's, the outbox
         "dm": ["KEY.inbox", "KEY.dm_log"],
         "user_event": ["KEYS[1]"],  # a user's inbox
     }
-    for name in ("room_event", "tip", "tip_item", "money_lib"):
+    for name in ("room_event", "relay_deliver", "money_lib"):
         assert "history_add(" in scripts.strip_comments(scripts.script_source(name)), name
     for action in actions.ACTIONS:
         room_event = action.delivery is actions.Delivery.ROOM_EVENT

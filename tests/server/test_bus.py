@@ -224,7 +224,9 @@ async def test_what_the_producers_publish_decodes(
     tip_event = bus.decode(await next_payload(listener, room))
     assert isinstance(tip_event, bus.RoomEvent)
     assert tip_event.offset == tip["offset"].encode()
-    assert orjson.loads(tip_event.body) == events.tip_event_body("alice", "bob", 5, "bravo")
+    assert orjson.loads(tip_event.body) == events.tip_event_body(
+        "alice", "bob", 5, "bravo", tx=tip["tx"]
+    )
     assert bus.decode(await next_payload(listener, model_channel)) == bus.BalanceChanged(5)
 
     # dm.lua: the DM, then the recipient's new balance.

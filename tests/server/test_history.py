@@ -274,3 +274,23 @@ async def test_since_0_0_reads_a_room_from_its_first_event_and_knows_if_it_lost_
     assert reply["recovered"] is False and reply["history"][0]["text"] == "l10"
     await fan.close()
     await model.close()
+
+
+async def test_relayed_tips_keep_the_history_bound_too(
+    start_server: StartServer, redis: Redis
+) -> None:
+    """Delivery mode `relay`: relay_deliver.lua adds the tips to the room's
+    history through the same history_add (count and age)."""
+    running = await start_server(delivery="relay", history_len=5, **UNLIMITED)
+    model = await model_room(running)
+    fan = await running.client("bob")
+    await Http(running).credit("bob", 100)
+    await fan.call("join", room="alice")
+    for n in range(8):
+        await fan.call("tip", room="alice", amount=1, key=f"t{n}")
+    for _ in range(8):  # each relayed into the room (an age argument missing fails the script)
+        await model.next_event("tip", timeout_s=10)
+    assert await redis.xlen(running.node.keys.room_history("alice")) == 5
+    assert len((await fan.call("join", room="alice"))["history"]) == 5
+    await fan.close()
+    await model.close()

@@ -31,6 +31,51 @@
 
 local IDEM_TTL_S = 86400
 
+-- Delivery of a room event (docs/economy.md, "Delivery relay"). RELAY is
+-- set by the loader from the deployment's delivery mode
+-- (server/economy/scripts.py, money_script): false, the event goes into the
+-- room's history and out on its channel in this very call; true (Redis
+-- Cluster, where the room is another slot), the call's events go into the
+-- {eco} delivery stream in one entry, for the relay to move to the room.
+-- Each script calls room_event for every event it delivers and relay_flush
+-- once, after its last event. In relay mode a script's delivery keys are
+-- passed their {eco} stand-ins (Economy._room_delivery_keys): the history
+-- key is the delivery stream, the room's show marker its mirror.
+local RELAYED = {}
+
+-- The event's offset in script mode; nil in relay mode (no offset exists
+-- until the relay writes the room's history).
+local function room_event(history_key, history_len, history_age_ms, channel, event)
+  if RELAY then
+    RELAYED[#RELAYED + 1] = event
+    return nil
+  end
+  local offset = history_add(history_key, event, history_len, history_age_ms)
+  redis.call('PUBLISH', channel, 'E' .. offset .. ' ' .. event)
+  return offset
+end
+
+-- Relay mode: the call's events, one delivery entry named by the
+-- transaction (the relay's dedupe key), with the room's channel (the room
+-- is its hash tag). A writer: after every check. Newlines separate the
+-- events: cjson escapes every newline inside a JSON string.
+local function relay_flush(deliveries_key, channel)
+  if RELAY and #RELAYED > 0 then
+    redis.call('XADD', deliveries_key, '*', 'tx', ARG.tx, 'channel', channel,
+      'events', table.concat(RELAYED, '\n'))
+  end
+end
+
+-- BACKLOG in relay mode when the delivery stream holds as many entries as
+-- the outbox may (ARG.outbox_max): no relay is draining it, and spends stop
+-- before Redis memory runs out, as for the outbox.
+local function relay_full(deliveries_key)
+  if RELAY and redis.call('XLEN', deliveries_key) >= tonumber(ARG.outbox_max) then
+    return {'BACKLOG'}
+  end
+  return nil
+end
+
 -- The earlier outcome of this key: DUP with its reply, or CONFLICT when the
 -- same key came with other fields; nil when the key is new.
 local function idem_prior()
@@ -233,9 +278,9 @@ local function goal_escrow_declared(goal, declared_key)
 end
 
 -- Count `amount` toward the goal (a writer: call it after every check) and
--- store and publish its `goal` event after the tip's, in the room's history
--- (`E`, as the tip); the goal turns `reached` with the tip that reaches its
--- target. Returns the event's `goal` field, which the tip's reply carries.
+-- deliver its `goal` event after the tip's (room_event: stored and
+-- published as the tip, or relayed in the tip's delivery entry); the goal
+-- turns `reached` with the tip that reaches its target. Returns the event's `goal` field, which the tip's reply carries.
 local function goal_count(goal_key, goal, amount, history_key, history_len, history_age_ms,
     channel)
   local progress = redis.call('HINCRBY', goal_key, 'progress', amount)
@@ -249,7 +294,6 @@ local function goal_count(goal_key, goal, amount, history_key, history_len, hist
   local summary = {id = goal.id, title = goal.title, target = goal.target, progress = progress,
     state = state, all_or_nothing = goal.aon, deadline = deadline}
   local event = cjson.encode({type = 'goal', room = goal.room, goal = summary})
-  local offset = history_add(history_key, event, history_len, history_age_ms)
-  redis.call('PUBLISH', channel, 'E' .. offset .. ' ' .. event)
+  room_event(history_key, history_len, history_age_ms, channel, event)
   return summary
 end

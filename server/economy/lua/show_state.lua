@@ -4,7 +4,9 @@
 --
 -- KEYS[1]  the show's hash ({eco}, ticket.lua)
 -- KEYS[2]  the room's running-show marker (the room's slot): `id` = the
---          show, and `u:<user>` = 1 for the model and each ticket holder
+--          show, and `u:<user>` = 1 for the model and each ticket holder; in
+--          delivery mode `relay` its {eco} mirror (one slot with KEYS[1]),
+--          which Shows then copies onto the room's marker (show_marker.lua)
 -- ARGV[1]  the state: scheduled, running, ended or cancelled
 -- ARGV[2]  the show's id
 -- ARGV[3]  the model's account (`u:<model>`)

@@ -11,7 +11,10 @@
 --                     per ticket, `u:<fan>` = tokens paid, or 'r' once
 --                     refused back (refunded)
 -- KEY.room_show       the room's running-show marker (the room's slot): id,
---                     and a `u:<user>` field per user who sees its chat
+--                     and a `u:<user>` field per user who sees its chat; in
+--                     delivery mode `relay` its {eco} mirror, which
+--                     Economy.ticket then copies onto the room's marker
+--                     (Shows.ticket_granted, show_marker.lua)
 -- ARG.payer, ARG.escrow  the fan's and the escrow's accounts (`u:<fan>` is
 --                     also the fan's field in both hashes)
 -- ARG.show            the show's id

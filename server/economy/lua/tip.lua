@@ -4,8 +4,10 @@
 -- KEY.idem, KEY.outbox, ARG.request, ARG.tx, ARG.outbox_max, ARG.initiator,
 -- ARG.key, ARG.meta: common to every paid action (money_lib.lua).
 -- KEY.payer_balance  the fan's balance    KEY.payee_balance  the owner's
--- KEY.history        the room's history stream (the room's slot, not {eco})
--- KEY.room_show      the room's running-show marker (show_state.lua): while
+-- KEY.history        the room's history stream (the room's slot, not {eco});
+--                    in relay mode the {eco} delivery stream (room_event)
+-- KEY.room_show      the room's running-show marker (show_state.lua; in
+--                    relay mode its {eco} mirror, same fields): while
 --                    a ticket show runs, only its model and ticket holders
 --                    may tip, and the event is marked with the show
 -- KEY.goal           the room's tip goal ({eco}, Keys.goal): an active goal
@@ -24,14 +26,16 @@
 -- ARG.event          the tip event JSON without offset/ts
 -- ARG.payee_channel  the owner's user channel
 --
--- Returns {'OK', '{"balance":N,"tx":T,"offset":O}'} (plus "goal":{...} when
+-- Returns {'OK', '{"balance":N,"tx":T,"offset":O}'} (no offset in relay
+-- mode: the tip is not in the room's history yet) (plus "goal":{...} when
 -- it counted toward a goal), {'GOAL_ESCROW', key}, {'TIP_MIN', tip_min}
 -- when the amount is under it, {'NO_TICKET', show} during a ticket show the
 -- fan holds no ticket for, or a refusal (money_lib). tip_min is checked
 -- after the idempotency key, so a tip retried after the model raised her
 -- minimum is still answered with its original reply.
 -- Invariant: tokens move only with the tip queued for delivery (history XADD
--- and PUBLISH) and its ledger entry in the outbox; every check precedes the
+-- and PUBLISH, or its delivery entry for the relay) and its ledger entry in
+-- the outbox; every check precedes the
 -- first write; the fan's balance never goes below zero.
 local amount = tonumber(ARG.amount)
 local refusal = idem_prior()
@@ -44,6 +48,7 @@ if not refusal then
 end
 refusal = refusal
   or outbox_full()
+  or relay_full(KEY.history)
   or user_gate(KEY.payer_balance, amount, KEY.payer_limits, KEY.payer_spent)
 if refusal then return refusal end
 local event = ARG.event
@@ -57,9 +62,10 @@ end
 local payee, payee_key = ARG.payee, KEY.payee_balance
 if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, amount)
-local offset = history_add(KEY.history, event, ARG.history_len, ARG.history_age_ms)
-redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)
+local offset = room_event(KEY.history, ARG.history_len, ARG.history_age_ms, ARG.room_channel,
+  event)
 if not goal then
+  relay_flush(KEY.history, ARG.room_channel)
   local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset})
   outbox_add('tip', postings(ARG.payer, ARG.payee, amount), reply)
   idem_record(reply)
@@ -68,6 +74,7 @@ if not goal then
 end
 local counted = goal_count(KEY.goal, goal, amount, KEY.history, ARG.history_len,
     ARG.history_age_ms, ARG.room_channel)
+relay_flush(KEY.history, ARG.room_channel)
 local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset, goal = counted})
 -- The ledger entry names the goal: its progress and held tips are rebuilt from it.
 local meta = string.sub(ARG.meta, 1, -2) .. ',"goal":"' .. goal.id .. '"}'

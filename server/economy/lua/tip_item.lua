@@ -9,8 +9,10 @@
 -- KEY.payer_balance  the fan's balance    KEY.payee_balance  the owner's
 -- KEY.menu           the owner's menu cache (hash: `p:<id>` price, `l:<id>`
 --                    label; see server/keys.py); absent = not loaded
--- KEY.history        the room's history stream (the room's slot, not {eco})
--- KEY.room_show      the room's running-show marker (show_state.lua): as in
+-- KEY.history        the room's history stream (the room's slot, not {eco});
+--                    in relay mode the {eco} delivery stream, as in tip.lua
+-- KEY.room_show      the room's running-show marker (show_state.lua; its
+--                    {eco} mirror in relay mode): as in
 --                    tip.lua, only the model and ticket holders tip during a
 --                    ticket show, and the event is marked with it
 -- KEY.goal, KEY.goal_escrow  the room's tip goal and an all-or-nothing
@@ -26,14 +28,15 @@
 --                    offset and ts (events.item_tip_event_body)
 -- ARG.payee_channel  the owner's user channel
 --
--- Returns {'OK', '{"balance":N,"tx":T,"offset":O,"price":P,"item":{"id","label"}}'},
+-- Returns {'OK', '{"balance":N,"tx":T,"offset":O,"price":P,"item":{"id","label"}}'}
+-- (no offset in relay mode),
 -- {'NO_ITEM', id} when the owner's menu has no such item, {'NO_TICKET',
 -- show} during a ticket show the fan holds no ticket for, or a refusal
 -- (money_lib), PRICE_CHANGED when the price is above max_price. The ledger
 -- entry's meta is ARG.meta plus `item` {id, label}: statements name what
 -- was tipped for, even after the item left the menu.
 -- Invariant: tokens move only with the tip queued for delivery (history XADD
--- and PUBLISH) and its ledger entry in the outbox, at the price the fan
+-- and PUBLISH, or its delivery entry for the relay) and its ledger entry in the outbox, at the price the fan
 -- agreed to (max_price); every check precedes the first write; the fan's
 -- balance never goes below zero. A retried key answers its first reply,
 -- whatever the menu says now.
@@ -46,7 +49,7 @@ if not refusal then
   goal = goal_open(KEY.goal)
   if goal and goal.escrow ~= '' then refusal = goal_escrow_declared(goal, KEY.goal_escrow) end
 end
-refusal = refusal or outbox_full()
+refusal = refusal or outbox_full() or relay_full(KEY.history)
 if refusal then return refusal end
 local found = redis.call('HMGET', KEY.menu, 'p:' .. ARG.item, 'l:' .. ARG.item)
 if not found[1] or not found[2] then return {'NO_ITEM', ARG.item} end
@@ -74,14 +77,15 @@ meta.item = item
 local payee, payee_key = ARG.payee, KEY.payee_balance
 if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, price)
-local offset = history_add(KEY.history, event, ARG.history_len, ARG.history_age_ms)
-redis.call('PUBLISH', ARG.room_channel, 'E' .. offset .. ' ' .. event)
+local offset = room_event(KEY.history, ARG.history_len, ARG.history_age_ms, ARG.room_channel,
+  event)
 local reply = {balance = fan_balance, tx = ARG.tx, offset = offset, price = price, item = item}
 if goal then
   reply.goal = goal_count(KEY.goal, goal, price, KEY.history, ARG.history_len,
     ARG.history_age_ms, ARG.room_channel)
   meta.goal = goal.id
 end
+relay_flush(KEY.history, ARG.room_channel)
 reply = cjson.encode(reply)
 outbox_add('tip', postings(ARG.payer, payee, price), reply, cjson.encode(meta))
 idem_record(reply)
