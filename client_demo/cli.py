@@ -96,7 +96,9 @@ happens, one line each, to standard output:
     /quit             leave (so does the end of the input)
 
 The connection is re-established by itself when it drops; the rooms are
-re-joined and the messages missed meanwhile are shown.
+re-joined and the messages missed meanwhile are shown, every one in order,
+however many pages of history they take (the client reads them with
+`history` until the server says there are no more, then the live ones).
 """
 
 from __future__ import annotations
@@ -342,7 +344,10 @@ def format_event(event: Event) -> str | None:
     if type_ == "error":
         return f"error {event.get('code')}: {event.get('message')}"
     if type_ == "gap":
-        return f"[{room}] * some messages were missed while disconnected"
+        return (
+            f"[{room}] * some messages were missed while disconnected "
+            "(the room no longer keeps them); the oldest it keeps follow"
+        )
     if type_ == "room_lost":
         return f"[{room}] * could not rejoin: {event.get('code')} {event.get('message')}"
     if type_ == "reconnecting":

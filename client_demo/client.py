@@ -195,11 +195,20 @@ STABLE_CONNECTION_S = 5.0
 CONNECT_TIMEOUT_S = 15.0
 # How many times a spend is sent (the same key each time) before giving up.
 SPEND_ATTEMPTS_MAX = 5
+# A room's paging sends at most this many `history` commands: a full room's
+# history is 100 pages (10,000 events), past the command burst (40) at 20 a
+# second, so a page answered RATE_LIMITED (or UNAVAILABLE) is asked again
+# after HISTORY_RETRY_S, and twice the pages leaves room for those retries.
+HISTORY_ATTEMPTS_MAX = 200
+HISTORY_RETRY_S = 0.25  # seconds; 5 commands' worth of the default rate
 # Close codes after which reconnecting with the same token and subprotocol would
 # fail again (docs/protocol.md, "Close codes").
 TERMINAL_CLOSE_CODES = frozenset({int(CloseCode.UNAUTHENTICATED), int(CloseCode.FORBIDDEN)})
 # Error codes with which a spend was not applied and may be sent again as is.
 SPEND_RETRY_CODES = frozenset({str(ErrorCode.UNAVAILABLE), str(ErrorCode.RATE_LIMITED)})
+# The `since` of a room joined before any event was seen in it: every event
+# the room holds came after (docs/protocol.md, "After a reconnect").
+BEFORE_ANY_OFFSET = "0-0"
 ROOM_EVENT_TYPES = frozenset({"message", "tip", "media"})
 REPLY_TYPES = frozenset({"ok", "error", "welcome"})
 
@@ -284,9 +293,10 @@ class Session:
       failed) and the session tries again in ``delay_s``;
     - ``{"type": "reconnected", "session", "attempts"}``: connected and said
       hello again; the rooms are re-joined next (their missed events follow);
-    - ``{"type": "gap", "room", "since"}``: a re-join could not return every
-      event after ``since`` (``recovered`` false): some were missed; the
-      newest ones follow;
+    - ``{"type": "gap", "room", "since"}``: a re-join (or one of its
+      history pages) could not return every event after ``since``
+      (``recovered`` false): some were missed; the oldest ones the room
+      still keeps follow;
     - ``{"type": "room_lost", "room", "code", "message"}``: a room could not be
       re-joined (e.g. ``NOT_FOUND``); the session is no longer in it;
     - ``{"type": "balance", "balance"}`` after a reconnect, when the welcome's
@@ -294,9 +304,10 @@ class Session:
 
     Room events (``message``, ``tip``, ``media``, and any other with an
     ``offset``: ``king``, ``show``, ``goal``) are delivered for the rooms joined
-    through ``join`` only, each once, in offset order: ``history`` first, then
-    live ones. ``dm`` events are delivered as the server sends them; a DM sent
-    to a connection that dropped before reading it is not sent again (see
+    through ``join`` only, each once, in offset order: ``history`` first
+    (every page of it, read with ``history`` while ``more``), then live
+    ones. ``dm`` events are delivered as the server sends them; a DM sent to
+    a connection that dropped before reading it is not sent again (see
     docs/protocol.md, ``dm``).
 
     The iterator ends after ``close()``; when the server ends the session for
@@ -469,13 +480,15 @@ class Session:
         events after the last one seen, if it was joined before) goes to the
         events first, then its live events."""
         client = await self._connection("join", self.reply_timeout_s)
-        return await self._join(client, room, self.rooms.get(room))
+        since = (self.rooms.get(room) or BEFORE_ANY_OFFSET) if room in self.rooms else None
+        return await self._join(client, room, since)
 
     async def leave(self, room: str) -> dict[str, Any]:
         """Leave ``room``: it is not re-joined any more, and its late events are
         dropped. Not being in it (``NOT_IN_ROOM``, say after a reconnect) is
         no error."""
         self.rooms.pop(room, None)
+        self._joining.pop(room, None)
         reply = await self.request("leave", room=room)
         if reply["type"] == "error" and reply.get("code") != ErrorCode.NOT_IN_ROOM:
             raise CommandError(reply)
@@ -738,7 +751,7 @@ class Session:
                         {"type": "reconnected", "session": welcome["session"], "attempts": retry}
                     )
                 for room, since in list(self.rooms.items()):
-                    await self._rejoin(client, room, since)
+                    await self._rejoin(client, room, since or BEFORE_ANY_OFFSET)
             except BaseException:
                 await client.close()
                 self._detach(client)
@@ -787,28 +800,68 @@ class Session:
     async def _join(self, client: Client, room: str, since: str | None) -> dict[str, Any]:
         self._joining[room] = []
         reply: dict[str, Any] | None = None
+        caught_up = False
         try:
             fields: dict[str, Any] = {"room": room}
             if since is not None:
                 fields["since"] = since
-            try:
-                reply = await client.request("join", timeout_s=self.reply_timeout_s, **fields)
-            except (ConnectionError, ConnectionClosed) as exc:
-                raise ConnectionLost("join", f"connection lost ({exc})") from exc
+            reply = await self._room_command(client, "join", **fields)
             if reply["type"] == "error":
                 raise CommandError(reply)
             self.rooms.setdefault(room, None)
-            if since is not None and reply.get("recovered") is False:
-                self._emit({"type": "gap", "room": room, "since": since})
+            self._history_page(room, since, reply)
+            if reply.get("more"):
+                await self._page_history(client, room, str(reply["next"]))
+            caught_up = True
             return reply
         finally:
             # History first, then the live events that came after the reply;
             # on an error, the live events of a room this session was in already.
-            held = self._joining.pop(room, [])
-            if room in self.rooms:
-                history = reply.get("history", []) if reply and reply["type"] == "ok" else []
-                for event in [*history, *held]:
-                    self._room_event(room, event)
+            # Pages left unread: the held live events lie past them, and stay
+            # held until the re-join (after the reconnect) replaces them.
+            if caught_up or reply is None or reply["type"] == "error":
+                held = self._joining.pop(room, [])
+                if room in self.rooms:
+                    for event in held:
+                        self._room_event(room, event)
+
+    async def _room_command(self, client: Client, type_: str, **fields: Any) -> dict[str, Any]:
+        """``join`` or ``history`` on ``client``: its reply, ``ConnectionLost``
+        when the connection is lost first."""
+        try:
+            return await client.request(type_, timeout_s=self.reply_timeout_s, **fields)
+        except (ConnectionError, ConnectionClosed) as exc:
+            raise ConnectionLost(type_, f"connection lost ({exc})") from exc
+
+    def _history_page(self, room: str, since: str | None, reply: dict[str, Any]) -> None:
+        """Deliver a page of ``room``'s history (a join's or a ``history``
+        reply's); a gap before it when ``since`` was trimmed."""
+        if since is not None and reply.get("recovered") is False:
+            self._emit({"type": "gap", "room": room, "since": since})
+        for event in reply.get("history", []):
+            self._room_event(room, event)
+
+    async def _page_history(self, client: Client, room: str, since: str) -> None:
+        """Read ``room``'s history page by page from ``since`` (a reply's
+        ``next``) until ``more`` is false (docs/protocol.md, "Paging
+        history"), while its live events wait in ``_joining``. On a failure
+        the connection is closed: the re-join after the reconnect goes on
+        from the last event delivered."""
+        for _ in range(HISTORY_ATTEMPTS_MAX):
+            reply = await self._room_command(client, "history", room=room, since=since)
+            if reply["type"] == "error":
+                code = reply.get("code")
+                if code in SPEND_RETRY_CODES:
+                    await asyncio.sleep(HISTORY_RETRY_S)
+                    continue
+                await client.close()
+                raise ConnectionLost("history", f"{code}: {reply.get('message')}")
+            self._history_page(room, since, reply)
+            if not reply.get("more"):
+                return
+            since = str(reply["next"])
+        await client.close()
+        raise ConnectionLost("history", f"still more after {HISTORY_ATTEMPTS_MAX} pages")
 
     def _attach(self, client: Client, welcome: dict[str, Any]) -> None:
         self.client = client

@@ -330,11 +330,13 @@ async def measure_room_event(server: OwnRedis, duration_s: float, pipeline: int)
     from tokenchat.protocol import events
     from tokenchat.server.config import Settings
     from tokenchat.server.economy.batcher import send_pipeline
-    from tokenchat.server.economy.scripts import lua_script
+    from tokenchat.server.economy.scripts import HISTORY_LIB, lua_script
     from tokenchat.server.keys import Keys
 
-    keys, history_len = Keys(KEY_PREFIX), Settings().history_len
-    script = lua_script("room_event", retry_safe=False)
+    settings = Settings()
+    keys, history_len = Keys(KEY_PREFIX), settings.history_len
+    history_age_ms = int(settings.history_age_s * 1000)
+    script = lua_script("room_event", retry_safe=False, libs=(HISTORY_LIB,))
     redis = Redis.from_url(server.url)
     try:
         await redis.script_load(script.source)
@@ -344,7 +346,12 @@ async def measure_room_event(server: OwnRedis, duration_s: float, pipeline: int)
             body = orjson.dumps(events.message_event_body(room, f"fan{i}", "x" * MESSAGE_CHARS))
             # The channel is a key (SPUBLISH: the script runs in its slot).
             script_keys = [keys.room_history(room), keys.room_show(room), keys.room_channel(room)]
-            script_args: list[str | bytes | int] = [history_len, body, f"u:fan{i}"]
+            script_args: list[str | bytes | int] = [
+                history_len,
+                body,
+                f"u:fan{i}",
+                history_age_ms,
+            ]
             commands.append(["EVALSHA", script.sha, len(script_keys), *script_keys, *script_args])
         calls = 0
         cpu_before, wall_before = server.cpu_s(), time.monotonic()

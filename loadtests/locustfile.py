@@ -51,7 +51,8 @@ percentiles and failures:
 - a connection closed by the server or the network is a failure under
   ``disconnect``, by close code (``close 4008``: too slow, ``close 1012``:
   server restarting, ...). The user reconnects at its next task: ``connect``,
-  ``hello``, ``join (since)``.
+  ``hello``, ``join (since)``, and a ``history`` row per further page of
+  what it missed while its join reply says ``more``.
 
 Models also report each ``tip``, ``message`` and ``dm`` event they receive, as
 type ``WS recv`` (``recv tip``, ...): its "response time" is the delivery
@@ -200,6 +201,9 @@ CONNECT_TIMEOUT_S = 10.0  # TCP + WebSocket handshake
 HTTP_TIMEOUT_S = 10.0
 CLOSE_WAIT_S = 1.0  # for the server's close frame after ours
 RETRY_BACKOFF_S = 0.2  # before resending after UNAVAILABLE, doubled per attempt
+# `history` pages one re-join reads at most (while its reply says `more`): a
+# room's whole history is 100 pages (docs/protocol.md, "Paging history").
+HISTORY_PAGES_MAX = 100
 SETUP_ATTEMPTS = 3  # room creation at test start, per model
 # A delivery slower than this is counted, and the first few are logged.
 SLOW_DELIVERY_MS = 1000.0
@@ -909,9 +913,38 @@ class TokenchatUser(HttpUser):
             COUNTERS["joins not recovered"] += 1
         for event in reply.get("history", ()):
             self.see_offset(event)
+        if reply.get("more"):
+            self.page_history(room, reply["next"])
         self.room = room
         self.on_joined(room, reply)
         return True
+
+    def page_history(self, room: str, since: str) -> None:
+        """The rest of a re-join's gap, page by page, as every client reads
+        it after a reconnect: each page a ``history`` row (a hot path in a
+        reconnect storm). Live events keep coming meanwhile (``on_event``)."""
+        for _ in range(HISTORY_PAGES_MAX):
+            if self.session is None:
+                return
+            started = time.perf_counter()
+            command = {"type": "history", "room": room, "since": since}
+            try:
+                reply, size = self.session.request(command, self.cfg.reply_timeout_s)
+            except (ReplyTimeout, ConnectionLost) as exc:
+                self.report("history", started, exception=exc)
+                return
+            if reply["type"] != "ok":
+                self.report("history", started, size, ServerError(reply.get("code", "?")))
+                return
+            self.report("history", started, size)
+            COUNTERS["history pages"] += 1
+            if not reply.get("recovered", True):
+                COUNTERS["history pages not recovered"] += 1
+            for event in reply["history"]:
+                self.see_offset(event)
+            if not reply.get("more"):
+                return
+            since = reply["next"]
 
     def on_joined(self, room: str, reply: dict[str, Any]) -> None:
         pass
@@ -928,7 +961,12 @@ class TokenchatUser(HttpUser):
 
     def see_offset(self, event: dict[str, Any]) -> None:
         room, offset = event.get("room"), event.get("offset")
-        if isinstance(room, str) and isinstance(offset, str):
+        if not isinstance(room, str) or not isinstance(offset, str):
+            return
+        # Only forward: a history page read after live events is older than them.
+        seen = offset_key(self.last_offset.get(room))
+        position = offset_key(offset)
+        if seen is None or (position is not None and position > seen):
             self.last_offset[room] = offset
 
 

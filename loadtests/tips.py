@@ -689,6 +689,7 @@ class VirtualFan:
         from tokenchat.server.config import Settings
         from tokenchat.server.economy.actions import TIP
         from tokenchat.server.economy.economy import fingerprint, user_account, user_initiator
+        from tokenchat.server.economy.scripts import history_trim
         from tokenchat.server.keys import Keys
 
         keys, settings = Keys(prefix), Settings()
@@ -730,9 +731,9 @@ class VirtualFan:
                 "payer": payer,
                 "payee": payee,
                 "room_channel": keys.room_channel(room),
-                "history_len": settings.history_len,
                 "event": orjson.dumps(events.tip_event_body(room, self.user_id, TIP_AMOUNT, "")),
                 "payee_channel": keys.user_channel(owner),
+                **history_trim(settings.history_len, settings.history_age_s),
             },
         )
         self.idem_at = self.key_names.index("idem")

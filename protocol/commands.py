@@ -323,6 +323,18 @@ class Join:
 
 @command
 @dataclass(frozen=True, slots=True)
+class RoomHistory:
+    """The next page of a joined room's history: the events after ``since``
+    (at most HISTORY_PAGE_LEN), with ``more`` when later ones follow."""
+
+    TYPE: ClassVar[str] = "history"
+    id: CommandId
+    room: UserId
+    since: Annotated[str, OFFSET]
+
+
+@command
+@dataclass(frozen=True, slots=True)
 class Leave:
     TYPE: ClassVar[str] = "leave"
     id: CommandId
@@ -672,6 +684,7 @@ class Ping:
 Command: TypeAlias = (
     Hello
     | Join
+    | RoomHistory
     | Leave
     | Say
     | Tip

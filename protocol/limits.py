@@ -24,7 +24,7 @@ ID_INT_MAX: Final = 2**63 - 1  # signed 64-bit
 USER_ID_LEN_MAX: Final = 64  # characters
 USER_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 
-# Chat text is stored in each room's history stream (HISTORY_LEN_MAX events)
+# Chat text is stored in each room's history stream (TOKENCHAT_HISTORY_LEN events)
 # and in pending DMs; a bound on characters bounds that memory (at most 4
 # UTF-8 bytes a character).
 SAY_TEXT_LEN_MAX: Final = 1000  # characters; a `say` text is 1..this
@@ -120,9 +120,19 @@ MENU_LABEL_LEN_MAX: Final = 40  # characters
 ITEM_ID_RE: Final = re.compile(r"^i_[0-9a-f]{16}\Z")
 ITEM_REF_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 
-# A `join` reply carries at most this many history events: it bounds the size
-# of that reply and of each room's history stream.
+# A `join` without `since` carries at most this many history events (the
+# room's newest): the context a newcomer sees, and a bound on that reply's
+# size. The stream itself keeps more (TOKENCHAT_HISTORY_LEN) for recovery.
 HISTORY_LEN_MAX: Final = 50  # events
+# A `join` with `since` and each `history` reply carry at most this many
+# events, oldest first, with `more: true` when later ones follow. It bounds one
+# reply: even at the longest lines written the longest way (1000 characters,
+# each a 6-byte JSON escape) 100 events stay under 1 MiB (~610 KB), the
+# default frame limit of common WebSocket clients (Python websockets); at
+# typical 200-byte lines a page is ~20 KB. 2,000 missed events (10 s of a
+# room at 200 events/s) are 20 pages, within the command burst
+# (TOKENCHAT_COMMANDS_BURST, 40).
+HISTORY_PAGE_LEN: Final = 100  # events
 
 # A msgpack decoder allocates an array's or map's slots when it reads the
 # header, before the items arrive, and up to ~1000 containers can be open at

@@ -256,8 +256,19 @@ RESULT_FIELDS: Final[dict[str, tuple[dict[str, Schema], dict[str, Schema]]]] = {
             "room": _ROOM_FIELD,
             "history": array(_HISTORY_EVENT),
             "recovered": BOOLEAN,
+            "more": BOOLEAN,
         },
-        {"ticket": BOOLEAN},
+        # `next`, with `more`: the offset to page on from (history).
+        {"ticket": BOOLEAN, "next": OFFSET},
+    ),
+    "history": (
+        {
+            "room": USER_ID,
+            "history": array(_HISTORY_EVENT),
+            "recovered": BOOLEAN,
+            "more": BOOLEAN,
+        },
+        {"next": OFFSET},
     ),
     "leave": ({}, {}),
     "say": ({"offset": OFFSET}, {}),

@@ -16,8 +16,6 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from tokenchat.protocol.limits import HISTORY_LEN_MAX
-
 from .auth import JWT_SECRET_BYTES_MIN
 
 ENV_PREFIX = "TOKENCHAT_"
@@ -25,6 +23,18 @@ ENV_PREFIX = "TOKENCHAT_"
 FORWARDED_HEADER_FAMILIES = ("x-forwarded", "forwarded")
 # The contract's bound on a signed media URL's lifetime (issue #11).
 MEDIA_URL_TTL_MAX_S = 300
+# The most events a room's history may keep (TOKENCHAT_HISTORY_LEN). Memory
+# per room is events x bytes: ~165 bytes a stored 60-character chat line
+# (MEMORY USAGE, docs/benchmarks.md) make 1.6 MB for a busy room at this bound
+# (~10 MB at 1000-character lines; a quiet room holds what it had), and
+# recovering it all is 100 `history` pages (protocol/limits.py
+# HISTORY_PAGE_LEN): 50 s of a room at 200 events/s, longer than any
+# reconnect through jittered backoff, and a moderator's `clear` scans it in
+# one script (~15 ms of Redis at this bound).
+HISTORY_LEN_STORED_MAX = 10_000  # events
+# The oldest a room's history may keep events (TOKENCHAT_HISTORY_AGE_S): a
+# week; older chat is an archive, and Redis (which may lose it) is no archive.
+HISTORY_AGE_MAX_S = 7 * 86400  # seconds
 # The values of TOKENCHAT_DELIVERY (see delivery).
 DELIVERY_MODES = ("auto", "script", "relay")
 # TOKENCHAT_RELAY_DEDUPE_S at most a day: each relayed tip keeps one key
@@ -139,8 +149,18 @@ class Settings:
     close_timeout_s: float = 5.0
 
     # --- rooms ------------------------------------------------------------------
-    # Events kept per room for `join` and gap recovery (the contract says 50).
-    history_len: int = 50
+    # Events kept per room for `join` and gap recovery (a `join` without
+    # `since` returns the newest 50 of them, the contract; with `since`, every
+    # one after it, in pages). 4000 is 20 s of a room at 200 events/s: a node
+    # lost and its members back through jittered backoff within seconds, with
+    # a margin. At most HISTORY_LEN_STORED_MAX (below).
+    history_len: int = 4000
+    # Events older than this leave a room's history (trimmed as events are
+    # added, approximately: whole stream nodes, never an event younger than
+    # this), so a room's memory follows its recent traffic, not its past. A
+    # day keeps the context of a quiet room; recovery needs seconds. At most
+    # HISTORY_AGE_MAX_S.
+    history_age_s: float = 86400.0
     # Presence events are coalesced to at most one per room per this interval.
     presence_interval_s: float = 1.0
     # A node's heartbeat lives this long; viewers counted on a node whose
@@ -534,6 +554,7 @@ class Settings:
             "ping_timeout_s",
             "close_timeout_s",
             "history_len",
+            "history_age_s",
             "presence_interval_s",
             "node_ttl_s",
             "redis_timeout_s",
@@ -622,10 +643,10 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be > 0")
-        if self.history_len > HISTORY_LEN_MAX:
-            raise ValueError(
-                f"TOKENCHAT_HISTORY_LEN must be at most {HISTORY_LEN_MAX} (the contract)"
-            )
+        if self.history_len > HISTORY_LEN_STORED_MAX:
+            raise ValueError(f"TOKENCHAT_HISTORY_LEN must be at most {HISTORY_LEN_STORED_MAX}")
+        if not 1 <= self.history_age_s <= HISTORY_AGE_MAX_S:
+            raise ValueError(f"TOKENCHAT_HISTORY_AGE_S must be between 1 and {HISTORY_AGE_MAX_S}")
         if self.payout_cents_per_token < 0:
             raise ValueError("TOKENCHAT_PAYOUT_CENTS_PER_TOKEN must be >= 0")
         if self.history_page_default > self.history_page_max:

@@ -16,10 +16,15 @@ export interface Timings {
   replyTimeoutMs: number;
   /** Resends of a spend answered UNAVAILABLE or RATE_LIMITED. */
   spendRetriesMax: number;
+  /** Wait before asking again for a history page answered RATE_LIMITED or UNAVAILABLE (ms). */
+  historyRetryMs: number;
+  /** Such retries in one room's paging. */
+  historyRetriesMax: number;
 }
 export declare const DEFAULTS: Readonly<Timings>;
 export declare const FATAL_CLOSES: ReadonlyMap<number, string>;
 export declare const RATE_LIMITED_CLOSE: 4029;
+export declare const BEFORE_ANY_OFFSET: "0-0";
 export declare const CLIENT_DROP_CLOSE: 4000;
 export declare const SPENDS: ReadonlySet<string>;
 export declare const SPEND_RETRY_CODES: ReadonlySet<string>;
@@ -102,10 +107,13 @@ export interface RoomEvent extends Frame {
 }
 export interface JoinReply extends Reply {
   room: { id: string; owner: string; viewers: number; tip_min: number; [field: string]: unknown };
-  /** Only the events not seen yet (a re-join asks with `since`). */
+  /** Only the events not seen yet (a re-join asks with `since`): every page
+   * of them, read with `history` while the server said `more`. */
   history: RoomEvent[];
   /** false: some events after `since` are gone. */
   recovered?: boolean;
+  /** false once every page is read (the client reads them before resolving). */
+  more?: boolean;
 }
 
 export declare function encodeFrame(

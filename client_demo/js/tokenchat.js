@@ -31,6 +31,11 @@ export const DEFAULTS = Object.freeze({
   // A spend answered UNAVAILABLE or RATE_LIMITED (nothing applied, or the
   // outcome unknown) is resent with the same key up to this many times.
   spendRetriesMax: 3,
+  // A `history` page answered RATE_LIMITED or UNAVAILABLE is asked again
+  // after this long, up to historyRetriesMax times in a room's paging: a full
+  // room's history (100 pages) outruns the command burst (40) at 20 a second.
+  historyRetryMs: 250,
+  historyRetriesMax: 100,
 });
 
 // Close codes after which reconnecting as is cannot work (docs/protocol.md, "Close codes").
@@ -39,6 +44,9 @@ export const FATAL_CLOSES = new Map([
   [4003, "The server refused this connection."],
 ]);
 export const RATE_LIMITED_CLOSE = 4029;
+// The `since` of a room joined before any event was seen in it: every event
+// the room holds came after (docs/protocol.md, "After a reconnect").
+export const BEFORE_ANY_OFFSET = "0-0";
 // The client's own close code for "dropped on purpose, reconnecting" (4000-4999: private use).
 export const CLIENT_DROP_CLOSE = 4000;
 
@@ -171,6 +179,9 @@ export class Connection {
     this.nextId = 1;
     this.pending = new Map(); // id -> {frame, resolve, reject, spend, ws, tries, timer}
     this.rooms = new Map(); // room -> last offset seen (string) or null
+    // Rooms whose history is being paged (a join reply said `more`): their
+    // live events, held until the last page is in (docs/protocol.md, "Paging history").
+    this.paging = new Map(); // room -> [event]
     this.attempt = 0; // reconnect attempts since the last ready
     this.stopped = false;
     this.ready = false; // hello answered and rooms re-joined
@@ -258,21 +269,31 @@ export class Connection {
   }
 
   /** Join `room` and keep it across reconnects; the reply's `history` holds
-   * only events not seen yet (a re-join asks with `since`). */
+   * only events not seen yet (a re-join asks with `since`), every page of
+   * them (read with `history` while the server says `more`). */
   async join(room) {
     const fresh = !this.rooms.has(room);
     const fields = { room };
-    if (!fresh && this.rooms.get(room)) fields.since = this.rooms.get(room);
+    if (!fresh) fields.since = this.rooms.get(room) ?? BEFORE_ANY_OFFSET;
     if (fresh) this.rooms.set(room, null); // its live events count from the reply on
     let reply;
+    const ws = this.ws;
     try {
       reply = await this.request("join", fields);
     } catch (err) {
       if (fresh) this.rooms.delete(room);
       throw err;
     }
-    this.acceptHistory(room, reply);
+    let held;
+    try {
+      held = await this.catchUp(ws, room, reply);
+    } catch (err) {
+      // The pages left unread come again with the re-join after a reconnect.
+      if (ws === this.ws) ws.close(CLIENT_DROP_CLOSE, "history not read");
+      throw err;
+    }
     this.h.onJoined?.(room, reply, false);
+    for (const event of held) this.event(event);
     return reply;
   }
 
@@ -445,11 +466,12 @@ export class Connection {
       this.h.onWelcome?.(welcome, reconnected);
       for (const [room, since] of [...this.rooms]) {
         const frame = { type: "join", room };
-        if (since) frame.since = since;
+        frame.since = since ?? BEFORE_ANY_OFFSET;
         try {
           const reply = await this.call(ws, frame);
-          this.acceptHistory(room, reply);
+          const held = await this.catchUp(ws, room, reply);
           this.h.onJoined?.(room, reply, true);
+          for (const event of held) this.event(event);
         } catch (err) {
           if (err.code === "UNAVAILABLE" || err.code === "OFFLINE" || err.code === "TIMEOUT") throw err;
           this.rooms.delete(room);
@@ -481,6 +503,7 @@ export class Connection {
     if (ws !== this.ws) return;
     this.ws = null;
     this.ready = false;
+    this.paging.clear(); // what they held comes again after the re-joins
     for (const [id, entry] of this.pending) {
       if (entry.spend) {
         entry.ws = null; // resent after the next hello
@@ -532,6 +555,13 @@ export class Connection {
       this.reply(ws, frame);
       return;
     }
+    const held = frame.room && frame.offset !== undefined && this.paging.get(frame.room);
+    if (held) held.push(frame); // after the pages still to read
+    else this.event(frame);
+  }
+
+  /** An event, delivered unless seen already. */
+  event(frame) {
     const kind = frame.type;
     // A room event with an offset (message, tip, media, king, show, goal) is
     // in the room's stream: de-duplicated across a re-join by its offset.
@@ -567,8 +597,54 @@ export class Connection {
     }
     clearTimeout(entry.timer);
     this.pending.delete(frame.re);
+    // More history to page: the room's live events, which follow this reply
+    // at once, wait for the pages (held from here, before any other frame).
+    if (frame.type === "ok" && frame.more && entry.frame.type === "join") {
+      this.paging.set(entry.frame.room, []);
+    }
     if (frame.type === "error") entry.reject(new CommandError(frame));
     else entry.resolve(frame);
+  }
+
+  /** Read the rest of a join's history page by page (while `more`), into
+   * `reply.history`; returns the live events held meanwhile. On a failure
+   * the room's last offset is as before the join, so its re-join asks for
+   * them all again. */
+  async catchUp(ws, room, reply) {
+    const before = this.rooms.get(room);
+    try {
+      this.acceptHistory(room, reply);
+      let next = reply.next;
+      while (reply.more) {
+        const page = await this.historyPage(ws, room, next);
+        this.acceptHistory(room, page);
+        reply.history.push(...page.history);
+        if (page.recovered === false) reply.recovered = false;
+        reply.more = page.more;
+        next = page.next;
+      }
+      delete reply.next;
+    } catch (err) {
+      if (this.rooms.has(room)) this.rooms.set(room, before);
+      throw err;
+    }
+    const held = this.paging.get(room) ?? [];
+    this.paging.delete(room);
+    return held;
+  }
+
+  /** The page of `room`'s history after `since` (a reply's `next`) on `ws`,
+   * asked again while the server is busy (RATE_LIMITED, UNAVAILABLE). */
+  async historyPage(ws, room, since) {
+    for (let tries = 0; ; tries++) {
+      try {
+        return await this.call(ws, { type: "history", room, since });
+      } catch (err) {
+        const busy = SPEND_RETRY_CODES.has(err.code) && tries < this.options.historyRetriesMax;
+        if (!busy || ws !== this.ws) throw err;
+        await new Promise((resolve) => setTimeout(resolve, this.options.historyRetryMs));
+      }
+    }
   }
 
   /** Drop from a join reply's history what was seen already; note the newest offset. */

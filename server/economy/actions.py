@@ -61,6 +61,10 @@ Reply = dict[str, Any]
 # uses exactly these (idempotency, outbox bound, outbox entry).
 COMMON_KEYS: tuple[str, ...] = ("idem", "outbox")
 COMMON_ARGS: tuple[str, ...] = ("request", "tx", "outbox_max", "initiator", "key", "meta")
+# What every action delivering a room event takes last (Delivery.ROOM_EVENT):
+# its history's trim, which history_add (history_lib.lua) applies to every
+# XADD to a room's history. The runner fills them, from the settings.
+ROOM_EVENT_ARGS: tuple[str, ...] = ("history_len", "history_age_ms")
 
 
 class Delivery(enum.Enum):
@@ -169,8 +173,7 @@ class Action:
     ledgered: Callable[[Mapping[str, Any]], bool] = _always
 
     def __post_init__(self) -> None:
-        for names, common in ((self.keys, COMMON_KEYS), (self.args, COMMON_ARGS)):
-            everything = (*common, *names)
+        for everything in (self.all_keys, self.all_args):
             if len(set(everything)) != len(everything):
                 raise ValueError(f"{self.name}: a name is declared twice in {everything}")
         if not set(self.delivery_keys) <= set(self.keys):
@@ -188,7 +191,12 @@ class Action:
 
     @property
     def all_args(self) -> tuple[str, ...]:
-        return (*COMMON_ARGS, *self.args)
+        return (*COMMON_ARGS, *self.args, *self.delivery_args)
+
+    @property
+    def delivery_args(self) -> tuple[str, ...]:
+        """The arguments its delivery takes (filled by the runner)."""
+        return ROOM_EVENT_ARGS if self.delivery is Delivery.ROOM_EVENT else ()
 
     @property
     def script(self) -> LuaScript:
@@ -319,7 +327,6 @@ TIP = Action(
         "payer",
         "payee",
         "room_channel",
-        "history_len",
         "event",
         "payee_channel",
     ),
@@ -365,7 +372,6 @@ TIP_ITEM = Action(
         "payer",
         "payee",
         "room_channel",
-        "history_len",
         "event",
         "payee_channel",
     ),

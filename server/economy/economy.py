@@ -69,11 +69,12 @@ from .actions import (
     TIP_ITEM,
     UNLOCK,
     Action,
+    Delivery,
     refusal_error,
 )
 from .batcher import LuaScript, ScriptBatcher
 from .limits import SpendLimits
-from .scripts import lua_script
+from .scripts import history_trim, lua_script
 
 if TYPE_CHECKING:
     from ..catalog.media import MediaCatalog
@@ -183,6 +184,8 @@ class Economy:
         # cluster; until then, and on a single Redis, `script`.
         self.delivery = "relay" if settings.delivery == "relay" else "script"
         self._scripts = {action.name: action.script_for(self.delivery) for action in ACTIONS}
+        # Every room-event action's history trim (ROOM_EVENT_ARGS).
+        self._history_trim = history_trim(settings.history_len, settings.history_age_s)
         self._load_script = lua_script("load_balance", retry_safe=True)
         # Reads only: a second run of the same call changes nothing.
         self._hello_read_script = lua_script("hello_read", retry_safe=True)
@@ -337,7 +340,6 @@ class Economy:
                 "payer": payer,
                 "payee": payee,
                 "room_channel": self._keys.room_channel(room),
-                "history_len": self._settings.history_len,
                 "event": orjson.dumps(
                     events.tip_event_body(
                         room, user_id, amount, text, await self.tier_of(user_id), tx
@@ -386,7 +388,6 @@ class Economy:
                 "payer": payer,
                 "payee": payee,
                 "room_channel": self._keys.room_channel(room),
-                "history_len": self._settings.history_len,
                 "event": orjson.dumps(
                     events.item_tip_event_body(
                         room, user_id, text, item, await self.tier_of(user_id), tx
@@ -1148,6 +1149,7 @@ class Economy:
         tx = tx or new_tx_id()
         # The common names are the runner's alone to fill.
         assert keys.keys().isdisjoint(COMMON_KEYS) and args.keys().isdisjoint(COMMON_ARGS)
+        assert args.keys().isdisjoint(action.delivery_args)
         keys["idem"] = self._keys.idempotency(initiator, key)
         keys["outbox"] = self._keys.outbox()
         args.update(
@@ -1158,6 +1160,8 @@ class Economy:
             key=key,
             meta=orjson.dumps(meta),
         )
+        if action.delivery is Delivery.ROOM_EVENT:
+            args.update(self._history_trim)
         script_keys, script_args = action.call(keys, args)
         confirmations = self._confirmations
         if confirmations is None:

@@ -39,7 +39,7 @@ from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..keys import Keys
 from .batcher import Arg, send_pipeline
-from .scripts import script_source
+from .scripts import HISTORY_LIB, history_trim, script_source
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,12 @@ class Relay:
             socket_timeout_s=BLOCK_MS / 1000 + settings.redis_timeout_s,
             blocking=False,
         )
-        self._deliver = self._redis.register_script(script_source("relay_deliver"))
+        # history_add (history_lib.lua) first: the room's history trimmed as
+        # every room event's is.
+        self._deliver = self._redis.register_script(
+            script_source(HISTORY_LIB) + "\n" + script_source("relay_deliver")
+        )
+        self._trim = history_trim(settings.history_len, settings.history_age_s)
         self._group_ready = False
         self._last_claim = 0.0
         # Entries read by this relay and not acknowledged (a failed pass):
@@ -286,7 +291,8 @@ class Relay:
                 done.append(entry_id)
                 continue
             keys = [self._keys.relayed(room, tx), self._keys.room_history(room), channel]
-            args: list[Arg] = [self._dedupe_ms, self._settings.history_len, events]
+            trim = self._trim
+            args: list[Arg] = [self._dedupe_ms, trim["history_len"], events, trim["history_age_ms"]]
             commands.append(["EVALSHA", self._deliver.sha, len(keys), *keys, *args])
             calls.append(entry_id)
         results = await self._send(commands) if commands else []

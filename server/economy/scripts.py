@@ -2,7 +2,7 @@
 (EVALSHA in a per-tick pipeline; NOSCRIPT answered by loading and retrying).
 
 Money scripts (one per paid action, server/economy/actions.py) share
-``money_lib.lua``, prepended to each: Redis scripts cannot include one
+``money_lib.lua`` (and ``history_lib.lua``), prepended to each: Redis scripts cannot include one
 another, and each must stay one atomic call. They name their keys and
 arguments (``KEY.payer_balance``, ``ARG.amount``); ``money_script`` turns
 those names into ``KEYS[n]``/``ARGV[n]`` from the action's declaration, so
@@ -19,6 +19,9 @@ from importlib import resources
 from .batcher import LuaScript
 
 MONEY_LIB = "money_lib"
+# history_add, the one XADD to a room's history (and its trim): prepended to
+# every money script and to the plain scripts that ask for it (room_event).
+HISTORY_LIB = "history_lib"
 
 # `KEY.<name>` and `ARG.<name>` in a money script. The lookbehind keeps
 # `XKEY.a` or `t.KEY.a` from counting; `KEYS[` and `ARGV[` do not match.
@@ -26,6 +29,11 @@ NAME_RE = re.compile(r"(?<![\w.])(KEY|ARG)\.([A-Za-z_]\w*)")
 # Positional access, which a money script must not use (its order would be a
 # second copy of the declaration's).
 POSITIONAL_RE = re.compile(r"(?<![\w.])(KEYS|ARGV)\s*\[")
+
+
+def history_trim(history_len: int, history_age_s: float) -> dict[str, int]:
+    """history_add's bounds as its callers pass them: events, milliseconds."""
+    return {"history_len": history_len, "history_age_ms": round(history_age_s * 1000)}
 
 
 def script_source(name: str) -> str:
@@ -36,13 +44,15 @@ def script_source(name: str) -> str:
     )
 
 
-def lua_script(name: str, *, retry_safe: bool) -> LuaScript:
-    """The script ``name`` as written (a script that is not a paid action's).
+def lua_script(name: str, *, retry_safe: bool, libs: Sequence[str] = ()) -> LuaScript:
+    """The script ``name`` as written (a script that is not a paid action's),
+    after the library files ``libs`` (e.g. ``HISTORY_LIB``).
 
     ``retry_safe``: a second run of the same call changes nothing, so the
     batcher may send it again.
     """
-    return LuaScript(name, script_source(name), retry_safe=retry_safe)
+    source = "\n".join(script_source(part) for part in (*libs, name))
+    return LuaScript(name, source, retry_safe=retry_safe)
 
 
 def money_script(
@@ -60,7 +70,7 @@ def money_script(
     of the same call a duplicate.
     """
     mode = f"local RELAY = {'true' if relay else 'false'}\n"
-    source = mode + script_source(MONEY_LIB) + "\n" + script_source(name)
+    source = mode + "\n".join(script_source(part) for part in (HISTORY_LIB, MONEY_LIB, name))
     positional = POSITIONAL_RE.search(strip_comments(source))
     if positional:
         raise ValueError(f"{name}.lua (or money_lib) indexes {positional.group(1)}: use names")

@@ -96,7 +96,13 @@ class Node:
         # The writer's own connections (see Settings.ledger_pool_max).
         self.ledger_pool = pool if ledger_pool is None else ledger_pool
         self.keys = Keys(settings.redis_prefix)
-        self.rooms = RoomStore(redis, self.keys, settings.history_len, settings.redis_timeout_s)
+        self.rooms = RoomStore(
+            redis,
+            self.keys,
+            settings.history_len,
+            settings.history_age_s,
+            settings.redis_timeout_s,
+        )
         self.directory = Directory(pool, redis, self.keys)
         # Locked media, stored on the local disk (an object store implements
         # the same MediaStore interface).
@@ -614,7 +620,7 @@ class Node:
             await self.broker.subscribe(self.keys.room_channel(room))
         last = self.hub.last_offset(room)
         since = None if last is None else f"{last[0]}-{last[1]}"
-        return (await self.rooms.history(room, since)).events
+        return await self.rooms.after(room, since)
 
     async def _retry_until(
         self,

@@ -14,11 +14,13 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
+
+from tokenchat.protocol.limits import HISTORY_LEN_MAX, HISTORY_PAGE_LEN
 
 from .. import bus
 from ..economy.batcher import ScriptBatcher
-from ..economy.scripts import lua_script
+from ..economy.scripts import HISTORY_LIB, history_trim, lua_script
 from ..errors import Forbidden, Unavailable
 from ..keys import Keys
 
@@ -43,21 +45,37 @@ def complete_event(body: bytes, offset: bytes) -> bytes:
     return b"".join((body[:-1], b',"offset":"', offset, b'","ts":', ms, b"}"))
 
 
+def format_offset(offset: Offset) -> str:
+    return f"{offset[0]}-{offset[1]}"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class History:
+    """One read of a room's history (a page, or its newest events)."""
+
     events: list[tuple[bytes, bytes]]  # (offset, wire JSON), oldest first
+    # False: the event at `since` is gone (trimmed, or lost with Redis), and
+    # so may be some after it; the read starts at the oldest one kept.
     recovered: bool
+    # Later events follow, up to `end`: read the next page after the last one.
+    more: bool = False
+    # The newest event the read covers: where the session's live events take
+    # over (None: the room has none).
+    end: Offset | None = None
 
 
 class RoomStore:
-    def __init__(self, redis: Redis, keys: Keys, history_len: int, timeout_s: float) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, history_len: int, history_age_s: float, timeout_s: float
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._history_len = history_len
+        self._trim = history_trim(history_len, history_age_s)
         # Lines said at once by many sessions go to Redis in one pipeline.
         self._batcher = ScriptBatcher(redis, timeout_s)
         # Sent twice, a line would be posted twice: no key makes it idempotent.
-        self._room_event = lua_script("room_event", retry_safe=False)
+        self._room_event = lua_script("room_event", retry_safe=False, libs=(HISTORY_LIB,))
         self._viewers = lua_script("viewers", retry_safe=True)  # a count
         self._nodes_read = lua_script("nodes_read", retry_safe=True)
         self._node_beat = lua_script("node_beat", retry_safe=True)
@@ -87,7 +105,12 @@ class RoomStore:
                     self._keys.room_show(room),
                     self._keys.room_channel(room),
                 ],
-                [self._history_len, orjson.dumps(event), account],
+                [
+                    self._trim["history_len"],
+                    orjson.dumps(event),
+                    account,
+                    self._trim["history_age_ms"],
+                ],
             )
         except (RedisError, OSError, TimeoutError) as exc:
             raise Unavailable("room state is unavailable") from exc
@@ -96,23 +119,76 @@ class RoomStore:
             raise Forbidden(f"ticket show {show} is on: only ticket holders may post")
         return offset.decode() if isinstance(offset, bytes) else str(offset)
 
-    async def history(self, room: str, since: str | None) -> History:
-        """The last events, or those after ``since`` and whether none is missing."""
-        key = self._keys.room_history(room)
+    async def latest(self, room: str) -> History:
+        """The room's newest events (at most HISTORY_LEN_MAX: a `join`
+        without `since`)."""
         try:
-            if since is None:
-                rows: Any = await self._redis.xrevrange(key, count=self._history_len)
-                return History([_wire(row) for row in reversed(rows)], recovered=True)
-            # Inclusive of `since`: finding it proves nothing after it was trimmed.
-            rows = await self._redis.xrange(key, min=since, count=self._history_len + 1)
+            rows: Any = await self._redis.xrevrange(
+                self._keys.room_history(room), count=HISTORY_LEN_MAX
+            )
         except (RedisError, OSError) as exc:
             raise Unavailable("room history is unavailable") from exc
+        events = [_wire(row) for row in reversed(rows)]
+        return History(events, recovered=True, end=parse_offset(events[-1][0]) if events else None)
+
+    async def page(self, room: str, since: str, until: Offset | None = None) -> History:
+        """The events after ``since``, oldest first, at most HISTORY_PAGE_LEN,
+        up to ``until`` (included; None: the room's newest, read with the
+        page in one transaction and returned as ``end``)."""
+        key = self._keys.room_history(room)
+        # `since` itself (finding it proves nothing after it was trimmed),
+        # the page, and one more to know whether more follow.
+        count = HISTORY_PAGE_LEN + 2
+        last = "+" if until is None else format_offset(until)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xrange(key, min=since, max=last, count=count)
+                # Its oldest and newest events, how many it holds and how many
+                # were ever added; ResponseError when the room has no history.
+                pipe.xinfo_stream(key)
+                rows, info = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            raise Unavailable("room history is unavailable") from exc
+        if isinstance(rows, Exception):
+            raise Unavailable("room history is unavailable") from rows
+        stream: dict[str, Any] = {} if isinstance(info, ResponseError) else info
         events = [_wire(row) for row in rows]
-        if events and events[0][0].decode() == since:
-            return History(events[1:], recovered=True)
-        # Nothing at or after `since`: nothing was missed. Otherwise the event
-        # at `since` was trimmed (or the history was lost), and some may be too.
-        return History(events[-self._history_len :], recovered=not events)
+        oldest, newest = (stream.get(edge) for edge in ("first-entry", "last-entry"))
+        end = until
+        if until is None:
+            end = parse_offset(newest[0]) if newest else None
+        start = parse_offset(since)
+        found = bool(events) and parse_offset(events[0][0]) == start
+        if found:
+            events = events[1:]
+        # Trimming takes the oldest events first: `since` is missing but not
+        # trimmed when the history still reaches back to it (a `clear` took
+        # it); nothing is missed when the room holds nothing at all, or never
+        # lost an event (all it was given it holds: a `since` of "0-0" from a
+        # member who joined it empty).
+        recovered = (
+            found
+            or not oldest
+            or start >= parse_offset(oldest[0])
+            or stream.get("entries-added") == stream.get("length")
+        )
+        page = events[:HISTORY_PAGE_LEN]
+        return History(page, recovered, more=len(events) > len(page), end=end)
+
+    async def after(self, room: str, since: str | None) -> list[tuple[bytes, bytes]]:
+        """Every event after ``since`` up to the room's newest, page by page
+        (no ``since``: the newest ones, as ``latest``)."""
+        if since is None:
+            return (await self.latest(room)).events
+        read = await self.page(room, since)
+        events = list(read.events)
+        # The history holds at most history_len events: so many pages at most.
+        for _ in range(self._history_len // HISTORY_PAGE_LEN + 1):
+            if not read.more or not events:
+                break
+            read = await self.page(room, events[-1][0].decode(), read.end)
+            events.extend(read.events)
+        return events
 
     async def publish_presence_changed(self, room: str, node_id: str, sessions: int) -> None:
         presence = self._keys.room_presence(room)

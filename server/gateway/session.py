@@ -49,6 +49,7 @@ from tokenchat.protocol import (
     RequestDeliver,
     RequestList,
     RequestOffer,
+    RoomHistory,
     Say,
     ShowCancel,
     ShowEnd,
@@ -70,7 +71,7 @@ from ..economy.actions import BY_COMMAND, TICKET, Action, SpendContext
 from ..errors import Forbidden, LimitExceeded, NotFound, NotInRoom, ServiceError
 from ..ratelimit import TokenBucket
 from .hub import encoded_event, event_show, is_show_time
-from .rooms import Offset, parse_offset
+from .rooms import History, Offset, parse_offset
 
 if TYPE_CHECKING:
     from .node import Node
@@ -94,6 +95,7 @@ class Session:
         "_draining",
         "_held_balance",
         "_held_dms",
+        "_history_ends",
         "_joining",
         "_last_dm",
         "_reality_task",
@@ -126,6 +128,11 @@ class Session:
         # at or before the history's last offset are dropped here.
         self._catching_up: dict[str, Offset] = {}
         self._after_reply: Callable[[], None] | None = None
+        # Rooms joined with `since` whose missed events took more than one
+        # page: the newest event the pages run to, where the live events sent
+        # since the join reply begin (docs/protocol.md, "Paging history").
+        # None until the first such join: most sessions never page.
+        self._history_ends: dict[str, Offset] | None = None
         # The last DM delivered here: a DM seen both live and in the inbox
         # (around a hello or a reconnect of pub/sub) is delivered once.
         self._last_dm: Offset | None = None
@@ -437,7 +444,8 @@ class Session:
             # news and removes the session; one committed before is read here.
             rules = await self.node.moderation.check_join(room_id, self._user())
             viewers = await self.node.room_joined(room_id)
-            history = await self.node.rooms.history(room_id, since)
+            store = self.node.rooms
+            history = await (store.latest(room_id) if since is None else store.page(room_id, since))
             show, ticket = await self._shows_of(room_id, history.events)
             goal = await self._goal_of(room_id)
         except BaseException:
@@ -448,8 +456,10 @@ class Session:
                 self.node.hub.remove(room_id, self)
                 self.node.room_left(room_id)
             raise
-        last = parse_offset(history.events[-1][0]) if history.events else None
-        self._after_reply = lambda: self._flush_joined(room_id, last)
+        # Live events begin after `end`: the pages up to it come by `history`.
+        end = history.end
+        self._after_reply = lambda: self._flush_joined(room_id, end)
+        self._page_to(room_id, end if history.more else None)
         if is_new and room_id == self._user():  # the model in her own room
             self.node.model_arrived(room_id)
         moderation = {**rules.settings_wire(), "moderators": sorted(rules.moderators)}
@@ -465,10 +475,46 @@ class Session:
                 "goal": goal,
             },
             "ticket": ticket,
-            "history": [
-                orjson.loads(frame) for _, frame in history.events if self._visible(room_id, frame)
-            ],
+            "history": self._history_events(room_id, history.events),
             "recovered": history.recovered,
+            **_paging_fields(history),
+        }
+
+    def _history_events(self, room: str, events: list[tuple[bytes, bytes]]) -> list[Any]:
+        """The events of a history read this session may see, for its reply:
+        to a JSON session their stored JSON as it is (``orjson.Fragment``,
+        written into the reply without a decode and an encode per event, most
+        of a page's cost: docs/benchmarks.md), to a msgpack one decoded."""
+        visible = [frame for _, frame in events if self._visible(room, frame)]
+        if self.codec.binary:
+            return [orjson.loads(frame) for frame in visible]
+        return [orjson.Fragment(frame) for frame in visible]
+
+    def _page_to(self, room: str, end: Offset | None) -> None:
+        """Remember (``end``) or forget (None) where ``room``'s pages end."""
+        if end is not None:
+            if self._history_ends is None:
+                self._history_ends = {}
+            self._history_ends[room] = end
+        elif self._history_ends is not None:
+            self._history_ends.pop(room, None)
+
+    async def _history(self, command: RoomHistory) -> Reply:
+        """The page after ``since``: up to where the join's live events
+        began while a join's pages remain, else up to the room's newest."""
+        room = command.room
+        if room not in self.rooms:
+            raise NotInRoom(f"join room '{room}' first")
+        until = None if self._history_ends is None else self._history_ends.get(room)
+        page = await self.node.rooms.page(room, command.since, until)
+        if not page.more:
+            self._page_to(room, None)
+        await self._learn_shows(room, page.events)
+        return {
+            "room": room,
+            "history": self._history_events(room, page.events),
+            "recovered": page.recovered,
+            **_paging_fields(page),
         }
 
     async def _goal_of(self, room: str) -> dict[str, Any] | None:
@@ -493,15 +539,26 @@ class Session:
         rather than open: no current show is named, and a show whose ticket
         could not be checked stays unseen (its events left out)."""
         user = self._user()
-        shows = self.node.shows
         try:
-            current = await shows.current(room)
+            current = await self.node.shows.current(room)
         except ServiceError as exc:
             log.warning("room %s joined without its show: %s", room, exc.message)
             current = None
+        await self._learn_shows(room, history, None if current is None else current["show"])
+        if current is None:
+            return None, False
+        return current, user == room or current["show"] in self._seen_shows
+
+    async def _learn_shows(
+        self, room: str, history: list[tuple[bytes, bytes]], current: str | None = None
+    ) -> None:
+        """Learn which shows of ``history`` (and ``current``) the user holds
+        a ticket to; a show whose ticket could not be checked stays unseen."""
+        user = self._user()
+        shows = self.node.shows
         wanted = {event_show(frame) for _, frame in history if is_show_time(frame)}
         if current is not None:
-            wanted.add(current["show"])
+            wanted.add(current)
         for show_id in wanted:
             unknown = show_id is not None and show_id not in self._seen_shows and user != room
             if not unknown or show_id is None:
@@ -511,9 +568,6 @@ class Session:
                     self._seen_shows = self._seen_shows | {show_id}
             except ServiceError as exc:
                 log.warning("ticket to %s not checked: %s", show_id, exc.message)
-        if current is None:
-            return None, False
-        return current, user == room or current["show"] in self._seen_shows
 
     async def _king_of(self, room: str) -> dict[str, Any] | None:
         """The room's king for the join reply; with Postgres away the join
@@ -544,6 +598,7 @@ class Session:
         self.rooms.discard(command.room)
         self._joining.pop(command.room, None)
         self._catching_up.pop(command.room, None)
+        self._page_to(command.room, None)
         self.node.hub.remove(command.room, self)
         self.node.room_left(command.room)
         if command.room == self._user():
@@ -655,6 +710,7 @@ class Session:
         self.rooms.discard(room)
         self._joining.pop(room, None)
         self._catching_up.pop(room, None)
+        self._page_to(room, None)
         self.node.hub.remove(room, self)
         self.node.room_left(room)
         self._push(frame)
@@ -803,8 +859,18 @@ def _spend_handler(action: Action) -> Handler:
     return spend
 
 
+def _paging_fields(read: History) -> Reply:
+    """``more``, and with it ``next``: the offset to page on from, the last
+    event the page covered (shown or not: an event of a ticket show the user
+    cannot see is left out of ``history``, but the next page starts after it)."""
+    if not read.more:
+        return {"more": False}
+    return {"more": True, "next": read.events[-1][0].decode()}
+
+
 _HANDLERS: dict[type[Any], Handler] = {
     Join: Session._join,
+    RoomHistory: Session._history,
     Leave: Session._leave,
     Say: Session._say,
     Balance: Session._balance,

@@ -11,6 +11,7 @@ from typing import Any
 
 from tests.conftest import Http, Running, eventually, token
 from tokenchat.client_demo.cli import format_event
+from tokenchat.protocol.limits import HISTORY_PAGE_LEN
 
 ROOT = Path(__file__).resolve().parents[2]
 # Start-up (imports) plus a round trip or two; generous for a loaded machine.
@@ -184,6 +185,38 @@ async def test_join_say_tip_dm_balance_and_reconnect(server: Running) -> None:
     assert (await http.call("GET", "/v1/me", "bob"))[1]["balance"] == 92
 
 
+async def test_a_reconnect_shows_more_than_a_page_of_missed_lines_in_order(
+    start_server: Any,
+) -> None:
+    """Away longer than a history page holds (issue #16 part 6): the client
+    pages through all of it by itself, each line once, in order."""
+    server = await start_server(commands_per_s=10_000.0, commands_burst=10_000)
+    model = await server.client("alice", "model")
+    await model.call("join", room="alice")
+    # None seen before the drop: the re-join reads the room from its first event.
+    chat = await Chat.signed_in(server, "bob", room="alice")
+    missed = [f"away {n}" for n in range(HISTORY_PAGE_LEN + 50)]
+    try:
+        await chat.expect("* joined alice")
+        node = server.process.node
+        assert node is not None
+        (bob,) = [s for s in node.sessions if s.identity and s.identity.user_id == "bob"]
+        # 4029 asks the client to stay away for seconds (BACKOFF_RATE_LIMITED_S):
+        # the lines below are all said before it comes back.
+        await bob.ws.close(4029, "rate limited past tolerance")
+        await chat.expect("* connection lost (code 4029")
+        for text in missed:
+            await model.call("say", room="alice", text=text)
+        await chat.expect("* reconnected", f"[alice] alice: {missed[-1]}")
+        await model.call("say", room="alice", text="back live")
+        await chat.expect("[alice] alice: back live")
+        shown = [line.removeprefix("[alice] alice: ") for line in chat.lines if "alice: " in line]
+        assert shown == [*missed, "back live"]
+    finally:
+        await chat.kill()
+        await model.close()
+
+
 async def test_a_relayed_tip_from_the_terminal(start_server: Any) -> None:
     """Delivery mode `relay`: the reply has no offset; the terminal client
     says the tip went through and shows its event once, from the relay."""
@@ -238,7 +271,8 @@ def test_event_lines() -> None:
         "[a] b tipped 2"
     )
     assert format_event({"type": "gap", "room": "a"}) == (
-        "[a] * some messages were missed while disconnected"
+        "[a] * some messages were missed while disconnected (the room no longer keeps "
+        "them); the oldest it keeps follow"
     )
     assert format_event({"type": "error", "code": "RATE_LIMITED", "message": "slow down"}) == (
         "error RATE_LIMITED: slow down"

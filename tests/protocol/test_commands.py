@@ -134,6 +134,7 @@ def test_registry() -> None:
         == {
             "hello",
             "join",
+            "history",
             "leave",
             "say",
             "tip",
@@ -150,6 +151,16 @@ def test_registry() -> None:
     )
     for name, cls in COMMANDS.items():
         assert name == cls.TYPE
+
+
+def test_history_command_needs_a_room_and_an_offset() -> None:
+    from tokenchat.protocol import RoomHistory
+
+    parsed = parse_command({"type": "history", "id": 3, "room": "alice", "since": "5-0"})
+    assert parsed == RoomHistory(3, "alice", "5-0")
+    for bad in ({"since": None}, {"since": "5"}, {"since": "1-2-3"}, {"room": "a b"}):
+        fields = {"type": "history", "room": "alice", "since": "5-0", **bad}
+        assert rejected(fields).code is ErrorCode.BAD_REQUEST
 
 
 def test_media_commands() -> None:

@@ -10,6 +10,7 @@ import io
 import re
 import time
 import typing
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -121,9 +122,31 @@ def test_the_loaded_script_has_positions_for_every_name(action: Action) -> None:
     assert used == set(range(1, len(action.all_keys) + 1))
     used = {int(n) for n in re.findall(r"ARGV\[(\d+)\]", source)}
     assert used == set(range(1, len(action.all_args) + 1))
-    # The tip's own part: its first own key is KEYS[3], after idem and outbox.
+    # The tip's own part: its first own key is KEYS[3], after idem and outbox;
+    # its delivery's trim (ROOM_EVENT_ARGS) comes after its own arguments.
     if action is TIP:
-        assert "room_event(KEYS[5], ARGV[12], KEYS[7], event)" in source
+        assert "room_event(KEYS[5], ARGV[14], ARGV[15], KEYS[7]," in source
+
+
+def test_every_xadd_to_a_room_history_is_history_adds() -> None:
+    """One trim for every room event (issue #16 part 6): the only XADDs are
+    history_add's and those to other streams (outbox, inboxes, DM log)."""
+    lua = Path(scripts.__file__).parent / "lua"
+    xadds = {
+        path.stem: re.findall(r"XADD', ([\w.\[\]]+)", scripts.strip_comments(path.read_text()))
+        for path in lua.glob("*.lua")
+    }
+    assert {name: keys for name, keys in xadds.items() if keys} == {
+        "history_lib": ["key"],
+        "money_lib": ["deliveries_key", "KEY.outbox"],  # relay mode's, the outbox
+        "dm": ["KEY.inbox", "KEY.dm_log"],
+        "user_event": ["KEYS[1]"],  # a user's inbox
+    }
+    for name in ("room_event", "relay_deliver", "money_lib"):
+        assert "history_add(" in scripts.strip_comments(scripts.script_source(name)), name
+    for action in actions.ACTIONS:
+        room_event = action.delivery is actions.Delivery.ROOM_EVENT
+        assert action.all_args[-2:] == actions.ROOM_EVENT_ARGS or not room_event
 
 
 def test_the_loader_refuses_undeclared_names_and_positions(

@@ -57,3 +57,14 @@ def test_redis_cluster_is_a_flag(raw: str) -> None:
         Settings.from_env({"TOKENCHAT_REDIS_CLUSTER": raw})
     assert Settings.from_env({"TOKENCHAT_REDIS_CLUSTER": "1"}).redis_cluster == 1
     assert Settings().redis_cluster == 0  # a single Redis unless told
+
+
+def test_room_history_is_bounded_by_count_and_by_age() -> None:
+    assert Settings.from_env({"TOKENCHAT_HISTORY_LEN": "10000"}).history_len == 10_000
+    for raw in ("10001", "0"):
+        with pytest.raises(ValueError, match="TOKENCHAT_HISTORY_LEN"):
+            Settings.from_env({"TOKENCHAT_HISTORY_LEN": raw})
+    assert Settings.from_env({"TOKENCHAT_HISTORY_AGE_S": "1"}).history_age_s == 1.0
+    for raw in ("0", "0.5", "604801", "-1", "nan"):
+        with pytest.raises(ValueError, match="TOKENCHAT_HISTORY_AGE_S"):
+            Settings.from_env({"TOKENCHAT_HISTORY_AGE_S": raw})

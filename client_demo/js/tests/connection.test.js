@@ -335,3 +335,93 @@ test("failoverUrls: every reconnect attempt dials the next URL, in rotation", as
   }
   conn.stop();
 });
+
+test("a re-join with more pages history until more is false, live events after the pages", async () => {
+  // The room's stream: 1-0 .. 250-0. Before the drop the client saw 1-0; 251-0
+  // and 252-0 come live right after the re-join's reply, before any page.
+  const stream = Array.from({ length: 250 }, (_, i) => ({ type: "message", room: "mia", text: `m${i + 1}`, offset: `${i + 1}-0` }));
+  const after = (since) => stream.filter((e) => BigInt(e.offset.split("-")[0]) > BigInt(since.split("-")[0]));
+  let limited = 1; // the first `history` page is answered RATE_LIMITED once
+  const server = new FakeServer(
+    welcoming((socket, frame) => {
+      if (frame.type === "join") {
+        if (socket.index === 0) {
+          socket.deliver({ type: "ok", re: frame.id, room: { id: "mia" }, history: [stream[0]], recovered: true, more: false });
+          return;
+        }
+        const rest = after(frame.since);
+        socket.deliver({ type: "ok", re: frame.id, room: { id: "mia" }, history: rest.slice(0, 100), recovered: true, more: true, next: rest[99].offset });
+        socket.deliver({ type: "message", room: "mia", text: "live1", offset: "251-0" });
+        socket.deliver({ type: "message", room: "mia", text: "live2", offset: "252-0" });
+      } else if (frame.type === "history") {
+        const rest = after(frame.since);
+        if (rest.length < 150 && limited) {
+          limited -= 1;
+          socket.deliver({ type: "error", re: frame.id, code: "RATE_LIMITED", message: "too many commands" });
+          return;
+        }
+        const page = rest.slice(0, 100);
+        const more = rest.length > 100;
+        // Events of a ticket show without a ticket are left out: `next` still moves on.
+        const shown = page.filter((e) => e.offset !== "150-0");
+        socket.deliver({ type: "ok", re: frame.id, room: "mia", history: shown, recovered: true, more, next: more ? page.at(-1).offset : undefined });
+      }
+    }),
+  );
+  const joined = [];
+  const events = [];
+  const conn = connect(server, {
+    onJoined: (room, reply, rejoined) => joined.push([reply.history.map((e) => e.text), reply.more, rejoined]),
+    onEvent: (e) => events.push(e.text),
+  }, { historyRetryMs: 1 });
+  await conn.whenReady();
+  await conn.join("mia");
+  conn.drop();
+  await until(() => server.sockets.length === 2 && conn.online, "reconnected");
+  assert.deepEqual(
+    server.sent("history").map((f) => [f.room, f.since]),
+    [["mia", "101-0"], ["mia", "101-0"], ["mia", "201-0"]],
+  );
+  assert.equal(joined.length, 2);
+  const [texts, more, rejoined] = joined[1];
+  const visible = stream.slice(1).filter((e) => e.offset !== "150-0");
+  assert.deepEqual(texts, visible.map((e) => e.text)); // every missed event, once, in order
+  assert.equal(more, false);
+  assert.equal(rejoined, true);
+  assert.deepEqual(events, ["live1", "live2"]); // after the pages, not among them
+  assert.equal(conn.rooms.get("mia"), "252-0");
+  conn.stop();
+});
+
+test("a page that fails for good drops the socket; the re-join asks for the pages again", async () => {
+  let failing = true;
+  const server = new FakeServer(
+    welcoming((socket, frame) => {
+      if (frame.type === "join") {
+        const first = { type: "message", room: "mia", text: "a", offset: "1-0" };
+        socket.deliver({ type: "ok", re: frame.id, room: { id: "mia" }, history: [first], recovered: true, more: true, next: "1-0" });
+        socket.deliver({ type: "message", room: "mia", text: "live", offset: "9-0" });
+      } else if (frame.type === "history") {
+        if (failing) {
+          failing = false;
+          socket.deliver({ type: "error", re: frame.id, code: "NOT_IN_ROOM", message: "kicked meanwhile" });
+          return;
+        }
+        const rest = [{ type: "message", room: "mia", text: "b", offset: "2-0" }];
+        socket.deliver({ type: "ok", re: frame.id, room: "mia", history: rest, recovered: true, more: false });
+      }
+    }),
+  );
+  const events = [];
+  const conn = connect(server, { onEvent: (e) => events.push(e.text) });
+  await conn.whenReady();
+  const err = await conn.join("mia").catch((e) => e);
+  assert.equal(err.code, "NOT_IN_ROOM");
+  await until(() => server.sockets.length === 2 && conn.online, "reconnected");
+  assert.equal(server.sockets[0].closedWith.code, 4000);
+  // Held on the first socket and dropped with it; delivered once, after the re-join's pages.
+  assert.deepEqual(events, ["live"]);
+  // Nothing was delivered before: the re-join reads the room from its first event.
+  assert.equal(server.sent("join").at(-1).since, "0-0");
+  conn.stop();
+});

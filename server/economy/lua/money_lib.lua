@@ -45,12 +45,12 @@ local RELAYED = {}
 
 -- The event's offset in script mode; nil in relay mode (no offset exists
 -- until the relay writes the room's history).
-local function room_event(history_key, history_len, channel, event)
+local function room_event(history_key, history_len, history_age_ms, channel, event)
   if RELAY then
     RELAYED[#RELAYED + 1] = event
     return nil
   end
-  local offset = redis.call('XADD', history_key, 'MAXLEN', history_len, '*', 'e', event)
+  local offset = history_add(history_key, event, history_len, history_age_ms)
   redis.call('SPUBLISH', channel, 'E' .. offset .. ' ' .. event)
   return offset
 end
@@ -279,9 +279,10 @@ end
 
 -- Count `amount` toward the goal (a writer: call it after every check) and
 -- deliver its `goal` event after the tip's (room_event: stored and
--- published as the tip, or relayed in the tip's delivery entry); the goal turns `reached` with the tip that reaches its
--- target. Returns the event's `goal` field, which the tip's reply carries.
-local function goal_count(goal_key, goal, amount, history_key, history_len, channel)
+-- published as the tip, or relayed in the tip's delivery entry); the goal
+-- turns `reached` with the tip that reaches its target. Returns the event's `goal` field, which the tip's reply carries.
+local function goal_count(goal_key, goal, amount, history_key, history_len, history_age_ms,
+    channel)
   local progress = redis.call('HINCRBY', goal_key, 'progress', amount)
   local state = 'active'
   if progress >= goal.target then
@@ -293,6 +294,6 @@ local function goal_count(goal_key, goal, amount, history_key, history_len, chan
   local summary = {id = goal.id, title = goal.title, target = goal.target, progress = progress,
     state = state, all_or_nothing = goal.aon, deadline = deadline}
   local event = cjson.encode({type = 'goal', room = goal.room, goal = summary})
-  room_event(history_key, history_len, channel, event)
+  room_event(history_key, history_len, history_age_ms, channel, event)
   return summary
 end

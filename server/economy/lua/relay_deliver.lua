@@ -8,9 +8,10 @@
 --          script's slot is the channel's too (sharded pub/sub publishes
 --          a channel from its own slot)
 -- ARGV[1]  how long the dedupe key lives, in milliseconds
--- ARGV[2]  history length to keep (exact MAXLEN; the stream is tiny)
+-- ARGV[2]  history length to keep (exact MAXLEN)
 -- ARGV[3]  the events, JSON objects without `offset` and `ts`, separated by
 --          newlines (money_lib's relay_flush), in the order of the spend
+-- ARGV[4]  history age to keep, in ms (history_add, history_lib.lua)
 --
 -- Returns the first event's offset, or 'DUP' when this transaction's events
 -- were delivered already (nothing written).
@@ -23,7 +24,7 @@
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 'DUP' end
 local first = nil
 for event in string.gmatch(ARGV[3], '[^\n]+') do
-  local offset = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '*', 'e', event)
+  local offset = history_add(KEYS[2], event, ARGV[2], ARGV[4])
   redis.call('SPUBLISH', KEYS[3], 'E' .. offset .. ' ' .. event)
   first = first or offset
 end

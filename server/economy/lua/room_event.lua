@@ -5,12 +5,13 @@
 -- KEYS[3]  the room's pub/sub channel, published with SPUBLISH (sharded:
 --          on a Redis Cluster only its slot's shard carries it), so it is
 --          a key: the script runs where the channel's shard is
--- ARGV[1]  history length to keep (exact MAXLEN; the stream is tiny)
+-- ARGV[1]  history length to keep (exact MAXLEN)
 -- ARGV[2]  the event as a JSON object, without `offset` and `ts`
 -- ARGV[3]  the posting user's account (`u:<id>`); '' for the server's
 --          own events (`show`), which are never marked; '*' for the
 --          server's events that come of show time (`king`: a fan's tips
 --          during the show may crown them), marked without a ticket check
+-- ARGV[4]  history age to keep, in ms (history_add, history_lib.lua)
 --
 -- Returns the event's offset (its stream id, "ms-seq"), or
 -- {'NO_TICKET', show} when a ticket show runs in the room and the user is
@@ -34,6 +35,6 @@ if show and ARGV[3] ~= '' then
   end
   event = string.sub(event, 1, -2) .. ',"in_show":"' .. show .. '"}'
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'e', event)
+local id = history_add(KEYS[1], event, ARGV[1], ARGV[4])
 redis.call('SPUBLISH', KEYS[3], 'E' .. id .. ' ' .. event)
 return id

@@ -25,7 +25,9 @@
 -- ARG.amount         tokens, > 0          ARG.tip_min  the room's minimum
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
 -- ARG.room_channel   the room's pub/sub channel
--- ARG.history_len    history entries kept
+-- ARG.history_len, ARG.history_age_ms  its history's trim (history_add,
+--                    history_lib.lua): every room-event action's, filled by
+--                    the runner
 -- ARG.event          the tip event JSON without offset/ts
 -- ARG.payee_channel  the owner's user channel
 --
@@ -65,7 +67,8 @@ end
 local payee, payee_key = ARG.payee, KEY.payee_balance
 if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, amount)
-local offset = room_event(KEY.history, ARG.history_len, KEY.room_channel, event)
+local offset = room_event(KEY.history, ARG.history_len, ARG.history_age_ms, KEY.room_channel,
+  event)
 if not goal then
   relay_flush(KEY.history, ARG.room_channel)
   local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset})
@@ -75,7 +78,7 @@ if not goal then
   return {'OK', reply}
 end
 local counted = goal_count(KEY.goal, goal, amount, KEY.history, ARG.history_len,
-  KEY.room_channel)
+    ARG.history_age_ms, KEY.room_channel)
 relay_flush(KEY.history, ARG.room_channel)
 local reply = cjson.encode({balance = fan_balance, tx = ARG.tx, offset = offset, goal = counted})
 -- The ledger entry names the goal: its progress and held tips are rebuilt from it.

@@ -26,7 +26,9 @@
 -- ARG.max_price      '' for none
 -- ARG.payer, ARG.payee  the fan's and the owner's accounts
 -- ARG.room_channel   the room's pub/sub channel
--- ARG.history_len    history entries kept
+-- ARG.history_len, ARG.history_age_ms  its history's trim (history_add,
+--                    history_lib.lua): every room-event action's, filled by
+--                    the runner
 -- ARG.event          the tip event JSON without amount, item.label,
 --                    offset and ts (events.item_tip_event_body)
 -- ARG.payee_channel  the owner's user channel
@@ -80,11 +82,12 @@ meta.item = item
 local payee, payee_key = ARG.payee, KEY.payee_balance
 if goal and goal.escrow ~= '' then payee, payee_key = goal.escrow, KEY.goal_escrow end
 local fan_balance, owner_balance = transfer(KEY.payer_balance, payee_key, price)
-local offset = room_event(KEY.history, ARG.history_len, KEY.room_channel, event)
+local offset = room_event(KEY.history, ARG.history_len, ARG.history_age_ms, KEY.room_channel,
+  event)
 local reply = {balance = fan_balance, tx = ARG.tx, offset = offset, price = price, item = item}
 if goal then
   reply.goal = goal_count(KEY.goal, goal, price, KEY.history, ARG.history_len,
-    KEY.room_channel)
+    ARG.history_age_ms, KEY.room_channel)
   meta.goal = goal.id
 end
 relay_flush(KEY.history, ARG.room_channel)
