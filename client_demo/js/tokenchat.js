@@ -32,7 +32,7 @@ export const DEFAULTS = Object.freeze({
   // outcome unknown) is resent with the same key up to this many times.
   spendRetriesMax: 3,
   // A `history` page answered RATE_LIMITED or UNAVAILABLE is asked again
-  // after this long, up to historyRetriesMax times in a room's paging: a full
+  // after this long, up to historyRetriesMax times for that one page: a full
   // room's history (100 pages) outruns the command burst (40) at 20 a second.
   historyRetryMs: 250,
   historyRetriesMax: 100,

@@ -76,6 +76,7 @@ import dataclasses
 import fcntl
 import functools
 import importlib.util
+import ipaddress
 import logging
 import os
 import platform
@@ -425,6 +426,15 @@ class _EmbeddedServer:
     def __init__(self, data_dir: Path, port: int = 0, *, host: str = LOCALHOST) -> None:
         if port < 0 or port > 65535:
             raise ValueError(f"port must be 0 (pick a free one) or 1..65535, not {port}")
+        # One IPv4 address (it goes into URLs unbracketed, and into --bind and
+        # listen_addresses, where a space or a comma would add more), never
+        # every interface: Redis runs there without a password or protected mode.
+        try:
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"host must be one IPv4 address, not {host!r}") from None
+        if address.is_unspecified:
+            raise ValueError(f"host must be one interface's address, not {host!r}")
         self.data_dir = Path(data_dir).resolve()
         # The address it listens on: 127.0.0.1, or (loadtests/harness/hosts.py)
         # the host's end of a bridge that network namespaces reach it through.
@@ -885,6 +895,13 @@ class EmbeddedPostgres(_EmbeddedServer):
         client_network: str | None = None,
     ) -> None:
         super().__init__(data_dir, port, host=host)
+        if client_network is not None:
+            try:  # written into pg_hba.conf as is: one network, nothing more
+                ipaddress.ip_network(client_network)
+            except ValueError:
+                raise ValueError(
+                    f"client_network must be a CIDR network, not {client_network!r}"
+                ) from None
         # A CIDR network (say 10.77.0.0/24) whose clients may log in too, with
         # the password: initdb's pg_hba.conf admits this machine only.
         self.client_network = client_network

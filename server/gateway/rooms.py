@@ -165,12 +165,14 @@ class RoomStore:
         # trimmed when the history still reaches back to it (a `clear` took
         # it); nothing is missed when the room holds nothing at all, or never
         # lost an event (all it was given it holds: a `since` of "0-0" from a
-        # member who joined it empty).
+        # member who joined it empty). Only for "0-0": a real `since` older
+        # than a stream that never lost an event is from a stream Redis lost
+        # (the new one's counters start afresh), so a gap.
         recovered = (
             found
             or not oldest
             or start >= parse_offset(oldest[0])
-            or stream.get("entries-added") == stream.get("length")
+            or (start == (0, 0) and stream.get("entries-added") == stream.get("length"))
         )
         page = events[:HISTORY_PAGE_LEN]
         return History(page, recovered, more=len(events) > len(page), end=end)

@@ -550,3 +550,22 @@ def test_servers_on_another_address(data_dir: Path) -> None:
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", pg.port)) != 0
         _stop_and_check_gone(pg)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"host": "0.0.0.0"}, "one interface"),  # a passwordless Redis on every interface
+        ({"host": "127.0.0.2 0.0.0.0"}, "one IPv4 address"),  # a second --bind address
+        ({"host": "localhost"}, "one IPv4 address"),
+        ({"client_network": "10.77.0.0/24 trust"}, "CIDR"),  # a pg_hba.conf rule of its own
+    ],
+)
+def test_servers_refuse_a_host_or_network_that_is_not_one_address(
+    data_dir: Path, kwargs: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        EmbeddedPostgres(data_dir, **kwargs)
+    if "host" in kwargs:
+        with pytest.raises(ValueError, match=message):
+            EmbeddedRedis(data_dir, host=kwargs["host"])

@@ -294,3 +294,21 @@ async def test_relayed_tips_keep_the_history_bound_too(
     assert len((await fan.call("join", room="alice"))["history"]) == 5
     await fan.close()
     await model.close()
+
+
+async def test_since_a_real_offset_after_redis_lost_the_history_is_a_gap(
+    start_server: StartServer, redis: Redis
+) -> None:
+    """The new stream Redis started after losing a room's history lost none
+    of its own events, but a `since` from the old one (not "0-0") names an
+    event it never held: a gap, as docs/protocol.md's last row says."""
+    running = await start_server(history_len=1000, **UNLIMITED)
+    model = await model_room(running)
+    [seen] = await say_many(model, ["seen before the loss"])
+    await redis.delete(running.node.keys.room_history("alice"))  # Redis lost it
+    await say_many(model, ["after the loss"])
+    fan = await running.client("bob")
+    reply = await fan.call("join", room="alice", since=seen)
+    assert reply["recovered"] is False and texts_of(reply["history"]) == ["after the loss"]
+    await fan.close()
+    await model.close()
