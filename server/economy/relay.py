@@ -130,6 +130,17 @@ class Relay:
         trip as the next read, before it (one write, in order), or at once
         when ``block`` is false (drain, tests): the hot path costs two round
         trips per batch, the read and the room scripts."""
+        try:
+            return await self._step(block, claim_idle_ms)
+        except Exception:
+            # A failed pass may leave entries pending for this consumer alone
+            # (read and not delivered, or read with the reply lost): read our
+            # own first next time, rather than wait relay_claim_idle_s for a
+            # claim while newer tips of the same rooms go before them.
+            self._retry_own = True
+            raise
+
+    async def _step(self, block: bool, claim_idle_ms: int | None) -> int:
         await self._ensure_group()
         try:
             rows = await self._claim(claim_idle_ms)

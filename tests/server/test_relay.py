@@ -331,3 +331,38 @@ async def test_a_malformed_delivery_entry_is_dropped_not_stuck(
     await eventually(lambda: _xlen_is(redis, keys.deliveries(), 0))
     for client in (model, fan):
         await client.close()
+
+
+async def test_a_failed_pass_reads_its_own_entries_again_at_once(
+    relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failing between a relay's read and its room scripts leaves the
+    batch pending for that relay alone: its next pass delivers it, without
+    waiting relay_claim_idle_s for a claim (a minute here)."""
+    http = Http(relayed)
+    node = relayed.node
+    model, fan = await room_with_fan(relayed, http, 100)
+    await _stop_relay(node)
+    await fan.call("tip", room="alice", amount=10, key="a")
+    settings = node.settings.replace(relay_claim_idle_s=60.0, relay_dedupe_s=600.0)
+    relay = Relay(settings, consumer="flaky")
+    real_deliver = relay._deliver_rows
+    failures = [ConnectionError("Redis went away mid-pass")]
+
+    async def fails_once(rows: list[Any]) -> list[bytes]:
+        if failures:
+            raise failures.pop()
+        return await real_deliver(rows)
+
+    monkeypatch.setattr(relay, "_deliver_rows", fails_once)
+    try:
+        with pytest.raises(ConnectionError):
+            await relay.step(block=False)
+        assert await relay.step(block=False) == 1
+    finally:
+        await relay.close()
+    (tip,) = await room_events(model, 1)
+    assert tip["amount"] == 10
+    assert await redis.xlen(node.keys.deliveries()) == 0
+    for client in (model, fan):
+        await client.close()
