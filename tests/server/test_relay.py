@@ -366,3 +366,37 @@ async def test_a_failed_pass_reads_its_own_entries_again_at_once(
     assert await redis.xlen(node.keys.deliveries()) == 0
     for client in (model, fan):
         await client.close()
+
+
+async def test_a_show_ending_during_a_marker_copy_leaves_no_marker(
+    relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relay mode copies the marker's mirror onto the room in two calls (a
+    read, then show_marker.lua). A show that ends between them (the sweep's
+    restore_markers racing show_end) must not leave its room's marker set,
+    which would keep the room's chat to the ended show's holders."""
+    from tests.server.test_shows import members, schedule, show_event
+
+    keys = relayed.node.keys
+    shows = relayed.node.shows
+    model, bob, carol = await members(relayed)
+    show = await schedule(relayed, price=10, min_s=3600)
+    await model.call("show_start", show=show)
+    await show_event(carol, "running")
+    real_marker = shows._marker_script
+    ended_between = [True]
+
+    async def end_between(keys: list[str], args: list[Any]) -> Any:
+        if ended_between and args[0] == "running":
+            ended_between.pop()
+            # What an end does meanwhile: the mirror, then its own copy.
+            await redis.delete(relayed.node.keys.room_show_mirror("alice"))
+            await real_marker(keys=keys, args=["ended", show])
+        return await real_marker(keys=keys, args=args)
+
+    monkeypatch.setattr(shows, "_marker_script", end_between)
+    await shows._copy_marker("alice", show, "running")
+    assert not ended_between
+    assert not await redis.exists(keys.room_show("alice"))
+    for client in (model, bob, carol):
+        await client.close()
