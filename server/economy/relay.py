@@ -6,9 +6,10 @@ leaves the money slot (``Action.relayed``: tip, tip_item) writes its room
 events into the delivery stream (``Keys.deliveries``), in the same atomic
 call as the charge and the ledger outbox entry. Relays (one per gateway
 node, one consumer group) read that stream and move each entry into its
-room with ONE script in the room's slot (``relay_deliver.lua``): ``SET NX``
-of a dedupe key named by the transaction, then the history XADD and the
-PUBLISH. Only after that script ran is the entry acknowledged and deleted.
+room with ONE script in the room's slot (``relay_deliver.lua``): unless a
+dedupe key named by the transaction exists, the history XADD and the
+PUBLISH, then the key's SET (last: Redis does not roll back a script that
+failed halfway). Only after that script ran is the entry acknowledged and deleted.
 
 At least once, shown once: a relay that dies between the room script and
 its XACK leaves the entry pending; after ``relay_claim_idle_s`` another
@@ -106,13 +107,19 @@ class Relay:
         while True:
             raise_if_cancelling()
             try:
-                await self.step(block=True)
+                # Entries whose room script answered an error are read again
+                # by the next pass, which does not block: back off, not spin.
+                refused = await self.step(block=True) > 0 and self._retry_own
                 # The oldest entry's age at most once a second (an XRANGE),
                 # busy or idle: a backlog behind a busy relay shows too.
                 if loop.time() - gauged >= OLDEST_GAUGE_INTERVAL_S:
                     gauged = loop.time()
                     metrics.RELAY_OLDEST.set(await self.oldest_pending_s())
-                delay_s = RETRY_DELAY_MIN_S
+                if refused:
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, RETRY_DELAY_MAX_S)
+                else:
+                    delay_s = RETRY_DELAY_MIN_S
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away, or a bad batch: retry later

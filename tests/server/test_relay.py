@@ -400,3 +400,49 @@ async def test_a_show_ending_during_a_marker_copy_leaves_no_marker(
     assert not await redis.exists(keys.room_show("alice"))
     for client in (model, bob, carol):
         await client.close()
+
+
+async def test_an_entry_its_room_refuses_is_retried_with_backoff_not_in_a_spin(
+    relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A room script that answers an error (here WRONGTYPE: the room's
+    history key is not a stream) leaves its entry pending and unmarked (a
+    script is not rolled back: a dedupe key set before the failed XADD
+    would make the retry a DUP, and the event lost). The relay reads it
+    again after a growing delay, not in a spin, and delivers it once the
+    room can take it."""
+    # A prefix of its own: no other relay (the node's) may take the entry.
+    settings = relayed.node.settings
+    settings = settings.replace(redis_prefix=settings.redis_prefix + "backoff:")
+    keys = Keys(settings.redis_prefix)
+    history = keys.room_history("broken")
+    await redis.set(history, "not a stream")
+    await redis.xadd(
+        keys.deliveries(),
+        {"tx": "t_poison", "channel": keys.room_channel("broken"), "events": '{"type":"tip"}'},
+    )
+    relay = Relay(settings, consumer="backoff")
+    passes = 0
+    real_deliver = relay._deliver_rows
+
+    async def counted(rows: list[Any]) -> list[bytes]:
+        nonlocal passes
+        passes += 1
+        return await real_deliver(rows)
+
+    monkeypatch.setattr(relay, "_deliver_rows", counted)
+    try:
+        task = asyncio.create_task(relay.run())
+        await asyncio.sleep(1.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        # 50 ms doubling to 2 s: about 6 passes in 1.5 s; a spin makes hundreds.
+        assert 2 <= passes <= 20, passes
+        assert await redis.xlen(keys.deliveries()) == 1  # still pending, not lost
+        await redis.delete(history)
+        assert await relay.step(block=False) == 1
+        assert await redis.xlen(keys.deliveries()) == 0
+        assert await redis.xlen(history) == 1
+    finally:
+        await relay.close()
+        await redis.delete(history, keys.deliveries(), keys.relayed("broken", "t_poison"))
