@@ -315,11 +315,12 @@ class Relay:
             calls.append(entry_id)
         results = await self._send(commands) if commands else []
         now_ms = time.time() * 1000
+        script_missing = False
         for entry_id, result in zip(calls, results, strict=True):
             if isinstance(result, Exception):
                 # Not acknowledged: our own pending read tries it again.
                 if isinstance(result, NoScriptError):
-                    await self._redis.script_load(self._deliver.script)
+                    script_missing = True
                 else:
                     log.warning("delivery relay: entry %r not delivered: %s", entry_id, result)
                 continue
@@ -329,6 +330,8 @@ class Relay:
                 metrics.RELAY_DUPLICATES.inc()
             else:
                 metrics.RELAY_LAG.observe(max(0.0, now_ms - _entry_ms(entry_id)) / 1000)
+        if script_missing:  # once per batch, not once per entry (Redis restarted)
+            await self._redis.script_load(self._deliver.script)
         return done
 
 

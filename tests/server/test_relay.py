@@ -446,3 +446,39 @@ async def test_an_entry_its_room_refuses_is_retried_with_backoff_not_in_a_spin(
     finally:
         await relay.close()
         await redis.delete(history, keys.deliveries(), keys.relayed("broken", "t_poison"))
+
+
+async def test_scripts_flushed_are_loaded_once_per_batch(
+    relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After Redis forgot its scripts (a restart), a batch answering NOSCRIPT
+    loads relay_deliver.lua once, not once per entry, and the next pass
+    delivers every entry."""
+    settings = relayed.node.settings
+    settings = settings.replace(redis_prefix=settings.redis_prefix + "noscript:")
+    keys = Keys(settings.redis_prefix)
+    channel = keys.room_channel("r")
+    for tx in ("t_1", "t_2", "t_3"):
+        await redis.xadd(keys.deliveries(), {"tx": tx, "channel": channel, "events": '{"a":1}'})
+    relay = Relay(settings, consumer="noscript")
+    loads = 0
+    real_load = relay._redis.script_load
+
+    async def counted(script: str) -> Any:
+        nonlocal loads
+        loads += 1
+        return await real_load(script)
+
+    try:
+        await relay._ensure_group()
+        await redis.script_flush()
+        monkeypatch.setattr(relay._redis, "script_load", counted)
+        assert await relay.step(block=False) == 3
+        assert loads == 1
+        assert await relay.step(block=False) == 3
+        assert await redis.xlen(keys.deliveries()) == 0
+        assert await redis.xlen(keys.room_history("r")) == 3
+    finally:
+        await relay.close()
+        relayed_keys = [keys.relayed("r", tx) for tx in ("t_1", "t_2", "t_3")]
+        await redis.delete(keys.deliveries(), keys.room_history("r"), *relayed_keys)
