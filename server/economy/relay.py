@@ -182,10 +182,7 @@ class Relay:
     async def oldest_pending_s(self) -> float:
         """Age of the oldest entry in the stream (0 when empty), from its id's
         milliseconds (Redis' clock) to this host's clock."""
-        first: Any = await self._redis.xrange(self._keys.deliveries(), count=1)
-        if not first:
-            return 0.0
-        return max(0.0, time.time() - _entry_ms(first[0][0]) / 1000)
+        return await _oldest_age_s(self._redis, self._keys.deliveries())
 
     async def drain(self, timeout_s: float) -> int:
         """Deliver until the stream is empty or the time is up; what is left.
@@ -341,10 +338,16 @@ async def deliveries_state(redis: Redis, keys: Keys, lag_max_s: float) -> dict[s
     ``lag_max_s`` (no relay running, or one falling behind)."""
     stream = keys.deliveries()
     pending = int(await redis.xlen(stream))
-    first: Any = await redis.xrange(stream, count=1) if pending else []
-    oldest_s = max(0.0, time.time() - _entry_ms(first[0][0]) / 1000) if first else 0.0
+    oldest_s = await _oldest_age_s(redis, stream) if pending else 0.0
     metrics.RELAY_OLDEST.set(oldest_s)
     return {"pending": pending, "oldest_s": round(oldest_s, 3), "behind": oldest_s > lag_max_s}
+
+
+async def _oldest_age_s(redis: Any, stream: str) -> float:
+    """The age of the stream's oldest entry (0 when empty), from its id's
+    milliseconds (Redis' clock) to this host's clock."""
+    first: Any = await redis.xrange(stream, count=1)
+    return max(0.0, time.time() - _entry_ms(first[0][0]) / 1000) if first else 0.0
 
 
 def _pairs(fields: list[bytes] | dict[bytes, bytes] | None) -> dict[bytes, bytes] | None:
