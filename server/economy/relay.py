@@ -151,6 +151,9 @@ class Relay:
         await self._ensure_group()
         try:
             rows = await self._claim(claim_idle_ms)
+            # Our own unacknowledged entries wait behind claimed ones, younger
+            # than the claim time: still to read after this batch.
+            own_left = bool(rows) and self._retry_own
             if not rows and self._retry_own:
                 await self._flush_acks()  # else they would be read again
                 rows = await self._read(start="0", block=False)
@@ -170,7 +173,7 @@ class Relay:
             return 0
         delivered = await self._deliver_rows(rows)
         self._to_ack.extend(delivered)
-        self._retry_own = len(delivered) < len(rows)
+        self._retry_own = own_left or len(delivered) < len(rows)
         if not block:
             await self._flush_acks()
         return len(rows)

@@ -482,3 +482,45 @@ async def test_scripts_flushed_are_loaded_once_per_batch(
         await relay.close()
         relayed_keys = [keys.relayed("r", tx) for tx in ("t_1", "t_2", "t_3")]
         await redis.delete(keys.deliveries(), keys.room_history("r"), *relayed_keys)
+
+
+async def test_a_claim_does_not_make_the_relay_forget_its_own_failed_entries(
+    relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that claims a dead relay's entry, right after a failed pass of
+    our own, still leaves our failed entry (younger than the claim time) to
+    be read at once by the pass after, not by a claim seconds later."""
+    settings = relayed.node.settings
+    settings = settings.replace(
+        redis_prefix=settings.redis_prefix + "claimown:", relay_claim_idle_s=2.0
+    )
+    keys = Keys(settings.redis_prefix)
+    channel = keys.room_channel("r")
+    dead, relay = Relay(settings, consumer="dead"), Relay(settings, consumer="own")
+    try:
+        await dead._ensure_group()
+        await redis.xadd(keys.deliveries(), {"tx": "t_dead", "channel": channel, "events": "{}"})
+        assert len(await dead._read(start=">", block=False)) == 1
+        await asyncio.sleep(1.2)
+        await redis.xadd(keys.deliveries(), {"tx": "t_own", "channel": channel, "events": "{}"})
+        real_deliver = relay._deliver_rows
+        failures = [ConnectionError("Redis went away mid-pass")]
+
+        async def fails_once(rows: list[Any]) -> list[bytes]:
+            if failures:
+                raise failures.pop()
+            return await real_deliver(rows)
+
+        monkeypatch.setattr(relay, "_deliver_rows", fails_once)
+        with pytest.raises(ConnectionError):
+            await relay.step(block=False)  # reads t_own, fails
+        await asyncio.sleep(1.2)  # t_dead idle 2.4 s, t_own 1.2 s: only t_dead claimed
+        assert await relay.step(block=False) == 1
+        assert await redis.xlen(keys.deliveries()) == 1
+        assert await relay.step(block=False) == 1  # t_own, at once
+        assert await redis.xlen(keys.deliveries()) == 0
+    finally:
+        await dead.close()
+        await relay.close()
+        relayed_keys = [keys.relayed("r", tx) for tx in ("t_dead", "t_own")]
+        await redis.delete(keys.deliveries(), keys.room_history("r"), *relayed_keys)
