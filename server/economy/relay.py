@@ -6,9 +6,10 @@ leaves the money slot (``Action.relayed``: tip, tip_item) writes its room
 events into the delivery stream (``Keys.deliveries``), in the same atomic
 call as the charge and the ledger outbox entry. Relays (one per gateway
 node, one consumer group) read that stream and move each entry into its
-room with ONE script in the room's slot (``relay_deliver.lua``): ``SET NX``
-of a dedupe key named by the transaction, then the history XADD and the
-PUBLISH. Only after that script ran is the entry acknowledged and deleted.
+room with ONE script in the room's slot (``relay_deliver.lua``): unless a
+dedupe key named by the transaction exists, the history XADD and the
+PUBLISH, then the key's SET (last: Redis does not roll back a script that
+failed halfway). Only after that script ran is the entry acknowledged and deleted.
 
 At least once, shown once: a relay that dies between the room script and
 its XACK leaves the entry pending; after ``relay_claim_idle_s`` another
@@ -106,13 +107,19 @@ class Relay:
         while True:
             raise_if_cancelling()
             try:
-                await self.step(block=True)
+                # Entries whose room script answered an error are read again
+                # by the next pass, which does not block: back off, not spin.
+                refused = await self.step(block=True) > 0 and self._retry_own
                 # The oldest entry's age at most once a second (an XRANGE),
                 # busy or idle: a backlog behind a busy relay shows too.
                 if loop.time() - gauged >= OLDEST_GAUGE_INTERVAL_S:
                     gauged = loop.time()
                     metrics.RELAY_OLDEST.set(await self.oldest_pending_s())
-                delay_s = RETRY_DELAY_MIN_S
+                if refused:
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, RETRY_DELAY_MAX_S)
+                else:
+                    delay_s = RETRY_DELAY_MIN_S
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away, or a bad batch: retry later
@@ -130,9 +137,23 @@ class Relay:
         trip as the next read, before it (one write, in order), or at once
         when ``block`` is false (drain, tests): the hot path costs two round
         trips per batch, the read and the room scripts."""
+        try:
+            return await self._step(block, claim_idle_ms)
+        except Exception:
+            # A failed pass may leave entries pending for this consumer alone
+            # (read and not delivered, or read with the reply lost): read our
+            # own first next time, rather than wait relay_claim_idle_s for a
+            # claim while newer tips of the same rooms go before them.
+            self._retry_own = True
+            raise
+
+    async def _step(self, block: bool, claim_idle_ms: int | None) -> int:
         await self._ensure_group()
         try:
             rows = await self._claim(claim_idle_ms)
+            # Our own unacknowledged entries wait behind claimed ones, younger
+            # than the claim time: still to read after this batch.
+            own_left = bool(rows) and self._retry_own
             if not rows and self._retry_own:
                 await self._flush_acks()  # else they would be read again
                 rows = await self._read(start="0", block=False)
@@ -152,7 +173,7 @@ class Relay:
             return 0
         delivered = await self._deliver_rows(rows)
         self._to_ack.extend(delivered)
-        self._retry_own = len(delivered) < len(rows)
+        self._retry_own = own_left or len(delivered) < len(rows)
         if not block:
             await self._flush_acks()
         return len(rows)
@@ -164,10 +185,7 @@ class Relay:
     async def oldest_pending_s(self) -> float:
         """Age of the oldest entry in the stream (0 when empty), from its id's
         milliseconds (Redis' clock) to this host's clock."""
-        first: Any = await self._redis.xrange(self._keys.deliveries(), count=1)
-        if not first:
-            return 0.0
-        return max(0.0, time.time() - _entry_ms(first[0][0]) / 1000)
+        return await _oldest_age_s(self._redis, self._keys.deliveries())
 
     async def drain(self, timeout_s: float) -> int:
         """Deliver until the stream is empty or the time is up; what is left.
@@ -297,11 +315,12 @@ class Relay:
             calls.append(entry_id)
         results = await self._send(commands) if commands else []
         now_ms = time.time() * 1000
+        script_missing = False
         for entry_id, result in zip(calls, results, strict=True):
             if isinstance(result, Exception):
                 # Not acknowledged: our own pending read tries it again.
                 if isinstance(result, NoScriptError):
-                    await self._redis.script_load(self._deliver.script)
+                    script_missing = True
                 else:
                     log.warning("delivery relay: entry %r not delivered: %s", entry_id, result)
                 continue
@@ -311,6 +330,8 @@ class Relay:
                 metrics.RELAY_DUPLICATES.inc()
             else:
                 metrics.RELAY_LAG.observe(max(0.0, now_ms - _entry_ms(entry_id)) / 1000)
+        if script_missing:  # once per batch, not once per entry (Redis restarted)
+            await self._redis.script_load(self._deliver.script)
         return done
 
 
@@ -320,10 +341,16 @@ async def deliveries_state(redis: Redis, keys: Keys, lag_max_s: float) -> dict[s
     ``lag_max_s`` (no relay running, or one falling behind)."""
     stream = keys.deliveries()
     pending = int(await redis.xlen(stream))
-    first: Any = await redis.xrange(stream, count=1) if pending else []
-    oldest_s = max(0.0, time.time() - _entry_ms(first[0][0]) / 1000) if first else 0.0
+    oldest_s = await _oldest_age_s(redis, stream) if pending else 0.0
     metrics.RELAY_OLDEST.set(oldest_s)
     return {"pending": pending, "oldest_s": round(oldest_s, 3), "behind": oldest_s > lag_max_s}
+
+
+async def _oldest_age_s(redis: Any, stream: str) -> float:
+    """The age of the stream's oldest entry (0 when empty), from its id's
+    milliseconds (Redis' clock) to this host's clock."""
+    first: Any = await redis.xrange(stream, count=1)
+    return max(0.0, time.time() - _entry_ms(first[0][0]) / 1000) if first else 0.0
 
 
 def _pairs(fields: list[bytes] | dict[bytes, bytes] | None) -> dict[bytes, bytes] | None:

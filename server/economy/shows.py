@@ -414,6 +414,16 @@ class Shows:
                 for name, value in fields.items():
                     args += [name, value]
             await self._marker_script(keys=[self._keys.room_show(room)], args=args)
+            # The copy is two calls: a show that ended between them removed
+            # the marker before `running` set it again. Once the mirror no
+            # longer names it, remove what we set (an end after this read
+            # copies itself after our write).
+            if state == "running":
+                named = await self._redis.hget(self._keys.room_show_mirror(room), "id")  # type: ignore[misc]
+                if named != show_id.encode():
+                    await self._marker_script(
+                        keys=[self._keys.room_show(room)], args=["ended", show_id]
+                    )
         except _REDIS_ERRORS as exc:
             raise Unavailable("shows are unavailable") from exc
 

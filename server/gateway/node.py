@@ -239,6 +239,10 @@ class Node:
         return cls(settings, redis, pool, ledger_pool=ledger_pool)
 
     async def start(self) -> None:
+        # Before any loop runs: the sweeper's restore_markers (Shows) and the
+        # spends pick their scripts and keys by the mode, and `auto` would
+        # read as `script` on a cluster until this settled it (CROSSSLOT).
+        relay = await self.economy.resolve_delivery() == "relay"
         await self._heartbeat_once()
         await self.broker.start()
         if self.confirmations is not None:
@@ -258,7 +262,7 @@ class Node:
             asyncio.create_task(self.standing.run(), name="standing-projector"),
             asyncio.create_task(self.discovery.run(), name="live-jobs"),
         ]
-        if await self.economy.resolve_delivery() == "relay":
+        if relay:
             self._loops.append(asyncio.create_task(self.relay.run(), name="delivery-relay"))
         if self.settings.ledger_enabled:
             # The DM archiver goes with the writer: in `serve` only when it

@@ -335,3 +335,196 @@ async def test_a_malformed_delivery_entry_is_dropped_not_stuck(
     await eventually(lambda: _xlen_is(redis, keys.deliveries(), 0))
     for client in (model, fan):
         await client.close()
+
+
+async def test_a_failed_pass_reads_its_own_entries_again_at_once(
+    relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failing between a relay's read and its room scripts leaves the
+    batch pending for that relay alone: its next pass delivers it, without
+    waiting relay_claim_idle_s for a claim (a minute here)."""
+    http = Http(relayed)
+    node = relayed.node
+    model, fan = await room_with_fan(relayed, http, 100)
+    await _stop_relay(node)
+    await fan.call("tip", room="alice", amount=10, key="a")
+    settings = node.settings.replace(relay_claim_idle_s=60.0, relay_dedupe_s=600.0)
+    relay = Relay(settings, consumer="flaky")
+    real_deliver = relay._deliver_rows
+    failures = [ConnectionError("Redis went away mid-pass")]
+
+    async def fails_once(rows: list[Any]) -> list[bytes]:
+        if failures:
+            raise failures.pop()
+        return await real_deliver(rows)
+
+    monkeypatch.setattr(relay, "_deliver_rows", fails_once)
+    try:
+        with pytest.raises(ConnectionError):
+            await relay.step(block=False)
+        assert await relay.step(block=False) == 1
+    finally:
+        await relay.close()
+    (tip,) = await room_events(model, 1)
+    assert tip["amount"] == 10
+    assert await redis.xlen(node.keys.deliveries()) == 0
+    for client in (model, fan):
+        await client.close()
+
+
+async def test_a_show_ending_during_a_marker_copy_leaves_no_marker(
+    relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relay mode copies the marker's mirror onto the room in two calls (a
+    read, then show_marker.lua). A show that ends between them (the sweep's
+    restore_markers racing show_end) must not leave its room's marker set,
+    which would keep the room's chat to the ended show's holders."""
+    from tests.server.test_shows import members, schedule, show_event
+
+    keys = relayed.node.keys
+    shows = relayed.node.shows
+    model, bob, carol = await members(relayed)
+    show = await schedule(relayed, price=10, min_s=3600)
+    await model.call("show_start", show=show)
+    await show_event(carol, "running")
+    real_marker = shows._marker_script
+    ended_between = [True]
+
+    async def end_between(keys: list[str], args: list[Any]) -> Any:
+        if ended_between and args[0] == "running":
+            ended_between.pop()
+            # What an end does meanwhile: the mirror, then its own copy.
+            await redis.delete(relayed.node.keys.room_show_mirror("alice"))
+            await real_marker(keys=keys, args=["ended", show])
+        return await real_marker(keys=keys, args=args)
+
+    monkeypatch.setattr(shows, "_marker_script", end_between)
+    await shows._copy_marker("alice", show, "running")
+    assert not ended_between
+    assert not await redis.exists(keys.room_show("alice"))
+    for client in (model, bob, carol):
+        await client.close()
+
+
+async def test_an_entry_its_room_refuses_is_retried_with_backoff_not_in_a_spin(
+    relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A room script that answers an error (here WRONGTYPE: the room's
+    history key is not a stream) leaves its entry pending and unmarked (a
+    script is not rolled back: a dedupe key set before the failed XADD
+    would make the retry a DUP, and the event lost). The relay reads it
+    again after a growing delay, not in a spin, and delivers it once the
+    room can take it."""
+    # A prefix of its own: no other relay (the node's) may take the entry.
+    settings = relayed.node.settings
+    settings = settings.replace(redis_prefix=settings.redis_prefix + "backoff:")
+    keys = Keys(settings.redis_prefix)
+    history = keys.room_history("broken")
+    await redis.set(history, "not a stream")
+    await redis.xadd(
+        keys.deliveries(),
+        {"tx": "t_poison", "channel": keys.room_channel("broken"), "events": '{"type":"tip"}'},
+    )
+    relay = Relay(settings, consumer="backoff")
+    passes = 0
+    real_deliver = relay._deliver_rows
+
+    async def counted(rows: list[Any]) -> list[bytes]:
+        nonlocal passes
+        passes += 1
+        return await real_deliver(rows)
+
+    monkeypatch.setattr(relay, "_deliver_rows", counted)
+    try:
+        task = asyncio.create_task(relay.run())
+        await asyncio.sleep(1.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        # 50 ms doubling to 2 s: about 6 passes in 1.5 s; a spin makes hundreds.
+        assert 2 <= passes <= 20, passes
+        assert await redis.xlen(keys.deliveries()) == 1  # still pending, not lost
+        await redis.delete(history)
+        assert await relay.step(block=False) == 1
+        assert await redis.xlen(keys.deliveries()) == 0
+        assert await redis.xlen(history) == 1
+    finally:
+        await relay.close()
+        await redis.delete(history, keys.deliveries(), keys.relayed("broken", "t_poison"))
+
+
+async def test_scripts_flushed_are_loaded_once_per_batch(
+    relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After Redis forgot its scripts (a restart), a batch answering NOSCRIPT
+    loads relay_deliver.lua once, not once per entry, and the next pass
+    delivers every entry."""
+    settings = relayed.node.settings
+    settings = settings.replace(redis_prefix=settings.redis_prefix + "noscript:")
+    keys = Keys(settings.redis_prefix)
+    channel = keys.room_channel("r")
+    for tx in ("t_1", "t_2", "t_3"):
+        await redis.xadd(keys.deliveries(), {"tx": tx, "channel": channel, "events": '{"a":1}'})
+    relay = Relay(settings, consumer="noscript")
+    loads = 0
+    real_load = relay._redis.script_load
+
+    async def counted(script: str) -> Any:
+        nonlocal loads
+        loads += 1
+        return await real_load(script)
+
+    try:
+        await relay._ensure_group()
+        await redis.script_flush()
+        monkeypatch.setattr(relay._redis, "script_load", counted)
+        assert await relay.step(block=False) == 3
+        assert loads == 1
+        assert await relay.step(block=False) == 3
+        assert await redis.xlen(keys.deliveries()) == 0
+        assert await redis.xlen(keys.room_history("r")) == 3
+    finally:
+        await relay.close()
+        relayed_keys = [keys.relayed("r", tx) for tx in ("t_1", "t_2", "t_3")]
+        await redis.delete(keys.deliveries(), keys.room_history("r"), *relayed_keys)
+
+
+async def test_a_claim_does_not_make_the_relay_forget_its_own_failed_entries(
+    relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that claims a dead relay's entry, right after a failed pass of
+    our own, still leaves our failed entry (younger than the claim time) to
+    be read at once by the pass after, not by a claim seconds later."""
+    settings = relayed.node.settings
+    settings = settings.replace(
+        redis_prefix=settings.redis_prefix + "claimown:", relay_claim_idle_s=2.0
+    )
+    keys = Keys(settings.redis_prefix)
+    channel = keys.room_channel("r")
+    dead, relay = Relay(settings, consumer="dead"), Relay(settings, consumer="own")
+    try:
+        await dead._ensure_group()
+        await redis.xadd(keys.deliveries(), {"tx": "t_dead", "channel": channel, "events": "{}"})
+        assert len(await dead._read(start=">", block=False)) == 1
+        await asyncio.sleep(1.2)
+        await redis.xadd(keys.deliveries(), {"tx": "t_own", "channel": channel, "events": "{}"})
+        real_deliver = relay._deliver_rows
+        failures = [ConnectionError("Redis went away mid-pass")]
+
+        async def fails_once(rows: list[Any]) -> list[bytes]:
+            if failures:
+                raise failures.pop()
+            return await real_deliver(rows)
+
+        monkeypatch.setattr(relay, "_deliver_rows", fails_once)
+        with pytest.raises(ConnectionError):
+            await relay.step(block=False)  # reads t_own, fails
+        await asyncio.sleep(1.2)  # t_dead idle 2.4 s, t_own 1.2 s: only t_dead claimed
+        assert await relay.step(block=False) == 1
+        assert await redis.xlen(keys.deliveries()) == 1
+        assert await relay.step(block=False) == 1  # t_own, at once
+        assert await redis.xlen(keys.deliveries()) == 0
+    finally:
+        await dead.close()
+        await relay.close()
+        relayed_keys = [keys.relayed("r", tx) for tx in ("t_dead", "t_own")]
+        await redis.delete(keys.deliveries(), keys.room_history("r"), *relayed_keys)

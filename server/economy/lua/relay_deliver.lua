@@ -16,16 +16,20 @@
 -- Returns the first event's offset, or 'DUP' when this transaction's events
 -- were delivered already (nothing written).
 -- Invariant: the relay delivers at least once (an entry is acknowledged
--- only after this ran); SET NX before the first XADD makes every run after
--- the first a no-op while the key lives, so history holds the events once
--- and members receive them once. As in room_event.lua, history order is
--- publish order. The events come marked (`in_show`) by the money script,
+-- only after this ran); the dedupe key, looked up before the first XADD
+-- and set after the last, makes every run after the first a no-op while
+-- the key lives, so history holds the events once and members receive
+-- them once. Set last because Redis does not roll a script back: a write
+-- that fails (the history key of another type) must leave the entry
+-- undelivered, for the relay to try again, not marked delivered. As in
+-- room_event.lua, history order is publish order. The events come marked (`in_show`) by the money script,
 -- which read the show marker's {eco} mirror.
-if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 'DUP' end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'DUP' end
 local first = nil
 for event in string.gmatch(ARGV[3], '[^\n]+') do
   local offset = history_add(KEYS[2], event, ARGV[2], ARGV[4])
   redis.call('SPUBLISH', KEYS[3], 'E' .. offset .. ' ' .. event)
   first = first or offset
 end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return first or ''
