@@ -38,8 +38,9 @@ HISTORY_AGE_MAX_S = 7 * 86400  # seconds
 # The values of TOKENCHAT_DELIVERY (see delivery).
 DELIVERY_MODES = ("auto", "script", "relay")
 # TOKENCHAT_RELAY_DEDUPE_S at most a day: each relayed tip keeps one key
-# that long, and a day of a busy platform's tips is as much memory as
-# Redis should give to it (see relay_dedupe_s).
+# (~85 B) that long, and the key only needs to outlive a redelivery (claims
+# come after seconds); a day at 5,000 tips/s would be ~430M keys (~36 GB),
+# so a day suits only a far quieter platform (see relay_dedupe_s).
 RELAY_DEDUPE_MAX_S = 86400.0
 
 

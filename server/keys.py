@@ -151,6 +151,12 @@ class Keys:
         written here atomically with the charge (server/economy/relay.py)."""
         return self._eco("deliveries")
 
+    def deliveries_parked(self) -> str:
+        """Stream of delivery entries whose room refused them
+        ``RELAY_ATTEMPTS_MAX`` times in a row (server/economy/relay.py):
+        out of the way of the others, retried every ``PARKED_RETRY_S``."""
+        return self._eco("deliveries:parked")
+
     def room_show_mirror(self, room: str) -> str:
         """The {eco} copy of the room's running-show marker (`room_show`),
         same fields: what tips check and tickets extend in delivery mode

@@ -101,6 +101,11 @@ RELAY_DUPLICATES = Counter(
     "tokenchat_relay_duplicates_total",
     "Delivery entries found delivered already (a dead relay's claimed entry)",
 )
+RELAY_PARKED = Counter(
+    "tokenchat_relay_parked_total",
+    "Delivery entries parked after their room refused them RELAY_ATTEMPTS_MAX times"
+    " in a row (retried apart; reconcile is not ok while any is parked)",
+)
 RELAY_LAG = Histogram(
     "tokenchat_relay_lag_seconds",
     "From a relayed spend's commit in Redis to its events' delivery into the room",

@@ -58,6 +58,23 @@ OLDEST_GAUGE_INTERVAL_S = 1.0
 # Backoff after a failed pass (Redis away): short first, capped.
 RETRY_DELAY_MIN_S = 0.05
 RETRY_DELAY_MAX_S = 2.0
+# Refusals in a row after which an entry is parked (Keys.deliveries_parked):
+# with the backoff above that is about 11 s of a room answering an error
+# (WRONGTYPE, OOM...), longer than a transient one, and short enough that one
+# bad entry does not hold every room's tips behind it (this relay reads its
+# own failed entries before new ones) for long.
+RELAY_ATTEMPTS_MAX = 10
+# How often each relay retries the parked entries (s), and how many per pass:
+# parked means an operator is needed; a slow retry delivers them once the room
+# takes them again, and the dedupe key makes two relays retrying one harmless.
+# The parked stream is not trimmed: each entry is a paid event not yet shown.
+PARKED_RETRY_S = 30.0
+PARKED_BATCH_MAX = 100
+
+
+# Entries whose refusals one relay counts at most: past it the counts start
+# over (a bound on memory; the entries then take longer to be parked).
+_FAILURES_MAX = 10 * BATCH_MAX
 
 
 class Relay:
@@ -91,6 +108,10 @@ class Relay:
         # Delivered entries to acknowledge with the next read (see step).
         self._to_ack: list[bytes] = []
         self._dedupe_ms = int(settings.relay_dedupe_s * 1000)
+        # Entry id -> its room's refusals in a row (RELAY_ATTEMPTS_MAX);
+        # forgotten once delivered or parked, all of it past _FAILURES_MAX
+        # (entries another relay claimed meanwhile): it only delays a park.
+        self._failures: dict[bytes, int] = {}
 
     @property
     def consumer(self) -> str:
@@ -104,6 +125,7 @@ class Relay:
         delay_s = RETRY_DELAY_MIN_S
         loop = asyncio.get_running_loop()
         gauged = 0.0
+        parked_retried = loop.time()
         while True:
             raise_if_cancelling()
             try:
@@ -115,6 +137,9 @@ class Relay:
                 if loop.time() - gauged >= OLDEST_GAUGE_INTERVAL_S:
                     gauged = loop.time()
                     metrics.RELAY_OLDEST.set(await self.oldest_pending_s())
+                if loop.time() - parked_retried >= PARKED_RETRY_S:
+                    parked_retried = loop.time()
+                    await self.retry_parked()
                 if refused:
                     await asyncio.sleep(delay_s)
                     delay_s = min(delay_s * 2, RETRY_DELAY_MAX_S)
@@ -177,6 +202,27 @@ class Relay:
         if not block:
             await self._flush_acks()
         return len(rows)
+
+    async def retry_parked(self) -> int:
+        """Run the oldest parked entries' room scripts again; delete the ones
+        delivered (or found delivered). Returns how many were."""
+        stream = self._keys.deliveries_parked()
+        rows: Any = await self._redis.xrange(stream, count=PARKED_BATCH_MAX)
+        calls: list[bytes] = []
+        commands: list[list[Arg]] = []
+        for entry_id, fields in rows:
+            command = self._room_call(entry_id, fields)
+            if command is None:
+                continue  # logged; kept for the operator
+            calls.append(entry_id)
+            commands.append(command)
+        results = await self._send(commands) if commands else []
+        done = [i for i, r in zip(calls, results, strict=True) if not isinstance(r, Exception)]
+        if done:
+            await self._redis.xdel(stream, *done)
+            metrics.RELAYED.inc(len(done))
+            log.warning("delivery relay: %d parked entries delivered", len(done))
+        return len(done)
 
     async def pending(self) -> int:
         """Delivery entries not yet delivered (and acknowledged)."""
@@ -286,53 +332,92 @@ class Relay:
     async def _deliver_rows(self, rows: list[Any]) -> list[bytes]:
         """Run each entry's room script, in stream order, in one pipeline.
         Returns the ids to acknowledge: delivered, found delivered already,
-        deleted (no fields) or malformed (dropped with an error: no script
-        could ever deliver it, and it must not hold the stream)."""
+        parked (refused RELAY_ATTEMPTS_MAX times in a row), deleted (no
+        fields) or malformed (dropped with an error: no script could ever
+        deliver it, and it must not hold the stream)."""
         done: list[bytes] = []
-        calls: list[bytes] = []
+        calls: list[tuple[bytes, dict[bytes, bytes]]] = []
         commands: list[list[Arg]] = []
         for entry_id, fields in rows:
-            if not fields:
+            command = self._room_call(entry_id, fields) if fields else None
+            if command is None:
                 done.append(entry_id)
                 continue
-            try:
-                tx = fields[b"tx"].decode()
-                channel = fields[b"channel"].decode()
-                events = fields[b"events"]
-            except (KeyError, UnicodeError) as exc:
-                log.error("delivery relay: dropping malformed entry %r: %r", entry_id, exc)
-                done.append(entry_id)
-                continue
-            room = self._keys.channel_room(channel)
-            if room is None:
-                log.error("delivery relay: entry %r names no room channel", entry_id)
-                done.append(entry_id)
-                continue
-            keys = [self._keys.relayed(room, tx), self._keys.room_history(room), channel]
-            trim = self._trim
-            args: list[Arg] = [self._dedupe_ms, trim["history_len"], events, trim["history_age_ms"]]
-            commands.append(["EVALSHA", self._deliver.sha, len(keys), *keys, *args])
-            calls.append(entry_id)
+            commands.append(command)
+            calls.append((entry_id, fields))
         results = await self._send(commands) if commands else []
         now_ms = time.time() * 1000
         script_missing = False
-        for entry_id, result in zip(calls, results, strict=True):
+        park: list[list[Arg]] = []
+        for (entry_id, fields), result in zip(calls, results, strict=True):
             if isinstance(result, Exception):
                 # Not acknowledged: our own pending read tries it again.
                 if isinstance(result, NoScriptError):
                     script_missing = True
-                else:
+                    continue
+                refusals = self._failures.get(entry_id, 0) + 1
+                if refusals < RELAY_ATTEMPTS_MAX:
+                    self._failures[entry_id] = refusals
                     log.warning("delivery relay: entry %r not delivered: %s", entry_id, result)
+                    continue
+                log.error(
+                    "delivery relay: parking entry %r after %d refusals: %s",
+                    entry_id,
+                    refusals,
+                    result,
+                )
+                park.append(
+                    [
+                        "XADD",
+                        self._keys.deliveries_parked(),
+                        "*",
+                        *(x for pair in fields.items() for x in pair),
+                        "entry",
+                        entry_id,
+                        "error",
+                        str(result)[:200],
+                    ]
+                )
+                self._failures.pop(entry_id, None)
+                done.append(entry_id)
                 continue
+            self._failures.pop(entry_id, None)
             done.append(entry_id)
             metrics.RELAYED.inc()
             if result == b"DUP":
                 metrics.RELAY_DUPLICATES.inc()
             else:
                 metrics.RELAY_LAG.observe(max(0.0, now_ms - _entry_ms(entry_id)) / 1000)
+        if park:
+            # Parked before acknowledged (the ack goes with the next read): a
+            # crash in between leaves it both parked and pending, delivered
+            # twice at worst, which the dedupe key turns into one.
+            _raise_first(await self._send(park))
+            metrics.RELAY_PARKED.inc(len(park))
+        if len(self._failures) > _FAILURES_MAX:
+            self._failures.clear()
         if script_missing:  # once per batch, not once per entry (Redis restarted)
             await self._redis.script_load(self._deliver.script)
         return done
+
+    def _room_call(self, entry_id: bytes, fields: dict[bytes, bytes]) -> list[Arg] | None:
+        """The room script call delivering one entry; None (logged) when the
+        entry is malformed."""
+        try:
+            tx = fields[b"tx"].decode()
+            channel = fields[b"channel"].decode()
+            events = fields[b"events"]
+        except (KeyError, UnicodeError) as exc:
+            log.error("delivery relay: dropping malformed entry %r: %r", entry_id, exc)
+            return None
+        room = self._keys.channel_room(channel)
+        if room is None:
+            log.error("delivery relay: entry %r names no room channel", entry_id)
+            return None
+        keys = [self._keys.relayed(room, tx), self._keys.room_history(room), channel]
+        trim = self._trim
+        args: list[Arg] = [self._dedupe_ms, trim["history_len"], events, trim["history_age_ms"]]
+        return ["EVALSHA", self._deliver.sha, len(keys), *keys, *args]
 
 
 async def deliveries_state(redis: Redis, keys: Keys, lag_max_s: float) -> dict[str, Any]:
@@ -343,7 +428,13 @@ async def deliveries_state(redis: Redis, keys: Keys, lag_max_s: float) -> dict[s
     pending = int(await redis.xlen(stream))
     oldest_s = await _oldest_age_s(redis, stream) if pending else 0.0
     metrics.RELAY_OLDEST.set(oldest_s)
-    return {"pending": pending, "oldest_s": round(oldest_s, 3), "behind": oldest_s > lag_max_s}
+    parked = int(await redis.xlen(keys.deliveries_parked()))
+    return {
+        "pending": pending,
+        "oldest_s": round(oldest_s, 3),
+        "behind": oldest_s > lag_max_s,
+        "parked": parked,
+    }
 
 
 async def _oldest_age_s(redis: Any, stream: str) -> float:

@@ -588,7 +588,12 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
             {
                 # The relay's delivery stream (docs/economy.md, "Delivery relay").
                 "deliveries": obj(
-                    {"pending": INTEGER, "oldest_s": {"type": "number"}, "behind": BOOLEAN}
+                    {
+                        "pending": INTEGER,
+                        "oldest_s": {"type": "number"},
+                        "behind": BOOLEAN,
+                        "parked": INTEGER,
+                    }
                 )
             },
         ),

@@ -653,7 +653,11 @@ async def reconcile(
         mismatches.append({"account": "*", "postgres_sum": total, "expected": 0})
     metrics.RECONCILE_MISMATCHES.set(len(mismatches))
     return {
-        "ok": not mismatches and pending == 0 and rejected == 0 and not deliveries["behind"],
+        "ok": not mismatches
+        and pending == 0
+        and rejected == 0
+        and not deliveries["behind"]
+        and deliveries["parked"] == 0,
         "pending": pending,
         "deliveries": deliveries,
         "rejected": rejected,

@@ -452,6 +452,69 @@ async def test_an_entry_its_room_refuses_is_retried_with_backoff_not_in_a_spin(
         await redis.delete(history, keys.deliveries(), keys.relayed("broken", "t_poison"))
 
 
+async def test_an_entry_refused_again_and_again_is_parked_and_the_others_go_on(
+    relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry its room keeps refusing is parked after RELAY_ATTEMPTS_MAX
+    refusals in a row, so the entries behind it (another room's) are
+    delivered; reconcile says `parked` and is not ok; once the room takes it
+    again the parked entry is delivered by the slow retry, once."""
+    from tokenchat.server.economy import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "RELAY_ATTEMPTS_MAX", 3)
+    settings = relayed.node.settings
+    settings = settings.replace(redis_prefix=settings.redis_prefix + "park:")
+    keys = Keys(settings.redis_prefix)
+    broken, fine = keys.room_history("broken"), keys.room_history("fine")
+    await redis.set(broken, "not a stream")
+    for room, tx in (("broken", "t_bad"), ("fine", "t_good")):
+        await redis.xadd(
+            keys.deliveries(),
+            {"tx": tx, "channel": keys.room_channel(room), "events": '{"type":"tip"}'},
+        )
+    relay = Relay(settings, consumer="parker")
+    try:
+        for _ in range(3):
+            await relay.step(block=False)
+        assert await redis.xlen(fine) == 1  # the entry behind it went on
+        assert await redis.xlen(keys.deliveries()) == 0
+        assert await redis.xlen(keys.deliveries_parked()) == 1
+        state = await deliveries_state(redis, keys, 60.0)
+        assert state["parked"] == 1 and state["pending"] == 0
+        assert await relay.retry_parked() == 0  # the room still refuses it
+        await redis.delete(broken)
+        assert await relay.retry_parked() == 1
+        assert await relay.retry_parked() == 0
+        assert await redis.xlen(broken) == 1
+        assert await redis.xlen(keys.deliveries_parked()) == 0
+        assert (await deliveries_state(redis, keys, 60.0))["parked"] == 0
+    finally:
+        await relay.close()
+        await redis.delete(
+            broken,
+            fine,
+            keys.deliveries(),
+            keys.deliveries_parked(),
+            keys.relayed("broken", "t_bad"),
+            keys.relayed("fine", "t_good"),
+        )
+
+
+async def test_reconcile_is_not_ok_while_a_delivery_is_parked(
+    relayed: Running, redis: Redis
+) -> None:
+    keys = relayed.node.keys
+    http = Http(relayed)
+    status, before = await http.call("GET", "/v1/admin/reconcile", "ops", "admin")
+    assert status == 200 and before["ok"] and before["deliveries"]["parked"] == 0, before
+    await redis.xadd(keys.deliveries_parked(), {"tx": "t", "channel": "c", "events": "{}"})
+    try:
+        status, after = await http.call("GET", "/v1/admin/reconcile", "ops", "admin")
+        assert status == 200 and not after["ok"] and after["deliveries"]["parked"] == 1, after
+    finally:
+        await redis.delete(keys.deliveries_parked())
+
+
 async def test_scripts_flushed_are_loaded_once_per_batch(
     relayed: Running, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
