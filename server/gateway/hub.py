@@ -136,6 +136,11 @@ class Hub:
     def __init__(self) -> None:
         self._rooms: dict[str, _Room] = {}
         self._last_offset: dict[str, Offset] = {}
+        # Per room, where live delivery began for its first member here (the
+        # end of that join's history read; (0, 0): the room had no event):
+        # a refill after a pub/sub outage reads from it while no live event
+        # has been delivered yet (``refill_since``).
+        self._join_floor: dict[str, Offset] = {}
         self.writer = FrameWriter()
 
     def join_started(self, room: str, member: Member) -> None:
@@ -163,6 +168,7 @@ class Hub:
         if not state.members:
             del self._rooms[room]
             self._last_offset.pop(room, None)
+            self._join_floor.pop(room, None)
 
     def count(self, room: str) -> int:
         state = self._rooms.get(room)
@@ -173,6 +179,19 @@ class Hub:
 
     def last_offset(self, room: str) -> Offset | None:
         return self._last_offset.get(room)
+
+    def joined_at(self, room: str, end: Offset | None) -> None:
+        """A member's join read the room's history up to ``end`` (None: the
+        room had no event); the first one's is the room's join floor."""
+        if room in self._rooms:
+            self._join_floor.setdefault(room, end or (0, 0))
+
+    def refill_since(self, room: str) -> str | None:
+        """Where a refill of the room's missed events starts: after the last
+        event delivered, or, none yet, after the first join's history. None:
+        unknown (no member here); the newest events then."""
+        position = self._last_offset.get(room) or self._join_floor.get(room)
+        return None if position is None else f"{position[0]}-{position[1]}"
 
     def hold(self, room: str) -> None:
         """Hold the room's live events until ``fill_gap``: pub/sub is back and

@@ -622,9 +622,7 @@ class Node:
             # published before the confirmation is in the history read, one
             # after it comes on the channel.
             await self.broker.subscribe(self.keys.room_channel(room))
-        last = self.hub.last_offset(room)
-        since = None if last is None else f"{last[0]}-{last[1]}"
-        return await self.rooms.after(room, since)
+        return await self.rooms.after(room, self.hub.refill_since(room))
 
     async def _retry_until(
         self,

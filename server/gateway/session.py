@@ -458,6 +458,7 @@ class Session:
             raise
         # Live events begin after `end`: the pages up to it come by `history`.
         end = history.end
+        self.node.hub.joined_at(room_id, end)
         self._after_reply = lambda: self._flush_joined(room_id, end)
         self._page_to(room_id, end if history.more else None)
         if is_new and room_id == self._user():  # the model in her own room

@@ -236,6 +236,27 @@ async def test_the_nodes_refill_after_a_pubsub_outage_reads_every_page(
     await model.close()
 
 
+async def test_a_refill_before_any_live_event_reads_from_the_join_not_the_newest_50(
+    start_server: StartServer,
+) -> None:
+    """A node whose members joined a room and got no live event yet, then
+    lost pub/sub while the room got more than 50 events: the refill starts
+    where their joins' history ended (the hub's join floor), not at the
+    newest 50, so none of the older ones is lost."""
+    running = await start_server(history_len=1000, **UNLIMITED)
+    model = await model_room(running)  # an empty room: the floor is 0-0
+    fan = await running.client("bob")
+    await fan.call("join", room="alice")
+    running.node.hub.hold("alice")  # pub/sub down: live events held, not delivered
+    offsets = await say_many(model, [f"l{n}" for n in range(120)])
+    missed = await running.node._missed_events("alice")
+    assert [offset.decode() for offset, _ in missed] == offsets
+    running.node.hub.fill_gap("alice", missed)
+    assert running.node.hub.refill_since("alice") == offsets[-1]
+    await fan.close()
+    await model.close()
+
+
 async def test_msgpack_and_json_sessions_get_the_same_pages(start_server: StartServer) -> None:
     """JSON sessions get the stored JSON as it is, msgpack ones decoded: the
     same events either way."""
