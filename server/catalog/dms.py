@@ -31,7 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from tokenchat.protocol.limits import USER_ID_RE
 
-from .. import metrics, redis_client
+from .. import metrics, redis_client, streams
 from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..economy.scripts import script_source
@@ -168,14 +168,7 @@ class DmArchive:
 
     async def drain(self, timeout_s: float) -> int:
         """Archive until the stream is empty or the time is up; what is left."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            if await self.pending() == 0:
-                return 0
-            if await self.step(block=False, claim_idle_ms=0) == 0:
-                await asyncio.sleep(0.05)
-        return await self.pending()
+        return await streams.drain(self.step, self.pending, timeout_s)
 
     async def pending(self) -> int:
         return int(await self._redis.xlen(self._keys.dm_log()))
@@ -183,11 +176,7 @@ class DmArchive:
     async def _ensure_group(self) -> None:
         if self._group_ready:
             return
-        try:
-            await self._redis.xgroup_create(self._keys.dm_log(), GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await streams.create_group(self._redis, self._keys.dm_log(), GROUP)
         self._group_ready = True
 
     async def _write(self, entries: list[dict[bytes, bytes]]) -> None:

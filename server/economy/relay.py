@@ -35,7 +35,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
-from .. import metrics, redis_client
+from .. import metrics, redis_client, streams
 from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..keys import Keys
@@ -101,7 +101,7 @@ class Relay:
         )
         self._trim = history_trim(settings.history_len, settings.history_age_s)
         self._group_ready = False
-        self._last_claim = 0.0
+        self._claims = streams.ClaimClock()
         # Entries read by this relay and not acknowledged (a failed pass):
         # read again (from 0) before new ones, rather than waiting for a claim.
         self._retry_own = False
@@ -234,17 +234,10 @@ class Relay:
         return await _oldest_age_s(self._redis, self._keys.deliveries())
 
     async def drain(self, timeout_s: float) -> int:
-        """Deliver until the stream is empty or the time is up; what is left.
-        Claims everything: an entry another relay holds is delivered twice
-        at worst, which its dedupe key turns into a no-op."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            if await self.pending() == 0:
-                return 0
-            if await self.step(block=False, claim_idle_ms=0) == 0:
-                await asyncio.sleep(0.05)
-        return await self.pending()
+        """Deliver until the stream is empty or the time is up; what is left
+        (an entry another relay holds is delivered twice at worst, which its
+        dedupe key turns into a no-op)."""
+        return await streams.drain(self.step, self.pending, timeout_s)
 
     # --- reading ------------------------------------------------------------------------
     async def _ensure_group(self) -> None:
@@ -252,20 +245,13 @@ class Relay:
             return
         # Loaded with the group: both go when Redis loses its data.
         await self._redis.script_load(self._deliver.script)
-        try:
-            await self._redis.xgroup_create(self._keys.deliveries(), GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await streams.create_group(self._redis, self._keys.deliveries(), GROUP)
         self._group_ready = True
 
     async def _claim(self, claim_idle_ms: int | None) -> list[Any]:
-        now = time.monotonic()
+        claim_idle_ms = self._claims.idle_ms(self._settings.relay_claim_idle_s, claim_idle_ms)
         if claim_idle_ms is None:
-            if now - self._last_claim < self._settings.relay_claim_idle_s / 2:
-                return []
-            claim_idle_ms = int(self._settings.relay_claim_idle_s * 1000)
-        self._last_claim = now
+            return []
         reply: Any = await self._redis.xautoclaim(
             self._keys.deliveries(),
             GROUP,

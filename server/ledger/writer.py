@@ -48,7 +48,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from .. import bus, metrics, redis_client
+from .. import bus, metrics, redis_client, streams
 from ..aio import raise_if_cancelling, reraise_if_cancelled
 from ..config import Settings
 from ..economy.economy import Economy
@@ -208,7 +208,7 @@ class LedgerWriter:
         )
         self._ack_script = self._redis.register_script(script_source("ledger_ack"))
         self._group_ready = False
-        self._last_claim = 0.0
+        self._claims = streams.ClaimClock()
         self._refused_since = 0.0
         # A batch of this writer failed: its entries are pending for it alone.
         self._retry_own = False
@@ -281,34 +281,19 @@ class LedgerWriter:
 
     async def drain(self, timeout_s: float) -> int:
         """Write until the outbox is empty or the time is up; return what is left."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if await self.pending() == 0:
-                return 0
-            # Claim everything: an entry another writer holds is written
-            # twice at worst, which ON CONFLICT turns into a no-op.
-            if await self.step(block=False, claim_idle_ms=0) == 0:
-                await asyncio.sleep(0.05)
-        return await self.pending()
+        return await streams.drain(self.step, self.pending, timeout_s)
 
     # --- reading --------------------------------------------------------------------
     async def _ensure_group(self) -> None:
         if self._group_ready:
             return
-        try:
-            await self._redis.xgroup_create(self._keys.outbox(), GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await streams.create_group(self._redis, self._keys.outbox(), GROUP)
         self._group_ready = True
 
     async def _claim(self, claim_idle_ms: int | None) -> list[Entry]:
-        now = time.monotonic()
+        claim_idle_ms = self._claims.idle_ms(self._settings.ledger_claim_idle_s, claim_idle_ms)
         if claim_idle_ms is None:
-            if now - self._last_claim < self._settings.ledger_claim_idle_s / 2:
-                return []
-            claim_idle_ms = int(self._settings.ledger_claim_idle_s * 1000)
-        self._last_claim = now
+            return []
         try:
             reply = await self._redis.xautoclaim(
                 self._keys.outbox(),
