@@ -322,10 +322,22 @@ class RedisBroker:
                     # Not resubscribed on the old shard by a reconnect.
                     old.pubsub.shard_channels.pop(channel.encode(), None)
                     old.pubsub.shard_channels.pop(channel, None)
-                    link = self._link_for(channel)
-                    self._channel_links[channel] = link
+                    self._channel_links[channel] = self._link_for(channel)
                     self._unconfirm([channel])
-                    await asyncio.wait_for(self._send_subscribe(link, [channel]), self._timeout_s)
+                if moved:
+                    log.info("pub/sub: %d channels move to another shard", len(moved))
+                    # Before the new subscriptions can deliver anything: the
+                    # node holds its rooms' live events until what was
+                    # published while they moved is read from history (else
+                    # a live event delivered first makes the hub drop those).
+                    self._on_reconnect()
+                for channel in moved:
+                    link = self._channel_links.get(channel)
+                    if link is not None:  # None: unsubscribed meanwhile
+                        await asyncio.wait_for(
+                            self._send_subscribe(link, [channel]), self._timeout_s
+                        )
+                await self._close_idle_links()
             except (RedisError, OSError, TimeoutError) as exc:
                 reraise_if_cancelled(exc)
                 self._lost.update(moved)
@@ -333,13 +345,20 @@ class RedisBroker:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, RECONNECT_DELAY_MAX_S)
                 continue
-            if moved:
-                log.info("pub/sub: %d channels moved to another shard", len(moved))
-                # What was published while they moved is read from history.
-                self._on_reconnect()
             if not self._reroute_again:
                 return
             self._reroute_again = False
+
+    async def _close_idle_links(self) -> None:
+        """Close the shard links left without channels by a move: a failed
+        primary's would otherwise reconnect to its address forever."""
+        in_use = set(map(id, self._channel_links.values()))
+        idle = [
+            name for name in self._links if name != CLASSIC and id(self._links[name]) not in in_use
+        ]
+        # Out of the map before any await: no new channel joins them.
+        for link in [self._links.pop(name) for name in idle]:
+            await link.close()
 
     def _dispatch(self, link: _Link, message: dict[str, Any]) -> None:
         kind = message["type"]

@@ -17,7 +17,9 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 
 from tests.conftest import Http, Running, eventually
+from tokenchat.server.config import Settings
 from tokenchat.server.devstack.cluster import CLUSTER_SLOTS, LocalCluster, slot_ranges
+from tokenchat.server.gateway.broker import RedisBroker
 from tokenchat.server.keys import Keys
 
 # On the cluster only, and in `pytest -m cluster`.
@@ -205,3 +207,51 @@ async def test_a_room_whose_slot_moves_keeps_its_events(
     assert [event for event in left if event["type"] == "message"] == []
     for client in (model, fan):
         await client.close()
+
+
+async def test_a_moved_channel_is_held_before_its_new_shard_subscription_and_its_old_link_closes(
+    settings: Settings, redis: Redis, primaries: list[Redis]
+) -> None:
+    cluster = cast(RedisCluster, redis)
+    keys = Keys(settings.redis_prefix)
+    channel = keys.room_channel("alice")
+    # Whether the channel's new SSUBSCRIBE was already sent when the node was
+    # told to hold its rooms: if so, a live event could be delivered before
+    # the gap fill, and the hub would then drop the missed ones as older.
+    sent_before_hold: list[bool] = []
+
+    def on_reconnect() -> None:
+        pubsub = broker._channel_links[channel].pubsub
+        sent_before_hold.append(
+            channel in pubsub.shard_channels or channel.encode() in pubsub.shard_channels
+        )
+
+    broker = RedisBroker(
+        cluster,
+        lambda channel, data: None,
+        on_reconnect,
+        control_channel=f"{settings.redis_prefix}control",
+        timeout_s=5.0,
+        sharded=lambda name: keys.channel_room(name) is not None,
+    )
+    await broker.start()
+    try:
+        await broker.subscribe(channel)
+        old_link = broker._channel_links[channel].name
+        await _move_slot(cluster, key_slot(channel.encode()), primaries)
+
+        async def moved() -> bool:
+            waiter = broker._confirmations.get(channel)
+            return (
+                broker._channel_links[channel].name != old_link
+                and waiter is not None
+                and waiter.done()
+            )
+
+        await eventually(moved, timeout_s=10.0)
+        assert sent_before_hold == [False]
+        # The old shard's link, left without channels, is closed.
+        assert old_link not in broker._links
+        await broker.subscribe(channel)  # confirmed on the new shard
+    finally:
+        await broker.close()
