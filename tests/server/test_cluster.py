@@ -15,10 +15,13 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import MaxConnectionsError
 
 from tests.conftest import Http, Running, eventually
+from tokenchat.server import redis_client
 from tokenchat.server.config import Settings
 from tokenchat.server.devstack.cluster import CLUSTER_SLOTS, LocalCluster, slot_ranges
+from tokenchat.server.economy.batcher import LuaScript, ScriptBatcher
 from tokenchat.server.gateway.broker import RedisBroker
 from tokenchat.server.keys import Keys
 
@@ -255,3 +258,43 @@ async def test_a_moved_channel_is_held_before_its_new_shard_subscription_and_its
         await broker.subscribe(channel)  # confirmed on the new shard
     finally:
         await broker.close()
+
+
+# Holds its node for 300 ms (Redis's clock), so that a second batch meanwhile
+# finds the node's one connection busy.
+HOLD = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > 300000
+return redis.call('INCR', KEYS[1])
+"""
+
+
+async def test_a_node_whose_connections_are_all_busy_fails_the_batch_without_a_reset(
+    settings: Settings,
+) -> None:
+    redis = redis_client.connect(settings, max_connections=1, socket_timeout_s=5.0)
+    resets: list[None] = []
+
+    async def on_reset() -> None:
+        resets.append(None)
+
+    batcher = ScriptBatcher(redis, timeout_s=5.0, on_reset=on_reset)
+    hold = LuaScript("hold", HOLD, retry_safe=True)
+    count = LuaScript("count", "return redis.call('INCR', KEYS[1])", retry_safe=True)
+    key = settings.redis_prefix + "busy"
+    try:
+        for script in (hold, count):
+            await redis.script_load(script.source)
+        first = asyncio.create_task(batcher.call(hold, [key], []))
+        await asyncio.sleep(0.1)
+        # The node's one connection is the first batch's: this one fails at
+        # once (UNAVAILABLE to a client, docs/deploy.md), and it is no sign
+        # that Redis restarted, which would check the ledger before anything
+        # is sent again.
+        with pytest.raises(MaxConnectionsError):
+            await batcher.call(count, [key], [])
+        assert await first == 1
+        assert resets == []
+    finally:
+        await redis.aclose()
