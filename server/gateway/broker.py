@@ -372,8 +372,11 @@ class RedisBroker:
             waiter = self._confirmations.get(channel)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        elif kind == "sunsubscribe" and self._channel_links.get(channel) is link:
+        elif kind == "sunsubscribe" and self._cluster and self._channel_links.get(channel) is link:
             # Unasked (ours pop the channel first): the cluster moved its slot.
+            # Ours too when its reply comes after the channel was subscribed
+            # again: the reroute then subscribes it once more, and refills.
+            # A single Redis never moves a slot.
             log.info("pub/sub: shard %s gave up %s; rerouting", link.name, channel)
             self._lost.add(channel)
             self._reroute()

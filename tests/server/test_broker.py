@@ -1,0 +1,42 @@
+"""The pub/sub broker on a single Redis, driven directly: what only its own
+bookkeeping shows (the end-to-end contract is in test_backends.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from tokenchat.server.config import Settings
+from tokenchat.server.gateway.broker import RedisBroker
+from tokenchat.server.keys import Keys
+
+
+async def test_a_room_left_and_joined_again_at_once_is_no_slot_move(
+    settings: Settings, redis: Redis
+) -> None:
+    keys = Keys(settings.redis_prefix)
+    channel = keys.room_channel("alice")
+    reconnects: list[None] = []
+    broker = RedisBroker(
+        redis,
+        lambda channel, data: None,
+        lambda: reconnects.append(None),
+        control_channel=f"{settings.redis_prefix}control",
+        timeout_s=5.0,
+        sharded=lambda name: keys.channel_room(name) is not None,
+    )
+    await broker.start()
+    try:
+        await broker.subscribe(channel)
+        # The SUNSUBSCRIBE's reply comes after the channel is ours again: on
+        # a single Redis no shard ever gives a channel up, so it is no loss
+        # to remember (the set of them grew with every room so left).
+        for _ in range(20):
+            await asyncio.gather(broker.unsubscribe(channel), broker.subscribe(channel))
+        await asyncio.sleep(0.2)
+        assert broker._lost == set()
+        assert reconnects == []
+        await broker.subscribe(channel)
+    finally:
+        await broker.close()
