@@ -81,6 +81,9 @@ class _Link:
             # unless told otherwise (its ClusterPubSub does the same).
             self.pubsub._resubscribe_shard_channels = self._resubscribe_by_slot  # type: ignore[method-assign]
         self.reader: asyncio.Task[None] | None = None
+        # SUNSUBSCRIBEs sent on this connection and not answered yet, per
+        # channel: their replies are ours, not a shard giving a slot up.
+        self.unsubscribing: dict[str, int] = {}
 
     async def _resubscribe_by_slot(self) -> None:
         for channels in _by_slot(list(self.pubsub.shard_channels)).values():
@@ -243,7 +246,12 @@ class RedisBroker:
         if link is None:
             return
         if self._sharded(channel):
-            await asyncio.wait_for(link.pubsub.sunsubscribe(channel), self._timeout_s)
+            link.unsubscribing[channel] = link.unsubscribing.get(channel, 0) + 1
+            try:
+                await asyncio.wait_for(link.pubsub.sunsubscribe(channel), self._timeout_s)
+            except BaseException:  # not sent, or its connection is gone: no reply
+                _forget_one(link.unsubscribing, channel)
+                raise
         else:
             await asyncio.wait_for(link.pubsub.unsubscribe(channel), self._timeout_s)
 
@@ -282,6 +290,7 @@ class RedisBroker:
         # A confirmation from the old connection says nothing of the new one:
         # until Redis confirms the resubscription, `subscribe()` waits again.
         self._unconfirm([c for c, each in self._channel_links.items() if each is link])
+        link.unsubscribing.clear()  # the old connection's replies never come
         self._on_reconnect()
         return RECONNECT_DELAY_MIN_S
 
@@ -372,14 +381,21 @@ class RedisBroker:
             waiter = self._confirmations.get(channel)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+        elif kind == "sunsubscribe" and link.unsubscribing.get(channel):
+            # Ours (a room left, perhaps joined again before this reply came).
+            _forget_one(link.unsubscribing, channel)
         elif kind == "sunsubscribe" and self._cluster and self._channel_links.get(channel) is link:
-            # Unasked (ours pop the channel first): the cluster moved its slot.
-            # Ours too when its reply comes after the channel was subscribed
-            # again: the reroute then subscribes it once more, and refills.
-            # A single Redis never moves a slot.
+            # Unasked: the cluster moved its slot (a single Redis never does).
             log.info("pub/sub: shard %s gave up %s; rerouting", link.name, channel)
             self._lost.add(channel)
             self._reroute()
+
+
+def _forget_one(counts: dict[str, int], channel: str) -> None:
+    if counts.get(channel, 0) > 1:
+        counts[channel] -= 1
+    else:
+        counts.pop(channel, None)
 
 
 def _by_slot(channels: list[Any]) -> dict[int, list[Any]]:
