@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError, RedisClusterException, RedisError, ResponseError
 
@@ -421,5 +423,17 @@ _LINK_OPTIONS = (
 def _node_client(node: ClusterNode) -> Redis:
     """A plain client of one cluster node, for a pub/sub link: a cluster
     client's own connections are for commands routed by key."""
-    options = {k: node.connection_kwargs[k] for k in _LINK_OPTIONS if k in node.connection_kwargs}
-    return Redis(host=node.host, port=int(node.port), **options)
+    options = {
+        k: v
+        for k, v in node.connection_kwargs.items()
+        # ssl_*: a rediss:// cluster's links speak TLS like its other clients.
+        if k in _LINK_OPTIONS or (k.startswith("ssl_") and k in _REDIS_SSL_OPTIONS)
+    }
+    tls = issubclass(node.connection_class, SSLConnection)
+    return Redis(host=node.host, port=int(node.port), ssl=tls, **options)
+
+
+# The TLS options a plain client takes (the cluster's nodes may carry more).
+_REDIS_SSL_OPTIONS = frozenset(
+    name for name in inspect.signature(Redis.__init__).parameters if name.startswith("ssl_")
+)

@@ -7,9 +7,11 @@ import asyncio
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import SSLConnection
 
 from tokenchat.server.config import Settings
-from tokenchat.server.gateway.broker import RedisBroker
+from tokenchat.server.gateway.broker import RedisBroker, _node_client
 from tokenchat.server.keys import Keys
 
 
@@ -42,3 +44,22 @@ async def test_a_room_left_and_joined_again_at_once_is_no_slot_move(
         await broker.subscribe(channel)
     finally:
         await broker.close()
+
+
+def test_a_shard_link_to_a_tls_cluster_speaks_tls_with_its_options() -> None:
+    # What a rediss:// URL gives each node of a cluster client.
+    node = ClusterNode(
+        "127.0.0.1",
+        7000,
+        connection_class=SSLConnection,
+        ssl_cert_reqs="none",
+        ssl_ca_certs="/etc/ssl/ca.pem",
+        password="pw",
+    )
+    pool = _node_client(node).connection_pool
+    assert issubclass(pool.connection_class, SSLConnection)
+    assert pool.connection_kwargs["ssl_cert_reqs"] == "none"
+    assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/ssl/ca.pem"
+    assert pool.connection_kwargs["password"] == "pw"
+    plain = _node_client(ClusterNode("127.0.0.1", 7000)).connection_pool
+    assert not issubclass(plain.connection_class, SSLConnection)
