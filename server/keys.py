@@ -58,7 +58,8 @@ class Keys:
         return f"{self.prefix}nodes"
 
     def node(self, node_id: str) -> str:
-        """Heartbeat of a gateway process; expires when the process dies."""
+        """Prefix of a gateway process's own channels (its control channel);
+        its heartbeat is in ``nodes``, not a key of its own."""
         return f"{self.node_prefix()}{node_id}"
 
     def user_channel(self, user_id: str) -> str:

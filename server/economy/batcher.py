@@ -41,6 +41,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import (
     AskError,
     ConnectionError,
+    MaxConnectionsError,
     MovedError,
     NoScriptError,
     RedisClusterException,
@@ -232,6 +233,10 @@ class ScriptBatcher:
                 async with asyncio.timeout(self._timeout_s):
                     results = await send_pipeline(self._redis, _commands(batch))
             except TimeoutError:  # Redis stalled, not gone: sending again would not help
+                raise
+            except MaxConnectionsError:
+                # A cluster node's connections all busy (a ConnectionError to
+                # redis-py, but no sign of a restart): fail at once, no reset.
                 raise
             except (ConnectionError, RedisTimeoutError, OSError) as exc:
                 # A pooled connection Redis had closed (it restarted, say):

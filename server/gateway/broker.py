@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError, RedisClusterException, RedisError, ResponseError
 
@@ -81,6 +83,9 @@ class _Link:
             # unless told otherwise (its ClusterPubSub does the same).
             self.pubsub._resubscribe_shard_channels = self._resubscribe_by_slot  # type: ignore[method-assign]
         self.reader: asyncio.Task[None] | None = None
+        # SUNSUBSCRIBEs sent on this connection and not answered yet, per
+        # channel: their replies are ours, not a shard giving a slot up.
+        self.unsubscribing: dict[str, int] = {}
 
     async def _resubscribe_by_slot(self) -> None:
         for channels in _by_slot(list(self.pubsub.shard_channels)).values():
@@ -243,7 +248,12 @@ class RedisBroker:
         if link is None:
             return
         if self._sharded(channel):
-            await asyncio.wait_for(link.pubsub.sunsubscribe(channel), self._timeout_s)
+            link.unsubscribing[channel] = link.unsubscribing.get(channel, 0) + 1
+            try:
+                await asyncio.wait_for(link.pubsub.sunsubscribe(channel), self._timeout_s)
+            except BaseException:  # not sent, or its connection is gone: no reply
+                _forget_one(link.unsubscribing, channel)
+                raise
         else:
             await asyncio.wait_for(link.pubsub.unsubscribe(channel), self._timeout_s)
 
@@ -282,6 +292,7 @@ class RedisBroker:
         # A confirmation from the old connection says nothing of the new one:
         # until Redis confirms the resubscription, `subscribe()` waits again.
         self._unconfirm([c for c, each in self._channel_links.items() if each is link])
+        link.unsubscribing.clear()  # the old connection's replies never come
         self._on_reconnect()
         return RECONNECT_DELAY_MIN_S
 
@@ -322,10 +333,22 @@ class RedisBroker:
                     # Not resubscribed on the old shard by a reconnect.
                     old.pubsub.shard_channels.pop(channel.encode(), None)
                     old.pubsub.shard_channels.pop(channel, None)
-                    link = self._link_for(channel)
-                    self._channel_links[channel] = link
+                    self._channel_links[channel] = self._link_for(channel)
                     self._unconfirm([channel])
-                    await asyncio.wait_for(self._send_subscribe(link, [channel]), self._timeout_s)
+                if moved:
+                    log.info("pub/sub: %d channels move to another shard", len(moved))
+                    # Before the new subscriptions can deliver anything: the
+                    # node holds its rooms' live events until what was
+                    # published while they moved is read from history (else
+                    # a live event delivered first makes the hub drop those).
+                    self._on_reconnect()
+                for channel in moved:
+                    link = self._channel_links.get(channel)
+                    if link is not None:  # None: unsubscribed meanwhile
+                        await asyncio.wait_for(
+                            self._send_subscribe(link, [channel]), self._timeout_s
+                        )
+                await self._close_idle_links()
             except (RedisError, OSError, TimeoutError) as exc:
                 reraise_if_cancelled(exc)
                 self._lost.update(moved)
@@ -333,13 +356,20 @@ class RedisBroker:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, RECONNECT_DELAY_MAX_S)
                 continue
-            if moved:
-                log.info("pub/sub: %d channels moved to another shard", len(moved))
-                # What was published while they moved is read from history.
-                self._on_reconnect()
             if not self._reroute_again:
                 return
             self._reroute_again = False
+
+    async def _close_idle_links(self) -> None:
+        """Close the shard links left without channels by a move: a failed
+        primary's would otherwise reconnect to its address forever."""
+        in_use = set(map(id, self._channel_links.values()))
+        idle = [
+            name for name in self._links if name != CLASSIC and id(self._links[name]) not in in_use
+        ]
+        # Out of the map before any await: no new channel joins them.
+        for link in [self._links.pop(name) for name in idle]:
+            await link.close()
 
     def _dispatch(self, link: _Link, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -353,11 +383,21 @@ class RedisBroker:
             waiter = self._confirmations.get(channel)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        elif kind == "sunsubscribe" and self._channel_links.get(channel) is link:
-            # Unasked (ours pop the channel first): the cluster moved its slot.
+        elif kind == "sunsubscribe" and link.unsubscribing.get(channel):
+            # Ours (a room left, perhaps joined again before this reply came).
+            _forget_one(link.unsubscribing, channel)
+        elif kind == "sunsubscribe" and self._cluster and self._channel_links.get(channel) is link:
+            # Unasked: the cluster moved its slot (a single Redis never does).
             log.info("pub/sub: shard %s gave up %s; rerouting", link.name, channel)
             self._lost.add(channel)
             self._reroute()
+
+
+def _forget_one(counts: dict[str, int], channel: str) -> None:
+    if counts.get(channel, 0) > 1:
+        counts[channel] -= 1
+    else:
+        counts.pop(channel, None)
 
 
 def _by_slot(channels: list[Any]) -> dict[int, list[Any]]:
@@ -383,5 +423,17 @@ _LINK_OPTIONS = (
 def _node_client(node: ClusterNode) -> Redis:
     """A plain client of one cluster node, for a pub/sub link: a cluster
     client's own connections are for commands routed by key."""
-    options = {k: node.connection_kwargs[k] for k in _LINK_OPTIONS if k in node.connection_kwargs}
-    return Redis(host=node.host, port=int(node.port), **options)
+    options = {
+        k: v
+        for k, v in node.connection_kwargs.items()
+        # ssl_*: a rediss:// cluster's links speak TLS like its other clients.
+        if k in _LINK_OPTIONS or (k.startswith("ssl_") and k in _REDIS_SSL_OPTIONS)
+    }
+    tls = issubclass(node.connection_class, SSLConnection)
+    return Redis(host=node.host, port=int(node.port), ssl=tls, **options)
+
+
+# The TLS options a plain client takes (the cluster's nodes may carry more).
+_REDIS_SSL_OPTIONS = frozenset(
+    name for name in inspect.signature(Redis.__init__).parameters if name.startswith("ssl_")
+)

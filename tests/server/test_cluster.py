@@ -15,9 +15,14 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import MaxConnectionsError
 
 from tests.conftest import Http, Running, eventually
+from tokenchat.server import redis_client
+from tokenchat.server.config import Settings
 from tokenchat.server.devstack.cluster import CLUSTER_SLOTS, LocalCluster, slot_ranges
+from tokenchat.server.economy.batcher import LuaScript, ScriptBatcher
+from tokenchat.server.gateway.broker import RedisBroker
 from tokenchat.server.keys import Keys
 
 # On the cluster only, and in `pytest -m cluster`.
@@ -205,3 +210,91 @@ async def test_a_room_whose_slot_moves_keeps_its_events(
     assert [event for event in left if event["type"] == "message"] == []
     for client in (model, fan):
         await client.close()
+
+
+async def test_a_moved_channel_is_held_before_its_new_shard_subscription_and_its_old_link_closes(
+    settings: Settings, redis: Redis, primaries: list[Redis]
+) -> None:
+    cluster = cast(RedisCluster, redis)
+    keys = Keys(settings.redis_prefix)
+    channel = keys.room_channel("alice")
+    # Whether the channel's new SSUBSCRIBE was already sent when the node was
+    # told to hold its rooms: if so, a live event could be delivered before
+    # the gap fill, and the hub would then drop the missed ones as older.
+    sent_before_hold: list[bool] = []
+
+    def on_reconnect() -> None:
+        pubsub = broker._channel_links[channel].pubsub
+        sent_before_hold.append(
+            channel in pubsub.shard_channels or channel.encode() in pubsub.shard_channels
+        )
+
+    broker = RedisBroker(
+        cluster,
+        lambda channel, data: None,
+        on_reconnect,
+        control_channel=f"{settings.redis_prefix}control",
+        timeout_s=5.0,
+        sharded=lambda name: keys.channel_room(name) is not None,
+    )
+    await broker.start()
+    try:
+        await broker.subscribe(channel)
+        old_link = broker._channel_links[channel].name
+        await _move_slot(cluster, key_slot(channel.encode()), primaries)
+
+        async def moved() -> bool:
+            waiter = broker._confirmations.get(channel)
+            return (
+                broker._channel_links[channel].name != old_link
+                and waiter is not None
+                and waiter.done()
+            )
+
+        await eventually(moved, timeout_s=10.0)
+        assert sent_before_hold == [False]
+        # The old shard's link, left without channels, is closed.
+        assert old_link not in broker._links
+        await broker.subscribe(channel)  # confirmed on the new shard
+    finally:
+        await broker.close()
+
+
+# Holds its node for 300 ms (Redis's clock), so that a second batch meanwhile
+# finds the node's one connection busy.
+HOLD = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > 300000
+return redis.call('INCR', KEYS[1])
+"""
+
+
+async def test_a_node_whose_connections_are_all_busy_fails_the_batch_without_a_reset(
+    settings: Settings,
+) -> None:
+    redis = redis_client.connect(settings, max_connections=1, socket_timeout_s=5.0)
+    resets: list[None] = []
+
+    async def on_reset() -> None:
+        resets.append(None)
+
+    batcher = ScriptBatcher(redis, timeout_s=5.0, on_reset=on_reset)
+    hold = LuaScript("hold", HOLD, retry_safe=True)
+    count = LuaScript("count", "return redis.call('INCR', KEYS[1])", retry_safe=True)
+    key = settings.redis_prefix + "busy"
+    try:
+        for script in (hold, count):
+            await redis.script_load(script.source)
+        first = asyncio.create_task(batcher.call(hold, [key], []))
+        await asyncio.sleep(0.1)
+        # The node's one connection is the first batch's: this one fails at
+        # once (UNAVAILABLE to a client, docs/deploy.md), and it is no sign
+        # that Redis restarted, which would check the ledger before anything
+        # is sent again.
+        with pytest.raises(MaxConnectionsError):
+            await batcher.call(count, [key], [])
+        assert await first == 1
+        assert resets == []
+    finally:
+        await redis.aclose()

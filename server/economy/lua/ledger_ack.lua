@@ -11,10 +11,15 @@
 -- ARGV[5..] the outbox entry ids
 --
 -- Returns the number of entries deleted.
-local ids = {}
-for i = 5, #ARGV do ids[#ids + 1] = ARGV[i] end
-redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
-local deleted = redis.call('XDEL', KEYS[1], unpack(ids))
+-- Ids per XACK/XDEL: Lua's unpack gives at most about 8000 values (its C
+-- stack), and a batch has TOKENCHAT_LEDGER_BATCH_MAX ids, unbounded above.
+local CHUNK = 1000
+local deleted = 0
+for first = 5, #ARGV, CHUNK do
+  local last = math.min(first + CHUNK - 1, #ARGV)
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, first, last))
+  deleted = deleted + redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
+end
 if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[4]) end
 return deleted
