@@ -45,7 +45,7 @@ from pathlib import Path
 
 from loadtests.harness.processes import http_answers, http_json
 from tokenchat.server.auth import issue_token
-from tokenchat.server.devstack.embedded import EmbeddedPostgres, EmbeddedRedis
+from tokenchat.server.devstack.embedded import EmbeddedPostgres, EmbeddedRedis, pid_running
 
 # --- names ---------------------------------------------------------------------
 # Namespaces: tchosts-<pid>-<node>; links: tcx<pid>b (the bridge) and
@@ -109,16 +109,6 @@ def _ip(*args: str) -> str:
     return done.stdout
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _namespaces() -> list[str]:
     return [line.split()[0] for line in _ip("netns", "list").splitlines() if line.strip()]
 
@@ -167,16 +157,8 @@ def _kill_all(pids: list[int]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + KILL_WAIT_S
-    while any(_pid_alive(p) and _not_zombie(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(POLL_INTERVAL_S)
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def remove_stale() -> list[str]:
@@ -186,18 +168,18 @@ def remove_stale() -> list[str]:
     removed: list[str] = []
     for netns in _namespaces():
         match = _NETNS_RE.match(netns)
-        if match and not _pid_alive(int(match[1])):
+        if match and not pid_running(int(match[1])):
             _kill_namespace(netns)
             removed.append(f"netns {netns}")
     for link in _links():
         match = _LINK_RE.match(link)
-        if match and not _pid_alive(int(match[1])):
+        if match and not pid_running(int(match[1])):
             with contextlib.suppress(subprocess.CalledProcessError):
                 _ip("link", "delete", link)
             removed.append(f"link {link}")
     for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
         match = _TEMP_RE.match(folder.name)
-        if match and not _pid_alive(int(match[1])):
+        if match and not pid_running(int(match[1])):
             _kill_all(_processes_under(folder))
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(f"folder {folder}")
@@ -447,7 +429,7 @@ class Hosts:
         """What of this run still exists after ``close`` (should be nothing)."""
         left = [f"netns {n}" for n in _namespaces() if n.startswith(f"{NETNS_PREFIX}{self.pid}-")]
         left += [f"link {k}" for k in _links() if k.startswith(f"{LINK_PREFIX}{self.pid}")]
-        left += [f"process {p}" for p in self._pids if _pid_alive(p) and _not_zombie(p)]
+        left += [f"process {p}" for p in self._pids if pid_running(p)]
         left += [f"process {p}" for p in _processes_under(self.temp_dir)]
         if self.temp_dir.exists():
             left.append(f"folder {self.temp_dir}")

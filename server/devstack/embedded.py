@@ -289,7 +289,7 @@ def _free_port(host: str = LOCALHOST) -> int:
         return port
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
     """True if ``pid`` is a live process (not a zombie waiting to be reaped)."""
     if pid <= 0:
         return False
@@ -337,7 +337,7 @@ def _read_pid_file(path: Path) -> int | None:
 
 def _wait_pid_gone(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while _pid_running(pid):
+    while pid_running(pid):
         if time.monotonic() >= deadline:
             return False
         time.sleep(POLL_INTERVAL_S)
@@ -697,7 +697,7 @@ class EmbeddedRedis(_EmbeddedServer):
         pid = _read_pid_file(self.pid_file)
         if pid is None:
             return
-        command = _process_command(pid) if _pid_running(pid) else None
+        command = _process_command(pid) if pid_running(pid) else None
         if command is not None and str(binary) in command:
             log.warning("stopping a Valkey left running by a previous run (pid %d)", pid)
             _stop_foreign_process(pid, "leftover valkey-server", self.stop_steps)
@@ -1022,7 +1022,7 @@ class EmbeddedPostgres(_EmbeddedServer):
         pid = _read_pid_file(pid_file)
         if pid is None:
             return
-        command = _process_command(pid) if _pid_running(pid) else None
+        command = _process_command(pid) if pid_running(pid) else None
         if command is not None and "postgres" in command and str(self.pgdata) in command:
             log.warning("stopping a PostgreSQL left running by a previous run (pid %d)", pid)
             _stop_foreign_process(pid, "leftover postgres", self.stop_steps)

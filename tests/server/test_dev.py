@@ -159,7 +159,7 @@ def _kill_leftover_servers(dev: Dev, data_dir: Path) -> None:
     """After a failure: SIGKILL the embedded servers this run started, if still up."""
     pids = dev.server_pids or _server_pids(data_dir, strict=False)
     for name, pid in pids.items():
-        command = embedded._process_command(pid) if embedded._pid_running(pid) else None
+        command = embedded._process_command(pid) if embedded.pid_running(pid) else None
         if command is not None and name in command:
             print(f"killing leftover {name} (pid {pid})")
             with contextlib.suppress(ProcessLookupError):
@@ -218,7 +218,7 @@ async def _stop_with(dev: Dev, signum: signal.Signals) -> None:
         ) from None
     assert code == 0
     deadline = time.monotonic() + GONE_TIMEOUT_S
-    while any(embedded._pid_running(pid) for pid in dev.server_pids.values()):
+    while any(embedded.pid_running(pid) for pid in dev.server_pids.values()):
         assert time.monotonic() < deadline, f"embedded servers still running: {dev.server_pids}"
         await asyncio.sleep(POLL_INTERVAL_S)
     for port in (dev.redis_port, dev.postgres_port, dev.http_port, dev.ws_port):

@@ -84,7 +84,7 @@ def _children(pid: int) -> list[int]:
 
 def _wait_gone(pids: list[int]) -> None:
     deadline = time.monotonic() + GONE_TIMEOUT_S
-    while any(embedded._pid_running(p) for p in pids):
+    while any(embedded.pid_running(p) for p in pids):
         assert time.monotonic() < deadline, f"still running: {pids}"
         time.sleep(0.05)
 
@@ -459,7 +459,7 @@ def test_servers_left_by_a_killed_run_are_stopped(data_dir: Path) -> None:
             child.kill()
             child.wait()
     # The servers run in their own session, so they outlive the killed parent.
-    assert embedded._pid_running(int(redis_pid)) and embedded._pid_running(int(pg_pid))
+    assert embedded.pid_running(int(redis_pid)) and embedded.pid_running(int(pg_pid))
 
     with EmbeddedRedis(data_dir) as r, EmbeddedPostgres(data_dir) as p:
         _wait_gone([int(redis_pid), int(pg_pid)])
