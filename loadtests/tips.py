@@ -191,6 +191,11 @@ CAPPED_P99_GOAL_MS = 50.0
 CONNECT_CONCURRENCY_TOTAL = 32  # connections
 # Credits posted at once: the admin endpoint is one script call each.
 FUND_CONCURRENCY = 8  # HTTP requests
+# A credit answered 503 (the ledger's confirmation timed out on a loaded
+# machine, outcome unknown) is posted again with its key: each attempt waits
+# up to TOKENCHAT_LEDGER_ACK_TIMEOUT_S (5 s), so 5 bound a stuck ledger to
+# about 25 s before the run fails.
+FUND_ATTEMPTS = 5  # HTTP requests per credit
 # /v1/admin/reconcile drains the outbox for up to 10 s, then reads every balance.
 RECONCILE_TIMEOUT_S = 60.0
 # After a phase's window: how long the tips in flight may take to be answered.
@@ -1061,7 +1066,12 @@ class TipsBench(Bench):
             # The key is the admin's: one per credit, or the second fan's is a CONFLICT.
             key = f"fund-{number}-{index}"
             body = {"user": fan_id(index), "amount": FUND_TOKENS, "key": key}
-            status, reply = http_json(url, self.admin_token, body)
+            for _ in range(FUND_ATTEMPTS):
+                status, reply = http_json(url, self.admin_token, body)
+                # 503: the ledger did not confirm in time and the outcome is
+                # unknown; the same key makes the retry exactly-once.
+                if status != 503:
+                    break
             if status != 200:
                 raise RuntimeError(f"credit for {fan_id(index)} refused: {status} {reply}")
 
